@@ -1,0 +1,335 @@
+"""Request and result models: the one definition of memplan's contract.
+
+Every route, the CLI and the validation runner use these models as they are. All byte figures are
+Python ints (exact), every numeric input carries its documented maximum (``le=``) so absurd inputs
+are refused with a 422 that names the field and the limit.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# ---- documented input limits (also enforced by the API as 422) -------------------------------
+MAX_LAYERS = 1024
+MAX_HIDDEN = 131_072
+MAX_HEADS = 1024
+MAX_VOCAB = 1_048_576
+MAX_SEQUENCE = 1_048_576
+MAX_BATCH = 65_536
+MAX_RANKS = 1_048_576
+MAX_MICROBATCHES = 65_536
+MAX_PARAMETERS = 10**14
+
+Family = Literal["gpt2", "llama"]
+Precision = Literal["fp32", "amp-bf16", "amp-fp16", "mixed-bf16", "mixed-fp16", "bf16"]
+DType = Literal["fp32", "bf16", "fp16", "int8", "nf4"]
+OptimizerName = Literal[
+    "sgd", "sgd-momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "adam-8bit",
+    "adafactor", "lion",
+]
+CheckpointStrategy = Literal["none", "full", "every-k", "sqrt", "selective", "budget"]
+Attention = Literal["sdpa", "eager"]
+Implementation = Literal["reference", "megatron"]
+PipelineScheduleName = Literal[
+    "gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe", "dualpipe-v"
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Frozen):
+    """A model: a preset name, architecture fields, or a bare parameter count."""
+
+    preset: str | None = Field(None, description="Name from GET /v1/models, e.g. 'llama-2-7b'.")
+    num_parameters: int | None = Field(
+        None, ge=1, le=MAX_PARAMETERS,
+        description="Bare parameter count: only model states (parameters, gradients, optimizer "
+        "states) can then be estimated.",
+    )
+    family: Family | None = Field(None, description="Architecture family.")
+    num_layers: int | None = Field(None, ge=1, le=MAX_LAYERS, description="Transformer blocks.")
+    hidden_size: int | None = Field(None, ge=1, le=MAX_HIDDEN, description="Model width h.")
+    num_heads: int | None = Field(None, ge=1, le=MAX_HEADS, description="Attention heads a.")
+    num_kv_heads: int | None = Field(
+        None, ge=1, le=MAX_HEADS, description="Key/value heads (grouped-query attention); "
+        "defaults to num_heads.")
+    ffn_hidden_size: int | None = Field(
+        None, ge=1, le=4 * MAX_HIDDEN, description="MLP inner width; defaults to 4h (gpt2).")
+    vocab_size: int | None = Field(None, ge=1, le=MAX_VOCAB, description="Vocabulary size V.")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=MAX_SEQUENCE, description="Positions (gpt2 learned position table size).")
+    tie_embeddings: bool | None = Field(
+        None, description="Output projection shares the token embedding (gpt2 default true).")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ModelSpec":
+        arch = [self.family, self.num_layers, self.hidden_size, self.num_heads, self.vocab_size]
+        forms = sum([self.preset is not None, self.num_parameters is not None,
+                     any(v is not None for v in arch)])
+        if forms != 1:
+            raise ValueError(
+                "give exactly one of: preset, num_parameters, or architecture fields "
+                "(family, num_layers, hidden_size, num_heads, vocab_size, ...)")
+        if any(v is not None for v in arch):
+            missing = [n for n, v in zip(
+                ["family", "num_layers", "hidden_size", "num_heads", "vocab_size"], arch) if v is None]
+            if missing:
+                raise ValueError(f"architecture form needs {', '.join(missing)}")
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+            kv = self.num_kv_heads or self.num_heads
+            if self.num_heads % kv:
+                raise ValueError(
+                    f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        return self
+
+
+class ResolvedModel(_Frozen):
+    """A fully specified model, as the planner used it."""
+
+    name: str | None = Field(None, description="Preset name, if one was used.")
+    family: Family | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    ffn_hidden_size: int | None = None
+    vocab_size: int | None = None
+    max_sequence_length: int | None = None
+    tie_embeddings: bool | None = None
+    num_parameters: int = Field(..., description="Exact parameter count.")
+    architecture_known: bool = Field(
+        ..., description="False for a bare parameter count: activations cannot be estimated.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class LoraSpec(_Frozen):
+    """Low-rank adapters on a frozen base (Hu et al. 2021; QLoRA, Dettmers et al. 2023)."""
+
+    rank: int = Field(8, ge=1, le=4096, description="Adapter rank r.")
+    alpha: float = Field(16.0, gt=0, le=1e6, description="Scaling numerator (scale = alpha/r).")
+    target_modules: list[Literal["q", "k", "v", "o", "up", "gate", "down"]] = Field(
+        default_factory=lambda: ["q", "v"], description="Projections that get adapters.")
+    base_dtype: DType | None = Field(
+        None, description="Frozen base weights' storage: a 16-bit/fp32 dtype, or int8 / nf4 "
+        "quantized (QLoRA). Defaults to the precision's parameter dtype.")
+
+
+class PrecisionOverrides(_Frozen):
+    """Individual dtype overrides on top of a precision preset."""
+
+    parameters: DType | None = None
+    gradients: DType | None = Field(
+        None, description="e.g. fp32 gradient accumulation on mixed-bf16: 18 bytes/param with Adam.")
+    master_weights: DType | None = None
+
+
+class ActivationCheckpointing(_Frozen):
+    """Which transformer blocks recompute their forward in backward."""
+
+    strategy: CheckpointStrategy = "none"
+    every_k: int | None = Field(None, ge=1, le=MAX_LAYERS, description="For 'every-k': checkpoint "
+                                "every k-th block.")
+    budget_bytes: int | None = Field(None, ge=1, le=2**62, description="For 'budget': peak-memory "
+                                     "budget per device in bytes (defaults to the GPU's memory).")
+
+
+class TrainingSpec(_Frozen):
+    """How one training step is run."""
+
+    precision: Precision = "amp-bf16"
+    precision_overrides: PrecisionOverrides | None = None
+    optimizer: OptimizerName = "adamw"
+    optimizer_implementation: Literal["foreach", "fused", "for-loop"] = Field(
+        "foreach", description="torch.optim kernel: changes the step's temporaries.")
+    rmsprop_centered: bool = False
+    rmsprop_momentum: bool = False
+    micro_batch_size: int = Field(1, ge=1, le=MAX_BATCH)
+    sequence_length: int = Field(1024, ge=1, le=MAX_SEQUENCE)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_MICROBATCHES)
+    activation_checkpointing: ActivationCheckpointing = Field(default_factory=ActivationCheckpointing)
+    attention: Attention = "sdpa"
+    implementation: Implementation = Field(
+        "reference", description="'reference': memplan's measured training step, op by op. "
+        "'megatron': Korthikanti et al. 2022, Table 2.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 = no masks).")
+    lora: LoraSpec | None = None
+
+
+class ParallelSpec(_Frozen):
+    """How the model is spread over devices."""
+
+    data_parallel: int = Field(1, ge=1, le=MAX_RANKS)
+    tensor_parallel: int = Field(1, ge=1, le=MAX_HEADS)
+    pipeline_parallel: int = Field(1, ge=1, le=MAX_LAYERS)
+    virtual_pipeline_stages: int = Field(1, ge=1, le=MAX_LAYERS)
+    pipeline_schedule: PipelineScheduleName = "1f1b"
+    sequence_parallel: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+
+
+class HardwareSpec(_Frozen):
+    """The device to fit on: a catalog GPU name, or a memory size."""
+
+    gpu: str | None = Field(None, description="Name from GET /v1/gpus, e.g. 'h100-80gb'.")
+    memory_bytes: int | None = Field(None, ge=1, le=2**50)
+
+
+class MemoryRequest(_Frozen):
+    model: ModelSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    parallelism: ParallelSpec = Field(default_factory=ParallelSpec)
+    hardware: HardwareSpec | None = None
+
+
+class Breakdown(_Frozen):
+    """Bytes per device at the peak of one training step; the categories sum to ``total``."""
+
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    temporaries: int
+    total: int
+
+
+class Assumption(_Frozen):
+    name: str
+    value: str
+    note: str = ""
+
+
+class Fit(_Frozen):
+    gpu: str | None
+    memory_bytes: int
+    fits: bool
+    headroom_bytes: int = Field(..., description="memory_bytes - (peak + allocator reserve); "
+                                "negative when it does not fit.")
+    max_micro_batch_size: int | None = Field(
+        None, description="Largest micro-batch whose peak fits (None: not even 1 fits, or "
+        "activations unknown).")
+
+
+class MemoryResult(_Frozen):
+    model: ResolvedModel
+    breakdown: Breakdown
+    first_step: Breakdown | None = Field(
+        None, description="Peak of the first step (no optimizer states yet at its start).")
+    peak_phase: str = Field(..., description="Where in the step the peak occurs.")
+    allocator_reserve_bytes: int = Field(
+        ..., description="Caching-allocator overhead assumed on top of the allocated peak.")
+    fit: Fit | None = None
+    assumptions: list[Assumption] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
+
+
+class ZeroStage(_Frozen):
+    stage: int
+    offload_optimizer: bool = False
+    implementation: str
+    communication_bytes_per_step: int = Field(
+        ..., description="Bytes each rank sends per step for gradients/parameters.")
+    breakdown: Breakdown
+    fit: Fit | None = None
+
+
+class ZeroResult(_Frozen):
+    model: ResolvedModel
+    stages: list[ZeroStage]
+    notes: list[str] = Field(default_factory=list)
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+# ---- validation jobs ---------------------------------------------------------------------------
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ValidationRequest(MemoryRequest):
+    """Run the reference training step for this setup and compare it with the estimate."""
+
+    mode: Literal["real", "traced"] = Field(
+        "real", description="'real' allocates and times the step; 'traced' runs it under "
+        "FakeTensorMode (exact bytes for full-size models, no time figures).")
+    steps: int = Field(3, ge=2, le=50, description="Training steps; step 2+ is the steady state.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    timeout_s: float = Field(600.0, gt=0, le=6 * 3600, description="Wall-clock limit of the job.")
+
+
+class RelativeError(_Frozen):
+    """(estimate - measured) / measured per category; None where measured is 0 and estimate is 0."""
+
+    parameters: float | None
+    gradients: float | None
+    optimizer_states: float | None
+    activations: float | None
+    temporaries: float | None
+    total: float | None
+
+
+class RankResult(_Frozen):
+    rank: int
+    estimate: Breakdown
+    measured: Breakdown
+    relative_error: RelativeError
+
+
+class ValidationResult(_Frozen):
+    device: str = Field(..., description="Where it ran, e.g. 'cpu', 'cuda:0 (NVIDIA H100 80GB HBM3)'.")
+    mode: Literal["real", "traced"]
+    estimate: Breakdown
+    measured: Breakdown
+    relative_error: RelativeError
+    first_step_estimate: Breakdown | None = None
+    first_step_measured: Breakdown | None = None
+    peak_op: str | None = Field(None, description="The op that allocated the peak's last tensor.")
+    peak_phase: str | None = None
+    step_time_s: float | None = Field(None, description="Median step time after warm-up (real mode).")
+    max_reserved_bytes: int | None = Field(None, description="CUDA only: allocator reserved peak.")
+    num_alloc_retries: int | None = None
+    ranks: list[RankResult] | None = Field(None, description="Per-rank figures for world size > 1.")
+    worst_rank: int | None = None
+
+
+class Progress(_Frozen):
+    phase: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+
+
+class ValidationJob(_Frozen):
+    id: str
+    status: JobStatus
+    progress: Progress
+    request: ValidationRequest
+    result: ValidationResult | None = None
+    error: str | None = None
+    attempts: int = 0
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class ValidationPage(_Frozen):
+    items: list[ValidationJob]
+    next_cursor: str | None = None
+
+
+def relative_error(estimate: Breakdown, measured: Breakdown) -> RelativeError:
+    def rel(e: int, m: int) -> float | None:
+        if m == 0:
+            return 0.0 if e == 0 else None
+        return (e - m) / m
+    keys = ("parameters", "gradients", "optimizer_states", "activations", "temporaries", "total")
+    return RelativeError(**{k: rel(getattr(estimate, k), getattr(measured, k)) for k in keys})

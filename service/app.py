@@ -1,0 +1,28 @@
+"""The FastAPI application: one router per resource, problem+json errors, a committed contract."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+
+from service import errors
+from service.routes import catalog, health, memory
+
+
+def _operation_id(route: APIRoute) -> str:
+    # Stable, readable operationIds for generated clients: the handler's name.
+    return route.name
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="memplan",
+        version="0.1.0",
+        summary="Memory and parallelism planner for training large models, checked against "
+        "measured training steps.",
+        generate_unique_id_function=_operation_id,
+    )
+    errors.install(app)
+    for module in (health, catalog, memory):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,20 @@
+"""Model presets and GPUs."""
+
+from fastapi import APIRouter
+
+from planner.catalog import GPU, gpus, model_presets
+from planner.specs import ResolvedModel
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+
+@router.get("/models")
+def list_models() -> list[ResolvedModel]:
+    """Model presets usable as ``{"model": {"preset": NAME}}``, with exact parameter counts."""
+    return list(model_presets().values())
+
+
+@router.get("/gpus")
+def list_gpus() -> list[GPU]:
+    """GPU catalog: memory, peak 16-bit FLOP/s, memory bandwidth, interconnect."""
+    return list(gpus().values())
