@@ -65,20 +65,20 @@ class CausalSelfAttention(nn.Module):
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.n_kv != self.n_head:  # grouped-query attention: share each kv head over a group
-            rep = self.n_head // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
-            v = v.repeat_interleave(rep, dim=1)
-        p = self.dropout if self.training else 0.0
+        gqa = self.n_kv != self.n_head  # grouped-query attention: each kv head serves a group
+        # No dropout on attention probabilities (modern LLM practice); dropout, when configured,
+        # applies to the embeddings and the residual branches (GPT-2's embd/resid dropout).
         if self.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:  # eager: the (B, nh, T, T) score matrix is materialised and saved
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
+            if gqa:
+                rep = self.n_head // self.n_kv
+                k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
+                v = v.repeat_interleave(rep, dim=1)
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, T)
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             att = att.masked_fill(~mask, float("-inf"))
             att = F.softmax(att, dim=-1)
-            if p > 0:
-                att = F.dropout(att, p)
             y = att @ v  # (B, nh, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.o(y)
@@ -90,6 +90,13 @@ def rope_tables(max_len: int, head_dim: int, theta: float = 10000.0) -> tuple[to
     ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)  # (T, hd/2)
     ang = torch.cat([ang, ang], dim=-1)  # (T, hd)
     return ang.cos(), ang.sin()
+
+
+def rope_for(cos: torch.Tensor, sin: torch.Tensor, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first T rows of the tables, cast once per forward to the dtype q and k will have."""
+    if torch.is_autocast_enabled(cos.device.type):
+        dtype = torch.get_autocast_dtype(cos.device.type)
+    return cos[:T].to(dtype), sin[:T].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -108,7 +115,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Written out (not F.rms_norm) so every device runs, and saves, the same ops.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
 
 
 class MLP(nn.Module):
@@ -176,7 +186,7 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+            rope = rope_for(self.rope_cos, self.rope_sin, T, x.dtype)
         if self.dropout > 0:
             x = F.dropout(x, self.dropout, self.training)
         for block in self.blocks:

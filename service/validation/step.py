@@ -1,0 +1,259 @@
+"""The reference training step: exactly the step the planner's estimate describes.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches of forward + backward, then
+``optimizer.step()`` and ``zero_grad(set_to_none=True)``:
+
+    with autocast (amp-* only):
+        logits = model(idx)                                   # (B, T, V)
+        loss = cross_entropy(logits.float().view(-1, V), targets.view(-1)) / accum
+    (scaler.scale(loss) if amp-fp16 else loss).backward()
+    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+
+Precision presets (planner/precision.py states the bytes):
+- fp32: everything fp32.  amp-bf16 / amp-fp16: fp32 model and optimizer, autocast matmuls.
+- mixed-bf16 / mixed-fp16: 16-bit model; ``MasterWeightOptimizer`` keeps fp32 master copies and
+  steps on them (fp16 with loss scaling).  bf16: 16-bit model, optimizer directly on it.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from planner.specs import ResolvedModel, TrainingSpec
+from service.validation.model import LoRALinear, Transformer, rope_for
+
+TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# (param dtype, autocast dtype or None, master weights?, loss scaling?)
+PRECISIONS: dict[str, tuple[str, str | None, bool, bool]] = {
+    "fp32": ("fp32", None, False, False),
+    "amp-bf16": ("fp32", "bf16", False, False),
+    "amp-fp16": ("fp32", "fp16", False, True),
+    "mixed-bf16": ("bf16", None, True, False),
+    "mixed-fp16": ("fp16", None, True, True),
+    "bf16": ("bf16", None, False, False),
+}
+
+
+class MasterWeightOptimizer(torch.optim.Optimizer):
+    """16-bit model parameters, fp32 master copies stepped by an inner torch optimizer.
+
+    The scheme of Micikevicius et al. 2018 (mixed precision training, §3.1) and of the ZeRO
+    paper's 2+2+12 bytes/param: at ``step()`` all gradients are cast to fp32 at once (the
+    ``master.grad`` list, a temporary), the inner optimizer steps the masters, and the 16-bit
+    parameters are refreshed from them.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], make_inner: Callable[[list], torch.optim.Optimizer],
+                 loss_scale: float = 1.0) -> None:
+        self.model_params = [p for p in params if p.requires_grad]
+        self.masters = [p.detach().to(torch.float32).clone() for p in self.model_params]
+        for m in self.masters:
+            m.requires_grad_(True)
+        self.inner = make_inner(self.masters)
+        # Static loss scale for fp16 (Micikevicius et al. 2018 §3.2); 1.0 for bf16.
+        self.loss_scale = loss_scale
+        super().__init__(self.masters, {})
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state  # type: ignore[assignment]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for p, m in zip(self.model_params, self.masters):
+            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+        if self.loss_scale != 1.0:
+            grads = [m.grad for m in self.masters if m.grad is not None]
+            torch._foreach_mul_(grads, 1.0 / self.loss_scale)
+            if not all(bool(torch.isfinite(g).all()) for g in grads):  # overflow: skip this step
+                for m in self.masters:
+                    m.grad = None
+                return
+        self.inner.step()
+        for p, m in zip(self.model_params, self.masters):
+            p.copy_(m)
+            m.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.model_params:
+            p.grad = None
+
+
+def make_optimizer(training: TrainingSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The torch optimizer for a contract name (hyper-parameters do not change memory)."""
+    impl = training.optimizer_implementation
+    kw: dict[str, Any] = {}
+    if impl == "foreach":
+        kw["foreach"] = True
+    elif impl == "fused":
+        kw["fused"] = True
+    else:
+        kw["foreach"] = False
+    name = training.optimizer
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, **kw)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, **kw)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-4, **kw)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, **kw)
+    kw.pop("fused", None)
+    if impl == "fused":
+        raise ValueError(f"torch has no fused {name}")
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=1e-3, **kw)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=1e-3, centered=training.rmsprop_centered,
+                                   momentum=0.9 if training.rmsprop_momentum else 0.0, **kw)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=1.0, **kw)
+    if name == "adafactor" and hasattr(torch.optim, "Adafactor"):
+        return torch.optim.Adafactor(params, lr=1e-3, **kw)
+    raise ValueError(f"optimizer {name!r} has no torch.optim implementation to run")
+
+
+def apply_lora(model: Transformer, training: TrainingSpec) -> None:
+    """Freeze the base and wrap targeted projections with adapters (dtype of the base)."""
+    lora = training.lora
+    assert lora is not None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        targets = {"q": (block.attn, "q"), "k": (block.attn, "k"), "v": (block.attn, "v"),
+                   "o": (block.attn, "o"), "up": (block.mlp, "up"), "down": (block.mlp, "down")}
+        if hasattr(block.mlp, "gate"):
+            targets["gate"] = (block.mlp, "gate")
+        for name in lora.target_modules:
+            if name in targets:
+                parent, attr = targets[name]
+                setattr(parent, attr, LoRALinear(getattr(parent, attr), lora.rank, lora.alpha))
+
+
+def checkpointed_blocks(training: TrainingSpec, num_layers: int) -> set[int]:
+    """Block indices run under torch.utils.checkpoint for the named strategies."""
+    ac = training.activation_checkpointing
+    if ac.strategy == "full":
+        return set(range(num_layers))
+    if ac.strategy == "every-k":
+        k = ac.every_k or 1
+        return {i for i in range(num_layers) if i % k == 0}
+    if ac.strategy == "sqrt":  # Chen et al. 2016: one checkpointed segment per ~sqrt(n) blocks
+        k = max(1, round(math.sqrt(num_layers)))
+        return {i for i in range(num_layers) if i % k != k - 1}
+    return set()
+
+
+@dataclass
+class StepSetup:
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    loss_scale: float
+    autocast_dtype: torch.dtype | None
+    device: torch.device
+    training: TrainingSpec
+    checkpointed: set[int]
+
+
+def build(cfg: ResolvedModel, training: TrainingSpec, device: torch.device,
+          checkpointed: set[int] | None = None) -> StepSetup:
+    param_dtype, amp_dtype, master, scaling = PRECISIONS[training.precision]
+    ov = training.precision_overrides
+    if ov is not None and ov.parameters is not None:
+        param_dtype = ov.parameters
+    with torch.device(device):
+        model = Transformer(cfg, attention=training.attention, dropout=training.dropout)
+    model.to(TORCH_DTYPE[param_dtype])
+    if cfg.family == "llama":  # rotary tables stay fp32, as in the Llama reference code
+        model.rope_cos.data = model.rope_cos.data.float()
+        model.rope_sin.data = model.rope_sin.data.float()
+    if training.lora is not None:
+        apply_lora(model, training)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    scaler, loss_scale = None, 1.0
+    if master:
+        loss_scale = 2.0**10 if scaling else 1.0
+        opt: torch.optim.Optimizer = MasterWeightOptimizer(
+            params, lambda ps: make_optimizer(training, ps), loss_scale=loss_scale)
+    else:
+        opt = make_optimizer(training, params)
+        if scaling:  # amp-fp16: torch's dynamic loss scaler
+            scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
+    if checkpointed is None:
+        checkpointed = checkpointed_blocks(training, cfg.num_layers)
+    return StepSetup(model, opt, scaler, loss_scale, TORCH_DTYPE[amp_dtype] if amp_dtype else None,
+                     device, training, checkpointed)
+
+
+def forward_loss(s: StepSetup, idx: torch.Tensor, targets: torch.Tensor,
+                 on_recompute: Callable[[], Any] | None = None) -> torch.Tensor:
+    """Forward pass and loss, with the configured blocks checkpointed."""
+    m = s.model
+    ctx = torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext()
+    with ctx:
+        B, T = idx.shape
+        x = m.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if m.pos_emb is not None:
+            x = x + m.pos_emb(torch.arange(T, device=idx.device))
+        else:
+            rope = rope_for(m.rope_cos, m.rope_sin, T, x.dtype)
+        if m.dropout > 0:
+            x = F.dropout(x, m.dropout, True)
+        for i, block in enumerate(m.blocks):
+            if i in s.checkpointed:
+                x = checkpoint(_recompute_aware(block, on_recompute), x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        x = m.norm_f(x)
+        logits = m.lm_head(x)  # (B, T, V)
+        V = logits.shape[-1]
+        loss = F.cross_entropy(logits.float().view(-1, V), targets.view(-1))
+    return loss / s.training.gradient_accumulation_steps
+
+
+def _recompute_aware(block: torch.nn.Module, on_recompute: Callable[[], Any] | None) -> Callable:
+    if on_recompute is None:
+        return block
+
+    def run(x: torch.Tensor, rope: Any) -> torch.Tensor:
+        if torch._C._current_graph_task_id() != -1:  # inside backward: this is the recompute
+            with on_recompute():
+                return block(x, rope)
+        return block(x, rope)
+
+    return run
+
+
+def backward(s: StepSetup, loss: torch.Tensor) -> None:
+    if s.scaler is not None:
+        loss = s.scaler.scale(loss)
+    elif s.loss_scale != 1.0:
+        loss = loss * s.loss_scale
+    loss.backward()
+
+
+def optimizer_step(s: StepSetup) -> None:
+    if s.scaler is not None:
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+
+
+def make_batch(cfg: ResolvedModel, training: TrainingSpec, device: torch.device,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (training.micro_batch_size, training.sequence_length)
+    idx = torch.randint(0, cfg.vocab_size, shape, generator=g)
+    tgt = torch.randint(0, cfg.vocab_size, shape, generator=g)
+    return idx.to(device), tgt.to(device)
