@@ -1,0 +1,49 @@
+"""The worker that ``memplan serve`` runs inside the API process, on a thread.
+
+Jobs still run in their own spawned processes; the thread only claims, watches and records.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from service.jobs.executors import Executor
+from service.jobs.store import JobStore
+from service.jobs.worker import Worker
+from service.settings import DeviceInfo, Settings
+
+
+class EmbeddedWorker:
+    def __init__(self, store: JobStore, settings: Settings, device: DeviceInfo | None = None,
+                 executor: Executor | None = None) -> None:
+        self._args = (store, settings, device, executor)
+        self.worker: Worker | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        def run() -> None:
+            self.worker = Worker(*self._args)
+            self.worker.run()
+
+        # The device probe happens on the thread, so the API answers while it runs.
+        self._thread = threading.Thread(target=run, name="memplan-embedded-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop claiming; finish or release the job in hand (see Worker.stop)."""
+        if self._thread is None:
+            return
+        deadline = timeout_s if timeout_s is not None else self._args[1].shutdown_grace_s + 15
+        end = threading.Event()
+        while self.worker is None and self._thread.is_alive() and not end.wait(0.05):
+            pass
+        if self.worker is not None:
+            self.worker.stop()
+        self._thread.join(deadline)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+__all__ = ["EmbeddedWorker"]

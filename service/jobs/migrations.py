@@ -1,0 +1,97 @@
+"""Versioned schema migrations, applied by the app itself at start.
+
+A small runner instead of Alembic: the schema is one table, and each step is a function of a
+connection. Steps run in order inside one transaction that first takes a lock (PostgreSQL advisory
+lock; SQLite's ``BEGIN IMMEDIATE``), so several processes starting at once against the same
+database apply each step exactly once. Add a step by appending to ``MIGRATIONS``; never edit one
+that has shipped.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from sqlalchemy import (BigInteger, Column, Connection, Engine, Float, Index, Integer, MetaData,
+                        String, Table, Text, inspect, text)
+
+# Arbitrary constant naming memplan's migration lock among PostgreSQL advisory locks.
+_PG_LOCK_KEY = 0x6D656D706C616E
+
+metadata = MetaData()
+
+# The job table; the queue is this table (see DESIGN.md, "Jobs").
+jobs = Table(
+    "validation_jobs", metadata,
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("id", String(32), nullable=False, unique=True),
+    Column("status", String(16), nullable=False),
+    Column("request", Text, nullable=False),
+    Column("result", Text),
+    Column("error", Text),
+    Column("phase", String(64), nullable=False, default="queued"),
+    Column("step", Integer, nullable=False, default=0),
+    Column("total_steps", Integer, nullable=False, default=0),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("history", Text, nullable=False, default="[]"),
+    # What a worker needs to run it (claim filter): ranks, per-device peak, device class, GPU kind.
+    Column("ranks", Integer, nullable=False),
+    Column("peak_bytes", BigInteger, nullable=False),
+    Column("needs", String(8), nullable=False),
+    Column("gpu_kind", String(64)),
+    Column("timeout_s", Float, nullable=False),
+    # The current claim: who holds it, its token, and when its lease runs out (epoch seconds).
+    Column("worker", String(200)),
+    Column("claim_token", String(32)),
+    Column("lease_expires_at", Float),
+    Column("claimed_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_validation_jobs_status_seq", "status", "seq"),
+)
+
+schema_version = Table(
+    "memplan_schema_version", MetaData(),
+    Column("version", Integer, primary_key=True),
+    Column("description", String(200), nullable=False),
+)
+
+
+def _v1_create_jobs(conn: Connection) -> None:
+    jobs.create(conn)
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
+    (1, "create validation_jobs", _v1_create_jobs),
+]
+LATEST = MIGRATIONS[-1][0]
+
+
+def current_version(conn: Connection) -> int:
+    if not inspect(conn).has_table(schema_version.name):
+        return 0
+    return conn.execute(text(f"SELECT COALESCE(MAX(version), 0) FROM {schema_version.name}")
+                        ).scalar_one()
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the schema to ``LATEST``; returns the version it started from."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+        # SQLite: the engine begins every transaction with BEGIN IMMEDIATE (see store.py), which
+        # already excludes other writers.
+        schema_version.create(conn, checkfirst=True)
+        start = current_version(conn)
+        for version, description, step in MIGRATIONS:
+            if version > start:
+                step(conn)
+                conn.execute(schema_version.insert().values(version=version,
+                                                            description=description))
+    return start
+
+
+__all__ = ["metadata", "jobs", "schema_version", "MIGRATIONS", "LATEST", "migrate",
+           "current_version"]
