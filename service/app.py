@@ -6,7 +6,9 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from service import errors
-from service.routes import catalog, health, memory
+from service.routes import catalog, health, memory, validations
+from service.jobs.store import StoreHolder
+from service.settings import Settings
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -14,7 +16,7 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
-def create_app() -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="memplan",
         version="0.1.0",
@@ -23,6 +25,10 @@ def create_app() -> FastAPI:
         generate_unique_id_function=_operation_id,
     )
     errors.install(app)
-    for module in (health, catalog, memory):
+    # The job store opens on first use, so the app starts (and /readyz says why it is not ready)
+    # while the database is down.
+    app.state.settings = settings or Settings.from_env()
+    app.state.jobs = StoreHolder(app.state.settings)
+    for module in (health, catalog, memory, validations):
         app.include_router(module.router)
     return app

@@ -19,11 +19,13 @@ class EmbeddedWorker:
         self._args = (store, settings, device, executor)
         self.worker: Worker | None = None
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def start(self) -> None:
         def run() -> None:
             self.worker = Worker(*self._args)
-            self.worker.run()
+            if not self._stopping:  # stop() sets the flag, then looks for the worker
+                self.worker.run()
 
         # The device probe happens on the thread, so the API answers while it runs.
         self._thread = threading.Thread(target=run, name="memplan-embedded-worker", daemon=True)
@@ -34,9 +36,7 @@ class EmbeddedWorker:
         if self._thread is None:
             return
         deadline = timeout_s if timeout_s is not None else self._args[1].shutdown_grace_s + 15
-        end = threading.Event()
-        while self.worker is None and self._thread.is_alive() and not end.wait(0.05):
-            pass
+        self._stopping = True
         if self.worker is not None:
             self.worker.stop()
         self._thread.join(deadline)

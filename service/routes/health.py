@@ -1,6 +1,9 @@
 """Liveness and readiness."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.errors import PROBLEM, Problem, problem_response
 
 router = APIRouter(tags=["health"])
 
@@ -11,7 +14,18 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
-def readyz() -> dict[str, str]:
-    """The service can answer requests (and reach its job store, once one is configured)."""
-    return {"status": "ready"}
+@router.get("/readyz", responses={503: {"model": Problem, "content": {PROBLEM: {}},
+                                        "description": "The job store cannot be reached"}})
+def readyz(request: Request) -> dict[str, str]:
+    """The service can answer requests: its job store's database answers."""
+    holder = getattr(request.app.state, "jobs", None)
+    if holder is None:
+        return {"status": "ready"}
+    try:
+        holder.get().ping()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the database means not ready
+        response: JSONResponse = problem_response(
+            503, "Not ready", f"job store unavailable: {type(exc).__name__}",
+            headers={"Retry-After": "2"})
+        return response  # type: ignore[return-value]
+    return {"status": "ready", "database": holder.get().backend}

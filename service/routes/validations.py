@@ -1,0 +1,111 @@
+"""Validation jobs: run the reference training step and compare it with the estimate."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Annotated, Iterator
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from sqlalchemy.exc import SQLAlchemyError
+
+from planner.catalog import UnknownName
+from planner.specs import JobStatus, ValidationJob, ValidationPage, ValidationRequest
+from service.errors import ERROR_RESPONSES, PROBLEM, PlanError, Problem
+from service.jobs.store import BadCursor, JobFinished, JobNotFound, JobStore, MAX_PAGE
+
+router = APIRouter(prefix="/v1", tags=["validations"])
+
+
+def get_store(request: Request) -> JobStore:
+    """The app's job store, opened (and migrated) on first use."""
+    with store_errors():
+        return request.app.state.jobs.get()
+
+
+StoreDep = Annotated[JobStore, Depends(get_store)]
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """A database that cannot be reached is a 503 with Retry-After, never a 500."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise HTTPException(503, f"job store unavailable ({type(exc).__name__}); retry shortly",
+                            headers={"Retry-After": "2"}) from exc
+
+
+def _problem(status: int, description: str) -> dict:
+    return {"model": Problem, "content": {PROBLEM: {}}, "description": description}
+
+
+NOT_FOUND = {404: _problem(404, "No job with this id")}
+UNAVAILABLE = {503: _problem(503, "The job store cannot be reached")}
+
+
+def _not_found(job_id: str) -> HTTPException:
+    return HTTPException(404, f"no validation job with id {job_id!r}")
+
+
+@router.post("/validations", status_code=202,
+             responses={**ERROR_RESPONSES, **UNAVAILABLE,
+                        202: {"headers": {"Location": {"description": "URL of the new job",
+                                                       "schema": {"type": "string"}}}}})
+def create_validation(body: ValidationRequest, request: Request, response: Response,
+                      store: StoreDep) -> ValidationJob:
+    """Queue a validation job: run this training setup for real (or traced) and compare."""
+    from service.jobs.requirements import requirements_for
+
+    try:
+        requirements = requirements_for(body)
+    except UnknownName:
+        raise
+    except (ValueError, ArithmeticError) as exc:
+        raise PlanError(str(exc)) from exc
+    settings = request.app.state.settings
+    with store_errors():
+        job = store.submit(body, requirements,
+                           timeout_s=min(body.timeout_s, settings.job_timeout_cap_s))
+    response.headers["Location"] = str(request.url_for("get_validation", job_id=job.id).path)
+    return job
+
+
+@router.get("/validations/{job_id}", responses={**NOT_FOUND, **UNAVAILABLE})
+def get_validation(job_id: str, store: StoreDep) -> ValidationJob:
+    """A job: status, progress (phase, step i of N) and, once succeeded, the comparison."""
+    with store_errors():
+        try:
+            return store.get(job_id)
+        except JobNotFound:
+            raise _not_found(job_id) from None
+
+
+@router.get("/validations", responses={**ERROR_RESPONSES, **UNAVAILABLE})
+def list_validations(
+    store: StoreDep,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    cursor: Annotated[str | None, Query(max_length=200,
+                                        description="next_cursor of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Page size.")] = 50,
+) -> ValidationPage:
+    """Jobs, newest first, a page at a time (follow ``next_cursor``)."""
+    with store_errors():
+        try:
+            return store.list(status=status, cursor=cursor, limit=limit)
+        except BadCursor as exc:
+            raise PlanError(str(exc), field="query.cursor") from None
+
+
+@router.delete("/validations/{job_id}",
+               responses={**NOT_FOUND, **UNAVAILABLE,
+                          409: _problem(409, "The job has already finished")})
+def cancel_validation(job_id: str, store: StoreDep) -> ValidationJob:
+    """Cancel a queued or running job (a running job's process is stopped)."""
+    with store_errors():
+        try:
+            return store.cancel(job_id)
+        except JobNotFound:
+            raise _not_found(job_id) from None
+        except JobFinished as exc:
+            raise HTTPException(409, f"job {job_id} has already {exc.job.status}; "
+                                "only queued or running jobs can be cancelled") from None
