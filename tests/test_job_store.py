@@ -1,0 +1,232 @@
+"""The job store on both backends: lifecycle, pagination, claims, leases, exactly-once results."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import inspect, text
+
+from planner.specs import Progress, ValidationRequest
+from service.jobs.migrations import LATEST, current_version, migrate
+from service.jobs.store import (BadCursor, JobFinished, JobNotFound, JobStore, Requirements,
+                                make_engine)
+from service.settings import DeviceInfo
+from tests.jobtargets import database_url, fake_result
+
+REQUEST = ValidationRequest.model_validate({
+    "model": {"family": "gpt2", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
+              "vocab_size": 256, "max_sequence_length": 64},
+    "training": {"precision": "fp32", "sequence_length": 32},
+    "device": "cpu", "steps": 3,
+})
+CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
+H100 = DeviceInfo(kind="h100-80gb", count=8, memory_bytes=80 * 2**30)
+SMALL = Requirements(ranks=1, peak_bytes=10**6)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    yield from database_url(request.param, tmp_path)
+
+
+@pytest.fixture
+def store(db_url):
+    s = JobStore(db_url, lease_s=30, max_attempts=2)
+    yield s
+    s.close()
+
+
+def test_schema_is_created_by_the_app_and_migrations_are_idempotent(db_url):
+    engine = make_engine(db_url)
+    try:
+        assert migrate(engine) == 0
+        assert migrate(engine) == LATEST
+        with engine.connect() as conn:
+            assert current_version(conn) == LATEST
+            assert inspect(conn).has_table("validation_jobs")
+            rows = conn.execute(text("SELECT COUNT(*) FROM memplan_schema_version")).scalar()
+        assert rows == LATEST
+    finally:
+        engine.dispose()
+
+
+def test_concurrent_startups_migrate_once(db_url):
+    errors = []
+
+    def start():
+        try:
+            JobStore(db_url).close()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM memplan_schema_version")).scalar() == LATEST
+    engine.dispose()
+
+
+def test_submit_get_and_lifecycle(store):
+    job = store.submit(REQUEST, SMALL)
+    assert job.status == "queued" and job.attempts == 0 and job.progress.total_steps == 3
+    assert store.get(job.id) == job
+    claim = store.claim("w1", CPU)
+    assert claim is not None and claim.job_id == job.id and claim.attempt == 1
+    assert claim.request == REQUEST
+    running = store.get(job.id)
+    assert running.status == "running" and running.started_at is not None
+    assert store.progress(claim, Progress(phase="step", step=2, total_steps=3))
+    assert store.get(job.id).progress == Progress(phase="step", step=2, total_steps=3)
+    assert store.renew(claim)
+    assert store.complete(claim, fake_result())
+    done = store.get(job.id)
+    assert done.status == "succeeded" and done.result == fake_result()
+    assert done.progress.step == 3 and done.finished_at is not None and done.error is None
+    assert not store.complete(claim, fake_result())  # exactly once
+    assert store.history(job.id)[0]["outcome"] == "succeeded"
+
+
+def test_unknown_id(store):
+    with pytest.raises(JobNotFound):
+        store.get("nope")
+    with pytest.raises(JobNotFound):
+        store.cancel("nope")
+
+
+def test_fail_records_reason(store):
+    job = store.submit(REQUEST, SMALL)
+    claim = store.claim("w1", CPU)
+    assert store.fail(claim, "the job raised: RuntimeError: boom")
+    failed = store.get(job.id)
+    assert failed.status == "failed" and "boom" in failed.error and failed.result is None
+
+
+def test_cancel_queued_and_running(store):
+    queued = store.submit(REQUEST, SMALL)
+    running = store.submit(REQUEST, SMALL)
+    claim = store.claim("w1", CPU)
+    assert claim.job_id == queued.id  # oldest first
+    store.cancel(running.id)
+    assert store.get(running.id).status == "cancelled"
+    assert store.claim("w2", CPU) is None  # a cancelled job is never claimed
+    assert store.cancel(queued.id).status == "cancelled"
+    assert not store.renew(claim)  # the worker learns of the cancellation at its heartbeat
+    assert not store.progress(claim, Progress(phase="step", step=1, total_steps=3))
+    assert not store.complete(claim, fake_result())
+    assert store.get(queued.id).status == "cancelled"
+    with pytest.raises(JobFinished):
+        store.cancel(queued.id)
+
+
+def test_list_pagination_and_status_filter(store):
+    ids = [store.submit(REQUEST, SMALL).id for _ in range(7)]
+    claim = store.claim("w", CPU)
+    store.complete(claim, fake_result())
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = store.list(cursor=cursor, limit=3)
+        seen += [j.id for j in page.items]
+        pages += 1
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+        assert pages < 10
+    assert seen == ids[::-1] and pages == 3  # newest first, no gaps, no repeats
+    assert [j.id for j in store.list(status="succeeded").items] == [ids[0]]
+    assert len(store.list(status="queued").items) == 6
+    assert store.list(status="failed").items == []
+    with pytest.raises(BadCursor):
+        store.list(cursor="garbage!")
+
+
+def test_claim_respects_device(store):
+    big = store.submit(REQUEST, Requirements(ranks=1, peak_bytes=40 * 2**30))
+    wide = store.submit(REQUEST, Requirements(ranks=8, peak_bytes=10**6))
+    cuda = store.submit(REQUEST, Requirements(needs="cuda"))
+    a100 = store.submit(REQUEST, Requirements(needs="cuda", gpu_kind="a100-80gb"))
+    assert store.claim("cpu-worker", CPU) is None
+    got = [store.claim("gpu-worker", H100) for _ in range(4)]
+    assert [c.job_id if c else None for c in got] == [big.id, wide.id, cuda.id, None]
+    assert store.claim("a100", DeviceInfo(kind="a100-80gb", count=1, memory_bytes=80 * 2**30)
+                       ).job_id == a100.id
+
+
+def test_concurrent_claims_take_each_job_once(store, db_url):
+    n_jobs = 12
+    for _ in range(n_jobs):
+        store.submit(REQUEST, SMALL)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        s = JobStore(db_url, migrate_schema=False)
+        try:
+            while True:
+                c = s.claim(f"w{i}", CPU)
+                if c is None:
+                    return
+                with lock:
+                    claimed.append(c.job_id)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(claimed) == n_jobs and len(set(claimed)) == n_jobs
+
+
+def test_expired_lease_requeues_then_fails_with_history(db_url):
+    store = JobStore(db_url, lease_s=0.2, max_attempts=2)
+    try:
+        job = store.submit(REQUEST, SMALL)
+        first = store.claim("lost-1", CPU)
+        time.sleep(0.3)
+        assert store.requeue_expired() == [job.id]
+        requeued = store.get(job.id)
+        assert requeued.status == "queued" and requeued.attempts == 1
+        assert not store.renew(first)  # the first worker's claim is gone
+        second = store.claim("lost-2", CPU)
+        assert second.attempt == 2
+        assert not store.complete(first, fake_result())  # a stale claim cannot finish it
+        time.sleep(0.3)
+        assert store.requeue_expired() == [job.id]
+        failed = store.get(job.id)
+        assert failed.status == "failed" and failed.attempts == 2
+        assert "gave up after 2 attempts" in failed.error
+        assert "lost-1" in failed.error and "lost-2" in failed.error
+        assert [h["worker"] for h in store.history(job.id)] == ["lost-1", "lost-2"]
+        assert store.requeue_expired() == []
+    finally:
+        store.close()
+
+
+def test_renewed_lease_is_not_requeued(db_url):
+    store = JobStore(db_url, lease_s=0.5)
+    try:
+        store.submit(REQUEST, SMALL)
+        claim = store.claim("w", CPU)
+        for _ in range(4):
+            time.sleep(0.2)
+            assert store.renew(claim)
+            assert store.requeue_expired() == []
+    finally:
+        store.close()
+
+
+def test_release_returns_job_without_spending_an_attempt(store):
+    job = store.submit(REQUEST, SMALL)
+    claim = store.claim("w", CPU)
+    assert store.release(claim, "released: worker shut down")
+    again = store.get(job.id)
+    assert again.status == "queued" and again.attempts == 0
+    assert store.claim("w2", CPU).attempt == 1
