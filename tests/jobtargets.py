@@ -85,6 +85,15 @@ def hang(request: ValidationRequest, progress: ProgressFn = None) -> ValidationR
         time.sleep(1)
 
 
+# The request's step count picks the behaviour, so one worker can be given a sequence of jobs that
+# crash, run out of memory, hang or succeed.
+SCRIPT = {2: crash, 4: raise_error, 5: oom_error, 6: oom_kill, 7: hang}
+
+
+def scripted(request: ValidationRequest, progress: ProgressFn = None) -> ValidationResult:
+    return SCRIPT.get(request.steps, succeed)(request, progress)
+
+
 # ---- databases ---------------------------------------------------------------------------------
 def pg_reachable(url: str = PG_BASE_URL) -> bool:
     from sqlalchemy import create_engine, text
