@@ -162,8 +162,10 @@ def _zb_h2(p: int, m: int) -> Schedule:
     parallelogram. Built by a unit-cost list pass (T_F = T_I = T_W, the paper's handcrafted
     setting): each step a rank runs its next I if its input gradient has arrived, else its next
     F if fewer than 2p-1-r micro-batches are in flight (peak memory 2p-1 micro-batches on rank 0,
-    within the paper's 2p·M_B), else its oldest pending W. With unit costs the result is the
-    parallelogram: every rank busy without a gap from r·T_F to r·T_F + m(T_F+T_I+T_W)."""
+    within the paper's 2p·M_B), else its oldest pending W. With unit costs the makespan is the
+    parallelogram's length, (p-1)·T_F + m(T_F+T_I+T_W) (tested); the first rank, though, ends at
+    the makespan with p-1 idle units inside its span, so under a one-iteration bubble convention
+    this order equals ZB-H1 at equal costs and differs when T_W < T_F."""
     S, Sm = p, p * m
     f_t = [[-1] * m for _ in range(p)]  # step at which F(r, j) ran
     i_t = [[-1] * m for _ in range(p)]
@@ -333,7 +335,7 @@ def check(name: str, p: int, m: int, v: int) -> None:
     if name in ("1f1b", "zb-h1", "zb-h2"):
         need(m >= p, f"{name} needs microbatches >= stages (m >= p), got m={m}, p={p}",
              "microbatches")
-    if name in ("interleaved-1f1b", "zb-h1"):
+    if name == "interleaved-1f1b" or (name == "zb-h1" and v > 1):
         rounds = max(1, m // p)
         need(m % rounds == 0, f"{name} needs microbatches to be a multiple of "
              f"max(1, m // p) = {rounds} (torch's flexible interleaving), got m={m}",

@@ -1,0 +1,174 @@
+"""Event simulation of a pipeline schedule's per-rank action lists.
+
+Each rank runs its list in order; an action starts when the rank is free and its input is there:
+- F of stage s: F of the previous stage of the same micro-batch has ended (plus one message);
+- I (or B) of stage s: I/B of the next stage has ended (plus one message); on a pipeline's last
+  stage, its own F (the loss is computed at the end of that F);
+- W: its own I (same rank, already earlier in the list).
+A message between stages on different ranks costs ``p2p_latency_s + bytes / bandwidth`` and
+overlaps with computation (asynchronous send/recv, as torch's pipelining runtime posts them);
+stages on the same rank pass tensors for free.
+
+Conventions
+- makespan_s: from the first action's start (time 0) to the last action's end, over all ranks.
+- bubble fraction: idle rank-time inside that iteration over total rank-time,
+  (p · makespan − Σ busy) / (p · makespan). With this convention GPipe and 1F1B give
+  (p−1)/(m+p−1) (Narayanan et al. 2021, §2.2.1, eq. for the pipeline bubble).
+- in flight: a micro-batch's activations on a stage are live from the start of its F until the
+  end of its last backward action (B, or W when the backward is split: W still needs the stage's
+  inputs). The per-rank peak counts (virtual stage, micro-batch) pairs, i.e. units of one
+  virtual stage's activations for one micro-batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.pipeline_schedules import Schedule
+
+
+class ScheduleDeadlock(RuntimeError):
+    """The action lists wait on each other (an invalid hand-written order)."""
+
+
+@dataclass(frozen=True)
+class SimOutcome:
+    makespan_s: float
+    busy_s: list[float]
+    first_start_s: list[float]
+    last_end_s: list[float]
+    peak_in_flight: list[int]
+    start_s: np.ndarray  # by action code
+    end_s: np.ndarray
+
+    @property
+    def bubble_fraction(self) -> float:
+        total = len(self.busy_s) * self.makespan_s
+        return 0.0 if total <= 0 else max(0.0, (total - sum(self.busy_s)) / total)
+
+
+def _code_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
+    """Per action code: duration, the cross-stage action it waits for (-1: none) and the message
+    delay from its end to its consumer on the neighbouring stage. Waits on the same stage (B after
+    F at a pipeline's end, W after I) are kept by the rank's own order and need no entry."""
+    S, m = s.num_stages, s.microbatches
+    f = np.asarray(forward_s, dtype=float)[:, None]
+    i = np.asarray(input_s, dtype=float)[:, None]
+    w = np.asarray(weight_s, dtype=float)[:, None]
+    full = np.frombuffer(bytes(s.full_backward), dtype=np.uint8).reshape(S, m).astype(bool)
+    cost = np.empty((3, S, m))
+    cost[0] = f
+    cost[1] = np.where(full, i + w, i)  # B = I + W (Qi et al. 2023, §2: T_B = T_I + T_W)
+    cost[2] = w
+    mb = np.arange(m)[None, :]
+    rank = np.asarray(s.stage_to_rank)
+    prev, nxt = np.asarray(s.prev_stage), np.asarray(s.next_stage)
+    dep = np.full((3, S, m), -1, dtype=np.int64)
+    dep[0] = np.where(prev[:, None] >= 0, prev[:, None] * m + mb, -1)
+    dep[1] = np.where(nxt[:, None] >= 0, (S + nxt[:, None]) * m + mb, -1)
+    out_delay = np.zeros((3, S, m))
+    f_cross = (nxt >= 0) & (rank[np.maximum(nxt, 0)] != rank)  # F(s) feeds F(next) elsewhere
+    b_cross = (prev >= 0) & (rank[np.maximum(prev, 0)] != rank)  # I(s) feeds I(prev) elsewhere
+    out_delay[0] = np.where(f_cross[:, None], comm_s, 0.0)
+    out_delay[1] = np.where(b_cross[:, None], comm_s, 0.0)
+    # In-flight delta: +1 at F, -1 at the last backward action of (stage, mb).
+    delta = np.zeros((3, S, m), dtype=np.int64)
+    delta[0] = 1
+    delta[1] = np.where(full, -1, 0)
+    delta[2] = np.where(full, 0, -1)
+    return cost.ravel(), dep.ravel(), out_delay.ravel(), delta.ravel()
+
+
+def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> SimOutcome:
+    """Times every action of ``s``; costs are per virtual stage (length ``s.num_stages``)."""
+    cost_a, dep_a, delay_a, delta_a = _code_arrays(s, forward_s, input_s, weight_s, comm_s)
+    cost, dep = cost_a.tolist(), dep_a.tolist()
+    delay = delay_a.tolist() if comm_s > 0 else None
+    # ready[a]: when action a's output is usable by its consumer (its end plus the message);
+    # -1 while a has not run.
+    ready = [-1.0] * len(cost)
+    p = s.num_ranks
+    orders = s.orders
+    ptr = [0] * p
+    free = [0.0] * p
+    active = [r for r in range(p) if orders[r]]
+    while active:
+        progressed = False
+        still = []
+        for r in active:
+            seq = orders[r]
+            n = len(seq)
+            i0 = i = ptr[r]
+            t = free[r]
+            if delay is None:
+                while i < n:
+                    a = seq[i]
+                    d = dep[a]
+                    if d >= 0:
+                        e = ready[d]
+                        if e < 0.0:
+                            break
+                        if e > t:
+                            t = e
+                    t += cost[a]
+                    ready[a] = t
+                    i += 1
+            else:
+                while i < n:
+                    a = seq[i]
+                    d = dep[a]
+                    if d >= 0:
+                        e = ready[d]
+                        if e < 0.0:
+                            break
+                        if e > t:
+                            t = e
+                    t += cost[a]
+                    ready[a] = t + delay[a]
+                    i += 1
+            if i != i0:
+                progressed = True
+                ptr[r], free[r] = i, t
+            if i < n:
+                still.append(r)
+        if not progressed:
+            stuck = {r: s.decode(orders[r][ptr[r]]) for r in still}
+            raise ScheduleDeadlock(f"schedule {s.name} deadlocks; ranks wait at {stuck}")
+        active = still
+    end_np = np.asarray(ready) - delay_a
+    start_np = end_np - cost_a
+    busy, first, last, peak = [], [], [], []
+    for r in range(p):
+        seq = np.asarray(orders[r], dtype=np.int64)
+        if len(seq) == 0:
+            busy.append(0.0); first.append(0.0); last.append(0.0); peak.append(0)
+            continue
+        busy.append(float(cost_a[seq].sum()))
+        first.append(float(start_np[seq[0]]))
+        last.append(float(end_np[seq[-1]]))
+        peak.append(int(np.cumsum(delta_a[seq]).max()))
+    return SimOutcome(max(last) if last else 0.0, busy, first, last, peak, start_np, end_np)
+
+
+def peak_in_flight(s: Schedule) -> list[int]:
+    """Per rank, the most (virtual stage, micro-batch) activations live at once. Depends on the
+    order only, not on the costs: a rank runs its actions one after another."""
+    S, m = s.num_stages, s.microbatches
+    Sm = S * m
+    out = []
+    for seq in s.orders:
+        c = best = 0
+        for a in seq:
+            if a < Sm:
+                c += 1
+                if c > best:
+                    best = c
+            elif a < 2 * Sm:
+                if s.full_backward[a - Sm]:
+                    c -= 1
+            else:
+                c -= 1
+        out.append(best)
+    return out
