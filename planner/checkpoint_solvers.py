@@ -12,6 +12,8 @@ given as a set of block indices means one segment per block. Block ``i`` has
 - ``input_bytes``     x_i: its input tensor, all that a checkpointed segment keeps in forward;
 - ``transient_bytes`` t_i: the most it allocates on top of its saved tensors at any moment of its
                       forward, recompute or backward (gradients in flight, workspaces);
+- ``grad_bytes``      g_i: parameter gradients its backward creates, alive to the step's end
+                      (0 when gradients stay allocated across steps: count them in the base);
 - ``forward_s``, ``backward_s``: times; a checkpointed block runs its forward once more.
 
 The chain adds ``base_bytes`` (model states and everything else resident for the whole step) and
@@ -24,7 +26,8 @@ segment hold their saved tensors again (recomputed). So, with ``stored_j`` = s_j
 segment and x_first for a segment (0 for its other blocks):
 
     peak = base + max( sum_j stored_j + tail,
-                       max_i [ sum_{j < first(i)} stored_j + sum_{first(i) <= j <= i} s_j + t_i ] )
+                       max_i [ sum_{j < first(i)} stored_j + sum_{first(i) <= j <= i} s_j + t_i
+                               + sum_{j >= i} g_j ] )
 
 where ``first(i)`` is the first block of i's segment (i itself outside segments). The forward
 never exceeds this: at block ``i`` it holds at most the same prefix plus ``s_i + t_i``.
@@ -35,10 +38,10 @@ Budget solver
 With one segment per block, checkpointing block ``j`` saves ``d_j = s_j - x_j`` bytes in every
 prefix after it and costs ``forward_s_j``. The budget ``B`` becomes prefix constraints
 
-    sum_{j < i, j in C} d_j >= R_i := base + S_i + s_i + t_i - B    (i = 0 .. n-1)
+    sum_{j < i, j in C} d_j >= R_i := base + S_i + s_i + t_i + G_i - B   (i = 0 .. n-1)
     sum_{j in C} d_j       >= R_n := base + S_n + tail - B
 
-with ``S_i = sum_{j<i} s_j``: a min-cost knapsack with prefix constraints (NP-hard in general, so
+with ``S_i = sum_{j<i} s_j`` and ``G_i = sum_{j>=i} g_j``: a min-cost knapsack with prefix constraints (NP-hard in general, so
 the solver is pseudo-polynomial). Multi-block segments never lower the peak for the same
 recompute (they keep fewer inputs in forward but all their saved tensors at once in backward),
 so the budget solver places single-block segments. Three exact-or-certified paths:
@@ -80,6 +83,8 @@ class ChainBlock(BaseModel):
                              description="The block's input: all a checkpointed block keeps.")
     transient_bytes: int = Field(0, ge=0, le=MAX_BYTES,
                                  description="Peak allocation on top of its saved tensors.")
+    grad_bytes: int = Field(0, ge=0, le=MAX_BYTES, description="Parameter gradients its "
+                            "backward creates (0 when they stay allocated: put them in the base).")
     forward_flops: int | None = Field(None, ge=0, le=10**24, description="Forward FLOPs.")
 
 
@@ -118,10 +123,13 @@ def chain_peak_bytes(chain: Sequence[ChainBlock], plan: Iterable[int] | Iterable
     for blk in chain:
         saved_prefix.append(saved_prefix[-1] + blk.saved_bytes)
     peak = prefix[n] + tail_bytes
+    grads_after = sum(blk.grad_bytes for blk in chain)  # G_i: gradients of blocks i .. n-1
     for i, blk in enumerate(chain):
         a = first[i]
-        held = prefix[a] + saved_prefix[i + 1] - saved_prefix[a] + blk.transient_bytes
+        held = (prefix[a] + saved_prefix[i + 1] - saved_prefix[a] + blk.transient_bytes
+                + grads_after)
         peak = max(peak, held)
+        grads_after -= blk.grad_bytes
     return base_bytes + peak
 
 
@@ -151,10 +159,11 @@ def min_peak_plan(chain: Sequence[ChainBlock]) -> list[int]:
 def _requirements(chain: Sequence[ChainBlock], budget_bytes: int, base_bytes: int,
                   tail_bytes: int) -> list[int]:
     """R_0 .. R_n of the module docstring (savings each prefix needs)."""
-    req, prefix = [], 0
+    req, prefix, grads = [], 0, sum(b.grad_bytes for b in chain)
     for b in chain:
-        req.append(base_bytes + prefix + b.saved_bytes + b.transient_bytes - budget_bytes)
+        req.append(base_bytes + prefix + b.saved_bytes + b.transient_bytes + grads - budget_bytes)
         prefix += b.saved_bytes
+        grads -= b.grad_bytes
     req.append(base_bytes + prefix + tail_bytes - budget_bytes)
     return req
 

@@ -22,6 +22,7 @@ from planner.checkpoint_solvers import (
     MAX_BYTES, MAX_CHAIN_BLOCKS, ChainBlock, chain_peak_bytes, min_peak_plan, recompute_time_s,
     revolve_forward_steps, solve_budget,
 )
+from planner.parameters import count_parameters
 from planner.precision import DTYPE_BYTES, resolve_precision
 from planner.specs import (
     MAX_LAYERS, Assumption, HardwareSpec, ModelSpec, ParallelSpec, ResolvedModel, TrainingSpec,
@@ -75,11 +76,12 @@ class CheckpointRequest(_Frozen):
         if setup and self.model is None:
             raise ValueError("a setup needs a model")
         if self.chain is not None:
-            total = (self.base_bytes + self.tail_bytes + sum(b.saved_bytes for b in self.chain)
+            total = (self.base_bytes + self.tail_bytes
+                     + sum(b.saved_bytes + b.grad_bytes for b in self.chain)
                      + max(b.transient_bytes for b in self.chain))
             if total > MAX_BYTES:
-                raise ValueError(f"base + tail + all saved + largest transient bytes must be at "
-                                 f"most 2^62 (got {total})")
+                raise ValueError(f"base + tail + all saved and gradient + largest transient bytes "
+                                 f"must be at most 2^62 (got {total})")
         return self
 
 
@@ -257,6 +259,14 @@ def plan_checkpointing(req: CheckpointRequest) -> CheckpointResult:
         gpu = get_gpu(req.hardware.gpu if req.hardware and req.hardware.gpu else NOMINAL_GPU)
         chain, tail_bytes, core = _model_chain(model, training, par, gpu.peak_bf16_flops)
         base_bytes = _model_state_bytes(model, training, par)
+        if training.gradient_accumulation_steps == 1 and training.lora is None:
+            # the reference step frees gradients (zero_grad(set_to_none=True)): a block's
+            # gradients exist from its backward on, so they count per block, not in the base
+            grad_bytes = int(count_parameters(model).per_layer / par.tensor_parallel
+                             * DTYPE_BYTES[resolve_precision(training).grad_dtype]
+                             / (par.data_parallel if par.zero_stage >= 2 else 1))
+            chain = [c.model_copy(update={"grad_bytes": grad_bytes}) for c in chain]
+            base_bytes -= grad_bytes * len(chain)
         assumptions += [
             Assumption(name="forward_time", value=f"FLOPs / ({gpu.name} peak 16-bit FLOP/s x "
                        f"{ASSUMED_MFU} MFU)", note="roofline; backward = 2x forward"),

@@ -29,9 +29,10 @@ def brute_force(chain, budget, base, tail):
 
 
 block = st.builds(
-    lambda f, s, x, t: ChainBlock(forward_s=f / 4, saved_bytes=s, input_bytes=min(x, s + 64),
-                                  transient_bytes=t),
-    st.integers(0, 40), st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 2000))
+    lambda f, s, x, t, g: ChainBlock(forward_s=f / 4, saved_bytes=s, input_bytes=min(x, s + 64),
+                                     transient_bytes=t, grad_bytes=g),
+    st.integers(0, 40), st.integers(0, 5000), st.integers(0, 5000), st.integers(0, 2000),
+    st.integers(0, 300))
 
 
 @st.composite
@@ -99,6 +100,9 @@ def test_chain_peak_by_hand():
     assert chain_peak_bytes(chain, [0, 1, 2], base_bytes=7, tail_bytes=50) == 7 + 125
     # one segment of blocks 0..2: stores 10; backward of block 2 holds all three: 300 + 5
     assert chain_peak_bytes(chain, [(0, 2)]) == 305
+    # gradients created in backward: block 2's backward holds its own, block 0's all three
+    graded = [blk.model_copy(update={"grad_bytes": 40})] * 3
+    assert chain_peak_bytes(graded, [0, 1, 2]) == max(20 + 105 + 40, 10 + 105 + 80, 105 + 120)
 
 
 def test_infeasible_budget_reports_smallest_peak():
