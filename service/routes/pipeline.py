@@ -1,0 +1,53 @@
+"""Pipeline schedules: makespan, bubble, per-rank figures and the timeline (JSON or SVG)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response
+
+from planner import pipeline as planner_pipeline
+from planner.pipeline import PipelineError, PipelineRequest, PipelineResult
+from planner.pipeline_svg import render_svg
+from service.errors import ERROR_RESPONSES, PlanError
+
+router = APIRouter(prefix="/v1", tags=["pipeline"])
+
+SVG = "image/svg+xml"
+
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The simulated schedule: JSON by default, the timeline picture when the "
+        "request sends `Accept: image/svg+xml`.",
+        "content": {SVG: {"schema": {"type": "string"}}},
+    },
+    **ERROR_RESPONSES,
+}
+
+
+def _wants_svg(accept: str | None) -> bool:
+    if not accept:
+        return False
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    return SVG in types and "application/json" not in types[: types.index(SVG)]
+
+
+@router.post("/pipeline", response_model=PipelineResult, responses=RESPONSES)
+def plan_pipeline(
+    request: PipelineRequest, accept: Annotated[str | None, Header()] = None,
+) -> PipelineResult | Response:
+    """Simulate a pipeline schedule: makespan, bubble fraction, per-rank busy/idle and in-flight
+    micro-batches, and the per-rank timeline (SVG with `Accept: image/svg+xml`)."""
+    svg = _wants_svg(accept)
+    if svg and not request.include_timeline:
+        request = request.model_copy(update={"include_timeline": True})
+    try:
+        result = planner_pipeline.plan_pipeline(request)
+    except PipelineError as e:
+        raise PlanError(e.rule, field=f"body.{e.field}") from None
+    if svg:
+        if result.timeline is None:
+            raise PlanError(f"no picture: {result.timeline_omitted}", field="body.microbatches")
+        return Response(render_svg(result), media_type=SVG)
+    return result
