@@ -41,7 +41,8 @@ prefix after it and costs ``forward_s_j``. The budget ``B`` becomes prefix const
     sum_{j < i, j in C} d_j >= R_i := base + S_i + s_i + t_i + G_i - B   (i = 0 .. n-1)
     sum_{j in C} d_j       >= R_n := base + S_n + tail - B
 
-with ``S_i = sum_{j<i} s_j`` and ``G_i = sum_{j>=i} g_j``: a min-cost knapsack with prefix constraints (NP-hard in general, so
+with ``S_i = sum_{j<i} s_j`` and ``G_i = sum_{j>=i} g_j``: a min-cost knapsack with prefix
+constraints (NP-hard in general, so
 the solver is pseudo-polynomial). Multi-block segments never lower the peak for the same
 recompute (they keep fewer inputs in forward but all their saved tensors at once in backward),
 so the budget solver places single-block segments. Three exact-or-certified paths:
@@ -78,7 +79,8 @@ class ChainBlock(BaseModel):
     forward_s: float = Field(..., ge=0, le=1e6, allow_inf_nan=False, description="Forward time.")
     backward_s: float = Field(0.0, ge=0, le=1e6, allow_inf_nan=False, description="Backward time.")
     saved_bytes: int = Field(..., ge=0, le=MAX_BYTES,
-                             description="Kept for backward when not checkpointed (input included).")
+                             description="Kept for backward when not checkpointed, input "
+                             "included.")
     input_bytes: int = Field(..., ge=0, le=MAX_BYTES,
                              description="The block's input: all a checkpointed block keeps.")
     transient_bytes: int = Field(0, ge=0, le=MAX_BYTES,

@@ -142,7 +142,8 @@ def _model_chain(model: ResolvedModel, training: TrainingSpec, parallelism: Para
     TODO(activations): take saved/input/transient bytes and FLOPs from
     ``planner.activations.block_costs(model, training, parallelism)``.
     """
-    b, s, h, a = training.micro_batch_size, training.sequence_length, model.hidden_size, model.num_heads
+    b, s = training.micro_batch_size, training.sequence_length
+    h, a = model.hidden_size, model.num_heads
     t = parallelism.tensor_parallel
     sp = parallelism.sequence_parallel or t == 1
     act_bytes = 4 if training.precision == "fp32" else 2  # Korthikanti et al. 2022 assume 16 bit
