@@ -42,18 +42,17 @@ prefix after it and costs ``forward_s_j``. The budget ``B`` becomes prefix const
     sum_{j in C} d_j       >= R_n := base + S_n + tail - B
 
 with ``S_i = sum_{j<i} s_j`` and ``G_i = sum_{j>=i} g_j``: a min-cost knapsack with prefix
-constraints (NP-hard in general, so
-the solver is pseudo-polynomial). Multi-block segments never lower the peak for the same
-recompute (they keep fewer inputs in forward but all their saved tensors at once in backward),
-so the budget solver places single-block segments. Three exact-or-certified paths:
+constraints (NP-hard in general, so the solver is pseudo-polynomial). The budget solver places
+single-block segments, the granularity of the reference step. Two paths:
 
 1. *Pareto DP* (exact): the states after block ``j`` are the (recompute time, savings) pairs not
    dominated by another, savings capped at the largest requirement still ahead.
 2. *Grid DP* on savings in units of ``q`` (vectorised over the grid): with ``q = gcd(d_j)`` it is
    exact; with a coarser ``q`` (grid capped at ``MAX_GRID`` cells) each d_j is rounded down, so
    the plan it returns is feasible, and it costs no more than the exact optimum for the budget
-   ``B - n*q`` (each of at most n rounded items loses < q). Rounding d_j up gives a relaxation
-   whose optimum is a certified lower bound; both are reported.
+   ``B - n*q`` (each of at most n rounded items loses < q). A second pass rounds to nearest
+   and is then repaired to feasibility; the cheaper feasible plan wins. Rounding d_j up gives a
+   relaxation whose optimum is a certified lower bound; both figures are reported.
 """
 
 from __future__ import annotations
