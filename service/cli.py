@@ -383,14 +383,14 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     try:
-        from planner.pipeline import PipelineRequest, simulate
+        from planner.pipeline import PipelineRequest, plan_pipeline
         from planner.pipeline_svg import render_svg
     except ImportError as exc:
         raise InputError(f"pipeline simulation is not available in this build ({exc})") from None
 
     request = load_spec(args.spec, PipelineRequest)
     try:
-        result = simulate(request)
+        result = plan_pipeline(request)
     except ValueError as exc:
         raise InputError(f"cannot simulate this schedule: {exc}") from None
     if args.svg:

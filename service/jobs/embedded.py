@@ -23,7 +23,8 @@ class EmbeddedWorker:
 
     def start(self) -> None:
         def run() -> None:
-            self.worker = Worker(*self._args)
+            # The API's own worker is the only one a `memplan serve` deployment has.
+            self.worker = Worker(*self._args, sole=True)
             if not self._stopping:  # stop() sets the flag, then looks for the worker
                 self.worker.run()
 

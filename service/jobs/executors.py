@@ -105,7 +105,11 @@ def fit_check(request: ValidationRequest, peak_bytes: int) -> str | None:
     else:
         import torch
 
-        n = min(ranks, torch.cuda.device_count())
+        if ranks > torch.cuda.device_count():
+            return (f"refused before running: the job needs {ranks} ranks (data x tensor x "
+                    f"pipeline parallel) and this worker has {torch.cuda.device_count()} CUDA "
+                    "device(s)")
+        n = ranks
         free = min(torch.cuda.mem_get_info(i)[0] for i in range(n))
         need, where = peak_bytes, "free memory on the emptiest-needed device"
     if need <= free:

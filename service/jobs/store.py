@@ -230,15 +230,19 @@ class JobStore:
         return self._to_model(row)
 
     # ---- worker side --------------------------------------------------------------------------
-    def claim(self, worker: str, device: DeviceInfo) -> Claim | None:
-        """Take the oldest queued job this device can run, with a fresh lease."""
-        runnable = and_(
-            jobs.c.status == "queued",
-            jobs.c.ranks <= device.count,
-            jobs.c.peak_bytes <= device.memory_bytes,
-            or_(jobs.c.needs != "cuda", device.kind != "cpu"),
-            or_(jobs.c.gpu_kind.is_(None), jobs.c.gpu_kind == device.kind),
-        )
+    def claim(self, worker: str, device: DeviceInfo, *, by_capacity: bool = True) -> Claim | None:
+        """Take the oldest queued job this device can run, with a fresh lease.
+
+        ``by_capacity=False`` (a sole worker, as in ``memplan serve``) also takes jobs larger
+        than the device, so that its fit check refuses them with the numbers instead of leaving
+        them queued for a worker that does not exist."""
+        conditions = [jobs.c.status == "queued",
+                      or_(jobs.c.gpu_kind.is_(None), jobs.c.gpu_kind == device.kind)]
+        if device.kind == "cpu":
+            conditions.append(jobs.c.needs != "cuda")
+        if by_capacity:
+            conditions += [jobs.c.ranks <= device.count, jobs.c.peak_bytes <= device.memory_bytes]
+        runnable = and_(*conditions)
         q = (select(jobs.c.seq).where(runnable).order_by(jobs.c.seq).limit(1)
              .with_for_update(skip_locked=True))
         now = time.time()

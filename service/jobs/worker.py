@@ -72,8 +72,11 @@ class Worker:
     """Claim, run, record; repeat until stopped."""
 
     def __init__(self, store: JobStore, settings: Settings, device: DeviceInfo | None = None,
-                 executor: Executor | None = None, name: str | None = None) -> None:
+                 executor: Executor | None = None, name: str | None = None,
+                 sole: bool = False) -> None:
         self.store, self.settings = store, settings
+        # A sole worker takes every job and refuses, with the numbers, what it cannot run.
+        self.sole = sole
         self.device = device or settings.worker_device or detect_device()
         self.executor = executor or SpawnedProcessExecutor(settings.job_target)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -113,7 +116,7 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and run one job; False when there was none to claim."""
         self.sweep()
-        claim = self.store.claim(self.name, self.device)
+        claim = self.store.claim(self.name, self.device, by_capacity=not self.sole)
         if claim is None:
             return False
         log.info("job %s: claimed (attempt %d)", claim.job_id, claim.attempt)

@@ -30,7 +30,7 @@ def store_errors() -> Iterator[None]:
     """A database that cannot be reached is a 503 with Retry-After, never a 500."""
     try:
         yield
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, OSError) as exc:
         raise HTTPException(503, f"job store unavailable ({type(exc).__name__}); retry shortly",
                             headers={"Retry-After": "2"}) from exc
 
