@@ -1,0 +1,350 @@
+"""Model states per device under data, tensor, pipeline and ZeRO sharding.
+
+ZeRO (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+Models") shards optimizer states (stage 1), + gradients (stage 2), + parameters (stage 3) over the
+Nd data-parallel ranks. Each stage is described by the torch implementation the validation runs:
+
+- stage 0: ``DistributedDataParallel(gradient_as_bucket_view=True)``: grads are views into the
+  reducer's buckets, so buckets add no bytes (with ``False`` every bucket is a second copy of the
+  grads: ``ddp_bucket_bytes``).
+- stage 1: DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer``: whole tensors are assigned to
+  ranks greedily (``zero1_partition``, the algorithm of ``_partition_parameters``), so shards are
+  uneven; the worst rank is reported.
+- stage 2: FSDP2 ``fully_shard(reshard_after_forward=False)`` per transformer block and the root:
+  sharded params/grads/states, unsharded params kept from forward to backward.
+- stage 3: FSDP2 ``fully_shard``: every parameter sharded on dim 0 into ``torch.chunk`` pieces, each
+  rank's storage padded to the first (largest) chunk, ceil(d0/Nd) rows (``_fsdp_param.py``
+  ``_init_sharded_param``); rank 0 is the worst rank.
+
+For mixed-* precision the DDP/ZeRO-1 step keeps 16-bit params/grads and fp32 masters in the
+optimizer (category optimizer_states); FSDP2 keeps fp32 *sharded* params (they are the master
+weights, category parameters) and all-gathers 16-bit copies (``MixedPrecisionPolicy``).
+For a bare parameter count (no shapes) the ZeRO paper's arithmetic is used (§5, Fig. 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.optimizers import (
+    optimizer_state_bytes,
+    optimizer_step_temporary_bytes,
+    reference_step_temporary_bytes,
+)
+from planner.precision import DTYPE_BYTES, PrecisionPlan, resolve_precision, tensor_bytes
+from planner.specs import ParallelSpec, ResolvedModel, TrainingSpec
+
+DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25) default
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Per-device model-state bytes of the worst rank (all integers)."""
+
+    parameters: int  # on the device, at the step's peak (incl. unsharded copies kept fwd->bwd)
+    gradients: int
+    optimizer_states: int  # torch.optim states + fp32 master copies held by the optimizer
+    buffers: int  # communication buffers in flight (FSDP all-gather/reduce-scatter, DDP buckets)
+    step_temporaries: int  # peak extra bytes inside optimizer.step() on this rank
+    offloaded_bytes: int  # model-state bytes held in host memory instead (offload)
+    comm_bytes_per_step: int  # bytes this rank sends per optimizer step
+    implementation: str
+    worst_rank: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_states + self.buffers
+
+
+# ---- the reference model's parameter tensors, with shapes and tensor-parallel split -----------
+# Kinds: "col" column-parallel Linear (weight (out, in) split on out, bias split), "row"
+# row-parallel Linear (weight split on in, bias replicated), "vocab" vocab-parallel embedding /
+# output (split on rows), "rep" replicated (norms, learned positions). Megatron-LM, Shoeybi et al.
+# 2019 §3: q/k/v/up/gate column-parallel, o/down row-parallel.
+
+def _layer_tensors(m: ResolvedModel) -> list[tuple[Shape, str]]:
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = (m.num_kv_heads or m.num_heads) * (h // m.num_heads)
+    if m.family == "gpt2":
+        return [((h,), "rep"), ((h,), "rep"),
+                ((h, h), "col"), ((h,), "col"), ((kv, h), "col"), ((kv,), "col"),
+                ((kv, h), "col"), ((kv,), "col"), ((h, h), "row"), ((h,), "rep"),
+                ((h,), "rep"), ((h,), "rep"), ((f, h), "col"), ((f,), "col"), ((h, f), "row"),
+                ((h,), "rep")]
+    return [((h,), "rep"), ((h, h), "col"), ((kv, h), "col"), ((kv, h), "col"), ((h, h), "row"),
+            ((h,), "rep"), ((f, h), "col"), ((f, h), "col"), ((h, f), "row")]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tp_split(shape: Shape, kind: str, t: int) -> Shape:
+    if t == 1 or kind == "rep":
+        return shape
+    if kind in ("col", "vocab"):
+        return (_ceil_div(shape[0], t),) + shape[1:]
+    return shape[:-1] + (_ceil_div(shape[-1], t),)  # row-parallel: split the input dim
+
+
+def parameter_shapes(m: ResolvedModel) -> list[Shape]:
+    """Shapes of every parameter of service.validation.model.Transformer, registration order
+    (numels equal ``count_parameters(m).tensor_sizes()``)."""
+    return [s for s, _ in _stage_tensors(m, 0, m.num_layers, first=True, last=True, tp=1)]
+
+
+def _stage_tensors(m: ResolvedModel, layer_lo: int, layer_hi: int, *, first: bool, last: bool,
+                   tp: int) -> list[tuple[Shape, str]]:
+    h, V = m.hidden_size, m.vocab_size
+    out: list[tuple[Shape, str]] = []
+    if first:
+        out.append(((V, h), "vocab"))  # tok_emb
+        if m.family == "gpt2":
+            out.append(((m.max_sequence_length, h), "rep"))  # pos_emb
+    out += _layer_tensors(m) * (layer_hi - layer_lo)
+    if last:
+        out += [((h,), "rep"), ((h,), "rep")] if m.family == "gpt2" else [((h,), "rep")]
+        if not m.tie_embeddings or not first:
+            # untied lm_head; or, tied but on another pipeline stage, the output stage keeps its
+            # own copy of the word embedding (Megatron-LM word_embeddings_for_head)
+            out.append(((V, h), "vocab"))
+    return [(_tp_split(s, k, tp), k) for s, k in out]
+
+
+def _numel(s: Shape) -> int:
+    n = 1
+    for d in s:
+        n *= d
+    return n
+
+
+def pipeline_stage_layers(num_layers: int, p: int) -> list[int]:
+    """Layers per pipeline stage: even split, the first ``L mod p`` stages take one more."""
+    return [num_layers // p + (1 if s < num_layers % p else 0) for s in range(p)]
+
+
+def zero1_partition(numels: list[int], world_size: int) -> list[list[int]]:
+    """Indices of the tensors each rank owns under ZeroRedundancyOptimizer (one param group):
+    sort by numel, largest first (stable), give each to the rank with the smallest total so far
+    (lowest index on ties) — ``ZeroRedundancyOptimizer._partition_parameters``."""
+    sizes = [0] * world_size
+    ranks: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(numels)), key=lambda j: numels[j], reverse=True):
+        r = min(range(world_size), key=lambda k: (sizes[k], k))
+        ranks[r].append(i)
+        sizes[r] += numels[i]
+    return ranks
+
+
+def fsdp_shard_shape(shape: Shape, world_size: int) -> Shape:
+    """Padded per-rank shard of FSDP2: the first ``torch.chunk`` piece, ceil(d0/N) rows."""
+    return (_ceil_div(shape[0], world_size),) + shape[1:]
+
+
+# ---- per-rank model states --------------------------------------------------------------------
+
+def _b(dtype: str) -> int:
+    return int(DTYPE_BYTES[dtype])
+
+
+def _ring_bytes(nbytes: int, n: int) -> int:
+    """Bytes one rank sends in a ring all-gather or reduce-scatter of ``nbytes`` (Thakur et al.
+    2005; the ZeRO paper §7 counts an all-reduce as reduce-scatter + all-gather = 2x this)."""
+    return nbytes * (n - 1) // n
+
+
+def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str | None,
+                  training: TrainingSpec, parallel: ParallelSpec, plan: PrecisionPlan,
+                  unit_elems: list[int]) -> ModelStates:
+    n = parallel.data_parallel
+    z = parallel.zero_stage
+    pb, gb = _b(plan.param_dtype), _b(plan.grad_dtype)
+    master = plan.master_dtype
+    opt_dtype = master or plan.optimizer_state_dtype
+    train_shapes = [s for s, tr in zip(tensors, trainable) if tr]
+    frozen = [s for s, tr in zip(tensors, trainable) if not tr]
+    if z == 3:  # FSDP2 shards frozen base weights too
+        frozen = [fsdp_shard_shape(s, n) for s in frozen]
+    frozen_bytes = sum(tensor_bytes(_numel(s), frozen_dtype or plan.param_dtype, rows=s[0])
+                       for s in frozen)
+    numels = [_numel(s) for s in train_shapes]
+    psi = sum(numels)
+    notes: list[str] = []
+    ga = training.gradient_accumulation_steps
+
+    def opt_bytes(shapes: list[Shape]) -> int:
+        ns = [_numel(s) for s in shapes]
+        return optimizer_state_bytes(training, ns, opt_dtype, shapes) + \
+            (sum(ns) * _b(master) if master else 0)
+
+    def step_tmp(shapes: list[Shape]) -> int:
+        return reference_step_temporary_bytes(training, [_numel(s) for s in shapes], shapes)
+
+    if z <= 1:
+        params = psi * pb + frozen_bytes
+        grads = psi * gb
+        comm = 2 * _ring_bytes(psi * gb, n) if n > 1 else 0  # DDP all-reduce of the grads
+        if z == 0 or n == 1:
+            owned = train_shapes
+            impl = "torch DistributedDataParallel(gradient_as_bucket_view=True)" if n > 1 else \
+                "single data-parallel rank (no gradient reduction)"
+            worst = 0
+        else:
+            parts = zero1_partition(numels, n)
+            per_rank = [opt_bytes([train_shapes[i] for i in p]) for p in parts]
+            worst = max(range(n), key=lambda r: (per_rank[r], -r))
+            owned = [train_shapes[i] for i in parts[worst]]
+            impl = ("torch DistributedDataParallel + torch.distributed.optim."
+                    "ZeroRedundancyOptimizer (whole-tensor greedy partition)")
+            comm += _ring_bytes(psi * pb, n)  # broadcast of each owner's updated params
+            notes.append("ZeroRedundancyOptimizer all-reduces grads (DDP) and broadcasts updated "
+                         "params: 3x the param bytes per rank vs the ZeRO paper's 2x (§7)")
+        opt = opt_bytes(owned)
+        tmp = step_tmp(owned)
+        buffers = 0
+    else:
+        sharded = [fsdp_shard_shape(s, n) for s in train_shapes]
+        # FSDP2 sharded params are the stored (master) weights: fp32 for mixed-*, else param dtype
+        store_b = _b(master) if master else pb
+        shard_elems = sum(_numel(s) for s in sharded)
+        params = shard_elems * store_b + frozen_bytes
+        grads = shard_elems * store_b  # sharded grads take the sharded param's dtype
+        opt = optimizer_state_bytes(training, [_numel(s) for s in sharded], opt_dtype, sharded)
+        # no separate master copy: the optimizer steps on the sharded params directly
+        tmp = optimizer_step_temporary_bytes(training, [_numel(s) for s in sharded], opt_dtype,
+                                             sharded)
+        largest_unit = max(unit_elems) if unit_elems else psi
+        if z == 2:
+            # unsharded 16-bit params of every unit are kept from forward to backward
+            params += psi * pb if n > 1 else 0
+            buffers = largest_unit * gb * 2 if n > 1 else 0  # unsharded grads + RS output
+            impl = "torch FSDP2 fully_shard(reshard_after_forward=False) per block + root"
+            comm = (_ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
+        else:
+            # current and one prefetched unit all-gathered, one unit's grads reduce-scattering
+            buffers = (2 * largest_unit * pb + largest_unit * gb) if n > 1 else 0
+            impl = "torch FSDP2 fully_shard per block + root (dim-0 sharding, padded)"
+            comm = (2 * _ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
+        worst = 0
+        if n > 1:
+            notes.append("FSDP2 all-gather/reduce-scatter buffers: largest unit in flight "
+                         "(estimate; exact for the sharded states)")
+
+    offloaded = 0
+    if parallel.offload_optimizer:
+        offloaded += opt
+        opt, tmp = 0, 0  # the optimizer steps on the CPU (ZeRO-Offload, Ren et al. 2021 §4)
+        if z >= 2:
+            offloaded += grads
+            grads = 0  # reduce-scattered gradients stream to host memory (ZeRO-Offload §4.1)
+        impl += "; optimizer states and step on CPU (ZeRO-Offload)"
+    if parallel.offload_parameters:
+        if z != 3:
+            raise ValueError("offload_parameters needs zero_stage 3 (FSDP2 CPUOffloadPolicy)")
+        stored = params - frozen_bytes
+        offloaded += stored
+        params = frozen_bytes
+        impl += "; sharded params on CPU (FSDP2 CPUOffloadPolicy)"
+    return ModelStates(parameters=params, gradients=grads, optimizer_states=opt, buffers=buffers,
+                       step_temporaries=tmp, offloaded_bytes=offloaded, comm_bytes_per_step=comm,
+                       implementation=impl, worst_rank=worst, notes=tuple(notes))
+
+
+def _bare_states(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
+                 plan: PrecisionPlan) -> ModelStates:
+    """ZeRO paper §5.1 / Fig. 1 arithmetic for a bare parameter count Ψ: stage 1 divides the
+    optimizer states (K·Ψ) by Nd, stage 2 also the gradients, stage 3 also the parameters."""
+    from planner.optimizers import bytes_per_param
+    psi = model.num_parameters // (parallel.tensor_parallel * parallel.pipeline_parallel)
+    n, z = parallel.data_parallel, parallel.zero_stage
+    pb, gb = _b(plan.param_dtype), _b(plan.grad_dtype)
+    k = bytes_per_param(training)  # K of the paper (12 for mixed-precision Adam)
+    params = psi * pb if z < 3 else _ceil_div(psi * pb, n)
+    grads = psi * gb if z < 2 else _ceil_div(psi * gb, n)
+    opt = int(psi * k) if z < 1 else _ceil_div(int(psi * k), n)
+    comm = 0 if n == 1 else (3 if z == 3 else 2) * _ring_bytes(psi * pb, n)
+    offloaded = 0
+    if parallel.offload_optimizer:
+        offloaded, opt = opt, 0
+        if z >= 2:
+            offloaded, grads = offloaded + grads, 0
+    if parallel.offload_parameters:
+        if z != 3:
+            raise ValueError("offload_parameters needs zero_stage 3 (FSDP2 CPUOffloadPolicy)")
+        offloaded, params = offloaded + params, 0
+    impl = ["DDP", "ZeRO-1 (optimizer states sharded)", "ZeRO-2 (+ gradients sharded)",
+            "ZeRO-3 (+ parameters sharded)"][z] + " — ZeRO paper arithmetic (bare parameter count)"
+    return ModelStates(parameters=params, gradients=grads, optimizer_states=opt, buffers=0,
+                       step_temporaries=0, offloaded_bytes=offloaded, comm_bytes_per_step=comm,
+                       implementation=impl,
+                       notes=("bare parameter count: exact per-tensor sharding, optimizer step "
+                              "temporaries and communication buffers need architecture fields",))
+
+
+def shard_model_states(model: ResolvedModel, training: TrainingSpec,
+                       parallel: ParallelSpec) -> ModelStates:
+    """Per-device model states of the worst rank (pipeline stage x ZeRO rank)."""
+    plan = resolve_precision(training)
+    if not model.architecture_known:
+        return _bare_states(model, training, parallel, plan)
+    p, t = parallel.pipeline_parallel, parallel.tensor_parallel
+    if p > model.num_layers:
+        raise ValueError(f"pipeline_parallel ({p}) exceeds num_layers ({model.num_layers})")
+    layers = pipeline_stage_layers(model.num_layers, p)
+    best: ModelStates | None = None
+    lo = 0
+    lora = training.lora
+    for s in range(p):
+        hi = lo + layers[s]
+        tensors = _stage_tensors(model, lo, hi, first=s == 0, last=s == p - 1, tp=t)
+        shapes = [sh for sh, _ in tensors]
+        block = _layer_tensors(model)
+        unit = sum(_numel(_tp_split(sh, k, t)) for sh, k in block)
+        if lora is not None:
+            trainable = [False] * len(shapes)
+            adapters = _lora_shapes(model, lora, hi - lo, t)
+            shapes, trainable = shapes + adapters, trainable + [True] * len(adapters)
+            unit = sum(_numel(a) for a in adapters) // max(hi - lo, 1)
+        else:
+            trainable = [True] * len(shapes)
+        ms = _stage_states(shapes, trainable, lora.base_dtype if lora else None, training,
+                           parallel, plan, [unit])
+        if best is None or ms.total + ms.step_temporaries > best.total + best.step_temporaries:
+            best = ms if p == 1 else ModelStates(**{**ms.__dict__, "worst_rank": ms.worst_rank + s * parallel.data_parallel * t})
+        lo = hi
+    assert best is not None
+    notes = list(best.notes)
+    if parallel.sequence_parallel:
+        notes.append("sequence parallelism splits activations only; norms stay replicated")
+    return ModelStates(**{**best.__dict__, "notes": tuple(notes)})
+
+
+def _lora_shapes(m: ResolvedModel, lora, n_layers: int, t: int) -> list[Shape]:
+    """Adapter tensors A (r, in) and B (out, r) per targeted projection (Hu et al. 2021, §4.1);
+    under tensor parallelism the adapters follow their base Linear's split."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = (m.num_kv_heads or m.num_heads) * (h // m.num_heads)
+    dims = {"q": (h, h, "col"), "k": (h, kv, "col"), "v": (h, kv, "col"), "o": (h, h, "row"),
+            "up": (h, f, "col"), "gate": (h, f, "col"), "down": (f, h, "row")}
+    if m.family == "gpt2":
+        dims.pop("gate")
+    r = lora.rank
+    order = ["q", "k", "v", "o", "gate", "up", "down"]
+    out: list[Shape] = []
+    for name in order:
+        if name in dims and name in lora.target_modules:
+            i, o, kind = dims[name]
+            a, b = (r, i), (o, r)
+            if t > 1 and kind == "col":
+                b = (_ceil_div(o, t), r)
+            elif t > 1:
+                a = (r, _ceil_div(i, t))
+            out += [a, b]
+    return out * n_layers
+
+
+__all__ = ["ModelStates", "shard_model_states", "parameter_shapes", "zero1_partition",
+           "fsdp_shard_shape", "pipeline_stage_layers", "DDP_BUCKET_CAP_BYTES"]
