@@ -1,0 +1,403 @@
+"""The reference training step, replayed on the step simulator.
+
+This mirrors ``service/validation/step.py`` and ``service/validation/model.py`` line by line:
+the same ops in the same order, with Python references dropped where the model's code drops them.
+Its result is the planner's estimate of the step's peak, by category, for the first step and for
+the steady state (step 2+, optimizer states present). The accuracy tests run both and compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.reference_ops import F32, Ops, T
+from planner.specs import ResolvedModel, TrainingSpec
+from planner.stepsim import Leaf, Machine, PeakSnap
+
+DTYPE_ESZ = {"fp32": 4, "bf16": 2, "fp16": 2}
+I64 = 8
+
+# precision preset -> (parameter dtype, autocast dtype or None, fp32 master copy?, loss scaling?)
+PRECISIONS: dict[str, tuple[str, str | None, bool, bool]] = {
+    "fp32": ("fp32", None, False, False),
+    "amp-bf16": ("fp32", "bf16", False, False),
+    "amp-fp16": ("fp32", "fp16", False, True),
+    "mixed-bf16": ("bf16", None, True, False),
+    "mixed-fp16": ("fp16", None, True, True),
+    "bf16": ("bf16", None, False, False),
+}
+
+
+@dataclass
+class Shapes:
+    B: int
+    T: int
+    h: int
+    nh: int
+    nkv: int
+    hd: int
+    f: int
+    V: int
+    P: int  # learned positions (gpt2)
+
+    @property
+    def N(self) -> int:  # rows of every (B·T, ·) matmul
+        return self.B * self.T
+
+
+@dataclass
+class StepPeaks:
+    first: PeakSnap
+    steady: PeakSnap
+    forward_peak: PeakSnap | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Params:
+    tensors: list[T]  # registration order
+    by_name: dict[str, T]
+
+
+class ReferenceProgram:
+    """Builds the reference model's parameters on a Machine and runs steps on it."""
+
+    def __init__(self, model: ResolvedModel, training: TrainingSpec, *, device: str = "cuda",
+                 checkpointed: set[int] | None = None,
+                 optimizer_hook=None) -> None:
+        self.cfg, self.tr, self.device = model, training, device
+        self.m = Machine()
+        self.ops = Ops(self.m)
+        pdt, amp, master, scaling = PRECISIONS[training.precision]
+        ov = training.precision_overrides
+        if ov is not None and ov.parameters in DTYPE_ESZ:
+            pdt = ov.parameters
+        self.p_esz = DTYPE_ESZ[pdt]
+        self.amp_esz = DTYPE_ESZ[amp] if amp else None
+        self.master, self.scaling = master, scaling
+        self.act_esz = self.amp_esz or self.p_esz
+        h = model.hidden_size
+        self.s = Shapes(training.micro_batch_size, training.sequence_length, h, model.num_heads,
+                        model.num_kv_heads or model.num_heads, h // model.num_heads,
+                        model.ffn_hidden_size, model.vocab_size, model.max_sequence_length)
+        self.checkpointed = checkpointed or set()
+        self.optimizer_hook = optimizer_hook
+        self.params = self._build_params()
+        o = self.ops
+        self.idx = o.new(self.s.N, I64, "input_ids", cat="activations")
+        self.tgt = o.new(self.s.N, I64, "targets", cat="activations")
+
+    # ---- parameters (registration order of service.validation.model.Transformer) ----------------
+    def _build_params(self) -> _Params:
+        c, s, o, e = self.cfg, self.s, self.ops, self.p_esz
+        lora = self.tr.lora
+        base_rg = lora is None
+        tensors: list[T] = []
+        by: dict[str, T] = {}
+
+        def p(name: str, numel: int, rg: bool = True) -> T:
+            t = o.param(numel, e, name, requires_grad=rg and base_rg)
+            tensors.append(t)
+            by[name] = t
+            return t
+        kv = s.nkv * s.hd
+        gpt2 = c.family == "gpt2"
+        p("tok_emb", s.V * s.h)
+        if gpt2:
+            p("pos_emb", s.P * s.h)
+        for i in range(c.num_layers):
+            pre = f"b{i}."
+            p(pre + "norm1.w", s.h)
+            if gpt2:
+                p(pre + "norm1.b", s.h)
+            for nm, (din, dout) in (("q", (s.h, s.h)), ("k", (s.h, kv)), ("v", (s.h, kv)),
+                                    ("o", (s.h, s.h))):
+                p(pre + nm + ".w", din * dout)
+                if gpt2:
+                    p(pre + nm + ".b", dout)
+            p(pre + "norm2.w", s.h)
+            if gpt2:
+                p(pre + "norm2.b", s.h)
+                p(pre + "up.w", s.h * s.f)
+                p(pre + "up.b", s.f)
+                p(pre + "down.w", s.f * s.h)
+                p(pre + "down.b", s.h)
+            else:
+                p(pre + "gate.w", s.h * s.f)
+                p(pre + "up.w", s.h * s.f)
+                p(pre + "down.w", s.f * s.h)
+        p("norm_f.w", s.h)
+        if gpt2:
+            p("norm_f.b", s.h)
+        if not c.tie_embeddings:
+            p("lm_head.w", s.V * s.h)
+        else:
+            by["lm_head.w"] = by["tok_emb"]
+        if lora is not None:
+            self._lora_params(tensors, by)
+        if not gpt2:  # rotary tables: fp32 buffers (max_len, head_dim) — counted as parameters
+            for nm in ("rope_cos", "rope_sin"):
+                by[nm] = o.param(s.P * s.hd, F32, nm, requires_grad=False)
+        return _Params(tensors, by)
+
+    def _lora_params(self, tensors: list[T], by: dict[str, T]) -> None:
+        lora = self.tr.lora
+        s, o, e = self.s, self.ops, self.p_esz
+        kv = s.nkv * s.hd
+        dims = {"q": (s.h, s.h), "k": (s.h, kv), "v": (s.h, kv), "o": (s.h, s.h),
+                "up": (s.h, s.f), "down": (s.f, s.h), "gate": (s.h, s.f)}
+        if self.cfg.family == "gpt2":
+            dims.pop("gate")
+        for i in range(self.cfg.num_layers):
+            for nm in ("q", "k", "v", "o", "gate", "up", "down"):
+                if nm in dims and nm in lora.target_modules:
+                    din, dout = dims[nm]
+                    for suffix, numel in (("lora_a", lora.rank * din), ("lora_b", dout * lora.rank)):
+                        t = o.param(numel, e, f"b{i}.{nm}.{suffix}")
+                        tensors.append(t)
+                        by[f"b{i}.{nm}.{suffix}"] = t
+
+    def trainable(self) -> list[T]:
+        return [t for t in self.params.tensors if t.val.fn is not None]
+
+    # ---- forward --------------------------------------------------------------------------------
+    def linear(self, x: T, name: str, din: int, dout: int) -> T:
+        o, by = self.ops, self.params.by_name
+        w, b = by[name + ".w"], by.get(name + ".b")
+        out = o.linear(x, w, b, self.s.N, din, dout)
+        lora_a = by.get(name + ".lora_a")
+        if lora_a is None:
+            return out
+        r = self.tr.lora.rank
+        a = o.linear(x, lora_a, None, self.s.N, din, r)
+        bb = o.linear(a, by[name + ".lora_b"], None, self.s.N, r, dout)
+        o.drop(a)
+        sc = o.scale(bb)
+        o.drop(bb)
+        y = o.add(out, sc)
+        o.drop(out, sc)
+        return y
+
+    def attn(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
+        o, s = self.ops, self.s
+        kv = s.nkv * s.hd
+        pre = f"b{i}."
+        q = self.linear(x, pre + "q", s.h, s.h)
+        k = self.linear(x, pre + "k", s.h, kv)
+        v = self.linear(x, pre + "v", s.h, kv)
+        if rope is not None:
+            q2, k2 = self.apply_rope(q, rope), self.apply_rope(k, rope)
+            o.drop(q, k)
+            q, k = q2, k2
+        if self.tr.attention == "sdpa":
+            y = o.sdpa(q, k, v, s.B * s.nh * s.T)
+            o.drop(q, k, v)
+            out = self.linear(y, pre + "o", s.h, s.h)
+            o.drop(y)
+            return out
+        # eager
+        gqa = s.nkv != s.nh
+        if gqa:  # repeat_interleave = expand + copy; backward sums over the group
+            k2, v2 = self._repeat_kv(k), self._repeat_kv(v)
+            o.drop(k)
+            k = k2
+            o.drop(v)
+            v = v2
+            qc = o.contiguous_copy(q)
+            kt = o.view(k)  # a transposed view bmm takes as is
+        else:
+            qc = o.contiguous_copy(q)
+            kt = o.contiguous_copy(k)
+        att_numel = s.B * s.nh * s.T * s.T
+        sc = o.bmm(qc, kt, att_numel)
+        o.drop(qc, kt)
+        att = o.scale(sc)
+        o.drop(sc)
+        ones = o.new(s.T * s.T, 1, "ones")
+        mask = o.new(s.T * s.T, 1, "tril")
+        o.drop(ones)
+        notmask = o.new(s.T * s.T, 1, "bitwise_not")
+        att2 = o.masked_fill(att, notmask)
+        o.drop(notmask, att)
+        p = o.softmax(att2)
+        o.drop(att2)
+        vc = o.view(v) if gqa else o.contiguous_copy(v)
+        y4 = o.bmm(p, vc, s.N * s.h)
+        o.drop(vc, p)
+        y = o.contiguous_copy(y4)
+        o.drop(y4)
+        out = self.linear(y, pre + "o", s.h, s.h)
+        o.drop(y, q, k, v, mask)
+        return out
+
+    def _repeat_kv(self, x: T) -> T:
+        o, s = self.ops, self.s
+        rep_numel = x.numel * (s.nh // s.nkv)
+
+        def bw(m, n, g):
+            return [m.galloc(n, 0, x.numel * x.esz, "sum")]
+        return o.new(rep_numel, x.esz, "clone", o._node("RepeatInterleave", [x], [], bw))
+
+    def apply_rope(self, x: T, rope: tuple[T, T]) -> T:
+        o = self.ops
+        cos, sin = rope
+        x1, x2 = o.chunk2(x)
+        nx2 = o.unary(x2, "neg")
+        rot = o.cat2(nx2, x1)
+        o.drop(nx2)
+        a = o.mul(x, cos)
+        b = o.mul(rot, sin)
+        out = o.add(a, b)
+        o.drop(a, b, rot, x1, x2)
+        return out
+
+    def norm(self, x: T, name: str) -> T:
+        by = self.params.by_name
+        if self.cfg.family == "gpt2":
+            return self.ops.layer_norm(x, by[name + ".w"], by[name + ".b"], self.s.N, self.s.h,
+                                       stats_esz=self._ln_stats_esz(x))
+        return self.ops.rms_norm(x, by[name + ".w"], self.s.N, self.s.h)
+
+    def _ln_stats_esz(self, x: T) -> int:
+        # CPU kernels keep mean/rstd in the input dtype, CUDA kernels in fp32.
+        return x.esz if self.device == "cpu" else F32
+
+    def mlp(self, x: T, i: int) -> T:
+        o, s = self.ops, self.s
+        pre = f"b{i}."
+        if self.cfg.family == "gpt2":
+            u = self.linear(x, pre + "up", s.h, s.f)
+            g = o.unary(u, "gelu")
+            o.drop(u)
+            out = self.linear(g, pre + "down", s.f, s.h)
+            o.drop(g)
+            return out
+        gt = self.linear(x, pre + "gate", s.h, s.f)
+        sg = o.unary(gt, "silu")
+        o.drop(gt)
+        u = self.linear(x, pre + "up", s.h, s.f)
+        prod = o.mul(sg, u)
+        o.drop(sg, u)
+        out = self.linear(prod, pre + "down", s.f, s.h)
+        o.drop(prod)
+        return out
+
+    def maybe_dropout(self, x: T) -> T:
+        if self.tr.dropout > 0:
+            return self.ops.dropout(x)
+        return self.ops.view(x)
+
+    def block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
+        o = self.ops
+        n1 = self.norm(x, f"b{i}.norm1")
+        a = self.attn(n1, i, rope)
+        o.drop(n1)
+        ad = self.maybe_dropout(a)
+        o.drop(a)
+        x1 = o.add(x, ad)
+        o.drop(ad)
+        n2 = self.norm(x1, f"b{i}.norm2")
+        mo = self.mlp(n2, i)
+        o.drop(n2)
+        md = self.maybe_dropout(mo)
+        o.drop(mo)
+        x2 = o.add(x1, md)
+        o.drop(md, x1)
+        return x2
+
+    def forward_loss(self) -> T:
+        o, s, by = self.ops, self.s, self.params.by_name
+        if self.amp_esz is not None:
+            o.enter_autocast(self.amp_esz)
+        x = o.embedding(by["tok_emb"], self.idx, s.N, s.h)
+        rope = None
+        if self.cfg.family == "gpt2":
+            pos = o.new(s.T, I64, "arange")
+            pe = o.embedding(by["pos_emb"], pos, s.T, s.h)
+            o.drop(pos)
+            x2 = o.add(x, pe)
+            o.drop(x, pe)
+            x = x2
+        else:
+            esz = self.act_esz
+            cos, sin = by["rope_cos"], by["rope_sin"]
+            if esz != F32:
+                rope = (o.new(s.T * s.hd, esz, "_to_copy"), o.new(s.T * s.hd, esz, "_to_copy"))
+            else:
+                rope = (o.view(cos), o.view(sin))
+            for t in rope:
+                t.numel = s.T * s.hd
+        if self.tr.dropout > 0:
+            xd = o.dropout(x)
+            o.drop(x)
+            x = xd
+        for i in range(self.cfg.num_layers):
+            xn = self.run_block(x, i, rope)
+            o.drop(x)
+            x = xn
+        xf = self.norm(x, "norm_f")
+        o.drop(x)
+        logits = self.linear(xf, "lm_head", s.h, s.V)
+        lf = o.cast(logits, F32) if logits.esz != F32 else o.view(logits)
+        nll = o.cross_entropy(lf, s.N, s.V, self.tgt)
+        o.drop(lf)
+        if self.amp_esz is not None:
+            o.exit_autocast()
+        loss = o.div_scalar_tensor(nll)
+        o.drop(xf, logits, nll)
+        if rope is not None:
+            o.drop(*rope)
+        return loss
+
+    def run_block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
+        return self.block(x, i, rope)
+
+    # ---- backward, optimizer, steps ----------------------------------------------------------
+    def backward(self, loss: T) -> None:
+        o, m = self.ops, self.m
+        root = loss
+        scaled = None
+        if self.scaling and not self.master:  # amp-fp16: GradScaler.scale(loss) = loss * scale
+            if not getattr(self, "_scaler_state", None):
+                # the scale (fp32) and growth tracker (int32), created on first use, kept
+                self._scaler_state = [m.alloc(4, "full", "temporaries"), m.alloc(4, "full", "temporaries")]
+            scaled = o.mul(loss, T(type(loss.val)(self._scaler_state[0]), 1, 4))
+            root = scaled
+        elif self.scaling:  # mixed-fp16: static loss scale, loss * python float
+            scaled = o.scale(loss)
+            root = scaled
+        g = m.alloc(root.numel * root.esz, "ones_like")
+        m.hold(g)  # torch keeps the root gradient alive until backward() returns
+        m.backward(root.val, g)
+        m.drop(g)
+        o.drop(scaled)
+
+    def grads(self) -> list:
+        return [t.val.fn.grad for t in self.trainable() if isinstance(t.val.fn, Leaf)]
+
+    def zero_grad(self) -> None:
+        for t in self.trainable():
+            leaf = t.val.fn
+            if isinstance(leaf, Leaf) and leaf.grad is not None:
+                self.m.drop(leaf.grad)
+                leaf.grad = None
+
+    def run(self, steps: int = 2) -> list[PeakSnap]:
+        """Run ``steps`` optimizer steps; the peak snapshot of each."""
+        m = self.m
+        peaks = []
+        for _ in range(steps):
+            m.reset_peak()
+            for _micro in range(self.tr.gradient_accumulation_steps):
+                m.phase = "forward"
+                loss = self.forward_loss()
+                m.phase = "backward"
+                self.backward(loss)
+                self.ops.drop(loss)
+            m.phase = "optimizer"
+            if self.optimizer_hook is not None:
+                self.optimizer_hook(self)
+            self.zero_grad()
+            m.phase = "other"
+            peaks.append(m.peak)
+        return peaks
