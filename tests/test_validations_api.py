@@ -188,3 +188,27 @@ def test_unreachable_database_is_503_not_500():
         r = api.get("/v1/validations")
         assert r.status_code == 503 and r.headers["retry-after"] == "2"
         assert api.get("/healthz").status_code == 200
+
+
+def test_traced_full_size_job_succeeds(db_url):
+    """'traced' is the refusal's suggested alternative: the same 7B step under FakeTensorMode,
+    exact bytes without allocating them, through the real runner."""
+    app, embedded = make_client(db_url, worker=True,
+                                target="service.validation.runner:run_validation")
+    embedded.start()
+    try:
+        with TestClient(app) as api:
+            body = {"model": {"preset": "llama-2-7b"}, "device": "cpu", "mode": "traced",
+                    "steps": 2, "timeout_s": 240,
+                    "training": {"precision": "mixed-bf16", "optimizer": "adamw",
+                                 "sequence_length": 512}}
+            job = api.post("/v1/validations", json=body).json()
+            done = poll(api, job["id"], lambda j: j["status"] in ("failed", "succeeded"), 250)
+    finally:
+        embedded.stop(15)
+        app.state.jobs.close()
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert result["mode"] == "traced" and result["measured"]["parameters"] > 7 * 10**9
+    for key in ("estimate", "measured", "relative_error"):
+        assert set(result[key]) == KEYS

@@ -209,3 +209,65 @@ def test_sigterm_lets_a_short_job_finish(store, db_url, tmp_path):
         assert store.get(job).status == "succeeded"
     finally:
         stop(w)
+
+
+# ---- API restart -------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_api(env: dict[str, str], port: int, tmp_path: Path, name: str) -> subprocess.Popen:
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--no-worker", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=open(tmp_path / f"{name}.out", "w"), stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, 20, f"the API ({name}) to be ready", interval=0.2)
+    return proc
+
+
+def test_restart_the_api_mid_job_and_the_client_poll_continues(store, db_url, tmp_path):
+    import json
+
+    env = _env(db_url, tmp_path, MEMPLAN_TEST_STEP_S="0.5",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    port = _free_port()
+    spec = tmp_path / "spec.json"
+    spec.write_text(request(12).model_dump_json())
+    api = _start_api(env, port, tmp_path, "api-1")
+    procs = [api]
+    try:
+        procs.append(worker := start_worker(env, tmp_path, "worker"))
+        client = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "validate", str(spec), "--json",
+             "--server", f"http://127.0.0.1:{port}", "--poll-s", "0.2"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append(client)
+        page = wait_for(lambda: store.list(status="running").items, 20, "the job to run")
+        job_id = page[0].id
+        wait_for(lambda: store.get(job_id).progress.step >= 2, 10, "progress")
+        api.send_signal(signal.SIGKILL)
+        api.wait(5)
+        time.sleep(1.0)  # the client polls a dead server for a while
+        procs.append(_start_api(env, port, tmp_path, "api-2"))
+        out, err = client.communicate(timeout=30)
+        assert client.returncode == 0, err
+        result = json.loads(out)
+        assert set(result["estimate"]) >= {"parameters", "total"} and "relative_error" in result
+        job = store.get(job_id)
+        assert job.status == "succeeded" and job.attempts == 1  # nothing lost, nothing redone
+        assert worker.poll() is None  # the worker kept serving throughout
+    finally:
+        for p in procs:
+            stop(p)
