@@ -348,3 +348,77 @@ def _lora_shapes(m: ResolvedModel, lora, n_layers: int, t: int) -> list[Shape]:
 
 __all__ = ["ModelStates", "shard_model_states", "parameter_shapes", "zero1_partition",
            "fsdp_shard_shape", "pipeline_stage_layers", "DDP_BUCKET_CAP_BYTES"]
+
+
+# ---- stages side by side (POST /v1/zero) -------------------------------------------------------
+
+def _variants(parallel: ParallelSpec) -> list[ParallelSpec]:
+    """Stages 0-3, then ZeRO-Offload (stage 2, optimizer on CPU) and stage 3 with parameters and
+    optimizer offloaded (FSDP2 CPUOffloadPolicy)."""
+    base = {"offload_optimizer": False, "offload_parameters": False}
+    out = [parallel.model_copy(update={**base, "zero_stage": z}) for z in range(4)]
+    out.append(parallel.model_copy(update={**base, "zero_stage": 2, "offload_optimizer": True}))
+    out.append(parallel.model_copy(update={"zero_stage": 3, "offload_optimizer": True,
+                                           "offload_parameters": True}))
+    return out
+
+
+def _fallback_breakdown(ms: ModelStates):
+    """Model states only (activations 0): used when planner.memory is not available."""
+    from planner.specs import Breakdown
+    temporaries = ms.buffers + ms.step_temporaries
+    return Breakdown(parameters=ms.parameters, gradients=ms.gradients,
+                     optimizer_states=ms.optimizer_states, activations=0,
+                     temporaries=temporaries,
+                     total=ms.parameters + ms.gradients + ms.optimizer_states + temporaries)
+
+
+def zero_stages(request, estimate=None):
+    """The request's setup under ZeRO stages 0, 1, 2, 3 and the two offload variants.
+
+    ``estimate``: a ``MemoryRequest -> MemoryResult`` function giving each stage's full breakdown
+    (activations and the step's peak); defaults to ``planner.memory.estimate_memory``. Where that
+    module is absent, each stage's breakdown is its model states alone (activations 0), and the
+    result's notes say so.
+    """
+    from planner.catalog import get_gpu, resolve_model
+    from planner.specs import Fit, MemoryRequest, ZeroResult, ZeroStage
+
+    assert isinstance(request, MemoryRequest)
+    model = resolve_model(request.model)
+    notes: list[str] = []
+    if estimate is None:
+        try:
+            from planner.memory import estimate_memory as estimate  # type: ignore[no-redef]
+        except ImportError:
+            estimate = None
+            notes.append("model states only: per-stage activations and the step peak need "
+                         "planner.memory (activations reported as 0)")
+    stages: list[ZeroStage] = []
+    for par in _variants(request.parallelism):
+        ms = shard_model_states(model, request.training, par)
+        fit = None
+        if estimate is not None:
+            result = estimate(request.model_copy(update={"parallelism": par}))
+            breakdown, fit = result.breakdown, result.fit
+        else:
+            breakdown = _fallback_breakdown(ms)
+            if request.hardware is not None:
+                hw = request.hardware
+                mem = hw.memory_bytes if hw.memory_bytes is not None else get_gpu(hw.gpu).memory_bytes
+                fit = Fit(gpu=hw.gpu, memory_bytes=mem, fits=breakdown.total <= mem,
+                          headroom_bytes=mem - breakdown.total, max_micro_batch_size=None)
+        stages.append(ZeroStage(stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
+                                implementation=ms.implementation,
+                                communication_bytes_per_step=ms.comm_bytes_per_step,
+                                breakdown=breakdown, fit=fit))
+        for note in ms.notes:
+            if note not in notes:
+                notes.append(note)
+    if request.parallelism.data_parallel == 1:
+        notes.append("data_parallel is 1: ZeRO shards over data-parallel ranks, so stages 1-3 "
+                      "save nothing here")
+    return ZeroResult(model=model, stages=stages, notes=notes)
+
+
+__all__ += ["zero_stages"]
