@@ -6,7 +6,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 from service import errors
-from service.routes import catalog, checkpointing, health, memory, pipeline, validations
+from service.routes import catalog, checkpointing, health, memory, pipeline, validations, zero
 from service.jobs.store import StoreHolder
 from service.settings import Settings
 
@@ -29,6 +29,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # while the database is down.
     app.state.settings = settings or Settings.from_env()
     app.state.jobs = StoreHolder(app.state.settings)
-    for module in (health, catalog, memory, validations, checkpointing, pipeline):
+    for module in (health, catalog, memory, validations, checkpointing, pipeline, zero):
         app.include_router(module.router)
     return app
