@@ -253,7 +253,8 @@ class JobStore:
                 return None
             conn.execute(update(jobs).where(jobs.c.seq == seq).values(
                 status="running", phase="starting", step=0, worker=worker, claim_token=token,
-                lease_expires_at=now + self.lease_s, claimed_at=now, attempts=jobs.c.attempts + 1,
+                lease_expires_at=now + self.lease_s, claimed_at=now,
+                attempts=jobs.c.attempts + 1,
                 started_at=func.coalesce(jobs.c.started_at, now), updated_at=now))
             row = conn.execute(select(jobs).where(jobs.c.seq == seq)).mappings().one()
         return Claim(job_id=row["id"], token=token, worker=worker, attempt=row["attempts"],
