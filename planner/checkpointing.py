@@ -123,12 +123,7 @@ class CheckpointResult(_Frozen):
     notes: list[str] = Field(default_factory=list)
 
 
-class PlanningError(ValueError):
-    """A well-formed request that cannot be planned; ``field`` names the input at fault."""
-
-    def __init__(self, detail: str, field: str | None = None) -> None:
-        super().__init__(detail)
-        self.detail, self.field = detail, field
+from planner.errors import PlanningError  # noqa: E402  (re-exported for the route)
 
 
 # ---- the chain of a training setup -------------------------------------------------------------

@@ -107,8 +107,8 @@ class Ops:
         saved = [] if name == "neg" else ([None] if save_out else [x])
         node = self._node(name, [x], saved, bw)
         out = self.new(x.numel, x.esz, name, node)
-        if save_out and node is not None:
-            node.saved.append(self.m.hold(out.buf))
+        if save_out:
+            self.m.save(node, [out.buf])
         box.append(out)
         return out
 
@@ -201,10 +201,8 @@ class Ops:
         out = self.new(x.numel, x.esz, "native_layer_norm", node)
         mean = self.m.alloc(n_rows * stats_esz, "native_layer_norm")
         rstd = self.m.alloc(n_rows * stats_esz, "native_layer_norm")
-        if node is not None:
-            node.saved += [mean, rstd]  # ownership passes to the node
-        else:
-            self.m.drop(mean, rstd)
+        self.m.save(node, [mean, rstd])
+        self.m.drop(mean, rstd)
         return out
 
     def rms_norm(self, x: T, w: T, n_rows: int, h: int, eps_add: bool = True) -> T:
@@ -239,8 +237,7 @@ class Ops:
             return [out]
         rnode = self._node("Rsqrt", [ms_eps], [], rsqrt_bw)
         r = self.new(n_rows, F32, "rsqrt", rnode)
-        if rnode is not None:
-            rnode.saved.append(m.hold(r.buf))
+        m.save(rnode, [r.buf])
         self.drop(ms_eps)
         y = self.mul(xf, r)
         self.drop(r)
@@ -271,10 +268,8 @@ class Ops:
         node = self._node("Sdpa", [q, k, v], [q, k, v], bw)
         out = self.new(q.numel, q.esz, "sdpa", node)
         lse = self.m.alloc(lse_numel * F32, "sdpa")
-        if node is not None:
-            node.saved += [self.m.hold(out.buf), lse]
-        else:
-            self.m.drop(lse)
+        self.m.save(node, [out.buf, lse])
+        self.m.drop(lse)
         return out
 
     def contiguous_copy(self, x: T, name: str = "clone") -> T:
@@ -303,8 +298,7 @@ class Ops:
             return [m.galloc(n, 0, x.numel * x.esz, "_softmax_backward_data")]
         node = self._node("Softmax", [x], [], bw)
         out = self.new(x.numel, x.esz, "_softmax", node)
-        if node is not None:
-            node.saved.append(self.m.hold(out.buf))
+        self.m.save(node, [out.buf])
         return out
 
     def dropout(self, x: T) -> T:
@@ -315,10 +309,8 @@ class Ops:
         node = self._node("NativeDropout", [x], [], bw)
         out = self.new(x.numel, x.esz, "native_dropout", node)
         mask = self.m.alloc(x.numel, "native_dropout")
-        if node is not None:
-            node.saved.append(mask)
-        else:
-            self.m.drop(mask)
+        self.m.save(node, [mask])
+        self.m.drop(mask)
         return out
 
     def chunk2(self, x: T) -> tuple[T, T]:
@@ -346,18 +338,15 @@ class Ops:
             return [m.galloc(n, 0, n_rows * vocab * F32, "_log_softmax_backward_data")]
         ls_node = self._node("LogSoftmax", [logits], [], ls_bw)
         ls = self.new(n_rows * vocab, F32, "_log_softmax", ls_node)
-        if ls_node is not None:
-            ls_node.saved.append(self.m.hold(ls.buf))
+        self.m.save(ls_node, [ls.buf])
 
         def nll_bw(m: Machine, n: Node, g: list) -> list:
             return [m.galloc(n, 0, n_rows * vocab * F32, "nll_loss_backward")]
         nll_node = self._node("NllLoss", [ls], [targets], nll_bw)
         out = self.new(1, F32, "nll_loss_forward", nll_node)
         total_weight = self.m.alloc(F32, "nll_loss_forward")
-        if nll_node is not None:
-            nll_node.saved.append(total_weight)
-        else:
-            self.m.drop(total_weight)
+        self.m.save(nll_node, [total_weight])
+        self.m.drop(total_weight)
         self.drop(ls)
         return out
 

@@ -53,6 +53,20 @@ class StepPeaks:
     notes: list[str] = field(default_factory=list)
 
 
+class _StopRecompute(Exception):
+    pass
+
+
+@dataclass
+class _CheckpointFrame:
+    index: int
+    input_buf: object
+    x: T
+    rope: tuple[T, T] | None
+    packs: list
+    done: bool = False
+
+
 @dataclass
 class _Params:
     tensors: list[T]  # registration order
@@ -81,9 +95,13 @@ class ReferenceProgram:
                         model.num_kv_heads or model.num_heads, h // model.num_heads,
                         model.ffn_hidden_size, model.vocab_size, model.max_sequence_length)
         self.checkpointed = checkpointed or set()
+        self._ck_nodes: dict[int, _CheckpointFrame] = {}
         self.optimizer_hook = optimizer_hook
         self.params = self._build_params()
         o = self.ops
+        if self.master:  # fp32 master copies, made when the optimizer is built
+            self.masters = o.m.alloc(sum(t.numel for t in self.trainable()) * F32, "master",
+                                     "optimizer_states")
         self.idx = o.new(self.s.N, I64, "input_ids", cat="activations")
         self.tgt = o.new(self.s.N, I64, "targets", cat="activations")
 
@@ -94,17 +112,19 @@ class ReferenceProgram:
         base_rg = lora is None
         tensors: list[T] = []
         by: dict[str, T] = {}
+        self.shapes: dict[int, tuple[int, ...]] = {}
 
-        def p(name: str, numel: int, rg: bool = True) -> T:
+        def p(name: str, numel: int, rg: bool = True, shape: tuple[int, ...] | None = None) -> T:
             t = o.param(numel, e, name, requires_grad=rg and base_rg)
             tensors.append(t)
             by[name] = t
+            self.shapes[id(t.val)] = shape or (numel,)
             return t
         kv = s.nkv * s.hd
         gpt2 = c.family == "gpt2"
-        p("tok_emb", s.V * s.h)
+        p("tok_emb", s.V * s.h, shape=(s.V, s.h))
         if gpt2:
-            p("pos_emb", s.P * s.h)
+            p("pos_emb", s.P * s.h, shape=(s.P, s.h))
         for i in range(c.num_layers):
             pre = f"b{i}."
             p(pre + "norm1.w", s.h)
@@ -112,25 +132,25 @@ class ReferenceProgram:
                 p(pre + "norm1.b", s.h)
             for nm, (din, dout) in (("q", (s.h, s.h)), ("k", (s.h, kv)), ("v", (s.h, kv)),
                                     ("o", (s.h, s.h))):
-                p(pre + nm + ".w", din * dout)
+                p(pre + nm + ".w", din * dout, shape=(dout, din))
                 if gpt2:
                     p(pre + nm + ".b", dout)
             p(pre + "norm2.w", s.h)
             if gpt2:
                 p(pre + "norm2.b", s.h)
-                p(pre + "up.w", s.h * s.f)
+                p(pre + "up.w", s.h * s.f, shape=(s.f, s.h))
                 p(pre + "up.b", s.f)
-                p(pre + "down.w", s.f * s.h)
+                p(pre + "down.w", s.f * s.h, shape=(s.h, s.f))
                 p(pre + "down.b", s.h)
             else:
-                p(pre + "gate.w", s.h * s.f)
-                p(pre + "up.w", s.h * s.f)
-                p(pre + "down.w", s.f * s.h)
+                p(pre + "gate.w", s.h * s.f, shape=(s.f, s.h))
+                p(pre + "up.w", s.h * s.f, shape=(s.f, s.h))
+                p(pre + "down.w", s.f * s.h, shape=(s.h, s.f))
         p("norm_f.w", s.h)
         if gpt2:
             p("norm_f.b", s.h)
         if not c.tie_embeddings:
-            p("lm_head.w", s.V * s.h)
+            p("lm_head.w", s.V * s.h, shape=(s.V, s.h))
         else:
             by["lm_head.w"] = by["tok_emb"]
         if lora is not None:
@@ -152,8 +172,9 @@ class ReferenceProgram:
             for nm in ("q", "k", "v", "o", "gate", "up", "down"):
                 if nm in dims and nm in lora.target_modules:
                     din, dout = dims[nm]
-                    for suffix, numel in (("lora_a", lora.rank * din), ("lora_b", dout * lora.rank)):
-                        t = o.param(numel, e, f"b{i}.{nm}.{suffix}")
+                    for suffix, shape in (("lora_a", (lora.rank, din)), ("lora_b", (dout, lora.rank))):
+                        t = o.param(shape[0] * shape[1], e, f"b{i}.{nm}.{suffix}")
+                        self.shapes[id(t.val)] = shape
                         tensors.append(t)
                         by[f"b{i}.{nm}.{suffix}"] = t
 
@@ -349,8 +370,67 @@ class ReferenceProgram:
             o.drop(*rope)
         return loss
 
+    # ---- activation checkpointing (torch.utils.checkpoint, use_reentrant=False) -------------
     def run_block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
-        return self.block(x, i, rope)
+        if i not in self.checkpointed:
+            return self.block(x, i, rope)
+        # Forward under the checkpoint's saved-tensor hooks: nothing is kept for backward but the
+        # block's input (held by the checkpoint frame); every pack is logged so the recompute can
+        # hand its tensors to the same nodes in the same order.
+        m = self.m
+        rec = _CheckpointFrame(i, m.hold(x.buf), x, rope, [])
+        old = m.save_hook
+        m.save_hook = lambda node, bufs: rec.packs.append(node)
+        try:
+            out = self.block(x, i, rope)
+        finally:
+            m.save_hook = old
+        for node in rec.packs:
+            self._ck_nodes[id(node)] = rec
+        return out
+
+    def _before_node(self, node) -> None:
+        rec = self._ck_nodes.get(id(node))
+        if rec is not None and not rec.done:
+            self._recompute(rec)
+
+    def _recompute(self, rec: "_CheckpointFrame") -> None:
+        """Re-run the block when backward first unpacks one of its tensors. Non-reentrant
+        checkpoint stops as soon as the last logged tensor is packed again (early stop), so ops
+        after it never run; the recompute's locals die with it, only packed tensors survive."""
+        m, o = self.m, self.ops
+        phase, m.phase = m.phase, "recompute"
+        allocated: list = []
+        held: dict[int, int] = {}
+        k = 0
+
+        def hook(node, bufs):
+            nonlocal k
+            target = rec.packs[k]
+            k += 1
+            for b in bufs:
+                target.saved.append(m.hold(b))
+                held[id(b)] = held.get(id(b), 0) + 1
+            if k == len(rec.packs):
+                raise _StopRecompute
+
+        old_hook, m.save_hook = m.save_hook, hook
+        m.on_alloc = allocated.append
+        amp_cache, o._amp_cache = o._amp_cache, {}
+        amp_was = o.amp_esz
+        o.amp_esz = self.amp_esz  # recompute restores the forward's autocast state
+        try:
+            self.block(rec.x, rec.index, rec.rope)
+        except _StopRecompute:
+            pass
+        finally:
+            m.save_hook, m.on_alloc = old_hook, None
+            o._amp_cache, o.amp_esz = amp_cache, amp_was
+        for b in allocated:  # everything not packed is garbage once the recompute unwinds
+            m.set_refs(b, held.get(id(b), 0))
+        m.drop(rec.input_buf)  # the frame lets go of the block input
+        rec.done = True
+        m.phase = phase
 
     # ---- backward, optimizer, steps ----------------------------------------------------------
     def backward(self, loss: T) -> None:
@@ -368,7 +448,8 @@ class ReferenceProgram:
             root = scaled
         g = m.alloc(root.numel * root.esz, "ones_like")
         m.hold(g)  # torch keeps the root gradient alive until backward() returns
-        m.backward(root.val, g)
+        m.backward(root.val, g, before_node=self._before_node if self._ck_nodes else None)
+        self._ck_nodes.clear()
         m.drop(g)
         o.drop(scaled)
 
@@ -382,22 +463,58 @@ class ReferenceProgram:
                 self.m.drop(leaf.grad)
                 leaf.grad = None
 
-    def run(self, steps: int = 2) -> list[PeakSnap]:
-        """Run ``steps`` optimizer steps; the peak snapshot of each."""
+    def optimizer_step(self, first: bool) -> None:
+        """``optimizer.step()`` then ``zero_grad(set_to_none=True)``, as planner/optimizers.py
+        counts torch.optim's states and in-step temporaries."""
+        from planner.optimizers import optimizer_state_bytes, optimizer_step_temporary_bytes
+
+        m, tr = self.m, self.tr
+        trainable = self.trainable()
+        numels = [t.numel for t in trainable]
+        shapes = [self.shapes[id(t.val)] for t in trainable]
+        dev = "cpu" if self.device == "cpu" else "cuda"
+        inner_dtype = "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
+        scratch = []
+        if self.master and self.p_esz != F32:  # master.grad = p.grad.float(), all at once
+            scratch += [m.alloc(n * F32, "_to_copy") for n in numels]
+        if self.scaling and not self.master:  # GradScaler.unscale_: inv_scale and found_inf
+            scratch += [m.alloc(4, "reciprocal"), m.alloc(4, "full")]
+        if first:
+            self._states = m.alloc(optimizer_state_bytes(tr, numels, inner_dtype, shapes, device=dev),
+                                   "optimizer_state", "optimizer_states")
+        tmp = m.alloc(optimizer_step_temporary_bytes(tr, numels, inner_dtype, shapes), "optimizer_step")
+        m.drop(tmp, *scratch)
+        self.zero_grad()
+
+    def run(self) -> StepPeaks:
+        """Simulate one training step; derive the first-step and steady-state peaks.
+
+        A steady-state step (2+) repeats step 1's forward and backward exactly, with the optimizer
+        states (allocated during step 1's ``optimizer.step()``) live throughout; so one simulated
+        forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak)."""
         m = self.m
-        peaks = []
-        for _ in range(steps):
+        accum = self.tr.gradient_accumulation_steps
+        m.reset_peak()
+        fb_peaks = []
+        for micro in range(min(accum, 2)):  # micro-batch 2+ all look alike (grads exist)
+            m.phase = "forward"
+            loss = self.forward_loss()
+            m.phase = "backward"
+            self.backward(loss)
+            self.ops.drop(loss)
+            fb_peaks.append(m.peak)
             m.reset_peak()
-            for _micro in range(self.tr.gradient_accumulation_steps):
-                m.phase = "forward"
-                loss = self.forward_loss()
-                m.phase = "backward"
-                self.backward(loss)
-                self.ops.drop(loss)
-            m.phase = "optimizer"
-            if self.optimizer_hook is not None:
-                self.optimizer_hook(self)
-            self.zero_grad()
-            m.phase = "other"
-            peaks.append(m.peak)
-        return peaks
+        m.phase = "optimizer"
+        self.optimizer_step(first=True)
+        step_peak = m.peak
+        m.phase = "other"
+        fwdbwd = max(fb_peaks, key=lambda p: p.total)
+        first = max([fwdbwd, step_peak], key=lambda p: p.total)
+        states = self._states.nbytes
+        # GradScaler's scale and growth tracker are created in step 1's backward and persist.
+        scaler = 8 if self.scaling and not self.master and fwdbwd.phase == "forward" else 0
+        shifted = PeakSnap(fwdbwd.total + states + scaler, list(fwdbwd.by_cat), fwdbwd.op, fwdbwd.phase)
+        shifted.by_cat[2] += states
+        shifted.by_cat[4] += scaler
+        steady = max([shifted, step_peak], key=lambda p: p.total)
+        return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd)

@@ -96,7 +96,8 @@ class Machine:
         self._seq = 0
         self.grad_enabled = True
         # Saved-tensor hook for checkpointed regions: when set, ``save`` hands buffers to it.
-        self.save_hook: Callable[[Node, list[Buf]], list[Buf]] | None = None
+        self.save_hook: Callable[[Node, list[Buf]], None] | None = None
+        self.on_alloc: Callable[[Buf], None] | None = None
 
     # ---- storage ----------------------------------------------------------------------------
     def default_cat(self) -> str:
@@ -107,6 +108,8 @@ class Machine:
     def alloc(self, nbytes: int, name: str, cat: str | None = None) -> Buf:
         b = Buf(int(nbytes), cat or self.default_cat(), name)
         b.refs = 1  # the caller's reference
+        if self.on_alloc is not None:
+            self.on_alloc(b)
         i = _INDEX[b.cat]
         self.cur[i] += b.nbytes
         self.total += b.nbytes
@@ -132,6 +135,13 @@ class Machine:
             elif b.refs < 0:  # pragma: no cover - a program bug
                 raise AssertionError(f"double free of {b.name}")
 
+    def set_refs(self, b: Buf, refs: int) -> None:
+        """Force a buffer's reference count (what Python's GC does to an aborted frame)."""
+        if b.refs > 0 and refs == 0:
+            self.cur[_INDEX[b.cat]] -= b.nbytes
+            self.total -= b.nbytes
+        b.refs = refs
+
     def recategorize(self, b: Buf, cat: str) -> None:
         if b.refs > 0:
             self.cur[_INDEX[b.cat]] -= b.nbytes
@@ -149,13 +159,21 @@ class Machine:
         if not self.grad_enabled or all(e is None for e in edges):
             return None
         self._seq += 1
-        held = list(saved)
-        if self.save_hook is not None:
-            held = self.save_hook(None, held)  # type: ignore[arg-type]
-        for b in held:
-            self.hold(b)
-        n = Node(self._seq, name, held, fn, edges, n_out)
+        n = Node(self._seq, name, [], fn, edges, n_out)
+        if saved:
+            self.save(n, list(saved))
         return n
+
+    def save(self, node: Node | None, bufs: list[Buf]) -> None:
+        """Save buffers for ``node``'s backward (one pack event). The node holds them, unless a
+        checkpointed region's hook takes them instead."""
+        if node is None:
+            return
+        if self.save_hook is not None:
+            self.save_hook(node, bufs)
+            return
+        for b in bufs:
+            node.saved.append(self.hold(b))
 
     # ---- backward ---------------------------------------------------------------------------
     def backward(self, root: Val, grad: Buf, before_node: Callable[[Node], None] | None = None) -> None:
@@ -176,6 +194,7 @@ class Machine:
                     stack.append(e)
         self._deps = deps
         buffers: dict[int, list[Buf | None]] = {id(root.fn): [None] * root.fn.n_out}
+        self._buffers = buffers
         buffers[id(root.fn)][root.out_idx] = grad
         ready: list[tuple[int, int, Node]] = [(-root.fn.seq, 0, root.fn)]
         tie = 0
@@ -217,7 +236,8 @@ class Machine:
         edge = node.edges[edge_index]
         if edge is not None and isinstance(edge[0], Leaf):
             leaf = edge[0]
-            if leaf.grad is None and self._deps.get(id(leaf), 0) == 1:
+            pending = self._buffers.get(id(leaf), [None])[0]
+            if leaf.grad is None and self._deps.get(id(leaf), 0) == 1 and pending is None:
                 return "gradients"
         return "temporaries"
 
