@@ -50,6 +50,7 @@ class StepPeaks:
     first: PeakSnap
     steady: PeakSnap
     forward_peak: PeakSnap | None = None
+    act_peak: PeakSnap | None = None  # highest activations + temporaries in forward/backward
     notes: list[str] = field(default_factory=list)
 
 
@@ -60,7 +61,7 @@ class _StopRecompute(Exception):
 @dataclass
 class _CheckpointFrame:
     index: int
-    input_buf: object
+    input_bufs: list
     x: T
     rope: tuple[T, T] | None
     packs: list
@@ -378,7 +379,9 @@ class ReferenceProgram:
         # block's input (held by the checkpoint frame); every pack is logged so the recompute can
         # hand its tensors to the same nodes in the same order.
         m = self.m
-        rec = _CheckpointFrame(i, m.hold(x.buf), x, rope, [])
+        # The frame keeps every tensor argument (the block input and the rotary tables).
+        held = [m.hold(x.buf)] + ([m.hold(t.buf) for t in rope] if rope is not None else [])
+        rec = _CheckpointFrame(i, held, x, rope, [])
         old = m.save_hook
         m.save_hook = lambda node, bufs: rec.packs.append(node)
         try:
@@ -428,7 +431,7 @@ class ReferenceProgram:
             o._amp_cache, o.amp_esz = amp_cache, amp_was
         for b in allocated:  # everything not packed is garbage once the recompute unwinds
             m.set_refs(b, held.get(id(b), 0))
-        m.drop(rec.input_buf)  # the frame lets go of the block input
+        m.drop(*rec.input_bufs)  # the frame lets go of its arguments
         rec.done = True
         m.phase = phase
 
@@ -477,8 +480,8 @@ class ReferenceProgram:
         scratch = []
         if self.master and self.p_esz != F32:  # master.grad = p.grad.float(), all at once
             scratch += [m.alloc(n * F32, "_to_copy") for n in numels]
-        if self.scaling and not self.master:  # GradScaler.unscale_: inv_scale and found_inf
-            scratch += [m.alloc(4, "reciprocal"), m.alloc(4, "full")]
+        if self.scaling and not self.master:  # GradScaler.unscale_: found_inf (fp32 scalar)
+            scratch += [m.alloc(4, "full")]
         if first:
             self._states = m.alloc(optimizer_state_bytes(tr, numels, inner_dtype, shapes, device=dev),
                                    "optimizer_state", "optimizer_states")
@@ -517,4 +520,4 @@ class ReferenceProgram:
         shifted.by_cat[2] += states
         shifted.by_cat[4] += scaler
         steady = max([shifted, step_peak], key=lambda p: p.total)
-        return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd)
+        return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd, act_peak=m.act_peak)

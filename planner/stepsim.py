@@ -92,6 +92,8 @@ class Machine:
         self.cur = [0] * len(CATEGORIES)
         self.total = 0
         self.peak = PeakSnap()
+        # Peak of activations + temporaries alone (what a sharded layout adds to model states).
+        self.act_peak = PeakSnap()
         self.phase = "other"
         self._seq = 0
         self.grad_enabled = True
@@ -115,9 +117,14 @@ class Machine:
         self.total += b.nbytes
         if self.total > self.peak.total:
             self.peak = PeakSnap(self.total, list(self.cur), name, self.phase)
+        at = self.cur[3] + self.cur[4]
+        if at > self.act_peak.total and self.phase != "optimizer":
+            self.act_peak = PeakSnap(at, list(self.cur), name, self.phase)
         return b
 
     def hold(self, b: Buf) -> Buf:
+        if b.refs <= 0:  # pragma: no cover - a program bug
+            raise AssertionError(f"hold of freed {b.name}")
         b.refs += 1
         return b
 

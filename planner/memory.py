@@ -1,0 +1,328 @@
+"""Per-device memory of one training step: the answer to POST /v1/memory.
+
+For ``implementation="reference"`` on one device the breakdown is the step simulator's replay of
+the reference step (``planner/reference_step.py``): byte-exact against the measured step on CPU
+(tests/test_accuracy.py). Data, tensor and pipeline parallelism and ZeRO change what each device
+holds; ``planner/zero.py`` states how, per implementation, and the response lists every such
+assumption. ``implementation="megatron"`` uses Korthikanti et al. 2022 (``planner/megatron.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from planner.catalog import get_gpu, resolve_model
+from planner.errors import PlanningError
+from planner.specs import (
+    Assumption,
+    Breakdown,
+    Fit,
+    HardwareSpec,
+    MemoryRequest,
+    MemoryResult,
+    ParallelSpec,
+    ResolvedModel,
+    TrainingSpec,
+)
+
+# Caching-allocator headroom on CUDA, reported separately from the allocated peak: PyTorch's
+# allocator rounds blocks (512 B, 2 MiB segments) and fragments; max_memory_reserved() is
+# typically 2-10% above max_memory_allocated() in steady training. We assume 5%.
+ALLOCATOR_RESERVE_FRACTION = 0.05
+
+
+def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
+    if par.offload_parameters and par.zero_stage != 3:
+        raise PlanningError("offload_parameters needs zero_stage 3 (FSDP2 CPUOffloadPolicy)",
+                            "parallelism.offload_parameters")
+    if par.offload_optimizer and par.zero_stage == 0:
+        raise PlanningError("offload_optimizer needs zero_stage >= 1", "parallelism.offload_optimizer")
+    if par.virtual_pipeline_stages > 1 and par.pipeline_parallel == 1:
+        raise PlanningError("virtual_pipeline_stages > 1 needs pipeline_parallel > 1",
+                            "parallelism.virtual_pipeline_stages")
+    if par.sequence_parallel and par.tensor_parallel == 1:
+        raise PlanningError("sequence_parallel needs tensor_parallel > 1", "parallelism.sequence_parallel")
+    if not model.architecture_known:
+        return
+    if par.tensor_parallel > 1:
+        kv = model.num_kv_heads or model.num_heads
+        if model.num_heads % par.tensor_parallel or kv % par.tensor_parallel:
+            raise PlanningError(
+                f"tensor_parallel ({par.tensor_parallel}) must divide num_heads ({model.num_heads}) "
+                f"and num_kv_heads ({kv})", "parallelism.tensor_parallel")
+    if par.pipeline_parallel * par.virtual_pipeline_stages > model.num_layers:
+        raise PlanningError(
+            f"pipeline_parallel x virtual_pipeline_stages ({par.pipeline_parallel * par.virtual_pipeline_stages}) "
+            f"exceeds num_layers ({model.num_layers})", "parallelism.pipeline_parallel")
+    if model.family == "gpt2" and tr.sequence_length > model.max_sequence_length:
+        raise PlanningError(
+            f"sequence_length ({tr.sequence_length}) exceeds the learned position table "
+            f"({model.max_sequence_length})", "training.sequence_length")
+    ac = tr.activation_checkpointing
+    if ac.strategy == "every-k" and ac.every_k is None:
+        raise PlanningError("strategy 'every-k' needs every_k", "training.activation_checkpointing.every_k")
+
+
+def checkpointed_blocks(tr: TrainingSpec, num_layers: int) -> set[int]:
+    """Block indices the reference step wraps in torch.utils.checkpoint for named strategies
+    (the same rule as service.validation.step.checkpointed_blocks)."""
+    ac = tr.activation_checkpointing
+    if ac.strategy == "full":
+        return set(range(num_layers))
+    if ac.strategy == "every-k":
+        k = ac.every_k or 1
+        return {i for i in range(num_layers) if i % k == 0}
+    if ac.strategy == "sqrt":  # Chen et al. 2016: one kept block per ~sqrt(n)
+        k = max(1, round(math.sqrt(num_layers)))
+        return {i for i in range(num_layers) if i % k != k - 1}
+    return set()
+
+
+def _hardware_bytes(hw: HardwareSpec | None) -> tuple[str | None, int | None]:
+    if hw is None:
+        return None, None
+    if hw.gpu is not None:
+        g = get_gpu(hw.gpu)
+        return g.name, hw.memory_bytes or g.memory_bytes
+    return None, hw.memory_bytes
+
+
+def _reserve(total: int, device: str) -> int:
+    return 0 if device == "cpu" else int(total * ALLOCATOR_RESERVE_FRACTION)
+
+
+@lru_cache(maxsize=512)
+def _simulate(model: ResolvedModel, tr: TrainingSpec, device: str, checkpointed: frozenset[int]):
+    from planner.reference_step import ReferenceProgram
+
+    return ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed)).run()
+
+
+def _bd(d: dict[str, int]) -> Breakdown:
+    return Breakdown(**d)
+
+
+def estimate_memory(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
+    """Per-device peak of one training step, by category (see module docstring).
+
+    ``device`` selects kernel details that differ between CPU and CUDA builds of the reference
+    step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``."""
+    model = resolve_model(req.model)
+    _check(model, req.training, req.parallelism)
+    if req.training.activation_checkpointing.strategy == "budget":
+        return _budget(req, model, device)
+    ckpt = checkpointed_blocks(req.training, model.num_layers) if model.architecture_known else set()
+    return _estimate(req, model, device, ckpt)
+
+
+def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
+              extra_notes: list[str] | None = None) -> MemoryResult:
+    tr, par = req.training, req.parallelism
+    gpu_name, mem_bytes = _hardware_bytes(req.hardware)
+    assumptions: list[Assumption] = [
+        Assumption(name="allocator_reserve",
+                   value="0" if device == "cpu" else f"{ALLOCATOR_RESERVE_FRACTION:.0%} of peak",
+                   note="caching-allocator rounding and fragmentation, on top of the allocated peak"),
+        Assumption(name="zero_grad", value="set_to_none=True",
+                   note="gradients are freed after each optimizer step"),
+    ]
+    notes: list[str] = list(extra_notes or [])
+    first = None
+    if not model.architecture_known:
+        bd, phase = _model_states_only(model, tr, par, assumptions), "model states only"
+        notes.append("bare num_parameters: activations and temporaries need the architecture "
+                     "(family, layers, hidden size, heads, vocabulary), so only model states are given")
+    elif tr.implementation == "megatron":
+        bd, phase = _megatron(model, tr, par, assumptions)
+    elif tr.activation_checkpointing.strategy == "selective":
+        raise PlanningError("selective recompute is modelled by implementation 'megatron' "
+                            "(the reference step checkpoints whole blocks)",
+                            "training.activation_checkpointing.strategy")
+    else:
+        bd, first, phase = _reference(model, tr, par, device, ckpt, assumptions, notes)
+        if ckpt:
+            assumptions.append(Assumption(name="checkpointed_blocks",
+                                          value=_ranges(sorted(ckpt)),
+                                          note="torch.utils.checkpoint(use_reentrant=False)"))
+    reserve = _reserve(bd.total, device)
+    fit = None
+    if mem_bytes is not None:
+        fit = Fit(gpu=gpu_name, memory_bytes=mem_bytes, fits=bd.total + reserve <= mem_bytes,
+                  headroom_bytes=mem_bytes - bd.total - reserve,
+                  max_micro_batch_size=_max_micro_batch(req, model, device, ckpt, mem_bytes)
+                  if model.architecture_known else None)
+    return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
+                        allocator_reserve_bytes=reserve, fit=fit, assumptions=assumptions,
+                        notes=notes)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+               ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
+    single = (par.data_parallel == par.tensor_parallel == par.pipeline_parallel == 1
+              and par.zero_stage == 0)
+    if single:
+        peaks = _simulate(model, tr, device, frozenset(ckpt))
+        steady, first = peaks.steady, peaks.first
+        assumptions.append(Assumption(name="profile", value="reference step, simulated op by op",
+                                      note="the step measured by validation jobs"))
+        return (_bd(steady.as_dict()), _bd(first.as_dict()),
+                f"{steady.phase}: {steady.op}")
+    return _composed(model, tr, par, device, ckpt, assumptions, notes)
+
+
+def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+              ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
+    """Several devices: model states per rank from planner.zero; activations and temporaries of
+    the simulated single-device step, split as the parallel layout splits them."""
+    from planner.zero import shard_model_states
+
+    try:
+        ms = shard_model_states(model, tr, par)
+    except ValueError as exc:
+        raise PlanningError(str(exc), "parallelism") from exc
+    t, p = par.tensor_parallel, par.pipeline_parallel
+    peaks = _simulate(model, tr, device, frozenset(ckpt))
+    fb = peaks.act_peak.as_dict()
+    act, tmp = fb["activations"], fb["temporaries"]
+    assumptions.append(Assumption(
+        name="composition", value="sharded model states + single-device activation peak",
+        note="activations and temporaries at their own peak in the reference step, added to the "
+             "per-rank model states (an upper bound when the two peaks do not coincide)"))
+    if t > 1:
+        # Megatron tensor parallelism (Korthikanti et al. 2022, Table 2): of the 34·sbh + 5·as²b
+        # per-layer terms, 10·sbh stay replicated without sequence parallelism and the rest divide
+        # by t; with sequence parallelism everything divides by t.
+        replicated = 0.0 if par.sequence_parallel else 10 / 34
+        act = int(act * (replicated + (1 - replicated) / t))
+        tmp = tmp // t
+        assumptions.append(Assumption(name="tensor_parallel_activations",
+                                      value="Korthikanti et al. 2022 Table 2 split",
+                                      note="not measured by the reference step"))
+    if p > 1:
+        from planner.pipeline import in_flight_microbatches
+
+        per_stage = math.ceil(model.num_layers / p) / model.num_layers
+        try:
+            inflight = in_flight_microbatches(par.pipeline_schedule, p,
+                                              max(tr.gradient_accumulation_steps, p),
+                                              par.virtual_pipeline_stages)[0]
+        except Exception:  # noqa: BLE001 - schedule constraints are reported by /v1/pipeline
+            inflight = p
+        act = int(act * per_stage * inflight)
+        assumptions.append(Assumption(
+            name="pipeline_in_flight", value=str(inflight),
+            note=f"micro-batches in flight on the first stage under {par.pipeline_schedule} "
+                 "(planner.pipeline simulation); the first stage is the bottleneck"))
+    bd = Breakdown(parameters=ms.parameters, gradients=ms.gradients,
+                   optimizer_states=ms.optimizer_states, activations=act,
+                   temporaries=tmp + ms.buffers,
+                   total=ms.parameters + ms.gradients + ms.optimizer_states + act + tmp + ms.buffers)
+    assumptions.append(Assumption(name="implementation", value=ms.implementation,
+                                  note="what the per-rank model states describe"))
+    notes.extend(ms.notes)
+    return bd, None, "backward (activations of all in-flight micro-batches live)"
+
+
+def _megatron(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec,
+              assumptions: list[Assumption]):
+    from planner.megatron import megatron_activation_bytes
+    from planner.zero import shard_model_states
+
+    try:
+        act = int(megatron_activation_bytes(model, tr, par))
+        ms = shard_model_states(model, tr, par)
+    except ValueError as exc:
+        raise PlanningError(str(exc), "training.activation_checkpointing") from exc
+    assumptions.append(Assumption(name="profile", value="megatron",
+                                  note="Korthikanti et al. 2022, Table 2 and §4.3"))
+    bd = Breakdown(parameters=ms.parameters, gradients=ms.gradients,
+                   optimizer_states=ms.optimizer_states, activations=act, temporaries=ms.buffers,
+                   total=ms.parameters + ms.gradients + ms.optimizer_states + act + ms.buffers)
+    return bd, "end of forward (Korthikanti et al. activation total)"
+
+
+def _model_states_only(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec,
+                       assumptions: list[Assumption]) -> Breakdown:
+    from planner.zero import shard_model_states
+
+    try:
+        ms = shard_model_states(model, tr, par)
+    except ValueError as exc:
+        raise PlanningError(str(exc), "parallelism") from exc
+    tmp = ms.buffers + ms.step_temporaries
+    assumptions.append(Assumption(name="implementation", value=ms.implementation))
+    return Breakdown(parameters=ms.parameters, gradients=ms.gradients,
+                     optimizer_states=ms.optimizer_states, activations=0, temporaries=tmp,
+                     total=ms.parameters + ms.gradients + ms.optimizer_states + tmp)
+
+
+def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
+                     mem_bytes: int) -> int | None:
+    """Largest micro-batch whose peak (plus allocator reserve) fits. Every live tensor is
+    non-decreasing in the batch, so the peak is monotone: exponential then binary search."""
+    from planner.specs import MAX_BATCH
+
+    def fits(b: int) -> bool:
+        tr = req.training.model_copy(update={"micro_batch_size": b})
+        r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model, device, ckpt)
+        return r.breakdown.total + r.allocator_reserve_bytes <= mem_bytes
+
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= MAX_BATCH and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, MAX_BATCH + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _budget(req: MemoryRequest, model: ResolvedModel, device: str) -> MemoryResult:
+    """Fewest checkpointed blocks whose peak fits the budget. The reference model's blocks are
+    identical, so recompute time grows with their number while the peak falls: the smallest
+    feasible count is optimal for this homogeneous chain (explicit heterogeneous chains go to
+    POST /v1/checkpointing)."""
+    if not model.architecture_known:
+        raise PlanningError("strategy 'budget' needs the architecture", "model")
+    ac = req.training.activation_checkpointing
+    _, mem = _hardware_bytes(req.hardware)
+    budget = ac.budget_bytes or mem
+    if budget is None:
+        raise PlanningError("strategy 'budget' needs budget_bytes or hardware",
+                            "training.activation_checkpointing.budget_bytes")
+    L = model.num_layers
+
+    def peak(k: int) -> int:
+        r = _estimate(req.model_copy(update={"hardware": None}), model, device, set(range(k)))
+        return r.breakdown.total + r.allocator_reserve_bytes
+
+    if peak(L) > budget:
+        return _estimate(req, model, device, set(range(L)), [
+            f"no placement fits the budget of {budget} bytes: the smallest achievable peak is "
+            f"{peak(L)} bytes (every block checkpointed)"])
+    lo, hi = 0, L
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if peak(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _estimate(req, model, device, set(range(lo)), [
+        f"budget {budget} bytes: {lo} of {L} blocks checkpointed"])

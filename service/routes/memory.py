@@ -1,0 +1,22 @@
+"""Per-device memory of a training setup."""
+
+from fastapi import APIRouter
+
+from planner.catalog import UnknownName
+from planner.errors import PlanningError
+from planner import memory as planner_memory
+from planner.specs import MemoryRequest, MemoryResult
+from service.errors import ERROR_RESPONSES, PlanError
+
+router = APIRouter(prefix="/v1", tags=["memory"])
+
+
+@router.post("/memory", responses=ERROR_RESPONSES)
+def estimate_memory(request: MemoryRequest) -> MemoryResult:
+    """Peak bytes per device by category, where the peak falls, and the fit on a GPU."""
+    try:
+        return planner_memory.estimate_memory(request)
+    except UnknownName:
+        raise
+    except PlanningError as exc:
+        raise PlanError(exc.detail, field=f"body.{exc.field}" if exc.field else None) from exc
