@@ -100,9 +100,12 @@ class ReferenceProgram:
         self.optimizer_hook = optimizer_hook
         self.params = self._build_params()
         o = self.ops
+        self._states = None
         if self.master:  # fp32 master copies, made when the optimizer is built
             self.masters = o.m.alloc(sum(t.numel for t in self.trainable()) * F32, "master",
                                      "optimizer_states")
+        if training.optimizer == "adagrad":  # torch.optim.Adagrad fills its state in __init__
+            self._states = self._alloc_states()
         self.idx = o.new(self.s.N, I64, "input_ids", cat="activations")
         self.tgt = o.new(self.s.N, I64, "targets", cat="activations")
 
@@ -466,10 +469,20 @@ class ReferenceProgram:
                 self.m.drop(leaf.grad)
                 leaf.grad = None
 
+    def _alloc_states(self):
+        from planner.optimizers import optimizer_state_bytes
+
+        trainable = self.trainable()
+        inner_dtype = "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
+        return self.m.alloc(optimizer_state_bytes(
+            self.tr, [t.numel for t in trainable], inner_dtype,
+            [self.shapes[id(t.val)] for t in trainable],
+            device="cpu" if self.device == "cpu" else "cuda"), "optimizer_state", "optimizer_states")
+
     def optimizer_step(self, first: bool) -> None:
         """``optimizer.step()`` then ``zero_grad(set_to_none=True)``, as planner/optimizers.py
         counts torch.optim's states and in-step temporaries."""
-        from planner.optimizers import optimizer_state_bytes, optimizer_step_temporary_bytes
+        from planner.optimizers import optimizer_step_temporary_bytes
 
         m, tr = self.m, self.tr
         trainable = self.trainable()
@@ -482,9 +495,8 @@ class ReferenceProgram:
             scratch += [m.alloc(n * F32, "_to_copy") for n in numels]
         if self.scaling and not self.master:  # GradScaler.unscale_: found_inf (fp32 scalar)
             scratch += [m.alloc(4, "full")]
-        if first:
-            self._states = m.alloc(optimizer_state_bytes(tr, numels, inner_dtype, shapes, device=dev),
-                                   "optimizer_state", "optimizer_states")
+        if first and self._states is None:
+            self._states = self._alloc_states()
         tmp = m.alloc(optimizer_step_temporary_bytes(tr, numels, inner_dtype, shapes), "optimizer_step")
         m.drop(tmp, *scratch)
         self.zero_grad()

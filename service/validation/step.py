@@ -168,12 +168,15 @@ def build(cfg: ResolvedModel, training: TrainingSpec, device: torch.device,
     ov = training.precision_overrides
     if ov is not None and ov.parameters is not None:
         param_dtype = ov.parameters
-    with torch.device(device):
-        model = Transformer(cfg, attention=training.attention, dropout=training.dropout)
-    model.to(TORCH_DTYPE[param_dtype])
-    if cfg.family == "llama":  # rotary tables stay fp32, as in the Llama reference code
-        model.rope_cos.data = model.rope_cos.data.float()
-        model.rope_sin.data = model.rope_sin.data.float()
+    # Built directly in the parameter dtype (no .to(): FakeTensorMode cannot swap parameters);
+    # the rotary tables are made in fp32 explicitly, as in the Llama reference code.
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(TORCH_DTYPE[param_dtype])
+    try:
+        with torch.device(device):
+            model = Transformer(cfg, attention=training.attention, dropout=training.dropout)
+    finally:
+        torch.set_default_dtype(prev)
     if training.lora is not None:
         apply_lora(model, training)
     model.train()

@@ -1,0 +1,179 @@
+"""Run the reference training step for a validation request and compare it with the estimate.
+
+``run_validation`` is what a validation job executes (in its own process): it builds the reference
+model for the request, runs ``steps`` optimizer steps under ``LiveMemoryMeter`` (and, on CUDA, the
+caching allocator's own counters), and returns estimate, measurement and relative error per
+category for the first step and the steady state (the highest step peak from step 2 on).
+
+``mode="traced"`` runs the same step under FakeTensorMode on the CPU device: every tensor has
+shape, dtype and storage size but no data, so full-size models are measured to the byte without
+allocating them. Nothing is timed in traced mode.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import ExitStack, nullcontext
+from typing import Callable
+
+import torch
+
+from planner.catalog import resolve_model
+from planner.memory import checkpointed_blocks, estimate_memory
+from planner.specs import (
+    Breakdown,
+    Progress,
+    ValidationRequest,
+    ValidationResult,
+    relative_error,
+)
+from service.validation import step as S
+from service.validation.meter import LiveMemoryMeter
+
+ProgressFn = Callable[[Progress], None]
+
+
+class ValidationUnsupported(ValueError):
+    """The request asks for something the reference step does not run."""
+
+
+def _device(req: ValidationRequest) -> torch.device:
+    if req.mode == "traced":
+        return torch.device("cpu")
+    if req.device == "cuda" or (req.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValidationUnsupported("device 'cuda' requested but this worker has no CUDA device")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def describe_device(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"cuda:{dev.index} ({torch.cuda.get_device_name(dev)})"
+    return "cpu"
+
+
+def check_supported(req: ValidationRequest) -> None:
+    """Refuse, with the reason, what the single-process reference step does not run."""
+    par, tr = req.parallelism, req.training
+    world = par.data_parallel * par.tensor_parallel * par.pipeline_parallel
+    if world > 1 or par.zero_stage:
+        raise ValidationUnsupported(
+            "multi-rank validation (data/tensor/pipeline parallel, ZeRO) is not available in this "
+            "runner; validate the single-device step")
+    if tr.implementation != "reference":
+        raise ValidationUnsupported("only implementation 'reference' can be measured")
+    if tr.activation_checkpointing.strategy in ("selective", "budget"):
+        raise ValidationUnsupported(
+            f"checkpointing strategy {tr.activation_checkpointing.strategy!r} is not run by the "
+            "reference step; use none, full, every-k or sqrt")
+    if tr.optimizer in ("adam-8bit", "lion"):
+        raise ValidationUnsupported(f"optimizer {tr.optimizer!r} has no torch.optim implementation")
+    if tr.lora is not None and tr.lora.base_dtype in ("int8", "nf4"):
+        raise ValidationUnsupported("quantized LoRA bases (int8/nf4) are not run by the reference step")
+    ov = tr.precision_overrides
+    if ov is not None and (ov.gradients or ov.master_weights):
+        raise ValidationUnsupported("gradient / master-weight dtype overrides are not run by the "
+                                    "reference step")
+    if req.mode == "traced" and tr.precision in ("amp-fp16", "mixed-fp16"):
+        raise ValidationUnsupported(
+            "fp16 loss scaling reads gradient values (inf/nan checks), which FakeTensorMode has "
+            "not got: validate fp16 presets in real mode, or trace a bf16 preset")
+    model = resolve_model(req.model)
+    if not model.architecture_known:
+        raise ValidationUnsupported("a bare num_parameters model cannot be built; give the architecture")
+
+
+def measure(req: ValidationRequest, progress: ProgressFn | None = None) -> dict:
+    """Run the step; returns the first-step and steady-state breakdowns, the op at the peak and
+    timings. Pure measurement, no planner involved."""
+    cfg = resolve_model(req.model)
+    tr = req.training
+    dev = _device(req)
+    traced = req.mode == "traced"
+    ckpt = checkpointed_blocks(tr, cfg.num_layers)
+    report = progress or (lambda p: None)
+    with ExitStack() as stack:
+        if traced:
+            from torch._subclasses.fake_tensor import FakeTensorMode
+
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
+        torch.manual_seed(0)
+        report(Progress(phase="building", step=0, total_steps=req.steps))
+        s = S.build(cfg, tr, dev, ckpt)
+        idx, tgt = S.make_batch(cfg, tr, dev) if not traced else _fake_batch(cfg, tr, dev)
+        meter = LiveMemoryMeter()
+        meter.register(s.model, "parameters")
+        meter.register([idx, tgt], "activations")
+        if isinstance(s.optimizer, S.MasterWeightOptimizer):
+            meter.register(s.optimizer.masters, "optimizer_states")
+        if tr.optimizer == "adagrad":  # Adagrad creates its state in the constructor
+            meter.register(s.optimizer, "optimizer_states")
+        cuda = dev.type == "cuda"
+        steps: list[dict] = []
+        times: list[float] = []
+        reserved, retries = 0, 0
+        with meter:
+            for i in range(req.steps):
+                report(Progress(phase="running", step=i + 1, total_steps=req.steps))
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                meter.reset_peak()
+                t0 = time.perf_counter()
+                for _ in range(tr.gradient_accumulation_steps):
+                    with meter.in_phase("forward"):
+                        loss = S.forward_loss(s, idx, tgt, on_recompute=lambda: meter.in_phase("recompute"))
+                    with meter.in_phase("backward"):
+                        S.backward(s, loss)
+                    del loss
+                meter.mark([p.grad for p in s.model.parameters() if p.grad is not None], "gradients")
+                with meter.in_phase("optimizer"):
+                    S.optimizer_step(s)
+                meter.mark(s.optimizer, "optimizer_states")
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                    stats = torch.cuda.memory_stats(dev)
+                    reserved = max(reserved, torch.cuda.max_memory_reserved(dev))
+                    retries = int(stats.get("num_alloc_retries", 0))
+                times.append(time.perf_counter() - t0)
+                pk = meter.peak
+                steps.append({"breakdown": pk.breakdown(), "op": pk.op, "phase": pk.phase,
+                              "cuda_allocated": torch.cuda.max_memory_allocated(dev) if cuda else None})
+    steady = max(steps[1:], key=lambda d: d["breakdown"]["total"])
+    warm = times[1:]
+    return {
+        "device": describe_device(dev) + (" (FakeTensorMode)" if traced else ""),
+        "first": steps[0], "steady": steady,
+        "step_time_s": None if traced or not warm else statistics.median(warm),
+        "max_reserved_bytes": reserved if cuda else None,
+        "num_alloc_retries": retries if cuda else None,
+    }
+
+
+def _fake_batch(cfg, tr, dev):
+    shape = (tr.micro_batch_size, tr.sequence_length)
+    return (torch.zeros(shape, dtype=torch.long, device=dev),
+            torch.zeros(shape, dtype=torch.long, device=dev))
+
+
+def run_validation(req: ValidationRequest, progress: ProgressFn | None = None) -> ValidationResult:
+    """Measure the reference step for ``req`` and compare with the planner's estimate."""
+    check_supported(req)
+    dev = _device(req)
+    est = estimate_memory(req, device="cuda" if dev.type == "cuda" else "cpu")
+    m = measure(req, progress)
+    measured = Breakdown(**m["steady"]["breakdown"])
+    first_measured = Breakdown(**m["first"]["breakdown"])
+    if progress:
+        progress(Progress(phase="comparing", step=req.steps, total_steps=req.steps))
+    return ValidationResult(
+        device=m["device"], mode=req.mode,
+        estimate=est.breakdown, measured=measured,
+        relative_error=relative_error(est.breakdown, measured),
+        first_step_estimate=est.first_step, first_step_measured=first_measured,
+        peak_op=m["steady"]["op"], peak_phase=m["steady"]["phase"],
+        step_time_s=m["step_time_s"], max_reserved_bytes=m["max_reserved_bytes"],
+        num_alloc_retries=m["num_alloc_retries"],
+    )
