@@ -301,11 +301,20 @@ class Ops:
         self.m.save(node, [out.buf])
         return out
 
-    def dropout(self, x: T) -> T:
-        """native_dropout: output like x and a bool mask (1 byte/element) saved for backward;
-        backward allocates one gradient like x."""
+    def dropout(self, x: T, device: str = "cuda") -> T:
+        """Training-mode dropout. CUDA: native_dropout, output like x plus a bool mask (1 byte per
+        element) saved for backward. CPU (aten::dropout's composite path): a noise tensor like x
+        (empty_like + bernoulli_ + div_, in x's dtype) and ``x * noise``, which saves the noise.
+        Backward allocates one gradient like x either way."""
         def bw(m: Machine, n: Node, g: list) -> list:
             return [m.galloc(n, 0, x.numel * x.esz, "native_dropout_backward")]
+        if device == "cpu":
+            noise = self.m.alloc(x.numel * x.esz, "empty_like")
+            node = self._node("Mul", [x], [], bw)
+            self.m.save(node, [noise])
+            out = self.new(x.numel, x.esz, "mul", node)
+            self.m.drop(noise)
+            return out
         node = self._node("NativeDropout", [x], [], bw)
         out = self.new(x.numel, x.esz, "native_dropout", node)
         mask = self.m.alloc(x.numel, "native_dropout")

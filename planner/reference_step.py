@@ -309,7 +309,7 @@ class ReferenceProgram:
 
     def maybe_dropout(self, x: T) -> T:
         if self.tr.dropout > 0:
-            return self.ops.dropout(x)
+            return self.ops.dropout(x, self.device)
         return self.ops.view(x)
 
     def block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
@@ -353,7 +353,7 @@ class ReferenceProgram:
             for t in rope:
                 t.numel = s.T * s.hd
         if self.tr.dropout > 0:
-            xd = o.dropout(x)
+            xd = o.dropout(x, self.device)
             o.drop(x)
             x = xd
         for i in range(self.cfg.num_layers):
