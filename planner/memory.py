@@ -10,7 +10,6 @@ assumption. ``implementation="megatron"`` uses Korthikanti et al. 2022 (``planne
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 from planner.catalog import get_gpu, resolve_model
 from planner.errors import PlanningError
@@ -62,12 +61,19 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
     ac = tr.activation_checkpointing
     if ac.strategy == "every-k" and ac.every_k is None:
         raise PlanningError("strategy 'every-k' needs every_k", "training.activation_checkpointing.every_k")
+    if ac.blocks and max(ac.blocks) >= model.num_layers:
+        raise PlanningError(
+            f"training.activation_checkpointing.blocks: block {max(ac.blocks)} is not below "
+            f"num_layers ({model.num_layers})", "training.activation_checkpointing.blocks")
 
 
 def checkpointed_blocks(tr: TrainingSpec, num_layers: int) -> set[int]:
     """Block indices the reference step wraps in torch.utils.checkpoint for named strategies
-    (the same rule as service.validation.step.checkpointed_blocks)."""
+    (the same rule as service.validation.step.checkpointed_blocks); an explicit plan
+    (``blocks``: strategy 'blocks' or a resolved 'budget') as given."""
     ac = tr.activation_checkpointing
+    if ac.blocks is not None:
+        return set(ac.blocks)
     if ac.strategy == "full":
         return set(range(num_layers))
     if ac.strategy == "every-k":
@@ -92,11 +98,22 @@ def _reserve(total: int, device: str) -> int:
     return 0 if device == "cpu" else int(total * ALLOCATOR_RESERVE_FRACTION)
 
 
-@lru_cache(maxsize=512)
+_SIM_CACHE: dict[tuple, object] = {}
+_SIM_CACHE_MAX = 512
+
+
 def _simulate(model: ResolvedModel, tr: TrainingSpec, device: str, checkpointed: frozenset[int]):
+    """The step simulator's peaks, memoised (results are a pure function of the inputs)."""
     from planner.reference_step import ReferenceProgram
 
-    return ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed)).run()
+    key = (model.model_dump_json(), tr.model_dump_json(), device, checkpointed)
+    hit = _SIM_CACHE.get(key)
+    if hit is None:
+        hit = ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed)).run()
+        if len(_SIM_CACHE) >= _SIM_CACHE_MAX:
+            _SIM_CACHE.pop(next(iter(_SIM_CACHE)))
+        _SIM_CACHE[key] = hit
+    return hit
 
 
 def _bd(d: dict[str, int]) -> Breakdown:
@@ -110,7 +127,8 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
     step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``."""
     model = resolve_model(req.model)
     _check(model, req.training, req.parallelism)
-    if req.training.activation_checkpointing.strategy == "budget":
+    ac = req.training.activation_checkpointing
+    if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
         return _budget(req, model, device)
     ckpt = checkpointed_blocks(req.training, model.num_layers) if model.architecture_known else set()
     return _estimate(req, model, device, ckpt)
