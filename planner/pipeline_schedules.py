@@ -17,7 +17,10 @@ of a few hundred thousand actions build and simulate in tens of milliseconds.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+
+import numpy as np
 
 F_SLOT, B_SLOT, W_SLOT = 0, 1, 2
 
@@ -118,36 +121,31 @@ def _interleaved_rank(r: int, p: int, v: int, m: int, zero_bubble: bool) -> list
     # (Narayanan et al. 2021, §2.2; torch _get_warmup_ops).
     warm = min((v - 1) * per_round + (1 if zero_bubble else 2) * (p - 1 - r), m * v)
     total_mb = v * m
-    fcount = [0] * v
-    bcount = [0] * v
-    wcount = [0] * v
-    seq: list[int] = []
-    bwd_local: list[int] = []
-    w_next = 0
     Sm = S * m
-    for op in range(total_mb + warm):  # warm-up F; steady F then B; cool-down B
-        if op < total_mb:
-            k = (op // per_round) % v
-            seq.append((k * p + r) * m + fcount[k])
-            fcount[k] += 1
-        if op >= warm:
-            k = v - 1 - ((op - warm) // per_round) % v
-            seq.append(Sm + (k * p + r) * m + bcount[k])
-            bcount[k] += 1
-            if zero_bubble:
-                bwd_local.append(k)
-                if op - warm >= r:  # rank r postpones its first r weight passes (ZB-H1)
-                    kw = bwd_local[w_next]
-                    w_next += 1
-                    seq.append(2 * Sm + (kw * p + r) * m + wcount[kw])
-                    wcount[kw] += 1
-    if zero_bubble:
-        while w_next < len(bwd_local):
-            kw = bwd_local[w_next]
-            w_next += 1
-            seq.append(2 * Sm + (kw * p + r) * m + wcount[kw])
-            wcount[kw] += 1
-    return seq
+    # Forwards visit the rank's chunks round by round (k = 0, 1, ..., v-1, 0, ...); backwards the
+    # other way round (k = v-1, ..., 0, ...). The n-th action on chunk k is micro-batch
+    # (n // (per_round·v))·per_round + n % per_round of that chunk.
+    n = np.arange(total_mb)
+    blk = n // per_round
+    mb = (n // (per_round * v)) * per_round + n % per_round
+    fwd = ((blk % v) * p + r) * m + mb
+    bwd = Sm + ((v - 1 - blk % v) * p + r) * m + mb
+    steady = total_mb - warm  # F then B per step; cool-down: B alone
+    parts = [fwd[:warm]]
+    if not zero_bubble:
+        parts += [np.stack([fwd[warm:], bwd[:steady]], 1).ravel(), bwd[steady:]]
+        return np.concatenate(parts).tolist()
+    # Zero bubble: from backward number r on, each B is followed by the oldest pending W
+    # (the W's run in the B's order); the rest drain at the end.
+    wgt = bwd + Sm
+    a = min(r, steady)
+    parts.append(np.stack([fwd[warm:warm + a], bwd[:a]], 1).ravel())
+    parts.append(np.stack([fwd[warm + a:], bwd[a:steady], wgt[:steady - a]], 1).ravel())
+    c = min(max(r, steady), total_mb)
+    parts.append(bwd[steady:c])
+    parts.append(np.stack([bwd[c:], wgt[c - r:total_mb - r]], 1).ravel())
+    parts.append(wgt[max(0, total_mb - r):])
+    return np.concatenate(parts).tolist()
 
 
 def _interleaved(name: str, p: int, v: int, m: int, zero_bubble: bool) -> Schedule:
@@ -202,40 +200,47 @@ def _zb_h2(p: int, m: int) -> Schedule:
 def _zb_v(p: int, m: int) -> Schedule:
     # ZB-V (Qi et al. 2023, §6, Fig. 8); port of torch ScheduleZBVZeroBubble.
     S = 2 * p
-    Sm = S * m
     n_micro = max(2 * p - 1, m)
+    # Codes are built over n_micro micro-batches, (slot·S + stage)·n_micro + mb, then mapped to m.
+    Sn = S * n_micro
     orders = []
     for r in range(p):
         s0, s1 = r, S - 1 - r
-        seq: list[tuple[int, int, int]] = []
+        F0, F1 = s0 * n_micro, s1 * n_micro
+        B0, B1 = Sn + F0, Sn + F1
+        W0, W1 = Sn + B0, Sn + B1
+        seq: list[int] = []
+        add = seq.append
         f0 = f1 = b0 = b1 = 0
         for _ in range(2 * (p - r) - 1):
-            seq.append((0, s0, f0)); f0 += 1
+            add(F0 + f0); f0 += 1
         for _ in range(r):
-            seq.append((0, s1, f1)); f1 += 1
-            seq.append((0, s0, f0)); f0 += 1
+            add(F1 + f1); f1 += 1
+            add(F0 + f0); f0 += 1
         for _ in range(p - r):
-            seq.append((0, s1, f1)); f1 += 1
-            seq.append((1, s1, b1)); seq.append((2, s1, b1)); b1 += 1
+            add(F1 + f1); f1 += 1
+            add(B1 + b1); add(W1 + b1); b1 += 1
         while f1 < f0 or f0 < n_micro:
             if f0 < n_micro:
-                seq.append((0, s0, f0)); f0 += 1
-            seq.append((1, s0, b0)); seq.append((2, s0, b0)); b0 += 1
-            seq.append((0, s1, f1)); f1 += 1
-            seq.append((1, s1, b1)); seq.append((2, s1, b1)); b1 += 1
+                add(F0 + f0); f0 += 1
+            add(B0 + b0); add(W0 + b0); b0 += 1
+            add(F1 + f1); f1 += 1
+            add(B1 + b1); add(W1 + b1); b1 += 1
         w0, w1 = b0, b1
         for _ in range(r):
-            seq.append((1, s0, b0)); b0 += 1
-            seq.append((1, s1, b1)); b1 += 1
+            add(B0 + b0); b0 += 1
+            add(B1 + b1); b1 += 1
         for _ in range(p - r):
-            seq.append((1, s0, b0)); b0 += 1
-            seq.append((2, s0, w0)); w0 += 1
-        while w1 < b1:
-            seq.append((2, s1, w1)); w1 += 1
-        while w0 < b0:
-            seq.append((2, s0, w0)); w0 += 1
-        # torch pads to 2p-1 micro-batches and drops the surplus afterwards
-        orders.append([(k * S + s) * m + j for k, s, j in seq if j < m])
+            add(B0 + b0); b0 += 1
+            add(W0 + w0); w0 += 1
+        seq.extend(range(W1 + w1, W1 + b1))
+        seq.extend(range(W0 + w0, W0 + b0))
+        if n_micro > m:  # torch pads to 2p-1 micro-batches and drops the surplus afterwards
+            codes = np.asarray(seq)
+            j = codes % n_micro
+            keep = j < m
+            seq = ((codes[keep] // n_micro) * m + j[keep]).tolist()
+        orders.append(seq)
     return _make("zb-v", p, 2, m, _v_mapping(p), orders, split=True)
 
 
@@ -246,28 +251,27 @@ def _dualpipe_steps(r: int, half_rank: int, half_ranks: int, chunks: int,
     ScheduleDualPipeV). ``chunks`` micro-batches per phase. An overlapped F&B pair is emitted as
     F then B: the simulator does not model compute/communication overlap inside the pair."""
     Sm = S * m
-    cnt = {}
-    wq: list[tuple[int, int]] = []
+    # Next micro-batch per (phase, F or B); the two phases' stages differ.
+    nf, nb = [0, 0], [0, 0]
+    wq: deque[int] = deque()  # codes of postponed W's, oldest first
     seq: list[int] = []
 
     def fwd(ph: int) -> None:
-        s = stage_of_phase[ph]
-        j = cnt.get((s, 0), 0); cnt[(s, 0)] = j + 1
-        seq.append(s * m + j)
+        seq.append(stage_of_phase[ph] * m + nf[ph])
+        nf[ph] += 1
 
     def bwd(ph: int, zb: bool) -> None:
-        s = stage_of_phase[ph]
-        j = cnt.get((s, 1), 0); cnt[(s, 1)] = j + 1
-        seq.append(Sm + s * m + j)
+        k = stage_of_phase[ph] * m + nb[ph]
+        nb[ph] += 1
+        seq.append(Sm + k)
         if zb:
-            wq.append((s, j))
+            wq.append(2 * Sm + k)
         else:
-            full[s * m + j] = 1
+            full[k] = 1
 
     def weight() -> None:
         if wq:
-            s, j = wq.pop(0)
-            seq.append(2 * Sm + s * m + j)
+            seq.append(wq.popleft())
 
     for _ in range((half_ranks - half_rank - 1) * 2):  # step 1: F0
         fwd(0)

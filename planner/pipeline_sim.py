@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,73 +83,131 @@ def _code_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
 
 
 def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> SimOutcome:
-    """Times every action of ``s``; costs are per virtual stage (length ``s.num_stages``)."""
+    """Times every action of ``s``; costs are per virtual stage (length ``s.num_stages``).
+
+    Dependency-driven: all actions are laid out rank after rank in one flat array and every
+    per-action quantity (cost, message delay, position of the action it waits for) is gathered
+    into it up front, so the hot loop touches only flat lists. A rank runs until its next action
+    waits on an action not yet timed; it is then parked on that action's rank and woken when that
+    rank has run past it. Start and end times depend only on the dependency graph, not on the
+    order ranks are visited in, so the outcome is that of any other valid visiting order."""
     cost_a, dep_a, delay_a, delta_a = _code_arrays(s, forward_s, input_s, weight_s, comm_s)
-    cost, dep = cost_a.tolist(), dep_a.tolist()
-    delay = delay_a.tolist() if comm_s > 0 else None
-    # ready[a]: when action a's output is usable by its consumer (its end plus the message);
-    # -1 while a has not run.
-    ready = [-1.0] * len(cost)
     p = s.num_ranks
     orders = s.orders
-    ptr = [0] * p
+    lens = [len(o) for o in orders]
+    offs = [0] * (p + 1)
+    for r in range(p):
+        offs[r + 1] = offs[r] + lens[r]
+    n_all = offs[p]
+    flat = np.fromiter(itertools.chain.from_iterable(orders), dtype=np.int64, count=n_all)
+    # pos_of[code]: where an action sits in ``flat``; n_all (a sentinel whose ready time is 0.0)
+    # for "waits on nothing" and for actions no rank runs (a wait on those never ends).
+    pos_of = np.full(len(cost_a) + 1, n_all, dtype=np.int64)
+    pos_of[flat] = np.arange(n_all, dtype=np.int64)
+    dep_f = dep_a[flat]
+    dep_pos_np = np.where(dep_f >= 0, pos_of[dep_f], n_all)
+    unrun = (dep_f >= 0) & (dep_pos_np == n_all)
+    dep_pos_np[unrun] = n_all + 1  # ready time stays -1: a wait that never ends
+    dep_pos = dep_pos_np.tolist()
+    cost_f = cost_a[flat]
+    cost = cost_f.tolist()
+    delay = delay_a[flat].tolist() if comm_s > 0 else None
+    owner = np.repeat(np.arange(p), lens).tolist() + [-1, -1]
+    # ready[i]: when the action at flat position i is usable by its consumer (its end plus the
+    # message); -1 while it has not run.
+    ready = [-1.0] * n_all + [0.0, -1.0]
+    # Per rank, an iterator over (position, position waited for, cost[, delay]) and the item it
+    # stopped at (None: none pending).
+    if delay is None:
+        its = [zip(range(offs[r], offs[r + 1]), dep_pos[offs[r]:offs[r + 1]],
+                   cost[offs[r]:offs[r + 1]]) for r in range(p)]
+    else:
+        its = [zip(range(offs[r], offs[r + 1]), dep_pos[offs[r]:offs[r + 1]],
+                   cost[offs[r]:offs[r + 1]], delay[offs[r]:offs[r + 1]]) for r in range(p)]
+    pending: list[tuple | None] = [None] * p
+    done = [False] * p
     free = [0.0] * p
-    active = [r for r in range(p) if orders[r]]
-    while active:
-        progressed = False
-        still = []
-        for r in active:
-            seq = orders[r]
-            n = len(seq)
-            i0 = i = ptr[r]
-            t = free[r]
-            if delay is None:
-                while i < n:
-                    a = seq[i]
-                    d = dep[a]
-                    if d >= 0:
-                        e = ready[d]
-                        if e < 0.0:
-                            break
-                        if e > t:
-                            t = e
-                    t += cost[a]
-                    ready[a] = t
-                    i += 1
+    waits: list[list[tuple[int, int]]] = [[] for _ in range(p)]
+    work = [r for r in range(p - 1, -1, -1) if lens[r]]
+    for r in range(p):
+        done[r] = not lens[r]
+    while work:
+        r = work.pop()
+        t = free[r]
+        hold = pending[r]
+        if hold is not None:  # the action it stopped at: its input is there now
+            e = ready[hold[1]]
+            if e > t:
+                t = e
+            t += hold[2]
+            ready[hold[0]] = t if delay is None else t + hold[3]
+            pending[r] = None
+        i = -1
+        if delay is None:
+            for i, d, c in its[r]:
+                e = ready[d]
+                if e < 0.0:
+                    pending[r] = (i, d, c)
+                    break
+                if e > t:
+                    t = e
+                t += c
+                ready[i] = t
             else:
-                while i < n:
-                    a = seq[i]
-                    d = dep[a]
-                    if d >= 0:
-                        e = ready[d]
-                        if e < 0.0:
-                            break
-                        if e > t:
-                            t = e
-                    t += cost[a]
-                    ready[a] = t + delay[a]
-                    i += 1
-            if i != i0:
-                progressed = True
-                ptr[r], free[r] = i, t
-            if i < n:
-                still.append(r)
-        if not progressed:
-            stuck = {r: s.decode(orders[r][ptr[r]]) for r in still}
-            raise ScheduleDeadlock(f"schedule {s.name} deadlocks; ranks wait at {stuck}")
-        active = still
-    end_np = np.asarray(ready) - delay_a
+                done[r] = True
+        else:
+            for i, d, c, dl in its[r]:
+                e = ready[d]
+                if e < 0.0:
+                    pending[r] = (i, d, c, dl)
+                    break
+                if e > t:
+                    t = e
+                t += c
+                ready[i] = t + dl
+            else:
+                done[r] = True
+        free[r] = t
+        hold = pending[r]
+        if hold is not None:
+            d = hold[1]
+            q = owner[d]
+            if q >= 0:
+                waits[q].append((d, r))
+            i = hold[0]
+        else:
+            i = offs[r + 1]
+        wl = waits[r]
+        if wl:
+            keep = []
+            for d, w in wl:
+                if d < i:
+                    work.append(w)
+                else:
+                    keep.append((d, w))
+            waits[r] = keep
+    ptr = [pending[r][0] if pending[r] is not None else offs[r + 1] for r in range(p)]
+    stuck = {r: s.decode(orders[r][ptr[r] - offs[r]]) for r in range(p) if ptr[r] < offs[r + 1]}
+    if stuck:
+        raise ScheduleDeadlock(f"schedule {s.name} deadlocks; ranks wait at {stuck}")
+    ready_code = np.full(len(cost_a), -1.0)
+    ready_code[flat] = ready[:n_all]
+    end_np = ready_code - delay_a
     start_np = end_np - cost_a
+    end_f = end_np[flat]
+    start_f = start_np[flat]
+    live = np.cumsum(delta_a[flat])
     busy, first, last, peak = [], [], [], []
     for r in range(p):
-        seq = np.asarray(orders[r], dtype=np.int64)
-        if len(seq) == 0:
+        a, b = offs[r], offs[r + 1]
+        if a == b:
             busy.append(0.0); first.append(0.0); last.append(0.0); peak.append(0)
             continue
-        busy.append(float(cost_a[seq].sum()))
-        first.append(float(start_np[seq[0]]))
-        last.append(float(end_np[seq[-1]]))
-        peak.append(int(np.cumsum(delta_a[seq]).max()))
+        busy.append(float(cost_f[a:b].sum()))
+        first.append(float(start_f[a]))
+        last.append(float(end_f[b - 1]))
+        base = int(live[a - 1]) if a else 0
+        peak.append(int(live[a:b].max()) - base)
     return SimOutcome(max(last) if last else 0.0, busy, first, last, peak, start_np, end_np)
 
 

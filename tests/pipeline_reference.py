@@ -1,0 +1,518 @@
+"""The pipeline schedules and simulator as first written: schedule builders that emit one tuple or
+dict lookup per action, and a simulator that sweeps every rank once per round until no rank can
+move. Kept unchanged as the oracle for ``tests/test_pipeline_equivalence.py``: the optimized
+``planner.pipeline_schedules`` and ``planner.pipeline_sim`` must give identical orders and
+identical times (bit for bit) on every case."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+F_SLOT, B_SLOT, W_SLOT = 0, 1, 2
+
+
+class ScheduleConstraintError(ValueError):
+    """A schedule's precondition does not hold; ``field`` names the request field at fault."""
+
+    def __init__(self, rule: str, field: str) -> None:
+        super().__init__(rule)
+        self.rule, self.field = rule, field
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    num_ranks: int  # p
+    virtual_stages: int  # v: stage chunks per rank (2 for the V-shaped and bidirectional ones)
+    num_stages: int  # S: virtual stages in all (= p * v; 2p for dualpipe, two pipelines of p)
+    microbatches: int  # m: per pipeline (per direction for dualpipe)
+    stage_to_rank: list[int]
+    prev_stage: list[int]  # -1 where a pipeline starts
+    next_stage: list[int]  # -1 where a pipeline ends (the loss is computed there)
+    orders: list[list[int]]  # per rank, action codes in execution order
+    full_backward: bytearray  # per (stage * m + mb): 1 when its backward is one B, not I + W
+
+    def decode(self, code: int) -> tuple[str, int, int]:
+        """(kind, stage, micro-batch) of an action code; kind is F, B, I or W."""
+        slot, rest = divmod(code, self.num_stages * self.microbatches)
+        stage, mb = divmod(rest, self.microbatches)
+        if slot == B_SLOT:
+            return ("B" if self.full_backward[rest] else "I"), stage, mb
+        return ("F" if slot == F_SLOT else "W"), stage, mb
+
+    def actions(self, rank: int) -> list[tuple[str, int, int]]:
+        return [self.decode(c) for c in self.orders[rank]]
+
+
+def _loop_mapping(p: int, v: int) -> list[int]:
+    # Looped placement: virtual stage s on rank s % p (Narayanan et al. 2021, §2.2, Fig. 4).
+    return [s % p for s in range(p * v)]
+
+
+def _v_mapping(p: int) -> list[int]:
+    # V-shaped placement: rank r holds stages r and 2p-1-r (Qi et al. 2024, "Pipeline
+    # Parallelism with Controllable Memory", Fig. 1; torch generate_stage_to_rank_mapping "v").
+    return [s if s < p else 2 * p - 1 - s for s in range(2 * p)]
+
+
+def _chain(n: int) -> tuple[list[int], list[int]]:
+    return [s - 1 for s in range(n)], [s + 1 if s + 1 < n else -1 for s in range(n)]
+
+
+def _make(name: str, p: int, v: int, m: int, mapping: list[int], orders: list[list[int]],
+          split: bool, prev_next: tuple[list[int], list[int]] | None = None,
+          full: bytearray | None = None) -> Schedule:
+    S = len(mapping)
+    prev, nxt = prev_next or _chain(S)
+    if full is None:
+        full = bytearray(S * m) if split else bytearray(b"\x01") * (S * m)
+    return Schedule(name, p, v, S, m, mapping, prev, nxt, orders, full)
+
+
+# ---- single stage per rank -------------------------------------------------------------------
+def _gpipe(p: int, m: int) -> Schedule:
+    # All forwards, then all backwards (Huang et al. 2019, "GPipe", Fig. 2c; torch ScheduleGPipe).
+    orders = []
+    for r in range(p):
+        fb = r * m
+        bb = (p + r) * m
+        orders.append(list(range(fb, fb + m)) + list(range(bb, bb + m)))
+    return _make("gpipe", p, 1, m, list(range(p)), orders, split=False)
+
+
+def _one_f_one_b(p: int, m: int) -> Schedule:
+    # Rank r runs p-1-r warm-up forwards, then alternates F and B, then drains the backwards
+    # (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters",
+    # §2.2, Fig. 4 top; PipeDream-Flush). The order torch's Schedule1F1B runs in _step_microbatches.
+    S = p
+    orders = []
+    for r in range(p):
+        fb, bb = r * m, (S + r) * m
+        warm = min(p - 1 - r, m)
+        seq = list(range(fb, fb + warm))
+        for j in range(m - warm):
+            seq.append(fb + warm + j)
+            seq.append(bb + j)
+        seq.extend(range(bb + m - warm, bb + m))
+        orders.append(seq)
+    return _make("1f1b", p, 1, m, list(range(p)), orders, split=False)
+
+
+# ---- interleaved (looped) schedules, ported from torch's _get_1f1b_rank_ops --------------------
+def _interleaved_rank(r: int, p: int, v: int, m: int, zero_bubble: bool) -> list[int]:
+    S = p * v
+    rounds = max(1, m // p)
+    per_round = m // rounds
+    # Warm-up forwards: (v-1) rounds plus 2 (or 1 with zero bubble) per hop from the last rank
+    # (Narayanan et al. 2021, §2.2; torch _get_warmup_ops).
+    warm = min((v - 1) * per_round + (1 if zero_bubble else 2) * (p - 1 - r), m * v)
+    total_mb = v * m
+    fcount = [0] * v
+    bcount = [0] * v
+    wcount = [0] * v
+    seq: list[int] = []
+    bwd_local: list[int] = []
+    w_next = 0
+    Sm = S * m
+    for op in range(total_mb + warm):  # warm-up F; steady F then B; cool-down B
+        if op < total_mb:
+            k = (op // per_round) % v
+            seq.append((k * p + r) * m + fcount[k])
+            fcount[k] += 1
+        if op >= warm:
+            k = v - 1 - ((op - warm) // per_round) % v
+            seq.append(Sm + (k * p + r) * m + bcount[k])
+            bcount[k] += 1
+            if zero_bubble:
+                bwd_local.append(k)
+                if op - warm >= r:  # rank r postpones its first r weight passes (ZB-H1)
+                    kw = bwd_local[w_next]
+                    w_next += 1
+                    seq.append(2 * Sm + (kw * p + r) * m + wcount[kw])
+                    wcount[kw] += 1
+    if zero_bubble:
+        while w_next < len(bwd_local):
+            kw = bwd_local[w_next]
+            w_next += 1
+            seq.append(2 * Sm + (kw * p + r) * m + wcount[kw])
+            wcount[kw] += 1
+    return seq
+
+
+def _interleaved(name: str, p: int, v: int, m: int, zero_bubble: bool) -> Schedule:
+    orders = [_interleaved_rank(r, p, v, m, zero_bubble) for r in range(p)]
+    return _make(name, p, v, m, _loop_mapping(p, v), orders, split=zero_bubble)
+
+
+# ---- ZB-H2 ----------------------------------------------------------------------------------
+def _zb_h2(p: int, m: int) -> Schedule:
+    """ZB-H2 (Qi et al. 2023, §3.2, Fig. 4 bottom): extra warm-up forwards fill the bubble before
+    the first backward and W passes are moved to the tail, turning the trapezoid into a
+    parallelogram. Built by a unit-cost list pass (T_F = T_I = T_W, the paper's handcrafted
+    setting): each step a rank runs its next I if its input gradient has arrived, else its next
+    F if fewer than 2p-1-r micro-batches are in flight (peak memory 2p-1 micro-batches on rank 0,
+    within the paper's 2p·M_B), else its oldest pending W. With unit costs the makespan is the
+    parallelogram's length, (p-1)·T_F + m(T_F+T_I+T_W) (tested); the first rank, though, ends at
+    the makespan with p-1 idle units inside its span, so under a one-iteration bubble convention
+    this order equals ZB-H1 at equal costs and differs when T_W < T_F."""
+    S, Sm = p, p * m
+    f_t = [[-1] * m for _ in range(p)]  # step at which F(r, j) ran
+    i_t = [[-1] * m for _ in range(p)]
+    nf, ni, nw = [0] * p, [0] * p, [0] * p
+    orders: list[list[int]] = [[] for _ in range(p)]
+    caps = [2 * p - 1 - r for r in range(p)]
+    lo = 0  # every rank below lo has finished
+    t = 0
+    while lo < p:
+        for r in range(lo, p):  # ranks are independent within one step: read times < t only
+            j = ni[r]
+            if j < nf[r] and ((i_t[r + 1][j] if r < p - 1 else f_t[r][j]) + 1 <= t
+                              and (r == p - 1 or i_t[r + 1][j] >= 0)):
+                i_t[r][j] = t
+                ni[r] += 1
+                orders[r].append(Sm + r * m + j)
+                continue
+            j = nf[r]
+            if j < m and nf[r] - nw[r] < caps[r] and (r == 0 or 0 <= f_t[r - 1][j] < t):
+                f_t[r][j] = t
+                nf[r] += 1
+                orders[r].append(r * m + j)
+                continue
+            if nw[r] < ni[r] and i_t[r][nw[r]] < t:
+                orders[r].append(2 * Sm + r * m + nw[r])
+                nw[r] += 1
+        while lo < p and nw[lo] == m:
+            lo += 1
+        t += 1
+    return _make("zb-h2", p, 1, m, list(range(p)), orders, split=True)
+
+
+# ---- V-shaped schedules -----------------------------------------------------------------------
+def _zb_v(p: int, m: int) -> Schedule:
+    # ZB-V (Qi et al. 2023, §6, Fig. 8); port of torch ScheduleZBVZeroBubble.
+    S = 2 * p
+    Sm = S * m
+    n_micro = max(2 * p - 1, m)
+    orders = []
+    for r in range(p):
+        s0, s1 = r, S - 1 - r
+        seq: list[tuple[int, int, int]] = []
+        f0 = f1 = b0 = b1 = 0
+        for _ in range(2 * (p - r) - 1):
+            seq.append((0, s0, f0)); f0 += 1
+        for _ in range(r):
+            seq.append((0, s1, f1)); f1 += 1
+            seq.append((0, s0, f0)); f0 += 1
+        for _ in range(p - r):
+            seq.append((0, s1, f1)); f1 += 1
+            seq.append((1, s1, b1)); seq.append((2, s1, b1)); b1 += 1
+        while f1 < f0 or f0 < n_micro:
+            if f0 < n_micro:
+                seq.append((0, s0, f0)); f0 += 1
+            seq.append((1, s0, b0)); seq.append((2, s0, b0)); b0 += 1
+            seq.append((0, s1, f1)); f1 += 1
+            seq.append((1, s1, b1)); seq.append((2, s1, b1)); b1 += 1
+        w0, w1 = b0, b1
+        for _ in range(r):
+            seq.append((1, s0, b0)); b0 += 1
+            seq.append((1, s1, b1)); b1 += 1
+        for _ in range(p - r):
+            seq.append((1, s0, b0)); b0 += 1
+            seq.append((2, s0, w0)); w0 += 1
+        while w1 < b1:
+            seq.append((2, s1, w1)); w1 += 1
+        while w0 < b0:
+            seq.append((2, s0, w0)); w0 += 1
+        # torch pads to 2p-1 micro-batches and drops the surplus afterwards
+        orders.append([(k * S + s) * m + j for k, s, j in seq if j < m])
+    return _make("zb-v", p, 2, m, _v_mapping(p), orders, split=True)
+
+
+def _dualpipe_steps(r: int, half_rank: int, half_ranks: int, chunks: int,
+                    stage_of_phase: tuple[int, int], m: int, S: int, full: bytearray) -> list[int]:
+    """The eight steps of DualPipe / DualPipeV for one rank (DeepSeek-AI 2024, "DeepSeek-V3
+    Technical Report", §3.2.1, Fig. 5; step structure of github.com/deepseek-ai/DualPipe and torch
+    ScheduleDualPipeV). ``chunks`` micro-batches per phase. An overlapped F&B pair is emitted as
+    F then B: the simulator does not model compute/communication overlap inside the pair."""
+    Sm = S * m
+    cnt = {}
+    wq: list[tuple[int, int]] = []
+    seq: list[int] = []
+
+    def fwd(ph: int) -> None:
+        s = stage_of_phase[ph]
+        j = cnt.get((s, 0), 0); cnt[(s, 0)] = j + 1
+        seq.append(s * m + j)
+
+    def bwd(ph: int, zb: bool) -> None:
+        s = stage_of_phase[ph]
+        j = cnt.get((s, 1), 0); cnt[(s, 1)] = j + 1
+        seq.append(Sm + s * m + j)
+        if zb:
+            wq.append((s, j))
+        else:
+            full[s * m + j] = 1
+
+    def weight() -> None:
+        if wq:
+            s, j = wq.pop(0)
+            seq.append(2 * Sm + s * m + j)
+
+    for _ in range((half_ranks - half_rank - 1) * 2):  # step 1: F0
+        fwd(0)
+    for _ in range(half_rank + 1):  # step 2: F0 F1
+        fwd(0); fwd(1)
+    for _ in range(half_ranks - half_rank - 1):  # step 3: I1 W1 F1
+        bwd(1, True); weight(); fwd(1)
+    for i in range(chunks - 2 * half_ranks + half_rank + 1):  # step 4: F0&B1, F1&B0
+        fwd(0); bwd(1, False)  # (on the middle rank, i == 0 is not overlapped: same order)
+        fwd(1); bwd(0, False)
+    for _ in range(half_ranks - half_rank - 1):  # step 5: B1, F1&B0
+        bwd(1, False); fwd(1); bwd(0, False)
+    zb = False
+    for i in range(half_rank + 1):  # step 6: B1 B0, second half zero-bubble
+        if i == (half_rank + 1) // 2 and half_rank % 2 == 1:
+            zb = True
+        bwd(1, zb)
+        if i == (half_rank + 1) // 2 and half_rank % 2 == 0:
+            zb = True
+        bwd(0, zb)
+    for _ in range(half_ranks - half_rank - 1):  # step 7: W, B0
+        weight(); bwd(0, zb)
+    for _ in range(half_rank + 1):  # step 8: W
+        weight()
+    return seq
+
+
+def _dualpipe_v(p: int, m: int) -> Schedule:
+    # DualPipeV: DualPipe folded onto one V-shaped pipeline of 2p stages (torch ScheduleDualPipeV).
+    S = 2 * p
+    full = bytearray(S * m)
+    orders = [_dualpipe_steps(r, r, p, m, (r, S - 1 - r), m, S, full)
+              for r in range(p)]
+    return _make("dualpipe-v", p, 2, m, _v_mapping(p), orders, split=True, full=full)
+
+
+def _dualpipe(p: int, m: int) -> Schedule:
+    # DualPipe: two pipelines of p stages in opposite directions, m/2 micro-batches each
+    # (DeepSeek-AI 2024, §3.2.1). Virtual stage j (< p) is stage j of the forward direction on
+    # rank j; virtual stage p+j is stage j of the reverse direction, on rank p-1-j.
+    S, half = 2 * p, m // 2
+    mapping = list(range(p)) + [p - 1 - j for j in range(p)]
+    prev = [s - 1 if s % p else -1 for s in range(S)]
+    nxt = [s + 1 if (s + 1) % p else -1 for s in range(S)]
+    full = bytearray(S * half)
+    orders = []
+    for r in range(p):
+        second = r >= p // 2
+        own = (r, p + (p - 1 - r))  # (forward-direction stage, reverse-direction stage)
+        phases = (own[1], own[0]) if second else own
+        orders.append(_dualpipe_steps(r, min(r, p - 1 - r), p // 2, half, phases, half, S, full))
+    return _make("dualpipe", p, 1, half, mapping, orders, split=True, prev_next=(prev, nxt),
+                 full=full)
+
+
+# ---- constraints and entry point -------------------------------------------------------------
+def check(name: str, p: int, m: int, v: int) -> None:
+    """Raise ScheduleConstraintError naming the rule when (p, m, v) does not suit ``name``."""
+    def need(ok: bool, rule: str, field: str) -> None:
+        if not ok:
+            raise ScheduleConstraintError(rule, field)
+
+    if name in ("gpipe", "1f1b", "zb-h2"):
+        need(v == 1, f"{name} runs one stage per rank: virtual_stages must be 1", "virtual_stages")
+    if name in ("1f1b", "zb-h1", "zb-h2"):
+        need(m >= p, f"{name} needs microbatches >= stages (m >= p), got m={m}, p={p}",
+             "microbatches")
+    if name == "interleaved-1f1b" or (name == "zb-h1" and v > 1):
+        rounds = max(1, m // p)
+        need(m % rounds == 0, f"{name} needs microbatches to be a multiple of "
+             f"max(1, m // p) = {rounds} (torch's flexible interleaving), got m={m}",
+             "microbatches")
+    if name == "interleaved-1f1b":
+        need(v >= 2, "interleaved-1f1b needs virtual_stages >= 2 (use 1f1b for one stage per rank)",
+             "virtual_stages")
+    if name in ("zb-v", "dualpipe-v"):
+        need(v == 2, f"{name} needs two stages per rank: virtual_stages must be 2", "virtual_stages")
+    if name == "dualpipe-v":
+        need(m >= 2 * p, f"dualpipe-v needs microbatches >= 2 * stages, got m={m}, p={p}",
+             "microbatches")
+    if name == "dualpipe":
+        need(v == 1, "dualpipe holds each rank's stage of both directions: virtual_stages must "
+             "be 1", "virtual_stages")
+        need(p % 2 == 0, f"dualpipe needs an even number of stages, got {p}", "stages")
+        need(m % 2 == 0 and m >= 2 * p, f"dualpipe needs an even number of microbatches >= 2 * "
+             f"stages (half go each direction), got m={m}, p={p}", "microbatches")
+
+
+def build_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
+    """Per-rank action lists of schedule ``name`` for p ranks, m micro-batches, v stages/rank."""
+    check(name, p, m, v)
+    if name == "gpipe":
+        return _gpipe(p, m)
+    if name == "1f1b":
+        return _one_f_one_b(p, m)
+    if name == "interleaved-1f1b":
+        return _interleaved(name, p, v, m, zero_bubble=False)
+    if name == "zb-h1":
+        # ZB-H1 (Qi et al. 2023, §3.1, Fig. 3): 1F1B with split backward, rank r postpones r W's;
+        # with v > 1 the interleaved variant of torch ScheduleInterleavedZeroBubble (ZB1P).
+        return _interleaved(name, p, v, m, zero_bubble=True)
+    if name == "zb-h2":
+        return _zb_h2(p, m)
+    if name == "zb-v":
+        return _zb_v(p, m)
+    if name == "dualpipe-v":
+        return _dualpipe_v(p, m)
+    if name == "dualpipe":
+        return _dualpipe(p, m)
+    raise ScheduleConstraintError(f"unknown schedule {name!r}", "schedule")
+
+
+# ---- simulator ------------------------------------------------------------------------------
+
+
+class ScheduleDeadlock(RuntimeError):
+    """The action lists wait on each other (an invalid hand-written order)."""
+
+
+@dataclass(frozen=True)
+class SimOutcome:
+    makespan_s: float
+    busy_s: list[float]
+    first_start_s: list[float]
+    last_end_s: list[float]
+    peak_in_flight: list[int]
+    start_s: np.ndarray  # by action code
+    end_s: np.ndarray
+
+    @property
+    def bubble_fraction(self) -> float:
+        total = len(self.busy_s) * self.makespan_s
+        return 0.0 if total <= 0 else max(0.0, (total - sum(self.busy_s)) / total)
+
+
+def _code_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
+    """Per action code: duration, the cross-stage action it waits for (-1: none) and the message
+    delay from its end to its consumer on the neighbouring stage. Waits on the same stage (B after
+    F at a pipeline's end, W after I) are kept by the rank's own order and need no entry."""
+    S, m = s.num_stages, s.microbatches
+    f = np.asarray(forward_s, dtype=float)[:, None]
+    i = np.asarray(input_s, dtype=float)[:, None]
+    w = np.asarray(weight_s, dtype=float)[:, None]
+    full = np.frombuffer(bytes(s.full_backward), dtype=np.uint8).reshape(S, m).astype(bool)
+    cost = np.empty((3, S, m))
+    cost[0] = f
+    cost[1] = np.where(full, i + w, i)  # B = I + W (Qi et al. 2023, §2: T_B = T_I + T_W)
+    cost[2] = w
+    mb = np.arange(m)[None, :]
+    rank = np.asarray(s.stage_to_rank)
+    prev, nxt = np.asarray(s.prev_stage), np.asarray(s.next_stage)
+    dep = np.full((3, S, m), -1, dtype=np.int64)
+    dep[0] = np.where(prev[:, None] >= 0, prev[:, None] * m + mb, -1)
+    dep[1] = np.where(nxt[:, None] >= 0, (S + nxt[:, None]) * m + mb, -1)
+    out_delay = np.zeros((3, S, m))
+    f_cross = (nxt >= 0) & (rank[np.maximum(nxt, 0)] != rank)  # F(s) feeds F(next) elsewhere
+    b_cross = (prev >= 0) & (rank[np.maximum(prev, 0)] != rank)  # I(s) feeds I(prev) elsewhere
+    out_delay[0] = np.where(f_cross[:, None], comm_s, 0.0)
+    out_delay[1] = np.where(b_cross[:, None], comm_s, 0.0)
+    # In-flight delta: +1 at F, -1 at the last backward action of (stage, mb).
+    delta = np.zeros((3, S, m), dtype=np.int64)
+    delta[0] = 1
+    delta[1] = np.where(full, -1, 0)
+    delta[2] = np.where(full, 0, -1)
+    return cost.ravel(), dep.ravel(), out_delay.ravel(), delta.ravel()
+
+
+def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> SimOutcome:
+    """Times every action of ``s``; costs are per virtual stage (length ``s.num_stages``)."""
+    cost_a, dep_a, delay_a, delta_a = _code_arrays(s, forward_s, input_s, weight_s, comm_s)
+    cost, dep = cost_a.tolist(), dep_a.tolist()
+    delay = delay_a.tolist() if comm_s > 0 else None
+    # ready[a]: when action a's output is usable by its consumer (its end plus the message);
+    # -1 while a has not run.
+    ready = [-1.0] * len(cost)
+    p = s.num_ranks
+    orders = s.orders
+    ptr = [0] * p
+    free = [0.0] * p
+    active = [r for r in range(p) if orders[r]]
+    while active:
+        progressed = False
+        still = []
+        for r in active:
+            seq = orders[r]
+            n = len(seq)
+            i0 = i = ptr[r]
+            t = free[r]
+            if delay is None:
+                while i < n:
+                    a = seq[i]
+                    d = dep[a]
+                    if d >= 0:
+                        e = ready[d]
+                        if e < 0.0:
+                            break
+                        if e > t:
+                            t = e
+                    t += cost[a]
+                    ready[a] = t
+                    i += 1
+            else:
+                while i < n:
+                    a = seq[i]
+                    d = dep[a]
+                    if d >= 0:
+                        e = ready[d]
+                        if e < 0.0:
+                            break
+                        if e > t:
+                            t = e
+                    t += cost[a]
+                    ready[a] = t + delay[a]
+                    i += 1
+            if i != i0:
+                progressed = True
+                ptr[r], free[r] = i, t
+            if i < n:
+                still.append(r)
+        if not progressed:
+            stuck = {r: s.decode(orders[r][ptr[r]]) for r in still}
+            raise ScheduleDeadlock(f"schedule {s.name} deadlocks; ranks wait at {stuck}")
+        active = still
+    end_np = np.asarray(ready) - delay_a
+    start_np = end_np - cost_a
+    busy, first, last, peak = [], [], [], []
+    for r in range(p):
+        seq = np.asarray(orders[r], dtype=np.int64)
+        if len(seq) == 0:
+            busy.append(0.0); first.append(0.0); last.append(0.0); peak.append(0)
+            continue
+        busy.append(float(cost_a[seq].sum()))
+        first.append(float(start_np[seq[0]]))
+        last.append(float(end_np[seq[-1]]))
+        peak.append(int(np.cumsum(delta_a[seq]).max()))
+    return SimOutcome(max(last) if last else 0.0, busy, first, last, peak, start_np, end_np)
+
+
+def peak_in_flight(s: Schedule) -> list[int]:
+    """Per rank, the most (virtual stage, micro-batch) activations live at once. Depends on the
+    order only, not on the costs: a rank runs its actions one after another."""
+    S, m = s.num_stages, s.microbatches
+    Sm = S * m
+    out = []
+    for seq in s.orders:
+        c = best = 0
+        for a in seq:
+            if a < Sm:
+                c += 1
+                if c > best:
+                    best = c
+            elif a < 2 * Sm:
+                if s.full_backward[a - Sm]:
+                    c -= 1
+            else:
+                c -= 1
+        out.append(best)
+    return out
