@@ -288,8 +288,69 @@ def _model_states_only(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec
 
 def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
                      mem_bytes: int) -> int | None:
-    """Largest micro-batch whose peak (plus allocator reserve) fits. Every live tensor is
-    non-decreasing in the batch, so the peak is monotone: exponential then binary search."""
+    """Largest micro-batch whose peak (plus allocator reserve) fits.
+
+    Every live tensor is non-decreasing in the batch, so the peak is monotone and a bracket
+    [largest size seen to fit, smallest seen not to] always holds the answer. Every tensor's size
+    is also affine in the batch (the op sequence does not depend on it), so the peak is a maximum
+    of affine functions: the secant through two probes predicts where the budget is crossed, and
+    it is exact on each linear piece. Probes follow the secant (clamped into the bracket) and
+    then its neighbour, falling back to bisection when the bracket stops shrinking; every answer
+    is a measured fit and a measured non-fit next to it, so the result equals the exponential +
+    binary search (``_max_micro_batch_search``) whatever the prediction's quality."""
+    from planner.specs import MAX_BATCH
+
+    memo: dict[int, int] = {}
+
+    def need(b: int) -> int:
+        if b not in memo:
+            tr = req.training.model_copy(update={"micro_batch_size": b})
+            r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
+                          device, ckpt)
+            memo[b] = r.breakdown.total + r.allocator_reserve_bytes
+        return memo[b]
+
+    if need(1) > mem_bytes:
+        return None
+    if MAX_BATCH == 1:
+        return 1
+    lo, hi = 1, MAX_BATCH + 1  # need(lo) fits; hi does not (MAX_BATCH + 1 is never allowed)
+
+    def probe(b: int) -> None:
+        nonlocal lo, hi
+        if need(b) <= mem_bytes:
+            lo = max(lo, b)
+        else:
+            hi = min(hi, b)
+
+    probe(2)
+    while hi - lo > 1:
+        width = hi - lo
+        # secant through the two highest probes at or below lo (all fit) or through lo and hi
+        known = sorted(memo)
+        if hi in memo:
+            x0, x1 = lo, hi
+        else:
+            below = [b for b in known if b <= lo]
+            x0, x1 = (below[-2], below[-1]) if len(below) >= 2 else (lo, lo)
+        slope = (memo[x1] - memo[x0]) / (x1 - x0) if x1 != x0 else 0.0
+        if slope > 0:
+            g = x0 + int((mem_bytes - memo[x0]) // slope)
+        else:
+            g = hi - 1
+        g = min(max(g, lo + 1), hi - 1)
+        probe(g)
+        if lo == g and g + 1 < hi:  # the prediction fits: is it the last that does?
+            probe(g + 1)
+        if hi - lo > width // 2 and hi - lo > 1:  # little progress: bisect once
+            probe((lo + hi) // 2)
+    return lo
+
+
+def _max_micro_batch_search(req: MemoryRequest, model: ResolvedModel, device: str,
+                            ckpt: set[int], mem_bytes: int) -> int | None:
+    """The straightforward answer: exponential then binary search, one estimate per probe
+    (the reference ``_max_micro_batch`` is tested against)."""
     from planner.specs import MAX_BATCH
 
     def fits(b: int) -> bool:

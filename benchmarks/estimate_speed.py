@@ -1,0 +1,216 @@
+"""Estimate speed (issue 2): planner µs per estimate, POST /v1/memory through uvicorn next to a
+trivial route of the same server, and llm-analysis's ``training()`` on the same configuration.
+
+Goals: at least 10x faster than llm-analysis per estimate; /v1/memory at >= 70% of the trivial
+route's requests/s (the framework's own ceiling on this machine).
+
+- cold: every estimate is a new configuration (the step-simulation cache is cleared before each).
+- warm: the same configuration again (the simulation comes from the cache; the response is still
+  assembled and validated).
+- fit: with ``hardware`` set, so the largest fitting micro-batch is searched as well.
+- HTTP: a uvicorn server (one process) serving ``create_app()``; clients keep connections open.
+  The trivial route is GET /healthz; /v1/memory gets the warm configuration.
+llm-analysis is optional (``pip install llm-analysis``); its column is left out when it is not
+installed. Run: ``python -m benchmarks.estimate_speed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+from planner import memory as planner_memory
+from planner.catalog import resolve_model
+from planner.specs import MemoryRequest
+
+GOAL_VS_LLM_ANALYSIS = 10.0
+GOAL_HTTP_FRACTION = 0.70
+
+MODELS = ["gpt2", "gpt2-xl", "llama-2-7b"]
+
+
+def _req(preset: str, b: int, t: int, precision: str = "amp-bf16", ckpt: str = "none",
+         hardware: dict | None = None) -> MemoryRequest:
+    return MemoryRequest.model_validate({
+        "model": {"preset": preset},
+        "training": {"micro_batch_size": b, "sequence_length": t, "precision": precision,
+                     "activation_checkpointing": {"strategy": ckpt}},
+        **({"hardware": hardware} if hardware else {}),
+    })
+
+
+def _varied(preset: str, n: int) -> list[MemoryRequest]:
+    """n distinct configurations of one model (different batch, length, precision, checkpoints)."""
+    out = []
+    precisions = ["amp-bf16", "fp32", "mixed-bf16", "bf16"]
+    for k in range(n):
+        out.append(_req(preset, 1 + k % 4, (256, 512, 1024)[k % 3], precisions[k % 4],
+                        "full" if k % 5 == 4 else "none"))
+    return out
+
+
+def _clear_simulation_cache() -> None:
+    cache = getattr(planner_memory, "_SIM_CACHE", None)
+    if cache is not None:
+        cache.clear()
+    else:
+        planner_memory._simulate.cache_clear()
+
+
+def _time_each(fn, items) -> list[float]:
+    out = []
+    for x in items:
+        t0 = time.perf_counter()
+        fn(x)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def planner_rows(n_cold: int, n_warm: int) -> list[tuple[str, str, float]]:
+    rows = []
+    for preset in MODELS:
+        reqs = _varied(preset, n_cold)
+
+        def cold(r: MemoryRequest) -> None:
+            _clear_simulation_cache()
+            planner_memory.estimate_memory(r)
+        rows.append((preset, "cold (new config)", statistics.median(_time_each(cold, reqs))))
+        planner_memory.estimate_memory(reqs[0])
+        warm = _time_each(planner_memory.estimate_memory, [reqs[0]] * n_warm)
+        rows.append((preset, "warm (cached simulation)", statistics.median(warm)))
+        fit = _req(preset, 1, 1024, hardware={"gpu": "h100-80gb"})
+
+        def fit_cold(r: MemoryRequest) -> None:
+            _clear_simulation_cache()
+            planner_memory.estimate_memory(r)
+        rows.append((preset, "cold + largest micro-batch", statistics.median(
+            _time_each(fit_cold, [fit] * max(1, n_cold // 4)))))
+    return rows
+
+
+def llm_analysis_s(preset: str, n: int) -> float | None:
+    try:
+        from llm_analysis.analysis import LLMAnalysis
+        from llm_analysis.config import (
+            ModelConfig,
+            ParallelismConfig,
+            get_dtype_config_by_name,
+            get_gpu_config_by_name,
+        )
+    except ImportError:
+        return None
+    logging.disable(logging.CRITICAL)
+    m = resolve_model(_req(preset, 1, 1024).model)
+    mc = ModelConfig(name=preset, num_layers=m.num_layers, n_head=m.num_heads,
+                     hidden_dim=m.hidden_size, vocab_size=m.vocab_size,
+                     max_seq_len=m.max_sequence_length,
+                     # llm-analysis needs ffn a multiple of h (llama's 11008 is not): the nearest
+                     # one; the time per call does not depend on it.
+                     ffn_embed_dim=max(1, round(m.ffn_hidden_size / m.hidden_size)) * m.hidden_size,
+                     num_key_value_heads=m.num_kv_heads or m.num_heads)
+    # A100 80GB with room for any batch here (llm-analysis refuses a setup that does not fit).
+    gpu = dataclasses.replace(get_gpu_config_by_name("a100-sxm-80gb"), mem_per_GPU_in_GB=100000)
+    dtype = get_dtype_config_by_name("w16a16e16")
+
+    def one(k: int) -> None:
+        a = LLMAnalysis(mc, gpu, dtype, ParallelismConfig(), flops_efficiency=0.5,
+                        hbm_memory_efficiency=0.9)
+        a.training(batch_size_per_gpu=1 + k % 4, seq_len=(256, 512, 1024)[k % 3],
+                   gradient_accumulation_steps=1,
+                   mlp_gated_linear_units=m.family != "gpt2")
+    one(0)
+    return statistics.median(_time_each(one, range(n)))
+
+
+# ---- HTTP ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _load(url: str, method: str, body: bytes | None, seconds: float, conns: int) -> float:
+    import httpx
+
+    done = 0
+    stop = time.perf_counter() + seconds
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                r = await client.request(method, url, content=body, headers=headers)
+                r.raise_for_status()
+                done += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(conns)))
+        return done / (time.perf_counter() - t0)
+
+
+def http_rows(seconds: float, conns: int) -> list[tuple[str, float]]:
+    import httpx
+
+    port = _free_port()
+    env = dict(os.environ, MEMPLAN_DATABASE_URL=os.environ.get(
+        "MEMPLAN_DATABASE_URL", "sqlite:////tmp/memplan-bench-estimate.db"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port),
+         "--log-level", "warning", "--no-access-log"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                httpx.get(base + "/healthz", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        body = _req("gpt2", 4, 1024).model_dump_json(exclude_none=True).encode()
+        httpx.post(base + "/v1/memory", content=body,
+                   headers={"content-type": "application/json"}).raise_for_status()
+        trivial = asyncio.run(_load(base + "/healthz", "GET", None, seconds, conns))
+        memory = asyncio.run(_load(base + "/v1/memory", "POST", body, seconds, conns))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return [("GET /healthz (trivial)", trivial), ("POST /v1/memory (gpt2, warm)", memory)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cold", type=int, default=12, help="distinct configurations per model")
+    ap.add_argument("--warm", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per HTTP measurement")
+    ap.add_argument("--connections", type=int, default=8)
+    args = ap.parse_args()
+
+    rows = planner_rows(args.cold, args.warm)
+    llm = {p: llm_analysis_s(p, 50) for p in MODELS}
+    print("## planner.memory.estimate_memory, median per estimate\n")
+    print("| model | case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis (goal "
+          f"≥ {GOAL_VS_LLM_ANALYSIS:.0f}×) |")
+    print("|---|---|---:|---:|---:|")
+    for preset, case, s in rows:
+        la = llm[preset]
+        ratio = f"{la / s:.2f}×" if la else "n/a (not installed)"
+        la_s = f"{la * 1e6:.0f}" if la else "n/a"
+        print(f"| {preset} | {case} | {s * 1e6:,.0f} | {la_s} | {ratio} |")
+    print()
+    print(f"## HTTP through uvicorn (1 process, {args.connections} keep-alive connections, "
+          f"{args.seconds:.0f} s each)\n")
+    hr = http_rows(args.seconds, args.connections)
+    print(f"| route | requests/s | fraction of trivial (goal ≥ {GOAL_HTTP_FRACTION:.0%}) |")
+    print("|---|---:|---:|")
+    for name, rps in hr:
+        print(f"| {name} | {rps:,.0f} | {rps / hr[0][1]:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
