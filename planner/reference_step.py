@@ -104,7 +104,8 @@ class ReferenceProgram:
         if self.master:  # fp32 master copies, made when the optimizer is built
             self.masters = o.m.alloc(sum(t.numel for t in self.trainable()) * F32, "master",
                                      "optimizer_states")
-        if training.optimizer == "adagrad":  # torch.optim.Adagrad fills its state in __init__
+        self._states_at_init = training.optimizer == "adagrad"
+        if self._states_at_init:  # torch.optim.Adagrad fills its state in __init__
             self._states = self._alloc_states()
         self.idx = o.new(self.s.N, I64, "input_ids", cat="activations")
         self.tgt = o.new(self.s.N, I64, "targets", cat="activations")
@@ -525,7 +526,9 @@ class ReferenceProgram:
         m.phase = "other"
         fwdbwd = max(fb_peaks, key=lambda p: p.total)
         first = max([fwdbwd, step_peak], key=lambda p: p.total)
-        states = self._states.nbytes
+        # States made during step 1's optimizer.step() are live through every later step;
+        # Adagrad's exist from construction, so step 1 already had them.
+        states = 0 if self._states_at_init else self._states.nbytes
         # GradScaler's scale and growth tracker are created in step 1's backward and persist.
         scaler = 8 if self.scaling and not self.master and fwdbwd.phase == "forward" else 0
         shifted = PeakSnap(fwdbwd.total + states + scaler, list(fwdbwd.by_cat), fwdbwd.op, fwdbwd.phase)
