@@ -96,6 +96,28 @@ def planner_rows(n_cold: int, n_warm: int) -> list[tuple[str, str, float]]:
     return rows
 
 
+def fit_search_rows() -> list[tuple[str, int | None, float, int, float, int]]:
+    """Largest fitting micro-batch on an H100 80GB, cold: the secant-guided probes against the
+    exponential + binary search (same answer; time and simulations each)."""
+    from planner.memory import _max_micro_batch, _max_micro_batch_search, checkpointed_blocks
+
+    rows = []
+    for preset in MODELS:
+        req = _req(preset, 1, 1024)
+        model = resolve_model(req.model)
+        blocks = checkpointed_blocks(req.training, model.num_layers)
+        mem = 85899345920
+        out = []
+        for fn in (_max_micro_batch_search, _max_micro_batch):
+            _clear_simulation_cache()
+            t0 = time.perf_counter()
+            b = fn(req, model, "cuda", blocks, mem)
+            out.append((b, time.perf_counter() - t0, len(getattr(planner_memory, "_SIM_CACHE", ()))))
+        assert out[0][0] == out[1][0]
+        rows.append((preset, out[0][0], out[0][1], out[0][2], out[1][1], out[1][2]))
+    return rows
+
+
 def llm_analysis_s(preset: str, n: int) -> float | None:
     try:
         from llm_analysis.analysis import LLMAnalysis
@@ -202,6 +224,13 @@ def main() -> None:
         ratio = f"{la / s:.2f}×" if la else "n/a (not installed)"
         la_s = f"{la * 1e6:.0f}" if la else "n/a"
         print(f"| {preset} | {case} | {s * 1e6:,.0f} | {la_s} | {ratio} |")
+    print()
+    print("## Largest fitting micro-batch (H100 80GB, amp-bf16, T=1024), cold\n")
+    print("| model | micro-batch | search ms | search simulations | secant ms | secant simulations "
+          "| speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for preset, b, ts, ns, tn, nn in fit_search_rows():
+        print(f"| {preset} | {b} | {ts * 1e3:,.0f} | {ns} | {tn * 1e3:,.0f} | {nn} | {ts / tn:.2f}× |")
     print()
     print(f"## HTTP through uvicorn (1 process, {args.connections} keep-alive connections, "
           f"{args.seconds:.0f} s each)\n")
