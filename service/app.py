@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
-from service import errors
+from service import errors, metrics, security
 from service.routes import catalog, checkpointing, health, memory, pipeline, validations, zero
 from service.jobs.store import StoreHolder
 from service.settings import Settings
@@ -29,6 +29,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # while the database is down.
     app.state.settings = settings or Settings.from_env()
     app.state.jobs = StoreHolder(app.state.settings)
-    for module in (health, catalog, memory, validations, checkpointing, pipeline, zero):
+    for module in (health, catalog, validations, metrics):
         app.include_router(module.router)
+    # Estimate routes: open unless MEMPLAN_PROTECT_ESTIMATES (job routes carry their own guard).
+    for module in (memory, checkpointing, pipeline, zero):
+        app.include_router(module.router, dependencies=[Depends(security.estimate_guard)])
+    security.install(app, app.state.settings)  # body-size limit, resource-cap 422s
+    # Added last, so it runs first: every request, a 413 included, gets an id and is measured.
+    app.add_middleware(metrics.ObservabilityMiddleware)
     return app

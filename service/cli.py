@@ -5,6 +5,7 @@
     memplan validate SPEC.json [--json] [--server URL]
     memplan estimate [SPEC.json] [--json] [--preset NAME --precision P --optimizer O ...]
     memplan openapi [--out FILE]
+    memplan hash-token TOKEN|-
     memplan pipeline SPEC.json --svg FILE
 
 Exit status: 0 success; 1 the job failed or was cancelled; 2 bad input; 3 server unreachable.
@@ -121,8 +122,10 @@ def _settings(args: argparse.Namespace) -> Any:
                          else str(exc)) from None
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(settings: Any) -> None:
+    from service.logs import configure
+
+    configure(settings.log_format)  # JSON lines by default (MEMPLAN_LOG_FORMAT=text for plain)
 
 
 # ---- serve / worker ----------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.jobs.embedded import EmbeddedWorker
 
     settings = _settings(args)
-    _logging()
+    _logging(settings)
     app = create_app(settings)
     embedded = None
     if not args.no_worker:
@@ -141,7 +144,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         embedded.start()
     try:
         # uvicorn handles SIGINT/SIGTERM: it stops serving and returns here.
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        # Logging stays as configured above; the app writes its own access lines (request ids).
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
+                    log_config=None, access_log=False)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -154,7 +159,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.jobs.worker import Worker
 
     settings = _settings(args)
-    _logging()
+    _logging(settings)
     store = _open_store_with_retry(settings)
     worker = Worker(store, settings)
 
@@ -400,6 +405,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    from service.security import hash_token
+
+    token = sys.stdin.readline().strip() if args.token == "-" else args.token
+    if not token:
+        raise InputError("empty token")
+    print(hash_token(token))
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memplan", description="Memory and parallelism "
@@ -444,6 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zero-stage", type=int)
     p.add_argument("--gpu")
     p.set_defaults(fn=cmd_estimate)
+
+    p = sub.add_parser("hash-token", help="print the SHA-256 digest of an API token, for "
+                       "MEMPLAN_API_TOKENS")
+    p.add_argument("token", metavar="TOKEN", help="the token ('-' reads it from stdin, which "
+                   "keeps it out of the shell history)")
+    p.set_defaults(fn=cmd_hash_token)
 
     p = sub.add_parser("openapi", help="print the OpenAPI document")
     p.add_argument("--out", metavar="FILE")

@@ -74,6 +74,36 @@ class Settings(BaseModel):
         None, description="Override of the detected device (MEMPLAN_WORKER_DEVICE=KIND:COUNT:MEMORY).")
     job_target: str = Field(DEFAULT_JOB_TARGET, description="'module:function' a job runs in its "
                             "child process: (ValidationRequest, progress) -> ValidationResult.")
+    # ---- shared deployment: security, caps, logs (see docs/deployment.md) ----------------------
+    api_tokens: tuple[str, ...] = Field(
+        (), description="SHA-256 hex digests of the bearer tokens accepted on job routes (comma "
+        "list, or the path of a file with one per line; `memplan hash-token TOKEN`). Empty: job "
+        "routes are open.")
+    protect_estimates: bool = Field(False, description="Also require a token on the estimate "
+                                    "routes (memory, zero, checkpointing, pipeline).")
+    max_queued_per_token: int = Field(100, ge=1, description="Queued jobs one token (or, with no "
+                                      "tokens configured, all clients together) may have; more "
+                                      "is a 429 with Retry-After.")
+    max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body (413 above).")
+    max_real_layers: int = Field(128, ge=1, description="Cap on num_layers of a real-mode job.")
+    max_real_hidden_size: int = Field(16_384, ge=1, description="Cap on hidden_size, real mode.")
+    max_real_sequence_length: int = Field(32_768, ge=1, description="Cap on sequence_length, "
+                                          "real mode.")
+    max_traced_layers: int = Field(512, ge=1, description="Cap on num_layers of a traced job.")
+    max_traced_hidden_size: int = Field(65_536, ge=1, description="Cap on hidden_size, traced.")
+    max_traced_sequence_length: int = Field(262_144, ge=1, description="Cap on sequence_length, "
+                                            "traced mode.")
+    max_steps: int = Field(50, ge=2, description="Cap on a job's training steps.")
+    max_ranks: int = Field(64, ge=1, description="Cap on a job's ranks (dp x tp x pp).")
+    log_format: str = Field("json", pattern="^(json|text)$", description="'json': one JSON object "
+                            "a line with request_id / job_id; 'text': plain lines.")
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: object) -> object:
+        from service.security import parse_token_digests
+
+        return parse_token_digests(v) if isinstance(v, (str, list, tuple)) else v
 
     @field_validator("worker_device", mode="before")
     @classmethod

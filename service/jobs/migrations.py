@@ -19,38 +19,59 @@ _PG_LOCK_KEY = 0x6D656D706C616E
 
 metadata = MetaData()
 
-# The job table; the queue is this table (see DESIGN.md, "Jobs").
+
+def _v1_columns() -> list[Column]:
+    """The job table's columns as version 1 created them."""
+    return [
+        Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+               autoincrement=True),
+        Column("id", String(32), nullable=False, unique=True),
+        Column("status", String(16), nullable=False),
+        Column("request", Text, nullable=False),
+        Column("result", Text),
+        Column("error", Text),
+        Column("phase", String(64), nullable=False, default="queued"),
+        Column("step", Integer, nullable=False, default=0),
+        Column("total_steps", Integer, nullable=False, default=0),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("history", Text, nullable=False, default="[]"),
+        # What a worker needs to run it (claim filter): ranks, per-device peak, device class,
+        # GPU kind.
+        Column("ranks", Integer, nullable=False),
+        Column("peak_bytes", BigInteger, nullable=False),
+        Column("needs", String(8), nullable=False),
+        Column("gpu_kind", String(64)),
+        Column("timeout_s", Float, nullable=False),
+        # The current claim: who holds it, its token, and when its lease runs out (epoch seconds).
+        Column("worker", String(200)),
+        Column("claim_token", String(32)),
+        Column("lease_expires_at", Float),
+        Column("claimed_at", Float),
+        Column("created_at", Float, nullable=False),
+        Column("started_at", Float),
+        Column("finished_at", Float),
+        Column("updated_at", Float, nullable=False),
+    ]
+
+
+# The job table; the queue is this table (see DESIGN.md, "Jobs"). Its columns are version 1's
+# plus those each later migration adds.
 jobs = Table(
     "validation_jobs", metadata,
-    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-           autoincrement=True),
-    Column("id", String(32), nullable=False, unique=True),
-    Column("status", String(16), nullable=False),
-    Column("request", Text, nullable=False),
-    Column("result", Text),
-    Column("error", Text),
-    Column("phase", String(64), nullable=False, default="queued"),
-    Column("step", Integer, nullable=False, default=0),
-    Column("total_steps", Integer, nullable=False, default=0),
-    Column("attempts", Integer, nullable=False, default=0),
-    Column("history", Text, nullable=False, default="[]"),
-    # What a worker needs to run it (claim filter): ranks, per-device peak, device class, GPU kind.
-    Column("ranks", Integer, nullable=False),
-    Column("peak_bytes", BigInteger, nullable=False),
-    Column("needs", String(8), nullable=False),
-    Column("gpu_kind", String(64)),
-    Column("timeout_s", Float, nullable=False),
-    # The current claim: who holds it, its token, and when its lease runs out (epoch seconds).
-    Column("worker", String(200)),
-    Column("claim_token", String(32)),
-    Column("lease_expires_at", Float),
-    Column("claimed_at", Float),
-    Column("created_at", Float, nullable=False),
-    Column("started_at", Float),
-    Column("finished_at", Float),
-    Column("updated_at", Float, nullable=False),
+    *_v1_columns(),
+    # v2: who submitted it (SHA-256 digest of the bearer token; '' with no tokens configured),
+    # and the Idempotency-Key with the hash of the request it was first used with.
+    Column("owner", String(64), nullable=False, server_default=""),
+    Column("idempotency_key", String(200)),
+    Column("request_hash", String(64)),
     Index("ix_validation_jobs_status_seq", "status", "seq"),
+    Index("ux_validation_jobs_owner_key", "owner", "idempotency_key", unique=True),
+    Index("ix_validation_jobs_owner_status", "owner", "status"),
 )
+
+# Version 1's table, frozen: a migration creates what it created when it shipped.
+_jobs_v1 = Table("validation_jobs", MetaData(), *_v1_columns(),
+                 Index("ix_validation_jobs_status_seq", "status", "seq"))
 
 schema_version = Table(
     "memplan_schema_version", MetaData(),
@@ -60,11 +81,23 @@ schema_version = Table(
 
 
 def _v1_create_jobs(conn: Connection) -> None:
-    jobs.create(conn)
+    _jobs_v1.create(conn)
+
+
+def _v2_owner_and_idempotency(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE validation_jobs ADD COLUMN owner VARCHAR(64) NOT NULL "
+                      "DEFAULT ''"))
+    conn.execute(text("ALTER TABLE validation_jobs ADD COLUMN idempotency_key VARCHAR(200)"))
+    conn.execute(text("ALTER TABLE validation_jobs ADD COLUMN request_hash VARCHAR(64)"))
+    # NULL keys are distinct in a unique index on both backends: jobs without a key never clash.
+    for index in jobs.indexes:
+        if index.name in ("ux_validation_jobs_owner_key", "ix_validation_jobs_owner_status"):
+            index.create(conn)
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "create validation_jobs", _v1_create_jobs),
+    (2, "job owner, Idempotency-Key and request hash", _v2_owner_and_idempotency),
 ]
 LATEST = MIGRATIONS[-1][0]
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, create_engine, event, func, or_, select, text, update
 from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.exc import IntegrityError
 
 from planner.specs import (JobStatus, Progress, ValidationJob, ValidationPage, ValidationRequest,
                            ValidationResult)
@@ -35,6 +36,8 @@ from service.settings import DeviceInfo, ensure_sqlite_folder
 
 FINISHED: tuple[str, ...] = ("succeeded", "failed", "cancelled")
 MAX_PAGE = 200
+# PostgreSQL advisory lock class for per-owner submissions (the other key is the owner's hash).
+_PG_SUBMIT_LOCK = 0x6D70
 
 
 class JobNotFound(LookupError):
@@ -51,6 +54,22 @@ class JobFinished(RuntimeError):
 
 class BadCursor(ValueError):
     pass
+
+
+class IdempotencyConflict(ValueError):
+    """The Idempotency-Key was used before with a different request."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"Idempotency-Key {key!r} was used before with a different request")
+        self.key = key
+
+
+class QueueFull(RuntimeError):
+    """The submitter already has ``limit`` jobs queued."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"{queued} jobs queued for this client; the limit is {limit}")
+        self.queued, self.limit = queued, limit
 
 
 @dataclass(frozen=True)
@@ -199,19 +218,76 @@ class JobStore:
 
     # ---- client side --------------------------------------------------------------------------
     def submit(self, request: ValidationRequest, requirements: Requirements,
-               timeout_s: float | None = None) -> ValidationJob:
+               timeout_s: float | None = None, *, owner: str = "",
+               idempotency_key: str | None = None, request_hash: str | None = None,
+               max_queued: int | None = None) -> ValidationJob:
+        """Queue a job; see ``submit_once``."""
+        return self.submit_once(request, requirements, timeout_s, owner=owner,
+                                idempotency_key=idempotency_key, request_hash=request_hash,
+                                max_queued=max_queued)[0]
+
+    def submit_once(self, request: ValidationRequest, requirements: Requirements,
+                    timeout_s: float | None = None, *, owner: str = "",
+                    idempotency_key: str | None = None, request_hash: str | None = None,
+                    max_queued: int | None = None) -> tuple[ValidationJob, bool]:
+        """Queue a job for ``owner``; returns (job, created).
+
+        With an ``idempotency_key``, the owner's earlier job under that key is returned as it is
+        (created False) when ``request_hash`` matches, and IdempotencyConflict is raised when it
+        does not. ``max_queued`` caps the owner's queued jobs (QueueFull); the count and the
+        insert are one transaction, serialized per owner, so concurrent submissions cannot pass
+        the cap together."""
+        for _ in range(2):
+            try:
+                return self._submit(request, requirements, timeout_s, owner, idempotency_key,
+                                    request_hash, max_queued)
+            except IntegrityError:
+                # Another submission with the same key committed first: the next pass finds it.
+                if idempotency_key is None:
+                    raise
+        raise IdempotencyConflict(idempotency_key or "")  # pragma: no cover - needs 3 races
+
+    def _submit(self, request: ValidationRequest, requirements: Requirements,
+                timeout_s: float | None, owner: str, key: str | None, body_hash: str | None,
+                max_queued: int | None) -> tuple[ValidationJob, bool]:
         now = time.time()
         job_id = uuid.uuid4().hex
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Serializes one owner's submissions (SQLite's BEGIN IMMEDIATE already does).
+                conn.execute(text("SELECT pg_advisory_xact_lock(:a, hashtext(:o))"),
+                             {"a": _PG_SUBMIT_LOCK, "o": owner})
+            if key is not None:
+                row = conn.execute(select(jobs).where(jobs.c.owner == owner,
+                                                      jobs.c.idempotency_key == key)
+                                   ).mappings().first()
+                if row is not None:
+                    if row["request_hash"] != body_hash:
+                        raise IdempotencyConflict(key)
+                    return self._to_model(row), False
+            if max_queued is not None:
+                queued = conn.execute(select(func.count()).select_from(jobs).where(
+                    jobs.c.owner == owner, jobs.c.status == "queued")).scalar_one()
+                if queued >= max_queued:
+                    raise QueueFull(queued, max_queued)
             conn.execute(jobs.insert().values(
                 id=job_id, status="queued", request=request.model_dump_json(),
                 phase="queued", step=0, total_steps=request.steps, attempts=0, history="[]",
                 ranks=requirements.ranks, peak_bytes=requirements.peak_bytes,
                 needs=requirements.needs, gpu_kind=requirements.gpu_kind,
                 timeout_s=timeout_s if timeout_s is not None else request.timeout_s,
+                owner=owner, idempotency_key=key, request_hash=body_hash,
                 created_at=now, updated_at=now))
             row = self._row(conn, job_id)
-        return self._to_model(row)
+        return self._to_model(row), True
+
+    def queue_depth(self) -> dict[str, int]:
+        """Jobs per state (every state present, 0 when none)."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(jobs.c.status, func.count()).group_by(jobs.c.status)).all()
+        depth = {s: 0 for s in ("queued", "running", "succeeded", "failed", "cancelled")}
+        depth.update({status: n for status, n in rows})
+        return depth
 
     def cancel(self, job_id: str) -> ValidationJob:
         """Cancel a queued or running job (a running job's worker sees it at its next heartbeat
@@ -361,4 +437,5 @@ class StoreHolder:
 
 
 __all__ = ["JobStore", "StoreHolder", "Claim", "Requirements", "JobNotFound", "JobFinished",
-           "BadCursor", "FINISHED", "make_engine", "encode_cursor", "decode_cursor"]
+           "BadCursor", "IdempotencyConflict", "QueueFull", "FINISHED", "make_engine",
+           "encode_cursor", "decode_cursor"]

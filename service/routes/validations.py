@@ -5,15 +5,21 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Annotated, Iterator
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from planner.catalog import UnknownName
 from planner.specs import JobStatus, ValidationJob, ValidationPage, ValidationRequest
 from service.errors import ERROR_RESPONSES, PROBLEM, PlanError, Problem
-from service.jobs.store import BadCursor, JobFinished, JobNotFound, JobStore, MAX_PAGE
+from service.jobs.store import BadCursor, JobFinished, JobNotFound, JobStore, MAX_PAGE, QueueFull
+from service.logs import bind_job
+from service.security import AUTH_RESPONSES, Identity, check_caps, request_hash, require_token
 
-router = APIRouter(prefix="/v1", tags=["validations"])
+# Every job route needs a bearer token when the deployment configures tokens.
+router = APIRouter(prefix="/v1", tags=["validations"], dependencies=[Depends(require_token)],
+                   responses=AUTH_RESPONSES)
+# How long a client over its queued-jobs cap is asked to wait before trying again.
+QUEUE_FULL_RETRY_AFTER_S = 10
 
 
 def get_store(request: Request) -> JobStore:
@@ -49,23 +55,39 @@ def _not_found(job_id: str) -> HTTPException:
 
 @router.post("/validations", status_code=202,
              responses={**ERROR_RESPONSES, **UNAVAILABLE,
+                        413: _problem(413, "Request body over the service's size limit"),
+                        429: _problem(429, "Too many queued jobs for this token (see "
+                                      "Retry-After)"),
                         202: {"headers": {"Location": {"description": "URL of the new job",
                                                        "schema": {"type": "string"}}}}})
-def create_validation(body: ValidationRequest, request: Request, response: Response,
-                      store: StoreDep) -> ValidationJob:
+def create_validation(
+    body: ValidationRequest, request: Request, response: Response, store: StoreDep,
+    identity: Identity,
+    idempotency_key: Annotated[str | None, Header(
+        min_length=1, max_length=200, description="Retry-safe submission: the same key with the "
+        "same body returns the job the first request created; with a different body, 422.")] = None,
+) -> ValidationJob:
     """Queue a validation job: run this training setup for real (or traced) and compare."""
     from service.jobs.requirements import requirements_for
 
+    settings = request.app.state.settings
+    check_caps(body, settings)
     try:
         requirements = requirements_for(body)
     except UnknownName:
         raise
     except (ValueError, ArithmeticError) as exc:
         raise PlanError(str(exc)) from exc
-    settings = request.app.state.settings
     with store_errors():
-        job = store.submit(body, requirements,
-                           timeout_s=min(body.timeout_s, settings.job_timeout_cap_s))
+        try:  # a reused Idempotency-Key with another body is the 422 of service.security
+            job, _ = store.submit_once(
+                body, requirements, timeout_s=min(body.timeout_s, settings.job_timeout_cap_s),
+                owner=identity, idempotency_key=idempotency_key, request_hash=request_hash(body),
+                max_queued=settings.max_queued_per_token)
+        except QueueFull as exc:
+            raise HTTPException(429, f"{exc}; retry when some have started",
+                                headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}) from None
+    bind_job(job.id)
     response.headers["Location"] = str(request.url_for("get_validation", job_id=job.id).path)
     return job
 
@@ -73,6 +95,7 @@ def create_validation(body: ValidationRequest, request: Request, response: Respo
 @router.get("/validations/{job_id}", responses={**NOT_FOUND, **UNAVAILABLE})
 def get_validation(job_id: str, store: StoreDep) -> ValidationJob:
     """A job: status, progress (phase, step i of N) and, once succeeded, the comparison."""
+    bind_job(job_id)
     with store_errors():
         try:
             return store.get(job_id)
@@ -101,6 +124,7 @@ def list_validations(
                           409: _problem(409, "The job has already finished")})
 def cancel_validation(job_id: str, store: StoreDep) -> ValidationJob:
     """Cancel a queued or running job (a running job's process is stopped)."""
+    bind_job(job_id)
     with store_errors():
         try:
             return store.cancel(job_id)
