@@ -1,0 +1,392 @@
+"""The reference step under data parallelism, replayed per rank on the step simulator.
+
+``ParallelProgram`` is ``ReferenceProgram`` (planner/reference_step.py) plus what each data-parallel
+implementation allocates and frees, at the points of the step where torch 2.13 does it. The
+implementations are the ones ``service/validation/distributed.py`` runs (and ``planner/zero.py``
+names per stage):
+
+- stage 0, ``DistributedDataParallel(gradient_as_bucket_view=True)``: the reducer allocates one
+  flat bucket per ~25 MiB of gradients at construction, and ``param.grad`` becomes a view into it
+  (torch/csrc/distributed/c10d/reducer.cpp, ``initialize_buckets``). Autograd's gradient for a
+  parameter is stolen by AccumulateGrad, copied into the bucket view by the reducer's post-hook
+  and freed: so gradients are the buckets, live for the whole step, and each autograd gradient is
+  a temporary. The bucket all-reduce is in place.
+- stage 1, DDP + ``ZeroRedundancyOptimizer``: as stage 0; the optimizer states and the step's
+  temporaries cover the tensors this rank owns (``planner.zero.zero1_partition``: whole tensors,
+  greedy by size — uneven shards, so ranks differ).
+- stages 2 and 3, FSDP2 ``fully_shard`` on every block and on the root (embeddings, final norm,
+  output projection; the loss runs inside the root's forward): parameters are stored as padded
+  dim-0 shards (``fsdp_shard_shape``); a group's pre-forward all-gathers a flat buffer of the
+  unsharded size and copies it out into the unsharded parameters; the flat buffer is kept until
+  the next group's copy-out (implicit forward prefetch, ``AllGatherState``). Stage 3 frees the
+  unsharded parameters after each forward and gathers them again before backward, prefetching the
+  next group's all-gather in backward order; stage 2 keeps them from forward to backward. Each
+  group's post-backward (when its inputs' gradients are ready) frees the unsharded parameters,
+  copies the unsharded gradients into a flat reduce-scatter input (kept until the next group's
+  reduce-scatter, ``reduce_scatter_max_input_buffers=1``) and reduce-scatters into the sharded
+  gradients (category gradients). The root's post-backward runs in the final callback.
+
+Everything stays integer bytes; every rank is simulated on its own (``rank``).
+"""
+
+from __future__ import annotations
+
+from planner.reference_ops import T
+from planner.reference_step import ReferenceProgram, StepPeaks
+from planner.specs import ParallelSpec, ResolvedModel, TrainingSpec
+from planner.stepsim import Buf, Leaf, Machine, Node, Val
+from planner.zero import fsdp_shard_shape, zero1_partition
+
+_BUCKET = Buf(0, "gradients", "ddp_bucket_view")  # param.grad as a view: no bytes of its own
+
+
+class _DPMachine(Machine):
+    """Autograd's parameter gradients are temporaries: DDP copies them into its buckets, FSDP
+    reduce-scatters them into sharded gradients; neither keeps the tensor autograd made."""
+
+    ddp = True
+
+    def grad_cat(self, node: Node, edge_index: int) -> str:
+        return "temporaries"
+
+    def _accumulate_input(self, have, new, target):
+        if new is None:
+            return have
+        if have is None:
+            return new
+        s = self.alloc(max(have.nbytes, new.nbytes), "add(grad)", "temporaries")
+        self.drop(have, new)
+        return s
+
+    def _accumulate_grad(self, leaf: Leaf, g: Buf | None) -> None:
+        if g is None:
+            return
+        if leaf.grad is None:
+            if g.nbytes != leaf.grad_bytes:
+                c = self.alloc(leaf.grad_bytes, "to(grad)", "temporaries")
+                self.drop(g)
+                g = c
+            if self.ddp:  # reducer post-hook: copy into the bucket view, drop autograd's tensor
+                self.drop(g)
+                leaf.grad = _BUCKET
+            else:  # FSDP: the unsharded parameter's .grad until its group's post-backward
+                leaf.grad = g
+        else:
+            self.drop(g)
+
+
+class ParallelProgram(ReferenceProgram):
+    """One data-parallel rank of the reference step (see module docstring)."""
+
+    def __init__(self, model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
+                 rank: int = 0, *, device: str = "cuda", checkpointed: set[int] | None = None) -> None:
+        if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
+            raise ValueError("ParallelProgram describes data parallelism only")
+        self.par, self.rank = parallel, rank
+        self.n, self.z = parallel.data_parallel, parallel.zero_stage
+        if self.z >= 2 and checkpointed:
+            raise ValueError("activation checkpointing under FSDP2 re-runs its pre-forward "
+                             "hooks in backward, which this replay does not model")
+        super().__init__(model, training, device=device, checkpointed=checkpointed)
+        self.m.__class__ = _DPMachine
+        m = self.m
+        if self.z <= 1:
+            m.ddp = True
+            # DDP's buckets: every trainable gradient, allocated at construction
+            self.bucket = m.alloc(sum(t.numel * t.esz for t in self.trainable()), "ddp_buckets",
+                                  "gradients")
+        else:
+            m.ddp = False
+            self._setup_fsdp()
+
+    # ---- which tensors this rank's optimizer steps ------------------------------------------
+    def _owned(self) -> tuple[list[int], list[tuple[int, ...]]]:
+        tr = self.trainable()
+        shapes = [self.shapes[id(t.val)] for t in tr]
+        if self.z == 0:
+            return [t.numel for t in tr], shapes
+        if self.z == 1:
+            part = zero1_partition([t.numel for t in tr], self.n)[self.rank]
+            keep = sorted(part)
+            return [tr[i].numel for i in keep], [shapes[i] for i in keep]
+        sh = [fsdp_shard_shape(s, self.n) for s in shapes]
+        return [_numel(s) for s in sh], sh
+
+    def _inner_dtype(self) -> str:
+        return "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
+
+    def _alloc_states(self):
+        from planner.optimizers import optimizer_state_bytes
+
+        numels, shapes = self._owned()
+        return self.m.alloc(optimizer_state_bytes(
+            self.tr, numels, self._inner_dtype(), shapes,
+            device="cpu" if self.device == "cpu" else "cuda"), "optimizer_state", "optimizer_states")
+
+    def optimizer_step(self, first: bool) -> None:
+        from planner.optimizers import optimizer_step_temporary_bytes
+
+        m = self.m
+        numels, shapes = self._owned()
+        if first and self._states is None:
+            self._states = self._alloc_states()
+        tmp = m.alloc(optimizer_step_temporary_bytes(self.tr, numels, self._inner_dtype(), shapes),
+                      "optimizer_step")
+        m.drop(tmp)
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        if self.z >= 2:
+            for b in self.sharded_grads.values():
+                self.m.drop(b)
+            self.sharded_grads.clear()
+            return
+        for t in self.trainable():
+            if isinstance(t.val.fn, Leaf):
+                t.val.fn.grad = None  # the bucket stays
+
+    # ---- FSDP2 -----------------------------------------------------------------------------------
+    def _setup_fsdp(self) -> None:
+        m, n = self.m, self.n
+        L = self.cfg.num_layers
+        groups: dict[int, list[T]] = {g: [] for g in range(-1, L)}  # -1: the root
+        seen: set[int] = set()
+        for name, t in self.params.by_name.items():
+            if t.val.fn is None or id(t) in seen:
+                continue  # buffers (rotary tables) and frozen tensors are not sharded here
+            seen.add(id(t))
+            g = int(name[1:name.index(".")]) if name.startswith("b") and name[1].isdigit() else -1
+            groups[g].append(t)
+        self.groups = groups
+        self.unsharded_bytes: dict[int, int] = {}
+        self.sharded_bytes: dict[int, int] = {}
+        for g, ts in groups.items():
+            full = shard = 0
+            for t in ts:
+                rows = _numel(fsdp_shard_shape(self.shapes[id(t.val)], n))
+                shard += rows * t.esz
+                full += rows * n * t.esz
+                # the module's parameter now points at unsharded storage gathered on demand
+                m.cur[0] -= t.buf.nbytes
+                m.total -= t.buf.nbytes
+                t.buf.nbytes = 0
+            self.unsharded_bytes[g], self.sharded_bytes[g] = full, shard
+            if ts:
+                m.alloc(shard, f"sharded[{g}]", "parameters")
+                # one int64 scalar per group made at lazy init and kept (measured; torch.arange)
+                m.alloc(8, f"fsdp_state[{g}]", "temporaries")
+        self.unsharded: dict[int, Buf] = {}
+        self.flat_pending: dict[int, Buf] = {}  # prefetched all-gathers awaiting copy-out
+        self.ag_state: Buf | None = None  # forward: last all-gather output, freed at next copy-out
+        self.rs_states: list[Buf] = []
+        self.sharded_grads: dict[int, Buf] = {}
+        self._fsdp_nodes: dict[int, tuple[str, int]] = {}
+
+    def _gather(self, g: int, forward: bool) -> None:
+        """unshard() + wait_for_unshard(): all-gather into a flat buffer, copy out."""
+        m = self.m
+        if g in self.unsharded or not self.groups[g]:
+            return
+        flat = self.flat_pending.pop(g, None) or m.alloc(self.unsharded_bytes[g], "all_gather",
+                                                          "temporaries")
+        self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{g}]", "parameters")
+        if forward:
+            if self.ag_state is not None:
+                m.drop(self.ag_state)
+            self.ag_state = flat
+        else:
+            m.drop(flat)
+
+    def _reshard(self, g: int) -> None:
+        b = self.unsharded.pop(g, None)
+        if b is not None:
+            self.m.drop(b)
+
+    def _prefetch(self, g: int) -> None:
+        if g >= 0 and g not in self.unsharded and g not in self.flat_pending and self.groups[g]:
+            self.flat_pending[g] = self.m.alloc(self.unsharded_bytes[g], "all_gather", "temporaries")
+
+    def _post_backward(self, g: int) -> None:
+        m = self.m
+        grads = []
+        for t in self.groups[g]:
+            leaf = t.val.fn
+            if isinstance(leaf, Leaf) and leaf.grad is not None:
+                grads.append(leaf.grad)
+                leaf.grad = None
+        self._reshard(g)
+        while self.rs_states:  # reduce_scatter_max_input_buffers = 1
+            m.drop(self.rs_states.pop(0))
+        if not grads:
+            return
+        rs_in = m.alloc(self.unsharded_bytes[g], "reduce_scatter_input", "temporaries")
+        m.drop(*grads)
+        out = m.alloc(self.sharded_bytes[g], "reduce_scatter_output", "gradients")
+        if g in self.sharded_grads:  # accumulate into the existing sharded gradient
+            m.drop(out)
+        else:
+            self.sharded_grads[g] = out
+        self.rs_states.append(rs_in)
+
+    def _hook_node(self, x: T, kind: str, g: int) -> T:
+        """An identity autograd node: its backward runs FSDP's pre-/post-backward for ``g``."""
+        m = self.m
+
+        def bw(mm: Machine, node: Node, grads: list) -> list:
+            if kind == "post":
+                self._post_backward(g)
+            else:
+                if self.z == 3:
+                    self._gather(g, forward=False)
+                    self._prefetch(g - 1)
+            return [mm.hold(grads[0]) if grads[0] is not None else None]
+
+        node = m.node(f"FSDP::{kind}_backward[{g}]", [x.val], [], bw)
+        if node is None:
+            return self.ops.view(x)
+        return T(Val(m.hold(x.buf), node), x.numel, x.esz)
+
+    def run_block(self, x: T, i: int, rope):
+        if self.z <= 1:
+            return super().run_block(x, i, rope)
+        self._gather(i, forward=True)
+        xi = self._hook_node(x, "post", i)
+        out = super().run_block(xi, i, rope)
+        self.ops.drop(xi)
+        if self.z == 3:
+            self._reshard(i)
+        y = self._hook_node(out, "pre", i)
+        self.ops.drop(out)
+        return y
+
+    def forward_loss(self) -> T:
+        if self.z <= 1:
+            return super().forward_loss()
+        self._gather(-1, forward=True)
+        loss = super().forward_loss()
+        if self.z == 3:  # root post-forward
+            self._reshard(-1)
+        if self.ag_state is not None:
+            self.m.drop(self.ag_state)
+            self.ag_state = None
+        return loss
+
+    def backward(self, loss: T) -> None:
+        if self.z <= 1:
+            return super().backward(loss)
+        m = self.m
+        g = m.alloc(loss.numel * loss.esz, "ones_like")
+        m.hold(g)
+        started = [False]
+
+        def before(node: Node) -> None:
+            if not started[0]:  # root pre-backward: hooked on the forward's output
+                started[0] = True
+                if self.z == 3:
+                    self._gather(-1, forward=False)
+                    self._prefetch(self.cfg.num_layers - 1)
+            if self._ck_nodes:
+                self._before_node(node)
+
+        m.backward(loss.val, g, before_node=before)
+        self._ck_nodes.clear()
+        # final callback: the root's post-backward, then every reduce-scatter input released
+        self._post_backward(-1)
+        while self.rs_states:
+            m.drop(self.rs_states.pop(0))
+        for gg in list(self.unsharded):
+            if self.z == 3 or gg not in range(-1, self.cfg.num_layers):
+                self._reshard(gg)
+        m.drop(g)
+
+
+def _numel(s: tuple[int, ...]) -> int:
+    n = 1
+    for d in s:
+        n *= d
+    return n
+
+
+def simulate_rank(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec, rank: int,
+                  device: str, checkpointed: set[int] | None = None) -> StepPeaks:
+    """First-step and steady-state peaks of one data-parallel rank."""
+    return ParallelProgram(model, training, parallel, rank, device=device,
+                           checkpointed=checkpointed).run()
+
+
+def ranks_that_differ(parallel: ParallelSpec) -> list[int]:
+    """Ranks whose memory can differ: ZeroRedundancyOptimizer's uneven shards make every rank
+    its own case; DDP and FSDP2's padded shards make all ranks alike."""
+    return list(range(parallel.data_parallel)) if parallel.zero_stage == 1 else [0]
+
+
+__all__ = ["ParallelProgram", "ranks_that_differ", "simulate_rank"]
+
+
+REPLAYED_PRECISIONS = ("fp32", "amp-bf16", "bf16")
+
+
+def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec,
+                       checkpointed: set[int] | None) -> str | None:
+    """Why this data-parallel setup is outside the replay (None when it is replayed exactly)."""
+    if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
+        return "tensor and pipeline parallelism are not replayed rank by rank"
+    if training.precision not in REPLAYED_PRECISIONS:
+        return (f"precision {training.precision!r}: the multi-rank step runs "
+                f"{', '.join(REPLAYED_PRECISIONS)} (no fp32 master copies or loss scaler across "
+                "sharded optimizers)")
+    if training.precision_overrides is not None:
+        return "precision overrides are not run by the multi-rank step"
+    if training.lora is not None:
+        return "LoRA is not run by the multi-rank step"
+    if parallel.offload_optimizer or parallel.offload_parameters:
+        return "CPU offload is not replayed rank by rank"
+    if parallel.zero_stage >= 2 and checkpointed:
+        return ("activation checkpointing under FSDP2 (stages 2-3) re-runs the pre-forward "
+                "all-gather in backward, which the replay does not model")
+    if training.optimizer in ("adam-8bit", "lion"):
+        return f"optimizer {training.optimizer!r} has no torch.optim implementation"
+    return None
+
+
+def _zero1_owned_key(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec):
+    """Per rank, the numels it owns under ZeroRedundancyOptimizer (ranks with equal keys hold
+    the same bytes) and the rank's optimizer-state bytes."""
+    from planner.optimizers import optimizer_state_bytes
+    from planner.zero import parameter_shapes
+
+    numels = [_numel(s) for s in parameter_shapes(model)]  # registration order, tied once
+    parts = zero1_partition(numels, parallel.data_parallel)
+    dtype = "fp32" if training.precision in ("fp32", "amp-bf16") else "bf16"
+    keys = [tuple(sorted(numels[i] for i in p)) for p in parts]
+    states = [optimizer_state_bytes(training, list(k), dtype) for k in keys]
+    return keys, states
+
+
+def data_parallel_peaks(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
+                        device: str, checkpointed: set[int] | None = None, *,
+                        every_rank: bool = True) -> list[tuple[int, StepPeaks]]:
+    """(rank, peaks) per rank; ranks that hold the same bytes are simulated once. With
+    ``every_rank=False`` only the candidates for the worst rank are returned (under
+    ZeroRedundancyOptimizer: the ranks owning the most state bytes and the most elements), so
+    a thousand-rank plan costs two replays."""
+    n = parallel.data_parallel
+    if parallel.zero_stage != 1:
+        pk = simulate_rank(model, training, parallel, 0, device, checkpointed)
+        return [(r, pk) for r in (range(n) if every_rank else [0])]
+    keys, states = _zero1_owned_key(model, training, parallel)
+    if every_rank:
+        ranks = list(range(n))
+    else:
+        ranks = sorted({max(range(n), key=lambda r: (states[r], -r)),
+                        max(range(n), key=lambda r: (sum(keys[r]), -r))})
+    sims: dict[tuple, StepPeaks] = {}
+    out = []
+    for r in ranks:
+        if keys[r] not in sims:
+            sims[keys[r]] = simulate_rank(model, training, parallel, r, device, checkpointed)
+        out.append((r, sims[keys[r]]))
+    return out
+
+
+__all__ += ["REPLAYED_PRECISIONS", "data_parallel_peaks", "unsupported_reason"]

@@ -1,0 +1,455 @@
+"""Multi-rank validation: the reference step under DDP and ZeRO 1/2/3, measured rank by rank.
+
+Rank program (one process per rank, started by torchrun)::
+
+    python -m torch.distributed.run --standalone --nproc-per-node N \\
+        -m service.validation.distributed SPEC.json OUT.json
+
+gloo on CPU, NCCL on CUDA. Every rank builds the reference model of ``service.validation.step``
+with the same seed, wraps it as ``parallelism.zero_stage`` says, and runs ``steps`` optimizer
+steps on its own batch (seeded by rank). The implementations, one per stage (``planner/zero.py``
+and ``planner/reference_parallel.py`` describe the same ones):
+
+- 0: ``DistributedDataParallel(gradient_as_bucket_view=True, broadcast_buffers=False)``: the
+  reducer's flat buckets are allocated at construction and ``param.grad`` is a view into them.
+- 1: the same DDP plus ``torch.distributed.optim.ZeroRedundancyOptimizer``: whole tensors are
+  assigned to ranks (uneven shards); each rank steps its own and broadcasts them.
+- 2: FSDP2 ``fully_shard(reshard_after_forward=False)`` per block and on the root.
+- 3: FSDP2 ``fully_shard`` per block and on the root (the next block's all-gather prefetched).
+- ``offload_parameters`` / ``offload_optimizer`` on stage 3: FSDP2 ``CPUOffloadPolicy`` (sharded
+  parameters, gradients and the optimizer step in host memory). ZeroRedundancyOptimizer has no
+  offload, so stage 1-2 offload is refused.
+
+Memory per rank: ``DistributedMeter`` (``LiveMemoryMeter`` plus FSDP2's storage resizes, which no
+dispatch mode sees) on every device, the caching allocator's peak on CUDA. Categories: sharded
+and unsharded parameters -> parameters; ``param.grad`` (DDP bucket views, FSDP sharded grads) ->
+gradients; optimizer state -> optimizer_states; everything allocated inside FSDP2's all-gather and
+reduce-scatter (flat buffers) -> temporaries; the rest as in the single-device meter.
+
+``run_multi_rank`` is what a validation job with world size > 1 runs: it launches the ranks in
+their own process group with a wall-clock limit, reads every rank's breakdowns and compares each
+with the planner's per-rank estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from planner.specs import (
+    Breakdown,
+    Progress,
+    RankResult,
+    ValidationRequest,
+    ValidationResult,
+    relative_error,
+)
+from service.validation.meter import LiveMemoryMeter, Record, _flat_tensors, _storages
+
+ProgressFn = Callable[[Progress], None]
+ROOT = Path(__file__).resolve().parents[2]
+# Precisions whose optimizer steps the parameters the wrapper owns (no separate fp32 master copy,
+# no loss scaler reading gradient values across sharded optimizers).
+MULTI_RANK_PRECISIONS = ("fp32", "amp-bf16", "bf16")
+
+
+# ---- the meter ---------------------------------------------------------------------------------
+class DistributedMeter(LiveMemoryMeter):
+    """``LiveMemoryMeter`` that also follows ``UntypedStorage.resize_`` (FSDP2 frees and
+    re-allocates unsharded parameters that way; MemTracker patches it for the same reason) and
+    remembers every record a storage has had, so that a later ``mark`` classifies the storage's
+    past sizes too (the peak snapshot may hold one of them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # storage -> its earlier records (only storages that were resized); weak, so a dead
+        # storage's id never lends its history to a new one
+        self._history: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._orig_resize = None
+
+    def mark(self, tensors: Any, category: str) -> None:
+        super().mark(tensors, category)
+        for t in _flat_tensors(tensors):
+            for st in _storages(t):
+                for rec in self._history.get(st, []):
+                    rec.category = category
+
+    def _resized(self, st: torch.UntypedStorage) -> None:
+        entry = self._live.get(st)
+        old = entry[0] if entry is not None else None
+        if old is not None:
+            self._history.setdefault(st, []).append(old)
+            self.current_bytes -= old.nbytes
+            del self._live[st]  # drops the old weakref: its free callback never runs
+        rec = Record(int(st.nbytes()), self.phase, "resize_", old.category if old else None)
+
+        def _free(_: Any, rec: Record = rec) -> None:
+            self.current_bytes -= rec.nbytes
+
+        self._live[st] = (rec, weakref.ref(st, _free))
+        self.current_bytes += rec.nbytes
+        if self.current_bytes > self.peak.total_bytes:
+            self.peak = type(self.peak)(self.current_bytes, self._live_records(), "resize_", self.phase)
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self._orig_resize = orig = torch.UntypedStorage.resize_
+        meter = self
+
+        def resize_(st: torch.UntypedStorage, size: int) -> None:
+            orig(st, size)
+            meter._resized(st)
+
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        torch.UntypedStorage.resize_ = self._orig_resize  # type: ignore[method-assign]
+        return super().__exit__(*exc)
+
+
+@contextmanager
+def _fsdp_collectives_as(meter: DistributedMeter, phase: str) -> Iterator[None]:
+    """Run FSDP2's all-gather / copy-out / reduce-scatter with the meter in ``phase``: their flat
+    buffers are communication temporaries, not activations, even inside forward."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as G
+
+    names = ("foreach_all_gather", "foreach_all_gather_copy_out", "foreach_reduce")
+    saved = {n: getattr(G, n) for n in names}
+
+    def wrap(fn: Callable) -> Callable:
+        def inner(*a: Any, **k: Any) -> Any:
+            with meter.in_phase(phase):
+                return fn(*a, **k)
+        return inner
+
+    for n in names:
+        setattr(G, n, wrap(saved[n]))
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(G, n, fn)
+
+
+# ---- the rank program ----------------------------------------------------------------------------
+def _optimizer_class_and_defaults(training, params) -> tuple[type, dict]:
+    import inspect
+
+    from service.validation import step as S
+
+    probe = S.make_optimizer(training, [torch.nn.Parameter(torch.zeros(1))])
+    accepted = inspect.signature(type(probe).__init__).parameters
+    return type(probe), {k: v for k, v in probe.defaults.items() if k in accepted}
+
+
+def rank_main(spec_path: str, out_path: str) -> None:
+    import torch.distributed as dist
+    from torch import nn
+
+    from planner.catalog import resolve_model
+    from service.validation import step as S
+    from service.validation.runner import _device as device_for
+
+    req = ValidationRequest.model_validate_json(Path(spec_path).read_text())
+    cuda = device_for(req).type == "cuda"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    par, tr = req.parallelism, req.training
+    z = par.zero_stage
+    cfg = resolve_model(req.model)
+    progress_path = os.environ.get("MEMPLAN_PROGRESS")
+
+    def report(step: int) -> None:
+        if rank == 0 and progress_path:
+            Path(progress_path).write_text(json.dumps({"step": step}))
+
+    torch.manual_seed(0)
+    s = S.build(cfg, tr, dev)
+    s.optimizer = None  # type: ignore[assignment]  # rebuilt over the wrapped parameters
+    model = s.model
+
+    class LossModule(nn.Module):
+        """The step's forward and loss as one module call, so the wrappers' hooks run."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, idx: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+            return S.forward_loss(s, idx, tgt)
+
+    idx, tgt = S.make_batch(cfg, tr, dev, seed=rank)
+    meter = DistributedMeter()
+    steps: list[dict] = []
+    with meter:
+        with meter.in_phase("other"):
+            root: nn.Module = LossModule()
+            zero_opt = None
+            if z <= 1:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                meter.register(model, "parameters")
+                root = DDP(root, device_ids=[local] if cuda else None,
+                           gradient_as_bucket_view=True, broadcast_buffers=False)
+                params = [p for p in model.parameters() if p.requires_grad]
+                if z == 0:
+                    opt = S.make_optimizer(tr, params)
+                else:
+                    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+                    cls, kw = _optimizer_class_and_defaults(tr, params)
+                    opt = zero_opt = ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw)
+            else:
+                from torch.distributed.fsdp import (
+                    CPUOffloadPolicy,
+                    OffloadPolicy,
+                    fully_shard,
+                )
+
+                offload = CPUOffloadPolicy(pin_memory=cuda) if par.offload_parameters else OffloadPolicy()
+                reshard = z == 3
+                for block in model.blocks:
+                    fully_shard(block, reshard_after_forward=reshard, offload_policy=offload)
+                fully_shard(root, reshard_after_forward=reshard, offload_policy=offload)
+                if not cuda:
+                    comm = _GlooReduceScatter()
+                    for mod in [root, *model.blocks]:
+                        mod.set_custom_reduce_scatter(comm)
+                meter.register(model, "parameters")
+                params = [p for p in model.parameters() if p.requires_grad]
+                opt = S.make_optimizer(tr, params)
+            s.optimizer = opt
+            if tr.optimizer == "adagrad":
+                meter.mark(zero_opt.optim if zero_opt else opt, "optimizer_states")
+        meter.register([idx, tgt], "activations")
+        fsdp_ctx = _fsdp_collectives_as(meter, "comm") if z >= 2 else _null()
+        with fsdp_ctx:
+            for i in range(req.steps):
+                report(i + 1)
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                meter.reset_peak()
+                for _ in range(tr.gradient_accumulation_steps):
+                    with meter.in_phase("forward"):
+                        loss = root(idx, tgt)
+                    with meter.in_phase("backward"):
+                        S.backward(s, loss)
+                    del loss
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                meter.mark(grads, "gradients")
+                del grads
+                if z >= 2:  # unsharded parameters: the all-gather outputs each FSDPParam keeps
+                    meter.mark(_fsdp_unsharded(root), "parameters")
+                with meter.in_phase("optimizer"):
+                    S.optimizer_step(s)
+                meter.mark(zero_opt.optim if zero_opt else opt, "optimizer_states")
+                if cuda:
+                    torch.cuda.synchronize(dev)
+                pk = meter.peak
+                if os.environ.get("MEMPLAN_PEAK_RECORDS"):  # diagnosis: every live storage
+                    print(f"rank {rank} step {i + 1} peak {pk.op}/{pk.phase}:", sorted(
+                        (r.resolved(), r.op, r.phase, r.nbytes) for r in pk.records), flush=True)
+                steps.append({"breakdown": pk.breakdown(), "op": pk.op, "phase": pk.phase,
+                              "cuda_allocated": torch.cuda.max_memory_allocated(dev) if cuda else None})
+    steady = max(range(1, len(steps)), key=lambda j: steps[j]["breakdown"]["total"])
+    mine = {"rank": rank, "first": steps[0], "steady": steps[steady],
+            "device": str(dev) if not cuda else f"cuda:{local} ({torch.cuda.get_device_name(dev)})"}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps({"world_size": world, "ranks": gathered}))
+    dist.barrier()
+
+
+def _gloo_reduce_scatter_cls() -> type:
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
+        DefaultReduceScatter,
+    )
+
+    class GlooReduceScatter(DefaultReduceScatter):
+        """FSDP2's reduce-scatter on gloo as an in-place all-reduce of the flat input plus a copy
+        of this rank's chunk. gloo's own reduce_scatter copies its input into a flat temporary
+        that its worker thread frees at an unpredictable moment, so a CPU rank's peak would vary
+        from run to run by one group's gradient bytes; this keeps exactly the buffers FSDP2
+        allocates (input and output) and nothing else. NCCL runs use torch's reduce-scatter."""
+
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):  # type: ignore[override]
+            import torch.distributed as dist
+
+            dist.all_reduce(input_tensor, op=op, group=group)
+            world, rank = dist.get_world_size(group), dist.get_rank(group)
+            output_tensor.copy_(input_tensor.view(world, -1)[rank])
+
+    return GlooReduceScatter
+
+
+def _GlooReduceScatter():
+    return _gloo_reduce_scatter_cls()()
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def _fsdp_unsharded(root: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for mod in root.modules():
+        state = getattr(mod, "_get_fsdp_state", None)
+        if state is None:
+            continue
+        group = state()._fsdp_param_group
+        if group is None:
+            continue
+        for fp in group.fsdp_params:
+            out += list(getattr(fp, "all_gather_outputs", []))
+            out += list(getattr(fp, "_unsharded_inner_tensors", []))
+    return out
+
+
+if __name__ == "__main__":
+    rank_main(sys.argv[1], sys.argv[2])
+    # Leave without tearing the gloo group down: its worker threads can abort the interpreter's
+    # exit ("terminate called without an active exception"); every result is written already.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ---- launcher (runs in the job's process) ------------------------------------------------------
+def check_multi_rank(req: ValidationRequest) -> None:
+    """Refuse, with the reason, what the multi-rank step does not run."""
+    from planner.catalog import resolve_model
+    from planner.memory import checkpointed_blocks
+    from planner.reference_parallel import unsupported_reason
+    from service.validation.runner import ValidationUnsupported
+
+    if req.mode == "traced":
+        raise ValidationUnsupported("multi-rank validation runs real ranks (gloo/NCCL "
+                                    "collectives have no FakeTensorMode); use mode 'real'")
+    model = resolve_model(req.model)
+    if not model.architecture_known:
+        raise ValidationUnsupported("a bare num_parameters model cannot be built; give the architecture")
+    ckpt = checkpointed_blocks(req.training, model.num_layers)
+    reason = unsupported_reason(req.training, req.parallelism, ckpt)
+    if reason is not None:
+        raise ValidationUnsupported(f"multi-rank validation: {reason}")
+    if req.training.dropout > 0:
+        raise ValidationUnsupported("multi-rank validation runs without dropout (each rank's "
+                                    "masks are its own; set dropout 0)")
+    if req.training.optimizer == "adafactor":
+        raise ValidationUnsupported("adafactor's factored states need whole matrices: not run "
+                                    "under sharding")
+
+
+def per_rank_estimates(req: ValidationRequest, device: str) -> list[tuple[Breakdown, Breakdown]]:
+    """(first step, steady state) estimate of every rank."""
+    from planner.catalog import resolve_model
+    from planner.memory import checkpointed_blocks
+    from planner.reference_parallel import data_parallel_peaks
+
+    model = resolve_model(req.model)
+    ckpt = checkpointed_blocks(req.training, model.num_layers)
+    return [(Breakdown(**pk.first.as_dict()), Breakdown(**pk.steady.as_dict()))
+            for _, pk in data_parallel_peaks(model, req.training, req.parallelism, device, ckpt)]
+
+
+def launch_ranks(req: ValidationRequest, timeout_s: float,
+                 progress: ProgressFn | None = None) -> dict:
+    """Run the rank program under torchrun in a new process group; kill the group on timeout.
+    Returns rank 0's gathered JSON (every rank's breakdowns)."""
+    n = req.parallelism.data_parallel
+    with tempfile.TemporaryDirectory(prefix="memplan-ranks-") as tmp:
+        spec, out, prog = Path(tmp, "spec.json"), Path(tmp, "out.json"), Path(tmp, "progress.json")
+        spec.write_text(req.model_dump_json())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(n), "-m", "service.validation.distributed",
+               str(spec), str(out)]
+        env = {**os.environ, "MEMPLAN_PROGRESS": str(prog),
+               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env.setdefault("OMP_NUM_THREADS", "1")
+        with open(Path(tmp, "log.txt"), "w+") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            deadline = time.monotonic() + timeout_s
+            last = 0
+            try:
+                while proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the {n} ranks did not finish within {timeout_s:g} s")
+                    if progress is not None and prog.exists():
+                        try:
+                            step = json.loads(prog.read_text())["step"]
+                        except (ValueError, KeyError):
+                            step = last
+                        if step != last:
+                            last = step
+                            progress(Progress(phase="running", step=step, total_steps=req.steps))
+                    time.sleep(0.1)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            if proc.returncode != 0 or not out.exists():
+                log.seek(0)
+                tail = log.read()[-3000:]
+                raise RuntimeError(f"torchrun with {n} ranks exited with code {proc.returncode}: {tail}")
+        return json.loads(out.read_text())
+
+
+def run_multi_rank(req: ValidationRequest, progress: ProgressFn | None = None,
+                   timeout_s: float | None = None) -> ValidationResult:
+    """Measure every rank and compare each with the planner's estimate for that rank; the
+    top-level estimate, measurement and error are the worst rank's (highest relative error of
+    the total, ties to the highest measured peak)."""
+    from service.validation.runner import _device
+
+    check_multi_rank(req)
+    dev = _device(req)
+    if progress:
+        progress(Progress(phase="building", step=0, total_steps=req.steps))
+    data = launch_ranks(req, timeout_s or req.timeout_s, progress)
+    if progress:
+        progress(Progress(phase="comparing", step=req.steps, total_steps=req.steps))
+    est = per_rank_estimates(req, "cuda" if dev.type == "cuda" else "cpu")
+    ranks: list[RankResult] = []
+    firsts: dict[int, tuple[Breakdown, Breakdown]] = {}
+    peaks: dict[int, dict] = {}
+    for r in sorted(data["ranks"], key=lambda x: x["rank"]):
+        k = r["rank"]
+        first_e, steady_e = est[k]
+        steady_m = Breakdown(**r["steady"]["breakdown"])
+        ranks.append(RankResult(rank=k, estimate=steady_e, measured=steady_m,
+                                relative_error=relative_error(steady_e, steady_m)))
+        firsts[k] = (first_e, Breakdown(**r["first"]["breakdown"]))
+        peaks[k] = r
+    worst = max(ranks, key=lambda rr: (abs(rr.relative_error.total or 0.0), rr.measured.total,
+                                       -rr.rank))
+    w = worst.rank
+    cuda_peak = peaks[w]["steady"].get("cuda_allocated")
+    return ValidationResult(
+        device=f"{peaks[w]['device']} x {len(ranks)} ranks "
+               f"({'nccl' if dev.type == 'cuda' else 'gloo'})",
+        mode=req.mode, estimate=worst.estimate, measured=worst.measured,
+        relative_error=worst.relative_error,
+        first_step_estimate=firsts[w][0], first_step_measured=firsts[w][1],
+        peak_op=peaks[w]["steady"]["op"], peak_phase=peaks[w]["steady"]["phase"],
+        max_reserved_bytes=cuda_peak, ranks=ranks, worst_rank=w)
