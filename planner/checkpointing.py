@@ -1,13 +1,27 @@
 """Activation checkpoint placement: which transformer blocks recompute their forward in backward.
 
-A request gives either a training setup (``model``, ``training``, ``parallelism``, ``hardware``),
-from which the planner derives one chain block per transformer block of the first pipeline
-stage, or an explicit ``chain`` of per-block costs a user profiled, or ``strategy: "revolve"``
-with ``num_steps`` and ``slots`` for the homogeneous-chain optimum. The chain model, the peak
-formula and the solvers are in ``planner.checkpoint_solvers``.
+A request gives one of three things:
 
-The result's ``plan`` is what the reference step takes:
-``service.validation.step.build(..., checkpointed=set(plan.checkpointed_blocks))``.
+- a training setup (``model``, ``training``, ``parallelism``, ``hardware``): every peak is the
+  step simulator's replay of the reference step (``planner.memory.estimate_memory``, the figure
+  POST /v1/memory gives for the same strategy), so a plan is exactly what a validation job
+  measures. Recompute cost is the block's forward FLOPs (``block_forward_flops``) timed by a
+  roofline on the chosen GPU;
+- an explicit ``chain`` of per-block costs a user profiled: the chain model, the peak formula and
+  the budget solvers of ``planner.checkpoint_solvers``;
+- ``strategy: "revolve"`` with ``num_steps`` and ``slots``: the homogeneous-chain optimum.
+
+``budget`` on a setup. The reference model's blocks are identical, so every placement of ``k``
+checkpointed blocks recomputes the same FLOPs, and the peak is what decides between them. In the
+chain model (``checkpoint_solvers`` docstring) checkpointing block ``j`` lowers every prefix sum
+after ``j`` by the same ``d = saved - input``, so the first ``k`` blocks lower every prefix at least
+as much as any other ``k`` blocks: blocks ``0..k-1`` have the lowest peak of all ``k``-sets, and
+the least ``k`` whose simulated peak fits is the optimum (``tests/test_checkpoint_reference.py``
+checks both claims against the simulator over every subset of small models). The search is
+``planner.memory``'s, so /v1/memory with strategy 'budget' resolves the same blocks.
+
+The result's ``plan`` is an ``activation_checkpointing`` object the reference step applies as it
+is: put it in ``training`` of POST /v1/memory or POST /v1/validations.
 """
 
 from __future__ import annotations
@@ -19,13 +33,27 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.catalog import get_gpu, resolve_model
 from planner.checkpoint_solvers import (
-    MAX_BYTES, MAX_CHAIN_BLOCKS, ChainBlock, chain_peak_bytes, min_peak_plan, recompute_time_s,
-    revolve_forward_steps, solve_budget,
+    MAX_BYTES,
+    MAX_CHAIN_BLOCKS,
+    ChainBlock,
+    chain_peak_bytes,
+    min_peak_plan,
+    recompute_time_s,
+    revolve_forward_steps,
+    solve_budget,
 )
-from planner.parameters import count_parameters
-from planner.precision import DTYPE_BYTES, resolve_precision
+from planner.errors import PlanningError
 from planner.specs import (
-    MAX_LAYERS, Assumption, HardwareSpec, ModelSpec, ParallelSpec, ResolvedModel, TrainingSpec,
+    MAX_LAYERS,
+    ActivationCheckpointing,
+    Assumption,
+    Breakdown,
+    HardwareSpec,
+    MemoryRequest,
+    ModelSpec,
+    ParallelSpec,
+    ResolvedModel,
+    TrainingSpec,
 )
 
 MAX_REVOLVE_STEPS = 100_000
@@ -33,7 +61,10 @@ MAX_REVOLVE_SLOTS = 10_000
 ASSUMED_MFU = 0.5  # model FLOPs utilisation of the roofline forward time (stated assumption)
 NOMINAL_GPU = "h100-80gb"  # times are computed on it when the request names no GPU
 
-Strategy = Literal["none", "full", "every-k", "sqrt", "selective", "budget", "revolve"]
+Strategy = Literal["none", "full", "every-k", "sqrt", "selective", "budget", "blocks", "revolve"]
+
+__all__ = ["CheckpointRequest", "CheckpointResult", "PlanningError", "block_forward_flops",
+           "head_forward_flops", "named_plan", "plan_checkpointing"]
 
 
 class _Frozen(BaseModel):
@@ -50,10 +81,16 @@ class CheckpointRequest(_Frozen):
         None, ge=1, le=MAX_BYTES, description="For 'budget': peak bytes per device (default: "
         "training.activation_checkpointing.budget_bytes, else the hardware's memory).")
     every_k: int | None = Field(None, ge=1, le=MAX_CHAIN_BLOCKS, description="For 'every-k'.")
+    blocks: list[int] | None = Field(
+        None, max_length=MAX_CHAIN_BLOCKS, description="For 'blocks': the checkpointed block "
+        "indices to evaluate (a setup also takes training.activation_checkpointing.blocks).")
     model: ModelSpec | None = None
     training: TrainingSpec | None = None
     parallelism: ParallelSpec | None = None
     hardware: HardwareSpec | None = None
+    device: Literal["cuda", "cpu"] = Field(
+        "cuda", description="Setup: the reference step's kernels the peaks describe ('cpu' for a "
+        "validation job on a CPU worker; the layer-norm statistics dtype differs).")
     chain: list[ChainBlock] | None = Field(
         None, min_length=1, max_length=MAX_CHAIN_BLOCKS, description="Profiled per-block costs.")
     base_bytes: int = Field(0, ge=0, le=MAX_BYTES, description="With a chain: bytes resident "
@@ -65,7 +102,7 @@ class CheckpointRequest(_Frozen):
                               description="Revolve: c, the initial state's slot included.")
 
     @model_validator(mode="after")
-    def _one_form(self) -> "CheckpointRequest":
+    def _one_form(self) -> CheckpointRequest:
         setup = any(v is not None for v in (self.model, self.training, self.parallelism))
         revolve = self.strategy == "revolve" or self.num_steps is not None or self.slots is not None
         if sum([setup, self.chain is not None, revolve]) != 1:
@@ -85,32 +122,35 @@ class CheckpointRequest(_Frozen):
         return self
 
 
-class CheckpointPlan(_Frozen):
-    """What the reference step applies: each listed block runs under torch.utils.checkpoint."""
-
-    checkpointed_blocks: list[int]
-    core_attention_blocks: list[int] = Field(
-        default_factory=list, description="'selective': blocks whose core attention is recomputed "
-        "(Megatron); the reference step does not apply these.")
-
-
 class CheckpointResult(_Frozen):
     strategy: Strategy
-    num_blocks: int | None = Field(None, description="Blocks in the chain (first pipeline stage).")
+    num_blocks: int | None = Field(None, description="Blocks in the chain (the model's layers).")
     checkpointed_blocks: list[int] = Field(default_factory=list)
     segments: list[tuple[int, int]] = Field(
         default_factory=list, description="Runs [first, last] of consecutive checkpointed blocks "
         "(each block is its own checkpoint call).")
-    activation_peak_bytes: int | None = Field(None, description="Peak above base_bytes.")
-    total_peak_bytes: int | None = Field(None, description="Peak including model states.")
+    activation_peak_bytes: int | None = Field(
+        None, description="Setup: activations + temporaries at the step's peak. Chain: the peak "
+        "above base_bytes.")
+    total_peak_bytes: int | None = Field(None, description="Peak including model states (the "
+                                         "allocated peak; allocator reserve not included).")
+    breakdown: Breakdown | None = Field(
+        None, description="Setup: the peak by category, as POST /v1/memory gives it.")
+    allocator_reserve_bytes: int | None = Field(
+        None, description="Setup: allocator overhead assumed on top (0 on CPU); a budget must hold "
+        "total_peak_bytes + allocator_reserve_bytes.")
+    peak_phase: str | None = None
     budget_bytes: int | None = None
     fits: bool | None = None
     min_achievable_peak_bytes: int | None = Field(
         None, description="When the plan does not fit: the smallest peak any placement reaches.")
-    recompute_forward_flops: int | None = None
+    block_forward_flops: int | None = Field(
+        None, description="Setup: forward FLOPs of one block, one micro-batch, per device.")
+    recompute_forward_flops: int | None = Field(
+        None, description="Extra forward FLOPs per optimizer step (all micro-batches).")
     recompute_time_s: float | None = None
-    step_time_s: float | None = Field(None, description="Forward + backward of the chain, "
-                                      "without recompute.")
+    step_time_s: float | None = Field(None, description="Forward + backward without recompute "
+                                      "(setup: the whole model, loss head included).")
     recompute_time_fraction: float | None = Field(
         None, description="recompute_time_s / step_time_s: the expected step time ratio - 1.")
     exact: bool | None = Field(None, description="'budget': the plan is proven optimal.")
@@ -118,82 +158,53 @@ class CheckpointResult(_Frozen):
         None, description="'budget': no placement within the budget recomputes less.")
     solver: str | None = None
     recompute_forward_steps: int | None = Field(None, description="Revolve: t(l, c).")
-    plan: CheckpointPlan | None = None
+    core_attention_blocks: list[int] = Field(
+        default_factory=list, description="'selective' (implementation 'megatron'): blocks whose "
+        "core attention is recomputed; the reference step does not run this.")
+    plan: ActivationCheckpointing | None = Field(
+        None, description="training.activation_checkpointing that applies this plan as it is "
+        "(POST /v1/memory, POST /v1/validations).")
     assumptions: list[Assumption] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
 
 
-from planner.errors import PlanningError  # noqa: E402  (re-exported for the route)
+# ---- forward FLOPs of the reference model ------------------------------------------------------
 
-
-# ---- the chain of a training setup -------------------------------------------------------------
-
-def _model_chain(model: ResolvedModel, training: TrainingSpec, parallelism: ParallelSpec,
-                 gpu_flops: float) -> tuple[list[ChainBlock], int, tuple[int, float, int]]:
-    """Blocks of the first pipeline stage, the tail bytes, and per block the core attention's
-    (saved bytes, forward seconds, forward FLOPs) for 'selective'.
-
-    INTERIM formula, to be replaced by the measured activation model.
-    TODO(activations): take saved/input/transient bytes and FLOPs from
-    ``planner.activations.block_costs(model, training, parallelism)``.
-    """
+def block_forward_flops(model: ResolvedModel, training: TrainingSpec,
+                        tensor_parallel: int = 1) -> int:
+    """Matmul FLOPs of one reference block's forward (service/validation/model.py), one
+    micro-batch, per tensor-parallel rank. 2 FLOPs per multiply-add (Kaplan et al. 2020, §2.1):
+    q and o (h x h), k and v (h x kv), the MLP's 2 (gpt2) or 3 (SwiGLU) h x f matrices, LoRA's
+    r x (d_in + d_out) per adapted projection, and the attention core QK^T and AV at 4*b*s^2*h
+    (Narayanan et al. 2021, eq. 3: dense, as the math of sdpa; a causal kernel may skip half).
+    Element-wise ops (norms, activations, softmax, rotary) are not counted."""
     b, s = training.micro_batch_size, training.sequence_length
-    h, a = model.hidden_size, model.num_heads
-    t = parallelism.tensor_parallel
-    sp = parallelism.sequence_parallel or t == 1
-    act_bytes = 4 if training.precision == "fp32" else 2  # Korthikanti et al. 2022 assume 16 bit
-    eager = training.attention == "eager"
-    scores = 5 * a * s / h if eager else 0.0  # sdpa keeps no (a, s, s) scores
-    # Korthikanti et al. 2022, eq. 1 / Table 2: s*b*h*(34 + 5as/h) bytes per layer at 16 bit;
-    # tensor parallel with sequence parallel divides all by t, without it 10 of the 34 stay whole.
-    coeff = (34 + scores) / t if sp else 10 + 24 / t + scores / t
-    saved_bytes = round(s * b * h * coeff * act_bytes / 2)
-    score_bytes = round(s * b * h * (scores / t) * act_bytes / 2)
-    input_bytes = s * b * h * act_bytes // (t if sp else 1)
-    f = model.ffn_hidden_size
-    kv = (model.num_kv_heads or a) * (h // a)
-    # interim: widest backward intermediate (MLP, or the scores when eager) twice, plus the
-    # incoming and outgoing gradient of the residual stream
-    widest = max(2 * f, 2 * a * s if eager else 0) * b * s * act_bytes // t
-    transient_bytes = widest + 2 * input_bytes
-    mats = 2 if model.family == "gpt2" else 3  # MLP matrices (SwiGLU has gate, up, down)
-    # 2 FLOPs per multiply-add (Kaplan et al. 2020): q, o (h x h), k, v (h x kv), MLP (h x f),
-    # and the attention core QK^T and AV: 4*b*s^2*h (Narayanan et al. 2021, eq. 3)
-    core_flops = 4 * b * s * s * h // t
-    flops = (2 * b * s * (2 * h * h + 2 * h * kv + mats * h * f)) // t + core_flops
-    forward_s = flops / (gpu_flops * ASSUMED_MFU)
-    backward_s = 2 * forward_s  # backward = 2x forward FLOPs (Narayanan et al. 2021, §5.1)
-    stage_layers = math.ceil(model.num_layers / parallelism.pipeline_parallel)
-    blk = ChainBlock(forward_s=forward_s, backward_s=backward_s, saved_bytes=saved_bytes,
-                     input_bytes=input_bytes, transient_bytes=transient_bytes, forward_flops=flops)
-    # interim tail: norm_f input, logits in the compute dtype, their fp32 copy and log-softmax
-    V = model.vocab_size
-    tail_bytes = input_bytes + b * s * V * (act_bytes + 8)
-    core = (score_bytes, core_flops / (gpu_flops * ASSUMED_MFU), core_flops)
-    return [blk] * stage_layers, tail_bytes, core
+    h, f = model.hidden_size, model.ffn_hidden_size
+    kv = (model.num_kv_heads or model.num_heads) * model.head_dim
+    gpt2 = model.family == "gpt2"
+    dims = {"q": (h, h), "k": (h, kv), "v": (h, kv), "o": (h, h), "up": (h, f), "down": (f, h)}
+    if not gpt2:
+        dims["gate"] = (h, f)
+    macs = sum(i * o for i, o in dims.values())
+    lora = training.lora
+    if lora is not None:
+        macs += sum(lora.rank * (dims[m][0] + dims[m][1]) for m in lora.target_modules
+                    if m in dims)
+    return (2 * b * s * macs + 4 * b * s * s * h) // tensor_parallel
 
 
-_OPTIMIZER_STATES = {  # states per parameter (torch.optim); TODO(memory): planner.optimizers
-    "sgd": 0, "sgd-momentum": 1, "adagrad": 1, "rmsprop": 1, "adadelta": 2, "adam": 2,
-    "adamw": 2, "adam-8bit": 2, "adafactor": 0, "lion": 1,
-}
+def head_forward_flops(model: ResolvedModel, training: TrainingSpec,
+                       tensor_parallel: int = 1) -> int:
+    """The loss head's matmul (h x V) per micro-batch and tensor-parallel rank."""
+    b, s = training.micro_batch_size, training.sequence_length
+    return 2 * b * s * model.hidden_size * model.vocab_size // tensor_parallel
 
 
-def _model_state_bytes(model: ResolvedModel, training: TrainingSpec, par: ParallelSpec) -> int:
-    """INTERIM: parameters + gradients + master copy + optimizer states per device, ZeRO
-    partitioning per Rajbhandari et al. 2020 §5. TODO(memory): take from planner.memory."""
-    p = resolve_precision(training)
-    n = model.num_parameters // (par.tensor_parallel * par.pipeline_parallel)
-    dp, z = par.data_parallel, par.zero_stage
-    states = _OPTIMIZER_STATES[training.optimizer] + (
-        training.rmsprop_centered + training.rmsprop_momentum if training.optimizer == "rmsprop"
-        else 0)
-    state_bytes = 1 if training.optimizer == "adam-8bit" else DTYPE_BYTES[p.optimizer_state_dtype]
-    opt = n * (states * state_bytes + (DTYPE_BYTES[p.master_dtype] if p.master_dtype else 0))
-    grads = n * DTYPE_BYTES[p.grad_dtype]
-    params = n * DTYPE_BYTES[p.param_dtype]
-    return int(params / (dp if z >= 3 else 1) + grads / (dp if z >= 2 else 1)
-               + opt / (dp if z >= 1 else 1))
+def core_attention_forward_flops(model: ResolvedModel, training: TrainingSpec,
+                                 tensor_parallel: int = 1) -> int:
+    """QK^T and AV of one block (Narayanan et al. 2021, eq. 3): what 'selective' recomputes."""
+    b, s = training.micro_batch_size, training.sequence_length
+    return 4 * b * s * s * model.hidden_size // tensor_parallel
 
 
 # ---- strategies --------------------------------------------------------------------------------
@@ -222,104 +233,208 @@ def _runs(blocks: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def _hardware_memory(hw: HardwareSpec | None) -> int | None:
+    if hw is None:
+        return None
+    if hw.memory_bytes is not None:
+        return hw.memory_bytes
+    return get_gpu(hw.gpu).memory_bytes if hw.gpu else None
+
+
 def plan_checkpointing(req: CheckpointRequest) -> CheckpointResult:
     """Checkpoint placement for the request (raises PlanningError for an unplannable one)."""
     if req.strategy == "revolve":
         steps = revolve_forward_steps(req.num_steps, req.slots)
         return CheckpointResult(strategy="revolve", recompute_forward_steps=steps, notes=[
-            "Griewank & Walther 2000 (Revolve), Prop. 1: forward steps to reverse num_steps "
-            "steps of a homogeneous chain with slots checkpoints, the initial state's included."])
-    assumptions: list[Assumption] = []
-    notes: list[str] = []
-    core = None
-    budget = req.budget_bytes
-    hw_memory = None
-    if req.hardware is not None:
-        hw_memory = (req.hardware.memory_bytes if req.hardware.memory_bytes is not None
-                     else get_gpu(req.hardware.gpu).memory_bytes if req.hardware.gpu else None)
+            ("Griewank & Walther 2000 (Revolve), Prop. 1: forward steps to reverse num_steps "
+             "steps of a homogeneous chain with slots checkpoints, the initial state's "
+             "included.")])
     if req.chain is not None:
-        chain, base_bytes, tail_bytes = list(req.chain), req.base_bytes, req.tail_bytes
-        strategy = req.strategy or "budget"
-        every_k = req.every_k
-    else:
-        model = resolve_model(req.model)
-        if not model.architecture_known:
-            raise PlanningError("checkpoint placement needs the architecture (a preset or "
-                                "architecture fields), not a bare parameter count", "body.model")
-        training = req.training or TrainingSpec()
-        par = req.parallelism or ParallelSpec()
-        ac = training.activation_checkpointing
-        strategy = req.strategy or ac.strategy
-        every_k = req.every_k or ac.every_k
-        budget = budget or ac.budget_bytes
-        gpu = get_gpu(req.hardware.gpu if req.hardware and req.hardware.gpu else NOMINAL_GPU)
-        chain, tail_bytes, core = _model_chain(model, training, par, gpu.peak_bf16_flops)
-        base_bytes = _model_state_bytes(model, training, par)
-        if training.gradient_accumulation_steps == 1 and training.lora is None:
-            # the reference step frees gradients (zero_grad(set_to_none=True)): a block's
-            # gradients exist from its backward on, so they count per block, not in the base
-            grad_bytes = int(count_parameters(model).per_layer / par.tensor_parallel
-                             * DTYPE_BYTES[resolve_precision(training).grad_dtype]
-                             / (par.data_parallel if par.zero_stage >= 2 else 1))
-            chain = [c.model_copy(update={"grad_bytes": grad_bytes}) for c in chain]
-            base_bytes -= grad_bytes * len(chain)
-        assumptions += [
-            Assumption(name="forward_time", value=f"FLOPs / ({gpu.name} peak 16-bit FLOP/s x "
-                       f"{ASSUMED_MFU} MFU)", note="roofline; backward = 2x forward"),
-            Assumption(name="activations", value="Korthikanti et al. 2022 eq. 1 per block",
-                       note="interim per-block model"),
-            Assumption(name="pipeline", value=f"first stage, {len(chain)} blocks, one micro-batch"),
-        ]
-    n = len(chain)
-    budget = budget or hw_memory
+        return _plan_chain(req)
+    return _plan_setup(req)
+
+
+# ---- a training setup: the step simulator ------------------------------------------------------
+
+def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
+    from planner.memory import estimate_memory  # the planner's single memory model
+
+    model = resolve_model(req.model)
+    if not model.architecture_known:
+        raise PlanningError("checkpoint placement needs the architecture (a preset or "
+                            "architecture fields), not a bare parameter count", "body.model")
+    training = req.training or TrainingSpec()
+    par = req.parallelism or ParallelSpec()
+    ac = training.activation_checkpointing
+    strategy = req.strategy or ac.strategy
+    every_k = req.every_k or ac.every_k
+    budget = req.budget_bytes or ac.budget_bytes or _hardware_memory(req.hardware)
+    given = req.blocks if req.blocks is not None else ac.blocks
+    L = model.num_layers
+    megatron = training.implementation == "megatron"
     if strategy == "every-k" and every_k is None:
         raise PlanningError("strategy 'every-k' needs every_k", "body.every_k")
     if strategy == "budget" and budget is None:
         raise PlanningError("strategy 'budget' needs budget_bytes or hardware (a GPU or "
                             "memory_bytes) to fit on", "body.budget_bytes")
+    if strategy == "blocks" and given is None:
+        raise PlanningError("strategy 'blocks' needs blocks", "body.blocks")
+    if strategy == "blocks" and (len(set(given)) != len(given) or min(given, default=0) < 0
+                                 or max(given, default=0) >= L):
+        raise PlanningError(f"blocks must be distinct indices below num_layers ({L})",
+                            "body.blocks")
+    if strategy == "selective" and not megatron:
+        raise PlanningError("'selective' (core-attention recompute, Korthikanti et al. 2022 "
+                            "§4.1) is modelled by training.implementation 'megatron'; the "
+                            "reference step checkpoints whole blocks", "body.strategy")
+    if megatron and strategy not in ("none", "full", "selective"):
+        raise PlanningError("implementation 'megatron' models none, selective and full "
+                            "(Korthikanti et al. 2022 Table 2)", "body.strategy")
+
+    def estimate(spec: ActivationCheckpointing):
+        tr = training.model_copy(update={"activation_checkpointing": spec})
+        mreq = MemoryRequest(model=req.model, training=tr, parallelism=par, hardware=None)
+        try:
+            return estimate_memory(mreq, device=req.device)
+        except PlanningError as exc:  # name the field as this route's body has it
+            field = exc.field
+            if field and not field.startswith("body."):
+                field = f"body.{field}"
+            raise PlanningError(exc.detail, field) from exc
+
+    def at(blocks: list[int]):
+        return estimate(ActivationCheckpointing(strategy="blocks", blocks=blocks))
+
+    def need(r) -> int:  # what a budget must hold
+        return r.breakdown.total + r.allocator_reserve_bytes
+
+    notes: list[str] = []
     core_blocks: list[int] = []
-    solver = exact = lower = None
-    if strategy == "selective":
-        if core is None:
-            raise PlanningError("'selective' (core-attention recompute) needs a model; a chain "
-                                "has no attention split", "body.strategy")
-        score_bytes, core_s, core_flops = core
-        notes.append("selective: the attention scores are recomputed (Megatron, Korthikanti et "
-                     "al. 2022 §4.1); the reference step runs whole blocks and does not apply it.")
-        blocks = []
-        if score_bytes == 0:
-            notes.append("sdpa keeps no attention scores: selective equals 'none'.")
+    solver = exact = None
+    if strategy == "budget":
+        # planner.memory._budget's search: least k with blocks 0..k-1 fitting (module docstring)
+        if need(at(list(range(L)))) > budget:
+            k = L
+            notes.append(f"no placement fits {budget} bytes; the smallest achievable peak is "
+                         f"that of every block checkpointed")
         else:
-            chain = [c.model_copy(update={"saved_bytes": c.saved_bytes - score_bytes})
-                     for c in chain]
-            core_blocks = list(range(n))
-    elif strategy == "budget":
+            lo, hi = 0, L
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if need(at(list(range(mid)))) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            k = lo
+        blocks, solver, exact = list(range(k)), "prefix-search", True
+        plan = ActivationCheckpointing(strategy="budget", budget_bytes=budget, blocks=blocks)
+        result = at(blocks)
+    elif strategy == "blocks":
+        blocks = sorted(given)
+        plan = ActivationCheckpointing(strategy="blocks", blocks=blocks)
+        result = at(blocks)
+    else:
+        spec = ActivationCheckpointing(strategy=strategy,
+                                       every_k=every_k if strategy == "every-k" else None)
+        result = estimate(spec)
+        if megatron:
+            blocks = list(range(L)) if strategy == "full" else []
+            plan = spec
+            if strategy == "selective":
+                core_blocks = list(range(L))
+        else:
+            blocks = named_plan(strategy, L, every_k)
+            plan = ActivationCheckpointing(strategy="blocks", blocks=blocks)
+    bd = result.breakdown
+    fits = None if budget is None else need(result) <= budget
+    low = None
+    if fits is False and not megatron:
+        low = at(list(range(L))).breakdown.total
+
+    # Recompute overhead: a checkpointed block runs its forward once more in backward (per
+    # micro-batch); backward = 2x forward FLOPs (Narayanan et al. 2021, §5.1).
+    t = par.tensor_parallel
+    accum = training.gradient_accumulation_steps
+    blk_flops = block_forward_flops(model, training, t)
+    rec_flops = accum * (len(core_blocks) * core_attention_forward_flops(model, training, t)
+                         if core_blocks else len(blocks) * blk_flops)
+    step_flops = accum * 3 * (L * blk_flops + head_forward_flops(model, training, t))
+    gpu = get_gpu(req.hardware.gpu if req.hardware and req.hardware.gpu else NOMINAL_GPU)
+    rate = gpu.peak_bf16_flops * ASSUMED_MFU
+    assumptions = list(result.assumptions) + [
+        Assumption(name="forward_flops", value="matmuls: 2 x multiply-adds; attention core "
+                   "4*b*s^2*h", note="Kaplan et al. 2020; Narayanan et al. 2021 eq. 3"),
+        Assumption(name="forward_time", value=f"FLOPs / ({gpu.name} peak 16-bit FLOP/s x "
+                   f"{ASSUMED_MFU} MFU)", note="roofline; backward = 2x forward"),
+    ]
+    if par.pipeline_parallel > 1:
+        assumptions.append(Assumption(
+            name="pipeline", value="recompute over all stages",
+            note="FLOPs and times sum the model's blocks; each stage recomputes its share"))
+    return CheckpointResult(
+        strategy=strategy, num_blocks=L, checkpointed_blocks=blocks, segments=_runs(blocks),
+        activation_peak_bytes=bd.activations + bd.temporaries, total_peak_bytes=bd.total,
+        breakdown=bd, allocator_reserve_bytes=result.allocator_reserve_bytes,
+        peak_phase=result.peak_phase, budget_bytes=budget, fits=fits,
+        min_achievable_peak_bytes=low, block_forward_flops=blk_flops,
+        recompute_forward_flops=rec_flops, recompute_time_s=rec_flops / rate,
+        step_time_s=step_flops / rate, recompute_time_fraction=rec_flops / step_flops,
+        exact=exact, recompute_time_lower_bound_s=rec_flops / rate if exact else None,
+        solver=solver, core_attention_blocks=core_blocks, plan=plan, assumptions=assumptions,
+        notes=list(result.notes) + notes)
+
+
+# ---- an explicit chain: planner.checkpoint_solvers ---------------------------------------------
+
+def _plan_chain(req: CheckpointRequest) -> CheckpointResult:
+    chain, base_bytes, tail_bytes = list(req.chain), req.base_bytes, req.tail_bytes
+    strategy = req.strategy or "budget"
+    n = len(chain)
+    budget = req.budget_bytes or _hardware_memory(req.hardware)
+    if strategy == "every-k" and req.every_k is None:
+        raise PlanningError("strategy 'every-k' needs every_k", "body.every_k")
+    if strategy == "budget" and budget is None:
+        raise PlanningError("strategy 'budget' needs budget_bytes or hardware (a GPU or "
+                            "memory_bytes) to fit on", "body.budget_bytes")
+    if strategy == "selective":
+        raise PlanningError("'selective' (core-attention recompute) needs a model; a chain has "
+                            "no attention split", "body.strategy")
+    notes: list[str] = []
+    solver = exact = lower = None
+    if strategy == "budget":
         sol = solve_budget(chain, budget, base_bytes=base_bytes, tail_bytes=tail_bytes)
         blocks, solver, exact, lower = sol.blocks, sol.method, sol.exact, sol.lower_bound_s
         if not sol.fits:
             notes.append(f"no placement fits {budget} bytes; the smallest achievable peak is "
                          f"{sol.peak_bytes} bytes (every block checkpointed)")
+    elif strategy == "blocks":
+        if req.blocks is None:
+            raise PlanningError("strategy 'blocks' needs blocks", "body.blocks")
+        blocks = sorted(req.blocks)
+        if len(set(blocks)) != len(blocks) or (blocks and (blocks[0] < 0 or blocks[-1] >= n)):
+            raise PlanningError(f"blocks must be distinct indices below the chain's {n} blocks",
+                                "body.blocks")
     else:
-        blocks = named_plan(strategy, n, every_k)
+        blocks = named_plan(strategy, n, req.every_k)
     peak = chain_peak_bytes(chain, blocks, base_bytes=base_bytes, tail_bytes=tail_bytes)
     fits = None if budget is None else peak <= budget
     low = None
     if fits is False:
         low = chain_peak_bytes(chain, min_peak_plan(chain), base_bytes=base_bytes,
                                tail_bytes=tail_bytes)
-    if core_blocks:
-        rec_s, rec_flops = core_s * n, core_flops * n
-    else:
-        rec_s = recompute_time_s(chain, blocks)
-        flops = [chain[i].forward_flops for i in blocks]
-        rec_flops = None if any(f is None for f in flops) else sum(flops)
+    rec_s = recompute_time_s(chain, blocks)
+    flops = [chain[i].forward_flops for i in blocks]
+    rec_flops = None if any(f is None for f in flops) else sum(flops)
     step_s = sum(c.forward_s + c.backward_s for c in chain)
+    plan = None
+    if not blocks or blocks[-1] < MAX_LAYERS:
+        plan = (ActivationCheckpointing(strategy="budget", budget_bytes=budget, blocks=blocks)
+                if strategy == "budget" else ActivationCheckpointing(strategy="blocks",
+                                                                     blocks=blocks))
     return CheckpointResult(
         strategy=strategy, num_blocks=n, checkpointed_blocks=blocks, segments=_runs(blocks),
         activation_peak_bytes=peak - base_bytes, total_peak_bytes=peak, budget_bytes=budget,
         fits=fits, min_achievable_peak_bytes=low, recompute_forward_flops=rec_flops,
         recompute_time_s=rec_s, step_time_s=step_s,
         recompute_time_fraction=rec_s / step_s if step_s > 0 else None,
-        exact=exact, recompute_time_lower_bound_s=lower, solver=solver,
-        plan=CheckpointPlan(checkpointed_blocks=blocks, core_attention_blocks=core_blocks),
-        assumptions=assumptions, notes=notes)
+        exact=exact, recompute_time_lower_bound_s=lower, solver=solver, plan=plan, notes=notes)

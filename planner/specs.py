@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # ---- documented input limits (also enforced by the API as 422) -------------------------------
 MAX_LAYERS = 1024
@@ -29,7 +29,7 @@ OptimizerName = Literal[
     "sgd", "sgd-momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw", "adam-8bit",
     "adafactor", "lion",
 ]
-CheckpointStrategy = Literal["none", "full", "every-k", "sqrt", "selective", "budget"]
+CheckpointStrategy = Literal["none", "full", "every-k", "sqrt", "selective", "budget", "blocks"]
 Attention = Literal["sdpa", "eager"]
 Implementation = Literal["reference", "megatron"]
 PipelineScheduleName = Literal[
@@ -140,6 +140,27 @@ class ActivationCheckpointing(_Frozen):
                                 "every k-th block.")
     budget_bytes: int | None = Field(None, ge=1, le=2**62, description="For 'budget': peak-memory "
                                      "budget per device in bytes (defaults to the GPU's memory).")
+    blocks: list[Annotated[int, Field(ge=0, lt=MAX_LAYERS)]] | None = Field(
+        None, max_length=MAX_LAYERS, description="Checkpointed block indices, each below "
+        "num_layers: the plan of strategy 'blocks', or the resolved plan of a 'budget' (the "
+        "'plan' POST /v1/checkpointing returns). Stored sorted.")
+
+    @model_validator(mode="after")
+    def _plan(self) -> "ActivationCheckpointing":
+        if self.strategy == "blocks" and self.blocks is None:
+            raise ValueError("strategy 'blocks' needs blocks (the checkpointed block indices)")
+        if self.blocks is not None:
+            if self.strategy not in ("blocks", "budget"):
+                raise ValueError(f"blocks is the plan of strategy 'blocks' or a resolved 'budget' "
+                                 f"plan, not of {self.strategy!r}")
+        return self
+
+    @field_validator("blocks")
+    @classmethod
+    def _sorted_blocks(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("lists a block index twice")
+        return None if v is None else sorted(v)
 
 
 class TrainingSpec(_Frozen):
@@ -300,6 +321,14 @@ class ValidationResult(_Frozen):
     num_alloc_retries: int | None = None
     ranks: list[RankResult] | None = Field(None, description="Per-rank figures for world size > 1.")
     worst_rank: int | None = None
+    checkpointed_blocks: list[int] | None = Field(
+        None, description="Blocks run under torch.utils.checkpoint (a 'budget' plan as resolved "
+        "by the planner on the worker's device).")
+    step_time_ratio: float | None = Field(
+        None, description="Measured step time / that of the same setup without checkpointing, "
+        "both measured in this job (real mode, some block checkpointed).")
+    planned_step_time_ratio: float | None = Field(
+        None, description="1 + the planner's recompute time fraction (POST /v1/checkpointing).")
 
 
 class Progress(_Frozen):

@@ -37,18 +37,23 @@ def test_named_strategies(client, strategy, expected):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["checkpointed_blocks"] == expected
-    assert body["plan"]["checkpointed_blocks"] == expected
+    assert body["plan"] == {"strategy": "blocks", "every_k": None, "budget_bytes": None,
+                            "blocks": expected}
     assert body["num_blocks"] == 12
     assert body["total_peak_bytes"] > body["activation_peak_bytes"] > 0
+    assert body["breakdown"]["total"] == body["total_peak_bytes"]
     assert (body["recompute_time_fraction"] == 0) == (expected == [])
 
 
-def test_full_recomputes_one_forward():
-    with TestClient(create_app()) as client:
-        body = post(client, {**SETUP, "strategy": "full"}).json()
-    # backward = 2x forward, so one extra forward of every block is a third of the step
-    assert body["recompute_time_fraction"] == pytest.approx(1 / 3)
-    assert body["recompute_forward_flops"] > 0
+def test_full_recomputes_every_block_forward(client):
+    body = post(client, {**SETUP, "strategy": "full"}).json()
+    # backward = 2x forward: one extra forward of every block over 3x (blocks + loss head)
+    blocks = 12 * body["block_forward_flops"]
+    head = 2 * 8 * 1024 * 768 * 50257
+    assert body["recompute_forward_flops"] == blocks
+    assert body["recompute_time_fraction"] == pytest.approx(blocks / (3 * (blocks + head)))
+    assert body["recompute_time_s"] / body["step_time_s"] == pytest.approx(
+        body["recompute_time_fraction"])
 
 
 def test_budget_between_none_and_full(client):
@@ -57,9 +62,11 @@ def test_budget_between_none_and_full(client):
     budget = (none["total_peak_bytes"] + full["total_peak_bytes"]) // 2
     body = post(client, {**SETUP, "strategy": "budget", "budget_bytes": budget}).json()
     assert body["fits"] and body["exact"]
-    assert body["total_peak_bytes"] <= budget
+    assert body["total_peak_bytes"] + body["allocator_reserve_bytes"] <= budget
     assert 0 < len(body["checkpointed_blocks"]) < 12
     assert 0 < body["recompute_time_fraction"] < full["recompute_time_fraction"]
+    assert body["plan"]["strategy"] == "budget" and body["plan"]["budget_bytes"] == budget
+    assert body["plan"]["blocks"] == body["checkpointed_blocks"]
 
 
 def test_budget_from_training_spec_and_gpu(client):
@@ -67,7 +74,8 @@ def test_budget_from_training_spec_and_gpu(client):
                          "training": {"micro_batch_size": 32, "sequence_length": 1024,
                                       "activation_checkpointing": {"strategy": "budget"}}}).json()
     assert body["strategy"] == "budget" and body["budget_bytes"] == 25769803776
-    assert body["fits"] and body["total_peak_bytes"] <= body["budget_bytes"]
+    assert body["fits"]
+    assert body["total_peak_bytes"] + body["allocator_reserve_bytes"] <= body["budget_bytes"]
 
 
 def test_budget_that_cannot_fit_says_smallest_peak(client):
@@ -75,7 +83,15 @@ def test_budget_that_cannot_fit_says_smallest_peak(client):
     assert body["fits"] is False
     full = post(client, {**SETUP, "strategy": "full"}).json()
     assert body["min_achievable_peak_bytes"] == full["total_peak_bytes"]
+    assert body["checkpointed_blocks"] == list(range(12))
     assert body["notes"]
+
+
+def test_explicit_blocks(client):
+    body = post(client, {**SETUP, "strategy": "blocks", "blocks": [5, 2]}).json()
+    assert body["checkpointed_blocks"] == [2, 5] and body["segments"] == [[2, 2], [5, 5]]
+    r = post(client, {**SETUP, "strategy": "blocks", "blocks": [12]})
+    assert r.status_code == 422 and r.json()["invalid-params"][0]["name"] == "body.blocks"
 
 
 def test_explicit_chain(client):
@@ -88,12 +104,22 @@ def test_explicit_chain(client):
     assert body["segments"]
 
 
-def test_selective_on_eager_attention(client):
-    eager = {**SETUP, "training": {**SETUP["training"], "attention": "eager"}}
+def test_explicit_chain_plan_applies_to_the_reference_step(client):
+    chain = [{"forward_s": 1.0, "saved_bytes": 100, "input_bytes": 10}] * 3
+    body = post(client, {"chain": chain, "strategy": "full"}).json()
+    assert body["plan"]["strategy"] == "blocks" and body["plan"]["blocks"] == [0, 1, 2]
+
+
+def test_selective_is_megatron(client):
+    eager = {**SETUP, "training": {**SETUP["training"], "attention": "eager",
+                                   "implementation": "megatron"}}
     sel = post(client, {**eager, "strategy": "selective"}).json()
     none = post(client, {**eager, "strategy": "none"}).json()
-    assert sel["plan"]["core_attention_blocks"] == list(range(12))
+    assert sel["core_attention_blocks"] == list(range(12)) and sel["checkpointed_blocks"] == []
     assert sel["activation_peak_bytes"] < none["activation_peak_bytes"]
+    assert sel["recompute_forward_flops"] == 12 * 4 * 8 * 1024 * 1024 * 768
+    r = post(client, {**SETUP, "strategy": "selective"})  # the reference step runs whole blocks
+    assert r.status_code == 422 and r.json()["invalid-params"][0]["name"] == "body.strategy"
 
 
 @pytest.mark.parametrize("body,field", [
@@ -113,6 +139,9 @@ def test_limits_are_422(client, body, field):
 @pytest.mark.parametrize("body,field", [
     ({**SETUP, "strategy": "budget"}, "body.budget_bytes"),
     ({**SETUP, "strategy": "every-k"}, "body.every_k"),
+    ({**SETUP, "strategy": "blocks"}, "body.blocks"),
+    ({"model": {"preset": "gpt2"}, "training": {"sequence_length": 4096}, "strategy": "full"},
+     "body.training.sequence_length"),
     ({"model": {"num_parameters": 10**9}, "strategy": "full"}, "body.model"),
     ({"chain": [{"forward_s": 1, "saved_bytes": 1, "input_bytes": 1}], "strategy": "selective"},
      "body.strategy"),

@@ -22,6 +22,7 @@ import torch
 from planner.catalog import resolve_model
 from planner.memory import checkpointed_blocks, estimate_memory
 from planner.specs import (
+    ActivationCheckpointing,
     Breakdown,
     Progress,
     ValidationRequest,
@@ -64,10 +65,10 @@ def check_supported(req: ValidationRequest) -> None:
             "runner; validate the single-device step")
     if tr.implementation != "reference":
         raise ValidationUnsupported("only implementation 'reference' can be measured")
-    if tr.activation_checkpointing.strategy in ("selective", "budget"):
+    if tr.activation_checkpointing.strategy == "selective":
         raise ValidationUnsupported(
-            f"checkpointing strategy {tr.activation_checkpointing.strategy!r} is not run by the "
-            "reference step; use none, full, every-k or sqrt")
+            "checkpointing strategy 'selective' is not run by the reference step (it checkpoints "
+            "whole blocks); use none, full, every-k, sqrt, budget or blocks")
     if tr.optimizer in ("adam-8bit", "lion"):
         raise ValidationUnsupported(f"optimizer {tr.optimizer!r} has no torch.optim implementation")
     if tr.lora is not None and tr.lora.base_dtype in ("int8", "nf4"):
@@ -85,12 +86,33 @@ def check_supported(req: ValidationRequest) -> None:
         raise ValidationUnsupported("a bare num_parameters model cannot be built; give the architecture")
 
 
+def resolve_plan(req: ValidationRequest, dev: torch.device | None = None):
+    """The request with its checkpoint plan resolved, and the planner's answer for it.
+
+    A 'budget' without ``blocks`` is placed by the planner for the device the step runs on
+    (POST /v1/checkpointing with that device); every other plan is evaluated as given."""
+    from planner.checkpointing import CheckpointRequest, plan_checkpointing
+
+    dev = dev or _device(req)
+    plan = plan_checkpointing(CheckpointRequest(
+        model=req.model, training=req.training, parallelism=req.parallelism,
+        hardware=req.hardware, device="cuda" if dev.type == "cuda" else "cpu"))
+    ac = req.training.activation_checkpointing
+    if ac.strategy == "budget" and ac.blocks is None:
+        tr = req.training.model_copy(update={"activation_checkpointing": plan.plan})
+        req = req.model_copy(update={"training": tr})
+    return req, plan
+
+
 def measure(req: ValidationRequest, progress: ProgressFn | None = None) -> dict:
     """Run the step; returns the first-step and steady-state breakdowns, the op at the peak and
-    timings. Pure measurement, no planner involved."""
+    timings. Pure measurement: a 'budget' plan must be resolved first (``resolve_plan``)."""
     cfg = resolve_model(req.model)
     tr = req.training
     dev = _device(req)
+    ac = tr.activation_checkpointing
+    if ac.strategy == "budget" and ac.blocks is None:
+        raise ValidationUnsupported("an unresolved 'budget' plan: resolve_plan(req) first")
     traced = req.mode == "traced"
     ckpt = checkpointed_blocks(tr, cfg.num_layers)
     report = progress or (lambda p: None)
@@ -149,6 +171,7 @@ def measure(req: ValidationRequest, progress: ProgressFn | None = None) -> dict:
         "step_time_s": None if traced or not warm else statistics.median(warm),
         "max_reserved_bytes": reserved if cuda else None,
         "num_alloc_retries": retries if cuda else None,
+        "checkpointed_blocks": sorted(ckpt),
     }
 
 
@@ -162,8 +185,12 @@ def run_validation(req: ValidationRequest, progress: ProgressFn | None = None) -
     """Measure the reference step for ``req`` and compare with the planner's estimate."""
     check_supported(req)
     dev = _device(req)
+    req, plan = resolve_plan(req, dev)
     est = estimate_memory(req, device="cuda" if dev.type == "cuda" else "cpu")
     m = measure(req, progress)
+    ratio = None
+    if m["checkpointed_blocks"] and req.mode == "real":
+        ratio = _unchecked_ratio(req, dev)
     measured = Breakdown(**m["steady"]["breakdown"])
     first_measured = Breakdown(**m["first"]["breakdown"])
     if progress:
@@ -176,4 +203,43 @@ def run_validation(req: ValidationRequest, progress: ProgressFn | None = None) -
         peak_op=m["steady"]["op"], peak_phase=m["steady"]["phase"],
         step_time_s=m["step_time_s"], max_reserved_bytes=m["max_reserved_bytes"],
         num_alloc_retries=m["num_alloc_retries"],
+        checkpointed_blocks=m["checkpointed_blocks"], step_time_ratio=ratio,
+        planned_step_time_ratio=1 + plan.recompute_time_fraction,
     )
+
+
+def _unchecked_ratio(req: ValidationRequest, dev: torch.device, steps: int = 5) -> float | None:
+    """Step time of the plan over that of the same setup without checkpointing, both timed here
+    without the memory meter (its per-op dispatch would dominate small models): the fastest of
+    ``steps - 2`` steps after two warm-up steps (the least disturbed by other load), one setup
+    after the other. None when the unchecked step does not fit the device."""
+    tr = req.training
+    none = tr.model_copy(update={"activation_checkpointing": ActivationCheckpointing()})
+    try:
+        ckpt_s = _timed_step_s(req, tr, dev, steps)
+        none_s = _timed_step_s(req, none, dev, steps)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return ckpt_s / none_s if none_s > 0 else None
+
+
+def _timed_step_s(req: ValidationRequest, tr, dev: torch.device, steps: int) -> float:
+    cfg = resolve_model(req.model)
+    torch.manual_seed(0)
+    s = S.build(cfg, tr, dev, checkpointed_blocks(tr, cfg.num_layers))
+    idx, tgt = S.make_batch(cfg, tr, dev)
+    times = []
+    for _ in range(steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(tr.gradient_accumulation_steps):
+            S.backward(s, S.forward_loss(s, idx, tgt))
+        S.optimizer_step(s)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    return min(times[2:])

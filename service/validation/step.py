@@ -137,8 +137,11 @@ def apply_lora(model: Transformer, training: TrainingSpec) -> None:
 
 
 def checkpointed_blocks(training: TrainingSpec, num_layers: int) -> set[int]:
-    """Block indices run under torch.utils.checkpoint for the named strategies."""
+    """Block indices run under torch.utils.checkpoint for the named strategies, or the explicit
+    plan (``blocks``: strategy 'blocks' or a 'budget' resolved by the planner) as given."""
     ac = training.activation_checkpointing
+    if ac.blocks is not None:
+        return set(ac.blocks)
     if ac.strategy == "full":
         return set(range(num_layers))
     if ac.strategy == "every-k":
