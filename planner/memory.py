@@ -197,7 +197,47 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
                                       note="the step measured by validation jobs"))
         return (_bd(steady.as_dict()), _bd(first.as_dict()),
                 f"{steady.phase}: {steady.op}")
+    from planner.reference_parallel import unsupported_reason
+
+    if par.data_parallel > 1 and unsupported_reason(tr, par, ckpt) is None:
+        return _data_parallel(model, tr, par, device, ckpt, assumptions, notes)
     return _composed(model, tr, par, device, ckpt, assumptions, notes)
+
+
+_DP_PEAKS: dict = {}
+
+
+def _dp_peaks(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+              checkpointed: frozenset[int]):
+    from planner.reference_parallel import data_parallel_peaks
+
+    key = (model, tr, par, device, checkpointed)
+    if key not in _DP_PEAKS:
+        if len(_DP_PEAKS) >= 256:
+            _DP_PEAKS.clear()
+        _DP_PEAKS[key] = data_parallel_peaks(model, tr, par, device, set(checkpointed),
+                                             every_rank=False)
+    return _DP_PEAKS[key]
+
+
+def _data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+                   ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
+    """Data parallelism (DDP, ZeRO 1-3): every rank's step replayed op by op with what its
+    implementation allocates (planner/reference_parallel.py); the worst rank is reported."""
+    from planner.zero import shard_model_states
+
+    peaks = _dp_peaks(model, tr, par, device, frozenset(ckpt))
+    rank, worst = max(peaks, key=lambda rp: (rp[1].steady.total, -rp[0]))
+    ms = shard_model_states(model, tr, par)
+    assumptions.append(Assumption(name="profile", value="reference step per data-parallel rank, "
+                                  "simulated op by op", note="the step measured by multi-rank "
+                                  "validation jobs"))
+    assumptions.append(Assumption(name="implementation", value=ms.implementation,
+                                  note="what each rank holds"))
+    assumptions.append(Assumption(name="worst_rank", value=str(rank),
+                                  note="the rank with the highest steady-state peak"))
+    return (_bd(worst.steady.as_dict()), _bd(worst.first.as_dict()),
+            f"{worst.steady.phase}: {worst.steady.op}")
 
 
 def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,

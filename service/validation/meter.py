@@ -65,7 +65,9 @@ def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
         names, _ = t.__tensor_flatten__()
         out: list[torch.UntypedStorage] = []
         for n in names:
-            out += _storages(getattr(t, n))
+            inner = getattr(t, n)
+            if isinstance(inner, torch.Tensor):  # DTensor also names its device_mesh
+                out += _storages(inner)
         return out
     return [t.untyped_storage()]
 

@@ -58,11 +58,22 @@ def describe_device(dev: torch.device) -> str:
 def check_supported(req: ValidationRequest) -> None:
     """Refuse, with the reason, what the single-process reference step does not run."""
     par, tr = req.parallelism, req.training
-    world = par.data_parallel * par.tensor_parallel * par.pipeline_parallel
-    if world > 1 or par.zero_stage:
+    if par.tensor_parallel > 1:
         raise ValidationUnsupported(
-            "multi-rank validation (data/tensor/pipeline parallel, ZeRO) is not available in this "
-            "runner; validate the single-device step")
+            "tensor_parallel > 1 is not run by the validation runner: the reference model has no "
+            "tensor-parallel layers; validate data parallelism (DDP, ZeRO 1-3) or one device")
+    if par.pipeline_parallel > 1:
+        raise ValidationUnsupported(
+            "pipeline_parallel > 1 is not run as a validation job: the pipelined step "
+            "(service/validation/pipeline_run.py) measures one peak per rank, not a breakdown by "
+            "category; use POST /v1/pipeline for the schedule")
+    if par.data_parallel > 1:
+        from service.validation.distributed import check_multi_rank
+
+        check_multi_rank(req)  # raises ValidationUnsupported with the reason
+    elif par.zero_stage or par.offload_optimizer or par.offload_parameters:
+        raise ValidationUnsupported("ZeRO stages and offload shard over data-parallel ranks: set "
+                                    "data_parallel > 1 (or zero_stage 0 for one device)")
     if tr.implementation != "reference":
         raise ValidationUnsupported("only implementation 'reference' can be measured")
     if tr.activation_checkpointing.strategy == "selective":
@@ -184,6 +195,10 @@ def _fake_batch(cfg, tr, dev):
 def run_validation(req: ValidationRequest, progress: ProgressFn | None = None) -> ValidationResult:
     """Measure the reference step for ``req`` and compare with the planner's estimate."""
     check_supported(req)
+    if req.parallelism.data_parallel > 1:  # one process per rank under torchrun
+        from service.validation.distributed import run_multi_rank
+
+        return run_multi_rank(req, progress, req.timeout_s)
     dev = _device(req)
     req, plan = resolve_plan(req, dev)
     est = estimate_memory(req, device="cuda" if dev.type == "cuda" else "cpu")
