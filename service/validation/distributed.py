@@ -229,10 +229,9 @@ def rank_main(spec_path: str, out_path: str) -> None:
                     fully_shard(block, reshard_after_forward=reshard, offload_policy=offload)
                 fully_shard(root, reshard_after_forward=reshard, offload_policy=offload)
                 if not cuda:
-                    comm, gather = _GlooReduceScatter(), _gloo_all_gather_cls()()
+                    comm = _GlooReduceScatter()
                     for mod in [root, *model.blocks]:
                         mod.set_custom_reduce_scatter(comm)
-                        mod.set_custom_all_gather(gather)
                 meter.register(model, "parameters")
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = S.make_optimizer(tr, params)
@@ -300,30 +299,6 @@ def _gloo_reduce_scatter_cls() -> type:
             output_tensor.copy_(input_tensor.view(world, -1)[rank])
 
     return GlooReduceScatter
-
-
-def _gloo_all_gather_cls() -> type:
-    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
-
-    class GlooAllGather(DefaultAllGather):
-        """FSDP2's all-gather on gloo as an in-place all-reduce of the flat output (this rank's
-        chunk is already in place from the copy-in; the others zeroed): the same buffers as
-        torch's all-gather, without gloo's worker-thread temporaries (see GlooReduceScatter)."""
-
-        def __call__(self, output_tensor, input_tensor, group, async_op=False):  # type: ignore[override]
-            import torch.distributed as dist
-
-            world, rank = dist.get_world_size(group), dist.get_rank(group)
-            out = output_tensor.view(world, -1)
-            if input_tensor.data_ptr() != out[rank].data_ptr():
-                out[rank].copy_(input_tensor.view(-1))
-            for r in range(world):
-                if r != rank:
-                    out[r].zero_()
-            dist.all_reduce(output_tensor, group=group)
-            return None
-
-    return GlooAllGather
 
 
 def _GlooReduceScatter():
