@@ -74,14 +74,18 @@ class Ops:
             self.drop(t)
         self._amp_cache.clear()
 
-    def amp_weight(self, w: T) -> T:
-        """Autocast casts a leaf weight once per autocast region and caches the copy."""
+    def amp_weight(self, w: T) -> tuple[T, bool]:
+        """(the weight an autocast op sees, whether it is an uncached copy the caller must drop).
+        Autocast caches the cast of a leaf that requires grad for the whole autocast region
+        (aten/src/ATen/autocast_mode.cpp, cached_cast); a frozen weight is cast at every use."""
         if self.amp_esz is None or w.esz == self.amp_esz:
-            return w
+            return w, False
+        if not w.requires_grad:
+            return self.cast(w, self.amp_esz), True
         key = id(w.val)
         if key not in self._amp_cache:
             self._amp_cache[key] = self.cast(w, self.amp_esz)
-        return self._amp_cache[key]
+        return self._amp_cache[key], False
 
     def amp_input(self, x: T) -> tuple[T, bool]:
         """(the tensor an autocast op sees, whether it is a new cast the caller must drop)."""
@@ -165,8 +169,8 @@ class Ops:
         the weight needs grad and the (cast) weight when the input needs grad. Backward allocates
         grad input (n_rows·d_in), grad weight (d_out·d_in) and grad bias (d_out)."""
         xi, x_new = self.amp_input(x)
-        wi = self.amp_weight(w)
-        bi = self.amp_weight(b) if b is not None else None
+        wi, w_new = self.amp_weight(w)
+        bi, b_new = self.amp_weight(b) if b is not None else (None, False)
         esz = wi.esz
 
         def bw(m: Machine, n: Node, g: list) -> list:
@@ -176,8 +180,7 @@ class Ops:
         saved = [xi if wi.requires_grad else None, wi if xi.requires_grad else None]
         node = self._node("Addmm" if b is not None else "Mm", [xi, wi, bi], saved, bw)
         out = self.new(n_rows * d_out, esz, "addmm" if b is not None else "mm", node)
-        if x_new:
-            self.drop(xi)
+        self.drop(xi if x_new else None, wi if w_new else None, bi if b_new else None)
         return out
 
     def bmm(self, a: T, b: T, out_numel: int, name: str = "bmm") -> T:

@@ -66,6 +66,7 @@ class _CheckpointFrame:
     rope: tuple[T, T] | None
     packs: list
     done: bool = False
+    pending: int = 0  # packed nodes still to run in backward
 
 
 @dataclass
@@ -394,7 +395,17 @@ class ReferenceProgram:
             m.save_hook = old
         for node in rec.packs:
             self._ck_nodes[id(node)] = rec
+        rec.pending = len({id(n) for n in rec.packs})
         return out
+
+    def _after_node(self, node) -> None:
+        # The checkpoint frame (and the block arguments it keeps) lives as long as any of the
+        # block's saved-tensor holders: until the last node that packed a tensor has run.
+        rec = self._ck_nodes.get(id(node))
+        if rec is not None:
+            rec.pending -= 1
+            if rec.pending == 0:
+                self.m.drop(*rec.input_bufs)
 
     def _before_node(self, node) -> None:
         rec = self._ck_nodes.get(id(node))
@@ -435,7 +446,6 @@ class ReferenceProgram:
             o._amp_cache, o.amp_esz = amp_cache, amp_was
         for b in allocated:  # everything not packed is garbage once the recompute unwinds
             m.set_refs(b, held.get(id(b), 0))
-        m.drop(*rec.input_bufs)  # the frame lets go of its arguments
         rec.done = True
         m.phase = phase
 
@@ -455,7 +465,8 @@ class ReferenceProgram:
             root = scaled
         g = m.alloc(root.numel * root.esz, "ones_like")
         m.hold(g)  # torch keeps the root gradient alive until backward() returns
-        m.backward(root.val, g, before_node=self._before_node if self._ck_nodes else None)
+        m.backward(root.val, g, before_node=self._before_node if self._ck_nodes else None,
+                   after_node=self._after_node if self._ck_nodes else None)
         self._ck_nodes.clear()
         m.drop(g)
         o.drop(scaled)

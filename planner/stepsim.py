@@ -183,7 +183,8 @@ class Machine:
             node.saved.append(self.hold(b))
 
     # ---- backward ---------------------------------------------------------------------------
-    def backward(self, root: Val, grad: Buf, before_node: Callable[[Node], None] | None = None) -> None:
+    def backward(self, root: Val, grad: Buf, before_node: Callable[[Node], None] | None = None,
+                 after_node: Callable[[Node], None] | None = None) -> None:
         """Run the engine from ``root`` with incoming gradient ``grad`` (ownership passes in)."""
         assert isinstance(root.fn, Node)
         deps: dict[int, int] = {}
@@ -217,6 +218,8 @@ class Machine:
             n.saved = []
             for g in grads_in:
                 self.drop(g)
+            if after_node is not None:
+                after_node(n)
             for edge, g in zip(n.edges, outs):
                 if edge is None:
                     self.drop(g)
