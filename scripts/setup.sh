@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install memplan with its pinned development dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# requirements-dev.txt pins torch to the 2.13.0 CPU wheel; pyproject.toml keeps a range that CUDA
+# builds satisfy too.
+.venv/bin/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+.venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# One command: set up, then run the whole test suite. PostgreSQL tests need a server at
+# 127.0.0.1:5432 (they are skipped outside CI when it is unreachable, and fail in CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest -q "$@"
