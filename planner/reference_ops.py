@@ -39,6 +39,7 @@ class Ops:
         self.m = m
         self.amp_esz: int | None = None  # autocast compute element size, None = off
         self._amp_cache: dict[int, T] = {}  # autocast's cast cache of leaf weights
+        self._exit_drops: list[Buf] = []  # other buffers the autocast cache alone keeps
 
     # ---- values ----------------------------------------------------------------------------
     def new(self, numel: int, esz: int, name: str, node: Node | None = None, out_idx: int = 0,
@@ -73,6 +74,8 @@ class Ops:
         for t in self._amp_cache.values():
             self.drop(t)
         self._amp_cache.clear()
+        self.m.drop(*self._exit_drops)
+        self._exit_drops.clear()
 
     def amp_weight(self, w: T) -> tuple[T, bool]:
         """(the weight an autocast op sees, whether it is an uncached copy the caller must drop).

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from planner.reference_ops import F32, Ops, T
 from planner.specs import ResolvedModel, TrainingSpec
-from planner.stepsim import Leaf, Machine, PeakSnap
+from planner.stepsim import Leaf, Machine, PeakSnap, Val
 
 DTYPE_ESZ = {"fp32": 4, "bf16": 2, "fp16": 2}
 I64 = 8
@@ -80,7 +80,7 @@ class ReferenceProgram:
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, *, device: str = "cuda",
                  checkpointed: set[int] | None = None,
-                 optimizer_hook=None) -> None:
+                 optimizer_hook=None, compress: bool = True) -> None:
         self.cfg, self.tr, self.device = model, training, device
         self.m = Machine()
         self.ops = Ops(self.m)
@@ -96,14 +96,25 @@ class ReferenceProgram:
         self.s = Shapes(training.micro_batch_size, training.sequence_length, h, model.num_heads,
                         model.num_kv_heads or model.num_heads, h // model.num_heads,
                         model.ffn_hidden_size, model.vocab_size, model.max_sequence_length)
-        self.checkpointed = checkpointed or set()
+        L = model.num_layers
+        ck = set(checkpointed or ())
+        # Homogeneous middle blocks (see _phantom_forward): simulate blocks 0, 1, 2, L-2, L-1 and
+        # account for blocks 3..L-3 arithmetically, when the checkpoint pattern is uniform.
+        uniform = not ck or ck == set(range(L))
+        self.n_phantom = L - 5 if compress and uniform and L >= 7 else 0
+        self.real_blocks = [0, 1, 2, L - 2, L - 1] if self.n_phantom else list(range(L))
+        self.checkpointed = {j for j, i in enumerate(self.real_blocks) if i in ck}
         self._ck_nodes: dict[int, _CheckpointFrame] = {}
         self.optimizer_hook = optimizer_hook
+        self._phantom_grad = None
         self.params = self._build_params()
         o = self.ops
         self._states = None
+        if self.n_phantom:  # parameters of the blocks that are not simulated one by one
+            o.m.alloc(self.n_phantom * sum(n for n, _, _ in self._block_specs) * self.p_esz,
+                      "phantom blocks", "parameters")
         if self.master:  # fp32 master copies, made when the optimizer is built
-            self.masters = o.m.alloc(sum(t.numel for t in self.trainable()) * F32, "master",
+            self.masters = o.m.alloc(sum(n for n, _ in self.trainable_specs()) * F32, "master",
                                      "optimizer_states")
         self._states_at_init = training.optimizer == "adagrad"
         if self._states_at_init:  # torch.optim.Adagrad fills its state in __init__
@@ -119,12 +130,26 @@ class ReferenceProgram:
         tensors: list[T] = []
         by: dict[str, T] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
+        # (numel, shape, trainable) of every parameter of the whole model, in registration order
+        self.param_specs: list[tuple[int, tuple[int, ...], bool]] = []
+        self._block_specs: list[tuple[int, tuple[int, ...], bool]] = []
+        sim = {i: j for j, i in enumerate(self.real_blocks)}
+        cur: list[int | None] = [None]  # the block being declared (None: not a block)
 
-        def p(name: str, numel: int, rg: bool = True, shape: tuple[int, ...] | None = None) -> T:
-            t = o.param(numel, e, name, requires_grad=rg and base_rg)
+        def p(name: str, numel: int, rg: bool = True, shape: tuple[int, ...] | None = None,
+              lora: bool = False) -> T | None:
+            spec = (numel, shape or (numel,), lora or (rg and base_rg))
+            self.param_specs.append(spec)
+            if cur[0] == 3 and self.n_phantom:
+                self._block_specs.append(spec)
+            if cur[0] is not None and cur[0] not in sim:
+                return None
+            if cur[0] is not None:
+                name = f"b{sim[cur[0]]}." + name.split(".", 1)[1]
+            t = o.param(numel, e, name, requires_grad=spec[2])
             tensors.append(t)
             by[name] = t
-            self.shapes[id(t.val)] = shape or (numel,)
+            self.shapes[id(t.val)] = spec[1]
             return t
         kv = s.nkv * s.hd
         gpt2 = c.family == "gpt2"
@@ -132,6 +157,7 @@ class ReferenceProgram:
         if gpt2:
             p("pos_emb", s.P * s.h, shape=(s.P, s.h))
         for i in range(c.num_layers):
+            cur[0] = i
             pre = f"b{i}."
             p(pre + "norm1.w", s.h)
             if gpt2:
@@ -152,6 +178,9 @@ class ReferenceProgram:
                 p(pre + "gate.w", s.h * s.f, shape=(s.f, s.h))
                 p(pre + "up.w", s.h * s.f, shape=(s.f, s.h))
                 p(pre + "down.w", s.f * s.h, shape=(s.h, s.f))
+            if lora is not None:
+                self._lora_params(i, p)
+        cur[0] = None
         p("norm_f.w", s.h)
         if gpt2:
             p("norm_f.b", s.h)
@@ -159,33 +188,32 @@ class ReferenceProgram:
             p("lm_head.w", s.V * s.h, shape=(s.V, s.h))
         else:
             by["lm_head.w"] = by["tok_emb"]
-        if lora is not None:
-            self._lora_params(tensors, by)
         if not gpt2:  # rotary tables: fp32 buffers (max_len, head_dim) — counted as parameters
             for nm in ("rope_cos", "rope_sin"):
                 by[nm] = o.param(s.P * s.hd, F32, nm, requires_grad=False)
         return _Params(tensors, by)
 
-    def _lora_params(self, tensors: list[T], by: dict[str, T]) -> None:
+    def _lora_params(self, i: int, p) -> None:
+        """Adapters of block i (trainable even though the base is frozen)."""
         lora = self.tr.lora
-        s, o, e = self.s, self.ops, self.p_esz
+        s = self.s
         kv = s.nkv * s.hd
         dims = {"q": (s.h, s.h), "k": (s.h, kv), "v": (s.h, kv), "o": (s.h, s.h),
                 "up": (s.h, s.f), "down": (s.f, s.h), "gate": (s.h, s.f)}
         if self.cfg.family == "gpt2":
             dims.pop("gate")
-        for i in range(self.cfg.num_layers):
-            for nm in ("q", "k", "v", "o", "gate", "up", "down"):
-                if nm in dims and nm in lora.target_modules:
-                    din, dout = dims[nm]
-                    for suffix, shape in (("lora_a", (lora.rank, din)), ("lora_b", (dout, lora.rank))):
-                        t = o.param(shape[0] * shape[1], e, f"b{i}.{nm}.{suffix}")
-                        self.shapes[id(t.val)] = shape
-                        tensors.append(t)
-                        by[f"b{i}.{nm}.{suffix}"] = t
+        for nm in ("q", "k", "v", "o", "gate", "up", "down"):
+            if nm in dims and nm in lora.target_modules:
+                din, dout = dims[nm]
+                for suffix, shape in (("lora_a", (lora.rank, din)), ("lora_b", (dout, lora.rank))):
+                    t = p(f"b{i}.{nm}.{suffix}", shape[0] * shape[1], shape=shape, lora=True)
 
     def trainable(self) -> list[T]:
         return [t for t in self.params.tensors if t.val.fn is not None]
+
+    def trainable_specs(self) -> list[tuple[int, tuple[int, ...]]]:
+        """(numel, shape) of every trainable parameter of the whole model, in order."""
+        return [(n, shp) for n, shp, rg in self.param_specs if rg]
 
     # ---- forward --------------------------------------------------------------------------------
     def linear(self, x: T, name: str, din: int, dout: int) -> T:
@@ -358,10 +386,14 @@ class ReferenceProgram:
             xd = o.dropout(x, self.device)
             o.drop(x)
             x = xd
-        for i in range(self.cfg.num_layers):
-            xn = self.run_block(x, i, rope)
+        for j in range(len(self.real_blocks)):
+            if self.n_phantom and j == 2:
+                before, keys = list(self.m.cur), set(o._amp_cache)
+            xn = self.run_block(x, j, rope)
             o.drop(x)
             x = xn
+            if self.n_phantom and j == 2:
+                x = self._phantom_forward(x, before, keys)
         xf = self.norm(x, "norm_f")
         o.drop(x)
         logits = self.linear(xf, "lm_head", s.h, s.V)
@@ -375,6 +407,39 @@ class ReferenceProgram:
         if rope is not None:
             o.drop(*rope)
         return loss
+
+    # ---- homogeneous middle blocks ------------------------------------------------------------
+    def _phantom_forward(self, x: T, before: list[int], cache_keys: set[int]) -> T:
+        """Stand in for blocks 3..L-3. Every middle block runs the same ops on the same shapes, so
+        it leaves the same bytes behind (``delta``, measured on block 2) and its own peaks are
+        those of block 2 or block L-2 shifted by a multiple of ``delta``: the maximum over an
+        arithmetic progression is at one of its ends, and both ends are simulated (forward:
+        block L-2 after the phantom; backward: block 2 after it). So the step's peak is exact.
+
+        The phantom holds n·delta: the part only the autocast cache keeps (casts not saved for
+        backward) goes at autocast exit; the rest goes in backward, where the phantom also adds
+        the blocks' gradients (first micro-batch) — freed first, then added, so the phantom
+        never shows a state higher than its two simulated neighbours."""
+        m, o, n = self.m, self.ops, self.n_phantom
+        delta = [a - b for a, b in zip(m.cur, before)]
+        assert delta[0] == delta[1] == delta[2] == 0, delta
+        cache_only = sum(t.buf.nbytes for k, t in o._amp_cache.items()
+                         if k not in cache_keys and t.buf.refs == 1)
+        retained = delta[3] - cache_only
+        if cache_only:
+            o._exit_drops.append(m.alloc(n * cache_only, "phantom blocks (autocast cache)"))
+        held = m.alloc(n * retained, "phantom blocks") if retained else None
+        grad_bytes = n * sum(k for k, _, rg in self._block_specs if rg) * self.p_esz
+
+        def bw(mm: Machine, node, g: list) -> list:
+            mm.drop(held)
+            if self._phantom_grad is None and grad_bytes:
+                self._phantom_grad = mm.alloc(grad_bytes, "phantom blocks (grads)", "gradients")
+            return [mm.hold(g[0]) if g[0] is not None else None]
+        node = m.node("PhantomBlocks", [x.val], [], bw)
+        out = T(Val(m.hold(x.buf), node, 0), x.numel, x.esz)
+        o.drop(x)  # the caller rebinds x to the phantom's output
+        return out
 
     # ---- activation checkpointing (torch.utils.checkpoint, use_reentrant=False) -------------
     def run_block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
@@ -471,24 +536,23 @@ class ReferenceProgram:
         m.drop(g)
         o.drop(scaled)
 
-    def grads(self) -> list:
-        return [t.val.fn.grad for t in self.trainable() if isinstance(t.val.fn, Leaf)]
-
     def zero_grad(self) -> None:
         for t in self.trainable():
             leaf = t.val.fn
             if isinstance(leaf, Leaf) and leaf.grad is not None:
                 self.m.drop(leaf.grad)
                 leaf.grad = None
+        if self._phantom_grad is not None:
+            self.m.drop(self._phantom_grad)
+            self._phantom_grad = None
 
     def _alloc_states(self):
         from planner.optimizers import optimizer_state_bytes
 
-        trainable = self.trainable()
+        specs = self.trainable_specs()
         inner_dtype = "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
         return self.m.alloc(optimizer_state_bytes(
-            self.tr, [t.numel for t in trainable], inner_dtype,
-            [self.shapes[id(t.val)] for t in trainable],
+            self.tr, [n for n, _ in specs], inner_dtype, [shp for _, shp in specs],
             device="cpu" if self.device == "cpu" else "cuda"), "optimizer_state", "optimizer_states")
 
     def optimizer_step(self, first: bool) -> None:
@@ -497,10 +561,9 @@ class ReferenceProgram:
         from planner.optimizers import optimizer_step_temporary_bytes
 
         m, tr = self.m, self.tr
-        trainable = self.trainable()
-        numels = [t.numel for t in trainable]
-        shapes = [self.shapes[id(t.val)] for t in trainable]
-        dev = "cpu" if self.device == "cpu" else "cuda"
+        specs = self.trainable_specs()
+        numels = [n for n, _ in specs]
+        shapes = [shp for _, shp in specs]
         inner_dtype = "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
         scratch = []
         if self.master and self.p_esz != F32:  # master.grad = p.grad.float(), all at once
