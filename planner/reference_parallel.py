@@ -87,7 +87,9 @@ class ParallelProgram(ReferenceProgram):
         if self.z >= 2 and checkpointed:
             raise ValueError("activation checkpointing under FSDP2 re-runs its pre-forward "
                              "hooks in backward, which this replay does not model")
-        super().__init__(model, training, device=device, checkpointed=checkpointed)
+        # Every block is replayed: FSDP's per-block gathers and DDP's per-tensor buckets are
+        # modelled on the simulated parameters themselves.
+        super().__init__(model, training, device=device, checkpointed=checkpointed, compress=False)
         self.m.__class__ = _DPMachine
         m = self.m
         if self.z <= 1:
