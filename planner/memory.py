@@ -58,6 +58,14 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
         raise PlanningError(
             f"sequence_length ({tr.sequence_length}) exceeds the learned position table "
             f"({model.max_sequence_length})", "training.sequence_length")
+    if tr.lora is not None and tr.lora.base_dtype in ("fp32", "bf16", "fp16"):
+        pdt = {"fp32": "fp32", "amp-bf16": "fp32", "amp-fp16": "fp32", "mixed-bf16": "bf16",
+               "mixed-fp16": "fp16", "bf16": "bf16"}[tr.precision]
+        if not tr.precision.startswith("amp-") and tr.lora.base_dtype != pdt:
+            raise PlanningError(
+                f"lora.base_dtype {tr.lora.base_dtype} differs from the {pdt} parameters of "
+                f"precision {tr.precision}: without autocast the matmul dtypes must agree",
+                "training.lora.base_dtype")
     ac = tr.activation_checkpointing
     if ac.strategy == "every-k" and ac.every_k is None:
         raise PlanningError("strategy 'every-k' needs every_k", "training.activation_checkpointing.every_k")

@@ -22,6 +22,7 @@ class T:
     val: Val
     numel: int
     esz: int
+    quantized: bool = False  # int8/nf4 storage, dequantized to ``esz`` at every use
 
     @property
     def buf(self) -> Buf:
@@ -171,6 +172,8 @@ class Ops:
         call) and the weight and bias come from the autocast cache. Saves the (cast) input when
         the weight needs grad and the (cast) weight when the input needs grad. Backward allocates
         grad input (n_rows·d_in), grad weight (d_out·d_in) and grad bias (d_out)."""
+        if w.quantized:
+            return self._quantized_linear(x, w, b, n_rows, d_in, d_out)
         xi, x_new = self.amp_input(x)
         wi, w_new = self.amp_weight(w)
         bi, b_new = self.amp_weight(b) if b is not None else (None, False)
@@ -184,6 +187,28 @@ class Ops:
         node = self._node("Addmm" if b is not None else "Mm", [xi, wi, bi], saved, bw)
         out = self.new(n_rows * d_out, esz, "addmm" if b is not None else "mm", node)
         self.drop(xi if x_new else None, wi if w_new else None, bi if b_new else None)
+        return out
+
+    def _quantized_linear(self, x: T, w: T, b: T | None, n_rows: int, d_in: int, d_out: int) -> T:
+        """A frozen int8/nf4 weight (QLoRA, Dettmers et al. 2023 §3): dequantized to the compute
+        dtype for the matmul and dropped; backward dequantizes again for the input gradient
+        (bitsandbytes' MatMul4Bit keeps only the quantized weight). Not measured: the reference
+        step does not run quantized bases."""
+        xi, x_new = self.amp_input(x)
+        esz = w.esz
+        deq = self.m.alloc(w.numel * esz, "dequantize")
+
+        def bw(m: Machine, n: Node, g: list) -> list:
+            if n.edges[0] is None:
+                return [None]
+            tmp = m.alloc(w.numel * esz, "dequantize")
+            out = m.galloc(n, 0, n_rows * d_in * esz, "mm")
+            m.drop(tmp)
+            return [out]
+        node = self._node("MatMulQuantized", [xi], [], bw)
+        out = self.new(n_rows * d_out, esz, "mm", node)
+        self.m.drop(deq)
+        self.drop(xi if x_new else None)
         return out
 
     def bmm(self, a: T, b: T, out_numel: int, name: str = "bmm") -> T:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from planner.precision import tensor_bytes
 from planner.reference_ops import F32, Ops, T
 from planner.specs import ResolvedModel, TrainingSpec
 from planner.stepsim import Leaf, Machine, PeakSnap, Val
 
 DTYPE_ESZ = {"fp32": 4, "bf16": 2, "fp16": 2}
+_LINEARS = {"q", "k", "v", "o", "up", "gate", "down"}
 I64 = 8
 
 # precision preset -> (parameter dtype, autocast dtype or None, fp32 master copy?, loss scaling?)
@@ -111,7 +113,7 @@ class ReferenceProgram:
         o = self.ops
         self._states = None
         if self.n_phantom:  # parameters of the blocks that are not simulated one by one
-            o.m.alloc(self.n_phantom * sum(n for n, _, _ in self._block_specs) * self.p_esz,
+            o.m.alloc(self.n_phantom * sum(b for _, _, _, b in self._block_specs),
                       "phantom blocks", "parameters")
         if self.master:  # fp32 master copies, made when the optimizer is built
             self.masters = o.m.alloc(sum(n for n, _ in self.trainable_specs()) * F32, "master",
@@ -127,6 +129,7 @@ class ReferenceProgram:
         c, s, o, e = self.cfg, self.s, self.ops, self.p_esz
         lora = self.tr.lora
         base_rg = lora is None
+        base_dtype = lora.base_dtype if lora is not None else None
         tensors: list[T] = []
         by: dict[str, T] = {}
         self.shapes: dict[int, tuple[int, ...]] = {}
@@ -138,7 +141,16 @@ class ReferenceProgram:
 
         def p(name: str, numel: int, rg: bool = True, shape: tuple[int, ...] | None = None,
               lora: bool = False) -> T | None:
-            spec = (numel, shape or (numel,), lora or (rg and base_rg))
+            trainable = lora or (rg and base_rg)
+            esz, quant = e, None
+            if base_dtype and not lora and name.split(".")[1:] and name.split(".")[-2] in _LINEARS \
+                    and name.endswith(".w"):
+                if base_dtype in DTYPE_ESZ:
+                    esz = DTYPE_ESZ[base_dtype]
+                else:  # int8 / nf4: stored quantized, dequantized to the compute dtype per use
+                    quant = tensor_bytes(numel, base_dtype, rows=(shape or (numel,))[0])
+            nbytes = quant if quant is not None else numel * esz
+            spec = (numel, shape or (numel,), trainable, nbytes)
             self.param_specs.append(spec)
             if cur[0] == 3 and self.n_phantom:
                 self._block_specs.append(spec)
@@ -146,7 +158,11 @@ class ReferenceProgram:
                 return None
             if cur[0] is not None:
                 name = f"b{sim[cur[0]]}." + name.split(".", 1)[1]
-            t = o.param(numel, e, name, requires_grad=spec[2])
+            if quant is not None:
+                t = T(Val(o.m.alloc(quant, name, "parameters"), None), numel, self.act_esz)
+                t.quantized = True
+            else:
+                t = o.param(numel, esz, name, requires_grad=spec[2])
             tensors.append(t)
             by[name] = t
             self.shapes[id(t.val)] = spec[1]
@@ -213,7 +229,7 @@ class ReferenceProgram:
 
     def trainable_specs(self) -> list[tuple[int, tuple[int, ...]]]:
         """(numel, shape) of every trainable parameter of the whole model, in order."""
-        return [(n, shp) for n, shp, rg in self.param_specs if rg]
+        return [(n, shp) for n, shp, rg, _ in self.param_specs if rg]
 
     # ---- forward --------------------------------------------------------------------------------
     def linear(self, x: T, name: str, din: int, dout: int) -> T:
@@ -429,7 +445,7 @@ class ReferenceProgram:
         if cache_only:
             o._exit_drops.append(m.alloc(n * cache_only, "phantom blocks (autocast cache)"))
         held = m.alloc(n * retained, "phantom blocks") if retained else None
-        grad_bytes = n * sum(k for k, _, rg in self._block_specs if rg) * self.p_esz
+        grad_bytes = n * sum(k for k, _, rg, _ in self._block_specs if rg) * self.p_esz
 
         def bw(mm: Machine, node, g: list) -> list:
             mm.drop(held)

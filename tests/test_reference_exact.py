@@ -34,6 +34,8 @@ CASES = [
     ("gpt2", "amp-bf16", "sdpa", "adamw", {"lora": {"rank": 4, "target_modules": ["q", "v", "up"]}}),
     ("llama", "mixed-bf16", "sdpa", "adamw", {"lora": {"rank": 4, "target_modules": ["q", "k", "v", "o", "gate", "up", "down"]}}),
     ("llama", "amp-bf16", "sdpa", "adamw", {"gradient_accumulation_steps": 3}),
+    ("llama", "amp-bf16", "sdpa", "adamw", {"lora": {"rank": 4, "target_modules": ["q", "v", "down"], "base_dtype": "bf16"}}),
+    ("gpt2", "amp-fp16", "eager", "adamw", {"lora": {"rank": 4, "target_modules": ["q", "up"], "base_dtype": "fp16"}}),
     ("gpt2", "bf16", "eager", "adagrad", {}),
     ("llama", "fp32", "sdpa", "rmsprop", {"rmsprop_centered": True}),
     ("gpt2", "amp-bf16", "sdpa", "adadelta", {}),

@@ -130,10 +130,16 @@ def apply_lora(model: Transformer, training: TrainingSpec) -> None:
                    "o": (block.attn, "o"), "up": (block.mlp, "up"), "down": (block.mlp, "down")}
         if hasattr(block.mlp, "gate"):
             targets["gate"] = (block.mlp, "gate")
-        for name in lora.target_modules:
+        for name in lora.target_modules:  # adapters in the parameter dtype
             if name in targets:
                 parent, attr = targets[name]
                 setattr(parent, attr, LoRALinear(getattr(parent, attr), lora.rank, lora.alpha))
+        if lora.base_dtype in TORCH_DTYPE:  # every frozen block projection stored in base_dtype
+            dt = TORCH_DTYPE[lora.base_dtype]
+            for parent, attr in targets.values():
+                lin = getattr(parent, attr)
+                lin = lin.base if isinstance(lin, LoRALinear) else lin
+                lin.weight = torch.nn.Parameter(lin.weight.detach().to(dt), requires_grad=False)
 
 
 def checkpointed_blocks(training: TrainingSpec, num_layers: int) -> set[int]:
