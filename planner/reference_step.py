@@ -413,15 +413,18 @@ class ReferenceProgram:
         xf = self.norm(x, "norm_f")
         o.drop(x)
         logits = self.linear(xf, "lm_head", s.h, s.V)
+        # Transformer.forward returns: its locals (the final norm's output, the rotary tables)
+        # live on only where saved for backward.
+        o.drop(xf)
+        if rope is not None:
+            o.drop(*rope)
         lf = o.cast(logits, F32) if logits.esz != F32 else o.view(logits)
         nll = o.cross_entropy(lf, s.N, s.V, self.tgt)
         o.drop(lf)
         if self.amp_esz is not None:
             o.exit_autocast()
         loss = o.div_scalar_tensor(nll)
-        o.drop(xf, logits, nll)
-        if rope is not None:
-            o.drop(*rope)
+        o.drop(logits, nll)
         return loss
 
     # ---- homogeneous middle blocks ------------------------------------------------------------

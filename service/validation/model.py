@@ -14,6 +14,7 @@ the accuracy tests catch a mismatch.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +180,9 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.dropout = dropout
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, run_block: Callable | None = None) -> torch.Tensor:
+        """Logits (B, T, V). ``run_block(i, block, x, rope)`` replaces ``block(x, rope)`` when
+        given (the training step uses it to checkpoint blocks)."""
         B, T = idx.shape
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
@@ -189,7 +192,7 @@ class Transformer(nn.Module):
             rope = rope_for(self.rope_cos, self.rope_sin, T, x.dtype)
         if self.dropout > 0:
             x = F.dropout(x, self.dropout, self.training)
-        for block in self.blocks:
-            x = block(x, rope)
+        for i, block in enumerate(self.blocks):
+            x = run_block(i, block, x, rope) if run_block is not None else block(x, rope)
         x = self.norm_f(x)
         return self.lm_head(x)  # (B, T, V)

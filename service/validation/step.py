@@ -17,7 +17,6 @@ Precision presets (planner/precision.py states the bytes):
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -26,20 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from planner.memory import checkpointed_blocks as planner_checkpointed_blocks
+from planner.reference_step import PRECISIONS
 from planner.specs import ResolvedModel, TrainingSpec
-from service.validation.model import LoRALinear, Transformer, rope_for
+from service.validation.model import LoRALinear, Transformer
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# (param dtype, autocast dtype or None, master weights?, loss scaling?)
-PRECISIONS: dict[str, tuple[str, str | None, bool, bool]] = {
-    "fp32": ("fp32", None, False, False),
-    "amp-bf16": ("fp32", "bf16", False, False),
-    "amp-fp16": ("fp32", "fp16", False, True),
-    "mixed-bf16": ("bf16", None, True, False),
-    "mixed-fp16": ("fp16", None, True, True),
-    "bf16": ("bf16", None, False, False),
-}
+# (param dtype, autocast dtype or None, master weights?, loss scaling?): the planner's table.
 
 
 class MasterWeightOptimizer(torch.optim.Optimizer):
@@ -143,20 +136,9 @@ def apply_lora(model: Transformer, training: TrainingSpec) -> None:
 
 
 def checkpointed_blocks(training: TrainingSpec, num_layers: int) -> set[int]:
-    """Block indices run under torch.utils.checkpoint for the named strategies, or the explicit
-    plan (``blocks``: strategy 'blocks' or a 'budget' resolved by the planner) as given."""
-    ac = training.activation_checkpointing
-    if ac.blocks is not None:
-        return set(ac.blocks)
-    if ac.strategy == "full":
-        return set(range(num_layers))
-    if ac.strategy == "every-k":
-        k = ac.every_k or 1
-        return {i for i in range(num_layers) if i % k == 0}
-    if ac.strategy == "sqrt":  # Chen et al. 2016: one checkpointed segment per ~sqrt(n) blocks
-        k = max(1, round(math.sqrt(num_layers)))
-        return {i for i in range(num_layers) if i % k != k - 1}
-    return set()
+    """Block indices run under torch.utils.checkpoint: the planner's rule, so the step runs
+    exactly the plan the estimate describes."""
+    return planner_checkpointed_blocks(training, num_layers)
 
 
 @dataclass
@@ -208,25 +190,15 @@ def build(cfg: ResolvedModel, training: TrainingSpec, device: torch.device,
 def forward_loss(s: StepSetup, idx: torch.Tensor, targets: torch.Tensor,
                  on_recompute: Callable[[], Any] | None = None) -> torch.Tensor:
     """Forward pass and loss, with the configured blocks checkpointed."""
-    m = s.model
     ctx = torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext()
+
+    def run_block(i: int, block: torch.nn.Module, x: torch.Tensor, rope: Any) -> torch.Tensor:
+        if i in s.checkpointed:
+            return checkpoint(_recompute_aware(block, on_recompute), x, rope, use_reentrant=False)
+        return block(x, rope)
+
     with ctx:
-        B, T = idx.shape
-        x = m.tok_emb(idx)  # (B, T, C)
-        rope = None
-        if m.pos_emb is not None:
-            x = x + m.pos_emb(torch.arange(T, device=idx.device))
-        else:
-            rope = rope_for(m.rope_cos, m.rope_sin, T, x.dtype)
-        if m.dropout > 0:
-            x = F.dropout(x, m.dropout, True)
-        for i, block in enumerate(m.blocks):
-            if i in s.checkpointed:
-                x = checkpoint(_recompute_aware(block, on_recompute), x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope)
-        x = m.norm_f(x)
-        logits = m.lm_head(x)  # (B, T, V)
+        logits = s.model(idx, run_block)  # (B, T, V)
         V = logits.shape[-1]
         loss = F.cross_entropy(logits.float().view(-1, V), targets.view(-1))
     return loss / s.training.gradient_accumulation_steps
