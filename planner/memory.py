@@ -66,6 +66,17 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
                 f"lora.base_dtype {tr.lora.base_dtype} differs from the {pdt} parameters of "
                 f"precision {tr.precision}: without autocast the matmul dtypes must agree",
                 "training.lora.base_dtype")
+    ov = tr.precision_overrides
+    if ov is not None and ov.gradients is not None:
+        pdt = ov.parameters or {"mixed-bf16": "bf16", "mixed-fp16": "fp16", "bf16": "bf16"}.get(
+            tr.precision, "fp32")
+        if ov.gradients != pdt and not tr.precision.startswith("mixed-"):
+            raise PlanningError(
+                f"gradients in {ov.gradients} on {pdt} parameters need a master-weight preset "
+                "(mixed-bf16 / mixed-fp16): torch.optim steps a parameter with its own-dtype "
+                "gradient", "training.precision_overrides.gradients")
+        if ov.gradients in ("int8", "nf4"):
+            raise PlanningError("gradients cannot be quantized", "training.precision_overrides.gradients")
     ac = tr.activation_checkpointing
     if ac.strategy == "every-k" and ac.every_k is None:
         raise PlanningError("strategy 'every-k' needs every_k", "training.activation_checkpointing.every_k")

@@ -47,9 +47,12 @@ class Ops:
             cat: str | None = None) -> T:
         return T(Val(self.m.alloc(numel * esz, name, cat), node, out_idx), numel, esz)
 
-    def param(self, numel: int, esz: int, name: str, requires_grad: bool = True) -> T:
+    def param(self, numel: int, esz: int, name: str, requires_grad: bool = True,
+              grad_esz: int | None = None) -> T:
+        """A parameter; ``grad_esz`` when its .grad has another dtype (``param.grad_dtype``):
+        AccumulateGrad then copies each incoming gradient into one of that dtype."""
         b = self.m.alloc(numel * esz, name, "parameters")
-        leaf = Leaf(name, numel * esz) if requires_grad else None
+        leaf = Leaf(name, numel * (grad_esz or esz)) if requires_grad else None
         return T(Val(b, leaf), numel, esz)
 
     def view(self, t: T) -> T:

@@ -91,6 +91,11 @@ class ReferenceProgram:
         if ov is not None and ov.parameters in DTYPE_ESZ:
             pdt = ov.parameters
         self.p_esz = DTYPE_ESZ[pdt]
+        # .grad dtype (fp32 gradient accumulation on 16-bit parameters: param.grad_dtype)
+        self.g_esz = DTYPE_ESZ[ov.gradients] if ov is not None and ov.gradients in DTYPE_ESZ \
+            else self.p_esz
+        self.master_esz = DTYPE_ESZ[ov.master_weights] if ov is not None and \
+            ov.master_weights in DTYPE_ESZ else F32
         self.amp_esz = DTYPE_ESZ[amp] if amp else None
         self.master, self.scaling = master, scaling
         self.act_esz = self.amp_esz or self.p_esz
@@ -116,7 +121,7 @@ class ReferenceProgram:
             o.m.alloc(self.n_phantom * sum(b for _, _, _, b in self._block_specs),
                       "phantom blocks", "parameters")
         if self.master:  # fp32 master copies, made when the optimizer is built
-            self.masters = o.m.alloc(sum(n for n, _ in self.trainable_specs()) * F32, "master",
+            self.masters = o.m.alloc(sum(n for n, _ in self.trainable_specs()) * self.master_esz, "master",
                                      "optimizer_states")
         self._states_at_init = training.optimizer == "adagrad"
         if self._states_at_init:  # torch.optim.Adagrad fills its state in __init__
@@ -162,7 +167,8 @@ class ReferenceProgram:
                 t = T(Val(o.m.alloc(quant, name, "parameters"), None), numel, self.act_esz)
                 t.quantized = True
             else:
-                t = o.param(numel, esz, name, requires_grad=spec[2])
+                t = o.param(numel, esz, name, requires_grad=spec[2],
+                            grad_esz=self.g_esz if self.g_esz != esz and spec[2] else None)
             tensors.append(t)
             by[name] = t
             self.shapes[id(t.val)] = spec[1]
@@ -448,7 +454,7 @@ class ReferenceProgram:
         if cache_only:
             o._exit_drops.append(m.alloc(n * cache_only, "phantom blocks (autocast cache)"))
         held = m.alloc(n * retained, "phantom blocks") if retained else None
-        grad_bytes = n * sum(k for k, _, rg, _ in self._block_specs if rg) * self.p_esz
+        grad_bytes = n * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
 
         def bw(mm: Machine, node, g: list) -> list:
             mm.drop(held)
@@ -585,8 +591,8 @@ class ReferenceProgram:
         shapes = [shp for _, shp in specs]
         inner_dtype = "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
         scratch = []
-        if self.master and self.p_esz != F32:  # master.grad = p.grad.float(), all at once
-            scratch += [m.alloc(n * F32, "_to_copy") for n in numels]
+        if self.master and self.g_esz != self.master_esz:  # master.grad = p.grad.float(), at once
+            scratch += [m.alloc(n * self.master_esz, "_to_copy") for n in numels]
         if self.scaling and not self.master:  # GradScaler.unscale_: found_inf (fp32 scalar)
             scratch += [m.alloc(4, "full")]
         if first and self._states is None:

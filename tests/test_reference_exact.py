@@ -36,6 +36,8 @@ CASES = [
     ("llama", "amp-bf16", "sdpa", "adamw", {"gradient_accumulation_steps": 3}),
     ("llama", "amp-bf16", "sdpa", "adamw", {"lora": {"rank": 4, "target_modules": ["q", "v", "down"], "base_dtype": "bf16"}}),
     ("gpt2", "amp-fp16", "eager", "adamw", {"lora": {"rank": 4, "target_modules": ["q", "up"], "base_dtype": "fp16"}}),
+    ("llama", "mixed-bf16", "sdpa", "adamw", {"precision_overrides": {"gradients": "fp32"}}),
+    ("gpt2", "mixed-fp16", "sdpa", "adam", {"precision_overrides": {"gradients": "fp32"}, "gradient_accumulation_steps": 2}),
     ("gpt2", "bf16", "eager", "adagrad", {}),
     ("llama", "fp32", "sdpa", "rmsprop", {"rmsprop_centered": True}),
     ("gpt2", "amp-bf16", "sdpa", "adadelta", {}),

@@ -63,11 +63,10 @@ def check_supported(req: ValidationRequest) -> None:
             "tensor_parallel > 1 is not run by the validation runner: the reference model has no "
             "tensor-parallel layers; validate data parallelism (DDP, ZeRO 1-3) or one device")
     if par.pipeline_parallel > 1:
-        raise ValidationUnsupported(
-            "pipeline_parallel > 1 is not run as a validation job: the pipelined step "
-            "(service/validation/pipeline_run.py) measures one peak per rank, not a breakdown by "
-            "category; use POST /v1/pipeline for the schedule")
-    if par.data_parallel > 1:
+        from service.validation.pipeline_run import check_pipeline
+
+        check_pipeline(req)  # raises ValidationUnsupported with the reason
+    elif par.data_parallel > 1:
         from service.validation.distributed import check_multi_rank
 
         check_multi_rank(req)  # raises ValidationUnsupported with the reason
@@ -85,7 +84,7 @@ def check_supported(req: ValidationRequest) -> None:
     if tr.lora is not None and tr.lora.base_dtype in ("int8", "nf4"):
         raise ValidationUnsupported("quantized LoRA bases (int8/nf4) are not run by the reference step")
     ov = tr.precision_overrides
-    if ov is not None and (ov.gradients or ov.master_weights):
+    if ov is not None and (ov.gradients in ("int8", "nf4") or ov.master_weights not in (None, "fp32")):
         raise ValidationUnsupported("gradient / master-weight dtype overrides are not run by the "
                                     "reference step")
     if req.mode == "traced" and tr.precision in ("amp-fp16", "mixed-fp16"):
@@ -195,6 +194,10 @@ def _fake_batch(cfg, tr, dev):
 def run_validation(req: ValidationRequest, progress: ProgressFn | None = None) -> ValidationResult:
     """Measure the reference step for ``req`` and compare with the planner's estimate."""
     check_supported(req)
+    if req.parallelism.pipeline_parallel > 1:  # one process per pipeline rank under torchrun
+        from service.validation.pipeline_run import run_pipelined
+
+        return run_pipelined(req, progress, req.timeout_s)
     if req.parallelism.data_parallel > 1:  # one process per rank under torchrun
         from service.validation.distributed import run_multi_rank
 

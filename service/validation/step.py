@@ -172,6 +172,9 @@ def build(cfg: ResolvedModel, training: TrainingSpec, device: torch.device,
         apply_lora(model, training)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    if ov is not None and ov.gradients in TORCH_DTYPE:  # e.g. fp32 gradients on bf16 parameters
+        for p in params:
+            p.grad_dtype = TORCH_DTYPE[ov.gradients]
     scaler, loss_scale = None, 1.0
     if master:
         loss_scale = 2.0**10 if scaling else 1.0
