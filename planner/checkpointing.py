@@ -27,7 +27,7 @@ is: put it in ``training`` of POST /v1/memory or POST /v1/validations.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -81,7 +81,7 @@ class CheckpointRequest(_Frozen):
         None, ge=1, le=MAX_BYTES, description="For 'budget': peak bytes per device (default: "
         "training.activation_checkpointing.budget_bytes, else the hardware's memory).")
     every_k: int | None = Field(None, ge=1, le=MAX_CHAIN_BLOCKS, description="For 'every-k'.")
-    blocks: list[int] | None = Field(
+    blocks: list[Annotated[int, Field(ge=0, lt=MAX_CHAIN_BLOCKS)]] | None = Field(
         None, max_length=MAX_CHAIN_BLOCKS, description="For 'blocks': the checkpointed block "
         "indices to evaluate (a setup also takes training.activation_checkpointing.blocks).")
     model: ModelSpec | None = None

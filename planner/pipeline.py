@@ -48,7 +48,9 @@ class PipelineCosts(_Frozen):
     p2p_latency_s: float = Field(0.0, ge=0, le=10.0, allow_inf_nan=False,
                                  description="Per-message latency between ranks.")
     p2p_bandwidth_bytes_per_s: float | None = Field(
-        None, gt=0, le=1e15, allow_inf_nan=False, description="Link bandwidth; null: unlimited.")
+        None, ge=1, le=1e15, allow_inf_nan=False,
+        description="Link bandwidth (at least 1 byte/s, so a message's time stays finite); "
+        "null: unlimited.")
     activation_message_bytes: int = Field(
         0, ge=0, le=2**40, description="Bytes of one activation (or its gradient) message.")
 

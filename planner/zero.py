@@ -24,6 +24,7 @@ For a bare parameter count (no shapes) the ZeRO paper's arithmetic is used (§5,
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from planner.optimizers import (
@@ -130,12 +131,15 @@ def zero1_partition(numels: list[int], world_size: int) -> list[list[int]]:
     """Indices of the tensors each rank owns under ZeroRedundancyOptimizer (one param group):
     sort by numel, largest first (stable), give each to the rank with the smallest total so far
     (lowest index on ties) — ``ZeroRedundancyOptimizer._partition_parameters``."""
-    sizes = [0] * world_size
     ranks: list[list[int]] = [[] for _ in range(world_size)]
+    # A heap of (total, rank) pops exactly min over (sizes[k], k): O(n log W), not O(n W). Only
+    # the first min(n, W) ranks can ever receive a tensor (an empty rank of lower index always
+    # wins), so only they enter the heap.
+    heap = [(0, k) for k in range(min(world_size, len(numels)))]
     for i in sorted(range(len(numels)), key=lambda j: numels[j], reverse=True):
-        r = min(range(world_size), key=lambda k: (sizes[k], k))
+        size, r = heapq.heappop(heap)
         ranks[r].append(i)
-        sizes[r] += numels[i]
+        heapq.heappush(heap, (size + numels[i], r))
     return ranks
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -21,12 +23,13 @@ class InvalidParam(BaseModel):
 
 
 class Problem(BaseModel):
-    """An RFC 9457 problem document."""
+    """An RFC 9457 problem document (media type application/problem+json)."""
 
-    type: str = "about:blank"
-    title: str
-    status: int
-    detail: str | None = None
+    type: str = Field(..., description="URI of the problem type; 'about:blank' for plain HTTP "
+                      "errors.")
+    title: str = Field(..., description="Short summary of the problem type.")
+    status: int = Field(..., description="The HTTP status code.")
+    detail: str = Field(..., description="What went wrong with this request.")
     instance: str | None = None
     invalid_params: list[InvalidParam] | None = Field(
         None, alias="invalid-params", description="For validation errors: each offending field.")
@@ -45,9 +48,8 @@ class PlanError(Exception):
 def problem_response(status: int, title: str, detail: str | None = None,
                      invalid: list[dict[str, str]] | None = None, type_: str = "about:blank",
                      headers: dict[str, str] | None = None) -> JSONResponse:
-    body: dict[str, Any] = {"type": type_, "title": title, "status": status}
-    if detail is not None:
-        body["detail"] = detail
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status,
+                            "detail": detail if detail is not None else title}
     if invalid:
         body["invalid-params"] = invalid
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
@@ -58,6 +60,8 @@ def _loc(loc: tuple | list) -> str:
 
 
 def install(app: FastAPI) -> None:
+    _document_problems(app)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         invalid = []
@@ -108,5 +112,71 @@ def _title(status: int) -> str:
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: {"model": Problem, "content": {PROBLEM: {}}, "description": "Invalid or unplannable input"},
 }
-__all__ = ["PROBLEM", "Problem", "PlanError", "install", "problem_response", "ERROR_RESPONSES",
-           "HTTPException"]
+
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+_PROBLEM_CONTENT = {PROBLEM: {"schema": _PROBLEM_REF}}
+# Errors that any operation can answer, whatever its own responses say.
+_BAD_BODY = {"description": "The request body is not JSON (or not UTF-8)",
+             "content": _PROBLEM_CONTENT}
+_TOO_LARGE = {"description": "The request body is over the service's size limit",
+              "content": _PROBLEM_CONTENT}
+_INVALID = {"description": "Invalid input", "content": _PROBLEM_CONTENT}
+_INTERNAL = {"description": "Internal error: a bug in memplan", "content": _PROBLEM_CONTENT}
+
+
+def problem_openapi(doc: dict[str, Any]) -> dict[str, Any]:
+    """Make the OpenAPI document say what the handlers above do (idempotent).
+
+    FastAPI documents ``model=Problem`` responses as application/json and request validation
+    errors as its own HTTPValidationError; every error here is application/problem+json with the
+    Problem schema, so: error responses carry only that media type, 422s use Problem, an
+    operation with a body also documents the 400 for an unparseable body and the 413 for one over
+    the size limit, and every operation documents the 500 problem.
+    """
+    for item in doc.get("paths", {}).values():
+        for op in item.values():
+            if not isinstance(op, dict) or "responses" not in op:
+                continue
+            responses = op["responses"]
+            for code, response in responses.items():
+                if str(code)[0] in "45":
+                    response["content"] = {PROBLEM: {"schema": dict(_PROBLEM_REF)}}
+            if "requestBody" in op:
+                responses.setdefault("400", copy.deepcopy(_BAD_BODY))
+                responses.setdefault("413", copy.deepcopy(_TOO_LARGE))
+            if "requestBody" in op or op.get("parameters"):
+                responses.setdefault("422", copy.deepcopy(_INVALID))
+            responses.setdefault("500", copy.deepcopy(_INTERNAL))
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    if "Problem" not in schemas:
+        problem = Problem.model_json_schema(by_alias=True,
+                                            ref_template="#/components/schemas/{model}")
+        schemas.update(problem.pop("$defs", {}), Problem=problem)
+    # FastAPI's own 422 body is never sent: drop its schemas once nothing refers to them.
+    for name in ("HTTPValidationError", "ValidationError"):
+        others = {k: v for k, v in schemas.items() if k != name}
+        text = json.dumps([doc.get("paths", {}), others])
+        if name in schemas and f'"#/components/schemas/{name}"' not in text \
+                and _is_fastapi_error_schema(name, schemas[name]):
+            del schemas[name]
+    return doc
+
+
+def _is_fastapi_error_schema(name: str, schema: Any) -> bool:
+    props = set(schema.get("properties", {})) if isinstance(schema, dict) else set()
+    return props == {"detail"} if name == "HTTPValidationError" else props >= {"loc", "msg", "type"}
+
+
+def _document_problems(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_openapi(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+__all__ = ["PROBLEM", "Problem", "PlanError", "install", "problem_response", "problem_openapi",
+           "ERROR_RESPONSES", "HTTPException"]
