@@ -306,6 +306,64 @@ class RankResult(_Frozen):
     relative_error: RelativeError
 
 
+class PipelineRankComparison(_Frozen):
+    """One pipeline rank of a pipelined validation: measured against the simulator."""
+
+    rank: int
+    stages: list[int] = Field(..., description="The (virtual) stages this rank runs.")
+    action_order_matches: bool = Field(
+        ..., description="The rank's F/I/W/B actions ran in exactly the simulator's order.")
+    first_mismatch: int | None = Field(
+        None, description="Index of the first action that differs (None when the orders match).")
+    in_flight_measured: int = Field(
+        ..., description="Peak activation sets (stage, micro-batch) the rank's stages held, read "
+        "from torch's stage caches after every action.")
+    in_flight_simulated: int = Field(..., description="The simulator's peak for this rank.")
+    busy_s_measured: float = Field(..., description="Sum of the timed stage computations.")
+    busy_s_simulated: float = Field(
+        ..., description="The simulator's busy time with the measured per-stage F/I/W medians.")
+    idle_s_measured: float = Field(..., description="Measured makespan - busy.")
+    idle_s_simulated: float
+    step_s_measured: float = Field(
+        ..., description="Wall time of the timed step on this rank (schedule and optimizer).")
+    peak_memory: Breakdown = Field(
+        ..., description="Measured steady-state peak of this rank, by category.")
+    peak_op: str | None = None
+    peak_phase: str | None = None
+    cuda_allocated_bytes: int | None = Field(
+        None, description="CUDA only: the allocator's max_memory_allocated over the step.")
+
+
+class PipelineValidation(_Frozen):
+    """A real pipelined step (torch.distributed.pipelining under torchrun) against the pipeline
+    simulator fed with the per-stage F, I and W times measured in the same run."""
+
+    schedule: PipelineScheduleName
+    stages: int = Field(..., description="Pipeline ranks.")
+    virtual_stages: int = Field(..., description="Stages per rank.")
+    microbatches: int
+    action_order_matches: bool = Field(..., description="Every rank's action order matches.")
+    in_flight_matches: bool = Field(
+        ..., description="Every rank's measured peak in-flight micro-batches equals the "
+        "simulator's.")
+    makespan_s_measured: float = Field(
+        ..., description="First action start to last action end over all ranks.")
+    makespan_s_simulated: float
+    makespan_relative_error: float | None = Field(
+        None, description="(simulated - measured) / measured.")
+    bubble_fraction_simulated: float
+    forward_s: list[float] = Field(..., description="Measured median F per stage (fed to the "
+                                   "simulator).")
+    backward_input_s: list[float] = Field(
+        ..., description="Measured median I per stage (a full backward B where the schedule does "
+        "not split it).")
+    backward_weight_s: list[float] = Field(..., description="Measured median W per stage (0 "
+                                           "where the backward is not split).")
+    ranks: list[PipelineRankComparison]
+    memory_note: str = Field(..., description="What the top-level estimate and measurement "
+                             "compare.")
+
+
 class ValidationResult(_Frozen):
     device: str = Field(..., description="Where it ran, e.g. 'cpu', 'cuda:0 (NVIDIA H100 80GB HBM3)'.")
     mode: Literal["real", "traced"]
@@ -329,6 +387,8 @@ class ValidationResult(_Frozen):
         "both measured in this job (real mode, some block checkpointed).")
     planned_step_time_ratio: float | None = Field(
         None, description="1 + the planner's recompute time fraction (POST /v1/checkpointing).")
+    pipeline: PipelineValidation | None = Field(
+        None, description="pipeline_parallel > 1: the real pipelined step against the simulator.")
 
 
 class Progress(_Frozen):

@@ -103,7 +103,31 @@ def comparison_table(result: Any) -> str:
     lines.append(f"device: {result.device}   mode: {result.mode}"
                  + (f"   peak at: {result.peak_op}" if result.peak_op else "")
                  + (f"   step time: {result.step_time_s:.4f} s" if result.step_time_s else ""))
+    if getattr(result, "pipeline", None) is not None:
+        lines.append(pipeline_table(result.pipeline))
     return "\n".join(lines)
+
+
+def pipeline_table(pv: Any) -> str:
+    """The pipelined step per rank against the simulator (measured F/I/W fed to it)."""
+    def ms(s: float) -> str:
+        return f"{s * 1e3:.2f}"
+
+    rows = [(str(r.rank), "yes" if r.action_order_matches else f"no (at {r.first_mismatch})",
+             f"{r.in_flight_measured}/{r.in_flight_simulated}",
+             f"{ms(r.busy_s_measured)}/{ms(r.busy_s_simulated)}",
+             f"{ms(r.idle_s_measured)}/{ms(r.idle_s_simulated)}",
+             human_bytes(r.peak_memory.total)) for r in pv.ranks]
+    head = (f"pipeline {pv.schedule}: {pv.stages} ranks x {pv.virtual_stages} stages, "
+            f"{pv.microbatches} micro-batches   action order: "
+            f"{'matches' if pv.action_order_matches else 'DIFFERS'}   in-flight: "
+            f"{'matches' if pv.in_flight_matches else 'DIFFERS'}")
+    table = _table(("rank", "order", "in-flight meas/sim", "busy ms meas/sim",
+                    "idle ms meas/sim", "peak memory"), rows)
+    tail = (f"makespan: measured {ms(pv.makespan_s_measured)} ms, simulated "
+            f"{ms(pv.makespan_s_simulated)} ms ({_pct(pv.makespan_relative_error)})   "
+            f"simulated bubble: {pv.bubble_fraction_simulated:.1%}\nmemory: {pv.memory_note}")
+    return f"{head}\n{table}\n{tail}"
 
 
 def _dump(model: BaseModel) -> str:
