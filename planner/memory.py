@@ -220,6 +220,16 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
 
     if par.data_parallel > 1 and unsupported_reason(tr, par, ckpt) is None:
         return _data_parallel(model, tr, par, device, ckpt, assumptions, notes)
+    if par.pipeline_parallel > 1 and not ckpt:
+        from planner.pipeline_memory import pipelined_estimate
+
+        pp = pipelined_estimate(model, tr, par, device)
+        if pp is not None:  # every pipeline rank replayed; the worst one reported
+            worst, _, extra, pp_notes = pp
+            assumptions.extend(extra)
+            notes.extend(pp_notes)
+            return (_bd(worst.steady.as_dict()), _bd(worst.first.as_dict()),
+                    f"{worst.steady.phase}: {worst.steady.op} (rank {worst.rank})")
     return _composed(model, tr, par, device, ckpt, assumptions, notes)
 
 

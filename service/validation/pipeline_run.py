@@ -563,6 +563,26 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
         cuda_allocated_bytes=r["steady"]["cuda_allocated"]) for r in cmp_["ranks"]]
     worst = max(ranks, key=lambda r: (r.peak_memory.total, -r.rank))
     costs = cmp_["stage_costs_s"]
+    per_rank = _per_rank_estimates(req, "cuda" if cuda else "cpu")
+    rank_results = None
+    if per_rank is not None:  # the planner replays every rank: compare rank by rank
+        from planner.specs import RankResult
+
+        rank_results = [RankResult(rank=r.rank, estimate=per_rank[r.rank],
+                                   measured=r.peak_memory,
+                                   relative_error=relative_error(per_rank[r.rank], r.peak_memory))
+                        for r in ranks]
+    note = ("estimate: the planner's replay of every pipeline rank (planner.pipeline_memory): "
+            "each rank's stages, torch's receive buffers and the schedule's actions op by op; "
+            "estimate is the planner's worst rank, measured the measured worst rank, and ranks "
+            "compares each rank with its own replay." if rank_results is not None else
+            "estimate: the planner's pipeline path for its worst rank: per-tensor model states "
+            "of the stage with the most, plus the single-device activation and temporary peaks "
+            "scaled by the stage's share of blocks and the first stage's in-flight micro-batches "
+            "(a composition, not a replay of the pipelined step; torch's per-micro-batch receive "
+            "buffers, measured as activations, are not in it). measured: the rank with the "
+            "highest steady-state peak. The planner gives no per-rank pipeline estimate, so only "
+            "that rank is compared; every rank's measured peak is in pipeline.ranks.")
     pv = PipelineValidation(
         schedule=cmp_["schedule"], stages=cmp_["stages"], virtual_stages=cmp_["virtual_stages"],
         microbatches=cmp_["microbatches"],
@@ -573,21 +593,26 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
         bubble_fraction_simulated=cmp_["bubble_fraction_simulated"],
         forward_s=costs["forward"], backward_input_s=costs["backward_input"],
         backward_weight_s=costs["backward_weight"], ranks=ranks,
-        memory_note=(
-            "estimate: the planner's pipeline path for its worst rank: per-tensor model states "
-            "of the stage with the most, plus the single-device activation and temporary peaks "
-            "scaled by the stage's share of blocks and the first stage's in-flight micro-batches "
-            "(a composition, not a replay of the pipelined step; torch's per-micro-batch receive "
-            "buffers, measured as activations, are not in it). measured: the rank with the "
-            "highest steady-state peak. The planner gives no per-rank pipeline estimate, so only "
-            "that rank is compared; every rank's measured peak is in pipeline.ranks."))
+        memory_note=note)
     return ValidationResult(
         device=f"{run_['device']} x {len(ranks)} pipeline ranks ({run_['backend']})",
         mode=req.mode, estimate=est.breakdown, measured=worst.peak_memory,
         relative_error=relative_error(est.breakdown, worst.peak_memory),
         peak_op=worst.peak_op, peak_phase=worst.peak_phase,
         step_time_s=max(r.step_s_measured for r in ranks),
-        max_reserved_bytes=None, worst_rank=worst.rank, pipeline=pv)
+        max_reserved_bytes=None, ranks=rank_results, worst_rank=worst.rank, pipeline=pv)
+
+
+def _per_rank_estimates(req: ValidationRequest, device: str) -> dict[int, Any] | None:
+    """The planner's steady-state breakdown of every pipeline rank, when it replays them."""
+    from planner.catalog import resolve_model as _resolve
+    from planner.pipeline_memory import pipelined_estimate
+    from planner.specs import Breakdown
+
+    pp = pipelined_estimate(_resolve(req.model), req.training, req.parallelism, device)
+    if pp is None:
+        return None
+    return {pk.rank: Breakdown(**pk.steady.as_dict()) for pk in pp[1]}
 
 
 if __name__ == "__main__":
