@@ -283,10 +283,6 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
                                  or max(given, default=0) >= L):
         raise PlanningError(f"blocks must be distinct indices below num_layers ({L})",
                             "body.blocks")
-    if strategy == "selective" and not megatron:
-        raise PlanningError("'selective' (core-attention recompute, Korthikanti et al. 2022 "
-                            "§4.1) is modelled by training.implementation 'megatron'; the "
-                            "reference step checkpoints whole blocks", "body.strategy")
     if megatron and strategy not in ("none", "full", "selective"):
         raise PlanningError("implementation 'megatron' models none, selective and full "
                             "(Korthikanti et al. 2022 Table 2)", "body.strategy")
@@ -337,11 +333,11 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
         spec = ActivationCheckpointing(strategy=strategy,
                                        every_k=every_k if strategy == "every-k" else None)
         result = estimate(spec)
-        if megatron:
+        if strategy == "selective":  # core attention of every block (Korthikanti et al. §4.1)
+            blocks, plan, core_blocks = [], spec, list(range(L))
+        elif megatron:
             blocks = list(range(L)) if strategy == "full" else []
             plan = spec
-            if strategy == "selective":
-                core_blocks = list(range(L))
         else:
             blocks = named_plan(strategy, L, every_k)
             plan = ActivationCheckpointing(strategy="blocks", blocks=blocks)

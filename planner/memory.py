@@ -172,10 +172,6 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
                      "(family, layers, hidden size, heads, vocabulary), so only model states are given")
     elif tr.implementation == "megatron":
         bd, phase = _megatron(model, tr, par, assumptions)
-    elif tr.activation_checkpointing.strategy == "selective":
-        raise PlanningError("selective recompute is modelled by implementation 'megatron' "
-                            "(the reference step checkpoints whole blocks)",
-                            "training.activation_checkpointing.strategy")
     else:
         bd, first, phase = _reference(model, tr, par, device, ckpt, assumptions, notes)
         if ckpt:

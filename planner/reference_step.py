@@ -62,10 +62,8 @@ class _StopRecompute(Exception):
 
 @dataclass
 class _CheckpointFrame:
-    index: int
+    fn: object  # re-runs the checkpointed region
     input_bufs: list
-    x: T
-    rope: tuple[T, T] | None
     packs: list
     done: bool = False
     pending: int = 0  # packed nodes still to run in backward
@@ -266,20 +264,28 @@ class ReferenceProgram:
             q2, k2 = self.apply_rope(q, rope), self.apply_rope(k, rope)
             o.drop(q, k)
             q, k = q2, k2
+        core = lambda: self.attn_core(q, k, v)  # noqa: E731
+        if self.tr.activation_checkpointing.strategy == "selective":
+            y4 = self._checkpoint(core, [q, k, v])  # Megatron's core-attention recompute
+        else:
+            y4 = core()  # (B, nh, T, hd)
         if self.tr.attention == "sdpa":
-            y = o.sdpa(q, k, v, s.B * s.nh * s.T)
-            o.drop(q, k, v)
-            out = self.linear(y, pre + "o", s.h, s.h)
-            o.drop(y)
-            return out
-        # eager
+            y = y4  # the flash kernel's output is already (B, T, nh, hd) in memory: no copy
+        else:
+            y = o.contiguous_copy(y4)
+            o.drop(y4)
+        out = self.linear(y, pre + "o", s.h, s.h)
+        o.drop(y, q, k, v)
+        return out
+
+    def attn_core(self, q: T, k: T, v: T) -> T:
+        """CausalSelfAttention._core: softmax(q k^T / sqrt(hd)) v, (B, nh, T, hd)."""
+        o, s = self.ops, self.s
+        if self.tr.attention == "sdpa":
+            return o.sdpa(q, k, v, s.B * s.nh * s.T)
         gqa = s.nkv != s.nh
         if gqa:  # repeat_interleave = expand + copy; backward sums over the group
-            k2, v2 = self._repeat_kv(k), self._repeat_kv(v)
-            o.drop(k)
-            k = k2
-            o.drop(v)
-            v = v2
+            k, v = self._repeat_kv(k), self._repeat_kv(v)
             qc = o.contiguous_copy(q)
             kt = o.view(k)  # a transposed view bmm takes as is
         else:
@@ -300,12 +306,10 @@ class ReferenceProgram:
         o.drop(att2)
         vc = o.view(v) if gqa else o.contiguous_copy(v)
         y4 = o.bmm(p, vc, s.N * s.h)
-        o.drop(vc, p)
-        y = o.contiguous_copy(y4)
-        o.drop(y4)
-        out = self.linear(y, pre + "o", s.h, s.h)
-        o.drop(y, q, k, v, mask)
-        return out
+        o.drop(vc, p, mask)
+        if gqa:
+            o.drop(k, v)
+        return y4
 
     def _repeat_kv(self, x: T) -> T:
         o, s = self.ops, self.s
@@ -470,22 +474,27 @@ class ReferenceProgram:
     def run_block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
         if i not in self.checkpointed:
             return self.block(x, i, rope)
-        # Forward under the checkpoint's saved-tensor hooks: nothing is kept for backward but the
-        # block's input (held by the checkpoint frame); every pack is logged so the recompute can
-        # hand its tensors to the same nodes in the same order.
+        return self._checkpoint(lambda: self.block(x, i, rope), [x, *(rope or ())])
+
+    def _checkpoint(self, fn, args: list[T]) -> T:
+        """Run ``fn`` as torch.utils.checkpoint(fn, *args, use_reentrant=False) does: under the
+        checkpoint's saved-tensor hooks nothing is kept for backward but the arguments (held by
+        the checkpoint frame); every pack is logged so the recompute can hand its tensors to the
+        same nodes in the same order."""
         m = self.m
-        # The frame keeps every tensor argument (the block input and the rotary tables).
-        held = [m.hold(x.buf)] + ([m.hold(t.buf) for t in rope] if rope is not None else [])
-        rec = _CheckpointFrame(i, held, x, rope, [])
+        held = [m.hold(a.buf) for a in args]
+        rec = _CheckpointFrame(fn, held, [])
         old = m.save_hook
         m.save_hook = lambda node, bufs: rec.packs.append(node)
         try:
-            out = self.block(x, i, rope)
+            out = fn()
         finally:
             m.save_hook = old
         for node in rec.packs:
             self._ck_nodes[id(node)] = rec
         rec.pending = len({id(n) for n in rec.packs})
+        if not rec.packs:  # nothing to recompute: the frame dies with the forward
+            m.drop(*held)
         return out
 
     def _after_node(self, node) -> None:
@@ -528,7 +537,7 @@ class ReferenceProgram:
         amp_was = o.amp_esz
         o.amp_esz = self.amp_esz  # recompute restores the forward's autocast state
         try:
-            self.block(rec.x, rec.index, rec.rope)
+            rec.fn()
         except _StopRecompute:
             pass
         finally:

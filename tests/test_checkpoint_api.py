@@ -110,7 +110,7 @@ def test_explicit_chain_plan_applies_to_the_reference_step(client):
     assert body["plan"]["strategy"] == "blocks" and body["plan"]["blocks"] == [0, 1, 2]
 
 
-def test_selective_is_megatron(client):
+def test_selective_recomputes_core_attention(client):
     eager = {**SETUP, "training": {**SETUP["training"], "attention": "eager",
                                    "implementation": "megatron"}}
     sel = post(client, {**eager, "strategy": "selective"}).json()
@@ -118,8 +118,17 @@ def test_selective_is_megatron(client):
     assert sel["core_attention_blocks"] == list(range(12)) and sel["checkpointed_blocks"] == []
     assert sel["activation_peak_bytes"] < none["activation_peak_bytes"]
     assert sel["recompute_forward_flops"] == 12 * 4 * 8 * 1024 * 1024 * 768
-    r = post(client, {**SETUP, "strategy": "selective"})  # the reference step runs whole blocks
-    assert r.status_code == 422 and r.json()["invalid-params"][0]["name"] == "body.strategy"
+    # the reference step checkpoints each block's core attention (torch.utils.checkpoint around
+    # softmax(qk^T)v): same plan, its peak from the step simulator, as /v1/memory gives it
+    ref = {**SETUP, "training": {**SETUP["training"], "attention": "eager"}}
+    r = post(client, {**ref, "strategy": "selective"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["core_attention_blocks"] == list(range(12)) and body["checkpointed_blocks"] == []
+    mem = client.post("/v1/memory", json={**ref, "training": {
+        **ref["training"], "activation_checkpointing": {"strategy": "selective"}}}).json()
+    assert body["total_peak_bytes"] == mem["breakdown"]["total"]
+    assert body["plan"]["strategy"] == "selective"
 
 
 @pytest.mark.parametrize("body,field", [

@@ -29,6 +29,8 @@ CASES = [
     ("llama", "bf16", "eager", "sgd", {"activation_checkpointing": {"strategy": "full"}}),
     ("llama", "amp-bf16", "sdpa", "adam", {"activation_checkpointing": {"strategy": "every-k", "every_k": 2}}),
     ("gpt2", "fp32", "eager", "sgd-momentum", {"activation_checkpointing": {"strategy": "sqrt"}}),
+    ("gpt2", "amp-bf16", "eager", "adamw", {"activation_checkpointing": {"strategy": "selective"}}),
+    ("llama", "bf16", "sdpa", "sgd", {"activation_checkpointing": {"strategy": "selective"}}),
     ("gpt2", "bf16", "sdpa", "adamw", {"dropout": 0.1}),
     ("llama", "fp32", "eager", "adamw", {"dropout": 0.1}),
     ("gpt2", "amp-bf16", "sdpa", "adamw", {"lora": {"rank": 4, "target_modules": ["q", "v", "up"]}}),

@@ -13,7 +13,8 @@ from planner.reference_step import ReferenceProgram
 from planner.specs import ModelSpec, TrainingSpec
 
 EXTRAS = [{}, {"lora": {"rank": 4, "target_modules": ["q", "up"]}},
-          {"gradient_accumulation_steps": 2}, {"dropout": 0.1}]
+          {"gradient_accumulation_steps": 2}, {"dropout": 0.1},
+          {"activation_checkpointing": {"strategy": "selective"}}]
 CASES = list(itertools.product(["gpt2", "llama"], ["fp32", "amp-bf16", "bf16", "mixed-fp16"],
                                ["sdpa", "eager"], [7, 12], ["none", "full"], range(len(EXTRAS))))
 

@@ -58,6 +58,7 @@ class CausalSelfAttention(nn.Module):
         self.o = nn.Linear(h, h, bias=bias)
         self.attention = attention
         self.dropout = dropout
+        self.core_runner: Callable | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, T, C = x.shape
@@ -66,23 +67,32 @@ class CausalSelfAttention(nn.Module):
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # Core attention: softmax(q k^T / sqrt(hd)) v. ``core_runner`` (set by the training step)
+        # wraps it for selective recompute, Megatron's "core attention" checkpointing.
+        if self.core_runner is not None:
+            y = self.core_runner(self._core, q, k, v)
+        else:
+            y = self._core(q, k, v)  # (B, nh, T, hd)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.o(y)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T = q.shape[2]
         gqa = self.n_kv != self.n_head  # grouped-query attention: each kv head serves a group
         # No dropout on attention probabilities (modern LLM practice); dropout, when configured,
         # applies to the embeddings and the residual branches (GPT-2's embd/resid dropout).
         if self.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # eager: the (B, nh, T, T) score matrix is materialised and saved
-            if gqa:
-                rep = self.n_head // self.n_kv
-                k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
-                v = v.repeat_interleave(rep, dim=1)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, T)
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            att = att.masked_fill(~mask, float("-inf"))
-            att = F.softmax(att, dim=-1)
-            y = att @ v  # (B, nh, T, hd)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
-        return self.o(y)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        # eager: the (B, nh, T, T) score matrix is materialised and saved
+        if gqa:
+            rep = self.n_head // self.n_kv
+            k = k.repeat_interleave(rep, dim=1)  # (B, nh, T, hd)
+            v = v.repeat_interleave(rep, dim=1)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        att = att.masked_fill(~mask, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        return att @ v  # (B, nh, T, hd)
 
 
 def rope_tables(max_len: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,10 +75,6 @@ def check_supported(req: ValidationRequest) -> None:
                                     "data_parallel > 1 (or zero_stage 0 for one device)")
     if tr.implementation != "reference":
         raise ValidationUnsupported("only implementation 'reference' can be measured")
-    if tr.activation_checkpointing.strategy == "selective":
-        raise ValidationUnsupported(
-            "checkpointing strategy 'selective' is not run by the reference step (it checkpoints "
-            "whole blocks); use none, full, every-k, sqrt, budget or blocks")
     if tr.optimizer in ("adam-8bit", "lion"):
         raise ValidationUnsupported(f"optimizer {tr.optimizer!r} has no torch.optim implementation")
     if tr.lora is not None and tr.lora.base_dtype in ("int8", "nf4"):

@@ -194,6 +194,11 @@ def forward_loss(s: StepSetup, idx: torch.Tensor, targets: torch.Tensor,
                  on_recompute: Callable[[], Any] | None = None) -> torch.Tensor:
     """Forward pass and loss, with the configured blocks checkpointed."""
     ctx = torch.autocast(s.device.type, dtype=s.autocast_dtype) if s.autocast_dtype else nullcontext()
+    if s.training.activation_checkpointing.strategy == "selective":
+        def run_core(core: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return checkpoint(_recompute_aware(core, on_recompute), q, k, v, use_reentrant=False)
+        for block in s.model.blocks:
+            block.attn.core_runner = run_core
 
     def run_block(i: int, block: torch.nn.Module, x: torch.Tensor, rope: Any) -> torch.Tensor:
         if i in s.checkpointed:
@@ -211,11 +216,11 @@ def _recompute_aware(block: torch.nn.Module, on_recompute: Callable[[], Any] | N
     if on_recompute is None:
         return block
 
-    def run(x: torch.Tensor, rope: Any) -> torch.Tensor:
+    def run(*args: Any) -> torch.Tensor:
         if torch._C._current_graph_task_id() != -1:  # inside backward: this is the recompute
             with on_recompute():
-                return block(x, rope)
-        return block(x, rope)
+                return block(*args)
+        return block(*args)
 
     return run
 
