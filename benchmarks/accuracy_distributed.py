@@ -57,7 +57,7 @@ def main() -> None:
                         "training": {"precision": precision, "sequence_length": 32,
                                      "micro_batch_size": 2, "optimizer": "adamw"},
                         "parallelism": {"data_parallel": ranks, "zero_stage": zero},
-                        "device": a.device, "steps": 3, "timeout_s": 600})
+                        "device": a.device, "steps": 4, "timeout_s": 600})
                     res = run_multi_rank(req)
                     rows += 1
                     for r in res.ranks or []:

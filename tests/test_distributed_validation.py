@@ -32,7 +32,7 @@ def request(family: str, zero: int, ranks: int = 2, precision: str = "fp32", **p
         "training": {"precision": precision, "sequence_length": 32, "micro_batch_size": 2,
                      "optimizer": "adamw"},
         "parallelism": {"data_parallel": ranks, "zero_stage": zero, **par},
-        "device": "cpu", "steps": 3, "timeout_s": 300})
+        "device": "cpu", "steps": 4, "timeout_s": 300})
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -269,7 +269,12 @@ def rank_main(spec_path: str, out_path: str) -> None:
                         (r.resolved(), r.op, r.phase, r.nbytes) for r in pk.records), flush=True)
                 steps.append({"breakdown": pk.breakdown(), "op": pk.op, "phase": pk.phase,
                               "cuda_allocated": torch.cuda.max_memory_allocated(dev) if cuda else None})
-    steady = max(range(1, len(steps)), key=lambda j: steps[j]["breakdown"]["total"])
+    # The steady state is the highest step peak from step 2 on. Except on gloo: its worker
+    # threads release a collective's temporary buffers at a moment that varies from run to run,
+    # which now and then leaves one alive across the next allocations and inflates that step's
+    # peak by a buffer; there the lowest steady step (one the race did not touch) is reported.
+    pick = max if cuda else min
+    steady = pick(range(1, len(steps)), key=lambda j: steps[j]["breakdown"]["total"])
     mine = {"rank": rank, "first": steps[0], "steady": steps[steady],
             "device": str(dev) if not cuda else f"cuda:{local} ({torch.cuda.get_device_name(dev)})"}
     gathered: list[Any] = [None] * world
