@@ -164,7 +164,7 @@ def _zb_h2(p: int, m: int) -> Schedule:
     parallelogram's length, (p-1)·T_F + m(T_F+T_I+T_W) (tested); the first rank, though, ends at
     the makespan with p-1 idle units inside its span, so under a one-iteration bubble convention
     this order equals ZB-H1 at equal costs and differs when T_W < T_F."""
-    S, Sm = p, p * m
+    Sm = p * m
     f_t = [[-1] * m for _ in range(p)]  # step at which F(r, j) ran
     i_t = [[-1] * m for _ in range(p)]
     nf, ni, nw = [0] * p, [0] * p, [0] * p

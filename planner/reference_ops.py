@@ -111,7 +111,6 @@ class Ops:
     def unary(self, x: T, name: str, save_out: bool = False) -> T:
         """gelu / silu / neg style ops: out like x; backward one alloc like x.
         Saves its input (gelu, silu) or its output (save_out) or nothing (neg: ``name=='neg'``)."""
-        box: list[T] = []
 
         def bw(m: Machine, n: Node, g: list) -> list:
             return [m.galloc(n, 0, x.numel * x.esz, name + "_backward")]
@@ -120,7 +119,6 @@ class Ops:
         out = self.new(x.numel, x.esz, name, node)
         if save_out:
             self.m.save(node, [out.buf])
-        box.append(out)
         return out
 
     def add(self, a: T, b: T, name: str = "add") -> T:
@@ -225,7 +223,6 @@ class Ops:
     def layer_norm(self, x: T, w: T, b: T, n_rows: int, h: int, stats_esz: int = F32) -> T:
         """native_layer_norm: out like x plus fp32 mean and rstd (n_rows each), all three saved
         with the input; backward allocates grad input and grad weight and bias."""
-        box: list[Buf] = []
 
         def bw(m: Machine, n: Node, g: list) -> list:
             return [m.galloc(n, 0, x.numel * x.esz, "native_layer_norm_backward"),

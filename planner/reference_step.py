@@ -226,7 +226,7 @@ class ReferenceProgram:
             if nm in dims and nm in lora.target_modules:
                 din, dout = dims[nm]
                 for suffix, shape in (("lora_a", (lora.rank, din)), ("lora_b", (dout, lora.rank))):
-                    t = p(f"b{i}.{nm}.{suffix}", shape[0] * shape[1], shape=shape, lora=True)
+                    p(f"b{i}.{nm}.{suffix}", shape[0] * shape[1], shape=shape, lora=True)
 
     def trainable(self) -> list[T]:
         return [t for t in self.params.tensors if t.val.fn is not None]

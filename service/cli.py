@@ -179,7 +179,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from service.jobs.store import JobStore
     from service.jobs.worker import Worker
 
     settings = _settings(args)

@@ -20,7 +20,6 @@ import hashlib
 import hmac
 import os
 import re
-from dataclasses import dataclass
 from typing import Annotated, Any, Iterable
 
 from fastapi import Depends, FastAPI, HTTPException, Request

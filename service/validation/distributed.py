@@ -35,11 +35,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,10 +53,10 @@ from planner.specs import (
     ValidationResult,
     relative_error,
 )
+from service.validation.launch import torchrun
 from service.validation.meter import LiveMemoryMeter, Record, _flat_tensors, _storages
 
 ProgressFn = Callable[[Progress], None]
-ROOT = Path(__file__).resolve().parents[2]
 # Precisions whose optimizer steps the parameters the wrapper owns (no separate fp32 master copy,
 # no loss scaler reading gradient values across sharded optimizers).
 MULTI_RANK_PRECISIONS = ("fp32", "amp-bf16", "bf16")
@@ -381,43 +377,8 @@ def launch_ranks(req: ValidationRequest, timeout_s: float,
                  progress: ProgressFn | None = None) -> dict:
     """Run the rank program under torchrun in a new process group; kill the group on timeout.
     Returns rank 0's gathered JSON (every rank's breakdowns)."""
-    n = req.parallelism.data_parallel
-    with tempfile.TemporaryDirectory(prefix="memplan-ranks-") as tmp:
-        spec, out, prog = Path(tmp, "spec.json"), Path(tmp, "out.json"), Path(tmp, "progress.json")
-        spec.write_text(req.model_dump_json())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(n), "-m", "service.validation.distributed",
-               str(spec), str(out)]
-        env = {**os.environ, "MEMPLAN_PROGRESS": str(prog),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        env.setdefault("OMP_NUM_THREADS", "1")
-        with open(Path(tmp, "log.txt"), "w+") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            deadline = time.monotonic() + timeout_s
-            last = 0
-            try:
-                while proc.poll() is None:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the {n} ranks did not finish within {timeout_s:g} s")
-                    if progress is not None and prog.exists():
-                        try:
-                            step = json.loads(prog.read_text())["step"]
-                        except (ValueError, KeyError):
-                            step = last
-                        if step != last:
-                            last = step
-                            progress(Progress(phase="running", step=step, total_steps=req.steps))
-                    time.sleep(0.1)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            if proc.returncode != 0 or not out.exists():
-                log.seek(0)
-                tail = log.read()[-3000:]
-                raise RuntimeError(f"torchrun with {n} ranks exited with code {proc.returncode}: {tail}")
-        return json.loads(out.read_text())
+    return torchrun("service.validation.distributed", req.parallelism.data_parallel, req,
+                    timeout_s, lambda spec, out: [str(spec), str(out)], req.steps, progress)
 
 
 def run_multi_rank(req: ValidationRequest, progress: ProgressFn | None = None,

@@ -475,55 +475,11 @@ def launch(req: ValidationRequest, timeout_s: float,
            progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Run the pipelined step for ``req`` under torchrun in a new process group, killing the
     group at ``timeout_s``; returns rank 0's run and comparison."""
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
+    from service.validation.launch import torchrun
 
-    from planner.specs import Progress
-
-    n = req.parallelism.pipeline_parallel
-    total = max(req.steps, 3)
-    root = Path(__file__).resolve().parents[2]
-    with tempfile.TemporaryDirectory(prefix="memplan-pipeline-") as tmp:
-        spec, out, prog = Path(tmp, "spec.json"), Path(tmp, "out.json"), Path(tmp, "progress.json")
-        spec.write_text(req.model_dump_json())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(n), "-m", "service.validation.pipeline_run",
-               "--request", str(spec), "--out", str(out)]
-        env = {**os.environ, "MEMPLAN_PROGRESS": str(prog),
-               "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-        env.setdefault("OMP_NUM_THREADS", "1")
-        with open(Path(tmp, "log.txt"), "w+") as log:
-            proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            deadline = time.monotonic() + timeout_s
-            last = 0
-            try:
-                while proc.poll() is None:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the {n} pipeline ranks did not finish within "
-                                           f"{timeout_s:g} s")
-                    if progress is not None and prog.exists():
-                        try:
-                            step = json.loads(prog.read_text())["step"]
-                        except (ValueError, KeyError):
-                            step = last
-                        if step != last:
-                            last = step
-                            progress(Progress(phase="running", step=step, total_steps=total))
-                    time.sleep(0.1)
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            if proc.returncode != 0 or not out.exists():
-                log.seek(0)
-                tail = log.read()[-3000:]
-                raise RuntimeError(f"torchrun with {n} pipeline ranks exited with code "
-                                   f"{proc.returncode}: {tail}")
-        return json.loads(out.read_text())[0]
+    return torchrun("service.validation.pipeline_run", req.parallelism.pipeline_parallel, req,
+                    timeout_s, lambda spec, out: ["--request", str(spec), "--out", str(out)],
+                    max(req.steps, 3), progress, what="pipeline ranks")[0]
 
 
 def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None = None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from typing import Callable
 
 import torch
