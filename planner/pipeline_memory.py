@@ -50,7 +50,7 @@ import heapq
 from dataclasses import dataclass, field
 
 from planner.reference_ops import F32, T
-from planner.reference_step import I64, ReferenceProgram
+from planner.reference_step import ReferenceProgram
 from planner.specs import ResolvedModel, TrainingSpec
 from planner.stepsim import Buf, Leaf, Machine, Node, PeakSnap, Val
 from planner.zero import pipeline_stage_layers
@@ -146,35 +146,20 @@ class PipelineRankProgram(ReferenceProgram):
 
     # ---- forward of one stage -------------------------------------------------------------------
     def stage_forward(self, st: int, j: int) -> None:
-        o, s, by, m = self.ops, self.s, self.params.by_name, self.m
+        o, s, m = self.ops, self.s, self.m
         S = self.sched.num_stages
         m.phase = "forward"
         if self.amp_esz is not None:
             o.enter_autocast(self.amp_esz)
         inp = None
         if st == 0:
-            x = o.embedding(by["tok_emb"], self.idx, s.N, s.h)
-            if self.cfg.family == "gpt2":
-                pos = o.new(s.T, I64, "arange")
-                pe = o.embedding(by["pos_emb"], pos, s.T, s.h)
-                o.drop(pos)
-                x2 = o.add(x, pe)
-                o.drop(x, pe)
-                x = x2
+            x = self.embed()
         else:
             buf = self.recv[st, j]
             leaf = Leaf(f"recv[{st},{j}]", buf.nbytes)
             inp = T(Val(m.hold(buf), leaf), s.N * s.h, self.res_esz)
             x = o.view(inp)
-        rope = None
-        if self.cfg.family != "gpt2":
-            esz = self.act_esz
-            if esz != F32:
-                rope = (o.new(s.T * s.hd, esz, "_to_copy"), o.new(s.T * s.hd, esz, "_to_copy"))
-            else:
-                rope = (o.view(by["rope_cos"]), o.view(by["rope_sin"]))
-            for t in rope:
-                t.numel = s.T * s.hd
+        rope = self.rope()
         for i in range(self.bounds[st], self.bounds[st + 1]):
             xn = self.run_block(x, i, rope)
             o.drop(x)

@@ -386,12 +386,10 @@ class ReferenceProgram:
         o.drop(md, x1)
         return x2
 
-    def forward_loss(self) -> T:
+    def embed(self) -> T:
+        """Token embedding, plus learned positions for gpt2 (Transformer.forward's first lines)."""
         o, s, by = self.ops, self.s, self.params.by_name
-        if self.amp_esz is not None:
-            o.enter_autocast(self.amp_esz)
         x = o.embedding(by["tok_emb"], self.idx, s.N, s.h)
-        rope = None
         if self.cfg.family == "gpt2":
             pos = o.new(s.T, I64, "arange")
             pe = o.embedding(by["pos_emb"], pos, s.T, s.h)
@@ -399,15 +397,29 @@ class ReferenceProgram:
             x2 = o.add(x, pe)
             o.drop(x, pe)
             x = x2
+        return x
+
+    def rope(self) -> tuple[T, T] | None:
+        """model.rope_for: the rotary tables' first T rows, cast once to the activation dtype (a
+        view of the fp32 buffers when no cast is needed); None for gpt2."""
+        if self.cfg.family == "gpt2":
+            return None
+        o, s, by = self.ops, self.s, self.params.by_name
+        if self.act_esz != F32:
+            rope = (o.new(s.T * s.hd, self.act_esz, "_to_copy"),
+                    o.new(s.T * s.hd, self.act_esz, "_to_copy"))
         else:
-            esz = self.act_esz
-            cos, sin = by["rope_cos"], by["rope_sin"]
-            if esz != F32:
-                rope = (o.new(s.T * s.hd, esz, "_to_copy"), o.new(s.T * s.hd, esz, "_to_copy"))
-            else:
-                rope = (o.view(cos), o.view(sin))
-            for t in rope:
-                t.numel = s.T * s.hd
+            rope = (o.view(by["rope_cos"]), o.view(by["rope_sin"]))
+        for t in rope:
+            t.numel = s.T * s.hd
+        return rope
+
+    def forward_loss(self) -> T:
+        o, s = self.ops, self.s
+        if self.amp_esz is not None:
+            o.enter_autocast(self.amp_esz)
+        x = self.embed()
+        rope = self.rope()
         if self.tr.dropout > 0:
             xd = o.dropout(x, self.device)
             o.drop(x)
