@@ -83,11 +83,12 @@ def test_unknown_preset_lists_the_valid_names(client):
 
 
 def test_unplannable_setup_names_the_rule_and_field(client):
+    # 'every-k' without every_k: a rule between fields the schema cannot state
     r = client.post("/v1/memory", json={"model": TINY, "training": {
-        "activation_checkpointing": {"strategy": "selective"}}})
+        "activation_checkpointing": {"strategy": "every-k"}}})
     body = problem(r, 422)
     assert body["type"] == "https://memplan.dev/problems/unplannable"
-    assert body["invalid-params"][0]["name"] == "body.training.activation_checkpointing.strategy"
+    assert body["invalid-params"][0]["name"] == "body.training.activation_checkpointing.every_k"
 
 
 def test_unknown_job_is_a_documented_404(client, app):
