@@ -165,10 +165,7 @@ class PipelineRankProgram(ReferenceProgram):
             o.drop(x)
             x = xn
         if st == S - 1:
-            xf = self.norm(x, "norm_f")
-            o.drop(x)
-            x = self.linear(xf, "lm_head", s.h, s.V)
-            o.drop(xf)
+            x = self.head(x)
         if rope is not None:
             o.drop(*rope)
         if self.amp_esz is not None:

@@ -386,6 +386,16 @@ class ReferenceProgram:
         o.drop(md, x1)
         return x2
 
+    def head(self, x: T) -> T:
+        """Final norm and output projection; takes over ``x``. The norm's output lives on only
+        where saved for backward."""
+        o, s = self.ops, self.s
+        xf = self.norm(x, "norm_f")
+        o.drop(x)
+        logits = self.linear(xf, "lm_head", s.h, s.V)
+        o.drop(xf)
+        return logits
+
     def embed(self) -> T:
         """Token embedding, plus learned positions for gpt2 (Transformer.forward's first lines)."""
         o, s, by = self.ops, self.s, self.params.by_name
@@ -432,12 +442,8 @@ class ReferenceProgram:
             x = xn
             if self.n_phantom and j == 2:
                 x = self._phantom_forward(x, before, keys)
-        xf = self.norm(x, "norm_f")
-        o.drop(x)
-        logits = self.linear(xf, "lm_head", s.h, s.V)
-        # Transformer.forward returns: its locals (the final norm's output, the rotary tables)
-        # live on only where saved for backward.
-        o.drop(xf)
+        logits = self.head(x)
+        # Transformer.forward returns: its locals (the rotary tables) live on only where saved.
         if rope is not None:
             o.drop(*rope)
         lf = o.cast(logits, F32) if logits.esz != F32 else o.view(logits)

@@ -139,3 +139,19 @@ def database_url(backend: str, tmp_path) -> Iterator[str]:  # noqa: ANN001
         with admin.connect() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
+
+
+def poll(client, job_id: str, until: Callable[[dict], bool] | None = None,
+         timeout_s: float = 30.0) -> dict:
+    """GET the job until ``until(job)`` (default: it has ended); fails with the last state seen."""
+    until = until or (lambda j: j["status"] in ("succeeded", "failed", "cancelled"))
+    deadline = time.monotonic() + timeout_s
+    job: dict = {}
+    while time.monotonic() < deadline:
+        r = client.get(f"/v1/validations/{job_id}")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if until(job):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached the state; last: {job}")

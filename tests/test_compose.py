@@ -8,14 +8,12 @@ variables are settings, commands parse, healthchecks hit real routes) always run
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

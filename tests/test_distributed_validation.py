@@ -3,7 +3,6 @@ measured breakdown against the planner's per-rank replay (planner/reference_para
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,6 +13,7 @@ from planner.reference_parallel import simulate_rank
 from planner.specs import ValidationRequest
 from service.validation.distributed import run_multi_rank
 from service.validation.runner import ValidationUnsupported, check_supported
+from tests.jobtargets import poll
 
 CATS = ("parameters", "gradients", "optimizer_states", "activations", "temporaries", "total")
 
@@ -108,13 +108,7 @@ def test_zero3_two_ranks_through_the_api(tmp_path):
             body = request("llama", 3).model_dump(mode="json")
             r = client.post("/v1/validations", json=body)
             assert r.status_code == 202, r.text
-            job_id = r.json()["id"]
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:
-                job = client.get(f"/v1/validations/{job_id}").json()
-                if job["status"] in ("succeeded", "failed", "cancelled"):
-                    break
-                time.sleep(0.2)
+            job = poll(client, r.json()["id"], timeout_s=240)
             assert job["status"] == "succeeded", job.get("error")
             res = job["result"]
             assert [r["rank"] for r in res["ranks"]] == [0, 1]

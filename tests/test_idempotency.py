@@ -14,17 +14,11 @@ from service.jobs.migrations import LATEST, MIGRATIONS, migrate, schema_version
 from service.jobs.store import make_engine
 from service.security import hash_token
 from service.settings import DeviceInfo, Settings
-from tests.jobtargets import database_url
 
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
 SPEC = {"model": {"family": "gpt2", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
                   "vocab_size": 256, "max_sequence_length": 64},
         "training": {"precision": "fp32", "sequence_length": 32}, "device": "cpu", "steps": 3}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    yield from database_url(request.param, tmp_path)
 
 
 @pytest.fixture

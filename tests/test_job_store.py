@@ -13,7 +13,7 @@ from service.jobs.migrations import LATEST, current_version, migrate
 from service.jobs.store import (BadCursor, JobFinished, JobNotFound, JobStore, Requirements,
                                 make_engine)
 from service.settings import DeviceInfo
-from tests.jobtargets import database_url, fake_result
+from tests.jobtargets import fake_result
 
 REQUEST = ValidationRequest.model_validate({
     "model": {"family": "gpt2", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
@@ -24,11 +24,6 @@ REQUEST = ValidationRequest.model_validate({
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
 H100 = DeviceInfo(kind="h100-80gb", count=8, memory_bytes=80 * 2**30)
 SMALL = Requirements(ranks=1, peak_bytes=10**6)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    yield from database_url(request.param, tmp_path)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from service.jobs.store import Requirements
 from service.logs import JsonFormatter, bind_job
 from service.metrics import Histogram
 from service.settings import DeviceInfo, Settings
-from tests.jobtargets import database_url, fake_result
+from tests.jobtargets import fake_result
 
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
 SPEC = {"model": {"family": "gpt2", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
@@ -62,11 +62,6 @@ def buckets(samples: dict, name: str, **labels: str) -> dict[str, float]:
     (count,) = series(samples, name + "_count", **labels).values()
     assert out["+Inf"] == count
     return out
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    yield from database_url(request.param, tmp_path)
 
 
 @pytest.fixture

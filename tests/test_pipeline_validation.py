@@ -5,7 +5,6 @@ not asserted: on a shared 2-core CPU they are noisy."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -16,6 +15,7 @@ from service.validation.runner import (
     check_supported,
     run_validation,
 )
+from tests.jobtargets import poll
 
 pytest.importorskip("torch.distributed.pipelining")
 
@@ -116,13 +116,7 @@ def test_pipelined_validation_through_the_api(tmp_path) -> None:
             # llama: rotary tables on every stage; zb-h1: split backward (I and W)
             r = client.post("/v1/validations", json=body("zb-h1", family="llama"))
             assert r.status_code == 202, r.text
-            job_id = r.json()["id"]
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                job = client.get(f"/v1/validations/{job_id}").json()
-                if job["status"] in ("succeeded", "failed", "cancelled"):
-                    break
-                time.sleep(0.2)
+            job = poll(client, r.json()["id"], timeout_s=120)
     finally:
         worker.stop(15)
         app.state.jobs.close()

@@ -11,7 +11,6 @@ from service.app import create_app
 from service.cli import main as cli_main
 from service.security import hash_token, parse_token_digests
 from service.settings import DeviceInfo, Settings
-from tests.jobtargets import database_url
 
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
 ALICE, BOB = "alice-token-1234", "bob-token-5678"
@@ -31,11 +30,6 @@ def spec(**extra) -> dict:
 
 
 MEMORY = {"model": {"preset": "gpt2"}, "training": {"sequence_length": 128}}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    yield from database_url(request.param, tmp_path)
 
 
 def client_for(db_url: str, **overrides) -> TestClient:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -10,7 +9,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.jobs.embedded import EmbeddedWorker
 from service.settings import DeviceInfo, Settings
-from tests.jobtargets import SCRIPT, crash, database_url
+from tests.jobtargets import SCRIPT, crash, poll
 
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
 STEPS = {fn: steps for steps, fn in SCRIPT.items()}
@@ -22,11 +21,6 @@ def spec(steps: int = 3, **extra) -> dict:
                       "vocab_size": 256, "max_sequence_length": 64},
             "training": {"precision": "fp32", "sequence_length": 32, "optimizer": "adamw"},
             "device": "cpu", "steps": steps, **extra}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    yield from database_url(request.param, tmp_path)
 
 
 def make_client(db_url: str, worker: bool, target: str = "tests.jobtargets:scripted"):
@@ -54,20 +48,6 @@ def api_no_worker(db_url):
     with TestClient(app) as client:
         yield client
     app.state.jobs.close()
-
-
-def poll(client: TestClient, job_id: str, until, timeout_s: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        r = client.get(f"/v1/validations/{job_id}")
-        assert r.status_code == 200
-        job = r.json()
-        seen.append(job)
-        if until(job):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never reached the state; last: {seen[-1]}")
 
 
 def test_lifecycle_submit_running_with_progress_succeeded(api, monkeypatch):

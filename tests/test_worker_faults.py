@@ -17,7 +17,7 @@ from planner.specs import ValidationRequest
 from service.jobs.store import JobStore, Requirements
 from service.jobs.worker import Worker
 from service.settings import DeviceInfo, Settings
-from tests.jobtargets import SCRIPT, crash, database_url, hang, oom_error, oom_kill, raise_error
+from tests.jobtargets import SCRIPT, crash, hang, oom_error, oom_kill, raise_error
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
@@ -48,11 +48,6 @@ def wait_for(predicate, timeout_s: float, what: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    yield from database_url(request.param, tmp_path)
 
 
 @pytest.fixture
