@@ -85,12 +85,19 @@ def _code_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
 def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> SimOutcome:
     """Times every action of ``s``; costs are per virtual stage (length ``s.num_stages``).
 
-    Dependency-driven: all actions are laid out rank after rank in one flat array and every
-    per-action quantity (cost, message delay, position of the action it waits for) is gathered
-    into it up front, so the hot loop touches only flat lists. A rank runs until its next action
-    waits on an action not yet timed; it is then parked on that action's rank and woken when that
-    rank has run past it. Start and end times depend only on the dependency graph, not on the
-    order ranks are visited in, so the outcome is that of any other valid visiting order."""
+    An action ends at ``max(end of the rank's previous action, ready time of the action it waits
+    for) + cost``: the longest path through the dependency graph. Two ways to compute it, with
+    the same result:
+    - ``_relax_by_rank`` (used first): every rank's times come from one vectorised max-plus scan
+      over its whole list given its inputs' ready times, starting from lower bounds (0) and
+      re-run, sweeping the ranks forwards and backwards, until nothing changes. Each sweep
+      carries a critical path across all ranks in one direction, so pipelines settle in a few
+      sweeps (see ``benchmarks/pipeline_speed.py``). It needs every cost > 0: then a deadlock (a
+      cycle) never settles and is caught by the sweep limit.
+    - ``_event_loop``: ranks run action by action in pure Python, a rank parked when its next
+      action waits on one not yet timed. Used when the relaxation does not settle within its
+      sweep limit, and it is what reports a deadlock.
+    """
     cost_a, dep_a, delay_a, delta_a = _code_arrays(s, forward_s, input_s, weight_s, comm_s)
     p = s.num_ranks
     orders = s.orders
@@ -108,10 +115,72 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     dep_pos_np = np.where(dep_f >= 0, pos_of[dep_f], n_all)
     unrun = (dep_f >= 0) & (dep_pos_np == n_all)
     dep_pos_np[unrun] = n_all + 1  # ready time stays -1: a wait that never ends
-    dep_pos = dep_pos_np.tolist()
     cost_f = cost_a[flat]
+    delay_f = delay_a[flat]
+    ready = None
+    if n_all and not unrun.any() and float(cost_f.min()) > 0.0:
+        ready = _relax_by_rank(p, offs, dep_pos_np, cost_f, delay_f)
+    if ready is None:
+        ready = _event_loop(s, offs, dep_pos_np, cost_f, delay_f if comm_s > 0 else None)
+    return _outcome(s, offs, flat, ready, cost_a, delay_a, delta_a, cost_f)
+
+
+# Sweeps after which the relaxation gives way to the event loop. The schedules here settle in
+# 2-7 sweeps with uniform costs, in tens with skewed costs and slow links (tests/test_pipeline_sim.py).
+MAX_SWEEPS = 96
+
+
+def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
+                   delay: np.ndarray) -> np.ndarray | None:
+    """Ready times (end + outgoing message) by flat position, or None when the sweeps do not
+    settle. For one rank with ready times R_j of its inputs and costs c_j, the recurrence
+    e_i = max(e_(i-1), R_i) + c_i (e_(-1) = 0, R >= 0) is e_i = C_i + max_(j<=i)(R_j - C_(j-1))
+    with C the running sum of costs: one cumulative maximum. Ready times start at 0 (a lower
+    bound) and only grow, so the first state where no rank changes is the longest-path solution."""
+    n_all = offs[p]
+    ready = np.zeros(n_all + 2)
+    owner = np.repeat(np.arange(p), np.diff(offs))
+    segs, consumers = [], [[] for _ in range(p)]
+    for r in range(p):
+        a, b = offs[r], offs[r + 1]
+        d = dep_pos[a:b]
+        c = cost[a:b]
+        C = np.cumsum(c)
+        segs.append((a, b, d, C, C - c, delay[a:b]))
+        ext = d[d < n_all]
+        for q in np.unique(owner[ext]).tolist():
+            consumers[q].append(r)  # r itself too: stages on one rank (V shape) feed each other
+    dirty = [offs[r + 1] > offs[r] for r in range(p)]
+    fwd, bwd = list(range(p)), list(range(p - 1, -1, -1))
+    for sweep in range(MAX_SWEEPS):
+        if not any(dirty):
+            return ready
+        for r in (fwd if sweep % 2 == 0 else bwd):
+            if not dirty[r]:
+                continue
+            dirty[r] = False
+            a, b, d, C, Cp, dl = segs[r]
+            new = np.maximum.accumulate(ready[d] - Cp)
+            new += C
+            new += dl
+            if not np.array_equal(new, ready[a:b]):
+                ready[a:b] = new
+                for q in consumers[r]:
+                    dirty[q] = True
+    return ready if not any(dirty) else None
+
+
+def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np.ndarray,
+                delay_np: np.ndarray | None) -> np.ndarray:
+    """Ready times by flat position, rank by rank and action by action (see ``simulate``).
+    Raises ScheduleDeadlock when ranks wait on each other."""
+    p = s.num_ranks
+    orders = s.orders
+    lens = [offs[r + 1] - offs[r] for r in range(p)]
+    n_all = offs[p]
+    dep_pos = dep_pos_np.tolist()
     cost = cost_f.tolist()
-    delay = delay_a[flat].tolist() if comm_s > 0 else None
+    delay = delay_np.tolist() if delay_np is not None else None
     owner = np.repeat(np.arange(p), lens).tolist() + [-1, -1]
     # ready[i]: when the action at flat position i is usable by its consumer (its end plus the
     # message); -1 while it has not run.
@@ -190,6 +259,13 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     stuck = {r: s.decode(orders[r][ptr[r] - offs[r]]) for r in range(p) if ptr[r] < offs[r + 1]}
     if stuck:
         raise ScheduleDeadlock(f"schedule {s.name} deadlocks; ranks wait at {stuck}")
+    return np.asarray(ready)
+
+
+def _outcome(s: Schedule, offs: list[int], flat: np.ndarray, ready: np.ndarray,
+             cost_a: np.ndarray, delay_a: np.ndarray, delta_a: np.ndarray,
+             cost_f: np.ndarray) -> SimOutcome:
+    p, n_all = s.num_ranks, offs[s.num_ranks]
     ready_code = np.full(len(cost_a), -1.0)
     ready_code[flat] = ready[:n_all]
     end_np = ready_code - delay_a

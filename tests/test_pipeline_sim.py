@@ -161,3 +161,71 @@ def test_every_valid_schedule_completes(name, p, m, v, f, i, w, comm) -> None:
     assert r.makespan_s >= work - 1e-9
     assert len(r.timeline) == sum(len(build_schedule(name, p, m, v).orders[x.rank])
                                   for x in r.ranks)
+
+
+def _flat_inputs(s, f, i, w, comm):
+    import itertools
+    import numpy as np
+    from planner.pipeline_sim import _code_arrays
+    cost, dep, delay, _ = _code_arrays(s, f, i, w, comm)
+    offs = [0]
+    for o in s.orders:
+        offs.append(offs[-1] + len(o))
+    flat = np.fromiter(itertools.chain.from_iterable(s.orders), dtype=np.int64)
+    pos = np.full(len(cost) + 1, offs[-1], dtype=np.int64)
+    pos[flat] = np.arange(offs[-1])
+    d = dep[flat]
+    return s.num_ranks, offs, np.where(d >= 0, pos[d], offs[-1]), cost[flat], delay[flat]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 3),
+                        ("zb-h1", 1), ("zb-h1", 2), ("zb-h2", 1), ("zb-v", 2), ("dualpipe-v", 2),
+                        ("dualpipe", 1)]),
+       st.integers(2, 8), st.integers(1, 4), st.randoms(use_true_random=False),
+       st.sampled_from([0.0, 0.01, 0.7, 5.0]))
+def test_rank_relaxation_equals_event_loop(sched, p, k, rnd, comm) -> None:
+    """The vectorised per-rank relaxation and the action-by-action event loop time every action
+    alike (up to float rounding: one sums costs by running totals, the other one at a time), on
+    skewed per-stage costs and slow links."""
+    from planner import pipeline_sim as ps
+    name, v = sched
+    m = p * k if name not in ("dualpipe", "dualpipe-v") else 2 * p * k
+    try:
+        s = build_schedule(name, p, m, v)
+    except Exception:
+        return
+    S = s.num_stages
+    f = [rnd.uniform(0.05, 4) for _ in range(S)]
+    i = [rnd.uniform(0.05, 4) for _ in range(S)]
+    w = [rnd.uniform(0.05, 4) for _ in range(S)]
+    fast = simulate(s, f, i, w, comm)
+    assert ps._relax_by_rank(*_flat_inputs(s, f, i, w, comm)) is not None  # it settled
+    orig = ps._relax_by_rank
+    try:
+        ps._relax_by_rank = lambda *a: None  # force the event loop
+        slow = simulate(s, f, i, w, comm)
+    finally:
+        ps._relax_by_rank = orig
+    assert fast.makespan_s == pytest.approx(slow.makespan_s, rel=1e-12)
+    assert fast.start_s == pytest.approx(slow.start_s, rel=1e-9, abs=1e-9)
+    assert fast.end_s == pytest.approx(slow.end_s, rel=1e-9, abs=1e-9)
+    assert fast.busy_s == pytest.approx(slow.busy_s, rel=1e-12)
+    assert fast.peak_in_flight == slow.peak_in_flight
+
+
+def test_relaxation_gives_way_on_a_deadlock_and_on_zero_costs() -> None:
+    """A cycle never settles (every cost > 0), so the sweep limit hands over to the event loop,
+    which names the waiting ranks; zero costs skip the relaxation altogether."""
+    from planner.pipeline_sim import ScheduleDeadlock, _relax_by_rank
+    s = build_schedule("1f1b", 2, 2)
+    bad = type(s)(**{**s.__dict__, "orders": [list(reversed(s.orders[0])), s.orders[1]]})
+    with pytest.raises(ScheduleDeadlock):
+        simulate(bad, [1.0] * 2, [1.0] * 2, [1.0] * 2)
+    import numpy as np
+    # two ranks each waiting on the other's only action
+    assert _relax_by_rank(2, [0, 1, 2], np.array([1, 0]), np.array([1.0, 1.0]),
+                          np.zeros(2)) is None
+    out = simulate(s, [1.0, 0.0], [1.0, 1.0], [0.0, 0.0])
+    assert out.makespan_s == pytest.approx(simulate(s, [1.0, 1e-300], [1.0, 1.0],
+                                                    [1e-300, 1e-300]).makespan_s)
