@@ -126,7 +126,8 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
 
 
 # Sweeps after which the relaxation gives way to the event loop. The schedules here settle in
-# 2-7 sweeps with uniform costs, in tens with skewed costs and slow links (tests/test_pipeline_sim.py).
+# 2-7 sweeps with uniform costs and free links, in up to ~40 with slow links
+# (benchmarks/pipeline_speed.py; tests/test_pipeline_sim.py).
 MAX_SWEEPS = 96
 
 
@@ -136,38 +137,70 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
     settle. For one rank with ready times R_j of its inputs and costs c_j, the recurrence
     e_i = max(e_(i-1), R_i) + c_i (e_(-1) = 0, R >= 0) is e_i = C_i + max_(j<=i)(R_j - C_(j-1))
     with C the running sum of costs: one cumulative maximum. Ready times start at 0 (a lower
-    bound) and only grow, so the first state where no rank changes is the longest-path solution."""
+    bound) and only grow, so the first state where no rank changes is the longest-path solution.
+
+    A rank is re-run only from its first action whose input changed: when rank q's times change
+    from its k-th action on, each consumer of q looks up (binary search over the positions it
+    reads from q, with a suffix minimum of its own indices) the first of its actions that reads
+    one of them. Slow links make corrections travel as a front through the lists, so most
+    re-runs touch a suffix."""
     n_all = offs[p]
     ready = np.zeros(n_all + 2)
     owner = np.repeat(np.arange(p), np.diff(offs))
-    segs, consumers = [], [[] for _ in range(p)]
+    segs = []
+    # reads[q]: (consumer r, positions in q that r reads, ascending; first index of r reading
+    # at or after each of them). r itself too: stages on one rank (V shape) feed each other.
+    reads: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in range(p)]
     for r in range(p):
         a, b = offs[r], offs[r + 1]
         d = dep_pos[a:b]
         c = cost[a:b]
         C = np.cumsum(c)
         segs.append((a, b, d, C, C - c, delay[a:b]))
-        ext = d[d < n_all]
-        for q in np.unique(owner[ext]).tolist():
-            consumers[q].append(r)  # r itself too: stages on one rank (V shape) feed each other
-    dirty = [offs[r + 1] > offs[r] for r in range(p)]
+        idx = np.flatnonzero(d < n_all)
+        own = owner[d[idx]]
+        for q in np.flatnonzero(np.bincount(own, minlength=p)).tolist():
+            sel = own == q
+            pos, i_q = d[idx[sel]], idx[sel]
+            if len(pos) > 1 and not bool((pos[1:] >= pos[:-1]).all()):
+                o = np.argsort(pos, kind="stable")
+                pos, i_q = pos[o], np.minimum.accumulate(i_q[o][::-1])[::-1]
+            reads[q].append((r, pos, i_q))  # ascending in both: i_q is its own suffix minimum
+    INF = n_all + 1
+    lo = [0 if offs[r + 1] > offs[r] else INF for r in range(p)]  # first index to re-run
     fwd, bwd = list(range(p)), list(range(p - 1, -1, -1))
     for sweep in range(MAX_SWEEPS):
-        if not any(dirty):
+        if min(lo) == INF:
             return ready
         for r in (fwd if sweep % 2 == 0 else bwd):
-            if not dirty[r]:
+            i0 = lo[r]
+            if i0 == INF:
                 continue
-            dirty[r] = False
+            lo[r] = INF
             a, b, d, C, Cp, dl = segs[r]
-            new = np.maximum.accumulate(ready[d] - Cp)
-            new += C
-            new += dl
-            if not np.array_equal(new, ready[a:b]):
-                ready[a:b] = new
-                for q in consumers[r]:
-                    dirty[q] = True
-    return ready if not any(dirty) else None
+            x = ready[d[i0:]]
+            x -= Cp[i0:]
+            if i0:  # the action before i0 ends at ready - delay; it bounds the rest from below
+                prev = ready[a + i0 - 1] - dl[i0 - 1] - Cp[i0]
+                if prev > x[0]:
+                    x[0] = prev
+            new = np.maximum.accumulate(x)
+            new += C[i0:]
+            new += dl[i0:]
+            old = ready[a + i0:b]
+            ne = new != old
+            k = int(ne.argmax())
+            if not ne[k]:
+                continue
+            old[k:] = new[k:]
+            changed = a + i0 + k
+            for c, pos, first in reads[r]:
+                j = int(np.searchsorted(pos, changed))
+                if j < len(pos):
+                    f = int(first[j])
+                    if f < lo[c]:
+                        lo[c] = f
+    return ready if min(lo) == INF else None
 
 
 def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np.ndarray,
