@@ -23,8 +23,14 @@ list (``planner.pipeline_schedules``), on one ``Machine`` per rank:
   the stage output with the gradient receive buffer; the parameters' ``.grad`` appear at a
   stage's first backward and accumulate in place after. The input's gradient is handed to the
   send: it lives until the send's work is dropped — GPipe keeps every backward send's work to the
-  end of its backward loop, 1F1B keeps the last one until after the next backward, the
-  multi-stage schedules (``PipelineScheduleMulti``) wait on each action's sends at once.
+  end of its backward loop, 1F1B keeps the last one until after the next backward.
+- **Sends** hold what they send (a gloo/NCCL send work keeps its tensor): the interleaved and
+  zero-bubble schedules (``_PipelineScheduleRuntime``) keep every send's work in ``send_ops``
+  until the action loop ends, so each stage output sent to another rank and each input gradient
+  outlives its backward until then. Schedule1F1B and ScheduleGPipe keep the latest forward's
+  output in their ``output`` variable (1F1B also in ``fwd_sends``) until the next forward
+  returns, and 1F1B's warm-up ``send_work`` holds its second-to-last warm-up output until the
+  1B1F loop ends.
 - **I / W** (``stage_backward_input`` / ``stage_backward_weight``, zero-bubble schedules):
   I runs ``autograd.grad`` for the stage input only, with ``retain_graph=True``: nodes on the path
   to the input run (their weight gradients are not computed), every saved tensor stays, and the
@@ -172,6 +178,11 @@ class PipelineRankProgram(ReferenceProgram):
             o.exit_autocast()
         p = _Pending(x, inp)
         m.phase = "other"
+        if (self.sched.name not in _SINGLE and st < S - 1
+                and self.sched.stage_to_rank[st + 1] != self.rank):
+            # _PipelineScheduleRuntime keeps every send's work (which holds the sent tensor)
+            # in ``send_ops`` until its action loop ends
+            self.sends.append(m.hold(x.buf))
         if st == S - 1:  # output_chunks, then _maybe_compute_loss outside autocast
             self.output_chunks.append(o.view(x))
             lf = o.cast(x, F32) if x.esz != F32 else o.view(x)
@@ -265,16 +276,30 @@ class PipelineRankProgram(ReferenceProgram):
         name = self.sched.name
         single = name in _SINGLE
         last_b: dict[int, bool] = {}
+        S, mb = self.sched.num_stages, self.sched.microbatches
+        # Schedule1F1B / ScheduleGPipe: the ``output`` variable (and 1F1B's ``fwd_sends``
+        # P2P ops) hold the latest forward's output until the next forward returns, or to the
+        # end of the step. 1F1B's warm-up keeps the send work of its second-to-last warm-up
+        # forward in ``send_work`` until the 1B1F loop ends (the B of micro-batch m - warm-up).
+        latest: Buf | None = None
+        warm = min(mb, S - self.stages[0])
+        warm_work: Buf | None = None
         for kind, st, j in self.sched.actions(self.rank):
-            if not single:
-                self._flush_sends()  # the previous action's sends were waited on
             if kind == "F":
                 self.stage_forward(st, j)
+                if single:
+                    m.drop(latest)
+                    latest = m.hold(self.pending[st, j].out.buf)
+                    if name == "1f1b" and st < S - 1 and j == warm - 2:
+                        warm_work = m.hold(latest)
             elif kind == "B":
                 if name == "1f1b":  # the previous backward's send is kept until this one ends
                     keep, self.sends = self.sends, []
                     self.stage_backward(st, j)
                     m.drop(*keep)
+                    if j == mb - warm and warm_work is not None:
+                        m.drop(warm_work)
+                        warm_work = None
                 else:
                     self.stage_backward(st, j)
                 last_b[st] = True
@@ -283,6 +308,7 @@ class PipelineRankProgram(ReferenceProgram):
             else:
                 self.stage_backward_weight(st, j)
         self._flush_sends()
+        m.drop(latest, warm_work)
         o.drop(*self.losses)  # _update_losses
         self.losses.clear()
         if self.output_chunks:  # merge_chunks: torch.cat of every micro-batch's output

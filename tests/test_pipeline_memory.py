@@ -2,11 +2,10 @@
 
 Each case runs the pipelined reference step on 2 ranks (torchrun, gloo on CPU) through
 ``run_validation`` and compares every rank's steady-state peak with the planner's replay of that
-rank. Tolerance: 2% of the measured total per rank. Model states (parameters, gradients,
-optimizer states) are exact on every rank; GPipe and the last stage of 1F1B and ZB-H1 are exact
-in every category. What is left on the first stage of 1F1B and ZB-H1 (one or two stage outputs,
-16 KiB each here) is a sent activation that torch's point-to-point bookkeeping keeps referenced
-after its backward, which the replay does not model.
+rank: equal to the byte in every category, on every rank. That includes what torch's
+point-to-point bookkeeping keeps referenced: Schedule1F1B's ``output``/``fwd_sends`` variables and
+its warm-up ``send_work``, and ``_PipelineScheduleRuntime``'s ``send_ops`` (every sent activation
+and input gradient until the action loop ends) for the interleaved and zero-bubble schedules.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from service.validation.runner import run_validation
 
 pytest.importorskip("torch.distributed.pipelining")
 
-TOLERANCE = 0.02
 MODEL_STATES = ("parameters", "gradients", "optimizer_states")
 CATEGORIES = (*MODEL_STATES, "activations", "temporaries", "total")
 
@@ -32,32 +30,28 @@ def tiny(family: str) -> dict:
     return m
 
 
-def body(schedule: str, family: str) -> dict:
+def body(schedule: str, family: str, virtual_stages: int = 1) -> dict:
     return {"model": tiny(family),
             "training": {"precision": "fp32", "optimizer": "adamw", "micro_batch_size": 2,
                          "sequence_length": 32, "gradient_accumulation_steps": 4},
-            "parallelism": {"pipeline_parallel": 2, "pipeline_schedule": schedule},
+            "parallelism": {"pipeline_parallel": 2, "pipeline_schedule": schedule,
+                            "virtual_pipeline_stages": virtual_stages},
             "device": "cpu", "steps": 3, "timeout_s": 120}
 
 
-# (schedule, ranks exact in every category)
-CASES = [("gpipe", {0, 1}), ("1f1b", {1}), ("zb-h1", {1})]
+# (schedule, virtual stages, family)
+CASES = [(s, 1, f) for s in ("gpipe", "1f1b", "zb-h1") for f in ("gpt2", "llama")] + [
+    ("interleaved-1f1b", 2, "gpt2"), ("interleaved-1f1b", 2, "llama"), ("zb-h1", 2, "llama")]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("schedule,exact", CASES)
-def test_every_rank_against_its_replay(schedule: str, exact: set[int], family: str) -> None:
-    res = run_validation(ValidationRequest.model_validate(body(schedule, family)))
+@pytest.mark.parametrize("schedule,v,family", CASES)
+def test_every_rank_against_its_replay(schedule: str, v: int, family: str) -> None:
+    res = run_validation(ValidationRequest.model_validate(body(schedule, family, v)))
     assert res.ranks is not None and [r.rank for r in res.ranks] == [0, 1]
     for r in res.ranks:
-        err = (r.estimate.total - r.measured.total) / r.measured.total
-        print(f"{schedule} {family} rank {r.rank}: estimate {r.estimate.total} B, measured "
-              f"{r.measured.total} B ({err:+.2%})")
-        assert abs(err) <= TOLERANCE, (r.rank, r.estimate, r.measured)
-        for c in MODEL_STATES:
-            assert getattr(r.estimate, c) == getattr(r.measured, c), (r.rank, c)
-        if r.rank in exact:
-            assert r.estimate == r.measured, r.rank
+        print(f"{schedule} v={v} {family} rank {r.rank}: estimate {r.estimate.total} B, "
+              f"measured {r.measured.total} B")
+        assert r.estimate == r.measured, (r.rank, r.estimate, r.measured)
     # the top-level comparison is the planner's worst rank against the measured worst rank
     worst_est = max(res.ranks, key=lambda r: (r.estimate.total, -r.rank))
     assert res.estimate == worst_est.estimate
