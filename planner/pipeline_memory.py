@@ -31,6 +31,12 @@ list (``planner.pipeline_schedules``), on one ``Machine`` per rank:
   output in their ``output`` variable (1F1B also in ``fwd_sends``) until the next forward
   returns, and 1F1B's warm-up ``send_work`` holds its second-to-last warm-up output until the
   1B1F loop ends.
+- **V shape** (zb-v, dualpipe-v: rank r holds stages r and 2p-1-r): the two stages on the last
+  rank pass tensors without a send. ``set_local_fwd_input`` makes stage p-1's output (detached,
+  same storage) stage p's input buffer and ``set_local_bwd_input`` makes stage p's input
+  gradient stage p-1's gradient receive buffer; each stays there until the next step's
+  hand-off replaces it (the buffers allocated in the first step are freed at the first one).
+  DualPipeV's overlapped F&B pairs run their two halves one after the other.
 - **I / W** (``stage_backward_input`` / ``stage_backward_weight``, zero-bubble schedules):
   I runs ``autograd.grad`` for the stage input only, with ``retain_graph=True``: nodes on the path
   to the input run (their weight gradients are not computed), every saved tensor stays, and the
@@ -178,8 +184,12 @@ class PipelineRankProgram(ReferenceProgram):
             o.exit_autocast()
         p = _Pending(x, inp)
         m.phase = "other"
-        if (self.sched.name not in _SINGLE and st < S - 1
-                and self.sched.stage_to_rank[st + 1] != self.rank):
+        if st < S - 1 and self.sched.stage_to_rank[st + 1] == self.rank:
+            # V shape: set_local_fwd_input makes the output (detached, same storage) the next
+            # stage's input buffer, which keeps it until the next step replaces it
+            old, self.recv[st + 1, j] = self.recv[st + 1, j], m.hold(x.buf)
+            m.drop(old)
+        elif self.sched.name not in _SINGLE and st < S - 1:
             # _PipelineScheduleRuntime keeps every send's work (which holds the sent tensor)
             # in ``send_ops`` until its action loop ends
             self.sends.append(m.hold(x.buf))
@@ -227,7 +237,7 @@ class PipelineRankProgram(ReferenceProgram):
         self._release(p)
         m.phase = "other"
         if gi is not None:
-            self.sends.append(gi)
+            self._hand_back(st, j, gi)
 
     def stage_backward_input(self, st: int, j: int) -> None:
         m = self.m
@@ -244,7 +254,7 @@ class PipelineRankProgram(ReferenceProgram):
         m.phase = "other"
         if gi is not None:
             self.input_grads.append(gi)  # inp.grad = dinput, until clear_runtime_states
-            self.sends.append(m.hold(gi))
+            self._hand_back(st, j, m.hold(gi))
         # the output (or loss) is detached: the graph above the intermediates is released
         self.ops.drop(p.out, p.loss)
         p.out = p.loss = None
@@ -260,6 +270,16 @@ class PipelineRankProgram(ReferenceProgram):
         self.in_flight -= 1
         m.phase = "other"
 
+    def _hand_back(self, st: int, j: int, gi: Buf) -> None:
+        """The input gradient (one reference, passed on) goes to the previous stage: sent, or on
+        the same rank (V shape) made its gradient receive buffer by set_local_bwd_input, which
+        keeps it until the next step replaces it."""
+        if self.sched.stage_to_rank[st - 1] == self.rank:
+            old, self.grad_recv[st - 1, j] = self.grad_recv[st - 1, j], gi
+            self.m.drop(old)
+        else:
+            self.sends.append(gi)
+
     def _flush_sends(self) -> None:
         self.m.drop(*self.sends)
         self.sends.clear()
@@ -273,6 +293,8 @@ class PipelineRankProgram(ReferenceProgram):
         self.output_chunks.clear()
         m.drop(*self.input_grads)
         self.input_grads.clear()
+        for b in self.grad_recv.values():  # pipeline_run registers the receive buffers
+            m.recategorize(b, "activations")  # (V shape: last step's input gradients)
         name = self.sched.name
         single = name in _SINGLE
         last_b: dict[int, bool] = {}
@@ -525,7 +547,8 @@ def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
         return "dropout is not replayed per pipeline stage"
     if training.optimizer in ("adam-8bit", "lion"):
         return f"optimizer {training.optimizer!r} has no torch.optim implementation"
-    if parallel.pipeline_schedule not in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1"):
+    if parallel.pipeline_schedule not in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v",
+                                          "dualpipe-v"):
         return f"schedule {parallel.pipeline_schedule!r} is not replayed per rank"
     return None
 

@@ -5,7 +5,10 @@ Each case runs the pipelined reference step on 2 ranks (torchrun, gloo on CPU) t
 rank: equal to the byte in every category, on every rank. That includes what torch's
 point-to-point bookkeeping keeps referenced: Schedule1F1B's ``output``/``fwd_sends`` variables and
 its warm-up ``send_work``, and ``_PipelineScheduleRuntime``'s ``send_ops`` (every sent activation
-and input gradient until the action loop ends) for the interleaved and zero-bubble schedules.
+and input gradient until the action loop ends) for the interleaved and zero-bubble schedules;
+for the V-shaped ones (zb-v, dualpipe-v) the hand-off between the two stages on the last rank
+(set_local_fwd_input / set_local_bwd_input), whose tensors stay as receive buffers until the
+next step replaces them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ def body(schedule: str, family: str, virtual_stages: int = 1) -> dict:
 
 # (schedule, virtual stages, family)
 CASES = [(s, 1, f) for s in ("gpipe", "1f1b", "zb-h1") for f in ("gpt2", "llama")] + [
-    ("interleaved-1f1b", 2, "gpt2"), ("interleaved-1f1b", 2, "llama"), ("zb-h1", 2, "llama")]
+    ("interleaved-1f1b", 2, "gpt2"), ("interleaved-1f1b", 2, "llama"), ("zb-h1", 2, "llama"),
+    ("zb-v", 2, "gpt2"), ("dualpipe-v", 2, "llama")]
 
 
 @pytest.mark.parametrize("schedule,v,family", CASES)
