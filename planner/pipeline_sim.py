@@ -41,45 +41,75 @@ class SimOutcome:
     first_start_s: list[float]
     last_end_s: list[float]
     peak_in_flight: list[int]
-    start_s: np.ndarray  # by action code
-    end_s: np.ndarray
+    flat_codes: np.ndarray  # every rank's actions, rank after rank
+    start_flat: np.ndarray  # start and end times in that layout
+    end_flat: np.ndarray
+    n_codes: int  # size of the action-code space
 
     @property
     def bubble_fraction(self) -> float:
         total = len(self.busy_s) * self.makespan_s
         return 0.0 if total <= 0 else max(0.0, (total - sum(self.busy_s)) / total)
 
+    def _by_code(self, x: np.ndarray) -> np.ndarray:
+        out = np.full(self.n_codes, np.nan)
+        out[self.flat_codes] = x
+        return out
 
-def _code_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
-    """Per action code: duration, the cross-stage action it waits for (-1: none) and the message
-    delay from its end to its consumer on the neighbouring stage. Waits on the same stage (B after
-    F at a pipeline's end, W after I) are kept by the rank's own order and need no entry."""
+    @property
+    def start_s(self) -> np.ndarray:
+        """Start time by action code (NaN for codes no rank runs)."""
+        return self._by_code(self.start_flat)
+
+    @property
+    def end_s(self) -> np.ndarray:
+        return self._by_code(self.end_flat)
+
+
+def _flat_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
+    """Every rank's actions laid out rank after rank, and per action: its code, cost, the flat
+    position of the cross-stage action it waits for (n_all: none; n_all + 1: an action no rank
+    runs), the message delay from its end to that consumer, and its in-flight delta. Waits on the
+    same stage (B after F at a pipeline's end, W after I) are kept by the rank's own order."""
     S, m = s.num_stages, s.microbatches
-    f = np.asarray(forward_s, dtype=float)[:, None]
-    i = np.asarray(input_s, dtype=float)[:, None]
-    w = np.asarray(weight_s, dtype=float)[:, None]
-    full = np.frombuffer(bytes(s.full_backward), dtype=np.uint8).reshape(S, m).astype(bool)
-    cost = np.empty((3, S, m))
-    cost[0] = f
-    cost[1] = np.where(full, i + w, i)  # B = I + W (Qi et al. 2023, §2: T_B = T_I + T_W)
-    cost[2] = w
-    mb = np.arange(m)[None, :]
+    Sm = S * m
+    p = s.num_ranks
+    offs = [0] * (p + 1)
+    for r, o in enumerate(s.orders):
+        offs[r + 1] = offs[r] + len(o)
+    n_all = offs[p]
+    flat = np.fromiter(itertools.chain.from_iterable(s.orders), dtype=np.int64, count=n_all)
+    slot, rest = np.divmod(flat, Sm)
+    stage = rest // m
+    mb = rest - stage * m
+    full = np.frombuffer(bytes(s.full_backward), dtype=np.uint8).astype(bool)[rest]
+    f = np.asarray(forward_s, dtype=float)
+    i = np.asarray(input_s, dtype=float)
+    w = np.asarray(weight_s, dtype=float)
+    # per (slot, stage): cost; B = I + W when the backward is not split (Qi et al. 2023, §2)
+    table = np.stack([f, i, w])
+    cost = table[slot, stage]
+    is_b = slot == 1
+    cost[is_b & full] += w[stage[is_b & full]]
     rank = np.asarray(s.stage_to_rank)
     prev, nxt = np.asarray(s.prev_stage), np.asarray(s.next_stage)
-    dep = np.full((3, S, m), -1, dtype=np.int64)
-    dep[0] = np.where(prev[:, None] >= 0, prev[:, None] * m + mb, -1)
-    dep[1] = np.where(nxt[:, None] >= 0, (S + nxt[:, None]) * m + mb, -1)
-    out_delay = np.zeros((3, S, m))
-    f_cross = (nxt >= 0) & (rank[np.maximum(nxt, 0)] != rank)  # F(s) feeds F(next) elsewhere
-    b_cross = (prev >= 0) & (rank[np.maximum(prev, 0)] != rank)  # I(s) feeds I(prev) elsewhere
-    out_delay[0] = np.where(f_cross[:, None], comm_s, 0.0)
-    out_delay[1] = np.where(b_cross[:, None], comm_s, 0.0)
-    # In-flight delta: +1 at F, -1 at the last backward action of (stage, mb).
-    delta = np.zeros((3, S, m), dtype=np.int64)
-    delta[0] = 1
-    delta[1] = np.where(full, -1, 0)
-    delta[2] = np.where(full, 0, -1)
-    return cost.ravel(), dep.ravel(), out_delay.ravel(), delta.ravel()
+    # the action waited for: F(prev stage) for F, I/B(next stage) for I/B, none for W
+    dep_stage = np.where(slot == 0, prev[stage], np.where(is_b, nxt[stage], -1))
+    has_dep = dep_stage >= 0
+    pos_of = np.full(3 * Sm, n_all + 1, dtype=np.int64)  # codes no rank runs: never ready
+    pos_of[flat] = np.arange(n_all, dtype=np.int64)
+    dep_code = np.where(slot == 0, dep_stage, S + dep_stage) * m + mb
+    dep_pos = np.where(has_dep, pos_of[np.where(has_dep, dep_code, 0)], n_all)
+    if comm_s > 0:
+        f_cross = (nxt >= 0) & (rank[np.maximum(nxt, 0)] != rank)  # F(s) feeds F(next) elsewhere
+        b_cross = (prev >= 0) & (rank[np.maximum(prev, 0)] != rank)  # I(s) feeds I(prev) elsewhere
+        delay = np.where(slot == 0, f_cross[stage] * comm_s,
+                         np.where(is_b, b_cross[stage] * comm_s, 0.0))
+    else:
+        delay = np.zeros(n_all)
+    # in flight: +1 at F, -1 at the last backward action of (stage, mb): B, or W when split
+    delta = np.where(slot == 0, 1, np.where(is_b, -full.astype(np.int64), -1))
+    return offs, flat, dep_pos, cost, delay, delta, 3 * Sm
 
 
 def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> SimOutcome:
@@ -89,40 +119,40 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     for) + cost``: the longest path through the dependency graph. Two ways to compute it, with
     the same result:
     - ``_relax_by_rank`` (used first): every rank's times come from one vectorised max-plus scan
-      over its whole list given its inputs' ready times, starting from lower bounds (0) and
-      re-run, sweeping the ranks forwards and backwards, until nothing changes. Each sweep
-      carries a critical path across all ranks in one direction, so pipelines settle in a few
-      sweeps (see ``benchmarks/pipeline_speed.py``). It needs every cost > 0: then a deadlock (a
-      cycle) never settles and is caught by the sweep limit.
+      over its list given its inputs' ready times, starting from lower bounds (0) and re-run,
+      sweeping the ranks forwards and backwards, until nothing changes. Each sweep carries a
+      critical path across all ranks in one direction, so pipelines settle in a few sweeps (see
+      ``benchmarks/pipeline_speed.py``). It needs every cost > 0: then a deadlock (a cycle)
+      never settles and is caught by the sweep limit.
     - ``_event_loop``: ranks run action by action in pure Python, a rank parked when its next
       action waits on one not yet timed. Used when the relaxation does not settle within its
       sweep limit, and it is what reports a deadlock.
     """
-    cost_a, dep_a, delay_a, delta_a = _code_arrays(s, forward_s, input_s, weight_s, comm_s)
-    p = s.num_ranks
-    orders = s.orders
-    lens = [len(o) for o in orders]
-    offs = [0] * (p + 1)
-    for r in range(p):
-        offs[r + 1] = offs[r] + lens[r]
-    n_all = offs[p]
-    flat = np.fromiter(itertools.chain.from_iterable(orders), dtype=np.int64, count=n_all)
-    # pos_of[code]: where an action sits in ``flat``; n_all (a sentinel whose ready time is 0.0)
-    # for "waits on nothing" and for actions no rank runs (a wait on those never ends).
-    pos_of = np.full(len(cost_a) + 1, n_all, dtype=np.int64)
-    pos_of[flat] = np.arange(n_all, dtype=np.int64)
-    dep_f = dep_a[flat]
-    dep_pos_np = np.where(dep_f >= 0, pos_of[dep_f], n_all)
-    unrun = (dep_f >= 0) & (dep_pos_np == n_all)
-    dep_pos_np[unrun] = n_all + 1  # ready time stays -1: a wait that never ends
-    cost_f = cost_a[flat]
-    delay_f = delay_a[flat]
+    offs, flat, dep_pos, cost, delay, delta, n_codes = _flat_arrays(
+        s, forward_s, input_s, weight_s, comm_s)
+    p, n_all = s.num_ranks, offs[s.num_ranks]
     ready = None
-    if n_all and not unrun.any() and float(cost_f.min()) > 0.0:
-        ready = _relax_by_rank(p, offs, dep_pos_np, cost_f, delay_f)
+    if n_all and not bool((dep_pos > n_all).any()) and float(cost.min()) > 0.0:
+        ready = _relax_by_rank(p, offs, dep_pos, cost, delay)
     if ready is None:
-        ready = _event_loop(s, offs, dep_pos_np, cost_f, delay_f if comm_s > 0 else None)
-    return _outcome(s, offs, flat, ready, cost_a, delay_a, delta_a, cost_f)
+        ready = _event_loop(s, offs, dep_pos, cost, delay if comm_s > 0 else None)
+    end = ready[:n_all] - delay
+    start = end - cost
+    if not n_all:
+        z = [0.0] * p
+        return SimOutcome(0.0, z, z, z, [0] * p, flat, start, end, n_codes)
+    heads = np.asarray(offs[:-1])
+    nonempty = np.diff(offs) > 0
+    h = np.minimum(heads, n_all - 1)
+    tails = np.maximum(np.asarray(offs[1:]) - 1, 0)
+    busy = np.where(nonempty, np.add.reduceat(cost, h), 0.0)
+    first = np.where(nonempty, start[h], 0.0)
+    last = np.where(nonempty, end[tails], 0.0)
+    live = np.cumsum(delta)
+    base = np.concatenate([[0], live])[heads]
+    peak = np.where(nonempty, np.maximum.reduceat(live, h) - base, 0)
+    return SimOutcome(float(last.max()), busy.tolist(), first.tolist(), last.tolist(),
+                      [int(x) for x in peak], flat, start, end, n_codes)
 
 
 # Sweeps after which the relaxation gives way to the event loop. The schedules here settle in
@@ -148,24 +178,34 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
     ready = np.zeros(n_all + 2)
     owner = np.repeat(np.arange(p), np.diff(offs))
     segs = []
-    # reads[q]: (consumer r, positions in q that r reads, ascending; first index of r reading
-    # at or after each of them). r itself too: stages on one rank (V shape) feed each other.
-    reads: list[list[tuple[int, np.ndarray, np.ndarray]]] = [[] for _ in range(p)]
     for r in range(p):
         a, b = offs[r], offs[r + 1]
-        d = dep_pos[a:b]
         c = cost[a:b]
         C = np.cumsum(c)
-        segs.append((a, b, d, C, C - c, delay[a:b]))
-        idx = np.flatnonzero(d < n_all)
-        own = owner[d[idx]]
-        for q in np.flatnonzero(np.bincount(own, minlength=p)).tolist():
-            sel = own == q
-            pos, i_q = d[idx[sel]], idx[sel]
+        segs.append((a, b, dep_pos[a:b], C, C - c, delay[a:b]))
+    # consumers[q]: ranks reading some action of q (q itself too: stages on one rank, V shape)
+    reads_from = np.zeros((p, p), dtype=bool)
+    has = dep_pos < n_all
+    reads_from[owner[dep_pos[has]], owner[has]] = True
+    consumers = [np.flatnonzero(row).tolist() for row in reads_from]
+    # (q, r) -> positions in q that r reads, ascending, and the first index of r reading at or
+    # after each of them; built when first needed
+    reads: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def first_reader(q: int, r: int, changed: int) -> int:
+        key = (q, r)
+        if key not in reads:
+            d = segs[r][2]
+            i_q = np.flatnonzero((d >= offs[q]) & (d < offs[q + 1]))
+            pos = d[i_q]
             if len(pos) > 1 and not bool((pos[1:] >= pos[:-1]).all()):
                 o = np.argsort(pos, kind="stable")
                 pos, i_q = pos[o], np.minimum.accumulate(i_q[o][::-1])[::-1]
-            reads[q].append((r, pos, i_q))  # ascending in both: i_q is its own suffix minimum
+            reads[key] = (pos, i_q)  # ascending in both: i_q is its own suffix minimum
+        pos, i_q = reads[key]
+        j = int(np.searchsorted(pos, changed))
+        return int(i_q[j]) if j < len(pos) else INF
+
     INF = n_all + 1
     lo = [0 if offs[r + 1] > offs[r] else INF for r in range(p)]  # first index to re-run
     fwd, bwd = list(range(p)), list(range(p - 1, -1, -1))
@@ -194,10 +234,9 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
                 continue
             old[k:] = new[k:]
             changed = a + i0 + k
-            for c, pos, first in reads[r]:
-                j = int(np.searchsorted(pos, changed))
-                if j < len(pos):
-                    f = int(first[j])
+            for c in consumers[r]:
+                if lo[c]:  # (0: c re-runs from its start anyway)
+                    f = first_reader(r, c, changed)
                     if f < lo[c]:
                         lo[c] = f
     return ready if min(lo) == INF else None
@@ -293,31 +332,6 @@ def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np
     if stuck:
         raise ScheduleDeadlock(f"schedule {s.name} deadlocks; ranks wait at {stuck}")
     return np.asarray(ready)
-
-
-def _outcome(s: Schedule, offs: list[int], flat: np.ndarray, ready: np.ndarray,
-             cost_a: np.ndarray, delay_a: np.ndarray, delta_a: np.ndarray,
-             cost_f: np.ndarray) -> SimOutcome:
-    p, n_all = s.num_ranks, offs[s.num_ranks]
-    ready_code = np.full(len(cost_a), -1.0)
-    ready_code[flat] = ready[:n_all]
-    end_np = ready_code - delay_a
-    start_np = end_np - cost_a
-    end_f = end_np[flat]
-    start_f = start_np[flat]
-    live = np.cumsum(delta_a[flat])
-    busy, first, last, peak = [], [], [], []
-    for r in range(p):
-        a, b = offs[r], offs[r + 1]
-        if a == b:
-            busy.append(0.0); first.append(0.0); last.append(0.0); peak.append(0)
-            continue
-        busy.append(float(cost_f[a:b].sum()))
-        first.append(float(start_f[a]))
-        last.append(float(end_f[b - 1]))
-        base = int(live[a - 1]) if a else 0
-        peak.append(int(live[a:b].max()) - base)
-    return SimOutcome(max(last) if last else 0.0, busy, first, last, peak, start_np, end_np)
 
 
 def peak_in_flight(s: Schedule) -> list[int]:
