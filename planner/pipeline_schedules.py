@@ -251,14 +251,37 @@ def _dualpipe_steps(r: int, half_rank: int, half_ranks: int, chunks: int,
     ScheduleDualPipeV). ``chunks`` micro-batches per phase. An overlapped F&B pair is emitted as
     F then B: the simulator does not model compute/communication overlap inside the pair."""
     Sm = S * m
-    # Next micro-batch per (phase, F or B); the two phases' stages differ.
-    nf, nb = [0, 0], [0, 0]
+    H, hr = half_ranks, half_rank
+    s0, s1 = stage_of_phase[0] * m, stage_of_phase[1] * m
+    # Steps 1-5 are regular: built as arrays. nf/nb: next micro-batch per phase for F and B.
+    parts, full_b = [], []
+    n = max(0, (H - hr - 1) * 2)  # step 1: F0
+    parts.append(s0 + np.arange(n))
+    nf0, nf1, nb0, nb1 = n, 0, 0, 0
+    k = np.arange(hr + 1)  # step 2: F0 F1
+    parts.append(np.stack([s0 + nf0 + k, s1 + nf1 + k], 1).ravel())
+    nf0 += hr + 1
+    nf1 += hr + 1
+    k = np.arange(max(0, H - hr - 1))  # step 3: I1 W1 F1 (each W right after its I)
+    parts.append(np.stack([Sm + s1 + nb1 + k, 2 * Sm + s1 + nb1 + k, s1 + nf1 + k], 1).ravel())
+    nb1 += len(k)
+    nf1 += len(k)
+    # step 4: F0&B1, F1&B0 (on the middle rank, i == 0 is not overlapped: same order)
+    k = np.arange(max(0, chunks - 2 * H + hr + 1))
+    b1, b0 = s1 + nb1 + k, s0 + nb0 + k
+    parts.append(np.stack([s0 + nf0 + k, Sm + b1, s1 + nf1 + k, Sm + b0], 1).ravel())
+    full_b += [b1, b0]
+    nf0, nb1, nf1, nb0 = nf0 + len(k), nb1 + len(k), nf1 + len(k), nb0 + len(k)
+    k = np.arange(max(0, H - hr - 1))  # step 5: B1, F1&B0
+    b1, b0 = s1 + nb1 + k, s0 + nb0 + k
+    parts.append(np.stack([Sm + b1, s1 + nf1 + k, Sm + b0], 1).ravel())
+    full_b += [b1, b0]
+    nb1 += len(k)
+    nb0 += len(k)
+    seq: list[int] = np.concatenate(parts).tolist()
+    np.frombuffer(full, dtype=np.uint8)[np.concatenate(full_b)] = 1  # B, not I + W
+    nb = [nb0, nb1]
     wq: deque[int] = deque()  # codes of postponed W's, oldest first
-    seq: list[int] = []
-
-    def fwd(ph: int) -> None:
-        seq.append(stage_of_phase[ph] * m + nf[ph])
-        nf[ph] += 1
 
     def bwd(ph: int, zb: bool) -> None:
         k = stage_of_phase[ph] * m + nb[ph]
@@ -273,17 +296,6 @@ def _dualpipe_steps(r: int, half_rank: int, half_ranks: int, chunks: int,
         if wq:
             seq.append(wq.popleft())
 
-    for _ in range((half_ranks - half_rank - 1) * 2):  # step 1: F0
-        fwd(0)
-    for _ in range(half_rank + 1):  # step 2: F0 F1
-        fwd(0); fwd(1)
-    for _ in range(half_ranks - half_rank - 1):  # step 3: I1 W1 F1
-        bwd(1, True); weight(); fwd(1)
-    for i in range(chunks - 2 * half_ranks + half_rank + 1):  # step 4: F0&B1, F1&B0
-        fwd(0); bwd(1, False)  # (on the middle rank, i == 0 is not overlapped: same order)
-        fwd(1); bwd(0, False)
-    for _ in range(half_ranks - half_rank - 1):  # step 5: B1, F1&B0
-        bwd(1, False); fwd(1); bwd(0, False)
     zb = False
     for i in range(half_rank + 1):  # step 6: B1 B0, second half zero-bubble
         if i == (half_rank + 1) // 2 and half_rank % 2 == 1:
