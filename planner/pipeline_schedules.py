@@ -154,7 +154,7 @@ def _interleaved(name: str, p: int, v: int, m: int, zero_bubble: bool) -> Schedu
 
 
 # ---- ZB-H2 ----------------------------------------------------------------------------------
-def _zb_h2(p: int, m: int) -> Schedule:
+def _zb_h2(p: int, m: int, fast_forward: bool = True) -> Schedule:
     """ZB-H2 (Qi et al. 2023, §3.2, Fig. 4 bottom): extra warm-up forwards fill the bubble before
     the first backward and W passes are moved to the tail, turning the trapezoid into a
     parallelogram. Built by a unit-cost list pass (T_F = T_I = T_W, the paper's handcrafted
@@ -163,20 +163,76 @@ def _zb_h2(p: int, m: int) -> Schedule:
     within the paper's 2p·M_B), else its oldest pending W. With unit costs the makespan is the
     parallelogram's length, (p-1)·T_F + m(T_F+T_I+T_W) (tested); the first rank, though, ends at
     the makespan with p-1 idle units inside its span, so under a one-iteration bubble convention
-    this order equals ZB-H1 at equal costs and differs when T_W < T_F."""
+    this order equals ZB-H1 at equal costs and differs when T_W < T_F.
+
+    Fast forward: once the whole state (every rank's counters relative to rank 0's forwards, and
+    the step distance to every F/I time a rank can still look up) repeats after 3 steps with each
+    counter one higher, the pass is periodic until a rank nears micro-batch m; those periods are
+    emitted at once (each rank's last 3 actions, micro-batch + k, times + 3k) and the pass goes
+    on from there. The result equals the plain pass (``fast_forward=False``; tested).
+    """
     Sm = p * m
     f_t = [[-1] * m for _ in range(p)]  # step at which F(r, j) ran
     i_t = [[-1] * m for _ in range(p)]
     nf, ni, nw = [0] * p, [0] * p, [0] * p
     orders: list[list[int]] = [[] for _ in range(p)]
     caps = [2 * p - 1 - r for r in range(p)]
+    last = p - 1
+    probes: dict[int, tuple] = {}  # step -> (what to check there, rank-0 forwards, signature)
+    done_ff = not fast_forward or p < 2
+
+    def counters() -> tuple[int, tuple[int, ...]]:
+        c = nf[0]
+        return c, tuple(x - c for x in nf + ni + nw)
+
+    def lookups(t: int) -> tuple:
+        # per rank: step distance to the F and I times some rank can still look up
+        out = []
+        for r in range(p):
+            lo_f = nf[r + 1] if r < last else ni[r]
+            lo_i = min(ni[r - 1], nw[r]) if r > 0 else nw[r]
+            fr, ir = f_t[r], i_t[r]
+            out.append((tuple(t - fr[j] for j in range(min(lo_f, nf[r]), nf[r])),
+                        tuple(t - ir[j] for j in range(min(lo_i, ni[r]), ni[r]))))
+        return tuple(out)
+
     lo = 0  # every rank below lo has finished
     t = 0
     while lo < p:
+        if not done_ff and t == 2 * p + 1 and not probes:
+            probes[t] = ("start", 0, None)
+        if t in probes:
+            kind, c0, sig0 = probes.pop(t)
+            c, cs = counters()
+            if kind == "start":
+                probes[t + 3] = ("counters", c, cs)
+            elif kind == "counters" and c == c0 + 1 and cs == sig0:
+                probes[t + 3] = ("state", c, (cs, lookups(t)))
+            elif kind == "state" and c == c0 + 1 and (cs, lookups(t)) == sig0 \
+                    and m - 2 - max(nf) > 0:
+                K = m - 2 - max(nf)
+                ks = np.arange(1, K + 1)
+                for r in range(p):
+                    tail = orders[r][-3:]
+                    orders[r].extend((np.asarray(tail)[None, :] + ks[:, None]).ravel().tolist())
+                    for code in tail:
+                        slot, rest = divmod(code, Sm)
+                        j = rest - r * m
+                        row = f_t[r] if slot == 0 else i_t[r] if slot == 1 else None
+                        if row is not None:
+                            row[j + 1:j + K + 1] = range(row[j] + 3, row[j] + 3 * K + 1, 3)
+                    nf[r] += K
+                    ni[r] += K
+                    nw[r] += K
+                t += 3 * K
+                done_ff = True
+                continue
+            else:
+                probes[t + 29] = ("start", 0, None)
         for r in range(lo, p):  # ranks are independent within one step: read times < t only
             j = ni[r]
-            if j < nf[r] and ((i_t[r + 1][j] if r < p - 1 else f_t[r][j]) + 1 <= t
-                              and (r == p - 1 or i_t[r + 1][j] >= 0)):
+            if j < nf[r] and ((i_t[r + 1][j] if r < last else f_t[r][j]) + 1 <= t
+                              and (r == last or i_t[r + 1][j] >= 0)):
                 i_t[r][j] = t
                 ni[r] += 1
                 orders[r].append(Sm + r * m + j)

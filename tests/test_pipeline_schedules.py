@@ -141,3 +141,15 @@ def test_constraints_name_the_rule(name: str, p: int, m: int, v: int, field: str
         build_schedule(name, p, m, v)
     assert err.value.field == field
     assert name in err.value.rule
+
+
+def test_zb_h2_fast_forward_equals_the_plain_pass() -> None:
+    """The periodic fast forward of ZB-H2's list pass emits exactly the plain pass's orders."""
+    from planner.pipeline_schedules import _zb_h2
+    n_ff = 0
+    for p in [*range(1, 13), 16, 24, 33]:
+        for m in [*range(p, 3 * p + 24, 3), 100, 257]:
+            fast, plain = _zb_h2(p, m), _zb_h2(p, m, fast_forward=False)
+            assert fast.orders == plain.orders, (p, m)
+            n_ff += m > 6 * p
+    assert n_ff > 10  # cases long enough to have a periodic middle
