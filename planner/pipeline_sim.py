@@ -79,36 +79,40 @@ def _flat_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
         offs[r + 1] = offs[r] + len(o)
     n_all = offs[p]
     flat = np.fromiter(itertools.chain.from_iterable(s.orders), dtype=np.int64, count=n_all)
-    slot, rest = np.divmod(flat, Sm)
-    stage = rest // m
-    mb = rest - stage * m
-    full = np.frombuffer(bytes(s.full_backward), dtype=np.uint8).astype(bool)[rest]
+    # code = (slot * S + stage) * m + mb: per-(slot, stage) tables, gathered once
+    ss = flat // m
+    mb = flat - ss * m
     f = np.asarray(forward_s, dtype=float)
     i = np.asarray(input_s, dtype=float)
     w = np.asarray(weight_s, dtype=float)
-    # per (slot, stage): cost; B = I + W when the backward is not split (Qi et al. 2023, §2)
-    table = np.stack([f, i, w])
-    cost = table[slot, stage]
-    is_b = slot == 1
-    cost[is_b & full] += w[stage[is_b & full]]
+    cost = np.concatenate([f, i, w])[ss]
+    # B = I + W where the backward is not split (Qi et al. 2023, §2: T_B = T_I + T_W)
+    full_code = np.zeros(3 * Sm, dtype=bool)
+    full_code[Sm:2 * Sm] = np.frombuffer(bytes(s.full_backward), dtype=np.uint8)
+    full = full_code[flat]
+    if full.any():
+        cost[full] += np.concatenate([w, w, w])[ss[full]]
     rank = np.asarray(s.stage_to_rank)
     prev, nxt = np.asarray(s.prev_stage), np.asarray(s.next_stage)
     # the action waited for: F(prev stage) for F, I/B(next stage) for I/B, none for W
-    dep_stage = np.where(slot == 0, prev[stage], np.where(is_b, nxt[stage], -1))
-    has_dep = dep_stage >= 0
+    none = np.full(S, -1)
+    dep_base = np.concatenate([np.where(prev >= 0, prev * m, -1),
+                               np.where(nxt >= 0, (S + nxt) * m, -1), none])[ss]
+    has_dep = dep_base >= 0
     pos_of = np.full(3 * Sm, n_all + 1, dtype=np.int64)  # codes no rank runs: never ready
     pos_of[flat] = np.arange(n_all, dtype=np.int64)
-    dep_code = np.where(slot == 0, dep_stage, S + dep_stage) * m + mb
-    dep_pos = np.where(has_dep, pos_of[np.where(has_dep, dep_code, 0)], n_all)
+    dep_base += mb
+    dep_pos = np.where(has_dep, pos_of[np.where(has_dep, dep_base, 0)], n_all)
     if comm_s > 0:
         f_cross = (nxt >= 0) & (rank[np.maximum(nxt, 0)] != rank)  # F(s) feeds F(next) elsewhere
         b_cross = (prev >= 0) & (rank[np.maximum(prev, 0)] != rank)  # I(s) feeds I(prev) elsewhere
-        delay = np.where(slot == 0, f_cross[stage] * comm_s,
-                         np.where(is_b, b_cross[stage] * comm_s, 0.0))
+        delay = np.concatenate([f_cross * comm_s, b_cross * comm_s, np.zeros(S)])[ss]
     else:
         delay = np.zeros(n_all)
     # in flight: +1 at F, -1 at the last backward action of (stage, mb): B, or W when split
-    delta = np.where(slot == 0, 1, np.where(is_b, -full.astype(np.int64), -1))
+    delta = np.concatenate([np.ones(S, np.int64), np.zeros(S, np.int64),
+                            np.full(S, -1, np.int64)])[ss]
+    delta[full] = -1
     return offs, flat, dep_pos, cost, delay, delta, 3 * Sm
 
 
@@ -133,7 +137,12 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     p, n_all = s.num_ranks, offs[s.num_ranks]
     ready = None
     if n_all and not bool((dep_pos > n_all).any()) and float(cost.min()) > 0.0:
-        ready = _relax_by_rank(p, offs, dep_pos, cost, delay)
+        readers: list[set[int]] = [set() for _ in range(p)]
+        for st, r in enumerate(s.stage_to_rank):  # F waits on prev stage, I/B on next stage
+            for q in (s.prev_stage[st], s.next_stage[st]):
+                if q >= 0:
+                    readers[s.stage_to_rank[q]].add(r)
+        ready = _relax_by_rank(p, offs, dep_pos, cost, delay, [sorted(x) for x in readers])
     if ready is None:
         ready = _event_loop(s, offs, dep_pos, cost, delay if comm_s > 0 else None)
     end = ready[:n_all] - delay
@@ -162,7 +171,8 @@ MAX_SWEEPS = 96
 
 
 def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
-                   delay: np.ndarray) -> np.ndarray | None:
+                   delay: np.ndarray, consumers: list[list[int]] | None = None
+                   ) -> np.ndarray | None:
     """Ready times (end + outgoing message) by flat position, or None when the sweeps do not
     settle. For one rank with ready times R_j of its inputs and costs c_j, the recurrence
     e_i = max(e_(i-1), R_i) + c_i (e_(-1) = 0, R >= 0) is e_i = C_i + max_(j<=i)(R_j - C_(j-1))
@@ -183,11 +193,13 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
         c = cost[a:b]
         C = np.cumsum(c)
         segs.append((a, b, dep_pos[a:b], C, C - c, delay[a:b]))
-    # consumers[q]: ranks reading some action of q (q itself too: stages on one rank, V shape)
-    reads_from = np.zeros((p, p), dtype=bool)
-    has = dep_pos < n_all
-    reads_from[owner[dep_pos[has]], owner[has]] = True
-    consumers = [np.flatnonzero(row).tolist() for row in reads_from]
+    # consumers[q]: ranks reading some action of q (q itself too: stages on one rank, V shape);
+    # a superset is fine (a lookup then finds nothing)
+    if consumers is None:
+        reads_from = np.zeros((p, p), dtype=bool)
+        has = dep_pos < n_all
+        reads_from[owner[dep_pos[has]], owner[has]] = True
+        consumers = [np.flatnonzero(row).tolist() for row in reads_from]
     # (q, r) -> positions in q that r reads, ascending, and the first index of r reading at or
     # after each of them; built when first needed
     reads: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
