@@ -265,38 +265,41 @@ def _zb_v(p: int, m: int) -> Schedule:
         F0, F1 = s0 * n_micro, s1 * n_micro
         B0, B1 = Sn + F0, Sn + F1
         W0, W1 = Sn + B0, Sn + B1
-        seq: list[int] = []
-        add = seq.append
-        f0 = f1 = b0 = b1 = 0
-        for _ in range(2 * (p - r) - 1):
-            add(F0 + f0); f0 += 1
-        for _ in range(r):
-            add(F1 + f1); f1 += 1
-            add(F0 + f0); f0 += 1
-        for _ in range(p - r):
-            add(F1 + f1); f1 += 1
-            add(B1 + b1); add(W1 + b1); b1 += 1
-        while f1 < f0 or f0 < n_micro:
-            if f0 < n_micro:
-                add(F0 + f0); f0 += 1
-            add(B0 + b0); add(W0 + b0); b0 += 1
-            add(F1 + f1); f1 += 1
-            add(B1 + b1); add(W1 + b1); b1 += 1
+        parts = []
+        nA = 2 * (p - r) - 1  # warm-up: chunk-0 forwards
+        parts.append(F0 + np.arange(nA))
+        k = np.arange(r)  # F1 F0
+        parts.append(np.stack([F1 + k, F0 + nA + k], 1).ravel())
+        f0, f1 = nA + r, r
+        k = np.arange(p - r)  # F1 B1 W1
+        parts.append(np.stack([F1 + f1 + k, B1 + k, W1 + k], 1).ravel())
+        f1, b0, b1 = f1 + p - r, 0, p - r
+        # steady state: [F0] B0 W0 F1 B1 W1 while chunk 1 lags chunk 0 or chunk 0 has more
+        k1 = max(0, n_micro - f0)  # rounds that still run an F0
+        k = np.arange(k1)
+        parts.append(np.stack([F0 + f0 + k, B0 + b0 + k, W0 + b0 + k, F1 + f1 + k, B1 + b1 + k,
+                               W1 + b1 + k], 1).ravel())
+        f0, b0, f1, b1 = f0 + k1, b0 + k1, f1 + k1, b1 + k1
+        k2 = max(0, f0 - f1)  # rounds without one
+        k = np.arange(k2)
+        parts.append(np.stack([B0 + b0 + k, W0 + b0 + k, F1 + f1 + k, B1 + b1 + k,
+                               W1 + b1 + k], 1).ravel())
+        b0, f1, b1 = b0 + k2, f1 + k2, b1 + k2
         w0, w1 = b0, b1
-        for _ in range(r):
-            add(B0 + b0); b0 += 1
-            add(B1 + b1); b1 += 1
-        for _ in range(p - r):
-            add(B0 + b0); b0 += 1
-            add(W0 + w0); w0 += 1
-        seq.extend(range(W1 + w1, W1 + b1))
-        seq.extend(range(W0 + w0, W0 + b0))
+        k = np.arange(r)  # B0 B1 (their W's postponed)
+        parts.append(np.stack([B0 + b0 + k, B1 + b1 + k], 1).ravel())
+        b0, b1 = b0 + r, b1 + r
+        k = np.arange(p - r)  # B0 W0
+        parts.append(np.stack([B0 + b0 + k, W0 + w0 + k], 1).ravel())
+        b0, w0 = b0 + p - r, w0 + p - r
+        parts.append(W1 + np.arange(w1, b1))
+        parts.append(W0 + np.arange(w0, b0))
+        codes = np.concatenate(parts)
         if n_micro > m:  # torch pads to 2p-1 micro-batches and drops the surplus afterwards
-            codes = np.asarray(seq)
             j = codes % n_micro
             keep = j < m
-            seq = ((codes[keep] // n_micro) * m + j[keep]).tolist()
-        orders.append(seq)
+            codes = (codes[keep] // n_micro) * m + j[keep]
+        orders.append(codes.tolist())
     return _make("zb-v", p, 2, m, _v_mapping(p), orders, split=True)
 
 
