@@ -236,7 +236,8 @@ def _dp_peaks(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
               checkpointed: frozenset[int]):
     from planner.reference_parallel import data_parallel_peaks
 
-    key = (model, tr, par, device, checkpointed)
+    key = (model.model_dump_json(), tr.model_dump_json(), par.model_dump_json(), device,
+           checkpointed)  # JSON: specs holding lists (LoRA target modules) do not hash
     if key not in _DP_PEAKS:
         if len(_DP_PEAKS) >= 256:
             _DP_PEAKS.clear()

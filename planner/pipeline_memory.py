@@ -577,7 +577,8 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
         return None
     if plan.num_stages > model.num_layers:
         return None
-    key = (model, training, name, parallel.pipeline_parallel, v, device)
+    key = (model.model_dump_json(), training.model_dump_json(), name,
+           parallel.pipeline_parallel, v, device)
     if key not in _CACHE:
         if len(_CACHE) >= 128:
             _CACHE.clear()

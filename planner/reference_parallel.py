@@ -26,6 +26,9 @@ names per stage):
   reduce-scatter, ``reduce_scatter_max_input_buffers=1``) and reduce-scatters into the sharded
   gradients (category gradients). The root's post-backward runs in the final callback.
 
+LoRA (adapters trainable, the base frozen in the parameter dtype) runs under stages 0 and 1: DDP
+buckets and ZeroRedundancyOptimizer's partition cover the trainable tensors only.
+
 Everything stays integer bytes; every rank is simulated on its own (``rank``).
 """
 
@@ -339,8 +342,11 @@ def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec,
                 "sharded optimizers)")
     if training.precision_overrides is not None:
         return "precision overrides are not run by the multi-rank step"
-    if training.lora is not None:
-        return "LoRA is not run by the multi-rank step"
+    if training.lora is not None and parallel.zero_stage >= 2:
+        return "LoRA is not run under FSDP2 (ZeRO stages 2-3) by the multi-rank step"
+    if training.lora is not None and training.lora.base_dtype is not None:
+        return ("LoRA with a frozen base in its own dtype (16-bit or quantized) is not run by the "
+                "multi-rank step; leave lora.base_dtype unset")
     if parallel.offload_optimizer or parallel.offload_parameters:
         return "CPU offload is not replayed rank by rank"
     if parallel.zero_stage >= 2 and checkpointed:
@@ -357,7 +363,10 @@ def _zero1_owned_key(model: ResolvedModel, training: TrainingSpec, parallel: Par
     from planner.optimizers import optimizer_state_bytes
     from planner.zero import parameter_shapes
 
-    numels = [_numel(s) for s in parameter_shapes(model)]  # registration order, tied once
+    if training.lora is not None:  # the optimizer holds the trainable tensors only
+        numels = [n for n, _ in ReferenceProgram(model, training, compress=True).trainable_specs()]
+    else:
+        numels = [_numel(s) for s in parameter_shapes(model)]  # registration order, tied once
     parts = zero1_partition(numels, parallel.data_parallel)
     dtype = "fp32" if training.precision in ("fp32", "amp-bf16") else "bf16"
     keys = [tuple(sorted(numels[i] for i in p)) for p in parts]

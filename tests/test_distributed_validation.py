@@ -59,6 +59,25 @@ def test_two_ranks_match_the_replay(family, zero):
         assert res.measured.parameters < res.ranks[0].measured.total
 
 
+@pytest.mark.parametrize("zero,ranks,family,precision", [(0, 2, "gpt2", "fp32"),
+                                                        (1, 4, "llama", "amp-bf16")])
+def test_lora_ranks_match_the_replay(zero, ranks, family, precision):
+    """LoRA under DDP and ZeroRedundancyOptimizer: buckets and optimizer shards cover the adapters
+    only (ZeRO-1 partitions the trainable tensors, unevenly over 4 ranks); every rank exact."""
+    req = request(family, zero, ranks, precision)
+    req = req.model_copy(update={"training": req.training.model_copy(
+        update={"lora": {"rank": 4}})})
+    req = ValidationRequest.model_validate(req.model_dump())
+    res = run_multi_rank(req)
+    assert [r.rank for r in res.ranks] == list(range(ranks))
+    for r in res.ranks:
+        assert r.estimate == r.measured, r.rank
+    if zero == 1:
+        assert len({r.measured.optimizer_states for r in res.ranks}) > 1  # uneven shards
+        est = estimate_memory(req, device="cpu")
+        assert est.breakdown.total == max(r.estimate.total for r in res.ranks)
+
+
 def test_zero1_shards_are_uneven_and_the_top_level_is_the_worst_rank():
     res = run_multi_rank(request("llama", 1))
     states = [r.measured.optimizer_states for r in res.ranks]
@@ -84,6 +103,10 @@ def test_replay_of_zero3_frees_what_zero2_keeps():
     ({"parallelism": {"data_parallel": 2, "zero_stage": 1},
       "training": {"precision": "mixed-bf16"}}, "precision"),
     ({"parallelism": {"zero_stage": 3}}, "data_parallel > 1"),
+    ({"parallelism": {"data_parallel": 2, "zero_stage": 3}, "training": {"lora": {"rank": 4}}},
+     "LoRA is not run under FSDP2"),
+    ({"parallelism": {"data_parallel": 2}, "training": {"lora": {"rank": 4, "base_dtype": "nf4"}}},
+     "base_dtype"),
 ])
 def test_refusals_name_the_reason(change, reason):
     body = {"model": tiny("gpt2"), "device": "cpu", **change}
