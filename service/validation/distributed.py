@@ -189,7 +189,7 @@ def rank_main(spec_path: str, out_path: str) -> None:
             self.model = model
 
         def forward(self, idx: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-            return S.forward_loss(s, idx, tgt)
+            return S.forward_loss(s, idx, tgt, on_recompute=lambda: meter.in_phase("recompute"))
 
     idx, tgt = S.make_batch(cfg, tr, dev, seed=rank)
     meter = DistributedMeter()
