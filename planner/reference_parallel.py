@@ -26,6 +26,11 @@ names per stage):
   reduce-scatter, ``reduce_scatter_max_input_buffers=1``) and reduce-scatters into the sharded
   gradients (category gradients). The root's post-backward runs in the final callback.
 
+Activation checkpointing (torch.utils.checkpoint, non-reentrant) composes with all of them: under
+FSDP2 a checkpointed block's recompute runs with FSDP's hooks idle (the group is in its
+pre-backward state: the pre-backward hook has already gathered the parameters), and the
+checkpoint frame keeps the block's input until the last node that packed a tensor has run.
+
 LoRA (adapters trainable, the base frozen in the parameter dtype) runs under stages 0 and 1: DDP
 buckets and ZeroRedundancyOptimizer's partition cover the trainable tensors only.
 
@@ -87,9 +92,6 @@ class ParallelProgram(ReferenceProgram):
             raise ValueError("ParallelProgram describes data parallelism only")
         self.par, self.rank = parallel, rank
         self.n, self.z = parallel.data_parallel, parallel.zero_stage
-        if self.z >= 2 and checkpointed:
-            raise ValueError("activation checkpointing under FSDP2 re-runs its pre-forward "
-                             "hooks in backward, which this replay does not model")
         # Every block is replayed: FSDP's per-block gathers and DDP's per-tensor buckets are
         # modelled on the simulated parameters themselves.
         super().__init__(model, training, device=device, checkpointed=checkpointed, compress=False)
@@ -293,7 +295,8 @@ class ParallelProgram(ReferenceProgram):
             if self._ck_nodes:
                 self._before_node(node)
 
-        m.backward(loss.val, g, before_node=before)
+        m.backward(loss.val, g, before_node=before,
+                   after_node=self._after_node if self._ck_nodes else None)
         self._ck_nodes.clear()
         # final callback: the root's post-backward, then every reduce-scatter input released
         self._post_backward(-1)
@@ -349,9 +352,6 @@ def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec,
                 "multi-rank step; leave lora.base_dtype unset")
     if parallel.offload_optimizer or parallel.offload_parameters:
         return "CPU offload is not replayed rank by rank"
-    if parallel.zero_stage >= 2 and checkpointed:
-        return ("activation checkpointing under FSDP2 (stages 2-3) re-runs the pre-forward "
-                "all-gather in backward, which the replay does not model")
     if training.optimizer in ("adam-8bit", "lion"):
         return f"optimizer {training.optimizer!r} has no torch.optim implementation"
     return None

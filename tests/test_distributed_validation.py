@@ -78,18 +78,25 @@ def test_lora_ranks_match_the_replay(zero, ranks, family, precision):
         assert est.breakdown.total == max(r.estimate.total for r in res.ranks)
 
 
-@pytest.mark.parametrize("zero,strategy", [(0, "full"), (1, "selective")])
+@pytest.mark.parametrize("zero,strategy", [(0, "full"), (1, "selective"), (2, "selective"),
+                                           (3, "full")])
 def test_checkpointed_ranks_match_the_replay(zero, strategy):
-    """Activation checkpointing under DDP and ZeroRedundancyOptimizer, every rank, every category
-    (the recompute's allocations are activations, as on one device). Tolerance 0.1% of the
-    rank's total per category: under DDP with full recompute one bias gradient (h floats,
-    256 B here) is still live at the replay's peak and not at the measured one; the rest is
-    exact."""
+    """Activation checkpointing under DDP, ZeroRedundancyOptimizer and FSDP2, every rank (the
+    recompute's allocations are activations, as on one device). DDP and ZeRO-1: every category
+    within 0.1% of the rank's total (with full recompute under DDP one bias gradient, h floats,
+    256 B here, is still live at the replay's peak and not at the measured one; the rest is
+    exact). FSDP2: the total within the 2% goal, as for FSDP2 without checkpointing (gloo's
+    worker thread frees collective temporaries at a varying moment); measured here: equal."""
     req = request("gpt2", zero)
     req = ValidationRequest.model_validate({**req.model_dump(), "training": {
         **req.training.model_dump(), "activation_checkpointing": {"strategy": strategy}}})
     res = run_multi_rank(req)
     for r in res.ranks:
+        print(f"zero {zero} {strategy} rank {r.rank}: {r.estimate.total} est, "
+              f"{r.measured.total} measured")
+        if zero >= 2:
+            assert abs(r.relative_error.total) <= 0.02, (r.rank, r.estimate, r.measured)
+            continue
         for c in CATS:
             diff = abs(getattr(r.estimate, c) - getattr(r.measured, c))
             assert diff <= 0.001 * r.measured.total, (r.rank, c, r.estimate, r.measured)
