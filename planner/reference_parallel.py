@@ -31,8 +31,9 @@ FSDP2 a checkpointed block's recompute runs with FSDP's hooks idle (the group is
 pre-backward state: the pre-backward hook has already gathered the parameters), and the
 checkpoint frame keeps the block's input until the last node that packed a tensor has run.
 
-LoRA (adapters trainable, the base frozen in the parameter dtype) runs under stages 0 and 1: DDP
-buckets and ZeroRedundancyOptimizer's partition cover the trainable tensors only.
+LoRA (adapters trainable, the base frozen in the parameter dtype) runs under every stage: DDP
+buckets and ZeroRedundancyOptimizer's partition cover the trainable tensors only; FSDP2 shards
+and gathers the frozen base with its group but reduce-scatters the adapters' gradients only.
 
 Everything stays integer bytes; every rank is simulated on its own (``rank``).
 """
@@ -159,20 +160,29 @@ class ParallelProgram(ReferenceProgram):
         groups: dict[int, list[T]] = {g: [] for g in range(-1, L)}  # -1: the root
         seen: set[int] = set()
         for name, t in self.params.by_name.items():
-            if t.val.fn is None or id(t) in seen:
-                continue  # buffers (rotary tables) and frozen tensors are not sharded here
+            if name in ("rope_cos", "rope_sin") or id(t) in seen:
+                continue  # buffers (rotary tables) are not sharded
             seen.add(id(t))
             g = int(name[1:name.index(".")]) if name.startswith("b") and name[1].isdigit() else -1
             groups[g].append(t)
         self.groups = groups
         self.unsharded_bytes: dict[int, int] = {}
         self.sharded_bytes: dict[int, int] = {}
+        # frozen parameters (a LoRA base) are sharded and gathered too, but get no gradient:
+        # the reduce-scatter covers the parameters with one
+        self.grad_unsharded_bytes: dict[int, int] = {}
+        self.grad_sharded_bytes: dict[int, int] = {}
         for g, ts in groups.items():
-            full = shard = 0
+            full = shard = gfull = gshard = 0
             for t in ts:
                 rows = _numel(fsdp_shard_shape(self.shapes[id(t.val)], n))
                 shard += rows * t.esz
                 full += rows * n * t.esz
+                if t.val.fn is not None:
+                    gshard += rows * t.esz
+                    gfull += rows * n * t.esz
+            self.grad_unsharded_bytes[g], self.grad_sharded_bytes[g] = gfull, gshard
+            for t in ts:
                 # the module's parameter now points at unsharded storage gathered on demand
                 m.cur[0] -= t.buf.nbytes
                 m.total -= t.buf.nbytes
@@ -226,9 +236,9 @@ class ParallelProgram(ReferenceProgram):
             m.drop(self.rs_states.pop(0))
         if not grads:
             return
-        rs_in = m.alloc(self.unsharded_bytes[g], "reduce_scatter_input", "temporaries")
+        rs_in = m.alloc(self.grad_unsharded_bytes[g], "reduce_scatter_input", "temporaries")
         m.drop(*grads)
-        out = m.alloc(self.sharded_bytes[g], "reduce_scatter_output", "gradients")
+        out = m.alloc(self.grad_sharded_bytes[g], "reduce_scatter_output", "gradients")
         if g in self.sharded_grads:  # accumulate into the existing sharded gradient
             m.drop(out)
         else:
@@ -345,8 +355,6 @@ def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec,
                 "sharded optimizers)")
     if training.precision_overrides is not None:
         return "precision overrides are not run by the multi-rank step"
-    if training.lora is not None and parallel.zero_stage >= 2:
-        return "LoRA is not run under FSDP2 (ZeRO stages 2-3) by the multi-rank step"
     if training.lora is not None and training.lora.base_dtype is not None:
         return ("LoRA with a frozen base in its own dtype (16-bit or quantized) is not run by the "
                 "multi-rank step; leave lora.base_dtype unset")

@@ -60,10 +60,14 @@ def test_two_ranks_match_the_replay(family, zero):
 
 
 @pytest.mark.parametrize("zero,ranks,family,precision", [(0, 2, "gpt2", "fp32"),
-                                                        (1, 4, "llama", "amp-bf16")])
+                                                        (1, 4, "llama", "amp-bf16"),
+                                                        (3, 2, "gpt2", "fp32"),
+                                                        (2, 2, "llama", "amp-bf16")])
 def test_lora_ranks_match_the_replay(zero, ranks, family, precision):
-    """LoRA under DDP and ZeroRedundancyOptimizer: buckets and optimizer shards cover the adapters
-    only (ZeRO-1 partitions the trainable tensors, unevenly over 4 ranks); every rank exact."""
+    """LoRA under DDP, ZeroRedundancyOptimizer and FSDP2: buckets, optimizer shards and
+    reduce-scatters cover the adapters only (ZeRO-1 partitions the trainable tensors, unevenly
+    over 4 ranks; FSDP2 shards and gathers the frozen base too); every rank exact (measured; for
+    FSDP2 the 2% goal is what the other FSDP2 tests hold, gloo's timing can move the peak)."""
     req = request(family, zero, ranks, precision)
     req = req.model_copy(update={"training": req.training.model_copy(
         update={"lora": {"rank": 4}})})
@@ -71,7 +75,10 @@ def test_lora_ranks_match_the_replay(zero, ranks, family, precision):
     res = run_multi_rank(req)
     assert [r.rank for r in res.ranks] == list(range(ranks))
     for r in res.ranks:
-        assert r.estimate == r.measured, r.rank
+        if zero >= 2:
+            assert abs(r.relative_error.total) <= 0.02, (r.rank, r.estimate, r.measured)
+        else:
+            assert r.estimate == r.measured, r.rank
     if zero == 1:
         assert len({r.measured.optimizer_states for r in res.ranks}) > 1  # uneven shards
         est = estimate_memory(req, device="cpu")
@@ -127,8 +134,6 @@ def test_replay_of_zero3_frees_what_zero2_keeps():
     ({"parallelism": {"data_parallel": 2, "zero_stage": 1},
       "training": {"precision": "mixed-bf16"}}, "precision"),
     ({"parallelism": {"zero_stage": 3}}, "data_parallel > 1"),
-    ({"parallelism": {"data_parallel": 2, "zero_stage": 3}, "training": {"lora": {"rank": 4}}},
-     "LoRA is not run under FSDP2"),
     ({"parallelism": {"data_parallel": 2}, "training": {"lora": {"rank": 4, "base_dtype": "nf4"}}},
      "base_dtype"),
 ])
