@@ -26,6 +26,10 @@ names per stage):
   reduce-scatter, ``reduce_scatter_max_input_buffers=1``) and reduce-scatters into the sharded
   gradients (category gradients). The root's post-backward runs in the final callback.
 
+Every precision preset runs under DDP, whose optimizer is the single-device one (fp32 master
+copies for mixed-*, GradScaler for amp-fp16); the sharded optimizers (stages 1-3) run fp32,
+amp-bf16 and bf16.
+
 Activation checkpointing (torch.utils.checkpoint, non-reentrant) composes with all of them: under
 FSDP2 a checkpointed block's recompute runs with FSDP's hooks idle (the group is in its
 pre-backward state: the pre-backward hook has already gathered the parameters), and the
@@ -134,6 +138,9 @@ class ParallelProgram(ReferenceProgram):
     def optimizer_step(self, first: bool) -> None:
         from planner.optimizers import optimizer_step_temporary_bytes
 
+        if self.z == 0 and (self.master or self.scaling):
+            # DDP steps the single-device optimizer (fp32 masters / GradScaler) over every tensor
+            return super().optimizer_step(first)
         m = self.m
         numels, shapes = self._owned()
         if first and self._states is None:
@@ -349,10 +356,10 @@ def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec,
     """Why this data-parallel setup is outside the replay (None when it is replayed exactly)."""
     if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
         return "tensor and pipeline parallelism are not replayed rank by rank"
-    if training.precision not in REPLAYED_PRECISIONS:
-        return (f"precision {training.precision!r}: the multi-rank step runs "
-                f"{', '.join(REPLAYED_PRECISIONS)} (no fp32 master copies or loss scaler across "
-                "sharded optimizers)")
+    if training.precision not in REPLAYED_PRECISIONS and parallel.zero_stage > 0:
+        return (f"precision {training.precision!r} with ZeRO stage {parallel.zero_stage}: the "
+                f"sharded optimizers run {', '.join(REPLAYED_PRECISIONS)} (no fp32 master copies "
+                "or loss scaler across shards; DDP, stage 0, runs every precision)")
     if training.precision_overrides is not None:
         return "precision overrides are not run by the multi-rank step"
     if training.lora is not None and training.lora.base_dtype is not None:

@@ -109,6 +109,17 @@ def test_checkpointed_ranks_match_the_replay(zero, strategy):
             assert diff <= 0.001 * r.measured.total, (r.rank, c, r.estimate, r.measured)
 
 
+@pytest.mark.parametrize("family,precision", [("gpt2", "mixed-bf16"), ("llama", "mixed-fp16"),
+                                              ("gpt2", "amp-fp16")])
+def test_ddp_precisions_match_the_replay(family, precision):
+    """DDP with fp32 master copies (mixed-*, static loss scale for fp16) and with GradScaler
+    (amp-fp16): every rank exact in every category, first step and steady state."""
+    res = run_multi_rank(request(family, 0, precision=precision))
+    for r in res.ranks:
+        assert r.estimate == r.measured, (r.rank, r.estimate, r.measured)
+    assert res.first_step_estimate == res.first_step_measured
+
+
 def test_zero1_shards_are_uneven_and_the_top_level_is_the_worst_rank():
     res = run_multi_rank(request("llama", 1))
     states = [r.measured.optimizer_states for r in res.ranks]

@@ -205,7 +205,10 @@ def rank_main(spec_path: str, out_path: str) -> None:
                 root = DDP(root, device_ids=[local] if cuda else None,
                            gradient_as_bucket_view=True, broadcast_buffers=False)
                 params = [p for p in model.parameters() if p.requires_grad]
-                if z == 0:
+                if z == 0 and S.PRECISIONS[tr.precision][2]:  # mixed-*: fp32 masters
+                    opt = S.MasterWeightOptimizer(params, lambda ps: S.make_optimizer(tr, ps),
+                                                  loss_scale=s.loss_scale)
+                elif z == 0:
                     opt = S.make_optimizer(tr, params)
                 else:
                     from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -232,6 +235,8 @@ def rank_main(spec_path: str, out_path: str) -> None:
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = S.make_optimizer(tr, params)
             s.optimizer = opt
+            if isinstance(opt, S.MasterWeightOptimizer):  # the fp32 masters it holds
+                meter.register(opt.masters, "optimizer_states")
             if tr.optimizer == "adagrad":
                 meter.mark(zero_opt.optim if zero_opt else opt, "optimizer_states")
         meter.register([idx, tgt], "activations")
