@@ -27,7 +27,10 @@ names per stage):
   gradients (category gradients). The root's post-backward runs in the final callback.
 
 Every precision preset runs under DDP, whose optimizer is the single-device one (fp32 master
-copies for mixed-*, GradScaler for amp-fp16); the sharded optimizers (stages 1-3) run fp32,
+copies for mixed-*, GradScaler for amp-fp16). Under ZeroRedundancyOptimizer the local optimizer
+of mixed-* is the same master-weight optimizer over the rank's shard: fp32 masters, gradient
+copies and states of the owned tensors only (the ZeRO paper's stage 1 with 2 + 2 + 12/N bytes
+per parameter); amp-fp16's GradScaler is not run across shards. FSDP2 (stages 2-3) runs fp32,
 amp-bf16 and bf16.
 
 Activation checkpointing (torch.utils.checkpoint, non-reentrant) composes with all of them: under
@@ -102,6 +105,10 @@ class ParallelProgram(ReferenceProgram):
         super().__init__(model, training, device=device, checkpointed=checkpointed, compress=False)
         self.m.__class__ = _DPMachine
         m = self.m
+        if self.z == 1 and self.master:  # ZeroRedundancyOptimizer: masters of its shard only
+            m.drop(self.masters)
+            self.masters = m.alloc(sum(self._owned()[0]) * self.master_esz, "master",
+                                   "optimizer_states")
         if self.z <= 1:
             m.ddp = True
             # DDP's buckets: every trainable gradient, allocated at construction
@@ -143,11 +150,14 @@ class ParallelProgram(ReferenceProgram):
             return super().optimizer_step(first)
         m = self.m
         numels, shapes = self._owned()
+        scratch = []
+        if self.master and self.g_esz != self.master_esz:  # master.grad = p.grad.float(), at once
+            scratch += [m.alloc(n * self.master_esz, "_to_copy") for n in numels]
         if first and self._states is None:
             self._states = self._alloc_states()
         tmp = m.alloc(optimizer_step_temporary_bytes(self.tr, numels, self._inner_dtype(), shapes),
                       "optimizer_step")
-        m.drop(tmp)
+        m.drop(tmp, *scratch)
         self.zero_grad()
 
     def zero_grad(self) -> None:
@@ -356,10 +366,11 @@ def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec,
     """Why this data-parallel setup is outside the replay (None when it is replayed exactly)."""
     if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
         return "tensor and pipeline parallelism are not replayed rank by rank"
-    if training.precision not in REPLAYED_PRECISIONS and parallel.zero_stage > 0:
-        return (f"precision {training.precision!r} with ZeRO stage {parallel.zero_stage}: the "
-                f"sharded optimizers run {', '.join(REPLAYED_PRECISIONS)} (no fp32 master copies "
-                "or loss scaler across shards; DDP, stage 0, runs every precision)")
+    if training.precision not in REPLAYED_PRECISIONS and parallel.zero_stage > 1 or \
+            training.precision == "amp-fp16" and parallel.zero_stage == 1:
+        return (f"precision {training.precision!r} with ZeRO stage {parallel.zero_stage}: FSDP2 "
+                f"runs {', '.join(REPLAYED_PRECISIONS)} and ZeroRedundancyOptimizer also "
+                "mixed-* (no loss scaler across shards); DDP, stage 0, runs every precision")
     if training.precision_overrides is not None:
         return "precision overrides are not run by the multi-rank step"
     if training.lora is not None and training.lora.base_dtype is not None:
@@ -383,7 +394,7 @@ def _zero1_owned_key(model: ResolvedModel, training: TrainingSpec, parallel: Par
     else:
         numels = [_numel(s) for s in parameter_shapes(model)]  # registration order, tied once
     parts = zero1_partition(numels, parallel.data_parallel)
-    dtype = "fp32" if training.precision in ("fp32", "amp-bf16") else "bf16"
+    dtype = "bf16" if training.precision == "bf16" else "fp32"  # mixed-*: fp32 masters
     keys = [tuple(sorted(numels[i] for i in p)) for p in parts]
     states = [optimizer_state_bytes(training, list(k), dtype) for k in keys]
     return keys, states

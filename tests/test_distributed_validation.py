@@ -109,12 +109,14 @@ def test_checkpointed_ranks_match_the_replay(zero, strategy):
             assert diff <= 0.001 * r.measured.total, (r.rank, c, r.estimate, r.measured)
 
 
-@pytest.mark.parametrize("family,precision", [("gpt2", "mixed-bf16"), ("llama", "mixed-fp16"),
-                                              ("gpt2", "amp-fp16")])
-def test_ddp_precisions_match_the_replay(family, precision):
+@pytest.mark.parametrize("zero,ranks,family,precision", [
+    (0, 2, "gpt2", "mixed-bf16"), (0, 2, "llama", "mixed-fp16"), (0, 2, "gpt2", "amp-fp16"),
+    (1, 2, "gpt2", "mixed-bf16"), (1, 4, "llama", "mixed-fp16")])
+def test_precisions_match_the_replay(zero, ranks, family, precision):
     """DDP with fp32 master copies (mixed-*, static loss scale for fp16) and with GradScaler
-    (amp-fp16): every rank exact in every category, first step and steady state."""
-    res = run_multi_rank(request(family, 0, precision=precision))
+    (amp-fp16); ZeroRedundancyOptimizer with the masters of each rank's shard: every rank exact
+    in every category, first step and steady state."""
+    res = run_multi_rank(request(family, zero, ranks, precision=precision))
     for r in res.ranks:
         assert r.estimate == r.measured, (r.rank, r.estimate, r.measured)
     assert res.first_step_estimate == res.first_step_measured
@@ -142,8 +144,10 @@ def test_replay_of_zero3_frees_what_zero2_keeps():
     ({"parallelism": {"data_parallel": 2, "tensor_parallel": 2}}, "tensor_parallel"),
     ({"parallelism": {"pipeline_parallel": 2}}, "pipeline_parallel"),
     ({"parallelism": {"data_parallel": 2}, "mode": "traced"}, "mode 'real'"),
-    ({"parallelism": {"data_parallel": 2, "zero_stage": 1},
+    ({"parallelism": {"data_parallel": 2, "zero_stage": 3},
       "training": {"precision": "mixed-bf16"}}, "precision"),
+    ({"parallelism": {"data_parallel": 2, "zero_stage": 1},
+      "training": {"precision": "amp-fp16"}}, "precision"),
     ({"parallelism": {"zero_stage": 3}}, "data_parallel > 1"),
     ({"parallelism": {"data_parallel": 2}, "training": {"lora": {"rank": 4, "base_dtype": "nf4"}}},
      "base_dtype"),

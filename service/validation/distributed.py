@@ -214,6 +214,17 @@ def rank_main(spec_path: str, out_path: str) -> None:
                     from torch.distributed.optim import ZeroRedundancyOptimizer
 
                     cls, kw = _optimizer_class_and_defaults(tr, params)
+                    if S.PRECISIONS[tr.precision][2]:  # mixed-*: fp32 masters of the shard
+                        inner_cls, scale = cls, s.loss_scale
+
+                        class _ShardMasters(S.MasterWeightOptimizer):
+                            def __init__(self, ps, **defaults):  # ps: ZeRO's param groups
+                                flat = [q for g in ps for q in (
+                                    g["params"] if isinstance(g, dict) else [g])]
+                                super().__init__(flat, lambda m: inner_cls(m, **defaults),
+                                                 loss_scale=scale)
+
+                        cls = _ShardMasters
                     opt = zero_opt = ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw)
             else:
                 from torch.distributed.fsdp import (
@@ -235,8 +246,9 @@ def rank_main(spec_path: str, out_path: str) -> None:
                 params = [p for p in model.parameters() if p.requires_grad]
                 opt = S.make_optimizer(tr, params)
             s.optimizer = opt
-            if isinstance(opt, S.MasterWeightOptimizer):  # the fp32 masters it holds
-                meter.register(opt.masters, "optimizer_states")
+            local = zero_opt.optim if zero_opt else opt
+            if isinstance(local, S.MasterWeightOptimizer):  # the fp32 masters it holds
+                meter.register(local.masters, "optimizer_states")
             if tr.optimizer == "adagrad":
                 meter.mark(zero_opt.optim if zero_opt else opt, "optimizer_states")
         meter.register([idx, tgt], "activations")
