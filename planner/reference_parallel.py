@@ -27,11 +27,11 @@ names per stage):
   gradients (category gradients). The root's post-backward runs in the final callback.
 
 Every precision preset runs under DDP, whose optimizer is the single-device one (fp32 master
-copies for mixed-*, GradScaler for amp-fp16). Under ZeroRedundancyOptimizer the local optimizer
-of mixed-* is the same master-weight optimizer over the rank's shard: fp32 masters, gradient
-copies and states of the owned tensors only (the ZeRO paper's stage 1 with 2 + 2 + 12/N bytes
-per parameter); amp-fp16's GradScaler is not run across shards. FSDP2 (stages 2-3) runs fp32,
-amp-bf16 and bf16.
+copies for mixed-*, GradScaler for amp-fp16). Under ZeroRedundancyOptimizer and FSDP2 the
+optimizer of mixed-* is the same master-weight optimizer over the rank's shard: fp32 masters,
+gradient copies and states of the owned tensors (or dim-0 shards) only — the ZeRO paper's
+2 + 2 + 12/N bytes per parameter at stage 1, (2 + 2 + 12)/N at stage 3. amp-fp16's GradScaler
+is not run across shards.
 
 Activation checkpointing (torch.utils.checkpoint, non-reentrant) composes with all of them: under
 FSDP2 a checkpointed block's recompute runs with FSDP's hooks idle (the group is in its
@@ -105,7 +105,7 @@ class ParallelProgram(ReferenceProgram):
         super().__init__(model, training, device=device, checkpointed=checkpointed, compress=False)
         self.m.__class__ = _DPMachine
         m = self.m
-        if self.z == 1 and self.master:  # ZeroRedundancyOptimizer: masters of its shard only
+        if self.z >= 1 and self.master:  # masters of the rank's shard only
             m.drop(self.masters)
             self.masters = m.alloc(sum(self._owned()[0]) * self.master_esz, "master",
                                    "optimizer_states")
@@ -358,19 +358,14 @@ def ranks_that_differ(parallel: ParallelSpec) -> list[int]:
 __all__ = ["ParallelProgram", "ranks_that_differ", "simulate_rank"]
 
 
-REPLAYED_PRECISIONS = ("fp32", "amp-bf16", "bf16")
-
-
 def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec,
                        checkpointed: set[int] | None) -> str | None:
     """Why this data-parallel setup is outside the replay (None when it is replayed exactly)."""
     if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
         return "tensor and pipeline parallelism are not replayed rank by rank"
-    if training.precision not in REPLAYED_PRECISIONS and parallel.zero_stage > 1 or \
-            training.precision == "amp-fp16" and parallel.zero_stage == 1:
-        return (f"precision {training.precision!r} with ZeRO stage {parallel.zero_stage}: FSDP2 "
-                f"runs {', '.join(REPLAYED_PRECISIONS)} and ZeroRedundancyOptimizer also "
-                "mixed-* (no loss scaler across shards); DDP, stage 0, runs every precision")
+    if training.precision == "amp-fp16" and parallel.zero_stage >= 1:
+        return (f"precision 'amp-fp16' with ZeRO stage {parallel.zero_stage}: torch's GradScaler "
+                "is not run across sharded optimizers (DDP, stage 0, runs it)")
     if training.precision_overrides is not None:
         return "precision overrides are not run by the multi-rank step"
     if training.lora is not None and training.lora.base_dtype is not None:
@@ -426,4 +421,4 @@ def data_parallel_peaks(model: ResolvedModel, training: TrainingSpec, parallel: 
     return out
 
 
-__all__ += ["REPLAYED_PRECISIONS", "data_parallel_peaks", "unsupported_reason"]
+__all__ += ["data_parallel_peaks", "unsupported_reason"]

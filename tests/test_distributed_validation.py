@@ -111,15 +111,22 @@ def test_checkpointed_ranks_match_the_replay(zero, strategy):
 
 @pytest.mark.parametrize("zero,ranks,family,precision", [
     (0, 2, "gpt2", "mixed-bf16"), (0, 2, "llama", "mixed-fp16"), (0, 2, "gpt2", "amp-fp16"),
-    (1, 2, "gpt2", "mixed-bf16"), (1, 4, "llama", "mixed-fp16")])
+    (1, 2, "gpt2", "mixed-bf16"), (1, 4, "llama", "mixed-fp16"), (2, 2, "llama", "mixed-bf16"),
+    (3, 2, "gpt2", "mixed-fp16")])
 def test_precisions_match_the_replay(zero, ranks, family, precision):
     """DDP with fp32 master copies (mixed-*, static loss scale for fp16) and with GradScaler
-    (amp-fp16); ZeroRedundancyOptimizer with the masters of each rank's shard: every rank exact
-    in every category, first step and steady state."""
+    (amp-fp16); ZeroRedundancyOptimizer and FSDP2 with the masters of each rank's shard. DDP and
+    ZeRO-1: every rank exact in every category, first step and steady state. FSDP2: the total
+    within the 2% goal, as for every FSDP2 run on gloo (measured: exact for mixed-bf16, 4 B
+    under for mixed-fp16, a scalar of the overflow check on the sharded gradients)."""
     res = run_multi_rank(request(family, zero, ranks, precision=precision))
     for r in res.ranks:
-        assert r.estimate == r.measured, (r.rank, r.estimate, r.measured)
-    assert res.first_step_estimate == res.first_step_measured
+        if zero >= 2:
+            assert abs(r.relative_error.total) <= 0.02, (r.rank, r.estimate, r.measured)
+        else:
+            assert r.estimate == r.measured, (r.rank, r.estimate, r.measured)
+    if zero <= 1:
+        assert res.first_step_estimate == res.first_step_measured
 
 
 def test_zero1_shards_are_uneven_and_the_top_level_is_the_worst_rank():
@@ -144,8 +151,6 @@ def test_replay_of_zero3_frees_what_zero2_keeps():
     ({"parallelism": {"data_parallel": 2, "tensor_parallel": 2}}, "tensor_parallel"),
     ({"parallelism": {"pipeline_parallel": 2}}, "pipeline_parallel"),
     ({"parallelism": {"data_parallel": 2}, "mode": "traced"}, "mode 'real'"),
-    ({"parallelism": {"data_parallel": 2, "zero_stage": 3},
-      "training": {"precision": "mixed-bf16"}}, "precision"),
     ({"parallelism": {"data_parallel": 2, "zero_stage": 1},
       "training": {"precision": "amp-fp16"}}, "precision"),
     ({"parallelism": {"zero_stage": 3}}, "data_parallel > 1"),

@@ -244,7 +244,11 @@ def rank_main(spec_path: str, out_path: str) -> None:
                         mod.set_custom_reduce_scatter(comm)
                 meter.register(model, "parameters")
                 params = [p for p in model.parameters() if p.requires_grad]
-                opt = S.make_optimizer(tr, params)
+                if S.PRECISIONS[tr.precision][2]:  # mixed-*: fp32 masters of the shards
+                    opt = S.MasterWeightOptimizer(params, lambda ps: S.make_optimizer(tr, ps),
+                                                  loss_scale=s.loss_scale)
+                else:
+                    opt = S.make_optimizer(tr, params)
             s.optimizer = opt
             local = zero_opt.optim if zero_opt else opt
             if isinstance(local, S.MasterWeightOptimizer):  # the fp32 masters it holds
