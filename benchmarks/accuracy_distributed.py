@@ -6,6 +6,11 @@ measurement and relative error per category and in total (steady state, step 2+)
 rank. Goal: every rank's total within 2% on CPU (3% on GPU).
 
     python benchmarks/accuracy_distributed.py [--out benchmarks/results/accuracy-distributed-cpu.md]
+
+``--extras`` runs the other supported setups instead (each precision preset under the stages
+that run it, LoRA, activation checkpointing; 2 and 4 ranks):
+
+    python benchmarks/accuracy_distributed.py --extras --out benchmarks/results/accuracy-distributed-extras-cpu.md
 """
 
 from __future__ import annotations
@@ -32,6 +37,18 @@ def model(family: str) -> dict:
     return m
 
 
+MAIN = [(f, p, z, n, None) for f in ("gpt2", "llama") for p in ("fp32", "amp-bf16")
+        for z in range(4) for n in (2, 4)]
+_CKPT = ("full checkpointing", "activation_checkpointing", {"strategy": "full"})
+_SEL = ("selective checkpointing", "activation_checkpointing", {"strategy": "selective"})
+_LORA = ("LoRA r=4", "lora", {"rank": 4})
+EXTRAS = ([(f, p, z, n, None) for f, p in (("gpt2", "mixed-bf16"), ("llama", "mixed-fp16"))
+           for z in range(4) for n in (2, 4)]
+          + [("llama", "amp-fp16", 0, n, None) for n in (2, 4)]
+          + [(f, "fp32", z, 2, x) for f, x in (("gpt2", _CKPT), ("llama", _SEL), ("gpt2", _LORA))
+             for z in range(4)])
+
+
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.2f}%"
 
@@ -40,37 +57,40 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--extras", action="store_true",
+                    help="precisions, LoRA and checkpointing instead of the main matrix")
     a = ap.parse_args()
-    lines = [f"# Multi-rank accuracy ({a.device})", "",
+    lines = [f"# Multi-rank accuracy ({a.device}){': other setups' if a.extras else ''}", "",
              "Per rank: estimate / measured bytes at the steady-state peak, relative error per "
              "category; `*` marks the worst rank.", "",
              "| family | precision | ZeRO | ranks | rank | " + " | ".join(
                  f"{s} est / meas (err)" for s in SHORT) + " |",
              "|" + "---|" * (5 + len(SHORT))]
     worst_err, rows, t0 = 0.0, 0, time.perf_counter()
-    for family in ("gpt2", "llama"):
-        for precision in ("fp32", "amp-bf16"):
-            for zero in range(4):
-                for ranks in (2, 4):
-                    req = ValidationRequest.model_validate({
-                        "model": model(family),
-                        "training": {"precision": precision, "sequence_length": 32,
-                                     "micro_batch_size": 2, "optimizer": "adamw"},
-                        "parallelism": {"data_parallel": ranks, "zero_stage": zero},
-                        "device": a.device, "steps": 4, "timeout_s": 600})
-                    res = run_multi_rank(req)
-                    rows += 1
-                    for r in res.ranks or []:
-                        cells = [f"{getattr(r.estimate, c):,} / {getattr(r.measured, c):,} "
-                                 f"({pct(getattr(r.relative_error, c))})" for c in CATS]
-                        mark = "*" if r.rank == res.worst_rank else ""
-                        lines.append(f"| {family} | {precision} | {zero} | {ranks} | "
-                                     f"{r.rank}{mark} | " + " | ".join(cells) + " |")
-                        worst_err = max(worst_err, abs(r.relative_error.total or 0.0))
-                    print(f"{family:5} {precision:8} zero={zero} ranks={ranks} worst rank "
-                          f"{res.worst_rank}: total {res.estimate.total:,} est / "
-                          f"{res.measured.total:,} measured ({pct(res.relative_error.total)})",
-                          flush=True)
+    for family, precision, zero, ranks, extra in (EXTRAS if a.extras else MAIN):
+        training = {"precision": precision, "sequence_length": 32,
+                    "micro_batch_size": 2, "optimizer": "adamw"}
+        if extra:
+            training[extra[1]] = extra[2]
+            precision = f"{precision} + {extra[0]}"
+        req = ValidationRequest.model_validate({
+            "model": model(family),
+            "training": training,
+            "parallelism": {"data_parallel": ranks, "zero_stage": zero},
+            "device": a.device, "steps": 4, "timeout_s": 600})
+        res = run_multi_rank(req)
+        rows += 1
+        for r in res.ranks or []:
+            cells = [f"{getattr(r.estimate, c):,} / {getattr(r.measured, c):,} "
+                     f"({pct(getattr(r.relative_error, c))})" for c in CATS]
+            mark = "*" if r.rank == res.worst_rank else ""
+            lines.append(f"| {family} | {precision} | {zero} | {ranks} | "
+                         f"{r.rank}{mark} | " + " | ".join(cells) + " |")
+            worst_err = max(worst_err, abs(r.relative_error.total or 0.0))
+        print(f"{family:5} {precision:8} zero={zero} ranks={ranks} worst rank "
+              f"{res.worst_rank}: total {res.estimate.total:,} est / "
+              f"{res.measured.total:,} measured ({pct(res.relative_error.total)})",
+              flush=True)
     lines += ["", f"{rows} runs; largest per-rank total error {100 * worst_err:.4f}% "
               f"(goal: 2% on CPU); {time.perf_counter() - t0:.0f} s.", ""]
     text = "\n".join(lines)
