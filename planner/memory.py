@@ -214,7 +214,7 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
                 f"{steady.phase}: {steady.op}")
     from planner.reference_parallel import unsupported_reason
 
-    if par.data_parallel > 1 and unsupported_reason(tr, par, ckpt) is None:
+    if par.data_parallel > 1 and unsupported_reason(tr, par) is None:
         return _data_parallel(model, tr, par, device, ckpt, assumptions, notes)
     if par.pipeline_parallel > 1 and not ckpt:
         from planner.pipeline_memory import pipelined_estimate

@@ -358,8 +358,7 @@ def ranks_that_differ(parallel: ParallelSpec) -> list[int]:
 __all__ = ["ParallelProgram", "ranks_that_differ", "simulate_rank"]
 
 
-def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec,
-                       checkpointed: set[int] | None) -> str | None:
+def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec) -> str | None:
     """Why this data-parallel setup is outside the replay (None when it is replayed exactly)."""
     if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
         return "tensor and pipeline parallelism are not replayed rank by rank"

@@ -205,11 +205,8 @@ def rank_main(spec_path: str, out_path: str) -> None:
                 root = DDP(root, device_ids=[local] if cuda else None,
                            gradient_as_bucket_view=True, broadcast_buffers=False)
                 params = [p for p in model.parameters() if p.requires_grad]
-                if z == 0 and S.PRECISIONS[tr.precision][2]:  # mixed-*: fp32 masters
-                    opt = S.MasterWeightOptimizer(params, lambda ps: S.make_optimizer(tr, ps),
-                                                  loss_scale=s.loss_scale)
-                elif z == 0:
-                    opt = S.make_optimizer(tr, params)
+                if z == 0:
+                    opt = S.step_optimizer(tr, params, s.loss_scale)
                 else:
                     from torch.distributed.optim import ZeroRedundancyOptimizer
 
@@ -244,11 +241,7 @@ def rank_main(spec_path: str, out_path: str) -> None:
                         mod.set_custom_reduce_scatter(comm)
                 meter.register(model, "parameters")
                 params = [p for p in model.parameters() if p.requires_grad]
-                if S.PRECISIONS[tr.precision][2]:  # mixed-*: fp32 masters of the shards
-                    opt = S.MasterWeightOptimizer(params, lambda ps: S.make_optimizer(tr, ps),
-                                                  loss_scale=s.loss_scale)
-                else:
-                    opt = S.make_optimizer(tr, params)
+                opt = S.step_optimizer(tr, params, s.loss_scale)  # mixed-*: masters of the shards
             s.optimizer = opt
             local = zero_opt.optim if zero_opt else opt
             if isinstance(local, S.MasterWeightOptimizer):  # the fp32 masters it holds
@@ -360,7 +353,6 @@ if __name__ == "__main__":
 def check_multi_rank(req: ValidationRequest) -> None:
     """Refuse, with the reason, what the multi-rank step does not run."""
     from planner.catalog import resolve_model
-    from planner.memory import checkpointed_blocks
     from planner.reference_parallel import unsupported_reason
     from service.validation.runner import ValidationUnsupported
 
@@ -370,8 +362,7 @@ def check_multi_rank(req: ValidationRequest) -> None:
     model = resolve_model(req.model)
     if not model.architecture_known:
         raise ValidationUnsupported("a bare num_parameters model cannot be built; give the architecture")
-    ckpt = checkpointed_blocks(req.training, model.num_layers)
-    reason = unsupported_reason(req.training, req.parallelism, ckpt)
+    reason = unsupported_reason(req.training, req.parallelism)
     if reason is not None:
         raise ValidationUnsupported(f"multi-rank validation: {reason}")
     if req.training.dropout > 0:

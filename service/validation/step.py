@@ -153,6 +153,16 @@ class StepSetup:
     checkpointed: set[int]
 
 
+def step_optimizer(training: TrainingSpec, params: list,
+                   loss_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The step's optimizer over ``params``: the torch optimizer, or for mixed-* the
+    master-weight optimizer around it (fp32 masters of exactly these parameters)."""
+    if PRECISIONS[training.precision][2]:
+        return MasterWeightOptimizer(params, lambda ps: make_optimizer(training, ps),
+                                     loss_scale=loss_scale)
+    return make_optimizer(training, params)
+
+
 def build(cfg: ResolvedModel, training: TrainingSpec, device: torch.device,
           checkpointed: set[int] | None = None) -> StepSetup:
     param_dtype, amp_dtype, master, scaling = PRECISIONS[training.precision]
@@ -178,12 +188,9 @@ def build(cfg: ResolvedModel, training: TrainingSpec, device: torch.device,
     scaler, loss_scale = None, 1.0
     if master:
         loss_scale = 2.0**10 if scaling else 1.0
-        opt: torch.optim.Optimizer = MasterWeightOptimizer(
-            params, lambda ps: make_optimizer(training, ps), loss_scale=loss_scale)
-    else:
-        opt = make_optimizer(training, params)
-        if scaling:  # amp-fp16: torch's dynamic loss scaler
-            scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
+    elif scaling:  # amp-fp16: torch's dynamic loss scaler
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16)
+    opt = step_optimizer(training, params, loss_scale)
     if checkpointed is None:
         checkpointed = checkpointed_blocks(training, cfg.num_layers)
     return StepSetup(model, opt, scaler, loss_scale, TORCH_DTYPE[amp_dtype] if amp_dtype else None,
