@@ -4,12 +4,18 @@ trivial route of the same server, and llm-analysis's ``training()`` on the same 
 Goals: at least 10x faster than llm-analysis per estimate; /v1/memory at >= 70% of the trivial
 route's requests/s (the framework's own ceiling on this machine).
 
-- cold: every estimate is a new configuration (the step-simulation cache is cleared before each).
-- warm: the same configuration again (the simulation comes from the cache; the response is still
-  assembled and validated).
+Cases (every cache is cleared where a case says "first"):
+- first estimate of a setup: a setup (model, precision, optimizer, checkpointing, ...) never seen
+  before is replayed op by op.
+- second size of a setup: the compile of the setup's step template, which turns the replay into
+  closed forms in the micro-batch size and the sequence length (planner/step_template.py), then
+  its evaluation; once per setup.
+- new size of a known setup: a micro-batch size and sequence length never asked before, on a setup
+  whose template exists: the estimate a sweep or a capacity-planning script makes; the goal row.
+- same request again.
 - fit: with ``hardware`` set, so the largest fitting micro-batch is searched as well.
 - HTTP: a uvicorn server (one process) serving ``create_app()``; clients keep connections open.
-  The trivial route is GET /healthz; /v1/memory gets the warm configuration.
+  The trivial route is GET /healthz; /v1/memory gets one configuration.
 llm-analysis is optional (``pip install llm-analysis``); its column is left out when it is not
 installed. Run: ``python -m benchmarks.estimate_speed``.
 """
@@ -21,6 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -47,22 +54,18 @@ def _req(preset: str, b: int, t: int, precision: str = "amp-bf16", ckpt: str = "
     })
 
 
-def _varied(preset: str, n: int) -> list[MemoryRequest]:
-    """n distinct configurations of one model (different batch, length, precision, checkpoints)."""
-    out = []
-    precisions = ["amp-bf16", "fp32", "mixed-bf16", "bf16"]
-    for k in range(n):
-        out.append(_req(preset, 1 + k % 4, (256, 512, 1024)[k % 3], precisions[k % 4],
-                        "full" if k % 5 == 4 else "none"))
-    return out
+SETUPS = [(p, c) for p in ("amp-bf16", "fp32", "mixed-bf16", "bf16") for c in ("none", "full")]
 
 
-def _clear_simulation_cache() -> None:
-    cache = getattr(planner_memory, "_SIM_CACHE", None)
-    if cache is not None:
-        cache.clear()
-    else:
-        planner_memory._simulate.cache_clear()
+def _sizes(preset: str, n: int, seed: int) -> list[tuple[int, int]]:
+    """n distinct (micro-batch >= 2, sequence length) pairs; batch 1 and length 1 are template
+    domains of their own (planner/step_template.py: domain_of)."""
+    rng = random.Random(seed)
+    t_max = resolve_model(_req(preset, 1, 8).model).max_sequence_length or 4096
+    out: set[tuple[int, int]] = set()
+    while len(out) < n:
+        out.add((rng.randint(2, 64), rng.randint(16, min(t_max, 4096))))
+    return sorted(out, key=lambda _: rng.random())
 
 
 def _time_each(fn, items) -> list[float]:
@@ -74,25 +77,49 @@ def _time_each(fn, items) -> list[float]:
     return out
 
 
-def planner_rows(n_cold: int, n_warm: int) -> list[tuple[str, str, float]]:
+def planner_rows(n_cold: int, n_new: int, n_warm: int) -> list[tuple[str, str, float]]:
+    est = planner_memory.estimate_memory
     rows = []
     for preset in MODELS:
-        reqs = _varied(preset, n_cold)
+        sizes = _sizes(preset, 2 * n_cold + n_new, 1)
+        firsts = [_req(preset, b, t, *SETUPS[k % len(SETUPS)])
+                  for k, (b, t) in enumerate(sizes[:n_cold])]
 
-        def cold(r: MemoryRequest) -> None:
-            _clear_simulation_cache()
-            planner_memory.estimate_memory(r)
-        rows.append((preset, "cold (new config)", statistics.median(_time_each(cold, reqs))))
-        planner_memory.estimate_memory(reqs[0])
-        warm = _time_each(planner_memory.estimate_memory, [reqs[0]] * n_warm)
-        rows.append((preset, "warm (cached simulation)", statistics.median(warm)))
+        def first(r: MemoryRequest) -> None:
+            planner_memory.clear_caches()
+            est(r)
+        rows.append((preset, "first estimate of a setup (op-by-op replay)",
+                     statistics.median(_time_each(first, firsts))))
+        second = []
+        for k, (b, t) in enumerate(sizes[n_cold:2 * n_cold]):
+            planner_memory.clear_caches()
+            est(firsts[k])
+            r = _req(preset, b, t, *SETUPS[k % len(SETUPS)])
+            t0 = time.perf_counter()
+            est(r)
+            second.append(time.perf_counter() - t0)
+        rows.append((preset, "second size of a setup (template compile, once)",
+                     statistics.median(second)))
+        planner_memory.clear_caches()
+        for p, c in SETUPS:  # every setup seen at two sizes: templates compiled
+            est(_req(preset, 2, 16, p, c))
+            est(_req(preset, 3, 16, p, c))
+        news = [_req(preset, b, t, *SETUPS[k % len(SETUPS)])
+                for k, (b, t) in enumerate(sizes[2 * n_cold:])]
+        rows.append((preset, "new size of a known setup (template)",
+                     statistics.median(_time_each(est, news))))
+        rows.append((preset, "same request again",
+                     statistics.median(_time_each(est, [news[0]] * n_warm))))
         fit = _req(preset, 1, 1024, hardware={"gpu": "h100-80gb"})
 
-        def fit_cold(r: MemoryRequest) -> None:
-            _clear_simulation_cache()
-            planner_memory.estimate_memory(r)
-        rows.append((preset, "cold + largest micro-batch", statistics.median(
-            _time_each(fit_cold, [fit] * max(1, n_cold // 4)))))
+        def fit_first(r: MemoryRequest) -> None:
+            planner_memory.clear_caches()
+            est(r)
+        rows.append((preset, "first estimate + largest micro-batch", statistics.median(
+            _time_each(fit_first, [fit] * max(1, n_cold // 4)))))
+        fits = [_req(preset, 2, t, hardware={"gpu": "h100-80gb"}) for _, t in sizes[:n_cold]]
+        rows.append((preset, "largest micro-batch, known setup", statistics.median(
+            _time_each(est, fits))))
     return rows
 
 
@@ -109,10 +136,10 @@ def fit_search_rows() -> list[tuple[str, int | None, float, int, float, int]]:
         mem = 85899345920
         out = []
         for fn in (_max_micro_batch_search, _max_micro_batch):
-            _clear_simulation_cache()
+            planner_memory.clear_caches()
             t0 = time.perf_counter()
             b = fn(req, model, "cuda", blocks, mem)
-            out.append((b, time.perf_counter() - t0, len(getattr(planner_memory, "_SIM_CACHE", ()))))
+            out.append((b, time.perf_counter() - t0, len(planner_memory._SIM_CACHE)))
         assert out[0][0] == out[1][0]
         rows.append((preset, out[0][0], out[0][1], out[0][2], out[1][1], out[1][2]))
     return rows
@@ -207,14 +234,15 @@ def http_rows(seconds: float, conns: int) -> list[tuple[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cold", type=int, default=12, help="distinct configurations per model")
+    ap.add_argument("--cold", type=int, default=12, help="first estimates per model")
+    ap.add_argument("--new", type=int, default=400, help="new sizes of known setups per model")
     ap.add_argument("--warm", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=5.0, help="per HTTP measurement")
     ap.add_argument("--connections", type=int, default=8)
     args = ap.parse_args()
 
-    rows = planner_rows(args.cold, args.warm)
-    llm = {p: llm_analysis_s(p, 50) for p in MODELS}
+    rows = planner_rows(args.cold, args.new, args.warm)
+    llm = {p: llm_analysis_s(p, 200) for p in MODELS}
     print("## planner.memory.estimate_memory, median per estimate\n")
     print("| model | case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis (goal "
           f"≥ {GOAL_VS_LLM_ANALYSIS:.0f}×) |")

@@ -10,10 +10,14 @@ assumption. ``implementation="megatron"`` uses Korthikanti et al. 2022 (``planne
 from __future__ import annotations
 
 import math
+import operator
+import threading
 
 from planner.catalog import get_gpu, resolve_model
 from planner.errors import PlanningError
+from planner.reference_step import ReferenceProgram
 from planner.specs import (
+    ActivationCheckpointing,
     Assumption,
     Breakdown,
     Fit,
@@ -24,6 +28,7 @@ from planner.specs import (
     ResolvedModel,
     TrainingSpec,
 )
+from planner.step_template import Undecided, compile_template, domain_of
 
 # Caching-allocator headroom on CUDA, reported separately from the allocated peak: PyTorch's
 # allocator rounds blocks (512 B, 2 MiB segments) and fragments; max_memory_reserved() is
@@ -119,24 +124,115 @@ def _reserve(total: int, device: str) -> int:
 
 _SIM_CACHE: dict[tuple, object] = {}
 _SIM_CACHE_MAX = 512
+# Step templates (planner/step_template.py): per setup (everything but the micro-batch size and
+# the sequence length) and size domain, the peaks as closed forms in those two sizes; None where
+# the replay depends on their values (that setup is always simulated concretely). A setup's
+# template is compiled when it comes back with a second size: a one-off estimate costs one
+# concrete replay, a sweep one compile (a few replays' worth) and then microseconds per size.
+_TEMPLATES: dict[tuple, object] = {}
+_TEMPLATES_MAX = 256
+_SEEN: dict[tuple, int] = {}
+_SEEN_MAX = 4096
+_SIZES = ("micro_batch_size", "sequence_length")
+_NESTED = ("activation_checkpointing", "lora", "precision_overrides")
+_SETUP_FIELDS = operator.itemgetter(*(f for f in TrainingSpec.model_fields
+                                      if f not in _SIZES and f not in _NESTED))
+_AC_FIELDS = operator.itemgetter(*ActivationCheckpointing.model_fields)
+_MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
+_LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
+
+
+def _setup_key(model: ResolvedModel, tr: TrainingSpec, device: str,
+               checkpointed: frozenset[int]) -> tuple:
+    """Key of everything the replay depends on but the two sizes. Plain tuples of the specs'
+    fields, so lookups compare primitives; a list inside (explicit blocks) does not hash, and
+    the caller falls back to _json_key."""
+    d = tr.__dict__
+    return (_MODEL_FIELDS(model.__dict__), _SETUP_FIELDS(d),
+            _AC_FIELDS(d["activation_checkpointing"].__dict__), d["lora"],
+            d["precision_overrides"], device, checkpointed,
+            domain_of(tr.micro_batch_size, tr.sequence_length))
+
+
+def _json_key(key: tuple, tr: TrainingSpec) -> tuple:
+    return (key[0], tr.model_dump_json(exclude=set(_SIZES)), *key[5:])
 
 
 def _simulate(model: ResolvedModel, tr: TrainingSpec, device: str, checkpointed: frozenset[int]):
-    """The step simulator's peaks, memoised (results are a pure function of the inputs)."""
-    from planner.reference_step import ReferenceProgram
-
+    """The step simulator's peaks (results are a pure function of the inputs): from the setup's
+    template when it has one (compiled when the setup comes back with another size), else
+    replayed op by op (memoised)."""
+    skey = _setup_key(model, tr, device, checkpointed)
+    try:
+        tpl = _TEMPLATES.get(skey)
+    except TypeError:
+        skey = _json_key(skey, tr)
+        tpl = _TEMPLATES.get(skey)
+    if tpl is not None:
+        return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
     key = (model.model_dump_json(), tr.model_dump_json(), device, checkpointed)
     hit = _SIM_CACHE.get(key)
-    if hit is None:
-        hit = ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed)).run()
+    if hit is not None:
+        return hit
+    if skey not in _TEMPLATES:  # not yet compiled (None: compiled and found size-dependent)
+        with _LOCK:
+            if len(_SEEN) >= _SEEN_MAX:
+                _SEEN.clear()
+            seen = _SEEN[skey] = _SEEN.get(skey, 0) + 1
+        if seen >= 2:
+            tpl = _compile(skey, model, tr, device, checkpointed)
+            if tpl is not None:
+                return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
+    hit = ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed)).run()
+    with _LOCK:
         if len(_SIM_CACHE) >= _SIM_CACHE_MAX:
             _SIM_CACHE.pop(next(iter(_SIM_CACHE)))
         _SIM_CACHE[key] = hit
     return hit
 
 
+def _compile(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
+             checkpointed: frozenset[int]):
+    try:
+        tpl = compile_template(model, tr, device, set(checkpointed), skey[-1])
+    except (Undecided, TypeError):
+        tpl = None
+    with _LOCK:
+        if len(_TEMPLATES) >= _TEMPLATES_MAX:
+            _TEMPLATES.pop(next(iter(_TEMPLATES)))
+        _TEMPLATES[skey] = tpl
+        _SEEN.pop(skey, None)
+    return tpl
+
+
+def clear_caches() -> None:
+    """Forget every memoised replay and template (benchmarks measure cold estimates with it)."""
+    with _LOCK:
+        _SIM_CACHE.clear()
+        _TEMPLATES.clear()
+        _SEEN.clear()
+        _DP_PEAKS.clear()
+
+
 def _bd(d: dict[str, int]) -> Breakdown:
     return Breakdown(**d)
+
+
+def _snap_bd(p) -> Breakdown:
+    c = p.by_cat
+    return Breakdown(parameters=c[0], gradients=c[1], optimizer_states=c[2], activations=c[3],
+                     temporaries=c[4], total=p.total)
+
+
+# The assumptions every estimate states (the specs are frozen, so one instance serves all).
+_RESERVE_NOTE = "caching-allocator rounding and fragmentation, on top of the allocated peak"
+_RESERVE_CPU = Assumption(name="allocator_reserve", value="0", note=_RESERVE_NOTE)
+_RESERVE_CUDA = Assumption(name="allocator_reserve",
+                           value=f"{ALLOCATOR_RESERVE_FRACTION:.0%} of peak", note=_RESERVE_NOTE)
+_ZERO_GRAD = Assumption(name="zero_grad", value="set_to_none=True",
+                        note="gradients are freed after each optimizer step")
+_PROFILE_REFERENCE = Assumption(name="profile", value="reference step, simulated op by op",
+                                note="the step measured by validation jobs")
 
 
 def estimate_memory(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
@@ -149,21 +245,47 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
     ac = req.training.activation_checkpointing
     if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
         return _budget(req, model, device)
-    ckpt = checkpointed_blocks(req.training, model.num_layers) if model.architecture_known else set()
+    ckpt = _blocks(req.training, model.num_layers) if model.architecture_known else frozenset()
     return _estimate(req, model, device, ckpt)
+
+
+_BLOCKS: dict[tuple, frozenset[int]] = {}
+
+
+def _blocks(tr: TrainingSpec, num_layers: int) -> frozenset[int]:
+    """checkpointed_blocks, memoised for the named strategies (a frozenset: shared)."""
+    ac = tr.activation_checkpointing
+    if ac.blocks is not None:
+        return frozenset(ac.blocks)
+    key = (ac.strategy, ac.every_k, num_layers)
+    hit = _BLOCKS.get(key)
+    if hit is None:
+        if len(_BLOCKS) >= 1024:
+            _BLOCKS.clear()
+        hit = _BLOCKS[key] = frozenset(checkpointed_blocks(tr, num_layers))
+    return hit
+
+
+_CKPT_ASSUMPTIONS: dict[frozenset[int], Assumption] = {}
+
+
+def _ckpt_assumption(ckpt: frozenset[int]) -> Assumption:
+    hit = _CKPT_ASSUMPTIONS.get(ckpt)
+    if hit is None:
+        if len(_CKPT_ASSUMPTIONS) >= 1024:
+            _CKPT_ASSUMPTIONS.clear()
+        hit = _CKPT_ASSUMPTIONS[ckpt] = Assumption(
+            name="checkpointed_blocks", value=_ranges(sorted(ckpt)),
+            note="torch.utils.checkpoint(use_reentrant=False)")
+    return hit
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
               extra_notes: list[str] | None = None) -> MemoryResult:
     tr, par = req.training, req.parallelism
     gpu_name, mem_bytes = _hardware_bytes(req.hardware)
-    assumptions: list[Assumption] = [
-        Assumption(name="allocator_reserve",
-                   value="0" if device == "cpu" else f"{ALLOCATOR_RESERVE_FRACTION:.0%} of peak",
-                   note="caching-allocator rounding and fragmentation, on top of the allocated peak"),
-        Assumption(name="zero_grad", value="set_to_none=True",
-                   note="gradients are freed after each optimizer step"),
-    ]
+    assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
+                                     _ZERO_GRAD]
     notes: list[str] = list(extra_notes or [])
     first = None
     if not model.architecture_known:
@@ -175,9 +297,7 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
     else:
         bd, first, phase = _reference(model, tr, par, device, ckpt, assumptions, notes)
         if ckpt:
-            assumptions.append(Assumption(name="checkpointed_blocks",
-                                          value=_ranges(sorted(ckpt)),
-                                          note="torch.utils.checkpoint(use_reentrant=False)"))
+            assumptions.append(_ckpt_assumption(frozenset(ckpt)))
     reserve = _reserve(bd.total, device)
     fit = None
     if mem_bytes is not None:
@@ -208,10 +328,8 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
     if single:
         peaks = _simulate(model, tr, device, frozenset(ckpt))
         steady, first = peaks.steady, peaks.first
-        assumptions.append(Assumption(name="profile", value="reference step, simulated op by op",
-                                      note="the step measured by validation jobs"))
-        return (_bd(steady.as_dict()), _bd(first.as_dict()),
-                f"{steady.phase}: {steady.op}")
+        assumptions.append(_PROFILE_REFERENCE)
+        return _snap_bd(steady), _snap_bd(first), f"{steady.phase}: {steady.op}"
     from planner.reference_parallel import unsupported_reason
 
     if par.data_parallel > 1 and unsupported_reason(tr, par) is None:

@@ -8,7 +8,8 @@ the steady state (step 2+, optimizer states present). The accuracy tests run bot
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 from planner.precision import tensor_bytes
 from planner.reference_ops import F32, Ops, T
@@ -47,13 +48,23 @@ class Shapes:
         return self.B * self.T
 
 
-@dataclass
 class StepPeaks:
-    first: PeakSnap
-    steady: PeakSnap
-    forward_peak: PeakSnap | None = None
-    act_peak: PeakSnap | None = None  # highest activations + temporaries in forward/backward
-    notes: list[str] = field(default_factory=list)
+    """A step's peaks. ``act_peak`` (highest activations + temporaries in forward/backward) may
+    be given as a function, evaluated when first read (only sharded layouts read it)."""
+
+    __slots__ = ("first", "steady", "forward_peak", "_act", "notes")
+
+    def __init__(self, first: PeakSnap, steady: PeakSnap, forward_peak: PeakSnap | None = None,
+                 act_peak: "PeakSnap | Callable[[], PeakSnap] | None" = None,
+                 notes: list[str] | None = None) -> None:
+        self.first, self.steady, self.forward_peak = first, steady, forward_peak
+        self._act, self.notes = act_peak, notes or []
+
+    @property
+    def act_peak(self) -> PeakSnap | None:
+        if callable(self._act):
+            self._act = self._act()
+        return self._act
 
 
 class _StopRecompute(Exception):
@@ -80,9 +91,13 @@ class ReferenceProgram:
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, *, device: str = "cuda",
                  checkpointed: set[int] | None = None,
-                 optimizer_hook=None, compress: bool = True) -> None:
+                 optimizer_hook=None, compress: bool = True, machine: Machine | None = None,
+                 sizes: tuple | None = None) -> None:
+        """``machine`` and ``sizes`` (micro-batch, sequence length) replace the defaults: the
+        step template (planner/step_template.py) replays with symbolic sizes on a recording
+        machine."""
         self.cfg, self.tr, self.device = model, training, device
-        self.m = Machine()
+        self.m = machine or Machine()
         self.ops = Ops(self.m)
         pdt, amp, master, scaling = PRECISIONS[training.precision]
         ov = training.precision_overrides
@@ -98,7 +113,8 @@ class ReferenceProgram:
         self.master, self.scaling = master, scaling
         self.act_esz = self.amp_esz or self.p_esz
         h = model.hidden_size
-        self.s = Shapes(training.micro_batch_size, training.sequence_length, h, model.num_heads,
+        B, T = sizes or (training.micro_batch_size, training.sequence_length)
+        self.s = Shapes(B, T, h, model.num_heads,
                         model.num_kv_heads or model.num_heads, h // model.num_heads,
                         model.ffn_hidden_size, model.vocab_size, model.max_sequence_length)
         L = model.num_layers
@@ -629,16 +645,19 @@ class ReferenceProgram:
         self.zero_grad()
 
     def run(self) -> StepPeaks:
-        """Simulate one training step; derive the first-step and steady-state peaks.
+        """Simulate one training step; derive the first-step and steady-state peaks."""
+        fb, step, act, combine = self.run_windows()
+        return combine_peaks(fb, step, act, **combine)
 
-        A steady-state step (2+) repeats step 1's forward and backward exactly, with the optimizer
-        states (allocated during step 1's ``optimizer.step()``) live throughout; so one simulated
-        forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak)."""
+    def run_windows(self):
+        """The step's peak windows: each micro-batch's forward+backward (the first two: micro-batch
+        2+ all look alike, gradients exist), the optimizer step, and the activation peak; plus
+        what ``combine_peaks`` needs besides them."""
         m = self.m
         accum = self.tr.gradient_accumulation_steps
         m.reset_peak()
         fb_peaks = []
-        for micro in range(min(accum, 2)):  # micro-batch 2+ all look alike (grads exist)
+        for micro in range(min(accum, 2)):
             m.phase = "forward"
             loss = self.forward_loss()
             m.phase = "backward"
@@ -650,15 +669,28 @@ class ReferenceProgram:
         self.optimizer_step(first=True)
         step_peak = m.peak
         m.phase = "other"
-        fwdbwd = max(fb_peaks, key=lambda p: p.total)
-        first = max([fwdbwd, step_peak], key=lambda p: p.total)
         # States made during step 1's optimizer.step() are live through every later step;
         # Adagrad's exist from construction, so step 1 already had them.
         states = 0 if self._states_at_init else self._states.nbytes
-        # GradScaler's scale and growth tracker are created in step 1's backward and persist.
-        scaler = 8 if self.scaling and not self.master and fwdbwd.phase == "forward" else 0
-        shifted = PeakSnap(fwdbwd.total + states + scaler, list(fwdbwd.by_cat), fwdbwd.op, fwdbwd.phase)
-        shifted.by_cat[2] += states
-        shifted.by_cat[4] += scaler
-        steady = max([shifted, step_peak], key=lambda p: p.total)
-        return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd, act_peak=m.act_peak)
+        return fb_peaks, step_peak, m.act_peak, {
+            "states": states, "amp_scaler": bool(self.scaling and not self.master)}
+
+
+def combine_peaks(fb_peaks: list[PeakSnap], step_peak: PeakSnap, act_peak, *,
+                  states: int, amp_scaler: bool) -> StepPeaks:
+    """A steady-state step (2+) repeats step 1's forward and backward exactly, with the optimizer
+    states (allocated during step 1's ``optimizer.step()``) live throughout; so one simulated
+    forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak)."""
+    fwdbwd = fb_peaks[0]
+    for p in fb_peaks[1:]:  # the first of the highest
+        if p.total > fwdbwd.total:
+            fwdbwd = p
+    first = step_peak if step_peak.total > fwdbwd.total else fwdbwd
+    # GradScaler's scale and growth tracker are created in step 1's backward and persist.
+    scaler = 8 if amp_scaler and fwdbwd.phase == "forward" else 0
+    by = list(fwdbwd.by_cat)
+    by[2] += states
+    by[4] += scaler
+    shifted = PeakSnap(fwdbwd.total + states + scaler, by, fwdbwd.op, fwdbwd.phase)
+    steady = step_peak if step_peak.total > shifted.total else shifted
+    return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd, act_peak=act_peak)
