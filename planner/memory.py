@@ -9,6 +9,7 @@ assumption. ``implementation="megatron"`` uses Korthikanti et al. 2022 (``planne
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import threading
@@ -164,7 +165,7 @@ def _simulate(model: ResolvedModel, tr: TrainingSpec, device: str, checkpointed:
     replayed op by op (memoised)."""
     skey = _setup_key(model, tr, device, checkpointed)
     try:
-        tpl = _TEMPLATES.get(skey)
+        tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
     except TypeError:
         skey = _json_key(skey, tr)
         tpl = _TEMPLATES.get(skey)
@@ -174,7 +175,7 @@ def _simulate(model: ResolvedModel, tr: TrainingSpec, device: str, checkpointed:
     hit = _SIM_CACHE.get(key)
     if hit is not None:
         return hit
-    if skey not in _TEMPLATES:  # not yet compiled (None: compiled and found size-dependent)
+    if _USE_TEMPLATES and skey not in _TEMPLATES:  # None there: found size-dependent
         with _LOCK:
             if len(_SEEN) >= _SEEN_MAX:
                 _SEEN.clear()
@@ -203,6 +204,21 @@ def _compile(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
         _TEMPLATES[skey] = tpl
         _SEEN.pop(skey, None)
     return tpl
+
+
+_USE_TEMPLATES = True
+
+
+@contextlib.contextmanager
+def replay_only():
+    """Estimates inside use the op-by-op replay alone (tests and benchmarks compare the two;
+    not thread-safe: it switches a module setting)."""
+    global _USE_TEMPLATES
+    was, _USE_TEMPLATES = _USE_TEMPLATES, False
+    try:
+        yield
+    finally:
+        _USE_TEMPLATES = was
 
 
 def clear_caches() -> None:
@@ -485,13 +501,17 @@ def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt
     from planner.specs import MAX_BATCH
 
     memo: dict[int, int] = {}
+    direct = _template_need(req, model, device, ckpt)
 
     def need(b: int) -> int:
         if b not in memo:
-            tr = req.training.model_copy(update={"micro_batch_size": b})
-            r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
-                          device, ckpt)
-            memo[b] = r.breakdown.total + r.allocator_reserve_bytes
+            fast = direct(b) if direct is not None else None
+            if fast is None:
+                tr = req.training.model_copy(update={"micro_batch_size": b})
+                r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
+                              device, ckpt)
+                fast = r.breakdown.total + r.allocator_reserve_bytes
+            memo[b] = fast
         return memo[b]
 
     if need(1) > mem_bytes:
@@ -529,6 +549,31 @@ def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt
         if hi - lo > width // 2 and hi - lo > 1:  # little progress: bisect once
             probe((lo + hi) // 2)
     return lo
+
+
+def _template_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt):
+    """For a single-device reference estimate: ``b -> peak + reserve`` straight from the setup's
+    template when it is compiled for b's domain (None otherwise: the caller estimates), the
+    same number ``_estimate`` gives without building a response."""
+    tr, par = req.training, req.parallelism
+    if not (_USE_TEMPLATES and model.architecture_known and tr.implementation == "reference"
+            and par.data_parallel == par.tensor_parallel == par.pipeline_parallel == 1
+            and par.zero_stage == 0):
+        return None
+    base = _setup_key(model, tr, device, frozenset(ckpt))[:-1]
+    try:
+        hash(base)
+    except TypeError:
+        return None
+    t = tr.sequence_length
+
+    def need(b: int) -> int | None:
+        tpl = _TEMPLATES.get((*base, domain_of(b, t)))
+        if tpl is None:
+            return None
+        total = tpl.evaluate(b, t).steady.total
+        return total + _reserve(total, device)
+    return need
 
 
 def _max_micro_batch_search(req: MemoryRequest, model: ResolvedModel, device: str,

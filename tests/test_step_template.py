@@ -116,10 +116,11 @@ def test_estimates_compile_a_template_on_the_second_size_and_agree():
     pm.estimate_memory(req(3, 64))
     assert [t for t in pm._TEMPLATES.values() if t is not None]
     via_template = [pm.estimate_memory(req(b, t)) for b, t in ((5, 100), (17, 2000), (2, 2))]
-    for r, (b, t) in zip(via_template, ((5, 100), (17, 2000), (2, 2))):
-        pm.clear_caches()  # first sight again: replayed op by op
-        assert r == pm.estimate_memory(req(b, t))
-        assert not pm._TEMPLATES
+    pm.clear_caches()
+    with pm.replay_only():
+        for r, (b, t) in zip(via_template, ((5, 100), (17, 2000), (2, 2))):
+            assert r == pm.estimate_memory(req(b, t))
+    assert not pm._TEMPLATES
 
 
 # Random architectures and settings: the template equals the replay wherever it compiles, and it
@@ -172,3 +173,26 @@ def test_template_equals_replay_on_random_setups(arch, var, device, sizes):
         got = templates[domain].evaluate(b, t)
         for f in ("first", "steady", "forward_peak", "act_peak"):
             assert _same(getattr(ref, f), getattr(got, f)), (b, t, f)
+
+
+def test_largest_micro_batch_from_the_template_equals_the_search():
+    """_max_micro_batch probes the compiled template directly (no response built); its answer
+    equals the plain exponential + binary search over fresh replays, for budgets around the
+    peaks of several batch sizes."""
+    req = MemoryRequest.model_validate({"model": GPT2, "training": {
+        "micro_batch_size": 1, "sequence_length": 300, "attention": "eager"}})
+    model = resolve_model(req.model)
+    pm.clear_caches()
+    for b, t in ((1, 300), (1, 301), (2, 300), (3, 300)):  # both domains compiled
+        pm.estimate_memory(req.model_copy(update={"training": req.training.model_copy(
+            update={"micro_batch_size": b, "sequence_length": t})}))
+    assert sum(t is not None for t in pm._TEMPLATES.values()) == 2
+    need = pm._template_need(req, model, "cuda", frozenset())
+    budgets = [need(b) + d for b in (1, 7, 40, 333) for d in (-1, 0, 1)]
+    via_template = [pm._max_micro_batch(req, model, "cuda", set(), m) for m in budgets]
+    pm.clear_caches()
+    with pm.replay_only():
+        searched = [pm._max_micro_batch_search(req, model, "cuda", set(), m) for m in budgets]
+    assert not pm._TEMPLATES
+    assert via_template == searched
+    assert searched[:3] == [None, 1, 1] and searched[-3:] == [332, 333, 333]
