@@ -146,6 +146,12 @@ def fit_search_rows() -> list[tuple[str, int | None, float, int, float, int]]:
 
 
 def llm_analysis_s(preset: str, n: int) -> float | None:
+    one = llm_analysis_fn(preset)
+    return None if one is None else statistics.median(_time_each(one, range(n)))
+
+
+def llm_analysis_fn(preset: str):
+    """llm-analysis's ``training()`` on the preset, as ``one(k)`` (None: not installed)."""
     try:
         from llm_analysis.analysis import LLMAnalysis
         from llm_analysis.config import (
@@ -176,7 +182,36 @@ def llm_analysis_s(preset: str, n: int) -> float | None:
                    gradient_accumulation_steps=1,
                    mlp_gated_linear_units=m.family != "gpt2")
     one(0)
-    return statistics.median(_time_each(one, range(n)))
+    return one
+
+
+def interleaved_rows(rounds: int, per_round: int) -> list[tuple[str, float, float, float, float]]:
+    """The goal row measured fairly on a shared machine: rounds alternate a batch of new-size
+    estimates on known setups with a batch of llm-analysis calls, so both see the same load;
+    (model, our median µs, llm-analysis median µs, median and lowest per-round speed-up)."""
+    est = planner_memory.estimate_memory
+    out = []
+    for preset in MODELS:
+        one = llm_analysis_fn(preset)
+        if one is None:
+            return []
+        planner_memory.clear_caches()
+        for p, c in SETUPS:
+            est(_req(preset, 2, 16, p, c))
+            est(_req(preset, 3, 16, p, c))
+        sizes = _sizes(preset, rounds * per_round, 2)
+        ours, theirs, ratios = [], [], []
+        for r in range(rounds):
+            batch = [_req(preset, b, t, *SETUPS[k % len(SETUPS)])
+                     for k, (b, t) in enumerate(sizes[r * per_round:(r + 1) * per_round])]
+            a = statistics.median(_time_each(est, batch))
+            la = statistics.median(_time_each(one, range(per_round)))
+            ours.append(a)
+            theirs.append(la)
+            ratios.append(la / a)
+        out.append((preset, statistics.median(ours), statistics.median(theirs),
+                    statistics.median(ratios), min(ratios)))
+    return out
 
 
 # ---- HTTP ------------------------------------------------------------------------------------
@@ -229,7 +264,7 @@ def http_rows(seconds: float, conns: int) -> list[tuple[str, float]]:
     finally:
         proc.terminate()
         proc.wait(10)
-    return [("GET /healthz (trivial)", trivial), ("POST /v1/memory (gpt2, warm)", memory)]
+    return [("GET /healthz (trivial)", trivial), ("POST /v1/memory (gpt2, same request)", memory)]
 
 
 def main() -> None:
@@ -237,6 +272,7 @@ def main() -> None:
     ap.add_argument("--cold", type=int, default=12, help="first estimates per model")
     ap.add_argument("--new", type=int, default=400, help="new sizes of known setups per model")
     ap.add_argument("--warm", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per model")
     ap.add_argument("--seconds", type=float, default=5.0, help="per HTTP measurement")
     ap.add_argument("--connections", type=int, default=8)
     args = ap.parse_args()
@@ -253,6 +289,15 @@ def main() -> None:
         la_s = f"{la * 1e6:.0f}" if la else "n/a"
         print(f"| {preset} | {case} | {s * 1e6:,.0f} | {la_s} | {ratio} |")
     print()
+    inter = interleaved_rows(args.rounds, 40)
+    if inter:
+        print(f"## Goal row, interleaved ({args.rounds} rounds of 40 new-size estimates on known "
+              "setups, each followed by 40 llm-analysis calls)\n")
+        print("| model | µs/estimate | llm-analysis µs | speed-up, median of rounds | lowest round |")
+        print("|---|---:|---:|---:|---:|")
+        for preset, a, la, med, lo in inter:
+            print(f"| {preset} | {a * 1e6:.1f} | {la * 1e6:.0f} | {med:.2f}× | {lo:.2f}× |")
+        print()
     print("## Largest fitting micro-batch (H100 80GB, amp-bf16, T=1024), cold\n")
     print("| model | micro-batch | search ms | search simulations | secant ms | secant simulations "
           "| speed-up |")
