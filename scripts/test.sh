@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# One pytest worker per core (pytest-xdist); MEMPLAN_TEST_WORKERS=0 runs them in one process.
+exec .venv/bin/python -m pytest -q -n "${MEMPLAN_TEST_WORKERS:-auto}" "$@"
