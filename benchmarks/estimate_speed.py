@@ -35,6 +35,7 @@ import sys
 import time
 
 from planner import memory as planner_memory
+from planner import step_cache
 from planner.catalog import resolve_model
 from planner.specs import MemoryRequest
 
@@ -139,7 +140,7 @@ def fit_search_rows() -> list[tuple[str, int | None, float, int, float, int]]:
             planner_memory.clear_caches()
             t0 = time.perf_counter()
             b = fn(req, model, "cuda", blocks, mem)
-            out.append((b, time.perf_counter() - t0, len(planner_memory._SIM_CACHE)))
+            out.append((b, time.perf_counter() - t0, len(step_cache._SIM_CACHE)))
         assert out[0][0] == out[1][0]
         rows.append((preset, out[0][0], out[0][1], out[0][2], out[1][1], out[1][2]))
     return rows

@@ -9,16 +9,12 @@ assumption. ``implementation="megatron"`` uses Korthikanti et al. 2022 (``planne
 
 from __future__ import annotations
 
-import contextlib
 import math
-import operator
-import threading
 
 from planner.catalog import get_gpu, resolve_model
 from planner.errors import PlanningError
-from planner.reference_step import ReferenceProgram
+from planner import step_cache
 from planner.specs import (
-    ActivationCheckpointing,
     Assumption,
     Breakdown,
     Fit,
@@ -29,7 +25,6 @@ from planner.specs import (
     ResolvedModel,
     TrainingSpec,
 )
-from planner.step_template import Undecided, compile_template, domain_of
 
 # Caching-allocator headroom on CUDA, reported separately from the allocated peak: PyTorch's
 # allocator rounds blocks (512 B, 2 MiB segments) and fragments; max_memory_reserved() is
@@ -123,111 +118,10 @@ def _reserve(total: int, device: str) -> int:
     return 0 if device == "cpu" else int(total * ALLOCATOR_RESERVE_FRACTION)
 
 
-_SIM_CACHE: dict[tuple, object] = {}
-_SIM_CACHE_MAX = 512
-# Step templates (planner/step_template.py): per setup (everything but the micro-batch size and
-# the sequence length) and size domain, the peaks as closed forms in those two sizes; None where
-# the replay depends on their values (that setup is always simulated concretely). A setup's
-# template is compiled when it comes back with a second size: a one-off estimate costs one
-# concrete replay, a sweep one compile (a few replays' worth) and then microseconds per size.
-_TEMPLATES: dict[tuple, object] = {}
-_TEMPLATES_MAX = 256
-_SEEN: dict[tuple, int] = {}
-_SEEN_MAX = 4096
-_SIZES = ("micro_batch_size", "sequence_length")
-_NESTED = ("activation_checkpointing", "lora", "precision_overrides")
-_SETUP_FIELDS = operator.itemgetter(*(f for f in TrainingSpec.model_fields
-                                      if f not in _SIZES and f not in _NESTED))
-_AC_FIELDS = operator.itemgetter(*ActivationCheckpointing.model_fields)
-_MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
-_LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
-
-
-def _setup_key(model: ResolvedModel, tr: TrainingSpec, device: str,
-               checkpointed: frozenset[int]) -> tuple:
-    """Key of everything the replay depends on but the two sizes. Plain tuples of the specs'
-    fields, so lookups compare primitives; a list inside (explicit blocks) does not hash, and
-    the caller falls back to _json_key."""
-    d = tr.__dict__
-    return (_MODEL_FIELDS(model.__dict__), _SETUP_FIELDS(d),
-            _AC_FIELDS(d["activation_checkpointing"].__dict__), d["lora"],
-            d["precision_overrides"], device, checkpointed,
-            domain_of(tr.micro_batch_size, tr.sequence_length))
-
-
-def _json_key(key: tuple, tr: TrainingSpec) -> tuple:
-    return (key[0], tr.model_dump_json(exclude=set(_SIZES)), *key[5:])
-
-
-def _simulate(model: ResolvedModel, tr: TrainingSpec, device: str, checkpointed: frozenset[int]):
-    """The step simulator's peaks (results are a pure function of the inputs): from the setup's
-    template when it has one (compiled when the setup comes back with another size), else
-    replayed op by op (memoised)."""
-    skey = _setup_key(model, tr, device, checkpointed)
-    try:
-        tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
-    except TypeError:
-        skey = _json_key(skey, tr)
-        tpl = _TEMPLATES.get(skey)
-    if tpl is not None:
-        return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
-    key = (model.model_dump_json(), tr.model_dump_json(), device, checkpointed)
-    hit = _SIM_CACHE.get(key)
-    if hit is not None:
-        return hit
-    if _USE_TEMPLATES and skey not in _TEMPLATES:  # None there: found size-dependent
-        with _LOCK:
-            if len(_SEEN) >= _SEEN_MAX:
-                _SEEN.clear()
-            seen = _SEEN[skey] = _SEEN.get(skey, 0) + 1
-        if seen >= 2:
-            tpl = _compile(skey, model, tr, device, checkpointed)
-            if tpl is not None:
-                return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
-    hit = ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed)).run()
-    with _LOCK:
-        if len(_SIM_CACHE) >= _SIM_CACHE_MAX:
-            _SIM_CACHE.pop(next(iter(_SIM_CACHE)))
-        _SIM_CACHE[key] = hit
-    return hit
-
-
-def _compile(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
-             checkpointed: frozenset[int]):
-    try:
-        tpl = compile_template(model, tr, device, set(checkpointed), skey[-1])
-    except (Undecided, TypeError):
-        tpl = None
-    with _LOCK:
-        if len(_TEMPLATES) >= _TEMPLATES_MAX:
-            _TEMPLATES.pop(next(iter(_TEMPLATES)))
-        _TEMPLATES[skey] = tpl
-        _SEEN.pop(skey, None)
-    return tpl
-
-
-_USE_TEMPLATES = True
-
-
-@contextlib.contextmanager
-def replay_only():
-    """Estimates inside use the op-by-op replay alone (tests and benchmarks compare the two;
-    not thread-safe: it switches a module setting)."""
-    global _USE_TEMPLATES
-    was, _USE_TEMPLATES = _USE_TEMPLATES, False
-    try:
-        yield
-    finally:
-        _USE_TEMPLATES = was
-
-
 def clear_caches() -> None:
     """Forget every memoised replay and template (benchmarks measure cold estimates with it)."""
-    with _LOCK:
-        _SIM_CACHE.clear()
-        _TEMPLATES.clear()
-        _SEEN.clear()
-        _DP_PEAKS.clear()
+    step_cache.clear()
+    _DP_PEAKS.clear()
 
 
 def _bd(d: dict[str, int]) -> Breakdown:
@@ -342,7 +236,7 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
     single = (par.data_parallel == par.tensor_parallel == par.pipeline_parallel == 1
               and par.zero_stage == 0)
     if single:
-        peaks = _simulate(model, tr, device, frozenset(ckpt))
+        peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
         steady, first = peaks.steady, peaks.first
         assumptions.append(_PROFILE_REFERENCE)
         return _snap_bd(steady), _snap_bd(first), f"{steady.phase}: {steady.op}"
@@ -411,7 +305,7 @@ def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
     except ValueError as exc:
         raise PlanningError(str(exc), "parallelism") from exc
     t, p = par.tensor_parallel, par.pipeline_parallel
-    peaks = _simulate(model, tr, device, frozenset(ckpt))
+    peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
     fb = peaks.act_peak.as_dict()
     act, tmp = fb["activations"], fb["temporaries"]
     assumptions.append(Assumption(
@@ -556,19 +450,14 @@ def _template_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt):
     template when it is compiled for b's domain (None otherwise: the caller estimates), the
     same number ``_estimate`` gives without building a response."""
     tr, par = req.training, req.parallelism
-    if not (_USE_TEMPLATES and model.architecture_known and tr.implementation == "reference"
+    if not (model.architecture_known and tr.implementation == "reference"
             and par.data_parallel == par.tensor_parallel == par.pipeline_parallel == 1
             and par.zero_stage == 0):
         return None
-    base = _setup_key(model, tr, device, frozenset(ckpt))[:-1]
-    try:
-        hash(base)
-    except TypeError:
-        return None
-    t = tr.sequence_length
+    t, ck = tr.sequence_length, frozenset(ckpt)
 
     def need(b: int) -> int | None:
-        tpl = _TEMPLATES.get((*base, domain_of(b, t)))
+        tpl = step_cache.compiled_template(model, tr, device, ck, b)
         if tpl is None:
             return None
         total = tpl.evaluate(b, t).steady.total

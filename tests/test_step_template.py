@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner import memory as pm
+from planner import step_cache
 from planner.catalog import resolve_model
 from planner.memory import checkpointed_blocks
 from planner.reference_step import ReferenceProgram
@@ -112,15 +113,15 @@ def test_estimates_compile_a_template_on_the_second_size_and_agree():
         return MemoryRequest.model_validate({"model": LLAMA, "training": {
             "micro_batch_size": b, "sequence_length": t, "attention": "eager"}})
     pm.estimate_memory(req(2, 64))
-    assert not pm._TEMPLATES
+    assert not step_cache._TEMPLATES
     pm.estimate_memory(req(3, 64))
-    assert [t for t in pm._TEMPLATES.values() if t is not None]
+    assert [t for t in step_cache._TEMPLATES.values() if t is not None]
     via_template = [pm.estimate_memory(req(b, t)) for b, t in ((5, 100), (17, 2000), (2, 2))]
     pm.clear_caches()
-    with pm.replay_only():
+    with step_cache.replay_only():
         for r, (b, t) in zip(via_template, ((5, 100), (17, 2000), (2, 2))):
             assert r == pm.estimate_memory(req(b, t))
-    assert not pm._TEMPLATES
+    assert not step_cache._TEMPLATES
 
 
 # Random architectures and settings: the template equals the replay wherever it compiles, and it
@@ -186,13 +187,13 @@ def test_largest_micro_batch_from_the_template_equals_the_search():
     for b, t in ((1, 300), (1, 301), (2, 300), (3, 300)):  # both domains compiled
         pm.estimate_memory(req.model_copy(update={"training": req.training.model_copy(
             update={"micro_batch_size": b, "sequence_length": t})}))
-    assert sum(t is not None for t in pm._TEMPLATES.values()) == 2
+    assert sum(t is not None for t in step_cache._TEMPLATES.values()) == 2
     need = pm._template_need(req, model, "cuda", frozenset())
     budgets = [need(b) + d for b in (1, 7, 40, 333) for d in (-1, 0, 1)]
     via_template = [pm._max_micro_batch(req, model, "cuda", set(), m) for m in budgets]
     pm.clear_caches()
-    with pm.replay_only():
+    with step_cache.replay_only():
         searched = [pm._max_micro_batch_search(req, model, "cuda", set(), m) for m in budgets]
-    assert not pm._TEMPLATES
+    assert not step_cache._TEMPLATES
     assert via_template == searched
     assert searched[:3] == [None, 1, 1] and searched[-3:] == [332, 333, 333]

@@ -1,0 +1,212 @@
+"""Which recorded rows can be a window's peak, and their evaluation as generated Python.
+
+A row is a vector of polynomial coefficients (constant first) over monomials ``b^i·t^j`` with
+b, t >= 0. The peak at (b, t) is the *first* row reaching the largest value (the simulator keeps
+the first allocation that reaches a new high). Rules that rule a row out everywhere:
+
+- an earlier row is >= it in every coefficient, or a later one is >= everywhere and > in the
+  constant (so > it everywhere: the monomials are >= 0, the constant one is 1);
+- a mix λ·j + μ·k of two rows (λ, μ >= 0, λ + μ <= 1) is >= it in every coefficient and > in
+  the constant, or (0 < λ = 1 - μ < 1) >= everywhere with one of j, k earlier: wherever i reaches
+  the maximum, both tie with it (values are live bytes, >= 0).
+
+``_screen`` applies them vectorised against anchors (rows that are the first maximum at some probe
+point), deciding in floating point only where the margin exceeds the rounding error; what it
+leaves goes through the exact integer passes ``_prune`` and ``_hull_prune``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from planner.stepsim import PeakSnap
+
+
+@dataclass
+class Candidates:
+    """The rows of one window that can be its peak for some B, T, in event order."""
+
+    exps: tuple[tuple[int, int], ...]
+    key: list[tuple[int, ...]]  # coefficients of the maximised quantity, per row
+    cats: list[list[tuple[int, ...]]]  # per row, per category: coefficients
+    ops: list[str]
+    phases: list[str]
+    zero: bool = False  # an all-zero snapshot precedes the rows (act peak's initial value)
+
+    def __post_init__(self) -> None:
+        # The rows' polynomials as Python expressions in b and t, compiled once: evaluating a
+        # template is then a handful of integer multiplications (exact, any size).
+        self._best = _argmax_fn(self.exps, self.key) if self.key else None
+        self._cats = [_poly_fn(self.exps, cats) for cats in self.cats]
+
+    def best(self, b: int, t: int) -> PeakSnap:
+        if self._best is None:
+            return PeakSnap()
+        v, k = self._best(b, t)
+        if self.zero and v <= 0:
+            return PeakSnap()
+        return PeakSnap(v, self._cats[k](b, t), self.ops[k], self.phases[k])
+
+
+def _expr(exps, vec) -> str:
+    parts = [str(c) + "".join("*b" * i + "*t" * j) for c, (i, j) in zip(vec, exps) if c]
+    return " + ".join(parts) or "0"
+
+
+def _compiled(src: str):
+    ns: dict = {}
+    exec(compile(src, "<step template>", "exec"), ns)  # noqa: S102 - generated from integers
+    return ns["f"]
+
+
+def _poly_fn(exps, vecs: list[tuple[int, ...]]):
+    """``f(b, t) -> list`` of the polynomials with coefficient vectors ``vecs`` over ``exps``."""
+    return _compiled("def f(b, t):\n    return [" + ", ".join(_expr(exps, v) for v in vecs)
+                     + "]\n")
+
+
+def _argmax_fn(exps, vecs: list[tuple[int, ...]]):
+    """``f(b, t) -> (largest value, index of the first row reaching it)``."""
+    lines = ["def f(b, t):", f"    bv = {_expr(exps, vecs[0])}", "    bk = 0"]
+    for k, v in enumerate(vecs[1:], 1):
+        lines += [f"    v = {_expr(exps, v)}", "    if v > bv:", f"        bv = v; bk = {k}"]
+    return _compiled("\n".join(lines + ["    return bv, bk", ""]))
+
+
+_PROBE_B = (0, 1, 3, 15, 63, 255, 1023, 4095)
+_PROBE_T = (0, 1, 15, 127, 1023, 8191, 65535, 1 << 20)
+
+
+def _prune(vecs: list[tuple[int, ...]]) -> list[int]:
+    """Indices of the rows no single other row rules out (exact)."""
+    kept: list[int] = []
+    for i, vi in enumerate(vecs):
+        dominated = False
+        survivors = []
+        for j in kept:
+            vj = vecs[j]
+            if not dominated and all(a >= b for a, b in zip(vj, vi)):
+                dominated = True  # j is earlier: ties go to it
+            if not dominated and all(a >= b for a, b in zip(vi, vj)) and vi[0] > vj[0]:
+                continue  # i is later and strictly above j everywhere: j goes
+            survivors.append(j)
+        if dominated:
+            continue
+        kept = survivors + [i]
+    return kept
+
+
+def _between(vi, vj, vk, lam: Fraction) -> tuple[bool, bool]:
+    """(λ·vj + (1-λ)·vk >= vi in every coefficient, and > in the constant one)."""
+    p, q = lam.numerator, lam.denominator
+    ge = all(p * j + (q - p) * k >= q * i for i, j, k in zip(vi, vj, vk))
+    return ge, p * vj[0] + (q - p) * vk[0] > q * vi[0]
+
+
+def _hull_prune(vecs: list[tuple[int, ...]]) -> list[int]:
+    """Of rows (event order) no single row rules out, the ones no mix of two others does
+    (screened in floating point, each removal verified in exact integers)."""
+    n = len(vecs)
+    if n <= 2:
+        return list(range(n))
+    a = np.array(vecs, dtype=float)
+    d = a[:, None, :] - a[None, :, :]  # j - k
+    keep = []
+    for i in range(n):
+        r = a[i][None, None, :] - a[None, :, :]  # i - k
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = r / d
+        lo = np.maximum(np.where(d > 0, q, -np.inf).max(-1), 0.0)
+        hi = np.minimum(np.where(d < 0, q, np.inf).min(-1), 1.0)
+        bad = ((d == 0) & (r > 0)).any(-1)
+        ok = ~bad & (lo <= hi + 1e-9)
+        ok[i, :] = ok[:, i] = False
+        np.fill_diagonal(ok, False)
+        removed = False
+        for j, k in zip(*np.nonzero(ok)):
+            j, k = int(j), int(k)
+            vi, vj, vk = vecs[i], vecs[j], vecs[k]
+            lo_f, hi_f = Fraction(0), Fraction(1)
+            for x, y, z in zip(vi, vj, vk):
+                dd, rr = y - z, x - z
+                if dd > 0:
+                    lo_f = max(lo_f, Fraction(rr, dd))
+                elif dd < 0:
+                    hi_f = min(hi_f, Fraction(rr, dd))
+            if lo_f > hi_f:
+                continue
+            lam = (lo_f + hi_f) / 2
+            ge, strict = _between(vi, vj, vk, lam)
+            if ge and (strict or (0 < lam < 1 and min(j, k) < i)):
+                removed = True
+                break
+        if not removed:
+            keep.append(i)
+    return keep
+
+
+def _screen(k: np.ndarray, exps) -> np.ndarray:
+    """Rows (of ``k``: rows × coefficients, int64, constant first) the vectorised pass cannot
+    rule out; sound: a row it drops is ruled out by the rules above."""
+    n = len(k)
+    if n <= 8:
+        return np.arange(n)
+    kf = k.astype(float)
+    pb, pt = np.meshgrid(np.array(_PROBE_B, float), np.array(_PROBE_T, float))
+    mono = np.stack([pb.ravel() ** i * pt.ravel() ** j for i, j in exps])  # coefficients × probes
+    vals = kf @ mono
+    top = vals.max(0)
+    anchors = np.unique(np.argmax(vals >= top - 1e-9 * np.abs(top), axis=0))
+    idx = np.arange(n)
+    ka = k[anchors]
+    # single-row rule, exact (comparisons of integers)
+    ge = (ka[:, None, :] >= k[None, :, :]).all(-1)
+    strict = ge & (ka[:, None, 0] > k[None, :, 0])
+    out = ((ge & (anchors[:, None] < idx[None, :])) | strict).any(0)
+    out[anchors] = False
+    # mixes of two anchors, strict, where the float margin is beyond rounding error
+    rest = np.nonzero(~out)[0]
+    rest = rest[~np.isin(rest, anchors)]
+    if len(rest) and len(anchors) >= 2:
+        fa = kf[anchors]
+        fr = kf[rest]
+        mag = np.abs(fa)
+        for x in range(len(anchors)):
+            for y in range(x + 1, len(anchors)):
+                dj, dk = fa[x], fa[y]
+                dd = dj - dk  # λ·dd >= i - dk
+                rr = fr - dk
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    q = rr / dd
+                lo = np.maximum(np.where(dd > 0, q, -np.inf).max(-1), 0.0)
+                hi = np.minimum(np.where(dd < 0, q, np.inf).min(-1), 1.0)
+                lam = np.clip((lo + hi) / 2, 0.0, 1.0)[:, None]
+                mu = (1.0 - lam) * (1.0 - 2.0 ** -40)
+                slack = lam * dj + mu * dk - fr
+                err = 2.0 ** -45 * (mag[x] + mag[y] + np.abs(fr)) + 1.0
+                good = (lo <= hi) & (slack >= err).all(-1) & (slack[:, 0] > err[:, 0])
+                out[rest[good]] = True
+                keep = ~good
+                rest, fr = rest[keep], fr[keep]
+                if not len(rest):
+                    break
+            if not len(rest):
+                break
+    return np.nonzero(~out)[0]
+
+
+def candidates(k: np.ndarray, cats: np.ndarray, exps, ops: list[str], phases: list[str],
+               zero: bool = False) -> Candidates:
+    """``k``: rows × coefficients of the maximised quantity; ``cats``: rows × categories ×
+    coefficients; both in event order."""
+    idx = _screen(k, exps)
+    vecs = [tuple(int(x) for x in k[i]) for i in idx]
+    sub = _prune(vecs)
+    sub2 = _hull_prune([vecs[s] for s in sub])
+    rows = [int(idx[sub[s]]) for s in sub2]
+    return Candidates(exps, [tuple(int(x) for x in k[i]) for i in rows],
+                      [[tuple(int(x) for x in c) for c in cats[i]] for i in rows],
+                      [ops[i] for i in rows], [phases[i] for i in rows], zero)

@@ -1,0 +1,130 @@
+"""The step simulator's answers for POST /v1/memory, memoised: step templates and replays.
+
+Per setup (everything but the micro-batch size and the sequence length) and size domain, the
+setup's step template (planner/step_template.py) gives the peaks as closed forms in those two
+sizes; None marks a setup whose replay depends on their values (always replayed concretely). A
+setup's template is compiled when it comes back with a second size: a one-off estimate costs
+one concrete replay, a sweep one compile (a few replays' worth) and then microseconds per size.
+Concrete replays are memoised too (exact repeats of a setup without a template).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import threading
+
+from planner.reference_step import ReferenceProgram, StepPeaks
+from planner.specs import ActivationCheckpointing, ResolvedModel, TrainingSpec
+from planner.step_template import StepTemplate, Undecided, compile_template, domain_of
+
+_SIM_CACHE: dict[tuple, StepPeaks] = {}
+_SIM_CACHE_MAX = 512
+_TEMPLATES: dict[tuple, StepTemplate | None] = {}
+_TEMPLATES_MAX = 256
+_SEEN: dict[tuple, int] = {}
+_SEEN_MAX = 4096
+_SIZES = ("micro_batch_size", "sequence_length")
+_NESTED = ("activation_checkpointing", "lora", "precision_overrides")
+_SETUP_FIELDS = operator.itemgetter(*(f for f in TrainingSpec.model_fields
+                                      if f not in _SIZES and f not in _NESTED))
+_AC_FIELDS = operator.itemgetter(*ActivationCheckpointing.model_fields)
+_MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
+_LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
+_USE_TEMPLATES = True
+
+
+def setup_key(model: ResolvedModel, tr: TrainingSpec, device: str,
+              checkpointed: frozenset[int]) -> tuple:
+    """Key of everything the replay depends on but the two sizes, domain last. Plain tuples of
+    the specs' fields, so lookups compare primitives; a list inside (explicit blocks, LoRA
+    target modules) does not hash, and lookups fall back to ``_json_key``."""
+    d = tr.__dict__
+    return (_MODEL_FIELDS(model.__dict__), _SETUP_FIELDS(d),
+            _AC_FIELDS(d["activation_checkpointing"].__dict__), d["lora"],
+            d["precision_overrides"], device, checkpointed,
+            domain_of(tr.micro_batch_size, tr.sequence_length))
+
+
+def _json_key(key: tuple, tr: TrainingSpec) -> tuple:
+    return (key[0], tr.model_dump_json(exclude=set(_SIZES)), *key[5:])
+
+
+def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
+             checkpointed: frozenset[int]) -> StepPeaks:
+    """The reference step's peaks (a pure function of the inputs): from the setup's template
+    when it has one, else replayed op by op."""
+    skey = setup_key(model, tr, device, checkpointed)
+    try:
+        tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
+    except TypeError:
+        skey = _json_key(skey, tr)
+        tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
+    if tpl is not None:
+        return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
+    key = (model.model_dump_json(), tr.model_dump_json(), device, checkpointed)
+    hit = _SIM_CACHE.get(key)
+    if hit is not None:
+        return hit
+    if _USE_TEMPLATES and skey not in _TEMPLATES:  # None there: found size-dependent
+        with _LOCK:
+            if len(_SEEN) >= _SEEN_MAX:
+                _SEEN.clear()
+            seen = _SEEN[skey] = _SEEN.get(skey, 0) + 1
+        if seen >= 2:
+            tpl = _compile(skey, model, tr, device, checkpointed)
+            if tpl is not None:
+                return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
+    hit = ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed)).run()
+    with _LOCK:
+        if len(_SIM_CACHE) >= _SIM_CACHE_MAX:
+            _SIM_CACHE.pop(next(iter(_SIM_CACHE)))
+        _SIM_CACHE[key] = hit
+    return hit
+
+
+def _compile(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
+             checkpointed: frozenset[int]) -> StepTemplate | None:
+    try:
+        tpl = compile_template(model, tr, device, set(checkpointed), skey[-1])
+    except (Undecided, TypeError):
+        tpl = None
+    with _LOCK:
+        if len(_TEMPLATES) >= _TEMPLATES_MAX:
+            _TEMPLATES.pop(next(iter(_TEMPLATES)))
+        _TEMPLATES[skey] = tpl
+        _SEEN.pop(skey, None)
+    return tpl
+
+
+def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
+                      checkpointed: frozenset[int], batch: int) -> StepTemplate | None:
+    """The setup's template for micro-batch ``batch`` (at ``tr``'s sequence length) when it is
+    compiled; None otherwise (nothing is compiled here)."""
+    if not _USE_TEMPLATES:
+        return None
+    key = setup_key(model, tr, device, checkpointed)
+    key = (*key[:-1], domain_of(batch, tr.sequence_length))
+    try:
+        return _TEMPLATES.get(key)
+    except TypeError:
+        return None
+
+
+@contextlib.contextmanager
+def replay_only():
+    """Estimates inside use the op-by-op replay alone (tests and benchmarks compare the two;
+    not thread-safe: it switches a module setting)."""
+    global _USE_TEMPLATES
+    was, _USE_TEMPLATES = _USE_TEMPLATES, False
+    try:
+        yield
+    finally:
+        _USE_TEMPLATES = was
+
+
+def clear() -> None:
+    with _LOCK:
+        _SIM_CACHE.clear()
+        _TEMPLATES.clear()
+        _SEEN.clear()
