@@ -58,6 +58,8 @@ Two steps are replayed; the steady state is the second (optimizer states live).
 
 from __future__ import annotations
 
+import bisect
+
 import heapq
 from dataclasses import dataclass, field
 
@@ -115,7 +117,7 @@ class PipelineRankProgram(ReferenceProgram):
         for name, t in self.params.by_name.items():
             if name.startswith("b") and name[1].isdigit():
                 i = int(name[1:name.index(".")])
-                st = next(k for k in range(S) if bounds[k] <= i < bounds[k + 1])
+                st = bisect.bisect_right(bounds, i) - 1  # bounds[st] <= i < bounds[st + 1]
             elif name in ("tok_emb", "pos_emb"):
                 st = 0
             elif name in ("rope_cos", "rope_sin"):
