@@ -121,7 +121,6 @@ def _reserve(total: int, device: str) -> int:
 def clear_caches() -> None:
     """Forget every memoised replay and template (benchmarks measure cold estimates with it)."""
     step_cache.clear()
-    _DP_PEAKS.clear()
 
 
 def _bd(d: dict[str, int]) -> Breakdown:
@@ -257,21 +256,26 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
     return _composed(model, tr, par, device, ckpt, assumptions, notes)
 
 
-_DP_PEAKS: dict = {}
-
-
 def _dp_peaks(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
               checkpointed: frozenset[int]):
     from planner.reference_parallel import data_parallel_peaks
 
-    key = (model.model_dump_json(), tr.model_dump_json(), par.model_dump_json(), device,
-           checkpointed)  # JSON: specs holding lists (LoRA target modules) do not hash
-    if key not in _DP_PEAKS:
-        if len(_DP_PEAKS) >= 256:
-            _DP_PEAKS.clear()
-        _DP_PEAKS[key] = data_parallel_peaks(model, tr, par, device, set(checkpointed),
-                                             every_rank=False)
-    return _DP_PEAKS[key]
+    def simulate(model, tr, par, rank, device, ck):
+        return step_cache.simulate(model, tr, device, checkpointed, par, rank)
+
+    def ownership(model, tr, par):
+        return step_cache.setup_memo(_worst_ownership, model, tr, par)
+    return data_parallel_peaks(model, tr, par, device, set(checkpointed), every_rank=False,
+                               simulate=simulate, ownership=ownership)
+
+
+def _worst_ownership(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
+    """zero1_ownership kept for the worst-rank candidates only (what is memoised: a million
+    ranks' keys would not be)."""
+    from planner.reference_parallel import zero1_ownership
+
+    keys, worst = zero1_ownership(model, tr, par)
+    return {r: keys[r] for r in worst}, worst
 
 
 def _data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
@@ -282,7 +286,7 @@ def _data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, de
 
     peaks = _dp_peaks(model, tr, par, device, frozenset(ckpt))
     rank, worst = max(peaks, key=lambda rp: (rp[1].steady.total, -rp[0]))
-    ms = shard_model_states(model, tr, par)
+    ms = step_cache.setup_memo(shard_model_states, model, tr, par)
     assumptions.append(Assumption(name="profile", value="reference step per data-parallel rank, "
                                   "simulated op by op", note="the step measured by multi-rank "
                                   "validation jobs"))

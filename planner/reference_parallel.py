@@ -56,9 +56,10 @@ from planner.zero import fsdp_shard_shape, zero1_partition
 _BUCKET = Buf(0, "gradients", "ddp_bucket_view")  # param.grad as a view: no bytes of its own
 
 
-class _DPMachine(Machine):
+class _DPMixin:
     """Autograd's parameter gradients are temporaries: DDP copies them into its buckets, FSDP
-    reduce-scatters them into sharded gradients; neither keeps the tensor autograd made."""
+    reduce-scatters them into sharded gradients; neither keeps the tensor autograd made. Mixed
+    into the rank's machine class (the plain Machine, or the step template's recording one)."""
 
     ddp = True
 
@@ -91,19 +92,31 @@ class _DPMachine(Machine):
             self.drop(g)
 
 
+_DP_CLASSES: dict[type, type] = {}
+
+
+def _dp_class(base: type) -> type:
+    cls = _DP_CLASSES.get(base)
+    if cls is None:
+        cls = _DP_CLASSES[base] = type(f"DP{base.__name__}", (_DPMixin, base), {"ddp": True})
+    return cls
+
+
 class ParallelProgram(ReferenceProgram):
     """One data-parallel rank of the reference step (see module docstring)."""
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
-                 rank: int = 0, *, device: str = "cuda", checkpointed: set[int] | None = None) -> None:
+                 rank: int = 0, *, device: str = "cuda", checkpointed: set[int] | None = None,
+                 machine: Machine | None = None, sizes: tuple | None = None) -> None:
         if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
             raise ValueError("ParallelProgram describes data parallelism only")
         self.par, self.rank = parallel, rank
         self.n, self.z = parallel.data_parallel, parallel.zero_stage
         # Every block is replayed: FSDP's per-block gathers and DDP's per-tensor buckets are
         # modelled on the simulated parameters themselves.
-        super().__init__(model, training, device=device, checkpointed=checkpointed, compress=False)
-        self.m.__class__ = _DPMachine
+        super().__init__(model, training, device=device, checkpointed=checkpointed, compress=False,
+                         machine=machine, sizes=sizes)
+        self.m.__class__ = _dp_class(type(self.m))
         m = self.m
         if self.z >= 1 and self.master:  # masters of the rank's shard only
             m.drop(self.masters)
@@ -201,9 +214,7 @@ class ParallelProgram(ReferenceProgram):
             self.grad_unsharded_bytes[g], self.grad_sharded_bytes[g] = gfull, gshard
             for t in ts:
                 # the module's parameter now points at unsharded storage gathered on demand
-                m.cur[0] -= t.buf.nbytes
-                m.total -= t.buf.nbytes
-                t.buf.nbytes = 0
+                m.resize(t.buf, 0)
             self.unsharded_bytes[g], self.sharded_bytes[g] = full, shard
             if ts:
                 m.alloc(shard, f"sharded[{g}]", "parameters")
@@ -377,9 +388,10 @@ def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec) -> str | 
     return None
 
 
-def _zero1_owned_key(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec):
-    """Per rank, the numels it owns under ZeroRedundancyOptimizer (ranks with equal keys hold
-    the same bytes) and the rank's optimizer-state bytes."""
+def zero1_ownership(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec):
+    """Under ZeroRedundancyOptimizer: per rank, the numels it owns (ranks with equal keys hold
+    the same bytes), and the candidates for the worst rank (the ranks owning the most state
+    bytes and the most elements)."""
     from planner.optimizers import optimizer_state_bytes
     from planner.zero import parameter_shapes
 
@@ -387,35 +399,36 @@ def _zero1_owned_key(model: ResolvedModel, training: TrainingSpec, parallel: Par
         numels = [n for n, _ in ReferenceProgram(model, training, compress=True).trainable_specs()]
     else:
         numels = [_numel(s) for s in parameter_shapes(model)]  # registration order, tied once
-    parts = zero1_partition(numels, parallel.data_parallel)
+    n = parallel.data_parallel
+    parts = zero1_partition(numels, n)
     dtype = "bf16" if training.precision == "bf16" else "fp32"  # mixed-*: fp32 masters
     keys = [tuple(sorted(numels[i] for i in p)) for p in parts]
     states = [optimizer_state_bytes(training, list(k), dtype) for k in keys]
-    return keys, states
+    worst = sorted({max(range(n), key=lambda r: (states[r], -r)),
+                    max(range(n), key=lambda r: (sum(keys[r]), -r))})
+    return keys, worst
 
 
 def data_parallel_peaks(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
                         device: str, checkpointed: set[int] | None = None, *,
-                        every_rank: bool = True) -> list[tuple[int, StepPeaks]]:
+                        every_rank: bool = True, simulate=simulate_rank, ownership=None
+                        ) -> list[tuple[int, StepPeaks]]:
     """(rank, peaks) per rank; ranks that hold the same bytes are simulated once. With
     ``every_rank=False`` only the candidates for the worst rank are returned (under
     ZeroRedundancyOptimizer: the ranks owning the most state bytes and the most elements), so
-    a thousand-rank plan costs two replays."""
+    a thousand-rank plan costs two replays. ``simulate``: simulate_rank's signature, and
+    ``ownership``: zero1_ownership's (the planner passes memoised, templated ones)."""
     n = parallel.data_parallel
     if parallel.zero_stage != 1:
-        pk = simulate_rank(model, training, parallel, 0, device, checkpointed)
+        pk = simulate(model, training, parallel, 0, device, checkpointed)
         return [(r, pk) for r in (range(n) if every_rank else [0])]
-    keys, states = _zero1_owned_key(model, training, parallel)
-    if every_rank:
-        ranks = list(range(n))
-    else:
-        ranks = sorted({max(range(n), key=lambda r: (states[r], -r)),
-                        max(range(n), key=lambda r: (sum(keys[r]), -r))})
+    keys, worst = (ownership or zero1_ownership)(model, training, parallel)
+    ranks = list(range(n)) if every_rank else worst
     sims: dict[tuple, StepPeaks] = {}
     out = []
     for r in ranks:
         if keys[r] not in sims:
-            sims[keys[r]] = simulate_rank(model, training, parallel, r, device, checkpointed)
+            sims[keys[r]] = simulate(model, training, parallel, r, device, checkpointed)
         out.append((r, sims[keys[r]]))
     return out
 

@@ -15,7 +15,7 @@ import operator
 import threading
 
 from planner.reference_step import ReferenceProgram, StepPeaks
-from planner.specs import ActivationCheckpointing, ResolvedModel, TrainingSpec
+from planner.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
 from planner.step_template import StepTemplate, Undecided, compile_template, domain_of
 
 _SIM_CACHE: dict[tuple, StepPeaks] = {}
@@ -30,19 +30,23 @@ _SETUP_FIELDS = operator.itemgetter(*(f for f in TrainingSpec.model_fields
                                       if f not in _SIZES and f not in _NESTED))
 _AC_FIELDS = operator.itemgetter(*ActivationCheckpointing.model_fields)
 _MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
+_PAR_FIELDS = operator.itemgetter(*ParallelSpec.model_fields)
 _LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
 _USE_TEMPLATES = True
 
 
 def setup_key(model: ResolvedModel, tr: TrainingSpec, device: str,
-              checkpointed: frozenset[int]) -> tuple:
+              checkpointed: frozenset[int], par: ParallelSpec | None = None,
+              rank: int = 0) -> tuple:
     """Key of everything the replay depends on but the two sizes, domain last. Plain tuples of
     the specs' fields, so lookups compare primitives; a list inside (explicit blocks, LoRA
-    target modules) does not hash, and lookups fall back to ``_json_key``."""
+    target modules) does not hash, and lookups fall back to ``_json_key``. ``par``/``rank``: a
+    data-parallel rank's replay (planner/reference_parallel.py)."""
     d = tr.__dict__
     return (_MODEL_FIELDS(model.__dict__), _SETUP_FIELDS(d),
             _AC_FIELDS(d["activation_checkpointing"].__dict__), d["lora"],
             d["precision_overrides"], device, checkpointed,
+            None if par is None else _PAR_FIELDS(par.__dict__), rank,
             domain_of(tr.micro_batch_size, tr.sequence_length))
 
 
@@ -50,11 +54,22 @@ def _json_key(key: tuple, tr: TrainingSpec) -> tuple:
     return (key[0], tr.model_dump_json(exclude=set(_SIZES)), *key[5:])
 
 
+def _program(model: ResolvedModel, tr: TrainingSpec, device: str, checkpointed: frozenset[int],
+             par: ParallelSpec | None, rank: int, **kw):
+    if par is None:
+        return ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed), **kw)
+    from planner.reference_parallel import ParallelProgram
+
+    return ParallelProgram(model, tr, par, rank, device=device, checkpointed=set(checkpointed),
+                           **kw)
+
+
 def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
-             checkpointed: frozenset[int]) -> StepPeaks:
-    """The reference step's peaks (a pure function of the inputs): from the setup's template
-    when it has one, else replayed op by op."""
-    skey = setup_key(model, tr, device, checkpointed)
+             checkpointed: frozenset[int], par: ParallelSpec | None = None,
+             rank: int = 0) -> StepPeaks:
+    """The reference step's peaks (a pure function of the inputs), on one device or for one
+    data-parallel rank: from the setup's template when it has one, else replayed op by op."""
+    skey = setup_key(model, tr, device, checkpointed, par, rank)
     try:
         tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
     except TypeError:
@@ -62,7 +77,7 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
         tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
     if tpl is not None:
         return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
-    key = (model.model_dump_json(), tr.model_dump_json(), device, checkpointed)
+    key = (skey, tr.micro_batch_size, tr.sequence_length)
     hit = _SIM_CACHE.get(key)
     if hit is not None:
         return hit
@@ -72,10 +87,10 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
                 _SEEN.clear()
             seen = _SEEN[skey] = _SEEN.get(skey, 0) + 1
         if seen >= 2:
-            tpl = _compile(skey, model, tr, device, checkpointed)
+            tpl = _compile(skey, model, tr, device, checkpointed, par, rank)
             if tpl is not None:
                 return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
-    hit = ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed)).run()
+    hit = _program(model, tr, device, checkpointed, par, rank).run()
     with _LOCK:
         if len(_SIM_CACHE) >= _SIM_CACHE_MAX:
             _SIM_CACHE.pop(next(iter(_SIM_CACHE)))
@@ -84,9 +99,12 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
 
 
 def _compile(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
-             checkpointed: frozenset[int]) -> StepTemplate | None:
+             checkpointed: frozenset[int], par: ParallelSpec | None,
+             rank: int) -> StepTemplate | None:
+    def make(machine, sizes):
+        return _program(model, tr, device, checkpointed, par, rank, machine=machine, sizes=sizes)
     try:
-        tpl = compile_template(model, tr, device, set(checkpointed), skey[-1])
+        tpl = compile_template(model, tr, device, set(checkpointed), skey[-1], make)
     except (Undecided, TypeError):
         tpl = None
     with _LOCK:
@@ -111,6 +129,26 @@ def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
         return None
 
 
+_MEMO: dict[tuple, object] = {}
+
+
+def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
+    """``fn(model, tr, par)`` memoised per setup, for functions that do not depend on the
+    micro-batch size or the sequence length (per-rank model states, ZeRO-1 partitions)."""
+    try:
+        key = (fn, *setup_key(model, tr, "", frozenset(), par)[:-1])
+        hit = _MEMO.get(key)
+    except TypeError:  # a list inside the specs: not memoised
+        return fn(model, tr, par)
+    if hit is None:
+        hit = fn(model, tr, par)
+        with _LOCK:
+            if len(_MEMO) >= _TEMPLATES_MAX:
+                _MEMO.pop(next(iter(_MEMO)))
+            _MEMO[key] = hit
+    return hit
+
+
 @contextlib.contextmanager
 def replay_only():
     """Estimates inside use the op-by-op replay alone (tests and benchmarks compare the two;
@@ -128,3 +166,4 @@ def clear() -> None:
         _SIM_CACHE.clear()
         _TEMPLATES.clear()
         _SEEN.clear()
+        _MEMO.clear()

@@ -96,6 +96,13 @@ class RecordingMachine(Machine):
             self._free(b)
         b.refs = refs
 
+    def resize(self, b: Buf, nbytes) -> None:
+        if b.refs > 0:
+            self._flush()
+            self.log.append((-(_INDEX[b.cat] + 1), b.nbytes))
+            self.log.append((_INDEX[b.cat] + 1, nbytes))
+        b.nbytes = nbytes
+
     def recategorize(self, b: Buf, cat: str) -> None:
         if b.refs > 0:
             self._flush()
@@ -211,15 +218,19 @@ def domain_of(B: int, T: int) -> tuple[int | None, int | None]:
 
 
 def compile_template(model, training, device: str, checkpointed: set[int],
-                     domain: tuple[int | None, int | None]) -> StepTemplate:
+                     domain: tuple[int | None, int | None], make=None) -> StepTemplate:
     """Replay the step once with the sizes of ``domain`` symbolic; raises Undecided (or
     TypeError, from a size the program cannot take symbolically) when the replay depends on
-    their values."""
+    their values. ``make(machine, sizes)`` builds the program (default: ReferenceProgram; a
+    data-parallel rank's ParallelProgram, for instance)."""
     m = RecordingMachine()
     B = domain[0] if domain[0] is not None else Poly({(0, 0): 2, (1, 0): 1})
     T = domain[1] if domain[1] is not None else Poly({(0, 0): 2, (0, 1): 1})
-    prog = ReferenceProgram(model, training, device=device, checkpointed=checkpointed,
-                            machine=m, sizes=(B, T))
+    if make is None:
+        prog = ReferenceProgram(model, training, device=device, checkpointed=checkpointed,
+                                machine=m, sizes=(B, T))
+    else:
+        prog = make(m, (B, T))
     fb, step, _, combine = prog.run_windows()
     m._flush()
     if isinstance(combine["states"], Poly):

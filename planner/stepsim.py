@@ -149,6 +149,15 @@ class Machine:
             self.total -= b.nbytes
         b.refs = refs
 
+    def resize(self, b: Buf, nbytes: int) -> None:
+        """Change a storage's size in place (a parameter that now points at storage gathered on
+        demand shrinks to 0)."""
+        if b.refs > 0:
+            i = _INDEX[b.cat]
+            self.cur[i] += nbytes - b.nbytes
+            self.total += nbytes - b.nbytes
+        b.nbytes = nbytes
+
     def recategorize(self, b: Buf, cat: str) -> None:
         if b.refs > 0:
             self.cur[_INDEX[b.cat]] -= b.nbytes

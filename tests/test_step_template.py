@@ -197,3 +197,57 @@ def test_largest_micro_batch_from_the_template_equals_the_search():
     assert not step_cache._TEMPLATES
     assert via_template == searched
     assert searched[:3] == [None, 1, 1] and searched[-3:] == [332, 333, 333]
+
+
+DP_CASES = [
+    ({"data_parallel": 2}, {}),
+    ({"data_parallel": 2}, {"precision": "amp-fp16", "attention": "eager"}),
+    ({"data_parallel": 3, "zero_stage": 1}, {"precision": "mixed-bf16"}),
+    ({"data_parallel": 3, "zero_stage": 1}, {"lora": {"rank": 4}}),
+    ({"data_parallel": 2, "zero_stage": 2}, {"activation_checkpointing": {"strategy": "full"}}),
+    ({"data_parallel": 4, "zero_stage": 3}, {"precision": "mixed-fp16", "dropout": 0.1}),
+    ({"data_parallel": 4, "zero_stage": 3}, {"lora": {"rank": 4},
+                                             "activation_checkpointing": {"strategy": "every-k",
+                                                                          "every_k": 3}}),
+]
+
+
+@pytest.mark.parametrize("par,var", DP_CASES, ids=[str(i) for i in range(len(DP_CASES))])
+@pytest.mark.parametrize("arch", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_data_parallel_rank_template_equals_its_replay(arch, par, var):
+    """Every data-parallel rank (DDP, ZeroRedundancyOptimizer's uneven shards, FSDP2) compiles
+    into a template equal to its replay (planner/reference_parallel.py)."""
+    from planner.reference_parallel import ParallelProgram
+    from planner.specs import ParallelSpec
+
+    model = resolve_model(ModelSpec.model_validate(arch))
+    ps = ParallelSpec.model_validate(par)
+    tr = TrainingSpec.model_validate(var)
+    ck = checkpointed_blocks(tr, model.num_layers)
+    rng = random.Random(zlib.crc32(f"{arch}{par}{var}".encode()))
+    for rank in range(ps.data_parallel):
+        for domain in ((None, None), (1, None)):
+            tpl = compile_template(model, tr, "cuda", ck, domain, lambda m, sizes: ParallelProgram(
+                model, tr, ps, rank, checkpointed=ck, machine=m, sizes=sizes))
+            for b, t in _sizes(domain, rng)[:4]:
+                trs = tr.model_copy(update={"micro_batch_size": b, "sequence_length": t})
+                ref = ParallelProgram(model, trs, ps, rank, checkpointed=ck).run()
+                got = tpl.evaluate(b, t)
+                for f in ("first", "steady", "forward_peak", "act_peak"):
+                    assert _same(getattr(ref, f), getattr(got, f)), (rank, b, t, f)
+
+
+def test_data_parallel_estimates_through_templates_equal_the_replay():
+    pm.clear_caches()
+
+    def req(b: int, t: int, z: int) -> MemoryRequest:
+        return MemoryRequest.model_validate({"model": LLAMA, "training": {
+            "micro_batch_size": b, "sequence_length": t},
+            "parallelism": {"data_parallel": 3, "zero_stage": z}})
+    sizes = ((2, 64), (3, 64), (5, 100), (17, 2000), (2, 2))
+    got = [pm.estimate_memory(req(b, t, z)) for z in range(4) for b, t in sizes]
+    assert len([t for t in step_cache._TEMPLATES.values() if t is not None]) >= 4
+    pm.clear_caches()
+    with step_cache.replay_only():
+        want = [pm.estimate_memory(req(b, t, z)) for z in range(4) for b, t in sizes]
+    assert got == want
