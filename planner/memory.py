@@ -287,15 +287,28 @@ def _data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, de
     peaks = _dp_peaks(model, tr, par, device, frozenset(ckpt))
     rank, worst = max(peaks, key=lambda rp: (rp[1].steady.total, -rp[0]))
     ms = step_cache.setup_memo(shard_model_states, model, tr, par)
-    assumptions.append(Assumption(name="profile", value="reference step per data-parallel rank, "
-                                  "simulated op by op", note="the step measured by multi-rank "
-                                  "validation jobs"))
-    assumptions.append(Assumption(name="implementation", value=ms.implementation,
-                                  note="what each rank holds"))
-    assumptions.append(Assumption(name="worst_rank", value=str(rank),
-                                  note="the rank with the highest steady-state peak"))
-    return (_bd(worst.steady.as_dict()), _bd(worst.first.as_dict()),
-            f"{worst.steady.phase}: {worst.steady.op}")
+    assumptions.append(_PROFILE_DATA_PARALLEL)
+    assumptions.append(_assumption("implementation", ms.implementation, "what each rank holds"))
+    assumptions.append(_assumption("worst_rank", str(rank),
+                                   "the rank with the highest steady-state peak"))
+    return _snap_bd(worst.steady), _snap_bd(worst.first), f"{worst.steady.phase}: {worst.steady.op}"
+
+
+_PROFILE_DATA_PARALLEL = Assumption(
+    name="profile", value="reference step per data-parallel rank, simulated op by op",
+    note="the step measured by multi-rank validation jobs")
+_ASSUMPTIONS: dict[tuple[str, str, str], Assumption] = {}
+
+
+def _assumption(name: str, value: str, note: str) -> Assumption:
+    """An Assumption, shared between estimates (frozen specs)."""
+    key = (name, value, note)
+    hit = _ASSUMPTIONS.get(key)
+    if hit is None:
+        if len(_ASSUMPTIONS) >= 4096:
+            _ASSUMPTIONS.clear()
+        hit = _ASSUMPTIONS[key] = Assumption(name=name, value=value, note=note)
+    return hit
 
 
 def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
