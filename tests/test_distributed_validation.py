@@ -69,9 +69,9 @@ def test_lora_ranks_match_the_replay(zero, ranks, family, precision):
     stage with LoRA, every precision and checkpointing: benchmarks/accuracy_distributed.py
     --extras."""
     req = request(family, zero, ranks, precision)
-    req = req.model_copy(update={"training": req.training.model_copy(
-        update={"lora": {"rank": 4}})})
-    req = ValidationRequest.model_validate(req.model_dump())
+    body = req.model_dump()
+    body["training"]["lora"] = {"rank": 4}
+    req = ValidationRequest.model_validate(body)
     res = run_multi_rank(req)
     assert [r.rank for r in res.ranks] == list(range(ranks))
     for r in res.ranks:
