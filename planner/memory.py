@@ -9,12 +9,14 @@ assumption. ``implementation="megatron"`` uses Korthikanti et al. 2022 (``planne
 
 from __future__ import annotations
 
+import functools
 import math
 
 from planner.catalog import get_gpu, resolve_model
 from planner.errors import PlanningError
 from planner import step_cache
 from planner.specs import (
+    ActivationCheckpointing,
     Assumption,
     Breakdown,
     Fit,
@@ -158,35 +160,23 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
     return _estimate(req, model, device, ckpt)
 
 
-_BLOCKS: dict[tuple, frozenset[int]] = {}
-
-
 def _blocks(tr: TrainingSpec, num_layers: int) -> frozenset[int]:
-    """checkpointed_blocks, memoised for the named strategies (a frozenset: shared)."""
+    """checkpointed_blocks as a frozenset, memoised for the named strategies."""
     ac = tr.activation_checkpointing
     if ac.blocks is not None:
         return frozenset(ac.blocks)
-    key = (ac.strategy, ac.every_k, num_layers)
-    hit = _BLOCKS.get(key)
-    if hit is None:
-        if len(_BLOCKS) >= 1024:
-            _BLOCKS.clear()
-        hit = _BLOCKS[key] = frozenset(checkpointed_blocks(tr, num_layers))
-    return hit
+    return _named_blocks(ac, num_layers)
 
 
-_CKPT_ASSUMPTIONS: dict[frozenset[int], Assumption] = {}
+@functools.lru_cache(maxsize=1024)
+def _named_blocks(ac: ActivationCheckpointing, num_layers: int) -> frozenset[int]:
+    return frozenset(checkpointed_blocks(TrainingSpec(activation_checkpointing=ac), num_layers))
 
 
+@functools.lru_cache(maxsize=1024)
 def _ckpt_assumption(ckpt: frozenset[int]) -> Assumption:
-    hit = _CKPT_ASSUMPTIONS.get(ckpt)
-    if hit is None:
-        if len(_CKPT_ASSUMPTIONS) >= 1024:
-            _CKPT_ASSUMPTIONS.clear()
-        hit = _CKPT_ASSUMPTIONS[ckpt] = Assumption(
-            name="checkpointed_blocks", value=_ranges(sorted(ckpt)),
-            note="torch.utils.checkpoint(use_reentrant=False)")
-    return hit
+    return Assumption(name="checkpointed_blocks", value=_ranges(sorted(ckpt)),
+                      note="torch.utils.checkpoint(use_reentrant=False)")
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
@@ -297,18 +287,10 @@ def _data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, de
 _PROFILE_DATA_PARALLEL = Assumption(
     name="profile", value="reference step per data-parallel rank, simulated op by op",
     note="the step measured by multi-rank validation jobs")
-_ASSUMPTIONS: dict[tuple[str, str, str], Assumption] = {}
-
-
+@functools.lru_cache(maxsize=4096)
 def _assumption(name: str, value: str, note: str) -> Assumption:
     """An Assumption, shared between estimates (frozen specs)."""
-    key = (name, value, note)
-    hit = _ASSUMPTIONS.get(key)
-    if hit is None:
-        if len(_ASSUMPTIONS) >= 4096:
-            _ASSUMPTIONS.clear()
-        hit = _ASSUMPTIONS[key] = Assumption(name=name, value=value, note=note)
-    return hit
+    return Assumption(name=name, value=value, note=note)
 
 
 def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
