@@ -59,7 +59,6 @@ Two steps are replayed; the steady state is the second (optimizer states live).
 from __future__ import annotations
 
 import bisect
-
 import heapq
 from dataclasses import dataclass, field
 
