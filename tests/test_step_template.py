@@ -251,3 +251,22 @@ def test_data_parallel_estimates_through_templates_equal_the_replay():
     with step_cache.replay_only():
         want = [pm.estimate_memory(req(b, t, z)) for z in range(4) for b, t in sizes]
     assert got == want
+
+
+def test_concurrent_estimates_agree_with_the_replay():
+    """The service runs estimates in a thread pool: templates compiled and read from several
+    threads at once still give the replay's answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pm.clear_caches()
+    setups = [{"precision": p, "attention": a} for p in ("fp32", "amp-bf16") for a in ("sdpa", "eager")]
+    reqs = [MemoryRequest.model_validate({"model": LLAMA, "training": {
+        **setups[k % len(setups)], "micro_batch_size": 1 + k % 7, "sequence_length": 16 + 37 * k}})
+        for k in range(80)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(pm.estimate_memory, reqs))
+    assert [t for t in step_cache._TEMPLATES.values() if t is not None]
+    pm.clear_caches()
+    with step_cache.replay_only():
+        want = [pm.estimate_memory(r) for r in reqs]
+    assert got == want
