@@ -100,8 +100,10 @@ class PipelineRankProgram(ReferenceProgram):
     """One pipeline rank: its stages' parameters and the schedule's actions on one Machine."""
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, schedule, rank: int, *,
-                 device: str = "cuda") -> None:
-        super().__init__(model, training, device=device, compress=False)
+                 device: str = "cuda", machine: Machine | None = None,
+                 sizes: tuple | None = None) -> None:
+        super().__init__(model, training, device=device, compress=False, machine=machine,
+                         sizes=sizes)
         self.sched, self.rank = schedule, rank
         S, mb = schedule.num_stages, schedule.microbatches
         self.n_mb = mb
@@ -127,14 +129,10 @@ class PipelineRankProgram(ReferenceProgram):
         self._owned = [owner[id(t)] in self.stages for t in self.params.tensors]
         for name, t in self.params.by_name.items():
             if owner[id(t)] not in self.stages and t.buf.nbytes:
-                m.cur[0] -= t.buf.nbytes
-                m.total -= t.buf.nbytes
-                t.buf.nbytes = 0
+                m.resize(t.buf, 0)
         # the whole batch's input ids and targets, on every rank (pipeline_run registers both)
         for b in (self.idx.buf, self.tgt.buf):
-            m.cur[3] += (mb - 1) * b.nbytes
-            m.total += (mb - 1) * b.nbytes
-            b.nbytes *= mb
+            m.resize(b, mb * b.nbytes)
         self.res_esz = self.p_esz  # the residual stream: parameter dtype (fp32 under amp)
         act = s.N * s.h * self.res_esz
         self.recv: dict[tuple[int, int], Buf] = {}
@@ -340,6 +338,11 @@ class PipelineRankProgram(ReferenceProgram):
         m.phase = "optimizer"
 
     def run_steps(self) -> StagePeak:
+        return StagePeak(self.rank, self.stages, *self.step_windows())
+
+    def step_windows(self) -> list:
+        """Two steps: the first (no optimizer states yet) and the steady one; the machine's peak
+        of each (a window id on the step template's recording machine)."""
         m = self.m
         m.reset_peak()
         self.step()
@@ -349,7 +352,7 @@ class PipelineRankProgram(ReferenceProgram):
         m.reset_peak()
         self.step()
         self.optimizer_step(first=False)
-        return StagePeak(self.rank, self.stages, first, m.peak)
+        return [first, m.peak]
 
 
 # ---- split backward (zero bubble) -------------------------------------------------------------
@@ -524,11 +527,16 @@ def _split_backward_weight(m: Machine, p: _Pending) -> None:
 
 
 def pipeline_rank_peaks(model: ResolvedModel, training: TrainingSpec, schedule,
-                        device: str = "cuda", ranks: list[int] | None = None) -> list[StagePeak]:
-    """The replayed step of every rank (or of ``ranks``)."""
+                        device: str = "cuda", ranks: list[int] | None = None,
+                        simulate=None) -> list[StagePeak]:
+    """The replayed step of every rank (or of ``ranks``); ``simulate(model, training, schedule,
+    device, rank)`` replaces the plain replay (the planner passes its memoised, templated one)."""
     out = []
     for r in ranks if ranks is not None else range(schedule.num_ranks):
-        out.append(PipelineRankProgram(model, training, schedule, r, device=device).run_steps())
+        if simulate is not None:
+            out.append(simulate(model, training, schedule, device, r))
+        else:
+            out.append(PipelineRankProgram(model, training, schedule, r, device=device).run_steps())
     return out
 
 
@@ -557,9 +565,6 @@ def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
 __all__ = ["PipelineRankProgram", "StagePeak", "pipeline_rank_peaks", "unsupported_reason"]
 
 
-_CACHE: dict = {}
-
-
 def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
     """Every rank replayed; (worst rank's steady, first-step breakdown dicts, peak phase,
     assumptions, notes) for planner.memory, or None when the setup is outside the replay (the
@@ -578,13 +583,9 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
         return None
     if plan.num_stages > model.num_layers:
         return None
-    key = (model.model_dump_json(), training.model_dump_json(), name,
-           parallel.pipeline_parallel, v, device)
-    if key not in _CACHE:
-        if len(_CACHE) >= 128:
-            _CACHE.clear()
-        _CACHE[key] = pipeline_rank_peaks(model, training, plan, device)
-    peaks = _CACHE[key]
+    from planner import step_cache
+
+    peaks = pipeline_rank_peaks(model, training, plan, device, simulate=step_cache.pipeline_rank)
     worst = max(peaks, key=lambda pk: (pk.steady.total, -pk.rank))
     per = "; ".join(f"rank {pk.rank} (stages {','.join(map(str, pk.stages))}): "
                     f"{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}" for pk in peaks)

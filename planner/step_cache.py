@@ -16,7 +16,13 @@ import threading
 
 from planner.reference_step import ReferenceProgram, StepPeaks
 from planner.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
-from planner.step_template import StepTemplate, Undecided, compile_template, domain_of
+from planner.step_template import (
+    StepTemplate,
+    Undecided,
+    compile_template,
+    compile_windows,
+    domain_of,
+)
 
 _SIM_CACHE: dict[tuple, StepPeaks] = {}
 _SIM_CACHE_MAX = 512
@@ -51,7 +57,7 @@ def setup_key(model: ResolvedModel, tr: TrainingSpec, device: str,
 
 
 def _json_key(key: tuple, tr: TrainingSpec) -> tuple:
-    return (key[0], tr.model_dump_json(exclude=set(_SIZES)), *key[5:])
+    return (key[0], tr.model_dump_json(exclude=set(_SIZES)), *key[5:])  # the rest hashes
 
 
 def _program(model: ResolvedModel, tr: TrainingSpec, device: str, checkpointed: frozenset[int],
@@ -69,15 +75,50 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
              rank: int = 0) -> StepPeaks:
     """The reference step's peaks (a pure function of the inputs), on one device or for one
     data-parallel rank: from the setup's template when it has one, else replayed op by op."""
-    skey = setup_key(model, tr, device, checkpointed, par, rank)
+    def replay():
+        return _program(model, tr, device, checkpointed, par, rank).run()
+
+    def compile_(domain):
+        def make(machine, sizes):
+            return _program(model, tr, device, checkpointed, par, rank, machine=machine,
+                            sizes=sizes)
+        return compile_template(model, tr, device, set(checkpointed), domain, make)
+    return _cached(setup_key(model, tr, device, checkpointed, par, rank), tr, replay, compile_,
+                   lambda tpl, b, t: tpl.evaluate(b, t))
+
+
+def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
+    """One pipeline rank's replayed step (planner/pipeline_memory.py: StagePeak), templated and
+    memoised like ``simulate``."""
+    from planner.pipeline_memory import PipelineRankProgram, StagePeak
+
+    def program(**kw):
+        return PipelineRankProgram(model, tr, schedule, rank, device=device, **kw)
+
+    def compile_(domain):
+        return compile_windows(lambda m, sizes: program(machine=m, sizes=sizes), domain,
+                               lambda prog: prog.step_windows())
+
+    stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
+    base = setup_key(model, tr, device, frozenset(), None, rank)
+    plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
+    return _cached((*base[:-1], plan, base[-1]), tr, lambda: program().run_steps(), compile_,
+                   lambda tpl, b, t: StagePeak(rank, stages, *tpl.evaluate(b, t)))
+
+
+def _cached(skey: tuple, tr: TrainingSpec, replay, compile_, evaluate):
+    """``replay()``'s result for ``skey`` (domain last) at tr's sizes: evaluated from the
+    compiled template (``compile_(domain)``, ``evaluate(template, B, T)``) when there is one,
+    compiled when the setup comes back with another size, else replayed (memoised)."""
+    b, t = tr.micro_batch_size, tr.sequence_length
     try:
         tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
-    except TypeError:
+    except TypeError:  # a list inside the specs
         skey = _json_key(skey, tr)
         tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
     if tpl is not None:
-        return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
-    key = (skey, tr.micro_batch_size, tr.sequence_length)
+        return evaluate(tpl, b, t)
+    key = (skey, b, t)
     hit = _SIM_CACHE.get(key)
     if hit is not None:
         return hit
@@ -87,10 +128,10 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
                 _SEEN.clear()
             seen = _SEEN[skey] = _SEEN.get(skey, 0) + 1
         if seen >= 2:
-            tpl = _compile(skey, model, tr, device, checkpointed, par, rank)
+            tpl = _compile(skey, compile_)
             if tpl is not None:
-                return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
-    hit = _program(model, tr, device, checkpointed, par, rank).run()
+                return evaluate(tpl, b, t)
+    hit = replay()
     with _LOCK:
         if len(_SIM_CACHE) >= _SIM_CACHE_MAX:
             _SIM_CACHE.pop(next(iter(_SIM_CACHE)))
@@ -98,13 +139,9 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
     return hit
 
 
-def _compile(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
-             checkpointed: frozenset[int], par: ParallelSpec | None,
-             rank: int) -> StepTemplate | None:
-    def make(machine, sizes):
-        return _program(model, tr, device, checkpointed, par, rank, machine=machine, sizes=sizes)
+def _compile(skey: tuple, compile_):
     try:
-        tpl = compile_template(model, tr, device, set(checkpointed), skey[-1], make)
+        tpl = compile_(skey[-1])
     except (Undecided, TypeError):
         tpl = None
     with _LOCK:

@@ -27,11 +27,11 @@ import numpy as np
 
 from planner.peak_candidates import Candidates, candidates
 from planner.reference_step import ReferenceProgram, StepPeaks, combine_peaks
-from planner.stepsim import _INDEX, CATEGORIES, Buf, Machine
+from planner.stepsim import _INDEX, CATEGORIES, Buf, Machine, PeakSnap
 from planner.symbolic import Poly, Undecided, strictly_positive
 
-__all__ = ["Poly", "RecordingMachine", "StepTemplate", "Undecided", "compile_template",
-           "domain_of"]
+__all__ = ["Poly", "RecordingMachine", "StepTemplate", "Undecided", "WindowTemplate",
+           "compile_template", "compile_windows", "domain_of"]
 
 _NCAT = len(CATEGORIES)
 
@@ -217,32 +217,24 @@ def domain_of(B: int, T: int) -> tuple[int | None, int | None]:
     return (1 if B == 1 else None, 1 if T == 1 else None)
 
 
-def compile_template(model, training, device: str, checkpointed: set[int],
-                     domain: tuple[int | None, int | None], make=None) -> StepTemplate:
-    """Replay the step once with the sizes of ``domain`` symbolic; raises Undecided (or
-    TypeError, from a size the program cannot take symbolically) when the replay depends on
-    their values. ``make(machine, sizes)`` builds the program (default: ReferenceProgram; a
-    data-parallel rank's ParallelProgram, for instance)."""
+def _record(make, domain: tuple[int | None, int | None]):
+    """A recording machine and the program ``make(machine, sizes)`` builds on it, with the sizes
+    of ``domain`` symbolic."""
     m = RecordingMachine()
     B = domain[0] if domain[0] is not None else Poly({(0, 0): 2, (1, 0): 1})
     T = domain[1] if domain[1] is not None else Poly({(0, 0): 2, (0, 1): 1})
-    if make is None:
-        prog = ReferenceProgram(model, training, device=device, checkpointed=checkpointed,
-                                machine=m, sizes=(B, T))
-    else:
-        prog = make(m, (B, T))
-    fb, step, _, combine = prog.run_windows()
+    return m, make(m, (B, T))
+
+
+def _windows(m: RecordingMachine, wanted: list[int], act: bool):
+    """(exps, the candidates of each wanted window (total peak), the activation-peak candidates
+    (activations + temporaries outside the optimizer, None unless ``act``))."""
     m._flush()
-    if isinstance(combine["states"], Poly):
-        raise Undecided("optimizer states depend on the sizes")
     full = m.marks_matrix()  # marks × categories × (i, j) grid
     used = np.nonzero(np.abs(full).reshape(-1, _DEG * _DEG).max(0))[0]
     used = np.union1d(used, [0])  # the constant first
     exps = tuple((int(u) // _DEG, int(u) % _DEG) for u in used)
     cats = full[:, :, used]
-    total = cats.sum(1)
-    act = cats[:, 3] + cats[:, 4]
-    windows = np.array([mk[3] for mk in m.marks])
     ops = [mk[1] for mk in m.marks]
     phases = [mk[2] for mk in m.marks]
 
@@ -251,6 +243,51 @@ def compile_template(model, training, device: str, checkpointed: set[int],
         return Candidates(exps, [], [], [], [], zero) if not len(w) else candidates(
             key[w], cats[w], exps, [ops[i] for i in w], [phases[i] for i in w], zero)
 
-    act_sel = np.array([mk[4] and mk[2] != "optimizer" for mk in m.marks])
-    return StepTemplate(domain, exps, [window(windows == w, total) for w in fb],
-                        window(windows == step, total), window(act_sel, act, zero=True), combine)
+    total = cats.sum(1)
+    windows = np.array([mk[3] for mk in m.marks])
+    act_c = None
+    if act:
+        act_sel = np.array([mk[4] and mk[2] != "optimizer" for mk in m.marks])
+        act_c = window(act_sel, cats[:, 3] + cats[:, 4], zero=True)
+    return exps, [window(windows == w, total) for w in wanted], act_c
+
+
+def compile_template(model, training, device: str, checkpointed: set[int],
+                     domain: tuple[int | None, int | None], make=None) -> StepTemplate:
+    """Replay the step once with the sizes of ``domain`` symbolic; raises Undecided (or
+    TypeError, from a size the program cannot take symbolically) when the replay depends on
+    their values. ``make(machine, sizes)`` builds the program (default: ReferenceProgram; a
+    data-parallel rank's ParallelProgram, for instance)."""
+    if make is None:
+        def make(m, sizes):
+            return ReferenceProgram(model, training, device=device, checkpointed=checkpointed,
+                                    machine=m, sizes=sizes)
+    m, prog = _record(make, domain)
+    fb, step, _, combine = prog.run_windows()
+    if isinstance(combine["states"], Poly):
+        raise Undecided("optimizer states depend on the sizes")
+    exps, cands, act = _windows(m, [*fb, step], act=True)
+    return StepTemplate(domain, exps, cands[:-1], cands[-1], act, combine)
+
+
+@dataclass
+class WindowTemplate:
+    """Any program's peak windows with B and T free over a domain (``run`` gave the window
+    ids): ``evaluate(B, T)`` is the list of their peaks."""
+
+    domain: tuple[int | None, int | None]
+    exps: tuple[tuple[int, int], ...]
+    windows: list[Candidates]
+
+    def evaluate(self, B: int, T: int) -> list[PeakSnap]:
+        b, t = B - 2, T - 2
+        return [c.best(b, t) for c in self.windows]
+
+
+def compile_windows(make, domain: tuple[int | None, int | None], run) -> WindowTemplate:
+    """``run(program)`` replays the program built by ``make(machine, sizes)`` and returns the
+    ids of the windows (``machine.peak`` after each) whose peaks the template gives."""
+    m, prog = _record(make, domain)
+    wanted = run(prog)
+    exps, cands, _ = _windows(m, wanted, act=False)
+    return WindowTemplate(domain, exps, cands)

@@ -270,3 +270,26 @@ def test_concurrent_estimates_agree_with_the_replay():
     with step_cache.replay_only():
         want = [pm.estimate_memory(r) for r in reqs]
     assert got == want
+
+
+@pytest.mark.parametrize("schedule,p,v", [("gpipe", 4, 1), ("1f1b", 2, 1), ("interleaved-1f1b", 2, 2),
+                                          ("zb-h1", 2, 1), ("zb-v", 2, 2), ("dualpipe-v", 2, 2)])
+@pytest.mark.parametrize("arch,var", [(GPT2, {}), (LLAMA, {"precision": "fp32",
+                                                          "attention": "eager"})],
+                         ids=["gpt2", "llama-eager"])
+def test_pipeline_estimates_through_rank_templates_equal_the_replay(schedule, p, v, arch, var):
+    """Pipelined estimates (every rank replayed, planner/pipeline_memory.py): once a setup's
+    ranks are compiled, new sizes come from their templates and equal the replay."""
+    def req(b: int, t: int) -> MemoryRequest:
+        return MemoryRequest.model_validate({"model": arch, "training": {
+            **var, "micro_batch_size": b, "sequence_length": t, "gradient_accumulation_steps": 4},
+            "parallelism": {"pipeline_parallel": p, "virtual_pipeline_stages": v,
+                            "pipeline_schedule": schedule}})
+    sizes = [(2, 64), (3, 64), (5, 300), (9, 1000), (1, 20), (1, 21), (1, 500)]
+    pm.clear_caches()
+    got = [pm.estimate_memory(req(b, t)) for b, t in sizes]
+    assert sum(t is not None for t in step_cache._TEMPLATES.values()) == 2 * p
+    pm.clear_caches()
+    with step_cache.replay_only():
+        want = [pm.estimate_memory(req(b, t)) for b, t in sizes]
+    assert got == want
