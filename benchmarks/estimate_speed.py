@@ -13,8 +13,8 @@ Cases (every cache is cleared where a case says "first"):
 - new size of a known setup: a micro-batch size and sequence length never asked before, on a setup
   whose template exists: the estimate a sweep or a capacity-planning script makes; the goal row.
 - same request again.
-- ZeRO-3 on 8 ranks: the same for a data-parallel layout, whose rank replay (FSDP2) compiles
-  into a template as well.
+- ZeRO-3 on 8 ranks, 1F1B on 4 ranks: the same for a data-parallel layout (the FSDP2 rank's
+  replay) and a pipelined one (every rank's replay), which compile into templates as well.
 - fit: with ``hardware`` set, so the largest fitting micro-batch is searched as well.
 - HTTP: a uvicorn server (one process) serving ``create_app()``; clients keep connections open.
   The trivial route is GET /healthz; /v1/memory gets one configuration.
@@ -48,11 +48,13 @@ MODELS = ["gpt2", "gpt2-xl", "llama-2-7b"]
 
 
 def _req(preset: str, b: int, t: int, precision: str = "amp-bf16", ckpt: str = "none",
-         hardware: dict | None = None, parallelism: dict | None = None) -> MemoryRequest:
+         hardware: dict | None = None, parallelism: dict | None = None,
+         accumulation: int = 1) -> MemoryRequest:
     return MemoryRequest.model_validate({
         "model": {"preset": preset},
         "training": {"micro_batch_size": b, "sequence_length": t, "precision": precision,
-                     "activation_checkpointing": {"strategy": ckpt}},
+                     "activation_checkpointing": {"strategy": ckpt},
+                     "gradient_accumulation_steps": accumulation},
         **({"hardware": hardware} if hardware else {}),
         **({"parallelism": parallelism} if parallelism else {}),
     })
@@ -125,6 +127,16 @@ def planner_rows(n_cold: int, n_new: int, n_warm: int) -> list[tuple[str, str, f
         zs = [_req(preset, b, t, parallelism=zero3) for b, t in sizes[2 * n_cold:]]
         rows.append((preset, "ZeRO-3 on 8 ranks: new size (rank template)",
                      statistics.median(_time_each(est, zs))))
+        pipe = {"pipeline_parallel": 4, "pipeline_schedule": "1f1b"}
+        planner_memory.clear_caches()
+        t0 = time.perf_counter()
+        est(_req(preset, 2, 16, parallelism=pipe, accumulation=8))
+        rows.append((preset, "1F1B on 4 ranks, 8 micro-batches: first estimate (every rank "
+                     "replayed)", time.perf_counter() - t0))
+        est(_req(preset, 3, 16, parallelism=pipe, accumulation=8))
+        ps = [_req(preset, b, t, parallelism=pipe, accumulation=8) for b, t in sizes[2 * n_cold:]]
+        rows.append((preset, "1F1B on 4 ranks, 8 micro-batches: new size (rank templates)",
+                     statistics.median(_time_each(est, ps))))
         fit = _req(preset, 1, 1024, hardware={"gpu": "h100-80gb"})
 
         def fit_first(r: MemoryRequest) -> None:

@@ -300,7 +300,7 @@ def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
     from planner.zero import shard_model_states
 
     try:
-        ms = shard_model_states(model, tr, par)
+        ms = step_cache.setup_memo(shard_model_states, model, tr, par)
     except ValueError as exc:
         raise PlanningError(str(exc), "parallelism") from exc
     t, p = par.tensor_parallel, par.pipeline_parallel
@@ -322,15 +322,10 @@ def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
                                       value="Korthikanti et al. 2022 Table 2 split",
                                       note="not measured by the reference step"))
     if p > 1:
-        from planner.pipeline import in_flight_microbatches
-
         per_stage = math.ceil(model.num_layers / p) / model.num_layers
-        try:
-            inflight = in_flight_microbatches(par.pipeline_schedule, p,
-                                              max(tr.gradient_accumulation_steps, p),
-                                              par.virtual_pipeline_stages)[0]
-        except Exception:  # noqa: BLE001 - schedule constraints are reported by /v1/pipeline
-            inflight = p
+        inflight = _first_stage_in_flight(par.pipeline_schedule, p,
+                                          max(tr.gradient_accumulation_steps, p),
+                                          par.virtual_pipeline_stages)
         act = int(act * per_stage * inflight)
         assumptions.append(Assumption(
             name="pipeline_in_flight", value=str(inflight),
@@ -344,6 +339,18 @@ def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
                                   note="what the per-rank model states describe"))
     notes.extend(ms.notes)
     return bd, None, "backward (activations of all in-flight micro-batches live)"
+
+
+@functools.lru_cache(maxsize=256)
+def _first_stage_in_flight(schedule: str, p: int, m: int, v: int) -> int:
+    """Micro-batches in flight on the first stage (planner.pipeline's simulation; p where the
+    schedule's constraints do not hold: /v1/pipeline reports those)."""
+    from planner.pipeline import in_flight_microbatches
+
+    try:
+        return in_flight_microbatches(schedule, p, m, v)[0]
+    except Exception:  # noqa: BLE001 - schedule constraints are reported by /v1/pipeline
+        return p
 
 
 def _megatron(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec,
