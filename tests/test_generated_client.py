@@ -39,7 +39,9 @@ def generated(tmp_path_factory):
     assert "Warning" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     sys.path.insert(0, str(out))
     try:
-        yield importlib.import_module("memplan_client")
+        pkg = importlib.import_module("memplan_client")
+        importlib.import_module("memplan_client.models")  # tests use pkg.models whatever ran first
+        yield pkg
     finally:
         sys.path.remove(str(out))
         for name in [m for m in sys.modules if m.split(".")[0] == "memplan_client"]:
