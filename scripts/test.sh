@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# One pytest worker per core (pytest-xdist); MEMPLAN_TEST_WORKERS=0 runs them in one process.
-exec .venv/bin/python -m pytest -q -n "${MEMPLAN_TEST_WORKERS:-auto}" "$@"
+# One pytest worker per core (pytest-xdist), each test file whole on one worker (module fixtures
+# and the order within a file as in one process); MEMPLAN_TEST_WORKERS=0 runs one process.
+exec .venv/bin/python -m pytest -q -n "${MEMPLAN_TEST_WORKERS:-auto}" --dist loadfile "$@"
