@@ -75,6 +75,14 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
              rank: int = 0) -> StepPeaks:
     """The reference step's peaks (a pure function of the inputs), on one device or for one
     data-parallel rank: from the setup's template when it has one, else replayed op by op."""
+    skey = setup_key(model, tr, device, checkpointed, par, rank)
+    try:  # the hot path first: a compiled setup
+        tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
+    except TypeError:  # a list inside the specs: _cached keys it by JSON
+        tpl = None
+    if tpl is not None:
+        return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
+
     def replay():
         return _program(model, tr, device, checkpointed, par, rank).run()
 
@@ -83,8 +91,7 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
             return _program(model, tr, device, checkpointed, par, rank, machine=machine,
                             sizes=sizes)
         return compile_template(model, tr, device, set(checkpointed), domain, make)
-    return _cached(setup_key(model, tr, device, checkpointed, par, rank), tr, replay, compile_,
-                   lambda tpl, b, t: tpl.evaluate(b, t))
+    return _cached(skey, tr, replay, compile_, lambda tpl, b, t: tpl.evaluate(b, t))
 
 
 def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
