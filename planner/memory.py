@@ -165,11 +165,12 @@ def _blocks(tr: TrainingSpec, num_layers: int) -> frozenset[int]:
     ac = tr.activation_checkpointing
     if ac.blocks is not None:
         return frozenset(ac.blocks)
-    return _named_blocks(ac, num_layers)
+    return _named_blocks(ac.strategy, ac.every_k, num_layers)  # plain keys: cheap to compare
 
 
 @functools.lru_cache(maxsize=1024)
-def _named_blocks(ac: ActivationCheckpointing, num_layers: int) -> frozenset[int]:
+def _named_blocks(strategy: str, every_k: int | None, num_layers: int) -> frozenset[int]:
+    ac = ActivationCheckpointing(strategy=strategy, every_k=every_k)
     return frozenset(checkpointed_blocks(TrainingSpec(activation_checkpointing=ac), num_layers))
 
 
