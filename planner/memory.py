@@ -221,11 +221,14 @@ def _ranges(xs: list[int]) -> str:
     return ",".join(out)
 
 
+def _single_device(par: ParallelSpec) -> bool:
+    return (par.data_parallel == par.tensor_parallel == par.pipeline_parallel == 1
+            and par.zero_stage == 0)
+
+
 def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
                ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
-    single = (par.data_parallel == par.tensor_parallel == par.pipeline_parallel == 1
-              and par.zero_stage == 0)
-    if single:
+    if _single_device(par):
         peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
         steady, first = peaks.steady, peaks.first
         assumptions.append(_PROFILE_REFERENCE)
@@ -458,8 +461,7 @@ def _template_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt):
     same number ``_estimate`` gives without building a response."""
     tr, par = req.training, req.parallelism
     if not (model.architecture_known and tr.implementation == "reference"
-            and par.data_parallel == par.tensor_parallel == par.pipeline_parallel == 1
-            and par.zero_stage == 0):
+            and _single_device(par)):
         return None
     t, ck = tr.sequence_length, frozenset(ckpt)
 

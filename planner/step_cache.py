@@ -41,6 +41,14 @@ _LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
 _USE_TEMPLATES = True
 
 
+def _put(store: dict, key, value, limit: int) -> None:
+    """Insert into a bounded cache, dropping its oldest entry when full."""
+    with _LOCK:
+        if len(store) >= limit:
+            store.pop(next(iter(store)), None)
+        store[key] = value
+
+
 def setup_key(model: ResolvedModel, tr: TrainingSpec, device: str,
               checkpointed: frozenset[int], par: ParallelSpec | None = None,
               rank: int = 0) -> tuple:
@@ -139,10 +147,7 @@ def _cached(skey: tuple, tr: TrainingSpec, replay, compile_, evaluate):
             if tpl is not None:
                 return evaluate(tpl, b, t)
     hit = replay()
-    with _LOCK:
-        if len(_SIM_CACHE) >= _SIM_CACHE_MAX:
-            _SIM_CACHE.pop(next(iter(_SIM_CACHE)))
-        _SIM_CACHE[key] = hit
+    _put(_SIM_CACHE, key, hit, _SIM_CACHE_MAX)
     return hit
 
 
@@ -151,11 +156,8 @@ def _compile(skey: tuple, compile_):
         tpl = compile_(skey[-1])
     except (Undecided, TypeError):
         tpl = None
-    with _LOCK:
-        if len(_TEMPLATES) >= _TEMPLATES_MAX:
-            _TEMPLATES.pop(next(iter(_TEMPLATES)))
-        _TEMPLATES[skey] = tpl
-        _SEEN.pop(skey, None)
+    _put(_TEMPLATES, skey, tpl, _TEMPLATES_MAX)
+    _SEEN.pop(skey, None)
     return tpl
 
 
@@ -186,10 +188,7 @@ def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
         return fn(model, tr, par)
     if hit is None:
         hit = fn(model, tr, par)
-        with _LOCK:
-            if len(_MEMO) >= _TEMPLATES_MAX:
-                _MEMO.pop(next(iter(_MEMO)))
-            _MEMO[key] = hit
+        _put(_MEMO, key, hit, _TEMPLATES_MAX)
     return hit
 
 
