@@ -130,10 +130,16 @@ class CheckpointResult(_Frozen):
         default_factory=list, description="Runs [first, last] of consecutive checkpointed blocks "
         "(each block is its own checkpoint call).")
     activation_peak_bytes: int | None = Field(
-        None, description="Setup: activations + temporaries at the step's peak. Chain: the peak "
-        "above base_bytes.")
-    total_peak_bytes: int | None = Field(None, description="Peak including model states (the "
-                                         "allocated peak; allocator reserve not included).")
+        None, description="Setup: the highest live activation bytes at any instant of forward "
+        "and backward (POST /v1/memory's activation_peak_bytes), whether or not the step's peak "
+        "falls there: what checkpointing lowers. Chain: the peak above base_bytes.")
+    forward_backward_peak_bytes: int | None = Field(
+        None, description="Setup: the highest total of forward and backward (model states "
+        "included; POST /v1/memory's forward_backward_peak). Below total_peak_bytes when the "
+        "optimizer step holds the step's peak, which no placement changes.")
+    total_peak_bytes: int | None = Field(None, description="The step's peak including model "
+                                         "states (the allocated peak; allocator reserve not "
+                                         "included).")
     breakdown: Breakdown | None = Field(
         None, description="Setup: the peak by category, as POST /v1/memory gives it.")
     allocator_reserve_bytes: int | None = Field(
@@ -369,7 +375,10 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
             note="FLOPs and times sum the model's blocks; each stage recomputes its share"))
     return CheckpointResult(
         strategy=strategy, num_blocks=L, checkpointed_blocks=blocks, segments=_runs(blocks),
-        activation_peak_bytes=bd.activations + bd.temporaries, total_peak_bytes=bd.total,
+        activation_peak_bytes=result.activation_peak_bytes,
+        forward_backward_peak_bytes=(result.forward_backward_peak.total
+                                     if result.forward_backward_peak is not None else None),
+        total_peak_bytes=bd.total,
         breakdown=bd, allocator_reserve_bytes=result.allocator_reserve_bytes,
         peak_phase=result.peak_phase, budget_bytes=budget, fits=fits,
         min_achievable_peak_bytes=low, block_forward_flops=blk_flops,

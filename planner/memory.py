@@ -187,15 +187,16 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
     assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
                                      _ZERO_GRAD]
     notes: list[str] = list(extra_notes or [])
-    first = None
+    first, peaks = None, {}
     if not model.architecture_known:
         bd, phase = _model_states_only(model, tr, par, assumptions), "model states only"
         notes.append("bare num_parameters: activations and temporaries need the architecture "
                      "(family, layers, hidden size, heads, vocabulary), so only model states are given")
     elif tr.implementation == "megatron":
         bd, phase = _megatron(model, tr, par, assumptions)
+        peaks = _fb_fields(bd.activations, bd, phase)  # Korthikanti et al.: the forward's end
     else:
-        bd, first, phase = _reference(model, tr, par, device, ckpt, assumptions, notes)
+        bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
         if ckpt:
             assumptions.append(_ckpt_assumption(frozenset(ckpt)))
     reserve = _reserve(bd.total, device)
@@ -207,7 +208,19 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
                   if model.architecture_known else None)
     return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
                         allocator_reserve_bytes=reserve, fit=fit, assumptions=assumptions,
-                        notes=notes)
+                        notes=notes, **peaks)
+
+
+def _fb_fields(activation_peak: int | None, fb: Breakdown | None, fb_phase: str | None) -> dict:
+    """MemoryResult's activation peak and forward/backward peak."""
+    return {"activation_peak_bytes": activation_peak, "forward_backward_peak": fb,
+            "forward_backward_peak_phase": fb_phase}
+
+
+def _replayed_fields(peaks) -> dict:
+    """The activation and forward/backward peaks of a replayed step (StepPeaks)."""
+    fb = peaks.fb_steady
+    return _fb_fields(peaks.act_max.total, _snap_bd(fb), f"{fb.phase}: {fb.op}")
 
 
 def _ranges(xs: list[int]) -> str:
@@ -232,7 +245,8 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
         peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
         steady, first = peaks.steady, peaks.first
         assumptions.append(_PROFILE_REFERENCE)
-        return _snap_bd(steady), _snap_bd(first), f"{steady.phase}: {steady.op}"
+        return (_snap_bd(steady), _snap_bd(first), f"{steady.phase}: {steady.op}",
+                _replayed_fields(peaks))
     from planner.reference_parallel import unsupported_reason
 
     if par.data_parallel > 1 and unsupported_reason(tr, par) is None:
@@ -246,7 +260,7 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
             assumptions.extend(extra)
             notes.extend(pp_notes)
             return (_bd(worst.steady.as_dict()), _bd(worst.first.as_dict()),
-                    f"{worst.steady.phase}: {worst.steady.op} (rank {worst.rank})")
+                    f"{worst.steady.phase}: {worst.steady.op} (rank {worst.rank})", {})
     return _composed(model, tr, par, device, ckpt, assumptions, notes)
 
 
@@ -285,7 +299,8 @@ def _data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, de
     assumptions.append(_assumption("implementation", ms.implementation, "what each rank holds"))
     assumptions.append(_assumption("worst_rank", str(rank),
                                    "the rank with the highest steady-state peak"))
-    return _snap_bd(worst.steady), _snap_bd(worst.first), f"{worst.steady.phase}: {worst.steady.op}"
+    return (_snap_bd(worst.steady), _snap_bd(worst.first), f"{worst.steady.phase}: {worst.steady.op}",
+            _replayed_fields(worst))
 
 
 _PROFILE_DATA_PARALLEL = Assumption(
@@ -311,6 +326,7 @@ def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
     peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
     fb = peaks.act_peak.as_dict()
     act, tmp = fb["activations"], fb["temporaries"]
+    act_max = peaks.act_max.total
     assumptions.append(Assumption(
         name="composition", value="sharded model states + single-device activation peak",
         note="activations and temporaries at their own peak in the reference step, added to the "
@@ -321,6 +337,7 @@ def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
         # by t; with sequence parallelism everything divides by t.
         replicated = 0.0 if par.sequence_parallel else 10 / 34
         act = int(act * (replicated + (1 - replicated) / t))
+        act_max = int(act_max * (replicated + (1 - replicated) / t))
         tmp = tmp // t
         assumptions.append(Assumption(name="tensor_parallel_activations",
                                       value="Korthikanti et al. 2022 Table 2 split",
@@ -331,6 +348,7 @@ def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
                                           max(tr.gradient_accumulation_steps, p),
                                           par.virtual_pipeline_stages)
         act = int(act * per_stage * inflight)
+        act_max = int(act_max * per_stage * inflight)
         assumptions.append(Assumption(
             name="pipeline_in_flight", value=str(inflight),
             note=f"micro-batches in flight on the first stage under {par.pipeline_schedule} "
@@ -342,7 +360,8 @@ def _composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
     assumptions.append(Assumption(name="implementation", value=ms.implementation,
                                   note="what the per-rank model states describe"))
     notes.extend(ms.notes)
-    return bd, None, "backward (activations of all in-flight micro-batches live)"
+    phase = "backward (activations of all in-flight micro-batches live)"
+    return bd, None, phase, _fb_fields(act_max, bd, phase)
 
 
 @functools.lru_cache(maxsize=256)

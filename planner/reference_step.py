@@ -29,22 +29,34 @@ PRECISIONS: dict[str, tuple[str, str | None, bool, bool]] = {
 
 
 class StepPeaks:
-    """A step's peaks. ``act_peak`` (highest activations + temporaries in forward/backward) may
-    be given as a function, evaluated when first read (only sharded layouts read it)."""
+    """A step's peaks. ``steady`` is the step's peak (step 2+), ``first`` that of step 1;
+    ``forward_peak`` is the highest total of forward/backward in step 1 and ``fb_steady`` the
+    same instant in the steady state (optimizer states live): the step's peak unless the
+    optimizer step is higher. ``act_peak`` (highest activations + temporaries in
+    forward/backward) and ``act_max`` (highest live activation bytes, ``stepsim.activation_snap``)
+    may be given as functions, evaluated when first read."""
 
-    __slots__ = ("first", "steady", "forward_peak", "_act", "notes")
+    __slots__ = ("first", "steady", "forward_peak", "fb_steady", "_act", "_act_max", "notes")
 
     def __init__(self, first: PeakSnap, steady: PeakSnap, forward_peak: PeakSnap | None = None,
                  act_peak: "PeakSnap | Callable[[], PeakSnap] | None" = None,
-                 notes: list[str] | None = None) -> None:
+                 notes: list[str] | None = None, *, fb_steady: PeakSnap | None = None,
+                 act_max: "PeakSnap | Callable[[], PeakSnap] | None" = None) -> None:
         self.first, self.steady, self.forward_peak = first, steady, forward_peak
         self._act, self.notes = act_peak, notes or []
+        self.fb_steady, self._act_max = fb_steady, act_max
 
     @property
     def act_peak(self) -> PeakSnap | None:
         if callable(self._act):
             self._act = self._act()
         return self._act
+
+    @property
+    def act_max(self) -> PeakSnap | None:
+        if callable(self._act_max):
+            self._act_max = self._act_max()
+        return self._act_max
 
 
 class _StopRecompute(Exception):
@@ -62,6 +74,9 @@ class _CheckpointFrame:
 
 class ReferenceProgram(ReferenceModel):
     """Builds the reference model's parameters on a Machine and runs steps on it."""
+
+    # True where a subclass builds the optimizer after choosing its parameters (pipeline ranks)
+    optimizer_built_later = False
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, *, device: str = "cuda",
                  checkpointed: set[int] | None = None,
@@ -112,8 +127,8 @@ class ReferenceProgram(ReferenceModel):
             self.masters = o.m.alloc(sum(n for n, _ in self.trainable_specs()) * self.master_esz, "master",
                                      "optimizer_states")
         self._states_at_init = training.optimizer == "adagrad"
-        if self._states_at_init:  # torch.optim.Adagrad fills its state in __init__
-            self._states = self._alloc_states()
+        if self._states_at_init and not self.optimizer_built_later:
+            self._states = self._alloc_states()  # torch.optim.Adagrad fills its state in __init__
         self.idx = o.new(self.s.N, I64, "input_ids", cat="activations")
         self.tgt = o.new(self.s.N, I64, "targets", cat="activations")
 
@@ -325,7 +340,7 @@ class ReferenceProgram(ReferenceModel):
     def run(self) -> StepPeaks:
         """Simulate one training step; derive the first-step and steady-state peaks."""
         fb, step, act, combine = self.run_windows()
-        return combine_peaks(fb, step, act, **combine)
+        return combine_peaks(fb, step, act, act_max=self.m.act_max, **combine)
 
     def run_windows(self):
         """The step's peak windows: each micro-batch's forward+backward (the first two: micro-batch
@@ -355,7 +370,7 @@ class ReferenceProgram(ReferenceModel):
 
 
 def combine_peaks(fb_peaks: list[PeakSnap], step_peak: PeakSnap, act_peak, *,
-                  states: int, amp_scaler: bool) -> StepPeaks:
+                  states: int, amp_scaler: bool, act_max=None) -> StepPeaks:
     """A steady-state step (2+) repeats step 1's forward and backward exactly, with the optimizer
     states (allocated during step 1's ``optimizer.step()``) live throughout; so one simulated
     forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak)."""
@@ -371,4 +386,5 @@ def combine_peaks(fb_peaks: list[PeakSnap], step_peak: PeakSnap, act_peak, *,
     by[4] += scaler
     shifted = PeakSnap(fwdbwd.total + states + scaler, by, fwdbwd.op, fwdbwd.phase)
     steady = step_peak if step_peak.total > shifted.total else shifted
-    return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd, act_peak=act_peak)
+    return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd, act_peak=act_peak,
+                     fb_steady=shifted, act_max=act_max)

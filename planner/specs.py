@@ -247,6 +247,17 @@ class MemoryResult(_Frozen):
     first_step: Breakdown | None = Field(
         None, description="Peak of the first step (no optimizer states yet at its start).")
     peak_phase: str = Field(..., description="Where in the step the peak occurs.")
+    activation_peak_bytes: int | None = Field(
+        None, description="Highest live activation bytes (tensors allocated in forward or in a "
+        "checkpoint's recompute) at any instant of forward and backward, wherever the step's "
+        "peak falls: what activation checkpointing lowers. None where activations are not "
+        "derived (bare parameter count, pipelined ranks).")
+    forward_backward_peak: Breakdown | None = Field(
+        None, description="The highest total of forward and backward in the steady state "
+        "(optimizer states live), by category: equal to breakdown when the step's peak falls "
+        "there, lower when the optimizer step is the peak. None where not derived.")
+    forward_backward_peak_phase: str | None = Field(
+        None, description="Where forward_backward_peak occurs.")
     allocator_reserve_bytes: int = Field(
         ..., description="Caching-allocator overhead assumed on top of the allocated peak.")
     fit: Fit | None = None

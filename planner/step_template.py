@@ -27,7 +27,7 @@ import numpy as np
 
 from planner.peak_candidates import Candidates, candidates
 from planner.reference_step import ReferenceProgram, StepPeaks, combine_peaks
-from planner.stepsim import _INDEX, CATEGORIES, Buf, Machine, PeakSnap
+from planner.stepsim import _INDEX, CATEGORIES, Buf, Machine, PeakSnap, activation_snap
 from planner.symbolic import Poly, Undecided, strictly_positive
 
 __all__ = ["Poly", "RecordingMachine", "StepTemplate", "Undecided", "WindowTemplate",
@@ -157,6 +157,14 @@ class RecordingMachine(Machine):
     def act_peak(self, value) -> None:
         pass
 
+    @property
+    def act_max(self):
+        return "act_max"
+
+    @act_max.setter
+    def act_max(self, value) -> None:
+        pass
+
     def marks_matrix(self) -> np.ndarray:
         """(marks, category, b-degree, t-degree) coefficients of the live bytes at every mark."""
         idx: list[int] = []
@@ -200,6 +208,7 @@ class StepTemplate:
     fb: list[Candidates]
     step: Candidates
     act: Candidates
+    act_max: Candidates
     combine: dict
 
     def covers(self, B: int, T: int) -> bool:
@@ -208,7 +217,14 @@ class StepTemplate:
     def evaluate(self, B: int, T: int) -> StepPeaks:
         b, t = B - 2, T - 2
         return combine_peaks([c.best(b, t) for c in self.fb], self.step.best(b, t),
-                             lambda: self.act.best(b, t), **self.combine)
+                             lambda: self.act.best(b, t), **self.combine,
+                             act_max=lambda: _activation_snap(self.act_max.best(b, t)))
+
+
+def _activation_snap(p: PeakSnap) -> PeakSnap:
+    """A candidate row of the activation-max window as the machine records it
+    (``stepsim.activation_snap``): the bytes and the phase only."""
+    return PeakSnap() if p.total <= 0 else activation_snap(p.total, p.phase)
 
 
 def domain_of(B: int, T: int) -> tuple[int | None, int | None]:
@@ -228,7 +244,8 @@ def _record(make, domain: tuple[int | None, int | None]):
 
 def _windows(m: RecordingMachine, wanted: list[int], act: bool):
     """(exps, the candidates of each wanted window (total peak), the activation-peak candidates
-    (activations + temporaries outside the optimizer, None unless ``act``))."""
+    (activations + temporaries outside the optimizer, None unless ``act``), the activation-max
+    candidates (live activation bytes outside the optimizer; None unless ``act``))."""
     m._flush()
     full = m.marks_matrix()  # marks × categories × (i, j) grid
     used = np.nonzero(np.abs(full).reshape(-1, _DEG * _DEG).max(0))[0]
@@ -238,18 +255,22 @@ def _windows(m: RecordingMachine, wanted: list[int], act: bool):
     ops = [mk[1] for mk in m.marks]
     phases = [mk[2] for mk in m.marks]
 
-    def window(sel: np.ndarray, key: np.ndarray, zero: bool = False) -> Candidates:
+    def window(sel: np.ndarray, key: np.ndarray, zero: bool = False, cat=None) -> Candidates:
         w = np.nonzero(sel)[0]
+        c = cats if cat is None else cats[:, cat:cat + 1]
         return Candidates(exps, [], [], [], [], zero) if not len(w) else candidates(
-            key[w], cats[w], exps, [ops[i] for i in w], [phases[i] for i in w], zero)
+            key[w], c[w], exps, [ops[i] for i in w], [phases[i] for i in w], zero)
 
     total = cats.sum(1)
     windows = np.array([mk[3] for mk in m.marks])
-    act_c = None
+    act_c = max_c = None
     if act:
         act_sel = np.array([mk[4] and mk[2] != "optimizer" for mk in m.marks])
         act_c = window(act_sel, cats[:, 3] + cats[:, 4], zero=True)
-    return exps, [window(windows == w, total) for w in wanted], act_c
+        # every mark after an allocation: a run merged into its last mark (RecordingMachine.alloc)
+        # never lowers the live activations, and stays in one phase
+        max_c = window(act_sel, cats[:, 3], zero=True, cat=3)
+    return exps, [window(windows == w, total) for w in wanted], act_c, max_c
 
 
 def compile_template(model, training, device: str, checkpointed: set[int],
@@ -266,8 +287,8 @@ def compile_template(model, training, device: str, checkpointed: set[int],
     fb, step, _, combine = prog.run_windows()
     if isinstance(combine["states"], Poly):
         raise Undecided("optimizer states depend on the sizes")
-    exps, cands, act = _windows(m, [*fb, step], act=True)
-    return StepTemplate(domain, exps, cands[:-1], cands[-1], act, combine)
+    exps, cands, act, act_max = _windows(m, [*fb, step], act=True)
+    return StepTemplate(domain, exps, cands[:-1], cands[-1], act, act_max, combine)
 
 
 @dataclass
@@ -289,5 +310,5 @@ def compile_windows(make, domain: tuple[int | None, int | None], run) -> WindowT
     ids of the windows (``machine.peak`` after each) whose peaks the template gives."""
     m, prog = _record(make, domain)
     wanted = run(prog)
-    exps, cands, _ = _windows(m, wanted, act=False)
+    exps, cands, _, _ = _windows(m, wanted, act=False)
     return WindowTemplate(domain, exps, cands)

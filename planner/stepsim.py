@@ -85,6 +85,15 @@ class PeakSnap:
         return d
 
 
+def activation_snap(nbytes: int, phase: str) -> PeakSnap:
+    """The activation peak as a snapshot: ``total`` and the activations category are the live
+    activation bytes; the other categories and the op are not recorded (the instant is the first
+    at which those bytes are live)."""
+    by = [0] * len(CATEGORIES)
+    by[3] = nbytes
+    return PeakSnap(nbytes, by, "", phase)
+
+
 class Machine:
     """Live-byte accounting, the autograd engine, and the peak."""
 
@@ -94,6 +103,10 @@ class Machine:
         self.peak = PeakSnap()
         # Peak of activations + temporaries alone (what a sharded layout adds to model states).
         self.act_peak = PeakSnap()
+        # Highest live activation bytes outside the optimizer step (``total`` holds them; the
+        # phase is where they were first reached): what checkpointing lowers, whichever window
+        # holds the step's peak.
+        self.act_max = PeakSnap()
         self.phase = "other"
         self._seq = 0
         self.grad_enabled = True
@@ -120,6 +133,8 @@ class Machine:
         at = self.cur[3] + self.cur[4]
         if at > self.act_peak.total and self.phase != "optimizer":
             self.act_peak = PeakSnap(at, list(self.cur), name, self.phase)
+        if i == 3 and self.cur[3] > self.act_max.total and self.phase != "optimizer":
+            self.act_max = activation_snap(self.cur[3], self.phase)
         return b
 
     def hold(self, b: Buf) -> Buf:

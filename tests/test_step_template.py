@@ -87,7 +87,7 @@ def test_template_equals_replay(name, arch, var, device):
             trs = tr.model_copy(update={"micro_batch_size": b, "sequence_length": t})
             ref = ReferenceProgram(model, trs, device=device, checkpointed=ck).run()
             got = tpl.evaluate(b, t)
-            for f in ("first", "steady", "forward_peak", "act_peak"):
+            for f in ("first", "steady", "forward_peak", "fb_steady", "act_peak", "act_max"):
                 assert _same(getattr(ref, f), getattr(got, f)), (domain, b, t, f)
     # The batch-of-one domains may depend on broadcasts; the general one always compiles here.
     assert compiled >= 1
@@ -172,7 +172,7 @@ def test_template_equals_replay_on_random_setups(arch, var, device, sizes):
         trs = tr0.model_copy(update={"micro_batch_size": b, "sequence_length": t})
         ref = ReferenceProgram(model, trs, device=device, checkpointed=ck).run()
         got = templates[domain].evaluate(b, t)
-        for f in ("first", "steady", "forward_peak", "act_peak"):
+        for f in ("first", "steady", "forward_peak", "fb_steady", "act_peak", "act_max"):
             assert _same(getattr(ref, f), getattr(got, f)), (b, t, f)
 
 
@@ -233,7 +233,7 @@ def test_data_parallel_rank_template_equals_its_replay(arch, par, var):
                 trs = tr.model_copy(update={"micro_batch_size": b, "sequence_length": t})
                 ref = ParallelProgram(model, trs, ps, rank, checkpointed=ck).run()
                 got = tpl.evaluate(b, t)
-                for f in ("first", "steady", "forward_peak", "act_peak"):
+                for f in ("first", "steady", "forward_peak", "fb_steady", "act_peak", "act_max"):
                     assert _same(getattr(ref, f), getattr(got, f)), (rank, b, t, f)
 
 
