@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Literal
 
 from planner.precision import DTYPE_BYTES, resolve_precision
-from planner.specs import TrainingSpec
+from planner.specs import FUSED_OPTIMIZERS, TrainingSpec
 
 STEP_BYTES = 4  # 0-dim float32 step tensor (torch.optim.optimizer._get_scalar_dtype())
 CPU_SCALAR_BYTES = 4  # torch.tensor(1.0, device="cpu") the foreach paths add to CPU step tensors
@@ -64,7 +64,7 @@ def _shapes(tensor_numels: list[int], tensor_shapes: list[tuple[int, ...]] | Non
 
 def _check_implementation(training: TrainingSpec) -> None:
     impl, opt = training.optimizer_implementation, training.optimizer
-    if impl == "fused" and opt not in ("sgd", "sgd-momentum", "adam", "adamw", "adagrad", "adam-8bit"):
+    if impl == "fused" and opt not in FUSED_OPTIMIZERS:
         raise ValueError(f"torch.optim has no fused implementation of {opt!r} "
                          "(fused exists for SGD, Adam, AdamW, Adagrad)")
 

@@ -99,6 +99,9 @@ class _Pending:
 class PipelineRankProgram(ReferenceProgram):
     """One pipeline rank: its stages' parameters and the schedule's actions on one Machine."""
 
+    # the rank's optimizer is built once its stages are known (over their parameters only)
+    optimizer_built_later = True
+
     def __init__(self, model: ResolvedModel, training: TrainingSpec, schedule, rank: int, *,
                  device: str = "cuda", machine: Machine | None = None,
                  sizes: tuple | None = None) -> None:
@@ -127,6 +130,8 @@ class PipelineRankProgram(ReferenceProgram):
                 st = S - 1
             owner[id(t)] = st
         self._owned = [owner[id(t)] in self.stages for t in self.params.tensors]
+        if self._states_at_init:  # the optimizer over this rank's stages (Adagrad: states now)
+            self._states = self._alloc_states()
         for name, t in self.params.by_name.items():
             if owner[id(t)] not in self.stages and t.buf.nbytes:
                 m.resize(t.buf, 0)

@@ -163,6 +163,10 @@ class ActivationCheckpointing(_Frozen):
         return None if v is None else sorted(v)
 
 
+# torch.optim's optimizers with a ``fused=True`` kernel (torch/optim/*.py, ``_fused_*``)
+FUSED_OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw", "adagrad", "adam-8bit")
+
+
 class TrainingSpec(_Frozen):
     """How one training step is run."""
 
@@ -183,6 +187,15 @@ class TrainingSpec(_Frozen):
         "'megatron': Korthikanti et al. 2022, Table 2.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 = no masks).")
     lora: LoraSpec | None = None
+
+    @field_validator("optimizer_implementation")
+    @classmethod
+    def _fused_exists(cls, v: str, info) -> str:
+        opt = info.data.get("optimizer")
+        if v == "fused" and opt is not None and opt not in FUSED_OPTIMIZERS:
+            raise ValueError(f"torch.optim has no fused implementation of {opt!r}; fused exists "
+                             f"for {', '.join(FUSED_OPTIMIZERS)}")
+        return v
 
 
 class ParallelSpec(_Frozen):
