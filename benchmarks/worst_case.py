@@ -1,0 +1,232 @@
+"""The slowest requests within the documented limits: wall time and memory of each, top 10.
+
+    python -m benchmarks.worst_case [--random 60] [--limit-s 20] [--seed 0]
+                                    [--out benchmarks/results/worst-case-cpu.md]
+
+Goal: every request within the documented input limits answers in at most 1 s using at most
+256 MiB. Each candidate request runs in a process of its own, forked from a parent that has
+imported the app but estimated nothing (so no candidate profits from another's caches): the
+time is the request's wall time through the ASGI app (``TestClient``), the memory is the
+child's peak resident set minus the parent's at the fork. A child past ``--limit-s`` is killed
+and reported as over the limit.
+
+Candidates: hand-picked extremes (the largest layer counts, pipeline ranks, micro-batch counts,
+data-parallel degrees, checkpoint plans, LoRA, eager attention with dropout, timelines and SVG)
+and a seeded random search over layers, widths, ranks, micro-batches, checkpoint plans, LoRA,
+routes, ``include_timeline`` and the SVG rendering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GOAL_S = 1.0
+GOAL_RSS_MIB = 256
+
+BIG = {"family": "llama", "num_layers": 1024, "hidden_size": 8192, "num_heads": 64,
+       "num_kv_heads": 8, "vocab_size": 128256, "max_sequence_length": 8192}
+
+
+def _mem(model: dict, training: dict | None = None, parallelism: dict | None = None,
+         hardware: bool = True) -> dict:
+    body: dict = {"model": model, "training": {"micro_batch_size": 1, "sequence_length": 2048,
+                                              **(training or {})}}
+    if parallelism:
+        body["parallelism"] = parallelism
+    if hardware:
+        body["hardware"] = {"gpu": "h100-80gb"}
+    return body
+
+
+def hand_picked() -> list[tuple[str, str, dict, dict]]:
+    """(label, path, body, headers): the extremes a newcomer's probe found slow."""
+    every_other = {"strategy": "every-k", "every_k": 2}
+    return [
+        ("memory 1024 layers pp 1024 m 65536", "/v1/memory",
+         _mem(BIG, {"gradient_accumulation_steps": 65536}, {"pipeline_parallel": 1024}), {}),
+        ("zero 1024 layers dp 1048576", "/v1/zero",
+         _mem(BIG, None, {"data_parallel": 1_048_576}), {}),
+        ("memory 128 layers pp 16 m 128", "/v1/memory",
+         _mem({**BIG, "num_layers": 128}, {"gradient_accumulation_steps": 128},
+              {"pipeline_parallel": 16}), {}),
+        ("memory 1024 layers every-2 eager dropout lora", "/v1/memory",
+         _mem(BIG, {"activation_checkpointing": every_other, "attention": "eager",
+                    "dropout": 0.1, "lora": {"rank": 16}}), {}),
+        ("zero gpt2 dp 999999", "/v1/zero",
+         {"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 1, "sequence_length": 128},
+          "parallelism": {"data_parallel": 999999}, "hardware": {"gpu": "h100-80gb"}}, {}),
+        ("memory 1024 layers zero-3 dp 64", "/v1/memory",
+         _mem(BIG, None, {"data_parallel": 64, "zero_stage": 3}), {}),
+        ("zero 1024 layers dp 64", "/v1/zero", _mem(BIG, None, {"data_parallel": 64}), {}),
+        ("checkpointing 1024 layers budget", "/v1/checkpointing",
+         {**_mem(BIG), "strategy": "budget"}, {}),
+        ("pipeline 64 ranks v 16 m 1024 timeline", "/v1/pipeline",
+         {"schedule": "interleaved-1f1b", "stages": 64, "virtual_stages": 16,
+          "microbatches": 1024}, {}),
+        ("pipeline zb-h2 1024 ranks m 1024 svg", "/v1/pipeline",
+         {"schedule": "zb-h2", "stages": 1024, "microbatches": 1024},
+         {"accept": "image/svg+xml"}),
+        ("pipeline setup 1024 layers pp 64 m 4096", "/v1/pipeline",
+         {"setup": _mem(BIG, {"gradient_accumulation_steps": 4096}, {"pipeline_parallel": 64}),
+          "include_timeline": False}, {}),
+    ]
+
+
+def random_candidates(n: int, seed: int) -> list[tuple[str, str, dict, dict]]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        heads = rng.choice([8, 16, 32, 64])
+        model = {"family": rng.choice(["gpt2", "llama"]),
+                 "num_layers": rng.choice([24, 96, 256, 512, 1024]),
+                 "hidden_size": heads * rng.choice([64, 128]), "num_heads": heads,
+                 "vocab_size": rng.choice([50257, 128256]), "max_sequence_length": 8192}
+        pp = rng.choice([1, 1, 2, 8, 64, 256])
+        while model["num_layers"] % pp:
+            pp //= 2
+        ck = rng.choice([{"strategy": "none"}, {"strategy": "full"}, {"strategy": "selective"},
+                         {"strategy": "every-k", "every_k": rng.choice([2, 3, 7])},
+                         {"strategy": "sqrt"}, {"strategy": "budget"}])
+        training = {"micro_batch_size": rng.choice([1, 4, 64]),
+                    "sequence_length": rng.choice([512, 4096, 32768]),
+                    "gradient_accumulation_steps": rng.choice([1, 8, 512, 8192]),
+                    "activation_checkpointing": ck,
+                    "precision": rng.choice(["fp32", "amp-bf16", "mixed-bf16"]),
+                    "attention": rng.choice(["sdpa", "eager"]),
+                    "dropout": rng.choice([0.0, 0.1])}
+        if rng.random() < 0.3:
+            training["lora"] = {"rank": 8}
+        parallelism = {"pipeline_parallel": pp,
+                       "pipeline_schedule": rng.choice(["gpipe", "1f1b", "zb-h1"]),
+                       "data_parallel": rng.choice([1, 8, 1024, 1_048_576]),
+                       "zero_stage": rng.choice([0, 1, 2, 3])}
+        if parallelism["data_parallel"] == 1:
+            parallelism["zero_stage"] = 0
+        body = _mem(model, training, parallelism, hardware=rng.random() < 0.7)
+        route = rng.choice(["/v1/memory", "/v1/memory", "/v1/zero", "/v1/checkpointing",
+                            "/v1/pipeline"])
+        headers: dict = {}
+        if route == "/v1/pipeline":
+            body = {"setup": {**body, "hardware": {"gpu": "h100-80gb"}},
+                    "include_timeline": rng.random() < 0.5}
+            if rng.random() < 0.3:
+                headers = {"accept": "image/svg+xml"}
+        out.append((f"random #{i}", route, body, headers))
+    return out
+
+
+def _run_child(app, path: str, body: dict, headers: dict, fd: int) -> None:
+    from fastapi.testclient import TestClient  # imported by main() before any fork
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        t0 = time.perf_counter()
+        r = client.post(path, json=body, headers=headers)
+        dt = time.perf_counter() - t0
+    os.write(fd, json.dumps({"status": r.status_code, "seconds": dt}).encode())
+    os._exit(0)
+
+
+def measure(app, label, path, body, headers, limit_s: float, base_rss_kib: int) -> dict:
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        try:
+            _run_child(app, path, body, headers, wfd)
+        finally:
+            os._exit(1)
+    os.close(wfd)
+    deadline = time.monotonic() + limit_s
+    status = None
+    while True:
+        done, st, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            done, st, usage = os.wait4(pid, 0)
+            status = "killed"
+            break
+        time.sleep(0.01)
+    data = os.read(rfd, 4096)
+    os.close(rfd)
+    row = {"label": label, "route": path, "svg": headers.get("accept") == "image/svg+xml",
+           "rss_mib": max(0, usage.ru_maxrss - base_rss_kib) / 1024}
+    if status == "killed" or not data:
+        row |= {"status": status or "crashed", "seconds": limit_s if status else None}
+    else:
+        row |= json.loads(data)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--random", type=int, default=60, help="random candidates (default 60)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit-s", type=float, default=20.0, help="kill a request after this")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/worst-case-cpu.md"))
+    args = ap.parse_args(argv)
+
+    import logging
+    import warnings
+
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient  # noqa: F401  (once, before the forks)
+    from service.app import create_app
+    from service.settings import Settings
+
+    tmp = tempfile.TemporaryDirectory(prefix="memplan-worst-")
+    app = create_app(Settings(database_url=f"sqlite:///{tmp.name}/jobs.db"))
+    base_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rows = []
+    for cand in hand_picked() + random_candidates(args.random, args.seed):
+        row = measure(app, *cand, limit_s=args.limit_s, base_rss_kib=base_rss_kib)
+        print(f"{row['seconds'] if row['seconds'] is not None else float('nan'):8.3f} s "
+              f"{row['rss_mib']:8.1f} MiB  {row['status']}  {row['route']}  {row['label']}",
+              flush=True)
+        rows.append((cand, row))
+    rows.sort(key=lambda cr: -(cr[1]["seconds"] or args.limit_s))
+    over = [r for _, r in rows if (r["seconds"] or args.limit_s) > GOAL_S
+            or r["rss_mib"] > GOAL_RSS_MIB]
+    lines = [
+        f"Slowest requests within the documented limits: {len(rows)} candidates "
+        f"({len(hand_picked())} hand-picked, {args.random} random, seed {args.seed}), each in "
+        f"a forked process with cold caches; `python -m benchmarks.worst_case`. Python "
+        f"{platform.python_version()}, {os.cpu_count()} CPUs. Goal: at most {GOAL_S:g} s and "
+        f"{GOAL_RSS_MIB} MiB each; requests past {args.limit_s:g} s were killed.",
+        "",
+        f"Over the goal: {len(over)} of {len(rows)}.",
+        "",
+        "| # | route | case | status | seconds | vs goal | peak RSS MiB |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for i, (cand, r) in enumerate(rows[:10], 1):
+        sec = r["seconds"]
+        lines.append(f"| {i} | {r['route']}{' (svg)' if r['svg'] else ''} | {r['label']} | "
+                     f"{r['status']} | {sec if sec is None else f'{sec:.3f}'} | "
+                     f"{'' if sec is None else f'{sec / GOAL_S:.1f}x'} | {r['rss_mib']:.0f} |")
+    lines += ["", "Bodies of the top 10:", ""]
+    for i, (cand, r) in enumerate(rows[:10], 1):
+        lines.append(f"{i}. `{json.dumps(cand[2], separators=(',', ':'))}`")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
