@@ -50,20 +50,25 @@ def gpus() -> dict[str, GPU]:
     return {g["name"]: GPU(**g) for g in _load("gpus.json")["gpus"]}
 
 
+def _lookup(table: dict, kind: str, name: str):
+    """``table[name]``, the name matched without regard to case ('A100-80GB' is 'a100-80gb')."""
+    if name in table:
+        return table[name]
+    folded = {k.casefold(): v for k, v in table.items()}
+    try:
+        return folded[name.casefold()]
+    except KeyError:
+        raise UnknownName(kind, name, sorted(table)) from None
+
+
 def get_gpu(name: str) -> GPU:
-    table = gpus()
-    if name not in table:
-        raise UnknownName("gpu", name, sorted(table))
-    return table[name]
+    return _lookup(gpus(), "gpu", name)
 
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
     """Turn any of the three model forms into a ResolvedModel with an exact parameter count."""
     if spec.preset is not None:
-        table = model_presets()
-        if spec.preset not in table:
-            raise UnknownName("preset", spec.preset, sorted(table))
-        return table[spec.preset]
+        return _lookup(model_presets(), "preset", spec.preset)
     if spec.num_parameters is not None:
         return ResolvedModel(num_parameters=spec.num_parameters, architecture_known=False)
     family = spec.family

@@ -65,6 +65,11 @@ class ModelSpec(_Frozen):
     tie_embeddings: bool | None = Field(
         None, description="Output projection shares the token embedding (gpt2 default true).")
 
+    @field_validator("preset")
+    @classmethod
+    def _preset_name(cls, v: str | None) -> str | None:
+        return None if v is None else v.lower()  # catalog names are lower case; 'GPT2-XL' is one
+
     @model_validator(mode="after")
     def _one_form(self) -> "ModelSpec":
         arch = [self.family, self.num_layers, self.hidden_size, self.num_heads, self.vocab_size]
@@ -217,6 +222,11 @@ class HardwareSpec(_Frozen):
 
     gpu: str | None = Field(None, description="Name from GET /v1/gpus, e.g. 'h100-80gb'.")
     memory_bytes: int | None = Field(None, ge=1, le=2**50)
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu_name(cls, v: str | None) -> str | None:
+        return None if v is None else v.lower()  # catalog names are lower case; 'A100-80GB' is one
 
 
 class MemoryRequest(_Frozen):
