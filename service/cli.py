@@ -6,9 +6,11 @@
     memplan estimate [SPEC.json] [--json] [--preset NAME --precision P --optimizer O ...]
     memplan openapi [--out FILE]
     memplan hash-token TOKEN|-
-    memplan pipeline SPEC.json --svg FILE
+    memplan pipeline SPEC.json [--json] [--svg FILE]
 
-Exit status: 0 success; 1 the job failed or was cancelled; 2 bad input; 3 server unreachable.
+Exit status: 0 success; 2 bad input (as argparse's usage errors); for ``validate`` 1 the job
+failed or was cancelled and 3 the server is unreachable; for ``estimate`` 3 the setup does not fit
+on the given GPU or memory (0 when it fits, or when no hardware is given).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ValidationError
 
 EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_DOES_NOT_FIT = 3  # memplan estimate
 CATEGORIES = ("parameters", "gradients", "optimizer_states", "activations", "temporaries", "total")
 
 
@@ -158,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.jobs.embedded import EmbeddedWorker
+    from service.security import ProblemH11Protocol
 
     settings = _settings(args)
     _logging(settings)
@@ -169,8 +173,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         # uvicorn handles SIGINT/SIGTERM: it stops serving and returns here.
         # Logging stays as configured above; the app writes its own access lines (request ids).
+        # ProblemH11Protocol: a request h11 cannot parse gets a problem+json 400, not plain text.
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info",
-                    log_config=None, access_log=False)
+                    log_config=None, access_log=False, http=ProblemH11Protocol)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -346,13 +351,64 @@ def _estimate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("training.optimizer", args.optimizer)
     put("training.micro_batch_size", args.micro_batch_size)
     put("training.sequence_length", args.sequence_length)
-    put("training.activation_checkpointing.strategy", args.checkpointing)
+    put("training.activation_checkpointing.strategy",
+        args.checkpointing or _implied_checkpointing(args))
+    put("training.activation_checkpointing.every_k", args.every_k)
+    put("training.activation_checkpointing.budget_bytes",
+        None if args.checkpoint_budget_gib is None else round(args.checkpoint_budget_gib * 2**30))
+    put("training.activation_checkpointing.blocks", args.checkpoint_blocks)
     put("parallelism.data_parallel", args.data_parallel)
     put("parallelism.tensor_parallel", args.tensor_parallel)
     put("parallelism.pipeline_parallel", args.pipeline_parallel)
     put("parallelism.zero_stage", args.zero_stage)
     put("hardware.gpu", args.gpu)
     return out
+
+
+def _implied_checkpointing(args: argparse.Namespace) -> str | None:
+    """The strategy a checkpointing field flag implies when --checkpointing is not given."""
+    if args.every_k is not None:
+        if args.checkpoint_budget_gib is not None or args.checkpoint_blocks is not None:
+            raise InputError("--every-k belongs to --checkpointing every-k, "
+                             "--checkpoint-budget-gib and --checkpoint-blocks to budget or "
+                             "blocks: give one strategy")
+        return "every-k"
+    if args.checkpoint_budget_gib is not None:
+        return "budget"
+    if args.checkpoint_blocks is not None:
+        return "blocks"
+    return None
+
+
+def _check_checkpointing_flags(args: argparse.Namespace, strategy: str) -> None:
+    """A field flag the final strategy would ignore is an error, not a silent no-op."""
+    if args.every_k is not None and strategy != "every-k":
+        raise InputError(f"--every-k applies to --checkpointing every-k, not {strategy!r}")
+    if args.checkpoint_budget_gib is not None and strategy != "budget":
+        raise InputError(f"--checkpoint-budget-gib applies to --checkpointing budget, "
+                         f"not {strategy!r}")
+
+
+def _fit_hints(request: Any, result: Any) -> list[str]:
+    """What to change when the setup does not fit: the figures the estimate already has."""
+    f, bd = result.fit, result.breakdown
+    states = bd.parameters + bd.gradients + bd.optimizer_states
+    hints = []
+    if states >= f.memory_bytes:
+        hints.append(f"model states alone (parameters, gradients, optimizer states) take "
+                     f"{human_bytes(states)} of {human_bytes(f.memory_bytes)}: shard them over "
+                     f"data-parallel ranks (--data-parallel N --zero-stage 1|2|3), split the model "
+                     f"(--tensor-parallel, --pipeline-parallel) or take a larger GPU")
+    elif f.max_micro_batch_size is not None:
+        hints.append(f"--micro-batch-size {f.max_micro_batch_size} is the largest that fits "
+                     f"(keep the global batch with gradient accumulation)")
+    else:
+        hints.append("not even micro-batch 1 fits: shard the model states (--zero-stage), split "
+                     "the model (--tensor-parallel, --pipeline-parallel) or take a larger GPU")
+    if request.training.activation_checkpointing.strategy == "none" and bd.activations:
+        hints.append("checkpoint activations: --checkpointing full, --every-k K, or "
+                     "--checkpointing budget (optionally --checkpoint-budget-gib GIB)")
+    return hints
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
@@ -367,15 +423,20 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         request = validate(MemoryRequest, overrides)
     else:
         raise InputError("give a SPEC.json or at least --preset NAME (see memplan estimate -h)")
+    _check_checkpointing_flags(args, request.training.activation_checkpointing.strategy)
     try:
         result = estimate_memory(request)
     except UnknownName as exc:
         raise InputError(str(exc)) from None
     except ValueError as exc:
         raise InputError(f"cannot plan this setup: {exc}") from None
+    status = 0 if result.fit is None or result.fit.fits else EXIT_DOES_NOT_FIT
     if args.json:
         print(_dump(result))
-        return 0
+        if status:
+            _err(f"memplan estimate: does not fit on "
+                 f"{result.fit.gpu or human_bytes(result.fit.memory_bytes)} (exit status 3)")
+        return status
     name = result.model.name or f"{result.model.num_parameters:,} parameters"
     print(f"model: {name} ({result.model.num_parameters:,} parameters)")
     rows = [(k, human_bytes(getattr(result.breakdown, k)), f"{getattr(result.breakdown, k):,}")
@@ -389,9 +450,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
               f"(headroom {human_bytes(f.headroom_bytes)}"
               + (f", largest micro-batch {f.max_micro_batch_size}"
                  if f.max_micro_batch_size is not None else "") + ")")
+        if not f.fits:
+            for hint in _fit_hints(request, result):
+                print(f"to fit: {hint}")
     for note in result.notes:
         print(f"note: {note}")
-    return 0
+    return status
 
 
 # ---- openapi / pipeline ------------------------------------------------------------------------
@@ -423,9 +487,83 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise InputError(f"cannot simulate this schedule: {exc}") from None
     if args.svg:
         Path(args.svg).write_text(render_svg(result))
-    if args.json or not args.svg:
+    if args.json:
         print(_dump(result))
+    else:
+        print(pipeline_summary(result, _pipeline_rank_memory(request, result)))
+        if args.svg:
+            print(f"timeline written to {args.svg}")
     return 0
+
+
+def _seconds(s: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(s) >= scale:
+            return f"{s / scale:,.3f} {unit}"
+    return f"{s * 1e9:.3f} ns" if s else "0 s"
+
+
+def _pipeline_rank_memory(request: Any, result: Any) -> list[Any] | None:
+    """With a model setup: every rank's replayed step (planner.pipeline_memory) for the simulated
+    schedule, or None where that replay does not cover the setup."""
+    if request.setup is None:
+        return None
+    from planner.catalog import resolve_model
+    from planner.pipeline_memory import pipelined_estimate
+
+    setup = request.setup
+    training = setup.training.model_copy(update={"gradient_accumulation_steps":
+                                                 result.microbatches})
+    parallel = setup.parallelism.model_copy(update={
+        "pipeline_parallel": result.stages, "virtual_pipeline_stages": result.virtual_stages,
+        "pipeline_schedule": result.schedule})
+    try:
+        estimate = pipelined_estimate(resolve_model(setup.model), training, parallel, "cuda")
+    except ValueError:
+        return None
+    return None if estimate is None else sorted(estimate[1], key=lambda pk: pk.rank)
+
+
+def pipeline_summary(result: Any, rank_memory: list[Any] | None = None) -> str:
+    """The schedule's figures per rank; activation memory in bytes where a setup's ranks were
+    replayed, else in units of one stage's activations for one micro-batch."""
+    chunks = "1 stage" if result.virtual_stages == 1 else f"{result.virtual_stages} stages"
+    lines = [(f"pipeline {result.schedule}: {result.stages} ranks x {chunks} each, "
+              f"{result.microbatches} micro-batches"),
+             (f"step time: {_seconds(result.makespan_s)}   bubble fraction: "
+              f"{result.bubble_fraction:.1%}   p2p message: {_seconds(result.p2p_message_s)}   "
+              f"bottleneck rank: {result.bottleneck_rank}")]
+    header = ["rank", "stages", "busy", "idle", "in-flight micro-batches"]
+    if rank_memory is not None:
+        header += ["activations", "peak memory"]
+        mem = {pk.rank: pk.steady for pk in rank_memory}
+    else:
+        header += ["activations (stage-micro-batches)"]
+    rows = []
+    for r in result.ranks:
+        row = [str(r.rank), ",".join(map(str, r.stages)), _seconds(r.busy_s),
+               _seconds(r.idle_s), str(r.peak_in_flight_microbatches)]
+        if rank_memory is not None:
+            snap = mem[r.rank]
+            row += [human_bytes(snap.as_dict()["activations"]), human_bytes(snap.total)]
+        else:
+            row += [f"{r.peak_in_flight_stage_equivalents:g}"]
+        rows.append(row)
+    lines.append(_table(header, rows))
+    if rank_memory is None:
+        lines.append("activations: in units of one stage's activations for one micro-batch "
+                     "(a setup gives bytes)")
+    else:
+        lines.append("activations, peak memory: each rank's steady-state peak (reference step, "
+                     "replayed op by op)")
+    for a in result.assumptions:
+        lines.append(f"assumption: {a.name} = {a.value}")
+    if result.timeline_omitted:
+        lines.append(f"timeline: {result.timeline_omitted}")
+    elif result.timeline is not None:
+        lines.append(f"timeline: {len(result.timeline)} actions (--json lists them, --svg FILE "
+                     "draws them)")
+    return "\n".join(lines)
 
 
 def cmd_hash_token(args: argparse.Namespace) -> int:
@@ -439,6 +577,35 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
 
 
 # ---- parser ------------------------------------------------------------------------------------
+ESTIMATE_EPILOG = """\
+exit status:
+  0  the setup fits on the GPU (--gpu, or hardware in SPEC.json), or no hardware was given
+  2  invalid input: a usage error, an unreadable or invalid SPEC.json, an unknown preset or GPU,
+     a setup that cannot be planned
+  3  the setup does not fit (the estimate is printed all the same, with --json too; the text
+     output says what to change)
+
+GPU and preset names are matched without regard to case (A100-80GB is a100-80gb)."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _block_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of block indices: "
+                                         f"{text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memplan", description="Memory and parallelism "
                                      "planner for training large models.")
@@ -467,15 +634,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to keep polling an unreachable server")
     p.set_defaults(fn=cmd_validate)
 
-    p = sub.add_parser("estimate", help="per-device memory breakdown")
+    p = sub.add_parser("estimate", help="per-device memory breakdown",
+                       description="Per-device peak memory of one training step, by category, "
+                       "and whether it fits on the GPU.\nFlags override the fields of SPEC.json.",
+                       epilog=ESTIMATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", metavar="SPEC.json", nargs="?", help="a MemoryRequest ('-' for stdin)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--preset")
+    p.add_argument("--json", action="store_true", help="print the result object as JSON (the "
+                   "exit status is the same)")
+    p.add_argument("--preset", help="model preset name (GET /v1/models), e.g. llama-2-7b")
     p.add_argument("--precision")
     p.add_argument("--optimizer")
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--sequence-length", type=int)
-    p.add_argument("--checkpointing", help="activation checkpointing strategy")
+    p.add_argument("--checkpointing", metavar="STRATEGY", help="activation checkpointing: none, "
+                   "full, every-k, sqrt, selective, budget or blocks")
+    p.add_argument("--every-k", type=int, metavar="K", help="checkpoint every K-th block "
+                   "(implies --checkpointing every-k)")
+    p.add_argument("--checkpoint-budget-gib", type=_positive_float, metavar="GIB",
+                   help="peak-memory budget per device in GiB (implies --checkpointing budget; "
+                   "default budget: the GPU's memory)")
+    p.add_argument("--checkpoint-blocks", type=_block_list, metavar="I,J,...",
+                   help="checkpointed block indices (implies --checkpointing blocks; with "
+                   "budget: a resolved plan)")
     p.add_argument("--data-parallel", type=int)
     p.add_argument("--tensor-parallel", type=int)
     p.add_argument("--pipeline-parallel", type=int)
@@ -493,10 +673,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE")
     p.set_defaults(fn=cmd_openapi)
 
-    p = sub.add_parser("pipeline", help="simulate a pipeline schedule")
-    p.add_argument("spec", metavar="SPEC.json")
+    p = sub.add_parser("pipeline", help="simulate a pipeline schedule",
+                       description="Simulate a pipeline schedule (a PipelineRequest) and print a "
+                       "summary: bubble, step time, per-rank in-flight micro-batches and "
+                       "activation memory.")
+    p.add_argument("spec", metavar="SPEC.json", help="a PipelineRequest ('-' for stdin)")
     p.add_argument("--svg", metavar="FILE", help="write the timeline as SVG")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the full result object as JSON "
+                   "(every action's start and end included)")
     p.set_defaults(fn=cmd_pipeline)
     return parser
 

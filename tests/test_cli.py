@@ -119,3 +119,128 @@ def test_pipeline_svg(tmp_path, capsys):
     assert svg.read_text().lstrip().startswith(("<svg", "<?xml"))
     assert main(["pipeline", str(path), "--json"]) == 0
     assert "bubble" in capsys.readouterr().out
+
+
+# ---- estimate: exit status, checkpointing flags, names -----------------------------------------
+def test_estimate_exit_status_says_whether_the_setup_fits(capsys):
+    fits = ["estimate", "--preset", "gpt2-xl", "--micro-batch-size", "4", "--gpu", "a100-80gb"]
+    assert main(fits) == 0
+    assert "fits on a100-80gb: yes" in capsys.readouterr().out
+    too_big = ["estimate", "--preset", "llama-2-7b", "--sequence-length", "4096",
+               "--checkpointing", "full", "--gpu", "h100-80gb"]
+    assert main(too_big) == 3
+    out = capsys.readouterr().out
+    assert "fits on h100-80gb: no" in out
+    assert "to fit: model states alone" in out and "--zero-stage" in out
+    assert main([*too_big, "--json"]) == 3
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["fit"]["fits"] is False
+    assert "does not fit on h100-80gb" in captured.err
+    # Too large a micro-batch: the output names the largest that fits.
+    too_many = ["estimate", "--preset", "gpt2-xl", "--micro-batch-size", "16", "--gpu",
+                "a100-80gb"]
+    assert main([*too_many, "--json"]) == 3
+    largest = json.loads(capsys.readouterr().out)["fit"]["max_micro_batch_size"]
+    assert 1 <= largest < 16
+    assert main(too_many) == 3
+    out = capsys.readouterr().out
+    assert f"to fit: --micro-batch-size {largest} is the largest that fits" in out
+    assert "--checkpointing" in out
+    # No hardware: nothing to fit, exit 0.
+    assert main(["estimate", "--preset", "llama-2-7b", "--sequence-length", "4096"]) == 0
+    assert "fits on" not in capsys.readouterr().out
+
+
+def test_estimate_help_documents_the_exit_status(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit status:" in out
+    for line in ("0  the setup fits", "2  invalid input", "3  the setup does not fit"):
+        assert line in out
+    for flag in ("--every-k", "--checkpoint-budget-gib", "--checkpoint-blocks"):
+        assert flag in out
+
+
+def _total(capsys, *flags: str) -> int:
+    assert main(["estimate", "--preset", "gpt2-xl", "--micro-batch-size", "8", "--json",
+                 *flags]) == 0
+    return json.loads(capsys.readouterr().out)["breakdown"]["total"]
+
+
+def test_estimate_checkpointing_flags_fill_every_field_of_the_spec(capsys):
+    none, full = _total(capsys), _total(capsys, "--checkpointing", "full")
+    every_2 = _total(capsys, "--every-k", "2")  # implies --checkpointing every-k
+    assert every_2 == _total(capsys, "--checkpointing", "every-k", "--every-k", "2")
+    # every-k checkpoints the blocks i with i % k == 0 (gpt2-xl: 48 blocks).
+    assert every_2 == _total(capsys, "--checkpoint-blocks", ",".join(map(str, range(0, 48, 2))))
+    assert full < every_2 < none
+    # A budget: the plan keeps the peak within it.
+    assert main(["estimate", "--preset", "gpt2-xl", "--micro-batch-size", "16", "--gpu",
+                 "a100-80gb", "--checkpoint-budget-gib", "60"]) == 0
+    out = capsys.readouterr().out
+    assert f"budget {60 * 2**30} bytes" in out
+    assert _total(capsys, "--micro-batch-size", "16", "--gpu", "a100-80gb",
+                  "--checkpoint-budget-gib", "60") <= 60 * 2**30
+
+
+def test_estimate_checkpointing_flags_refuse_what_they_would_ignore(capsys):
+    assert main(["estimate", "--preset", "gpt2", "--checkpointing", "full", "--every-k", "2"]) == 2
+    assert "--every-k applies to --checkpointing every-k" in capsys.readouterr().err
+    assert main(["estimate", "--preset", "gpt2", "--checkpointing", "sqrt",
+                 "--checkpoint-budget-gib", "10"]) == 2
+    assert "--checkpoint-budget-gib applies to --checkpointing budget" in capsys.readouterr().err
+    assert main(["estimate", "--preset", "gpt2", "--every-k", "2",
+                 "--checkpoint-budget-gib", "10"]) == 2
+    assert "give one strategy" in capsys.readouterr().err
+    assert main(["estimate", "--preset", "gpt2", "--checkpoint-blocks", "99"]) == 2
+    assert "block 99 is not below num_layers (12)" in capsys.readouterr().err
+    for bad in (["--checkpoint-blocks", "1,x"], ["--checkpoint-budget-gib", "0"],
+                ["--every-k", "two"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["estimate", "--preset", "gpt2", *bad])
+        assert exc.value.code == 2
+
+
+def test_estimate_names_are_case_insensitive(capsys):
+    assert main(["estimate", "--preset", "GPT2-XL", "--micro-batch-size", "4",
+                 "--gpu", "A100-80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "model: gpt2-xl" in out and "fits on a100-80gb: yes" in out
+
+
+# ---- pipeline: a summary by default ------------------------------------------------------------
+def test_pipeline_prints_a_summary_by_default(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"schedule": "1f1b", "stages": 4, "microbatches": 8}))
+    assert main(["pipeline", str(path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert len(lines) < 20
+    assert lines[0] == "pipeline 1f1b: 4 ranks x 1 stage each, 8 micro-batches"
+    assert "step time: 33.000 s" in out and "bubble fraction: 27.3%" in out
+    assert "in-flight micro-batches" in lines[2] and "activations" in lines[2]
+    # rank 0 holds 4 micro-batches in flight under 1F1B with 4 stages, rank 3 one.
+    assert lines[4].split()[:2] == ["0", "0"] and lines[4].split()[6] == "4"
+    assert lines[7].split()[6] == "1"
+    assert "64 actions" in out
+    assert main(["pipeline", str(path), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert len(full["timeline"]) == 64 and full["bubble_fraction"] > 0.27
+
+
+def test_pipeline_summary_with_a_setup_gives_activation_bytes_per_rank(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({
+        "schedule": "1f1b", "stages": 2, "microbatches": 4,
+        "setup": {"model": {"family": "gpt2", "num_layers": 4, "hidden_size": 64,
+                            "num_heads": 4, "vocab_size": 256, "max_sequence_length": 64},
+                  "training": {"precision": "fp32", "sequence_length": 32},
+                  "hardware": {"gpu": "H100-80GB"}}}))
+    svg = tmp_path / "p.svg"
+    assert main(["pipeline", str(path), "--svg", str(svg)]) == 0
+    out = capsys.readouterr().out
+    assert svg.exists() and f"timeline written to {svg}" in out
+    assert "activations" in out and "peak memory" in out and "KiB" in out
+    assert "assumption: gpu = h100-80gb" in out
