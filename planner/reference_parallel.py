@@ -16,15 +16,22 @@ names per stage):
   greedy by size — uneven shards, so ranks differ).
 - stages 2 and 3, FSDP2 ``fully_shard`` on every block and on the root (embeddings, final norm,
   output projection; the loss runs inside the root's forward): parameters are stored as padded
-  dim-0 shards (``fsdp_shard_shape``); a group's pre-forward all-gathers a flat buffer of the
-  unsharded size and copies it out into the unsharded parameters; the flat buffer is kept until
+  dim-0 shards (``fsdp_shard_shape``, the same bytes on every rank); a group's pre-forward
+  all-gathers a flat buffer of the unsharded size and copies it out into the unsharded
+  parameters; the flat buffer is kept until
   the next group's copy-out (implicit forward prefetch, ``AllGatherState``). Stage 3 frees the
   unsharded parameters after each forward and gathers them again before backward, prefetching the
   next group's all-gather in backward order; stage 2 keeps them from forward to backward. Each
   group's post-backward (when its inputs' gradients are ready) frees the unsharded parameters,
   copies the unsharded gradients into a flat reduce-scatter input (kept until the next group's
   reduce-scatter, ``reduce_scatter_max_input_buffers=1``) and reduce-scatters into the sharded
-  gradients (category gradients). The root's post-backward runs in the final callback.
+  gradients (category gradients). The root's post-backward runs in the final callback. Each
+  ``fully_shard`` call without a mesh builds its own default ``DeviceMesh``, whose rank map
+  (``torch.arange(N, dtype=torch.int)``, on the host) lives as long as the module. The
+  optimizer sees each parameter's local tensor, the rank's unpadded ``torch.chunk`` piece
+  (``fsdp_local_shard_shape``): when N does not divide a tensor's dim 0 (GPT-2's vocabulary of
+  50,257 rows) the last ranks hold fewer rows of it, so their optimizer states, fp32 masters and
+  step temporaries are smaller than rank 0's, which holds the most of every tensor.
 
 Every precision preset runs under DDP, whose optimizer is the single-device one (fp32 master
 copies for mixed-*, GradScaler for amp-fp16). Under ZeroRedundancyOptimizer and FSDP2 the
@@ -51,7 +58,7 @@ from planner.reference_ops import T
 from planner.reference_step import ReferenceProgram, StepPeaks
 from planner.specs import ParallelSpec, ResolvedModel, TrainingSpec
 from planner.stepsim import Buf, Leaf, Machine, Node, Val
-from planner.zero import fsdp_shard_shape, zero1_partition
+from planner.zero import fsdp_local_shard_shape, fsdp_shard_shape, zero1_partition
 
 _BUCKET = Buf(0, "gradients", "ddp_bucket_view")  # param.grad as a view: no bytes of its own
 
@@ -141,7 +148,7 @@ class ParallelProgram(ReferenceProgram):
             part = zero1_partition([t.numel for t in tr], self.n)[self.rank]
             keep = sorted(part)
             return [tr[i].numel for i in keep], [shapes[i] for i in keep]
-        sh = [fsdp_shard_shape(s, self.n) for s in shapes]
+        sh = [fsdp_local_shard_shape(s, self.n, self.rank) for s in shapes]
         return [_numel(s) for s in sh], sh
 
     def _inner_dtype(self) -> str:
@@ -218,8 +225,9 @@ class ParallelProgram(ReferenceProgram):
             self.unsharded_bytes[g], self.sharded_bytes[g] = full, shard
             if ts:
                 m.alloc(shard, f"sharded[{g}]", "parameters")
-                # one int64 scalar per group made at lazy init and kept (measured; torch.arange)
-                m.alloc(8, f"fsdp_state[{g}]", "temporaries")
+                # the default DeviceMesh this fully_shard call builds keeps its rank map,
+                # torch.arange(N, dtype=torch.int32) (device_mesh.py, init_device_mesh)
+                m.alloc(4 * n, f"fsdp_state[{g}]", "temporaries")
         self.unsharded: dict[int, Buf] = {}
         self.flat_pending: dict[int, Buf] = {}  # prefetched all-gathers awaiting copy-out
         self.ag_state: Buf | None = None  # forward: last all-gather output, freed at next copy-out
@@ -360,10 +368,38 @@ def simulate_rank(model: ResolvedModel, training: TrainingSpec, parallel: Parall
                            checkpointed=checkpointed).run()
 
 
-def ranks_that_differ(parallel: ParallelSpec) -> list[int]:
-    """Ranks whose memory can differ: ZeroRedundancyOptimizer's uneven shards make every rank
-    its own case; DDP and FSDP2's padded shards make all ranks alike."""
-    return list(range(parallel.data_parallel)) if parallel.zero_stage == 1 else [0]
+def _trainable_shapes(model: ResolvedModel, training: TrainingSpec) -> list[tuple[int, ...]]:
+    """Shapes of the tensors the optimizer steps, registration order (tied once)."""
+    from planner.zero import parameter_shapes
+
+    if training.lora is not None:  # the optimizer holds the trainable tensors only
+        return [s for _, s in ReferenceProgram(model, training, compress=True).trainable_specs()]
+    return list(parameter_shapes(model))
+
+
+def fsdp_rank_keys(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec
+                   ) -> list[tuple[int, ...]]:
+    """Under FSDP2: per rank, the rows of every distinct dim 0 it holds unpadded (ranks with
+    equal keys hold the same bytes). Rank 0 holds the most rows of every tensor."""
+    n = parallel.data_parallel
+    dims = sorted({s[0] for s in _trainable_shapes(model, training) if s})
+    return [tuple(fsdp_local_shard_shape((d,), n, r)[0] for d in dims) for r in range(n)]
+
+
+def ranks_that_differ(model: ResolvedModel, training: TrainingSpec,
+                      parallel: ParallelSpec) -> list[int]:
+    """One rank per distinct memory layout: ZeroRedundancyOptimizer's whole-tensor shards make
+    every rank its own case; under FSDP2 the ranks that hold fewer rows of a tensor whose dim 0
+    N does not divide differ from rank 0; DDP's ranks are all alike."""
+    z, n = parallel.zero_stage, parallel.data_parallel
+    if z == 0:
+        return [0]
+    keys = zero1_ownership(model, training, parallel)[0] if z == 1 else fsdp_rank_keys(
+        model, training, parallel)
+    first: dict[tuple, int] = {}
+    for r in range(n):
+        first.setdefault(keys[r], r)
+    return sorted(first.values())
 
 
 __all__ = ["ParallelProgram", "ranks_that_differ", "simulate_rank"]
@@ -415,14 +451,18 @@ def data_parallel_peaks(model: ResolvedModel, training: TrainingSpec, parallel: 
                         ) -> list[tuple[int, StepPeaks]]:
     """(rank, peaks) per rank; ranks that hold the same bytes are simulated once. With
     ``every_rank=False`` only the candidates for the worst rank are returned (under
-    ZeroRedundancyOptimizer: the ranks owning the most state bytes and the most elements), so
-    a thousand-rank plan costs two replays. ``simulate``: simulate_rank's signature, and
-    ``ownership``: zero1_ownership's (the planner passes memoised, templated ones)."""
+    ZeroRedundancyOptimizer: the ranks owning the most state bytes and the most elements; under
+    FSDP2 rank 0, which holds the most rows of every tensor), so a thousand-rank plan costs at
+    most two replays. ``simulate``: simulate_rank's signature, and ``ownership``:
+    zero1_ownership's (the planner passes memoised, templated ones)."""
     n = parallel.data_parallel
-    if parallel.zero_stage != 1:
+    if parallel.zero_stage == 0 or (parallel.zero_stage >= 2 and not every_rank):
         pk = simulate(model, training, parallel, 0, device, checkpointed)
         return [(r, pk) for r in (range(n) if every_rank else [0])]
-    keys, worst = (ownership or zero1_ownership)(model, training, parallel)
+    if parallel.zero_stage >= 2:  # every rank: one replay per distinct unpadded shard layout
+        keys, worst = fsdp_rank_keys(model, training, parallel), [0]
+    else:
+        keys, worst = (ownership or zero1_ownership)(model, training, parallel)
     ranks = list(range(n)) if every_rank else worst
     sims: dict[tuple, StepPeaks] = {}
     out = []
@@ -433,4 +473,4 @@ def data_parallel_peaks(model: ResolvedModel, training: TrainingSpec, parallel: 
     return out
 
 
-__all__ += ["data_parallel_peaks", "unsupported_reason"]
+__all__ += ["data_parallel_peaks", "fsdp_rank_keys", "unsupported_reason"]

@@ -412,7 +412,15 @@ class ValidationResult(_Frozen):
     max_reserved_bytes: int | None = Field(None, description="CUDA only: allocator reserved peak.")
     num_alloc_retries: int | None = None
     ranks: list[RankResult] | None = Field(None, description="Per-rank figures for world size > 1.")
-    worst_rank: int | None = None
+    worst_rank: int | None = Field(
+        None, description="World size > 1: the rank with the highest estimated steady-state peak "
+        "(the rank POST /v1/memory reports; ties to the lowest rank). estimate and "
+        "first_step_estimate are this rank's. A pipelined job whose estimate is composed, not "
+        "replayed per rank, names the measured one.")
+    worst_measured_rank: int | None = Field(
+        None, description="World size > 1: the rank with the highest measured steady-state peak "
+        "(ties to the lowest rank). measured, first_step_measured, peak_op, peak_phase and "
+        "max_reserved_bytes are this rank's; relative_error compares the two worst ranks' peaks.")
     checkpointed_blocks: list[int] | None = Field(
         None, description="Blocks run under torch.utils.checkpoint (a 'budget' plan as resolved "
         "by the planner on the worker's device).")

@@ -148,6 +148,15 @@ def fsdp_shard_shape(shape: Shape, world_size: int) -> Shape:
     return (_ceil_div(shape[0], world_size),) + shape[1:]
 
 
+def fsdp_local_shard_shape(shape: Shape, world_size: int, rank: int) -> Shape:
+    """Rank ``rank``'s unpadded FSDP2 shard: its ``torch.chunk`` piece of dim 0 (ceil(d0/N) rows,
+    fewer or none on the last ranks when N does not divide d0). The sharded parameter's storage
+    is padded to ``fsdp_shard_shape`` on every rank, but its local tensor, and so everything the
+    optimizer makes from it (states, fp32 masters, the step's copies), has this shape."""
+    c = _ceil_div(shape[0], world_size)
+    return (min(c, max(0, shape[0] - rank * c)),) + shape[1:]
+
+
 # ---- per-rank model states --------------------------------------------------------------------
 
 def _b(dtype: str) -> int:
@@ -351,7 +360,8 @@ def _lora_shapes(m: ResolvedModel, lora, n_layers: int, t: int) -> list[Shape]:
 
 
 __all__ = ["ModelStates", "shard_model_states", "parameter_shapes", "zero1_partition",
-           "fsdp_shard_shape", "pipeline_stage_layers", "DDP_BUCKET_CAP_BYTES"]
+           "fsdp_shard_shape", "fsdp_local_shard_shape", "pipeline_stage_layers",
+           "DDP_BUCKET_CAP_BYTES"]
 
 
 # ---- stages side by side (POST /v1/zero) -------------------------------------------------------

@@ -52,7 +52,9 @@ def test_two_ranks_match_the_replay(family, zero):
             for c in CATS:
                 assert getattr(r.estimate, c) == getattr(r.measured, c), (r.rank, c)
     worst = next(r for r in res.ranks if r.rank == res.worst_rank)
-    assert res.estimate == worst.estimate and res.measured == worst.measured
+    assert res.estimate == worst.estimate == max(res.ranks, key=lambda r: r.estimate.total).estimate
+    worst = next(r for r in res.ranks if r.rank == res.worst_measured_rank)
+    assert res.measured == worst.measured == max(res.ranks, key=lambda r: r.measured.total).measured
     if zero <= 1:
         assert res.first_step_estimate == res.first_step_measured
     if zero >= 2:  # sharded: the gradients of step 2 are gone by the peak or sharded
@@ -134,6 +136,89 @@ def test_zero1_shards_are_uneven_and_the_top_level_is_the_worst_rank():
     # the API's estimate for the setup is the rank with the highest peak
     est = estimate_memory(request("llama", 1), device="cpu")
     assert est.breakdown.total == max(r.estimate.total for r in res.ranks)
+    # ... and the top level names it: the rank with the most state bytes, measured highest too
+    assert res.estimate == est.breakdown and res.worst_rank == res.worst_measured_rank == 0
+    assert res.measured == max(res.ranks, key=lambda r: r.measured.total).measured
+
+
+def test_fsdp2_uneven_shards_every_rank_exact():
+    """FSDP2 over 4 ranks with a vocabulary of 257 rows (GPT-2's 50,257 is odd too): the padded
+    shards and flat buffers are alike on every rank, but the optimizer sees each rank's unpadded
+    torch.chunk piece (65, 65, 65 and 62 rows), so rank 3's fp32 masters and Adam states are
+    smaller. Every rank is replayed with its own shard and equals its measurement to the byte,
+    category by category, and so does the 4 x 4 B rank map of each fully_shard call's default
+    DeviceMesh. The top level: the planner's worst rank (rank 0) against the highest measured
+    peak (rank 0)."""
+    body = request("gpt2", 3, 4, precision="mixed-bf16").model_dump()
+    body["model"]["vocab_size"] = 257
+    req = ValidationRequest.model_validate(body)
+    res = run_multi_rank(req)
+    assert [r.rank for r in res.ranks] == [0, 1, 2, 3]
+    for r in res.ranks:
+        assert r.estimate == r.measured, (r.rank, r.estimate, r.measured)
+    states = [r.measured.optimizer_states for r in res.ranks]
+    assert states[0] == states[1] == states[2] > states[3]
+    assert res.worst_rank == res.worst_measured_rank == 0
+    assert res.estimate == res.measured == res.ranks[0].measured
+    assert res.first_step_estimate == res.first_step_measured
+    assert estimate_memory(req, device="cpu").breakdown == res.estimate
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+def test_fsdp2_local_shard_is_torch_chunk(world_size):
+    import torch
+    from torch.distributed.fsdp._fully_shard._fsdp_common import (
+        _chunk_with_empty,
+        _get_dim_chunked_size,
+    )
+
+    from planner.zero import fsdp_local_shard_shape
+
+    for shape in [(257, 64), (50257, 8), (5, 3), (3, 7), (1,), (64,)]:
+        chunks = _chunk_with_empty(torch.empty(shape), world_size, dim=0)
+        # FSDPParam.sharded_size: the chunk's size, an empty chunk keeping the other dims
+        assert [tuple(_get_dim_chunked_size(c, torch.Size(shape), 0)) for c in chunks] == [
+            fsdp_local_shard_shape(shape, world_size, r) for r in range(world_size)]
+
+
+def test_worst_rank_is_the_highest_estimate_and_measured_the_highest_measurement(monkeypatch):
+    """The top level names the rank with the highest estimated peak (worst_rank, the rank POST
+    /v1/memory reports) and the rank with the highest measured peak (worst_measured_rank), not
+    the rank with the largest relative error: here rank 1's error is the larger one, but rank 0
+    peaks higher in both."""
+    import service.validation.distributed as D
+    from planner.specs import Breakdown
+
+    def bd(total: int) -> Breakdown:
+        return Breakdown(parameters=total - 100, gradients=0, optimizer_states=0, activations=100,
+                         temporaries=0, total=total)
+
+    est = {0: 1_000_000, 1: 999_000, 2: 990_000}
+    meas = {0: 1_000_000, 1: 998_000, 2: 1_000_500}  # rank 2 measured highest
+
+    def fake_launch(req, timeout_s, progress=None):
+        return {"world_size": 3, "ranks": [
+            {"rank": k, "device": "cpu",
+             "first": {"breakdown": bd(v - 10).model_dump(), "op": "f", "phase": "forward"},
+             "steady": {"breakdown": bd(v).model_dump(), "op": f"op{k}", "phase": "backward",
+                        "cuda_allocated": None}} for k, v in meas.items()]}
+
+    monkeypatch.setattr(D, "launch_ranks", fake_launch)
+    monkeypatch.setattr(D, "per_rank_estimates", lambda req, device: [
+        (bd(v - 10), bd(v)) for v in est.values()])
+    res = D.run_multi_rank(request("gpt2", 3, 3))
+    assert res.worst_rank == 0 and res.estimate == bd(1_000_000)
+    assert res.first_step_estimate == bd(1_000_000 - 10)
+    assert res.worst_measured_rank == 2 and res.measured == bd(1_000_500)
+    assert res.first_step_measured == bd(1_000_500 - 10) and res.peak_op == "op2"
+    assert res.relative_error.total == pytest.approx(-500 / 1_000_500)
+    # without rank 2, rank 1 has the largest relative error but rank 0 the highest peaks
+    del meas[2]
+    est.pop(2)
+    res = D.run_multi_rank(request("gpt2", 3, 2))
+    errs = {r.rank: abs(r.relative_error.total) for r in res.ranks}
+    assert errs[1] > errs[0]
+    assert res.worst_rank == res.worst_measured_rank == 0 and res.relative_error.total == 0
 
 
 def test_replay_of_zero3_frees_what_zero2_keeps():

@@ -395,9 +395,12 @@ def launch_ranks(req: ValidationRequest, timeout_s: float,
 
 def run_multi_rank(req: ValidationRequest, progress: ProgressFn | None = None,
                    timeout_s: float | None = None) -> ValidationResult:
-    """Measure every rank and compare each with the planner's estimate for that rank; the
-    top-level estimate, measurement and error are the worst rank's (highest relative error of
-    the total, ties to the highest measured peak)."""
+    """Measure every rank and compare each with the planner's estimate for that rank (``ranks``).
+    The top level compares the per-device peaks of the job: ``estimate`` (and the first step's)
+    is the rank with the highest estimated steady-state peak, ``worst_rank`` (what POST
+    /v1/memory reports for the setup); ``measured`` (first step, peak op and phase, CUDA
+    reserved bytes) is the rank with the highest measured steady-state peak,
+    ``worst_measured_rank``. Ties go to the lowest rank."""
     from service.validation.runner import _device
 
     check_multi_rank(req)
@@ -419,15 +422,15 @@ def run_multi_rank(req: ValidationRequest, progress: ProgressFn | None = None,
                                 relative_error=relative_error(steady_e, steady_m)))
         firsts[k] = (first_e, Breakdown(**r["first"]["breakdown"]))
         peaks[k] = r
-    worst = max(ranks, key=lambda rr: (abs(rr.relative_error.total or 0.0), rr.measured.total,
-                                       -rr.rank))
-    w = worst.rank
+    worst_est = max(ranks, key=lambda rr: (rr.estimate.total, -rr.rank))
+    worst_meas = max(ranks, key=lambda rr: (rr.measured.total, -rr.rank))
+    e, w = worst_est.rank, worst_meas.rank
     cuda_peak = peaks[w]["steady"].get("cuda_allocated")
     return ValidationResult(
         device=f"{peaks[w]['device']} x {len(ranks)} ranks "
                f"({'nccl' if dev.type == 'cuda' else 'gloo'})",
-        mode=req.mode, estimate=worst.estimate, measured=worst.measured,
-        relative_error=worst.relative_error,
-        first_step_estimate=firsts[w][0], first_step_measured=firsts[w][1],
+        mode=req.mode, estimate=worst_est.estimate, measured=worst_meas.measured,
+        relative_error=relative_error(worst_est.estimate, worst_meas.measured),
+        first_step_estimate=firsts[e][0], first_step_measured=firsts[w][1],
         peak_op=peaks[w]["steady"]["op"], peak_phase=peaks[w]["steady"]["phase"],
-        max_reserved_bytes=cuda_peak, ranks=ranks, worst_rank=w)
+        max_reserved_bytes=cuda_peak, ranks=ranks, worst_rank=e, worst_measured_rank=w)

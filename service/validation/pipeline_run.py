@@ -556,7 +556,9 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
         relative_error=relative_error(est.breakdown, worst.peak_memory),
         peak_op=worst.peak_op, peak_phase=worst.peak_phase,
         step_time_s=max(r.step_s_measured for r in ranks),
-        max_reserved_bytes=None, ranks=rank_results, worst_rank=worst.rank, pipeline=pv)
+        max_reserved_bytes=None, ranks=rank_results, worst_rank=next(
+            (int(a.value) for a in est.assumptions if a.name == "worst_rank"), worst.rank),
+        worst_measured_rank=worst.rank, pipeline=pv)
 
 
 def _per_rank_estimates(req: ValidationRequest, device: str) -> dict[int, Any] | None:
