@@ -249,7 +249,9 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
                 _replayed_fields(peaks))
     from planner.reference_parallel import unsupported_reason
 
-    if par.data_parallel > 1 and unsupported_reason(tr, par) is None:
+    if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
+        # ZeRO on one data-parallel rank included: DDP + ZeroRedundancyOptimizer, or FSDP2's
+        # world-size-1 path, replayed (measured by tests/test_zero_one_rank.py)
         return _data_parallel(model, tr, par, device, ckpt, assumptions, notes)
     if par.pipeline_parallel > 1 and not ckpt:
         from planner.pipeline_memory import pipelined_estimate

@@ -240,6 +240,10 @@ class ParallelProgram(ReferenceProgram):
         m = self.m
         if g in self.unsharded or not self.groups[g]:
             return
+        if self.n == 1:  # world size 1: the unsharded parameters copied from the shards, no
+            # all-gather buffer (FSDPParamGroup.unshard / wait_for_unshard, world_size == 1)
+            self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{g}]", "parameters")
+            return
         flat = self.flat_pending.pop(g, None) or m.alloc(self.unsharded_bytes[g], "all_gather",
                                                           "temporaries")
         self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{g}]", "parameters")
@@ -256,6 +260,8 @@ class ParallelProgram(ReferenceProgram):
             self.m.drop(b)
 
     def _prefetch(self, g: int) -> None:
+        if self.n == 1:  # world size 1: unshard() allocates nothing
+            return
         if g >= 0 and g not in self.unsharded and g not in self.flat_pending and self.groups[g]:
             self.flat_pending[g] = self.m.alloc(self.unsharded_bytes[g], "all_gather", "temporaries")
 

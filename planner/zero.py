@@ -200,7 +200,7 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
         params = psi * pb + frozen_bytes
         grads = psi * gb
         comm = 2 * _ring_bytes(psi * gb, n) if n > 1 else 0  # DDP all-reduce of the grads
-        if z == 0 or n == 1:
+        if z == 0:
             owned = train_shapes
             impl = "torch DistributedDataParallel(gradient_as_bucket_view=True)" if n > 1 else \
                 "single data-parallel rank (no gradient reduction)"
@@ -431,7 +431,10 @@ def zero_stages(request, estimate=None):
                 notes.append(note)
     if request.parallelism.data_parallel == 1:
         notes.append("data_parallel is 1: ZeRO shards over data-parallel ranks, so stages 1-3 "
-                      "save nothing here")
+                     "save nothing here; stages 1-3 without offload are replayed as their "
+                     "implementation runs on one rank (DDP + ZeroRedundancyOptimizer owning every "
+                     "tensor; FSDP2's world-size-1 path, which copies the shards into unsharded "
+                     "parameters)")
     return ZeroResult(model=model, stages=stages, notes=notes)
 
 
