@@ -297,7 +297,7 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
         tr = training.model_copy(update={"activation_checkpointing": spec})
         mreq = MemoryRequest(model=req.model, training=tr, parallelism=par, hardware=None)
         try:
-            return estimate_memory(mreq, device=req.device)
+            return estimate_memory(mreq, device=req.device, explain=False)
         except PlanningError as exc:  # name the field as this route's body has it
             field = exc.field
             if field and not field.startswith("body."):

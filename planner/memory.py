@@ -146,18 +146,20 @@ _PROFILE_REFERENCE = Assumption(name="profile", value="reference step, simulated
                                 note="the step measured by validation jobs")
 
 
-def estimate_memory(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
+def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = True) -> MemoryResult:
     """Per-device peak of one training step, by category (see module docstring).
 
     ``device`` selects kernel details that differ between CPU and CUDA builds of the reference
-    step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``."""
+    step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``. ``explain``: the
+    notes that read the figures (bytes per parameter, what fits instead), each of which may
+    replay a variant of the setup; searches that read only the peak pass False."""
     model = resolve_model(req.model)
     _check(model, req.training, req.parallelism)
     ac = req.training.activation_checkpointing
     if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
-        return _budget(req, model, device)
+        return _budget(req, model, device, explain)
     ckpt = _blocks(req.training, model.num_layers) if model.architecture_known else frozenset()
-    return _estimate(req, model, device, ckpt)
+    return _estimate(req, model, device, ckpt, explain=explain)
 
 
 def _blocks(tr: TrainingSpec, num_layers: int) -> frozenset[int]:
@@ -181,7 +183,7 @@ def _ckpt_assumption(ckpt: frozenset[int]) -> Assumption:
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
-              extra_notes: list[str] | None = None) -> MemoryResult:
+              extra_notes: list[str] | None = None, explain: bool = False) -> MemoryResult:
     tr, par = req.training, req.parallelism
     gpu_name, mem_bytes = _hardware_bytes(req.hardware)
     assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
@@ -192,6 +194,8 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         bd, phase = _model_states_only(model, tr, par, assumptions), "model states only"
         notes.append("bare num_parameters: activations and temporaries need the architecture "
                      "(family, layers, hidden size, heads, vocabulary), so only model states are given")
+        if explain:
+            notes.extend(_bytes_per_parameter(model, tr, par, bd, bare=True))
     elif tr.implementation == "megatron":
         bd, phase = _megatron(model, tr, par, assumptions)
         peaks = _fb_fields(bd.activations, bd, phase)  # Korthikanti et al.: the forward's end
@@ -206,9 +210,182 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
                   headroom_bytes=mem_bytes - bd.total - reserve,
                   max_micro_batch_size=_max_micro_batch(req, model, device, ckpt, mem_bytes)
                   if model.architecture_known else None)
+    if explain and model.architecture_known and tr.implementation == "reference" \
+            and _single_device(par) and phase.startswith("optimizer"):
+        notes.extend(_bytes_per_parameter(model, tr, par, bd, bare=False))
+        notes.extend(_fused_instead(req, model, device, ckpt, bd))
+    if explain and fit is not None and not fit.fits:
+        notes.extend(_what_fits(req, model, device, ckpt, bd, phase, reserve, fit))
     return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
                         allocator_reserve_bytes=reserve, fit=fit, assumptions=assumptions,
                         notes=notes, **peaks)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _model_states_reading(model: ResolvedModel, tr: TrainingSpec, bd: Breakdown) -> str:
+    """'X bytes/parameter (parameters a + gradients b + optimizer states c)', per parameter of
+    the model; for mixed-precision Adam the ZeRO paper's 16Ψ (Rajbhandari et al. 2020, §3.1:
+    2 + 2 + K with K = 12: the fp32 master copy, momentum and variance)."""
+    psi = model.num_parameters
+    per = [bd.parameters / psi, bd.gradients / psi, bd.optimizer_states / psi]
+    text = (f"model states {sum(per):.1f} bytes/parameter (parameters {per[0]:.1f} + gradients "
+            f"{per[1]:.1f} + optimizer states {per[2]:.1f}")
+    if tr.precision.startswith("mixed-") and tr.optimizer in ("adam", "adamw") \
+            and tr.precision_overrides is None and tr.lora is None:
+        text += ": the ZeRO paper's 16Ψ, 2 + 2 + 12 with the fp32 master copy, momentum and variance"
+    return text + ")"
+
+
+def _bytes_per_parameter(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec,
+                         bd: Breakdown, bare: bool) -> list[str]:
+    """How the peak reads per parameter when the optimizer step holds it (a preset and a bare
+    count of the same model differ by the step's temporaries: both are right)."""
+    if not _single_device(par):
+        return []
+    psi = model.num_parameters
+    states = bd.parameters + bd.gradients + bd.optimizer_states
+    if bare:
+        return [f"{_model_states_reading(model, tr, bd)}; the optimizer step's temporaries "
+                f"(the {tr.optimizer_implementation} kernels' intermediates, and the fp32 gradient "
+                "copies of a master-weight step) are not included: they need the architecture"]
+    from planner.optimizers import master_weight_step_temporary_bytes
+
+    tmp = bd.temporaries
+    parts = []
+    copies = master_weight_step_temporary_bytes(tr, [psi]) if tr.lora is None else 0
+    if 0 < copies <= tmp:
+        parts.append(f"{copies} bytes of fp32 gradient copies for the master-weight step")
+    rest = tmp - (copies if parts else 0)
+    if rest:
+        parts.append(f"{rest} bytes made by the {tr.optimizer_implementation} "
+                     f"{tr.optimizer} step itself")
+    return [f"the peak falls in the optimizer step: {bd.total / psi:.1f} bytes/parameter = "
+            f"{_model_states_reading(model, tr, bd)} + the step's temporaries "
+            f"{tmp / psi:.1f} ({tmp} bytes: {', '.join(parts) or 'none'})"
+            + (f" + activations {bd.activations} bytes" if bd.activations else "")
+            + f"; {states} bytes of model states alone"]
+
+
+def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
+             **training: object) -> MemoryResult | None:
+    """The same setup with ``training`` fields changed, estimated (replayed) without hardware
+    and notes; None when the change is not a valid setup."""
+    tr = req.training.model_copy(update=training)
+    try:
+        tr = TrainingSpec.model_validate(tr.model_dump())  # the spec's own rules
+        return _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
+                         device, ckpt)
+    except (ValueError, PlanningError):
+        return None
+
+
+def _fused_instead(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
+                   bd: Breakdown) -> list[str]:
+    """What ``optimizer_implementation: fused`` would change: the same setup replayed with the
+    fused kernel (torch.optim's ``_fused_*``: one kernel per tensor group, no intermediates)."""
+    tr = req.training
+    if tr.optimizer_implementation == "fused":
+        return []
+    r = _variant(req, model, device, ckpt, optimizer_implementation="fused")
+    if r is None:
+        return [f"optimizer_implementation 'fused' does not exist for {tr.optimizer!r} in "
+                "torch.optim (fused: SGD, Adam, AdamW, Adagrad)"]
+    saved = bd.total - r.breakdown.total
+    if saved <= 0:
+        return []
+    return [f"optimizer_implementation 'fused' would peak at {r.breakdown.total} bytes "
+            f"({_gib(r.breakdown.total)}, {r.peak_phase}): {saved} bytes ({_gib(saved)}) less "
+            "(replayed)"]
+
+
+def _what_fits(req: MemoryRequest, model: ResolvedModel, device: str, ckpt, bd: Breakdown,
+               phase: str, reserve: int, fit: Fit) -> list[str]:
+    """When the setup does not fit: by how much, and single changes that do, each computed by
+    the planner (a replay of the changed setup, or for ZeRO-3 the sharded model states)."""
+    tr, par = req.training, req.parallelism
+    mem = fit.memory_bytes
+    where = fit.gpu or f"{mem} bytes"
+    out = [f"does not fit on {where}: peak {_gib(bd.total)} + allocator reserve {_gib(reserve)} "
+           f"is {_gib(-fit.headroom_bytes)} over its {_gib(mem)}"]
+
+    def need(r: MemoryResult) -> int:
+        return r.breakdown.total + r.allocator_reserve_bytes
+
+    fits: list[str] = []
+    short: list[str] = []
+
+    def tried(change: str, r: MemoryResult | None) -> None:
+        if r is None:
+            return
+        text = f"{change}: peak {_gib(r.breakdown.total)}"
+        (fits if need(r) <= mem else short).append(text)
+
+    b, ga = tr.micro_batch_size, tr.gradient_accumulation_steps
+    best = fit.max_micro_batch_size
+    if best is not None and best < b:
+        steps = -(-b * ga // best)
+        fits.append(f"micro_batch_size {best} (the largest that fits; gradient_accumulation_steps "
+                    f"{steps} keeps at least {b * ga} sequences per step)")
+    single = model.architecture_known and tr.implementation == "reference" \
+        and _single_device(par)
+    if single:
+        L = model.num_layers
+        if len(ckpt) < L and tr.activation_checkpointing.strategy != "budget":
+            tried("activation_checkpointing 'full'",
+                  _variant(req, model, device, frozenset(range(L)),
+                           activation_checkpointing=ActivationCheckpointing(strategy="full")))
+        if tr.optimizer_implementation != "fused" and phase.startswith("optimizer"):
+            tried("optimizer_implementation 'fused'",
+                  _variant(req, model, device, ckpt, optimizer_implementation="fused"))
+        if tr.precision != "bf16" and tr.precision_overrides is None \
+                and (tr.lora is None or tr.lora.base_dtype is None):
+            tried("precision 'bf16' (16-bit parameters, gradients and optimizer states, no fp32 "
+                  "master copy)", _variant(req, model, device, ckpt, precision="bf16"))
+    zero = _zero3_fits(model, tr, par, device, ckpt, mem) if par.data_parallel == 1 \
+        and par.tensor_parallel == par.pipeline_parallel == 1 and tr.implementation == "reference" \
+        else None
+    if zero:
+        fits.append(zero)
+    if fits:
+        out.append("fits instead (one change each): " + "; ".join(fits))
+    if short:
+        out.append("does not fit either (one change each): " + "; ".join(short))
+    return out
+
+
+def _zero3_fits(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str, ckpt,
+                mem: int) -> str | None:
+    """The fewest data-parallel ranks (a power of two) over which ZeRO-3 (FSDP2) leaves room:
+    the per-rank model states exactly (``shard_model_states``), plus this step's own activation
+    and temporary peak (the single-device replay's, an approximation: POST /v1/zero gives the
+    ranks' peaks)."""
+    from planner.specs import MAX_RANKS
+    from planner.zero import shard_model_states
+
+    extra = 0
+    if model.architecture_known:
+        pk = step_cache.simulate(model, tr, device, frozenset(ckpt))
+        extra = pk.act_peak.total
+    n = 2
+    while n <= min(MAX_RANKS, 4096):
+        p = par.model_copy(update={"data_parallel": n, "zero_stage": 3})
+        try:
+            ms = shard_model_states(model, tr, p)
+        except ValueError:
+            return None
+        states = ms.parameters + ms.gradients + ms.optimizer_states + ms.buffers
+        total = states + max(extra, ms.step_temporaries)
+        if total + _reserve(total, device) <= mem:
+            rest = (f", about {_gib(total)} with this step's activations and temporaries"
+                    if model.architecture_known else "")
+            return (f"zero_stage 3 (FSDP2) over data_parallel {n}: model states "
+                    f"{_gib(states)} per rank{rest}; POST /v1/zero with data_parallel {n} "
+                    "gives each stage's peak")
+        n *= 2
+    return None
 
 
 def _fb_fields(activation_peak: int | None, fb: Breakdown | None, fb_phase: str | None) -> dict:
@@ -521,7 +698,8 @@ def _max_micro_batch_search(req: MemoryRequest, model: ResolvedModel, device: st
     return lo
 
 
-def _budget(req: MemoryRequest, model: ResolvedModel, device: str) -> MemoryResult:
+def _budget(req: MemoryRequest, model: ResolvedModel, device: str,
+            explain: bool = False) -> MemoryResult:
     """Fewest checkpointed blocks whose peak fits the budget. The reference model's blocks are
     identical, so recompute time grows with their number while the peak falls: the smallest
     feasible count is optimal for this homogeneous chain (explicit heterogeneous chains go to
@@ -543,7 +721,7 @@ def _budget(req: MemoryRequest, model: ResolvedModel, device: str) -> MemoryResu
     if peak(L) > budget:
         return _estimate(req, model, device, set(range(L)), [
             f"no placement fits the budget of {budget} bytes: the smallest achievable peak is "
-            f"{peak(L)} bytes (every block checkpointed)"])
+            f"{peak(L)} bytes (every block checkpointed)"], explain=explain)
     lo, hi = 0, L
     while lo < hi:
         mid = (lo + hi) // 2
@@ -552,4 +730,4 @@ def _budget(req: MemoryRequest, model: ResolvedModel, device: str) -> MemoryResu
         else:
             lo = mid + 1
     return _estimate(req, model, device, set(range(lo)), [
-        f"budget {budget} bytes: {lo} of {L} blocks checkpointed"])
+        f"budget {budget} bytes: {lo} of {L} blocks checkpointed"], explain=explain)

@@ -172,3 +172,99 @@ def test_activation_and_forward_backward_peaks_equal_the_measured_step(extra):
             meter.mark(s.optimizer, "optimizer_states")
     assert est.activation_peak_bytes == meter.act_max
     assert est.forward_backward_peak.model_dump() == fb_steady
+
+
+# ---- bytes per parameter: a preset and a bare count of the same model -------------------------
+GPT2XL_MIXED = {"precision": "mixed-fp16", "optimizer": "adam"}
+
+
+def _notes(body: dict) -> tuple:
+    r = estimate_memory(MemoryRequest.model_validate(body))
+    return r, " | ".join(r.notes)
+
+
+def test_preset_reads_as_model_states_plus_the_steps_temporaries():
+    """GPT-2 XL, mixed-fp16 Adam: 24 bytes/parameter as a preset (the foreach step's
+    temporaries at the peak), 16 as a bare count (model states only); both notes say why."""
+    r, notes = _notes({"model": {"preset": "gpt2-xl"}, "training": GPT2XL_MIXED})
+    psi = r.model.num_parameters
+    bd = r.breakdown
+    assert r.peak_phase.startswith("optimizer")
+    assert round(bd.total / psi, 1) == 24.0
+    assert "24.0 bytes/parameter = model states 16.0 bytes/parameter" in notes
+    assert "(parameters 2.0 + gradients 2.0 + optimizer states 12.0: the ZeRO paper's 16Ψ" in notes
+    assert f"the step's temporaries 8.0 ({bd.temporaries} bytes: {4 * psi} bytes of fp32 " \
+           f"gradient copies for the master-weight step, {bd.temporaries - 4 * psi} bytes made " \
+           "by the foreach adam step itself)" in notes
+    fused = estimate_memory(MemoryRequest.model_validate({
+        "model": {"preset": "gpt2-xl"},
+        "training": {**GPT2XL_MIXED, "optimizer_implementation": "fused"}})).breakdown.total
+    assert fused < bd.total
+    assert f"optimizer_implementation 'fused' would peak at {fused} bytes" in notes
+    assert f"{bd.total - fused} bytes" in notes
+
+    bare, notes = _notes({"model": {"num_parameters": psi}, "training": GPT2XL_MIXED})
+    assert bare.breakdown.total == 16 * psi
+    assert "model states 16.0 bytes/parameter (parameters 2.0 + gradients 2.0 + optimizer " \
+           "states 12.0: the ZeRO paper's 16Ψ" in notes
+    assert "temporaries" in notes and "are not included" in notes
+
+
+def test_no_fused_kernel_is_said():
+    _, notes = _notes({"model": {"preset": "gpt2-xl"},
+                       "training": {"precision": "mixed-bf16", "optimizer": "rmsprop"}})
+    assert "optimizer_implementation 'fused' does not exist for 'rmsprop'" in notes
+
+
+# ---- a setup that does not fit says what to change ---------------------------------------------
+README_FIRST = {"model": {"preset": "llama-2-7b"},
+                "training": {"precision": "amp-bf16", "optimizer": "adamw",
+                             "micro_batch_size": 1, "sequence_length": 4096,
+                             "activation_checkpointing": {"strategy": "full"}},
+                "hardware": {"gpu": "h100-80gb"}}
+
+
+def test_not_fitting_says_by_how_much_and_what_fits(client):
+    r = client.post("/v1/memory", json=README_FIRST).json()
+    assert r["fit"]["fits"] is False
+    over = -r["fit"]["headroom_bytes"] / GiB
+    notes = r["notes"]
+    assert f"does not fit on h100-80gb: peak {r['breakdown']['total'] / GiB:.2f} GiB + allocator " \
+           f"reserve {r['allocator_reserve_bytes'] / GiB:.2f} GiB is {over:.2f} GiB over its " \
+           "80.00 GiB" in notes
+    (fits,) = [n for n in notes if n.startswith("fits instead")]
+    # each suggestion holds when the planner is asked about it
+    bf16 = client.post("/v1/memory", json={**README_FIRST, "training": {
+        **README_FIRST["training"], "precision": "bf16"}}).json()
+    assert bf16["fit"]["fits"]
+    assert f"precision 'bf16' (16-bit parameters, gradients and optimizer states, no fp32 " \
+           f"master copy): peak {bf16['breakdown']['total'] / GiB:.2f} GiB" in fits
+    assert "zero_stage 3 (FSDP2) over data_parallel 2:" in fits
+    sharded = estimate_memory(MemoryRequest.model_validate({
+        **README_FIRST, "hardware": None,
+        "parallelism": {"data_parallel": 2, "zero_stage": 3}}))  # every rank replayed
+    assert sharded.breakdown.total * 1.05 <= 80 * GiB
+    (short,) = [n for n in notes if n.startswith("does not fit either")]
+    fused = client.post("/v1/memory", json={**README_FIRST, "training": {
+        **README_FIRST["training"], "optimizer_implementation": "fused"}}).json()
+    assert not fused["fit"]["fits"]
+    assert f"optimizer_implementation 'fused': peak {fused['breakdown']['total'] / GiB:.2f} " \
+           "GiB" in short
+
+
+def test_a_smaller_micro_batch_is_suggested_when_it_fits():
+    r, notes = _notes({"model": {"preset": "gpt2-xl"},
+                       "training": {"precision": "amp-bf16", "micro_batch_size": 32,
+                                    "sequence_length": 1024},
+                       "hardware": {"gpu": "a100-80gb"}})
+    best = r.fit.max_micro_batch_size
+    assert not r.fit.fits and 1 <= best < 32
+    assert f"micro_batch_size {best} (the largest that fits; gradient_accumulation_steps " \
+           f"{-(-32 // best)} keeps at least 32 sequences per step)" in notes
+    assert "activation_checkpointing 'full': peak" in notes
+    assert "optimizer_implementation 'fused'" not in notes  # the peak is not the optimizer's
+
+
+def test_a_fitting_setup_has_no_fit_notes():
+    r, notes = _notes({**README_FIRST, "parallelism": {"data_parallel": 8, "zero_stage": 3}})
+    assert r.fit.fits and "fit" not in notes
