@@ -24,6 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "measured training steps.",
         generate_unique_id_function=_operation_id,
     )
+    app.router.route_class = errors.ProblemRoute  # routes added to the app itself
     errors.install(app)
     # The job store opens on first use, so the app starts (and /readyz says why it is not ready)
     # while the database is down.
@@ -33,7 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     # Estimate routes: open unless MEMPLAN_PROTECT_ESTIMATES (job routes carry their own guard).
     for module in (memory, checkpointing, pipeline, zero):
-        app.include_router(module.router, dependencies=[Depends(security.estimate_guard)])
+        app.include_router(module.router, dependencies=[Depends(security.estimate_guard)],
+                           responses=security.ESTIMATE_AUTH_RESPONSES)
     security.install(app, app.state.settings)  # body-size limit, resource-cap 422s
     # Added last, so it runs first: every request, a 413 included, gets an id and is measured.
     app.add_middleware(metrics.ObservabilityMiddleware)

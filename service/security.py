@@ -7,7 +7,9 @@
   that ``memplan serve`` works with no setup; estimate routes are open unless
   ``MEMPLAN_PROTECT_ESTIMATES=1``.
 - **Body size.** An ASGI middleware refuses bodies over ``max_body_bytes`` with 413, from the
-  Content-Length header when there is one and by counting the bytes as they arrive otherwise.
+  Content-Length header when there is one and by counting the bytes as they arrive otherwise; a
+  Content-Length that is not a byte count is a 400 (``ProblemH11Protocol`` gives uvicorn's own
+  refusal of such a request, before it reaches the app, the same problem+json form).
 - **Resource caps.** A job spec is checked against the configured caps (layers, hidden size,
   sequence, steps, ranks, wall-clock) before it is queued: 422 naming each field and its cap.
 - **Idempotency.** The canonical hash of a job request (``request_hash``) is stored with the
@@ -22,9 +24,11 @@ import os
 import re
 from typing import Annotated, Any, Iterable
 
+import h11
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from planner.catalog import resolve_model
 from planner.specs import ValidationRequest
@@ -32,6 +36,7 @@ from service.errors import problem_response
 from service.jobs.store import IdempotencyConflict
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_DIGITS = re.compile(rb"[0-9]+")
 ANONYMOUS = ""  # the identity of every caller when no tokens are configured
 
 
@@ -117,9 +122,17 @@ def estimate_guard(request: Request) -> None:
 
 Identity = Annotated[str, Depends(require_token)]
 
+_CHALLENGE = {"WWW-Authenticate": {"description": "Bearer realm=\"memplan\"",
+                                   "schema": {"type": "string"}}}
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "Missing or unknown bearer token (only when tokens are configured)",
-          "content": {"application/problem+json": {}}},
+          "content": {"application/problem+json": {}}, "headers": _CHALLENGE},
+}
+# The estimate routes answer 401 only in a deployment that protects them.
+ESTIMATE_AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or unknown bearer token (only when MEMPLAN_PROTECT_ESTIMATES "
+          "is set and tokens are configured; send 'Authorization: Bearer TOKEN')",
+          "content": {"application/problem+json": {}}, "headers": _CHALLENGE},
 }
 
 
@@ -197,17 +210,25 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > self.limit:
-                    await _send_problem(send, 413, "Request Entity Too Large",
-                                        f"request body of {declared} bytes is over this "
-                                        f"service's limit of {self.limit} bytes")
-                    return
+        lengths = {value.strip() for name, value in scope.get("headers", ())
+                   if name == b"content-length"}
+        if lengths:
+            # RFC 9110 8.6: one decimal byte count (a list of equal counts is the same count).
+            counts = {v.strip() for value in lengths for v in value.split(b",")}
+            if len(counts) != 1 or not _DIGITS.fullmatch(next(iter(counts))):
+                shown = ", ".join(sorted(v.decode("latin-1") for v in lengths))[:100]
+                await _send_problem(send, 400, "Bad Request",
+                                    f"Content-Length {shown!r} is not a byte count (one "
+                                    "non-negative decimal integer)",
+                                    [{"name": "header.content-length",
+                                      "reason": "must be one non-negative decimal integer"}])
+                return
+            declared = int(next(iter(counts)))
+            if declared > self.limit:
+                await _send_problem(send, 413, "Request Entity Too Large",
+                                    f"request body of {declared} bytes is over this "
+                                    f"service's limit of {self.limit} bytes")
+                return
         seen = 0
 
         async def counted() -> dict:
@@ -224,12 +245,51 @@ class BodyLimitMiddleware:
         await self.app(scope, counted, send)
 
 
-async def _send_problem(send: Any, status: int, title: str, detail: str) -> None:
-    response: JSONResponse = problem_response(status, title, detail)
+async def _send_problem(send: Any, status: int, title: str, detail: str,
+                        invalid: list[dict[str, str]] | None = None) -> None:
+    response: JSONResponse = problem_response(status, title, detail, invalid)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(k.encode(), v.encode()) for k, v in response.headers.items()]
                 + [(b"connection", b"close")]})
     await send({"type": "http.response.body", "body": response.body})
+
+
+# ---- requests that are not HTTP ----------------------------------------------------------------
+class ProblemH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, answering a request h11 cannot parse (a Content-Length that is not
+    a byte count, a malformed header line, ...) with a problem+json 400 naming what was wrong,
+    where uvicorn answers a plain-text 'Invalid HTTP request received.'. Such a request never
+    reaches the app: h11 refuses its head. ``memplan serve`` runs uvicorn with this protocol
+    (with the uvicorn command: ``--http service.security:ProblemH11Protocol``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parse_error: str | None = None
+        next_event = self.conn.next_event
+
+        def next_event_noting_errors() -> Any:
+            try:
+                return next_event()
+            except h11.RemoteProtocolError as exc:
+                self.parse_error = str(exc)
+                raise
+
+        self.conn.next_event = next_event_noting_errors  # type: ignore[method-assign]
+
+    def send_400_response(self, msg: str) -> None:
+        error = (self.parse_error or "")[:200]
+        invalid = None
+        if "content-length" in error.lower():
+            invalid = [{"name": "header.content-length",
+                        "reason": f"{error}: must be one non-negative decimal integer"}]
+        detail = f"not a valid HTTP/1.1 request: {error}" if error else msg
+        body = problem_response(400, "Bad Request", detail, invalid).body
+        headers = [(b"content-type", b"application/problem+json"),
+                   (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
 def install(app: FastAPI, settings: Any) -> None:
@@ -251,5 +311,5 @@ def install(app: FastAPI, settings: Any) -> None:
 
 
 __all__ = ["hash_token", "parse_token_digests", "require_token", "estimate_guard", "Identity",
-           "AUTH_RESPONSES", "CapExceeded", "check_caps", "request_hash", "BodyLimitMiddleware",
-           "install", "ANONYMOUS"]
+           "AUTH_RESPONSES", "ESTIMATE_AUTH_RESPONSES", "CapExceeded", "check_caps",
+           "request_hash", "BodyLimitMiddleware", "ProblemH11Protocol", "install", "ANONYMOUS"]

@@ -6,11 +6,19 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from planner.specs import MemoryRequest
 from service.app import create_app
+from service.errors import PlanError
 from service.settings import Settings
 
 PROBLEM = "application/problem+json"
 TINY = {"family": "gpt2", "num_layers": 2, "hidden_size": 32, "num_heads": 2, "vocab_size": 64}
+
+
+class RuleRequest(MemoryRequest):
+    """A setup and the message of a rule it breaks (for the test-only route)."""
+
+    message: str
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +29,13 @@ def app(tmp_path_factory):
     @app.get("/test-only/boom", include_in_schema=False)
     def boom() -> None:
         raise RuntimeError("a bug")
+
+    @app.post("/test-only/rule", include_in_schema=False)
+    def rule(request: RuleRequest) -> None:
+        try:
+            raise ValueError(request.message)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from exc
 
     yield app
     app.state.jobs.close()
@@ -161,3 +176,149 @@ def test_every_error_response_in_the_contract_is_a_problem(app):
             for code, response in op["responses"].items():
                 if code[0] in "45":
                     documented(app, path, method, int(code))
+
+
+# ---- every 422 names the field ----------------------------------------------------------------
+# Rules the schema cannot state (checked by the planner, or by a validator over several fields):
+# each body breaks one. (name, body) for the setup routes; /v1/validations adds the job fields.
+SETUP_RULES = [
+    ("offload_parameters without stage 3", {"parallelism": {"offload_parameters": True}}),
+    ("offload_optimizer without ZeRO", {"parallelism": {"offload_optimizer": True}}),
+    ("virtual stages without pipeline", {"parallelism": {"virtual_pipeline_stages": 2}}),
+    ("sequence parallel without tensor", {"parallelism": {"sequence_parallel": True}}),
+    ("tensor parallel not dividing heads", {"parallelism": {"tensor_parallel": 4}}),
+    ("more stages than layers", {"parallelism": {"pipeline_parallel": 4}}),
+    ("sequence over the position table", {"model": {**TINY, "max_sequence_length": 16},
+                                          "training": {"sequence_length": 32}}),
+    ("every-k without every_k", {"training": {"activation_checkpointing": {
+        "strategy": "every-k"}}}),
+    ("block beyond the layers", {"training": {"activation_checkpointing": {
+        "strategy": "blocks", "blocks": [5]}}}),
+    ("quantized gradients", {"training": {"precision": "mixed-bf16",
+                                          "precision_overrides": {"gradients": "int8"}}}),
+    ("bf16 gradients on fp32 parameters", {"training": {"precision_overrides": {
+        "gradients": "bf16"}}}),
+    ("lora base dtype against precision", {"training": {"precision": "bf16",
+                                                        "lora": {"base_dtype": "fp32"}}}),
+    ("budget without hardware", {"training": {"activation_checkpointing": {
+        "strategy": "budget"}}}),
+    ("budget on a bare parameter count", {"model": {"num_parameters": 1000}, "training": {
+        "activation_checkpointing": {"strategy": "budget"}}}),
+    ("no fused kernel for the optimizer", {"training": {"optimizer": "adafactor",
+                                                        "optimizer_implementation": "fused"}}),
+    ("megatron profile with every-k", {"training": {"implementation": "megatron",
+                                                    "activation_checkpointing": {
+                                                        "strategy": "every-k", "every_k": 1}}}),
+    ("hidden size not divisible by heads", {"model": {**TINY, "num_heads": 3}}),
+    ("two model forms", {"model": {**TINY, "preset": "gpt2"}}),
+]
+JOB = {"device": "cpu", "mode": "traced", "steps": 2}
+OTHER_RULES = [
+    ("/v1/checkpointing", "nothing to place", {}),
+    ("/v1/checkpointing", "revolve without slots", {"strategy": "revolve", "num_steps": 3}),
+    ("/v1/checkpointing", "a setup without a model", {"training": {}}),
+    ("/v1/pipeline", "costs and a setup", {"costs": {}, "setup": {"model": TINY},
+                                           "stages": 2, "microbatches": 2}),
+    ("/v1/pipeline", "no stages without a setup", {}),
+    ("/v1/pipeline", "odd dualpipe", {"stages": 3, "microbatches": 2, "schedule": "dualpipe"}),
+    ("/v1/pipeline", "too many cost entries", {"stages": 2, "microbatches": 2,
+                                               "costs": {"forward_s": [1, 2, 3]}}),
+]
+SWEEP = ([(route, name, {"model": TINY, **body} | (JOB if route == "/v1/validations" else {}))
+          for route in ("/v1/memory", "/v1/zero", "/v1/checkpointing", "/v1/validations")
+          for name, body in SETUP_RULES]
+         + [("/v1/pipeline", name, {"setup": {"model": TINY, **body,
+                                              "hardware": {"gpu": "h100-80gb"}},
+                                    "stages": 2, "microbatches": 4})
+            for name, body in SETUP_RULES if "model" in body]
+         + OTHER_RULES)
+
+
+@pytest.mark.parametrize("route,name,body", SWEEP, ids=[f"{r}-{n}" for r, n, _ in SWEEP])
+def test_every_422_names_a_body_field(client, route, name, body):
+    r = client.post(route, json=body)
+    if r.status_code != 422:  # a route that plans this setup is fine; it must not be a 5xx
+        assert r.status_code < 500, r.text
+        return
+    params = problem(r, 422).get("invalid-params")
+    assert params, (route, name, r.json())
+    for p in params:
+        assert p["name"].startswith("body."), (route, name, p)
+        assert p["reason"]
+
+
+@pytest.mark.parametrize("route", ["/v1/zero", "/v1/validations"])
+def test_planner_rules_name_their_field_on_every_setup_route(client, route):
+    extra = JOB if route == "/v1/validations" else {}
+    cases = [({"parallelism": {"tensor_parallel": 4}}, "body.parallelism.tensor_parallel"),
+             ({"parallelism": {"sequence_parallel": True}}, "body.parallelism.sequence_parallel"),
+             ({"training": {"activation_checkpointing": {"strategy": "every-k"}}},
+              "body.training.activation_checkpointing.every_k"),
+             ({"model": {**TINY, "max_sequence_length": 16}, "training": {"sequence_length": 32}},
+              "body.training.sequence_length")]
+    for body, field in cases:
+        params = problem(client.post(route, json={"model": TINY, **body, **extra}), 422)[
+            "invalid-params"]
+        assert field in [p["name"] for p in params], (route, body, params)
+
+
+def test_a_rule_over_top_level_fields_names_them(client):
+    body = problem(client.post("/v1/pipeline", json={
+        "costs": {}, "setup": {"model": TINY}, "stages": 2, "microbatches": 2}), 422)
+    assert [p["name"] for p in body["invalid-params"]] == ["body.costs", "body.setup"]
+    body = problem(client.post("/v1/checkpointing", json={
+        "strategy": "revolve", "num_steps": 3}), 422)
+    assert {"body.num_steps", "body.slots"} <= {p["name"] for p in body["invalid-params"]}
+
+
+def test_a_fieldless_rule_is_named_from_its_message(client):
+    # A planner ValueError with no field, as the routes wrap it (see the test-only route).
+    body = problem(client.post("/test-only/rule", json={"model": TINY, "message": (
+        "pipeline_parallel (4) exceeds num_layers (2)")}), 422)
+    assert [p["name"] for p in body["invalid-params"]] == [
+        "body.parallelism.pipeline_parallel", "body.model.num_layers"]
+    body = problem(client.post("/test-only/rule", json={"model": TINY, "message": (
+        "torch.optim has no fused implementation of 'adafactor'")}), 422)
+    assert [p["name"] for p in body["invalid-params"]] == ["body.training.optimizer"]
+
+
+# ---- 405: every method of the path -------------------------------------------------------------
+def test_405_allows_every_method_of_the_path(client, app):
+    for path, item in app.openapi()["paths"].items():
+        methods = {m.upper() for m in item}
+        url = path.replace("{job_id}", "some-job")
+        for method in {"GET", "POST", "PUT", "PATCH", "DELETE"} - methods:
+            r = client.request(method, url)
+            body = problem(r, 405)
+            assert set(r.headers["allow"].split(", ")) == methods, (method, path, r.headers)
+            assert method in body["detail"]
+    r = client.put("/v1/validations/some-job")
+    assert r.headers["allow"] == "GET, DELETE"
+
+
+# ---- duplicate JSON keys -------------------------------------------------------------------------
+def test_duplicate_json_keys_are_refused_naming_the_key(client, app):
+    raw = (b'{"model": {"preset": "gpt2", "preset": "gpt2-xl"}, '
+           b'"training": {"sequence_length": 8, "sequence_length": 16}}')
+    posts = [p for p, item in app.openapi()["paths"].items() if "post" in item]
+    assert {"/v1/memory", "/v1/zero", "/v1/validations", "/v1/pipeline",
+            "/v1/checkpointing"} <= set(posts)
+    for path in posts:
+        r = client.post(path, content=raw, headers={"content-type": "application/json"})
+        body = problem(r, 422)
+        names = [p["name"] for p in body["invalid-params"]]
+        assert sorted(names) == ["body.model.preset", "body.training.sequence_length"], (path, body)
+        assert "duplicate" in body["detail"]
+    r = client.post("/v1/checkpointing", content=b'{"chain": [{"saved_bytes": 1, "saved_bytes": 2}]}',
+                    headers={"content-type": "application/json"})
+    assert [p["name"] for p in problem(r, 422)["invalid-params"]] == ["body.chain.0.saved_bytes"]
+
+
+def test_loads_unique_parses_once_and_keeps_valid_documents():
+    from service.errors import DuplicateKeys, loads_unique
+
+    assert loads_unique(b'{"a": [{"b": 1}, {"b": 2}], "c": {"a": 1}}') == {
+        "a": [{"b": 1}, {"b": 2}], "c": {"a": 1}}
+    with pytest.raises(DuplicateKeys) as err:
+        loads_unique('{"a": {"x": 1, "y": 2, "x": 3}, "b": [0, {"z": 1, "z": 1}]}')
+    assert sorted(err.value.names) == ["body.a.x", "body.b.1.z"]

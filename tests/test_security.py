@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,6 +18,7 @@ from service.cli import main as cli_main
 from service.security import hash_token, parse_token_digests
 from service.settings import DeviceInfo, Settings
 
+ROOT = Path(__file__).resolve().parents[1]
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
 ALICE, BOB = "alice-token-1234", "bob-token-5678"
 
@@ -81,6 +88,32 @@ def test_estimates_stay_open_unless_protected(db_url):
         assert closed.post("/v1/memory", json=MEMORY, headers=bearer(BOB)).status_code == 401
         assert closed.post("/v1/memory", json=MEMORY, headers=bearer(ALICE)).status_code == 200
         assert closed.get("/readyz").status_code == 200  # probes never need a token
+
+
+ESTIMATE_ROUTES = ["/v1/memory", "/v1/zero", "/v1/checkpointing", "/v1/pipeline"]
+
+
+def test_every_401_is_in_the_contract_as_a_problem(db_url):
+    """The protected estimate routes (and the job routes) document the 401 they answer."""
+    with client_for(db_url, api_tokens=(hash_token(ALICE),), protect_estimates=True) as closed:
+        doc = closed.app.openapi()
+        for path in ESTIMATE_ROUTES:
+            r = closed.post(path, json=MEMORY)
+            assert r.status_code == 401, (path, r.text)
+            assert r.headers["content-type"] == "application/problem+json"
+            assert r.headers["www-authenticate"].startswith("Bearer")
+            documented = doc["paths"][path]["post"]["responses"]["401"]
+            assert documented["content"] == {"application/problem+json": {
+                "schema": {"$ref": "#/components/schemas/Problem"}}}, path
+            assert "WWW-Authenticate" in documented["headers"]
+            assert "MEMPLAN_PROTECT_ESTIMATES" in documented["description"]
+        for path, item in doc["paths"].items():
+            for method, op in item.items():
+                if path.startswith("/v1/validations"):
+                    assert "401" in op["responses"], (method, path)
+                elif path not in ESTIMATE_ROUTES:  # catalog, probes, metrics: always open
+                    assert "401" not in op["responses"], (method, path)
+    closed.app.state.jobs.close()
 
 
 def test_no_tokens_configured_means_open_job_routes(db_url):
@@ -175,6 +208,77 @@ def test_request_body_is_capped(db_url):
         assert client.post("/v1/memory", json=MEMORY).status_code == 200
         assert client.app.state.jobs.get().queue_depth()["queued"] == 0
     client.app.state.jobs.close()
+
+
+@pytest.mark.parametrize("length", ["-5", "abc", "1.5", "1, 2", "+3"])
+def test_content_length_that_is_not_a_byte_count_is_a_400_problem(db_url, length):
+    with client_for(db_url) as client:
+        r = client.post("/v1/memory", content=json.dumps(MEMORY).encode(),
+                        headers={"content-type": "application/json", "content-length": length})
+        assert r.status_code == 400, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["invalid-params"][0]["name"] == "header.content-length"
+    client.app.state.jobs.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.slow
+def test_served_api_answers_a_bad_content_length_with_a_problem(tmp_path):
+    """uvicorn's h11 refuses such a request before the app sees it; `memplan serve` runs it with
+    a protocol that answers that refusal as problem+json too."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MEMPLAN_DATABASE_URL":
+           f"sqlite:///{tmp_path}/jobs.db", "MEMPLAN_LOG_FORMAT": "text"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--no-worker",
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while b" 200 " not in _try_readyz(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("server did not start:\n" + (tmp_path / "server.log").read_text())
+            time.sleep(0.2)
+        for length in (b"-5", b"abc", b"1, 2"):
+            reply = _raw_exchange(port, b"POST /v1/memory HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: "
+                                  + length + b"\r\n\r\n{}")
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 "), reply
+            assert b"content-type: application/problem+json" in head.lower(), reply
+            problem = json.loads(body)
+            assert problem["status"] == 400 and "Content-Length" in problem["detail"]
+            assert problem["invalid-params"][0]["name"] == "header.content-length"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def _try_readyz(port: int) -> bytes:
+    try:
+        return _raw_exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close"
+                             b"\r\n\r\n")
+    except OSError:
+        return b""
 
 
 # ---- resource caps -------------------------------------------------------------------------------

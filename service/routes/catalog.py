@@ -4,8 +4,9 @@ from fastapi import APIRouter
 
 from planner.catalog import GPU, gpus, model_presets
 from planner.specs import ResolvedModel
+from service.errors import ProblemRoute
 
-router = APIRouter(prefix="/v1", tags=["catalog"])
+router = APIRouter(prefix="/v1", tags=["catalog"], route_class=ProblemRoute)
 
 
 @router.get("/models")

@@ -3,9 +3,9 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.errors import PROBLEM, Problem, problem_response
+from service.errors import PROBLEM, Problem, ProblemRoute, problem_response
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=ProblemRoute)
 
 
 @router.get("/healthz")

@@ -6,9 +6,9 @@ from planner.catalog import UnknownName
 from planner.errors import PlanningError
 from planner import memory as planner_memory
 from planner.specs import MemoryRequest, MemoryResult
-from service.errors import ERROR_RESPONSES, PlanError
+from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 
-router = APIRouter(prefix="/v1", tags=["memory"])
+router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 
 
 @router.post("/memory", responses=ERROR_RESPONSES)
@@ -20,3 +20,5 @@ def estimate_memory(request: MemoryRequest) -> MemoryResult:
         raise
     except PlanningError as exc:
         raise PlanError(exc.detail, field=f"body.{exc.field}" if exc.field else None) from exc
+    except ValueError as exc:  # a planner rule without a field: named from its message
+        raise PlanError(str(exc)) from exc

@@ -10,9 +10,9 @@ from fastapi.responses import Response
 from planner import pipeline as planner_pipeline
 from planner.pipeline import PipelineError, PipelineRequest, PipelineResult
 from planner.pipeline_svg import render_svg
-from service.errors import ERROR_RESPONSES, PlanError
+from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 
-router = APIRouter(prefix="/v1", tags=["pipeline"])
+router = APIRouter(prefix="/v1", tags=["pipeline"], route_class=ProblemRoute)
 
 SVG = "image/svg+xml"
 

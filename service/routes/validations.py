@@ -10,14 +10,14 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from planner.catalog import UnknownName
 from planner.specs import JobStatus, ValidationJob, ValidationPage, ValidationRequest
-from service.errors import ERROR_RESPONSES, PROBLEM, PlanError, Problem
+from service.errors import ERROR_RESPONSES, PROBLEM, PlanError, Problem, ProblemRoute
 from service.jobs.store import BadCursor, JobFinished, JobNotFound, JobStore, MAX_PAGE, QueueFull
 from service.logs import bind_job
 from service.security import AUTH_RESPONSES, Identity, check_caps, request_hash, require_token
 
 # Every job route needs a bearer token when the deployment configures tokens.
 router = APIRouter(prefix="/v1", tags=["validations"], dependencies=[Depends(require_token)],
-                   responses=AUTH_RESPONSES)
+                   responses=AUTH_RESPONSES, route_class=ProblemRoute)
 # How long a client over its queued-jobs cap is asked to wait before trying again.
 QUEUE_FULL_RETRY_AFTER_S = 10
 

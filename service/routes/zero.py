@@ -3,11 +3,12 @@
 from fastapi import APIRouter
 
 from planner.catalog import UnknownName
+from planner.errors import PlanningError
 from planner.specs import MemoryRequest, ZeroResult
 from planner.zero import zero_stages
-from service.errors import ERROR_RESPONSES, PlanError
+from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 
-router = APIRouter(prefix="/v1", tags=["memory"])
+router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 
 
 @router.post("/zero", responses=ERROR_RESPONSES)
@@ -18,5 +19,7 @@ def compare_zero_stages(request: MemoryRequest) -> ZeroResult:
         return zero_stages(request)
     except UnknownName:
         raise  # 422 with the valid names (service.errors)
-    except ValueError as exc:
+    except PlanningError as exc:
+        raise PlanError(exc.detail, field=f"body.{exc.field}" if exc.field else None) from exc
+    except ValueError as exc:  # a planner rule without a field: named from its message
         raise PlanError(str(exc)) from exc
