@@ -223,8 +223,8 @@ def design(n: int, facs: list[tuple[str, list]], tries: int = 400) -> list[dict]
         if best is None or score > best[0]:
             best = (score, cols)
     assert best is not None
-    rows = [dict(zip([f for f, _ in facs], vals)) for vals in zip(*best[1])]
-    return sorted(rows, key=lambda r: (r["family"], r["size"]))
+    # kept in shuffled order: rows cut by the time budget are spread over every level
+    return [dict(zip([f for f, _ in facs], vals)) for vals in zip(*best[1])]
 
 
 # ---- the run's context ---------------------------------------------------------------------------
@@ -720,6 +720,39 @@ def _commit() -> str | None:
         return None
 
 
+def sdpa_kernels(dev: torch.device) -> dict[str, str]:
+    """The attention kernel F.scaled_dot_product_attention dispatches to here, per dtype, with and
+    without grouped-query heads (what the reference model's sdpa rows run; it decides what the
+    forward saves), read from the aten ops a dispatch mode sees."""
+    import torch.nn.functional as F
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.names.add(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    out: dict[str, str] = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        for gqa in (False, True):
+            key = name + (" gqa" if gqa else "")
+            try:
+                q = torch.randn(2, 8, 128, 64, device=dev, dtype=dt)  # (B, nh, T, hd)
+                kv = torch.randn(2, 2 if gqa else 8, 128, 64, device=dev, dtype=dt)
+                with Ops() as ops:
+                    F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=gqa)
+                fused = sorted(n for n in ops.names
+                               if n.startswith(("_scaled_dot_product", "_flash", "_efficient")))
+                out[key] = ", ".join(fused) or "math (" + ", ".join(sorted(ops.names)) + ")"
+            except Exception as exc:  # noqa: BLE001 - a header detail, never fatal
+                out[key] = f"probe failed: {type(exc).__name__}: {str(exc)[:100]}"
+    return out
+
+
 def make_header(dev: torch.device, mode: str) -> dict:
     import pydantic
 
@@ -737,6 +770,7 @@ def make_header(dev: torch.device, mode: str) -> dict:
                  cudnn=torch.backends.cudnn.version())
     else:
         h.update(device=f"cpu ({platform.machine()})", driver=None)
+    h["sdpa_kernels"] = sdpa_kernels(dev)
     h["torch_note"] = (
         f"The replay (planner/) follows torch {REPLAY_TORCH}'s allocations and was validated "
         f"byte-exact against torch {REPLAY_TORCH} on the CPU; this run used torch "
@@ -769,22 +803,23 @@ def _worst_cat(r: dict) -> float | None:
 
 
 def _memory_table(rows: list[dict]) -> list[str]:
-    lines = [("| config | status | est peak | alloc steady | err | est first | alloc first | err | "
-             "est + reserve | reserved | err | retries | meter peak | est vs meter | worst cat | "
-             "peak (meter) | s |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [("| config | status | est peak | alloc steady | alloc - est | err | est first | "
+              "alloc first | err | est + reserve | reserved | err | retries | meter peak | "
+              "est vs meter | worst cat | peak (meter) | s |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {_status(r)} |" + " |" * 15)
+            lines.append(f"| {r['label']} | {_status(r)} |" + " |" * 16)
             continue
-        er = (r["est_total"] + r["est_reserve"])
+        er = r["est_total"] + r["est_reserve"]
+        diff = None if r.get("alloc_steady") is None else r["alloc_steady"] - r["est_total"]
         lines.append(
             f"| {r['label']} | ok | {_b(r['est_total'])} | {_b(r.get('alloc_steady'))} | "
-            f"{_p(r.get('err_alloc'))} | {_b(r['est_first'])} | {_b(r.get('alloc_first'))} | "
-            f"{_p(r.get('err_alloc_first'))} | {_b(er)} | {_b(r.get('reserved'))} | "
-            f"{_p(r.get('err_reserved'), 1)} | {r.get('alloc_retries', 'n/a')} | "
-            f"{_b(r['meter_total'])} | {_p(r['err_meter'])} | {_p(_worst_cat(r))} | "
-            f"{r['meter_peak']} | {r['seconds']} |")
+            f"{_b(diff)} | {_p(r.get('err_alloc'))} | {_b(r['est_first'])} | "
+            f"{_b(r.get('alloc_first'))} | {_p(r.get('err_alloc_first'))} | {_b(er)} | "
+            f"{_b(r.get('reserved'))} | {_p(r.get('err_reserved'), 1)} | "
+            f"{r.get('alloc_retries', 'n/a')} | {_b(r['meter_total'])} | {_p(r['err_meter'])} | "
+            f"{_p(_worst_cat(r))} | {r['meter_peak']} | {r['seconds']} |")
     return lines
 
 
@@ -844,7 +879,13 @@ def render_markdown(h: dict, rows: list[dict]) -> str:
           f"Python {h['python']}, pydantic {h['pydantic']}, bitsandbytes {h.get('bitsandbytes')}, "
           f"{h['cpu_count']} CPU cores"),
           f"- mode: {h['mode']}; started {h['started_utc']} UTC; commit {h.get('commit')}",
-          f"- note: {h['torch_note']}"]
+          f"- note: {h['torch_note']}",
+          "- scaled_dot_product_attention kernels: "
+          + "; ".join(f"{k}: {v}" for k, v in (h.get("sdpa_kernels") or {}).items())]
+    if h.get("warm_up_errors"):
+        L.append(f"- warm-up errors: {h['warm_up_errors']}")
+    if h.get("elapsed_s") is not None:
+        L.append(f"- campaign time: {h['elapsed_s']} s")
     if not cuda:
         L.append("- **CPU dry run**: tiny stand-in models, estimates for device cpu, CUDA meters "
                  "skipped; this checks that every row runs, not the CUDA figures.")
