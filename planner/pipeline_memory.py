@@ -62,6 +62,7 @@ import bisect
 import heapq
 from dataclasses import dataclass, field
 
+from planner.deadline import check as check_work_limit
 from planner.reference_ops import F32, T
 from planner.reference_step import ReferenceProgram
 from planner.specs import ResolvedModel, TrainingSpec
@@ -311,6 +312,7 @@ class PipelineRankProgram(ReferenceProgram):
         warm = min(mb, S - self.stages[0])
         warm_work: Buf | None = None
         for kind, st, j in self.sched.actions(self.rank):
+            check_work_limit()
             if kind == "F":
                 self.stage_forward(st, j)
                 if single:
@@ -538,6 +540,7 @@ def pipeline_rank_peaks(model: ResolvedModel, training: TrainingSpec, schedule,
     device, rank)`` replaces the plain replay (the planner passes its memoised, templated one)."""
     out = []
     for r in ranks if ranks is not None else range(schedule.num_ranks):
+        check_work_limit()
         if simulate is not None:
             out.append(simulate(model, training, schedule, device, r))
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from planner.deadline import check as check_work_limit
 from planner.reference_model import DTYPE_ESZ, I64, ReferenceModel, Shapes
 from planner.reference_ops import F32, Ops, T
 from planner.specs import ResolvedModel, TrainingSpec
@@ -144,6 +145,7 @@ class ReferenceProgram(ReferenceModel):
             o.drop(x)
             x = xd
         for j in range(len(self.real_blocks)):
+            check_work_limit()
             if self.n_phantom and j == 2:
                 before, keys = list(self.m.cur), set(o._amp_cache)
             xn = self.run_block(x, j, rope)

@@ -27,6 +27,8 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from planner.deadline import check as check_work_limit
+
 CATEGORIES = ("parameters", "gradients", "optimizer_states", "activations", "temporaries")
 _INDEX = {c: i for i, c in enumerate(CATEGORIES)}
 
@@ -231,6 +233,7 @@ class Machine:
         ready: list[tuple[int, int, Node]] = [(-root.fn.seq, 0, root.fn)]
         tie = 0
         while ready:
+            check_work_limit()
             _, _, n = heapq.heappop(ready)
             grads_in = buffers.pop(id(n))
             if before_node is not None:

@@ -7,6 +7,7 @@ from fastapi.routing import APIRoute
 
 from service import errors, metrics, security
 from service.routes import catalog, checkpointing, health, memory, pipeline, validations, zero
+from service.estimates import EstimateSlots
 from service.jobs.store import StoreHolder
 from service.settings import Settings
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # while the database is down.
     app.state.settings = settings or Settings.from_env()
     app.state.jobs = StoreHolder(app.state.settings)
+    app.state.estimates = EstimateSlots.from_settings(app.state.settings)
     for module in (health, catalog, validations, metrics):
         app.include_router(module.router)
     # Estimate routes: open unless MEMPLAN_PROTECT_ESTIMATES (job routes carry their own guard).

@@ -85,6 +85,12 @@ class Settings(BaseModel):
                                       "tokens configured, all clients together) may have; more "
                                       "is a 429 with Retry-After.")
     max_body_bytes: int = Field(1_000_000, ge=1, description="Largest request body (413 above).")
+    max_concurrent_estimates: int = Field(4, ge=1, description="Estimates (memory, zero, "
+                                          "checkpointing, pipeline) computed at once per process.")
+    estimate_queue_s: float = Field(5.0, ge=0, description="How long an estimate waits for a "
+                                    "free slot before a 503 with Retry-After.")
+    estimate_deadline_s: float = Field(10.0, gt=0, description="Work limit of one estimate: past "
+                                       "it the planner stops and the answer is a 503 naming it.")
     max_real_layers: int = Field(128, ge=1, description="Cap on num_layers of a real-mode job.")
     max_real_hidden_size: int = Field(16_384, ge=1, description="Cap on hidden_size, real mode.")
     max_real_sequence_length: int = Field(32_768, ge=1, description="Cap on sequence_length, "

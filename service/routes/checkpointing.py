@@ -1,18 +1,23 @@
 """Activation checkpoint placement."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from planner import checkpointing as planner_checkpointing
 from planner.catalog import UnknownName
 from planner.checkpointing import CheckpointRequest, CheckpointResult, PlanningError
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
+from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 
 router = APIRouter(prefix="/v1", tags=["checkpointing"], route_class=ProblemRoute)
 
 
-@router.post("/checkpointing", responses=ERROR_RESPONSES)
-def plan_checkpointing(request: CheckpointRequest) -> CheckpointResult:
+@router.post("/checkpointing", responses={**ERROR_RESPONSES, **ESTIMATE_LIMIT_RESPONSES})
+async def plan_checkpointing(request: CheckpointRequest, http: Request) -> CheckpointResult:
     """Blocks to checkpoint for a named strategy, a memory budget or Revolve; peak and recompute."""
+    return await run_estimate(http, lambda: _plan(request))
+
+
+def _plan(request: CheckpointRequest) -> CheckpointResult:
     try:
         return planner_checkpointing.plan_checkpointing(request)
     except UnknownName:

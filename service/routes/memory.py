@@ -1,19 +1,24 @@
 """Per-device memory of a training setup."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from planner.catalog import UnknownName
 from planner.errors import PlanningError
 from planner import memory as planner_memory
 from planner.specs import MemoryRequest, MemoryResult
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
+from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 
 router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 
 
-@router.post("/memory", responses=ERROR_RESPONSES)
-def estimate_memory(request: MemoryRequest) -> MemoryResult:
+@router.post("/memory", responses={**ERROR_RESPONSES, **ESTIMATE_LIMIT_RESPONSES})
+async def estimate_memory(request: MemoryRequest, http: Request) -> MemoryResult:
     """Peak bytes per device by category, where the peak falls, and the fit on a GPU."""
+    return await run_estimate(http, lambda: _estimate(request))
+
+
+def _estimate(request: MemoryRequest) -> MemoryResult:
     try:
         return planner_memory.estimate_memory(request)
     except UnknownName:

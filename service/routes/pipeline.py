@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from planner import pipeline as planner_pipeline
 from planner.pipeline import PipelineError, PipelineRequest, PipelineResult
 from planner.pipeline_svg import render_svg
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
+from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 
 router = APIRouter(prefix="/v1", tags=["pipeline"], route_class=ProblemRoute)
 
@@ -23,6 +24,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {SVG: {"schema": {"type": "string"}}},
     },
     **ERROR_RESPONSES,
+    **ESTIMATE_LIMIT_RESPONSES,
 }
 
 
@@ -34,11 +36,15 @@ def _wants_svg(accept: str | None) -> bool:
 
 
 @router.post("/pipeline", response_model=PipelineResult, responses=RESPONSES)
-def plan_pipeline(
-    request: PipelineRequest, accept: Annotated[str | None, Header()] = None,
+async def plan_pipeline(
+    request: PipelineRequest, http: Request, accept: Annotated[str | None, Header()] = None,
 ) -> PipelineResult | Response:
     """Simulate a pipeline schedule: makespan, bubble fraction, per-rank busy/idle and in-flight
     micro-batches, and the per-rank timeline (SVG with `Accept: image/svg+xml`)."""
+    return await run_estimate(http, lambda: _plan(request, accept))
+
+
+def _plan(request: PipelineRequest, accept: str | None) -> PipelineResult | Response:
     svg = _wants_svg(accept)
     if svg and not request.include_timeline:
         request = request.model_copy(update={"include_timeline": True})

@@ -1,20 +1,25 @@
 """ZeRO stages side by side."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from planner.catalog import UnknownName
 from planner.errors import PlanningError
 from planner.specs import MemoryRequest, ZeroResult
 from planner.zero import zero_stages
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
+from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 
 router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 
 
-@router.post("/zero", responses=ERROR_RESPONSES)
-def compare_zero_stages(request: MemoryRequest) -> ZeroResult:
+@router.post("/zero", responses={**ERROR_RESPONSES, **ESTIMATE_LIMIT_RESPONSES})
+async def compare_zero_stages(request: MemoryRequest, http: Request) -> ZeroResult:
     """The setup under ZeRO stages 0-3 and CPU offload: per-device bytes, the torch
     implementation each stage describes, and bytes each rank sends per step."""
+    return await run_estimate(http, lambda: _compare(request))
+
+
+def _compare(request: MemoryRequest) -> ZeroResult:
     try:
         return zero_stages(request)
     except UnknownName:

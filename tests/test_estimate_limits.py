@@ -1,0 +1,116 @@
+"""The estimate routes' safety net (service/estimates.py, planner/deadline.py): a per-request work
+limit, a bounded number of concurrent estimates, cancellation when the client goes away, and
+health checks that never wait behind estimates."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import anyio
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+
+from planner.deadline import WorkLimit, WorkLimitExceeded, check, work_limit
+from planner.memory import estimate_memory
+from planner.specs import MemoryRequest
+from service.app import create_app
+from service.estimates import EstimateSlots, run_estimate
+from service.settings import Settings
+
+# A pipelined estimate that replays 16 ranks x 128 micro-batches of a 128-layer model: seconds
+# of work, far past the limits the tests set.
+HEAVY = {"model": {"family": "llama", "num_layers": 128, "hidden_size": 1024, "num_heads": 16,
+                   "vocab_size": 32000},
+         "training": {"micro_batch_size": 1, "sequence_length": 512,
+                      "gradient_accumulation_steps": 128},
+         "parallelism": {"pipeline_parallel": 16}}
+LIGHT = {"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 1, "sequence_length": 64}}
+
+
+def _client(**settings) -> TestClient:
+    tmp = tempfile.mkdtemp(prefix="memplan-limits-")
+    return TestClient(create_app(Settings(database_url=f"sqlite:///{tmp}/jobs.db", **settings)),
+                      raise_server_exceptions=False)
+
+
+def test_planner_stops_at_its_work_limit() -> None:
+    req = MemoryRequest.model_validate(HEAVY)
+    with work_limit(WorkLimit(0.0)):
+        with pytest.raises(WorkLimitExceeded, match="work limit"):
+            estimate_memory(req)
+    check()  # outside a limit: nothing to stop
+
+
+def test_past_the_deadline_is_a_503_naming_the_limit() -> None:
+    with _client(estimate_deadline_s=0.05) as client:
+        t0 = time.monotonic()
+        r = client.post("/v1/memory", json=HEAVY)
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "estimate_deadline_s" in r.json()["detail"]
+        assert elapsed < 60  # stopped, not run to the end
+        # the slot is free again and a small estimate is answered
+        assert client.app.state.estimates.limiter.borrowed_tokens == 0
+        assert client.post("/v1/memory", json=LIGHT).status_code == 200
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/memory", LIGHT), ("/v1/zero", LIGHT), ("/v1/checkpointing", LIGHT),
+    ("/v1/pipeline", {"stages": 2, "microbatches": 4}),
+])
+def test_busy_slots_are_a_503_with_retry_after_and_health_still_answers(path, body) -> None:
+    with _client(max_concurrent_estimates=1, estimate_queue_s=0.05) as client:
+        limiter = client.app.state.estimates.limiter
+        client.portal.call(limiter.acquire_on_behalf_of, "a running estimate")
+        try:
+            r = client.post(path, json=body)
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "1"
+            assert "max_concurrent_estimates" in r.json()["detail"]
+            assert client.get("/healthz").status_code == 200
+            assert client.get("/v1/gpus").status_code == 200
+        finally:
+            client.portal.call(limiter.release_on_behalf_of, "a running estimate")
+        assert client.post(path, json=body).status_code == 200
+
+
+def test_503_is_in_the_contract() -> None:
+    doc = _client().app.openapi()
+    for path in ("/v1/memory", "/v1/zero", "/v1/checkpointing", "/v1/pipeline"):
+        assert "503" in doc["paths"][path]["post"]["responses"], path
+
+
+class _GoneClient:
+    """A request whose client disconnects after the work has started."""
+
+    def __init__(self, slots: EstimateSlots) -> None:
+        self.app = type("App", (), {"state": type("State", (), {"estimates": slots})()})()
+        self.calls = 0
+
+    async def is_disconnected(self) -> bool:
+        self.calls += 1
+        return self.calls > 2
+
+
+def test_work_stops_when_the_client_goes_away() -> None:
+    slots = EstimateSlots(max_concurrent=1, queue_s=1.0, deadline_s=600.0)
+    request = _GoneClient(slots)
+    checks = []
+
+    def forever() -> None:
+        while True:
+            check()
+            checks.append(1)
+            time.sleep(0.01)
+
+    async def main() -> None:
+        with pytest.raises(HTTPException) as info:
+            await run_estimate(request, forever)  # type: ignore[arg-type]
+        assert info.value.status_code == 503
+        assert "cancelled" in info.value.detail
+
+    anyio.run(main)
+    assert checks and slots.limiter.borrowed_tokens == 0
