@@ -450,6 +450,10 @@ class ValidationJob(_Frozen):
     created_at: str
     started_at: str | None = None
     finished_at: str | None = None
+    waiting_reason: str | None = Field(
+        None, description="While queued: why no live worker can run this job (its device kind, "
+        "ranks or memory, with what the live workers have); None when one can, or when the job "
+        "is not queued.")
 
 
 class ValidationPage(_Frozen):

@@ -72,6 +72,16 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     worker_device: DeviceInfo | None = Field(
         None, description="Override of the detected device (MEMPLAN_WORKER_DEVICE=KIND:COUNT:MEMORY).")
+    worker_id: str | None = Field(
+        None, min_length=1, max_length=160, description="Stable identity of a standalone worker: "
+        "at start it re-queues the jobs still running under this identity (its previous "
+        "process died with them) instead of leaving them to their lease. Default: a new identity "
+        "per process. The embedded worker of `memplan serve` derives one from the host and the "
+        "database.")
+    unrunnable_timeout_s: float = Field(
+        600.0, gt=0, description="How long a queued job that no live worker can run (device "
+        "kind, device count or memory) waits before it fails with the reason. While no worker is "
+        "live at all, jobs wait without this limit.")
     job_target: str = Field(DEFAULT_JOB_TARGET, description="'module:function' a job runs in its "
                             "child process: (ValidationRequest, progress) -> ValidationResult.")
     # ---- shared deployment: security, caps, logs (see docs/deployment.md) ----------------------

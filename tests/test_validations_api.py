@@ -23,9 +23,10 @@ def spec(steps: int = 3, **extra) -> dict:
             "device": "cpu", "steps": steps, **extra}
 
 
-def make_client(db_url: str, worker: bool, target: str = "tests.jobtargets:scripted"):
-    settings = Settings(database_url=db_url, lease_s=5, heartbeat_s=0.3, poll_s=0.1,
-                        job_target=target, worker_device=CPU, shutdown_grace_s=0)
+def make_client(db_url: str, worker: bool, target: str = "tests.jobtargets:scripted", **kw):
+    settings = Settings(**{**dict(database_url=db_url, lease_s=5, heartbeat_s=0.3, poll_s=0.1,
+                                  job_target=target, worker_device=CPU, shutdown_grace_s=0),
+                           **kw})
     app = create_app(settings)
     embedded = EmbeddedWorker(app.state.jobs.get(), settings) if worker else None
     return app, embedded
@@ -133,9 +134,10 @@ def test_invalid_requests_are_422_problems(api_no_worker):
     assert api.get("/v1/validations").json()["items"] == []
 
 
-def test_oversized_real_job_is_refused_with_the_numbers(db_url):
-    """A full-size 70B model cannot be allocated on this machine: the worker refuses it before
-    running, with the estimate and the free memory, and suggests traced mode."""
+def test_oversized_real_job_is_refused_at_submission_with_the_numbers(db_url):
+    """A full-size 70B model cannot be allocated on the only live worker (16 GiB of host memory):
+    it is refused before it is queued, with the estimate and the worker's memory, and the
+    suggestion of traced mode, in the words of the worker's own fit check."""
     app, embedded = make_client(db_url, worker=True,
                                 target="service.validation.runner:run_validation")
     embedded.start()
@@ -143,15 +145,95 @@ def test_oversized_real_job_is_refused_with_the_numbers(db_url):
         with TestClient(app) as api:
             body = {"model": {"preset": "llama-2-70b"}, "device": "cpu", "mode": "real",
                     "training": {"precision": "mixed-bf16", "optimizer": "adamw"}}
-            job = api.post("/v1/validations", json=body).json()
-            failed = poll(api, job["id"], lambda j: j["status"] in ("failed", "succeeded"))
+            r = api.post("/v1/validations", json=body)
+            assert r.status_code == 422, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            problem = r.json()
+            assert [p["name"] for p in problem["invalid-params"]] == ["body.mode"]
+            detail = problem["detail"]
+            assert "no live worker can run this real job" in detail
+            assert "GiB" in detail and "17,179,869,184 bytes" in detail  # the worker's memory
+            assert "allocator reserve included" in detail and '"mode": "traced"' in detail
+            assert "1 worker with 2 x cpu (16.0 GiB each)" in detail
+            assert api.get("/v1/validations").json()["items"] == []  # nothing queued
+            traced = api.post("/v1/validations", json={**body, "mode": "traced"})
+            assert traced.status_code == 202  # traced allocates nothing: it is accepted
+            api.delete(f"/v1/validations/{traced.json()['id']}")
     finally:
         embedded.stop(15)
         app.state.jobs.close()
-    assert failed["status"] == "failed"
-    error = failed["error"]
-    assert "refused before running" in error and "GiB" in error and "bytes" in error
-    assert "available" in error and '"traced"' in error
+
+
+def test_crafted_cursor_is_422_naming_cursor(api_no_worker):
+    """A cursor decoding to an integer beyond the job table's key is bad input (422), not a 500
+    (SQLite's OverflowError) nor a 503 (PostgreSQL's refusal read as an outage)."""
+    api_no_worker.post("/v1/validations", json=spec())
+    for cursor in ("czk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OTk5OQ",  # 's' + 31 nines
+                   "czkyMjMzNzIwMzY4NTQ3NzU4MDg"):  # 's' + 2**63
+        r = api_no_worker.get("/v1/validations", params={"cursor": cursor})
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert [p["name"] for p in r.json()["invalid-params"]] == ["query.cursor"]
+        assert str(2**63 - 1) in r.json()["detail"]
+
+
+def test_jobs_the_runner_would_refuse_are_422_at_submission(api_no_worker):
+    """What the validation runner refuses whatever worker takes it is refused before it is
+    queued, naming the field, instead of being accepted and failing later."""
+    api = api_no_worker
+    cases = [
+        ({**spec(), "mode": "traced", "model": {"num_parameters": 1_000_000}}, "body.model",
+         "a bare num_parameters model cannot be built"),
+        ({**spec(), "model": {"num_parameters": 1_000_000}}, "body.model", "num_parameters"),
+        ({**spec(), "parallelism": {"tensor_parallel": 2}},
+         "body.parallelism.tensor_parallel", "tensor_parallel > 1"),
+        ({**spec(), "training": {**spec()["training"], "optimizer": "lion"}},
+         "body.training.optimizer", "'lion' has no torch.optim implementation"),
+        ({**spec(), "mode": "traced", "parallelism": {"data_parallel": 2}}, "body.mode",
+         "FakeTensorMode"),
+    ]
+    for body, field, words in cases:
+        r = api.post("/v1/validations", json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+        problem = r.json()
+        assert [p["name"] for p in problem["invalid-params"]] == [field], problem
+        assert words in problem["detail"] and "runner would refuse" in problem["detail"]
+    assert api.get("/v1/validations").json()["items"] == []
+
+
+def test_a_job_no_live_worker_can_run_says_why_then_fails(db_url):
+    """A CUDA job with only a CPU worker live: queued, with the reason on the job, then failed
+    with it after unrunnable_timeout_s; it no longer counts against the queue allowance."""
+    app, embedded = make_client(db_url, worker=True, unrunnable_timeout_s=1.0,
+                                max_queued_per_token=1)
+    embedded.start()
+    try:
+        with TestClient(app) as api:
+            r = api.post("/v1/validations", json={**spec(), "device": "cuda"})
+            assert r.status_code == 202
+            job = r.json()
+            assert job["waiting_reason"] == ("no live worker has a cuda device; live workers: "
+                                             "1 worker with 2 x cpu (16.0 GiB each)")
+            assert api.post("/v1/validations", json=spec()).status_code == 429  # allowance
+            failed = poll(api, job["id"], lambda j: j["status"] != "queued", 20)
+            assert failed["status"] == "failed" and failed["attempts"] == 0
+            assert failed["waiting_reason"] is None
+            assert failed["error"].startswith("no live worker could run it for")
+            assert "no live worker has a cuda device" in failed["error"]
+            ok = api.post("/v1/validations", json=spec())
+            assert ok.status_code == 202 and ok.json()["waiting_reason"] is None
+            assert poll(api, ok.json()["id"])["status"] == "succeeded"
+    finally:
+        embedded.stop(15)
+        app.state.jobs.close()
+
+
+def test_with_no_live_worker_jobs_wait_and_say_so(api_no_worker):
+    job = api_no_worker.post("/v1/validations", json={**spec(), "device": "cuda"}).json()
+    assert job["waiting_reason"].startswith("no live worker (none has sent a heartbeat")
+    got = api_no_worker.get(f"/v1/validations/{job['id']}").json()
+    assert got["status"] == "queued" and got["waiting_reason"] == job["waiting_reason"]
 
 
 def test_readyz_checks_the_database(api_no_worker):
@@ -192,3 +274,29 @@ def test_traced_full_size_job_succeeds(db_url):
     assert result["mode"] == "traced" and result["measured"]["parameters"] > 7 * 10**9
     for key in ("estimate", "measured", "relative_error"):
         assert set(result[key]) == KEYS
+
+
+def test_submission_checks_load_no_torch_into_the_api(tmp_path):
+    """The runner's refusals and the worker checks are decided without torch for a
+    single-device job: the API process stays light and its first submission fast."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+app = create_app(Settings(database_url="sqlite:///{tmp_path}/jobs.db"))
+with TestClient(app) as api:
+    body = {{"model": {{"num_parameters": 1000000}}, "mode": "traced", "device": "cpu"}}
+    assert api.post("/v1/validations", json=body).status_code == 422
+    tiny = {{"model": {{"family": "gpt2", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
+            "vocab_size": 256, "max_sequence_length": 64}}, "device": "cpu",
+            "training": {{"sequence_length": 32}}}}
+    assert api.post("/v1/validations", json=tiny).status_code == 202
+app.state.jobs.close()
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from planner.specs import Progress, ValidationRequest, ValidationResult
+from service.jobs.capabilities import bytes_needed, too_large
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,6 @@ def load_target(path: str) -> Callable[..., ValidationResult]:
 
 
 # ---- fit check ---------------------------------------------------------------------------------
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB ({n:,} bytes)"
-
-
 def cpu_available_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -85,7 +82,8 @@ def fit_check(request: ValidationRequest, peak_bytes: int) -> str | None:
     """None when the job fits the free memory here, else the refusal with the numbers.
 
     CPU ranks share the host's memory, so a CPU job needs ranks x peak; a CUDA job needs its
-    per-device peak free on each device it uses."""
+    per-device peak free on each device it uses. (The API refuses at submission, in the same
+    words, what no live worker's advertised memory can hold: ``capabilities.submission_refusal``.)"""
     if request.mode != "real" or peak_bytes <= 0:
         return None
     p = request.parallelism
@@ -101,7 +99,7 @@ def fit_check(request: ValidationRequest, peak_bytes: int) -> str | None:
         else:
             device = "cpu"
     if device == "cpu":
-        free, need, where = cpu_available_bytes(), peak_bytes * ranks, "host memory available"
+        free, where = cpu_available_bytes(), "host memory available"
     else:
         import torch
 
@@ -109,16 +107,12 @@ def fit_check(request: ValidationRequest, peak_bytes: int) -> str | None:
             return (f"refused before running: the job needs {ranks} ranks (data x tensor x "
                     f"pipeline parallel) and this worker has {torch.cuda.device_count()} CUDA "
                     "device(s)")
-        n = ranks
-        free = min(torch.cuda.mem_get_info(i)[0] for i in range(n))
-        need, where = peak_bytes, "free memory on the emptiest-needed device"
-    if need <= free:
+        free = min(torch.cuda.mem_get_info(i)[0] for i in range(ranks))
+        where = "free memory on the emptiest-needed device"
+    if bytes_needed(peak_bytes, ranks, device) <= free:
         return None
-    return (f"refused before running: the estimated peak ({_gib(need)}"
-            f"{f' = {ranks} ranks x {_gib(peak_bytes)}' if device == 'cpu' and ranks > 1 else ''},"
-            f" allocator reserve included) exceeds the {where} on this {device} worker "
-            f"({_gib(free)}). Submit it with \"mode\": \"traced\" to measure the same step "
-            "exactly under FakeTensorMode without allocating it.")
+    return "refused before running: " + too_large(peak_bytes, ranks, device,
+                                                  f"{where} on this {device} worker", free)
 
 
 # ---- spawned process ---------------------------------------------------------------------------

@@ -1,18 +1,18 @@
 """Versioned schema migrations, applied by the app itself at start.
 
-A small runner instead of Alembic: the schema is one table, and each step is a function of a
-connection. Steps run in order inside one transaction that first takes a lock (PostgreSQL advisory
-lock; SQLite's ``BEGIN IMMEDIATE``), so several processes starting at once against the same
-database apply each step exactly once. Add a step by appending to ``MIGRATIONS``; never edit one
-that has shipped.
+A small runner instead of Alembic: the schema is two tables (jobs, and worker heartbeats), and
+each step is a function of a connection. Steps run in order inside one transaction that first
+takes a lock (PostgreSQL advisory lock; SQLite's ``BEGIN IMMEDIATE``), so several processes
+starting at once against the same database apply each step exactly once. Add a step by appending
+to ``MIGRATIONS``; never edit one that has shipped.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from sqlalchemy import (BigInteger, Column, Connection, Engine, Float, Index, Integer, MetaData,
-                        String, Table, Text, inspect, text)
+from sqlalchemy import (BigInteger, Boolean, Column, Connection, Engine, Float, Index, Integer,
+                        MetaData, String, Table, Text, inspect, text)
 
 # Arbitrary constant naming memplan's migration lock among PostgreSQL advisory locks.
 _PG_LOCK_KEY = 0x6D656D706C616E
@@ -67,7 +67,31 @@ jobs = Table(
     Index("ix_validation_jobs_status_seq", "status", "seq"),
     Index("ux_validation_jobs_owner_key", "owner", "idempotency_key", unique=True),
     Index("ix_validation_jobs_owner_status", "owner", "status"),
+    # v3: when a worker's sweep first found that no live worker can run this queued job (None
+    # while one can); it fails once that has lasted unrunnable_timeout_s.
+    Column("unrunnable_since", Float),
 )
+
+
+def _workers_v3_columns() -> list[Column]:
+    """The worker table as version 3 created it: one row per worker identity, written at each
+    heartbeat with what the worker can run."""
+    return [
+        Column("id", String(200), primary_key=True),  # the worker's identity (jobs.worker)
+        Column("instance", String(32), nullable=False),  # the process now holding the identity
+        Column("host", String(200), nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("kind", String(64), nullable=False),  # 'cpu' or a GPU catalog name
+        Column("count", Integer, nullable=False),
+        Column("memory_bytes", BigInteger, nullable=False),
+        Column("sole", Boolean, nullable=False),
+        Column("started_at", Float, nullable=False),
+        Column("heartbeat_at", Float, nullable=False),
+    ]
+
+
+workers = Table("memplan_workers", metadata, *_workers_v3_columns())
+_workers_v3 = Table("memplan_workers", MetaData(), *_workers_v3_columns())
 
 # Version 1's table, frozen: a migration creates what it created when it shipped.
 _jobs_v1 = Table("validation_jobs", MetaData(), *_v1_columns(),
@@ -95,9 +119,15 @@ def _v2_owner_and_idempotency(conn: Connection) -> None:
             index.create(conn)
 
 
+def _v3_workers(conn: Connection) -> None:
+    conn.execute(text("ALTER TABLE validation_jobs ADD COLUMN unrunnable_since FLOAT"))
+    _workers_v3.create(conn)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "create validation_jobs", _v1_create_jobs),
     (2, "job owner, Idempotency-Key and request hash", _v2_owner_and_idempotency),
+    (3, "worker heartbeats with their devices; when a queued job became unrunnable", _v3_workers),
 ]
 LATEST = MIGRATIONS[-1][0]
 
@@ -126,5 +156,5 @@ def migrate(engine: Engine) -> int:
     return start
 
 
-__all__ = ["metadata", "jobs", "schema_version", "MIGRATIONS", "LATEST", "migrate",
+__all__ = ["metadata", "jobs", "workers", "schema_version", "MIGRATIONS", "LATEST", "migrate",
            "current_version"]

@@ -4,10 +4,18 @@ One job at a time per worker. While a job runs, the worker forwards its progress
 renews the claim's lease every ``heartbeat_s`` (which is also when it notices a cancellation),
 and enforces the job's wall-clock limit by killing the process. Whatever happens to the job —
 crash, OOM, timeout, refusal — is recorded on that job and the loop goes on to the next one.
+
+A worker has an identity (the ``worker`` of the jobs it claims). Every ``heartbeat_s`` it writes
+its heartbeat row, with the device it runs on, so that the API can tell which queued jobs no live
+worker can run; it deletes the row when it stops. An identity can be stable across restarts
+(``MEMPLAN_WORKER_ID``; the embedded worker's is derived from host and database): a worker that
+starts under an identity whose previous process is gone re-queues the jobs still running under it
+at once, instead of leaving them to their lease.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -18,10 +26,16 @@ import uuid
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.jobs.executors import Executor, SpawnedProcessExecutor
+from service.jobs.capabilities import WorkerInfo
 from service.jobs.store import Claim, JobStore
-from service.settings import DeviceInfo, Settings
+from service.settings import DeviceInfo, Settings, sqlite_path
 
 log = logging.getLogger("memplan.worker")
+# Identities of the Workers running in this process (a heartbeat row with this process's pid is
+# live only if its identity is one of these).
+_RUNNING: set[str] = set()
+# Heartbeat rows of workers silent this long are deleted when a worker starts.
+PRUNE_AFTER_S = 24 * 3600.0
 
 
 def _probe() -> dict:
@@ -59,6 +73,55 @@ def catalog_kind(device_name: str, memory_bytes: int) -> str:
     return best[1] if best else device_name.lower().replace(" ", "-")
 
 
+def embedded_identity(settings: Settings) -> str:
+    """The embedded worker's identity: the host and the database, stable across restarts of
+    ``memplan serve`` (e.g. 'node1/embedded:/srv/var/memplan.db')."""
+    path = sqlite_path(settings.database_url)
+    if path:
+        where = os.path.abspath(path)
+    else:
+        from sqlalchemy.engine import make_url
+
+        where = make_url(settings.database_url).render_as_string(hide_password=True)
+    ident = f"{socket.gethostname()}/embedded:{where}"
+    if len(ident) > 160:
+        ident = f"{ident[:140]}~{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+    return ident
+
+
+def _holder_alive(prev: WorkerInfo, lease_s: float) -> bool:
+    """Whether the process that last heartbeated under an identity may still be running."""
+    if prev.heartbeat_at < time.time() - lease_s:
+        return False  # silent for a lease: lost, like its jobs' leases
+    if prev.host != socket.gethostname():
+        return True  # another node, heartbeating: cannot be checked from here
+    if prev.pid == os.getpid():
+        return prev.id in _RUNNING  # this process (a restarted container may reuse the pid)
+    try:
+        os.kill(prev.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def adopt_identity(store: JobStore, name: str, lease_s: float) -> str:
+    """Take ``name`` for this process: re-queue the jobs still running under it when the process
+    that held it is gone (the attempt counts, as for a lost lease). When that process still
+    runs, take a name of this process's own instead; returns the name to use."""
+    prev = store.worker(name)
+    if prev is not None and _holder_alive(prev, lease_s):
+        own = f"{name}#{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        log.warning("worker identity %s is held by a live process (%s pid %d); this one runs as %s",
+                    name, prev.host, prev.pid, own)
+        return own
+    for job_id in store.reclaim(name):
+        log.warning("job %s: re-queued at start: it was running under this worker's identity "
+                    "when the previous process stopped", job_id)
+    return name
+
+
 def detect_device(timeout_s: float = 120.0) -> DeviceInfo:
     """The local device, probed in a spawned process."""
     import multiprocessing
@@ -73,16 +136,39 @@ class Worker:
 
     def __init__(self, store: JobStore, settings: Settings, device: DeviceInfo | None = None,
                  executor: Executor | None = None, name: str | None = None,
-                 sole: bool = False) -> None:
+                 sole: bool = False, adopted: bool = False) -> None:
         self.store, self.settings = store, settings
         # A sole worker takes every job and refuses, with the numbers, what it cannot run.
         self.sole = sole
         self.device = device or settings.worker_device or detect_device()
         self.executor = executor or SpawnedProcessExecutor(settings.job_target)
-        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # The identity: given, configured (stable), or this process's own.
+        self.name = (name or settings.worker_id
+                     or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+        self.instance = uuid.uuid4().hex
         self.stop_event = threading.Event()
         self.jobs_done = 0
         self._next_sweep = 0.0
+        self._adopted = adopted  # adopt_identity has run for self.name
+        self._started = False
+
+    def startup(self) -> None:
+        """Adopt the identity (re-queueing what a dead predecessor left running under it) and
+        send the first heartbeat. Idempotent; run() calls it until it succeeds."""
+        if self._started:
+            return
+        if not self._adopted:
+            self.name = adopt_identity(self.store, self.name, self.settings.lease_s)
+            self._adopted = True
+        _RUNNING.add(self.name)
+        self.heartbeat()
+        self.store.prune_workers(max(PRUNE_AFTER_S, 10 * self.settings.lease_s))
+        self._started = True
+
+    def heartbeat(self) -> None:
+        """Say that this worker is live and what it can run."""
+        self.store.heartbeat_worker(self.name, self.instance, socket.gethostname(), os.getpid(),
+                                    self.device, self.sole)
 
     def stop(self) -> None:
         """Ask the loop to end: no new claims; the job in hand gets ``shutdown_grace_s`` to
@@ -92,10 +178,23 @@ class Worker:
     # ---- loop ---------------------------------------------------------------------------------
     def run(self, max_jobs: int | None = None) -> None:
         log.info("worker %s serving %s", self.name, self.device)
+        try:
+            self._loop(max_jobs)
+        finally:
+            _RUNNING.discard(self.name)
+            if self._started:
+                try:
+                    self.store.forget_worker(self.name, self.instance)
+                except SQLAlchemyError as exc:
+                    log.warning("could not remove this worker's heartbeat (%s); it ages out",
+                                exc.__class__.__name__)
+
+    def _loop(self, max_jobs: int | None) -> None:
         while not self.stop_event.is_set():
             if max_jobs is not None and self.jobs_done >= max_jobs:
                 return
             try:
+                self.startup()
                 if not self.run_once():
                     self.stop_event.wait(self.settings.poll_s)
             except SQLAlchemyError as exc:
@@ -106,12 +205,18 @@ class Worker:
                 self.stop_event.wait(self.settings.poll_s)
 
     def sweep(self) -> None:
-        """Re-queue jobs whose worker stopped renewing (at most once per heartbeat)."""
+        """At most once per heartbeat: this worker's heartbeat; re-queue jobs whose worker
+        stopped renewing; fail queued jobs that no live worker has been able to run for
+        ``unrunnable_timeout_s``."""
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + self.settings.heartbeat_s
+            self.heartbeat()
             for job_id in self.store.requeue_expired():
                 log.warning("job %s: lease expired, re-queued or failed", job_id)
+            for job_id in self.store.fail_unrunnable(self.settings.unrunnable_timeout_s):
+                log.warning("job %s: failed: no live worker could run it for %g s", job_id,
+                            self.settings.unrunnable_timeout_s)
 
     def run_once(self) -> bool:
         """Claim and run one job; False when there was none to claim."""
@@ -179,6 +284,7 @@ class Worker:
                     next_beat = now + self.settings.heartbeat_s
                     if self._store_call(self.store.renew, claim) is False:
                         return self._lost(claim, execution)
+                    self._store_call(self.sweep)  # the worker's own heartbeat, while busy
         finally:
             if execution.outcome is None:
                 execution.kill()
@@ -188,4 +294,4 @@ class Worker:
         log.info("job %s: cancelled or claim lost; process stopped", claim.job_id)
 
 
-__all__ = ["Worker", "detect_device", "catalog_kind"]
+__all__ = ["Worker", "detect_device", "catalog_kind", "embedded_identity", "adopt_identity"]

@@ -11,7 +11,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from planner.catalog import UnknownName
 from planner.specs import JobStatus, ValidationJob, ValidationPage, ValidationRequest
 from service.errors import ERROR_RESPONSES, PROBLEM, PlanError, Problem, ProblemRoute
-from service.jobs.store import BadCursor, JobFinished, JobNotFound, JobStore, MAX_PAGE, QueueFull
+from service.jobs.store import (BadCursor, JobFinished, JobNotFound, JobStore, MAX_PAGE,
+                                NoWorkerCanRun, QueueFull)
 from service.logs import bind_job
 from service.security import AUTH_RESPONSES, Identity, check_caps, request_hash, require_token
 
@@ -67,8 +68,13 @@ def create_validation(
         min_length=1, max_length=200, description="Retry-safe submission: the same key with the "
         "same body returns the job the first request created; with a different body, 422.")] = None,
 ) -> ValidationJob:
-    """Queue a validation job: run this training setup for real (or traced) and compare."""
-    from service.jobs.requirements import requirements_for
+    """Queue a validation job: run this training setup for real (or traced) and compare.
+
+    Refused before it is queued (422): what the validation runner does not run, whatever worker
+    took it; and a real job that no live worker of its device class can hold (the estimate
+    against each worker's advertised device memory). A job whose device no live worker has is
+    queued and says so in ``waiting_reason``."""
+    from service.jobs.requirements import requirements_for, runner_refusal
 
     settings = request.app.state.settings
     check_caps(body, settings)
@@ -78,12 +84,18 @@ def create_validation(
         raise
     except (ValueError, ArithmeticError) as exc:
         raise PlanError(str(exc)) from exc
+    refusal = runner_refusal(body)
+    if refusal is not None:
+        field, reason = refusal
+        raise PlanError(reason, field=field)
     with store_errors():
         try:  # a reused Idempotency-Key with another body is the 422 of service.security
             job, _ = store.submit_once(
                 body, requirements, timeout_s=min(body.timeout_s, settings.job_timeout_cap_s),
                 owner=identity, idempotency_key=idempotency_key, request_hash=request_hash(body),
-                max_queued=settings.max_queued_per_token)
+                max_queued=settings.max_queued_per_token, check_workers=True)
+        except NoWorkerCanRun as exc:
+            raise PlanError(str(exc), field=exc.field) from None
         except QueueFull as exc:
             raise HTTPException(429, f"{exc}; retry when some have started",
                                 headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)}) from None
@@ -94,7 +106,8 @@ def create_validation(
 
 @router.get("/validations/{job_id}", responses={**NOT_FOUND, **UNAVAILABLE})
 def get_validation(job_id: str, store: StoreDep) -> ValidationJob:
-    """A job: status, progress (phase, step i of N) and, once succeeded, the comparison."""
+    """A job: status, progress (phase, step i of N) and, once succeeded, the comparison; while
+    queued with no live worker able to run it, ``waiting_reason``."""
     bind_job(job_id)
     with store_errors():
         try:

@@ -31,12 +31,10 @@ from planner.specs import (
 )
 from service.validation import step as S
 from service.validation.meter import LiveMemoryMeter
+# What the step does not run is decided without torch (the API checks it at submission).
+from service.validation.support import ValidationUnsupported, check_supported
 
 ProgressFn = Callable[[Progress], None]
-
-
-class ValidationUnsupported(ValueError):
-    """The request asks for something the reference step does not run."""
 
 
 def _device(req: ValidationRequest) -> torch.device:
@@ -53,43 +51,6 @@ def describe_device(dev: torch.device) -> str:
     if dev.type == "cuda":
         return f"cuda:{dev.index} ({torch.cuda.get_device_name(dev)})"
     return "cpu"
-
-
-def check_supported(req: ValidationRequest) -> None:
-    """Refuse, with the reason, what the single-process reference step does not run."""
-    par, tr = req.parallelism, req.training
-    if par.tensor_parallel > 1:
-        raise ValidationUnsupported(
-            "tensor_parallel > 1 is not run by the validation runner: the reference model has no "
-            "tensor-parallel layers; validate data parallelism (DDP, ZeRO 1-3) or one device")
-    if par.pipeline_parallel > 1:
-        from service.validation.pipeline_run import check_pipeline
-
-        check_pipeline(req)  # raises ValidationUnsupported with the reason
-    elif par.data_parallel > 1:
-        from service.validation.distributed import check_multi_rank
-
-        check_multi_rank(req)  # raises ValidationUnsupported with the reason
-    elif par.zero_stage or par.offload_optimizer or par.offload_parameters:
-        raise ValidationUnsupported("ZeRO stages and offload shard over data-parallel ranks: set "
-                                    "data_parallel > 1 (or zero_stage 0 for one device)")
-    if tr.implementation != "reference":
-        raise ValidationUnsupported("only implementation 'reference' can be measured")
-    if tr.optimizer in ("adam-8bit", "lion"):
-        raise ValidationUnsupported(f"optimizer {tr.optimizer!r} has no torch.optim implementation")
-    if tr.lora is not None and tr.lora.base_dtype in ("int8", "nf4"):
-        raise ValidationUnsupported("quantized LoRA bases (int8/nf4) are not run by the reference step")
-    ov = tr.precision_overrides
-    if ov is not None and (ov.gradients in ("int8", "nf4") or ov.master_weights not in (None, "fp32")):
-        raise ValidationUnsupported("gradient / master-weight dtype overrides are not run by the "
-                                    "reference step")
-    if req.mode == "traced" and tr.precision in ("amp-fp16", "mixed-fp16"):
-        raise ValidationUnsupported(
-            "fp16 loss scaling reads gradient values (inf/nan checks), which FakeTensorMode has "
-            "not got: validate fp16 presets in real mode, or trace a bf16 preset")
-    model = resolve_model(req.model)
-    if not model.architecture_known:
-        raise ValidationUnsupported("a bare num_parameters model cannot be built; give the architecture")
 
 
 def resolve_plan(req: ValidationRequest, dev: torch.device | None = None):
