@@ -61,6 +61,10 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
         raise PlanningError(
             f"sequence_length ({tr.sequence_length}) exceeds the learned position table "
             f"({model.max_sequence_length})", "training.sequence_length")
+    if tr.lora is not None and model.family == "gpt2" and "gate" in tr.lora.target_modules:
+        raise PlanningError(
+            "gpt2 blocks have no gate projection (their MLP is up and down): LoRA targets q, k, "
+            "v, o, up or down there", "training.lora.target_modules")
     if tr.lora is not None and tr.lora.base_dtype in ("fp32", "bf16", "fp16"):
         pdt = {"fp32": "fp32", "amp-bf16": "fp32", "amp-fp16": "fp32", "mixed-bf16": "bf16",
                "mixed-fp16": "fp16", "bf16": "bf16"}[tr.precision]
