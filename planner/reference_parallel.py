@@ -37,8 +37,9 @@ Every precision preset runs under DDP, whose optimizer is the single-device one 
 copies for mixed-*, GradScaler for amp-fp16). Under ZeroRedundancyOptimizer and FSDP2 the
 optimizer of mixed-* is the same master-weight optimizer over the rank's shard: fp32 masters,
 gradient copies and states of the owned tensors (or dim-0 shards) only — the ZeRO paper's
-2 + 2 + 12/N bytes per parameter at stage 1, (2 + 2 + 12)/N at stage 3. amp-fp16's GradScaler
-is not run across shards.
+2 + 2 + 12/N bytes per parameter at stage 1, (2 + 2 + 12)/N at stage 3; mixed-fp16's static
+loss scale multiplies the loss before backward under every stage, as on one device. amp-fp16's
+GradScaler is not run across shards.
 
 Activation checkpointing (torch.utils.checkpoint, non-reentrant) composes with all of them: under
 FSDP2 a checkpointed block's recompute runs with FSDP's hooks idle (the group is in its
@@ -334,12 +335,16 @@ class ParallelProgram(ReferenceProgram):
         if self.z <= 1:
             return super().backward(loss)
         m = self.m
-        g = m.alloc(loss.numel * loss.esz, "ones_like")
+        root, scaled = loss, None
+        if self.scaling:  # mixed-fp16: static loss scale, loss * python float (as on one device)
+            scaled = root = self.ops.scale(loss)
+        g = m.alloc(root.numel * root.esz, "ones_like")
         m.hold(g)
         started = [False]
 
         def before(node: Node) -> None:
-            if not started[0]:  # root pre-backward: hooked on the forward's output
+            # root pre-backward: hooked on the forward's output, so after the scaling's node
+            if not started[0] and (scaled is None or node is not scaled.val.fn):
                 started[0] = True
                 if self.z == 3:
                     self._gather(-1, forward=False)
@@ -347,7 +352,7 @@ class ParallelProgram(ReferenceProgram):
             if self._ck_nodes:
                 self._before_node(node)
 
-        m.backward(loss.val, g, before_node=before,
+        m.backward(root.val, g, before_node=before,
                    after_node=self._after_node if self._ck_nodes else None)
         self._ck_nodes.clear()
         # final callback: the root's post-backward, then every reduce-scatter input released
@@ -358,6 +363,7 @@ class ParallelProgram(ReferenceProgram):
             if self.z == 3 or gg not in range(-1, self.cfg.num_layers):
                 self._reshard(gg)
         m.drop(g)
+        self.ops.drop(scaled)
 
 
 def _numel(s: tuple[int, ...]) -> int:
