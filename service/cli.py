@@ -389,28 +389,6 @@ def _check_checkpointing_flags(args: argparse.Namespace, strategy: str) -> None:
                          f"not {strategy!r}")
 
 
-def _fit_hints(request: Any, result: Any) -> list[str]:
-    """What to change when the setup does not fit: the figures the estimate already has."""
-    f, bd = result.fit, result.breakdown
-    states = bd.parameters + bd.gradients + bd.optimizer_states
-    hints = []
-    if states >= f.memory_bytes:
-        hints.append(f"model states alone (parameters, gradients, optimizer states) take "
-                     f"{human_bytes(states)} of {human_bytes(f.memory_bytes)}: shard them over "
-                     f"data-parallel ranks (--data-parallel N --zero-stage 1|2|3), split the model "
-                     f"(--tensor-parallel, --pipeline-parallel) or take a larger GPU")
-    elif f.max_micro_batch_size is not None:
-        hints.append(f"--micro-batch-size {f.max_micro_batch_size} is the largest that fits "
-                     f"(keep the global batch with gradient accumulation)")
-    else:
-        hints.append("not even micro-batch 1 fits: shard the model states (--zero-stage), split "
-                     "the model (--tensor-parallel, --pipeline-parallel) or take a larger GPU")
-    if request.training.activation_checkpointing.strategy == "none" and bd.activations:
-        hints.append("checkpoint activations: --checkpointing full, --every-k K, or "
-                     "--checkpointing budget (optionally --checkpoint-budget-gib GIB)")
-    return hints
-
-
 def cmd_estimate(args: argparse.Namespace) -> int:
     from planner.catalog import UnknownName
     from planner.memory import estimate_memory
@@ -450,9 +428,6 @@ def cmd_estimate(args: argparse.Namespace) -> int:
               f"(headroom {human_bytes(f.headroom_bytes)}"
               + (f", largest micro-batch {f.max_micro_batch_size}"
                  if f.max_micro_batch_size is not None else "") + ")")
-        if not f.fits:
-            for hint in _fit_hints(request, result):
-                print(f"to fit: {hint}")
     for note in result.notes:
         print(f"note: {note}")
     return status

@@ -46,7 +46,7 @@ def test_does_not_fit_and_says_what_to_change(capsys):
     code, out, _ = _run(capsys, "estimate", str(EXAMPLES / "does-not-fit.json"))
     assert code == 3
     assert "model: llama-2-7b" in out and "fits on h100-80gb: no" in out
-    assert "to fit: model states alone" in out and "--zero-stage" in out
+    assert "note: fits instead (one change each):" in out and "zero_stage 3 (FSDP2)" in out
     code, result = _json(capsys, "estimate", str(EXAMPLES / "does-not-fit.json"))
     assert code == 3 and not result["fit"]["fits"] and result["fit"]["headroom_bytes"] < 0
     b = result["breakdown"]
