@@ -59,7 +59,13 @@ from planner.reference_ops import T
 from planner.reference_step import ReferenceProgram, StepPeaks
 from planner.specs import ParallelSpec, ResolvedModel, TrainingSpec
 from planner.stepsim import Buf, Leaf, Machine, Node, Val
-from planner.zero import fsdp_local_shard_shape, fsdp_shard_shape, zero1_partition
+from planner.zero import (
+    RankTable,
+    fsdp_local_shard_shape,
+    fsdp_row_classes,
+    fsdp_shard_shape,
+    zero1_partition,
+)
 
 _BUCKET = Buf(0, "gradients", "ddp_bucket_view")  # param.grad as a view: no bytes of its own
 
@@ -390,12 +396,11 @@ def _trainable_shapes(model: ResolvedModel, training: TrainingSpec) -> list[tupl
 
 
 def fsdp_rank_keys(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec
-                   ) -> list[tuple[int, ...]]:
+                   ) -> RankTable[tuple[int, ...]]:
     """Under FSDP2: per rank, the rows of every distinct dim 0 it holds unpadded (ranks with
     equal keys hold the same bytes). Rank 0 holds the most rows of every tensor."""
-    n = parallel.data_parallel
     dims = sorted({s[0] for s in _trainable_shapes(model, training) if s})
-    return [tuple(fsdp_local_shard_shape((d,), n, r)[0] for d in dims) for r in range(n)]
+    return fsdp_row_classes(dims, parallel.data_parallel)
 
 
 def ranks_that_differ(model: ResolvedModel, training: TrainingSpec,
@@ -403,14 +408,14 @@ def ranks_that_differ(model: ResolvedModel, training: TrainingSpec,
     """One rank per distinct memory layout: ZeroRedundancyOptimizer's whole-tensor shards make
     every rank its own case; under FSDP2 the ranks that hold fewer rows of a tensor whose dim 0
     N does not divide differ from rank 0; DDP's ranks are all alike."""
-    z, n = parallel.zero_stage, parallel.data_parallel
+    z = parallel.zero_stage
     if z == 0:
         return [0]
     keys = zero1_ownership(model, training, parallel)[0] if z == 1 else fsdp_rank_keys(
         model, training, parallel)
     first: dict[tuple, int] = {}
-    for r in range(n):
-        first.setdefault(keys[r], r)
+    for r, key in keys.runs():  # one entry per class of ranks, not per rank
+        first.setdefault(key, r)
     return sorted(first.values())
 
 
@@ -447,13 +452,12 @@ def zero1_ownership(model: ResolvedModel, training: TrainingSpec, parallel: Para
         numels = [n for n, _ in ReferenceProgram(model, training, compress=True).trainable_specs()]
     else:
         numels = [_numel(s) for s in parameter_shapes(model)]  # registration order, tied once
-    n = parallel.data_parallel
-    parts = zero1_partition(numels, n)
+    parts = zero1_partition(numels, parallel.data_parallel)
     dtype = "bf16" if training.precision == "bf16" else "fp32"  # mixed-*: fp32 masters
-    keys = [tuple(sorted(numels[i] for i in p)) for p in parts]
-    states = [optimizer_state_bytes(training, list(k), dtype) for k in keys]
-    worst = sorted({max(range(n), key=lambda r: (states[r], -r)),
-                    max(range(n), key=lambda r: (sum(keys[r]), -r))})
+    keys = RankTable(parts.starts, [tuple(sorted(numels[i] for i in p)) for p in parts.values],
+                     parts.world_size)
+    worst = sorted({keys.worst(lambda k: optimizer_state_bytes(training, list(k), dtype)),
+                    keys.worst(sum)})
     return keys, worst
 
 

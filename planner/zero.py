@@ -24,8 +24,11 @@ For a bare parameter count (no shapes) the ZeRO paper's arithmetic is used (§5,
 
 from __future__ import annotations
 
+import bisect
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from planner.optimizers import (
     optimizer_state_bytes,
@@ -127,20 +130,78 @@ def pipeline_stage_layers(num_layers: int, p: int) -> list[int]:
     return [num_layers // p + (1 if s < num_layers % p else 0) for s in range(p)]
 
 
-def zero1_partition(numels: list[int], world_size: int) -> list[list[int]]:
+V = TypeVar("V")
+
+
+class RankTable(Sequence, Generic[V]):
+    """A value per rank for ``world_size`` ranks, stored as runs of equal values: rank ``r``
+    has ``values[i]`` for the last ``starts[i] <= r``. Ranks fall into few classes (ZeRO-1:
+    ranks past the tensor count own nothing; FSDP2: full, partial and empty chunks of each dim
+    0), so a million-rank layout costs its classes, not its ranks. ``runs()`` gives each class
+    once, with its lowest rank."""
+
+    __slots__ = ("starts", "values", "world_size")
+
+    def __init__(self, starts: list[int], values: list[V], world_size: int) -> None:
+        assert starts and starts[0] == 0 and len(starts) == len(values)
+        self.starts, self.values, self.world_size = starts, values, world_size
+
+    def __len__(self) -> int:
+        return self.world_size
+
+    def __getitem__(self, r):  # type: ignore[override]
+        if isinstance(r, slice):
+            return [self[i] for i in range(*r.indices(self.world_size))]
+        if r < 0:
+            r += self.world_size
+        if not 0 <= r < self.world_size:
+            raise IndexError(r)
+        return self.values[bisect.bisect_right(self.starts, r) - 1]
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, Sequence) else NotImplemented
+
+    def runs(self) -> list[tuple[int, V]]:
+        """(lowest rank, value) of each run."""
+        return list(zip(self.starts, self.values))
+
+    def worst(self, key) -> int:
+        """The lowest rank with the largest ``key(value)`` (one evaluation per run)."""
+        return max(self.runs(), key=lambda rv: (key(rv[1]), -rv[0]))[0]
+
+
+def zero1_partition(numels: list[int], world_size: int) -> RankTable[list[int]]:
     """Indices of the tensors each rank owns under ZeroRedundancyOptimizer (one param group):
     sort by numel, largest first (stable), give each to the rank with the smallest total so far
     (lowest index on ties) — ``ZeroRedundancyOptimizer._partition_parameters``."""
-    ranks: list[list[int]] = [[] for _ in range(world_size)]
     # A heap of (total, rank) pops exactly min over (sizes[k], k): O(n log W), not O(n W). Only
     # the first min(n, W) ranks can ever receive a tensor (an empty rank of lower index always
-    # wins), so only they enter the heap.
-    heap = [(0, k) for k in range(min(world_size, len(numels)))]
+    # wins), so only they enter the heap; the ranks after them own nothing.
+    k = min(world_size, len(numels))
+    ranks: list[list[int]] = [[] for _ in range(k)]
+    heap = [(0, r) for r in range(k)]
     for i in sorted(range(len(numels)), key=lambda j: numels[j], reverse=True):
         size, r = heapq.heappop(heap)
         ranks[r].append(i)
         heapq.heappush(heap, (size + numels[i], r))
-    return ranks
+    starts = list(range(k))
+    if k < world_size:
+        starts.append(k)
+        ranks.append([])
+    return RankTable(starts, ranks, world_size)
+
+
+def fsdp_row_classes(dims: list[int], world_size: int) -> RankTable[tuple[int, ...]]:
+    """Per rank, its unpadded rows of each dim 0 in ``dims`` (``fsdp_local_shard_shape``): a
+    dim d in chunks of c = ceil(d/N) rows gives ranks below d // c all c rows, rank d // c the
+    rest, and the ranks after it none, so the classes start where some dim changes."""
+    cuts = {0}
+    for d in dims:
+        c = _ceil_div(d, world_size)
+        cuts.update(x for x in (d // c, d // c + 1) if x < world_size)
+    starts = sorted(cuts)
+    values = [tuple(fsdp_local_shard_shape((d,), world_size, r)[0] for d in dims) for r in starts]
+    return RankTable(starts, values, world_size)
 
 
 def fsdp_shard_shape(shape: Shape, world_size: int) -> Shape:
@@ -207,8 +268,7 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
             worst = 0
         else:
             parts = zero1_partition(numels, n)
-            per_rank = [opt_bytes([train_shapes[i] for i in p]) for p in parts]
-            worst = max(range(n), key=lambda r: (per_rank[r], -r))
+            worst = parts.worst(lambda part: opt_bytes([train_shapes[i] for i in part]))
             owned = [train_shapes[i] for i in parts[worst]]
             impl = ("torch DistributedDataParallel + torch.distributed.optim."
                     "ZeroRedundancyOptimizer (whole-tensor greedy partition)")
@@ -359,9 +419,18 @@ def _lora_shapes(m: ResolvedModel, lora, n_layers: int, t: int) -> list[Shape]:
     return out * n_layers
 
 
-__all__ = ["ModelStates", "shard_model_states", "parameter_shapes", "zero1_partition",
-           "fsdp_shard_shape", "fsdp_local_shard_shape", "pipeline_stage_layers",
-           "DDP_BUCKET_CAP_BYTES"]
+__all__ = [
+    "DDP_BUCKET_CAP_BYTES",
+    "ModelStates",
+    "RankTable",
+    "fsdp_local_shard_shape",
+    "fsdp_row_classes",
+    "fsdp_shard_shape",
+    "parameter_shapes",
+    "pipeline_stage_layers",
+    "shard_model_states",
+    "zero1_partition",
+]
 
 
 # ---- stages side by side (POST /v1/zero) -------------------------------------------------------
