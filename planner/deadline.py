@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextvars
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
-_LIMIT: contextvars.ContextVar["WorkLimit | None"] = contextvars.ContextVar(
+_LIMIT: contextvars.ContextVar[WorkLimit | None] = contextvars.ContextVar(
     "memplan_work_limit", default=None)
 
 
@@ -29,7 +29,7 @@ class WorkLimitExceeded(Exception):
 class WorkLimit:
     """``seconds`` of wall time from now; ``cancel()`` stops the work at its next check."""
 
-    __slots__ = ("seconds", "end", "cancelled")
+    __slots__ = ("cancelled", "end", "seconds")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds

@@ -16,6 +16,7 @@ from planner.catalog import get_gpu, resolve_model
 from planner.errors import PlanningError
 from planner import step_cache
 from planner.specs import (
+    MAX_STAGE_MICROBATCHES,
     ActivationCheckpointing,
     Assumption,
     Breakdown,
@@ -57,6 +58,12 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
         raise PlanningError(
             f"pipeline_parallel x virtual_pipeline_stages ({par.pipeline_parallel * par.virtual_pipeline_stages}) "
             f"exceeds num_layers ({model.num_layers})", "parallelism.pipeline_parallel")
+    actions = par.pipeline_parallel * par.virtual_pipeline_stages * tr.gradient_accumulation_steps
+    if par.pipeline_parallel > 1 and actions > MAX_STAGE_MICROBATCHES:
+        raise PlanningError(
+            f"pipeline_parallel x virtual_pipeline_stages x gradient_accumulation_steps must be "
+            f"<= {MAX_STAGE_MICROBATCHES} (as for POST /v1/pipeline), got {actions}",
+            "training.gradient_accumulation_steps")
     if model.family == "gpt2" and tr.sequence_length > model.max_sequence_length:
         raise PlanningError(
             f"sequence_length ({tr.sequence_length}) exceeds the learned position table "

@@ -14,13 +14,12 @@ from planner.catalog import get_gpu, resolve_model
 from planner.parameters import count_parameters
 from planner.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.pipeline_sim import peak_in_flight, simulate
-from planner.specs import Assumption, MemoryRequest, PipelineScheduleName
+from planner.specs import MAX_STAGE_MICROBATCHES, Assumption, MemoryRequest, PipelineScheduleName
 
 # ---- documented input limits -------------------------------------------------------------------
 MAX_STAGES = 1024
 MAX_MICROBATCHES = 65_536
 MAX_VIRTUAL_STAGES = 64
-MAX_STAGE_MICROBATCHES = 2**20  # stages * virtual_stages * microbatches: bounds the work per request
 MAX_COST_S = 1e6
 MAX_TIMELINE_EVENTS = 50_000
 DEFAULT_MFU = 0.5  # Narayanan et al. 2021 report 52% of A100 peak for GPT-3-sized models (Table 1)
@@ -219,8 +218,9 @@ def _stage_costs_for(f_s, i_s, w_s, dualpipe: bool):
     return f_s + f_s, i_s + i_s, w_s + w_s
 
 
-def plan_pipeline(req: PipelineRequest) -> PipelineResult:
-    """Build the schedule's action lists, simulate them, and report per-rank figures."""
+def schedule_shape(req: PipelineRequest) -> tuple[PipelineScheduleName, int, int, int]:
+    """(schedule, stages p, micro-batches m, virtual stages v) the request asks for, defaults
+    from its setup filled in."""
     setup = req.setup
     name = req.schedule or (setup.parallelism.pipeline_schedule if setup else "1f1b")
     p = req.stages or (setup.parallelism.pipeline_parallel if setup else 1)
@@ -228,6 +228,20 @@ def plan_pipeline(req: PipelineRequest) -> PipelineResult:
     v = req.virtual_stages or (setup.parallelism.virtual_pipeline_stages if setup else 1)
     if name in ("zb-v", "dualpipe-v") and req.virtual_stages is None and v == 1:
         v = 2  # the V-shaped schedules always hold two stages per rank
+    return name, p, m, v
+
+
+def min_timeline_events(req: PipelineRequest) -> int:
+    """A lower bound on the timeline's actions: a forward and a backward per stage and
+    micro-batch (a split backward adds a weight-gradient action)."""
+    _, p, m, v = schedule_shape(req)
+    return 2 * p * v * m
+
+
+def plan_pipeline(req: PipelineRequest) -> PipelineResult:
+    """Build the schedule's action lists, simulate them, and report per-rank figures."""
+    setup = req.setup
+    name, p, m, v = schedule_shape(req)
     if p * v * m > MAX_STAGE_MICROBATCHES:
         raise PipelineError(f"stages × virtual_stages × microbatches must be <= "
                             f"{MAX_STAGE_MICROBATCHES}, got {p * v * m}", "microbatches")

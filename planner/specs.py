@@ -20,6 +20,8 @@ MAX_SEQUENCE = 1_048_576
 MAX_BATCH = 65_536
 MAX_RANKS = 1_048_576
 MAX_MICROBATCHES = 65_536
+# pipeline stages x virtual stages x micro-batches: bounds a pipelined step's actions per request
+MAX_STAGE_MICROBATCHES = 2**20
 MAX_PARAMETERS = 10**14
 
 Family = Literal["gpt2", "llama"]

@@ -13,7 +13,8 @@
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -42,7 +43,7 @@ class EstimateSlots:
         self.queue_s, self.deadline_s = queue_s, deadline_s
 
     @classmethod
-    def from_settings(cls, settings) -> "EstimateSlots":
+    def from_settings(cls, settings) -> EstimateSlots:
         return cls(settings.max_concurrent_estimates, settings.estimate_queue_s,
                    settings.estimate_deadline_s)
 

@@ -114,3 +114,36 @@ def test_work_stops_when_the_client_goes_away() -> None:
 
     anyio.run(main)
     assert checks and slots.limiter.borrowed_tokens == 0
+
+
+def test_pipelined_memory_takes_the_pipeline_routes_action_bound() -> None:
+    """1024 stages x 65,536 micro-batches is 67 million actions to build before any byte is
+    counted: refused as POST /v1/pipeline refuses it, naming the field and the limit."""
+    body = {"model": {"family": "llama", "num_layers": 1024, "hidden_size": 64, "num_heads": 4,
+                      "vocab_size": 128},
+            "training": {"micro_batch_size": 1, "sequence_length": 16,
+                         "gradient_accumulation_steps": 65536},
+            "parallelism": {"pipeline_parallel": 1024}}
+    with _client() as client:
+        r = client.post("/v1/memory", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["invalid-params"][0]["name"] == "body.training.gradient_accumulation_steps"
+    assert str(2**20) in r.json()["detail"]
+
+
+def test_a_picture_too_large_to_draw_is_refused_before_the_simulation(monkeypatch) -> None:
+    """An SVG of zb-h2 on 1024 ranks x 1024 micro-batches (3 million actions, past the
+    50,000-event timeline limit) was simulated in full before the 422."""
+    from planner import pipeline as planner_pipeline
+
+    def never(_):
+        raise AssertionError("simulated although the picture cannot be drawn")
+
+    monkeypatch.setattr(planner_pipeline, "plan_pipeline", never)
+    with _client() as client:
+        r = client.post("/v1/pipeline", json={"schedule": "zb-h2", "stages": 1024,
+                                              "microbatches": 1024},
+                        headers={"accept": "image/svg+xml"})
+    assert r.status_code == 422, r.text
+    assert r.json()["invalid-params"][0]["name"] == "body.microbatches"
+    assert "timeline limit" in r.json()["detail"]

@@ -48,6 +48,11 @@ def _plan(request: PipelineRequest, accept: str | None) -> PipelineResult | Resp
     svg = _wants_svg(accept)
     if svg and not request.include_timeline:
         request = request.model_copy(update={"include_timeline": True})
+    if svg and planner_pipeline.min_timeline_events(request) > planner_pipeline.MAX_TIMELINE_EVENTS:
+        # refused before the schedule is built and simulated: the picture could not be drawn
+        raise PlanError(f"no picture: at least {planner_pipeline.min_timeline_events(request)} "
+                        f"actions exceed the {planner_pipeline.MAX_TIMELINE_EVENTS}-event "
+                        "timeline limit", field="body.microbatches")
     try:
         result = planner_pipeline.plan_pipeline(request)
     except PipelineError as e:
