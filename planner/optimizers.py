@@ -273,14 +273,28 @@ def master_weight_step_temporary_bytes(training: TrainingSpec, tensor_numels: li
     return sum(tensor_numels) * int(DTYPE_BYTES[plan.master_dtype])
 
 
+def overflow_check_temporary_bytes(training: TrainingSpec, tensor_numels: list[int]) -> int:
+    """Peak temporaries of the reference step's overflow check under a static loss scale
+    (mixed-fp16), run on the unscaled fp32 gradients before the inner step:
+    ``torch.isfinite(g).all()`` per gradient, one at a time. isfinite is composite,
+    ``(g == g) * (g.abs() != inf)``, and its temporaries live to the end of the expression: abs
+    like g plus three bool tensors (1 byte per element). 0 without that check."""
+    plan = resolve_precision(training)
+    if training.precision != "mixed-fp16" or plan.master_dtype is None or not tensor_numels:
+        return 0
+    return max(tensor_numels) * (int(DTYPE_BYTES[plan.master_dtype]) + 3)
+
+
 def reference_step_temporary_bytes(training: TrainingSpec, tensor_numels: list[int],
                                    tensor_shapes: list[tuple[int, ...]] | None = None) -> int:
     """Peak temporaries of the reference step's whole ``step()``: the master-weight fp32 grads
-    (live throughout the inner step) plus the inner torch optimizer's own temporaries."""
+    (live throughout the inner step) plus the larger of the overflow check (mixed-fp16) and the
+    inner torch optimizer's own temporaries."""
     plan = resolve_precision(training)
     dtype = plan.master_dtype or plan.optimizer_state_dtype
     return master_weight_step_temporary_bytes(training, tensor_numels) + \
-        optimizer_step_temporary_bytes(training, tensor_numels, dtype, tensor_shapes)
+        max(overflow_check_temporary_bytes(training, tensor_numels),
+            optimizer_step_temporary_bytes(training, tensor_numels, dtype, tensor_shapes))
 
 
 def bytes_per_param(training: TrainingSpec) -> float:
@@ -299,5 +313,6 @@ def bytes_per_param(training: TrainingSpec) -> float:
 
 
 __all__ = ["optimizer_state_bytes", "optimizer_step_temporary_bytes",
-           "master_weight_step_temporary_bytes", "reference_step_temporary_bytes",
+           "master_weight_step_temporary_bytes", "overflow_check_temporary_bytes",
+           "reference_step_temporary_bytes",
            "bytes_per_param", "STEP_BYTES", "BNB_BLOCK_ELEMENTS", "BNB_MIN_8BIT_SIZE"]

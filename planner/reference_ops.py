@@ -149,19 +149,22 @@ class Ops:
         numel, esz = max(a.numel, b.numel), max(a.esz, b.esz)
 
         def bw(m: Machine, n: Node, g: list) -> list:
+            # apply(): g*b and g*a at full size; then the engine reduces a broadcast input's
+            # product (sum_to_size) and frees the unreduced one, output by output.
             outs: list[Buf | None] = []
-            scratch: list[Buf] = []
             for i, inp in ((0, a), (1, b)):
                 if n.edges[i] is None:
                     outs.append(None)
-                    continue
-                if inp.numel != numel:
-                    scratch.append(m.alloc(numel * esz, "mul"))
-                    outs.append(m.galloc(n, i, inp.numel * esz, "sum"))
+                elif inp.numel != numel:
+                    outs.append(m.alloc(numel * esz, "mul"))
                 else:
                     outs.append(m.galloc(n, i, numel * esz, "mul"))
-            for s in scratch:
-                m.drop(s)
+            m.apply_returned(n)
+            for i, inp in ((0, a), (1, b)):
+                if outs[i] is not None and inp.numel != numel:
+                    full = outs[i]
+                    outs[i] = m.galloc(n, i, inp.numel * esz, "sum")
+                    m.drop(full)
             return outs
         saved = [b if a.requires_grad else None, a if b.requires_grad else None]
         node = self._node("Mul", [a, b], saved, bw)
@@ -181,9 +184,10 @@ class Ops:
         esz = wi.esz
 
         def bw(m: Machine, n: Node, g: list) -> list:
-            return [m.galloc(n, 0, n_rows * d_in * esz, "mm"),
-                    m.galloc(n, 1, d_out * d_in * esz, "mm"),
-                    m.galloc(n, 2, d_out * esz, "sum") if bi is not None else None]
+            gx = m.galloc(n, 0, n_rows * d_in * esz, "mm")
+            gw = m.galloc(n, 1, d_out * d_in * esz, "mm")
+            m.apply_returned(n)  # the bias gradient is the engine's sum_to_size of g
+            return [gx, gw, m.galloc(n, 2, d_out * esz, "sum") if bi is not None else None]
         saved = [xi if wi.requires_grad else None, wi if xi.requires_grad else None]
         node = self._node("Addmm" if b is not None else "Mm", [xi, wi, bi], saved, bw)
         out = self.new(n_rows * d_out, esz, "addmm" if b is not None else "mm", node)

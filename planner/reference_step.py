@@ -121,6 +121,8 @@ class ReferenceProgram(ReferenceModel):
         self.params = self._build_params()
         o = self.ops
         self._states = None
+        # run_windows: the optimizer step's windows closed before the states were made
+        self._step_windows: list | None = None
         if self.n_phantom:  # parameters of the blocks that are not simulated one by one
             o.m.alloc(self.n_phantom * sum(b for _, _, _, b in self._block_specs),
                       "phantom blocks", "parameters")
@@ -254,8 +256,8 @@ class ReferenceProgram(ReferenceModel):
             nonlocal k
             target = rec.packs[k]
             k += 1
-            for b in bufs:
-                target.saved.append(m.hold(b))
+            for b in bufs:  # unpack hands the recomputed tensor to the node's apply()
+                target.unpacked.append(m.hold(b))
                 held[id(b)] = held.get(id(b), 0) + 1
             if k == len(rec.packs):
                 raise _StopRecompute
@@ -333,21 +335,45 @@ class ReferenceProgram(ReferenceModel):
             scratch += [m.alloc(n * self.master_esz, "_to_copy") for n in numels]
         if self.scaling and not self.master:  # GradScaler.unscale_: found_inf (fp32 scalar)
             scratch += [m.alloc(4, "full")]
+        if self.scaling and self.master:
+            self.overflow_check(numels)
+            if first and self._states is None and self._step_windows is not None:
+                # the check ran before the states exist, in a steady step after: its own window
+                self._step_windows.append(m.peak)
+                m.reset_peak()
         if first and self._states is None:
             self._states = self._alloc_states()
         tmp = m.alloc(optimizer_step_temporary_bytes(tr, numels, inner_dtype, shapes), "optimizer_step")
         m.drop(tmp, *scratch)
         self.zero_grad()
 
+    def overflow_check(self, numels: list[int]) -> None:
+        """The master-weight optimizer's overflow check under a static loss scale (mixed-fp16),
+        after the fp32 gradients are unscaled in place: ``torch.isfinite(g).all()`` per gradient.
+        isfinite is composite, ``(g == g) * (g.abs() != inf)``, its temporaries live to the end of
+        the expression: abs like g, then ne, eq and their product (bool, 1 byte per element);
+        then ``all()`` (1 byte) while the product lives. Every gradient's check starts from the
+        same live bytes, so the first of the largest stands for all of them
+        (planner/optimizers.py: ``overflow_check_temporary_bytes``)."""
+        if not numels:
+            return
+        m, n = self.m, max(numels)
+        tmp = [m.alloc(n * self.master_esz, "abs"), m.alloc(n, "ne"), m.alloc(n, "eq")]
+        prod = m.alloc(n, "mul")
+        m.drop(*tmp)
+        flag = m.alloc(1, "all")
+        m.drop(prod, flag)
+
     def run(self) -> StepPeaks:
         """Simulate one training step; derive the first-step and steady-state peaks."""
-        fb, step, act, combine = self.run_windows()
-        return combine_peaks(fb, step, act, act_max=self.m.act_max, **combine)
+        fb, steps, act, combine = self.run_windows()
+        return combine_peaks(fb, steps, act, act_max=self.m.act_max, **combine)
 
     def run_windows(self):
         """The step's peak windows: each micro-batch's forward+backward (the first two: micro-batch
-        2+ all look alike, gradients exist), the optimizer step, and the activation peak; plus
-        what ``combine_peaks`` needs besides them."""
+        2+ all look alike, gradients exist), the optimizer step (one window, or two when part of
+        it runs before step 1 makes the optimizer states: that part, then the rest), and the
+        activation peak; plus what ``combine_peaks`` needs besides them."""
         m = self.m
         accum = self.tr.gradient_accumulation_steps
         m.reset_peak()
@@ -361,32 +387,46 @@ class ReferenceProgram(ReferenceModel):
             fb_peaks.append(m.peak)
             m.reset_peak()
         m.phase = "optimizer"
+        self._step_windows = []
         self.optimizer_step(first=True)
-        step_peak = m.peak
+        step_peaks = [*self._step_windows, m.peak]
+        self._step_windows = None
         m.phase = "other"
         # States made during step 1's optimizer.step() are live through every later step;
         # Adagrad's exist from construction, so step 1 already had them.
         states = 0 if self._states_at_init else self._states.nbytes
-        return fb_peaks, step_peak, m.act_peak, {
+        return fb_peaks, step_peaks, m.act_peak, {
             "states": states, "amp_scaler": bool(self.scaling and not self.master)}
 
 
-def combine_peaks(fb_peaks: list[PeakSnap], step_peak: PeakSnap, act_peak, *,
+def _first_highest(peaks: list[PeakSnap]) -> PeakSnap:
+    best = peaks[0]
+    for p in peaks[1:]:
+        if p.total > best.total:
+            best = p
+    return best
+
+
+def _plus_states(p: PeakSnap, states: int, scaler: int = 0) -> PeakSnap:
+    by = list(p.by_cat)
+    by[2] += states
+    by[4] += scaler
+    return PeakSnap(p.total + states + scaler, by, p.op, p.phase)
+
+
+def combine_peaks(fb_peaks: list[PeakSnap], step_peaks: list[PeakSnap], act_peak, *,
                   states: int, amp_scaler: bool, act_max=None) -> StepPeaks:
     """A steady-state step (2+) repeats step 1's forward and backward exactly, with the optimizer
     states (allocated during step 1's ``optimizer.step()``) live throughout; so one simulated
-    forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak)."""
-    fwdbwd = fb_peaks[0]
-    for p in fb_peaks[1:]:  # the first of the highest
-        if p.total > fwdbwd.total:
-            fwdbwd = p
-    first = step_peak if step_peak.total > fwdbwd.total else fwdbwd
+    forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak).
+    ``step_peaks``: the optimizer step's windows in order; all but the last ran before step 1
+    made the states, so in a steady step they run with the states live too."""
+    fwdbwd = _first_highest(fb_peaks)  # the first of the highest
+    first = _first_highest([fwdbwd, *step_peaks])
     # GradScaler's scale and growth tracker are created in step 1's backward and persist.
     scaler = 8 if amp_scaler and fwdbwd.phase == "forward" else 0
-    by = list(fwdbwd.by_cat)
-    by[2] += states
-    by[4] += scaler
-    shifted = PeakSnap(fwdbwd.total + states + scaler, by, fwdbwd.op, fwdbwd.phase)
-    steady = step_peak if step_peak.total > shifted.total else shifted
+    shifted = _plus_states(fwdbwd, states, scaler)
+    steady = _first_highest([shifted, *(_plus_states(p, states) for p in step_peaks[:-1]),
+                             step_peaks[-1]])
     return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd, act_peak=act_peak,
                      fb_steady=shifted, act_max=act_max)

@@ -206,7 +206,7 @@ class StepTemplate:
     domain: tuple[int | None, int | None]  # per size: None (>= 2) or the fixed value 1
     exps: tuple[tuple[int, int], ...]
     fb: list[Candidates]
-    step: Candidates
+    step: list[Candidates]  # the optimizer step's windows (ReferenceProgram.run_windows)
     act: Candidates
     act_max: Candidates
     combine: dict
@@ -216,7 +216,7 @@ class StepTemplate:
 
     def evaluate(self, B: int, T: int) -> StepPeaks:
         b, t = B - 2, T - 2
-        return combine_peaks([c.best(b, t) for c in self.fb], self.step.best(b, t),
+        return combine_peaks([c.best(b, t) for c in self.fb], [c.best(b, t) for c in self.step],
                              lambda: self.act.best(b, t), **self.combine,
                              act_max=lambda: _activation_snap(self.act_max.best(b, t)))
 
@@ -284,11 +284,11 @@ def compile_template(model, training, device: str, checkpointed: set[int],
             return ReferenceProgram(model, training, device=device, checkpointed=checkpointed,
                                     machine=m, sizes=sizes)
     m, prog = _record(make, domain)
-    fb, step, _, combine = prog.run_windows()
+    fb, steps, _, combine = prog.run_windows()
     if isinstance(combine["states"], Poly):
         raise Undecided("optimizer states depend on the sizes")
-    exps, cands, act, act_max = _windows(m, [*fb, step], act=True)
-    return StepTemplate(domain, exps, cands[:-1], cands[-1], act, act_max, combine)
+    exps, cands, act, act_max = _windows(m, [*fb, *steps], act=True)
+    return StepTemplate(domain, exps, cands[:len(fb)], cands[len(fb):], act, act_max, combine)
 
 
 @dataclass

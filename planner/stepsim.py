@@ -52,13 +52,19 @@ class Leaf:
 
 
 class Node:
-    """An autograd node: saved buffers and a backward that maps grad outputs to grad inputs."""
+    """An autograd node: saved buffers and a backward that maps grad outputs to grad inputs.
 
-    __slots__ = ("seq", "saved", "fn", "edges", "name", "n_out")
+    ``unpacked``: saved tensors that only the node's ``apply()`` holds once unpacked (a
+    checkpointed region's recomputed tensors: the unpack hook hands over the last reference).
+    They die when ``apply()`` returns (``Machine.apply_returned``), before the engine reduces or
+    casts the gradients it returned (validate_outputs); ``saved`` lives until the node is done."""
+
+    __slots__ = ("seq", "saved", "fn", "edges", "name", "n_out", "unpacked")
 
     def __init__(self, seq: int, name: str, saved: list[Buf], fn: Callable,
                  edges: Sequence[tuple["Node | Leaf", int] | None], n_out: int = 1) -> None:
         self.seq, self.name, self.saved, self.fn, self.edges, self.n_out = seq, name, saved, fn, list(edges), n_out
+        self.unpacked: list[Buf] = []
 
 
 @dataclass
@@ -209,6 +215,15 @@ class Machine:
             node.saved.append(self.hold(b))
 
     # ---- backward ---------------------------------------------------------------------------
+    def apply_returned(self, node: Node) -> None:
+        """``node``'s ``apply()`` has returned: the tensors only its locals held (``unpacked``)
+        are freed. A backward calls this before the engine's work on its outputs (sum_to_size of
+        a broadcast input, a cast to the input's dtype: torch/csrc/autograd/engine.cpp,
+        validate_outputs); the engine calls it after every node (a no-op when already done)."""
+        if node.unpacked:
+            self.drop(*node.unpacked)
+            node.unpacked = []
+
     def backward(self, root: Val, grad: Buf, before_node: Callable[[Node], None] | None = None,
                  after_node: Callable[[Node], None] | None = None) -> None:
         """Run the engine from ``root`` with incoming gradient ``grad`` (ownership passes in)."""
@@ -239,6 +254,7 @@ class Machine:
             if before_node is not None:
                 before_node(n)
             outs = n.fn(self, n, grads_in)
+            self.apply_returned(n)
             # Node done: release its saved tensors and the incoming gradients.
             for b in n.saved:
                 self.drop(b)

@@ -205,3 +205,34 @@ def test_master_weight_scheme_temporaries(impl, grads):
     assert peaks[1] == peaks[2] == reference_step_temporary_bytes(training, numels, shapes)
     assert optimizer_state_bytes(training, numels, "fp32", shapes) == \
         sum(t.untyped_storage().nbytes() for t in _state_tensors(step.inner))
+
+
+@pytest.mark.parametrize("name", ["sgd-momentum", "adamw"])
+def test_loss_scaled_master_weight_step_temporaries(name):
+    # mixed-fp16: the reference step's own master-weight optimizer under its static loss scale.
+    # Its overflow check (isfinite per fp32 gradient) is the steady peak for momentum SGD, which
+    # steps in place; Adam's sqrt of every state outgrows it.
+    from service.validation.step import MasterWeightOptimizer
+
+    training = TrainingSpec(precision="mixed-fp16", optimizer=name)
+    shapes = SHAPE_SETS[2]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=g).to(torch.float16)) for s in shapes]
+    step = MasterWeightOptimizer(params, lambda ms: _make(name, "foreach", training, ms),
+                                 loss_scale=2.0**10)
+    peaks = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        gc.collect()
+        tracker = StorageTracker(list(params) + [p.grad for p in params] + step.masters +
+                                 _state_tensors(step.inner))
+        with tracker:
+            step.step()
+        peaks.append(tracker.peak)
+    numels = [p.numel() for p in params]
+    check = max(numels) * (4 + 3)  # abs (fp32) + ne, eq, their product (bool)
+    inner = optimizer_step_temporary_bytes(training, numels, "fp32", shapes)
+    assert peaks[1] == peaks[2] == reference_step_temporary_bytes(training, numels, shapes) \
+        == 4 * sum(numels) + max(check, inner)
+    assert (check > inner) == (name == "sgd-momentum")

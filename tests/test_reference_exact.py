@@ -53,6 +53,26 @@ CASES = [
 # it into the blocks' forward/backward, which checks the per-block events.
 PARAMS = [(*c, 512) for c in CASES] + [(*c, 64) for c in CASES[::3]]
 
+# Momentum SGD steps in place (no step temporaries of its own), so what else the step does shows:
+# mixed-fp16's overflow check (isfinite per fp32 gradient, with the states live from step 2 on)
+# and, under full checkpointing, the recomputed tensors a backward node frees as its apply()
+# returns, before the engine reduces the bias gradient (dropout puts the peak there).
+FULL = {"activation_checkpointing": {"strategy": "full"}}
+PARAMS += [
+    ("llama", "mixed-fp16", "sdpa", "sgd-momentum", {}, 512),
+    ("llama", "mixed-fp16", "sdpa", "sgd-momentum", {**FULL, "dropout": 0.1}, 64),
+    ("gpt2", "mixed-fp16", "eager", "sgd-momentum", {"dropout": 0.1}, 64),
+    ("gpt2", "mixed-fp16", "sdpa", "sgd", {}, 512),
+    ("gpt2", "fp32", "sdpa", "sgd-momentum", {**FULL, "dropout": 0.1}, 64),
+    ("gpt2", "amp-fp16", "eager", "sgd-momentum", {**FULL, "dropout": 0.1}, 64),
+    ("gpt2", "fp32", "eager", "sgd-momentum", {"activation_checkpointing": {"strategy": "sqrt"}}, 64),
+    ("llama", "fp32", "sdpa", "sgd-momentum", {**FULL, "dropout": 0.1}, 64),
+    ("llama", "mixed-bf16", "sdpa", "sgd-momentum", {**FULL, "dropout": 0.1}, 512),
+    ("gpt2", "mixed-bf16", "sdpa", "sgd-momentum", FULL, 512),
+    ("gpt2", "amp-bf16", "sdpa", "sgd-momentum", {"activation_checkpointing": {"strategy": "selective"}, "dropout": 0.1}, 512),
+    ("llama", "amp-fp16", "sdpa", "sgd-momentum", {"dropout": 0.1}, 64),
+]
+
 
 @pytest.mark.parametrize("family,precision,attention,optimizer,extra,vocab", PARAMS,
                          ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-{'-'.join(c[4]) or 'plain'}-V{c[5]}" for c in PARAMS])

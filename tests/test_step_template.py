@@ -55,6 +55,12 @@ CASES = [(name, arch, var, dev) for name, arch in (("gpt2", GPT2), ("llama", LLA
          for var in VARIATIONS for dev in ("cuda",)]
 CASES += [("gpt2", GPT2, v, "cpu") for v in ({}, {"dropout": 0.1}, {"precision": "bf16"})]
 CASES += [("mqa", MQA, v, "cuda") for v in ({}, {"attention": "eager"})]
+# mixed-fp16's overflow check as the steady peak (its own window before step 1's states), and
+# full checkpointing's recomputed tensors freed as each backward node returns
+CASES += [(name, arch, {"precision": "mixed-fp16", "optimizer": "sgd-momentum", **v}, dev)
+          for name, arch in (("gpt2", GPT2), ("llama", LLAMA))
+          for v, dev in (({}, "cuda"), ({"activation_checkpointing": {"strategy": "full"},
+                                         "dropout": 0.1}, "cpu"))]
 
 
 def _sizes(domain, rng: random.Random) -> list[tuple[int, int]]:
