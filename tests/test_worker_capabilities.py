@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
-import httpx
 import pytest
 
 from service.jobs.store import JobStore
 from service.jobs.worker import Worker, adopt_identity, embedded_identity
 from service.settings import DeviceInfo, Settings
-from tests.test_worker_faults import (ROOT, SMALL, _env, _free_port, request, settings,
-                                      start_worker, stop, wait_for)
+from tests.test_worker_faults import (SMALL, _env, _free_port, request, settings,
+                                      start_serve, start_worker, stop, wait_for)
 
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
 
@@ -29,28 +26,13 @@ def store(db_url):
     s.close()
 
 
-def _serve(env: dict[str, str], port: int, tmp_path, name: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=open(tmp_path / f"{name}.out", "w"), stderr=subprocess.STDOUT)
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, 30, f"memplan serve ({name}) to be ready", interval=0.2)
-    return proc
-
-
 def test_kill_9_of_serve_then_restart_requeues_its_job_at_once(store, db_url, tmp_path):
     """API + embedded worker killed mid-job: the restarted server re-queues the job its
     predecessor was running as it starts (not after the 60 s lease), and runs it again."""
     env = _env(db_url, tmp_path, MEMPLAN_LEASE_S="60", MEMPLAN_TEST_STEP_S="0.5")
     port = _free_port()
     job = store.submit(request(10), SMALL).id
-    first = _serve(env, port, tmp_path, "serve-1")
+    first = start_serve(env, port, tmp_path, "serve-1", worker=True, timeout_s=30)
     procs = [first]
     try:
         wait_for(lambda: store.get(job).progress.step >= 1, 30, "the embedded worker to run it")
@@ -58,7 +40,7 @@ def test_kill_9_of_serve_then_restart_requeues_its_job_at_once(store, db_url, tm
         first.wait(5)
         assert store.get(job).status == "running"  # its lease has a minute to run
         killed_at = time.monotonic()
-        procs.append(_serve(env, port, tmp_path, "serve-2"))
+        procs.append(start_serve(env, port, tmp_path, "serve-2", worker=True, timeout_s=30))
         wait_for(lambda: store.history(job), 20, "the job to be re-queued")
         assert time.monotonic() - killed_at < 30  # well before the lease would have expired
         done = wait_for(lambda: (j := store.get(job)).status in ("succeeded", "failed") and j,

@@ -215,11 +215,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_api(env: dict[str, str], port: int, tmp_path: Path, name: str) -> subprocess.Popen:
+def start_serve(env: dict[str, str], port: int, tmp_path: Path, name: str, *,
+                worker: bool = False, timeout_s: float = 20) -> subprocess.Popen:
+    """``memplan serve`` (the API, with its embedded worker when ``worker``), once ready."""
     import httpx
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--no-worker", "--port", str(port)],
+        [sys.executable, "-m", "service.cli", "serve", *([] if worker else ["--no-worker"]),
+         "--port", str(port)],
         cwd=ROOT, env=env, stdout=open(tmp_path / f"{name}.out", "w"), stderr=subprocess.STDOUT)
 
     def ready() -> bool:
@@ -228,7 +231,7 @@ def _start_api(env: dict[str, str], port: int, tmp_path: Path, name: str) -> sub
         except httpx.HTTPError:
             return False
 
-    wait_for(ready, 20, f"the API ({name}) to be ready", interval=0.2)
+    wait_for(ready, timeout_s, f"memplan serve ({name}) to be ready", interval=0.2)
     return proc
 
 
@@ -240,7 +243,7 @@ def test_restart_the_api_mid_job_and_the_client_poll_continues(store, db_url, tm
     port = _free_port()
     spec = tmp_path / "spec.json"
     spec.write_text(request(12).model_dump_json())
-    api = _start_api(env, port, tmp_path, "api-1")
+    api = start_serve(env, port, tmp_path, "api-1")
     procs = [api]
     try:
         procs.append(worker := start_worker(env, tmp_path, "worker"))
@@ -255,7 +258,7 @@ def test_restart_the_api_mid_job_and_the_client_poll_continues(store, db_url, tm
         api.send_signal(signal.SIGKILL)
         api.wait(5)
         time.sleep(1.0)  # the client polls a dead server for a while
-        procs.append(_start_api(env, port, tmp_path, "api-2"))
+        procs.append(start_serve(env, port, tmp_path, "api-2"))
         out, err = client.communicate(timeout=30)
         assert client.returncode == 0, err
         result = json.loads(out)
