@@ -8,7 +8,8 @@ Goal: every request within the documented input limits answers in at most 1 s us
 imported the app but estimated nothing (so no candidate profits from another's caches): the
 time is the request's wall time through the ASGI app (``TestClient``), the memory is the
 child's peak resident set minus the parent's at the fork. A child past ``--limit-s`` is killed
-and reported as over the limit.
+and reported as over the limit (the service's own per-request work limit is lifted for this, so
+the raw cost is what is measured).
 
 Candidates: hand-picked extremes (the largest layer counts, pipeline ranks, micro-batch counts,
 data-parallel degrees, checkpoint plans, LoRA, eager attention with dropout, timelines and SVG)
@@ -190,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     from service.settings import Settings
 
     tmp = tempfile.TemporaryDirectory(prefix="memplan-worst-")
-    app = create_app(Settings(database_url=f"sqlite:///{tmp.name}/jobs.db"))
+    # the service's own work limit (MEMPLAN_ESTIMATE_DEADLINE_S) is lifted: the raw cost is measured
+    app = create_app(Settings(database_url=f"sqlite:///{tmp.name}/jobs.db",
+                              estimate_deadline_s=10 * args.limit_s))
     base_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rows = []
     for cand in hand_picked() + random_candidates(args.random, args.seed):
