@@ -78,7 +78,7 @@ class ReferenceModel:
             nbytes = quant if quant is not None else numel * esz
             spec = (numel, shape or (numel,), trainable, nbytes)
             self.param_specs.append(spec)
-            if cur[0] == 3 and self.n_phantom:
+            if self.n_phantom and cur[0] == 3 * self.period:  # the first block stood in for
                 self._block_specs.append(spec)
             if cur[0] is not None and cur[0] not in sim:
                 return None

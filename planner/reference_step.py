@@ -60,6 +60,16 @@ class StepPeaks:
         return self._act_max
 
 
+def plan_period(checkpointed: set[int], num_layers: int, longest: int = 64) -> int | None:
+    """The shortest period k (at most ``longest`` and a seventh of the blocks) with which the
+    checkpoint plan repeats over all blocks: block i checkpointed exactly when block i + k is.
+    None when it has none."""
+    for k in range(1, min(longest, num_layers // 7) + 1):
+        if all((i in checkpointed) == (i + k in checkpointed) for i in range(num_layers - k)):
+            return k
+    return None
+
+
 class _StopRecompute(Exception):
     pass
 
@@ -109,11 +119,16 @@ class ReferenceProgram(ReferenceModel):
                         model.ffn_hidden_size, model.vocab_size, model.max_sequence_length)
         L = model.num_layers
         ck = set(checkpointed or ())
-        # Homogeneous middle blocks (see _phantom_forward): simulate blocks 0, 1, 2, L-2, L-1 and
-        # account for blocks 3..L-3 arithmetically, when the checkpoint pattern is uniform.
-        uniform = not ck or ck == set(range(L))
-        self.n_phantom = L - 5 if compress and uniform and L >= 7 else 0
-        self.real_blocks = [0, 1, 2, L - 2, L - 1] if self.n_phantom else list(range(L))
+        # Homogeneous middle blocks (see _phantom_forward): when the checkpoint plan repeats with
+        # a period of k blocks (k = 1: none or every block checkpointed; every-k, sqrt), simulate
+        # the first three periods and the last two (with any remainder), and account for the
+        # periods between arithmetically.
+        k = plan_period(ck, L) if compress else None
+        q = L // k if k else 0
+        self.period = k or 1
+        self.n_phantom = (q - 5) * k if k and q >= 7 else 0  # blocks stood in for
+        self.real_blocks = (list(range(3 * k)) + list(range((q - 2) * k, L)) if self.n_phantom
+                            else list(range(L)))
         self.checkpointed = {j for j, i in enumerate(self.real_blocks) if i in ck}
         self._ck_nodes: dict[int, _CheckpointFrame] = {}
         self.optimizer_hook = optimizer_hook
@@ -146,14 +161,15 @@ class ReferenceProgram(ReferenceModel):
             xd = o.dropout(x, self.device)
             o.drop(x)
             x = xd
+        k = self.period
         for j in range(len(self.real_blocks)):
             check_work_limit()
-            if self.n_phantom and j == 2:
+            if self.n_phantom and j == 2 * k:  # the third period is measured
                 before, keys = list(self.m.cur), set(o._amp_cache)
             xn = self.run_block(x, j, rope)
             o.drop(x)
             x = xn
-            if self.n_phantom and j == 2:
+            if self.n_phantom and j == 3 * k - 1:
                 x = self._phantom_forward(x, before, keys)
         logits = self.head(x)
         # Transformer.forward returns: its locals (the rotary tables) live on only where saved.
@@ -170,17 +186,20 @@ class ReferenceProgram(ReferenceModel):
 
     # ---- homogeneous middle blocks ------------------------------------------------------------
     def _phantom_forward(self, x: T, before: list[int], cache_keys: set[int]) -> T:
-        """Stand in for blocks 3..L-3. Every middle block runs the same ops on the same shapes, so
-        it leaves the same bytes behind (``delta``, measured on block 2) and its own peaks are
-        those of block 2 or block L-2 shifted by a multiple of ``delta``: the maximum over an
-        arithmetic progression is at one of its ends, and both ends are simulated (forward:
-        block L-2 after the phantom; backward: block 2 after it). So the step's peak is exact.
+        """Stand in for the middle periods (of ``period`` blocks each; blocks 3..L-3 when every
+        block is alike). Every middle period runs the same ops on the same shapes, so it leaves
+        the same bytes behind (``delta``, measured on the third period) and its own peaks are
+        those of the third period or of the second-to-last shifted by a multiple of ``delta``
+        (and, in backward, of its gradients): the maximum over an arithmetic progression is at
+        one of its ends, and both ends are simulated (forward: the period after the phantom;
+        backward: the third period after it). So the step's peak is exact.
 
         The phantom holds n·delta: the part only the autocast cache keeps (casts not saved for
         backward) goes at autocast exit; the rest goes in backward, where the phantom also adds
         the blocks' gradients (first micro-batch) — freed first, then added, so the phantom
         never shows a state higher than its two simulated neighbours."""
-        m, o, n = self.m, self.ops, self.n_phantom
+        m, o = self.m, self.ops
+        n = self.n_phantom // self.period  # periods stood in for
         delta = [a - b for a, b in zip(m.cur, before)]
         assert delta[0] == delta[1] == delta[2] == 0, delta
         cache_only = sum(t.buf.nbytes for k, t in o._amp_cache.items()
@@ -189,7 +208,7 @@ class ReferenceProgram(ReferenceModel):
         if cache_only:
             o._exit_drops.append(m.alloc(n * cache_only, "phantom blocks (autocast cache)"))
         held = m.alloc(n * retained, "phantom blocks") if retained else None
-        grad_bytes = n * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
+        grad_bytes = self.n_phantom * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
 
         def bw(mm: Machine, node, g: list) -> list:
             mm.drop(held)

@@ -94,3 +94,36 @@ def test_traced_full_size_equals_estimate():
     assert r.measured.total > 10 * 2**30
     assert r.estimate == r.measured
     assert r.step_time_s is None and "FakeTensorMode" in r.device
+
+
+# Checkpoint plans that repeat (every-k, sqrt) on enough blocks that the estimate simulates the
+# first three periods and the last two and accounts for the ones between (planner.reference_step
+# plan_period): still equal to the measured step.
+PERIODIC = [
+    ("llama", "amp-bf16", "sdpa", "adamw", {"activation_checkpointing": {"strategy": "every-k", "every_k": 2}}, 14),
+    ("gpt2", "fp32", "eager", "sgd-momentum", {"activation_checkpointing": {"strategy": "sqrt"}, "dropout": 0.1}, 49),
+    ("llama", "mixed-bf16", "sdpa", "adamw", {"activation_checkpointing": {"strategy": "every-k", "every_k": 3},
+                                              "lora": {"rank": 4}}, 22),
+]
+
+
+@pytest.mark.parametrize("family,precision,attention,optimizer,extra,layers", PERIODIC,
+                         ids=[f"{c[0]}-{c[1]}-{c[3]}-L{c[5]}" for c in PERIODIC])
+def test_periodic_checkpoint_plans_equal_measured(family, precision, attention, optimizer, extra,
+                                                  layers):
+    from planner.catalog import resolve_model
+    from planner.checkpointing import named_plan
+    from planner.reference_step import ReferenceProgram
+    from planner.specs import ModelSpec, TrainingSpec
+
+    model = dict(TINY[family], vocab_size=64, num_layers=layers)
+    training = dict(precision=precision, attention=attention, optimizer=optimizer,
+                    micro_batch_size=2, sequence_length=32, **extra)
+    ck = extra["activation_checkpointing"]
+    plan = set(named_plan(ck["strategy"], layers, ck.get("every_k")))
+    prog = ReferenceProgram(resolve_model(ModelSpec(**model)), TrainingSpec(**training),
+                            checkpointed=plan)
+    assert prog.n_phantom and prog.period > 1  # the estimate is the compressed replay
+    r = run_validation(ValidationRequest(model=model, training=training, steps=3))
+    assert r.estimate == r.measured, (r.peak_op, r.peak_phase)
+    assert r.first_step_estimate == r.first_step_measured

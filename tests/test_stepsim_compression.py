@@ -45,3 +45,35 @@ def test_compression_applies_to_deep_models_only():
     # a non-uniform checkpoint pattern is simulated block by block
     prog = ReferenceProgram(cfg, TrainingSpec(), checkpointed={0, 5})
     assert prog.n_phantom == 0
+
+
+# Checkpoint plans that repeat with a period of k blocks (every-k, sqrt and hand-made patterns,
+# with and without a remainder of blocks after the last whole period): the first three periods
+# and the last two are simulated, the periods between accounted for arithmetically.
+PERIODIC = [  # (layers, plan as a function of the block index)
+    (14, lambda i: i % 2 == 0), (15, lambda i: i % 2 == 1), (21, lambda i: i % 3 == 0),
+    (23, lambda i: i % 3 != 2), (49, lambda i: i % 7 != 6), (30, lambda i: i % 4 in (1, 2)),
+]
+
+
+@pytest.mark.parametrize("family,precision,plan,extra", list(itertools.product(
+    ["gpt2", "llama"], ["fp32", "amp-bf16", "mixed-fp16"], range(len(PERIODIC)),
+    range(len(EXTRAS)))))
+def test_periodic_plans_compressed_equal_full(family, precision, plan, extra):
+    layers, pick = PERIODIC[plan]
+    spec = dict(family=family, num_layers=layers, hidden_size=32, num_heads=2,
+                vocab_size=96, max_sequence_length=32)
+    if family == "llama":
+        spec.update(num_kv_heads=1, ffn_hidden_size=80)
+    cfg = resolve_model(ModelSpec(**spec))
+    tr = TrainingSpec(precision=precision, micro_batch_size=2, sequence_length=16,
+                      optimizer="sgd-momentum", **EXTRAS[extra])
+    blocks = {i for i in range(layers) if pick(i)}
+    comp_prog = ReferenceProgram(cfg, tr, device="cuda", checkpointed=blocks)
+    assert comp_prog.n_phantom > 0 and comp_prog.period > 1
+    comp = comp_prog.run()
+    full = ReferenceProgram(cfg, tr, device="cuda", checkpointed=blocks, compress=False).run()
+    assert comp.first.as_dict() == full.first.as_dict()
+    assert comp.steady.as_dict() == full.steady.as_dict()
+    assert comp.act_peak.total == full.act_peak.total
+    assert comp.act_max.total == full.act_max.total
