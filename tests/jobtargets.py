@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 import uuid
 from typing import Callable, Iterator
@@ -155,3 +156,13 @@ def poll(client, job_id: str, until: Callable[[dict], bool] | None = None,
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} never reached the state; last: {job}")
+
+
+def terminate(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """Stop a server process: SIGTERM, then SIGKILL if it has not exited within ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

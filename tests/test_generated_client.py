@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tests.jobtargets import terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ROOT / "openapi" / "openapi.json"
@@ -78,12 +79,7 @@ def server(tmp_path_factory):
             pytest.fail("server did not start:\n" + (tmp / "server.log").read_text())
         time.sleep(0.2)
     yield base
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    terminate(proc)
     log.close()
 
 

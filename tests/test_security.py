@@ -17,6 +17,7 @@ from service.app import create_app
 from service.cli import main as cli_main
 from service.security import hash_token, parse_token_digests
 from service.settings import DeviceInfo, Settings
+from tests.jobtargets import terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30)
@@ -264,12 +265,7 @@ def test_served_api_answers_a_bad_content_length_with_a_problem(tmp_path):
             assert problem["status"] == 400 and "Content-Length" in problem["detail"]
             assert problem["invalid-params"][0]["name"] == "header.content-length"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc)
         log.close()
 
 
