@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from planner.specs import ValidationRequest
+from planner.catalog.specs import ValidationRequest
 from service.validation.runner import run_validation
 
 CATS = ("parameters", "gradients", "optimizer_states", "activations", "temporaries", "total")

@@ -17,8 +17,8 @@ import platform
 
 import torch
 
-from planner.checkpointing import CheckpointRequest, plan_checkpointing
-from planner.specs import (
+from planner.routes.checkpointing import CheckpointRequest, plan_checkpointing
+from planner.catalog.specs import (
     ActivationCheckpointing,
     ModelSpec,
     TrainingSpec,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from planner.specs import ValidationRequest  # noqa: E402
+from planner.catalog.specs import ValidationRequest  # noqa: E402
 from service.validation.runner import run_validation  # noqa: E402
 
 CATS = ("parameters", "gradients", "optimizer_states", "activations", "temporaries", "total")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import time
 
-from planner.checkpoint_solvers import ChainBlock, chain_peak_bytes, min_peak_plan, solve_budget
+from planner.routes.checkpoint_solvers import ChainBlock, chain_peak_bytes, min_peak_plan, solve_budget
 
 GOAL_MS = {100: 100.0, 1000: 100.0}  # issue 4: 1,000 blocks in under 100 ms
 

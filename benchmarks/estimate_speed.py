@@ -8,7 +8,7 @@ Cases (every cache is cleared where a case says "first"):
 - first estimate of a setup: a setup (model, precision, optimizer, checkpointing, ...) never seen
   before is replayed op by op.
 - second size of a setup: the compile of the setup's step template, which turns the replay into
-  closed forms in the micro-batch size and the sequence length (planner/step_template.py), then
+  closed forms in the micro-batch size and the sequence length (planner/step/template.py), then
   its evaluation; once per setup.
 - new size of a known setup: a micro-batch size and sequence length never asked before, on a setup
   whose template exists: the estimate a sweep or a capacity-planning script makes; the goal row.
@@ -36,10 +36,10 @@ import subprocess
 import sys
 import time
 
-from planner import memory as planner_memory
-from planner import step_cache
-from planner.catalog import resolve_model
-from planner.specs import MemoryRequest
+from planner.routes import memory as planner_memory
+from planner.machine import cache
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import MemoryRequest
 
 GOAL_VS_LLM_ANALYSIS = 10.0
 GOAL_HTTP_FRACTION = 0.70
@@ -65,7 +65,7 @@ SETUPS = [(p, c) for p in ("amp-bf16", "fp32", "mixed-bf16", "bf16") for c in ("
 
 def _sizes(preset: str, n: int, seed: int) -> list[tuple[int, int]]:
     """n distinct (micro-batch >= 2, sequence length) pairs; batch 1 and length 1 are template
-    domains of their own (planner/step_template.py: domain_of)."""
+    domains of their own (planner/step/template.py: domain_of)."""
     rng = random.Random(seed)
     t_max = resolve_model(_req(preset, 1, 8).model).max_sequence_length or 4096
     out: set[tuple[int, int]] = set()
@@ -153,7 +153,7 @@ def planner_rows(n_cold: int, n_new: int, n_warm: int) -> list[tuple[str, str, f
 def fit_search_rows() -> list[tuple[str, int | None, float, int, float, int]]:
     """Largest fitting micro-batch on an H100 80GB, cold: the secant-guided probes against the
     exponential + binary search (same answer; time and simulations each)."""
-    from planner.memory import _max_micro_batch, _max_micro_batch_search, checkpointed_blocks
+    from planner.routes.memory import _max_micro_batch, _max_micro_batch_search, checkpointed_blocks
 
     rows = []
     for preset in MODELS:
@@ -166,7 +166,7 @@ def fit_search_rows() -> list[tuple[str, int | None, float, int, float, int]]:
             planner_memory.clear_caches()
             t0 = time.perf_counter()
             b = fn(req, model, "cuda", blocks, mem)
-            out.append((b, time.perf_counter() - t0, len(step_cache._SIM_CACHE)))
+            out.append((b, time.perf_counter() - t0, len(cache._SIM_CACHE)))
         assert out[0][0] == out[1][0]
         rows.append((preset, out[0][0], out[0][1], out[0][2], out[1][1], out[1][2]))
     return rows
@@ -306,7 +306,7 @@ def main() -> None:
 
     rows = planner_rows(args.cold, args.new, args.warm)
     llm = {p: llm_analysis_s(p, 200) for p in MODELS}
-    print("## planner.memory.estimate_memory, median per estimate\n")
+    print("## planner.routes.memory.estimate_memory, median per estimate\n")
     print("| model | case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis (goal "
           f"≥ {GOAL_VS_LLM_ANALYSIS:.0f}×) |")
     print("|---|---|---:|---:|---:|")

@@ -10,7 +10,7 @@ device ``cuda`` against a measurement of the reference step of ``service/validat
    Measured with ``service.validation.runner.measure`` (the validation job's own step and meter):
    ``torch.cuda.max_memory_allocated`` of the first and of the steady-state step,
    ``max_memory_reserved``, ``num_alloc_retries``, and the storage meter's per-category peak.
-   Estimated with ``planner.memory.estimate_memory(device="cuda")``: the peak and
+   Estimated with ``planner.routes.memory.estimate_memory(device="cuda")``: the peak and
    ``allocator_reserve_bytes``. Goals: allocated peak within 1% (byte-exact on most rows),
    reserved within 10% of peak + reserve.
 2. **full-size** - GPT-2 XL and Llama-2-7B with full checkpointing, where the planner says they fit.
@@ -18,10 +18,10 @@ device ``cuda`` against a measurement of the reference step of ``service/validat
    does it run, and does the next one raise ``torch.cuda.OutOfMemoryError``.
 4. **offload** - FSDP2 ``CPUOffloadPolicy`` on one rank (a world-size-1 NCCL group started in this
    process; the rank program of ``service.validation.distributed``): device and host bytes against
-   the offload row of ``planner.zero.zero_stages`` (``POST /v1/zero``).
+   the offload row of ``planner.routes.zero.zero_stages`` (``POST /v1/zero``).
 5. **step-time** - forward, input-gradient and weight-gradient time of one transformer block (CUDA
    events; weight-gradient = full backward - input-gradient backward) against the roofline costs
-   ``planner.pipeline.roofline_costs`` gives ``POST /v1/pipeline``.
+   ``planner.routes.pipeline.roofline_costs`` gives ``POST /v1/pipeline``.
 
 Every row is guarded: a failure is recorded with its error and the campaign goes on; each section
 has a time budget (rows that would start after it are recorded as skipped), and the tables are
@@ -80,11 +80,11 @@ if str(ROOT) not in sys.path:  # run as a file: python3 benchmarks/gpu_campaign.
 
 import torch
 
-from planner.catalog import resolve_model
-from planner.memory import estimate_memory
-from planner.pipeline import DEFAULT_MFU, roofline_costs
-from planner.reference_step import PRECISIONS
-from planner.specs import (
+from planner.catalog.presets import resolve_model
+from planner.routes.memory import estimate_memory
+from planner.routes.pipeline import DEFAULT_MFU, roofline_costs
+from planner.step.program import PRECISIONS
+from planner.catalog.specs import (
     HardwareSpec,
     MemoryRequest,
     ModelSpec,
@@ -94,7 +94,8 @@ from planner.specs import (
     TrainingSpec,
     ValidationRequest,
 )
-from planner.zero import shard_model_states, zero_stages
+from planner.layouts.sharding import shard_model_states
+from planner.routes.zero import zero_stages
 from service.validation import step as S
 from service.validation.meter import _storages
 from service.validation.runner import check_supported, measure
@@ -925,7 +926,7 @@ def render_markdown(h: dict, rows: list[dict]) -> str:
 
     L += ["", "## 4. CPU offload: FSDP2 CPUOffloadPolicy, one rank", "",
           ("Estimate: the offload row of POST /v1/zero (stage 3, parameters and optimizer on the "
-          "CPU) for device bytes, `planner.zero.shard_model_states(...).offloaded_bytes` for host "
+          "CPU) for device bytes, `planner.layouts.sharding.shard_model_states(...).offloaded_bytes` for host "
           "bytes. Measured host bytes: sharded parameters + gradients (before the optimizer step) "
           "+ optimizer states in host memory."), "",
           ("| setup | status | est device | alloc steady | err | alloc first | est host | host measured "
@@ -943,7 +944,7 @@ def render_markdown(h: dict, rows: list[dict]) -> str:
                  f"{r['seconds']} |")
 
     L += ["", "## 5. Step time of one block vs the roofline of POST /v1/pipeline", "",
-          (f"Roofline: `planner.pipeline.roofline_costs` for one block at MFU {DEFAULT_MFU:g} (the "
+          (f"Roofline: `planner.routes.pipeline.roofline_costs` for one block at MFU {DEFAULT_MFU:g} (the "
           "default). F = forward, I = input-gradient backward, W = full backward - I. Median of 10 "
           "after 2 warm-ups. implied MFU = roofline at MFU 1 / measured F + B."), "",
           ("| block | status | F | F roof | err | I | I roof | err | W | W roof | err | F+I+W err | "

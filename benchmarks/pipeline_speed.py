@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import time
 
-from planner import pipeline_sim
-from planner.pipeline import PipelineRequest, plan_pipeline
-from planner.pipeline_schedules import build_schedule
-from planner.pipeline_sim import simulate
+from planner.layouts import pipeline_sim
+from planner.routes.pipeline import PipelineRequest, plan_pipeline
+from planner.layouts.pipeline_schedules import build_schedule
+from planner.layouts.pipeline_sim import simulate
 
 GOAL_MS = 50.0
 P, M, V = 64, 512, 2

@@ -223,7 +223,7 @@ def _open_store_with_retry(settings: Any, wait_s: float = 60.0) -> Any:
 
 # ---- validate ----------------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
-    from planner.specs import ValidationRequest
+    from planner.catalog.specs import ValidationRequest
 
     request = load_spec(args.spec, ValidationRequest)
     if args.server:
@@ -283,7 +283,7 @@ def _validate_local(args: argparse.Namespace, request: Any) -> int:
 def _validate_remote(args: argparse.Namespace, request: Any) -> int:
     import httpx
 
-    from planner.specs import ValidationJob
+    from planner.catalog.specs import ValidationJob
 
     base = args.server.rstrip("/")
     with httpx.Client(base_url=base, timeout=30) as client:
@@ -390,9 +390,9 @@ def _check_checkpointing_flags(args: argparse.Namespace, strategy: str) -> None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from planner.catalog import UnknownName
-    from planner.memory import estimate_memory
-    from planner.specs import MemoryRequest
+    from planner.catalog.presets import UnknownName
+    from planner.routes.memory import estimate_memory
+    from planner.catalog.specs import MemoryRequest
 
     overrides = _estimate_overrides(args)
     if args.spec:
@@ -450,8 +450,8 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     try:
-        from planner.pipeline import PipelineRequest, plan_pipeline
-        from planner.pipeline_svg import render_svg
+        from planner.routes.pipeline import PipelineRequest, plan_pipeline
+        from planner.routes.pipeline_svg import render_svg
     except ImportError as exc:
         raise InputError(f"pipeline simulation is not available in this build ({exc})") from None
 
@@ -479,12 +479,12 @@ def _seconds(s: float) -> str:
 
 
 def _pipeline_rank_memory(request: Any, result: Any) -> list[Any] | None:
-    """With a model setup: every rank's replayed step (planner.pipeline_memory) for the simulated
+    """With a model setup: every rank's replayed step (planner.layouts.pipeline_memory) for the simulated
     schedule, or None where that replay does not cover the setup."""
     if request.setup is None:
         return None
-    from planner.catalog import resolve_model
-    from planner.pipeline_memory import pipelined_estimate
+    from planner.catalog.presets import resolve_model
+    from planner.layouts.pipeline_memory import pipelined_estimate
 
     setup = request.setup
     training = setup.training.model_copy(update={"gradient_accumulation_steps":

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from planner.catalog import UnknownName
+from planner.catalog.presets import UnknownName
 
 PROBLEM = "application/problem+json"
 

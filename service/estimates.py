@@ -4,7 +4,7 @@
   of their own (an anyio capacity limiter), so the health, catalog and job routes never queue
   behind them. A request that finds every slot taken waits up to ``estimate_queue_s`` for one,
   then gets a 503 problem with ``Retry-After``.
-- Each estimate runs under a work limit of ``estimate_deadline_s`` (planner.deadline): past it,
+- Each estimate runs under a work limit of ``estimate_deadline_s`` (planner.machine.deadline): past it,
   the planner stops at its next check and the answer is a 503 problem naming the limit.
 - When the client goes away, the work limit is cancelled: the planner stops at its next check
   and the slot is free again.
@@ -20,7 +20,7 @@ import anyio
 import anyio.to_thread
 from fastapi import HTTPException, Request
 
-from planner.deadline import WorkLimit, WorkLimitExceeded, work_limit
+from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
 from service.errors import PROBLEM, Problem
 
 T = TypeVar("T")

@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from planner.catalog import resolve_model
-from planner.specs import ValidationRequest
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import ValidationRequest
 from service.errors import problem_response
 from service.jobs.store import IdempotencyConflict
 

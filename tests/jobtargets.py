@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Callable, Iterator
 
-from planner.specs import (Breakdown, Progress, ValidationRequest, ValidationResult,
+from planner.catalog.specs import (Breakdown, Progress, ValidationRequest, ValidationResult,
                            relative_error)
 
 ProgressFn = Callable[[Progress], None] | None

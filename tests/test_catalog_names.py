@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.catalog import UnknownName, get_gpu, gpus, model_presets, resolve_model
-from planner.specs import MemoryRequest, ModelSpec, ValidationRequest
+from planner.catalog.presets import UnknownName, get_gpu, gpus, model_presets, resolve_model
+from planner.catalog.specs import MemoryRequest, ModelSpec, ValidationRequest
 from service.app import create_app
 from service.settings import Settings
 

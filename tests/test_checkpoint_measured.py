@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.checkpointing import CheckpointRequest, plan_checkpointing
-from planner.specs import (
+from planner.routes.checkpointing import CheckpointRequest, plan_checkpointing
+from planner.catalog.specs import (
     ActivationCheckpointing,
     ModelSpec,
     TrainingSpec,

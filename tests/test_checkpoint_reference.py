@@ -8,11 +8,11 @@ import itertools
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.catalog import resolve_model
-from planner.checkpointing import named_plan
-from planner.memory import checkpointed_blocks
-from planner.reference_step import ReferenceProgram
-from planner.specs import ActivationCheckpointing, ModelSpec, TrainingSpec
+from planner.catalog.presets import resolve_model
+from planner.routes.checkpointing import named_plan
+from planner.routes.memory import checkpointed_blocks
+from planner.step.program import ReferenceProgram
+from planner.catalog.specs import ActivationCheckpointing, ModelSpec, TrainingSpec
 from service.app import create_app
 
 
@@ -40,7 +40,7 @@ TRAININGS = [
 @pytest.mark.parametrize("training", TRAININGS)
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_first_k_blocks_are_the_best_k_and_the_peak_falls_with_k(family, training, device):
-    """The budget search's two premises (planner/checkpointing.py docstring), on the simulator:
+    """The budget search's two premises (planner/routes/checkpointing.py docstring), on the simulator:
     over all 2^L placements, the lowest peak of k checkpointed blocks is that of blocks 0..k-1,
     and that peak does not rise with k."""
     model = resolve_model(ModelSpec(**TINY[family]))

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.checkpoint_solvers import (
+from planner.routes.checkpoint_solvers import (
     ChainBlock, chain_peak_bytes, min_peak_plan, recompute_time_s, revolve_forward_steps,
     revolve_table, solve_budget,
 )
-from planner.checkpointing import named_plan
+from planner.routes.checkpointing import named_plan
 
 
 def brute_force(chain, budget, base, tail):
@@ -140,7 +140,7 @@ def test_revolve_closed_form_definition():
 
 def test_named_plans_match_reference_step():
     torch = pytest.importorskip("torch")  # noqa: F841
-    from planner.specs import ActivationCheckpointing, TrainingSpec
+    from planner.catalog.specs import ActivationCheckpointing, TrainingSpec
     from service.validation.step import checkpointed_blocks
     for n in range(1, 40):
         for strategy, k in [("none", None), ("full", None), ("sqrt", None), ("every-k", 1),

@@ -131,7 +131,7 @@ def test_estimate_exit_status_says_whether_the_setup_fits(capsys):
     assert main(too_big) == 3
     out = capsys.readouterr().out
     assert "fits on h100-80gb: no" in out
-    # what to change: the response's notes (planner/memory.py), one change each
+    # what to change: the response's notes (planner/routes/memory.py), one change each
     assert "note: fits instead (one change each):" in out and "zero_stage 3 (FSDP2)" in out
     assert main([*too_big, "--json"]) == 3
     captured = capsys.readouterr()

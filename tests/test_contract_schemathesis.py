@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 from schemathesis import checks
 from schemathesis.generation import GenerationMode
 
-from planner.catalog import model_presets
-from planner.specs import MAX_HEADS, MAX_HIDDEN, MAX_PARAMETERS, MAX_SEQUENCE, MAX_VOCAB
+from planner.catalog.presets import model_presets
+from planner.catalog.specs import MAX_HEADS, MAX_HIDDEN, MAX_PARAMETERS, MAX_SEQUENCE, MAX_VOCAB
 from service.app import create_app
 from service.settings import Settings
 

@@ -1,5 +1,5 @@
 """Multi-rank validation: real torchrun ranks (gloo on CPU) under DDP and ZeRO 1/2/3, every rank's
-measured breakdown against the planner's per-rank replay (planner/reference_parallel.py)."""
+measured breakdown against the planner's per-rank replay (planner/layouts/data_parallel.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.catalog import resolve_model
-from planner.memory import estimate_memory
-from planner.reference_parallel import simulate_rank
-from planner.specs import ValidationRequest
+from planner.catalog.presets import resolve_model
+from planner.routes.memory import estimate_memory
+from planner.layouts.data_parallel import simulate_rank
+from planner.catalog.specs import ValidationRequest
 from service.validation.distributed import run_multi_rank
 from service.validation.runner import ValidationUnsupported, check_supported
 from tests.jobtargets import poll
@@ -167,7 +167,7 @@ def test_fsdp2_local_shard_is_torch_chunk(world_size):
         _get_dim_chunked_size,
     )
 
-    from planner.zero import fsdp_local_shard_shape
+    from planner.layouts.sharding import fsdp_local_shard_shape
 
     for shape in [(257, 64), (50257, 8), (5, 3), (3, 7), (1,), (64,)]:
         chunks = _chunk_with_empty(torch.empty(shape), world_size, dim=0)
@@ -182,7 +182,7 @@ def test_worst_rank_is_the_highest_estimate_and_measured_the_highest_measurement
     the rank with the largest relative error: here rank 1's error is the larger one, but rank 0
     peaks higher in both."""
     import service.validation.distributed as D
-    from planner.specs import Breakdown
+    from planner.catalog.specs import Breakdown
 
     def bd(total: int) -> Breakdown:
         return Breakdown(parameters=total - 100, gradients=0, optimizer_states=0, activations=100,

@@ -1,4 +1,4 @@
-"""The estimate routes' safety net (service/estimates.py, planner/deadline.py): a per-request work
+"""The estimate routes' safety net (service/estimates.py, planner/machine/deadline.py): a per-request work
 limit, a bounded number of concurrent estimates, cancellation when the client goes away, and
 health checks that never wait behind estimates."""
 
@@ -12,9 +12,9 @@ import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
-from planner.deadline import WorkLimit, WorkLimitExceeded, check, work_limit
-from planner.memory import estimate_memory
-from planner.specs import MemoryRequest
+from planner.machine.deadline import WorkLimit, WorkLimitExceeded, check, work_limit
+from planner.routes.memory import estimate_memory
+from planner.catalog.specs import MemoryRequest
 from service.app import create_app
 from service.estimates import EstimateSlots, run_estimate
 from service.settings import Settings
@@ -135,8 +135,7 @@ def test_pipelined_memory_takes_the_pipeline_routes_action_bound() -> None:
 def test_a_picture_too_large_to_draw_is_refused_before_the_simulation(monkeypatch) -> None:
     """An SVG of zb-h2 on 1024 ranks x 1024 micro-batches (3 million actions, past the
     50,000-event timeline limit) was simulated in full before the 422."""
-    from planner import pipeline as planner_pipeline
-
+    from planner.routes import pipeline as planner_pipeline
     def never(_):
         raise AssertionError("simulated although the picture cannot be drawn")
 

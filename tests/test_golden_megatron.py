@@ -5,8 +5,8 @@ activations only (Table 2 terms; no §4.3 embedding/output terms), 16-bit activa
 Tolerance: exact (the Table 2 formulas give whole bytes for this configuration).
 """
 
-from planner.megatron import megatron_activation_bytes
-from planner.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
+from planner.layouts.megatron import megatron_activation_bytes
+from planner.catalog.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
 
 GIB = 2**30
 GPT_22B = ResolvedModel(family="gpt2", num_layers=48, hidden_size=6144, num_heads=64,

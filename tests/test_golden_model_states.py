@@ -9,10 +9,10 @@ which the paper rounds from 31.40625 and 16.640625.
 
 import pytest
 
-from planner.optimizers import bytes_per_param
-from planner.specs import ModelSpec, ParallelSpec, PrecisionOverrides, TrainingSpec
-from planner.catalog import resolve_model
-from planner.zero import shard_model_states
+from planner.catalog.optimizers import bytes_per_param
+from planner.catalog.specs import ModelSpec, ParallelSpec, PrecisionOverrides, TrainingSpec
+from planner.catalog.presets import resolve_model
+from planner.layouts.sharding import shard_model_states
 
 GB = 10**9
 

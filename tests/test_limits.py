@@ -9,7 +9,7 @@ import math
 import pytest
 from fastapi.testclient import TestClient
 
-from planner import specs
+from planner.catalog import specs
 from service.app import create_app
 from service.settings import Settings
 
@@ -144,7 +144,7 @@ def test_parameter_count_over_the_maximum(client):
 
 
 def test_pipeline_limits(client):
-    from planner.pipeline import MAX_MICROBATCHES, MAX_STAGES
+    from planner.routes.pipeline import MAX_MICROBATCHES, MAX_STAGES
 
     for field, limit in (("stages", MAX_STAGES), ("microbatches", MAX_MICROBATCHES)):
         body = _put({"stages": 2, "microbatches": 2}, field, limit + 1)
@@ -205,7 +205,7 @@ def test_largest_parameter_count_is_exact(client):
 
 
 def test_largest_pipeline_is_finite(client):
-    from planner.pipeline import MAX_COST_S
+    from planner.routes.pipeline import MAX_COST_S
 
     body = {"stages": 1024, "microbatches": 1024, "include_timeline": False,
             "costs": {"forward_s": MAX_COST_S, "backward_input_s": MAX_COST_S,
@@ -219,7 +219,7 @@ def test_largest_pipeline_is_finite(client):
 
 def test_checkpoint_block_indices_are_bounded(client):
     """Finding: CheckpointRequest.blocks took any integer, documented without a maximum."""
-    from planner.checkpointing import MAX_CHAIN_BLOCKS
+    from planner.routes.checkpointing import MAX_CHAIN_BLOCKS
 
     r = client.post("/v1/checkpointing", json={"model": TINY, "strategy": "blocks",
                                                "blocks": [MAX_CHAIN_BLOCKS]})

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from planner.catalog import resolve_model
-from planner.errors import PlanningError
-from planner.memory import estimate_memory
-from planner.parameters import lora_parameters
-from planner.precision import tensor_bytes
-from planner.specs import LoraSpec, MemoryRequest, ModelSpec
-from planner.zero import parameter_shapes
+from planner.catalog.presets import resolve_model
+from planner.catalog.errors import PlanningError
+from planner.routes.memory import estimate_memory
+from planner.catalog.parameters import lora_parameters
+from planner.catalog.precision import tensor_bytes
+from planner.catalog.specs import LoraSpec, MemoryRequest, ModelSpec
+from planner.layouts.sharding import parameter_shapes
 
 
 @pytest.mark.parametrize("base", ["int8", "nf4", "bf16"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from planner.catalog import resolve_model
-from planner.specs import ModelSpec, TrainingSpec
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import ModelSpec, TrainingSpec
 from service.validation import step as S
 from service.validation.meter import LiveMemoryMeter
 

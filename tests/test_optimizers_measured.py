@@ -1,4 +1,4 @@
-"""planner.optimizers against real torch.optim on CPU, byte for byte.
+"""planner.catalog.optimizers against real torch.optim on CPU, byte for byte.
 
 Source: torch.optim of the installed PyTorch; measured with a TorchDispatchMode that tracks every
 storage an op creates (weakref finalizers on the storages give the moment each is freed).
@@ -15,13 +15,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from planner.optimizers import (
+from planner.catalog.optimizers import (
     master_weight_step_temporary_bytes,
     optimizer_state_bytes,
     optimizer_step_temporary_bytes,
     reference_step_temporary_bytes,
 )
-from planner.specs import TrainingSpec
+from planner.catalog.specs import TrainingSpec
 
 
 class StorageTracker(TorchDispatchMode):

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from planner import specs as S
+from planner.catalog import specs as S
 from service.app import create_app
 from service.settings import Settings
 

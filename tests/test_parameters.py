@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from planner.catalog import model_presets, resolve_model
-from planner.parameters import count_parameters, lora_parameters
-from planner.specs import LoraSpec, ModelSpec
+from planner.catalog.presets import model_presets, resolve_model
+from planner.catalog.parameters import count_parameters, lora_parameters
+from planner.catalog.specs import LoraSpec, ModelSpec
 from service.validation.model import Transformer
 from service.validation.step import apply_lora
-from planner.specs import TrainingSpec
+from planner.catalog.specs import TrainingSpec
 
 # Published totals (exact): GPT-2 XL 1,557,611,200 (OpenAI release, tied embeddings, 1024
 # positions); Llama-2-7B 6,738,415,616 and Llama-2-13B 13,015,864,320 (Meta model cards /

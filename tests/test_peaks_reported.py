@@ -9,11 +9,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from planner.catalog import resolve_model
-from planner.memory import checkpointed_blocks, estimate_memory
-from planner.reference_step import ReferenceProgram
-from planner.specs import MemoryRequest, ModelSpec, TrainingSpec
-from planner.stepsim import Machine
+from planner.catalog.presets import resolve_model
+from planner.routes.memory import checkpointed_blocks, estimate_memory
+from planner.step.program import ReferenceProgram
+from planner.catalog.specs import MemoryRequest, ModelSpec, TrainingSpec
+from planner.machine.stepsim import Machine
 from service.app import create_app
 
 GiB = 2**30

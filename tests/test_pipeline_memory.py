@@ -1,4 +1,4 @@
-"""Per-rank pipeline memory (planner.pipeline_memory) against real pipelined steps.
+"""Per-rank pipeline memory (planner.layouts.pipeline_memory) against real pipelined steps.
 
 Each case runs the pipelined reference step on 2 ranks (torchrun, gloo on CPU) through
 ``run_validation`` and compares every rank's steady-state peak with the planner's replay of that
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.memory import estimate_memory
-from planner.specs import MemoryRequest, ValidationRequest
+from planner.routes.memory import estimate_memory
+from planner.catalog.specs import MemoryRequest, ValidationRequest
 from service.validation.runner import run_validation
 
 pytest.importorskip("torch.distributed.pipelining")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.pipeline_schedules import ScheduleConstraintError, build_schedule
+from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 
 schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
 
@@ -145,7 +145,7 @@ def test_constraints_name_the_rule(name: str, p: int, m: int, v: int, field: str
 
 def test_zb_h2_fast_forward_equals_the_plain_pass() -> None:
     """The periodic fast forward of ZB-H2's list pass emits exactly the plain pass's orders."""
-    from planner.pipeline_schedules import _zb_h2
+    from planner.layouts.pipeline_schedules import _zb_h2
     n_ff = 0
     for p in [*range(1, 13), 16, 24, 33]:
         for m in [*range(p, 3 * p + 24, 3), 100, 257]:

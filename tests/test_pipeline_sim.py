@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from planner.pipeline import PipelineCosts, PipelineError, PipelineRequest, plan_pipeline
-from planner.pipeline_schedules import build_schedule
-from planner.pipeline_sim import peak_in_flight, simulate
+from planner.routes.pipeline import PipelineCosts, PipelineError, PipelineRequest, plan_pipeline
+from planner.layouts.pipeline_schedules import build_schedule
+from planner.layouts.pipeline_sim import peak_in_flight, simulate
 
 
 def run(schedule: str, p: int, m: int, v: int = 1, **costs) -> "object":
@@ -164,7 +164,7 @@ def test_every_valid_schedule_completes(name, p, m, v, f, i, w, comm) -> None:
 
 
 def _flat_inputs(s, f, i, w, comm):
-    from planner.pipeline_sim import _flat_arrays
+    from planner.layouts.pipeline_sim import _flat_arrays
     offs, _, dep_pos, cost, delay, _, _ = _flat_arrays(s, f, i, w, comm)
     return s.num_ranks, offs, dep_pos, cost, delay
 
@@ -179,7 +179,7 @@ def test_rank_relaxation_equals_event_loop(sched, p, k, rnd, comm) -> None:
     """The vectorised per-rank relaxation and the action-by-action event loop time every action
     alike (up to float rounding: one sums costs by running totals, the other one at a time), on
     skewed per-stage costs and slow links."""
-    from planner import pipeline_sim as ps
+    from planner.layouts import pipeline_sim as ps
     name, v = sched
     m = p * k if name not in ("dualpipe", "dualpipe-v") else 2 * p * k
     try:
@@ -208,7 +208,7 @@ def test_rank_relaxation_equals_event_loop(sched, p, k, rnd, comm) -> None:
 def test_relaxation_gives_way_on_a_deadlock_and_on_zero_costs() -> None:
     """A cycle never settles (every cost > 0), so the sweep limit hands over to the event loop,
     which names the waiting ranks; zero costs skip the relaxation altogether."""
-    from planner.pipeline_sim import ScheduleDeadlock, _relax_by_rank
+    from planner.layouts.pipeline_sim import ScheduleDeadlock, _relax_by_rank
     s = build_schedule("1f1b", 2, 2)
     bad = type(s)(**{**s.__dict__, "orders": [list(reversed(s.orders[0])), s.orders[1]]})
     with pytest.raises(ScheduleDeadlock):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.specs import ValidationRequest, ValidationResult
+from planner.catalog.specs import ValidationRequest, ValidationResult
 from service.validation.runner import (
     ValidationUnsupported,
     check_supported,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.specs import MemoryRequest
+from planner.catalog.specs import MemoryRequest
 from service.app import create_app
 from service.errors import PlanError
 from service.settings import Settings

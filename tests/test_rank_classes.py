@@ -1,4 +1,4 @@
-"""Ranks in classes (planner.zero.RankTable): the per-rank layouts of ZeroRedundancyOptimizer and
+"""Ranks in classes (planner.layouts.sharding.RankTable): the per-rank layouts of ZeroRedundancyOptimizer and
 FSDP2 kept as runs of equal ranks equal the rank-by-rank definitions, and the worst rank and the
 ranks that differ come out the same, for world sizes up to a million at the cost of the classes."""
 
@@ -9,15 +9,15 @@ import heapq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.catalog import resolve_model
-from planner.optimizers import optimizer_state_bytes
-from planner.reference_parallel import (
+from planner.catalog.presets import resolve_model
+from planner.catalog.optimizers import optimizer_state_bytes
+from planner.layouts.data_parallel import (
     fsdp_rank_keys,
     ranks_that_differ,
     zero1_ownership,
 )
-from planner.specs import ModelSpec, ParallelSpec, TrainingSpec
-from planner.zero import fsdp_local_shard_shape, fsdp_row_classes, zero1_partition
+from planner.catalog.specs import ModelSpec, ParallelSpec, TrainingSpec
+from planner.layouts.sharding import fsdp_local_shard_shape, fsdp_row_classes, zero1_partition
 
 
 def _partition_rank_by_rank(numels: list[int], world_size: int) -> list[list[int]]:

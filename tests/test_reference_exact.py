@@ -1,7 +1,7 @@
 """The step simulator against the measured reference step, byte for byte.
 
 For each configuration the real step runs on CPU under LiveMemoryMeter and the planner replays it
-(planner/reference_step.py). Tolerance: none — every category of the first-step and the
+(planner/step/program.py). Tolerance: none — every category of the first-step and the
 steady-state peak must be equal to the byte, the claim behind memplan's 1% goal.
 """
 
@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 
-from planner.specs import ValidationRequest
+from planner.catalog.specs import ValidationRequest
 from service.validation.runner import run_validation
 
 TINY = {
@@ -97,7 +97,7 @@ def test_traced_full_size_equals_estimate():
 
 
 # Checkpoint plans that repeat (every-k, sqrt) on enough blocks that the estimate simulates the
-# first three periods and the last two and accounts for the ones between (planner.reference_step
+# first three periods and the last two and accounts for the ones between (planner.step.program
 # plan_period): still equal to the measured step.
 PERIODIC = [
     ("llama", "amp-bf16", "sdpa", "adamw", {"activation_checkpointing": {"strategy": "every-k", "every_k": 2}}, 14),
@@ -111,10 +111,10 @@ PERIODIC = [
                          ids=[f"{c[0]}-{c[1]}-{c[3]}-L{c[5]}" for c in PERIODIC])
 def test_periodic_checkpoint_plans_equal_measured(family, precision, attention, optimizer, extra,
                                                   layers):
-    from planner.catalog import resolve_model
-    from planner.checkpointing import named_plan
-    from planner.reference_step import ReferenceProgram
-    from planner.specs import ModelSpec, TrainingSpec
+    from planner.catalog.presets import resolve_model
+    from planner.routes.checkpointing import named_plan
+    from planner.step.program import ReferenceProgram
+    from planner.catalog.specs import ModelSpec, TrainingSpec
 
     model = dict(TINY[family], vocab_size=64, num_layers=layers)
     training = dict(precision=precision, attention=attention, optimizer=optimizer,

@@ -1,4 +1,4 @@
-"""Step templates (planner/step_template.py) against the op-by-op replay they are compiled from.
+"""Step templates (planner/step/template.py) against the op-by-op replay they are compiled from.
 
 Tolerance: none. A template's peaks (total, every category, the op and phase at the peak) must
 equal ReferenceProgram.run() at every size of its domain, for every setting the replay has; the
@@ -14,13 +14,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner import memory as pm
-from planner import step_cache
-from planner.catalog import resolve_model
-from planner.memory import checkpointed_blocks
-from planner.reference_step import ReferenceProgram
-from planner.specs import MemoryRequest, ModelSpec, TrainingSpec
-from planner.step_template import Poly, Undecided, compile_template, domain_of
+from planner.routes import memory as pm
+from planner.step import simulate as step_cache
+from planner.catalog.presets import resolve_model
+from planner.routes.memory import checkpointed_blocks
+from planner.step.program import ReferenceProgram
+from planner.catalog.specs import MemoryRequest, ModelSpec, TrainingSpec
+from planner.machine import cache
+from planner.machine.symbolic import Poly, Undecided
+from planner.step.template import compile_template, domain_of
 
 GPT2 = {"family": "gpt2", "num_layers": 8, "hidden_size": 64, "num_heads": 4,
         "vocab_size": 500, "max_sequence_length": 4096}
@@ -119,15 +121,15 @@ def test_estimates_compile_a_template_on_the_second_size_and_agree():
         return MemoryRequest.model_validate({"model": LLAMA, "training": {
             "micro_batch_size": b, "sequence_length": t, "attention": "eager"}})
     pm.estimate_memory(req(2, 64))
-    assert not step_cache._TEMPLATES
+    assert not cache._TEMPLATES
     pm.estimate_memory(req(3, 64))
-    assert [t for t in step_cache._TEMPLATES.values() if t is not None]
+    assert [t for t in cache._TEMPLATES.values() if t is not None]
     via_template = [pm.estimate_memory(req(b, t)) for b, t in ((5, 100), (17, 2000), (2, 2))]
     pm.clear_caches()
     with step_cache.replay_only():
         for r, (b, t) in zip(via_template, ((5, 100), (17, 2000), (2, 2))):
             assert r == pm.estimate_memory(req(b, t))
-    assert not step_cache._TEMPLATES
+    assert not cache._TEMPLATES
 
 
 # Random architectures and settings: the template equals the replay wherever it compiles, and it
@@ -193,14 +195,14 @@ def test_largest_micro_batch_from_the_template_equals_the_search():
     for b, t in ((1, 300), (1, 301), (2, 300), (3, 300)):  # both domains compiled
         pm.estimate_memory(req.model_copy(update={"training": req.training.model_copy(
             update={"micro_batch_size": b, "sequence_length": t})}))
-    assert sum(t is not None for t in step_cache._TEMPLATES.values()) == 2
+    assert sum(t is not None for t in cache._TEMPLATES.values()) == 2
     need = pm._template_need(req, model, "cuda", frozenset())
     budgets = [need(b) + d for b in (1, 7, 40, 333) for d in (-1, 0, 1)]
     via_template = [pm._max_micro_batch(req, model, "cuda", set(), m) for m in budgets]
     pm.clear_caches()
     with step_cache.replay_only():
         searched = [pm._max_micro_batch_search(req, model, "cuda", set(), m) for m in budgets]
-    assert not step_cache._TEMPLATES
+    assert not cache._TEMPLATES
     assert via_template == searched
     assert searched[:3] == [None, 1, 1] and searched[-3:] == [332, 333, 333]
 
@@ -222,9 +224,9 @@ DP_CASES = [
 @pytest.mark.parametrize("arch", [GPT2, LLAMA], ids=["gpt2", "llama"])
 def test_data_parallel_rank_template_equals_its_replay(arch, par, var):
     """Every data-parallel rank (DDP, ZeroRedundancyOptimizer's uneven shards, FSDP2) compiles
-    into a template equal to its replay (planner/reference_parallel.py)."""
-    from planner.reference_parallel import ParallelProgram
-    from planner.specs import ParallelSpec
+    into a template equal to its replay (planner/layouts/data_parallel.py)."""
+    from planner.layouts.data_parallel import ParallelProgram
+    from planner.catalog.specs import ParallelSpec
 
     model = resolve_model(ModelSpec.model_validate(arch))
     ps = ParallelSpec.model_validate(par)
@@ -252,7 +254,7 @@ def test_data_parallel_estimates_through_templates_equal_the_replay():
             "parallelism": {"data_parallel": 3, "zero_stage": z}})
     sizes = ((2, 64), (3, 64), (5, 100), (17, 2000), (2, 2))
     got = [pm.estimate_memory(req(b, t, z)) for z in range(4) for b, t in sizes]
-    assert len([t for t in step_cache._TEMPLATES.values() if t is not None]) >= 4
+    assert len([t for t in cache._TEMPLATES.values() if t is not None]) >= 4
     pm.clear_caches()
     with step_cache.replay_only():
         want = [pm.estimate_memory(req(b, t, z)) for z in range(4) for b, t in sizes]
@@ -271,7 +273,7 @@ def test_concurrent_estimates_agree_with_the_replay():
         for k in range(80)]
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(pm.estimate_memory, reqs))
-    assert [t for t in step_cache._TEMPLATES.values() if t is not None]
+    assert [t for t in cache._TEMPLATES.values() if t is not None]
     pm.clear_caches()
     with step_cache.replay_only():
         want = [pm.estimate_memory(r) for r in reqs]
@@ -284,7 +286,7 @@ def test_concurrent_estimates_agree_with_the_replay():
                                                           "attention": "eager"})],
                          ids=["gpt2", "llama-eager"])
 def test_pipeline_estimates_through_rank_templates_equal_the_replay(schedule, p, v, arch, var):
-    """Pipelined estimates (every rank replayed, planner/pipeline_memory.py): once a setup's
+    """Pipelined estimates (every rank replayed, planner/layouts/pipeline_memory.py): once a setup's
     ranks are compiled, new sizes come from their templates and equal the replay."""
     def req(b: int, t: int) -> MemoryRequest:
         return MemoryRequest.model_validate({"model": arch, "training": {
@@ -294,7 +296,7 @@ def test_pipeline_estimates_through_rank_templates_equal_the_replay(schedule, p,
     sizes = [(2, 64), (3, 64), (5, 300), (9, 1000), (1, 20), (1, 21), (1, 500)]
     pm.clear_caches()
     got = [pm.estimate_memory(req(b, t)) for b, t in sizes]
-    assert sum(t is not None for t in step_cache._TEMPLATES.values()) == 2 * p
+    assert sum(t is not None for t in cache._TEMPLATES.values()) == 2 * p
     pm.clear_caches()
     with step_cache.replay_only():
         want = [pm.estimate_memory(req(b, t)) for b, t in sizes]

@@ -1,5 +1,5 @@
 """Simulating blocks 0, 1, 2, L-2, L-1 and accounting for the identical middle blocks
-arithmetically gives exactly the peaks of simulating every block (planner/reference_step.py,
+arithmetically gives exactly the peaks of simulating every block (planner/step/program.py,
 _phantom_forward). Tolerance: none."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import itertools
 
 import pytest
 
-from planner.catalog import resolve_model
-from planner.reference_step import ReferenceProgram
-from planner.specs import ModelSpec, TrainingSpec
+from planner.catalog.presets import resolve_model
+from planner.step.program import ReferenceProgram
+from planner.catalog.specs import ModelSpec, TrainingSpec
 
 EXTRAS = [{}, {"lora": {"rank": 4, "target_modules": ["q", "up"]}},
           {"gradient_accumulation_steps": 2}, {"dropout": 0.1},

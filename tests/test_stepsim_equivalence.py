@@ -1,6 +1,6 @@
 """Faster paths over the step simulator against the straightforward ones: same answers exactly.
 
-The largest fitting micro-batch (``planner.memory._max_micro_batch``, secant-guided probes)
+The largest fitting micro-batch (``planner.routes.memory._max_micro_batch``, secant-guided probes)
 against the exponential + binary search over one estimate per probe
 (``_max_micro_batch_search``), on both families, several precisions, checkpointing strategies,
 sequence lengths and memory sizes, including sizes where nothing fits and where only a few fit."""
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from planner import memory as M
-from planner.catalog import resolve_model
-from planner.specs import MemoryRequest
+from planner.routes import memory as M
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import MemoryRequest
 
 GIB = 2**30
 

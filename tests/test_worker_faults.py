@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.specs import ValidationRequest
+from planner.catalog.specs import ValidationRequest
 from service.jobs.store import JobStore, Requirements
 from service.jobs.worker import Worker
 from service.settings import DeviceInfo, Settings

@@ -1,4 +1,4 @@
-"""planner.zero against torch's own sharding code and the reference model.
+"""planner.layouts.sharding against torch's own sharding code and the reference model.
 
 Sources: torch.distributed.optim.ZeroRedundancyOptimizer._partition_parameters (run on a real
 1-process gloo group, its world size then set to N so torch's algorithm partitions for N ranks);
@@ -16,11 +16,11 @@ import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_common import _chunk_with_empty
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from planner.catalog import resolve_model
-from planner.optimizers import optimizer_state_bytes
-from planner.parameters import count_parameters
-from planner.specs import ModelSpec, ParallelSpec, TrainingSpec
-from planner.zero import (
+from planner.catalog.presets import resolve_model
+from planner.catalog.optimizers import optimizer_state_bytes
+from planner.catalog.parameters import count_parameters
+from planner.catalog.specs import ModelSpec, ParallelSpec, TrainingSpec
+from planner.layouts.sharding import (
     fsdp_shard_shape,
     parameter_shapes,
     pipeline_stage_layers,

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from planner.memory import estimate_memory
-from planner.specs import MemoryRequest, ValidationRequest
-from planner.zero import zero_stages
+from planner.routes.memory import estimate_memory
+from planner.catalog.specs import MemoryRequest, ValidationRequest
+from planner.routes.zero import zero_stages
 
 CATS = ("parameters", "gradients", "optimizer_states", "activations", "temporaries", "total")
 LLAMA7B = {"model": {"preset": "llama-2-7b"},

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from planner.specs import Progress, ValidationRequest, ValidationResult
+from planner.catalog.specs import Progress, ValidationRequest, ValidationResult
 from service.jobs.capabilities import bytes_needed, too_large
 
 

@@ -3,7 +3,7 @@ what the runner would refuse whatever worker took it."""
 
 from __future__ import annotations
 
-from planner.specs import MemoryRequest, ValidationRequest
+from planner.catalog.specs import MemoryRequest, ValidationRequest
 from service.jobs.store import Requirements
 
 
@@ -24,7 +24,7 @@ def requirements_for(request: ValidationRequest) -> Requirements:
     required only when the request asks for CUDA: ``hardware.gpu`` on a CPU or 'auto' request is
     the device the estimate is fitted to, not a placement constraint.
     """
-    from planner.memory import estimate_memory  # the planner's single memory model
+    from planner.routes.memory import estimate_memory  # the planner's single memory model
 
     estimate = estimate_memory(memory_request(request))
     peak = 0

@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from planner.specs import (JobStatus, Progress, ValidationJob, ValidationPage, ValidationRequest,
+from planner.catalog.specs import (JobStatus, Progress, ValidationJob, ValidationPage, ValidationRequest,
                            ValidationResult)
 from service.jobs.capabilities import (Requirements, WorkerInfo, submission_refusal,
                                        waiting_reason)

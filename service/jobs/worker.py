@@ -60,7 +60,7 @@ def _probe() -> dict:
 
 def catalog_kind(device_name: str, memory_bytes: int) -> str:
     """Map a CUDA device name to its GPU catalog name, e.g. 'NVIDIA H100 80GB HBM3' -> 'h100-80gb'."""
-    from planner.catalog import gpus
+    from planner.catalog.presets import gpus
 
     name = device_name.lower().replace(" ", "")
     best = None

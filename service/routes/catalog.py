@@ -2,8 +2,8 @@
 
 from fastapi import APIRouter
 
-from planner.catalog import GPU, gpus, model_presets
-from planner.specs import ResolvedModel
+from planner.catalog.presets import GPU, gpus, model_presets
+from planner.catalog.specs import ResolvedModel
 from service.errors import ProblemRoute
 
 router = APIRouter(prefix="/v1", tags=["catalog"], route_class=ProblemRoute)

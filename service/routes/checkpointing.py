@@ -2,9 +2,9 @@
 
 from fastapi import APIRouter, Request
 
-from planner import checkpointing as planner_checkpointing
-from planner.catalog import UnknownName
-from planner.checkpointing import CheckpointRequest, CheckpointResult, PlanningError
+from planner.routes import checkpointing as planner_checkpointing
+from planner.catalog.presets import UnknownName
+from planner.routes.checkpointing import CheckpointRequest, CheckpointResult, PlanningError
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 

@@ -2,10 +2,10 @@
 
 from fastapi import APIRouter, Request
 
-from planner.catalog import UnknownName
-from planner.errors import PlanningError
-from planner import memory as planner_memory
-from planner.specs import MemoryRequest, MemoryResult
+from planner.catalog.presets import UnknownName
+from planner.catalog.errors import PlanningError
+from planner.routes import memory as planner_memory
+from planner.catalog.specs import MemoryRequest, MemoryResult
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
-from planner import pipeline as planner_pipeline
-from planner.pipeline import PipelineError, PipelineRequest, PipelineResult
-from planner.pipeline_svg import render_svg
+from planner.routes import pipeline as planner_pipeline
+from planner.routes.pipeline import PipelineError, PipelineRequest, PipelineResult
+from planner.routes.pipeline_svg import render_svg
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 

@@ -8,8 +8,8 @@ from typing import Annotated, Iterator
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from sqlalchemy.exc import SQLAlchemyError
 
-from planner.catalog import UnknownName
-from planner.specs import JobStatus, ValidationJob, ValidationPage, ValidationRequest
+from planner.catalog.presets import UnknownName
+from planner.catalog.specs import JobStatus, ValidationJob, ValidationPage, ValidationRequest
 from service.errors import ERROR_RESPONSES, PROBLEM, PlanError, Problem, ProblemRoute
 from service.jobs.store import (BadCursor, JobFinished, JobNotFound, JobStore, MAX_PAGE,
                                 NoWorkerCanRun, QueueFull)

@@ -2,10 +2,10 @@
 
 from fastapi import APIRouter, Request
 
-from planner.catalog import UnknownName
-from planner.errors import PlanningError
-from planner.specs import MemoryRequest, ZeroResult
-from planner.zero import zero_stages
+from planner.catalog.presets import UnknownName
+from planner.catalog.errors import PlanningError
+from planner.catalog.specs import MemoryRequest, ZeroResult
+from planner.routes.zero import zero_stages
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 

@@ -7,8 +7,8 @@ Rank program (one process per rank, started by torchrun)::
 
 gloo on CPU, NCCL on CUDA. Every rank builds the reference model of ``service.validation.step``
 with the same seed, wraps it as ``parallelism.zero_stage`` says, and runs ``steps`` optimizer
-steps on its own batch (seeded by rank). The implementations, one per stage (``planner/zero.py``
-and ``planner/reference_parallel.py`` describe the same ones):
+steps on its own batch (seeded by rank). The implementations, one per stage (``planner/layouts/sharding.py``
+and ``planner/layouts/data_parallel.py`` describe the same ones):
 
 - 0: ``DistributedDataParallel(gradient_as_bucket_view=True, broadcast_buffers=False)``: the
   reducer's flat buckets are allocated at construction and ``param.grad`` is a view into them.
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from planner.specs import (
+from planner.catalog.specs import (
     Breakdown,
     Progress,
     RankResult,
@@ -155,7 +155,7 @@ def rank_main(spec_path: str, out_path: str) -> None:
     import torch.distributed as dist
     from torch import nn
 
-    from planner.catalog import resolve_model
+    from planner.catalog.presets import resolve_model
     from service.validation import step as S
     from service.validation.runner import _device as device_for
 
@@ -352,8 +352,8 @@ if __name__ == "__main__":
 # ---- launcher (runs in the job's process) ------------------------------------------------------
 def check_multi_rank(req: ValidationRequest) -> None:
     """Refuse, with the reason, what the multi-rank step does not run."""
-    from planner.catalog import resolve_model
-    from planner.reference_parallel import unsupported_reason
+    from planner.catalog.presets import resolve_model
+    from planner.layouts.data_parallel import unsupported_reason
     from service.validation.runner import ValidationUnsupported
 
     if req.mode == "traced":
@@ -375,9 +375,9 @@ def check_multi_rank(req: ValidationRequest) -> None:
 
 def per_rank_estimates(req: ValidationRequest, device: str) -> list[tuple[Breakdown, Breakdown]]:
     """(first step, steady state) estimate of every rank."""
-    from planner.catalog import resolve_model
-    from planner.memory import checkpointed_blocks
-    from planner.reference_parallel import data_parallel_peaks
+    from planner.catalog.presets import resolve_model
+    from planner.routes.memory import checkpointed_blocks
+    from planner.layouts.data_parallel import data_parallel_peaks
 
     model = resolve_model(req.model)
     ckpt = checkpointed_blocks(req.training, model.num_layers)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from planner.specs import Progress, ValidationRequest
+from planner.catalog.specs import Progress, ValidationRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 

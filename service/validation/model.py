@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from planner.specs import ResolvedModel
+from planner.catalog.specs import ResolvedModel
 
 
 class LoRALinear(nn.Module):

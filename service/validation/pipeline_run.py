@@ -4,7 +4,7 @@ Launch: ``python -m torch.distributed.run --standalone --nproc-per-node N
 service/validation/pipeline_run.py --schedule 1f1b --microbatches 4 --out result.json``, or
 ``--request spec.json`` with a ValidationRequest (gloo on CPU, NCCL on GPUs). The reference model
 (``service.validation.model.Transformer``) is cut into ``N * v`` stages along its blocks as the
-planner cuts it (``planner.zero.pipeline_stage_layers``): stage 0 owns the embeddings, the last
+planner cuts it (``planner.layouts.sharding.pipeline_stage_layers``): stage 0 owns the embeddings, the last
 stage the final norm, the output projection and the loss. A training step is the schedule's step
 over the micro-batches, then the optimizer step on the rank's own stages. Per rank it records, for
 the timed step (step 2, after a warm-up step), every compute action in execution order with
@@ -35,10 +35,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from planner.catalog import resolve_model
-from planner.pipeline import PipelineCosts, PipelineRequest, plan_pipeline
-from planner.pipeline_schedules import build_schedule
-from planner.specs import ModelSpec, TrainingSpec, ValidationRequest, ValidationResult
+from planner.catalog.presets import resolve_model
+from planner.routes.pipeline import PipelineCosts, PipelineRequest, plan_pipeline
+from planner.layouts.pipeline_schedules import build_schedule
+from planner.catalog.specs import ModelSpec, TrainingSpec, ValidationRequest, ValidationResult
 from service.validation.model import Transformer, rope_for
 
 TORCH_SCHEDULES = {
@@ -166,7 +166,7 @@ def run(schedule: str, virtual_stages: int, model_spec: dict[str, Any],
     """
     from torch.distributed.pipelining import PipelineStage, schedules
 
-    from planner.zero import pipeline_stage_layers
+    from planner.layouts.sharding import pipeline_stage_layers
     from service.validation import step as S
     from service.validation.meter import LiveMemoryMeter
 
@@ -190,7 +190,7 @@ def run(schedule: str, virtual_stages: int, model_spec: dict[str, Any],
     finally:
         torch.set_default_dtype(prev)
     model.train()
-    # the planner's split: the first L mod S stages take one more block (planner.zero)
+    # the planner's split: the first L mod S stages take one more block (planner.layouts.sharding)
     bounds = [0]
     for n in pipeline_stage_layers(cfg.num_layers, n_stages):
         bounds.append(bounds[-1] + n)
@@ -417,7 +417,7 @@ def check_pipeline(req: ValidationRequest) -> None:
 
 
 def _check_pipeline(req: ValidationRequest) -> None:
-    from planner.pipeline_schedules import ScheduleConstraintError
+    from planner.layouts.pipeline_schedules import ScheduleConstraintError
     from service.validation.runner import ValidationUnsupported
 
     par, tr = req.parallelism, req.training
@@ -487,8 +487,8 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
     """A pipelined validation job: the real pipelined step per rank against the simulator (action
     order and in-flight micro-batches exactly; F/I/W medians measured here fed to it for times)
     and the worst measured rank's memory against the planner's estimate."""
-    from planner.memory import estimate_memory
-    from planner.specs import (
+    from planner.routes.memory import estimate_memory
+    from planner.catalog.specs import (
         Breakdown,
         PipelineRankComparison,
         PipelineValidation,
@@ -522,13 +522,13 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
     per_rank = _per_rank_estimates(req, "cuda" if cuda else "cpu")
     rank_results = None
     if per_rank is not None:  # the planner replays every rank: compare rank by rank
-        from planner.specs import RankResult
+        from planner.catalog.specs import RankResult
 
         rank_results = [RankResult(rank=r.rank, estimate=per_rank[r.rank],
                                    measured=r.peak_memory,
                                    relative_error=relative_error(per_rank[r.rank], r.peak_memory))
                         for r in ranks]
-    note = ("estimate: the planner's replay of every pipeline rank (planner.pipeline_memory): "
+    note = ("estimate: the planner's replay of every pipeline rank (planner.layouts.pipeline_memory): "
             "each rank's stages, torch's receive buffers and the schedule's actions op by op; "
             "estimate is the planner's worst rank, measured the measured worst rank, and ranks "
             "compares each rank with its own replay." if rank_results is not None else
@@ -563,9 +563,9 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
 
 def _per_rank_estimates(req: ValidationRequest, device: str) -> dict[int, Any] | None:
     """The planner's steady-state breakdown of every pipeline rank, when it replays them."""
-    from planner.catalog import resolve_model as _resolve
-    from planner.pipeline_memory import pipelined_estimate
-    from planner.specs import Breakdown
+    from planner.catalog.presets import resolve_model as _resolve
+    from planner.layouts.pipeline_memory import pipelined_estimate
+    from planner.catalog.specs import Breakdown
 
     pp = pipelined_estimate(_resolve(req.model), req.training, req.parallelism, device)
     if pp is None:

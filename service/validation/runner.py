@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from planner.catalog import resolve_model
-from planner.memory import checkpointed_blocks, estimate_memory
-from planner.specs import (
+from planner.catalog.presets import resolve_model
+from planner.routes.memory import checkpointed_blocks, estimate_memory
+from planner.catalog.specs import (
     ActivationCheckpointing,
     Breakdown,
     Progress,
@@ -58,7 +58,7 @@ def resolve_plan(req: ValidationRequest, dev: torch.device | None = None):
 
     A 'budget' without ``blocks`` is placed by the planner for the device the step runs on
     (POST /v1/checkpointing with that device); every other plan is evaluated as given."""
-    from planner.checkpointing import CheckpointRequest, plan_checkpointing
+    from planner.routes.checkpointing import CheckpointRequest, plan_checkpointing
 
     dev = dev or _device(req)
     plan = plan_checkpointing(CheckpointRequest(

@@ -9,7 +9,7 @@ One optimizer step = ``gradient_accumulation_steps`` micro-batches of forward + 
     (scaler.scale(loss) if amp-fp16 else loss).backward()
     optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
-Precision presets (planner/precision.py states the bytes):
+Precision presets (planner/catalog/precision.py states the bytes):
 - fp32: everything fp32.  amp-bf16 / amp-fp16: fp32 model and optimizer, autocast matmuls.
 - mixed-bf16 / mixed-fp16: 16-bit model; ``MasterWeightOptimizer`` keeps fp32 master copies and
   steps on them (fp16 with loss scaling).  bf16: 16-bit model, optimizer directly on it.
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from planner.memory import checkpointed_blocks as planner_checkpointed_blocks
-from planner.reference_step import PRECISIONS
-from planner.specs import ResolvedModel, TrainingSpec
+from planner.routes.memory import checkpointed_blocks as planner_checkpointed_blocks
+from planner.step.program import PRECISIONS
+from planner.catalog.specs import ResolvedModel, TrainingSpec
 from service.validation.model import LoRALinear, Transformer
 
 TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -7,8 +7,8 @@ the multi-rank and pipelined runners' own checks, which load their modules (and 
 
 from __future__ import annotations
 
-from planner.catalog import resolve_model
-from planner.specs import ValidationRequest
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import ValidationRequest
 
 
 class ValidationUnsupported(ValueError):

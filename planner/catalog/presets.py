@@ -1,4 +1,4 @@
-"""Model presets and the GPU catalog, loaded once from the JSON files in ``planner/data``."""
+"""Model presets and the GPU catalog, loaded once from the JSON files in ``planner/catalog/data``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from importlib import resources
 
 from pydantic import BaseModel, ConfigDict
 
-from planner.parameters import count_parameters
-from planner.specs import ModelSpec, ResolvedModel
+from planner.catalog.parameters import count_parameters
+from planner.catalog.specs import ModelSpec, ResolvedModel
 
 
 class GPU(BaseModel):
@@ -33,7 +33,7 @@ class UnknownName(ValueError):
 
 
 def _load(name: str) -> dict:
-    return json.loads(resources.files("planner").joinpath("data", name).read_text())
+    return json.loads(resources.files("planner.catalog").joinpath("data", name).read_text())
 
 
 @lru_cache(maxsize=1)
@@ -90,3 +90,14 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
         fields["ffn_hidden_size"] = 256 * ((f + 255) // 256)
     probe = ResolvedModel(num_parameters=1, architecture_known=True, **fields)
     return probe.model_copy(update={"num_parameters": count_parameters(probe).total})
+
+
+# Caching-allocator headroom on CUDA, reported separately from the allocated peak: PyTorch's
+# allocator rounds blocks (512 B, 2 MiB segments) and fragments; max_memory_reserved() is
+# typically 2-10% above max_memory_allocated() in steady training. We assume 5%.
+ALLOCATOR_RESERVE_FRACTION = 0.05
+
+
+def allocator_reserve(total: int, device: str) -> int:
+    """The allocator headroom reported next to an allocated peak of ``total`` bytes."""
+    return 0 if device == "cpu" else int(total * ALLOCATOR_RESERVE_FRACTION)

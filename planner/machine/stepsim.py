@@ -1,7 +1,7 @@
 """A byte-exact simulator of PyTorch's memory behaviour during one training step.
 
 The planner does not guess "activations ≈ 34·s·b·h": it replays the reference step
-(``planner/reference_step.py``) op by op on this small machine, which models the three things that
+(``planner/step/program.py``) op by op on this small machine, which models the three things that
 decide what is live at any instant:
 
 1. **Storages** (``Buf``) with reference counts: an op's outputs are allocated when it runs and
@@ -27,7 +27,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from planner.deadline import check as check_work_limit
+from planner.machine.deadline import check as check_work_limit
 
 CATEGORIES = ("parameters", "gradients", "optimizer_states", "activations", "temporaries")
 _INDEX = {c: i for i, c in enumerate(CATEGORIES)}

@@ -5,16 +5,16 @@ Transformer's registration order (frozen base, LoRA adapters, quantized weights)
 forward piece (embedding, attention in its SDPA and eager forms, RoPE, norms, MLP, dropout, the
 head) as the ops the model's code runs, with Python references dropped where that code drops
 them. The step itself (forward and loss, checkpointing, backward, optimizer, the peaks) is
-``ReferenceProgram`` in planner/reference_step.py, which builds on it.
+``ReferenceProgram`` in planner/step/program.py, which builds on it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.precision import tensor_bytes
-from planner.reference_ops import F32, T
-from planner.stepsim import Val
+from planner.catalog.precision import tensor_bytes
+from planner.step.ops import F32, T
+from planner.machine.stepsim import Val
 
 DTYPE_ESZ = {"fp32": 4, "bf16": 2, "fp16": 2}
 _LINEARS = {"q", "k", "v", "o", "up", "gate", "down"}

@@ -3,12 +3,12 @@
 A request gives one of three things:
 
 - a training setup (``model``, ``training``, ``parallelism``, ``hardware``): every peak is the
-  step simulator's replay of the reference step (``planner.memory.estimate_memory``, the figure
+  step simulator's replay of the reference step (``planner.routes.memory.estimate_memory``, the figure
   POST /v1/memory gives for the same strategy), so a plan is exactly what a validation job
   measures. Recompute cost is the block's forward FLOPs (``block_forward_flops``) timed by a
   roofline on the chosen GPU;
 - an explicit ``chain`` of per-block costs a user profiled: the chain model, the peak formula and
-  the budget solvers of ``planner.checkpoint_solvers``;
+  the budget solvers of ``planner.routes.checkpoint_solvers``;
 - ``strategy: "revolve"`` with ``num_steps`` and ``slots``: the homogeneous-chain optimum.
 
 ``budget`` on a setup. The reference model's blocks are identical, so every placement of ``k``
@@ -18,7 +18,7 @@ after ``j`` by the same ``d = saved - input``, so the first ``k`` blocks lower e
 as much as any other ``k`` blocks: blocks ``0..k-1`` have the lowest peak of all ``k``-sets, and
 the least ``k`` whose simulated peak fits is the optimum (``tests/test_checkpoint_reference.py``
 checks both claims against the simulator over every subset of small models). The search is
-``planner.memory``'s, so /v1/memory with strategy 'budget' resolves the same blocks.
+``planner.routes.memory``'s, so /v1/memory with strategy 'budget' resolves the same blocks.
 
 The result's ``plan`` is an ``activation_checkpointing`` object the reference step applies as it
 is: put it in ``training`` of POST /v1/memory or POST /v1/validations.
@@ -31,8 +31,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from planner.catalog import get_gpu, resolve_model
-from planner.checkpoint_solvers import (
+from planner.catalog.presets import get_gpu, resolve_model
+from planner.routes.checkpoint_solvers import (
     MAX_BYTES,
     MAX_CHAIN_BLOCKS,
     ChainBlock,
@@ -42,8 +42,8 @@ from planner.checkpoint_solvers import (
     revolve_forward_steps,
     solve_budget,
 )
-from planner.errors import PlanningError
-from planner.specs import (
+from planner.catalog.errors import PlanningError
+from planner.catalog.specs import (
     MAX_LAYERS,
     ActivationCheckpointing,
     Assumption,
@@ -263,7 +263,7 @@ def plan_checkpointing(req: CheckpointRequest) -> CheckpointResult:
 # ---- a training setup: the step simulator ------------------------------------------------------
 
 def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
-    from planner.memory import estimate_memory  # the planner's single memory model
+    from planner.routes.memory import estimate_memory  # the planner's single memory model
 
     model = resolve_model(req.model)
     if not model.architecture_known:
@@ -314,7 +314,7 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
     core_blocks: list[int] = []
     solver = exact = None
     if strategy == "budget":
-        # planner.memory._budget's search: least k with blocks 0..k-1 fitting (module docstring)
+        # planner.routes.memory._budget's search: least k with blocks 0..k-1 fitting (module docstring)
         if need(at(list(range(L)))) > budget:
             k = L
             notes.append(f"no placement fits {budget} bytes; the smallest achievable peak is "
@@ -389,7 +389,7 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
         notes=list(result.notes) + notes)
 
 
-# ---- an explicit chain: planner.checkpoint_solvers ---------------------------------------------
+# ---- an explicit chain: planner.routes.checkpoint_solvers ---------------------------------------------
 
 def _plan_chain(req: CheckpointRequest) -> CheckpointResult:
     chain, base_bytes, tail_bytes = list(req.chain), req.base_bytes, req.tail_bytes

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from planner.precision import DTYPE_BYTES, resolve_precision
-from planner.specs import FUSED_OPTIMIZERS, TrainingSpec
+from planner.catalog.precision import DTYPE_BYTES, resolve_precision
+from planner.catalog.specs import FUSED_OPTIMIZERS, TrainingSpec
 
 STEP_BYTES = 4  # 0-dim float32 step tensor (torch.optim.optimizer._get_scalar_dtype())
 CPU_SCALAR_BYTES = 4  # torch.tensor(1.0, device="cpu") the foreach paths add to CPU step tensors

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from planner.specs import TrainingSpec
+from planner.catalog.specs import TrainingSpec
 
 # Bytes per element of each storage dtype (torch.float32 / bfloat16 / float16 / int8; nf4 packs
 # two 4-bit codes per byte, Dettmers et al. 2023 §3).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.specs import LoraSpec, ResolvedModel
+from planner.catalog.specs import LoraSpec, ResolvedModel
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """Per-rank memory of the pipelined reference step, replayed on the step simulator.
 
 ``service/validation/pipeline_run.py`` runs the reference model cut into stages
-(``planner.zero.pipeline_stage_layers``) under ``torch.distributed.pipelining``. Each rank's
+(``planner.layouts.sharding.pipeline_stage_layers``) under ``torch.distributed.pipelining``. Each rank's
 step is replayed here op by op, action by action, in the order of the schedule's per-rank action
-list (``planner.pipeline_schedules``), on one ``Machine`` per rank:
+list (``planner.layouts.pipeline_schedules``), on one ``Machine`` per rank:
 
 - **What a rank holds for the whole run** (torch 2.13, ``pipelining/stage.py``): the parameters
   of its stages (embeddings on stage 0, final norm and output projection on the last stage; the
@@ -62,12 +62,15 @@ import bisect
 import heapq
 from dataclasses import dataclass, field
 
-from planner.deadline import check as check_work_limit
-from planner.reference_ops import F32, T
-from planner.reference_step import ReferenceProgram
-from planner.specs import ResolvedModel, TrainingSpec
-from planner.stepsim import Buf, Leaf, Machine, Node, PeakSnap, Val
-from planner.zero import pipeline_stage_layers
+from planner.machine import cache
+from planner.machine.deadline import check as check_work_limit
+from planner.machine.cache import setup_key
+from planner.machine.recording import compile_windows
+from planner.step.ops import F32, T
+from planner.step.program import ReferenceProgram
+from planner.catalog.specs import ResolvedModel, TrainingSpec
+from planner.machine.stepsim import Buf, Leaf, Machine, Node, PeakSnap, Val
+from planner.layouts.sharding import pipeline_stage_layers
 
 # Schedules torch runs with one stage per rank (Schedule1F1B, ScheduleGPipe: their own send
 # bookkeeping); the rest are PipelineScheduleMulti (each action's sends waited at once).
@@ -575,10 +578,10 @@ __all__ = ["PipelineRankProgram", "StagePeak", "pipeline_rank_peaks", "unsupport
 
 def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
     """Every rank replayed; (worst rank's steady, first-step breakdown dicts, peak phase,
-    assumptions, notes) for planner.memory, or None when the setup is outside the replay (the
+    assumptions, notes) for planner.routes.memory, or None when the setup is outside the replay (the
     caller then composes an approximation)."""
-    from planner.pipeline_schedules import ScheduleConstraintError, build_schedule
-    from planner.specs import Assumption
+    from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+    from planner.catalog.specs import Assumption
 
     if unsupported_reason(training, parallel) is not None or not model.architecture_known:
         return None
@@ -591,15 +594,13 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
         return None
     if plan.num_stages > model.num_layers:
         return None
-    from planner import step_cache
-
-    peaks = pipeline_rank_peaks(model, training, plan, device, simulate=step_cache.pipeline_rank)
+    peaks = pipeline_rank_peaks(model, training, plan, device, simulate=pipeline_rank)
     worst = max(peaks, key=lambda pk: (pk.steady.total, -pk.rank))
     per = "; ".join(f"rank {pk.rank} (stages {','.join(map(str, pk.stages))}): "
                     f"{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}" for pk in peaks)
     assumptions = [
         Assumption(name="profile", value="pipelined reference step per rank, simulated op by op",
-                   note=f"{name}: every rank's actions replayed (planner.pipeline_memory); the "
+                   note=f"{name}: every rank's actions replayed (planner.layouts.pipeline_memory); the "
                         "step measured by pipelined validation jobs"),
         Assumption(name="worst_rank", value=str(worst.rank),
                    note=f"the bottleneck: stages {','.join(map(str, worst.stages))} of "
@@ -610,3 +611,21 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
 
 
 __all__ += ["pipelined_estimate"]
+
+
+def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
+    """One pipeline rank's replayed step (StagePeak), templated and memoised per setup
+    (planner/machine/cache.py) like the single-device step."""
+
+    def program(**kw):
+        return PipelineRankProgram(model, tr, schedule, rank, device=device, **kw)
+
+    def compile_(domain):
+        return compile_windows(lambda m, sizes: program(machine=m, sizes=sizes), domain,
+                               lambda prog: prog.step_windows())
+
+    stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
+    base = setup_key(model, tr, device, frozenset(), None, rank)
+    plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
+    return cache.cached((*base[:-1], plan, base[-1]), tr, lambda: program().run_steps(), compile_,
+                        lambda tpl, b, t: StagePeak(rank, stages, *tpl.evaluate(b, t)))

@@ -1,8 +1,8 @@
 """The reference step under data parallelism, replayed per rank on the step simulator.
 
-``ParallelProgram`` is ``ReferenceProgram`` (planner/reference_step.py) plus what each data-parallel
+``ParallelProgram`` is ``ReferenceProgram`` (planner/step/program.py) plus what each data-parallel
 implementation allocates and frees, at the points of the step where torch 2.13 does it. The
-implementations are the ones ``service/validation/distributed.py`` runs (and ``planner/zero.py``
+implementations are the ones ``service/validation/distributed.py`` runs (and ``planner/layouts/sharding.py``
 names per stage):
 
 - stage 0, ``DistributedDataParallel(gradient_as_bucket_view=True)``: the reducer allocates one
@@ -12,7 +12,7 @@ names per stage):
   and freed: so gradients are the buckets, live for the whole step, and each autograd gradient is
   a temporary. The bucket all-reduce is in place.
 - stage 1, DDP + ``ZeroRedundancyOptimizer``: as stage 0; the optimizer states and the step's
-  temporaries cover the tensors this rank owns (``planner.zero.zero1_partition``: whole tensors,
+  temporaries cover the tensors this rank owns (``planner.layouts.sharding.zero1_partition``: whole tensors,
   greedy by size — uneven shards, so ranks differ).
 - stages 2 and 3, FSDP2 ``fully_shard`` on every block and on the root (embeddings, final norm,
   output projection; the loss runs inside the root's forward): parameters are stored as padded
@@ -55,11 +55,11 @@ Everything stays integer bytes; every rank is simulated on its own (``rank``).
 
 from __future__ import annotations
 
-from planner.reference_ops import T
-from planner.reference_step import ReferenceProgram, StepPeaks
-from planner.specs import ParallelSpec, ResolvedModel, TrainingSpec
-from planner.stepsim import Buf, Leaf, Machine, Node, Val
-from planner.zero import (
+from planner.step.ops import T
+from planner.step.program import ReferenceProgram, StepPeaks
+from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
+from planner.machine.stepsim import Buf, Leaf, Machine, Node, Val
+from planner.layouts.sharding import (
     RankTable,
     fsdp_local_shard_shape,
     fsdp_row_classes,
@@ -162,7 +162,7 @@ class ParallelProgram(ReferenceProgram):
         return "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
 
     def _alloc_states(self):
-        from planner.optimizers import optimizer_state_bytes
+        from planner.catalog.optimizers import optimizer_state_bytes
 
         numels, shapes = self._owned()
         return self.m.alloc(optimizer_state_bytes(
@@ -170,7 +170,7 @@ class ParallelProgram(ReferenceProgram):
             device="cpu" if self.device == "cpu" else "cuda"), "optimizer_state", "optimizer_states")
 
     def optimizer_step(self, first: bool) -> None:
-        from planner.optimizers import optimizer_step_temporary_bytes
+        from planner.catalog.optimizers import optimizer_step_temporary_bytes
 
         if self.z == 0 and (self.master or self.scaling):
             # DDP steps the single-device optimizer (fp32 masters / GradScaler) over every tensor
@@ -388,7 +388,7 @@ def simulate_rank(model: ResolvedModel, training: TrainingSpec, parallel: Parall
 
 def _trainable_shapes(model: ResolvedModel, training: TrainingSpec) -> list[tuple[int, ...]]:
     """Shapes of the tensors the optimizer steps, registration order (tied once)."""
-    from planner.zero import parameter_shapes
+    from planner.layouts.sharding import parameter_shapes
 
     if training.lora is not None:  # the optimizer holds the trainable tensors only
         return [s for _, s in ReferenceProgram(model, training, compress=True).trainable_specs()]
@@ -445,8 +445,8 @@ def zero1_ownership(model: ResolvedModel, training: TrainingSpec, parallel: Para
     """Under ZeroRedundancyOptimizer: per rank, the numels it owns (ranks with equal keys hold
     the same bytes), and the candidates for the worst rank (the ranks owning the most state
     bytes and the most elements)."""
-    from planner.optimizers import optimizer_state_bytes
-    from planner.zero import parameter_shapes
+    from planner.catalog.optimizers import optimizer_state_bytes
+    from planner.layouts.sharding import parameter_shapes
 
     if training.lora is not None:  # the optimizer holds the trainable tensors only
         numels = [n for n, _ in ReferenceProgram(model, training, compress=True).trainable_specs()]

@@ -1,6 +1,6 @@
 """Integer polynomials in two non-negative variables that refuse to decide what is not decided.
 
-The step template (planner/step_template.py) replays the reference step with the micro-batch size
+The step template (planner/step/template.py) replays the reference step with the micro-batch size
 and the sequence length as ``B = 2 + b`` and ``T = 2 + t`` (b, t >= 0). Every size the program
 computes is then a :class:`Poly`; arithmetic is exact, and every comparison the program makes
 answers only when it holds for *every* b, t >= 0: a polynomial whose coefficients all have one

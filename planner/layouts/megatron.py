@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from planner.specs import ParallelSpec, ResolvedModel, TrainingSpec
+from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 
 
 def megatron_layer_activation_bytes(model: ResolvedModel, training: TrainingSpec,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from html import escape
 
-from planner.pipeline import PipelineResult
+from planner.routes.pipeline import PipelineResult
 
 COLOURS = {"F": "#4c78a8", "B": "#e45756", "I": "#f58518", "W": "#54a24b"}
 NAMES = {"F": "forward", "B": "backward", "I": "backward (inputs)", "W": "backward (weights)"}

@@ -1,22 +1,15 @@
-"""The reference step's peaks as closed forms in the micro-batch size and the sequence length.
+"""Replaying a program with symbolic sizes, and the peaks it records as closed forms.
 
-The step simulator (``planner/stepsim.py``) replays the reference step with concrete sizes. Every
-size it sees is a polynomial in the micro-batch ``B`` and the sequence length ``T`` (``B·T·h``,
-``B·nh·T²`` of eager attention, ``T·hd`` of the rotary tables, ...), with the model's shape and
-dtypes fixed. So one replay with ``B`` and ``T`` kept symbolic records, at every allocation, the
-live bytes per category as polynomials; the peak of a window is the largest of those rows, and a
-new ``(B, T)`` needs only the rows that can be the largest somewhere. That is the template.
+``RecordingMachine`` is the step simulator (``planner/machine/stepsim.py``) with sizes that may be
+polynomials in the micro-batch size and the sequence length (``planner/machine/symbolic.py``): it
+logs every change of the live bytes and marks the instants that could be a peak; one cumulative
+sum gives the live bytes per category at every mark as polynomials, and
+``planner/machine/peak_candidates.py`` keeps the rows that can be a window's first maximum for
+some size. ``compile_windows`` turns any program (a pipeline rank's, for instance) into a
+``WindowTemplate``; the single-device step's own template is ``planner/step/template.py``.
 
 Domains: a size of 1 is its own domain (a batch of one broadcasts like an unbatched tensor), so a
 template covers B = 1 or B >= 2 (``B = 2 + b``, b >= 0), and likewise T.
-
-Soundness: every decision the program takes on sizes (``max`` of two gradient sizes, a broadcast
-test, ``if retained:``) goes through :class:`Poly`'s comparisons (planner/symbolic.py), which
-answer only when the answer holds for *every* size of the domain; otherwise they raise
-:class:`Undecided` and the setup is replayed concretely instead. Candidate pruning
-(planner/peak_candidates.py) keeps the simulator's tie rule (the first allocation reaching the
-peak wins), so a template's answer equals the concrete replay's exactly (tests/test_step_template.py
-holds them equal over random architectures, every setting and random sizes).
 """
 
 from __future__ import annotations
@@ -25,13 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.peak_candidates import Candidates, candidates
-from planner.reference_step import ReferenceProgram, StepPeaks, combine_peaks
-from planner.stepsim import _INDEX, CATEGORIES, Buf, Machine, PeakSnap, activation_snap
-from planner.symbolic import Poly, Undecided, strictly_positive
+from planner.machine.peak_candidates import Candidates, candidates
+from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Machine, PeakSnap
+from planner.machine.symbolic import Poly, Undecided, strictly_positive
 
-__all__ = ["Poly", "RecordingMachine", "StepTemplate", "Undecided", "WindowTemplate",
-           "compile_template", "compile_windows", "domain_of"]
+__all__ = ["RecordingMachine", "WindowTemplate", "compile_windows", "domain_of", "record",
+           "window_candidates"]
 
 _NCAT = len(CATEGORIES)
 
@@ -198,42 +190,13 @@ class RecordingMachine(Machine):
 
 
 
-@dataclass
-class StepTemplate:
-    """One configuration's step with B and T free over a domain; ``evaluate(B, T)`` equals
-    ``ReferenceProgram.run()`` at those sizes."""
-
-    domain: tuple[int | None, int | None]  # per size: None (>= 2) or the fixed value 1
-    exps: tuple[tuple[int, int], ...]
-    fb: list[Candidates]
-    step: list[Candidates]  # the optimizer step's windows (ReferenceProgram.run_windows)
-    act: Candidates
-    act_max: Candidates
-    combine: dict
-
-    def covers(self, B: int, T: int) -> bool:
-        return all(d is None and v >= 2 or d == v for d, v in zip(self.domain, (B, T)))
-
-    def evaluate(self, B: int, T: int) -> StepPeaks:
-        b, t = B - 2, T - 2
-        return combine_peaks([c.best(b, t) for c in self.fb], [c.best(b, t) for c in self.step],
-                             lambda: self.act.best(b, t), **self.combine,
-                             act_max=lambda: _activation_snap(self.act_max.best(b, t)))
-
-
-def _activation_snap(p: PeakSnap) -> PeakSnap:
-    """A candidate row of the activation-max window as the machine records it
-    (``stepsim.activation_snap``): the bytes and the phase only."""
-    return PeakSnap() if p.total <= 0 else activation_snap(p.total, p.phase)
-
-
 def domain_of(B: int, T: int) -> tuple[int | None, int | None]:
     """The template domain holding (B, T): a size of 1 is its own domain (broadcasts between a
     batch of one and an unbatched tensor, or one position, change what the step allocates)."""
     return (1 if B == 1 else None, 1 if T == 1 else None)
 
 
-def _record(make, domain: tuple[int | None, int | None]):
+def record(make, domain: tuple[int | None, int | None]):
     """A recording machine and the program ``make(machine, sizes)`` builds on it, with the sizes
     of ``domain`` symbolic."""
     m = RecordingMachine()
@@ -242,7 +205,7 @@ def _record(make, domain: tuple[int | None, int | None]):
     return m, make(m, (B, T))
 
 
-def _windows(m: RecordingMachine, wanted: list[int], act: bool):
+def window_candidates(m: RecordingMachine, wanted: list[int], act: bool):
     """(exps, the candidates of each wanted window (total peak), the activation-peak candidates
     (activations + temporaries outside the optimizer, None unless ``act``), the activation-max
     candidates (live activation bytes outside the optimizer; None unless ``act``))."""
@@ -273,24 +236,6 @@ def _windows(m: RecordingMachine, wanted: list[int], act: bool):
     return exps, [window(windows == w, total) for w in wanted], act_c, max_c
 
 
-def compile_template(model, training, device: str, checkpointed: set[int],
-                     domain: tuple[int | None, int | None], make=None) -> StepTemplate:
-    """Replay the step once with the sizes of ``domain`` symbolic; raises Undecided (or
-    TypeError, from a size the program cannot take symbolically) when the replay depends on
-    their values. ``make(machine, sizes)`` builds the program (default: ReferenceProgram; a
-    data-parallel rank's ParallelProgram, for instance)."""
-    if make is None:
-        def make(m, sizes):
-            return ReferenceProgram(model, training, device=device, checkpointed=checkpointed,
-                                    machine=m, sizes=sizes)
-    m, prog = _record(make, domain)
-    fb, steps, _, combine = prog.run_windows()
-    if isinstance(combine["states"], Poly):
-        raise Undecided("optimizer states depend on the sizes")
-    exps, cands, act, act_max = _windows(m, [*fb, *steps], act=True)
-    return StepTemplate(domain, exps, cands[:len(fb)], cands[len(fb):], act, act_max, combine)
-
-
 @dataclass
 class WindowTemplate:
     """Any program's peak windows with B and T free over a domain (``run`` gave the window
@@ -308,7 +253,7 @@ class WindowTemplate:
 def compile_windows(make, domain: tuple[int | None, int | None], run) -> WindowTemplate:
     """``run(program)`` replays the program built by ``make(machine, sizes)`` and returns the
     ids of the windows (``machine.peak`` after each) whose peaks the template gives."""
-    m, prog = _record(make, domain)
+    m, prog = record(make, domain)
     wanted = run(prog)
-    exps, cands, _, _ = _windows(m, wanted, act=False)
+    exps, cands, _, _ = window_candidates(m, wanted, act=False)
     return WindowTemplate(domain, exps, cands)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from planner.deadline import check as check_work_limit
-from planner.reference_model import DTYPE_ESZ, I64, ReferenceModel, Shapes
-from planner.reference_ops import F32, Ops, T
-from planner.specs import ResolvedModel, TrainingSpec
-from planner.stepsim import Leaf, Machine, PeakSnap, Val
+from planner.machine.deadline import check as check_work_limit
+from planner.step.model import DTYPE_ESZ, I64, ReferenceModel, Shapes
+from planner.step.ops import F32, Ops, T
+from planner.catalog.specs import ResolvedModel, TrainingSpec
+from planner.machine.stepsim import Leaf, Machine, PeakSnap, Val
 
 # precision preset -> (parameter dtype, autocast dtype or None, fp32 master copy?, loss scaling?)
 PRECISIONS: dict[str, tuple[str, str | None, bool, bool]] = {
@@ -94,7 +94,7 @@ class ReferenceProgram(ReferenceModel):
                  optimizer_hook=None, compress: bool = True, machine: Machine | None = None,
                  sizes: tuple | None = None) -> None:
         """``machine`` and ``sizes`` (micro-batch, sequence length) replace the defaults: the
-        step template (planner/step_template.py) replays with symbolic sizes on a recording
+        step template (planner/step/template.py) replays with symbolic sizes on a recording
         machine."""
         self.cfg, self.tr, self.device = model, training, device
         self.m = machine or Machine()
@@ -331,7 +331,7 @@ class ReferenceProgram(ReferenceModel):
             self._phantom_grad = None
 
     def _alloc_states(self):
-        from planner.optimizers import optimizer_state_bytes
+        from planner.catalog.optimizers import optimizer_state_bytes
 
         specs = self.trainable_specs()
         inner_dtype = "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
@@ -340,9 +340,9 @@ class ReferenceProgram(ReferenceModel):
             device="cpu" if self.device == "cpu" else "cuda"), "optimizer_state", "optimizer_states")
 
     def optimizer_step(self, first: bool) -> None:
-        """``optimizer.step()`` then ``zero_grad(set_to_none=True)``, as planner/optimizers.py
+        """``optimizer.step()`` then ``zero_grad(set_to_none=True)``, as planner/catalog/optimizers.py
         counts torch.optim's states and in-step temporaries."""
-        from planner.optimizers import optimizer_step_temporary_bytes
+        from planner.catalog.optimizers import optimizer_step_temporary_bytes
 
         m, tr = self.m, self.tr
         specs = self.trainable_specs()
@@ -373,7 +373,7 @@ class ReferenceProgram(ReferenceModel):
         the expression: abs like g, then ne, eq and their product (bool, 1 byte per element);
         then ``all()`` (1 byte) while the product lives. Every gradient's check starts from the
         same live bytes, so the first of the largest stands for all of them
-        (planner/optimizers.py: ``overflow_check_temporary_bytes``)."""
+        (planner/catalog/optimizers.py: ``overflow_check_temporary_bytes``)."""
         if not numels:
             return
         m, n = self.m, max(numels)

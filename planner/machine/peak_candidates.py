@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from planner.stepsim import PeakSnap
+from planner.machine.stepsim import PeakSnap
 
 
 @dataclass

@@ -3,14 +3,14 @@ each backward allocation — one function per aten op the reference model runs o
 (see the derivative formulas in torch's tools/autograd/derivatives.yaml).
 
 Each function takes and returns ``Val``s and drops nothing it did not create: the caller (the
-program in ``planner/reference_step.py``) drops a value where the model's Python code releases it.
+program in ``planner/step/program.py``) drops a value where the model's Python code releases it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.stepsim import Buf, Leaf, Machine, Node, Val
+from planner.machine.stepsim import Buf, Leaf, Machine, Node, Val
 
 F32 = 4
 

@@ -1,7 +1,7 @@
 """Pipeline schedules: request/result models, per-stage costs, and the planning entry point.
 
-Orders live in ``planner.pipeline_schedules``, the event simulation in ``planner.pipeline_sim``,
-the SVG picture in ``planner.pipeline_svg``.
+Orders live in ``planner.layouts.pipeline_schedules``, the event simulation in ``planner.layouts.pipeline_sim``,
+the SVG picture in ``planner.routes.pipeline_svg``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from planner.catalog import get_gpu, resolve_model
-from planner.parameters import count_parameters
-from planner.pipeline_schedules import ScheduleConstraintError, build_schedule
-from planner.pipeline_sim import peak_in_flight, simulate
-from planner.specs import MAX_STAGE_MICROBATCHES, Assumption, MemoryRequest, PipelineScheduleName
+from planner.catalog.presets import get_gpu, resolve_model
+from planner.catalog.parameters import count_parameters
+from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from planner.layouts.pipeline_sim import peak_in_flight, simulate
+from planner.catalog.specs import MAX_STAGE_MICROBATCHES, Assumption, MemoryRequest, PipelineScheduleName
 
 # ---- documented input limits -------------------------------------------------------------------
 MAX_STAGES = 1024

@@ -30,13 +30,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from planner.optimizers import (
+from planner.catalog.optimizers import (
     optimizer_state_bytes,
     optimizer_step_temporary_bytes,
     reference_step_temporary_bytes,
 )
-from planner.precision import DTYPE_BYTES, PrecisionPlan, resolve_precision, tensor_bytes
-from planner.specs import ParallelSpec, ResolvedModel, TrainingSpec
+from planner.catalog.precision import DTYPE_BYTES, PrecisionPlan, resolve_precision, tensor_bytes
+from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 
 DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25) default
 
@@ -330,7 +330,7 @@ def _bare_states(model: ResolvedModel, training: TrainingSpec, parallel: Paralle
                  plan: PrecisionPlan) -> ModelStates:
     """ZeRO paper §5.1 / Fig. 1 arithmetic for a bare parameter count Ψ: stage 1 divides the
     optimizer states (K·Ψ) by Nd, stage 2 also the gradients, stage 3 also the parameters."""
-    from planner.optimizers import bytes_per_param
+    from planner.catalog.optimizers import bytes_per_param
     psi = model.num_parameters // (parallel.tensor_parallel * parallel.pipeline_parallel)
     n, z = parallel.data_parallel, parallel.zero_stage
     pb, gb = _b(plan.param_dtype), _b(plan.grad_dtype)
@@ -431,83 +431,3 @@ __all__ = [
     "shard_model_states",
     "zero1_partition",
 ]
-
-
-# ---- stages side by side (POST /v1/zero) -------------------------------------------------------
-
-def _variants(parallel: ParallelSpec) -> list[ParallelSpec]:
-    """Stages 0-3, then ZeRO-Offload (stage 2, optimizer on CPU) and stage 3 with parameters and
-    optimizer offloaded (FSDP2 CPUOffloadPolicy)."""
-    base = {"offload_optimizer": False, "offload_parameters": False}
-    out = [parallel.model_copy(update={**base, "zero_stage": z}) for z in range(4)]
-    out.append(parallel.model_copy(update={**base, "zero_stage": 2, "offload_optimizer": True}))
-    out.append(parallel.model_copy(update={"zero_stage": 3, "offload_optimizer": True,
-                                           "offload_parameters": True}))
-    return out
-
-
-def _fallback_breakdown(ms: ModelStates):
-    """Model states only (activations 0): used when planner.memory is not available."""
-    from planner.specs import Breakdown
-    temporaries = ms.buffers + ms.step_temporaries
-    return Breakdown(parameters=ms.parameters, gradients=ms.gradients,
-                     optimizer_states=ms.optimizer_states, activations=0,
-                     temporaries=temporaries,
-                     total=ms.parameters + ms.gradients + ms.optimizer_states + temporaries)
-
-
-def zero_stages(request, estimate=None):
-    """The request's setup under ZeRO stages 0, 1, 2, 3 and the two offload variants.
-
-    ``estimate``: a ``MemoryRequest -> MemoryResult`` function giving each stage's full breakdown
-    (activations and the step's peak); defaults to ``planner.memory.estimate_memory``. Where that
-    module is absent, each stage's breakdown is its model states alone (activations 0), and the
-    result's notes say so.
-    """
-    from planner.catalog import get_gpu, resolve_model
-    from planner.specs import Fit, MemoryRequest, ZeroResult, ZeroStage
-
-    assert isinstance(request, MemoryRequest)
-    model = resolve_model(request.model)
-    notes: list[str] = []
-    if estimate is None:
-        try:
-            from planner.memory import estimate_memory
-
-            def estimate(req):  # the figures only: each stage's notes are not returned
-                return estimate_memory(req, explain=False)
-        except ImportError:
-            estimate = None
-            notes.append("model states only: per-stage activations and the step peak need "
-                         "planner.memory (activations reported as 0)")
-    stages: list[ZeroStage] = []
-    for par in _variants(request.parallelism):
-        ms = shard_model_states(model, request.training, par)
-        fit = None
-        if estimate is not None:
-            result = estimate(request.model_copy(update={"parallelism": par}))
-            breakdown, fit = result.breakdown, result.fit
-        else:
-            breakdown = _fallback_breakdown(ms)
-            if request.hardware is not None:
-                hw = request.hardware
-                mem = hw.memory_bytes if hw.memory_bytes is not None else get_gpu(hw.gpu).memory_bytes
-                fit = Fit(gpu=hw.gpu, memory_bytes=mem, fits=breakdown.total <= mem,
-                          headroom_bytes=mem - breakdown.total, max_micro_batch_size=None)
-        stages.append(ZeroStage(stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
-                                implementation=ms.implementation,
-                                communication_bytes_per_step=ms.comm_bytes_per_step,
-                                breakdown=breakdown, fit=fit))
-        for note in ms.notes:
-            if note not in notes:
-                notes.append(note)
-    if request.parallelism.data_parallel == 1:
-        notes.append("data_parallel is 1: ZeRO shards over data-parallel ranks, so stages 1-3 "
-                     "save nothing here; stages 1-3 without offload are replayed as their "
-                     "implementation runs on one rank (DDP + ZeroRedundancyOptimizer owning every "
-                     "tensor; FSDP2's world-size-1 path, which copies the shards into unsharded "
-                     "parameters)")
-    return ZeroResult(model=model, stages=stages, notes=notes)
-
-
-__all__ += ["zero_stages"]

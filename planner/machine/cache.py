@@ -1,0 +1,156 @@
+"""Memoised replays and templates, per setup: what every replayed answer goes through.
+
+A *setup* is everything a replay depends on but the micro-batch size and the sequence length
+(``setup_key``: the specs' fields as plain tuples, the template domain last). Per setup:
+
+- a concrete replay's result is memoised (``_SIM_CACHE``), for exact repeats;
+- when the setup comes back with a second size, its template is compiled (a replay with the two
+  sizes symbolic, ``planner/machine/recording.py``): a one-off estimate costs one replay, a sweep
+  one compile and then microseconds per size; None marks a setup found size-dependent (always
+  replayed concretely);
+- ``setup_memo`` keeps size-independent per-setup results (per-rank model states, partitions).
+
+The caches are bounded (oldest entry dropped) and their writes locked (estimates run in a thread
+pool). ``replay_only()`` turns templates off (tests and benchmarks compare the two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import threading
+
+from planner.catalog.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
+from planner.machine.recording import domain_of
+from planner.machine.symbolic import Undecided
+
+_SIM_CACHE: dict[tuple, object] = {}  # replayed results (StepPeaks, ...)
+_SIM_CACHE_MAX = 512
+_TEMPLATES: dict[tuple, object] = {}  # compiled templates; None: found size-dependent
+_TEMPLATES_MAX = 256
+_SEEN: dict[tuple, int] = {}
+_SEEN_MAX = 4096
+_SIZES = ("micro_batch_size", "sequence_length")
+_NESTED = ("activation_checkpointing", "lora", "precision_overrides")
+_SETUP_FIELDS = operator.itemgetter(*(f for f in TrainingSpec.model_fields
+                                      if f not in _SIZES and f not in _NESTED))
+_AC_FIELDS = operator.itemgetter(*ActivationCheckpointing.model_fields)
+_MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
+_PAR_FIELDS = operator.itemgetter(*ParallelSpec.model_fields)
+_LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
+USE_TEMPLATES = True
+
+
+def _put(store: dict, key, value, limit: int) -> None:
+    """Insert into a bounded cache, dropping its oldest entry when full."""
+    with _LOCK:
+        if len(store) >= limit:
+            store.pop(next(iter(store)), None)
+        store[key] = value
+
+
+def setup_key(model: ResolvedModel, tr: TrainingSpec, device: str,
+              checkpointed: frozenset[int], par: ParallelSpec | None = None,
+              rank: int = 0) -> tuple:
+    """Key of everything the replay depends on but the two sizes, domain last. Plain tuples of
+    the specs' fields, so lookups compare primitives; a list inside (explicit blocks, LoRA
+    target modules) does not hash, and lookups fall back to ``_json_key``. ``par``/``rank``: a
+    data-parallel rank's replay (planner/layouts/data_parallel.py)."""
+    d = tr.__dict__
+    return (_MODEL_FIELDS(model.__dict__), _SETUP_FIELDS(d),
+            _AC_FIELDS(d["activation_checkpointing"].__dict__), d["lora"],
+            d["precision_overrides"], device, checkpointed,
+            None if par is None else _PAR_FIELDS(par.__dict__), rank,
+            domain_of(tr.micro_batch_size, tr.sequence_length))
+
+
+def _json_key(key: tuple, tr: TrainingSpec) -> tuple:
+    return (key[0], tr.model_dump_json(exclude=set(_SIZES)), *key[5:])  # the rest hashes
+
+
+def cached(skey: tuple, tr: TrainingSpec, replay, compile_, evaluate):
+    """``replay()``'s result for ``skey`` (domain last) at tr's sizes: evaluated from the
+    compiled template (``compile_(domain)``, ``evaluate(template, B, T)``) when there is one,
+    compiled when the setup comes back with another size, else replayed (memoised)."""
+    b, t = tr.micro_batch_size, tr.sequence_length
+    try:
+        tpl = _TEMPLATES.get(skey) if USE_TEMPLATES else None
+    except TypeError:  # a list inside the specs
+        skey = _json_key(skey, tr)
+        tpl = _TEMPLATES.get(skey) if USE_TEMPLATES else None
+    if tpl is not None:
+        return evaluate(tpl, b, t)
+    key = (skey, b, t)
+    hit = _SIM_CACHE.get(key)
+    if hit is not None:
+        return hit
+    if USE_TEMPLATES and skey not in _TEMPLATES:  # None there: found size-dependent
+        with _LOCK:
+            if len(_SEEN) >= _SEEN_MAX:
+                _SEEN.clear()
+            seen = _SEEN[skey] = _SEEN.get(skey, 0) + 1
+        if seen >= 2:
+            tpl = compile_once(skey, compile_)
+            if tpl is not None:
+                return evaluate(tpl, b, t)
+    hit = replay()
+    _put(_SIM_CACHE, key, hit, _SIM_CACHE_MAX)
+    return hit
+
+
+def compile_once(skey: tuple, compile_):
+    try:
+        tpl = compile_(skey[-1])
+    except (Undecided, TypeError):
+        tpl = None
+    _put(_TEMPLATES, skey, tpl, _TEMPLATES_MAX)
+    _SEEN.pop(skey, None)
+    return tpl
+
+
+_MEMO: dict[tuple, object] = {}
+
+
+def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
+    """``fn(model, tr, par)`` memoised per setup, for functions that do not depend on the
+    micro-batch size or the sequence length (per-rank model states, ZeRO-1 partitions)."""
+    try:
+        key = (fn, *setup_key(model, tr, "", frozenset(), par)[:-1])
+        hit = _MEMO.get(key)
+    except TypeError:  # a list inside the specs: not memoised
+        return fn(model, tr, par)
+    if hit is None:
+        hit = fn(model, tr, par)
+        _put(_MEMO, key, hit, _TEMPLATES_MAX)
+    return hit
+
+
+@contextlib.contextmanager
+def replay_only():
+    """Estimates inside use the op-by-op replay alone (tests and benchmarks compare the two;
+    not thread-safe: it switches a module setting)."""
+    global USE_TEMPLATES
+    was, USE_TEMPLATES = USE_TEMPLATES, False
+    try:
+        yield
+    finally:
+        USE_TEMPLATES = was
+
+
+def clear() -> None:
+    with _LOCK:
+        _SIM_CACHE.clear()
+        _TEMPLATES.clear()
+        _SEEN.clear()
+        _MEMO.clear()
+
+
+def template(key: tuple):
+    """The compiled template of ``key`` (a ``setup_key``), or None (not compiled, found
+    size-dependent, templates off, or a key that does not hash)."""
+    if not USE_TEMPLATES:
+        return None
+    try:
+        return _TEMPLATES.get(key)
+    except TypeError:
+        return None

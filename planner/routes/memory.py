@@ -1,0 +1,363 @@
+"""Per-device memory of one training step: the answer to POST /v1/memory.
+
+For ``implementation="reference"`` on one device the breakdown is the step simulator's replay of
+the reference step (``planner/step/program.py``): byte-exact against the measured step on CPU
+(tests/test_accuracy.py). Data, tensor and pipeline parallelism and ZeRO change what each device
+holds; ``planner/layouts/sharding.py`` states how, per implementation, and the response lists every such
+assumption. ``implementation="megatron"`` uses Korthikanti et al. 2022 (``planner/layouts/megatron.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from planner.catalog.errors import PlanningError
+from planner.catalog.presets import ALLOCATOR_RESERVE_FRACTION, allocator_reserve, get_gpu, resolve_model
+from planner.catalog.specs import (
+    MAX_STAGE_MICROBATCHES,
+    ActivationCheckpointing,
+    Assumption,
+    Fit,
+    HardwareSpec,
+    MemoryRequest,
+    MemoryResult,
+    ParallelSpec,
+    ResolvedModel,
+    TrainingSpec,
+)
+from planner.layouts.compose import (
+    breakdown,
+    composed,
+    data_parallel,
+    fb_fields,
+    megatron,
+    model_states_only,
+    replayed_fields,
+    single_device,
+    snap_breakdown,
+)
+from planner.layouts.data_parallel import unsupported_reason
+from planner.layouts.pipeline_memory import pipelined_estimate
+from planner.routes import memory_notes
+from planner.routes.micro_batch import largest_fitting, largest_fitting_search
+from planner.step import simulate as step_cache
+
+def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
+    if par.offload_parameters and par.zero_stage != 3:
+        raise PlanningError("offload_parameters needs zero_stage 3 (FSDP2 CPUOffloadPolicy)",
+                            "parallelism.offload_parameters")
+    if par.offload_optimizer and par.zero_stage == 0:
+        raise PlanningError("offload_optimizer needs zero_stage >= 1", "parallelism.offload_optimizer")
+    if par.virtual_pipeline_stages > 1 and par.pipeline_parallel == 1:
+        raise PlanningError("virtual_pipeline_stages > 1 needs pipeline_parallel > 1",
+                            "parallelism.virtual_pipeline_stages")
+    if par.sequence_parallel and par.tensor_parallel == 1:
+        raise PlanningError("sequence_parallel needs tensor_parallel > 1", "parallelism.sequence_parallel")
+    if not model.architecture_known:
+        return
+    if par.tensor_parallel > 1:
+        kv = model.num_kv_heads or model.num_heads
+        if model.num_heads % par.tensor_parallel or kv % par.tensor_parallel:
+            raise PlanningError(
+                f"tensor_parallel ({par.tensor_parallel}) must divide num_heads ({model.num_heads}) "
+                f"and num_kv_heads ({kv})", "parallelism.tensor_parallel")
+    if par.pipeline_parallel * par.virtual_pipeline_stages > model.num_layers:
+        raise PlanningError(
+            f"pipeline_parallel x virtual_pipeline_stages ({par.pipeline_parallel * par.virtual_pipeline_stages}) "
+            f"exceeds num_layers ({model.num_layers})", "parallelism.pipeline_parallel")
+    actions = par.pipeline_parallel * par.virtual_pipeline_stages * tr.gradient_accumulation_steps
+    if par.pipeline_parallel > 1 and actions > MAX_STAGE_MICROBATCHES:
+        raise PlanningError(
+            f"pipeline_parallel x virtual_pipeline_stages x gradient_accumulation_steps must be "
+            f"<= {MAX_STAGE_MICROBATCHES} (as for POST /v1/pipeline), got {actions}",
+            "training.gradient_accumulation_steps")
+    if model.family == "gpt2" and tr.sequence_length > model.max_sequence_length:
+        raise PlanningError(
+            f"sequence_length ({tr.sequence_length}) exceeds the learned position table "
+            f"({model.max_sequence_length})", "training.sequence_length")
+    if tr.lora is not None and model.family == "gpt2" and "gate" in tr.lora.target_modules:
+        raise PlanningError(
+            "gpt2 blocks have no gate projection (their MLP is up and down): LoRA targets q, k, "
+            "v, o, up or down there", "training.lora.target_modules")
+    if tr.lora is not None and tr.lora.base_dtype in ("fp32", "bf16", "fp16"):
+        pdt = {"fp32": "fp32", "amp-bf16": "fp32", "amp-fp16": "fp32", "mixed-bf16": "bf16",
+               "mixed-fp16": "fp16", "bf16": "bf16"}[tr.precision]
+        if not tr.precision.startswith("amp-") and tr.lora.base_dtype != pdt:
+            raise PlanningError(
+                f"lora.base_dtype {tr.lora.base_dtype} differs from the {pdt} parameters of "
+                f"precision {tr.precision}: without autocast the matmul dtypes must agree",
+                "training.lora.base_dtype")
+    ov = tr.precision_overrides
+    if ov is not None and ov.gradients is not None:
+        pdt = ov.parameters or {"mixed-bf16": "bf16", "mixed-fp16": "fp16", "bf16": "bf16"}.get(
+            tr.precision, "fp32")
+        if ov.gradients != pdt and not tr.precision.startswith("mixed-"):
+            raise PlanningError(
+                f"gradients in {ov.gradients} on {pdt} parameters need a master-weight preset "
+                "(mixed-bf16 / mixed-fp16): torch.optim steps a parameter with its own-dtype "
+                "gradient", "training.precision_overrides.gradients")
+        if ov.gradients in ("int8", "nf4"):
+            raise PlanningError("gradients cannot be quantized", "training.precision_overrides.gradients")
+    ac = tr.activation_checkpointing
+    if ac.strategy == "every-k" and ac.every_k is None:
+        raise PlanningError("strategy 'every-k' needs every_k", "training.activation_checkpointing.every_k")
+    if ac.blocks and max(ac.blocks) >= model.num_layers:
+        raise PlanningError(
+            f"training.activation_checkpointing.blocks: block {max(ac.blocks)} is not below "
+            f"num_layers ({model.num_layers})", "training.activation_checkpointing.blocks")
+
+
+def checkpointed_blocks(tr: TrainingSpec, num_layers: int) -> set[int]:
+    """Block indices the reference step wraps in torch.utils.checkpoint for named strategies
+    (the same rule as service.validation.step.checkpointed_blocks); an explicit plan
+    (``blocks``: strategy 'blocks' or a resolved 'budget') as given."""
+    ac = tr.activation_checkpointing
+    if ac.blocks is not None:
+        return set(ac.blocks)
+    if ac.strategy == "full":
+        return set(range(num_layers))
+    if ac.strategy == "every-k":
+        k = ac.every_k or 1
+        return {i for i in range(num_layers) if i % k == 0}
+    if ac.strategy == "sqrt":  # Chen et al. 2016: one kept block per ~sqrt(n)
+        k = max(1, round(math.sqrt(num_layers)))
+        return {i for i in range(num_layers) if i % k != k - 1}
+    return set()
+
+
+def _hardware_bytes(hw: HardwareSpec | None) -> tuple[str | None, int | None]:
+    if hw is None:
+        return None, None
+    if hw.gpu is not None:
+        g = get_gpu(hw.gpu)
+        return g.name, hw.memory_bytes or g.memory_bytes
+    return None, hw.memory_bytes
+
+
+def clear_caches() -> None:
+    """Forget every memoised replay and template (benchmarks measure cold estimates with it)."""
+    step_cache.clear()
+
+
+_RESERVE_NOTE = "caching-allocator rounding and fragmentation, on top of the allocated peak"
+
+
+_RESERVE_CPU = Assumption(name="allocator_reserve", value="0", note=_RESERVE_NOTE)
+
+
+_RESERVE_CUDA = Assumption(name="allocator_reserve",
+                           value=f"{ALLOCATOR_RESERVE_FRACTION:.0%} of peak", note=_RESERVE_NOTE)
+
+
+_ZERO_GRAD = Assumption(name="zero_grad", value="set_to_none=True",
+                        note="gradients are freed after each optimizer step")
+
+
+_PROFILE_REFERENCE = Assumption(name="profile", value="reference step, simulated op by op",
+                                note="the step measured by validation jobs")
+
+
+def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = True) -> MemoryResult:
+    """Per-device peak of one training step, by category (see module docstring).
+
+    ``device`` selects kernel details that differ between CPU and CUDA builds of the reference
+    step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``. ``explain``: the
+    notes that read the figures (bytes per parameter, what fits instead), each of which may
+    replay a variant of the setup; searches that read only the peak pass False."""
+    model = resolve_model(req.model)
+    _check(model, req.training, req.parallelism)
+    ac = req.training.activation_checkpointing
+    if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
+        return _budget(req, model, device, explain)
+    ckpt = _blocks(req.training, model.num_layers) if model.architecture_known else frozenset()
+    return _estimate(req, model, device, ckpt, explain=explain)
+
+
+def _blocks(tr: TrainingSpec, num_layers: int) -> frozenset[int]:
+    """checkpointed_blocks as a frozenset, memoised for the named strategies."""
+    ac = tr.activation_checkpointing
+    if ac.blocks is not None:
+        return frozenset(ac.blocks)
+    return _named_blocks(ac.strategy, ac.every_k, num_layers)  # plain keys: cheap to compare
+
+
+@functools.lru_cache(maxsize=1024)
+def _named_blocks(strategy: str, every_k: int | None, num_layers: int) -> frozenset[int]:
+    ac = ActivationCheckpointing(strategy=strategy, every_k=every_k)
+    return frozenset(checkpointed_blocks(TrainingSpec(activation_checkpointing=ac), num_layers))
+
+
+@functools.lru_cache(maxsize=1024)
+def _ckpt_assumption(ckpt: frozenset[int]) -> Assumption:
+    return Assumption(name="checkpointed_blocks", value=_ranges(sorted(ckpt)),
+                      note="torch.utils.checkpoint(use_reentrant=False)")
+
+
+def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
+              extra_notes: list[str] | None = None, explain: bool = False) -> MemoryResult:
+    tr, par = req.training, req.parallelism
+    gpu_name, mem_bytes = _hardware_bytes(req.hardware)
+    assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
+                                     _ZERO_GRAD]
+    notes: list[str] = list(extra_notes or [])
+    first, peaks = None, {}
+    if not model.architecture_known:
+        bd, phase = model_states_only(model, tr, par, assumptions), "model states only"
+        notes.append("bare num_parameters: activations and temporaries need the architecture "
+                     "(family, layers, hidden size, heads, vocabulary), so only model states are given")
+        if explain:
+            notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=True))
+    elif tr.implementation == "megatron":
+        bd, phase = megatron(model, tr, par, assumptions)
+        peaks = fb_fields(bd.activations, bd, phase)  # Korthikanti et al.: the forward's end
+    else:
+        bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
+        if ckpt:
+            assumptions.append(_ckpt_assumption(frozenset(ckpt)))
+    reserve = allocator_reserve(bd.total, device)
+    fit = None
+    if mem_bytes is not None:
+        fit = Fit(gpu=gpu_name, memory_bytes=mem_bytes, fits=bd.total + reserve <= mem_bytes,
+                  headroom_bytes=mem_bytes - bd.total - reserve,
+                  max_micro_batch_size=_max_micro_batch(req, model, device, ckpt, mem_bytes)
+                  if model.architecture_known else None)
+    if explain and model.architecture_known and tr.implementation == "reference" \
+            and single_device(par) and phase.startswith("optimizer"):
+        notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
+        notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, _variant))
+    if explain and fit is not None and not fit.fits:
+        notes.extend(memory_notes.what_fits(req, model, device, ckpt, bd, phase, reserve, fit, _variant))
+    return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
+                        allocator_reserve_bytes=reserve, fit=fit, assumptions=assumptions,
+                        notes=notes, **peaks)
+
+
+def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
+             **training: object) -> MemoryResult | None:
+    """The same setup with ``training`` fields changed, estimated (replayed) without hardware
+    and notes; None when the change is not a valid setup."""
+    tr = req.training.model_copy(update=training)
+    try:
+        tr = TrainingSpec.model_validate(tr.model_dump())  # the spec's own rules
+        return _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
+                         device, ckpt)
+    except (ValueError, PlanningError):
+        return None
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+               ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
+    if single_device(par):
+        peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
+        steady, first = peaks.steady, peaks.first
+        assumptions.append(_PROFILE_REFERENCE)
+        return (snap_breakdown(steady), snap_breakdown(first), f"{steady.phase}: {steady.op}",
+                replayed_fields(peaks))
+    if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
+        # ZeRO on one data-parallel rank included: DDP + ZeroRedundancyOptimizer, or FSDP2's
+        # world-size-1 path, replayed (measured by tests/test_zero_one_rank.py)
+        return data_parallel(model, tr, par, device, ckpt, assumptions, notes)
+    if par.pipeline_parallel > 1 and not ckpt:
+        pp = pipelined_estimate(model, tr, par, device)
+        if pp is not None:  # every pipeline rank replayed; the worst one reported
+            worst, _, extra, pp_notes = pp
+            assumptions.extend(extra)
+            notes.extend(pp_notes)
+            return (breakdown(worst.steady.as_dict()), breakdown(worst.first.as_dict()),
+                    f"{worst.steady.phase}: {worst.steady.op} (rank {worst.rank})", {})
+    return composed(model, tr, par, device, ckpt, assumptions, notes)
+
+
+def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
+                     mem_bytes: int) -> int | None:
+    """Largest micro-batch whose peak (plus allocator reserve) fits (planner/routes/micro_batch.py),
+    each probe from the setup's template when it is compiled, else estimated."""
+    direct = _template_need(req, model, device, ckpt)
+
+    def need(b: int) -> int:
+        fast = direct(b) if direct is not None else None
+        if fast is None:
+            tr = req.training.model_copy(update={"micro_batch_size": b})
+            r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
+                          device, ckpt)
+            fast = r.breakdown.total + r.allocator_reserve_bytes
+        return fast
+    return largest_fitting(need, mem_bytes)
+
+
+def _template_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt):
+    """For a single-device reference estimate: ``b -> peak + reserve`` straight from the setup's
+    template when it is compiled for b's domain (None otherwise: the caller estimates), the
+    same number ``_estimate`` gives without building a response."""
+    tr, par = req.training, req.parallelism
+    if not (model.architecture_known and tr.implementation == "reference"
+            and single_device(par)):
+        return None
+    t, ck = tr.sequence_length, frozenset(ckpt)
+
+    def need(b: int) -> int | None:
+        tpl = step_cache.compiled_template(model, tr, device, ck, b)
+        if tpl is None:
+            return None
+        total = tpl.evaluate(b, t).steady.total
+        return total + allocator_reserve(total, device)
+    return need
+
+
+def _max_micro_batch_search(req: MemoryRequest, model: ResolvedModel, device: str,
+                            ckpt: set[int], mem_bytes: int) -> int | None:
+    """The straightforward answer, one estimate per probe (``_max_micro_batch`` is tested
+    against it)."""
+    def fits(b: int) -> bool:
+        tr = req.training.model_copy(update={"micro_batch_size": b})
+        r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model, device, ckpt)
+        return r.breakdown.total + r.allocator_reserve_bytes <= mem_bytes
+    return largest_fitting_search(fits)
+
+
+def _budget(req: MemoryRequest, model: ResolvedModel, device: str,
+            explain: bool = False) -> MemoryResult:
+    """Fewest checkpointed blocks whose peak fits the budget. The reference model's blocks are
+    identical, so recompute time grows with their number while the peak falls: the smallest
+    feasible count is optimal for this homogeneous chain (explicit heterogeneous chains go to
+    POST /v1/checkpointing)."""
+    if not model.architecture_known:
+        raise PlanningError("strategy 'budget' needs the architecture", "model")
+    ac = req.training.activation_checkpointing
+    _, mem = _hardware_bytes(req.hardware)
+    budget = ac.budget_bytes or mem
+    if budget is None:
+        raise PlanningError("strategy 'budget' needs budget_bytes or hardware",
+                            "training.activation_checkpointing.budget_bytes")
+    L = model.num_layers
+
+    def peak(k: int) -> int:
+        r = _estimate(req.model_copy(update={"hardware": None}), model, device, set(range(k)))
+        return r.breakdown.total + r.allocator_reserve_bytes
+
+    if peak(L) > budget:
+        return _estimate(req, model, device, set(range(L)), [
+            f"no placement fits the budget of {budget} bytes: the smallest achievable peak is "
+            f"{peak(L)} bytes (every block checkpointed)"], explain=explain)
+    lo, hi = 0, L
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if peak(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return _estimate(req, model, device, set(range(lo)), [
+        f"budget {budget} bytes: {lo} of {L} blocks checkpointed"], explain=explain)
+

@@ -1,0 +1,84 @@
+"""The largest micro-batch that fits a memory budget, given the peak at any micro-batch.
+
+Every live tensor of the step is non-decreasing in the batch, so the peak is monotone and a
+bracket [largest size seen to fit, smallest seen not to] always holds the answer. Every tensor's
+size is also affine in the batch (the op sequence does not depend on it), so the peak is a maximum
+of affine functions: the secant through two probes predicts where the budget is crossed, and it is
+exact on each linear piece. ``largest_fitting`` probes along the secant (clamped into the bracket)
+and then its neighbour, falling back to bisection when the bracket stops shrinking; every answer is
+a measured fit with a measured non-fit next to it, so it equals the exponential + binary search
+(``largest_fitting_search``, which tests hold it against) whatever the prediction's quality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from planner.catalog.specs import MAX_BATCH
+
+__all__ = ["largest_fitting", "largest_fitting_search"]
+
+
+def largest_fitting(need: Callable[[int], int], mem_bytes: int,
+                    max_batch: int = MAX_BATCH) -> int | None:
+    """Largest b in 1..max_batch with ``need(b) <= mem_bytes`` (``need``: the peak plus the
+    allocator reserve at micro-batch b); None when not even 1 fits."""
+    memo: dict[int, int] = {}
+
+    def cost(b: int) -> int:
+        if b not in memo:
+            memo[b] = need(b)
+        return memo[b]
+
+    if cost(1) > mem_bytes:
+        return None
+    if max_batch == 1:
+        return 1
+    lo, hi = 1, max_batch + 1  # cost(lo) fits; hi does not (max_batch + 1 is never allowed)
+
+    def probe(b: int) -> None:
+        nonlocal lo, hi
+        if cost(b) <= mem_bytes:
+            lo = max(lo, b)
+        else:
+            hi = min(hi, b)
+
+    probe(2)
+    while hi - lo > 1:
+        width = hi - lo
+        # secant through the two highest probes at or below lo (all fit) or through lo and hi
+        known = sorted(memo)
+        if hi in memo:
+            x0, x1 = lo, hi
+        else:
+            below = [b for b in known if b <= lo]
+            x0, x1 = (below[-2], below[-1]) if len(below) >= 2 else (lo, lo)
+        slope = (memo[x1] - memo[x0]) / (x1 - x0) if x1 != x0 else 0.0
+        if slope > 0:
+            g = x0 + int((mem_bytes - memo[x0]) // slope)
+        else:
+            g = hi - 1
+        g = min(max(g, lo + 1), hi - 1)
+        probe(g)
+        if lo == g and g + 1 < hi:  # the prediction fits: is it the last that does?
+            probe(g + 1)
+        if hi - lo > width // 2 and hi - lo > 1:  # little progress: bisect once
+            probe((lo + hi) // 2)
+    return lo
+
+
+def largest_fitting_search(fits: Callable[[int], bool], max_batch: int = MAX_BATCH) -> int | None:
+    """The straightforward answer: exponential then binary search, one probe per step."""
+    if not fits(1):
+        return None
+    lo, hi = 1, 2
+    while hi <= max_batch and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, max_batch + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo

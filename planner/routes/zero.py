@@ -1,0 +1,59 @@
+"""POST /v1/zero: one setup under ZeRO stages 0-3 and the two offload variants, side by side.
+
+Each stage's per-rank model states and communication come from ``planner/layouts/sharding.py``;
+its full breakdown (activations and the step's peak) is the very estimate POST /v1/memory gives
+for that layout (``planner/routes/memory.py``).
+"""
+
+from __future__ import annotations
+
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import MemoryRequest, ParallelSpec, ZeroResult, ZeroStage
+from planner.layouts.sharding import shard_model_states
+from planner.routes.memory import estimate_memory
+
+__all__ = ["zero_stages"]
+
+
+def _variants(parallel: ParallelSpec) -> list[ParallelSpec]:
+    """Stages 0-3, then ZeRO-Offload (stage 2, optimizer on CPU) and stage 3 with parameters and
+    optimizer offloaded (FSDP2 CPUOffloadPolicy)."""
+    base = {"offload_optimizer": False, "offload_parameters": False}
+    out = [parallel.model_copy(update={**base, "zero_stage": z}) for z in range(4)]
+    out.append(parallel.model_copy(update={**base, "zero_stage": 2, "offload_optimizer": True}))
+    out.append(parallel.model_copy(update={"zero_stage": 3, "offload_optimizer": True,
+                                           "offload_parameters": True}))
+    return out
+
+
+def zero_stages(request: MemoryRequest, estimate=None) -> ZeroResult:
+    """The request's setup under ZeRO stages 0, 1, 2, 3 and the two offload variants.
+
+    ``estimate``: a ``MemoryRequest -> MemoryResult`` function giving each stage's full breakdown
+    (activations and the step's peak); defaults to ``estimate_memory`` without its notes.
+    """
+    assert isinstance(request, MemoryRequest)
+    model = resolve_model(request.model)
+    notes: list[str] = []
+    if estimate is None:
+        def estimate(req):  # the figures only: each stage's notes are not returned
+            return estimate_memory(req, explain=False)
+    stages: list[ZeroStage] = []
+    for par in _variants(request.parallelism):
+        ms = shard_model_states(model, request.training, par)
+        result = estimate(request.model_copy(update={"parallelism": par}))
+        breakdown, fit = result.breakdown, result.fit
+        stages.append(ZeroStage(stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
+                                implementation=ms.implementation,
+                                communication_bytes_per_step=ms.comm_bytes_per_step,
+                                breakdown=breakdown, fit=fit))
+        for note in ms.notes:
+            if note not in notes:
+                notes.append(note)
+    if request.parallelism.data_parallel == 1:
+        notes.append("data_parallel is 1: ZeRO shards over data-parallel ranks, so stages 1-3 "
+                     "save nothing here; stages 1-3 without offload are replayed as their "
+                     "implementation runs on one rank (DDP + ZeroRedundancyOptimizer owning every "
+                     "tensor; FSDP2's world-size-1 path, which copies the shards into unsharded "
+                     "parameters)")
+    return ZeroResult(model=model, stages=stages, notes=notes)

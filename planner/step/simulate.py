@@ -1,0 +1,54 @@
+"""The reference step's peaks on one device (or one data-parallel rank), memoised.
+
+``simulate`` answers from the setup's step template (``planner/step/template.py``) when it is
+compiled, else replays op by op (``planner/step/program.py``), through the per-setup caches of
+``planner/machine/cache.py``.
+"""
+
+from __future__ import annotations
+
+from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
+from planner.machine import cache
+from planner.machine.cache import clear, replay_only, setup_key, setup_memo
+from planner.machine.recording import domain_of
+from planner.step.program import ReferenceProgram, StepPeaks
+from planner.step.template import StepTemplate, compile_template
+
+__all__ = ["clear", "compiled_template", "replay_only", "setup_key", "setup_memo", "simulate"]
+
+
+def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
+             checkpointed: frozenset[int], par: ParallelSpec | None = None,
+             rank: int = 0, program=None) -> StepPeaks:
+    """The reference step's peaks (a pure function of the inputs), on one device or for one
+    data-parallel rank: from the setup's template when it has one, else replayed op by op.
+    ``program(model, tr, par, rank, device=..., checkpointed=..., **kw)`` builds a data-parallel
+    rank's program (``planner/layouts/data_parallel.py: ParallelProgram``); it is needed with
+    ``par``."""
+    skey = setup_key(model, tr, device, checkpointed, par, rank)
+    try:  # the hot path first: a compiled setup
+        tpl = cache._TEMPLATES.get(skey) if cache.USE_TEMPLATES else None
+    except TypeError:  # a list inside the specs: cache.cached keys it by JSON
+        tpl = None
+    if tpl is not None:
+        return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
+
+    def build(**kw):
+        if par is None:
+            return ReferenceProgram(model, tr, device=device, checkpointed=set(checkpointed), **kw)
+        return program(model, tr, par, rank, device=device, checkpointed=set(checkpointed), **kw)
+
+    def compile_(domain):
+        def make(machine, sizes):
+            return build(machine=machine, sizes=sizes)
+        return compile_template(model, tr, device, set(checkpointed), domain, make)
+    return cache.cached(skey, tr, lambda: build().run(), compile_,
+                        lambda tpl, b, t: tpl.evaluate(b, t))
+
+
+def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
+                      checkpointed: frozenset[int], batch: int) -> StepTemplate | None:
+    """The setup's template for micro-batch ``batch`` (at ``tr``'s sequence length) when it is
+    compiled; None otherwise (nothing is compiled here)."""
+    key = setup_key(model, tr, device, checkpointed)
+    return cache.template((*key[:-1], domain_of(batch, tr.sequence_length)))
