@@ -1,4 +1,5 @@
-"""How the estimate routes run their planner work: bounded, time-limited, cancellable.
+"""How the estimate routes run their planner work: bounded, time-limited, cancellable, and answered
+on the event loop when the answer is already known to be a template evaluation.
 
 - At most ``max_concurrent_estimates`` estimates compute at once per process, on worker threads
   of their own (an anyio capacity limiter), so the health, catalog and job routes never queue
@@ -8,12 +9,28 @@
   the planner stops at its next check and the answer is a 503 problem naming the limit.
 - When the client goes away, the work limit is cancelled: the planner stops at its next check
   and the slot is free again.
+
+The fast path. Every replay, rank loop and schedule simulation of the planner calls
+``planner.deadline.check()`` as it goes; an answer read from a compiled step template or a memo
+calls it never and takes microseconds. A route may name the *setup* of a request (everything but
+the sizes a sweep varies, see :func:`setup_key`). When an estimate of that setup ran on a worker
+thread without one check and within ``INLINE_CPU_S`` of CPU, the setup is marked fast, and its
+next estimates run on the event loop itself: no thread hand-off, no disconnect watcher, still
+holding an estimate slot (taken without waiting; when none is free, the request takes the queue
+like any other). An inline estimate runs under a work limit whose first ``check()`` stops it: the
+planner was about to replay, so the setup loses its mark and the estimate starts again on a
+worker thread under the real limits. An inline estimate that used more than ``INLINE_CPU_S`` of
+CPU loses the mark too. The answer is the same function of the same request either way: only
+where it runs differs. (A stopped inline attempt has counted the setup as seen once in the
+planner's step cache, so the retry may compile the setup's template one request early: the
+template's answers equal the replay's to the byte.)
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import anyio
@@ -21,15 +38,30 @@ import anyio.to_thread
 from fastapi import HTTPException, Request
 
 from planner.deadline import WorkLimit, WorkLimitExceeded, work_limit
+from planner.specs import MemoryRequest
+from planner.step_template import domain_of
 from service.errors import PROBLEM, Problem
 
 T = TypeVar("T")
+
+INLINE_CPU_S = 0.001  # the most CPU an estimate answered on the event loop may take
+FAST_SETUPS_MAX = 4096
 
 ESTIMATE_LIMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "content": {PROBLEM: {}},
           "description": "Every estimate slot stayed busy (Retry-After), or the estimate ran "
           "past the per-request work limit"},
 }
+
+_SIZES = {"training": {"micro_batch_size", "sequence_length"}}
+
+
+def setup_key(route: str, request: MemoryRequest) -> Hashable:
+    """A memory request's setup: all of it but the micro-batch size and the sequence length,
+    with the size domain the planner's step templates are compiled for."""
+    tr = request.training
+    return (route, request.model_dump_json(exclude=_SIZES),
+            domain_of(tr.micro_batch_size, tr.sequence_length))
 
 
 class EstimateSlots:
@@ -41,16 +73,59 @@ class EstimateSlots:
         # thread pool that the synchronous routes (readiness, catalogs, jobs) use
         self.threads = anyio.CapacityLimiter(max_concurrent)
         self.queue_s, self.deadline_s = queue_s, deadline_s
+        self.fast: dict[Hashable, None] = {}  # setups answered on the event loop (oldest first)
 
     @classmethod
     def from_settings(cls, settings) -> EstimateSlots:
         return cls(settings.max_concurrent_estimates, settings.estimate_queue_s,
                    settings.estimate_deadline_s)
 
+    def mark_fast(self, setup: Hashable) -> None:
+        if len(self.fast) >= FAST_SETUPS_MAX:
+            self.fast.pop(next(iter(self.fast)), None)
+        self.fast[setup] = None
 
-def _run_limited(limit: WorkLimit, fn: Callable[[], T]) -> T:
+
+class _NeedsThread(WorkLimitExceeded):
+    """An inline estimate reached the planner's first work check (a replay is starting)."""
+
+    def __init__(self) -> None:
+        super().__init__("a replay is needed: the estimate moves to a worker thread")
+
+
+class _InlineLimit(WorkLimit):
+    """The work limit of an estimate on the event loop: its first check stops it."""
+
+    __slots__ = ()
+
+    def check(self) -> None:
+        raise _NeedsThread()
+
+
+class _ThreadLimit(WorkLimit):
+    """The work limit of an estimate on a worker thread, counting the planner's checks and
+    measuring the CPU the estimate used."""
+
+    __slots__ = ("checks", "cpu_s")
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.checks, self.cpu_s = 0, float("inf")
+
+    def check(self) -> None:
+        self.checks += 1
+        WorkLimit.check(self)
+
+
+_INLINE = _InlineLimit(0.0)
+
+
+def _run_limited(limit: _ThreadLimit, fn: Callable[[], T]) -> T:
     with work_limit(limit):
-        return fn()
+        start = time.thread_time()
+        result = fn()
+        limit.cpu_s = time.thread_time() - start
+        return result
 
 
 async def _watch_disconnect(request: Request, limit: WorkLimit) -> None:
@@ -61,9 +136,35 @@ async def _watch_disconnect(request: Request, limit: WorkLimit) -> None:
         await anyio.sleep(0.05)
 
 
-async def run_estimate(request: Request, fn: Callable[[], T]) -> T:
-    """Run ``fn`` (the planner call, with its own error mapping) under the process's limits."""
+def _try_inline(slots: EstimateSlots, setup: Hashable, fn: Callable[[], T]) -> tuple[bool, Any]:
+    """(True, answer) when answered on the event loop; (False, None) when it must run on a thread
+    (no free slot, or the planner reached a work check)."""
+    try:
+        slots.limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        return False, None
+    try:
+        start = time.thread_time()
+        with work_limit(_INLINE):
+            result = fn()
+        if time.thread_time() - start > INLINE_CPU_S:
+            slots.fast.pop(setup, None)
+        return True, result
+    except _NeedsThread:
+        slots.fast.pop(setup, None)
+        return False, None
+    finally:
+        slots.limiter.release()
+
+
+async def run_estimate(request: Request, fn: Callable[[], T], setup: Hashable | None = None) -> T:
+    """Run ``fn`` (the planner call, with its own error mapping) under the process's limits;
+    ``setup`` (see :func:`setup_key`) lets a known-fast setup be answered on the event loop."""
     slots: EstimateSlots = request.app.state.estimates
+    if setup is not None and setup in slots.fast:
+        done, answer = _try_inline(slots, setup, fn)
+        if done:
+            return answer
     with anyio.move_on_after(slots.queue_s) as waited:
         await slots.limiter.acquire()
     if waited.cancelled_caught:
@@ -71,7 +172,7 @@ async def run_estimate(request: Request, fn: Callable[[], T]) -> T:
             503, f"all {int(slots.limiter.total_tokens)} estimate slots of this process stayed busy "
             f"for {slots.queue_s:g} s (max_concurrent_estimates); retry",
             headers={"Retry-After": "1"})
-    limit = WorkLimit(slots.deadline_s)
+    limit = _ThreadLimit(slots.deadline_s)
     error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
@@ -91,4 +192,6 @@ async def run_estimate(request: Request, fn: Callable[[], T]) -> T:
             "large is not answered within the limit") from None
     if error is not None:
         raise error
+    if setup is not None and limit.checks == 0 and limit.cpu_s <= INLINE_CPU_S:
+        slots.mark_fast(setup)
     return result

@@ -1,0 +1,197 @@
+"""Estimates answered on the event loop (service/estimates.py): a setup whose estimate made no
+replay and little CPU on a worker thread is answered inline afterwards, equal to the byte to the
+full op-by-op replay; an inline estimate that reaches a replay moves to a thread under the real
+limits; the estimate slots bound inline estimates too."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import threading
+import time
+
+import anyio
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+
+from planner import memory as pm
+from planner import step_cache
+from planner.deadline import check
+from planner.specs import MemoryRequest
+from service import estimates
+from service.app import create_app
+from service.estimates import EstimateSlots, run_estimate, setup_key
+from service.settings import Settings
+
+
+def _client(**settings) -> TestClient:
+    tmp = tempfile.mkdtemp(prefix="memplan-fast-")
+    return TestClient(create_app(Settings(database_url=f"sqlite:///{tmp}/jobs.db", **settings)),
+                      raise_server_exceptions=False)
+
+
+@pytest.fixture
+def thread_runs(monkeypatch) -> list[int]:
+    """Counts the estimates handed to a worker thread."""
+    runs: list[int] = []
+    real = estimates.anyio.to_thread.run_sync
+
+    async def counted(*args, **kwargs):
+        runs.append(1)
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(estimates.anyio.to_thread, "run_sync", counted)
+    return runs
+
+
+def _body(setup: dict, b: int, t: int) -> dict:
+    return {**setup, "training": {**setup["training"], "micro_batch_size": b,
+                                  "sequence_length": t}}
+
+
+def _replayed(body: dict) -> bytes:
+    """The oracle: the estimate from the full op-by-op replay, serialised."""
+    with step_cache.replay_only():
+        return pm.estimate_memory(MemoryRequest.model_validate(body)).model_dump_json().encode()
+
+
+SETUPS = [{"model": {"family": "llama", "num_layers": 3, "hidden_size": 64, "num_heads": 4,
+                     "vocab_size": 256},
+           "training": {"precision": precision, "optimizer": optimizer,
+                        "activation_checkpointing": {"strategy": ckpt}}}
+          for precision in ("fp32", "amp-bf16", "mixed-bf16")
+          for optimizer in ("adamw", "sgd")
+          for ckpt in ("none", "full")]
+
+
+def test_a_known_setup_is_answered_inline_equal_to_the_replay(thread_runs) -> None:
+    rng = random.Random(20261203)
+    pm.clear_caches()
+    with _client() as client:
+        slots = client.app.state.estimates
+        for setup in rng.sample(SETUPS, 4):
+            # first size: replayed; second: the template is compiled; third: a template
+            # evaluation on a thread, which marks the setup fast
+            for b, t in ((2, 32), (3, 48), (4, 40)):
+                assert client.post("/v1/memory", json=_body(setup, b, t)).status_code == 200
+            key = setup_key("memory", MemoryRequest.model_validate(_body(setup, 5, 50)))
+            assert key in slots.fast
+            # new sizes: inline, except where a note's variant of the setup is replayed (the
+            # inline attempt stops at the replay's first check and a thread answers)
+            sizes = [(rng.randint(2, 64), rng.randint(2, 512)) for _ in range(6)]
+            before = len(thread_runs)
+            answers = [client.post("/v1/memory", json=_body(setup, b, t)) for b, t in sizes]
+            assert len(thread_runs) - before < len(sizes)
+            for r, (b, t) in zip(answers, sizes):
+                assert r.status_code == 200, r.text
+                assert r.content == _replayed(_body(setup, b, t)), (setup, b, t)
+            # every one of them again, now all known: all inline, the same bytes
+            client.post("/v1/memory", json=_body(setup, *sizes[0]))
+            assert key in slots.fast
+            before = len(thread_runs)
+            again = [client.post("/v1/memory", json=_body(setup, b, t)) for b, t in sizes]
+            assert len(thread_runs) == before
+            assert [r.content for r in again] == [r.content for r in answers]
+            assert slots.limiter.borrowed_tokens == 0
+
+
+def test_an_inline_estimate_that_needs_a_replay_moves_to_a_thread(thread_runs) -> None:
+    setup = SETUPS[0]
+    pm.clear_caches()
+    with _client() as client:
+        slots = client.app.state.estimates
+        for b in (2, 3, 4):
+            client.post("/v1/memory", json=_body(setup, b, 32))
+        key = setup_key("memory", MemoryRequest.model_validate(_body(setup, 6, 32)))
+        assert key in slots.fast
+        pm.clear_caches()  # the template is gone: the next estimate replays
+        before = len(thread_runs)
+        r = client.post("/v1/memory", json=_body(setup, 6, 32))
+        assert r.status_code == 200, r.text
+        assert len(thread_runs) == before + 1 and key not in slots.fast
+        assert r.content == _replayed(_body(setup, 6, 32))
+
+
+class _Request:
+    """What run_estimate reads of a request: the app's slots, and a client that stays."""
+
+    def __init__(self, slots: EstimateSlots) -> None:
+        self.app = type("App", (), {"state": type("State", (), {"estimates": slots})()})()
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
+def test_a_replay_reached_inline_runs_under_the_work_limit_on_a_thread() -> None:
+    slots = EstimateSlots(max_concurrent=1, queue_s=1.0, deadline_s=0.05)
+    slots.mark_fast("setup")
+    loop_thread = threading.get_ident()
+    entered: list[int] = []
+
+    def replays_forever() -> None:
+        entered.append(threading.get_ident())
+        while True:
+            check()
+            time.sleep(0.001)
+
+    async def main() -> None:
+        with pytest.raises(HTTPException) as info:
+            await run_estimate(_Request(slots), replays_forever, "setup")  # type: ignore[arg-type]
+        assert info.value.status_code == 503 and "work limit" in info.value.detail
+
+    anyio.run(main)
+    # stopped at its first check on the event loop, then run (and stopped) on a worker thread
+    assert entered[0] == loop_thread and len(entered) == 2 and entered[1] != loop_thread
+    assert "setup" not in slots.fast and slots.limiter.borrowed_tokens == 0
+
+
+def test_marks_follow_the_cpu_an_estimate_takes() -> None:
+    slots = EstimateSlots(max_concurrent=2, queue_s=1.0, deadline_s=10.0)
+    where: list[int] = []
+
+    def quick() -> int:
+        where.append(threading.get_ident())
+        return 7
+
+    def busy() -> int:
+        where.append(threading.get_ident())
+        end = time.thread_time() + 5 * estimates.INLINE_CPU_S
+        while time.thread_time() < end:
+            pass
+        return 8
+
+    async def main() -> None:
+        req = _Request(slots)
+        assert await run_estimate(req, quick, "quick") == 7  # type: ignore[arg-type]
+        assert "quick" in slots.fast and where[-1] != threading.get_ident()  # thread, marked
+        assert await run_estimate(req, quick, "quick") == 7  # type: ignore[arg-type]
+        assert where[-1] == threading.get_ident()  # inline
+        assert await run_estimate(req, busy, "busy") == 8  # type: ignore[arg-type]
+        assert "busy" not in slots.fast  # too much CPU to be marked
+        slots.mark_fast("busy")
+        assert await run_estimate(req, busy, "busy") == 8  # type: ignore[arg-type]
+        assert where[-1] == threading.get_ident() and "busy" not in slots.fast  # unmarked
+        assert await run_estimate(req, quick, None) == 7  # type: ignore[arg-type]
+        assert where[-1] != threading.get_ident()  # no setup named: always a thread
+
+    anyio.run(main)
+    assert slots.limiter.borrowed_tokens == 0
+
+
+def test_busy_slots_hold_back_a_fast_setup_too() -> None:
+    setup = SETUPS[1]
+    with _client(max_concurrent_estimates=1, estimate_queue_s=0.05) as client:
+        for b in (2, 3, 4):
+            client.post("/v1/memory", json=_body(setup, b, 32))
+        assert setup_key("memory", MemoryRequest.model_validate(_body(setup, 5, 32))) \
+            in client.app.state.estimates.fast
+        limiter = client.app.state.estimates.limiter
+        client.portal.call(limiter.acquire_on_behalf_of, "a running estimate")
+        try:
+            r = client.post("/v1/memory", json=_body(setup, 5, 32))
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert client.get("/healthz").status_code == 200
+        finally:
+            client.portal.call(limiter.release_on_behalf_of, "a running estimate")
+        assert client.post("/v1/memory", json=_body(setup, 5, 32)).status_code == 200
