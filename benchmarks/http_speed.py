@@ -89,6 +89,7 @@ class Row:
     rps: list[float]
     p50_ms: list[float]
     p99_ms: list[float]
+    cpu_us: list[float]  # server CPU time per request (user + system, all its threads)
     requests: int = 0
     failures: int = 0
 
@@ -131,6 +132,15 @@ def start_hello(log_path: str) -> tuple[subprocess.Popen, int]:
         time.sleep(0.2)
     proc.terminate()
     raise SystemExit("hello-world server did not answer in 60 s")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -190,14 +200,15 @@ def measure(args: argparse.Namespace, wrk: str, tmp: str) -> list[Row]:
     (scripts / "same.lua").write_text(_lua_post([json.dumps(MEMORY)]))
     (scripts / "cycled.lua").write_text(
         _lua_post([json.dumps(_with_batch(b)) for b in CYCLED_BATCHES]))
-    rows = [Row("hello world: GET /", "hello", "/", str(scripts / "hello.lua"), [], [], []),
+    rows = [Row("hello world: GET /", "hello", "/", str(scripts / "hello.lua"), [], [], [], []),
             Row("POST /v1/memory, same body", "memplan", "/v1/memory",
-                str(scripts / "same.lua"), [], [], []),
+                str(scripts / "same.lua"), [], [], [], []),
             Row(f"POST /v1/memory, micro-batch {CYCLED_BATCHES[0]}..{CYCLED_BATCHES[-1]} "
-                "cycled", "memplan", "/v1/memory", str(scripts / "cycled.lua"), [], [], [])]
+                "cycled", "memplan", "/v1/memory", str(scripts / "cycled.lua"), [], [], [], [])]
     memplan, mport = start_server(f"sqlite:///{tmp}/jobs.db", f"{tmp}/memplan.log")
     hello, hport = start_hello(f"{tmp}/hello.log")
     ports = {"memplan": mport, "hello": hport}
+    pids = {"memplan": memplan.pid, "hello": hello.pid}
     try:
         # The setup's step template is compiled by its second size; then one short wrk run per
         # row warms both processes (imports, allocator, caches).
@@ -209,8 +220,10 @@ def measure(args: argparse.Namespace, wrk: str, tmp: str) -> list[Row]:
         for r in range(args.rounds):
             for k in range(len(rows)):
                 row = rows[(k + r) % len(rows)]  # rotate the order round by round
+                cpu0 = cpu_seconds(pids[row.server])
                 res = run_wrk(wrk, f"http://127.0.0.1:{ports[row.server]}{row.path}",
                               row.script, args.duration_s, args.connections, args.threads)
+                row.cpu_us.append((cpu_seconds(pids[row.server]) - cpu0) / res["requests"] * 1e6)
                 row.rps.append(res["requests"] / (res["duration_us"] / 1e6))
                 row.p50_ms.append(res["p50_us"] / 1e3)
                 row.p99_ms.append(res["p99_us"] / 1e3)
@@ -227,29 +240,33 @@ def measure(args: argparse.Namespace, wrk: str, tmp: str) -> list[Row]:
 
 def table(rows: list[Row], args: argparse.Namespace) -> tuple[str, bool]:
     hello = rows[0]
-    h_rps, h_p99 = statistics.median(hello.rps), statistics.median(hello.p99_ms)
+    h_rps, h_p99, h_cpu = (statistics.median(v) for v in (hello.rps, hello.p99_ms, hello.cpu_us))
     lines = [f"wrk {args.threads} threads, {args.connections} keep-alive connections, "
              f"{args.duration_s:g} s a run, {args.rounds} interleaved rounds (median of rounds; "
              f"spread = min..max of the rounds). Both servers up at once, one uvicorn process "
              f"each (asyncio loop, h11). {os.cpu_count()} CPUs shared by both servers and wrk; "
-             f"Python {platform.python_version()}.", "",
+             f"Python {platform.python_version()}. CPU µs/req: the server process's user + "
+             "system time per request; hello's CPU over a row's is the req/s fraction the row "
+             "would reach with a core to itself (steadier than req/s on a shared machine).", "",
              "| row | req/s | spread | p50 ms | p99 ms | req/s vs hello | p99 vs hello | "
-             "requests | failed |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "CPU µs/req | CPU: hello / row | requests | failed |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     met = all(r.failures == 0 for r in rows)
     for row in rows:
-        rps, p50, p99 = (statistics.median(v) for v in (row.rps, row.p50_ms, row.p99_ms))
+        rps, p50, p99, cpu = (statistics.median(v) for v in (row.rps, row.p50_ms, row.p99_ms,
+                                                             row.cpu_us))
         if row is hello:
-            vs_rps = vs_p99 = "-"
+            vs_rps = vs_p99 = vs_cpu = "-"
         else:
             frac, factor = rps / h_rps, p99 / h_p99
             ok_rps, ok_p99 = frac >= GOAL_RPS_FRACTION, factor <= GOAL_P99_FACTOR
             met = met and ok_rps and ok_p99
             vs_rps = f"{frac:.0%} ({'met' if ok_rps else 'NOT met'})"
             vs_p99 = f"{factor:.2f}x ({'met' if ok_p99 else 'NOT met'})"
+            vs_cpu = f"{h_cpu / cpu:.0%}"
         lines.append(f"| {row.label} | {rps:.0f} | {min(row.rps):.0f}..{max(row.rps):.0f} | "
-                     f"{p50:.2f} | {p99:.2f} | {vs_rps} | {vs_p99} | {row.requests} | "
-                     f"{row.failures} |")
+                     f"{p50:.2f} | {p99:.2f} | {vs_rps} | {vs_p99} | {cpu:.0f} | {vs_cpu} | "
+                     f"{row.requests} | {row.failures} |")
     lines += ["", f"Goals: req/s >= {GOAL_RPS_FRACTION:.0%} of the hello world's, p99 <= "
               f"{GOAL_P99_FACTOR:g}x the hello world's: {'met' if met else 'NOT met'}."]
     return "\n".join(lines), met
