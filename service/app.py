@@ -38,12 +38,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or Settings.from_env()
     app.state.jobs = StoreHolder(app.state.settings)
     app.state.estimates = EstimateSlots.from_settings(app.state.settings)
-    for module in (health, catalog, validations, metrics):
-        app.include_router(module.router)
     # Estimate routes: open unless MEMPLAN_PROTECT_ESTIMATES (job routes carry their own guard).
-    for module in (memory, checkpointing, pipeline, zero):
+    # Included first: the busiest routes are matched first (no path of the others overlaps).
+    for module in (memory, zero, checkpointing, pipeline):
         app.include_router(module.router, dependencies=[Depends(_estimate_guard)],
                            responses=security.ESTIMATE_AUTH_RESPONSES)
+    for module in (health, catalog, validations, metrics):
+        app.include_router(module.router)
     security.install(app, app.state.settings)  # body-size limit, resource-cap 422s
     # Added last, so it runs first: every request, a 413 included, gets an id and is measured.
     app.add_middleware(metrics.ObservabilityMiddleware)

@@ -53,15 +53,23 @@ ESTIMATE_LIMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
           "past the per-request work limit"},
 }
 
-_SIZES = {"training": {"micro_batch_size", "sequence_length"}}
+_SIZES = ("micro_batch_size", "sequence_length")
 
 
 def setup_key(route: str, request: MemoryRequest) -> Hashable:
     """A memory request's setup: all of it but the micro-batch size and the sequence length,
-    with the size domain the planner's step templates are compiled for."""
-    tr = request.training
-    return (route, request.model_dump_json(exclude=_SIZES),
-            domain_of(tr.micro_batch_size, tr.sequence_length))
+    with the size domain the planner's step templates are compiled for. The specs are frozen
+    models, so the key is a tuple of their values (JSON where a list inside does not hash). The
+    key only decides where an estimate runs, never what it answers."""
+    d, tr = request.__dict__, request.training
+    key = (route, tuple(v for k, v in d.items() if k != "training"),
+           tuple(v for k, v in tr.__dict__.items() if k not in _SIZES),
+           domain_of(tr.micro_batch_size, tr.sequence_length))
+    try:
+        hash(key)
+    except TypeError:  # e.g. explicit checkpointed blocks, LoRA target modules
+        key = (route, request.model_dump_json(exclude={"training": set(_SIZES)}), key[-1])
+    return key
 
 
 class EstimateSlots:

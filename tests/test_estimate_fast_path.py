@@ -195,3 +195,19 @@ def test_busy_slots_hold_back_a_fast_setup_too() -> None:
         finally:
             client.portal.call(limiter.release_on_behalf_of, "a running estimate")
         assert client.post("/v1/memory", json=_body(setup, 5, 32)).status_code == 200
+
+
+def test_a_setup_key_leaves_out_the_sizes_and_nothing_else() -> None:
+    def key(training: dict) -> object:
+        return setup_key("memory", MemoryRequest.model_validate(
+            {"model": {"preset": "gpt2"}, "training": training}))
+
+    base = {"micro_batch_size": 4, "sequence_length": 512}
+    assert key(base) == key({"micro_batch_size": 9, "sequence_length": 100})
+    assert key(base) != key({**base, "micro_batch_size": 1})  # a size domain of its own
+    assert key(base) != key({**base, "precision": "fp32"})
+    listed = {**base, "activation_checkpointing": {"strategy": "blocks", "blocks": [1, 2]}}
+    hash(key(listed))  # a list inside: keyed by JSON
+    assert key(listed) == key({**listed, "sequence_length": 64})
+    assert key(listed) != key({**listed, "activation_checkpointing": {"strategy": "blocks",
+                                                                      "blocks": [1, 3]}})
