@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.load import _free_port, start_server  # noqa: E402
+from benchmarks.load import _free_port, start_server
 
 GOAL_RPS_FRACTION = 0.70
 GOAL_P99_FACTOR = 2.0
@@ -174,7 +174,7 @@ def run_wrk(wrk: str, url: str, script: str, duration_s: float, connections: int
             threads: int) -> dict:
     out = subprocess.run([wrk, f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s",
                           "--timeout", "10s", "-s", script, url],
-                         capture_output=True, text=True, timeout=duration_s + 60)
+                         capture_output=True, text=True, timeout=duration_s + 60, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("WRK_RESULT "):
             return json.loads(line[len("WRK_RESULT "):])
@@ -243,15 +243,15 @@ def measure(args: argparse.Namespace, wrk: str, tmp: str) -> list[Row]:
 def table(rows: list[Row], args: argparse.Namespace) -> tuple[str, bool]:
     hello = rows[0]
     h_rps, h_p99, h_cpu = (statistics.median(v) for v in (hello.rps, hello.p99_ms, hello.cpu_us))
-    lines = [f"wrk {args.threads} threads, {args.connections} keep-alive connections, "
-             f"{args.duration_s:g} s a run, {args.rounds} interleaved rounds (median of rounds; "
-             f"spread = min..max of the rounds). Both servers up at once, one uvicorn process "
-             f"each (asyncio loop, h11). {os.cpu_count()} CPUs shared by both servers and wrk; "
-             f"Python {platform.python_version()}. CPU µs/req: the server process's user + "
-             "system time per request; hello's CPU over a row's is the req/s fraction the row "
-             "would reach with a core to itself (steadier than req/s on a shared machine).", "",
-             "| row | req/s | spread | p50 ms | p99 ms | req/s vs hello | p99 vs hello | "
-             "CPU µs/req | CPU: hello / row | requests | failed |",
+    lines = [(f"wrk {args.threads} threads, {args.connections} keep-alive connections, "
+              f"{args.duration_s:g} s a run, {args.rounds} interleaved rounds (median of rounds; "
+              f"spread = min..max of the rounds). Both servers up at once, one uvicorn process "
+              f"each (asyncio loop, h11). {os.cpu_count()} CPUs shared by both servers and wrk; "
+              f"Python {platform.python_version()}. CPU µs/req: the server process's user + "
+              "system time per request; hello's CPU over a row's is the req/s fraction the row "
+              "would reach with a core to itself (steadier than req/s on a shared machine)."), "",
+             ("| row | req/s | spread | p50 ms | p99 ms | req/s vs hello | p99 vs hello | "
+              "CPU µs/req | CPU: hello / row | requests | failed |"),
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     met = all(r.failures == 0 for r in rows)
     for row in rows:
@@ -271,8 +271,8 @@ def table(rows: list[Row], args: argparse.Namespace) -> tuple[str, bool]:
         lines.append(f"| {row.label} | {rps:.0f} | {min(row.rps):.0f}..{max(row.rps):.0f} | "
                      f"{p50:.2f} | {p99:.2f} | {vs_rps} | {vs_p99} | {cpu:.0f} | {vs_cpu} | "
                      f"{row.requests} | {row.failures} |")
-    lines += ["", f"Goals: req/s >= {GOAL_RPS_FRACTION:.0%} of the hello world's, p99 <= "
-              f"{GOAL_P99_FACTOR:g}x the hello world's: {'met' if met else 'NOT met'}."]
+    lines += ["", (f"Goals: req/s >= {GOAL_RPS_FRACTION:.0%} of the hello world's, p99 <= "
+                   f"{GOAL_P99_FACTOR:g}x the hello world's: {'met' if met else 'NOT met'}.")]
     return "\n".join(lines), met
 
 
@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     text, met = table(rows, args)
     print(text)
     if args.write:
-        version = subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout
+        version = subprocess.run([wrk, "--version"], capture_output=True, text=True,
+                                 check=False).stdout
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text("# HTTP speed: POST /v1/memory next to a FastAPI hello world (wrk)\n\n"
                        "`python benchmarks/http_speed.py --write` "

@@ -5,10 +5,19 @@ from __future__ import annotations
 from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 
+from planner.specs import MemoryRequest
 from service import errors, metrics, security
-from service.routes import catalog, checkpointing, health, memory, pipeline, validations, zero
-from service.estimates import EstimateSlots
+from service.estimates import EstimateFastLane, EstimateSlots, Lane
 from service.jobs.store import StoreHolder
+from service.routes import (
+    catalog,
+    checkpointing,
+    health,
+    memory,
+    pipeline,
+    validations,
+    zero,
+)
 from service.settings import Settings
 
 
@@ -45,6 +54,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            responses=security.ESTIMATE_AUTH_RESPONSES)
     for module in (health, catalog, validations, metrics):
         app.include_router(module.router)
+    # Inside the body-size limit and the request middleware: known-fast estimates answered there.
+    app.add_middleware(EstimateFastLane, slots=app.state.estimates, settings=app.state.settings,
+                       lanes=[Lane("/v1/memory", MemoryRequest, memory._estimate, "memory"),
+                              Lane("/v1/zero", MemoryRequest, zero._compare, "zero")])
     security.install(app, app.state.settings)  # body-size limit, resource-cap 422s
     # Added last, so it runs first: every request, a 413 included, gets an id and is measured.
     app.add_middleware(metrics.ObservabilityMiddleware)

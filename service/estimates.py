@@ -24,6 +24,14 @@ CPU loses the mark too. The answer is the same function of the same request eith
 where it runs differs. (A stopped inline attempt has counted the setup as seen once in the
 planner's step cache, so the retry may compile the setup's template one request early: the
 template's answers equal the replay's to the byte.)
+
+The fast lane (:class:`EstimateFastLane`, an ASGI middleware inside the body-size limit and the
+request middleware) answers such estimates before the framework's routing, dependency solving and
+response validation, which cost several times the template evaluation: a JSON ``POST`` to a lane's
+path whose body validates and whose setup is marked fast is answered there, serialised as the
+route serialises it. Anything else (a refusal of any kind, an unmarked setup, a replay reached,
+protected estimate routes) goes on to the route with the body already read, and is answered as
+before.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from fastapi import HTTPException, Request
 from planner.deadline import WorkLimit, WorkLimitExceeded, work_limit
 from planner.specs import MemoryRequest
 from planner.step_template import domain_of
-from service.errors import PROBLEM, Problem
+from service.errors import PROBLEM, Problem, loads_unique
 
 T = TypeVar("T")
 
@@ -203,3 +211,98 @@ async def run_estimate(request: Request, fn: Callable[[], T], setup: Hashable | 
     if setup is not None and limit.checks == 0 and limit.cpu_s <= INLINE_CPU_S:
         slots.mark_fast(setup)
     return result
+
+
+# ---- the fast lane -----------------------------------------------------------------------------
+class Lane:
+    """An estimate route the fast lane may answer: its path template (for metrics and logs), body
+    model, planner call (with the route's error mapping) and setup key name."""
+
+    def __init__(self, path: str, body: type[MemoryRequest], answer: Callable[[Any], Any],
+                 name: str) -> None:
+        self.path, self.body, self.answer, self.name = path, body, answer, name
+        self.route = type("LaneRoute", (), {"path": path})()  # what the request middleware reads
+
+
+def _json_content(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return False
+
+
+class EstimateFastLane:
+    """Answers ``POST`` to a lane's path on the spot when the body is valid JSON of the route's
+    model and its setup is marked fast (see the module docstring): the same answer the route gives,
+    without the framework's routing, dependency solving and response validation. Everything else
+    (errors of any kind, unmarked setups, a replay reached, protected estimate routes, another
+    content type) goes on to the app with the body it read, and is answered by the route as
+    before. It sits inside the body-size limit and the request middleware, which log and measure
+    its answers under the route's template."""
+
+    def __init__(self, app: Any, lanes: list[Lane], slots: EstimateSlots, settings: Any) -> None:
+        self.app, self.slots, self.settings = app, slots, settings
+        self.lanes = {lane.path: lane for lane in lanes}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        lane = self.lanes.get(scope.get("path")) if scope["type"] == "http" else None
+        if (lane is None or scope["method"] != "POST" or self.settings.protect_estimates
+                or not _json_content(scope["headers"])):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        try:
+            message = await receive()
+            while message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+                message = await receive()
+            else:  # the client went away: the route sees it where it reads the body
+                await self.app(scope, _replay(b"".join(chunks), message, receive), send)
+                return
+        except Exception as exc:  # noqa: BLE001 - e.g. over the body-size limit: raised again
+            await self.app(scope, _replay(b"".join(chunks), exc, receive), send)  # in the route
+            return
+        body = b"".join(chunks)
+        answer = self._answer(lane, body)
+        if answer is None:
+            await self.app(scope, _replay(body, None, receive), send)
+            return
+        scope["route"] = lane.route
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(answer)).encode()),
+                                (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": answer})
+
+    def _answer(self, lane: Lane, body: bytes) -> bytes | None:
+        try:
+            request = lane.body.model_validate(loads_unique(body))
+        except Exception:  # noqa: BLE001 - the route answers (and words) every refusal
+            return None
+        setup = setup_key(lane.name, request)
+        if setup not in self.slots.fast:
+            return None
+        try:
+            done, result = _try_inline(self.slots, setup, lambda: lane.answer(request))
+        except Exception:  # noqa: BLE001 - an error: the route answers it, as it always has
+            return None
+        return result.model_dump_json(by_alias=True).encode() if done else None  # as the route
+
+
+def _replay(body: bytes, then: dict | Exception | None, receive: Any) -> Any:
+    """A receive channel giving ``body`` again, then ``then`` (a message, or an exception the
+    body read raised, raised again), then the client's own messages."""
+    queue: list[Any] = [{"type": "http.request", "body": body, "more_body": then is not None}]
+    if then is not None:
+        queue.append(then)
+
+    async def replayed() -> dict:
+        if not queue:
+            return await receive()
+        item = queue.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    return replayed

@@ -5,6 +5,7 @@ limits; the estimate slots bound inline estimates too."""
 
 from __future__ import annotations
 
+import json
 import random
 import tempfile
 import threading
@@ -22,6 +23,7 @@ from planner.specs import MemoryRequest
 from service import estimates
 from service.app import create_app
 from service.estimates import EstimateSlots, run_estimate, setup_key
+from service.security import hash_token
 from service.settings import Settings
 
 
@@ -211,3 +213,81 @@ def test_a_setup_key_leaves_out_the_sizes_and_nothing_else() -> None:
     assert key(listed) == key({**listed, "sequence_length": 64})
     assert key(listed) != key({**listed, "activation_checkpointing": {"strategy": "blocks",
                                                                       "blocks": [1, 3]}})
+
+
+# ---- the fast lane (service/estimates.py: EstimateFastLane) ------------------------------------
+def _warm(client: TestClient, setup: dict, headers: dict | None = None) -> None:
+    for b in (2, 3, 4):  # replayed, compiled, then marked
+        r = client.post("/v1/memory", json=_body(setup, b, 32), headers=headers or {})
+        assert r.status_code == 200, r.text
+
+
+def _count(client: TestClient, status: str) -> int:
+    prefix = ('memplan_http_request_duration_seconds_count{method="POST",route="/v1/memory",'
+              f'status="{status}"}} ')
+    lines = [x for x in client.get("/metrics").text.splitlines() if x.startswith(prefix)]
+    return int(lines[0][len(prefix):]) if lines else 0
+
+
+def test_the_fast_lane_answers_as_the_route_does(thread_runs) -> None:
+    setup = SETUPS[2]
+    with _client() as client, _client() as fresh:
+        _warm(client, setup)
+        before, runs = _count(client, "200"), len(thread_runs)
+        lane = client.post("/v1/memory", json=_body(setup, 6, 40))
+        assert len(thread_runs) == runs  # answered inline
+        route = fresh.post("/v1/memory", json=_body(setup, 6, 40))  # no marks: a thread
+        assert len(thread_runs) == runs + 1
+        assert lane.status_code == route.status_code == 200
+        assert lane.content == route.content == _replayed(_body(setup, 6, 40))
+        lane_headers = {k: v for k, v in lane.headers.items() if k != "x-request-id"}
+        assert lane_headers == {k: v for k, v in route.headers.items() if k != "x-request-id"}
+        assert lane.headers["x-request-id"]
+        # measured under the route's template
+        assert _count(client, "200") == before + 1 + 1  # this answer and the fresh app's
+
+
+def test_the_fast_lane_answers_zero_as_the_route_does() -> None:
+    body = _body(SETUPS[3], 4, 32)
+    with _client() as client:
+        route = client.post("/v1/zero", json=body)
+        client.app.state.estimates.mark_fast(setup_key("zero", MemoryRequest.model_validate(body)))
+        lane = client.post("/v1/zero", json=body)
+        assert lane.status_code == route.status_code == 200
+        assert lane.content == route.content
+
+
+_REFUSALS = [
+    ((b'{"model": {"family": "llama", "num_layers": 3, "hidden_size": 64, "num_heads": 4, '
+      b'"vocab_size": 256}, "training": {"precision": "fp32", "micro_batch_size": 2, '
+      b'"micro_batch_size": 3, "sequence_length": 32}}'), "application/json"),  # duplicate key
+    (json.dumps(_body(SETUPS[0], 0, 32)).encode(), "application/json"),  # out of range
+    (json.dumps({**_body(SETUPS[0], 2, 32), "model": {"preset": "no-such-model"}}).encode(),
+     "application/json"),
+    (json.dumps(_body(SETUPS[0], 2, 32)).encode(), "text/plain"),
+    (b"", "application/json"),
+    (b'{"model": ', "application/json"),
+    (json.dumps(_body(SETUPS[0], 2, 32)).encode()[:-1] + b', "extra": 1}', "application/json"),
+]
+
+
+@pytest.mark.parametrize("content,ctype", _REFUSALS)
+def test_the_fast_lane_leaves_every_other_request_to_the_route(content, ctype) -> None:
+    with _client() as client, _client() as fresh:
+        _warm(client, SETUPS[0])
+        assert setup_key("memory", MemoryRequest.model_validate(_body(SETUPS[0], 5, 32))) \
+            in client.app.state.estimates.fast
+        lane = client.post("/v1/memory", content=content, headers={"content-type": ctype})
+        route = fresh.post("/v1/memory", content=content, headers={"content-type": ctype})
+        assert lane.status_code == route.status_code, (lane.text, route.text)
+        assert lane.content == route.content
+        assert lane.headers["content-type"] == route.headers["content-type"]
+
+
+def test_protected_estimate_routes_still_want_a_token() -> None:
+    with _client(protect_estimates=True, api_tokens=(hash_token("secret"),)) as client:
+        auth = {"authorization": "Bearer secret"}
+        _warm(client, SETUPS[1], auth)
+        assert client.post("/v1/memory", json=_body(SETUPS[1], 5, 32)).status_code == 401
+        assert client.post("/v1/memory", json=_body(SETUPS[1], 5, 32),
+                           headers=auth).status_code == 200
