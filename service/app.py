@@ -9,15 +9,7 @@ from planner.specs import MemoryRequest
 from service import errors, metrics, security
 from service.estimates import EstimateFastLane, EstimateSlots, Lane
 from service.jobs.store import StoreHolder
-from service.routes import (
-    catalog,
-    checkpointing,
-    health,
-    memory,
-    pipeline,
-    validations,
-    zero,
-)
+from service.routes import catalog, checkpointing, health, memory, pipeline, validations, zero
 from service.settings import Settings
 
 
@@ -47,13 +39,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or Settings.from_env()
     app.state.jobs = StoreHolder(app.state.settings)
     app.state.estimates = EstimateSlots.from_settings(app.state.settings)
-    # Estimate routes: open unless MEMPLAN_PROTECT_ESTIMATES (job routes carry their own guard).
-    # Included first: the busiest routes are matched first (no path of the others overlaps).
-    for module in (memory, zero, checkpointing, pipeline):
-        app.include_router(module.router, dependencies=[Depends(_estimate_guard)],
-                           responses=security.ESTIMATE_AUTH_RESPONSES)
     for module in (health, catalog, validations, metrics):
         app.include_router(module.router)
+    # Estimate routes: open unless MEMPLAN_PROTECT_ESTIMATES (job routes carry their own guard).
+    for module in (memory, checkpointing, pipeline, zero):
+        app.include_router(module.router, dependencies=[Depends(_estimate_guard)],
+                           responses=security.ESTIMATE_AUTH_RESPONSES)
     # Inside the body-size limit and the request middleware: known-fast estimates answered there.
     app.add_middleware(EstimateFastLane, slots=app.state.estimates, settings=app.state.settings,
                        lanes=[Lane("/v1/memory", MemoryRequest, memory._estimate, "memory"),
