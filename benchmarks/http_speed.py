@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration-s", type=float, default=5.0, help="seconds a wrk run")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")
-    ap.add_argument("--write", action="store_true", help=f"write the table to {OUT.relative_to(ROOT)}")
+    ap.add_argument("--write", action="store_true",
+                    help=f"write the table to {OUT.relative_to(ROOT)}")
     ap.add_argument("--note", default="", help="a line added under the table (with --write)")
     ap.add_argument("--serve-hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -297,10 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         version = subprocess.run([wrk, "--version"], capture_output=True, text=True,
                                  check=False).stdout
+        version = (version.splitlines() or ["wrk"])[0].split("[")[0].strip()
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text("# HTTP speed: POST /v1/memory next to a FastAPI hello world (wrk)\n\n"
-                       "`python benchmarks/http_speed.py --write` "
-                       f"({(version.splitlines() or ['wrk'])[0].strip()}).\n\n{text}\n"
+                       f"`python benchmarks/http_speed.py --write` ({version}).\n\n{text}\n"
                        + (f"\n{args.note}\n" if args.note else ""))
     return 0 if met else 1
 
