@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 
+from planner.catalog.specs import MemoryRequest
 from service import errors, metrics, security
-from service.routes import catalog, checkpointing, health, memory, pipeline, validations, zero
-from service.estimates import EstimateSlots
+from service.estimates import EstimateFastLane, EstimateSlots, Lane
 from service.jobs.store import StoreHolder
+from service.routes import catalog, checkpointing, health, memory, pipeline, validations, zero
 from service.settings import Settings
 
 
 def _operation_id(route: APIRoute) -> str:
     # Stable, readable operationIds for generated clients: the handler's name.
     return route.name
+
+
+async def _estimate_guard(request: Request) -> None:
+    # On the event loop (a digest comparison, no I/O): a plain-function dependency would hand
+    # every estimate to the thread pool and back before it starts.
+    security.estimate_guard(request)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -36,8 +43,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     # Estimate routes: open unless MEMPLAN_PROTECT_ESTIMATES (job routes carry their own guard).
     for module in (memory, checkpointing, pipeline, zero):
-        app.include_router(module.router, dependencies=[Depends(security.estimate_guard)],
+        app.include_router(module.router, dependencies=[Depends(_estimate_guard)],
                            responses=security.ESTIMATE_AUTH_RESPONSES)
+    # Inside the body-size limit and the request middleware: known-fast estimates answered there.
+    app.add_middleware(EstimateFastLane, slots=app.state.estimates, settings=app.state.settings,
+                       lanes=[Lane("/v1/memory", MemoryRequest, memory._estimate, "memory"),
+                              Lane("/v1/zero", MemoryRequest, zero._compare, "zero")])
     security.install(app, app.state.settings)  # body-size limit, resource-cap 422s
     # Added last, so it runs first: every request, a 413 included, gets an id and is measured.
     app.add_middleware(metrics.ObservabilityMiddleware)

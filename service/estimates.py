@@ -1,4 +1,5 @@
-"""How the estimate routes run their planner work: bounded, time-limited, cancellable.
+"""How the estimate routes run their planner work: bounded, time-limited, cancellable, and answered
+on the event loop when the answer is already known to be a template evaluation.
 
 - At most ``max_concurrent_estimates`` estimates compute at once per process, on worker threads
   of their own (an anyio capacity limiter), so the health, catalog and job routes never queue
@@ -8,28 +9,75 @@
   the planner stops at its next check and the answer is a 503 problem naming the limit.
 - When the client goes away, the work limit is cancelled: the planner stops at its next check
   and the slot is free again.
+
+The fast path. Every replay, rank loop and schedule simulation of the planner calls
+``planner.machine.deadline.check()`` as it goes; an answer read from a compiled step template or a memo
+calls it never and takes microseconds. A route may name the *setup* of a request (everything but
+the sizes a sweep varies, see :func:`setup_key`). When an estimate of that setup ran on a worker
+thread without one check and within ``INLINE_CPU_S`` of CPU, the setup is marked fast, and its
+next estimates run on the event loop itself: no thread hand-off, no disconnect watcher, still
+holding an estimate slot (taken without waiting; when none is free, the request takes the queue
+like any other). An inline estimate runs under a work limit whose first ``check()`` stops it: the
+planner was about to replay, so the setup loses its mark and the estimate starts again on a
+worker thread under the real limits. An inline estimate that used more than ``INLINE_CPU_S`` of
+CPU loses the mark too. The answer is the same function of the same request either way: only
+where it runs differs. (A stopped inline attempt has counted the setup as seen once in the
+planner's step cache, so the retry may compile the setup's template one request early: the
+template's answers equal the replay's to the byte.)
+
+The fast lane (:class:`EstimateFastLane`, an ASGI middleware inside the body-size limit and the
+request middleware) answers such estimates before the framework's routing, dependency solving and
+response validation, which cost several times the template evaluation: a JSON ``POST`` to a lane's
+path whose body validates and whose setup is marked fast is answered there, serialised as the
+route serialises it. Anything else (a refusal of any kind, an unmarked setup, a replay reached,
+protected estimate routes) goes on to the route with the body already read, and is answered as
+before.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 from fastapi import HTTPException, Request
 
+from planner.catalog.specs import MemoryRequest
 from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
-from service.errors import PROBLEM, Problem
+from planner.machine.recording import domain_of
+from service.errors import PROBLEM, Problem, loads_unique
 
 T = TypeVar("T")
+
+INLINE_CPU_S = 0.001  # the most CPU an estimate answered on the event loop may take
+FAST_SETUPS_MAX = 4096
 
 ESTIMATE_LIMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "content": {PROBLEM: {}},
           "description": "Every estimate slot stayed busy (Retry-After), or the estimate ran "
           "past the per-request work limit"},
 }
+
+_SIZES = ("micro_batch_size", "sequence_length")
+
+
+def setup_key(route: str, request: MemoryRequest) -> Hashable:
+    """A memory request's setup: all of it but the micro-batch size and the sequence length,
+    with the size domain the planner's step templates are compiled for. The specs are frozen
+    models, so the key is a tuple of their values (JSON where a list inside does not hash). The
+    key only decides where an estimate runs, never what it answers."""
+    d, tr = request.__dict__, request.training
+    key = (route, tuple(v for k, v in d.items() if k != "training"),
+           tuple(v for k, v in tr.__dict__.items() if k not in _SIZES),
+           domain_of(tr.micro_batch_size, tr.sequence_length))
+    try:
+        hash(key)
+    except TypeError:  # e.g. explicit checkpointed blocks, LoRA target modules
+        key = (route, request.model_dump_json(exclude={"training": set(_SIZES)}), key[-1])
+    return key
 
 
 class EstimateSlots:
@@ -41,16 +89,59 @@ class EstimateSlots:
         # thread pool that the synchronous routes (readiness, catalogs, jobs) use
         self.threads = anyio.CapacityLimiter(max_concurrent)
         self.queue_s, self.deadline_s = queue_s, deadline_s
+        self.fast: dict[Hashable, None] = {}  # setups answered on the event loop (oldest first)
 
     @classmethod
     def from_settings(cls, settings) -> EstimateSlots:
         return cls(settings.max_concurrent_estimates, settings.estimate_queue_s,
                    settings.estimate_deadline_s)
 
+    def mark_fast(self, setup: Hashable) -> None:
+        if len(self.fast) >= FAST_SETUPS_MAX:
+            self.fast.pop(next(iter(self.fast)), None)
+        self.fast[setup] = None
 
-def _run_limited(limit: WorkLimit, fn: Callable[[], T]) -> T:
+
+class _NeedsThread(WorkLimitExceeded):
+    """An inline estimate reached the planner's first work check (a replay is starting)."""
+
+    def __init__(self) -> None:
+        super().__init__("a replay is needed: the estimate moves to a worker thread")
+
+
+class _InlineLimit(WorkLimit):
+    """The work limit of an estimate on the event loop: its first check stops it."""
+
+    __slots__ = ()
+
+    def check(self) -> None:
+        raise _NeedsThread()
+
+
+class _ThreadLimit(WorkLimit):
+    """The work limit of an estimate on a worker thread, counting the planner's checks and
+    measuring the CPU the estimate used."""
+
+    __slots__ = ("checks", "cpu_s")
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.checks, self.cpu_s = 0, float("inf")
+
+    def check(self) -> None:
+        self.checks += 1
+        WorkLimit.check(self)
+
+
+_INLINE = _InlineLimit(0.0)
+
+
+def _run_limited(limit: _ThreadLimit, fn: Callable[[], T]) -> T:
     with work_limit(limit):
-        return fn()
+        start = time.thread_time()
+        result = fn()
+        limit.cpu_s = time.thread_time() - start
+        return result
 
 
 async def _watch_disconnect(request: Request, limit: WorkLimit) -> None:
@@ -61,9 +152,35 @@ async def _watch_disconnect(request: Request, limit: WorkLimit) -> None:
         await anyio.sleep(0.05)
 
 
-async def run_estimate(request: Request, fn: Callable[[], T]) -> T:
-    """Run ``fn`` (the planner call, with its own error mapping) under the process's limits."""
+def _try_inline(slots: EstimateSlots, setup: Hashable, fn: Callable[[], T]) -> tuple[bool, Any]:
+    """(True, answer) when answered on the event loop; (False, None) when it must run on a thread
+    (no free slot, or the planner reached a work check)."""
+    try:
+        slots.limiter.acquire_nowait()
+    except anyio.WouldBlock:
+        return False, None
+    try:
+        start = time.thread_time()
+        with work_limit(_INLINE):
+            result = fn()
+        if time.thread_time() - start > INLINE_CPU_S:
+            slots.fast.pop(setup, None)
+        return True, result
+    except _NeedsThread:
+        slots.fast.pop(setup, None)
+        return False, None
+    finally:
+        slots.limiter.release()
+
+
+async def run_estimate(request: Request, fn: Callable[[], T], setup: Hashable | None = None) -> T:
+    """Run ``fn`` (the planner call, with its own error mapping) under the process's limits;
+    ``setup`` (see :func:`setup_key`) lets a known-fast setup be answered on the event loop."""
     slots: EstimateSlots = request.app.state.estimates
+    if setup is not None and setup in slots.fast:
+        done, answer = _try_inline(slots, setup, fn)
+        if done:
+            return answer
     with anyio.move_on_after(slots.queue_s) as waited:
         await slots.limiter.acquire()
     if waited.cancelled_caught:
@@ -71,7 +188,7 @@ async def run_estimate(request: Request, fn: Callable[[], T]) -> T:
             503, f"all {int(slots.limiter.total_tokens)} estimate slots of this process stayed busy "
             f"for {slots.queue_s:g} s (max_concurrent_estimates); retry",
             headers={"Retry-After": "1"})
-    limit = WorkLimit(slots.deadline_s)
+    limit = _ThreadLimit(slots.deadline_s)
     error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
@@ -91,4 +208,101 @@ async def run_estimate(request: Request, fn: Callable[[], T]) -> T:
             "large is not answered within the limit") from None
     if error is not None:
         raise error
+    if setup is not None and limit.checks == 0 and limit.cpu_s <= INLINE_CPU_S:
+        slots.mark_fast(setup)
     return result
+
+
+# ---- the fast lane -----------------------------------------------------------------------------
+class Lane:
+    """An estimate route the fast lane may answer: its path template (for metrics and logs), body
+    model, planner call (with the route's error mapping) and setup key name."""
+
+    def __init__(self, path: str, body: type[MemoryRequest], answer: Callable[[Any], Any],
+                 name: str) -> None:
+        self.path, self.body, self.answer, self.name = path, body, answer, name
+        self.route = type("LaneRoute", (), {"path": path})()  # what the request middleware reads
+
+
+def _json_content(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return False
+
+
+class EstimateFastLane:
+    """Answers ``POST`` to a lane's path on the spot when the body is valid JSON of the route's
+    model and its setup is marked fast (see the module docstring): the same answer the route gives,
+    without the framework's routing, dependency solving and response validation. Everything else
+    (errors of any kind, unmarked setups, a replay reached, protected estimate routes, another
+    content type) goes on to the app with the body it read, and is answered by the route as
+    before. It sits inside the body-size limit and the request middleware, which log and measure
+    its answers under the route's template."""
+
+    def __init__(self, app: Any, lanes: list[Lane], slots: EstimateSlots, settings: Any) -> None:
+        self.app, self.slots, self.settings = app, slots, settings
+        self.lanes = {lane.path: lane for lane in lanes}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        lane = self.lanes.get(scope.get("path")) if scope["type"] == "http" else None
+        if (lane is None or scope["method"] != "POST" or self.settings.protect_estimates
+                or not _json_content(scope["headers"])):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        try:
+            message = await receive()
+            while message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+                message = await receive()
+            else:  # the client went away: the route sees it where it reads the body
+                await self.app(scope, _replay(b"".join(chunks), message, receive), send)
+                return
+        except Exception as exc:  # noqa: BLE001 - e.g. over the body-size limit: raised again
+            await self.app(scope, _replay(b"".join(chunks), exc, receive), send)  # in the route
+            return
+        body = b"".join(chunks)
+        answer = self._answer(lane, body)
+        if answer is None:
+            await self.app(scope, _replay(body, None, receive), send)
+            return
+        scope["route"] = lane.route
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(answer)).encode()),
+                                (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": answer})
+
+    def _answer(self, lane: Lane, body: bytes) -> bytes | None:
+        try:
+            request = lane.body.model_validate(loads_unique(body))
+        except Exception:  # noqa: BLE001 - the route answers (and words) every refusal
+            return None
+        setup = setup_key(lane.name, request)
+        if setup not in self.slots.fast:
+            return None
+        try:
+            done, result = _try_inline(self.slots, setup, lambda: lane.answer(request))
+        except Exception:  # noqa: BLE001 - an error: the route answers it, as it always has
+            return None
+        return result.model_dump_json(by_alias=True).encode() if done else None  # as the route
+
+
+def _replay(body: bytes, then: dict | Exception | None, receive: Any) -> Any:
+    """A receive channel giving ``body`` again, then ``then`` (a message, or an exception the
+    body read raised, raised again), then the client's own messages."""
+    queue: list[Any] = [{"type": "http.request", "body": body, "more_body": then is not None}]
+    if then is not None:
+        queue.append(then)
+
+    async def replayed() -> dict:
+        if not queue:
+            return await receive()
+        item = queue.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    return replayed

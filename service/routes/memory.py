@@ -7,7 +7,7 @@ from planner.catalog.errors import PlanningError
 from planner.routes import memory as planner_memory
 from planner.catalog.specs import MemoryRequest, MemoryResult
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
-from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
+from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate, setup_key
 
 router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 @router.post("/memory", responses={**ERROR_RESPONSES, **ESTIMATE_LIMIT_RESPONSES})
 async def estimate_memory(request: MemoryRequest, http: Request) -> MemoryResult:
     """Peak bytes per device by category, where the peak falls, and the fit on a GPU."""
-    return await run_estimate(http, lambda: _estimate(request))
+    return await run_estimate(http, lambda: _estimate(request), setup_key("memory", request))
 
 
 def _estimate(request: MemoryRequest) -> MemoryResult:

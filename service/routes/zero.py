@@ -7,7 +7,7 @@ from planner.catalog.errors import PlanningError
 from planner.catalog.specs import MemoryRequest, ZeroResult
 from planner.routes.zero import zero_stages
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
-from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
+from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate, setup_key
 
 router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 async def compare_zero_stages(request: MemoryRequest, http: Request) -> ZeroResult:
     """The setup under ZeRO stages 0-3 and CPU offload: per-device bytes, the torch
     implementation each stage describes, and bytes each rank sends per step."""
-    return await run_estimate(http, lambda: _compare(request))
+    return await run_estimate(http, lambda: _compare(request), setup_key("zero", request))
 
 
 def _compare(request: MemoryRequest) -> ZeroResult:
