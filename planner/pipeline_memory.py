@@ -74,6 +74,27 @@ from planner.zero import pipeline_stage_layers
 _SINGLE = ("gpipe", "1f1b")
 
 
+HOLD_WARM_WORK, DROP_WARM_WORK = 1, 2
+
+
+def rank_actions(schedule, rank: int) -> list[tuple[str, int, int, int]]:
+    """The rank's actions as ``(kind, stage, micro-batch, flag)``. Flags (Schedule1F1B only):
+    HOLD_WARM_WORK on the second-to-last warm-up forward (warm-up: min(m, S - stage) forwards,
+    not on the last stage), whose send work ``send_work`` keeps until the 1B1F loop ends, at the
+    backward of micro-batch m - warm-up (DROP_WARM_WORK)."""
+    out = [(k, st, j, 0) for k, st, j in schedule.actions(rank)]
+    if schedule.name == "1f1b" and out:
+        S, mb = schedule.num_stages, schedule.microbatches
+        stage = out[0][1]
+        warm = min(mb, S - stage)
+        for i, (k, st, j, _) in enumerate(out):
+            if k == "F" and st < S - 1 and j == warm - 2:
+                out[i] = (k, st, j, HOLD_WARM_WORK)
+            elif k == "B" and j == mb - warm:
+                out[i] = (k, st, j, DROP_WARM_WORK)
+    return out
+
+
 @dataclass
 class StagePeak:
     """One rank's replayed step."""
@@ -105,11 +126,18 @@ class PipelineRankProgram(ReferenceProgram):
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, schedule, rank: int, *,
                  device: str = "cuda", machine: Machine | None = None,
-                 sizes: tuple | None = None) -> None:
+                 sizes: tuple | None = None, actions: list | None = None,
+                 microbatches: int | None = None) -> None:
+        """``actions`` (with ``microbatches``) replaces the rank's action list: items
+        ``(kind, stage, micro-batch, flag)`` as ``rank_actions`` gives them, and markers
+        ``("|", ...)`` that call the machine's ``cut()`` (planner/pipeline_periods.py replays
+        shortened lists this way)."""
         super().__init__(model, training, device=device, compress=False, machine=machine,
                          sizes=sizes)
         self.sched, self.rank = schedule, rank
-        S, mb = schedule.num_stages, schedule.microbatches
+        S = schedule.num_stages
+        mb = schedule.microbatches if microbatches is None else microbatches
+        self.actions = rank_actions(schedule, rank) if actions is None else actions
         self.n_mb = mb
         self.stages = [s for s in range(S) if schedule.stage_to_rank[s] == rank]
         bounds = [0]
@@ -302,35 +330,34 @@ class PipelineRankProgram(ReferenceProgram):
             m.recategorize(b, "activations")  # (V shape: last step's input gradients)
         name = self.sched.name
         single = name in _SINGLE
-        last_b: dict[int, bool] = {}
-        S, mb = self.sched.num_stages, self.sched.microbatches
         # Schedule1F1B / ScheduleGPipe: the ``output`` variable (and 1F1B's ``fwd_sends``
         # P2P ops) hold the latest forward's output until the next forward returns, or to the
         # end of the step. 1F1B's warm-up keeps the send work of its second-to-last warm-up
-        # forward in ``send_work`` until the 1B1F loop ends (the B of micro-batch m - warm-up).
+        # forward in ``send_work`` until the 1B1F loop ends (flags of ``rank_actions``).
         latest: Buf | None = None
-        warm = min(mb, S - self.stages[0])
         warm_work: Buf | None = None
-        for kind, st, j in self.sched.actions(self.rank):
+        for kind, st, j, flag in self.actions:
             check_work_limit()
+            if kind == "|":  # a cut between kept and stood-in periods (pipeline_periods)
+                m.cut()
+                continue
             if kind == "F":
                 self.stage_forward(st, j)
                 if single:
                     m.drop(latest)
                     latest = m.hold(self.pending[st, j].out.buf)
-                    if name == "1f1b" and st < S - 1 and j == warm - 2:
+                    if flag == HOLD_WARM_WORK:
                         warm_work = m.hold(latest)
             elif kind == "B":
                 if name == "1f1b":  # the previous backward's send is kept until this one ends
                     keep, self.sends = self.sends, []
                     self.stage_backward(st, j)
                     m.drop(*keep)
-                    if j == mb - warm and warm_work is not None:
+                    if flag == DROP_WARM_WORK and warm_work is not None:
                         m.drop(warm_work)
                         warm_work = None
                 else:
                     self.stage_backward(st, j)
-                last_b[st] = True
             elif kind == "I":
                 self.stage_backward_input(st, j)
             else:
@@ -570,7 +597,8 @@ def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
     return None
 
 
-__all__ = ["PipelineRankProgram", "StagePeak", "pipeline_rank_peaks", "unsupported_reason"]
+__all__ = ["PipelineRankProgram", "StagePeak", "pipeline_rank_peaks", "rank_actions",
+           "unsupported_reason"]
 
 
 def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
