@@ -38,6 +38,7 @@ template's recording machine, give the rank's template (``compile_rank``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 
@@ -93,36 +94,46 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
                 found.append(Run(int(i0), P, int(d[i0]), int(reps)))
     found.sort(key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
     taken: list[Run] = []
-    for r in found:
+    for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
         a, b = r.start, r.start + r.reps * r.period
-        if all(b <= t.start or t.start + t.reps * t.period <= a for t in taken):
-            taken.append(r)
+        free = [(a, b)]
+        for t in taken:
+            ta, tb = t.start, t.start + t.reps * t.period
+            free = [piece for x, y in free for piece in ((x, min(y, ta)), (max(x, tb), y))
+                    if piece[0] < piece[1]]
+        best = None
+        for x, y in free:
+            x = a + -(-(x - a) // r.period) * r.period
+            reps = (y - x) // r.period
+            if reps >= min_reps and (best is None or reps > best.reps):
+                best = Run(x, r.period, r.shift, reps)
+        if best is not None:
+            taken.append(best)
     return sorted(taken, key=lambda r: r.start)
 
 
-def _counts(actions: list, run: Run) -> dict:
-    """Per stage, forwards minus input backwards and input minus weight backwards per period."""
+def _counts(actions: list, run: Run) -> dict[int, list[int]]:
+    """Per stage: forwards, input backwards (B or I), I's and W's in one period."""
     out: dict[int, list[int]] = {}
     for k, st, _, _ in actions[run.start:run.start + run.period]:
-        c = out.setdefault(st, [0, 0])
-        if k == "F":
-            c[0] += 1
-        elif k in ("B", "I"):
-            c[0] -= 1
-            c[1] += k == "I"
-        else:
-            c[1] -= 1
-    return {st: c for st, c in out.items() if c != [0, 0]}
+        c = out.setdefault(st, [0, 0, 0, 0])
+        c[_SLOT[k] + (k == "W")] += 1
+        c[2] += k == "I"
+    return out
 
 
-def _balanced(*cs: dict) -> bool:
-    tot: dict[int, list[int]] = {}
+def _uniform(stages: list[int], cs: list[dict]) -> bool:
+    """Dropping one period of each run in ``cs`` keeps a valid step: every stage of the rank
+    loses as many forwards as input backwards, the same number for every stage, and as many
+    W's as I's."""
+    tot = {st: [0, 0, 0, 0] for st in stages}
     for c in cs:
-        for st, (a, b) in c.items():
-            t = tot.setdefault(st, [0, 0])
-            t[0] += a
-            t[1] += b
-    return all(v == [0, 0] for v in tot.values())
+        for st, v in c.items():
+            if st not in tot:
+                return False
+            tot[st] = [a + b for a, b in zip(tot[st], v)]
+    per = {f for f, b, i, w in tot.values()}
+    return len(per) == 1 and all(f == b and i == w for f, b, i, w in tot.values())
 
 
 def plan(actions: list) -> list[list[Run]]:
@@ -138,41 +149,49 @@ def plan(actions: list) -> list[list[Run]]:
     held = {(st, j) for k, st, j, flag in actions if flag == HOLD_WARM_WORK}
     pins += [i for i, (k, st, j, _) in enumerate(actions) if (st, j) in held]
     runs = []
-    for r in find_runs(actions):
+    for whole in find_runs(actions):
+        # periods holding a flagged action (or an action of the micro-batch a flag holds) are
+        # replayed: the run is split around them
+        special = {(i - whole.start) // whole.period for i in pins
+                   if whole.start <= i < whole.start + whole.reps * whole.period}
+        a = 0
+        for b in sorted(special) + [whole.reps]:
+            if b > a:
+                runs.append(Run(whole.start + a * whole.period, whole.period, whole.shift, b - a))
+            a = b + 1
+    kept = []
+    for r in runs:
         end = r.start + r.reps * r.period
-        # the periods before the gap must include every stage's first backward, and one more
+        # the periods before the gap include every stage's first backward, and one more
         q = [(i - r.start) // r.period for i in first_grad.values() if r.start <= i < end]
         r.keep_before = max(q) + 2 if q else 1
-        for i in pins:  # flagged actions are replayed
-            if r.start <= i < end:
-                p = (i - r.start) // r.period
-                if r.keep_before <= p < r.reps - r.keep_after:
-                    if p - r.keep_before < r.reps - r.keep_after - p:
-                        r.keep_before = p + 1
-                    else:
-                        r.keep_after = r.reps - p
         if r.dropped >= MIN_DROPPED:
-            runs.append(r)
-    counts = [_counts(actions, r) for r in runs]
+            kept.append(r)
+    runs = kept
+    stages = sorted({st for _, st, _, _ in actions})
+    loose = sorted(((r, _counts(actions, r)) for r in runs), key=lambda rc: -rc[0].dropped)
     groups: list[list[Run]] = []
-    loose = []
-    for r, c in zip(runs, counts):
-        (groups.append([r]) if not c else loose.append((r, c)))
     while loose:
-        r, c = loose.pop(0)
+        (r, c), rest = loose[0], loose[1:]
         best = None
-        for i, (r2, c2) in enumerate(loose):
-            if _balanced(c, c2) and (best is None or
-                                     min(r2.dropped, r.dropped) > min(loose[best][0].dropped,
-                                                                      r.dropped)):
-                best = i
+        for size in range(0, 4):  # the smallest group with the first run, most periods dropped
+            for combo in combinations(range(min(len(rest), 12)), size):
+                cs = [c] + [rest[i][1] for i in combo]
+                if _uniform(stages, cs):
+                    n = min([r.dropped] + [rest[i][0].dropped for i in combo])
+                    if best is None or n > best[0]:
+                        best = (n, combo)
+            if best is not None:
+                break
         if best is None:
+            loose = rest
             continue
-        r2, _ = loose.pop(best)
-        n = min(r.dropped, r2.dropped)
-        for x in (r, r2):
+        n, combo = best
+        g = [r] + [rest[i][0] for i in combo]
+        for x in g:
             x.keep_before = x.reps - x.keep_after - n
-        groups.append([r, r2])
+        groups.append(g)
+        loose = [rest[i] for i in range(len(rest)) if i not in combo]
     return groups
 
 
@@ -188,6 +207,7 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[li
     res = []
     nxt: dict[tuple[int, int], int] = {}
     inputs: dict[int, list[int]] = {}
+    new_j: dict[int, int] = {}  # original index -> renumbered micro-batch
     mb_limit = len(actions)  # an impossible micro-batch: the list is refused
     i, n, close, resume = 0, len(actions), -1, -1
     while i < n:
@@ -211,6 +231,7 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[li
             if k == "I":
                 inputs.setdefault(st, []).append(j)
         res.append((k, st, j, flag))
+        new_j[i] = j
         i += 1
     if close >= 0:
         res.append(("|", -1, -1, 0))
@@ -218,7 +239,19 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[li
     if len(mbs) != 1:
         return None
     mb = mbs.pop()
-    return (res, mb) if _valid(res, mb) else None
+    return (res, mb) if _valid(res, mb) and _held_paired(actions, new_j) else None
+
+
+def _held_paired(actions: list, new_j: dict[int, int]) -> bool:
+    """The micro-batch whose output the 1F1B warm-up holds (its backward does not free it)
+    keeps its forward and backward under one number."""
+    held = [(i, st, j) for i, (k, st, j, flag) in enumerate(actions) if flag == HOLD_WARM_WORK]
+    for i, st, j in held:
+        b = next(x for x, (k, s2, j2, _) in enumerate(actions)
+                 if k in ("B", "I") and s2 == st and j2 == j)
+        if new_j.get(i, -1) != new_j.get(b, -2):
+            return False
+    return True
 
 
 def _valid(items: list, mb: int) -> bool:
@@ -307,20 +340,52 @@ def _outside(rows, meta, cuts: list[int], wanted: list[int]):
     return rows[idx], [meta[i] for i in idx]
 
 
-def extrapolated(make, actions: list, machine_type):
-    """(rows, meta, window ids) of the full step's instants outside the dropped periods, from
-    shortened replays; None when the list has no run to stand in for or the replays do not
-    have the affine form (the caller replays the full list)."""
-    groups = plan(actions)
-    if not groups:
-        return None
-    runs = [r for g in groups for r in g]
-    lists = [shortened(actions, runs, {})]
-    for g in groups:
-        lists.append(shortened(actions, runs, {id(r): 1 for r in g}))
-    lists.append(shortened(actions, runs, {id(r): 2 for r in runs}))
-    if any(x is None for x in lists):
-        return None
+def _lists(actions: list) -> tuple[list[list[Run]], list]:
+    """The directions kept and the lists to replay: none of the dropped periods, one more in
+    one direction, two more in all. Directions are added one by one while every list stays a
+    valid step; one that does not is tried merged with a later one (both then drop the same
+    number of periods: the 1F1B warm-up's held micro-batch keeps its forward and backward
+    paired only when the periods dropped before each are as many)."""
+    groups: list[list[Run]] = []
+    lists: list = []
+    todo = plan(actions)
+
+    def attempt(trial):
+        runs = [r for x in trial for r in x]
+        cand = [shortened(actions, runs, {})]
+        cand += [shortened(actions, runs, {id(r): 1 for r in x}) for x in trial]
+        cand.append(shortened(actions, runs, {id(r): 2 for r in runs}))
+        return cand if all(c is not None for c in cand) else None
+
+    while todo:
+        g = todo.pop(0)
+        cand = attempt(groups + [g])
+        if cand is not None:
+            groups, lists = groups + [g], cand
+            continue
+        for i, h in enumerate(todo):
+            merged = g + h
+            was = [r.keep_before for r in merged]
+            n = min(r.dropped for r in merged)
+            for r in merged:
+                r.keep_before = r.reps - r.keep_after - n
+            cand = attempt(groups + [merged])
+            if cand is not None:
+                groups, lists = groups + [merged], cand
+                todo.pop(i)
+                break
+            for r, kb in zip(merged, was):
+                r.keep_before = kb
+    return groups, lists
+
+
+_CLASSES: dict = {}  # (setup, shortened lists with stage roles) -> measured rows
+_CLASSES_MAX = 64
+
+
+def _measure(make, lists: list, machine_type):
+    """(base rows, slopes, meta, window ids) of the shortened replays, or None when they do
+    not have the affine form."""
     traces = []
     for items, mb in lists:
         m = machine_type()
@@ -334,6 +399,33 @@ def extrapolated(make, actions: list, machine_type):
     slopes = [t[0] - base for t in traces[1:-1]]
     if not np.array_equal(traces[-1][0], base + 2 * sum(slopes)):
         return None
+    return base, slopes, base_meta, wanted
+
+
+def extrapolated(make, actions: list, machine_type, roles: dict | None = None, setup=None):
+    """(rows, meta, window ids) of the full step's instants outside the dropped periods, from
+    shortened replays; None when the list has no run to stand in for or the replays do not
+    have the affine form (the caller replays the full list). ``roles`` (stage -> what its
+    replay depends on) and ``setup`` (a key of everything else) share the replays between
+    ranks whose shortened lists are alike up to the stages' names (ranks in classes): they
+    differ only in how many periods each direction stands in for."""
+    groups, lists = _lists(actions)
+    if not groups:
+        return None
+    key = None
+    if roles is not None:
+        key = (setup, machine_type, tuple(
+            (mb, tuple((k, roles.get(st), j, f) for k, st, j, f in items)) for items, mb in lists))
+        got = _CLASSES.get(key)
+    if key is None or got is None:
+        got = _measure(make, lists, machine_type)
+        if key is not None:
+            if len(_CLASSES) >= _CLASSES_MAX:
+                _CLASSES.pop(next(iter(_CLASSES)), None)
+            _CLASSES[key] = got if got is not None else False
+    if not got:
+        return None
+    base, slopes, base_meta, wanted = got
     big = int(np.abs(base).max(initial=0)) + sum(int(np.abs(s).max(initial=0)) * g[0].dropped
                                                   for s, g in zip(slopes, groups))
     obj = big >= 1 << 62
@@ -344,42 +436,37 @@ def extrapolated(make, actions: list, machine_type):
 
 
 def first_highest(rows, meta, window: int) -> PeakSnap:
-    best, bi = None, -1
-    for i, (_, _, w) in enumerate(meta):
-        if w != window:
-            continue
-        t = int(sum(int(x) for x in rows[i]))
-        if best is None or t > best:
-            best, bi = t, i
-    if bi < 0:
+    """The window's peak: its first row with the highest total."""
+    sel = np.nonzero(np.array([mk[2] for mk in meta]) == window)[0]
+    if not len(sel):
         return PeakSnap()
-    return PeakSnap(best, [int(x) for x in rows[bi]], meta[bi][0], meta[bi][1])
+    tot = rows[sel].sum(1)
+    i = int(sel[int(np.argmax(tot))])
+    row = [int(x) for x in rows[i]]
+    return PeakSnap(sum(row), row, meta[i][0], meta[i][1])
 
 
-def rank_windows(make, actions: list) -> list[PeakSnap] | None:
+def rank_windows(make, actions: list, roles=None, setup=None) -> list[PeakSnap] | None:
     """The step windows' peaks (first step, steady step) of a rank from shortened replays;
     ``make(machine, items, microbatches)`` builds the rank's program. None: no run found or
     the affine form failed (replay the full list)."""
-    got = extrapolated(make, actions, TraceMachine)
+    got = extrapolated(make, actions, TraceMachine, roles, setup)
     if got is None:
         return None
     rows, meta, wanted = got
     return [first_highest(rows, meta, w) for w in wanted]
 
 
-def rank_template(make, actions: list, domain) -> WindowTemplate | None:
+def rank_template(make, actions: list, domain, roles=None, setup=None) -> WindowTemplate | None:
     """The same with the micro-batch size and sequence length symbolic over ``domain``."""
     from planner.symbolic import Poly
-
-    def machine():
-        return _Recording()
 
     def build(m, items, mb):
         B = domain[0] if domain[0] is not None else Poly({(0, 0): 2, (1, 0): 1})
         T = domain[1] if domain[1] is not None else Poly({(0, 0): 2, (0, 1): 1})
         return make(m, items, mb, (B, T))
 
-    got = extrapolated(build, actions, machine)
+    got = extrapolated(build, actions, _Recording, roles, (setup, domain))
     if got is None:
         return None
     full, meta, wanted = got
@@ -405,3 +492,56 @@ def rank_template(make, actions: list, domain) -> WindowTemplate | None:
 
 __all__ = ["Run", "TraceMachine", "extrapolated", "find_runs", "plan", "rank_template",
            "rank_windows", "shortened"]
+
+
+# ---- a rank's step -------------------------------------------------------------------------------
+def stage_roles(schedule, rank: int, model) -> dict[int, tuple]:
+    """What a stage's replay depends on besides the setup: its place on the rank, first or last
+    of the pipeline, its layer count, and whether its neighbours are on the same rank."""
+    from planner.zero import pipeline_stage_layers
+
+    S, on = schedule.num_stages, schedule.stage_to_rank
+    layers = pipeline_stage_layers(model.num_layers, S)
+    mine = [s for s in range(S) if on[s] == rank]
+    return {s: (i, s == 0, s == S - 1, layers[s], s + 1 < S and on[s + 1] == rank,
+                s > 0 and on[s - 1] == rank) for i, s in enumerate(mine)}
+
+
+def _setup(model, training, schedule, device: str) -> tuple:
+    return (model.model_dump_json(), training.model_dump_json(), device, schedule.name,
+            schedule.num_stages, schedule.num_ranks)
+
+
+def rank_step(model, training, schedule, rank: int, device: str = "cuda"):
+    """The rank's replayed step (``StagePeak``) from shortened replays; the full list is replayed
+    where no run is found or the affine form fails."""
+    from planner.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
+
+    def make(m, items, mb):
+        return PipelineRankProgram(model, training, schedule, rank, device=device, machine=m,
+                                   actions=items, microbatches=mb)
+    got = rank_windows(make, rank_actions(schedule, rank), stage_roles(schedule, rank, model),
+                       _setup(model, training, schedule, device))
+    if got is None:
+        return PipelineRankProgram(model, training, schedule, rank, device=device).run_steps()
+    stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
+    return StagePeak(rank, stages, *got)
+
+
+def compile_rank(model, training, schedule, rank: int, device: str, domain):
+    """The rank's ``WindowTemplate`` over ``domain`` (planner/step_cache.py), from shortened
+    replays on the recording machine; the full list where they do not apply."""
+    from planner.pipeline_memory import PipelineRankProgram, rank_actions
+    from planner.step_template import compile_windows
+
+    def make(m, items, mb, sizes):
+        return PipelineRankProgram(model, training, schedule, rank, device=device, machine=m,
+                                   sizes=sizes, actions=items, microbatches=mb)
+    tpl = rank_template(make, rank_actions(schedule, rank), domain,
+                        stage_roles(schedule, rank, model), _setup(model, training, schedule, device))
+    if tpl is not None:
+        return tpl
+    return compile_windows(
+        lambda m, sizes: PipelineRankProgram(model, training, schedule, rank, device=device,
+                                             machine=m, sizes=sizes),
+        domain, lambda prog: prog.step_windows())

@@ -105,19 +105,17 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
 def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
     """One pipeline rank's replayed step (planner/pipeline_memory.py: StagePeak), templated and
     memoised like ``simulate``."""
-    from planner.pipeline_memory import PipelineRankProgram, StagePeak
-
-    def program(**kw):
-        return PipelineRankProgram(model, tr, schedule, rank, device=device, **kw)
+    from planner.pipeline_memory import StagePeak
+    from planner.pipeline_periods import compile_rank, rank_step
 
     def compile_(domain):
-        return compile_windows(lambda m, sizes: program(machine=m, sizes=sizes), domain,
-                               lambda prog: prog.step_windows())
+        return compile_rank(model, tr, schedule, rank, device, domain)
 
     stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
     base = setup_key(model, tr, device, frozenset(), None, rank)
     plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
-    return _cached((*base[:-1], plan, base[-1]), tr, lambda: program().run_steps(), compile_,
+    return _cached((*base[:-1], plan, base[-1]), tr,
+                   lambda: rank_step(model, tr, schedule, rank, device), compile_,
                    lambda tpl, b, t: StagePeak(rank, stages, *tpl.evaluate(b, t)))
 
 
