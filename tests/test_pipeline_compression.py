@@ -34,7 +34,10 @@ def _setup(rng: random.Random, name: str, v: int):
         sched = build_schedule(name, p, m, v)
     except ScheduleConstraintError:
         return None
-    S = sched.num_stages
+    return (*_model(rng, sched.num_stages, m), sched)
+
+
+def _model(rng: random.Random, S: int, m: int):
     family = rng.choice(["gpt2", "llama"])
     model = {"family": family, "num_layers": rng.randint(S, 2 * S + 1), "hidden_size": 32,
              "num_heads": 4, "vocab_size": 96, "max_sequence_length": 64}
@@ -45,7 +48,7 @@ def _setup(rng: random.Random, name: str, v: int):
                 "precision": rng.choice(["fp32", "amp-bf16", "bf16"]),
                 "optimizer": rng.choice(["adamw", "sgd", "adagrad"])}
     req = MemoryRequest.model_validate({"model": model, "training": training})
-    return resolve_model(req.model), req.training, sched
+    return resolve_model(req.model), req.training
 
 
 def _cases(seed: int, n: int):
@@ -106,8 +109,8 @@ def test_one_rank_class_for_alike_ranks() -> None:
 @pytest.mark.parametrize("name,v", [("1f1b", 1), ("zb-v", 2), ("interleaved-1f1b", 2)])
 def test_template_equals_full_replay(name: str, v: int) -> None:
     rng = random.Random(name)
-    model, tr, _ = _setup(rng, name, v)
     sched = build_schedule(name, 3, 12, v)
+    model, tr = _model(rng, sched.num_stages, 12)
     for rank in range(sched.num_ranks):
         tpl = pp.compile_rank(model, tr, sched, rank, "cuda", (None, None))
         for B, T in [(2, 8), (3, 17), (rng.randint(2, 9), rng.randint(2, 40))]:
