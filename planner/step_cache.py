@@ -15,12 +15,16 @@ import operator
 import threading
 
 from planner.reference_step import ReferenceProgram, StepPeaks
-from planner.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
+from planner.specs import (
+    ActivationCheckpointing,
+    ParallelSpec,
+    ResolvedModel,
+    TrainingSpec,
+)
 from planner.step_template import (
     StepTemplate,
     Undecided,
     compile_template,
-    compile_windows,
     domain_of,
 )
 
@@ -106,7 +110,7 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
     """One pipeline rank's replayed step (planner/pipeline_memory.py: StagePeak), templated and
     memoised like ``simulate``."""
     from planner.pipeline_memory import StagePeak
-    from planner.pipeline_periods import compile_rank, rank_step
+    from planner.pipeline_replays import compile_rank, rank_step
 
     def compile_(domain):
         return compile_rank(model, tr, schedule, rank, device, domain)

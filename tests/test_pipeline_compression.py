@@ -1,4 +1,5 @@
-"""Pipeline ranks from shortened replays (planner.pipeline_periods) against the full replay.
+"""Pipeline ranks from shortened replays (planner.pipeline_periods, planner.pipeline_replays)
+against the full replay.
 
 The oracle is ``PipelineRankProgram(...).run_steps()``: every action of the rank's list replayed
 op by op. The shortened replays (periodic runs of the list stood in for, the instants
@@ -16,9 +17,10 @@ import random
 
 import pytest
 
-from planner import pipeline_periods as pp
+from planner import pipeline_replays as pp
 from planner.catalog import resolve_model
 from planner.pipeline_memory import PipelineRankProgram, rank_actions
+from planner.pipeline_periods import shortened_lists
 from planner.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.specs import MemoryRequest
 
@@ -74,7 +76,7 @@ def test_every_rank_equals_full_replay(case: int) -> None:
 
 def _replayed(sched, rank: int) -> int | None:
     """Actions in the shortened lists of a rank (None: the full list is replayed)."""
-    groups, lists = pp._lists(rank_actions(sched, rank))
+    groups, lists = shortened_lists(rank_actions(sched, rank))
     return sum(len(items) for items, _ in lists) if groups else None
 
 
