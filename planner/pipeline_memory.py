@@ -54,6 +54,12 @@ Categories follow the meter of pipeline_run: allocations inside F are activation
 everything else outside the stage computations are temporaries (the meter's phase is "other"
 there), the receive buffers and the batch are activations, parameters' ``.grad`` gradients.
 Two steps are replayed; the steady state is the second (optimizer states live).
+
+This replay of the whole list is the oracle. Estimates replay shortened lists instead (the
+middle periods of the list's periodic runs left out, ``planner/pipeline_periods.py``) and
+extrapolate every instant's live bytes in the number of periods left out
+(``planner/pipeline_replays.py``): the same peaks, to the byte, at a cost that does not grow
+with the micro-batch count; ranks whose shortened lists are alike share their replays.
 """
 
 from __future__ import annotations
