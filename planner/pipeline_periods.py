@@ -43,7 +43,9 @@ HOLD_WARM_WORK = 1  # planner.pipeline_memory's flag (its import would be circul
 
 _SLOT = {"F": 0, "B": 1, "I": 1, "W": 2}
 MIN_DROPPED = 2  # periods a run must stand in for to be worth a replay of its own
-_MAX_PERIOD = 512
+_MAX_PERIOD = 1 << 16
+MAX_DIRECTIONS = 6  # each costs one more replay
+_MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
 
 
 @dataclass
@@ -73,7 +75,10 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
     tok = np.array([_SLOT[a[0]] * 4 + (a[0] == "I") + 8 * a[1] for a in actions], dtype=np.int64)
     mb = np.array([a[2] for a in actions], dtype=np.int64)
     found = []
+    best = (0, 1)  # (actions covered, period) of the longest run so far
     for P in range(1, min(max_period, n // min_reps) + 1):
+        if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
+            break
         good = tok[P:] == tok[:-P]  # action i + P repeats action i ...
         d = mb[P:] - mb[:-P]  # ... with this shift
         cont = good[1:] & good[:-1] & (d[1:] == d[:-1])
@@ -85,6 +90,7 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
             reps = (i1 - i0 + 1 + P) // P  # actions i0 .. i1 + P
             if reps >= min_reps and d[i0] > 0:
                 found.append(Run(int(i0), P, int(d[i0]), int(reps)))
+                best = max(best, (int(reps) * P, P))
     found.sort(key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
     taken: list[Run] = []
     for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
@@ -160,7 +166,7 @@ def plan(actions: list) -> list[list[Run]]:
         r.keep_before = max(q) + 2 if q else 1
         if r.dropped >= MIN_DROPPED:
             kept.append(r)
-    runs = kept
+    runs = sorted(kept, key=lambda r: -r.dropped * r.period)[:_MAX_RUNS]
     stages = sorted({st for _, st, _, _ in actions})
     loose = sorted(((r, _counts(actions, r)) for r in runs), key=lambda rc: -rc[0].dropped)
     groups: list[list[Run]] = []
@@ -278,7 +284,7 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
         cand.append(shortened(actions, runs, {id(r): 2 for r in runs}))
         return cand if all(c is not None for c in cand) else None
 
-    while todo:
+    while todo and len(groups) < MAX_DIRECTIONS:
         g = todo.pop(0)
         cand = attempt(groups + [g])
         if cand is not None:
