@@ -101,6 +101,10 @@ _CLASSES: dict = {}  # (setup, shortened lists with stage roles) -> measured row
 _CLASSES_MAX = 64
 
 
+def clear_classes() -> None:
+    _CLASSES.clear()
+
+
 def _measure(make, lists: list, machine_type):
     """(base rows, slopes, meta, window ids) of the shortened replays, or None when they do
     not have the affine form."""
@@ -261,5 +265,5 @@ def compile_rank(model, training, schedule, rank: int, device: str, domain):
         domain, lambda prog: prog.step_windows())
 
 
-__all__ = ["TraceMachine", "compile_rank", "extrapolated", "rank_step", "rank_template",
+__all__ = ["TraceMachine", "clear_classes", "compile_rank", "extrapolated", "rank_step", "rank_template",
            "rank_windows", "stage_roles"]

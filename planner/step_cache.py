@@ -207,8 +207,11 @@ def replay_only():
 
 
 def clear() -> None:
+    from planner.pipeline_replays import clear_classes
+
     with _LOCK:
         _SIM_CACHE.clear()
         _TEMPLATES.clear()
         _SEEN.clear()
         _MEMO.clear()
+    clear_classes()
