@@ -484,7 +484,7 @@ def _pipeline_rank_memory(request: Any, result: Any) -> list[Any] | None:
     if request.setup is None:
         return None
     from planner.catalog.presets import resolve_model
-    from planner.layouts.pipeline_memory import pipelined_estimate
+    from planner.layouts.pipelined import pipelined_estimate
 
     setup = request.setup
     training = setup.training.model_copy(update={"gradient_accumulation_steps":

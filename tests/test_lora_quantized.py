@@ -1,5 +1,5 @@
 """QLoRA-style bases: the parameters category counts int8/nf4 block projections at their packed
-size (planner/precision.tensor_bytes: bitsandbytes' packing, Dettmers et al. 2023 §3) and every
+size (planner/catalog/precision.tensor_bytes: bitsandbytes' packing, Dettmers et al. 2023 §3) and every
 other tensor at its dtype; gradients and optimizer states exist for the adapters only."""
 
 from __future__ import annotations

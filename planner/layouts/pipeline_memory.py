@@ -54,27 +54,56 @@ Categories follow the meter of pipeline_run: allocations inside F are activation
 everything else outside the stage computations are temporaries (the meter's phase is "other"
 there), the receive buffers and the batch are activations, parameters' ``.grad`` gradients.
 Two steps are replayed; the steady state is the second (optimizer states live).
+
+This replay of the whole list is the oracle. Estimates replay shortened lists instead (the
+middle periods of the list's periodic runs left out, ``planner/layouts/pipeline_periods.py``) and
+extrapolate every instant's live bytes in the number of periods left out
+(``planner/layouts/pipeline_replays.py``): the same peaks, to the byte, at a cost that does not grow
+with the micro-batch count; ranks whose shortened lists are alike share their replays.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from planner.machine import cache
+from planner.catalog.specs import ResolvedModel, TrainingSpec
+from planner.layouts.pipeline_backward import (
+    Pending,
+    closure,
+    split_backward_input,
+    split_backward_weight,
+)
+from planner.layouts.sharding import pipeline_stage_layers
 from planner.machine.deadline import check as check_work_limit
-from planner.machine.cache import setup_key
-from planner.machine.recording import compile_windows
+from planner.machine.stepsim import Buf, Leaf, Machine, PeakSnap, Val
 from planner.step.ops import F32, T
 from planner.step.program import ReferenceProgram
-from planner.catalog.specs import ResolvedModel, TrainingSpec
-from planner.machine.stepsim import Buf, Leaf, Machine, Node, PeakSnap, Val
-from planner.layouts.sharding import pipeline_stage_layers
 
 # Schedules torch runs with one stage per rank (Schedule1F1B, ScheduleGPipe: their own send
 # bookkeeping); the rest are PipelineScheduleMulti (each action's sends waited at once).
 _SINGLE = ("gpipe", "1f1b")
+
+
+HOLD_WARM_WORK, DROP_WARM_WORK = 1, 2
+
+
+def rank_actions(schedule, rank: int) -> list[tuple[str, int, int, int]]:
+    """The rank's actions as ``(kind, stage, micro-batch, flag)``. Flags (Schedule1F1B only):
+    HOLD_WARM_WORK on the second-to-last warm-up forward (warm-up: min(m, S - stage) forwards,
+    not on the last stage), whose send work ``send_work`` keeps until the 1B1F loop ends, at the
+    backward of micro-batch m - warm-up (DROP_WARM_WORK)."""
+    out = [(k, st, j, 0) for k, st, j in schedule.actions(rank)]
+    if schedule.name == "1f1b" and out:
+        S, mb = schedule.num_stages, schedule.microbatches
+        stage = out[0][1]
+        warm = min(mb, S - stage)
+        for i, (k, st, j, _) in enumerate(out):
+            if k == "F" and st < S - 1 and j == warm - 2:
+                out[i] = (k, st, j, HOLD_WARM_WORK)
+            elif k == "B" and j == mb - warm:
+                out[i] = (k, st, j, DROP_WARM_WORK)
+    return out
 
 
 @dataclass
@@ -88,18 +117,6 @@ class StagePeak:
     in_flight: int = 0
 
 
-@dataclass
-class _Pending:
-    """What a stage keeps for one micro-batch between F and its backward."""
-
-    out: T
-    inp: T | None  # the receive buffer as an autograd leaf (None on stage 0)
-    loss: T | None = None
-    kept: list[Buf] = field(default_factory=list)  # I -> W: intermediates' grads
-    nodes: list[Node] = field(default_factory=list)  # I -> W: the retained graph
-    inter: list[tuple[Node, list]] = field(default_factory=list)
-
-
 class PipelineRankProgram(ReferenceProgram):
     """One pipeline rank: its stages' parameters and the schedule's actions on one Machine."""
 
@@ -108,11 +125,18 @@ class PipelineRankProgram(ReferenceProgram):
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, schedule, rank: int, *,
                  device: str = "cuda", machine: Machine | None = None,
-                 sizes: tuple | None = None) -> None:
+                 sizes: tuple | None = None, actions: list | None = None,
+                 microbatches: int | None = None) -> None:
+        """``actions`` (with ``microbatches``) replaces the rank's action list: items
+        ``(kind, stage, micro-batch, flag)`` as ``rank_actions`` gives them, and markers
+        ``("|", ...)`` that call the machine's ``cut()`` (planner/layouts/pipeline_periods.py replays
+        shortened lists this way)."""
         super().__init__(model, training, device=device, compress=False, machine=machine,
                          sizes=sizes)
         self.sched, self.rank = schedule, rank
-        S, mb = schedule.num_stages, schedule.microbatches
+        S = schedule.num_stages
+        mb = schedule.microbatches if microbatches is None else microbatches
+        self.actions = rank_actions(schedule, rank) if actions is None else actions
         self.n_mb = mb
         self.stages = [s for s in range(S) if schedule.stage_to_rank[s] == rank]
         bounds = [0]
@@ -152,7 +176,7 @@ class PipelineRankProgram(ReferenceProgram):
                     self.recv[st, j] = m.alloc(act, f"recv[{st},{j}]", "activations")
                 if st < S - 1:
                     self.grad_recv[st, j] = m.alloc(act, f"grad_recv[{st},{j}]", "activations")
-        self.pending: dict[tuple[int, int], _Pending] = {}
+        self.pending: dict[tuple[int, int], Pending] = {}
         self.output_chunks: list[T] = []
         self.losses: list[T] = []
         self.sends: list[Buf] = []  # input gradients still referenced by send works
@@ -190,7 +214,7 @@ class PipelineRankProgram(ReferenceProgram):
             o.drop(*rope)
         if self.amp_esz is not None:
             o.exit_autocast()
-        p = _Pending(x, inp)
+        p = Pending(x, inp)
         m.phase = "other"
         if st < S - 1 and self.sched.stage_to_rank[st + 1] == self.rank:
             # V shape: set_local_fwd_input makes the output (detached, same storage) the next
@@ -211,14 +235,14 @@ class PipelineRankProgram(ReferenceProgram):
         self.in_flight += 1
 
     # ---- backward ---------------------------------------------------------------------------
-    def _root(self, st: int, j: int, p: _Pending) -> tuple[Val, Buf]:
+    def _root(self, st: int, j: int, p: Pending) -> tuple[Val, Buf]:
         m = self.m
         if p.loss is not None:
             g = m.alloc(p.loss.numel * p.loss.esz, "ones_like")
             return p.loss.val, g
         return p.out.val, m.hold(self.grad_recv[st, j])
 
-    def _input_grad(self, p: _Pending) -> Buf | None:
+    def _input_grad(self, p: Pending) -> Buf | None:
         if p.inp is None:
             return None
         leaf = p.inp.val.fn
@@ -227,7 +251,7 @@ class PipelineRankProgram(ReferenceProgram):
             self.m.recategorize(g, "temporaries")
         return g
 
-    def _release(self, p: _Pending) -> None:
+    def _release(self, p: Pending) -> None:
         o = self.ops
         o.drop(p.out, p.inp, p.loss)
         self.in_flight -= 1
@@ -255,9 +279,9 @@ class PipelineRankProgram(ReferenceProgram):
         m.phase = "backward"
         root, g = self._root(st, j, p)
         leaf = p.inp.val.fn
-        nodes, inter = _closure(root.fn, leaf)
+        nodes, inter = closure(root.fn, leaf)
         p.inter = []
-        p.nodes = _split_backward_input(m, root, g, leaf, nodes, inter, p)
+        p.nodes = split_backward_input(m, root, g, leaf, nodes, inter, p)
         gi = self._input_grad(p)
         m.phase = "other"
         if gi is not None:
@@ -273,7 +297,7 @@ class PipelineRankProgram(ReferenceProgram):
         m = self.m
         m.phase = "backward"
         p = self.pending.pop((st, j))
-        _split_backward_weight(m, p)
+        split_backward_weight(m, p)
         self.ops.drop(p.inp)
         self.in_flight -= 1
         m.phase = "other"
@@ -305,35 +329,34 @@ class PipelineRankProgram(ReferenceProgram):
             m.recategorize(b, "activations")  # (V shape: last step's input gradients)
         name = self.sched.name
         single = name in _SINGLE
-        last_b: dict[int, bool] = {}
-        S, mb = self.sched.num_stages, self.sched.microbatches
         # Schedule1F1B / ScheduleGPipe: the ``output`` variable (and 1F1B's ``fwd_sends``
         # P2P ops) hold the latest forward's output until the next forward returns, or to the
         # end of the step. 1F1B's warm-up keeps the send work of its second-to-last warm-up
-        # forward in ``send_work`` until the 1B1F loop ends (the B of micro-batch m - warm-up).
+        # forward in ``send_work`` until the 1B1F loop ends (flags of ``rank_actions``).
         latest: Buf | None = None
-        warm = min(mb, S - self.stages[0])
         warm_work: Buf | None = None
-        for kind, st, j in self.sched.actions(self.rank):
+        for kind, st, j, flag in self.actions:
             check_work_limit()
+            if kind == "|":  # a cut between kept and stood-in periods (pipeline_periods)
+                m.cut()
+                continue
             if kind == "F":
                 self.stage_forward(st, j)
                 if single:
                     m.drop(latest)
                     latest = m.hold(self.pending[st, j].out.buf)
-                    if name == "1f1b" and st < S - 1 and j == warm - 2:
+                    if flag == HOLD_WARM_WORK:
                         warm_work = m.hold(latest)
             elif kind == "B":
                 if name == "1f1b":  # the previous backward's send is kept until this one ends
                     keep, self.sends = self.sends, []
                     self.stage_backward(st, j)
                     m.drop(*keep)
-                    if j == mb - warm and warm_work is not None:
+                    if flag == DROP_WARM_WORK and warm_work is not None:
                         m.drop(warm_work)
                         warm_work = None
                 else:
                     self.stage_backward(st, j)
-                last_b[st] = True
             elif kind == "I":
                 self.stage_backward_input(st, j)
             else:
@@ -366,176 +389,6 @@ class PipelineRankProgram(ReferenceProgram):
 
 
 # ---- split backward (zero bubble) -------------------------------------------------------------
-def _closure(root: Node, leaf: Leaf) -> tuple[set[int], set[int]]:
-    """Nodes from which ``leaf`` is reachable (the input's path), and among them the
-    "intermediates": nodes with an edge off that path leading to a parameter."""
-    memo: dict[int, bool] = {}
-
-    def reaches(n) -> bool:  # iterative DFS would be nicer; graphs are a few hundred nodes deep
-        k = id(n)
-        if k in memo:
-            return memo[k]
-        if isinstance(n, Leaf):
-            memo[k] = n is leaf
-            return memo[k]
-        memo[k] = False
-        r = False
-        for e in n.edges:
-            if e is not None and reaches(e[0]):
-                r = True
-        memo[k] = r
-        return r
-
-    import sys
-    old = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(old, 100000))
-    try:
-        reaches(root)
-    finally:
-        sys.setrecursionlimit(old)
-    on_path = {k for k, v in memo.items() if v}
-    inter = set()
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        n = stack.pop()
-        if id(n) in seen or not isinstance(n, Node):
-            continue
-        seen.add(id(n))
-        for e in n.edges:
-            if e is None:
-                continue
-            if id(e[0]) in on_path:
-                stack.append(e[0])
-            elif id(n) in on_path and _to_param(e[0]):
-                inter.add(id(n))
-    return on_path, inter
-
-
-def _to_param(n) -> bool:
-    if isinstance(n, Leaf):
-        return True
-    return any(e is not None and _to_param(e[0]) for e in n.edges)
-
-
-def _run(m: Machine, roots: list[tuple[Node, list]], allowed, retain: bool, hook=None) -> list[Node]:
-    """The engine restricted to edges whose target ``allowed(target)`` accepts; returns the nodes
-    it ran. ``retain``: saved tensors stay (retain_graph=True)."""
-    deps: dict[int, int] = {}
-    seen: set[int] = set()
-    stack = [n for n, _ in roots]
-    for n in stack:
-        seen.add(id(n))
-    while stack:
-        n = stack.pop()
-        for e in n.edges:
-            if e is None or not allowed(e[0]):
-                continue
-            deps[id(e[0])] = deps.get(id(e[0]), 0) + 1
-            if isinstance(e[0], Node) and id(e[0]) not in seen:
-                seen.add(id(e[0]))
-                stack.append(e[0])
-    m._deps = deps
-    buffers: dict[int, list] = {}
-    m._buffers = buffers
-    ready = []
-    tie = 0
-    for n, grads in roots:
-        buffers[id(n)] = grads
-        tie += 1
-        heapq.heappush(ready, (-n.seq, tie, n))
-    ran = []
-    while ready:
-        _, _, n = heapq.heappop(ready)
-        grads_in = buffers.pop(id(n))
-        if hook is not None:
-            hook(n, grads_in)
-        saved_edges = n.edges
-        n.edges = [e if e is not None and allowed(e[0]) else None for e in saved_edges]
-        try:
-            outs = n.fn(m, n, grads_in)
-        finally:
-            masked, n.edges = n.edges, saved_edges
-        ran.append(n)
-        if not retain:
-            for b in n.saved:
-                m.drop(b)
-            n.saved = []
-        for g in grads_in:
-            m.drop(g)
-        for edge, g in zip(masked, outs):
-            if edge is None:
-                m.drop(g)
-                continue
-            e, idx = edge
-            if isinstance(e, Leaf):
-                slot = buffers.setdefault(id(e), [None])
-                slot[0] = m._accumulate_input(slot[0], g, e)
-                deps[id(e)] -= 1
-                if deps[id(e)] == 0:
-                    m._accumulate_grad(e, buffers.pop(id(e))[0])
-                continue
-            slot = buffers.setdefault(id(e), [None] * e.n_out)
-            slot[idx] = m._accumulate_input(slot[idx], g, e)
-            deps[id(e)] -= 1
-            if deps[id(e)] == 0:
-                tie += 1
-                heapq.heappush(ready, (-e.seq, tie, e))
-    return ran
-
-
-def _split_backward_input(m: Machine, root: Val, seed: Buf, leaf: Leaf, on_path: set[int],
-                          inter: set[int], p: _Pending) -> list[Node]:
-    """I: autograd.grad(output, input, retain_graph=True) with pre-hooks on the intermediates."""
-    def hook(n: Node, grads: list) -> None:
-        if id(n) in inter:
-            p.inter.append((n, [m.hold(g) if g is not None else None for g in grads]))
-
-    buffers = [None] * root.fn.n_out
-    buffers[root.out_idx] = seed
-    m.hold(seed)  # valid_output_grads (ones_like on the last stage) live through the call
-    ran = _run(m, [(root.fn, buffers)], lambda t: id(t) in on_path, retain=True, hook=hook)
-    m.drop(seed)
-    # Nodes no intermediate keeps alive (the loss side) die with the detached output.
-    alive: set[int] = set()
-    stack = [n for n, _ in p.inter]
-    while stack:
-        n = stack.pop()
-        if id(n) in alive or not isinstance(n, Node):
-            continue
-        alive.add(id(n))
-        stack.extend(e[0] for e in n.edges if e is not None)
-    keep = []
-    for n in ran:
-        if id(n) in alive:
-            keep.append(n)
-        else:
-            for b in n.saved:
-                m.drop(b)
-            n.saved = []
-    # nodes below the intermediates that I did not run (weight-only paths) keep their saved too
-    return keep
-
-
-def _split_backward_weight(m: Machine, p: _Pending) -> None:
-    """W: per parameter group (forward order of its parameters), autograd.grad from the kept
-    intermediate gradients to the weights, then the group's kept gradients are dropped; finally
-    the graph's remaining saved tensors go."""
-    on_input = set()
-    for n in p.nodes:
-        on_input.add(id(n))
-    for n, grads in sorted(p.inter, key=lambda ng: ng[0].seq):
-        # only the edges off the input's path (toward the weights)
-        def allowed(t, n=n) -> bool:
-            return id(t) not in on_input and not (isinstance(t, Leaf) and t.name.startswith("recv"))
-        _run(m, [(n, list(grads))], allowed, retain=False)
-    for n in p.nodes:
-        for b in n.saved:
-            m.drop(b)
-        n.saved = []
-    p.inter = []
-
-
 def pipeline_rank_peaks(model: ResolvedModel, training: TrainingSpec, schedule,
                         device: str = "cuda", ranks: list[int] | None = None,
                         simulate=None) -> list[StagePeak]:
@@ -573,59 +426,5 @@ def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
     return None
 
 
-__all__ = ["PipelineRankProgram", "StagePeak", "pipeline_rank_peaks", "unsupported_reason"]
-
-
-def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
-    """Every rank replayed; (worst rank's steady, first-step breakdown dicts, peak phase,
-    assumptions, notes) for planner.routes.memory, or None when the setup is outside the replay (the
-    caller then composes an approximation)."""
-    from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
-    from planner.catalog.specs import Assumption
-
-    if unsupported_reason(training, parallel) is not None or not model.architecture_known:
-        return None
-    name = parallel.pipeline_schedule
-    v = 1 if name in _SINGLE else parallel.virtual_pipeline_stages
-    try:
-        plan = build_schedule(name, parallel.pipeline_parallel,
-                              training.gradient_accumulation_steps, v)
-    except ScheduleConstraintError:
-        return None
-    if plan.num_stages > model.num_layers:
-        return None
-    peaks = pipeline_rank_peaks(model, training, plan, device, simulate=pipeline_rank)
-    worst = max(peaks, key=lambda pk: (pk.steady.total, -pk.rank))
-    per = "; ".join(f"rank {pk.rank} (stages {','.join(map(str, pk.stages))}): "
-                    f"{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}" for pk in peaks)
-    assumptions = [
-        Assumption(name="profile", value="pipelined reference step per rank, simulated op by op",
-                   note=f"{name}: every rank's actions replayed (planner.layouts.pipeline_memory); the "
-                        "step measured by pipelined validation jobs"),
-        Assumption(name="worst_rank", value=str(worst.rank),
-                   note=f"the bottleneck: stages {','.join(map(str, worst.stages))} of "
-                        f"{plan.num_stages}, the highest steady-state peak"),
-    ]
-    notes = [f"per-rank steady-state peaks: {per}"]
-    return worst, peaks, assumptions, notes
-
-
-__all__ += ["pipelined_estimate"]
-
-
-def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
-    """One pipeline rank's replayed step (StagePeak), templated and memoised per setup
-    (planner/machine/cache.py) like the single-device step."""
-
-    def program(**kw):
-        return PipelineRankProgram(model, tr, schedule, rank, device=device, **kw)
-
-    def compile_(domain):
-        return compile_windows(lambda m, sizes: program(machine=m, sizes=sizes), domain,
-                               lambda prog: prog.step_windows())
-
-    stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
-    base = setup_key(model, tr, device, frozenset(), None, rank)
-    plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
-    return cache.cached((*base[:-1], plan, base[-1]), tr, lambda: program().run_steps(), compile_,
-                        lambda tpl, b, t: StagePeak(rank, stages, *tpl.evaluate(b, t)))
+__all__ = ["PipelineRankProgram", "StagePeak", "pipeline_rank_peaks", "rank_actions",
+           "unsupported_reason"]

@@ -137,12 +137,22 @@ def replay_only():
         USE_TEMPLATES = was
 
 
+_ON_CLEAR: list = []
+
+
+def on_clear(fn) -> None:
+    """Have ``clear()`` call ``fn()`` too (caches kept by the layers above: shared rank replays)."""
+    _ON_CLEAR.append(fn)
+
+
 def clear() -> None:
     with _LOCK:
         _SIM_CACHE.clear()
         _TEMPLATES.clear()
         _SEEN.clear()
         _MEMO.clear()
+    for fn in _ON_CLEAR:
+        fn()
 
 
 def template(key: tuple):

@@ -38,7 +38,7 @@ from planner.layouts.compose import (
     snap_breakdown,
 )
 from planner.layouts.data_parallel import unsupported_reason
-from planner.layouts.pipeline_memory import pipelined_estimate
+from planner.layouts.pipelined import pipelined_estimate
 from planner.routes import memory_notes
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
 from planner.step import simulate as step_cache

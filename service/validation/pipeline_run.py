@@ -564,7 +564,7 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
 def _per_rank_estimates(req: ValidationRequest, device: str) -> dict[int, Any] | None:
     """The planner's steady-state breakdown of every pipeline rank, when it replays them."""
     from planner.catalog.presets import resolve_model as _resolve
-    from planner.layouts.pipeline_memory import pipelined_estimate
+    from planner.layouts.pipelined import pipelined_estimate
     from planner.catalog.specs import Breakdown
 
     pp = pipelined_estimate(_resolve(req.model), req.training, req.parallelism, device)

@@ -1,0 +1,309 @@
+"""The periodic runs of a pipeline rank's action list, and the shortened lists that stand in for them.
+
+``planner.layouts.pipeline_memory`` replays a rank's step action by action over the schedule's per-rank
+action list. Those lists are periodic: a warm-up (forwards), a steady state (1F1B: F, B pairs;
+interleaved: rounds; zero bubble: F, I, W triples; ZB-V: six actions) and a cool-down, each a
+stretch where action ``i + P`` is action ``i`` with the micro-batch index ``c`` higher. They are
+found in the list itself (``find_runs``: kinds and stages equal, micro-batches shifted by one
+constant), so whatever ``planner.layouts.pipeline_schedules`` builds is covered.
+
+- **Shortened lists.** A run of R periods keeps its first K1 and last K2 periods and leaves out
+  the N = R - K1 - K2 between. Every kept action's micro-batch is renumbered by its rank among
+  the kept actions of its stream (a stage's forwards, input backwards; the k-th W follows the
+  k-th I), so a shortened list is the action list of a step with fewer micro-batches (checked by
+  ``_valid``). Runs are left out in directions: a run, or a few runs together, whose periods
+  take as many forwards as input backwards from every stage of the rank (a warm-up of forwards
+  goes with a cool-down of backwards), all by the same number of periods.
+- **Why the step is affine in N.** From the period after each stage's first backward (which
+  makes the gradients) on, every period of a run runs the same ops on the same shapes, so it
+  leaves the same bytes behind, and what a left-out period leaves is live at a later instant
+  exactly when the like bytes of a kept one are (sends until the action loop ends, losses until
+  the step ends, outputs until the next step, batch and receive buffers per micro-batch). So
+  the live bytes per category at every instant outside the left-out periods are affine in the
+  numbers of periods left out (``planner.layouts.pipeline_replays`` measures the slopes and checks the
+  form). Periods that are not alike are replayed: those with a flagged action (1F1B's warm-up
+  holds one micro-batch's output until its 1B1F loop ends: that micro-batch's forward and
+  backward, and the backward that frees it) split their run; a list where the held
+  micro-batch's forward and backward would get different numbers is refused.
+- **Peaks.** Inside a run the instants of consecutive periods differ by the period's net bytes,
+  so over the run each instant is highest in its first or last period, both replayed (ties go
+  to the earlier one, which the simulator keeps). A window's peak is therefore the first highest
+  among the instants outside the left-out periods, with that instant's breakdown: equal to the
+  full replay to the byte (``tests/test_pipeline_compression.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+HOLD_WARM_WORK = 1  # planner.layouts.pipeline_memory's flag (its import would be circular)
+
+_SLOT = {"F": 0, "B": 1, "I": 1, "W": 2}
+MIN_DROPPED = 2  # periods a run must stand in for to be worth a replay of its own
+_MAX_PERIOD = 1 << 16
+MAX_DIRECTIONS = 6  # each costs one more replay
+_MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
+
+
+@dataclass
+class Run:
+    start: int  # index of the first action of its first period
+    period: int  # actions per period
+    shift: int  # micro-batch index added per period
+    reps: int  # periods
+    keep_before: int = 1
+    keep_after: int = 1
+
+    @property
+    def dropped(self) -> int:
+        return self.reps - self.keep_before - self.keep_after
+
+    def span(self, extra: int = 0) -> tuple[int, int]:
+        """Indices of the dropped actions, ``extra`` periods after the kept ones replayed."""
+        return (self.start + (self.keep_before + extra) * self.period,
+                self.start + (self.reps - self.keep_after) * self.period)
+
+
+def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -> list[Run]:
+    """Maximal periodic stretches (non-overlapping, the ones covering most actions first)."""
+    n = len(actions)
+    if n < 2 * min_reps:
+        return []
+    tok = np.array([_SLOT[a[0]] * 4 + (a[0] == "I") + 8 * a[1] for a in actions], dtype=np.int64)
+    mb = np.array([a[2] for a in actions], dtype=np.int64)
+    found = []
+    best = (0, 1)  # (actions covered, period) of the longest run so far
+    for P in range(1, min(max_period, n // min_reps) + 1):
+        if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
+            break
+        good = tok[P:] == tok[:-P]  # action i + P repeats action i ...
+        d = mb[P:] - mb[:-P]  # ... with this shift
+        cont = good[1:] & good[:-1] & (d[1:] == d[:-1])
+        first = good.copy()
+        first[1:] &= ~cont
+        last = good.copy()
+        last[:-1] &= ~cont
+        for i0, i1 in zip(np.nonzero(first)[0], np.nonzero(last)[0]):
+            reps = (i1 - i0 + 1 + P) // P  # actions i0 .. i1 + P
+            if reps >= min_reps and d[i0] > 0:
+                found.append(Run(int(i0), P, int(d[i0]), int(reps)))
+                best = max(best, (int(reps) * P, P))
+    found.sort(key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
+    taken: list[Run] = []
+    for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
+        a, b = r.start, r.start + r.reps * r.period
+        free = [(a, b)]
+        for t in taken:
+            ta, tb = t.start, t.start + t.reps * t.period
+            free = [piece for x, y in free for piece in ((x, min(y, ta)), (max(x, tb), y))
+                    if piece[0] < piece[1]]
+        best = None
+        for x, y in free:
+            x = a + -(-(x - a) // r.period) * r.period
+            reps = (y - x) // r.period
+            if reps >= min_reps and (best is None or reps > best.reps):
+                best = Run(x, r.period, r.shift, reps)
+        if best is not None:
+            taken.append(best)
+    return sorted(taken, key=lambda r: r.start)
+
+
+def _counts(actions: list, run: Run) -> dict[int, list[int]]:
+    """Per stage: forwards, input backwards (B or I), I's and W's in one period."""
+    out: dict[int, list[int]] = {}
+    for k, st, _, _ in actions[run.start:run.start + run.period]:
+        c = out.setdefault(st, [0, 0, 0, 0])
+        c[_SLOT[k] + (k == "W")] += 1
+        c[2] += k == "I"
+    return out
+
+
+def _uniform(stages: list[int], cs: list[dict]) -> bool:
+    """Dropping one period of each run in ``cs`` keeps a valid step: every stage of the rank
+    loses as many forwards as input backwards, the same number for every stage, and as many
+    W's as I's."""
+    tot = {st: [0, 0, 0, 0] for st in stages}
+    for c in cs:
+        for st, v in c.items():
+            if st not in tot:
+                return False
+            tot[st] = [a + b for a, b in zip(tot[st], v)]
+    per = {f for f, b, i, w in tot.values()}
+    return len(per) == 1 and all(f == b and i == w for f, b, i, w in tot.values())
+
+
+def plan(actions: list) -> list[list[Run]]:
+    """The runs to stand in for, grouped into directions (runs dropped by the same number of
+    periods): a run that balances on its own, or two that balance together."""
+    first_grad: dict[int, int] = {}
+    pins = []
+    for i, (k, st, _, flag) in enumerate(actions):
+        if k in ("B", "W") and st not in first_grad:
+            first_grad[st] = i
+        if flag:
+            pins.append(i)
+    held = {(st, j) for k, st, j, flag in actions if flag == HOLD_WARM_WORK}
+    pins += [i for i, (k, st, j, _) in enumerate(actions) if (st, j) in held]
+    runs = []
+    for whole in find_runs(actions):
+        # periods holding a flagged action (or an action of the micro-batch a flag holds) are
+        # replayed: the run is split around them
+        special = {(i - whole.start) // whole.period for i in pins
+                   if whole.start <= i < whole.start + whole.reps * whole.period}
+        a = 0
+        for b in sorted(special) + [whole.reps]:
+            if b > a:
+                runs.append(Run(whole.start + a * whole.period, whole.period, whole.shift, b - a))
+            a = b + 1
+    kept = []
+    for r in runs:
+        end = r.start + r.reps * r.period
+        # the periods before the gap include every stage's first backward, and one more
+        q = [(i - r.start) // r.period for i in first_grad.values() if r.start <= i < end]
+        r.keep_before = max(q) + 2 if q else 1
+        if r.dropped >= MIN_DROPPED:
+            kept.append(r)
+    runs = sorted(kept, key=lambda r: -r.dropped * r.period)[:_MAX_RUNS]
+    stages = sorted({st for _, st, _, _ in actions})
+    loose = sorted(((r, _counts(actions, r)) for r in runs), key=lambda rc: -rc[0].dropped)
+    groups: list[list[Run]] = []
+    while loose:
+        (r, c), rest = loose[0], loose[1:]
+        best = None
+        for size in range(4):  # the smallest group with the first run, most periods dropped
+            for combo in combinations(range(min(len(rest), 12)), size):
+                cs = [c] + [rest[i][1] for i in combo]
+                if _uniform(stages, cs):
+                    n = min([r.dropped] + [rest[i][0].dropped for i in combo])
+                    if best is None or n > best[0]:
+                        best = (n, combo)
+            if best is not None:
+                break
+        if best is None:
+            loose = rest
+            continue
+        n, combo = best
+        g = [r] + [rest[i][0] for i in combo]
+        for x in g:
+            x.keep_before = x.reps - x.keep_after - n
+        groups.append(g)
+        loose = [rest[i] for i in range(len(rest)) if i not in combo]
+    return groups
+
+
+def shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[list, int] | None:
+    """The list with each run's dropped periods left out (``extra[id(run)]`` of them replayed
+    after its kept ones, between two cut markers), micro-batches renumbered per stream; with
+    the micro-batch count, or None when it is not a valid step."""
+    cuts: dict[int, tuple[int, int]] = {}  # open position -> (close position, resume position)
+    for r in runs:
+        x = extra.get(id(r), 0)
+        a, b = r.span(x)
+        cuts[r.start + r.keep_before * r.period] = (a, b)
+    res = []
+    nxt: dict[tuple[int, int], int] = {}
+    inputs: dict[int, list[int]] = {}
+    new_j: dict[int, int] = {}  # original index -> renumbered micro-batch
+    mb_limit = len(actions)  # an impossible micro-batch: the list is refused
+    i, n, close, resume = 0, len(actions), -1, -1
+    while i < n:
+        if i in cuts:
+            close, resume = cuts[i]
+            res.append(("|", -1, -1, 0))
+        if i == close:
+            res.append(("|", -1, -1, 0))
+            i, close = resume, -1
+            continue
+        k, st, _, flag = actions[i]
+        if k == "W":  # the k-th weight backward of a stage follows its k-th input backward
+            n_w = nxt.get((2, st), 0)
+            nxt[2, st] = n_w + 1
+            ins = inputs.get(st, [])
+            j = ins[n_w] if n_w < len(ins) else mb_limit
+        else:
+            key = (_SLOT[k], st)
+            j = nxt.get(key, 0)
+            nxt[key] = j + 1
+            if k == "I":
+                inputs.setdefault(st, []).append(j)
+        res.append((k, st, j, flag))
+        new_j[i] = j
+        i += 1
+    if close >= 0:
+        res.append(("|", -1, -1, 0))
+    mbs = {v for (slot, _), v in nxt.items() if slot < 2}
+    if len(mbs) != 1:
+        return None
+    mb = mbs.pop()
+    return (res, mb) if _valid(res, mb) and _held_paired(actions, new_j) else None
+
+
+def _held_paired(actions: list, new_j: dict[int, int]) -> bool:
+    """The micro-batch whose output the 1F1B warm-up holds (its backward does not free it)
+    keeps its forward and backward under one number."""
+    held = [(i, st, j) for i, (k, st, j, flag) in enumerate(actions) if flag == HOLD_WARM_WORK]
+    for i, st, j in held:
+        b = next(x for x, (k, s2, j2, _) in enumerate(actions)
+                 if k in ("B", "I") and s2 == st and j2 == j)
+        if new_j.get(i, -1) != new_j.get(b, -2):
+            return False
+    return True
+
+
+def _valid(items: list, mb: int) -> bool:
+    seen: dict[tuple[int, int], str] = {}
+    for k, st, j, _ in items:
+        if k == "|":
+            continue
+        if j >= mb:
+            return False
+        done = seen.get((st, j), "")
+        if (k == "F" and done) or (k in ("B", "I") and done != "F") or (k == "W" and done != "FI"):
+            return False
+        seen[st, j] = done + k
+    return all(v in ("FB", "FIW") for v in seen.values())
+
+
+def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
+    """The directions kept and the lists to replay: none of the dropped periods, one more in
+    one direction, two more in all. Directions are added one by one while every list stays a
+    valid step; one that does not is tried merged with a later one (both then drop the same
+    number of periods: the 1F1B warm-up's held micro-batch keeps its forward and backward
+    paired only when the periods dropped before each are as many)."""
+    groups: list[list[Run]] = []
+    lists: list = []
+    todo = plan(actions)
+
+    def attempt(trial):
+        runs = [r for x in trial for r in x]
+        cand = [shortened(actions, runs, {})]
+        cand += [shortened(actions, runs, {id(r): 1 for r in x}) for x in trial]
+        cand.append(shortened(actions, runs, {id(r): 2 for r in runs}))
+        return cand if all(c is not None for c in cand) else None
+
+    while todo and len(groups) < MAX_DIRECTIONS:
+        g = todo.pop(0)
+        cand = attempt(groups + [g])
+        if cand is not None:
+            groups, lists = groups + [g], cand
+            continue
+        for i, h in enumerate(todo):
+            merged = g + h
+            was = [r.keep_before for r in merged]
+            n = min(r.dropped for r in merged)
+            for r in merged:
+                r.keep_before = r.reps - r.keep_after - n
+            cand = attempt(groups + [merged])
+            if cand is not None:
+                groups, lists = groups + [merged], cand
+                todo.pop(i)
+                break
+            for r, kb in zip(merged, was):
+                r.keep_before = kb
+    return groups, lists
+
+
+__all__ = ["Run", "find_runs", "plan", "shortened", "shortened_lists"]

@@ -1,0 +1,67 @@
+"""POST /v1/memory for a pipelined layout: every pipeline rank's step replayed
+(``planner/layouts/pipeline_memory.py``), on its shortened action list where the schedule's
+steady state repeats (``planner/layouts/pipeline_replays.py``), templated and memoised per setup
+like the single-device step (``planner/machine/cache.py``); the worst rank is reported."""
+
+from __future__ import annotations
+
+from planner.catalog.specs import Assumption, ResolvedModel, TrainingSpec
+from planner.layouts.pipeline_memory import (
+    _SINGLE,
+    StagePeak,
+    pipeline_rank_peaks,
+    unsupported_reason,
+)
+from planner.layouts.pipeline_replays import compile_rank, rank_step
+from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from planner.machine import cache
+from planner.machine.cache import setup_key
+
+__all__ = ["pipeline_rank", "pipelined_estimate"]
+
+
+def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
+    """Every rank replayed; (worst rank's steady, first-step breakdown dicts, peak phase,
+    assumptions, notes) for planner.routes.memory, or None when the setup is outside the replay (the
+    caller then composes an approximation)."""
+    if unsupported_reason(training, parallel) is not None or not model.architecture_known:
+        return None
+    name = parallel.pipeline_schedule
+    v = 1 if name in _SINGLE else parallel.virtual_pipeline_stages
+    try:
+        plan = build_schedule(name, parallel.pipeline_parallel,
+                              training.gradient_accumulation_steps, v)
+    except ScheduleConstraintError:
+        return None
+    if plan.num_stages > model.num_layers:
+        return None
+    peaks = pipeline_rank_peaks(model, training, plan, device, simulate=pipeline_rank)
+    worst = max(peaks, key=lambda pk: (pk.steady.total, -pk.rank))
+    per = "; ".join(f"rank {pk.rank} (stages {','.join(map(str, pk.stages))}): "
+                    f"{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}" for pk in peaks)
+    assumptions = [
+        Assumption(name="profile", value="pipelined reference step per rank, simulated op by op",
+                   note=f"{name}: every rank's actions replayed (planner.layouts.pipeline_memory); the "
+                        "step measured by pipelined validation jobs"),
+        Assumption(name="worst_rank", value=str(worst.rank),
+                   note=f"the bottleneck: stages {','.join(map(str, worst.stages))} of "
+                        f"{plan.num_stages}, the highest steady-state peak"),
+    ]
+    notes = [f"per-rank steady-state peaks: {per}"]
+    return worst, peaks, assumptions, notes
+
+
+
+def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
+    """One pipeline rank's replayed step (StagePeak), templated and memoised per setup
+    (planner/machine/cache.py) like the single-device step."""
+
+    def compile_(domain):
+        return compile_rank(model, tr, schedule, rank, device, domain)
+
+    stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
+    base = setup_key(model, tr, device, frozenset(), None, rank)
+    plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
+    return cache.cached((*base[:-1], plan, base[-1]), tr,
+                        lambda: rank_step(model, tr, schedule, rank, device), compile_,
+                        lambda tpl, b, t: StagePeak(rank, stages, *tpl.evaluate(b, t)))
