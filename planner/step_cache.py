@@ -6,6 +6,12 @@ sizes; None marks a setup whose replay depends on their values (always replayed 
 setup's template is compiled when it comes back with a second size: a one-off estimate costs
 one concrete replay, a sweep one compile (a few replays' worth) and then microseconds per size.
 Concrete replays are memoised too (exact repeats of a setup without a template).
+
+Per *structure* (a setup without the model's dimensions: planner/structure_template.py), a
+single-device step is also compiled with the dimensions symbolic, off the request path: the
+first estimate of a structure replays concretely and queues the structure's compile on one
+background thread (a compile costs about a hundred replays); once it is done, the estimate of
+any model of that structure that would otherwise be replayed is an evaluation instead.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from planner.reference_step import ReferenceProgram, StepPeaks
 from planner.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
@@ -39,6 +46,12 @@ _MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
 _PAR_FIELDS = operator.itemgetter(*ParallelSpec.model_fields)
 _LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
 _USE_TEMPLATES = True
+_STRUCTURES: dict[tuple, object] = {}  # structure key -> StructureTemplate | None (undecided)
+_PENDING: dict[tuple, Future] = {}
+_EXECUTOR: ThreadPoolExecutor | None = None
+_STRUCTURE_MODE = "background"  # "background", "sync" (compiled in the request) or "off"
+_GENERATION = [0]  # bumped by clear(): a compile queued before it is dropped
+_MISSING = object()
 
 
 def _put(store: dict, key, value, limit: int) -> None:
@@ -92,6 +105,10 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
         return tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
 
     def replay():
+        if par is None and _USE_TEMPLATES and _STRUCTURE_MODE != "off":
+            hit = _structure_estimate(skey, model, tr, device, checkpointed)
+            if hit is not None:
+                return hit
         return _program(model, tr, device, checkpointed, par, rank).run()
 
     def compile_(domain):
@@ -161,6 +178,78 @@ def _compile(skey: tuple, compile_):
     return tpl
 
 
+def _structure_key(skey: tuple, model: ResolvedModel, tr: TrainingSpec, dom: tuple) -> tuple:
+    """The setup key with the model's dimensions left out (family, blocks and tied embeddings
+    kept) and the structure's domain last; hashable (a list inside the specs: keyed by JSON)."""
+    key = (model.family, model.num_layers, model.tie_embeddings, model.architecture_known,
+           *skey[1:-1], dom)
+    try:
+        hash(key)
+    except TypeError:
+        key = (model.family, model.num_layers, model.tie_embeddings, model.architecture_known,
+               tr.model_dump_json(exclude=set(_SIZES)), *skey[5:-1], dom)
+    return key
+
+
+def _structure_estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
+                        checkpointed: frozenset[int]) -> StepPeaks | None:
+    """The step's peaks from the structure's template when it is compiled; otherwise None, and
+    the structure's compile is queued (or, in "sync" mode, run here)."""
+    from planner.structure_template import structure_of
+
+    st = structure_of(model, tr.micro_batch_size, tr.sequence_length)
+    if st is None:
+        return None
+    dom, names, values = st
+    key = _structure_key(skey, model, tr, dom)
+    tpl = _STRUCTURES.get(key, _MISSING)
+    if tpl is not _MISSING:
+        return None if tpl is None else tpl.evaluate(values)
+    job = (model, tr, device, checkpointed, names, dom[0], key, _GENERATION[0])
+    if _STRUCTURE_MODE == "sync":
+        tpl = _compile_structure(*job)
+        return None if tpl is None else tpl.evaluate(values)
+    global _EXECUTOR
+    with _LOCK:
+        if key not in _PENDING:
+            if _EXECUTOR is None:
+                _EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="memplan-structure")
+            _PENDING[key] = _EXECUTOR.submit(_compile_structure, *job)
+    return None
+
+
+def _compile_structure(model, tr, device, checkpointed, names, half, key, generation):
+    from planner.structure_template import compile_structure
+
+    try:
+        tpl = compile_structure(model, tr, device, set(checkpointed), names, half)
+    except (Undecided, TypeError, ZeroDivisionError):
+        tpl = None
+    if generation == _GENERATION[0]:
+        _put(_STRUCTURES, key, tpl, _TEMPLATES_MAX)
+    with _LOCK:
+        _PENDING.pop(key, None)
+    return tpl
+
+
+def wait_for_structures() -> None:
+    """Block until every queued structure compile is done (tests and benchmarks)."""
+    for f in list(_PENDING.values()):
+        f.result()
+
+
+@contextlib.contextmanager
+def structure_mode(mode: str):
+    """Structure templates compiled in the background (the default), in the request ("sync":
+    tests and benchmarks), or not at all ("off")."""
+    global _STRUCTURE_MODE
+    was, _STRUCTURE_MODE = _STRUCTURE_MODE, mode
+    try:
+        yield
+    finally:
+        _STRUCTURE_MODE = was
+
+
 def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
                       checkpointed: frozenset[int], batch: int) -> StepTemplate | None:
     """The setup's template for micro-batch ``batch`` (at ``tr``'s sequence length) when it is
@@ -210,3 +299,5 @@ def clear() -> None:
         _TEMPLATES.clear()
         _SEEN.clear()
         _MEMO.clear()
+        _STRUCTURES.clear()
+        _GENERATION[0] += 1
