@@ -144,7 +144,7 @@ def _cached(skey: tuple, tr: TrainingSpec, replay, compile_, evaluate):
     compiled when the setup comes back with another size, else replayed (memoised)."""
     b, t = tr.micro_batch_size, tr.sequence_length
     try:
-        tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
+        tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else hash(skey) and None
     except TypeError:  # a list inside the specs
         skey = _json_key(skey, tr)
         tpl = _TEMPLATES.get(skey) if _USE_TEMPLATES else None
