@@ -179,6 +179,11 @@ def llm_analysis_s(preset: str, n: int) -> float | None:
 
 def llm_analysis_fn(preset: str):
     """llm-analysis's ``training()`` on the preset, as ``one(k)`` (None: not installed)."""
+    return llm_analysis_model_fn(resolve_model(_req(preset, 1, 1024).model), preset)
+
+
+def llm_analysis_model_fn(m, name: str = "model"):
+    """llm-analysis's ``training()`` on a resolved model, as ``one(k)`` (None: not installed)."""
     try:
         from llm_analysis.analysis import LLMAnalysis
         from llm_analysis.config import (
@@ -190,8 +195,7 @@ def llm_analysis_fn(preset: str):
     except ImportError:
         return None
     logging.disable(logging.CRITICAL)
-    m = resolve_model(_req(preset, 1, 1024).model)
-    mc = ModelConfig(name=preset, num_layers=m.num_layers, n_head=m.num_heads,
+    mc = ModelConfig(name=name, num_layers=m.num_layers, n_head=m.num_heads,
                      hidden_dim=m.hidden_size, vocab_size=m.vocab_size,
                      max_seq_len=m.max_sequence_length,
                      # llm-analysis needs ffn a multiple of h (llama's 11008 is not): the nearest
@@ -239,6 +243,100 @@ def interleaved_rows(rounds: int, per_round: int) -> list[tuple[str, float, floa
         out.append((preset, statistics.median(ours), statistics.median(theirs),
                     statistics.median(ratios), min(ratios)))
     return out
+
+
+# ---- never-seen models of known structures ---------------------------------------------------
+STRUCTURE_LAYERS = {"gpt2": 12, "llama": 32}
+
+
+def _random_arch(family: str, rng: random.Random) -> dict:
+    """A random model of the family (every dimension >= 2, llama's head dimension even: the
+    general domain of a structure, planner/structure_template.py)."""
+    nkv = rng.choice([2, 4, 8, 12, 16, 32])
+    g = rng.choice([1, 2, 4, 8]) if family == "llama" else 1
+    hd = rng.choice([32, 64, 80, 96, 128])
+    h = nkv * g * hd
+    return {"family": family, "num_layers": STRUCTURE_LAYERS[family], "hidden_size": h,
+            "num_heads": nkv * g, **({"num_kv_heads": nkv} if family == "llama" else {}),
+            "ffn_hidden_size": rng.randint(2 * h, 4 * h),
+            "vocab_size": rng.randint(1000, 128000), "max_sequence_length": 8192}
+
+
+def _arch_req(arch: dict, b: int, t: int, precision: str, ckpt: str) -> MemoryRequest:
+    return MemoryRequest.model_validate({"model": arch, "training": {
+        "micro_batch_size": b, "sequence_length": t, "precision": precision,
+        "activation_checkpointing": {"strategy": ckpt}}})
+
+
+def never_seen_rows(n: int, rounds: int, seed: int = 5) -> dict:
+    """``n`` random gpt2/llama models over the SETUPS structures, each estimated once, in
+    ``rounds`` rounds; each round times its models (a) replayed, as before structure templates
+    ("off"), (b) from the structure's template, and (c) llm-analysis's ``training()`` on the same
+    models, so all three see the same load. Before the rounds every structure is compiled once
+    (a warm-up estimate in "sync" mode: compile + evaluation), timed."""
+    est = planner_memory.estimate_memory
+    rng = random.Random(seed)
+    structures = [(f, p, c) for f in ("gpt2", "llama") for p, c in SETUPS]
+    planner_memory.clear_caches()
+    compile_s = []
+    with step_cache.structure_mode("sync"):
+        for f, p, c in structures:
+            for k in range(3):  # the first compiles; variants a note compares with, too
+                r = _arch_req(_random_arch(f, rng), 4, 1024, p, c)
+                t0 = time.perf_counter()
+                est(r)
+                if k == 0:
+                    compile_s.append(time.perf_counter() - t0)
+    cases = []
+    for k in range(n):
+        f, p, c = structures[k % len(structures)]
+        cases.append(_arch_req(_random_arch(f, rng), rng.randint(1, 16),
+                               rng.choice([512, 1024, 2048, 4096]), p, c))
+    rng.shuffle(cases)
+    per = -(-n // rounds)
+    replayed, templated, theirs = [], [], []
+    for r in range(rounds):
+        batch = cases[r * per:(r + 1) * per]
+        if not batch:
+            break
+        with step_cache.structure_mode("off"):
+            a = []
+            for q in batch:
+                step_cache._SIM_CACHE.clear()
+                step_cache._SEEN.clear()
+                t0 = time.perf_counter()
+                est(q)
+                a.append(time.perf_counter() - t0)
+        replayed.append(statistics.median(a))
+        step_cache._SIM_CACHE.clear()
+        step_cache._SEEN.clear()
+        templated.append(statistics.median(_time_each(est, batch)))
+        fns = [llm_analysis_model_fn(resolve_model(q.model)) for q in batch]
+        if fns[0] is not None:
+            theirs.append(statistics.median(_time_each(lambda fn: fn(1), fns)))
+    return {"compile_median": statistics.median(compile_s), "compile_max": max(compile_s),
+            "structures": len(structures), "n": n, "rounds": len(templated),
+            "replayed": statistics.median(replayed), "templated": statistics.median(templated),
+            "llm": statistics.median(theirs) if theirs else None,
+            "ratios": [la / a for la, a in zip(theirs, templated)]}
+
+
+def print_never_seen(res: dict) -> None:
+    print(f"## Never-seen model of a known structure ({res['n']} random gpt2/llama models over "
+          f"{res['structures']} structures, each estimated once; {res['rounds']} interleaved "
+          "rounds, median of rounds)\n")
+    print("| case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis |")
+    print("|---|---:|---:|---:|")
+    la = res["llm"]
+    for name, s in (("replayed (no structure template)", res["replayed"]),
+                    ("from the structure's template", res["templated"])):
+        ratio = f"{la / s:.2f}×" if la else "n/a (not installed)"
+        print(f"| {name} | {s * 1e6:,.0f} | {la * 1e6:.0f} | {ratio} |" if la else
+              f"| {name} | {s * 1e6:,.0f} | n/a | {ratio} |")
+    if res["ratios"]:
+        print(f"\nLowest round: {min(res['ratios']):.2f}×. ", end="")
+    print(f"Structure compile (warm-up estimate in sync mode): median "
+          f"{res['compile_median'] * 1e3:,.0f} ms, max {res['compile_max'] * 1e3:,.0f} ms.\n")
 
 
 # ---- HTTP ------------------------------------------------------------------------------------
@@ -302,9 +400,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per model")
     ap.add_argument("--seconds", type=float, default=5.0, help="per HTTP measurement")
     ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--never-seen", type=int, default=50, help="never-seen models")
+    ap.add_argument("--only-never-seen", action="store_true")
     args = ap.parse_args()
 
-    rows = planner_rows(args.cold, args.new, args.warm)
+    if args.only_never_seen:
+        print_never_seen(never_seen_rows(args.never_seen, 5))
+        return
+    with step_cache.structure_mode("off"):  # the rows below measure the per-setup paths
+        rows = planner_rows(args.cold, args.new, args.warm)
     llm = {p: llm_analysis_s(p, 200) for p in MODELS}
     print("## planner.memory.estimate_memory, median per estimate\n")
     print("| model | case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis (goal "
@@ -316,7 +420,9 @@ def main() -> None:
         la_s = f"{la * 1e6:.0f}" if la else "n/a"
         print(f"| {preset} | {case} | {s * 1e6:,.0f} | {la_s} | {ratio} |")
     print()
-    inter = interleaved_rows(args.rounds, 40)
+    print_never_seen(never_seen_rows(args.never_seen, 5))
+    with step_cache.structure_mode("off"):
+        inter = interleaved_rows(args.rounds, 40)
     if inter:
         print(f"## Goal row, interleaved ({args.rounds} rounds of 40 new-size estimates on known "
               "setups, each followed by 40 llm-analysis calls)\n")
