@@ -22,7 +22,12 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from planner.reference_step import ReferenceProgram, StepPeaks
-from planner.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
+from planner.specs import (
+    ActivationCheckpointing,
+    ParallelSpec,
+    ResolvedModel,
+    TrainingSpec,
+)
 from planner.step_template import (
     StepTemplate,
     Undecided,
@@ -211,24 +216,39 @@ def _structure_estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, dev
         return None if tpl is None else tpl.evaluate(values)
     global _EXECUTOR
     with _LOCK:
-        if key not in _PENDING:
+        if (key, job[-1]) not in _PENDING:
             if _EXECUTOR is None:
                 _EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="memplan-structure")
-            _PENDING[key] = _EXECUTOR.submit(_compile_structure, *job)
+            _PENDING[(key, job[-1])] = _EXECUTOR.submit(_compile_structure, *job)
     return None
 
 
+# A structure's compile replays its blocks symbolically and prunes every window's rows: only
+# steps with few simulated blocks (a compressed replay simulates five periods) are compiled,
+# each within a work limit of its own (the background thread has no request's limit).
+_STRUCTURE_MAX_BLOCKS = 48
+_STRUCTURE_WORK_LIMIT_S = 20.0
+
+
 def _compile_structure(model, tr, device, checkpointed, names, half, key, generation):
+    from planner.deadline import WorkLimit, WorkLimitExceeded, work_limit
+    from planner.reference_step import plan_period
     from planner.structure_template import compile_structure
 
-    try:
-        tpl = compile_structure(model, tr, device, set(checkpointed), names, half)
-    except (Undecided, TypeError, ZeroDivisionError):
-        tpl = None
+    L = model.num_layers
+    k = plan_period(set(checkpointed), L)
+    simulated = L if not k or L // k < 7 else 5 * k + L % k
+    tpl = None
+    if simulated <= _STRUCTURE_MAX_BLOCKS:
+        try:
+            with work_limit(WorkLimit(_STRUCTURE_WORK_LIMIT_S)):
+                tpl = compile_structure(model, tr, device, set(checkpointed), names, half)
+        except (Undecided, TypeError, ZeroDivisionError, WorkLimitExceeded):
+            tpl = None
     if generation == _GENERATION[0]:
         _put(_STRUCTURES, key, tpl, _TEMPLATES_MAX)
     with _LOCK:
-        _PENDING.pop(key, None)
+        _PENDING.pop((key, generation), None)
     return tpl
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.deadline import check as check_work_limit
 from planner.peak_candidates import Candidates, _poly_fn_n, candidates
 from planner.reference_step import ReferenceProgram, StepPeaks, combine_peaks
 from planner.step_template import RecordingMachine, _activation_snap
@@ -167,6 +168,7 @@ def compile_structure(model, training, device: str, checkpointed: set[int],
     windows = np.array([mk[3] for mk in m.marks])
 
     def window(sel: np.ndarray, key: np.ndarray, cats: np.ndarray, zero: bool = False):
+        check_work_limit()
         w = np.nonzero(sel)[0]
         if not len(w):
             return Candidates(tuple(exps), [], [], [], [], zero, names)

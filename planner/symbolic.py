@@ -209,7 +209,7 @@ class MPoly:
     arithmetic returns a plain int when the result is constant, and comparisons answer only
     what holds over the whole domain (else :class:`Undecided`), as :class:`Poly`'s do."""
 
-    __slots__ = ("t", "sp")
+    __slots__ = ("sp", "t")
 
     def __init__(self, terms: dict[tuple[int, ...], int], sp: Space) -> None:
         self.t, self.sp = terms, sp

@@ -13,9 +13,9 @@ import random
 import zlib
 
 import pytest
-from pydantic import ValidationError
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from planner import memory as pm
 from planner import step_cache
@@ -77,7 +77,7 @@ def _same(a, b) -> bool:
 
 
 def _check(tpl, model, tr, device, ck, B, T) -> None:
-    dom, names, values = structure_of(model, B, T)
+    _, names, values = structure_of(model, B, T)
     assert names == tpl.names
     trs = tr.model_copy(update={"micro_batch_size": B, "sequence_length": T})
     ref = ReferenceProgram(model, trs, device=device, checkpointed=ck).run()
@@ -234,3 +234,20 @@ def test_a_never_seen_model_of_a_known_structure_is_evaluated():
     with step_cache.replay_only():
         assert got == [pm.estimate_memory(MemoryRequest.model_validate({"model": a, **base}))
                        for a in archs[2:]]
+
+
+def test_long_irregular_steps_are_not_compiled():
+    """A step simulated block by block (an irregular checkpoint plan) beyond the block bound is
+    not templated over the dimensions: its estimates stay replays, equal to replay_only()."""
+    rng = random.Random(11)
+    arch = {**_arch("gpt2", rng), "num_layers": step_cache._STRUCTURE_MAX_BLOCKS + 2}
+    req = MemoryRequest.model_validate({"model": arch, "training": {
+        "micro_batch_size": 2, "sequence_length": 64,
+        "activation_checkpointing": {"strategy": "blocks", "blocks": [0, 3, 4, 11]}}})
+    pm.clear_caches()
+    with step_cache.structure_mode("sync"):
+        got = pm.estimate_memory(req)
+    assert step_cache._STRUCTURES and not any(step_cache._STRUCTURES.values())
+    pm.clear_caches()
+    with step_cache.replay_only():
+        assert got == pm.estimate_memory(req)
