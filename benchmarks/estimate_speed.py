@@ -249,11 +249,12 @@ def interleaved_rows(rounds: int, per_round: int) -> list[tuple[str, float, floa
 STRUCTURE_LAYERS = {"gpt2": 12, "llama": 32}
 
 
-def _random_arch(family: str, rng: random.Random) -> dict:
-    """A random model of the family (every dimension >= 2, llama's head dimension even: the
-    general domain of a structure, planner/structure_template.py)."""
+def _random_arch(family: str, rng: random.Random, gqa: bool = False) -> dict:
+    """A random model of the family (every dimension >= 2 but the query heads per key/value
+    head, 1 unless ``gqa``; llama's head dimension even: one domain of a structure,
+    planner/structure_template.py)."""
     nkv = rng.choice([2, 4, 8, 12, 16, 32])
-    g = rng.choice([1, 2, 4, 8]) if family == "llama" else 1
+    g = rng.choice([2, 4, 8]) if gqa else 1
     hd = rng.choice([32, 64, 80, 96, 128])
     h = nkv * g * hd
     return {"family": family, "num_layers": STRUCTURE_LAYERS[family], "hidden_size": h,
@@ -269,28 +270,31 @@ def _arch_req(arch: dict, b: int, t: int, precision: str, ckpt: str) -> MemoryRe
 
 
 def never_seen_rows(n: int, rounds: int, seed: int = 5) -> dict:
-    """``n`` random gpt2/llama models over the SETUPS structures, each estimated once, in
-    ``rounds`` rounds; each round times its models (a) replayed, as before structure templates
-    ("off"), (b) from the structure's template, and (c) llm-analysis's ``training()`` on the same
-    models, so all three see the same load. Before the rounds every structure is compiled once
-    (a warm-up estimate in "sync" mode: compile + evaluation), timed."""
+    """``n`` random gpt2/llama models (llama with and without grouped-query attention: two
+    domains) over the SETUPS structures, each estimated once at a micro-batch of at least 2 (a
+    batch of one is a domain of its own), in ``rounds`` rounds; each round times its models (a)
+    replayed, as before structure templates ("off"), (b) from the structure's template, and (c)
+    llm-analysis's ``training()`` on the same models, so all three see the same load. Before
+    the rounds every structure is compiled once (a warm-up estimate in "sync" mode: compile +
+    evaluation), timed."""
     est = planner_memory.estimate_memory
     rng = random.Random(seed)
-    structures = [(f, p, c) for f in ("gpt2", "llama") for p, c in SETUPS]
+    structures = [(f, gqa, p, c) for f, gqa in (("gpt2", False), ("llama", False),
+                                                ("llama", True)) for p, c in SETUPS]
     planner_memory.clear_caches()
     compile_s = []
     with step_cache.structure_mode("sync"):
-        for f, p, c in structures:
+        for f, gqa, p, c in structures:
             for k in range(3):  # the first compiles; variants a note compares with, too
-                r = _arch_req(_random_arch(f, rng), 4, 1024, p, c)
+                r = _arch_req(_random_arch(f, rng, gqa), 4, 1024, p, c)
                 t0 = time.perf_counter()
                 est(r)
                 if k == 0:
                     compile_s.append(time.perf_counter() - t0)
     cases = []
     for k in range(n):
-        f, p, c = structures[k % len(structures)]
-        cases.append(_arch_req(_random_arch(f, rng), rng.randint(1, 16),
+        f, gqa, p, c = structures[k % len(structures)]
+        cases.append(_arch_req(_random_arch(f, rng, gqa), rng.randint(2, 16),
                                rng.choice([512, 1024, 2048, 4096]), p, c))
     rng.shuffle(cases)
     per = -(-n // rounds)

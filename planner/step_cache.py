@@ -279,9 +279,32 @@ def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
     key = setup_key(model, tr, device, checkpointed)
     key = (*key[:-1], domain_of(batch, tr.sequence_length))
     try:
-        return _TEMPLATES.get(key)
+        tpl = _TEMPLATES.get(key)
     except TypeError:
-        return None
+        tpl = None
+    if tpl is None and _STRUCTURE_MODE != "off":
+        from planner.structure_template import structure_of
+
+        st = structure_of(model, batch, tr.sequence_length)
+        s = None if st is None else _STRUCTURES.get(_structure_key(key, model, tr, st[0]))
+        if s is not None:
+            return _ModelTemplate(s, model)
+    return tpl
+
+
+class _ModelTemplate:
+    """A structure's template bound to one model: ``evaluate(B, T)`` as a setup's template
+    (within the size domain it was looked up for)."""
+
+    __slots__ = ("model", "tpl")
+
+    def __init__(self, tpl, model: ResolvedModel) -> None:
+        self.tpl, self.model = tpl, model
+
+    def evaluate(self, B: int, T: int) -> StepPeaks:
+        from planner.structure_template import structure_of
+
+        return self.tpl.evaluate(structure_of(self.model, B, T)[2])
 
 
 _MEMO: dict[tuple, object] = {}

@@ -251,3 +251,22 @@ def test_long_irregular_steps_are_not_compiled():
     pm.clear_caches()
     with step_cache.replay_only():
         assert got == pm.estimate_memory(req)
+
+
+def test_largest_micro_batch_of_a_new_model_from_the_structure():
+    """With hardware, the largest fitting micro-batch of a never-seen model is probed on the
+    structure's template (both batch domains compiled) and equals the replayed search."""
+    rng = random.Random(5)
+    archs = [_arch("llama", rng) for _ in range(4)]
+
+    def req(a: dict) -> MemoryRequest:
+        return MemoryRequest.model_validate({"model": a, "hardware": {"gpu": "h100-80gb"},
+                                             "training": {"micro_batch_size": 2,
+                                                          "sequence_length": 512}})
+    pm.clear_caches()
+    with step_cache.structure_mode("sync"):
+        got = [pm.estimate_memory(req(a)) for a in archs]
+    assert sum(t is not None for t in step_cache._STRUCTURES.values()) >= 2
+    pm.clear_caches()
+    with step_cache.replay_only():
+        assert got == [pm.estimate_memory(req(a)) for a in archs]
