@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from planner.reference_step import ReferenceProgram, StepPeaks
 from planner.specs import (
@@ -52,8 +52,8 @@ _PAR_FIELDS = operator.itemgetter(*ParallelSpec.model_fields)
 _LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
 _USE_TEMPLATES = True
 _STRUCTURES: dict[tuple, object] = {}  # structure key -> StructureTemplate | None (undecided)
-_PENDING: dict[tuple, Future] = {}
-_EXECUTOR: ThreadPoolExecutor | None = None
+_PENDING: set[tuple] = set()  # (structure key, generation) queued or compiling
+_QUEUE: queue.Queue | None = None  # served by one daemon thread (a process exits without it)
 _STRUCTURE_MODE = "background"  # "background", "sync" (compiled in the request) or "off"
 _GENERATION = [0]  # bumped by clear(): a compile queued before it is dropped
 _MISSING = object()
@@ -214,13 +214,25 @@ def _structure_estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, dev
     if _STRUCTURE_MODE == "sync":
         tpl = _compile_structure(*job)
         return None if tpl is None else tpl.evaluate(values)
-    global _EXECUTOR
+    global _QUEUE
     with _LOCK:
         if (key, job[-1]) not in _PENDING:
-            if _EXECUTOR is None:
-                _EXECUTOR = ThreadPoolExecutor(1, thread_name_prefix="memplan-structure")
-            _PENDING[(key, job[-1])] = _EXECUTOR.submit(_compile_structure, *job)
+            if _QUEUE is None:
+                _QUEUE = queue.Queue()
+                threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
+                                 daemon=True).start()
+            _PENDING.add((key, job[-1]))
+            _QUEUE.put(job)
     return None
+
+
+def _serve(q: queue.Queue) -> None:
+    while True:
+        job = q.get()
+        try:
+            _compile_structure(*job)
+        finally:
+            q.task_done()
 
 
 # A structure's compile replays its blocks symbolically and prunes every window's rows: only
@@ -243,19 +255,21 @@ def _compile_structure(model, tr, device, checkpointed, names, half, key, genera
         try:
             with work_limit(WorkLimit(_STRUCTURE_WORK_LIMIT_S)):
                 tpl = compile_structure(model, tr, device, set(checkpointed), names, half)
-        except (Undecided, TypeError, ZeroDivisionError, WorkLimitExceeded):
+        except (Undecided, WorkLimitExceeded, Exception):  # noqa: BLE001
+            # a size the program cannot take symbolically (TypeError, ...) included: the
+            # structure stays on the replay, which is the answer anyway
             tpl = None
     if generation == _GENERATION[0]:
         _put(_STRUCTURES, key, tpl, _TEMPLATES_MAX)
     with _LOCK:
-        _PENDING.pop((key, generation), None)
+        _PENDING.discard((key, generation))
     return tpl
 
 
 def wait_for_structures() -> None:
     """Block until every queued structure compile is done (tests and benchmarks)."""
-    for f in list(_PENDING.values()):
-        f.result()
+    if _QUEUE is not None:
+        _QUEUE.join()
 
 
 @contextlib.contextmanager
