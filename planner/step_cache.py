@@ -11,7 +11,9 @@ Per *structure* (a setup without the model's dimensions: planner/structure_templ
 single-device step is also compiled with the dimensions symbolic, off the request path: the
 first estimate of a structure replays concretely and queues the structure's compile on one
 background thread (a compile costs about a hundred replays); once it is done, the estimate of
-any model of that structure that would otherwise be replayed is an evaluation instead.
+any model of that structure that would otherwise be replayed is an evaluation instead. A step
+that decides on the dimensions holds guarded variants (planner/structure_template.py): a model
+no variant admits is replayed and queues one more (up to ``_STRUCTURE_MAX_VARIANTS``).
 """
 
 from __future__ import annotations
@@ -51,12 +53,11 @@ _MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
 _PAR_FIELDS = operator.itemgetter(*ParallelSpec.model_fields)
 _LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
 _USE_TEMPLATES = True
-_STRUCTURES: dict[tuple, object] = {}  # structure key -> StructureTemplate | None (undecided)
+_STRUCTURES: dict[tuple, object] = {}  # structure key -> _Variants
 _PENDING: set[tuple] = set()  # (structure key, generation) queued or compiling
 _QUEUE: queue.Queue | None = None  # served by one daemon thread (a process exits without it)
 _STRUCTURE_MODE = "background"  # "background", "sync" (compiled in the request) or "off"
 _GENERATION = [0]  # bumped by clear(): a compile queued before it is dropped
-_MISSING = object()
 
 
 def _put(store: dict, key, value, limit: int) -> None:
@@ -207,16 +208,20 @@ def _structure_estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, dev
         return None
     dom, names, values = st
     key = _structure_key(skey, model, tr, dom)
-    tpl = _STRUCTURES.get(key, _MISSING)
-    if tpl is not _MISSING:
-        return None if tpl is None else tpl.evaluate(values)
-    job = (model, tr, device, checkpointed, names, dom[0], key, _GENERATION[0])
+    known = _STRUCTURES.get(key)
+    if known is not None:
+        tpl = known.find(values)
+        if tpl is not None:
+            return tpl.evaluate(values)
+        if known.attempts >= _STRUCTURE_MAX_VARIANTS:
+            return None
+    job = (model, tr, device, checkpointed, names, dom[0], values, key, _GENERATION[0])
     if _STRUCTURE_MODE == "sync":
         tpl = _compile_structure(*job)
         return None if tpl is None else tpl.evaluate(values)
     global _QUEUE
     with _LOCK:
-        if (key, job[-1]) not in _PENDING:
+        if (key, job[-1]) not in _PENDING:  # one compile of a structure at a time
             if _QUEUE is None:
                 _QUEUE = queue.Queue()
                 threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
@@ -237,12 +242,33 @@ def _serve(q: queue.Queue) -> None:
 
 # A structure's compile replays its blocks symbolically and prunes every window's rows: only
 # steps with few simulated blocks (a compressed replay simulates five periods) are compiled,
-# each within a work limit of its own (the background thread has no request's limit).
+# each within a work limit of its own (the background thread has no request's limit). A
+# structure whose step decides on its dimensions (the largest parameter, a size threshold)
+# holds a few guarded variants, one per path its models take.
 _STRUCTURE_MAX_BLOCKS = 48
 _STRUCTURE_WORK_LIMIT_S = 20.0
+_STRUCTURE_MAX_VARIANTS = 4
 
 
-def _compile_structure(model, tr, device, checkpointed, names, half, key, generation):
+class _Variants:
+    """A structure's compiled templates (each for the models its guards admit) and how many
+    compiles were tried."""
+
+    __slots__ = ("attempts", "templates")
+
+    def __init__(self) -> None:
+        self.templates: list = []
+        self.attempts = 0
+
+    def find(self, values: tuple[int, ...]):
+        for tpl in self.templates:
+            if tpl.admits is None or tpl.admits(*values):
+                return tpl
+        return None
+
+
+def _compile_structure(model, tr, device, checkpointed, names, half, values, key,
+                       generation):
     from planner.deadline import WorkLimit, WorkLimitExceeded, work_limit
     from planner.reference_step import plan_period
     from planner.structure_template import compile_structure
@@ -254,13 +280,21 @@ def _compile_structure(model, tr, device, checkpointed, names, half, key, genera
     if simulated <= _STRUCTURE_MAX_BLOCKS:
         try:
             with work_limit(WorkLimit(_STRUCTURE_WORK_LIMIT_S)):
-                tpl = compile_structure(model, tr, device, set(checkpointed), names, half)
+                tpl = compile_structure(model, tr, device, set(checkpointed), names, half,
+                                        values)
         except (Undecided, WorkLimitExceeded, Exception):  # noqa: BLE001
             # a size the program cannot take symbolically (TypeError, ...) included: the
             # structure stays on the replay, which is the answer anyway
             tpl = None
     if generation == _GENERATION[0]:
-        _put(_STRUCTURES, key, tpl, _TEMPLATES_MAX)
+        known = _STRUCTURES.get(key)
+        if known is None:
+            known = _Variants()
+            _put(_STRUCTURES, key, known, _TEMPLATES_MAX)
+        with _LOCK:
+            known.attempts += 1
+            if tpl is not None:
+                known.templates.append(tpl)
     with _LOCK:
         _PENDING.discard((key, generation))
     return tpl
@@ -300,7 +334,8 @@ def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
         from planner.structure_template import structure_of
 
         st = structure_of(model, batch, tr.sequence_length)
-        s = None if st is None else _STRUCTURES.get(_structure_key(key, model, tr, st[0]))
+        known = None if st is None else _STRUCTURES.get(_structure_key(key, model, tr, st[0]))
+        s = None if known is None else known.find(st[2])
         if s is not None:
             return _ModelTemplate(s, model)
     return tpl
@@ -308,7 +343,7 @@ def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
 
 class _ModelTemplate:
     """A structure's template bound to one model: ``evaluate(B, T)`` as a setup's template
-    (within the size domain it was looked up for)."""
+    (for the batch it was looked up for; its guards are checked again at every size)."""
 
     __slots__ = ("model", "tpl")
 
@@ -318,7 +353,10 @@ class _ModelTemplate:
     def evaluate(self, B: int, T: int) -> StepPeaks:
         from planner.structure_template import structure_of
 
-        return self.tpl.evaluate(structure_of(self.model, B, T)[2])
+        values = structure_of(self.model, B, T)[2]
+        if self.tpl.admits is not None and not self.tpl.admits(*values):
+            raise Undecided("the structure's template does not hold at this size")
+        return self.tpl.evaluate(values)
 
 
 _MEMO: dict[tuple, object] = {}

@@ -16,8 +16,13 @@ MLP width ``f``, the vocabulary ``V`` and the positions ``P``. Each is ``2 + s``
 
 Soundness is the step template's: every decision the program takes on a size goes through
 :class:`planner.symbolic.MPoly`'s comparisons, which answer only what holds for *every* model
-and size of the domain (``V·h`` against ``f·h``, a rounding of a quantized size, ``max`` over
-parameters of unrelated shapes all raise ``Undecided``, and the structure is not templated).
+and size of the domain. What the domain leaves open (``V·h`` against ``f·h``: mixed-fp16's
+check of the largest parameter, the order of a for-loop optimizer's per-tensor temporaries) is
+answered at a *witness*, the model being compiled, and kept as a guard (the sign of that
+difference); the template then holds for exactly the models that share every guard's sign (the
+program is deterministic: same answers, same ops, same sizes as polynomials), and
+``admits(values)`` checks them. A size that rounds (8-bit Adam's blocks, Adafactor's factored
+sizes, nf4 codes) is no polynomial: ``Undecided``, the structure is not templated.
 Peak candidates are pruned over the shifted variables (planner/peak_candidates.py, the rules
 need variables >= 0) and evaluated over the sizes themselves (sparse, exact Python integers).
 tests/test_structure_template.py holds the answers equal to the concrete replay.
@@ -30,7 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.deadline import check as check_work_limit
-from planner.peak_candidates import Candidates, _poly_fn_n, candidates
+from planner.peak_candidates import (
+    Candidates,
+    _compiled,
+    _expr_n,
+    _monomials_n,
+    _poly_fn_n,
+    candidates,
+)
 from planner.reference_step import ReferenceProgram, StepPeaks, combine_peaks
 from planner.step_template import RecordingMachine, _activation_snap
 from planner.stepsim import CATEGORIES
@@ -61,9 +73,10 @@ def structure_of(model, B: int, T: int) -> tuple[tuple, tuple[str, ...], tuple[i
             tuple(v for _, v in sizes if v != 1))
 
 
-def _symbolic_sizes(names: tuple[str, ...], half: bool) -> tuple[Space, tuple]:
+def _symbolic_sizes(names: tuple[str, ...], half: bool,
+                    witness: tuple[int, ...] | None = None) -> tuple[Space, tuple]:
     """The Space of ``names`` and the program's sizes (B, T, h, nh, nkv, hd, f, V, P, g)."""
-    sp = Space(names, (2,) * len(names))
+    sp = Space(names, (2,) * len(names), witness)
     v = {n: sp.var(i) for i, n in enumerate(names)}
 
     def get(n: str):
@@ -86,6 +99,9 @@ class StructureTemplate:
     act_max: Candidates
     states: object  # f(*values) -> [optimizer state bytes]
     amp_scaler: bool
+    # f(*values) -> whether the values share the witness's answer to every decision the domain
+    # left open (None: there were none, the template holds on the whole domain)
+    admits: object = None
 
     def evaluate(self, v: tuple[int, ...]) -> StepPeaks:
         return combine_peaks([c.best(*v) for c in self.fb], [c.best(*v) for c in self.step],
@@ -150,12 +166,28 @@ def _to_shifted(rows: np.ndarray, mat: np.ndarray) -> np.ndarray:
     return rows @ mat
 
 
+def _guard_fn(names: tuple[str, ...], guards: list[tuple[dict, int]]):
+    """``f(*values) -> bool``: every guard polynomial has its recorded sign at ``values``."""
+    if not guards:
+        return None
+    exps = sorted({e for t, _ in guards for e in t})
+    rows = [tuple(t.get(e, 0) for e in exps) for t, _ in guards]
+    pro, name = _monomials_n(names, exps, rows)
+    op = {1: ">", -1: "<", 0: "=="}
+    conds = [f"({_expr_n(exps, r, name)}) {op[sg]} 0" for r, (_, sg) in zip(rows, guards)]
+    return _compiled("\n".join([f"def f({', '.join(names)}):", *pro,
+                                "    return " + " and ".join(conds), ""]))
+
+
 def compile_structure(model, training, device: str, checkpointed: set[int],
-                      names: tuple[str, ...], half: bool) -> StructureTemplate:
+                      names: tuple[str, ...], half: bool,
+                      witness: tuple[int, ...] | None = None) -> StructureTemplate:
     """Replay the step once with the sizes ``names`` symbolic (the others 1); raises Undecided
     (or TypeError, from a size the program cannot take symbolically) when the replay depends
-    on their values."""
-    sp, sizes = _symbolic_sizes(names, half)
+    on their values. With a ``witness`` (values of ``names``, a model of the structure), a
+    comparison the domain leaves open is answered at the witness and becomes a guard of the
+    template (``admits``)."""
+    sp, sizes = _symbolic_sizes(names, half, witness)
     m = RecordingMachine()
     prog = ReferenceProgram(model, training, device=device, checkpointed=set(checkpointed),
                             machine=m, sizes=sizes)
@@ -186,5 +218,6 @@ def compile_structure(model, training, device: str, checkpointed: set[int],
     sexp = tuple(sv)
     return StructureTemplate(names, cands[:len(fb)], cands[len(fb):], act, act_max,
                              _poly_fn_n(names, sexp, [tuple(sv[e] for e in sexp)]),
-                             bool(combine["amp_scaler"]))
+                             bool(combine["amp_scaler"]),
+                             _guard_fn(names, list(sp.guards.values())))
 

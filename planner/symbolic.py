@@ -167,9 +167,29 @@ class Space:
     one term: cheap arithmetic, compact evaluation) and decide comparisons over the shifted
     variables ``s_i``, where coefficients of one sign give that sign on the whole domain."""
 
-    def __init__(self, names: tuple[str, ...], lows: tuple[int, ...]) -> None:
+    def __init__(self, names: tuple[str, ...], lows: tuple[int, ...],
+                 witness: tuple[int, ...] | None = None) -> None:
         self.names, self.lows, self.n = names, lows, len(names)
         self._shift: dict[tuple[int, ...], list[tuple[tuple[int, ...], int]]] = {}
+        # A witness (one point of the domain: the sizes of the model being compiled) answers
+        # what the domain does not decide; each such answer is kept as a guard, the sign of a
+        # polynomial, which a later point must share for the template to hold there (the
+        # program, deterministic, then takes the same path: the same sizes as polynomials).
+        self.witness = witness
+        self.guards: dict[frozenset, tuple[dict[tuple[int, ...], int], int]] = {}
+
+    def guess(self, d: MPoly) -> int:
+        """The sign of ``d`` at the witness, kept as a guard; Undecided without a witness."""
+        if self.witness is None:
+            raise Undecided(f"sign of {d}")
+        v = 0
+        for e, c in d.t.items():
+            for x, p in zip(self.witness, e):
+                c *= x ** p
+            v += c
+        sign = (v > 0) - (v < 0)
+        self.guards[frozenset(d.t.items())] = (dict(d.t), sign)
+        return sign
 
     def var(self, i: int) -> MPoly:
         e = [0] * self.n
@@ -295,7 +315,7 @@ class MPoly:
             return True
         if le:
             return False
-        raise Undecided(f"{self} > {o}")
+        return self.sp.guess(self - o) > 0
 
     def __ge__(self, o):
         if not isinstance(o, (int, MPoly)):
@@ -305,7 +325,7 @@ class MPoly:
             return True
         if s == -1:
             return False
-        raise Undecided(f"{self} >= {o}")
+        return self.sp.guess(self - o) >= 0
 
     def __lt__(self, o):
         return (-self).__gt__(-o) if isinstance(o, (int, MPoly)) else NotImplemented
@@ -321,7 +341,7 @@ class MPoly:
             return True
         if s is not None:
             return False
-        raise Undecided(f"{self} == {o}")
+        return self.sp.guess(self - o) == 0
 
     def __ne__(self, o):
         r = self.__eq__(o)
