@@ -17,12 +17,17 @@ MLP width ``f``, the vocabulary ``V`` and the positions ``P``. Each is ``2 + s``
 Soundness is the step template's: every decision the program takes on a size goes through
 :class:`planner.symbolic.MPoly`'s comparisons, which answer only what holds for *every* model
 and size of the domain. What the domain leaves open (``V·h`` against ``f·h``: mixed-fp16's
-check of the largest parameter, the order of a for-loop optimizer's per-tensor temporaries) is
-answered at a *witness*, the model being compiled, and kept as a guard (the sign of that
-difference); the template then holds for exactly the models that share every guard's sign (the
-program is deterministic: same answers, same ops, same sizes as polynomials), and
-``admits(values)`` checks them. A size that rounds (8-bit Adam's blocks, Adafactor's factored
-sizes, nf4 codes) is no polynomial: ``Undecided``, the structure is not templated.
+check of the largest parameter, the order of a for-loop optimizer's or Adafactor's per-tensor
+temporaries) is answered at a *witness*, the model being compiled, and kept as a guard (the
+sign of that difference); the template then holds for exactly the models that share every
+guard's sign (the program is deterministic: same answers, same ops, same sizes as
+polynomials), and ``admits(values)`` checks them. A size that rounds (8-bit Adam's blocks, nf4
+codes) is no polynomial: ``Undecided``, the structure is not templated (a division by one term
+that divides every term, Adafactor's row and column factors, is exact).
+
+The number of blocks stays in the key: the optimizer's states and temporaries are functions of
+the list of parameter tensors (planner/optimizers.py), whose length is the block count.
+
 Peak candidates are pruned over the shifted variables (planner/peak_candidates.py, the rules
 need variables >= 0) and evaluated over the sizes themselves (sparse, exact Python integers).
 tests/test_structure_template.py holds the answers equal to the concrete replay.

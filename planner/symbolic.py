@@ -289,6 +289,12 @@ class MPoly:
     def __floordiv__(self, o):
         if isinstance(o, int) and o > 0 and all(c % o == 0 for c in self.t.values()):
             return self._make({k: c // o for k, c in self.t.items()})
+        if isinstance(o, MPoly) and len(o.t) == 1:  # by one term: exact when it divides each
+            (e, c), = o.t.items()
+            if c > 0 and all(x % c == 0 and all(a >= b for a, b in zip(k, e))
+                             for k, x in self.t.items()):
+                return self._make({tuple(a - b for a, b in zip(k, e)): x // c
+                                   for k, x in self.t.items()})
         raise Undecided(f"({self}) // {o}")
 
     def __rfloordiv__(self, o):

@@ -54,12 +54,13 @@ GUARDED: list[dict] = [
     {"optimizer": "lion"},
     {"optimizer_implementation": "for-loop"},
     {"optimizer": "adamw", "optimizer_implementation": "for-loop", "precision": "mixed-fp16"},
+    {"optimizer": "adafactor"},
+    {"optimizer": "adafactor", "optimizer_implementation": "for-loop"},
 ]
-# Settings whose sizes round (8-bit Adam's blocks, a factored or nf4-quantized size): not
-# polynomials, never templated over the dimensions.
+# Settings whose sizes round (8-bit Adam's blocks, an nf4-quantized size): not polynomials,
+# never templated over the dimensions.
 UNDECIDED: list[dict] = [
     {"optimizer": "adam-8bit"},
-    {"optimizer": "adafactor"},
     {"lora": {"rank": 4, "base_dtype": "nf4"}, "precision": "amp-bf16"},
 ]
 
@@ -154,8 +155,10 @@ def test_mpoly_decides_only_what_holds_everywhere():
     V, f = sp.var(0), sp.var(1)  # V, f >= 2
     assert V * f > V and V * f - 2 * V >= 0 and V - 2 >= 0 and (V * f) // 1 == V * f
     assert not (V * f - 4 < 0) and V + 1 != 2
+    assert (6 * V * V * f) // (3 * V) == 2 * V * f
     for undecided in (lambda: V > f, lambda: V == f, lambda: V * f - 5 >= 0, lambda: int(V),
-                      lambda: (V + 1) // 2, lambda: max(V, f), lambda: bool(V - f)):
+                      lambda: (V + 1) // 2, lambda: max(V, f), lambda: bool(V - f),
+                      lambda: (V * f) // (2 * V), lambda: (V * f) // (V + f)):
         with pytest.raises(Undecided):
             undecided()
     assert isinstance(V * f - f * V + 3, int) and isinstance(V + 0, MPoly)
