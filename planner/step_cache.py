@@ -236,6 +236,8 @@ def _serve(q: queue.Queue) -> None:
         job = q.get()
         try:
             _compile_structure(*job)
+        except Exception:  # noqa: BLE001, S110 - the thread serves on; the structure replays
+            pass
         finally:
             q.task_done()
 
