@@ -134,13 +134,13 @@ def _natural(m: RecordingMachine, sp: Space) -> tuple[np.ndarray, list[tuple[int
             idx.append(e + 1)
             cc.append(j * _NCAT + base)
             val.append(sign * c)
+    if sum(map(abs, val)) >= _LIMIT:  # bounds every partial sum below: no int64 overflow
+        raise Undecided("live bytes outside the template's range")
     ncol = len(col) * _NCAT
     d = np.zeros((len(m.log) + 1, ncol), dtype=np.int64)
     np.add.at(d, (np.array(idx, dtype=np.int64), np.array(cc, dtype=np.int64)),
               np.array(val, dtype=np.int64))
     c = np.cumsum(d, axis=0)
-    if np.abs(c).max(initial=0) >= _LIMIT:
-        raise Undecided("live bytes outside the template's range")
     at = np.array([mk[0] for mk in m.marks], dtype=np.int64)
     full = c[at].reshape(len(m.marks), len(col), _NCAT).transpose(0, 2, 1)
     return np.ascontiguousarray(full), list(col)
