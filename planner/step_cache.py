@@ -221,7 +221,9 @@ def _structure_estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, dev
         return None if tpl is None else tpl.evaluate(values)
     global _QUEUE
     with _LOCK:
-        if (key, job[-1]) not in _PENDING:  # one compile of a structure at a time
+        # one compile of a structure at a time, and a bounded queue: a flood of structures
+        # seen once each stays on the replay instead of keeping the thread busy
+        if (key, job[-1]) not in _PENDING and len(_PENDING) < _STRUCTURE_MAX_PENDING:
             if _QUEUE is None:
                 _QUEUE = queue.Queue()
                 threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
@@ -250,6 +252,7 @@ def _serve(q: queue.Queue) -> None:
 _STRUCTURE_MAX_BLOCKS = 48
 _STRUCTURE_WORK_LIMIT_S = 20.0
 _STRUCTURE_MAX_VARIANTS = 4
+_STRUCTURE_MAX_PENDING = 8
 
 
 class _Variants:
