@@ -13,6 +13,10 @@ Cases (every cache is cleared where a case says "first"):
 - new size of a known setup: a micro-batch size and sequence length never asked before, on a setup
   whose template exists: the estimate a sweep or a capacity-planning script makes; the goal row.
 - same request again.
+- never-seen model of a known structure (benchmarks/never_seen.py): random models, each
+  estimated once, on structures compiled with the model's dimensions symbolic
+  (planner/step/structure.py), against the same models replayed and llm-analysis; the
+  other rows run with structure templates off, as they measure the per-setup paths.
 - ZeRO-3 on 8 ranks, 1F1B on 4 ranks: the same for a data-parallel layout (the FSDP2 rank's
   replay) and a pipelined one (every rank's replay), which compile into templates as well.
 - fit: with ``hardware`` set, so the largest fitting micro-batch is searched as well.
@@ -38,6 +42,7 @@ import time
 
 from planner.routes import memory as planner_memory
 from planner.machine import cache
+from planner.step import simulate as step_cache
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import MemoryRequest
 
@@ -179,6 +184,11 @@ def llm_analysis_s(preset: str, n: int) -> float | None:
 
 def llm_analysis_fn(preset: str):
     """llm-analysis's ``training()`` on the preset, as ``one(k)`` (None: not installed)."""
+    return llm_analysis_model_fn(resolve_model(_req(preset, 1, 1024).model), preset)
+
+
+def llm_analysis_model_fn(m, name: str = "model"):
+    """llm-analysis's ``training()`` on a resolved model, as ``one(k)`` (None: not installed)."""
     try:
         from llm_analysis.analysis import LLMAnalysis
         from llm_analysis.config import (
@@ -190,8 +200,7 @@ def llm_analysis_fn(preset: str):
     except ImportError:
         return None
     logging.disable(logging.CRITICAL)
-    m = resolve_model(_req(preset, 1, 1024).model)
-    mc = ModelConfig(name=preset, num_layers=m.num_layers, n_head=m.num_heads,
+    mc = ModelConfig(name=name, num_layers=m.num_layers, n_head=m.num_heads,
                      hidden_dim=m.hidden_size, vocab_size=m.vocab_size,
                      max_seq_len=m.max_sequence_length,
                      # llm-analysis needs ffn a multiple of h (llama's 11008 is not): the nearest
@@ -302,9 +311,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds per model")
     ap.add_argument("--seconds", type=float, default=5.0, help="per HTTP measurement")
     ap.add_argument("--connections", type=int, default=8)
+    ap.add_argument("--never-seen", type=int, default=50, help="never-seen models")
+    ap.add_argument("--only-never-seen", action="store_true")
     args = ap.parse_args()
 
-    rows = planner_rows(args.cold, args.new, args.warm)
+    from benchmarks.never_seen import never_seen_rows, print_never_seen
+
+    if args.only_never_seen:
+        print_never_seen(never_seen_rows(args.never_seen, 5))
+        return
+    with step_cache.structure_mode("off"):  # the rows below measure the per-setup paths
+        rows = planner_rows(args.cold, args.new, args.warm)
     llm = {p: llm_analysis_s(p, 200) for p in MODELS}
     print("## planner.routes.memory.estimate_memory, median per estimate\n")
     print("| model | case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis (goal "
@@ -316,7 +333,9 @@ def main() -> None:
         la_s = f"{la * 1e6:.0f}" if la else "n/a"
         print(f"| {preset} | {case} | {s * 1e6:,.0f} | {la_s} | {ratio} |")
     print()
-    inter = interleaved_rows(args.rounds, 40)
+    print_never_seen(never_seen_rows(args.never_seen, 5))
+    with step_cache.structure_mode("off"):
+        inter = interleaved_rows(args.rounds, 40)
     if inter:
         print(f"## Goal row, interleaved ({args.rounds} rounds of 40 new-size estimates on known "
               "setups, each followed by 40 llm-analysis calls)\n")

@@ -73,8 +73,8 @@ def cached(skey: tuple, tr: TrainingSpec, replay, compile_, evaluate):
     compiled template (``compile_(domain)``, ``evaluate(template, B, T)``) when there is one,
     compiled when the setup comes back with another size, else replayed (memoised)."""
     b, t = tr.micro_batch_size, tr.sequence_length
-    try:
-        tpl = _TEMPLATES.get(skey) if USE_TEMPLATES else None
+    try:  # (hashed even with templates off: an unhashable key goes to its JSON form)
+        tpl = _TEMPLATES.get(skey) if USE_TEMPLATES else hash(skey) and None
     except TypeError:  # a list inside the specs
         skey = _json_key(skey, tr)
         tpl = _TEMPLATES.get(skey) if USE_TEMPLATES else None

@@ -35,20 +35,29 @@ class Candidates:
     ops: list[str]
     phases: list[str]
     zero: bool = False  # an all-zero snapshot precedes the rows (act peak's initial value)
+    # None: rows over (b, t) = (B - 2, T - 2); else the names of the sizes the rows are
+    # polynomials in (over the sizes themselves: planner/machine/symbolic.py, MPoly)
+    names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # The rows' polynomials as Python expressions in b and t, compiled once: evaluating a
         # template is then a handful of integer multiplications (exact, any size).
-        self._best = _argmax_fn(self.exps, self.key) if self.key else None
-        self._cats = [_poly_fn(self.exps, cats) for cats in self.cats]
+        if self.names is None:
+            self._best = _argmax_fn(self.exps, self.key) if self.key else None
+            self._cats = [_poly_fn(self.exps, cats) for cats in self.cats]
+        else:
+            self._best = _argmax_fn_n(self.names, self.exps, self.key) if self.key else None
+            self._row = _rows_fn_n(self.names, self.exps, self.cats) if self.key else None
 
-    def best(self, b: int, t: int) -> PeakSnap:
+    def best(self, *v: int) -> PeakSnap:
         if self._best is None:
             return PeakSnap()
-        v, k = self._best(b, t)
-        if self.zero and v <= 0:
+        x, k = self._best(*v)
+        if self.zero and x <= 0:
             return PeakSnap()
-        return PeakSnap(v, self._cats[k](b, t), self.ops[k], self.phases[k])
+        if self.names is not None:
+            return PeakSnap(x, self._row(k, *v), self.ops[k], self.phases[k])
+        return PeakSnap(x, self._cats[k](*v), self.ops[k], self.phases[k])
 
 
 def _expr(exps, vec) -> str:
@@ -73,6 +82,48 @@ def _argmax_fn(exps, vecs: list[tuple[int, ...]]):
     lines = ["def f(b, t):", f"    bv = {_expr(exps, vecs[0])}", "    bk = 0"]
     for k, v in enumerate(vecs[1:], 1):
         lines += [f"    v = {_expr(exps, v)}", "    if v > bv:", f"        bv = v; bk = {k}"]
+    return _compiled("\n".join(lines + ["    return bv, bk", ""]))
+
+
+def _monomials_n(names, exps, rows) -> tuple[list[str], dict]:
+    """Lines computing every non-constant monomial the rows use, once, and their names."""
+    used = sorted({e for v in rows for c, e in zip(v, exps) if c and any(e)})
+    lines, name = [], {}
+    for k, e in enumerate(used):
+        name[e] = f"m{k}"
+        lines.append(f"    m{k} = " + "*".join(n for n, p in zip(names, e) for _ in range(p)))
+    return lines, name
+
+
+def _expr_n(exps, vec, name) -> str:
+    parts = [str(c) + (f"*{name[e]}" if any(e) else "") for c, e in zip(vec, exps) if c]
+    return " + ".join(parts) or "0"
+
+
+def _poly_fn_n(names, exps, vecs):
+    pro, name = _monomials_n(names, exps, vecs)
+    return _compiled("\n".join([f"def f({', '.join(names)}):", *pro, "    return ["
+                                + ", ".join(_expr_n(exps, v, name) for v in vecs) + "]", ""]))
+
+
+def _rows_fn_n(names, exps, rows: list[list[tuple[int, ...]]]):
+    """``f(k, *sizes) -> list``: row k's polynomials (one compiled function for all rows)."""
+    lines = [f"def f(k, {', '.join(names)}):"]
+    for k, vecs in enumerate(rows):
+        pro, name = _monomials_n(names, exps, vecs)
+        lines += [f"    if k == {k}:", *("    " + p for p in pro), "        return ["
+                  + ", ".join(_expr_n(exps, v, name) for v in vecs) + "]"]
+    return _compiled("\n".join(lines + [""]))
+
+
+def _argmax_fn_n(names, exps, vecs):
+    """``f(*sizes) -> (largest value, index of the first row reaching it)``, rows over the sizes
+    themselves; the monomials are computed once."""
+    pro, name = _monomials_n(names, exps, vecs)
+    lines = [f"def f({', '.join(names)}):", *pro, f"    bv = {_expr_n(exps, vecs[0], name)}",
+             "    bk = 0"]
+    for k, v in enumerate(vecs[1:], 1):
+        lines += [f"    v = {_expr_n(exps, v, name)}", "    if v > bv:", f"        bv = v; bk = {k}"]
     return _compiled("\n".join(lines + ["    return bv, bk", ""]))
 
 
@@ -113,20 +164,30 @@ def _hull_prune(vecs: list[tuple[int, ...]]) -> list[int]:
     if n <= 2:
         return list(range(n))
     a = np.array(vecs, dtype=float)
-    d = a[:, None, :] - a[None, :, :]  # j - k
+    try:
+        ia = np.array(vecs, dtype=np.int64)
+    except OverflowError:  # pragma: no cover - rows are int64 where they come from
+        ia = np.array(vecs, dtype=object)
+    full = np.packbits(np.ones(a.shape[1], dtype=bool))
     keep = []
     for i in range(n):
-        r = a[i][None, None, :] - a[None, :, :]  # i - k
+        # a mix of j and k is at most the larger of the two in each coefficient: only pairs
+        # that together reach row i in every coefficient can rule it out
+        cover = np.packbits(ia >= ia[i], axis=1)
+        pair = ((cover[:, None, :] | cover[None, :, :]) == full).all(-1)
+        pair[i, :] = pair[:, i] = False
+        np.fill_diagonal(pair, False)
+        jj, kk = np.nonzero(pair)
+        d = a[jj] - a[kk]  # j - k
+        r = a[i][None, :] - a[kk]  # i - k
         with np.errstate(divide="ignore", invalid="ignore"):
             q = r / d
-        lo = np.maximum(np.where(d > 0, q, -np.inf).max(-1), 0.0)
-        hi = np.minimum(np.where(d < 0, q, np.inf).min(-1), 1.0)
+        lo = np.maximum(np.where(d > 0, q, -np.inf).max(-1, initial=-np.inf), 0.0)
+        hi = np.minimum(np.where(d < 0, q, np.inf).min(-1, initial=np.inf), 1.0)
         bad = ((d == 0) & (r > 0)).any(-1)
         ok = ~bad & (lo <= hi + 1e-9)
-        ok[i, :] = ok[:, i] = False
-        np.fill_diagonal(ok, False)
         removed = False
-        for j, k in zip(*np.nonzero(ok)):
+        for j, k in zip(jj[ok], kk[ok]):
             j, k = int(j), int(k)
             vi, vj, vk = vecs[i], vecs[j], vecs[k]
             lo_f, hi_f = Fraction(0), Fraction(1)
@@ -155,8 +216,15 @@ def _screen(k: np.ndarray, exps) -> np.ndarray:
     if n <= 8:
         return np.arange(n)
     kf = k.astype(float)
-    pb, pt = np.meshgrid(np.array(_PROBE_B, float), np.array(_PROBE_T, float))
-    mono = np.stack([pb.ravel() ** i * pt.ravel() ** j for i, j in exps])  # coefficients × probes
+    if len(exps[0]) == 2:
+        pb, pt = np.meshgrid(np.array(_PROBE_B, float), np.array(_PROBE_T, float))
+        pts = np.stack([pb.ravel(), pt.ravel()])
+    else:  # every variable alike, then random corners of growing spread (deterministic)
+        rng = np.random.default_rng(0)
+        scale = np.array(_PROBE_B, float)
+        pts = np.concatenate([np.tile(scale, (len(exps[0]), 1)),
+                              scale[rng.integers(0, len(scale), (len(exps[0]), 4096))]], 1)
+    mono = np.stack([np.prod(pts ** np.array(e, float)[:, None], 0) for e in exps])
     vals = kf @ mono
     top = vals.max(0)
     anchors = np.unique(np.argmax(vals >= top - 1e-9 * np.abs(top), axis=0))
@@ -199,14 +267,19 @@ def _screen(k: np.ndarray, exps) -> np.ndarray:
 
 
 def candidates(k: np.ndarray, cats: np.ndarray, exps, ops: list[str], phases: list[str],
-               zero: bool = False) -> Candidates:
+               zero: bool = False, natural=None) -> Candidates:
     """``k``: rows × coefficients of the maximised quantity; ``cats``: rows × categories ×
-    coefficients; both in event order."""
+    coefficients; both in event order. ``natural`` = (names, exponents, key rows, category
+    rows): the same rows over the sizes themselves, which the candidates evaluate (``k`` and
+    ``exps`` are then over the shifted variables, where the pruning rules hold)."""
     idx = _screen(k, exps)
     vecs = [tuple(int(x) for x in k[i]) for i in idx]
     sub = _prune(vecs)
     sub2 = _hull_prune([vecs[s] for s in sub])
     rows = [int(idx[sub[s]]) for s in sub2]
+    names = None
+    if natural is not None:
+        names, exps, k, cats = natural
     return Candidates(exps, [tuple(int(x) for x in k[i]) for i in rows],
                       [[tuple(int(x) for x in c) for c in cats[i]] for i in rows],
-                      [ops[i] for i in rows], [phases[i] for i in rows], zero)
+                      [ops[i] for i in rows], [phases[i] for i in rows], zero, names)

@@ -155,6 +155,222 @@ class Poly:
 
 
 def strictly_positive(x) -> bool:
-    if isinstance(x, Poly):
+    if isinstance(x, (Poly, MPoly)):
         return x.sign() == 1
     return x > 0
+
+
+class Space:
+    """The variables of a template over several sizes: ``v_i = low_i + s_i`` with ``s_i >= 0``
+    (a size of 1 is its own domain and never a variable, so every ``low_i`` is 2). Polynomials
+    (:class:`MPoly`) keep their coefficients over the sizes themselves (products of sizes stay
+    one term: cheap arithmetic, compact evaluation) and decide comparisons over the shifted
+    variables ``s_i``, where coefficients of one sign give that sign on the whole domain."""
+
+    def __init__(self, names: tuple[str, ...], lows: tuple[int, ...],
+                 witness: tuple[int, ...] | None = None) -> None:
+        self.names, self.lows, self.n = names, lows, len(names)
+        self._shift: dict[tuple[int, ...], list[tuple[tuple[int, ...], int]]] = {}
+        # A witness (one point of the domain: the sizes of the model being compiled) answers
+        # what the domain does not decide; each such answer is kept as a guard, the sign of a
+        # polynomial, which a later point must share for the template to hold there (the
+        # program, deterministic, then takes the same path: the same sizes as polynomials).
+        self.witness = witness
+        self.guards: dict[frozenset, tuple[dict[tuple[int, ...], int], int]] = {}
+
+    def guess(self, d: MPoly) -> int:
+        """The sign of ``d`` at the witness, kept as a guard; Undecided without a witness."""
+        if self.witness is None:
+            raise Undecided(f"sign of {d}")
+        v = 0
+        for e, c in d.t.items():
+            for x, p in zip(self.witness, e):
+                c *= x ** p
+            v += c
+        sign = (v > 0) - (v < 0)
+        self.guards[frozenset(d.t.items())] = (dict(d.t), sign)
+        return sign
+
+    def var(self, i: int) -> MPoly:
+        e = [0] * self.n
+        e[i] = 1
+        return MPoly({tuple(e): 1}, self)
+
+    def shifted_monomial(self, exps: tuple[int, ...]) -> list[tuple[tuple[int, ...], int]]:
+        """``prod v_i^e_i`` over the shifted variables: ``prod (low_i + s_i)^e_i`` expanded."""
+        hit = self._shift.get(exps)
+        if hit is None:
+            from math import comb
+
+            out: dict[tuple[int, ...], int] = {(0,) * self.n: 1}
+            for i, e in enumerate(exps):
+                if not e:
+                    continue
+                nxt: dict[tuple[int, ...], int] = {}
+                for k in range(e + 1):
+                    c = comb(e, k) * self.lows[i] ** (e - k)
+                    for m, v in out.items():
+                        mm = m[:i] + (k,) + m[i + 1:]
+                        nxt[mm] = nxt.get(mm, 0) + v * c
+                out = nxt
+            hit = self._shift[exps] = list(out.items())
+        return hit
+
+    def shifted(self, terms: dict[tuple[int, ...], int]) -> dict[tuple[int, ...], int]:
+        out: dict[tuple[int, ...], int] = {}
+        for e, c in terms.items():
+            for m, v in self.shifted_monomial(e):
+                out[m] = out.get(m, 0) + c * v
+        return {m: c for m, c in out.items() if c}
+
+
+class MPoly:
+    """An integer polynomial in the sizes of a :class:`Space` (``{exponents: coefficient}``);
+    arithmetic returns a plain int when the result is constant, and comparisons answer only
+    what holds over the whole domain (else :class:`Undecided`), as :class:`Poly`'s do."""
+
+    __slots__ = ("sp", "t")
+
+    def __init__(self, terms: dict[tuple[int, ...], int], sp: Space) -> None:
+        self.t, self.sp = terms, sp
+
+    def _make(self, terms: dict[tuple[int, ...], int]) -> MPoly | int:
+        terms = {k: c for k, c in terms.items() if c}
+        if not terms:
+            return 0
+        if len(terms) == 1:
+            k, c = next(iter(terms.items()))
+            if not any(k):
+                return c
+        return MPoly(terms, self.sp)
+
+    def __add__(self, o):
+        if isinstance(o, MPoly):
+            d = dict(self.t)
+            for k, c in o.t.items():
+                d[k] = d.get(k, 0) + c
+            return self._make(d)
+        if isinstance(o, int):
+            d = dict(self.t)
+            z = (0,) * self.sp.n
+            d[z] = d.get(z, 0) + o
+            return self._make(d)
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return MPoly({k: -c for k, c in self.t.items()}, self.sp)
+
+    def __sub__(self, o):
+        if isinstance(o, (MPoly, int)):
+            return self + (-o)
+        return NotImplemented
+
+    def __rsub__(self, o):
+        if isinstance(o, int):
+            return (-self) + o
+        return NotImplemented
+
+    def __mul__(self, o):
+        if isinstance(o, MPoly):
+            d: dict[tuple[int, ...], int] = {}
+            for a, c in self.t.items():
+                for b, e in o.t.items():
+                    key = tuple(x + y for x, y in zip(a, b))
+                    d[key] = d.get(key, 0) + c * e
+            return self._make(d)
+        if isinstance(o, int) and not isinstance(o, bool):
+            return self._make({k: c * o for k, c in self.t.items()})
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, o):
+        if isinstance(o, int) and o > 0 and all(c % o == 0 for c in self.t.values()):
+            return self._make({k: c // o for k, c in self.t.items()})
+        if isinstance(o, MPoly) and len(o.t) == 1:  # by one term: exact when it divides each
+            (e, c), = o.t.items()
+            if c > 0 and all(x % c == 0 and all(a >= b for a, b in zip(k, e))
+                             for k, x in self.t.items()):
+                return self._make({tuple(a - b for a, b in zip(k, e)): x // c
+                                   for k, x in self.t.items()})
+        raise Undecided(f"({self}) // {o}")
+
+    def __rfloordiv__(self, o):
+        raise Undecided(f"{o} // ({self})")
+
+    __mod__ = __rmod__ = __truediv__ = __rtruediv__ = __rfloordiv__
+
+    # ---- decisions over the shifted variables ----------------------------------------------
+    def _cmp(self, o) -> tuple[int | None, bool, bool]:
+        d = self - o
+        if isinstance(d, int):
+            return (d > 0) - (d < 0), d >= 0, d <= 0
+        s = self.sp.shifted(d.t)
+        z = s.get((0,) * self.sp.n, 0)
+        ge = all(c >= 0 for c in s.values())
+        le = all(c <= 0 for c in s.values())
+        return (1 if ge and z > 0 else -1 if le and z < 0 else None), ge, le
+
+    def __gt__(self, o):
+        if not isinstance(o, (int, MPoly)):
+            return NotImplemented
+        s, _, le = self._cmp(o)
+        if s == 1:
+            return True
+        if le:
+            return False
+        return self.sp.guess(self - o) > 0
+
+    def __ge__(self, o):
+        if not isinstance(o, (int, MPoly)):
+            return NotImplemented
+        s, ge, _ = self._cmp(o)
+        if ge:
+            return True
+        if s == -1:
+            return False
+        return self.sp.guess(self - o) >= 0
+
+    def __lt__(self, o):
+        return (-self).__gt__(-o) if isinstance(o, (int, MPoly)) else NotImplemented
+
+    def __le__(self, o):
+        return (-self).__ge__(-o) if isinstance(o, (int, MPoly)) else NotImplemented
+
+    def __eq__(self, o):
+        if not isinstance(o, (int, MPoly)):
+            return NotImplemented
+        s, ge, le = self._cmp(o)
+        if ge and le:
+            return True
+        if s is not None:
+            return False
+        return self.sp.guess(self - o) == 0
+
+    def __ne__(self, o):
+        r = self.__eq__(o)
+        return r if r is NotImplemented else not r
+
+    def __bool__(self):
+        return self != 0
+
+    def __hash__(self):
+        return hash(frozenset(self.t.items()))
+
+    def __int__(self):
+        raise Undecided(f"int({self})")
+
+    __index__ = __int__
+
+    def __float__(self):
+        raise Undecided(f"float({self})")
+
+    def sign(self) -> int | None:
+        return self._cmp(0)[0]
+
+    def __repr__(self) -> str:
+        names = self.sp.names
+        return " + ".join(str(c) + "".join(f"·{names[i]}^{e}" for i, e in enumerate(k) if e)
+                          for k, c in sorted(self.t.items()))

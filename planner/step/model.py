@@ -32,6 +32,7 @@ class Shapes:
     f: int
     V: int
     P: int  # learned positions (gpt2)
+    g: int = 1  # query heads per key/value head (nh // nkv)
 
     @property
     def N(self) -> int:  # rows of every (B·T, ·) matmul
@@ -236,7 +237,7 @@ class ReferenceModel:
 
     def _repeat_kv(self, x: T) -> T:
         o, s = self.ops, self.s
-        rep_numel = x.numel * (s.nh // s.nkv)
+        rep_numel = x.numel * s.g
 
         def bw(m, n, g):
             return [m.galloc(n, 0, x.numel * x.esz, "sum")]

@@ -95,7 +95,8 @@ class ReferenceProgram(ReferenceModel):
                  sizes: tuple | None = None) -> None:
         """``machine`` and ``sizes`` (micro-batch, sequence length) replace the defaults: the
         step template (planner/step/template.py) replays with symbolic sizes on a recording
-        machine."""
+        machine. ``sizes`` may go on with the model's dimensions (h, nh, nkv, hd, f, V, P,
+        nh // nkv), which then replace the model's (planner/step/structure.py)."""
         self.cfg, self.tr, self.device = model, training, device
         self.m = machine or Machine()
         self.ops = Ops(self.m)
@@ -113,10 +114,11 @@ class ReferenceProgram(ReferenceModel):
         self.master, self.scaling = master, scaling
         self.act_esz = self.amp_esz or self.p_esz
         h = model.hidden_size
-        B, T = sizes or (training.micro_batch_size, training.sequence_length)
-        self.s = Shapes(B, T, h, model.num_heads,
-                        model.num_kv_heads or model.num_heads, h // model.num_heads,
-                        model.ffn_hidden_size, model.vocab_size, model.max_sequence_length)
+        B, T = (sizes or (training.micro_batch_size, training.sequence_length))[:2]
+        nkv = model.num_kv_heads or model.num_heads
+        self.s = Shapes(B, T, *(sizes[2:] if sizes and len(sizes) > 2 else (
+            h, model.num_heads, nkv, h // model.num_heads, model.ffn_hidden_size,
+            model.vocab_size, model.max_sequence_length, model.num_heads // nkv)))
         L = model.num_layers
         ck = set(checkpointed or ())
         # Homogeneous middle blocks (see _phantom_forward): when the checkpoint plan repeats with

@@ -1,8 +1,9 @@
 """The reference step's peaks on one device (or one data-parallel rank), memoised.
 
 ``simulate`` answers from the setup's step template (``planner/step/template.py``) when it is
-compiled, else replays op by op (``planner/step/program.py``), through the per-setup caches of
-``planner/machine/cache.py``.
+compiled, else from its structure's template (``planner/step/structures.py``: any model of the
+structure) when that is compiled, else replays op by op (``planner/step/program.py``), through
+the per-setup caches of ``planner/machine/cache.py``.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 from planner.machine import cache
 from planner.machine.cache import clear, replay_only, setup_key, setup_memo
+from planner.step.structures import structure_mode, wait_for_structures
 from planner.machine.recording import domain_of
+from planner.step import structures
 from planner.step.program import ReferenceProgram, StepPeaks
 from planner.step.template import StepTemplate, compile_template
 
-__all__ = ["clear", "compiled_template", "replay_only", "setup_key", "setup_memo", "simulate"]
+__all__ = ["clear", "compiled_template", "replay_only", "setup_key", "setup_memo", "simulate",
+           "structure_mode", "wait_for_structures"]
 
 
 def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
@@ -42,13 +46,23 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
         def make(machine, sizes):
             return build(machine=machine, sizes=sizes)
         return compile_template(model, tr, device, set(checkpointed), domain, make)
-    return cache.cached(skey, tr, lambda: build().run(), compile_,
-                        lambda tpl, b, t: tpl.evaluate(b, t))
+    def replay():
+        if par is None and structures.enabled():  # a never-seen model of a known structure
+            hit = structures.estimate(skey, model, tr, device, checkpointed)
+            if hit is not None:
+                return hit
+        return build().run()
+    return cache.cached(skey, tr, replay, compile_, lambda tpl, b, t: tpl.evaluate(b, t))
 
 
 def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
                       checkpointed: frozenset[int], batch: int) -> StepTemplate | None:
     """The setup's template for micro-batch ``batch`` (at ``tr``'s sequence length) when it is
-    compiled; None otherwise (nothing is compiled here)."""
+    compiled, else its structure's when that is compiled and admits the model; None otherwise
+    (nothing is compiled here)."""
     key = setup_key(model, tr, device, checkpointed)
-    return cache.template((*key[:-1], domain_of(batch, tr.sequence_length)))
+    key = (*key[:-1], domain_of(batch, tr.sequence_length))
+    tpl = cache.template(key)
+    if tpl is None and cache.USE_TEMPLATES:  # the structure's, bound to this model
+        return structures.model_template(key, model, tr, batch)
+    return tpl

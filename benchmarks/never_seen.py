@@ -1,0 +1,118 @@
+"""Estimate speed of a model never seen before, on a structure whose template is compiled
+(planner/step/structure.py): the row "never-seen model of a known structure" of
+``benchmarks/estimate_speed.py``, next to the same models replayed and llm-analysis's
+``training()``. Run alone: ``python -m benchmarks.never_seen``.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+from benchmarks.estimate_speed import SETUPS, _time_each, llm_analysis_model_fn
+from planner.routes import memory as planner_memory
+from planner.machine import cache
+from planner.step import simulate as step_cache
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import MemoryRequest
+
+STRUCTURE_LAYERS = {"gpt2": 12, "llama": 32}
+
+
+def _random_arch(family: str, rng: random.Random, gqa: bool = False) -> dict:
+    """A random model of the family (every dimension >= 2 but the query heads per key/value
+    head, 1 unless ``gqa``; llama's head dimension even: one domain of a structure,
+    planner/step/structure.py)."""
+    nkv = rng.choice([2, 4, 8, 12, 16, 32])
+    g = rng.choice([2, 4, 8]) if gqa else 1
+    hd = rng.choice([32, 64, 80, 96, 128])
+    h = nkv * g * hd
+    return {"family": family, "num_layers": STRUCTURE_LAYERS[family], "hidden_size": h,
+            "num_heads": nkv * g, **({"num_kv_heads": nkv} if family == "llama" else {}),
+            "ffn_hidden_size": rng.randint(2 * h, 4 * h),
+            "vocab_size": rng.randint(1000, 128000), "max_sequence_length": 8192}
+
+
+def _arch_req(arch: dict, b: int, t: int, precision: str, ckpt: str) -> MemoryRequest:
+    return MemoryRequest.model_validate({"model": arch, "training": {
+        "micro_batch_size": b, "sequence_length": t, "precision": precision,
+        "activation_checkpointing": {"strategy": ckpt}}})
+
+
+def never_seen_rows(n: int, rounds: int, seed: int = 5) -> dict:
+    """``n`` random gpt2/llama models (llama with and without grouped-query attention: two
+    domains) over the SETUPS structures, each estimated once at a micro-batch of at least 2 (a
+    batch of one is a domain of its own), in ``rounds`` rounds; each round times its models (a)
+    replayed, as before structure templates ("off"), (b) from the structure's template, and (c)
+    llm-analysis's ``training()`` on the same models, so all three see the same load. Before
+    the rounds every structure is compiled once (a warm-up estimate in "sync" mode: compile +
+    evaluation), timed."""
+    est = planner_memory.estimate_memory
+    rng = random.Random(seed)
+    structures = [(f, gqa, p, c) for f, gqa in (("gpt2", False), ("llama", False),
+                                                ("llama", True)) for p, c in SETUPS]
+    planner_memory.clear_caches()
+    compile_s = []
+    with step_cache.structure_mode("sync"):
+        for f, gqa, p, c in structures:
+            for k in range(3):  # the first compiles; variants a note compares with, too
+                r = _arch_req(_random_arch(f, rng, gqa), 4, 1024, p, c)
+                t0 = time.perf_counter()
+                est(r)
+                if k == 0:
+                    compile_s.append(time.perf_counter() - t0)
+    cases = []
+    for k in range(n):
+        f, gqa, p, c = structures[k % len(structures)]
+        cases.append(_arch_req(_random_arch(f, rng, gqa), rng.randint(2, 16),
+                               rng.choice([512, 1024, 2048, 4096]), p, c))
+    rng.shuffle(cases)
+    per = -(-n // rounds)
+    replayed, templated, theirs = [], [], []
+    for r in range(rounds):
+        batch = cases[r * per:(r + 1) * per]
+        if not batch:
+            break
+        with step_cache.structure_mode("off"):
+            a = []
+            for q in batch:
+                cache._SIM_CACHE.clear()
+                cache._SEEN.clear()
+                t0 = time.perf_counter()
+                est(q)
+                a.append(time.perf_counter() - t0)
+        replayed.append(statistics.median(a))
+        cache._SIM_CACHE.clear()
+        cache._SEEN.clear()
+        templated.append(statistics.median(_time_each(est, batch)))
+        fns = [llm_analysis_model_fn(resolve_model(q.model)) for q in batch]
+        if fns[0] is not None:
+            theirs.append(statistics.median(_time_each(lambda fn: fn(1), fns)))
+    return {"compile_median": statistics.median(compile_s), "compile_max": max(compile_s),
+            "structures": len(structures), "n": n, "rounds": len(templated),
+            "replayed": statistics.median(replayed), "templated": statistics.median(templated),
+            "llm": statistics.median(theirs) if theirs else None,
+            "ratios": [la / a for la, a in zip(theirs, templated)]}
+
+
+def print_never_seen(res: dict) -> None:
+    print(f"## Never-seen model of a known structure ({res['n']} random gpt2/llama models over "
+          f"{res['structures']} structures, each estimated once; {res['rounds']} interleaved "
+          "rounds, median of rounds)\n")
+    print("| case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis |")
+    print("|---|---:|---:|---:|")
+    la = res["llm"]
+    for name, s in (("replayed (no structure template)", res["replayed"]),
+                    ("from the structure's template", res["templated"])):
+        ratio = f"{la / s:.2f}×" if la else "n/a (not installed)"
+        print(f"| {name} | {s * 1e6:,.0f} | {la * 1e6:.0f} | {ratio} |" if la else
+              f"| {name} | {s * 1e6:,.0f} | n/a | {ratio} |")
+    if res["ratios"]:
+        print(f"\nLowest round: {min(res['ratios']):.2f}×. ", end="")
+    print(f"Structure compile (warm-up estimate in sync mode): median "
+          f"{res['compile_median'] * 1e3:,.0f} ms, max {res['compile_max'] * 1e3:,.0f} ms.\n")
+
+
+if __name__ == "__main__":
+    print_never_seen(never_seen_rows(50, 5))

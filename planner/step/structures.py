@@ -1,0 +1,206 @@
+"""Structure templates on the request path: compiled off it, one per structure, and served.
+
+A *structure* is a single-device setup without the model's dimensions
+(``planner/step/structure.py``). The first estimate of a structure replays concretely
+(``planner/step/simulate.py``) and queues the structure's compile on one daemon thread (a compile
+costs about a hundred replays, and a process exits without waiting for it); once it is done, the
+estimate of any model of that structure that would otherwise be replayed is an evaluation. A step
+that decides on the dimensions holds guarded variants: a model no variant admits is replayed and
+queues one more (up to ``_STRUCTURE_MAX_VARIANTS``). Any failure of a compile leaves the
+structure on the replay, which is the answer anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+
+from planner.catalog.specs import ResolvedModel, TrainingSpec
+from planner.machine import cache
+from planner.machine.cache import _LOCK, _SIZES, _TEMPLATES_MAX, _put
+from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
+from planner.machine.symbolic import Undecided
+from planner.step.program import StepPeaks, plan_period
+from planner.step.structure import compile_structure, structure_of
+
+__all__ = ["estimate", "model_template", "structure_mode", "wait_for_structures"]
+
+_STRUCTURES: dict[tuple, object] = {}  # structure key -> _Variants
+_PENDING: set[tuple] = set()  # (structure key, generation) queued or compiling
+_QUEUE: queue.Queue | None = None  # served by one daemon thread (a process exits without it)
+_STRUCTURE_MODE = "background"  # "background", "sync" (compiled in the request) or "off"
+_GENERATION = [0]  # bumped by clear(): a compile queued before it is dropped
+
+
+def enabled() -> bool:
+    return cache.USE_TEMPLATES and _STRUCTURE_MODE != "off"
+
+
+def _structure_key(skey: tuple, model: ResolvedModel, tr: TrainingSpec, dom: tuple) -> tuple:
+    """The setup key with the model's dimensions left out (family, blocks and tied embeddings
+    kept) and the structure's domain last; hashable (a list inside the specs: keyed by JSON)."""
+    key = (model.family, model.num_layers, model.tie_embeddings, model.architecture_known,
+           *skey[1:-1], dom)
+    try:
+        hash(key)
+    except TypeError:
+        key = (model.family, model.num_layers, model.tie_embeddings, model.architecture_known,
+               tr.model_dump_json(exclude=set(_SIZES)), *skey[5:-1], dom)
+    return key
+
+
+def estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
+                        checkpointed: frozenset[int]) -> StepPeaks | None:
+    """The step's peaks from the structure's template when it is compiled; otherwise None, and
+    the structure's compile is queued (or, in "sync" mode, run here)."""
+    st = structure_of(model, tr.micro_batch_size, tr.sequence_length)
+    if st is None:
+        return None
+    dom, names, values = st
+    key = _structure_key(skey, model, tr, dom)
+    known = _STRUCTURES.get(key)
+    if known is not None:
+        tpl = known.find(values)
+        if tpl is not None:
+            return tpl.evaluate(values)
+        if known.attempts >= _STRUCTURE_MAX_VARIANTS:
+            return None
+    job = (model, tr, device, checkpointed, names, dom[0], values, key, _GENERATION[0])
+    if _STRUCTURE_MODE == "sync":
+        tpl = _compile_structure(*job)
+        return None if tpl is None else tpl.evaluate(values)
+    global _QUEUE
+    with _LOCK:
+        # one compile of a structure at a time, and a bounded queue: a flood of structures
+        # seen once each stays on the replay instead of keeping the thread busy
+        if (key, job[-1]) not in _PENDING and len(_PENDING) < _STRUCTURE_MAX_PENDING:
+            if _QUEUE is None:
+                _QUEUE = queue.Queue()
+                threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
+                                 daemon=True).start()
+            _PENDING.add((key, job[-1]))
+            _QUEUE.put(job)
+    return None
+
+
+def _serve(q: queue.Queue) -> None:
+    while True:
+        job = q.get()
+        try:
+            _compile_structure(*job)
+        except Exception:  # noqa: BLE001, S110 - the thread serves on; the structure replays
+            pass
+        finally:
+            q.task_done()
+
+
+# A structure's compile replays its blocks symbolically and prunes every window's rows: only
+# steps with few simulated blocks (a compressed replay simulates five periods) are compiled,
+# each within a work limit of its own (the background thread has no request's limit). A
+# structure whose step decides on its dimensions (the largest parameter, a size threshold)
+# holds a few guarded variants, one per path its models take.
+_STRUCTURE_MAX_BLOCKS = 48
+_STRUCTURE_WORK_LIMIT_S = 20.0
+_STRUCTURE_MAX_VARIANTS = 4
+_STRUCTURE_MAX_PENDING = 8
+
+
+class _Variants:
+    """A structure's compiled templates (each for the models its guards admit) and how many
+    compiles were tried."""
+
+    __slots__ = ("attempts", "templates")
+
+    def __init__(self) -> None:
+        self.templates: list = []
+        self.attempts = 0
+
+    def find(self, values: tuple[int, ...]):
+        for tpl in self.templates:
+            if tpl.admits is None or tpl.admits(*values):
+                return tpl
+        return None
+
+
+def _compile_structure(model, tr, device, checkpointed, names, half, values, key,
+                       generation):
+    L = model.num_layers
+    k = plan_period(set(checkpointed), L)
+    simulated = L if not k or L // k < 7 else 5 * k + L % k
+    tpl = None
+    if simulated <= _STRUCTURE_MAX_BLOCKS:
+        try:
+            with work_limit(WorkLimit(_STRUCTURE_WORK_LIMIT_S)):
+                tpl = compile_structure(model, tr, device, set(checkpointed), names, half,
+                                        values)
+        except (Undecided, WorkLimitExceeded, Exception):  # noqa: BLE001
+            # a size the program cannot take symbolically (TypeError, ...) included: the
+            # structure stays on the replay, which is the answer anyway
+            tpl = None
+    if generation == _GENERATION[0]:
+        known = _STRUCTURES.get(key)
+        if known is None:
+            known = _Variants()
+            _put(_STRUCTURES, key, known, _TEMPLATES_MAX)
+        with _LOCK:
+            known.attempts += 1
+            if tpl is not None:
+                known.templates.append(tpl)
+    with _LOCK:
+        _PENDING.discard((key, generation))
+    return tpl
+
+
+def wait_for_structures() -> None:
+    """Block until every queued structure compile is done (tests and benchmarks)."""
+    if _QUEUE is not None:
+        _QUEUE.join()
+
+
+@contextlib.contextmanager
+def structure_mode(mode: str):
+    """Structure templates compiled in the background (the default), in the request ("sync":
+    tests and benchmarks), or not at all ("off")."""
+    global _STRUCTURE_MODE
+    was, _STRUCTURE_MODE = _STRUCTURE_MODE, mode
+    try:
+        yield
+    finally:
+        _STRUCTURE_MODE = was
+
+
+class _ModelTemplate:
+    """A structure's template bound to one model: ``evaluate(B, T)`` as a setup's template
+    (for the batch it was looked up for; its guards are checked again at every size)."""
+
+    __slots__ = ("model", "tpl")
+
+    def __init__(self, tpl, model: ResolvedModel) -> None:
+        self.tpl, self.model = tpl, model
+
+    def evaluate(self, B: int, T: int) -> StepPeaks:
+        values = structure_of(self.model, B, T)[2]
+        if self.tpl.admits is not None and not self.tpl.admits(*values):
+            raise Undecided("the structure's template does not hold at this size")
+        return self.tpl.evaluate(values)
+
+
+def model_template(key: tuple, model: ResolvedModel, tr: TrainingSpec, batch: int):
+    """The structure's template for ``key`` (a setup key at ``batch``) bound to ``model``, when
+    the structure is compiled and admits the model; else None."""
+    if _STRUCTURE_MODE == "off":
+        return None
+    st = structure_of(model, batch, tr.sequence_length)
+    known = None if st is None else _STRUCTURES.get(_structure_key(key, model, tr, st[0]))
+    s = None if known is None else known.find(st[2])
+    return None if s is None else _ModelTemplate(s, model)
+
+
+def _clear() -> None:
+    with _LOCK:
+        _STRUCTURES.clear()
+        _GENERATION[0] += 1
+
+
+cache.on_clear(_clear)
