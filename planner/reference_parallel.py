@@ -121,15 +121,17 @@ class ParallelProgram(ReferenceProgram):
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
                  rank: int = 0, *, device: str = "cuda", checkpointed: set[int] | None = None,
-                 machine: Machine | None = None, sizes: tuple | None = None) -> None:
+                 machine: Machine | None = None, sizes: tuple | None = None,
+                 compress: bool = True) -> None:
         if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
             raise ValueError("ParallelProgram describes data parallelism only")
         self.par, self.rank = parallel, rank
         self.n, self.z = parallel.data_parallel, parallel.zero_stage
-        # Every block is replayed: FSDP's per-block gathers and DDP's per-tensor buckets are
-        # modelled on the simulated parameters themselves.
-        super().__init__(model, training, device=device, checkpointed=checkpointed, compress=False,
-                         machine=machine, sizes=sizes)
+        self._owned_cache = None
+        # Blocks repeat as on one device (see "Periodic blocks" in the module docstring): the
+        # first three periods of the checkpoint plan and the last two are simulated.
+        super().__init__(model, training, device=device, checkpointed=checkpointed,
+                         compress=compress, machine=machine, sizes=sizes)
         self.m.__class__ = _dp_class(type(self.m))
         m = self.m
         if self.z >= 1 and self.master:  # masters of the rank's shard only
@@ -138,8 +140,9 @@ class ParallelProgram(ReferenceProgram):
                                    "optimizer_states")
         if self.z <= 1:
             m.ddp = True
-            # DDP's buckets: every trainable gradient, allocated at construction
-            self.bucket = m.alloc(sum(t.numel * t.esz for t in self.trainable()), "ddp_buckets",
+            # DDP's buckets: every trainable gradient of the whole model, allocated at
+            # construction
+            self.bucket = m.alloc(sum(b for _, _, rg, b in self.param_specs if rg), "ddp_buckets",
                                   "gradients")
         else:
             m.ddp = False
@@ -147,16 +150,19 @@ class ParallelProgram(ReferenceProgram):
 
     # ---- which tensors this rank's optimizer steps ------------------------------------------
     def _owned(self) -> tuple[list[int], list[tuple[int, ...]]]:
-        tr = self.trainable()
-        shapes = [self.shapes[id(t.val)] for t in tr]
-        if self.z == 0:
-            return [t.numel for t in tr], shapes
-        if self.z == 1:
-            part = zero1_partition([t.numel for t in tr], self.n)[self.rank]
-            keep = sorted(part)
-            return [tr[i].numel for i in keep], [shapes[i] for i in keep]
-        sh = [fsdp_local_shard_shape(s, self.n, self.rank) for s in shapes]
-        return [_numel(s) for s in sh], sh
+        """(numel, shape) of the tensors (or shards) this rank's optimizer steps, over the whole
+        model's trainable parameters (blocks stood in for included), in registration order."""
+        if self._owned_cache is None:
+            specs = self.trainable_specs()
+            numels, shapes = [n for n, _ in specs], [shp for _, shp in specs]
+            if self.z == 1:
+                keep = sorted(zero1_partition(numels, self.n)[self.rank])
+                numels, shapes = [numels[i] for i in keep], [shapes[i] for i in keep]
+            elif self.z >= 2:
+                shapes = [fsdp_local_shard_shape(s, self.n, self.rank) for s in shapes]
+                numels = [_numel(s) for s in shapes]
+            self._owned_cache = numels, shapes
+        return self._owned_cache
 
     def _inner_dtype(self) -> str:
         return "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
@@ -192,15 +198,25 @@ class ParallelProgram(ReferenceProgram):
             for b in self.sharded_grads.values():
                 self.m.drop(b)
             self.sharded_grads.clear()
+            if self._phantom_grad is not None:
+                self.m.drop(self._phantom_grad)
+                self._phantom_grad = None
             return
         for t in self.trainable():
             if isinstance(t.val.fn, Leaf):
                 t.val.fn.grad = None  # the bucket stays
 
     # ---- FSDP2 -----------------------------------------------------------------------------------
+    def _phantom_grad_bytes(self) -> int:
+        """DDP: none (each autograd gradient is copied into the buckets, which exist from
+        construction, and freed); FSDP2: the blocks' sharded gradients (reduce-scatter outputs)."""
+        if self.z <= 1 or not self.n_phantom:
+            return 0
+        return self.n_phantom * self.grad_sharded_bytes[0]
+
     def _setup_fsdp(self) -> None:
         m, n = self.m, self.n
-        L = self.cfg.num_layers
+        L = len(self.real_blocks)  # the simulated blocks; the phantom ones are below
         groups: dict[int, list[T]] = {g: [] for g in range(-1, L)}  # -1: the root
         seen: set[int] = set()
         for name, t in self.params.by_name.items():
@@ -235,6 +251,10 @@ class ParallelProgram(ReferenceProgram):
                 # the default DeviceMesh this fully_shard call builds keeps its rank map,
                 # torch.arange(N, dtype=torch.int32) (device_mesh.py, init_device_mesh)
                 m.alloc(4 * n, f"fsdp_state[{g}]", "temporaries")
+        if self.n_phantom:  # the blocks stood in for: their shards and meshes (all blocks alike)
+            m.resize(self._phantom_params, 0)
+            m.alloc(self.n_phantom * self.sharded_bytes[0], "sharded[phantom blocks]", "parameters")
+            m.alloc(self.n_phantom * 4 * n, "fsdp_state[phantom blocks]", "temporaries")
         self.unsharded: dict[int, Buf] = {}
         self.flat_pending: dict[int, Buf] = {}  # prefetched all-gathers awaiting copy-out
         self.ag_state: Buf | None = None  # forward: last all-gather output, freed at next copy-out
@@ -354,7 +374,7 @@ class ParallelProgram(ReferenceProgram):
                 started[0] = True
                 if self.z == 3:
                     self._gather(-1, forward=False)
-                    self._prefetch(self.cfg.num_layers - 1)
+                    self._prefetch(len(self.real_blocks) - 1)
             if self._ck_nodes:
                 self._before_node(node)
 
@@ -366,7 +386,7 @@ class ParallelProgram(ReferenceProgram):
         while self.rs_states:
             m.drop(self.rs_states.pop(0))
         for gg in list(self.unsharded):
-            if self.z == 3 or gg not in range(-1, self.cfg.num_layers):
+            if self.z == 3 or gg not in range(-1, len(self.real_blocks)):
                 self._reshard(gg)
         m.drop(g)
         self.ops.drop(scaled)

@@ -138,9 +138,11 @@ class ReferenceProgram(ReferenceModel):
         self._states = None
         # run_windows: the optimizer step's windows closed before the states were made
         self._step_windows: list | None = None
+        self._phantom_params = None
         if self.n_phantom:  # parameters of the blocks that are not simulated one by one
-            o.m.alloc(self.n_phantom * sum(b for _, _, _, b in self._block_specs),
-                      "phantom blocks", "parameters")
+            self._phantom_params = o.m.alloc(
+                self.n_phantom * sum(b for _, _, _, b in self._block_specs), "phantom blocks",
+                "parameters")
         if self.master:  # fp32 master copies, made when the optimizer is built
             self.masters = o.m.alloc(sum(n for n, _ in self.trainable_specs()) * self.master_esz, "master",
                                      "optimizer_states")
@@ -194,24 +196,28 @@ class ReferenceProgram(ReferenceModel):
         one of its ends, and both ends are simulated (forward: the period after the phantom;
         backward: the third period after it). So the step's peak is exact.
 
-        The phantom holds n·delta: the part only the autocast cache keeps (casts not saved for
-        backward) goes at autocast exit; the rest goes in backward, where the phantom also adds
-        the blocks' gradients (first micro-batch) — freed first, then added, so the phantom
+        The phantom holds n·delta, per category: the part only the autocast cache keeps (casts
+        not saved for backward) goes at autocast exit; the rest (the activations saved for
+        backward, and whatever else a period keeps to its backward: a subclass's gathered
+        parameters) goes in backward, where the phantom also adds the blocks' gradients
+        (``_phantom_grad_bytes``, first micro-batch) — freed first, then added, so the phantom
         never shows a state higher than its two simulated neighbours."""
         m, o = self.m, self.ops
         n = self.n_phantom // self.period  # periods stood in for
         delta = [a - b for a, b in zip(m.cur, before)]
-        assert delta[0] == delta[1] == delta[2] == 0, delta
+        assert delta[1] == delta[2] == delta[4] == 0, delta  # no gradient, state or temporary
         cache_only = sum(t.buf.nbytes for k, t in o._amp_cache.items()
                          if k not in cache_keys and t.buf.refs == 1)
         retained = delta[3] - cache_only
         if cache_only:
             o._exit_drops.append(m.alloc(n * cache_only, "phantom blocks (autocast cache)"))
-        held = m.alloc(n * retained, "phantom blocks") if retained else None
-        grad_bytes = self.n_phantom * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
+        held = [m.alloc(n * delta[0], "phantom blocks", "parameters")] if delta[0] else []
+        if retained:
+            held.append(m.alloc(n * retained, "phantom blocks"))
+        grad_bytes = self._phantom_grad_bytes()
 
         def bw(mm: Machine, node, g: list) -> list:
-            mm.drop(held)
+            mm.drop(*held)
             if self._phantom_grad is None and grad_bytes:
                 self._phantom_grad = mm.alloc(grad_bytes, "phantom blocks (grads)", "gradients")
             return [mm.hold(g[0]) if g[0] is not None else None]
@@ -219,6 +225,11 @@ class ReferenceProgram(ReferenceModel):
         out = T(Val(m.hold(x.buf), node, 0), x.numel, x.esz)
         o.drop(x)  # the caller rebinds x to the phantom's output
         return out
+
+    def _phantom_grad_bytes(self) -> int:
+        """The gradients the blocks stood in for keep after backward: every trainable
+        parameter's ``.grad``."""
+        return self.n_phantom * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
 
     # ---- activation checkpointing (torch.utils.checkpoint, use_reentrant=False) -------------
     def run_block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
