@@ -198,21 +198,17 @@ class ParallelProgram(ReferenceProgram):
             for b in self.sharded_grads.values():
                 self.m.drop(b)
             self.sharded_grads.clear()
-            if self._phantom_grad is not None:
-                self.m.drop(self._phantom_grad)
-                self._phantom_grad = None
+            self._drop_phantom_grads()
             return
         for t in self.trainable():
             if isinstance(t.val.fn, Leaf):
                 t.val.fn.grad = None  # the bucket stays
 
     # ---- FSDP2 -----------------------------------------------------------------------------------
-    def _phantom_grad_bytes(self) -> int:
+    def _phantom_grad_bytes(self, blocks: int) -> int:
         """DDP: none (each autograd gradient is copied into the buckets, which exist from
         construction, and freed); FSDP2: the blocks' sharded gradients (reduce-scatter outputs)."""
-        if self.z <= 1 or not self.n_phantom:
-            return 0
-        return self.n_phantom * self.grad_sharded_bytes[0]
+        return 0 if self.z <= 1 else blocks * self.grad_sharded_bytes[0]
 
     def _setup_fsdp(self) -> None:
         m, n = self.m, self.n

@@ -70,6 +70,49 @@ def plan_period(checkpointed: set[int], num_layers: int, longest: int = 64) -> i
     return None
 
 
+def compression_plan(checkpointed: set[int], num_layers: int, longest: int = 64
+                     ) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+    """Which blocks to simulate, and the phantoms that stand in for the others.
+
+    With a checkpoint plan of period k (``plan_period``) and q whole periods: periods 0, 1, 2
+    and the last two (with any remainder) are simulated and one phantom after period 2 stands
+    for the q - 5 between, measured on period 2. Inside each simulated period, a run of r >= 7
+    blocks alike (a long period of checkpointed blocks with one kept, sqrt's) is compressed the
+    same way: its first three and last two blocks simulated, a phantom after its third standing
+    for the r - 5 between, measured on that third block — so a period costs a few blocks
+    however long it is, and every simulated period is compressed alike (the outer phantom's
+    measure, period 2, includes its inner phantoms).
+
+    Returns (real_blocks, phantoms): the simulated blocks' indices, and per phantom (first and
+    last simulated position of its measured window, copies of that window it stands for, blocks
+    it stands for). No period: every block simulated, no phantom."""
+    k = plan_period(checkpointed, num_layers, longest)
+    if k is None:
+        return list(range(num_layers)), []
+    q = num_layers // k
+    pattern = [i in checkpointed for i in range(k)]
+    runs, a = [], 0  # maximal runs of blocks alike inside a period: (start, length)
+    for i in range(1, k + 1):
+        if i == k or pattern[i] != pattern[a]:
+            runs.append((a, i - a))
+            a = i
+    inner = [(a, r) for a, r in runs if r >= 7]
+    keep = [i for i in range(k) if not any(a + 3 <= i < a + r - 2 for a, r in inner)]
+    real: list[int] = []
+    phantoms: list[tuple[int, int, int, int]] = []
+    for p in [0, 1, 2, *range(q - 2, q)]:
+        for i in keep:
+            real.append(p * k + i)
+            for a, r in inner:
+                if i == a + 2:
+                    j = len(real) - 1
+                    phantoms.append((j, j, r - 5, r - 5))
+        if p == 2:
+            phantoms.append((2 * len(keep), 3 * len(keep) - 1, q - 5, (q - 5) * k))
+    real += range(q * k, num_layers)
+    return real, phantoms
+
+
 class _StopRecompute(Exception):
     pass
 
@@ -119,20 +162,19 @@ class ReferenceProgram(ReferenceModel):
                         model.ffn_hidden_size, model.vocab_size, model.max_sequence_length)
         L = model.num_layers
         ck = set(checkpointed or ())
-        # Homogeneous middle blocks (see _phantom_forward): when the checkpoint plan repeats with
-        # a period of k blocks (k = 1: none or every block checkpointed; every-k, sqrt), simulate
-        # the first three periods and the last two (with any remainder), and account for the
-        # periods between arithmetically.
-        k = plan_period(ck, L) if compress else None
-        q = L // k if k else 0
-        self.period = k or 1
-        self.n_phantom = (q - 5) * k if k and q >= 7 else 0  # blocks stood in for
-        self.real_blocks = (list(range(3 * k)) + list(range((q - 2) * k, L)) if self.n_phantom
-                            else list(range(L)))
+        # Homogeneous middle blocks (see compression_plan, _phantom_forward): when the checkpoint
+        # plan repeats with a period of k blocks (k = 1: none or every block checkpointed;
+        # every-k, sqrt), simulate the first three periods and the last two (with any
+        # remainder), and account for the periods between arithmetically; long runs of blocks
+        # alike inside a period likewise.
+        self.real_blocks, self.phantoms = compression_plan(ck, L) if compress else (
+            list(range(L)), [])
+        self.period = (plan_period(ck, L) or 1) if self.phantoms else 1
+        self.n_phantom = L - len(self.real_blocks)  # blocks stood in for
         self.checkpointed = {j for j, i in enumerate(self.real_blocks) if i in ck}
         self._ck_nodes: dict[int, _CheckpointFrame] = {}
         self.optimizer_hook = optimizer_hook
-        self._phantom_grad = None
+        self._phantom_grads: dict[int, object] = {}  # phantom -> its blocks' gradients
         self.params = self._build_params()
         o = self.ops
         self._states = None
@@ -163,16 +205,20 @@ class ReferenceProgram(ReferenceModel):
             xd = o.dropout(x, self.device)
             o.drop(x)
             x = xd
-        k = self.period
+        starts = {ph[0]: [] for ph in self.phantoms}
+        ends: dict[int, list] = {}
+        for ph in self.phantoms:
+            ends.setdefault(ph[1], []).append(ph)
+        measured: dict[int, tuple] = {}
         for j in range(len(self.real_blocks)):
             check_work_limit()
-            if self.n_phantom and j == 2 * k:  # the third period is measured
-                before, keys = list(self.m.cur), set(o._amp_cache)
+            if j in starts:  # a phantom's window is measured
+                measured[j] = (list(self.m.cur), set(o._amp_cache), len(o._exit_drops))
             xn = self.run_block(x, j, rope)
             o.drop(x)
             x = xn
-            if self.n_phantom and j == 3 * k - 1:
-                x = self._phantom_forward(x, before, keys)
+            for ph in sorted(ends.get(j, ()), key=lambda ph: -ph[0]):  # inner phantoms first
+                x = self._phantom_forward(x, ph, *measured[ph[0]])
         logits = self.head(x)
         # Transformer.forward returns: its locals (the rotary tables) live on only where saved.
         if rope is not None:
@@ -187,7 +233,8 @@ class ReferenceProgram(ReferenceModel):
         return loss
 
     # ---- homogeneous middle blocks ------------------------------------------------------------
-    def _phantom_forward(self, x: T, before: list[int], cache_keys: set[int]) -> T:
+    def _phantom_forward(self, x: T, phantom: tuple[int, int, int, int], before: list[int],
+                         cache_keys: set[int], exit_drops: int) -> T:
         """Stand in for the middle periods (of ``period`` blocks each; blocks 3..L-3 when every
         block is alike). Every middle period runs the same ops on the same shapes, so it leaves
         the same bytes behind (``delta``, measured on the third period) and its own peaks are
@@ -201,35 +248,46 @@ class ReferenceProgram(ReferenceModel):
         backward, and whatever else a period keeps to its backward: a subclass's gathered
         parameters) goes in backward, where the phantom also adds the blocks' gradients
         (``_phantom_grad_bytes``, first micro-batch) — freed first, then added, so the phantom
-        never shows a state higher than its two simulated neighbours."""
+        never shows a state higher than its two simulated neighbours.
+
+        ``phantom``: (first and last position of the measured window, copies, blocks; see
+        ``compression_plan``); a window holding inner phantoms measures what they hold too (what
+        they keep to autocast exit counts as the cache's)."""
         m, o = self.m, self.ops
-        n = self.n_phantom // self.period  # periods stood in for
+        n, blocks = phantom[2], phantom[3]
         delta = [a - b for a, b in zip(m.cur, before)]
         assert delta[1] == delta[2] == delta[4] == 0, delta  # no gradient, state or temporary
         cache_only = sum(t.buf.nbytes for k, t in o._amp_cache.items()
                          if k not in cache_keys and t.buf.refs == 1)
+        cache_only += sum(b.nbytes for b in o._exit_drops[exit_drops:])
         retained = delta[3] - cache_only
         if cache_only:
             o._exit_drops.append(m.alloc(n * cache_only, "phantom blocks (autocast cache)"))
         held = [m.alloc(n * delta[0], "phantom blocks", "parameters")] if delta[0] else []
         if retained:
             held.append(m.alloc(n * retained, "phantom blocks"))
-        grad_bytes = self._phantom_grad_bytes()
+        grad_bytes = self._phantom_grad_bytes(blocks)
+        key = phantom[:2]
 
         def bw(mm: Machine, node, g: list) -> list:
             mm.drop(*held)
-            if self._phantom_grad is None and grad_bytes:
-                self._phantom_grad = mm.alloc(grad_bytes, "phantom blocks (grads)", "gradients")
+            if key not in self._phantom_grads and grad_bytes:
+                self._phantom_grads[key] = mm.alloc(grad_bytes, "phantom blocks (grads)",
+                                                    "gradients")
             return [mm.hold(g[0]) if g[0] is not None else None]
         node = m.node("PhantomBlocks", [x.val], [], bw)
         out = T(Val(m.hold(x.buf), node, 0), x.numel, x.esz)
         o.drop(x)  # the caller rebinds x to the phantom's output
         return out
 
-    def _phantom_grad_bytes(self) -> int:
-        """The gradients the blocks stood in for keep after backward: every trainable
+    def _phantom_grad_bytes(self, blocks: int) -> int:
+        """The gradients ``blocks`` blocks stood in for keep after backward: every trainable
         parameter's ``.grad``."""
-        return self.n_phantom * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
+        return blocks * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
+
+    def _drop_phantom_grads(self) -> None:
+        self.m.drop(*self._phantom_grads.values())
+        self._phantom_grads.clear()
 
     # ---- activation checkpointing (torch.utils.checkpoint, use_reentrant=False) -------------
     def run_block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
@@ -337,9 +395,7 @@ class ReferenceProgram(ReferenceModel):
             if isinstance(leaf, Leaf) and leaf.grad is not None:
                 self.m.drop(leaf.grad)
                 leaf.grad = None
-        if self._phantom_grad is not None:
-            self.m.drop(self._phantom_grad)
-            self._phantom_grad = None
+        self._drop_phantom_grads()
 
     def _alloc_states(self):
         from planner.optimizers import optimizer_state_bytes

@@ -144,3 +144,47 @@ def test_deep_ranks_simulate_a_few_blocks_and_irregular_plans_every_block():
     prog = ParallelProgram(small, tr, ParallelSpec(data_parallel=2, zero_stage=3), 1,
                            checkpointed={0, 5})
     assert prog.n_phantom == 0 and prog.real_blocks == list(range(9))
+
+
+# Plans whose period holds a run of 7 or more blocks alike: each simulated period is compressed
+# inside too (planner/reference_step.py, compression_plan). (layers, plan, period, blocks kept)
+NESTED = [
+    (64, lambda i: i % 8 != 7, 8, 30),  # sqrt of 64: seven checkpointed blocks, one kept
+    (63, lambda i: i % 9 == 0, 9, 30),  # one checkpointed block, a run of eight kept
+    (105, lambda i: i % 15 < 7, 15, 50),  # two runs in a period: seven and eight
+    (75, lambda i: i % 10 != 0, 10, 35),  # the run ends the period
+]
+
+
+@pytest.mark.parametrize("plan", range(len(NESTED)))
+@pytest.mark.parametrize("z", [None, 0, 1, 2, 3])
+def test_long_periods_compressed_inside_equal_full(plan, z):
+    """One device (z None) and every data-parallel stage, the last rank of 3; amp-bf16 (the
+    autocast cache's casts of the inner runs die at autocast exit), mixed-bf16, accumulation."""
+    from planner.reference_step import ReferenceProgram
+
+    layers, pick, period, kept = NESTED[plan]
+    model = resolve_model(ModelSpec(family="llama" if plan % 2 else "gpt2", num_layers=layers,
+                                    hidden_size=16, num_heads=2, num_kv_heads=1,
+                                    ffn_hidden_size=24, vocab_size=2048, max_sequence_length=16)
+                          if plan % 2 else ModelSpec(family="gpt2", num_layers=layers,
+                                                     hidden_size=16, num_heads=2, vocab_size=2048,
+                                                     max_sequence_length=16))
+    # amp-bf16 with SGD: the step's peak in backward, where the casts kept to autocast exit
+    # are gone
+    tr = TrainingSpec(precision="amp-bf16", micro_batch_size=8, sequence_length=16,
+                      optimizer="sgd") if plan < 2 else TrainingSpec(
+        precision="mixed-bf16", micro_batch_size=1, sequence_length=8, optimizer="adam",
+        gradient_accumulation_steps=2, dropout=0.1 if plan == 3 else 0.0)
+    ck = {i for i in range(layers) if pick(i)}
+    if z is None:
+        def make(**kw):
+            return ReferenceProgram(model, tr, checkpointed=ck, **kw)
+    else:
+        par = ParallelSpec(data_parallel=3, zero_stage=z)
+
+        def make(**kw):
+            return ParallelProgram(model, tr, par, 2, checkpointed=ck, **kw)
+    prog = make()
+    assert prog.period == period and len(prog.real_blocks) == kept
+    _assert_same(prog.run(), make(compress=False).run(), (plan, z))
