@@ -30,9 +30,9 @@ FIELDS = ("first", "steady", "forward_peak", "fb_steady")
 def _model(rng: random.Random, family: str, layers: int):
     heads = rng.choice([2, 4])
     h = heads * rng.choice([8, 16])
-    spec = dict(family=family, num_layers=layers, hidden_size=h, num_heads=heads,
-                vocab_size=rng.choice([61, 96, 97, 128]), max_sequence_length=32,
-                tie_embeddings=rng.random() < 0.3)
+    spec = {"family": family, "num_layers": layers, "hidden_size": h, "num_heads": heads,
+            "vocab_size": rng.choice([61, 96, 97, 128]), "max_sequence_length": 32,
+            "tie_embeddings": rng.random() < 0.3}
     if family == "llama":
         spec.update(num_kv_heads=rng.choice([1, heads]), ffn_hidden_size=rng.choice([40, 88]))
     return resolve_model(ModelSpec(**spec))
@@ -164,12 +164,11 @@ def test_long_periods_compressed_inside_equal_full(plan, z):
     from planner.reference_step import ReferenceProgram
 
     layers, pick, period, kept = NESTED[plan]
-    model = resolve_model(ModelSpec(family="llama" if plan % 2 else "gpt2", num_layers=layers,
-                                    hidden_size=16, num_heads=2, num_kv_heads=1,
-                                    ffn_hidden_size=24, vocab_size=2048, max_sequence_length=16)
-                          if plan % 2 else ModelSpec(family="gpt2", num_layers=layers,
-                                                     hidden_size=16, num_heads=2, vocab_size=2048,
-                                                     max_sequence_length=16))
+    spec = {"family": "gpt2", "num_layers": layers, "hidden_size": 16, "num_heads": 2,
+            "vocab_size": 2048, "max_sequence_length": 16}
+    if plan % 2:
+        spec.update(family="llama", num_kv_heads=1, ffn_hidden_size=24)
+    model = resolve_model(ModelSpec(**spec))
     # amp-bf16 with SGD: the step's peak in backward, where the casts kept to autocast exit
     # are gone
     tr = TrainingSpec(precision="amp-bf16", micro_batch_size=8, sequence_length=16,
