@@ -264,10 +264,10 @@ class ParallelProgram(ReferenceProgram):
                 m.resize(t.buf, 0)
             self.unsharded_bytes[g], self.sharded_bytes[g] = full, shard
             if ts:
-                m.alloc(shard, f"sharded[{g}]", "parameters")
+                m.alloc(shard, f"sharded[{self._real(g)}]", "parameters")
                 # the default DeviceMesh this fully_shard call builds keeps its rank map,
                 # torch.arange(N, dtype=torch.int32) (device_mesh.py, init_device_mesh)
-                m.alloc(4 * n, f"fsdp_state[{g}]", "temporaries")
+                m.alloc(4 * n, f"fsdp_state[{self._real(g)}]", "temporaries")
         if self.n_phantom:  # the blocks stood in for: their shards and meshes (all blocks alike)
             m.resize(self._phantom_params, 0)
             m.alloc(self.n_phantom * self.sharded_bytes[0], "sharded[phantom blocks]", "parameters")
@@ -279,6 +279,11 @@ class ParallelProgram(ReferenceProgram):
         self.sharded_grads: dict[int, Buf] = {}
         self._fsdp_nodes: dict[int, tuple[str, int]] = {}
 
+    def _real(self, g: int) -> int:
+        """The model's index of group ``g`` (a simulated block's position; -1, the root, as is):
+        the name the step's peak reports."""
+        return self.real_blocks[g] if g >= 0 else g
+
     def _gather(self, g: int, forward: bool) -> None:
         """unshard() + wait_for_unshard(): all-gather into a flat buffer, copy out."""
         m = self.m
@@ -286,11 +291,11 @@ class ParallelProgram(ReferenceProgram):
             return
         if self.n == 1:  # world size 1: the unsharded parameters copied from the shards, no
             # all-gather buffer (FSDPParamGroup.unshard / wait_for_unshard, world_size == 1)
-            self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{g}]", "parameters")
+            self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]", "parameters")
             return
         flat = self.flat_pending.pop(g, None) or m.alloc(self.unsharded_bytes[g], "all_gather",
                                                           "temporaries")
-        self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{g}]", "parameters")
+        self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]", "parameters")
         if forward:
             if self.ag_state is not None:
                 m.drop(self.ag_state)

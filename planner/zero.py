@@ -481,8 +481,11 @@ def zero_stages(request, estimate=None):
             notes.append("model states only: per-stage activations and the step peak need "
                          "planner.memory (activations reported as 0)")
     stages: list[ZeroStage] = []
+    from planner.step_cache import setup_memo
+
     for par in _variants(request.parallelism):
-        ms = shard_model_states(model, request.training, par)
+        # memoised per setup: each stage's estimate below asks for the same model states
+        ms = setup_memo(shard_model_states, model, request.training, par)
         fit = None
         if estimate is not None:
             result = estimate(request.model_copy(update={"parallelism": par}))
