@@ -291,11 +291,13 @@ class ParallelProgram(ReferenceProgram):
             return
         if self.n == 1:  # world size 1: the unsharded parameters copied from the shards, no
             # all-gather buffer (FSDPParamGroup.unshard / wait_for_unshard, world_size == 1)
-            self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]", "parameters")
+            self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]",
+                                        "parameters")
             return
         flat = self.flat_pending.pop(g, None) or m.alloc(self.unsharded_bytes[g], "all_gather",
                                                           "temporaries")
-        self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]", "parameters")
+        self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]",
+                                    "parameters")
         if forward:
             if self.ag_state is not None:
                 m.drop(self.ag_state)

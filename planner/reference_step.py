@@ -205,7 +205,7 @@ class ReferenceProgram(ReferenceModel):
             xd = o.dropout(x, self.device)
             o.drop(x)
             x = xd
-        starts = {ph[0]: [] for ph in self.phantoms}
+        starts = {ph[0] for ph in self.phantoms}
         ends: dict[int, list] = {}
         for ph in self.phantoms:
             ends.setdefault(ph[1], []).append(ph)
@@ -236,12 +236,14 @@ class ReferenceProgram(ReferenceModel):
     def _phantom_forward(self, x: T, phantom: tuple[int, int, int, int], before: list[int],
                          cache_keys: set[int], exit_drops: int) -> T:
         """Stand in for the middle periods (of ``period`` blocks each; blocks 3..L-3 when every
-        block is alike). Every middle period runs the same ops on the same shapes, so it leaves
-        the same bytes behind (``delta``, measured on the third period) and its own peaks are
-        those of the third period or of the second-to-last shifted by a multiple of ``delta``
-        (and, in backward, of its gradients): the maximum over an arithmetic progression is at
-        one of its ends, and both ends are simulated (forward: the period after the phantom;
-        backward: the third period after it). So the step's peak is exact.
+        block is alike), or for the middle blocks of a long run inside a period (the same
+        argument, with one block for a period). Every middle period runs the same ops on the
+        same shapes, so it leaves the same bytes behind (``delta``, measured on the third
+        period) and its own peaks are those of the third period or of the second-to-last
+        shifted by a multiple of ``delta`` (and, in backward, of its gradients): the maximum
+        over an arithmetic progression is at one of its ends, and both ends are simulated
+        (forward: the period after the phantom; backward: the third period after it). So the
+        step's peak is exact.
 
         The phantom holds n·delta, per category: the part only the autocast cache keeps (casts
         not saved for backward) goes at autocast exit; the rest (the activations saved for
