@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from planner.catalog.presets import resolve_model
 from planner.routes.memory import estimate_memory
-from planner.layouts.data_parallel import simulate_rank
+from planner.layouts.parallel_ranks import simulate_rank
 from planner.catalog.specs import ValidationRequest
 from service.validation.distributed import run_multi_rank
 from service.validation.runner import ValidationUnsupported, check_supported

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from planner.catalog.presets import resolve_model
 from planner.catalog.optimizers import optimizer_state_bytes
-from planner.layouts.data_parallel import (
+from planner.layouts.parallel_ranks import (
     fsdp_rank_keys,
     ranks_that_differ,
     zero1_ownership,

@@ -5,12 +5,16 @@ _phantom_forward). Tolerance: none."""
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
 from planner.catalog.presets import resolve_model
+from planner.catalog.specs import ModelSpec, ParallelSpec, TrainingSpec
+from planner.layouts.data_parallel import ParallelProgram
+from planner.layouts.parallel_ranks import unsupported_reason
+from planner.step.plans import plan_period
 from planner.step.program import ReferenceProgram
-from planner.catalog.specs import ModelSpec, TrainingSpec
 
 EXTRAS = [{}, {"lora": {"rank": 4, "target_modules": ["q", "up"]}},
           {"gradient_accumulation_steps": 2}, {"dropout": 0.1},
@@ -42,8 +46,11 @@ def test_compression_applies_to_deep_models_only():
     cfg = resolve_model(ModelSpec(preset="gpt2-xl"))
     prog = ReferenceProgram(cfg, TrainingSpec())
     assert prog.n_phantom == 43 and prog.real_blocks == [0, 1, 2, 46, 47]
-    # a non-uniform checkpoint pattern is simulated block by block
+    # a plan without a period compresses its long runs only: blocks 6-47 are 42 alike
     prog = ReferenceProgram(cfg, TrainingSpec(), checkpointed={0, 5})
+    assert prog.n_phantom == 42 - 5 and prog.real_blocks == [*range(9), 46, 47]
+    # short runs are simulated block by block
+    prog = ReferenceProgram(cfg, TrainingSpec(), checkpointed=set(range(0, 48, 5)) | {47})
     assert prog.n_phantom == 0
 
 
@@ -77,3 +84,56 @@ def test_periodic_plans_compressed_equal_full(family, precision, plan, extra):
     assert comp.steady.as_dict() == full.steady.as_dict()
     assert comp.act_peak.total == full.act_peak.total
     assert comp.act_max.total == full.act_max.total
+
+
+# Plans that do not repeat (a budget's prefix, hand-picked blocks): the whole model is one period,
+# and each run of seven or more blocks alike keeps its first three and last two, a phantom
+# standing for the rest. One device and every data-parallel stage, against the full replay.
+def _irregular(rng: random.Random, layers: int) -> set[int]:
+    kind = rng.choice(["prefix", "suffix", "runs"])
+    if kind == "prefix":
+        return set(range(rng.randint(0, layers)))
+    if kind == "suffix":
+        return set(range(rng.randint(0, layers), layers))
+    out, i, on = set(), 0, rng.random() < 0.5
+    while i < layers:
+        n = rng.choice([1, 2, 7, 8, 11])
+        if on:
+            out.update(range(i, min(i + n, layers)))
+        i, on = i + n, not on
+    return out
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_irregular_plans_compress_their_long_runs(seed):
+    rng = random.Random(seed)
+    family = rng.choice(["gpt2", "llama"])
+    layers = rng.randint(9, 40)
+    spec = dict(family=family, num_layers=layers, hidden_size=32, num_heads=2,
+                vocab_size=96, max_sequence_length=32)
+    if family == "llama":
+        spec.update(num_kv_heads=1, ffn_hidden_size=80)
+    cfg = resolve_model(ModelSpec(**spec))
+    tr = TrainingSpec(precision=rng.choice(["fp32", "amp-bf16", "mixed-fp16", "bf16"]),
+                      micro_batch_size=2, sequence_length=16,
+                      optimizer=rng.choice(["sgd-momentum", "adamw"]), **rng.choice(EXTRAS))
+    blocks = _irregular(rng, layers)
+    comp_prog = ReferenceProgram(cfg, tr, device="cuda", checkpointed=blocks)
+    runs = [len(list(g)) for _, g in itertools.groupby(i in blocks for i in range(layers))]
+    if plan_period(blocks, layers) is None:
+        assert comp_prog.n_phantom == sum(r - 5 for r in runs if r >= 7)
+    comp = comp_prog.run()
+    full = ReferenceProgram(cfg, tr, device="cuda", checkpointed=blocks, compress=False).run()
+    for f in ("first", "steady", "fb_steady", "forward_peak"):
+        c, w = getattr(comp, f), getattr(full, f)
+        assert (c.as_dict(), c.op, c.phase) == (w.as_dict(), w.op, w.phase), f
+    assert comp.act_peak.total == full.act_peak.total
+    assert comp.act_max.total == full.act_max.total
+    par = ParallelSpec(data_parallel=rng.choice([2, 3]), zero_stage=rng.choice([0, 1, 2, 3]))
+    if unsupported_reason(tr, par) is None:
+        for rank in (0, par.data_parallel - 1):
+            c = ParallelProgram(cfg, tr, par, rank, device="cuda", checkpointed=blocks).run()
+            w = ParallelProgram(cfg, tr, par, rank, device="cuda", checkpointed=blocks,
+                                compress=False).run()
+            assert (c.steady.as_dict(), c.steady.op) == (w.steady.as_dict(), w.steady.op), rank
+            assert c.first.as_dict() == w.first.as_dict(), rank

@@ -19,7 +19,8 @@ import math
 
 from planner.catalog.errors import PlanningError
 from planner.catalog.specs import Assumption, Breakdown, ParallelSpec, ResolvedModel, TrainingSpec
-from planner.layouts.data_parallel import ParallelProgram, data_parallel_peaks, zero1_ownership
+from planner.layouts.data_parallel import ParallelProgram
+from planner.layouts.parallel_ranks import data_parallel_peaks, zero1_ownership
 from planner.layouts.megatron import megatron_activation_bytes
 from planner.layouts.pipeline_schedules import build_schedule
 from planner.layouts.pipeline_sim import peak_in_flight

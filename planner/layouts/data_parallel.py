@@ -50,22 +50,42 @@ LoRA (adapters trainable, the base frozen in the parameter dtype) runs under eve
 buckets and ZeroRedundancyOptimizer's partition cover the trainable tensors only; FSDP2 shards
 and gathers the frozen base with its group but reduce-scatters the adapters' gradients only.
 
+Periodic blocks. As on one device (``ReferenceProgram``, ``compression_plan``), a checkpoint
+plan of period k is replayed as its first three periods and its last two, with phantoms standing
+for the periods between (and for long runs of blocks alike inside a period), measured on the
+third. This is exact here too because everything a rank does per block is the same for every
+block of a period:
+
+- FSDP2 groups are the blocks, and every block's tensors have the same shapes, so its padded
+  shards, all-gather buffer, unsharded parameters, reduce-scatter input and sharded gradients are
+  the same bytes for every block, on every rank (only the root's tensors, embeddings and output
+  projection, have uneven unpadded shards, and they are simulated). The implicit prefetch keeps
+  one neighbour's all-gather live across a block boundary: that neighbour is alike whichever it
+  is. So a period leaves the same bytes behind: activations, and under ZeRO-2 the unsharded
+  parameters kept to backward (the phantom holds both, per category), and in backward the
+  sharded gradients (``_phantom_grad_bytes``). The blocks stood in for keep their shards and
+  device-mesh rank maps from construction.
+- DDP's buckets are modelled as one allocation of every trainable gradient at construction (the
+  all-reduce is in place): no bucket event falls inside a block, whatever the bucket boundaries,
+  and each autograd gradient is a temporary copied in and freed within its block.
+- ZeroRedundancyOptimizer's partition, and FSDP2's uneven unpadded pieces, show only in the
+  optimizer step (states, fp32 masters, the step's copies and temporaries). They are computed
+  from the whole model's parameter list (``_owned``: every block, simulated or not), so a rank
+  whose partition boundary falls inside a block stood in for gets its exact bytes.
+
+Where the checkpoint plan does not repeat (``plan_period`` finds no period), every block is
+replayed, as on one device.
+
 Everything stays integer bytes; every rank is simulated on its own (``rank``).
 """
 
 from __future__ import annotations
 
 from planner.step.ops import T
-from planner.step.program import ReferenceProgram, StepPeaks
+from planner.step.program import ReferenceProgram
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 from planner.machine.stepsim import Buf, Leaf, Machine, Node, Val
-from planner.layouts.sharding import (
-    RankTable,
-    fsdp_local_shard_shape,
-    fsdp_row_classes,
-    fsdp_shard_shape,
-    zero1_partition,
-)
+from planner.layouts.sharding import fsdp_local_shard_shape, fsdp_shard_shape, zero1_partition
 
 _BUCKET = Buf(0, "gradients", "ddp_bucket_view")  # param.grad as a view: no bytes of its own
 
@@ -121,15 +141,18 @@ class ParallelProgram(ReferenceProgram):
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
                  rank: int = 0, *, device: str = "cuda", checkpointed: set[int] | None = None,
-                 machine: Machine | None = None, sizes: tuple | None = None) -> None:
+                 machine: Machine | None = None, sizes: tuple | None = None,
+                 compress: bool = True) -> None:
         if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
             raise ValueError("ParallelProgram describes data parallelism only")
         self.par, self.rank = parallel, rank
         self.n, self.z = parallel.data_parallel, parallel.zero_stage
-        # Every block is replayed: FSDP's per-block gathers and DDP's per-tensor buckets are
-        # modelled on the simulated parameters themselves.
-        super().__init__(model, training, device=device, checkpointed=checkpointed, compress=False,
-                         machine=machine, sizes=sizes)
+        self._owned_cache = None
+        # Blocks repeat as on one device (see "Periodic blocks" in the module docstring): the
+        # first three periods of the checkpoint plan and the last two are simulated (the full
+        # replay, compress=False, is the oracle the tests hold it to).
+        super().__init__(model, training, device=device, checkpointed=checkpointed,
+                         compress=compress, machine=machine, sizes=sizes)
         self.m.__class__ = _dp_class(type(self.m))
         m = self.m
         if self.z >= 1 and self.master:  # masters of the rank's shard only
@@ -138,8 +161,9 @@ class ParallelProgram(ReferenceProgram):
                                    "optimizer_states")
         if self.z <= 1:
             m.ddp = True
-            # DDP's buckets: every trainable gradient, allocated at construction
-            self.bucket = m.alloc(sum(t.numel * t.esz for t in self.trainable()), "ddp_buckets",
+            # DDP's buckets: every trainable gradient of the whole model, allocated at
+            # construction
+            self.bucket = m.alloc(sum(b for _, _, rg, b in self.param_specs if rg), "ddp_buckets",
                                   "gradients")
         else:
             m.ddp = False
@@ -147,16 +171,19 @@ class ParallelProgram(ReferenceProgram):
 
     # ---- which tensors this rank's optimizer steps ------------------------------------------
     def _owned(self) -> tuple[list[int], list[tuple[int, ...]]]:
-        tr = self.trainable()
-        shapes = [self.shapes[id(t.val)] for t in tr]
-        if self.z == 0:
-            return [t.numel for t in tr], shapes
-        if self.z == 1:
-            part = zero1_partition([t.numel for t in tr], self.n)[self.rank]
-            keep = sorted(part)
-            return [tr[i].numel for i in keep], [shapes[i] for i in keep]
-        sh = [fsdp_local_shard_shape(s, self.n, self.rank) for s in shapes]
-        return [_numel(s) for s in sh], sh
+        """(numel, shape) of the tensors (or shards) this rank's optimizer steps, over the whole
+        model's trainable parameters (blocks stood in for included), in registration order."""
+        if self._owned_cache is None:
+            specs = self.trainable_specs()
+            numels, shapes = [n for n, _ in specs], [shp for _, shp in specs]
+            if self.z == 1:
+                keep = sorted(zero1_partition(numels, self.n)[self.rank])
+                numels, shapes = [numels[i] for i in keep], [shapes[i] for i in keep]
+            elif self.z >= 2:
+                shapes = [fsdp_local_shard_shape(s, self.n, self.rank) for s in shapes]
+                numels = [_numel(s) for s in shapes]
+            self._owned_cache = numels, shapes
+        return self._owned_cache
 
     def _inner_dtype(self) -> str:
         return "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
@@ -192,15 +219,21 @@ class ParallelProgram(ReferenceProgram):
             for b in self.sharded_grads.values():
                 self.m.drop(b)
             self.sharded_grads.clear()
+            self._drop_phantom_grads()
             return
         for t in self.trainable():
             if isinstance(t.val.fn, Leaf):
                 t.val.fn.grad = None  # the bucket stays
 
     # ---- FSDP2 -----------------------------------------------------------------------------------
+    def _phantom_grad_bytes(self, blocks: int) -> int:
+        """DDP: none (each autograd gradient is copied into the buckets, which exist from
+        construction, and freed); FSDP2: the blocks' sharded gradients (reduce-scatter outputs)."""
+        return 0 if self.z <= 1 else blocks * self.grad_sharded_bytes[0]
+
     def _setup_fsdp(self) -> None:
         m, n = self.m, self.n
-        L = self.cfg.num_layers
+        L = len(self.real_blocks)  # the simulated blocks; the phantom ones are below
         groups: dict[int, list[T]] = {g: [] for g in range(-1, L)}  # -1: the root
         seen: set[int] = set()
         for name, t in self.params.by_name.items():
@@ -231,16 +264,25 @@ class ParallelProgram(ReferenceProgram):
                 m.resize(t.buf, 0)
             self.unsharded_bytes[g], self.sharded_bytes[g] = full, shard
             if ts:
-                m.alloc(shard, f"sharded[{g}]", "parameters")
+                m.alloc(shard, f"sharded[{self._real(g)}]", "parameters")
                 # the default DeviceMesh this fully_shard call builds keeps its rank map,
                 # torch.arange(N, dtype=torch.int32) (device_mesh.py, init_device_mesh)
-                m.alloc(4 * n, f"fsdp_state[{g}]", "temporaries")
+                m.alloc(4 * n, f"fsdp_state[{self._real(g)}]", "temporaries")
+        if self.n_phantom:  # the blocks stood in for: their shards and meshes (all blocks alike)
+            m.resize(self._phantom_params, 0)
+            m.alloc(self.n_phantom * self.sharded_bytes[0], "sharded[phantom blocks]", "parameters")
+            m.alloc(self.n_phantom * 4 * n, "fsdp_state[phantom blocks]", "temporaries")
         self.unsharded: dict[int, Buf] = {}
         self.flat_pending: dict[int, Buf] = {}  # prefetched all-gathers awaiting copy-out
         self.ag_state: Buf | None = None  # forward: last all-gather output, freed at next copy-out
         self.rs_states: list[Buf] = []
         self.sharded_grads: dict[int, Buf] = {}
         self._fsdp_nodes: dict[int, tuple[str, int]] = {}
+
+    def _real(self, g: int) -> int:
+        """The model's index of group ``g`` (a simulated block's position; -1, the root, as is):
+        the name the step's peak reports."""
+        return self.real_blocks[g] if g >= 0 else g
 
     def _gather(self, g: int, forward: bool) -> None:
         """unshard() + wait_for_unshard(): all-gather into a flat buffer, copy out."""
@@ -249,11 +291,13 @@ class ParallelProgram(ReferenceProgram):
             return
         if self.n == 1:  # world size 1: the unsharded parameters copied from the shards, no
             # all-gather buffer (FSDPParamGroup.unshard / wait_for_unshard, world_size == 1)
-            self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{g}]", "parameters")
+            self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]",
+                                        "parameters")
             return
         flat = self.flat_pending.pop(g, None) or m.alloc(self.unsharded_bytes[g], "all_gather",
                                                           "temporaries")
-        self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{g}]", "parameters")
+        self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]",
+                                    "parameters")
         if forward:
             if self.ag_state is not None:
                 m.drop(self.ag_state)
@@ -354,7 +398,7 @@ class ParallelProgram(ReferenceProgram):
                 started[0] = True
                 if self.z == 3:
                     self._gather(-1, forward=False)
-                    self._prefetch(self.cfg.num_layers - 1)
+                    self._prefetch(len(self.real_blocks) - 1)
             if self._ck_nodes:
                 self._before_node(node)
 
@@ -366,7 +410,7 @@ class ParallelProgram(ReferenceProgram):
         while self.rs_states:
             m.drop(self.rs_states.pop(0))
         for gg in list(self.unsharded):
-            if self.z == 3 or gg not in range(-1, self.cfg.num_layers):
+            if self.z == 3 or gg not in range(-1, len(self.real_blocks)):
                 self._reshard(gg)
         m.drop(g)
         self.ops.drop(scaled)
@@ -379,114 +423,4 @@ def _numel(s: tuple[int, ...]) -> int:
     return n
 
 
-def simulate_rank(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec, rank: int,
-                  device: str, checkpointed: set[int] | None = None) -> StepPeaks:
-    """First-step and steady-state peaks of one data-parallel rank."""
-    return ParallelProgram(model, training, parallel, rank, device=device,
-                           checkpointed=checkpointed).run()
-
-
-def _trainable_shapes(model: ResolvedModel, training: TrainingSpec) -> list[tuple[int, ...]]:
-    """Shapes of the tensors the optimizer steps, registration order (tied once)."""
-    from planner.layouts.sharding import parameter_shapes
-
-    if training.lora is not None:  # the optimizer holds the trainable tensors only
-        return [s for _, s in ReferenceProgram(model, training, compress=True).trainable_specs()]
-    return list(parameter_shapes(model))
-
-
-def fsdp_rank_keys(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec
-                   ) -> RankTable[tuple[int, ...]]:
-    """Under FSDP2: per rank, the rows of every distinct dim 0 it holds unpadded (ranks with
-    equal keys hold the same bytes). Rank 0 holds the most rows of every tensor."""
-    dims = sorted({s[0] for s in _trainable_shapes(model, training) if s})
-    return fsdp_row_classes(dims, parallel.data_parallel)
-
-
-def ranks_that_differ(model: ResolvedModel, training: TrainingSpec,
-                      parallel: ParallelSpec) -> list[int]:
-    """One rank per distinct memory layout: ZeroRedundancyOptimizer's whole-tensor shards make
-    every rank its own case; under FSDP2 the ranks that hold fewer rows of a tensor whose dim 0
-    N does not divide differ from rank 0; DDP's ranks are all alike."""
-    z = parallel.zero_stage
-    if z == 0:
-        return [0]
-    keys = zero1_ownership(model, training, parallel)[0] if z == 1 else fsdp_rank_keys(
-        model, training, parallel)
-    first: dict[tuple, int] = {}
-    for r, key in keys.runs():  # one entry per class of ranks, not per rank
-        first.setdefault(key, r)
-    return sorted(first.values())
-
-
-__all__ = ["ParallelProgram", "ranks_that_differ", "simulate_rank"]
-
-
-def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec) -> str | None:
-    """Why this data-parallel setup is outside the replay (None when it is replayed exactly)."""
-    if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
-        return "tensor and pipeline parallelism are not replayed rank by rank"
-    if training.precision == "amp-fp16" and parallel.zero_stage >= 1:
-        return (f"precision 'amp-fp16' with ZeRO stage {parallel.zero_stage}: torch's GradScaler "
-                "is not run across sharded optimizers (DDP, stage 0, runs it)")
-    if training.precision_overrides is not None:
-        return "precision overrides are not run by the multi-rank step"
-    if training.lora is not None and training.lora.base_dtype is not None:
-        return ("LoRA with a frozen base in its own dtype (16-bit or quantized) is not run by the "
-                "multi-rank step; leave lora.base_dtype unset")
-    if parallel.offload_optimizer or parallel.offload_parameters:
-        return "CPU offload is not replayed rank by rank"
-    if training.optimizer in ("adam-8bit", "lion"):
-        return f"optimizer {training.optimizer!r} has no torch.optim implementation"
-    return None
-
-
-def zero1_ownership(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec):
-    """Under ZeroRedundancyOptimizer: per rank, the numels it owns (ranks with equal keys hold
-    the same bytes), and the candidates for the worst rank (the ranks owning the most state
-    bytes and the most elements)."""
-    from planner.catalog.optimizers import optimizer_state_bytes
-    from planner.layouts.sharding import parameter_shapes
-
-    if training.lora is not None:  # the optimizer holds the trainable tensors only
-        numels = [n for n, _ in ReferenceProgram(model, training, compress=True).trainable_specs()]
-    else:
-        numels = [_numel(s) for s in parameter_shapes(model)]  # registration order, tied once
-    parts = zero1_partition(numels, parallel.data_parallel)
-    dtype = "bf16" if training.precision == "bf16" else "fp32"  # mixed-*: fp32 masters
-    keys = RankTable(parts.starts, [tuple(sorted(numels[i] for i in p)) for p in parts.values],
-                     parts.world_size)
-    worst = sorted({keys.worst(lambda k: optimizer_state_bytes(training, list(k), dtype)),
-                    keys.worst(sum)})
-    return keys, worst
-
-
-def data_parallel_peaks(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
-                        device: str, checkpointed: set[int] | None = None, *,
-                        every_rank: bool = True, simulate=simulate_rank, ownership=None
-                        ) -> list[tuple[int, StepPeaks]]:
-    """(rank, peaks) per rank; ranks that hold the same bytes are simulated once. With
-    ``every_rank=False`` only the candidates for the worst rank are returned (under
-    ZeroRedundancyOptimizer: the ranks owning the most state bytes and the most elements; under
-    FSDP2 rank 0, which holds the most rows of every tensor), so a thousand-rank plan costs at
-    most two replays. ``simulate``: simulate_rank's signature, and ``ownership``:
-    zero1_ownership's (the planner passes memoised, templated ones)."""
-    n = parallel.data_parallel
-    if parallel.zero_stage == 0 or (parallel.zero_stage >= 2 and not every_rank):
-        pk = simulate(model, training, parallel, 0, device, checkpointed)
-        return [(r, pk) for r in (range(n) if every_rank else [0])]
-    if parallel.zero_stage >= 2:  # every rank: one replay per distinct unpadded shard layout
-        keys, worst = fsdp_rank_keys(model, training, parallel), [0]
-    else:
-        keys, worst = (ownership or zero1_ownership)(model, training, parallel)
-    ranks = list(range(n)) if every_rank else worst
-    sims: dict[tuple, StepPeaks] = {}
-    out = []
-    for r in ranks:
-        if keys[r] not in sims:
-            sims[keys[r]] = simulate(model, training, parallel, r, device, checkpointed)
-        out.append((r, sims[keys[r]]))
-    return out
-
-
-__all__ += ["data_parallel_peaks", "fsdp_rank_keys", "unsupported_reason"]
+__all__ = ["ParallelProgram"]

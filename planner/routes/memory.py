@@ -37,7 +37,7 @@ from planner.layouts.compose import (
     single_device,
     snap_breakdown,
 )
-from planner.layouts.data_parallel import unsupported_reason
+from planner.layouts.parallel_ranks import unsupported_reason
 from planner.layouts.pipelined import pipelined_estimate
 from planner.routes import memory_notes
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search

@@ -10,6 +10,7 @@ from __future__ import annotations
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import MemoryRequest, ParallelSpec, ZeroResult, ZeroStage
 from planner.layouts.sharding import shard_model_states
+from planner.machine.cache import setup_memo
 from planner.routes.memory import estimate_memory
 
 __all__ = ["zero_stages"]
@@ -40,7 +41,8 @@ def zero_stages(request: MemoryRequest, estimate=None) -> ZeroResult:
             return estimate_memory(req, explain=False)
     stages: list[ZeroStage] = []
     for par in _variants(request.parallelism):
-        ms = shard_model_states(model, request.training, par)
+        # memoised per setup: each stage's estimate below asks for the same model states
+        ms = setup_memo(shard_model_states, model, request.training, par)
         result = estimate(request.model_copy(update={"parallelism": par}))
         breakdown, fit = result.breakdown, result.fit
         stages.append(ZeroStage(stage=par.zero_stage, offload_optimizer=par.offload_optimizer,

@@ -9,13 +9,14 @@ the steady state (step 2+, optimizer states present). The accuracy tests run bot
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 from planner.machine.deadline import check as check_work_limit
 from planner.step.model import DTYPE_ESZ, I64, ReferenceModel, Shapes
 from planner.step.ops import F32, Ops, T
 from planner.catalog.specs import ResolvedModel, TrainingSpec
-from planner.machine.stepsim import Leaf, Machine, PeakSnap, Val
+from planner.machine.stepsim import Leaf, Machine, Val
+from planner.step.peaks import StepPeaks, combine_peaks
+from planner.step.plans import compression_plan, plan_period
 
 # precision preset -> (parameter dtype, autocast dtype or None, fp32 master copy?, loss scaling?)
 PRECISIONS: dict[str, tuple[str, str | None, bool, bool]] = {
@@ -27,47 +28,6 @@ PRECISIONS: dict[str, tuple[str, str | None, bool, bool]] = {
     "bf16": ("bf16", None, False, False),
 }
 
-
-
-class StepPeaks:
-    """A step's peaks. ``steady`` is the step's peak (step 2+), ``first`` that of step 1;
-    ``forward_peak`` is the highest total of forward/backward in step 1 and ``fb_steady`` the
-    same instant in the steady state (optimizer states live): the step's peak unless the
-    optimizer step is higher. ``act_peak`` (highest activations + temporaries in
-    forward/backward) and ``act_max`` (highest live activation bytes, ``stepsim.activation_snap``)
-    may be given as functions, evaluated when first read."""
-
-    __slots__ = ("first", "steady", "forward_peak", "fb_steady", "_act", "_act_max", "notes")
-
-    def __init__(self, first: PeakSnap, steady: PeakSnap, forward_peak: PeakSnap | None = None,
-                 act_peak: "PeakSnap | Callable[[], PeakSnap] | None" = None,
-                 notes: list[str] | None = None, *, fb_steady: PeakSnap | None = None,
-                 act_max: "PeakSnap | Callable[[], PeakSnap] | None" = None) -> None:
-        self.first, self.steady, self.forward_peak = first, steady, forward_peak
-        self._act, self.notes = act_peak, notes or []
-        self.fb_steady, self._act_max = fb_steady, act_max
-
-    @property
-    def act_peak(self) -> PeakSnap | None:
-        if callable(self._act):
-            self._act = self._act()
-        return self._act
-
-    @property
-    def act_max(self) -> PeakSnap | None:
-        if callable(self._act_max):
-            self._act_max = self._act_max()
-        return self._act_max
-
-
-def plan_period(checkpointed: set[int], num_layers: int, longest: int = 64) -> int | None:
-    """The shortest period k (at most ``longest`` and a seventh of the blocks) with which the
-    checkpoint plan repeats over all blocks: block i checkpointed exactly when block i + k is.
-    None when it has none."""
-    for k in range(1, min(longest, num_layers // 7) + 1):
-        if all((i in checkpointed) == (i + k in checkpointed) for i in range(num_layers - k)):
-            return k
-    return None
 
 
 class _StopRecompute(Exception):
@@ -121,28 +81,29 @@ class ReferenceProgram(ReferenceModel):
             model.vocab_size, model.max_sequence_length, model.num_heads // nkv)))
         L = model.num_layers
         ck = set(checkpointed or ())
-        # Homogeneous middle blocks (see _phantom_forward): when the checkpoint plan repeats with
-        # a period of k blocks (k = 1: none or every block checkpointed; every-k, sqrt), simulate
-        # the first three periods and the last two (with any remainder), and account for the
-        # periods between arithmetically.
-        k = plan_period(ck, L) if compress else None
-        q = L // k if k else 0
-        self.period = k or 1
-        self.n_phantom = (q - 5) * k if k and q >= 7 else 0  # blocks stood in for
-        self.real_blocks = (list(range(3 * k)) + list(range((q - 2) * k, L)) if self.n_phantom
-                            else list(range(L)))
+        # Homogeneous middle blocks (see compression_plan, _phantom_forward): when the checkpoint
+        # plan repeats with a period of k blocks (k = 1: none or every block checkpointed;
+        # every-k, sqrt), simulate the first three periods and the last two (with any
+        # remainder), and account for the periods between arithmetically; long runs of blocks
+        # alike inside a period likewise.
+        self.real_blocks, self.phantoms = compression_plan(ck, L) if compress else (
+            list(range(L)), [])
+        self.period = (plan_period(ck, L) or 1) if self.phantoms else 1
+        self.n_phantom = L - len(self.real_blocks)  # blocks stood in for
         self.checkpointed = {j for j, i in enumerate(self.real_blocks) if i in ck}
         self._ck_nodes: dict[int, _CheckpointFrame] = {}
         self.optimizer_hook = optimizer_hook
-        self._phantom_grad = None
+        self._phantom_grads: dict[int, object] = {}  # phantom -> its blocks' gradients
         self.params = self._build_params()
         o = self.ops
         self._states = None
         # run_windows: the optimizer step's windows closed before the states were made
         self._step_windows: list | None = None
+        self._phantom_params = None
         if self.n_phantom:  # parameters of the blocks that are not simulated one by one
-            o.m.alloc(self.n_phantom * sum(b for _, _, _, b in self._block_specs),
-                      "phantom blocks", "parameters")
+            self._phantom_params = o.m.alloc(
+                self.n_phantom * sum(b for _, _, _, b in self._block_specs), "phantom blocks",
+                "parameters")
         if self.master:  # fp32 master copies, made when the optimizer is built
             self.masters = o.m.alloc(sum(n for n, _ in self.trainable_specs()) * self.master_esz, "master",
                                      "optimizer_states")
@@ -163,16 +124,20 @@ class ReferenceProgram(ReferenceModel):
             xd = o.dropout(x, self.device)
             o.drop(x)
             x = xd
-        k = self.period
+        starts = {ph[0] for ph in self.phantoms}
+        ends: dict[int, list] = {}
+        for ph in self.phantoms:
+            ends.setdefault(ph[1], []).append(ph)
+        measured: dict[int, tuple] = {}
         for j in range(len(self.real_blocks)):
             check_work_limit()
-            if self.n_phantom and j == 2 * k:  # the third period is measured
-                before, keys = list(self.m.cur), set(o._amp_cache)
+            if j in starts:  # a phantom's window is measured
+                measured[j] = (list(self.m.cur), set(o._amp_cache), len(o._exit_drops))
             xn = self.run_block(x, j, rope)
             o.drop(x)
             x = xn
-            if self.n_phantom and j == 3 * k - 1:
-                x = self._phantom_forward(x, before, keys)
+            for ph in sorted(ends.get(j, ()), key=lambda ph: -ph[0]):  # inner phantoms first
+                x = self._phantom_forward(x, ph, *measured[ph[0]])
         logits = self.head(x)
         # Transformer.forward returns: its locals (the rotary tables) live on only where saved.
         if rope is not None:
@@ -187,40 +152,63 @@ class ReferenceProgram(ReferenceModel):
         return loss
 
     # ---- homogeneous middle blocks ------------------------------------------------------------
-    def _phantom_forward(self, x: T, before: list[int], cache_keys: set[int]) -> T:
+    def _phantom_forward(self, x: T, phantom: tuple[int, int, int, int], before: list[int],
+                         cache_keys: set[int], exit_drops: int) -> T:
         """Stand in for the middle periods (of ``period`` blocks each; blocks 3..L-3 when every
-        block is alike). Every middle period runs the same ops on the same shapes, so it leaves
-        the same bytes behind (``delta``, measured on the third period) and its own peaks are
-        those of the third period or of the second-to-last shifted by a multiple of ``delta``
-        (and, in backward, of its gradients): the maximum over an arithmetic progression is at
-        one of its ends, and both ends are simulated (forward: the period after the phantom;
-        backward: the third period after it). So the step's peak is exact.
+        block is alike), or for the middle blocks of a long run inside a period (the same
+        argument, with one block for a period). Every middle period runs the same ops on the
+        same shapes, so it leaves the same bytes behind (``delta``, measured on the third
+        period) and its own peaks are those of the third period or of the second-to-last
+        shifted by a multiple of ``delta`` (and, in backward, of its gradients): the maximum
+        over an arithmetic progression is at one of its ends, and both ends are simulated
+        (forward: the period after the phantom; backward: the third period after it). So the
+        step's peak is exact.
 
-        The phantom holds n·delta: the part only the autocast cache keeps (casts not saved for
-        backward) goes at autocast exit; the rest goes in backward, where the phantom also adds
-        the blocks' gradients (first micro-batch) — freed first, then added, so the phantom
-        never shows a state higher than its two simulated neighbours."""
+        The phantom holds n·delta, per category: the part only the autocast cache keeps (casts
+        not saved for backward) goes at autocast exit; the rest (the activations saved for
+        backward, and whatever else a period keeps to its backward: a subclass's gathered
+        parameters) goes in backward, where the phantom also adds the blocks' gradients
+        (``_phantom_grad_bytes``, first micro-batch) — freed first, then added, so the phantom
+        never shows a state higher than its two simulated neighbours.
+
+        ``phantom``: (first and last position of the measured window, copies, blocks; see
+        ``compression_plan``); a window holding inner phantoms measures what they hold too (what
+        they keep to autocast exit counts as the cache's)."""
         m, o = self.m, self.ops
-        n = self.n_phantom // self.period  # periods stood in for
+        n, blocks = phantom[2], phantom[3]
         delta = [a - b for a, b in zip(m.cur, before)]
-        assert delta[0] == delta[1] == delta[2] == 0, delta
+        assert delta[1] == delta[2] == delta[4] == 0, delta  # no gradient, state or temporary
         cache_only = sum(t.buf.nbytes for k, t in o._amp_cache.items()
                          if k not in cache_keys and t.buf.refs == 1)
+        cache_only += sum(b.nbytes for b in o._exit_drops[exit_drops:])
         retained = delta[3] - cache_only
         if cache_only:
             o._exit_drops.append(m.alloc(n * cache_only, "phantom blocks (autocast cache)"))
-        held = m.alloc(n * retained, "phantom blocks") if retained else None
-        grad_bytes = self.n_phantom * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
+        held = [m.alloc(n * delta[0], "phantom blocks", "parameters")] if delta[0] else []
+        if retained:
+            held.append(m.alloc(n * retained, "phantom blocks"))
+        grad_bytes = self._phantom_grad_bytes(blocks)
+        key = phantom[:2]
 
         def bw(mm: Machine, node, g: list) -> list:
-            mm.drop(held)
-            if self._phantom_grad is None and grad_bytes:
-                self._phantom_grad = mm.alloc(grad_bytes, "phantom blocks (grads)", "gradients")
+            mm.drop(*held)
+            if key not in self._phantom_grads and grad_bytes:
+                self._phantom_grads[key] = mm.alloc(grad_bytes, "phantom blocks (grads)",
+                                                    "gradients")
             return [mm.hold(g[0]) if g[0] is not None else None]
         node = m.node("PhantomBlocks", [x.val], [], bw)
         out = T(Val(m.hold(x.buf), node, 0), x.numel, x.esz)
         o.drop(x)  # the caller rebinds x to the phantom's output
         return out
+
+    def _phantom_grad_bytes(self, blocks: int) -> int:
+        """The gradients ``blocks`` blocks stood in for keep after backward: every trainable
+        parameter's ``.grad``."""
+        return blocks * sum(k for k, _, rg, _ in self._block_specs if rg) * self.g_esz
+
+    def _drop_phantom_grads(self) -> None:
+        self.m.drop(*self._phantom_grads.values())
+        self._phantom_grads.clear()
 
     # ---- activation checkpointing (torch.utils.checkpoint, use_reentrant=False) -------------
     def run_block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
@@ -328,9 +316,7 @@ class ReferenceProgram(ReferenceModel):
             if isinstance(leaf, Leaf) and leaf.grad is not None:
                 self.m.drop(leaf.grad)
                 leaf.grad = None
-        if self._phantom_grad is not None:
-            self.m.drop(self._phantom_grad)
-            self._phantom_grad = None
+        self._drop_phantom_grads()
 
     def _alloc_states(self):
         from planner.catalog.optimizers import optimizer_state_bytes
@@ -418,36 +404,3 @@ class ReferenceProgram(ReferenceModel):
         states = 0 if self._states_at_init else self._states.nbytes
         return fb_peaks, step_peaks, m.act_peak, {
             "states": states, "amp_scaler": bool(self.scaling and not self.master)}
-
-
-def _first_highest(peaks: list[PeakSnap]) -> PeakSnap:
-    best = peaks[0]
-    for p in peaks[1:]:
-        if p.total > best.total:
-            best = p
-    return best
-
-
-def _plus_states(p: PeakSnap, states: int, scaler: int = 0) -> PeakSnap:
-    by = list(p.by_cat)
-    by[2] += states
-    by[4] += scaler
-    return PeakSnap(p.total + states + scaler, by, p.op, p.phase)
-
-
-def combine_peaks(fb_peaks: list[PeakSnap], step_peaks: list[PeakSnap], act_peak, *,
-                  states: int, amp_scaler: bool, act_max=None) -> StepPeaks:
-    """A steady-state step (2+) repeats step 1's forward and backward exactly, with the optimizer
-    states (allocated during step 1's ``optimizer.step()``) live throughout; so one simulated
-    forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak).
-    ``step_peaks``: the optimizer step's windows in order; all but the last ran before step 1
-    made the states, so in a steady step they run with the states live too."""
-    fwdbwd = _first_highest(fb_peaks)  # the first of the highest
-    first = _first_highest([fwdbwd, *step_peaks])
-    # GradScaler's scale and growth tracker are created in step 1's backward and persist.
-    scaler = 8 if amp_scaler and fwdbwd.phase == "forward" else 0
-    shifted = _plus_states(fwdbwd, states, scaler)
-    steady = _first_highest([shifted, *(_plus_states(p, states) for p in step_peaks[:-1]),
-                             step_peaks[-1]])
-    return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd, act_peak=act_peak,
-                     fb_steady=shifted, act_max=act_max)

@@ -14,7 +14,8 @@ from planner.machine.cache import clear, replay_only, setup_key, setup_memo
 from planner.step.structures import structure_mode, wait_for_structures
 from planner.machine.recording import domain_of
 from planner.step import structures
-from planner.step.program import ReferenceProgram, StepPeaks
+from planner.step.peaks import StepPeaks
+from planner.step.program import ReferenceProgram
 from planner.step.template import StepTemplate, compile_template
 
 __all__ = ["clear", "compiled_template", "replay_only", "setup_key", "setup_memo", "simulate",

@@ -48,7 +48,8 @@ from planner.machine.peak_candidates import (
     _poly_fn_n,
     candidates,
 )
-from planner.step.program import ReferenceProgram, StepPeaks, combine_peaks
+from planner.step.peaks import StepPeaks, combine_peaks
+from planner.step.program import ReferenceProgram
 from planner.machine.recording import RecordingMachine
 from planner.step.template import _activation_snap
 from planner.machine.stepsim import CATEGORIES

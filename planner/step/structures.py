@@ -21,7 +21,8 @@ from planner.machine import cache
 from planner.machine.cache import _LOCK, _SIZES, _TEMPLATES_MAX, _put
 from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
 from planner.machine.symbolic import Undecided
-from planner.step.program import StepPeaks, plan_period
+from planner.step.peaks import StepPeaks
+from planner.step.plans import plan_period
 from planner.step.structure import compile_structure, structure_of
 
 __all__ = ["estimate", "model_template", "structure_mode", "wait_for_structures"]

@@ -28,7 +28,8 @@ from planner.machine.peak_candidates import Candidates
 from planner.machine.recording import domain_of, record, window_candidates
 from planner.machine.stepsim import PeakSnap, activation_snap
 from planner.machine.symbolic import Poly, Undecided
-from planner.step.program import ReferenceProgram, StepPeaks, combine_peaks
+from planner.step.peaks import StepPeaks, combine_peaks
+from planner.step.program import ReferenceProgram
 
 __all__ = ["StepTemplate", "compile_template", "domain_of"]
 

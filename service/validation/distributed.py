@@ -353,7 +353,7 @@ if __name__ == "__main__":
 def check_multi_rank(req: ValidationRequest) -> None:
     """Refuse, with the reason, what the multi-rank step does not run."""
     from planner.catalog.presets import resolve_model
-    from planner.layouts.data_parallel import unsupported_reason
+    from planner.layouts.parallel_ranks import unsupported_reason
     from service.validation.runner import ValidationUnsupported
 
     if req.mode == "traced":
@@ -377,7 +377,7 @@ def per_rank_estimates(req: ValidationRequest, device: str) -> list[tuple[Breakd
     """(first step, steady state) estimate of every rank."""
     from planner.catalog.presets import resolve_model
     from planner.routes.memory import checkpointed_blocks
-    from planner.layouts.data_parallel import data_parallel_peaks
+    from planner.layouts.parallel_ranks import data_parallel_peaks
 
     model = resolve_model(req.model)
     ckpt = checkpointed_blocks(req.training, model.num_layers)
