@@ -236,3 +236,31 @@ def test_loss_scaled_master_weight_step_temporaries(name):
     assert peaks[1] == peaks[2] == reference_step_temporary_bytes(training, numels, shapes) \
         == 4 * sum(numels) + max(check, inner)
     assert (check > inner) == (name == "sgd-momentum")
+
+
+# An FSDP2 rank can hold no rows of a tensor (more ranks than chunks of its first dimension): its
+# local shard is (0, c). torch's Adafactor divides by the element count and raises there, so the
+# planner refuses such a layout (a 422 naming the rule) instead of describing a step that crashes.
+@pytest.mark.parametrize("impl", ["foreach", "for-loop"])
+def test_adafactor_on_an_empty_shard_raises_in_torch_and_is_refused(impl):
+    from planner.catalog.errors import PlanningError
+    from planner.catalog.specs import MemoryRequest
+    from planner.routes.memory import estimate_memory
+
+    training = TrainingSpec(optimizer="adafactor", optimizer_implementation=impl)
+    params = _params([(0, 5), (7, 5)], "fp32")
+    opt = _make("adafactor", impl, training, params)
+    with pytest.raises(ZeroDivisionError):
+        _measure_steps(opt, params, steps=1)
+
+    def req(dp: int) -> MemoryRequest:
+        return MemoryRequest.model_validate({
+            "model": {"family": "llama", "num_layers": 2, "hidden_size": 64, "num_heads": 4,
+                      "vocab_size": 128, "max_sequence_length": 64},
+            "training": {"micro_batch_size": 2, "sequence_length": 16, "optimizer": "adafactor",
+                         "optimizer_implementation": impl, "lora": {"rank": 2}},
+            "parallelism": {"data_parallel": dp, "zero_stage": 3}})
+    with pytest.raises(PlanningError) as err:  # LoRA A is (2, 64): ranks 2-7 of 8 hold no rows
+        estimate_memory(req(8))
+    assert err.value.field == "parallelism.data_parallel" and "(2, 64)" in str(err.value)
+    assert estimate_memory(req(2)).breakdown.total > 0  # one row each: torch runs it

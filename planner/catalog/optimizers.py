@@ -111,11 +111,12 @@ def optimizer_state_bytes(training: TrainingSpec, tensor_numels: list[int], stat
     if opt == "adafactor":
         # Shazeer & Stern 2018 §3: a matrix keeps row and column second-moment factors, a vector
         # its full second moment (torch/optim/_adafactor.py: row_var shape[:-1]+(1,), col_var
-        # with shape[-2] = 1, variance for 1-D).
+        # with shape[-2] = 1, variance for 1-D). As products of the shape, not quotients of the
+        # numel: an FSDP2 shard with no rows (0, c) still keeps a (1, c) column factor.
         elems = 0
         for s in _shapes(tensor_numels, tensor_shapes):
             m = _numel(s)
-            elems += (m // s[-1] + m // s[-2]) if len(s) > 1 else m
+            elems += (_numel(s[:-1]) + _numel(s[:-2]) * s[-1]) if len(s) > 1 else m
         return elems * b + step
     if opt == "adam-8bit":
         total, any_8bit = 0, False
@@ -176,10 +177,10 @@ def _for_loop(opt: str, training: TrainingSpec, sizes: list[int], shapes: list[t
         elif opt == "adafactor":
             live.transient(b)  # param.norm(2).item()
             if len(s) > 1:
-                live.alloc("row_mean", n // s[-1] * b)  # torch.norm(grad, dim=-1, keepdim=True)
-                live.alloc("col_mean", n // s[-2] * b)  # torch.norm(grad, dim=-2, keepdim=True)
+                live.alloc("row_mean", _numel(s[:-1]) * b)  # torch.norm(grad, dim=-1, keepdim=True)
+                live.alloc("col_mean", _numel(s[:-2]) * s[-1] * b)  # torch.norm(grad, dim=-2, keepdim=True)
                 live.alloc("var_estimate", nb)  # row_var @ col_var; previous still held by `update`
-                live.transient(n // (s[-1] * s[-2]) * b)  # row_var.mean(dim=-2, keepdim=True)
+                live.transient(_numel(s[:-2]) * b)  # row_var.mean(dim=-2, keepdim=True)
             else:
                 live.alloc("grad_squared", nb)  # grad * grad
                 live.alloc("var_estimate", nb)  # variance.clone()
@@ -218,12 +219,12 @@ def _foreach(opt: str, training: TrainingSpec, sizes: list[int], shapes: list[tu
             live.transient(b)  # alphas: p.norm(2).item(), one at a time
             n_bytes = sum(n for n, _ in members) * b
             if multidim:
-                live.alloc("row_means", sum(n // s[-1] for n, s in members) * b)
+                live.alloc("row_means", sum(_numel(s[:-1]) for n, s in members) * b)
                 live.free("row_means")
-                live.alloc("col_means", sum(n // s[-2] for n, s in members) * b)
+                live.alloc("col_means", sum(_numel(s[:-2]) * s[-1] for n, s in members) * b)
                 live.free("col_means")
                 live.alloc("var_estimates", n_bytes)  # row_var @ col_var per tensor
-                live.alloc("row_var_means", sum(n // (s[-1] * s[-2]) for n, s in members) * b)
+                live.alloc("row_var_means", sum(_numel(s[:-2]) for n, s in members) * b)
                 live.free("row_var_means")
             else:
                 live.alloc("grads_squared", n_bytes)

@@ -7,7 +7,13 @@ from __future__ import annotations
 from planner.catalog.optimizers import optimizer_state_bytes
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 from planner.layouts.data_parallel import ParallelProgram
-from planner.layouts.sharding import RankTable, fsdp_row_classes, parameter_shapes, zero1_partition
+from planner.layouts.sharding import (
+    RankTable,
+    fsdp_local_shard_shape,
+    fsdp_row_classes,
+    parameter_shapes,
+    zero1_partition,
+)
 from planner.step.peaks import StepPeaks
 from planner.step.program import ReferenceProgram
 
@@ -26,18 +32,37 @@ def simulate_rank(model: ResolvedModel, training: TrainingSpec, parallel: Parall
                            checkpointed=checkpointed).run()
 
 
-def _trainable_shapes(model: ResolvedModel, training: TrainingSpec) -> list[tuple[int, ...]]:
+def trainable_shapes(model: ResolvedModel, training: TrainingSpec) -> list[tuple[int, ...]]:
     """Shapes of the tensors the optimizer steps, registration order (tied once)."""
     if training.lora is not None:  # the optimizer holds the trainable tensors only
         return [s for _, s in ReferenceProgram(model, training, compress=True).trainable_specs()]
     return list(parameter_shapes(model))
 
 
+
+def empty_shard_rule(model: ResolvedModel, training: TrainingSpec,
+                     parallel: ParallelSpec) -> str | None:
+    """Why torch cannot run the step, when it cannot: Adafactor divides by a tensor's element
+    count (torch/optim/_adafactor.py, ``p.numel() ** 0.5``), so it raises ZeroDivisionError on an
+    FSDP2 rank whose shard of a trained tensor has no rows (more ranks than the chunks of its
+    first dimension)."""
+    n = parallel.data_parallel
+    if training.optimizer != "adafactor" or parallel.zero_stage < 2 or n < 2:
+        return None
+    for shape in trainable_shapes(model, training):
+        if shape and fsdp_local_shard_shape(shape, n, n - 1)[0] == 0:
+            return (f"optimizer 'adafactor' with zero_stage {parallel.zero_stage} (FSDP2) over "
+                    f"data_parallel {n}: a rank's shard of a trained tensor of shape "
+                    f"{tuple(shape)} has no rows, and torch's Adafactor divides by its element "
+                    "count (ZeroDivisionError); use fewer ranks, zero_stage 0-1 or another "
+                    "optimizer")
+    return None
+
 def fsdp_rank_keys(model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec
                    ) -> RankTable[tuple[int, ...]]:
     """Under FSDP2: per rank, the rows of every distinct dim 0 it holds unpadded (ranks with
     equal keys hold the same bytes). Rank 0 holds the most rows of every tensor."""
-    dims = sorted({s[0] for s in _trainable_shapes(model, training) if s})
+    dims = sorted({s[0] for s in trainable_shapes(model, training) if s})
     return fsdp_row_classes(dims, parallel.data_parallel)
 
 

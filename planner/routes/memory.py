@@ -37,7 +37,7 @@ from planner.layouts.compose import (
     single_device,
     snap_breakdown,
 )
-from planner.layouts.parallel_ranks import unsupported_reason
+from planner.layouts.parallel_ranks import empty_shard_rule, unsupported_reason
 from planner.layouts.pipelined import pipelined_estimate
 from planner.routes import memory_notes
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
@@ -62,6 +62,9 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
             raise PlanningError(
                 f"tensor_parallel ({par.tensor_parallel}) must divide num_heads ({model.num_heads}) "
                 f"and num_kv_heads ({kv})", "parallelism.tensor_parallel")
+    rule = empty_shard_rule(model, tr, par)
+    if rule is not None:
+        raise PlanningError(rule, "parallelism.data_parallel")
     if par.pipeline_parallel * par.virtual_pipeline_stages > model.num_layers:
         raise PlanningError(
             f"pipeline_parallel x virtual_pipeline_stages ({par.pipeline_parallel * par.virtual_pipeline_stages}) "
