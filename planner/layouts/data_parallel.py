@@ -142,12 +142,17 @@ class ParallelProgram(ReferenceProgram):
     def __init__(self, model: ResolvedModel, training: TrainingSpec, parallel: ParallelSpec,
                  rank: int = 0, *, device: str = "cuda", checkpointed: set[int] | None = None,
                  machine: Machine | None = None, sizes: tuple | None = None,
-                 compress: bool = True) -> None:
+                 compress: bool = True, shard_rows=None) -> None:
+        """``shard_rows(d0) -> (padded rows, this rank's rows)`` replaces ``fsdp_shard_shape``
+        and ``fsdp_local_shard_shape`` on a first dimension (a structure template's compile,
+        planner/step/rank_structure.py, where ``d0`` is a polynomial in the model's sizes and
+        the rows are variables of their own)."""
         if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
             raise ValueError("ParallelProgram describes data parallelism only")
         self.par, self.rank = parallel, rank
         self.n, self.z = parallel.data_parallel, parallel.zero_stage
         self._owned_cache = None
+        self._shard_rows = shard_rows
         # Blocks repeat as on one device (see "Periodic blocks" in the module docstring): the
         # first three periods of the checkpoint plan and the last two are simulated (the full
         # replay, compress=False, is the oracle the tests hold it to).
@@ -180,7 +185,7 @@ class ParallelProgram(ReferenceProgram):
                 keep = sorted(zero1_partition(numels, self.n)[self.rank])
                 numels, shapes = [numels[i] for i in keep], [shapes[i] for i in keep]
             elif self.z >= 2:
-                shapes = [fsdp_local_shard_shape(s, self.n, self.rank) for s in shapes]
+                shapes = [self._local_shape(s) for s in shapes]
                 numels = [_numel(s) for s in shapes]
             self._owned_cache = numels, shapes
         return self._owned_cache
@@ -226,6 +231,18 @@ class ParallelProgram(ReferenceProgram):
                 t.val.fn.grad = None  # the bucket stays
 
     # ---- FSDP2 -----------------------------------------------------------------------------------
+    def _padded_shape(self, shape: tuple) -> tuple:
+        """Every rank's padded shard of a parameter (``fsdp_shard_shape``)."""
+        if self._shard_rows is None:
+            return fsdp_shard_shape(shape, self.n)
+        return (self._shard_rows(shape[0])[0], *shape[1:])
+
+    def _local_shape(self, shape: tuple) -> tuple:
+        """This rank's unpadded piece of a parameter (``fsdp_local_shard_shape``)."""
+        if self._shard_rows is None:
+            return fsdp_local_shard_shape(shape, self.n, self.rank)
+        return (self._shard_rows(shape[0])[1], *shape[1:])
+
     def _phantom_grad_bytes(self, blocks: int) -> int:
         """DDP: none (each autograd gradient is copied into the buckets, which exist from
         construction, and freed); FSDP2: the blocks' sharded gradients (reduce-scatter outputs)."""
@@ -252,7 +269,7 @@ class ParallelProgram(ReferenceProgram):
         for g, ts in groups.items():
             full = shard = gfull = gshard = 0
             for t in ts:
-                rows = _numel(fsdp_shard_shape(self.shapes[id(t.val)], n))
+                rows = _numel(self._padded_shape(self.shapes[id(t.val)]))
                 shard += rows * t.esz
                 full += rows * n * t.esz
                 if t.val.fn is not None:

@@ -2,8 +2,8 @@
 
 ``simulate`` answers from the setup's step template (``planner/step/template.py``) when it is
 compiled, else from its structure's template (``planner/step/structures.py``: any model of the
-structure) when that is compiled, else replays op by op (``planner/step/program.py``), through
-the per-setup caches of ``planner/machine/cache.py``.
+structure; a data-parallel rank's, ``planner/step/rank_structure.py``) when that is compiled,
+else replays op by op (``planner/step/program.py``), through the per-setup caches of ``planner/machine/cache.py``.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
             return build(machine=machine, sizes=sizes)
         return compile_template(model, tr, device, set(checkpointed), domain, make)
     def replay():
-        if par is None and structures.enabled():  # a never-seen model of a known structure
-            hit = structures.estimate(skey, model, tr, device, checkpointed)
+        if structures.enabled():  # a never-seen model of a known structure (or rank)
+            hit = structures.estimate(skey, model, tr, device, checkpointed, par, rank, program)
             if hit is not None:
                 return hit
         return build().run()

@@ -81,9 +81,12 @@ def structure_of(model, B: int, T: int) -> tuple[tuple, tuple[str, ...], tuple[i
 
 
 def _symbolic_sizes(names: tuple[str, ...], half: bool,
-                    witness: tuple[int, ...] | None = None) -> tuple[Space, tuple]:
-    """The Space of ``names`` and the program's sizes (B, T, h, nh, nkv, hd, f, V, P, g)."""
-    sp = Space(names, (2,) * len(names), witness)
+                    witness: tuple[int, ...] | None = None,
+                    extra: tuple[tuple[str, int], ...] = ()) -> tuple[Space, tuple]:
+    """The Space of ``names`` (then the ``extra`` variables, each ``(name, lowest value)``) and
+    the program's sizes (B, T, h, nh, nkv, hd, f, V, P, g)."""
+    sp = Space((*names, *(n for n, _ in extra)), (2,) * len(names) + tuple(lo for _, lo in extra),
+               witness)
     v = {n: sp.var(i) for i, n in enumerate(names)}
 
     def get(n: str):
@@ -188,16 +191,24 @@ def _guard_fn(names: tuple[str, ...], guards: list[tuple[dict, int]]):
 
 def compile_structure(model, training, device: str, checkpointed: set[int],
                       names: tuple[str, ...], half: bool,
-                      witness: tuple[int, ...] | None = None) -> StructureTemplate:
+                      witness: tuple[int, ...] | None = None, make=None,
+                      extra: tuple[tuple[str, int], ...] = ()) -> StructureTemplate:
     """Replay the step once with the sizes ``names`` symbolic (the others 1); raises Undecided
     (or TypeError, from a size the program cannot take symbolically) when the replay depends
     on their values. With a ``witness`` (values of ``names``, a model of the structure), a
     comparison the domain leaves open is answered at the witness and becomes a guard of the
-    template (``admits``)."""
-    sp, sizes = _symbolic_sizes(names, half, witness)
+    template (``admits``). ``make(machine, sizes, space)`` builds the program (default:
+    ReferenceProgram; a data-parallel rank's, planner/step/rank_structure.py), which may use
+    ``extra`` variables of the space (``(name, lowest value)``, after ``names``; the witness
+    then gives their values too); the template's names are ``names`` and theirs."""
+    sp, sizes = _symbolic_sizes(names, half, witness, extra)
+    names = sp.names
     m = RecordingMachine()
-    prog = ReferenceProgram(model, training, device=device, checkpointed=set(checkpointed),
-                            machine=m, sizes=sizes)
+    if make is None:
+        prog = ReferenceProgram(model, training, device=device, checkpointed=set(checkpointed),
+                                machine=m, sizes=sizes)
+    else:
+        prog = make(m, sizes, sp)
     fb, steps, _, combine = prog.run_windows()
     m._flush()
     full, exps = _natural(m, sp)

@@ -23,6 +23,12 @@ from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
 from planner.machine.symbolic import Undecided
 from planner.step.peaks import StepPeaks
 from planner.step.plans import plan_period
+from planner.step.rank_structure import (
+    NO_SHARDS,
+    compile_rank_structure,
+    shard_rows_of,
+    templated,
+)
 from planner.step.structure import compile_structure, structure_of
 
 __all__ = ["estimate", "model_template", "structure_mode", "wait_for_structures"]
@@ -39,48 +45,62 @@ def enabled() -> bool:
 
 
 def _structure_key(skey: tuple, model: ResolvedModel, tr: TrainingSpec, dom: tuple) -> tuple:
-    """The setup key with the model's dimensions left out (family, blocks and tied embeddings
-    kept) and the structure's domain last; hashable (a list inside the specs: keyed by JSON)."""
+    """The setup key with the model's dimensions and the rank left out (family, blocks and tied
+    embeddings kept; a data-parallel rank's classes are looked up inside) and the structure's
+    domain last; hashable (a list inside the specs: keyed by JSON)."""
     key = (model.family, model.num_layers, model.tie_embeddings, model.architecture_known,
-           *skey[1:-1], dom)
+           *skey[1:-2], dom)
     try:
         hash(key)
     except TypeError:
         key = (model.family, model.num_layers, model.tie_embeddings, model.architecture_known,
-               tr.model_dump_json(exclude=set(_SIZES)), *skey[5:-1], dom)
+               tr.model_dump_json(exclude=set(_SIZES)), *skey[5:-2], dom)
     return key
 
 
 def estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
-                        checkpointed: frozenset[int]) -> StepPeaks | None:
+             checkpointed: frozenset[int], par=None, rank: int = 0,
+             program=None) -> StepPeaks | None:
     """The step's peaks from the structure's template when it is compiled; otherwise None, and
-    the structure's compile is queued (or, in "sync" mode, run here)."""
+    the structure's compile is queued (or, in "sync" mode, run here). ``par``, ``rank`` and
+    ``program``: a data-parallel rank's step (planner/step/rank_structure.py), as ``simulate``
+    takes them."""
+    if par is not None and not templated(par):
+        return None
     st = structure_of(model, tr.micro_batch_size, tr.sequence_length)
     if st is None:
         return None
     dom, names, values = st
     key = _structure_key(skey, model, tr, dom)
     known = _STRUCTURES.get(key)
+    classes = None
     if known is not None:
-        tpl = known.find(values)
-        if tpl is not None:
-            return tpl.evaluate(values)
-        if known.attempts >= _STRUCTURE_MAX_VARIANTS:
+        if known.shards is None:  # its parameters' first dimensions are not polynomials
             return None
-    job = (model, tr, device, checkpointed, names, dom[0], values, key, _GENERATION[0])
+        classes, full = known.shards.extend(values, rank)
+        variants = known.variants.get(classes)
+        if variants is not None:
+            tpl = variants.find(full)
+            if tpl is not None:
+                return tpl.evaluate(full)
+            if variants.attempts >= _STRUCTURE_MAX_VARIANTS:
+                return None
+    job = (model, tr, device, checkpointed, names, dom[0], values, par, rank, program, key,
+           classes, _GENERATION[0])
     if _STRUCTURE_MODE == "sync":
-        tpl = _compile_structure(*job)
-        return None if tpl is None else tpl.evaluate(values)
+        got = _compile_structure(*job)
+        return None if got is None else got[1].evaluate(got[0])
     global _QUEUE
     with _LOCK:
-        # one compile of a structure at a time, and a bounded queue: a flood of structures
-        # seen once each stays on the replay instead of keeping the thread busy
-        if (key, job[-1]) not in _PENDING and len(_PENDING) < _STRUCTURE_MAX_PENDING:
+        # one compile of a structure (and rank class) at a time, and a bounded queue: a flood
+        # of structures seen once each stays on the replay instead of keeping the thread busy
+        pend = (key, classes, job[-1])
+        if pend not in _PENDING and len(_PENDING) < _STRUCTURE_MAX_PENDING:
             if _QUEUE is None:
                 _QUEUE = queue.Queue()
                 threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
                                  daemon=True).start()
-            _PENDING.add((key, job[-1]))
+            _PENDING.add(pend)
             _QUEUE.put(job)
     return None
 
@@ -124,33 +144,64 @@ class _Variants:
         return None
 
 
-def _compile_structure(model, tr, device, checkpointed, names, half, values, key,
-                       generation):
+class _Structure:
+    """A structure's variants per rank class (one class, ``()``, on one device and under DDP)
+    and its FSDP2 shard rows (planner/step/rank_structure.py: ``ShardRows``)."""
+
+    __slots__ = ("shards", "variants")
+
+    def __init__(self, shards) -> None:
+        self.shards = shards
+        self.variants: dict[tuple, _Variants] = {}
+
+    @property
+    def templates(self) -> list:
+        """Every compiled template of the structure, over its rank classes."""
+        return [t for v in self.variants.values() for t in v.templates]
+
+
+def _compile_structure(model, tr, device, checkpointed, names, half, values, par, rank,
+                       program, key, classes, generation):
+    """Compile the structure's template for this model (and rank): (the values the template
+    takes, the template), or None when it does not compile; recorded either way."""
+    pending = (key, classes, generation)
     L = model.num_layers
     k = plan_period(set(checkpointed), L)
     simulated = L if not k or L // k < 7 else 5 * k + L % k
-    tpl = None
-    if simulated <= _STRUCTURE_MAX_BLOCKS:
-        try:
-            with work_limit(WorkLimit(_STRUCTURE_WORK_LIMIT_S)):
+    tpl, full = None, values
+    known = _STRUCTURES.get(key)
+    shards = NO_SHARDS if par is None else known.shards if known is not None else None
+    try:
+        with work_limit(WorkLimit(_STRUCTURE_WORK_LIMIT_S)):
+            if shards is None:
+                shards = shard_rows_of(model, tr, device, checkpointed, names, half, par)
+            classes, full = shards.extend(values, rank)
+            if simulated > _STRUCTURE_MAX_BLOCKS:
+                pass
+            elif par is None:
                 tpl = compile_structure(model, tr, device, set(checkpointed), names, half,
                                         values)
-        except (Undecided, WorkLimitExceeded, Exception):  # noqa: BLE001
-            # a size the program cannot take symbolically (TypeError, ...) included: the
-            # structure stays on the replay, which is the answer anyway
-            tpl = None
+            else:
+                tpl = compile_rank_structure(model, tr, device, checkpointed, names, half,
+                                             values, par, rank, program, shards)[1]
+    except (Undecided, WorkLimitExceeded, Exception):  # noqa: BLE001
+        # a size the program cannot take symbolically (TypeError, ...) included: the
+        # structure stays on the replay, which is the answer anyway
+        tpl = None
     if generation == _GENERATION[0]:
         known = _STRUCTURES.get(key)
         if known is None:
-            known = _Variants()
+            known = _Structure(shards)  # None: no shard rows, the structure is replayed
             _put(_STRUCTURES, key, known, _TEMPLATES_MAX)
-        with _LOCK:
-            known.attempts += 1
-            if tpl is not None:
-                known.templates.append(tpl)
+        if shards is not None:
+            with _LOCK:
+                variants = known.variants.setdefault(classes, _Variants())
+                variants.attempts += 1
+                if tpl is not None:
+                    variants.templates.append(tpl)
     with _LOCK:
-        _PENDING.discard((key, generation))
-    return tpl
+        _PENDING.discard(pending)
+    return None if tpl is None else (full, tpl)
 
 
 def wait_for_structures() -> None:
@@ -194,7 +245,8 @@ def model_template(key: tuple, model: ResolvedModel, tr: TrainingSpec, batch: in
         return None
     st = structure_of(model, batch, tr.sequence_length)
     known = None if st is None else _STRUCTURES.get(_structure_key(key, model, tr, st[0]))
-    s = None if known is None else known.find(st[2])
+    variants = None if known is None else known.variants.get(())
+    s = None if variants is None else variants.find(st[2])
     return None if s is None else _ModelTemplate(s, model)
 
 
