@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
 import statistics
 import time
@@ -34,30 +36,69 @@ def _random_arch(family: str, rng: random.Random, gqa: bool = False) -> dict:
             "vocab_size": rng.randint(1000, 128000), "max_sequence_length": 8192}
 
 
-def _arch_req(arch: dict, b: int, t: int, precision: str, ckpt: str) -> MemoryRequest:
+def _arch_req(arch: dict, b: int, t: int, precision: str, ckpt: str,
+              parallelism: dict | None = None) -> MemoryRequest:
     return MemoryRequest.model_validate({"model": arch, "training": {
         "micro_batch_size": b, "sequence_length": t, "precision": precision,
-        "activation_checkpointing": {"strategy": ckpt}}})
+        "activation_checkpointing": {"strategy": ckpt}}, "parallelism": parallelism or {}})
 
 
-def never_seen_rows(n: int, rounds: int, seed: int = 5) -> dict:
+def _llm_analysis_fn(m, parallelism: dict | None):
+    """llm-analysis's ``training()`` on a resolved model (``one(k)``; None: not installed),
+    with its data-parallel size and DeepSpeed ZeRO stage where ``parallelism`` sets them."""
+    if not parallelism:
+        return llm_analysis_model_fn(m)
+    try:
+        from llm_analysis.analysis import DSZeRO, LLMAnalysis
+        from llm_analysis.config import (
+            ModelConfig,
+            ParallelismConfig,
+            get_dtype_config_by_name,
+            get_gpu_config_by_name,
+        )
+    except ImportError:
+        return None
+    logging.disable(logging.CRITICAL)
+    mc = ModelConfig(name="model", num_layers=m.num_layers, n_head=m.num_heads,
+                     hidden_dim=m.hidden_size, vocab_size=m.vocab_size,
+                     max_seq_len=m.max_sequence_length,
+                     ffn_embed_dim=max(1, round(m.ffn_hidden_size / m.hidden_size)) * m.hidden_size,
+                     num_key_value_heads=m.num_kv_heads or m.num_heads)
+    gpu = dataclasses.replace(get_gpu_config_by_name("a100-sxm-80gb"), mem_per_GPU_in_GB=100000)
+    dtype = get_dtype_config_by_name("w16a16e16")
+    par = ParallelismConfig(dp_size=parallelism["data_parallel"])
+    zero = DSZeRO(parallelism["zero_stage"])
+
+    def one(k: int) -> None:
+        a = LLMAnalysis(mc, gpu, dtype, par, flops_efficiency=0.5, hbm_memory_efficiency=0.9)
+        a.training(batch_size_per_gpu=1 + k % 4, seq_len=(256, 512, 1024)[k % 3],
+                   gradient_accumulation_steps=1, ds_zero=zero,
+                   mlp_gated_linear_units=m.family != "gpt2")
+    one(0)
+    return one
+
+
+def never_seen_rows(n: int, rounds: int, seed: int = 5, parallelism: dict | None = None,
+                    setups=SETUPS) -> dict:
     """``n`` random gpt2/llama models (llama with and without grouped-query attention: two
     domains) over the SETUPS structures, each estimated once at a micro-batch of at least 2 (a
     batch of one is a domain of its own), in ``rounds`` rounds; each round times its models (a)
     replayed, as before structure templates ("off"), (b) from the structure's template, and (c)
     llm-analysis's ``training()`` on the same models, so all three see the same load. Before
     the rounds every structure is compiled once (a warm-up estimate in "sync" mode: compile +
-    evaluation), timed."""
+    evaluation), timed. ``parallelism``: every model on data-parallel ranks (DDP, FSDP2), its
+    rank's structure template (planner/step/rank_structure.py) against llm-analysis with the
+    same data-parallel size and ZeRO stage."""
     est = planner_memory.estimate_memory
     rng = random.Random(seed)
     structures = [(f, gqa, p, c) for f, gqa in (("gpt2", False), ("llama", False),
-                                                ("llama", True)) for p, c in SETUPS]
+                                                ("llama", True)) for p, c in setups]
     planner_memory.clear_caches()
     compile_s = []
     with step_cache.structure_mode("sync"):
         for f, gqa, p, c in structures:
             for k in range(3):  # the first compiles; variants a note compares with, too
-                r = _arch_req(_random_arch(f, rng, gqa), 4, 1024, p, c)
+                r = _arch_req(_random_arch(f, rng, gqa), 4, 1024, p, c, parallelism)
                 t0 = time.perf_counter()
                 est(r)
                 if k == 0:
@@ -79,17 +120,22 @@ def never_seen_rows(n: int, rounds: int, seed: int = 5) -> dict:
             for q in batch:
                 cache._SIM_CACHE.clear()
                 cache._SEEN.clear()
+                cache._MEMO.clear()  # per-setup results (a rank's model states): never seen
                 t0 = time.perf_counter()
                 est(q)
                 a.append(time.perf_counter() - t0)
         replayed.append(statistics.median(a))
         cache._SIM_CACHE.clear()
         cache._SEEN.clear()
+        cache._MEMO.clear()
         templated.append(statistics.median(_time_each(est, batch)))
-        fns = [llm_analysis_model_fn(resolve_model(q.model)) for q in batch]
+        fns = [_llm_analysis_fn(resolve_model(q.model), parallelism) for q in batch]
         if fns[0] is not None:
             theirs.append(statistics.median(_time_each(lambda fn: fn(1), fns)))
-    return {"compile_median": statistics.median(compile_s), "compile_max": max(compile_s),
+    layout = "one device" if not parallelism else (
+        f"{'DDP' if parallelism['zero_stage'] == 0 else 'FSDP2 ZeRO-' + str(parallelism['zero_stage'])}"
+        f" on {parallelism['data_parallel']} ranks")
+    return {"layout": layout, "compile_median": statistics.median(compile_s), "compile_max": max(compile_s),
             "structures": len(structures), "n": n, "rounds": len(templated),
             "replayed": statistics.median(replayed), "templated": statistics.median(templated),
             "llm": statistics.median(theirs) if theirs else None,
@@ -97,7 +143,8 @@ def never_seen_rows(n: int, rounds: int, seed: int = 5) -> dict:
 
 
 def print_never_seen(res: dict) -> None:
-    print(f"## Never-seen model of a known structure ({res['n']} random gpt2/llama models over "
+    print(f"## Never-seen model of a known structure, {res['layout']} ({res['n']} random "
+          f"gpt2/llama models over "
           f"{res['structures']} structures, each estimated once; {res['rounds']} interleaved "
           "rounds, median of rounds)\n")
     print("| case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis |")
@@ -114,5 +161,11 @@ def print_never_seen(res: dict) -> None:
           f"{res['compile_median'] * 1e3:,.0f} ms, max {res['compile_max'] * 1e3:,.0f} ms.\n")
 
 
+# The data-parallel rows: three of the SETUPS structures per family (compiles are per rank's
+# structure, each a few times a single device's).
+DP_SETUPS = [("amp-bf16", "none"), ("mixed-bf16", "full"), ("bf16", "none")]
+
 if __name__ == "__main__":
     print_never_seen(never_seen_rows(50, 5))
+    for par in ({"data_parallel": 8, "zero_stage": 0}, {"data_parallel": 8, "zero_stage": 3}):
+        print_never_seen(never_seen_rows(45, 5, parallelism=par, setups=DP_SETUPS))

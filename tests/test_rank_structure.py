@@ -146,7 +146,7 @@ def test_fsdp_rank_classes_cover_full_partial_and_empty(family):
     """The last ranks of a world larger than a first dimension's rows hold no piece of it; the
     rank templates of those classes equal the replay too."""
     rng = random.Random(17)
-    arch = {**_arch(family, rng), "vocab_size": 5, "ffn_hidden_size": 7}
+    arch = {**_arch(family, rng), "vocab_size": 13, "ffn_hidden_size": 7}  # 2 rows per rank
     model = resolve_model(ModelSpec.model_validate(arch))
     par = ParallelSpec(data_parallel=8, zero_stage=3)
     tr = TrainingSpec.model_validate({"micro_batch_size": 2, "sequence_length": 16})
