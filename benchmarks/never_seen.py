@@ -107,7 +107,7 @@ def never_seen_rows(n: int, rounds: int, seed: int = 5, parallelism: dict | None
     for k in range(n):
         f, gqa, p, c = structures[k % len(structures)]
         cases.append(_arch_req(_random_arch(f, rng, gqa), rng.randint(2, 16),
-                               rng.choice([512, 1024, 2048, 4096]), p, c))
+                               rng.choice([512, 1024, 2048, 4096]), p, c, parallelism))
     rng.shuffle(cases)
     per = -(-n // rounds)
     replayed, templated, theirs = [], [], []

@@ -204,6 +204,18 @@ def fsdp_row_classes(dims: list[int], world_size: int) -> RankTable[tuple[int, .
     return RankTable(starts, values, world_size)
 
 
+def data_parallel_implementation(zero_stage: int, world_size: int) -> str:
+    """The torch implementation a data-parallel rank of ``zero_stage`` runs (without offload)."""
+    if zero_stage == 0:
+        return "torch DistributedDataParallel(gradient_as_bucket_view=True)" if world_size > 1 \
+            else "single data-parallel rank (no gradient reduction)"
+    return ("",
+            "torch DistributedDataParallel + torch.distributed.optim.ZeroRedundancyOptimizer "
+            "(whole-tensor greedy partition)",
+            "torch FSDP2 fully_shard(reshard_after_forward=False) per block + root",
+            "torch FSDP2 fully_shard per block + root (dim-0 sharding, padded)")[zero_stage]
+
+
 def fsdp_shard_shape(shape: Shape, world_size: int) -> Shape:
     """Padded per-rank shard of FSDP2: the first ``torch.chunk`` piece, ceil(d0/N) rows."""
     return (_ceil_div(shape[0], world_size),) + shape[1:]
@@ -263,15 +275,13 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
         comm = 2 * _ring_bytes(psi * gb, n) if n > 1 else 0  # DDP all-reduce of the grads
         if z == 0:
             owned = train_shapes
-            impl = "torch DistributedDataParallel(gradient_as_bucket_view=True)" if n > 1 else \
-                "single data-parallel rank (no gradient reduction)"
+            impl = data_parallel_implementation(0, n)
             worst = 0
         else:
             parts = zero1_partition(numels, n)
             worst = parts.worst(lambda part: opt_bytes([train_shapes[i] for i in part]))
             owned = [train_shapes[i] for i in parts[worst]]
-            impl = ("torch DistributedDataParallel + torch.distributed.optim."
-                    "ZeroRedundancyOptimizer (whole-tensor greedy partition)")
+            impl = data_parallel_implementation(1, n)
             comm += _ring_bytes(psi * pb, n)  # broadcast of each owner's updated params
             notes.append("ZeroRedundancyOptimizer all-reduces grads (DDP) and broadcasts updated "
                          "params: 3x the param bytes per rank vs the ZeRO paper's 2x (§7)")
@@ -294,12 +304,12 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
             # unsharded 16-bit params of every unit are kept from forward to backward
             params += psi * pb if n > 1 else 0
             buffers = largest_unit * gb * 2 if n > 1 else 0  # unsharded grads + RS output
-            impl = "torch FSDP2 fully_shard(reshard_after_forward=False) per block + root"
+            impl = data_parallel_implementation(2, n)
             comm = (_ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
         else:
             # current and one prefetched unit all-gathered, one unit's grads reduce-scattering
             buffers = (2 * largest_unit * pb + largest_unit * gb) if n > 1 else 0
-            impl = "torch FSDP2 fully_shard per block + root (dim-0 sharding, padded)"
+            impl = data_parallel_implementation(3, n)
             comm = (2 * _ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
         worst = 0
         if n > 1:
