@@ -188,3 +188,36 @@ def test_estimates_of_new_models_under_data_parallelism_equal_the_replay(seed):
     with step_cache.replay_only(), step_cache.structure_mode("off"):
         want = [pm.estimate_memory(r) for r in reqs]
     assert got == want
+
+
+def test_a_never_seen_model_under_zero3_is_evaluated_after_a_background_compile():
+    """Background mode: the first ZeRO-3 estimate of a structure replays and queues the rank's
+    compile; once it is done, never-seen models of the structure are answered from it (no
+    replay at all) and equal the replay."""
+    from planner.step.program import ReferenceProgram
+
+    rng = random.Random(23)
+    par = {"data_parallel": 8, "zero_stage": 3}
+
+    def req(a):
+        return MemoryRequest.model_validate({"model": a | {"max_sequence_length": 4096},
+                                             "training": {"micro_batch_size": 4,
+                                                          "sequence_length": 256},
+                                             "parallelism": par})
+    archs = [_arch("llama", rng) for _ in range(6)]
+    pm.clear_caches()
+    for a in archs[:2]:
+        pm.estimate_memory(req(a))
+        step_cache.wait_for_structures()
+    assert any(v.templates for k, v in structures._STRUCTURES.items() if k[-2] is not None)
+    calls = []
+    real = ReferenceProgram.run
+    try:
+        ReferenceProgram.run = lambda self: calls.append(1) or real(self)
+        got = [pm.estimate_memory(req(a)) for a in archs[2:]]
+    finally:
+        ReferenceProgram.run = real
+    assert not calls
+    pm.clear_caches()
+    with step_cache.replay_only(), step_cache.structure_mode("off"):
+        assert got == [pm.estimate_memory(req(a)) for a in archs[2:]]

@@ -8,6 +8,11 @@ estimate of any model of that structure that would otherwise be replayed is an e
 that decides on the dimensions holds guarded variants: a model no variant admits is replayed and
 queues one more (up to ``_STRUCTURE_MAX_VARIANTS``). Any failure of a compile leaves the
 structure on the replay, which is the answer anyway.
+
+A data-parallel rank (DDP, FSDP2) has structures of its own, keyed by the parallel spec as well
+(``planner/step/rank_structure.py``): the rank itself is left out of the key, and under FSDP2
+its *class* (which first dimensions it holds in full, in part or not at all) selects the
+variants, each class compiled on its first estimate like a structure.
 """
 
 from __future__ import annotations
