@@ -60,8 +60,7 @@ def test_stood_in_blocks_equal_full_replay(seed: int, name: str, v: int) -> None
     for rank in range(sched.num_ranks):
         full = PipelineRankProgram(model, tr, sched, rank).run_steps()
         prog = PipelineRankProgram(model, tr, sched, rank, compress_blocks=True)
-        if name in ("gpipe", "1f1b", "interleaved-1f1b"):  # no split backward: compressed
-            assert all(plan[1] for plan in prog.block_plans.values()), prog.block_plans
+        assert all(plan[1] for plan in prog.block_plans.values()), prog.block_plans
         short = prog.run_steps()
         assert (short.first, short.steady) == (full.first, full.steady), (name, rank)
         for got, want in ((short.first, full.first), (short.steady, full.steady)):

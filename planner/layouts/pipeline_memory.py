@@ -145,9 +145,12 @@ class PipelineRankProgram(ReferenceProgram):
         for n in pipeline_stage_layers(model.num_layers, S):
             bounds.append(bounds[-1] + n)
         self.bounds = bounds
-        split = any(a[0] in ("I", "W") for a in self.actions)
-        self.block_plans = {st: stage_plan(bounds[st + 1] - bounds[st], compress_blocks and not split)
-                            for st in self.stages}
+        split = any(a[0] in ("I", "W") for a in self.actions)  # symbolic sizes: every block
+        self.split_blocks = split and compress_blocks and sizes is None
+        self.block_plans = {st: stage_plan(bounds[st + 1] - bounds[st], compress_blocks and (
+            not split or sizes is None)) for st in self.stages}
+        self.backward_mode: str | None = None  # "I" / "W" while a split backward runs
+        self.split_pending: Pending | None = None
         m, s = self.m, self.s
         # Keep only this rank's parameters (the others are built and freed with the full model).
         owner: dict[int, int] = {}
@@ -212,14 +215,16 @@ class PipelineRankProgram(ReferenceProgram):
             inp = T(Val(m.hold(buf), leaf), s.N * s.h, self.res_esz)
             x = o.view(inp)
         rope = self.rope()
-        x = run_stage_blocks(self, st, x, rope, self.block_plans[st])
+        phantoms: list = []
+        x = run_stage_blocks(self, st, x, rope, self.block_plans[st],
+                             phantoms if self.split_blocks else None)
         if st == S - 1:
             x = self.head(x)
         if rope is not None:
             o.drop(*rope)
         if self.amp_esz is not None:
             o.exit_autocast()
-        p = Pending(x, inp)
+        p = Pending(x, inp, phantoms=phantoms)
         m.phase = "other"
         if st < S - 1 and self.sched.stage_to_rank[st + 1] == self.rank:
             # V shape: set_local_fwd_input makes the output (detached, same storage) the next
@@ -286,7 +291,9 @@ class PipelineRankProgram(ReferenceProgram):
         leaf = p.inp.val.fn
         nodes, inter = closure(root.fn, leaf)
         p.inter = []
-        p.nodes = split_backward_input(m, root, g, leaf, nodes, inter, p)
+        self.backward_mode, self.split_pending = "I", p
+        p.nodes = split_backward_input(m, root, g, leaf, nodes, inter, p, self._watch(p))
+        self.backward_mode = self.split_pending = None
         gi = self._input_grad(p)
         m.phase = "other"
         if gi is not None:
@@ -302,10 +309,21 @@ class PipelineRankProgram(ReferenceProgram):
         m = self.m
         m.phase = "backward"
         p = self.pending.pop((st, j))
-        split_backward_weight(m, p)
+        self.backward_mode = "W"
+        split_backward_weight(m, p, self._watch(p))
+        for sp in p.phantoms:
+            sp.release()
+        self.backward_mode = None
         self.ops.drop(p.inp)
         self.in_flight -= 1
         m.phase = "other"
+
+    @staticmethod
+    def _watch(p: Pending):
+        """The stood-in blocks' measures under a split backward (planner/layouts/pipeline_blocks)."""
+        if not p.phantoms:
+            return None
+        return lambda n: [sp.watch(n) for sp in p.phantoms]
 
     def _hand_back(self, st: int, j: int, gi: Buf) -> None:
         """The input gradient (one reference, passed on) goes to the previous stage: sent, or on

@@ -198,6 +198,7 @@ class ReferenceProgram(ReferenceModel):
                                                     "gradients")
             return [mm.hold(g[0]) if g[0] is not None else None]
         node = m.node("PhantomBlocks", [x.val], [], bw)
+        self._last_phantom = (node, held, key)  # what a split backward adapts (pipeline stages)
         out = T(Val(m.hold(x.buf), node, 0), x.numel, x.esz)
         o.drop(x)  # the caller rebinds x to the phantom's output
         return out
