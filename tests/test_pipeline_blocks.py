@@ -70,7 +70,7 @@ def test_stood_in_blocks_equal_full_replay(seed: int, name: str, v: int) -> None
         assert (shortened.first, shortened.steady) == (full.first, full.steady), (name, rank)
 
 
-@pytest.mark.parametrize("name,v", [("1f1b", 1), ("interleaved-1f1b", 2)])
+@pytest.mark.parametrize("name,v", [("1f1b", 1), ("interleaved-1f1b", 2), ("zb-v", 2)])
 def test_template_with_stood_in_blocks_equals_full_replay(name: str, v: int) -> None:
     model, tr, sched = _case(7, name, v)
     rng = random.Random(name)
