@@ -32,6 +32,7 @@ class Pending:
     kept: list[Buf] = field(default_factory=list)  # I -> W: intermediates' grads
     nodes: list[Node] = field(default_factory=list)  # I -> W: the retained graph
     inter: list[tuple[Node, list]] = field(default_factory=list)
+    phantoms: list = field(default_factory=list)  # stood-in blocks (planner/layouts/pipeline_blocks)
 
 
 def closure(root: Node, leaf: Leaf) -> tuple[set[int], set[int]]:
@@ -153,9 +154,12 @@ def _run(m: Machine, roots: list[tuple[Node, list]], allowed, retain: bool, hook
 
 
 def split_backward_input(m: Machine, root: Val, seed: Buf, leaf: Leaf, on_path: set[int],
-                          inter: set[int], p: Pending) -> list[Node]:
-    """I: autograd.grad(output, input, retain_graph=True) with pre-hooks on the intermediates."""
+                          inter: set[int], p: Pending, watch=None) -> list[Node]:
+    """I: autograd.grad(output, input, retain_graph=True) with pre-hooks on the intermediates.
+    ``watch(node)`` is called before each node runs."""
     def hook(n: Node, grads: list) -> None:
+        if watch is not None:
+            watch(n)
         if id(n) in inter:
             p.inter.append((n, [m.hold(g) if g is not None else None for g in grads]))
 
@@ -185,10 +189,10 @@ def split_backward_input(m: Machine, root: Val, seed: Buf, leaf: Leaf, on_path: 
     return keep
 
 
-def split_backward_weight(m: Machine, p: Pending) -> None:
+def split_backward_weight(m: Machine, p: Pending, watch=None) -> None:
     """W: per parameter group (forward order of its parameters), autograd.grad from the kept
     intermediate gradients to the weights, then the group's kept gradients are dropped; finally
-    the graph's remaining saved tensors go."""
+    the graph's remaining saved tensors go. ``watch(node)`` is called before each group."""
     on_input = set()
     for n in p.nodes:
         on_input.add(id(n))
@@ -196,6 +200,8 @@ def split_backward_weight(m: Machine, p: Pending) -> None:
         # only the edges off the input's path (toward the weights)
         def allowed(t, n=n) -> bool:
             return id(t) not in on_input and not (isinstance(t, Leaf) and t.name.startswith("recv"))
+        if watch is not None:
+            watch(n)
         _run(m, [(n, list(grads))], allowed, retain=False)
     for n in p.nodes:
         for b in n.saved:

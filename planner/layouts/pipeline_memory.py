@@ -74,6 +74,7 @@ from planner.layouts.pipeline_backward import (
     split_backward_input,
     split_backward_weight,
 )
+from planner.layouts.pipeline_blocks import run_stage_blocks, stage_plan
 from planner.layouts.sharding import pipeline_stage_layers
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import Buf, Leaf, Machine, PeakSnap, Val
@@ -126,11 +127,12 @@ class PipelineRankProgram(ReferenceProgram):
     def __init__(self, model: ResolvedModel, training: TrainingSpec, schedule, rank: int, *,
                  device: str = "cuda", machine: Machine | None = None,
                  sizes: tuple | None = None, actions: list | None = None,
-                 microbatches: int | None = None) -> None:
+                 microbatches: int | None = None, compress_blocks: bool = False) -> None:
         """``actions`` (with ``microbatches``) replaces the rank's action list: items
         ``(kind, stage, micro-batch, flag)`` as ``rank_actions`` gives them, and markers
         ``("|", ...)`` that call the machine's ``cut()`` (planner/layouts/pipeline_periods.py replays
-        shortened lists this way)."""
+        shortened lists this way). ``compress_blocks``: the middle blocks of stages of 7 or more
+        stood in for (planner/layouts/pipeline_blocks.py), where no backward is split."""
         super().__init__(model, training, device=device, compress=False, machine=machine,
                          sizes=sizes)
         self.sched, self.rank = schedule, rank
@@ -143,6 +145,12 @@ class PipelineRankProgram(ReferenceProgram):
         for n in pipeline_stage_layers(model.num_layers, S):
             bounds.append(bounds[-1] + n)
         self.bounds = bounds
+        split = any(a[0] in ("I", "W") for a in self.actions)  # symbolic sizes: every block
+        self.split_blocks = split and compress_blocks and sizes is None
+        self.block_plans = {st: stage_plan(bounds[st + 1] - bounds[st], compress_blocks and (
+            not split or sizes is None)) for st in self.stages}
+        self.backward_mode: str | None = None  # "I" / "W" while a split backward runs
+        self.split_pending: Pending | None = None
         m, s = self.m, self.s
         # Keep only this rank's parameters (the others are built and freed with the full model).
         owner: dict[int, int] = {}
@@ -158,6 +166,9 @@ class PipelineRankProgram(ReferenceProgram):
                 st = S - 1
             owner[id(t)] = st
         self._owned = [owner[id(t)] in self.stages for t in self.params.tensors]
+        # one block's parameters: what a phantom's blocks hold as gradients (pipeline_blocks)
+        self._block_specs = [spec for name, spec in zip(self.params.by_name, self.param_specs)
+                             if name.startswith("b0.")]
         if self._states_at_init:  # the optimizer over this rank's stages (Adagrad: states now)
             self._states = self._alloc_states()
         for name, t in self.params.by_name.items():
@@ -204,17 +215,16 @@ class PipelineRankProgram(ReferenceProgram):
             inp = T(Val(m.hold(buf), leaf), s.N * s.h, self.res_esz)
             x = o.view(inp)
         rope = self.rope()
-        for i in range(self.bounds[st], self.bounds[st + 1]):
-            xn = self.run_block(x, i, rope)
-            o.drop(x)
-            x = xn
+        phantoms: list = []
+        x = run_stage_blocks(self, st, x, rope, self.block_plans[st],
+                             phantoms if self.split_blocks else None)
         if st == S - 1:
             x = self.head(x)
         if rope is not None:
             o.drop(*rope)
         if self.amp_esz is not None:
             o.exit_autocast()
-        p = Pending(x, inp)
+        p = Pending(x, inp, phantoms=phantoms)
         m.phase = "other"
         if st < S - 1 and self.sched.stage_to_rank[st + 1] == self.rank:
             # V shape: set_local_fwd_input makes the output (detached, same storage) the next
@@ -281,7 +291,9 @@ class PipelineRankProgram(ReferenceProgram):
         leaf = p.inp.val.fn
         nodes, inter = closure(root.fn, leaf)
         p.inter = []
-        p.nodes = split_backward_input(m, root, g, leaf, nodes, inter, p)
+        self.backward_mode, self.split_pending = "I", p
+        p.nodes = split_backward_input(m, root, g, leaf, nodes, inter, p, self._watch(p))
+        self.backward_mode = self.split_pending = None
         gi = self._input_grad(p)
         m.phase = "other"
         if gi is not None:
@@ -297,10 +309,21 @@ class PipelineRankProgram(ReferenceProgram):
         m = self.m
         m.phase = "backward"
         p = self.pending.pop((st, j))
-        split_backward_weight(m, p)
+        self.backward_mode = "W"
+        split_backward_weight(m, p, self._watch(p))
+        for sp in p.phantoms:
+            sp.release()
+        self.backward_mode = None
         self.ops.drop(p.inp)
         self.in_flight -= 1
         m.phase = "other"
+
+    @staticmethod
+    def _watch(p: Pending):
+        """The stood-in blocks' measures under a split backward (planner/layouts/pipeline_blocks)."""
+        if not p.phantoms:
+            return None
+        return lambda n: [sp.watch(n) for sp in p.phantoms]
 
     def _hand_back(self, st: int, j: int, gi: Buf) -> None:
         """The input gradient (one reference, passed on) goes to the previous stage: sent, or on

@@ -240,11 +240,12 @@ def rank_step(model, training, schedule, rank: int, device: str = "cuda"):
     where no run is found or the affine form fails."""
     def make(m, items, mb):
         return PipelineRankProgram(model, training, schedule, rank, device=device, machine=m,
-                                   actions=items, microbatches=mb)
+                                   actions=items, microbatches=mb, compress_blocks=True)
     got = rank_windows(make, rank_actions(schedule, rank), stage_roles(schedule, rank, model),
                        _setup(model, training, schedule, device))
     if got is None:
-        return PipelineRankProgram(model, training, schedule, rank, device=device).run_steps()
+        return PipelineRankProgram(model, training, schedule, rank, device=device,
+                                   compress_blocks=True).run_steps()
     stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
     return StagePeak(rank, stages, *got)
 
@@ -254,14 +255,15 @@ def compile_rank(model, training, schedule, rank: int, device: str, domain):
     replays on the recording machine; the full list where they do not apply."""
     def make(m, items, mb, sizes):
         return PipelineRankProgram(model, training, schedule, rank, device=device, machine=m,
-                                   sizes=sizes, actions=items, microbatches=mb)
+                                   sizes=sizes, actions=items, microbatches=mb,
+                                   compress_blocks=True)
     tpl = rank_template(make, rank_actions(schedule, rank), domain,
                         stage_roles(schedule, rank, model), _setup(model, training, schedule, device))
     if tpl is not None:
         return tpl
     return compile_windows(
         lambda m, sizes: PipelineRankProgram(model, training, schedule, rank, device=device,
-                                             machine=m, sizes=sizes),
+                                             machine=m, sizes=sizes, compress_blocks=True),
         domain, lambda prog: prog.step_windows())
 
 

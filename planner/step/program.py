@@ -153,7 +153,7 @@ class ReferenceProgram(ReferenceModel):
 
     # ---- homogeneous middle blocks ------------------------------------------------------------
     def _phantom_forward(self, x: T, phantom: tuple[int, int, int, int], before: list[int],
-                         cache_keys: set[int], exit_drops: int) -> T:
+                         cache_keys: set[int], exit_drops: int, key=None) -> T:
         """Stand in for the middle periods (of ``period`` blocks each; blocks 3..L-3 when every
         block is alike), or for the middle blocks of a long run inside a period (the same
         argument, with one block for a period). Every middle period runs the same ops on the
@@ -173,7 +173,8 @@ class ReferenceProgram(ReferenceModel):
 
         ``phantom``: (first and last position of the measured window, copies, blocks; see
         ``compression_plan``); a window holding inner phantoms measures what they hold too (what
-        they keep to autocast exit counts as the cache's)."""
+        they keep to autocast exit counts as the cache's). ``key`` names the phantom's gradients
+        (default: its window; a pipeline rank keys them by stage too)."""
         m, o = self.m, self.ops
         n, blocks = phantom[2], phantom[3]
         delta = [a - b for a, b in zip(m.cur, before)]
@@ -188,7 +189,7 @@ class ReferenceProgram(ReferenceModel):
         if retained:
             held.append(m.alloc(n * retained, "phantom blocks"))
         grad_bytes = self._phantom_grad_bytes(blocks)
-        key = phantom[:2]
+        key = phantom[:2] if key is None else key
 
         def bw(mm: Machine, node, g: list) -> list:
             mm.drop(*held)
@@ -197,6 +198,7 @@ class ReferenceProgram(ReferenceModel):
                                                     "gradients")
             return [mm.hold(g[0]) if g[0] is not None else None]
         node = m.node("PhantomBlocks", [x.val], [], bw)
+        self._last_phantom = (node, held, key)  # what a split backward adapts (pipeline stages)
         out = T(Val(m.hold(x.buf), node, 0), x.numel, x.esz)
         o.drop(x)  # the caller rebinds x to the phantom's output
         return out

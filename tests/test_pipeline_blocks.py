@@ -1,0 +1,95 @@
+"""Pipeline stages of 7-20 blocks with their middle blocks stood in for
+(planner.layouts.pipeline_blocks) against the full replay.
+
+The oracle is ``PipelineRankProgram(...).run_steps()`` with no compression: every block of every
+action replayed op by op. The rank replayed with its stages' middle blocks stood in for, alone
+and under the shortened action lists (``pipeline_replays.rank_step``), and the template compiled
+from them (symbolic micro-batch size and sequence length) must give the same first-step and
+steady-state peaks, field by field (total, every category, op, phase), for every rank, over
+random setups: every schedule, micro-batch counts around the period boundaries, uneven stages,
+both families, precisions and optimizers.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import MemoryRequest
+from planner.layouts import pipeline_replays as pp
+from planner.layouts.pipeline_memory import PipelineRankProgram
+from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zb-v", 2),
+             ("dualpipe-v", 2)]
+
+
+def _case(seed: int, name: str, v: int):
+    rng = random.Random(f"{seed}-{name}-{v}")
+    while True:
+        p = rng.choice([2, 3])
+        m = max(1, p * rng.choice([1, 2]) + rng.choice([-1, 0, 1, 2]))
+        try:
+            sched = build_schedule(name, p, m, v)
+        except ScheduleConstraintError:
+            continue
+        break
+    S = sched.num_stages
+    per = rng.randint(7, 20)
+    family = rng.choice(["gpt2", "llama"])
+    model = {"family": family, "num_layers": S * per + rng.randint(0, S - 1), "hidden_size": 32,
+             "num_heads": 4, "vocab_size": 96, "max_sequence_length": 64}
+    if family == "llama":
+        model["num_kv_heads"] = rng.choice([1, 2, 4])
+    training = {"micro_batch_size": rng.choice([1, 2]), "sequence_length": rng.choice([8, 16]),
+                "gradient_accumulation_steps": m,
+                "precision": rng.choice(["fp32", "amp-bf16", "bf16"]),
+                "optimizer": rng.choice(["adamw", "sgd", "adagrad"])}
+    req = MemoryRequest.model_validate({"model": model, "training": training})
+    return resolve_model(req.model), req.training, sched
+
+
+CASES = [(seed, name, v) for seed in range(3) for name, v in SCHEDULES]
+
+
+@pytest.mark.parametrize("seed,name,v", CASES)
+def test_stood_in_blocks_equal_full_replay(seed: int, name: str, v: int) -> None:
+    model, tr, sched = _case(seed, name, v)
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        prog = PipelineRankProgram(model, tr, sched, rank, compress_blocks=True)
+        assert all(plan[1] for plan in prog.block_plans.values()), prog.block_plans
+        short = prog.run_steps()
+        assert (short.first, short.steady) == (full.first, full.steady), (name, rank)
+        for got, want in ((short.first, full.first), (short.steady, full.steady)):
+            assert (got.total, got.by_cat, got.op, got.phase) == (
+                want.total, want.by_cat, want.op, want.phase), (name, rank)
+        shortened = pp.rank_step(model, tr, sched, rank)
+        assert (shortened.first, shortened.steady) == (full.first, full.steady), (name, rank)
+
+
+@pytest.mark.parametrize("name,v", [("1f1b", 1), ("interleaved-1f1b", 2), ("zb-v", 2)])
+def test_template_with_stood_in_blocks_equals_full_replay(name: str, v: int) -> None:
+    model, tr, sched = _case(7, name, v)
+    rng = random.Random(name)
+    for rank in range(sched.num_ranks):
+        tpl = pp.compile_rank(model, tr, sched, rank, "cuda", (None, None))
+        for B, T in [(2, 8), (rng.randint(2, 5), rng.randint(2, 24))]:
+            t2 = tr.model_copy(update={"micro_batch_size": B, "sequence_length": T})
+            full = PipelineRankProgram(model, t2, sched, rank).run_steps()
+            assert tpl.evaluate(B, T) == [full.first, full.steady], (name, rank, B, T)
+
+
+def test_replayed_blocks_do_not_grow_with_stage_length() -> None:
+    """A stage of 8 blocks and one of 64 replay the same five blocks."""
+    req = MemoryRequest.model_validate({
+        "model": {"family": "llama", "num_layers": 128, "hidden_size": 32, "num_heads": 4,
+                  "num_kv_heads": 2, "vocab_size": 96, "max_sequence_length": 64},
+        "training": {"gradient_accumulation_steps": 16}})
+    model, tr = resolve_model(req.model), req.training
+    for p in (2, 16):
+        sched = build_schedule("1f1b", p, 16, 1)
+        prog = PipelineRankProgram(model, tr, sched, 1, compress_blocks=True)
+        assert [len(real) for real, _ in prog.block_plans.values()] == [5]
