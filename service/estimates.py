@@ -25,9 +25,10 @@ where it runs differs. (A stopped inline attempt has counted the setup as seen o
 planner's step cache, so the retry may compile the setup's template one request early: the
 template's answers equal the replay's to the byte.)
 
-The fast lane (:class:`EstimateFastLane`, an ASGI middleware inside the body-size limit and the
-request middleware) answers such estimates before the framework's routing, dependency solving and
-response validation, which cost several times the template evaluation: a JSON ``POST`` to a lane's
+The fast lane (:class:`EstimateFastLane`, an ASGI layer inside the body-size limit and the
+request middleware, in front of all of FastAPI's own layers, see ``service.app``) answers such
+estimates before the framework's middlewares, routing, dependency solving and response validation,
+which cost several times the template evaluation: a JSON ``POST`` to a lane's
 path whose body validates and whose setup is marked fast is answered there, serialised as the
 route serialises it. Anything else (a refusal of any kind, an unmarked setup, a replay reached,
 protected estimate routes) goes on to the route with the body already read, and is answered as

@@ -10,13 +10,18 @@ The access line (one a request, ``memplan.access``) is the one line every reques
 skips the generic machinery without changing what is logged: :func:`log_access` builds its
 ``LogRecord`` directly (the standard attributes ``Logger.info`` would set, the request's ids and
 the extras ``route``, ``status``, ``duration_ms``; no caller lookup on the stack) and hands it to
-the logger's handlers only when the logger would emit INFO. The JSON formatter reuses the
-timestamp text within a second and one JSON encoder, and reads the ids without copying them. The
-lines are the same objects, with the same keys in the same order, as before.
+the logger's handlers only when the logger would emit INFO; the JSON formatter writes that record
+as a string directly (no dict, no encoder pass), and any other record with a timestamp text reused
+within a second and one JSON encoder. Every line is the same JSON, keys in the same order, as the
+generic path gives (``tests/test_access_log.py``).
+
+``configure`` sends the lines to a :class:`LineWriter`, which writes the lines of one event loop
+turn in one system call rather than one a line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -25,7 +30,6 @@ import re
 import sys
 import threading
 import time
-import uuid
 from typing import Any
 
 # The ids of the request being handled, as one mutable dict: a sync route runs in a worker thread
@@ -44,7 +48,12 @@ def new_request_id(header: str | None) -> str:
     header is never copied into logs unchecked)."""
     if header and _SANE_ID.fullmatch(header):
         return header
-    return uuid.uuid4().hex
+    # uuid.uuid4().hex without the UUID object: 16 random bytes, version 4, RFC 4122 variant
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_KEEP | _UUID4_SET:032x}"
+
+
+_UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & (2**128 - 1)
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def bind_request(request_id: str) -> dict[str, str]:
@@ -225,9 +234,50 @@ _ACCESS_RECORD: dict[str, Any] = vars(logging.LogRecord(
     None, "log_access"))
 
 
+# ---- writing -----------------------------------------------------------------------------------
+class LineWriter(logging.StreamHandler):
+    """A stream handler that writes the lines logged on an event loop's thread together, once the
+    loop's current callbacks are done (``loop.call_soon``): one write for the access lines of all
+    the requests a loop turn finished, instead of one each. Lines logged off the loop (worker
+    threads, the command line) are written at once, after anything still pending; the order of
+    the lines is the order they were logged. ``flush()`` (and ``logging.shutdown`` at exit)
+    writes what is pending."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:  # under the handler's lock
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 - as StreamHandler: report, never raise
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        loop = asyncio._get_running_loop()
+        if loop is None:
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._scheduled = False
+            if not self._lines:
+                return
+            text, self._lines = "".join(self._lines), []
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:  # noqa: BLE001 - as StreamHandler: report, never raise
+                self.handleError(logging.makeLogRecord({"msg": text[:200]}))
+
+
 def configure(fmt: str = "json", level: int = logging.INFO) -> None:
     """Send every logger (uvicorn's included) to stderr in ``fmt`` ('json' or 'text')."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineWriter(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -241,4 +291,4 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
 
 
 __all__ = ["configure", "bind_request", "bind_job", "current_ids", "new_request_id",
-           "log_access", "AccessRecord", "JsonFormatter", "TextFormatter"]
+           "log_access", "AccessRecord", "JsonFormatter", "TextFormatter", "LineWriter"]

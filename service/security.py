@@ -312,9 +312,9 @@ class ProblemH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def install(app: FastAPI, settings: Any) -> None:
-    """The body-size middleware and the 422 handlers for resource caps and key reuse."""
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+def install(app: FastAPI) -> None:
+    """The 422 handlers for resource caps and key reuse (the body-size middleware is one of the
+    request layers ``service.app`` puts in front of the framework)."""
 
     @app.exception_handler(IdempotencyConflict)
     async def _reused_key(_: Request, exc: IdempotencyConflict) -> JSONResponse:

@@ -1,17 +1,21 @@
 """The access line written directly (``service.logs.log_access`` and the JSON formatter's access
 path) equals, to the character, the line ``logger.info(..., extra=...)`` gives through the generic
-record and formatter, over random requests (seeded)."""
+record and formatter, over random requests (seeded); generated request ids are uuid4 hex; the
+line writer keeps the order of the lines while it writes a loop turn's lines at once."""
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import io
 import logging
 import random
+import uuid
 
 import pytest
 
-from service.logs import (AccessRecord, JsonFormatter, TextFormatter, _access_json, bind_job,
-                          bind_request, log_access)
+from service.logs import (AccessRecord, JsonFormatter, LineWriter, TextFormatter, _access_json,
+                          bind_job, bind_request, log_access, new_request_id)
 
 ALPHABET = "abcXYZ09/-_.~%{}\"\\\n\t\x00\x1féü€😀 "
 
@@ -122,3 +126,54 @@ def test_no_record_when_the_access_logger_would_not_emit(capture):
     logger.setLevel(logging.WARNING)
     log_access(logger, {"request_id": "r"}, "GET", "/healthz", 200, "/healthz", 0.5)
     assert handler.records == []
+
+
+def test_generated_request_ids_are_uuid4_hex():
+    ids = {new_request_id(None) for _ in range(500)}
+    assert len(ids) == 500
+    for value in ids:
+        parsed = uuid.UUID(hex=value)
+        assert parsed.hex == value and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    assert new_request_id("abc-1") == "abc-1" and new_request_id("a b") not in ("a b", "")
+
+
+class Stream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_line_writer_writes_a_loop_turn_at_once_in_order():
+    stream = Stream()
+    handler = LineWriter(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("test.memplan.writer")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logger.info("before")  # no event loop here: written at once
+        assert (stream.getvalue(), stream.writes) == ("before\n", 1)
+
+        async def requests() -> None:
+            for i in range(5):
+                logger.info("turn 1 line %d", i)
+            assert stream.writes == 1  # pending until the loop's current callbacks are done
+            await asyncio.sleep(0)
+            assert stream.writes == 2
+            logger.info("turn 2")
+            # a line from another thread: what is pending goes first
+            await asyncio.to_thread(logger.info, "from a thread")
+            logger.info("pending at the end")
+
+        asyncio.run(requests())
+        handler.flush()
+        assert stream.getvalue().splitlines() == (
+            ["before"] + [f"turn 1 line {i}" for i in range(5)]
+            + ["turn 2", "from a thread", "pending at the end"])
+    finally:
+        logger.removeHandler(handler)
