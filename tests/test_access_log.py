@@ -177,3 +177,39 @@ def test_line_writer_writes_a_loop_turn_at_once_in_order():
             + ["turn 2", "from a thread", "pending at the end"])
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_route_error_is_a_500_with_the_request_id_and_its_access_line(tmp_path, capture):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(database_url=f"sqlite:///{tmp_path}/jobs.db"))
+
+    async def boom() -> None:
+        raise RuntimeError("boom")
+    app.add_api_route("/boom", boom)
+    logger, handler = capture
+    access = logging.getLogger("memplan.access")
+    access.addHandler(handler)
+    old_level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            r = client.get("/boom", headers={"X-Request-ID": "req-500"})
+            # the route, then (the setup marked fast) the fast lane
+            answers = [client.post("/v1/memory", json={"model": {"preset": "gpt2"}},
+                                   headers={"X-Request-ID": f"req-{i}"}) for i in range(3)]
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(old_level)
+        app.state.jobs.close()
+    assert r.status_code == 500 and r.headers["x-request-id"] == "req-500"
+    assert [(a.status_code, a.headers["x-request-id"]) for a in answers] == [
+        (200, f"req-{i}") for i in range(3)]
+    assert answers[0].content == answers[2].content
+    lines = {rec.request_id: rec for rec in handler.records if rec.name == "memplan.access"}
+    assert (lines["req-500"].status, lines["req-500"].route) == (500, "/boom")
+    for i in range(3):
+        assert (lines[f"req-{i}"].status, lines[f"req-{i}"].route) == (200, "/v1/memory")
