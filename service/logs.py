@@ -26,6 +26,7 @@ import contextvars
 import json
 import logging
 import os
+import random
 import re
 import sys
 import threading
@@ -48,8 +49,10 @@ def new_request_id(header: str | None) -> str:
     header is never copied into logs unchecked)."""
     if header and _SANE_ID.fullmatch(header):
         return header
-    # uuid.uuid4().hex without the UUID object: 16 random bytes, version 4, RFC 4122 variant
-    return f"{int.from_bytes(os.urandom(16)) & _UUID4_KEEP | _UUID4_SET:032x}"
+    # uuid.uuid4().hex without the UUID object or a system call: 128 bits of the process's
+    # random generator (seeded from the OS, reseeded in a forked child), version 4, RFC 4122
+    # variant. An id tells requests apart; it is no secret (a client may choose its own).
+    return f"{random.getrandbits(128) & _UUID4_KEEP | _UUID4_SET:032x}"
 
 
 _UUID4_KEEP = ~((0xF000 << 64) | (0xC000 << 48)) & (2**128 - 1)
