@@ -1,6 +1,17 @@
-"""The FastAPI application: one router per resource, problem+json errors, a committed contract."""
+"""The FastAPI application: one router per resource, problem+json errors, a committed contract.
+
+Every HTTP request first meets three plain ASGI layers, in front of all of FastAPI's own (its
+telemetry, server-error and exception middlewares, routing): the request middleware (request id,
+latency histogram, access line), the body-size limit, and the estimate fast lane. The fast lane's
+answers (known-fast estimates) so skip the framework entirely; every other request goes on
+through FastAPI as any request does. An exception that escapes a route is still answered 500 by
+FastAPI's server-error layer, which now sits inside the request middleware: that 500 carries the
+request id and is measured as sent.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
@@ -24,8 +35,24 @@ async def _estimate_guard(request: Request) -> None:
     security.estimate_guard(request)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(
+class MemplanAPI(FastAPI):
+    """FastAPI with ``front``, the request layers every HTTP request passes first (see the module
+    docstring); ``framework`` is FastAPI itself, the innermost of them."""
+
+    front: Any = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.front is not None:
+            await self.front(scope, receive, send)
+        else:
+            await FastAPI.__call__(self, scope, receive, send)
+
+    async def framework(self, scope: dict, receive: Any, send: Any) -> None:
+        await FastAPI.__call__(self, scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> MemplanAPI:
+    app = MemplanAPI(
         title="memplan",
         version="0.1.0",
         summary="Memory and parallelism planner for training large models, checked against "
@@ -45,11 +72,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (memory, checkpointing, pipeline, zero):
         app.include_router(module.router, dependencies=[Depends(_estimate_guard)],
                            responses=security.ESTIMATE_AUTH_RESPONSES)
-    # Inside the body-size limit and the request middleware: known-fast estimates answered there.
-    app.add_middleware(EstimateFastLane, slots=app.state.estimates, settings=app.state.settings,
-                       lanes=[Lane("/v1/memory", MemoryRequest, memory._estimate, "memory"),
-                              Lane("/v1/zero", MemoryRequest, zero._compare, "zero")])
-    security.install(app, app.state.settings)  # body-size limit, resource-cap 422s
-    # Added last, so it runs first: every request, a 413 included, gets an id and is measured.
-    app.add_middleware(metrics.ObservabilityMiddleware)
+    security.install(app)  # resource-cap and key-reuse 422s
+    # Outermost first: every request, a 413 included, gets an id and is measured; known-fast
+    # estimates are answered inside the body-size limit, before FastAPI's own layers.
+    lane = EstimateFastLane(app.framework, slots=app.state.estimates, settings=app.state.settings,
+                            lanes=[Lane("/v1/memory", MemoryRequest, memory._estimate, "memory"),
+                                   Lane("/v1/zero", MemoryRequest, zero._compare, "zero")])
+    app.front = metrics.ObservabilityMiddleware(
+        security.BodyLimitMiddleware(lane, limit=app.state.settings.max_body_bytes))
     return app

@@ -15,9 +15,10 @@ The fast path. Every replay, rank loop and schedule simulation of the planner ca
 calls it never and takes microseconds. A route may name the *setup* of a request (everything but
 the sizes a sweep varies, see :func:`setup_key`). When an estimate of that setup ran on a worker
 thread without one check and within ``INLINE_CPU_S`` of CPU, the setup is marked fast, and its
-next estimates run on the event loop itself: no thread hand-off, no disconnect watcher, still
-holding an estimate slot (taken without waiting; when none is free, the request takes the queue
-like any other). An inline estimate runs under a work limit whose first ``check()`` stops it: the
+next estimates run on the event loop itself: no thread hand-off, no disconnect watcher, in a
+free estimate slot (when none is free, the request takes the queue like any other). An inline
+estimate runs to its end without giving the loop back, so nothing else can take or see that slot
+meanwhile: the slot is checked to be free rather than taken and given back. An inline estimate runs under a work limit whose first ``check()`` stops it: the
 planner was about to replay, so the setup loses its mark and the estimate starts again on a
 worker thread under the real limits. An inline estimate that used more than ``INLINE_CPU_S`` of
 CPU loses the mark too. The answer is the same function of the same request either way: only
@@ -25,9 +26,10 @@ where it runs differs. (A stopped inline attempt has counted the setup as seen o
 planner's step cache, so the retry may compile the setup's template one request early: the
 template's answers equal the replay's to the byte.)
 
-The fast lane (:class:`EstimateFastLane`, an ASGI middleware inside the body-size limit and the
-request middleware) answers such estimates before the framework's routing, dependency solving and
-response validation, which cost several times the template evaluation: a JSON ``POST`` to a lane's
+The fast lane (:class:`EstimateFastLane`, an ASGI layer inside the body-size limit and the
+request middleware, in front of all of FastAPI's own layers, see ``service.app``) answers such
+estimates before the framework's middlewares, routing, dependency solving and response validation,
+which cost several times the template evaluation: a JSON ``POST`` to a lane's
 path whose body validates and whose setup is marked fast is answered there, serialised as the
 route serialises it. Anything else (a refusal of any kind, an unmarked setup, a replay reached,
 protected estimate routes) goes on to the route with the body already read, and is answered as
@@ -155,9 +157,9 @@ async def _watch_disconnect(request: Request, limit: WorkLimit) -> None:
 def _try_inline(slots: EstimateSlots, setup: Hashable, fn: Callable[[], T]) -> tuple[bool, Any]:
     """(True, answer) when answered on the event loop; (False, None) when it must run on a thread
     (no free slot, or the planner reached a work check)."""
-    try:
-        slots.limiter.acquire_nowait()
-    except anyio.WouldBlock:
+    # A free token means no estimate waits (a freed token goes straight to a waiting one); no await
+    # below, so the token stays free while this estimate runs.
+    if slots.limiter.available_tokens < 1:
         return False, None
     try:
         start = time.thread_time()
@@ -169,8 +171,6 @@ def _try_inline(slots: EstimateSlots, setup: Hashable, fn: Callable[[], T]) -> t
     except _NeedsThread:
         slots.fast.pop(setup, None)
         return False, None
-    finally:
-        slots.limiter.release()
 
 
 async def run_estimate(request: Request, fn: Callable[[], T], setup: Hashable | None = None) -> T:

@@ -30,7 +30,7 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy import Float, and_, case, cast, func, literal_column, select
 
 from service.jobs.migrations import jobs
-from service.logs import bind_request, new_request_id
+from service.logs import bind_request, log_access, new_request_id
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -111,7 +111,12 @@ REQUEST_LATENCY = Histogram("memplan_http_request_duration_seconds",
 
 # ---- request middleware ------------------------------------------------------------------------
 class ObservabilityMiddleware:
-    """Request id (X-Request-ID in and out), latency histogram, one JSON access line a request."""
+    """Request id (X-Request-ID in and out), latency histogram, one JSON access line a request.
+
+    A plain ASGI layer: per request, one pass over the headers, one wrapped ``send`` (which adds
+    the id header to the response start) and, at the end, one histogram observation and one
+    access record (:func:`service.logs.log_access`, skipped when the access logger would not
+    emit)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -120,9 +125,14 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = next((v.decode("latin-1") for k, v in scope.get("headers", ())
-                       if k == b"x-request-id"), None)
-        ids = bind_request(new_request_id(header))
+        header = None
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                header = value.decode("latin-1")
+                break
+        request_id = new_request_id(header)
+        ids = bind_request(request_id)
+        id_header = (b"x-request-id", request_id.encode())
         status = 500
         start = time.perf_counter()
 
@@ -130,20 +140,22 @@ class ObservabilityMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()),
-                                      (b"x-request-id", ids["request_id"].encode())]
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - start
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            REQUEST_LATENCY.observe(elapsed, scope["method"], template, str(status))
-            access_log.info("%s %s %d", scope["method"], scope["path"], status,
-                            extra={"route": template, "status": status,
-                                   "duration_ms": round(elapsed * 1000, 3)})
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            REQUEST_LATENCY.observe(elapsed, method, template, _STATUS_TEXT.get(status)
+                                    or str(status))
+            log_access(access_log, ids, method, scope["path"], status, template,
+                       round(elapsed * 1000, 3))
+
+
+_STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
 
 # ---- job-table metrics -------------------------------------------------------------------------

@@ -210,25 +210,20 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        lengths = {value.strip() for name, value in scope.get("headers", ())
-                   if name == b"content-length"}
-        if lengths:
-            # RFC 9110 8.6: one decimal byte count (a list of equal counts is the same count).
-            counts = {v.strip() for value in lengths for v in value.split(b",")}
-            if len(counts) != 1 or not _DIGITS.fullmatch(next(iter(counts))):
-                shown = ", ".join(sorted(v.decode("latin-1") for v in lengths))[:100]
-                await _send_problem(send, 400, "Bad Request",
-                                    f"Content-Length {shown!r} is not a byte count (one "
-                                    "non-negative decimal integer)",
-                                    [{"name": "header.content-length",
-                                      "reason": "must be one non-negative decimal integer"}])
+        length, several = None, False
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                several, length = length is not None, value
+        if length is not None and not several and length.isdigit():
+            # The usual request: one Content-Length of digits. The HTTP server delivers exactly
+            # that many bytes (h11 and httptools frame the body by it), so nothing is counted.
+            if int(length) > self.limit:
+                await self._too_large(send, int(length))
                 return
-            declared = int(next(iter(counts)))
-            if declared > self.limit:
-                await _send_problem(send, 413, "Request Entity Too Large",
-                                    f"request body of {declared} bytes is over this "
-                                    f"service's limit of {self.limit} bytes")
-                return
+            await self.app(scope, receive, send)
+            return
+        if length is not None and await self._refuse_lengths(scope, send):
+            return
         seen = 0
 
         async def counted() -> dict:
@@ -243,6 +238,31 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, counted, send)
+
+    async def _refuse_lengths(self, scope: dict, send: Any) -> bool:
+        """Content-Length given otherwise than as one byte count: 400 when it is not a byte
+        count, 413 when it is over the limit (True: answered)."""
+        lengths = {value.strip() for name, value in scope.get("headers", ())
+                   if name == b"content-length"}
+        # RFC 9110 8.6: one decimal byte count (a list of equal counts is the same count).
+        counts = {v.strip() for value in lengths for v in value.split(b",")}
+        if len(counts) != 1 or not _DIGITS.fullmatch(next(iter(counts))):
+            shown = ", ".join(sorted(v.decode("latin-1") for v in lengths))[:100]
+            await _send_problem(send, 400, "Bad Request",
+                                f"Content-Length {shown!r} is not a byte count (one "
+                                "non-negative decimal integer)",
+                                [{"name": "header.content-length",
+                                  "reason": "must be one non-negative decimal integer"}])
+            return True
+        declared = int(next(iter(counts)))
+        if declared > self.limit:
+            await self._too_large(send, declared)
+            return True
+        return False
+
+    async def _too_large(self, send: Any, declared: int) -> None:
+        await _send_problem(send, 413, "Request Entity Too Large", f"request body of {declared} "
+                            f"bytes is over this service's limit of {self.limit} bytes")
 
 
 async def _send_problem(send: Any, status: int, title: str, detail: str,
@@ -292,9 +312,9 @@ class ProblemH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def install(app: FastAPI, settings: Any) -> None:
-    """The body-size middleware and the 422 handlers for resource caps and key reuse."""
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+def install(app: FastAPI) -> None:
+    """The 422 handlers for resource caps and key reuse (the body-size middleware is one of the
+    request layers ``service.app`` puts in front of the framework)."""
 
     @app.exception_handler(IdempotencyConflict)
     async def _reused_key(_: Request, exc: IdempotencyConflict) -> JSONResponse:
