@@ -187,10 +187,11 @@ def llm_analysis_fn(preset: str):
     return llm_analysis_model_fn(resolve_model(_req(preset, 1, 1024).model), preset)
 
 
-def llm_analysis_model_fn(m, name: str = "model"):
-    """llm-analysis's ``training()`` on a resolved model, as ``one(k)`` (None: not installed)."""
+def llm_analysis_model_fn(m, name: str = "model", parallelism: dict | None = None):
+    """llm-analysis's ``training()`` on a resolved model, as ``one(k)`` (None: not installed);
+    with its data-parallel size and DeepSpeed ZeRO stage where ``parallelism`` sets them."""
     try:
-        from llm_analysis.analysis import LLMAnalysis
+        from llm_analysis.analysis import DSZeRO, LLMAnalysis
         from llm_analysis.config import (
             ModelConfig,
             ParallelismConfig,
@@ -210,13 +211,15 @@ def llm_analysis_model_fn(m, name: str = "model"):
     # A100 80GB with room for any batch here (llm-analysis refuses a setup that does not fit).
     gpu = dataclasses.replace(get_gpu_config_by_name("a100-sxm-80gb"), mem_per_GPU_in_GB=100000)
     dtype = get_dtype_config_by_name("w16a16e16")
+    par = ParallelismConfig(dp_size=parallelism["data_parallel"]) if parallelism \
+        else ParallelismConfig()
+    zero = {"ds_zero": DSZeRO(parallelism["zero_stage"])} if parallelism else {}
 
     def one(k: int) -> None:
-        a = LLMAnalysis(mc, gpu, dtype, ParallelismConfig(), flops_efficiency=0.5,
-                        hbm_memory_efficiency=0.9)
+        a = LLMAnalysis(mc, gpu, dtype, par, flops_efficiency=0.5, hbm_memory_efficiency=0.9)
         a.training(batch_size_per_gpu=1 + k % 4, seq_len=(256, 512, 1024)[k % 3],
-                   gradient_accumulation_steps=1,
-                   mlp_gated_linear_units=m.family != "gpt2")
+                   gradient_accumulation_steps=1, mlp_gated_linear_units=m.family != "gpt2",
+                   **zero)
     one(0)
     return one
 

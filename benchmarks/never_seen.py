@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import random
 import statistics
 import time
@@ -41,41 +39,6 @@ def _arch_req(arch: dict, b: int, t: int, precision: str, ckpt: str,
     return MemoryRequest.model_validate({"model": arch, "training": {
         "micro_batch_size": b, "sequence_length": t, "precision": precision,
         "activation_checkpointing": {"strategy": ckpt}}, "parallelism": parallelism or {}})
-
-
-def _llm_analysis_fn(m, parallelism: dict | None):
-    """llm-analysis's ``training()`` on a resolved model (``one(k)``; None: not installed),
-    with its data-parallel size and DeepSpeed ZeRO stage where ``parallelism`` sets them."""
-    if not parallelism:
-        return llm_analysis_model_fn(m)
-    try:
-        from llm_analysis.analysis import DSZeRO, LLMAnalysis
-        from llm_analysis.config import (
-            ModelConfig,
-            ParallelismConfig,
-            get_dtype_config_by_name,
-            get_gpu_config_by_name,
-        )
-    except ImportError:
-        return None
-    logging.disable(logging.CRITICAL)
-    mc = ModelConfig(name="model", num_layers=m.num_layers, n_head=m.num_heads,
-                     hidden_dim=m.hidden_size, vocab_size=m.vocab_size,
-                     max_seq_len=m.max_sequence_length,
-                     ffn_embed_dim=max(1, round(m.ffn_hidden_size / m.hidden_size)) * m.hidden_size,
-                     num_key_value_heads=m.num_kv_heads or m.num_heads)
-    gpu = dataclasses.replace(get_gpu_config_by_name("a100-sxm-80gb"), mem_per_GPU_in_GB=100000)
-    dtype = get_dtype_config_by_name("w16a16e16")
-    par = ParallelismConfig(dp_size=parallelism["data_parallel"])
-    zero = DSZeRO(parallelism["zero_stage"])
-
-    def one(k: int) -> None:
-        a = LLMAnalysis(mc, gpu, dtype, par, flops_efficiency=0.5, hbm_memory_efficiency=0.9)
-        a.training(batch_size_per_gpu=1 + k % 4, seq_len=(256, 512, 1024)[k % 3],
-                   gradient_accumulation_steps=1, ds_zero=zero,
-                   mlp_gated_linear_units=m.family != "gpt2")
-    one(0)
-    return one
 
 
 def never_seen_rows(n: int, rounds: int, seed: int = 5, parallelism: dict | None = None,
@@ -129,7 +92,8 @@ def never_seen_rows(n: int, rounds: int, seed: int = 5, parallelism: dict | None
         cache._SEEN.clear()
         cache._MEMO.clear()
         templated.append(statistics.median(_time_each(est, batch)))
-        fns = [_llm_analysis_fn(resolve_model(q.model), parallelism) for q in batch]
+        fns = [llm_analysis_model_fn(resolve_model(q.model), parallelism=parallelism)
+               for q in batch]
         if fns[0] is not None:
             theirs.append(statistics.median(_time_each(lambda fn: fn(1), fns)))
     layout = "one device" if not parallelism else (

@@ -21,6 +21,7 @@ from planner.catalog.specs import MemoryRequest
 from planner.layouts import pipeline_replays as pp
 from planner.layouts.pipeline_memory import PipelineRankProgram
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from tests.test_pipeline_compression import _model
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zb-v", 2),
              ("dualpipe-v", 2)]
@@ -36,19 +37,7 @@ def _case(seed: int, name: str, v: int):
         except ScheduleConstraintError:
             continue
         break
-    S = sched.num_stages
-    per = rng.randint(7, 20)
-    family = rng.choice(["gpt2", "llama"])
-    model = {"family": family, "num_layers": S * per + rng.randint(0, S - 1), "hidden_size": 32,
-             "num_heads": 4, "vocab_size": 96, "max_sequence_length": 64}
-    if family == "llama":
-        model["num_kv_heads"] = rng.choice([1, 2, 4])
-    training = {"micro_batch_size": rng.choice([1, 2]), "sequence_length": rng.choice([8, 16]),
-                "gradient_accumulation_steps": m,
-                "precision": rng.choice(["fp32", "amp-bf16", "bf16"]),
-                "optimizer": rng.choice(["adamw", "sgd", "adagrad"])}
-    req = MemoryRequest.model_validate({"model": model, "training": training})
-    return resolve_model(req.model), req.training, sched
+    return (*_model(rng, sched.num_stages, m, per_stage=(7, 20)), sched)
 
 
 CASES = [(seed, name, v) for seed in range(3) for name, v in SCHEDULES]

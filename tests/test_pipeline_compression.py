@@ -39,9 +39,13 @@ def _setup(rng: random.Random, name: str, v: int, bases=(1, 2, 3, 5)):
     return (*_model(rng, sched.num_stages, m), sched)
 
 
-def _model(rng: random.Random, S: int, m: int):
+def _model(rng: random.Random, S: int, m: int, per_stage: tuple[int, int] | None = None):
+    """A small random model of S stages (1-2 blocks each, or ``per_stage`` = (least, most)
+    blocks each, with a remainder) trained over m micro-batches."""
     family = rng.choice(["gpt2", "llama"])
-    model = {"family": family, "num_layers": rng.randint(S, 2 * S + 1), "hidden_size": 32,
+    layers = rng.randint(S, 2 * S + 1) if per_stage is None else \
+        S * rng.randint(*per_stage) + rng.randint(0, S - 1)
+    model = {"family": family, "num_layers": layers, "hidden_size": 32,
              "num_heads": 4, "vocab_size": 96, "max_sequence_length": 64}
     if family == "llama":
         model["num_kv_heads"] = rng.choice([1, 2, 4])

@@ -15,12 +15,38 @@ class Undecided(Exception):
     """A decision on sizes that depends on the values of B and T: simulate concretely."""
 
 
-class Poly:
+class _Exact:
+    """What a polynomial size answers as a Python number: a truth value or an equality only
+    when it holds for every size (``__eq__`` of the subclass), never a concrete int or float."""
+
+    __slots__ = ()
+
+    def __ne__(self, o):
+        r = self.__eq__(o)
+        return r if r is NotImplemented else not r
+
+    def __bool__(self):
+        return self != 0
+
+    def __hash__(self):
+        return hash(frozenset(self.t.items()))
+
+    def __int__(self):
+        raise Undecided(f"int({self})")
+
+    __index__ = __int__
+
+    def __float__(self):
+        raise Undecided(f"float({self})")
+
+
+class Poly(_Exact):
     """An integer polynomial in two variables b, t >= 0: ``{(i, j): c}`` for ``c·b^i·t^j``, where
     the sizes are B = B0 + b and T = T0 + t over a domain's lower bounds. Arithmetic returns a
     plain int when the result is constant."""
 
     __slots__ = ("t",)
+    __hash__ = _Exact.__hash__  # a class defining __eq__ would otherwise be unhashable
 
     def __init__(self, terms: dict[tuple[int, int], int]) -> None:
         self.t = terms
@@ -132,24 +158,6 @@ class Poly:
             return False
         raise Undecided(f"{self} == {o}")
 
-    def __ne__(self, o):
-        r = self.__eq__(o)
-        return r if r is NotImplemented else not r
-
-    def __bool__(self):
-        return self != 0
-
-    def __hash__(self):
-        return hash(frozenset(self.t.items()))
-
-    def __int__(self):
-        raise Undecided(f"int({self})")
-
-    __index__ = __int__
-
-    def __float__(self):
-        raise Undecided(f"float({self})")
-
     def __repr__(self) -> str:
         return " + ".join(f"{c}·B^{i}·T^{j}" for (i, j), c in sorted(self.t.items()))
 
@@ -224,12 +232,13 @@ class Space:
         return {m: c for m, c in out.items() if c}
 
 
-class MPoly:
+class MPoly(_Exact):
     """An integer polynomial in the sizes of a :class:`Space` (``{exponents: coefficient}``);
     arithmetic returns a plain int when the result is constant, and comparisons answer only
     what holds over the whole domain (else :class:`Undecided`), as :class:`Poly`'s do."""
 
     __slots__ = ("sp", "t")
+    __hash__ = _Exact.__hash__  # a class defining __eq__ would otherwise be unhashable
 
     def __init__(self, terms: dict[tuple[int, ...], int], sp: Space) -> None:
         self.t, self.sp = terms, sp
@@ -348,24 +357,6 @@ class MPoly:
         if s is not None:
             return False
         return self.sp.guess(self - o) == 0
-
-    def __ne__(self, o):
-        r = self.__eq__(o)
-        return r if r is NotImplemented else not r
-
-    def __bool__(self):
-        return self != 0
-
-    def __hash__(self):
-        return hash(frozenset(self.t.items()))
-
-    def __int__(self):
-        raise Undecided(f"int({self})")
-
-    __index__ = __int__
-
-    def __float__(self):
-        raise Undecided(f"float({self})")
 
     def sign(self) -> int | None:
         return self._cmp(0)[0]
