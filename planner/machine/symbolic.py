@@ -17,9 +17,48 @@ class Undecided(Exception):
 
 class _Exact:
     """What a polynomial size answers as a Python number: a truth value or an equality only
-    when it holds for every size (``__eq__`` of the subclass), never a concrete int or float."""
+    when it holds for every size of the domain, never a concrete int or float."""
 
     __slots__ = ()
+
+    # ---- decisions: answered where the difference has one sign over the whole domain
+    # (``_cmp``: its sign, >= 0 everywhere, <= 0 everywhere); what the domain leaves open goes
+    # to the subclass's ``_open`` (Poly: Undecided; MPoly: the witness's answer, a guard).
+    def __gt__(self, o):
+        if not isinstance(o, (int, type(self))):
+            return NotImplemented
+        s, _, le = self._cmp(o)
+        if s == 1:
+            return True
+        if le:
+            return False
+        return self._open(o, ">", lambda v: v > 0)
+
+    def __ge__(self, o):
+        if not isinstance(o, (int, type(self))):
+            return NotImplemented
+        s, ge, _ = self._cmp(o)
+        if ge:
+            return True
+        if s == -1:
+            return False
+        return self._open(o, ">=", lambda v: v >= 0)
+
+    def __lt__(self, o):
+        return (-self).__gt__(-o) if isinstance(o, (int, type(self))) else NotImplemented
+
+    def __le__(self, o):
+        return (-self).__ge__(-o) if isinstance(o, (int, type(self))) else NotImplemented
+
+    def __eq__(self, o):
+        if not isinstance(o, (int, type(self))):
+            return NotImplemented
+        s, ge, le = self._cmp(o)
+        if ge and le:
+            return True
+        if s is not None:
+            return False
+        return self._open(o, "==", lambda v: v == 0)
 
     def __ne__(self, o):
         r = self.__eq__(o)
@@ -46,7 +85,6 @@ class Poly(_Exact):
     plain int when the result is constant."""
 
     __slots__ = ("t",)
-    __hash__ = _Exact.__hash__  # a class defining __eq__ would otherwise be unhashable
 
     def __init__(self, terms: dict[tuple[int, int], int]) -> None:
         self.t = terms
@@ -126,37 +164,8 @@ class Poly(_Exact):
             return (d > 0) - (d < 0), d >= 0, d <= 0
         return d.sign(), d.nonneg(), (-d).nonneg()
 
-    def __gt__(self, o):
-        s, _, le = self._cmp(o)
-        if s == 1:
-            return True
-        if le:
-            return False
-        raise Undecided(f"{self} > {o}")
-
-    def __ge__(self, o):
-        s, ge, _ = self._cmp(o)
-        if ge:
-            return True
-        if s == -1:
-            return False
-        raise Undecided(f"{self} >= {o}")
-
-    def __lt__(self, o):
-        return (-self).__gt__(-o) if isinstance(o, (int, Poly)) else NotImplemented
-
-    def __le__(self, o):
-        return (-self).__ge__(-o) if isinstance(o, (int, Poly)) else NotImplemented
-
-    def __eq__(self, o):
-        if not isinstance(o, (int, Poly)):
-            return NotImplemented
-        s, ge, le = self._cmp(o)
-        if ge and le:
-            return True
-        if s is not None:
-            return False
-        raise Undecided(f"{self} == {o}")
+    def _open(self, o, op: str, holds) -> bool:
+        raise Undecided(f"{self} {op} {o}")
 
     def __repr__(self) -> str:
         return " + ".join(f"{c}·B^{i}·T^{j}" for (i, j), c in sorted(self.t.items()))
@@ -238,7 +247,6 @@ class MPoly(_Exact):
     what holds over the whole domain (else :class:`Undecided`), as :class:`Poly`'s do."""
 
     __slots__ = ("sp", "t")
-    __hash__ = _Exact.__hash__  # a class defining __eq__ would otherwise be unhashable
 
     def __init__(self, terms: dict[tuple[int, ...], int], sp: Space) -> None:
         self.t, self.sp = terms, sp
@@ -322,41 +330,8 @@ class MPoly(_Exact):
         le = all(c <= 0 for c in s.values())
         return (1 if ge and z > 0 else -1 if le and z < 0 else None), ge, le
 
-    def __gt__(self, o):
-        if not isinstance(o, (int, MPoly)):
-            return NotImplemented
-        s, _, le = self._cmp(o)
-        if s == 1:
-            return True
-        if le:
-            return False
-        return self.sp.guess(self - o) > 0
-
-    def __ge__(self, o):
-        if not isinstance(o, (int, MPoly)):
-            return NotImplemented
-        s, ge, _ = self._cmp(o)
-        if ge:
-            return True
-        if s == -1:
-            return False
-        return self.sp.guess(self - o) >= 0
-
-    def __lt__(self, o):
-        return (-self).__gt__(-o) if isinstance(o, (int, MPoly)) else NotImplemented
-
-    def __le__(self, o):
-        return (-self).__ge__(-o) if isinstance(o, (int, MPoly)) else NotImplemented
-
-    def __eq__(self, o):
-        if not isinstance(o, (int, MPoly)):
-            return NotImplemented
-        s, ge, le = self._cmp(o)
-        if ge and le:
-            return True
-        if s is not None:
-            return False
-        return self.sp.guess(self - o) == 0
+    def _open(self, o, op: str, holds) -> bool:
+        return holds(self.sp.guess(self - o))  # answered at the witness, kept as a guard
 
     def sign(self) -> int | None:
         return self._cmp(0)[0]
