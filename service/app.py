@@ -20,7 +20,8 @@ from planner.catalog.specs import MemoryRequest
 from service import errors, metrics, security
 from service.estimates import EstimateFastLane, EstimateSlots, Lane
 from service.jobs.store import StoreHolder
-from service.routes import catalog, checkpointing, health, memory, pipeline, validations, zero
+from service.routes import (catalog, checkpointing, health, memory, pipeline, validations, web,
+                            zero)
 from service.settings import Settings
 
 
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> MemplanAPI:
         app.include_router(module.router, dependencies=[Depends(_estimate_guard)],
                            responses=security.ESTIMATE_AUTH_RESPONSES)
     security.install(app)  # resource-cap and key-reuse 422s
+    web.install(app)  # the page at / (out of the OpenAPI document)
     # Outermost first: every request, a 413 included, gets an id and is measured; known-fast
     # estimates are answered inside the body-size limit, before FastAPI's own layers.
     lane = EstimateFastLane(app.framework, slots=app.state.estimates, settings=app.state.settings,
