@@ -10,3 +10,9 @@ fi
 # builds satisfy too.
 .venv/bin/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 .venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -e .
+# The browser tests (tests/test_web_e2e.py) drive Debian's chromium through Playwright, which
+# cannot download a browser of its own here. Installed once when missing and we may; quick after.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
+fi

@@ -1,0 +1,173 @@
+"""The web page at / in a real headless Chromium (Debian's, under Playwright) against a real
+server (SQLite job store, embedded worker): the numbers it draws are the API's answer to the same
+request, an invalid field shows the API's own message next to that field, a link reproduces the
+page, and a validation job is submitted and followed to its result.
+
+Outside CI these tests are skipped when chromium or Playwright is missing (scripts/setup.sh
+installs both); in CI they fail instead."""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from tests.webpage import chromium, require_browser, server
+
+CATEGORIES = ["parameters", "gradients", "optimizer_states", "activations", "temporaries", "total"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    require_browser()
+    with server(tmp_path_factory.mktemp("web")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(base):
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def page(browser):
+    p = browser.new_page(viewport={"width": 1366, "height": 768})
+    errors: list[str] = []
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    yield p
+    p.close()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def _ready(page, view: str) -> None:
+    page.wait_for_function(f"document.body.dataset.ready === '{view}' && "
+                           "!document.body.hasAttribute('aria-busy')", timeout=60_000)
+
+
+def _request_in_url(page) -> dict:
+    return json.loads(parse_qs(urlsplit(page.url).fragment)["req"][0])
+
+
+def _digits(text: str) -> int:
+    return int(re.sub(r"[^0-9-]", "", text))
+
+
+def _cells(page, view: str) -> dict[str, tuple[int, int]]:
+    """data-field -> (data-value, the exact figure shown) for every number cell of a view."""
+    out = {}
+    for cell in page.locator(f"#panel-{view} td[data-value]").all():
+        out[cell.get_attribute("data-field")] = (int(cell.get_attribute("data-value")),
+                                                 _digits(cell.locator(".exact").inner_text()))
+    return out
+
+
+def test_breakdown_draws_the_apis_numbers_and_a_link_reproduces_it(base, browser, page):
+    page.goto(base)
+    _ready(page, "breakdown")
+    page.fill("#f-model-preset", "gpt2-large")
+    page.select_option("#f-training-precision", "mixed-bf16")
+    page.fill("#f-training-micro_batch_size", "6")
+    page.fill("#f-training-sequence_length", "512")
+    page.fill("#f-hardware-gpu", "h100-80gb")
+    page.click("#estimate")
+    page.wait_for_function("location.hash.includes('gpt2-large')")
+    _ready(page, "breakdown")
+    request = _request_in_url(page)
+    assert request == {"model": {"preset": "gpt2-large"},
+                       "training": {"precision": "mixed-bf16", "micro_batch_size": 6,
+                                    "sequence_length": 512},
+                       "hardware": {"gpu": "h100-80gb"}}
+    answer = httpx.post(f"{base}/v1/memory", json=request).json()
+    expected = {f"{k}.{c}": answer[k][c] for k in ("breakdown", "forward_backward_peak", "first_step")
+                for c in CATEGORIES if answer.get(k)}
+    expected |= {"allocator_reserve_bytes": answer["allocator_reserve_bytes"],
+                 "activation_peak_bytes": answer["activation_peak_bytes"],
+                 "fit.memory_bytes": answer["fit"]["memory_bytes"],
+                 "fit.headroom_bytes": answer["fit"]["headroom_bytes"]}
+    drawn = _cells(page, "breakdown")
+    assert {k: v for k, (v, _) in drawn.items()} == expected
+    assert all(value == shown for value, shown in drawn.values())
+    # The bars: the steady-state peak's segments and the GPU's capacity line.
+    bar = page.locator("#panel-breakdown svg.chart").first
+    segs = {r.get_attribute("data-key"): int(r.get_attribute("data-bytes"))
+            for r in bar.locator("rect[data-key]").all()[:6]}
+    assert segs == {**{c: answer["breakdown"][c] for c in CATEGORIES[:-1]},
+                    "allocator reserve": answer["allocator_reserve_bytes"]}
+    assert int(bar.locator("line[data-key=capacity]").get_attribute("data-bytes")) \
+        == answer["fit"]["memory_bytes"]
+    assert page.locator("dd[data-field=peak_phase]").inner_text() == answer["peak_phase"]
+    assert page.locator("dd[data-field='fit.max_micro_batch_size']").inner_text() \
+        == str(answer["fit"]["max_micro_batch_size"])
+    # The same link in a fresh page draws the same numbers.
+    again = browser.new_page(viewport={"width": 1366, "height": 768})
+    again.goto(page.url)
+    _ready(again, "breakdown")
+    assert again.input_value("#f-model-preset") == "gpt2-large"
+    assert _cells(again, "breakdown") == drawn
+    again.close()
+
+
+def test_an_invalid_field_shows_the_apis_message_next_to_it(base, page):
+    page.goto(base)
+    _ready(page, "breakdown")
+    page.fill("#f-training-micro_batch_size", "0")
+    page.fill("#f-hardware-gpu", "no-such-gpu")
+    page.click("#estimate")
+    _ready(page, "breakdown")
+    request = _request_in_url(page)
+    problem = httpx.post(f"{base}/v1/memory", json=request).json()
+    reasons = {p["name"]: p["reason"] for p in problem["invalid-params"]}
+    assert "body.training.micro_batch_size" in reasons
+    error = page.locator("[data-error-for='training.micro_batch_size']")
+    assert error.inner_text() == reasons["body.training.micro_batch_size"]
+    assert page.get_attribute("#f-training-micro_batch_size", "aria-invalid") == "true"
+    assert page.locator("[data-error-for='training.sequence_length']").inner_text() == ""
+    # Once the schema is satisfied, the planner's answer (an unknown GPU) goes next to the GPU.
+    page.fill("#f-training-micro_batch_size", "2")
+    page.click("#estimate")
+    page.wait_for_function("document.querySelector(\"[data-error-for='hardware.gpu']\")"
+                           ".textContent.length > 0")
+    problem = httpx.post(f"{base}/v1/memory", json=_request_in_url(page)).json()
+    reason = {p["name"]: p["reason"] for p in problem["invalid-params"]}["body.hardware.gpu"]
+    assert page.locator("[data-error-for='hardware.gpu']").inner_text() == reason
+    assert page.locator("[data-error-for='training.micro_batch_size']").inner_text() == ""
+
+
+def test_a_validation_job_is_submitted_and_followed_to_its_result(base, page):
+    page.goto(base)
+    _ready(page, "breakdown")
+    page.check("#source-architecture")
+    # examples/validate-small.json: a 2-layer GPT-2, a few seconds on CPU.
+    for field, value in {"num_layers": "2", "hidden_size": "64", "num_heads": "4",
+                         "vocab_size": "256", "max_sequence_length": "64"}.items():
+        page.fill(f"#f-model-{field}", value)
+    page.select_option("#f-model-family", "gpt2")
+    page.select_option("#f-training-precision", "fp32")
+    page.fill("#f-training-micro_batch_size", "2")
+    page.fill("#f-training-sequence_length", "32")
+    page.fill("#f-hardware-gpu", "")
+    page.click("#tab-validation")
+    _ready(page, "validation")
+    page.select_option("#v-device", "cpu")
+    page.click("#submit-validation")
+    job = page.locator(".job[data-status=succeeded]")
+    job.wait_for(timeout=120_000)
+    job_id = job.get_attribute("data-job")
+    assert parse_qs(urlsplit(page.url).fragment)["job"] == [job_id]
+    answer = httpx.get(f"{base}/v1/validations/{job_id}").json()
+    assert answer["status"] == "succeeded"
+    assert answer["request"]["model"]["num_layers"] == 2 and answer["request"]["device"] == "cpu"
+    result = answer["result"]
+    expected = {f"result.{k}.{c}": result[k][c] for k in ("estimate", "measured") for c in CATEGORIES}
+    drawn = _cells(page, "validation")
+    assert {k: v for k, (v, _) in drawn.items()} == expected
+    assert all(value == shown for value, shown in drawn.values())
+    total = page.locator("[data-field='result.relative_error.total']").inner_text()
+    assert total == f"{100 * result['relative_error']['total']:.1f}%"
+    steps = answer["progress"]["total_steps"]
+    assert page.locator("progress").get_attribute("value") == str(answer["progress"]["step"])
+    assert f"of {steps}" in page.locator(".progress-text").inner_text()
