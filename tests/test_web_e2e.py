@@ -111,6 +111,48 @@ def test_breakdown_draws_the_apis_numbers_and_a_link_reproduces_it(base, browser
     again.close()
 
 
+def _schema(doc: dict, component: str, path: str) -> dict:
+    """The OpenAPI schema of a dotted field path (Optional's non-null branch, $refs followed)."""
+    def deref(node: dict) -> dict:
+        while "$ref" in node:
+            node = doc["components"]["schemas"][node["$ref"].rsplit("/", 1)[-1]]
+        alts = [a for a in node.get("anyOf", []) if a.get("type") != "null"]
+        return {**node, **deref(alts[0])} if len(alts) == 1 else node
+
+    node = deref({"$ref": f"#/components/schemas/{component}"})
+    for key in path.split("."):
+        node = deref(node["properties"][key])
+    return node
+
+
+def _num(v: float) -> str:
+    """A bound as the page writes it: powers of two from 2^32 up as 2^k."""
+    if v >= 2**32 and float(v).is_integer() and int(v) & (int(v) - 1) == 0:
+        return f"2^{int(v).bit_length() - 1}"
+    return str(int(v)) if float(v).is_integer() else str(v)
+
+
+def test_every_field_shows_the_apis_description_limits_and_choices(base, page):
+    doc = httpx.get(f"{base}/openapi.json").json()
+    page.goto(base)
+    _ready(page, "breakdown")
+    rows = page.locator("#setup .field").all()
+    assert len(rows) >= 30
+    for row in rows:
+        path = row.get_attribute("data-path")
+        schema = _schema(doc, "MemoryRequest", path)
+        hint = row.locator(".hint").inner_text()
+        assert schema.get("description", "") in hint, path
+        for key, sign in (("minimum", "≥"), ("maximum", "≤"), ("exclusiveMaximum", "<")):
+            if key in schema:
+                assert f"{sign} {_num(schema[key])}" in hint, (path, hint)
+        label = row.locator("label")
+        assert label.get_attribute("for") == row.locator("input, select").get_attribute("id")
+        if "enum" in schema:
+            options = [o for o in row.locator("option").all_inner_texts() if o != "(default)"]
+            assert options == [str(v) for v in schema["enum"]], path
+
+
 def test_an_invalid_field_shows_the_apis_message_next_to_it(base, page):
     page.goto(base)
     _ready(page, "breakdown")

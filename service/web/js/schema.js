@@ -34,10 +34,16 @@ export function fieldSchema(doc, component, path) {
   return prop;
 }
 
-/** "1 to 65536", "at least 0", "below 1" as the schema bounds say. */
+/** A bound as written: a power of two from 2^32 up as 2^k (beyond a double's exact digits). */
+export function bound(v) {
+  const k = Math.log2(v);
+  return v >= 2 ** 32 && Number.isInteger(k) ? `2^${k}` : String(v);
+}
+
+/** "≥ 1, ≤ 65536", "≥ 0, < 1" as the schema's bounds say. */
 export function limitsText(s) {
   if (!s) return "";
-  const lo = s.minimum !== undefined ? `≥ ${s.minimum}` : s.exclusiveMinimum !== undefined ? `> ${s.exclusiveMinimum}` : "";
-  const hi = s.maximum !== undefined ? `≤ ${s.maximum}` : s.exclusiveMaximum !== undefined ? `< ${s.exclusiveMaximum}` : "";
+  const lo = s.minimum !== undefined ? `≥ ${bound(s.minimum)}` : s.exclusiveMinimum !== undefined ? `> ${bound(s.exclusiveMinimum)}` : "";
+  const hi = s.maximum !== undefined ? `≤ ${bound(s.maximum)}` : s.exclusiveMaximum !== undefined ? `< ${bound(s.exclusiveMaximum)}` : "";
   return [lo, hi].filter(Boolean).join(", ");
 }
