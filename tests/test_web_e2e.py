@@ -213,3 +213,47 @@ def test_a_validation_job_is_submitted_and_followed_to_its_result(base, page):
     steps = answer["progress"]["total_steps"]
     assert page.locator("progress").get_attribute("value") == str(answer["progress"]["step"])
     assert f"of {steps}" in page.locator(".progress-text").inner_text()
+
+
+def test_zero_checkpointing_and_pipeline_views_draw_the_apis_numbers(base, page):
+    """Opened from a link (the README's examples): each view's figures are the API's answer."""
+    from urllib.parse import urlencode
+
+    def open_view(view: str, request: dict) -> None:
+        page.goto(f"{base}/#{urlencode({'view': view, 'req': json.dumps(request)})}")
+        _ready(page, view)
+
+    zero = {"model": {"preset": "llama-2-7b"},
+            "training": {"sequence_length": 4096, "activation_checkpointing": {"strategy": "full"}},
+            "parallelism": {"data_parallel": 8, "zero_stage": 3}, "hardware": {"gpu": "h100-80gb"}}
+    open_view("zero", zero)
+    answer = httpx.post(f"{base}/v1/zero", json=zero).json()
+    expected = {f"stages.{i}.breakdown.{c}": s["breakdown"][c]
+                for i, s in enumerate(answer["stages"]) for c in CATEGORIES}
+    expected |= {f"stages.{i}.communication_bytes_per_step": s["communication_bytes_per_step"]
+                 for i, s in enumerate(answer["stages"])}
+    assert {k: v for k, (v, _) in _cells(page, "zero").items()} == expected
+
+    setup = {"model": {"preset": "gpt2-xl"}, "training": {"micro_batch_size": 16,
+             "activation_checkpointing": {"strategy": "every-k", "every_k": 3}},
+             "hardware": {"gpu": "a100-80gb"}}
+    open_view("checkpointing", setup)
+    own = httpx.post(f"{base}/v1/checkpointing", json=setup).json()
+    drawn = page.locator("#panel-checkpointing rect[data-checkpointed=true]").all()
+    assert [int(r.get_attribute("data-block")) for r in drawn] == own["checkpointed_blocks"]
+    assert page.locator("#panel-checkpointing rect[data-block]").count() == own["num_blocks"]
+    sqrt = httpx.post(f"{base}/v1/checkpointing", json={**setup, "strategy": "sqrt"}).json()
+    assert _cells(page, "checkpointing")["sqrt.total_peak_bytes"][0] == sqrt["total_peak_bytes"]
+
+    piped = {"model": {"preset": "llama-2-7b"},
+             "training": {"sequence_length": 4096, "gradient_accumulation_steps": 8},
+             "parallelism": {"pipeline_parallel": 4}, "hardware": {"gpu": "h100-80gb"}}
+    open_view("pipeline", piped)
+    answer = httpx.post(f"{base}/v1/pipeline",
+                        json={"setup": piped, "stages": 4, "microbatches": 8}).json()
+    for rank in answer["ranks"]:
+        cell = page.locator(f"[data-field='ranks.{rank['rank']}.peak_in_flight_microbatches']")
+        assert cell.inner_text() == str(rank["peak_in_flight_microbatches"])
+    assert page.locator("dd[data-field=bubble_fraction]").inner_text() \
+        == f"{100 * answer['bubble_fraction']:.1f}%"
+    assert page.locator("#panel-pipeline img.timeline").evaluate("i => i.naturalWidth") > 0

@@ -5,7 +5,12 @@ export const CATEGORIES = ["parameters", "gradients", "optimizer_states", "activ
 export const COLORS = { parameters: "#1f5fa8", gradients: "#c4501b", optimizer_states: "#2c7a3f",
                         activations: "#7b3fa0", temporaries: "#8a6d00", reserve: "#9aa0a6" };
 
-export function gib(bytes) { return `${(bytes / 2 ** 30).toFixed(2)} GiB`; }
+/** Bytes in the largest binary unit that keeps the figure at 1 or more (GiB at most). */
+export function gib(bytes) {
+  const a = Math.abs(bytes);
+  const [div, unit] = a >= 2 ** 30 || a === 0 ? [2 ** 30, "GiB"] : a >= 2 ** 20 ? [2 ** 20, "MiB"] : a >= 2 ** 10 ? [2 ** 10, "KiB"] : [1, "B"];
+  return `${(bytes / div).toFixed(div === 1 ? 0 : 2)} ${unit}`;
+}
 export function exact(bytes) { return `${Number(bytes).toLocaleString("en-US")} B`; }
 export function pct(x) { return x == null ? "–" : `${(100 * x).toFixed(1)}%`; }
 

@@ -12,7 +12,7 @@ export default {
     const r = await api.zero(request);
     if (stale()) return;
     const capacity = r.stages.map((s) => s.fit && s.fit.memory_bytes).find(Boolean);
-    const rows = r.stages.map((s) => ({ label: name(s), note: s.implementation,
+    const rows = r.stages.map((s) => ({ label: name(s),
       segments: CATEGORIES.map((key) => ({ key, bytes: s.breakdown[key], color: COLORS[key] })) }));
     const dp = (request.parallelism && request.parallelism.data_parallel) || 1;
     out.replaceChildren(
@@ -22,10 +22,10 @@ export default {
                   { title: "Bytes per rank at the peak, per ZeRO stage" }),
       legend(CATEGORIES.map((key) => ({ key }))),
       table("Per rank, per stage", ["stage", "implementation", ...CATEGORIES.map((c) => c.replace(/_/g, " ")), "total", "communication / step", "fits"],
-        r.stages.map((s, i) => [name(s), el("td", { text: s.implementation }),
+        r.stages.map((s, i) => [name(s), el("td", { class: "impl", text: s.implementation }),
           ...[...CATEGORIES, "total"].map((c) => bytesCell(s.breakdown[c], `stages.${i}.breakdown.${c}`)),
           bytesCell(s.communication_bytes_per_step, `stages.${i}.communication_bytes_per_step`),
-          el("td", { text: s.fit ? (s.fit.fits ? `yes (${gib(s.fit.headroom_bytes)} free)` : "no") : "–" })])),
+          el("td", { class: "num", text: s.fit ? (s.fit.fits ? `yes, ${gib(s.fit.headroom_bytes)} free` : "no") : "–" })])),
       notes("Notes", r.notes),
     );
   },
