@@ -20,6 +20,10 @@ export default {
     if (r.forward_backward_peak) {
       rows.push({ label: "forward/backward peak", segments: segments(r.forward_backward_peak), note: r.forward_backward_peak_phase });
     }
+    if (r.activation_peak_bytes != null) {
+      rows.push({ label: "activation peak", note: "highest live activations, forward or backward",
+                  segments: [{ key: "activation peak", bytes: r.activation_peak_bytes, color: COLORS.activations }] });
+    }
     if (r.first_step) rows.push({ label: "first step", segments: segments(r.first_step) });
     const lines = r.fit ? [{ key: "capacity", bytes: r.fit.memory_bytes, label: `${r.fit.gpu || "device"}: ${gib(r.fit.memory_bytes)}` }] : [];
     const fit = r.fit;
