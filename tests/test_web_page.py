@@ -64,3 +64,14 @@ def test_the_page_is_not_part_of_the_contract(client):
 def test_a_missing_asset_is_a_problem_404(client):
     r = client.get("/web/js/nothing.js")
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+
+
+def test_an_installed_service_ships_every_file_of_the_page():
+    import fnmatch
+    import tomllib
+
+    doc = tomllib.loads((WEB.parent.parent / "pyproject.toml").read_text())
+    patterns = doc["tool"]["setuptools"]["package-data"]["service"]
+    files = [p.relative_to(WEB.parent).as_posix() for p in WEB.rglob("*") if p.is_file()]
+    assert files and all(any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/")
+                             for pat in patterns) for f in files), (files, patterns)
