@@ -151,6 +151,23 @@ def test_every_field_shows_the_apis_description_limits_and_choices(base, page):
         if "enum" in schema:
             options = [o for o in row.locator("option").all_inner_texts() if o != "(default)"]
             assert options == [str(v) for v in schema["enum"]], path
+    # The views are tabs the keyboard moves between.
+    page.focus("#tab-breakdown")
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement.id") == "tab-curve"
+    assert page.get_attribute("#tab-curve", "aria-selected") == "true"
+    _ready(page, "curve")
+    assert page.is_hidden("#panel-breakdown") and page.is_visible("#panel-curve")
+    # ...and the curve's points are the API's answers at each size, its mark the API's largest fit.
+    request = _request_in_url(page)
+    cells = _cells(page, "curve")
+    for mbs in (1, 8):
+        body = {**request, "training": {**request.get("training", {}), "micro_batch_size": mbs}}
+        answer = httpx.post(f"{base}/v1/memory", json=body).json()
+        assert cells[f"micro_batch_size={mbs}.breakdown.total"][0] == answer["breakdown"]["total"]
+    largest = httpx.post(f"{base}/v1/memory", json=request).json()["fit"]["max_micro_batch_size"]
+    assert page.locator("#panel-curve h2").inner_text() == f"Largest micro-batch that fits: {largest}"
+    assert page.locator("#panel-curve circle.mark").first.get_attribute("data-x") == str(largest)
 
 
 def test_an_invalid_field_shows_the_apis_message_next_to_it(base, page):
@@ -158,7 +175,8 @@ def test_an_invalid_field_shows_the_apis_message_next_to_it(base, page):
     _ready(page, "breakdown")
     page.fill("#f-training-micro_batch_size", "0")
     page.fill("#f-hardware-gpu", "no-such-gpu")
-    page.click("#estimate")
+    page.press("#f-hardware-gpu", "Enter")  # the keyboard submits the form
+    page.wait_for_function("location.hash.includes('no-such-gpu')")
     _ready(page, "breakdown")
     request = _request_in_url(page)
     problem = httpx.post(f"{base}/v1/memory", json=request).json()

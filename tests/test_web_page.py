@@ -75,3 +75,11 @@ def test_an_installed_service_ships_every_file_of_the_page():
     files = [p.relative_to(WEB.parent).as_posix() for p in WEB.rglob("*") if p.is_file()]
     assert files and all(any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/")
                              for pat in patterns) for f in files), (files, patterns)
+
+
+def test_only_the_pages_own_files_are_served(client):
+    for path in ("/web/../app.py", "/web/%2e%2e/app.py", "/web/js/../../routes/web.py",
+                 "/web/", "/web/js"):
+        r = client.get(path)
+        assert r.status_code == 404, path
+        assert r.headers["content-type"] == "application/problem+json", path

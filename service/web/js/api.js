@@ -45,4 +45,5 @@ export const api = {
   pipelineSvg: (body) => call("POST", "/v1/pipeline", body, "image/svg+xml"),
   submitValidation: (body) => call("POST", "/v1/validations", body),
   validation: (id) => call("GET", `/v1/validations/${encodeURIComponent(id)}`),
+  cancelValidation: (id) => call("DELETE", `/v1/validations/${encodeURIComponent(id)}`),
 };

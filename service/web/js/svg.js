@@ -102,7 +102,7 @@ export function lineChart(series, { hline, mark, xLabel = "", title = "", width 
     }
   }
   if (mark) {
-    root.append(svg("circle", { cx: X(mark.x), cy: Y(mark.y), r: 9, fill: "none", stroke: "#111", "stroke-width": 2.5, class: "mark" }));
+    root.append(svg("circle", { cx: X(mark.x), cy: Y(mark.y), r: 9, fill: "none", stroke: "#111", "stroke-width": 2.5, class: "mark", "data-x": mark.x }));
     root.append(svg("text", { x: X(mark.x) - 14, y: Y(mark.y) + 24, "text-anchor": "end", class: "label" }, mark.label));
   }
   return root;

@@ -16,6 +16,11 @@ function jobPanel(job) {
     el("p", { class: "progress-text", "aria-live": "polite", text: `${p.phase || job.status}: step ${p.step || 0} of ${p.total_steps || "?"}${job.waiting_reason ? ` — ${job.waiting_reason}` : ""}` }),
   );
   if (job.error) box.append(el("p", { class: "bad", text: job.error }));
+  if (!FINAL.has(job.status)) {
+    const cancel = el("button", { type: "button", class: "secondary", id: "cancel-validation", text: "Cancel this job" });
+    cancel.addEventListener("click", () => cancelJob(job.id).catch((error) => { cancel.replaceWith(el("p", { class: "bad", text: error.message })); }));
+    box.append(cancel);
+  }
   const r = job.result;
   if (!r) return box;
   box.append(
@@ -32,7 +37,10 @@ function jobPanel(job) {
   return box;
 }
 
+let cancelJob = async () => {};
+
 async function follow(id, ctx, area) {
+  cancelJob = (job) => ctx.api.cancelValidation(job);
   const mine = ++following;
   for (;;) {
     let job;
@@ -50,8 +58,10 @@ export default {
   async render(ctx) {
     const { out, doc, state } = ctx;
     if (!fields) fields = new FieldSet(doc, "ValidationRequest", ["mode", "device", "steps", "timeout_s"].map((path) => ({ path })), "v");
+    const kept = fields.fields[0].input ? fields.read({}) : {};  // what was chosen before a re-run
     const form = el("form", { id: "validation-form", novalidate: true, "aria-label": "Validation job" });
     fields.render(form);
+    fields.write(kept);
     const area = el("div", { id: "job-area", "aria-live": "polite" });
     form.append(el("button", { type: "submit", id: "submit-validation", text: "Run this setup for real and compare" }));
     form.addEventListener("submit", async (e) => {
