@@ -38,7 +38,7 @@ SHOTS = [
                                 "hardware": {"gpu": "a100-40gb"}}),
     ("curve", "curve", example("fits.json")),
     ("zero", "zero", example("zero.json")),
-    ("checkpointing", "checkpointing", example("fits.json")),
+    ("checkpointing", "checkpointing", example("checkpointing.json")),
     ("pipeline", "pipeline", {**example("pipeline.json")["setup"],
                               "parallelism": {"pipeline_parallel": 4},
                               "training": {**example("pipeline.json")["setup"]["training"],
