@@ -51,7 +51,10 @@ export function stackedBars(rows, lines = [], { width = 760, rowHeight = 34, tit
       root.append(rect);
       x += w;
     }
-    if (row.note) root.append(svg("text", { x: Math.min(x + 6, width - right), y: y + rowHeight + 12, class: "small" }, row.note));
+    if (row.note) {
+      const near = x + 6 > width - right - 7 * row.note.length;  // no room on the right: end at the bar
+      root.append(svg("text", { x: near ? x : x + 6, y: y + rowHeight + 12, "text-anchor": near ? "end" : "start", class: "small" }, row.note));
+    }
   });
   for (const l of lines) {
     const x = left + l.bytes * scale;

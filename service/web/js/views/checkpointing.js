@@ -29,7 +29,8 @@ export default {
     const own = await api.checkpointing(request);
     if (stale()) return;
     const compare = [...STRATEGIES];
-    if (request.hardware) compare.push(["budget (GPU memory)", { strategy: "budget" }]);
+    const ac = (request.training && request.training.activation_checkpointing) || {};
+    if (request.hardware || ac.budget_bytes) compare.push([ac.budget_bytes ? "budget (the form's)" : "budget (GPU memory)", { strategy: "budget" }]);
     const results = [];
     for (const [label, extra] of compare) {
       try { results.push([label, await api.checkpointing({ ...request, strategy: "none", ...extra })]); }
