@@ -10,7 +10,7 @@ export default {
   prefixes: ["body.setup.", "body."],
   async render({ request, out, api, stale }) {
     const par = request.parallelism || {};
-    const body = { setup: request, stages: Math.max(2, par.pipeline_parallel || 4),
+    const body = { setup: request, stages: (par.pipeline_parallel || 1) > 1 ? par.pipeline_parallel : 4,
                    microbatches: Math.max(1, (request.training && request.training.gradient_accumulation_steps) || 8) };
     if (!request.hardware || !request.hardware.gpu) { delete body.setup; }
     const [r, picture] = await Promise.all([api.pipeline(body), api.pipelineSvg(body)]);
