@@ -62,7 +62,7 @@ export class FieldSet {
         el("span", { id: errId, class: "error", role: "alert", "data-error-for": f.path }));
       f.input = input; f.row = row; f.error = row.lastChild;
       if (f.path.endsWith("_bytes")) {  // a byte count read back in GiB as it is typed
-        const out = el("output", { for: f.id, class: "hint", "aria-live": "polite" });
+        const out = el("output", { for: f.id, class: "readback", "aria-live": "polite" });
         const show = () => { const v = Number(input.value); out.textContent = input.value && Number.isFinite(v) ? `= ${(v / 2 ** 30).toFixed(2)} GiB` : ""; };
         input.addEventListener("input", show); f.show = show;
         row.insertBefore(out, row.lastChild);
