@@ -197,7 +197,7 @@ def test_an_invalid_field_shows_the_apis_message_next_to_it(base, page):
     assert page.locator("[data-error-for='training.micro_batch_size']").inner_text() == ""
 
 
-def test_a_validation_job_is_submitted_and_followed_to_its_result(base, page):
+def test_a_validation_job_is_submitted_and_followed_to_its_result(base, browser, page):
     page.goto(base)
     _ready(page, "breakdown")
     page.check("#source-architecture")
@@ -231,6 +231,12 @@ def test_a_validation_job_is_submitted_and_followed_to_its_result(base, page):
     steps = answer["progress"]["total_steps"]
     assert page.locator("progress").get_attribute("value") == str(answer["progress"]["step"])
     assert f"of {steps}" in page.locator(".progress-text").inner_text()
+    # The link names the job: opened afresh, it shows the same result.
+    again = browser.new_page(viewport={"width": 1366, "height": 768})
+    again.goto(page.url)
+    again.locator(f".job[data-job='{job_id}'][data-status=succeeded]").wait_for(timeout=30_000)
+    assert _cells(again, "validation") == drawn
+    again.close()
 
 
 def test_zero_checkpointing_and_pipeline_views_draw_the_apis_numbers(base, page):
