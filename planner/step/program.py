@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.machine.deadline import check as check_work_limit
+from planner.step.loss import chunked_loss
 from planner.step.model import DTYPE_ESZ, I64, ReferenceModel, Shapes
 from planner.step.ops import F32, Ops, T
 from planner.catalog.specs import ResolvedModel, TrainingSpec
@@ -138,6 +139,8 @@ class ReferenceProgram(ReferenceModel):
             x = xn
             for ph in sorted(ends.get(j, ()), key=lambda ph: -ph[0]):  # inner phantoms first
                 x = self._phantom_forward(x, ph, *measured[ph[0]])
+        if self.tr.loss.kind != "standard":
+            return chunked_loss(self, x, rope)
         logits = self.head(x)
         # Transformer.forward returns: its locals (the rotary tables) live on only where saved.
         if rope is not None:
