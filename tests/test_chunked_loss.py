@@ -52,3 +52,36 @@ def test_chunked_loss_step_equals_measured(family, precision, optimizer, loss, b
     r = run_validation(ValidationRequest(model=model, training=training, steps=3))
     assert r.estimate == r.measured, (r.peak_op, r.peak_phase)
     assert r.first_step_estimate == r.first_step_measured
+
+
+@pytest.mark.parametrize("loss", [{"kind": "chunked", "chunks": 8},
+                                  {"kind": "chunked-linear", "chunks": 8}])
+def test_traced_full_size_chunked_equals_estimate(loss):
+    """FakeTensorMode: TinyLlama 1.1B (vocabulary 32,000), 4 x 512 tokens, without allocating it."""
+    req = ValidationRequest(model={"preset": "tinyllama-1.1b"}, mode="traced", steps=2,
+                            training=dict(precision="amp-bf16", optimizer="adamw",
+                                          micro_batch_size=4, sequence_length=512, loss=loss))
+    r = run_validation(req)
+    assert r.measured.total > 10 * 2**30
+    assert r.estimate == r.measured
+    assert r.first_step_estimate == r.first_step_measured
+
+
+def test_served_estimates_equal_the_replay():
+    """Chunk row counts round (ceil(B·T / chunks)), so no template is compiled for a chunked
+    loss (the compile raises Undecided): the estimate the service answers, setup templates and
+    structure templates on, is the op-by-op replay at every size."""
+    from planner.catalog.presets import resolve_model
+    from planner.catalog.specs import ModelSpec, TrainingSpec
+    from planner.step import simulate as step_cache
+    from planner.step.program import ReferenceProgram
+
+    model = resolve_model(ModelSpec(**TINY["llama"]))
+    with step_cache.structure_mode("sync"):
+        for kind in ("chunked", "chunked-linear"):
+            for b, t in [(2, 32), (3, 32), (2, 17), (5, 40), (3, 32)]:
+                tr = TrainingSpec(precision="amp-bf16", micro_batch_size=b, sequence_length=t,
+                                  loss={"kind": kind, "chunks": 3})
+                served = step_cache.simulate(model, tr, "cpu", frozenset())
+                replay = ReferenceProgram(model, tr, device="cpu", checkpointed=set()).run()
+                assert served.steady == replay.steady and served.first == replay.first

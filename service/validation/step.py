@@ -9,6 +9,10 @@ One optimizer step = ``gradient_accumulation_steps`` micro-batches of forward + 
     (scaler.scale(loss) if amp-fp16 else loss).backward()
     optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
+``training.loss`` may replace the loss line with a chunked one (``chunked_loss`` below,
+planner/catalog/loss_specs.py): the model then returns the final norm's output and the head runs
+per token chunk, in forward or recomputed in backward.
+
 Precision presets (planner/catalog/precision.py states the bytes):
 - fp32: everything fp32.  amp-bf16 / amp-fp16: fp32 model and optimizer, autocast matmuls.
 - mixed-bf16 / mixed-fp16: 16-bit model; ``MasterWeightOptimizer`` keeps fp32 master copies and
