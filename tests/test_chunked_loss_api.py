@@ -109,3 +109,23 @@ def test_cli_loss_flags(capsys, tmp_path):
     assert lin["activation_peak_bytes"] < std["activation_peak_bytes"]
     assert main(["estimate", str(path), "--loss", "chunked", "--tensor-parallel", "2"]) == 2
     assert "loss kind 'chunked'" in capsys.readouterr().err
+
+
+def test_what_fits_offers_the_chunked_loss(client):
+    """Llama-3-8B, 4 x 8192 tokens, full checkpointing on an H100 80GB: the standard loss's peak
+    (in the loss's backward) does not fit; the note names the chunked-linear loss, whose estimate
+    (the same replay as a request with it) fits."""
+    setup = {"model": {"preset": "llama-3-8b"},
+             "training": {"precision": "bf16", "optimizer": "adamw", "micro_batch_size": 4,
+                          "sequence_length": 8192,
+                          "activation_checkpointing": {"strategy": "full"}},
+             "hardware": {"gpu": "h100-80gb"}}
+    std = client.post("/v1/memory", json=setup).json()
+    assert not std["fit"]["fits"] and std["peak_phase"].startswith("backward")
+    lin = client.post("/v1/memory", json={**setup, "training": {
+        **setup["training"], "loss": {"kind": "chunked-linear", "chunks": 8}}}).json()
+    assert lin["fit"]["fits"]
+    fits = next(n for n in std["notes"] if n.startswith("fits instead"))
+    gib = f"{lin['breakdown']['total'] / 2**30:.2f} GiB"
+    assert f"loss 'chunked-linear' (8 chunks: head and cross-entropy recomputed per chunk in " \
+           f"backward): peak {gib}" in fits
