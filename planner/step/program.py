@@ -16,6 +16,7 @@ from planner.step.model import DTYPE_ESZ, I64, ReferenceModel, Shapes
 from planner.step.ops import F32, Ops, T
 from planner.catalog.specs import ResolvedModel, TrainingSpec
 from planner.machine.stepsim import Leaf, Machine, Val
+from planner.machine.symbolic import Undecided
 from planner.step.peaks import StepPeaks, combine_peaks
 from planner.step.plans import compression_plan, plan_period
 
@@ -76,6 +77,8 @@ class ReferenceProgram(ReferenceModel):
         self.act_esz = self.amp_esz or self.p_esz
         h = model.hidden_size
         B, T = (sizes or (training.micro_batch_size, training.sequence_length))[:2]
+        if training.loss.kind != "standard" and not isinstance(B * T, int):
+            raise Undecided("chunked loss: torch.chunk's row counts round")  # before any replay
         nkv = model.num_kv_heads or model.num_heads
         self.s = Shapes(B, T, *(sizes[2:] if sizes and len(sizes) > 2 else (
             h, model.num_heads, nkv, h // model.num_heads, model.ffn_hidden_size,
