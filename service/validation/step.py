@@ -103,11 +103,11 @@ def make_optimizer(training: TrainingSpec, params: list[torch.nn.Parameter]) -> 
         return torch.optim.Adam(params, lr=1e-4, **kw)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, **kw)
+    if name == "adagrad":  # fused: torch's _fused_adagrad (CPU kernels)
+        return torch.optim.Adagrad(params, lr=1e-3, **kw)
     kw.pop("fused", None)
     if impl == "fused":
         raise ValueError(f"torch has no fused {name}")
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=1e-3, **kw)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=1e-3, centered=training.rmsprop_centered,
                                    momentum=0.9 if training.rmsprop_momentum else 0.0, **kw)
