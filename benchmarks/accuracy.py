@@ -2,7 +2,7 @@
 
 Runs a matrix of real CPU configurations (both families, every torch optimizer, several precision
 presets, checkpointing none / full / every-k / sqrt, eager and SDPA attention, dropout, LoRA,
-gradient accumulation, several micro-batch and sequence sizes) plus traced full-size configs
+gradient accumulation, chunked losses, several micro-batch and sequence sizes) plus traced full-size configs
 (FakeTensorMode: GPT-2 XL, Llama-2-7B, ...), and prints estimate, measured and relative error per
 category for the steady-state step. Goal: total within 1% and every category within 2% on every
 row.
@@ -77,6 +77,13 @@ REAL = [
     ("gpt2-small amp-bf16 adamw b4 s256", SMALL_GPT2, _t(precision="amp-bf16", optimizer="adamw", micro_batch_size=4, sequence_length=256)),
     ("llama-small mixed-bf16 adamw b2 s512", SMALL_LLAMA, _t(precision="mixed-bf16", optimizer="adamw", micro_batch_size=2, sequence_length=512)),
     ("llama-small amp-bf16 adamw full-ckpt eager", SMALL_LLAMA, _t(precision="amp-bf16", optimizer="adamw", micro_batch_size=2, sequence_length=256, attention="eager", activation_checkpointing={"strategy": "full"})),
+    # chunked cross-entropy losses (training.loss): torchtune-style and recomputed per chunk
+    ("gpt2 amp-bf16 adamw loss chunked 4", TINY_GPT2, _t(precision="amp-bf16", optimizer="adamw", loss={"kind": "chunked", "chunks": 4})),
+    ("gpt2 fp32 sgd loss chunked-linear 8 full-ckpt", TINY_GPT2, _t(precision="fp32", optimizer="sgd", activation_checkpointing={"strategy": "full"}, loss={"kind": "chunked-linear", "chunks": 8})),
+    ("llama bf16 adamw loss chunked 3 b3 s50", TINY_LLAMA, _t(precision="bf16", optimizer="adamw", micro_batch_size=3, sequence_length=50, loss={"kind": "chunked", "chunks": 3})),
+    ("llama amp-bf16 sgd-momentum loss chunked-linear 4", TINY_LLAMA, _t(precision="amp-bf16", optimizer="sgd-momentum", loss={"kind": "chunked-linear", "chunks": 4})),
+    ("llama mixed-bf16 adamw loss chunked-linear 16 full-ckpt", TINY_LLAMA, _t(precision="mixed-bf16", optimizer="adamw", activation_checkpointing={"strategy": "full"}, loss={"kind": "chunked-linear", "chunks": 16})),
+    ("llama-small amp-bf16 adam loss chunked-linear 8 b4 s256", SMALL_LLAMA, _t(precision="amp-bf16", optimizer="adam", micro_batch_size=4, sequence_length=256, loss={"kind": "chunked-linear", "chunks": 8})),
 ]
 
 TRACED = [
@@ -85,6 +92,13 @@ TRACED = [
     ("llama-2-7b bf16 adamw b1 s2048", dict(preset="llama-2-7b"), _t(precision="bf16", optimizer="adamw", micro_batch_size=1, sequence_length=2048)),
     ("llama-2-7b amp-bf16 sgd b1 s4096 full-ckpt", dict(preset="llama-2-7b"), _t(precision="amp-bf16", optimizer="sgd", micro_batch_size=1, sequence_length=4096, activation_checkpointing={"strategy": "full"})),
     ("tinyllama-1.1b amp-bf16 adamw b4 s2048", dict(preset="tinyllama-1.1b"), _t(precision="amp-bf16", optimizer="adamw", micro_batch_size=4, sequence_length=2048)),
+    # Llama-3-8B at micro-batch 4 x 8192 with full checkpointing: the loss head's memory, three ways
+    *[(f"llama-3-8b bf16 adamw b4 s8192 full-ckpt loss {name}", dict(preset="llama-3-8b"),
+       _t(precision="bf16", optimizer="adamw", micro_batch_size=4, sequence_length=8192,
+          activation_checkpointing={"strategy": "full"}, loss=loss))
+      for name, loss in (("standard", {"kind": "standard"}),
+                         ("chunked 8", {"kind": "chunked", "chunks": 8}),
+                         ("chunked-linear 8", {"kind": "chunked-linear", "chunks": 8}))],
 ]
 
 

@@ -357,6 +357,8 @@ def _estimate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("training.activation_checkpointing.budget_bytes",
         None if args.checkpoint_budget_gib is None else round(args.checkpoint_budget_gib * 2**30))
     put("training.activation_checkpointing.blocks", args.checkpoint_blocks)
+    put("training.loss.kind", args.loss)
+    put("training.loss.chunks", args.loss_chunks)
     put("parallelism.data_parallel", args.data_parallel)
     put("parallelism.tensor_parallel", args.tensor_parallel)
     put("parallelism.pipeline_parallel", args.pipeline_parallel)
@@ -631,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-blocks", type=_block_list, metavar="I,J,...",
                    help="checkpointed block indices (implies --checkpointing blocks; with "
                    "budget: a resolved plan)")
+    p.add_argument("--loss", metavar="KIND", help="cross-entropy loss: standard, chunked "
+                   "(torchtune-style chunked output) or chunked-linear (head + loss recomputed "
+                   "per chunk in backward)")
+    p.add_argument("--loss-chunks", type=int, metavar="N", help="token chunks of a chunked loss")
     p.add_argument("--data-parallel", type=int)
     p.add_argument("--tensor-parallel", type=int)
     p.add_argument("--pipeline-parallel", type=int)

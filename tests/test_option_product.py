@@ -1,7 +1,7 @@
 """No server error from any combination of training and parallelism options.
 
 A property test over the product of every option an estimate route takes (optimizer x kernel x
-precision x checkpointing x LoRA x ZeRO x tensor/pipeline/schedule x offload, with a small model
+precision x checkpointing x LoRA x loss x ZeRO x tensor/pipeline/schedule x offload, with a small model
 of either family, a preset or a bare parameter count): each answer on each estimate route is a
 200, or a 422 problem whose ``invalid-params`` names the input at fault. Two such combinations
 were 500s: a pipelined setup with ``adagrad`` (the optimizer's states, made in its constructor,
@@ -96,6 +96,9 @@ def setups(draw: st.DrawFn) -> dict[str, Any]:
                             "target_modules": draw(st.lists(st.sampled_from(
                                 ["q", "k", "v", "o", "up", "gate", "down"]), min_size=1,
                                 max_size=3, unique=True))}
+    if draw(_rarely()):
+        training["loss"] = {"kind": draw(st.sampled_from(["chunked", "chunked-linear"])),
+                            "chunks": draw(st.integers(1, 5))}
     if draw(st.integers(0, 4)) == 0:
         training["precision_overrides"] = {"gradients": draw(st.sampled_from(["fp32", "bf16"]))}
     pp = draw(st.sampled_from([1, 1, 2, 3]))

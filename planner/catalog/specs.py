@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from planner.catalog.loss_specs import LossSpec
+
 # ---- documented input limits (also enforced by the API as 422) -------------------------------
 MAX_LAYERS = 1024
 MAX_HIDDEN = 131_072
@@ -194,6 +196,8 @@ class TrainingSpec(_Frozen):
         "'megatron': Korthikanti et al. 2022, Table 2.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 = no masks).")
     lora: LoraSpec | None = None
+    loss: LossSpec = Field(default_factory=LossSpec, description="Output head and cross-entropy: "
+                           "whole, chunked, or chunked and recomputed in backward.")
 
     @field_validator("optimizer_implementation")
     @classmethod

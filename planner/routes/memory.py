@@ -40,6 +40,7 @@ from planner.layouts.compose import (
 from planner.layouts.parallel_ranks import empty_shard_rule, unsupported_reason
 from planner.layouts.pipelined import pipelined_estimate
 from planner.routes import memory_notes
+from planner.routes.loss_rules import loss_assumption, loss_refusal
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
 from planner.step import simulate as step_cache
 
@@ -54,6 +55,9 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
                             "parallelism.virtual_pipeline_stages")
     if par.sequence_parallel and par.tensor_parallel == 1:
         raise PlanningError("sequence_parallel needs tensor_parallel > 1", "parallelism.sequence_parallel")
+    refusal = loss_refusal(tr, par)
+    if refusal is not None:
+        raise PlanningError(refusal, "training.loss.kind")
     if not model.architecture_known:
         return
     if par.tensor_parallel > 1:
@@ -216,6 +220,7 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         peaks = fb_fields(bd.activations, bd, phase)  # Korthikanti et al.: the forward's end
     else:
         bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
+        assumptions.append(loss_assumption(tr.loss))
         if ckpt:
             assumptions.append(_ckpt_assumption(frozenset(ckpt)))
     reserve = allocator_reserve(bd.total, device)

@@ -6,6 +6,7 @@ model states exactly."""
 
 from __future__ import annotations
 
+from planner.catalog.loss_specs import LossSpec
 from planner.catalog.optimizers import master_weight_step_temporary_bytes
 from planner.catalog.presets import allocator_reserve
 from planner.catalog.specs import (
@@ -125,6 +126,10 @@ def what_fits(req: MemoryRequest, model: ResolvedModel, device: str, ckpt, bd: B
             tried("activation_checkpointing 'full'",
                   variant(req, model, device, frozenset(range(L)),
                            activation_checkpointing=ActivationCheckpointing(strategy="full")))
+        if tr.loss.kind == "standard" and not phase.startswith("optimizer"):
+            tried("loss 'chunked-linear' (8 chunks: head and cross-entropy recomputed per chunk "
+                  "in backward)", variant(req, model, device, ckpt,
+                                          loss=LossSpec(kind="chunked-linear", chunks=8)))
         if tr.optimizer_implementation != "fused" and phase.startswith("optimizer"):
             tried("optimizer_implementation 'fused'",
                   variant(req, model, device, ckpt, optimizer_implementation="fused"))

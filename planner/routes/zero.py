@@ -40,7 +40,12 @@ def zero_stages(request: MemoryRequest, estimate=None) -> ZeroResult:
         def estimate(req):  # the figures only: each stage's notes are not returned
             return estimate_memory(req, explain=False)
     stages: list[ZeroStage] = []
-    for par in _variants(request.parallelism):
+    variants = _variants(request.parallelism)
+    if request.training.loss.kind != "standard":  # the offload layouts are not replayed
+        variants = variants[:4]
+        notes.append(f"loss kind {request.training.loss.kind!r}: the offload variants are left "
+                     "out (a chunked loss is estimated where the step is replayed rank by rank)")
+    for par in variants:
         # memoised per setup: each stage's estimate below asks for the same model states
         ms = setup_memo(shard_model_states, model, request.training, par)
         result = estimate(request.model_copy(update={"parallelism": par}))

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.machine.deadline import check as check_work_limit
+from planner.step.loss import chunked_loss
 from planner.step.model import DTYPE_ESZ, I64, ReferenceModel, Shapes
 from planner.step.ops import F32, Ops, T
 from planner.catalog.specs import ResolvedModel, TrainingSpec
 from planner.machine.stepsim import Leaf, Machine, Val
+from planner.machine.symbolic import Undecided
 from planner.step.peaks import StepPeaks, combine_peaks
 from planner.step.plans import compression_plan, plan_period
 
@@ -75,6 +77,8 @@ class ReferenceProgram(ReferenceModel):
         self.act_esz = self.amp_esz or self.p_esz
         h = model.hidden_size
         B, T = (sizes or (training.micro_batch_size, training.sequence_length))[:2]
+        if training.loss.kind != "standard" and not isinstance(B * T, int):
+            raise Undecided("chunked loss: torch.chunk's row counts round")  # before any replay
         nkv = model.num_kv_heads or model.num_heads
         self.s = Shapes(B, T, *(sizes[2:] if sizes and len(sizes) > 2 else (
             h, model.num_heads, nkv, h // model.num_heads, model.ffn_hidden_size,
@@ -138,6 +142,8 @@ class ReferenceProgram(ReferenceModel):
             x = xn
             for ph in sorted(ends.get(j, ()), key=lambda ph: -ph[0]):  # inner phantoms first
                 x = self._phantom_forward(x, ph, *measured[ph[0]])
+        if self.tr.loss.kind != "standard":
+            return chunked_loss(self, x, rope)
         logits = self.head(x)
         # Transformer.forward returns: its locals (the rotary tables) live on only where saved.
         if rope is not None:

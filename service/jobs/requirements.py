@@ -41,6 +41,7 @@ def requirements_for(request: ValidationRequest) -> Requirements:
 # Which request field a runner refusal is about, by what the refusal says (first match); the
 # refusal's own text is the detail.
 _REFUSAL_FIELDS: tuple[tuple[str, str], ...] = (
+    ("loss kind", "body.training.loss.kind"),
     ("num_parameters model", "body.model"),
     ("tied embeddings", "body.model.tie_embeddings"),
     ("stages need at least", "body.model"),

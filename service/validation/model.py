@@ -190,9 +190,11 @@ class Transformer(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.dropout = dropout
 
-    def forward(self, idx: torch.Tensor, run_block: Callable | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, run_block: Callable | None = None,
+                head: bool = True) -> torch.Tensor:
         """Logits (B, T, V). ``run_block(i, block, x, rope)`` replaces ``block(x, rope)`` when
-        given (the training step uses it to checkpoint blocks)."""
+        given (the training step uses it to checkpoint blocks). ``head=False``: the final norm's
+        output (B, T, C) instead, for a loss that runs the head itself (a chunked loss)."""
         B, T = idx.shape
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
@@ -205,4 +207,4 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = run_block(i, block, x, rope) if run_block is not None else block(x, rope)
         x = self.norm_f(x)
-        return self.lm_head(x)  # (B, T, V)
+        return self.lm_head(x) if head else x  # (B, T, V) or (B, T, C)

@@ -9,6 +9,10 @@ One optimizer step = ``gradient_accumulation_steps`` micro-batches of forward + 
     (scaler.scale(loss) if amp-fp16 else loss).backward()
     optimizer.step(); optimizer.zero_grad(set_to_none=True)
 
+``training.loss`` may replace the loss line with a chunked one (``chunked_loss`` below,
+planner/catalog/loss_specs.py): the model then returns the final norm's output and the head runs
+per token chunk, in forward or recomputed in backward.
+
 Precision presets (planner/catalog/precision.py states the bytes):
 - fp32: everything fp32.  amp-bf16 / amp-fp16: fp32 model and optimizer, autocast matmuls.
 - mixed-bf16 / mixed-fp16: 16-bit model; ``MasterWeightOptimizer`` keeps fp32 master copies and
@@ -17,6 +21,7 @@ Precision presets (planner/catalog/precision.py states the bytes):
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -27,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from planner.routes.memory import checkpointed_blocks as planner_checkpointed_blocks
 from planner.step.program import PRECISIONS
+from planner.catalog.loss_specs import LossSpec
 from planner.catalog.specs import ResolvedModel, TrainingSpec
 from service.validation.model import LoRALinear, Transformer
 
@@ -97,11 +103,11 @@ def make_optimizer(training: TrainingSpec, params: list[torch.nn.Parameter]) -> 
         return torch.optim.Adam(params, lr=1e-4, **kw)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, **kw)
+    if name == "adagrad":  # fused: torch's _fused_adagrad (CPU kernels)
+        return torch.optim.Adagrad(params, lr=1e-3, **kw)
     kw.pop("fused", None)
     if impl == "fused":
         raise ValueError(f"torch has no fused {name}")
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=1e-3, **kw)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=1e-3, centered=training.rmsprop_centered,
                                    momentum=0.9 if training.rmsprop_momentum else 0.0, **kw)
@@ -213,10 +219,41 @@ def forward_loss(s: StepSetup, idx: torch.Tensor, targets: torch.Tensor,
         return block(x, rope)
 
     with ctx:
-        logits = s.model(idx, run_block)  # (B, T, V)
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits.float().view(-1, V), targets.view(-1))
+        if s.training.loss.kind != "standard":
+            loss = chunked_loss(s.model.lm_head, s.model(idx, run_block, head=False), targets,
+                                s.training.loss, on_recompute)
+        else:
+            logits = s.model(idx, run_block)  # (B, T, V)
+            V = logits.shape[-1]
+            loss = F.cross_entropy(logits.float().view(-1, V), targets.view(-1))
     return loss / s.training.gradient_accumulation_steps
+
+
+def _head_nll(lm_head: torch.nn.Module, rows: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """One chunk's summed cross-entropy: head, fp32 upcast, log-softmax and NLL."""
+    return F.cross_entropy(lm_head(rows).float(), tgt, reduction="sum")
+
+
+def chunked_loss(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
+                 spec: LossSpec, on_recompute: Callable[[], Any] | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the B·T tokens, ``spec.chunks`` token chunks at a time
+    (planner/catalog/loss_specs.py). ``h``: the final norm's output (B, T, C)."""
+    n, C = h.shape[0] * h.shape[1], h.shape[-1]
+    rows = h.view(n, C).chunk(spec.chunks)
+    tgts = targets.view(n).chunk(spec.chunks)
+    if spec.kind == "chunked":  # torchtune: the chunks' logits, then each chunk's fp32 loss
+        logits = [lm_head(r) for r in rows]
+        nlls = [F.cross_entropy(lc.float(), t, reduction="sum") for lc, t in zip(logits, tgts)]
+        del logits
+    elif spec.kind == "chunked-linear":  # each chunk recomputed in backward
+        fn = _recompute_aware(functools.partial(_head_nll, lm_head), on_recompute)
+        nlls = [checkpoint(fn, r, t, use_reentrant=False) for r, t in zip(rows, tgts)]
+    else:
+        raise ValueError(f"loss kind {spec.kind!r} is not chunked")
+    total = nlls[0]
+    for nll in nlls[1:]:
+        total = total + nll
+    return total / n
 
 
 def _recompute_aware(block: torch.nn.Module, on_recompute: Callable[[], Any] | None) -> Callable:

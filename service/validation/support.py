@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import ValidationRequest
+from planner.routes.loss_rules import loss_refusal
 
 
 class ValidationUnsupported(ValueError):
@@ -18,6 +19,9 @@ class ValidationUnsupported(ValueError):
 def check_supported(req: ValidationRequest) -> None:
     """Refuse, with the reason, what the single-process reference step does not run."""
     par, tr = req.parallelism, req.training
+    refusal = loss_refusal(tr, par)
+    if refusal is not None:  # the estimate refuses it too (training.loss.kind)
+        raise ValidationUnsupported(refusal)
     if par.tensor_parallel > 1:
         raise ValidationUnsupported(
             "tensor_parallel > 1 is not run by the validation runner: the reference model has no "
