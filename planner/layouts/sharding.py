@@ -380,8 +380,13 @@ def shard_model_states(model: ResolvedModel, training: TrainingSpec,
     best: ModelStates | None = None
     lo = 0
     lora = training.lora
+    seen: dict[tuple[int, bool, bool], ModelStates] = {}  # stages alike hold alike bytes
     for s in range(p):
         hi = lo + layers[s]
+        shape_key = (hi - lo, s == 0, s == p - 1)
+        if shape_key in seen and lora is None:
+            lo = hi
+            continue
         tensors = _stage_tensors(model, lo, hi, first=s == 0, last=s == p - 1, tp=t)
         shapes = [sh for sh, _ in tensors]
         block = _layer_tensors(model)
@@ -395,6 +400,7 @@ def shard_model_states(model: ResolvedModel, training: TrainingSpec,
             trainable = [True] * len(shapes)
         ms = _stage_states(shapes, trainable, lora.base_dtype if lora else None, training,
                            parallel, plan, [unit])
+        seen[shape_key] = ms
         if best is None or ms.total + ms.step_temporaries > best.total + best.step_temporaries:
             best = ms if p == 1 else ModelStates(**{**ms.__dict__, "worst_rank": ms.worst_rank + s * parallel.data_parallel * t})
         lo = hi

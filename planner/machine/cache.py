@@ -113,9 +113,11 @@ _MEMO: dict[tuple, object] = {}
 
 def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
     """``fn(model, tr, par)`` memoised per setup, for functions that do not depend on the
-    micro-batch size or the sequence length (per-rank model states, ZeRO-1 partitions)."""
+    micro-batch size, the sequence length or activation checkpointing (per-rank model states,
+    ZeRO-1 partitions)."""
     try:
-        key = (fn, *setup_key(model, tr, "", frozenset(), par)[:-1])
+        k = setup_key(model, tr, "", frozenset(), par)
+        key = (fn, k[0], k[1], *k[3:-1])  # k[2]: the checkpointing fields
         hit = _MEMO.get(key)
     except TypeError:  # a list inside the specs: not memoised
         return fn(model, tr, par)
