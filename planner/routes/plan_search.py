@@ -268,7 +268,15 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
         rejected["peak_exceeds_memory_implied"] = implied
     if skipped:
         rejected["dominated_not_evaluated"] = skipped
-    front.sort(key=lambda e: e.peak_bytes)
+    front.sort(key=lambda e: (e.peak_bytes, e.time.step_s))
+    kept: list[PlanLayout] = []
+    for e in front:  # equal step times: only the lowest peak is undominated
+        if not kept or e.time.step_s < kept[-1].time.step_s:
+            kept.append(e)
+    front = kept
+    on_front = {id(k) for k in kept}
+    fits = [f if f.pareto == (id(f) in on_front) else
+            f.model_copy(update={"pareto": id(f) in on_front}) for f in fits]
     search = PlanSearch(space_size=space, pruned_by_bound=pruned, evaluated=evaluated,
                         rejected=rejected, seconds=time.perf_counter() - t0)
     return PlanClusterResult(num_gpus=n, layouts=fits, pareto_front=front, search=search)
