@@ -181,3 +181,42 @@ def test_cluster_range_sweeps_sizes(client):
     r = client.post("/v1/plan", json=body)
     assert r.status_code == 200, r.text
     assert [c["num_gpus"] for c in r.json()["clusters"]] == [2, 4, 8]
+
+
+def _apply(body: dict, s: dict) -> dict:
+    out = {**body, "training": {**body.get("training", {})},
+           "parallelism": {**body.get("parallelism", {})}}
+    for k, v in s["training"].items():
+        out["training"][k] = {"strategy": v} if k == "activation_checkpointing" else v
+    out["parallelism"].update(s["parallelism"])
+    return out
+
+
+@pytest.mark.parametrize("body", [
+    # the README's first example: 125.5 GiB on an 80 GB GPU
+    {"model": {"preset": "llama-2-7b"},
+     "training": {"precision": "amp-bf16", "optimizer": "adamw", "micro_batch_size": 1,
+                  "sequence_length": 4096, "activation_checkpointing": {"strategy": "full"}},
+     "hardware": {"gpu": "h100-80gb"}},
+    {"model": {"preset": "llama-2-7b"},
+     "training": {"precision": "mixed-bf16", "micro_batch_size": 8, "sequence_length": 4096},
+     "parallelism": {"data_parallel": 8},
+     "hardware": {"gpu": "a100-80gb"}},
+])
+def test_suggestions_fit_with_the_peak_memory_gives(client, body):
+    r = client.post("/v1/memory", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert not got["fit"]["fits"] and got["suggestions"]
+    for s in got["suggestions"]:
+        again = client.post("/v1/memory", json=_apply(body, s))
+        assert again.status_code == 200, again.text
+        assert again.json()["fit"]["fits"], s
+        assert again.json()["breakdown"]["total"] == s["peak_bytes"], s
+        assert again.json()["fit"]["headroom_bytes"] == s["headroom_bytes"]
+
+
+def test_no_suggestions_when_it_fits(client):
+    r = client.post("/v1/memory", json={"model": {"preset": "gpt2"},
+                                        "hardware": {"gpu": "h100-80gb"}})
+    assert r.json()["fit"]["fits"] and r.json()["suggestions"] == []
