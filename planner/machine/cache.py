@@ -28,6 +28,7 @@ _SIM_CACHE: dict[tuple, object] = {}  # replayed results (StepPeaks, ...)
 _SIM_CACHE_MAX = 512
 _TEMPLATES: dict[tuple, object] = {}  # compiled templates; None: found size-dependent
 _TEMPLATES_MAX = 256
+_MEMO_MAX = 8192  # per-setup results (model states, partitions): small, and a plan search reads thousands
 _SEEN: dict[tuple, int] = {}
 _SEEN_MAX = 4096
 _SIZES = ("micro_batch_size", "sequence_length")
@@ -123,7 +124,7 @@ def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
         return fn(model, tr, par)
     if hit is None:
         hit = fn(model, tr, par)
-        _put(_MEMO, key, hit, _TEMPLATES_MAX)
+        _put(_MEMO, key, hit, _MEMO_MAX)
     return hit
 
 

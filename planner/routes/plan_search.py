@@ -19,6 +19,7 @@ The search, per cluster size:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import time
@@ -164,6 +165,7 @@ def enumerate_layouts(req: PlanRequest, model: ResolvedModel, n: int,
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def state_bound(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> int:
     """Per-rank parameters + optimizer states: live through the whole steady-state step."""
     ms = shard_model_states(model, tr, par)
@@ -254,6 +256,8 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
             over += 1
             continue
         on_front = lowest is None or total < lowest
+        p2p = plan_time.p2p_exposed_s(model, seq, act_bytes, lay, links)
+        parts = dataclasses.replace(parts, pp_s=p2p, bubble_s=max(0.0, parts.bubble_s - p2p))
         entry = _layout(req, model, n, lay, r, mem, parts, on_front)
         if len(fits) < top_k:
             fits.append(entry)

@@ -170,7 +170,7 @@ def _counts(model: ResolvedModel):
 @functools.lru_cache(maxsize=65536)
 def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int, pp: int,
                    v: int, schedule: str, checkpoint: str, b: int, m: int, links: Links,
-                   exact: bool, recompute: float | None = None):
+                   exact: bool, recompute: float | None = None, free_p2p: bool = False):
     """(makespan, slowest rank's busy time, bubble, exposed p2p, TP time, slowest rank's
     forward and backward per micro-batch) of the forward/backward passes."""
     c = _counts(model)
@@ -200,9 +200,9 @@ def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int
     if pp == 1 or not exact:
         busy = m * (rf[slow] + rb[slow])
         return busy, busy, 0.0, 0.0, tp_total, rf[slow], rb[slow]
-    p2p = tokens * h * act_bytes / links.bandwidth(2, t * dp)
+    p2p = 0.0 if free_p2p else tokens * h * act_bytes / links.bandwidth(2, t * dp)
     makespan, busy, p2p_exposed = _pipeline(schedule, pp, m, v, f_s, bwd_s, p2p)
-    bubble = max(0.0, makespan - busy - p2p_exposed)
+    bubble = max(0.0, makespan - busy)
     return makespan, busy, bubble, p2p_exposed, tp_total, rf[slow], rb[slow]
 
 
@@ -214,8 +214,19 @@ def _pipeline(schedule: str, p: int, m: int, v: int, f_s: list[float], b_s: list
     unit = f_s[0]
     key = tuple(round(x / unit, 3) for x in f_s + b_s) + (round(p2p / unit, 3),)
     mk, busy = _simulated(schedule, p, m, v, key)
-    mk_free = _simulated(schedule, p, m, v, key[:-1] + (0.0,))[0] if p2p else mk
-    return mk * unit, busy * unit, max(0.0, mk - mk_free) * unit
+    return mk * unit, busy * unit, 0.0
+
+
+def p2p_exposed_s(model: ResolvedModel, seq: int, act_bytes: int, lay: Layout,
+                  links: Links) -> float:
+    """The part of the pipeline's makespan the stage-to-stage sends add: the makespan minus
+    that of the same schedule with free links (a second simulation, run for reported layouts
+    only)."""
+    if lay.pp == 1:
+        return 0.0
+    args = (model, seq, act_bytes, lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.checkpoint,
+            lay.b, lay.ga, links, True, lay.recompute)
+    return max(0.0, _pipeline_part(*args)[0] - _pipeline_part(*args, True)[0])
 
 
 @functools.lru_cache(maxsize=8192)
