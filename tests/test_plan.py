@@ -220,3 +220,30 @@ def test_no_suggestions_when_it_fits(client):
     r = client.post("/v1/memory", json={"model": {"preset": "gpt2"},
                                         "hardware": {"gpu": "h100-80gb"}})
     assert r.json()["fit"]["fits"] and r.json()["suggestions"] == []
+
+
+@pytest.mark.parametrize("par", [{}, {"data_parallel": 4, "zero_stage": 3},
+                                 {"data_parallel": 2, "zero_stage": 1},
+                                 {"tensor_parallel": 2, "pipeline_parallel": 2}])
+def test_accumulation_counts_from_two_share_one_replay(par):
+    """A step replays its first two micro-batches (micro-batch 2+ alike), so the step cache keys
+    every count >= 2 as 2: each count's estimate equals its own replay from empty caches."""
+    from planner.routes.memory import clear_caches
+    from planner.step.simulate import replay_only
+
+    def est(ga: int) -> int:
+        req = MemoryRequest(model=ModelSpec(family="llama", num_layers=2, hidden_size=64,
+                                            num_heads=4, vocab_size=128),
+                            training=TrainingSpec(micro_batch_size=2, sequence_length=32,
+                                                  gradient_accumulation_steps=ga),
+                            parallelism=ParallelSpec(**par))
+        return estimate_memory(req, device="cpu", explain=False).breakdown
+
+    shared = [est(ga) for ga in (2, 3, 8, 1)]
+    own = []
+    for ga in (2, 3, 8, 1):
+        clear_caches()
+        with replay_only():
+            own.append(est(ga))
+    assert shared == own
+    assert shared[0] == shared[1] == shared[2]
