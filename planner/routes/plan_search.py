@@ -228,32 +228,37 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
     seen: dict[tuple, list[tuple[int, int, int]]] = {}  # family -> (strategy rank, b, peak)
     implied = 0
     while heap:
-        step_s, _, _, i, exact, lay, bound, parts = heapq.heappop(heap)
-        if not exact and lay.pp > 1:  # the bound first; the simulated time when it comes up
-            parts = plan_time.step_time(model, seq, act_bytes, grad_bytes, lay, links)
-            heapq.heappush(heap, (parts.step_s, lay.b, _CKPT_RANK[lay.checkpoint], i, True, lay,
-                                  bound, parts))
-            continue
+        step_s, _, _, i, exact, lay, bound, parts, *known = heapq.heappop(heap)
         fam = (lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.zero, lay.offload_optimizer,
                lay.offload_parameters)
         rank = _CKPT_RANK[lay.checkpoint]
-        for r0, b0, peak0 in seen.get(fam, ()):  # peaks monotone in b and in strategy rank
-            if r0 <= rank and b0 <= lay.b and peak0 > bound:
-                bound = peak0
-        if bound + allocator_reserve(bound, "cuda") > mem:
-            implied += 1
-            continue
+        if not known:
+            for r0, b0, peak0 in seen.get(fam, ()):  # peaks monotone in b and strategy rank
+                if r0 <= rank and b0 <= lay.b and peak0 > bound:
+                    bound = peak0
+            if bound + allocator_reserve(bound, "cuda") > mem:
+                implied += 1
+                continue
+        # the step time popped is exact or a lower bound: every layout popped before is no
+        # slower, so a bound at or above the lowest peak so far is dominated
         if len(fits) >= top_k and lowest is not None and bound >= lowest:
             skipped += 1
             continue
-        check()
-        r = estimate_memory(memory_request(req, lay, hardware=False), explain=False)
-        evaluated += 1
+        if known:
+            r = known[0]
+        else:
+            check()
+            r = estimate_memory(memory_request(req, lay, hardware=False), explain=False)
+            evaluated += 1
+            seen.setdefault(fam, []).append((rank, lay.b, r.breakdown.total))
         total = r.breakdown.total
         reserve = r.allocator_reserve_bytes
-        seen.setdefault(fam, []).append((rank, lay.b, total))
         if total + reserve > mem:
             over += 1
+            continue
+        if not exact and lay.pp > 1:  # it fits: now its simulated time, and back in line
+            parts = plan_time.step_time(model, seq, act_bytes, grad_bytes, lay, links)
+            heapq.heappush(heap, (parts.step_s, lay.b, rank, i, True, lay, total, parts, r))
             continue
         on_front = lowest is None or total < lowest
         p2p = plan_time.p2p_exposed_s(model, seq, act_bytes, lay, links)

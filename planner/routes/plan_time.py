@@ -126,6 +126,7 @@ def _recomputed_blocks(checkpoint: str, num_layers: int) -> float:
     return 0.0
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def step_time(model: ResolvedModel, seq: int, act_bytes: int, grad_bytes: int, lay: Layout,
               links: Links, exact: bool = True) -> TimeParts:
     """One optimizer step of ``lay`` (see the module docstring). ``exact=False``: a lower
