@@ -130,3 +130,17 @@ def test_plan(capsys):
     assert 1 <= len(layouts) <= 5 and all(x["fits"] for x in layouts)
     times = [x["time"]["step_s"] for x in layouts]
     assert times == sorted(times)  # fastest first
+
+
+def test_plan_sweep_script(capsys):
+    """examples/plan_sweep.py, as the README runs it (smaller here): one row per cluster size."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_sweep", EXAMPLES / "plan_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--preset", "llama-3.2-1b", "--gpu", "l4-24gb", "--min-gpus", "8",
+                     "--max-gpus", "16", "--global-batch", "32", "--sequence-length", "4096"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["GPUs", "layout"]
+    assert [line.split()[0] for line in out[3:]] == ["8", "16"]
