@@ -26,6 +26,7 @@ import time
 
 from planner.catalog.errors import PlanningError
 from planner.catalog.plan_specs import (
+    MAX_PLAN_CLUSTER_SIZES,
     PlanClusterResult,
     PlanLayout,
     PlanRequest,
@@ -141,6 +142,7 @@ def enumerate_layouts(req: PlanRequest, model: ResolvedModel, n: int,
                     while v <= con.max_virtual_stages and p * v <= L:
                         scheds.append(("interleaved-1f1b", v))
                         v *= 2
+            check()
             for b in (x for x in _divisors(local) if x <= tr.max_micro_batch_size):
                 ga = local // b
                 for sched, v in scheds:
@@ -180,9 +182,9 @@ def plan(req: PlanRequest) -> PlanResult:
     gpu = get_gpu(req.cluster.gpu)
     links = links_for(req, gpu)
     counts = req.cluster.counts()
-    if len(counts) > 16:
-        raise PlanningError(f"the range gives {len(counts)} cluster sizes; at most 16",
-                            "cluster.max_gpus")
+    if len(counts) > MAX_PLAN_CLUSTER_SIZES:
+        raise PlanningError(f"the range gives {len(counts)} cluster sizes; at most "
+                            f"{MAX_PLAN_CLUSTER_SIZES}", "cluster.max_gpus")
     clusters = [_plan_cluster(req, model, gpu, links, n) for n in counts]
     mfu = links.flops_per_s / gpu.peak_bf16_flops
     notes = []
