@@ -247,3 +247,17 @@ def test_accumulation_counts_from_two_share_one_replay(par):
             own.append(est(ga))
     assert shared == own
     assert shared[0] == shared[1] == shared[2]
+
+
+def test_search_stops_at_the_work_limit():
+    """A search past the request's work limit stops (the service answers 503), never hangs."""
+    import time
+
+    from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
+    from planner.routes.memory import clear_caches
+    clear_caches()
+    req = PlanRequest.model_validate({**SMALL, "cluster": {"gpu": "v100-16gb", "num_gpus": 64}})
+    t0 = time.perf_counter()
+    with pytest.raises(WorkLimitExceeded), work_limit(WorkLimit(0.05)):
+        plan(req)
+    assert time.perf_counter() - t0 < 5
