@@ -192,8 +192,9 @@ class PlanSearch(_Frozen):
     pruned_by_bound: int = Field(..., description="Refused by the exact model-state lower bound "
                                  "without a memory estimate.")
     evaluated: int = Field(..., description="Layouts whose peak the planner computed.")
-    rejected: dict[str, int] = Field(..., description="Candidates that are not in the answer, "
-                                     "by reason.")
+    rejected: dict[RejectReason, int] = Field(
+        ..., description="Candidates that are not in the answer, by reason (a layout that fits "
+        "but is neither among the top_k nor on the Pareto front is not counted).")
     seconds: float
 
 
