@@ -51,10 +51,15 @@ from planner.routes import plan_time
 from planner.routes.memory import estimate_memory
 from planner.routes.plan_time import Layout, Links
 
-MAX_CANDIDATES = 2_000_000
-# Activations kept, least first: a layout that does not fit with strategy r and micro-batch b
-# does not fit with a strategy keeping more or a larger micro-batch (the same layout otherwise).
-_CKPT_RANK = {"full": 0, "sqrt": 1, "selective": 2, "none": 3}  # layouts one request may enumerate (422 beyond)
+MAX_CANDIDATES = 200_000  # layouts one cluster size may enumerate (422 beyond)
+# Activations kept, least first (the heap's tie-break).
+_CKPT_RANK = {"full": 0, "sqrt": 1, "selective": 2, "none": 3}
+# A layout's peak with strategy s is at least its peak with any strategy in _KEEPS_LESS[s] at
+# the same or a smaller micro-batch: 'full' keeps only block inputs, 'sqrt' and 'selective'
+# each keep a part of what 'none' keeps (the two are not ordered: 'sqrt' on 1-3 blocks
+# checkpoints none of them).
+_KEEPS_LESS = {"full": {"full"}, "sqrt": {"full", "sqrt"}, "selective": {"full", "selective"},
+               "none": {"full", "sqrt", "selective", "none"}}
 
 
 def _divisors(n: int) -> list[int]:
@@ -227,7 +232,7 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
     lowest = None
     evaluated = over = skipped = 0
     top_k = req.constraints.top_k
-    seen: dict[tuple, list[tuple[int, int, int]]] = {}  # family -> (strategy rank, b, peak)
+    seen: dict[tuple, list[tuple[str, int, int]]] = {}  # family -> (strategy, b, peak)
     implied = 0
     while heap:
         step_s, _, _, i, exact, lay, bound, parts, *known = heapq.heappop(heap)
@@ -235,8 +240,9 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
                lay.offload_parameters)
         rank = _CKPT_RANK[lay.checkpoint]
         if not known:
-            for r0, b0, peak0 in seen.get(fam, ()):  # peaks monotone in b and strategy rank
-                if r0 <= rank and b0 <= lay.b and peak0 > bound:
+            less = _KEEPS_LESS[lay.checkpoint]
+            for s0, b0, peak0 in seen.get(fam, ()):  # peaks monotone in b and strategy
+                if s0 in less and b0 <= lay.b and peak0 > bound:
                     bound = peak0
             if bound + allocator_reserve(bound, "cuda") > mem:
                 implied += 1
@@ -252,7 +258,7 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
             check()
             r = estimate_memory(memory_request(req, lay, hardware=False), explain=False)
             evaluated += 1
-            seen.setdefault(fam, []).append((rank, lay.b, r.breakdown.total))
+            seen.setdefault(fam, []).append((lay.checkpoint, lay.b, r.breakdown.total))
         total = r.breakdown.total
         reserve = r.allocator_reserve_bytes
         if total + reserve > mem:
