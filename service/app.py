@@ -20,8 +20,9 @@ from planner.catalog.specs import MemoryRequest
 from service import errors, metrics, security
 from service.estimates import EstimateFastLane, EstimateSlots, Lane
 from service.jobs.store import StoreHolder
-from service.routes import (catalog, checkpointing, health, memory, pipeline, validations, web,
-                            zero)
+from service.routes import (
+    catalog, checkpointing, health, memory, pipeline, plan, validations, web, zero,
+)
 from service.settings import Settings
 
 
@@ -70,7 +71,7 @@ def create_app(settings: Settings | None = None) -> MemplanAPI:
     for module in (health, catalog, validations, metrics):
         app.include_router(module.router)
     # Estimate routes: open unless MEMPLAN_PROTECT_ESTIMATES (job routes carry their own guard).
-    for module in (memory, checkpointing, pipeline, zero):
+    for module in (memory, checkpointing, pipeline, zero, plan):
         app.include_router(module.router, dependencies=[Depends(_estimate_guard)],
                            responses=security.ESTIMATE_AUTH_RESPONSES)
     security.install(app)  # resource-cap and key-reuse 422s

@@ -7,10 +7,12 @@
     memplan openapi [--out FILE]
     memplan hash-token TOKEN|-
     memplan pipeline SPEC.json [--json] [--svg FILE]
+    memplan plan SPEC.json [--json]
 
 Exit status: 0 success; 2 bad input (as argparse's usage errors); for ``validate`` 1 the job
 failed or was cancelled and 3 the server is unreachable; for ``estimate`` 3 the setup does not fit
-on the given GPU or memory (0 when it fits, or when no hardware is given).
+on the given GPU or memory (0 when it fits, or when no hardware is given); for ``plan`` 3 when no
+layout fits at any cluster size.
 """
 
 from __future__ import annotations
@@ -432,6 +434,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                  if f.max_micro_batch_size is not None else "") + ")")
     for note in result.notes:
         print(f"note: {note}")
+    for sug in result.suggestions:
+        print(f"fits with: {sug.change} (peak {human_bytes(sug.peak_bytes)}, headroom "
+              f"{human_bytes(sug.headroom_bytes)})")
     return status
 
 
@@ -663,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result object as JSON "
                    "(every action's start and end included)")
     p.set_defaults(fn=cmd_pipeline)
+
+    from service.plan_cli import add_parser
+    add_parser(sub)
     return parser
 
 

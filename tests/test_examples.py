@@ -13,7 +13,7 @@ from service.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 COVERED = {"fits.json", "does-not-fit.json", "zero.json", "checkpointing.json", "pipeline.json",
-           "validate-small.json"}
+           "validate-small.json", "plan.json"}
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -47,10 +47,14 @@ def test_does_not_fit_and_says_what_to_change(capsys):
     assert code == 3
     assert "model: llama-2-7b" in out and "fits on h100-80gb: no" in out
     assert "note: fits instead (one change each):" in out and "zero_stage 3 (FSDP2)" in out
+    assert "fits with: data_parallel 2 with zero_stage 3" in out
     code, result = _json(capsys, "estimate", str(EXAMPLES / "does-not-fit.json"))
     assert code == 3 and not result["fit"]["fits"] and result["fit"]["headroom_bytes"] < 0
     b = result["breakdown"]
     assert b["parameters"] + b["gradients"] + b["optimizer_states"] > result["fit"]["memory_bytes"]
+    changes = [s["change"] for s in result["suggestions"]]
+    assert "data_parallel 2 with zero_stage 3 (2x the GPUs)" in changes
+    assert all(s["headroom_bytes"] >= 0 for s in result["suggestions"])
 
 
 def test_zero_makes_it_fit(capsys):
@@ -114,3 +118,29 @@ def test_examples_are_request_bodies_of_their_routes(name, route, tmp_path):
         r = api.post(route, content=(EXAMPLES / name).read_bytes(),
                      headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
+
+
+def test_plan(capsys):
+    code, out, _ = _run(capsys, "plan", str(EXAMPLES / "plan.json"))
+    assert code == 0
+    assert out.startswith("16 GPUs: ") and "tokens/s" in out and "pareto" in out
+    code, result = _json(capsys, "plan", str(EXAMPLES / "plan.json"))
+    assert code == 0
+    layouts = result["clusters"][0]["layouts"]
+    assert 1 <= len(layouts) <= 5 and all(x["fits"] for x in layouts)
+    times = [x["time"]["step_s"] for x in layouts]
+    assert times == sorted(times)  # fastest first
+
+
+def test_plan_sweep_script(capsys):
+    """examples/plan_sweep.py, as the README runs it (smaller here): one row per cluster size."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_sweep", EXAMPLES / "plan_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--preset", "llama-3.2-1b", "--gpu", "l4-24gb", "--min-gpus", "8",
+                     "--max-gpus", "16", "--global-batch", "32", "--sequence-length", "4096"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:2] == ["GPUs", "layout"]
+    assert [line.split()[0] for line in out[3:]] == ["8", "16"]

@@ -100,6 +100,7 @@ def test_operation_names_read_well(generated):
         "memory": {"estimate_memory", "compare_zero_stages"},
         "checkpointing": {"plan_checkpointing"},
         "pipeline": {"plan_pipeline"},
+        "plan": {"plan_cluster"},
         "validations": {"create_validation", "get_validation", "list_validations",
                         "cancel_validation"},
         "health": {"healthz", "readyz"},
@@ -138,6 +139,23 @@ def test_memory_and_zero(generated, client):
     assert {0, 1, 2, 3} <= set(stages)
     by_stage = {s.stage: s.breakdown for s in zero.stages if not s.offload_optimizer}
     assert by_stage[3].parameters < by_stage[0].parameters
+
+
+def test_plan_cluster(generated, client):
+    M = generated.models
+    request = M.PlanRequest.from_dict({
+        "model": {"preset": "gpt2"},
+        "training": {"global_batch_sequences": 16, "sequence_length": 1024,
+                     "max_micro_batch_size": 2, "train_tokens": 10**9},
+        "cluster": {"gpu": "l4-24gb", "num_gpus": 4, "gpus_per_node": 4},
+        "constraints": {"top_k": 3}})
+    result = api(generated, "plan.plan_cluster").sync(client=client, body=request)
+    assert isinstance(result, M.PlanResult), result
+    cluster = result.clusters[0]
+    assert cluster.num_gpus == 4 and 1 <= len(cluster.layouts) <= 3
+    best = cluster.layouts[0]
+    assert best.fits and best.tokens_per_s > 0 and best.time_to_train_s > 0
+    assert cluster.search.space_size >= cluster.search.evaluated > 0
 
 
 def test_invalid_input_comes_back_as_a_problem(generated, client):

@@ -22,6 +22,8 @@ class GPU(BaseModel):
     memory_bandwidth_bytes_per_s: float
     interconnect: str
     interconnect_bytes_per_s: float
+    network_bytes_per_s: float  # scale-out (inter-node) bandwidth per GPU, one direction
+    host_bytes_per_s: float  # host link (PCIe) per direction: what CPU offload moves over
 
 
 class UnknownName(ValueError):

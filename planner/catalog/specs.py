@@ -270,6 +270,16 @@ class Fit(_Frozen):
         "activations unknown).")
 
 
+class Suggestion(_Frozen):
+    """A change after which a setup that does not fit fits (POST /v1/plan's search, anchored)."""
+
+    change: str
+    parallelism: dict[str, int | bool | str] = Field(default_factory=dict)
+    training: dict[str, int | str] = Field(default_factory=dict)
+    peak_bytes: int = Field(..., description="POST /v1/memory's breakdown.total after the change.")
+    headroom_bytes: int
+
+
 class MemoryResult(_Frozen):
     model: ResolvedModel
     breakdown: Breakdown
@@ -292,6 +302,9 @@ class MemoryResult(_Frozen):
     fit: Fit | None = None
     assumptions: list[Assumption] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    suggestions: list[Suggestion] = Field(
+        default_factory=list, description="When it does not fit: the smallest changes that fit, "
+        "each with its new peak.")
 
 
 class ZeroStage(_Frozen):

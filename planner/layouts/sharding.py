@@ -25,6 +25,7 @@ For a bare parameter count (no shapes) the ZeRO paper's arithmetic is used (§5,
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -369,7 +370,45 @@ def _bare_states(model: ResolvedModel, training: TrainingSpec, parallel: Paralle
 
 def shard_model_states(model: ResolvedModel, training: TrainingSpec,
                        parallel: ParallelSpec) -> ModelStates:
-    """Per-device model states of the worst rank (pipeline stage x ZeRO rank)."""
+    """Per-device model states of the worst rank (pipeline stage x ZeRO rank). Memoised on
+    what they depend on: not the sizes, checkpointing or schedule; the gradient accumulation
+    count only scales ZeRO-2/3's per-micro-batch collectives (``comm_bytes_per_step``)."""
+    ga = training.gradient_accumulation_steps
+    try:
+        base = _states_memo(model, _states_training(training),
+                            parallel.model_copy(update=_NO_SCHEDULE)
+                            if parallel.virtual_pipeline_stages != 1
+                            or parallel.pipeline_schedule != "1f1b" else parallel)
+    except TypeError:  # a list inside the specs (LoRA target modules): not memoised
+        return _shard_model_states(model, training, parallel)
+    if ga == 1 or parallel.zero_stage < 2:
+        return base
+    return ModelStates(**{**base.__dict__, "comm_bytes_per_step": base.comm_bytes_per_step * ga})
+
+
+_NO_SCHEDULE = {"virtual_pipeline_stages": 1, "pipeline_schedule": "1f1b"}
+
+
+def _states_training(tr: TrainingSpec) -> TrainingSpec:
+    if (tr.gradient_accumulation_steps, tr.micro_batch_size, tr.sequence_length) == (1, 1, 1) \
+            and tr.activation_checkpointing.strategy == "none":
+        return tr
+    return tr.model_copy(update={"gradient_accumulation_steps": 1, "micro_batch_size": 1,
+                                 "sequence_length": 1,
+                                 "activation_checkpointing": _NO_CHECKPOINTING})
+
+
+_NO_CHECKPOINTING = TrainingSpec().activation_checkpointing
+
+
+@functools.lru_cache(maxsize=8192)
+def _states_memo(model: ResolvedModel, training: TrainingSpec,
+                 parallel: ParallelSpec) -> ModelStates:
+    return _shard_model_states(model, training, parallel)
+
+
+def _shard_model_states(model: ResolvedModel, training: TrainingSpec,
+                        parallel: ParallelSpec) -> ModelStates:
     plan = resolve_precision(training)
     if not model.architecture_known:
         return _bare_states(model, training, parallel, plan)
@@ -380,8 +419,13 @@ def shard_model_states(model: ResolvedModel, training: TrainingSpec,
     best: ModelStates | None = None
     lo = 0
     lora = training.lora
+    seen: dict[tuple[int, bool, bool], ModelStates] = {}  # stages alike hold alike bytes
     for s in range(p):
         hi = lo + layers[s]
+        shape_key = (hi - lo, s == 0, s == p - 1)
+        if shape_key in seen and lora is None:
+            lo = hi
+            continue
         tensors = _stage_tensors(model, lo, hi, first=s == 0, last=s == p - 1, tp=t)
         shapes = [sh for sh, _ in tensors]
         block = _layer_tensors(model)
@@ -395,6 +439,7 @@ def shard_model_states(model: ResolvedModel, training: TrainingSpec,
             trainable = [True] * len(shapes)
         ms = _stage_states(shapes, trainable, lora.base_dtype if lora else None, training,
                            parallel, plan, [unit])
+        seen[shape_key] = ms
         if best is None or ms.total + ms.step_temporaries > best.total + best.step_temporaries:
             best = ms if p == 1 else ModelStates(**{**ms.__dict__, "worst_rank": ms.worst_rank + s * parallel.data_parallel * t})
         lo = hi

@@ -28,6 +28,7 @@ _SIM_CACHE: dict[tuple, object] = {}  # replayed results (StepPeaks, ...)
 _SIM_CACHE_MAX = 512
 _TEMPLATES: dict[tuple, object] = {}  # compiled templates; None: found size-dependent
 _TEMPLATES_MAX = 256
+_MEMO_MAX = 8192  # per-setup results (model states, partitions): small, and a plan search reads thousands
 _SEEN: dict[tuple, int] = {}
 _SEEN_MAX = 4096
 _SIZES = ("micro_batch_size", "sequence_length")
@@ -113,15 +114,17 @@ _MEMO: dict[tuple, object] = {}
 
 def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
     """``fn(model, tr, par)`` memoised per setup, for functions that do not depend on the
-    micro-batch size or the sequence length (per-rank model states, ZeRO-1 partitions)."""
+    micro-batch size, the sequence length or activation checkpointing (per-rank model states,
+    ZeRO-1 partitions)."""
     try:
-        key = (fn, *setup_key(model, tr, "", frozenset(), par)[:-1])
+        k = setup_key(model, tr, "", frozenset(), par)
+        key = (fn, k[0], k[1], *k[3:-1])  # k[2]: the checkpointing fields
         hit = _MEMO.get(key)
     except TypeError:  # a list inside the specs: not memoised
         return fn(model, tr, par)
     if hit is None:
         hit = fn(model, tr, par)
-        _put(_MEMO, key, hit, _TEMPLATES_MAX)
+        _put(_MEMO, key, hit, _MEMO_MAX)
     return hit
 
 

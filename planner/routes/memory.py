@@ -42,6 +42,7 @@ from planner.layouts.pipelined import pipelined_estimate
 from planner.routes import memory_notes
 from planner.routes.loss_rules import loss_assumption, loss_refusal
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
+from planner.routes.plan_suggest import suggestions
 from planner.step import simulate as step_cache
 
 def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
@@ -234,11 +235,23 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
             and single_device(par) and phase.startswith("optimizer"):
         notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
         notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, _variant))
+    suggested = []
     if explain and fit is not None and not fit.fits:
         notes.extend(memory_notes.what_fits(req, model, device, ckpt, bd, phase, reserve, fit, _variant))
+        if model.architecture_known:
+            suggested = suggestions(req, fit.memory_bytes, fit.max_micro_batch_size,
+                                    functools.partial(_suggested, device=device))
     return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
                         allocator_reserve_bytes=reserve, fit=fit, assumptions=assumptions,
-                        notes=notes, **peaks)
+                        notes=notes, suggestions=suggested, **peaks)
+
+
+def _suggested(req: MemoryRequest, device: str) -> MemoryResult | None:
+    """A suggestion's estimate: POST /v1/memory's for the changed request (None when invalid)."""
+    try:
+        return estimate_memory(req, device, explain=False)
+    except (ValueError, PlanningError):
+        return None
 
 
 def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,

@@ -30,7 +30,7 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
     ``program(model, tr, par, rank, device=..., checkpointed=..., **kw)`` builds a data-parallel
     rank's program (``planner/layouts/data_parallel.py: ParallelProgram``); it is needed with
     ``par``."""
-    skey = setup_key(model, tr, device, checkpointed, par, rank)
+    skey = setup_key(model, _replayed_as(tr), device, checkpointed, par, rank)
     try:  # the hot path first: a compiled setup
         tpl = cache._TEMPLATES.get(skey) if cache.USE_TEMPLATES else None
     except TypeError:  # a list inside the specs: cache.cached keys it by JSON
@@ -56,12 +56,21 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
     return cache.cached(skey, tr, replay, compile_, lambda tpl, b, t: tpl.evaluate(b, t))
 
 
+def _replayed_as(tr: TrainingSpec) -> TrainingSpec:
+    """The training spec the step's replay is keyed by: a step replays its first two
+    micro-batches (micro-batch 2+ all look alike, ``ReferenceProgram.run_windows``), so every
+    gradient accumulation count from 2 up replays the same and shares one memo and template."""
+    if tr.gradient_accumulation_steps <= 2:
+        return tr
+    return tr.model_copy(update={"gradient_accumulation_steps": 2})
+
+
 def compiled_template(model: ResolvedModel, tr: TrainingSpec, device: str,
                       checkpointed: frozenset[int], batch: int) -> StepTemplate | None:
     """The setup's template for micro-batch ``batch`` (at ``tr``'s sequence length) when it is
     compiled, else its structure's when that is compiled and admits the model; None otherwise
     (nothing is compiled here)."""
-    key = setup_key(model, tr, device, checkpointed)
+    key = setup_key(model, _replayed_as(tr), device, checkpointed)
     key = (*key[:-1], domain_of(batch, tr.sequence_length))
     tpl = cache.template(key)
     if tpl is None and cache.USE_TEMPLATES:  # the structure's, bound to this model

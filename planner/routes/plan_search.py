@@ -1,0 +1,330 @@
+"""POST /v1/plan: every parallel layout of a cluster searched, ranked by step time.
+
+The search, per cluster size:
+1. Enumerate layouts: tensor parallel t (divides the heads and KV heads; within a node unless
+   allowed otherwise), pipeline parallel p (at most the layers and the limit), data parallel
+   d = N/(t·p) (divides the global batch), ZeRO stage, offload, pipeline schedule and virtual
+   stages, checkpoint strategy, micro-batch b (divides the per-replica batch, up to the limit);
+   the gradient accumulation steps follow. Layouts that break a rule are counted by reason.
+2. Prune with an exact lower bound: the per-rank parameters and optimizer states
+   (``shard_model_states``, the bytes /v1/memory places there) stay live through the whole
+   steady-state step, so bound + allocator reserve above the GPU's memory cannot fit
+   (tests/test_plan.py holds the bound below /v1/memory's peak for every layout it evaluates).
+3. Time every survivor (``plan_time.step_time``: analytic, the pipeline simulator memoised) and
+   walk them fastest first, computing the planner's peak (``estimate_memory``, the very number
+   /v1/memory gives) until ``top_k`` fit. Past that, a slower layout is evaluated only when its
+   bound is below the lowest peak found so far: otherwise a faster layout beats it on both axes,
+   so it is off the memory/time Pareto front, which is therefore exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+import time
+
+from planner.catalog.errors import PlanningError
+from planner.catalog.plan_specs import (
+    MAX_PLAN_CLUSTER_SIZES,
+    PlanClusterResult,
+    PlanLayout,
+    PlanRequest,
+    PlanResult,
+    PlanSearch,
+    StepTime,
+)
+from planner.catalog.presets import GPU, allocator_reserve, get_gpu, resolve_model
+from planner.catalog.precision import resolve_precision
+from planner.catalog.specs import (
+    MAX_STAGE_MICROBATCHES,
+    ActivationCheckpointing,
+    MemoryRequest,
+    ModelSpec,
+    ParallelSpec,
+    ResolvedModel,
+    TrainingSpec,
+)
+from planner.layouts.sharding import shard_model_states
+from planner.machine.deadline import check
+from planner.routes import plan_time
+from planner.routes.memory import estimate_memory
+from planner.routes.plan_time import Layout, Links
+
+MAX_CANDIDATES = 200_000  # layouts one cluster size may enumerate (422 beyond)
+# Activations kept, least first (the heap's tie-break).
+_CKPT_RANK = {"full": 0, "sqrt": 1, "selective": 2, "none": 3}
+# A layout's peak with strategy s is at least its peak with any strategy in _KEEPS_LESS[s] at
+# the same or a smaller micro-batch: 'full' keeps only block inputs, 'sqrt' and 'selective'
+# each keep a part of what 'none' keeps (the two are not ordered: 'sqrt' on 1-3 blocks
+# checkpoints none of them).
+_KEEPS_LESS = {"full": {"full"}, "sqrt": {"full", "sqrt"}, "selective": {"full", "selective"},
+               "none": {"full", "sqrt", "selective", "none"}}
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def links_for(req: PlanRequest, gpu: GPU) -> Links:
+    c = req.cluster
+    mfu = c.model_flops_utilization or plan_time.default_mfu(gpu)
+    return Links(gpus_per_node=c.gpus_per_node,
+                 intra_bytes_per_s=c.intra_node_bytes_per_s or gpu.interconnect_bytes_per_s,
+                 inter_bytes_per_s=c.inter_node_bytes_per_s or gpu.network_bytes_per_s,
+                 host_bytes_per_s=gpu.host_bytes_per_s, flops_per_s=gpu.peak_bf16_flops * mfu)
+
+
+def training_spec(req: PlanRequest, lay: Layout) -> TrainingSpec:
+    tr = req.training
+    return TrainingSpec(precision=tr.precision, optimizer=tr.optimizer,
+                        micro_batch_size=lay.b, sequence_length=tr.sequence_length,
+                        gradient_accumulation_steps=lay.ga,
+                        activation_checkpointing=_ckpt(lay.checkpoint))
+
+
+@functools.lru_cache(maxsize=8)
+def _ckpt(strategy: str) -> ActivationCheckpointing:
+    return ActivationCheckpointing(strategy=strategy)
+
+
+def parallel_spec(lay: Layout) -> ParallelSpec:
+    return ParallelSpec(data_parallel=lay.dp, tensor_parallel=lay.tp,
+                        pipeline_parallel=lay.pp, virtual_pipeline_stages=lay.v,
+                        pipeline_schedule=lay.schedule, zero_stage=lay.zero,
+                        offload_optimizer=lay.offload_optimizer,
+                        offload_parameters=lay.offload_parameters)
+
+
+def memory_request(req: PlanRequest, lay: Layout, hardware: bool = True) -> MemoryRequest:
+    """The POST /v1/memory request of one layout."""
+    return MemoryRequest(model=req.model, training=training_spec(req, lay),
+                         parallelism=parallel_spec(lay),
+                         hardware={"gpu": req.cluster.gpu} if hardware else None)
+
+
+def enumerate_layouts(req: PlanRequest, model: ResolvedModel, n: int,
+                      rejected: dict[str, int]) -> list[Layout]:
+    """Every layout of ``n`` GPUs the request allows; the rest counted in ``rejected``."""
+    tr, con, cl = req.training, req.constraints, req.cluster
+    B, L = tr.sequences, model.num_layers
+    kv = model.num_kv_heads or model.num_heads
+    out: list[Layout] = []
+
+    def reject(reason: str, k: int = 1) -> None:
+        rejected[reason] = rejected.get(reason, 0) + k
+
+    ckpts = tr.checkpoint_strategies
+    for t in _divisors(n):
+        if model.num_heads % t or kv % t:
+            reject("tensor_parallel_does_not_divide_heads")
+            continue
+        if t > con.max_tensor_parallel:
+            reject("tensor_parallel_above_limit")
+            continue
+        if con.tensor_parallel_within_node and t > cl.gpus_per_node:
+            reject("tensor_parallel_exceeds_node")
+            continue
+        for p in _divisors(n // t):
+            if p > con.max_pipeline_parallel:
+                reject("pipeline_deeper_than_limit")
+                continue
+            if p > L:
+                reject("pipeline_deeper_than_layers")
+                continue
+            d = n // (t * p)
+            if B % d:
+                reject("batch_not_divisible")
+                continue
+            local = B // d
+            zeros = [z for z in con.zero_stages if d > 1 or z == 0] or [0]
+            scheds = [("1f1b", 1)] if p == 1 else []
+            if p > 1:
+                if "1f1b" in con.pipeline_schedules:
+                    scheds.append(("1f1b", 1))
+                if "interleaved-1f1b" in con.pipeline_schedules:
+                    v = 2
+                    while v <= con.max_virtual_stages and p * v <= L:
+                        scheds.append(("interleaved-1f1b", v))
+                        v *= 2
+            check()
+            for b in (x for x in _divisors(local) if x <= tr.max_micro_batch_size):
+                ga = local // b
+                for sched, v in scheds:
+                    if p > 1 and (ga < p or p * v * ga > MAX_STAGE_MICROBATCHES or (
+                            v > 1 and ga % max(1, ga // p))):
+                        reject("too_few_microbatches_for_schedule", len(zeros) * len(ckpts))
+                        continue
+                    for z in zeros:
+                        offloads = [(False, False)]
+                        if con.allow_offload and z >= 1:
+                            offloads.append((True, False))
+                            if z == 3:
+                                offloads.append((True, True))
+                        for oo, op in offloads:
+                            for ck in ckpts:
+                                out.append(Layout(d, t, p, v, sched if p > 1 else "1f1b", z, oo,
+                                                  op, ck, b, ga))
+                if len(out) > MAX_CANDIDATES:
+                    raise PlanningError(f"the search would enumerate more than {MAX_CANDIDATES} "
+                                        "layouts: narrow training.max_micro_batch_size or the "
+                                        "constraints", "training.max_micro_batch_size")
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def state_bound(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> int:
+    """Per-rank parameters + optimizer states: live through the whole steady-state step."""
+    ms = shard_model_states(model, tr, par)
+    return ms.parameters + ms.optimizer_states
+
+
+def plan(req: PlanRequest) -> PlanResult:
+    model = resolve_model(req.model)
+    if not model.architecture_known:
+        raise PlanningError("the plan needs architecture fields (a bare parameter count has no "
+                            "activations or FLOPs per layer)", "model")
+    gpu = get_gpu(req.cluster.gpu)
+    links = links_for(req, gpu)
+    counts = req.cluster.counts()
+    if len(counts) > MAX_PLAN_CLUSTER_SIZES:
+        raise PlanningError(f"the range gives {len(counts)} cluster sizes; at most "
+                            f"{MAX_PLAN_CLUSTER_SIZES}", "cluster.max_gpus")
+    clusters = [_plan_cluster(req, model, gpu, links, n) for n in counts]
+    mfu = links.flops_per_s / gpu.peak_bf16_flops
+    notes = []
+    if not any(c.layouts for c in clusters):
+        notes.append("no layout fits at any cluster size searched: see search.rejected for why")
+    return PlanResult(clusters=clusters, assumptions=plan_time.assumptions(gpu, links, mfu),
+                      notes=notes)
+
+
+def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links,
+                  n: int) -> PlanClusterResult:
+    t0 = time.perf_counter()
+    rejected: dict[str, int] = {}
+    cands = enumerate_layouts(req, model, n, rejected)
+    space = len(cands) + sum(rejected.values())
+    mem = gpu.memory_bytes
+    tr0 = training_spec(req, Layout(1, 1, 1, 1, "1f1b", 0, False, False, "none", 1, 1))
+    prec = resolve_precision(tr0)
+    act_bytes = 4 if req.training.precision == "fp32" else 2
+    grad_bytes = 2 if prec.grad_dtype in ("bf16", "fp16") else 4
+    bounds: dict[tuple, int] = {}
+    heap: list[tuple] = []  # (step time or its lower bound, b, strategy rank, index, exact, ...)
+    seq = req.training.sequence_length
+    pruned = 0
+    for i, lay in enumerate(cands):
+        if i % 512 == 0:
+            check()
+        key = (lay.dp, lay.tp, lay.pp, lay.zero, lay.offload_optimizer, lay.offload_parameters)
+        bound = bounds.get(key)
+        if bound is None:
+            bound = bounds[key] = state_bound(model, tr0, parallel_spec(lay))
+        if bound + allocator_reserve(bound, "cuda") > mem:
+            pruned += 1
+            continue
+        low = plan_time.step_time(model, seq, act_bytes, grad_bytes, lay, links, exact=False)
+        heap.append((low.step_s, lay.b, _CKPT_RANK[lay.checkpoint], i, False, lay, bound, low))
+    heapq.heapify(heap)
+    fits: list[PlanLayout] = []
+    front: list[PlanLayout] = []
+    lowest = None
+    evaluated = over = skipped = 0
+    top_k = req.constraints.top_k
+    seen: dict[tuple, list[tuple[str, int, int]]] = {}  # family -> (strategy, b, peak)
+    implied = 0
+    while heap:
+        step_s, _, _, i, exact, lay, bound, parts, *known = heapq.heappop(heap)
+        fam = (lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.zero, lay.offload_optimizer,
+               lay.offload_parameters)
+        rank = _CKPT_RANK[lay.checkpoint]
+        if not known:
+            less = _KEEPS_LESS[lay.checkpoint]
+            for s0, b0, peak0 in seen.get(fam, ()):  # peaks monotone in b and strategy
+                if s0 in less and b0 <= lay.b and peak0 > bound:
+                    bound = peak0
+            if bound + allocator_reserve(bound, "cuda") > mem:
+                implied += 1
+                continue
+        # the step time popped is exact or a lower bound: every layout popped before is no
+        # slower, so a bound at or above the lowest peak so far is dominated
+        if len(fits) >= top_k and lowest is not None and bound >= lowest:
+            skipped += 1
+            continue
+        if known:
+            r = known[0]
+        else:
+            check()
+            r = estimate_memory(memory_request(req, lay, hardware=False), explain=False)
+            evaluated += 1
+            seen.setdefault(fam, []).append((lay.checkpoint, lay.b, r.breakdown.total))
+        total = r.breakdown.total
+        reserve = r.allocator_reserve_bytes
+        if total + reserve > mem:
+            over += 1
+            continue
+        if not exact and lay.pp > 1:  # it fits: now its simulated time, and back in line
+            parts = plan_time.step_time(model, seq, act_bytes, grad_bytes, lay, links)
+            heapq.heappush(heap, (parts.step_s, lay.b, rank, i, True, lay, total, parts, r))
+            continue
+        on_front = lowest is None or total < lowest
+        p2p = plan_time.p2p_exposed_s(model, seq, act_bytes, lay, links)
+        parts = dataclasses.replace(parts, pp_s=p2p, bubble_s=max(0.0, parts.bubble_s - p2p))
+        entry = _layout(req, model, n, lay, r, mem, parts, on_front)
+        if len(fits) < top_k:
+            fits.append(entry)
+        if on_front:
+            front.append(entry)
+            lowest = total
+    if pruned:
+        rejected["model_states_exceed_memory"] = pruned
+    if over:
+        rejected["peak_exceeds_memory"] = over
+    if implied:
+        rejected["peak_exceeds_memory_implied"] = implied
+    if skipped:
+        rejected["dominated_not_evaluated"] = skipped
+    front.sort(key=lambda e: (e.peak_bytes, e.time.step_s))
+    kept: list[PlanLayout] = []
+    for e in front:  # equal step times: only the lowest peak is undominated
+        if not kept or e.time.step_s < kept[-1].time.step_s:
+            kept.append(e)
+    front = kept
+    on_front = {id(k) for k in kept}
+    fits = [f if f.pareto == (id(f) in on_front) else
+            f.model_copy(update={"pareto": id(f) in on_front}) for f in fits]
+    search = PlanSearch(space_size=space, pruned_by_bound=pruned, evaluated=evaluated,
+                        rejected=rejected, seconds=time.perf_counter() - t0)
+    return PlanClusterResult(num_gpus=n, layouts=fits, pareto_front=front, search=search)
+
+
+def _layout(req: PlanRequest, model: ResolvedModel, n: int, lay: Layout, r, mem: int,
+            parts: plan_time.TimeParts, pareto: bool) -> PlanLayout:
+    tokens = req.training.sequences * req.training.sequence_length
+    tps = tokens / parts.step_s
+    gpu = get_gpu(req.cluster.gpu)
+    mfu = plan_time.model_flops_per_token(model, req.training.sequence_length) * tps / (
+        n * gpu.peak_bf16_flops)
+    total, reserve = r.breakdown.total, r.allocator_reserve_bytes
+    return PlanLayout(
+        num_gpus=n, data_parallel=lay.dp, tensor_parallel=lay.tp, pipeline_parallel=lay.pp,
+        virtual_pipeline_stages=lay.v, pipeline_schedule=lay.schedule, zero_stage=lay.zero,
+        offload_optimizer=lay.offload_optimizer, offload_parameters=lay.offload_parameters,
+        activation_checkpointing=lay.checkpoint, micro_batch_size=lay.b,
+        gradient_accumulation_steps=lay.ga, peak_bytes=total, breakdown=r.breakdown,
+        allocator_reserve_bytes=reserve, fits=True, headroom_bytes=mem - total - reserve,
+        time=StepTime(compute_s=parts.compute_s, tensor_parallel_s=parts.tp_s,
+                      data_parallel_s=parts.dp_s, pipeline_p2p_s=parts.pp_s,
+                      offload_s=parts.offload_s, bubble_s=parts.bubble_s, step_s=parts.step_s),
+        tokens_per_s=tps, model_flops_utilization=mfu,
+        time_to_train_s=(req.training.train_tokens / tps) if req.training.train_tokens else None,
+        pareto=pareto)
+
+
+def model_spec_of(model: ResolvedModel) -> ModelSpec:
+    """A ModelSpec naming ``model`` by its architecture fields."""
+    return ModelSpec(family=model.family, num_layers=model.num_layers,
+                     hidden_size=model.hidden_size, num_heads=model.num_heads,
+                     num_kv_heads=model.num_kv_heads, ffn_hidden_size=model.ffn_hidden_size,
+                     vocab_size=model.vocab_size, tie_embeddings=model.tie_embeddings)

@@ -1,0 +1,123 @@
+"""What would make it fit: POST /v1/memory's ``suggestions`` for a setup that does not fit.
+
+The plan's search anchored on the user's layout: each candidate changes one thing (the
+checkpoint plan, the ZeRO stage, the optimizer kernel, the micro-batch with gradient accumulation
+keeping the sequences per step, 16-bit states, more data-parallel ranks under ZeRO-3), is estimated by the
+planner exactly as POST /v1/memory estimates it, and is kept when its peak plus the allocator
+reserve fits; when no single change fits, a checkpoint plan with one other change. Smallest
+changes first: one setting before more hardware, fewer extra ranks before
+more. Computed only when the setup does not fit, so /v1/memory's fast path is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from planner.catalog.errors import PlanningError
+from planner.catalog.specs import (
+    FUSED_OPTIMIZERS,
+    MAX_RANKS,
+    ActivationCheckpointing,
+    MemoryRequest,
+    MemoryResult,
+    ParallelSpec,
+    Suggestion,
+    TrainingSpec,
+)
+from planner.machine.deadline import check
+
+MAX_SUGGESTIONS = 8
+MAX_EXTRA_RANKS_DOUBLINGS = 10  # data_parallel up to 1024x the user's
+
+# activations kept, most first (the planner's named strategies)
+_KEEPS = ["none", "selective", "every-k", "sqrt", "full"]
+
+
+def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
+                estimate: Callable[[MemoryRequest], MemoryResult | None]) -> list[Suggestion]:
+    """Single changes after which ``req`` fits in ``mem`` bytes, each with its new peak.
+    ``estimate``: the planner's estimate of a request (None when the request is not a valid
+    setup)."""
+    tr, par = req.training, req.parallelism
+    out: list[Suggestion] = []
+
+    def tried(change: str, training: dict | None = None, parallelism: dict | None = None) -> bool:
+        check()
+        training, parallelism = training or {}, parallelism or {}
+        try:
+            t = TrainingSpec.model_validate({**tr.model_dump(), **training})
+            p = ParallelSpec.model_validate({**par.model_dump(), **parallelism})
+        except ValueError:
+            return False
+        r = estimate(req.model_copy(update={"training": t, "parallelism": p, "hardware": None}))
+        if r is None:
+            return False
+        need = r.breakdown.total + r.allocator_reserve_bytes
+        if need > mem:
+            return False
+        out.append(Suggestion(
+            change=change, training={k: _plain(v) for k, v in training.items()},
+            parallelism=parallelism, peak_bytes=r.breakdown.total, headroom_bytes=mem - need))
+        return True
+
+    strategy = tr.activation_checkpointing.strategy
+    if strategy in _KEEPS:
+        for s in _KEEPS[_KEEPS.index(strategy) + 1:]:
+            if s == "every-k":
+                continue
+            if tried(f"activation_checkpointing '{s}'",
+                     {"activation_checkpointing": ActivationCheckpointing(strategy=s)}):
+                break  # the least recompute that fits
+    if tr.optimizer_implementation != "fused" and tr.optimizer in FUSED_OPTIMIZERS:
+        tried("optimizer_implementation 'fused' (no foreach temporaries in the step)",
+              {"optimizer_implementation": "fused"})
+    if tr.precision not in ("bf16", "fp32") and tr.precision_overrides is None and tr.lora is None:
+        tried("precision 'bf16' (16-bit parameters, gradients and optimizer states, no fp32 "
+              "master copy)", {"precision": "bf16"})
+    b, ga = tr.micro_batch_size, tr.gradient_accumulation_steps
+    if max_micro_batch is not None and max_micro_batch < b:
+        steps = -(-b * ga // max_micro_batch)
+        tried(f"micro_batch_size {max_micro_batch} with gradient_accumulation_steps {steps} "
+              f"(at least {b * ga} sequences per step)",
+              {"micro_batch_size": max_micro_batch, "gradient_accumulation_steps": steps})
+    if par.data_parallel > 1:
+        for z in range(par.zero_stage + 1, 4):
+            if tried(f"zero_stage {z}", parallelism={"zero_stage": z}):
+                break
+    _more_ranks(par, tried)
+    if not out:  # no single change fits: a checkpoint plan with each other change
+        for s in _KEEPS[_KEEPS.index(strategy) + 1:] if strategy in _KEEPS else []:
+            if s == "every-k":
+                continue
+            ck = {"activation_checkpointing": ActivationCheckpointing(strategy=s)}
+            if par.data_parallel > 1:
+                for z in range(par.zero_stage + 1, 4):
+                    if tried(f"activation_checkpointing '{s}' and zero_stage {z}", ck,
+                             {"zero_stage": z}):
+                        break
+            if b > 1:
+                tried(f"activation_checkpointing '{s}' and micro_batch_size 1 with "
+                      f"gradient_accumulation_steps {b * ga}", {**ck, "micro_batch_size": 1,
+                                                               "gradient_accumulation_steps": b * ga})
+            if out:
+                break
+    return out[:MAX_SUGGESTIONS]
+
+
+def _more_ranks(par: ParallelSpec, tried) -> None:
+    """The fewest data-parallel ranks (doublings) over which ZeRO-3 fits."""
+    d = par.data_parallel
+    for _ in range(MAX_EXTRA_RANKS_DOUBLINGS):
+        d *= 2
+        if d > MAX_RANKS:
+            return
+        try:
+            if tried(f"data_parallel {d} with zero_stage 3 ({d // par.data_parallel}x the "
+                     "GPUs)", parallelism={"data_parallel": d, "zero_stage": 3}):
+                return
+        except PlanningError:
+            return
+
+
+def _plain(v):
+    return v.strategy if isinstance(v, ActivationCheckpointing) else v

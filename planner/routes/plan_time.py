@@ -1,0 +1,262 @@
+"""Step time of one parallel layout: compute, exposed communication and the pipeline bubble.
+
+What it assumes (each stated in the plan's ``assumptions``):
+- Compute: FLOPs per token per block forward 2·P_block + 4·s·h (matmuls and attention scores,
+  the convention of torchtitan's and PaLM's MFU), backward twice the forward (Kaplan et al.
+  2020 §2.1); the output projection 2·V·h forward on the last stage. Recompute adds the forward
+  of every checkpointed block ('full': all, 'sqrt': those the planner checkpoints) or the attention
+  core 4·s·h ('selective'). Time = FLOPs / (tensor_parallel × peak 16-bit FLOP/s × utilisation),
+  the utilisation one number per GPU kind (``DEFAULT_MFU``).
+- Collectives on n ranks moving B bytes (ring, bandwidth term only): all-reduce 2(n−1)/n·B/bw,
+  all-gather and reduce-scatter (n−1)/n·B/bw; p2p B/bw. Ranks are ordered tensor-parallel
+  innermost, then data-parallel, then pipeline (Megatron-LM's order): a group within one node
+  uses the intra-node bandwidth; a group across nodes with k GPUs in each node min(intra,
+  k × per-GPU inter-node bandwidth) (topology-aware rings cross a node boundary once per
+  channel, one channel per NIC).
+- Tensor parallelism: two all-reduces of the (b, s, h) activation per block in forward, two in
+  backward, two more in a recomputed forward; on the critical path (not overlapped).
+- Data parallelism: gradients reduced once per step (all-reduce for ZeRO 0; reduce-scatter and
+  parameter all-gather for ZeRO 1/2), overlapped with the last micro-batch's backward: only what
+  exceeds it is exposed. ZeRO-3 gathers parameters twice and reduce-scatters gradients every
+  micro-batch, prefetched under that micro-batch's compute: only the excess is exposed.
+- Pipeline: per-stage forward/backward costs (TP communication included) and the activation
+  send go through the schedule simulator (``planner/layouts/pipeline_sim.py``); its makespan
+  minus the slowest rank's busy time is the bubble.
+- Offload: optimizer offload moves the gradient shard to the host and the parameter shard back
+  once per step, parameter offload the parameter shard in for forward and backward of every
+  micro-batch, over the host link, not overlapped; the CPU optimizer's own time is left out.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from planner.catalog.parameters import count_parameters
+from planner.catalog.presets import GPU
+from planner.catalog.specs import Assumption, ResolvedModel
+from planner.layouts.pipeline_schedules import build_schedule
+from planner.layouts.pipeline_sim import simulate
+
+# Fraction of the dense 16-bit peak the step's matmuls reach, per GPU kind. Chosen once per kind
+# and checked against published runs (tests/test_plan_time.py): A100 from torchtitan's FSDP runs
+# on 64 A100-80GB (docs/performance.md, 50.5-61.1% MFU), H100 from torchtitan's Llama 3.1 8B on
+# 8 H100 at a 500 W limit (33-39% MFU) and Megatron-Core's up to 47% on H100.
+DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42}
+FALLBACK_MFU = 0.45
+
+
+def default_mfu(gpu: GPU) -> float:
+    for prefix, v in DEFAULT_MFU.items():
+        if gpu.name.startswith(prefix):
+            return v
+    return FALLBACK_MFU
+
+
+@dataclass(frozen=True)
+class Links:
+    gpus_per_node: int
+    intra_bytes_per_s: float
+    inter_bytes_per_s: float
+    host_bytes_per_s: float
+    flops_per_s: float  # peak x utilisation
+
+    def bandwidth(self, size: int, stride: int = 1) -> float:
+        """Of a collective over ``size`` ranks ``stride`` apart. Within a node: the intra-node
+        link. Across nodes: a topology-aware ring (NCCL's rings cross each node boundary once
+        per channel) is limited by the node's share, k GPUs of the group per node each with its
+        own NIC: min(intra, k × inter)."""
+        if size * stride <= self.gpus_per_node:
+            return self.intra_bytes_per_s
+        k = max(1, min(size, self.gpus_per_node // stride))
+        return min(self.intra_bytes_per_s, k * self.inter_bytes_per_s)
+
+
+def all_reduce_s(nbytes: float, n: int, bw: float) -> float:
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / bw
+
+
+def gather_s(nbytes: float, n: int, bw: float) -> float:
+    """All-gather or reduce-scatter of a ``nbytes`` whole."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / bw
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int
+    pp: int
+    v: int
+    schedule: str
+    zero: int
+    offload_optimizer: bool
+    offload_parameters: bool
+    checkpoint: str
+    b: int
+    ga: int
+    recompute: float | None = None  # fraction of blocks recomputed, overriding the strategy's
+
+
+@dataclass(frozen=True)
+class TimeParts:
+    compute_s: float
+    tp_s: float
+    dp_s: float
+    pp_s: float
+    offload_s: float
+    bubble_s: float
+    step_s: float
+
+
+def model_flops_per_token(model: ResolvedModel, s: int) -> float:
+    """6·N (matmul weights: blocks and output projection) + 12·l·h·s (torchtitan's MFU)."""
+    c = count_parameters(model)
+    n = c.num_layers * c.per_layer + model.vocab_size * model.hidden_size
+    return 6 * n + 12 * model.num_layers * model.hidden_size * s
+
+
+def _recomputed_blocks(checkpoint: str, num_layers: int) -> float:
+    """Fraction of blocks whose forward runs again (the planner's own plans)."""
+    if checkpoint == "full":
+        return 1.0
+    if checkpoint == "sqrt":  # planner.routes.memory.checkpointed_blocks
+        k = max(1, round(math.sqrt(num_layers)))
+        return sum(1 for i in range(num_layers) if i % k != k - 1) / num_layers
+    return 0.0
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def step_time(model: ResolvedModel, seq: int, act_bytes: int, grad_bytes: int, lay: Layout,
+              links: Links, exact: bool = True) -> TimeParts:
+    """One optimizer step of ``lay`` (see the module docstring). ``exact=False``: a lower
+    bound without simulating the pipeline (no bubble, no exposed p2p: the makespan is at
+    least the slowest rank's busy time)."""
+    makespan, busy, bubble, p2p_exposed, tp_total, f_slow, b_slow = _pipeline_part(
+        model, seq, act_bytes, lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.checkpoint,
+        lay.b, lay.ga, links, exact, lay.recompute)
+    compute = busy - tp_total
+    # data parallelism over the stage's parameter shard (worst stage: most layers + head)
+    c = _counts(model)
+    h, L, m, t = model.hidden_size, model.num_layers, lay.ga, lay.tp
+    params = (math.ceil(L / lay.pp) * c.per_layer + model.vocab_size * h) / t
+    d, dbw = lay.dp, links.bandwidth(lay.dp, lay.tp)
+    if lay.zero == 3:
+        per_mb = 2 * gather_s(params * act_bytes, d, dbw) + gather_s(params * grad_bytes, d, dbw)
+        dp_exposed = m * max(0.0, per_mb - (f_slow + b_slow))
+    else:
+        if lay.zero == 0:
+            grads = all_reduce_s(params * grad_bytes, d, dbw)
+            gather = 0.0
+        else:  # reduce-scatter the gradients, all-gather the updated parameters
+            grads = gather_s(params * grad_bytes, d, dbw)
+            gather = gather_s(params * act_bytes, d, dbw)
+        dp_exposed = max(0.0, grads - b_slow) + gather
+    shard = params / (d if lay.zero >= 1 else 1)
+    offload = 0.0
+    if lay.offload_optimizer:
+        offload += shard * (grad_bytes + act_bytes) / links.host_bytes_per_s
+    if lay.offload_parameters:
+        offload += m * 2 * shard * act_bytes / links.host_bytes_per_s
+    step = makespan + dp_exposed + offload
+    return TimeParts(compute_s=compute, tp_s=tp_total, dp_s=dp_exposed, pp_s=p2p_exposed,
+                     offload_s=offload, bubble_s=bubble, step_s=step)
+
+
+@functools.lru_cache(maxsize=64)
+def _counts(model: ResolvedModel):
+    return count_parameters(model)
+
+
+@functools.lru_cache(maxsize=65536)
+def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int, pp: int,
+                   v: int, schedule: str, checkpoint: str, b: int, m: int, links: Links,
+                   exact: bool, recompute: float | None = None, free_p2p: bool = False):
+    """(makespan, slowest rank's busy time, bubble, exposed p2p, TP time, slowest rank's
+    forward and backward per micro-batch) of the forward/backward passes."""
+    c = _counts(model)
+    h, L = model.hidden_size, model.num_layers
+    tokens = b * s
+    n_stages = pp * v
+    block_fwd = tokens * (2 * c.per_layer + 4 * s * h)
+    head_fwd = tokens * 2 * model.vocab_size * h
+    rec = _recomputed_blocks(checkpoint, L) if recompute is None else recompute
+    attn_rec = tokens * 4 * s * h if checkpoint == "selective" else 0
+    # TP: 2 all-reduces of (b, s, h) per block forward, 2 backward, 2 per recomputed forward
+    tp_ar = all_reduce_s(tokens * h * act_bytes, t, links.bandwidth(t))
+    rate = t * links.flops_per_s
+    f_s, bwd_s, tp_st = [], [], []
+    for st in range(n_stages):
+        layers = (st + 1) * L // n_stages - st * L // n_stages
+        fwd = layers * block_fwd + (head_fwd if st == n_stages - 1 else 0)
+        bwd = 2 * fwd + layers * (rec * block_fwd + attn_rec)
+        tf, tb = layers * 2 * tp_ar, layers * (2 + 2 * rec) * tp_ar
+        f_s.append(fwd / rate + tf)
+        bwd_s.append(bwd / rate + tb)
+        tp_st.append(tf + tb)
+    rf = [sum(f_s[r::pp]) for r in range(pp)]
+    rb = [sum(bwd_s[r::pp]) for r in range(pp)]
+    slow = max(range(pp), key=lambda r: rf[r] + rb[r])
+    tp_total = m * sum(tp_st[slow::pp])
+    if pp == 1 or not exact:
+        busy = m * (rf[slow] + rb[slow])
+        return busy, busy, 0.0, 0.0, tp_total, rf[slow], rb[slow]
+    p2p = 0.0 if free_p2p else tokens * h * act_bytes / links.bandwidth(2, t * dp)
+    makespan, busy, p2p_exposed = _pipeline(schedule, pp, m, v, f_s, bwd_s, p2p)
+    bubble = max(0.0, makespan - busy)
+    return makespan, busy, bubble, p2p_exposed, tp_total, rf[slow], rb[slow]
+
+
+def _pipeline(schedule: str, p: int, m: int, v: int, f_s: list[float], b_s: list[float],
+              p2p: float) -> tuple[float, float, float]:
+    """(makespan, slowest rank's busy time, exposed p2p) from the schedule simulator. Costs are
+    memoised relative to the first stage's forward, rounded to 0.1 %: the makespan scales with
+    them."""
+    unit = f_s[0]
+    key = tuple(round(x / unit, 3) for x in f_s + b_s) + (round(p2p / unit, 3),)
+    mk, busy = _simulated(schedule, p, m, v, key)
+    return mk * unit, busy * unit, 0.0
+
+
+def p2p_exposed_s(model: ResolvedModel, seq: int, act_bytes: int, lay: Layout,
+                  links: Links) -> float:
+    """The part of the pipeline's makespan the stage-to-stage sends add: the makespan minus
+    that of the same schedule with free links (a second simulation, run for reported layouts
+    only)."""
+    if lay.pp == 1:
+        return 0.0
+    args = (model, seq, act_bytes, lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.checkpoint,
+            lay.b, lay.ga, links, True, lay.recompute)
+    return max(0.0, _pipeline_part(*args)[0] - _pipeline_part(*args, True)[0])
+
+
+@functools.lru_cache(maxsize=8192)
+def _simulated(schedule: str, p: int, m: int, v: int, key: tuple[float, ...]):
+    n = p * v
+    f, bwd, comm = list(key[:n]), list(key[n:2 * n]), key[-1]
+    sched = build_schedule(schedule, p, m, v)
+    zero = [0.0] * n
+    out = simulate(sched, f, bwd, zero, comm)
+    return out.makespan_s, max(out.busy_s)
+
+
+def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
+    return [
+        Assumption(name="model_flops_utilization", value=f"{mfu:g}",
+                   note=f"fraction of {gpu.name}'s dense 16-bit peak ({gpu.peak_bf16_flops:.4g} "
+                   "FLOP/s) the matmuls reach; compute = FLOPs (recompute included) at that rate"),
+        Assumption(name="intra_node_bytes_per_s", value=f"{links.intra_bytes_per_s:.4g}",
+                   note=f"{links.gpus_per_node} GPUs per node; groups within a node"),
+        Assumption(name="inter_node_bytes_per_s", value=f"{links.inter_bytes_per_s:.4g}",
+                   note="per GPU, one direction; any group spanning nodes"),
+        Assumption(name="collectives", value="ring, bandwidth term",
+                   note="all-reduce 2(n-1)/n·B/bw, all-gather and reduce-scatter (n-1)/n·B/bw, "
+                   "p2p B/bw; ranks ordered tensor, data, pipeline (innermost first); a group "
+                   "across nodes gets min(intra, k × inter) with k of its GPUs per node"),
+        Assumption(name="overlap", value="TP exposed; DP hidden under backward; ZeRO-3 gathers "
+                   "prefetched; p2p overlapped by the pipeline simulator; offload exposed",
+                   note="only communication longer than the compute it overlaps is added"),
+        Assumption(name="host_bytes_per_s", value=f"{links.host_bytes_per_s:.4g}",
+                   note="offloaded states cross the host link once per use; CPU optimizer time "
+                   "left out"),
+    ]

@@ -1,0 +1,32 @@
+"""Cluster layout search: which parallel layouts fit, which trains fastest."""
+
+from fastapi import APIRouter, Request
+
+from planner.catalog.errors import PlanningError
+from planner.catalog.plan_specs import PlanRequest, PlanResult
+from planner.catalog.presets import UnknownName
+from planner.routes.plan_search import plan as plan_layouts
+from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
+from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
+
+router = APIRouter(prefix="/v1", tags=["plan"], route_class=ProblemRoute)
+
+
+@router.post("/plan", responses={**ERROR_RESPONSES, **ESTIMATE_LIMIT_RESPONSES})
+async def plan_cluster(request: PlanRequest, http: Request) -> PlanResult:
+    """Every data/tensor/pipeline/ZeRO/offload/checkpointing/micro-batch layout of the cluster:
+    the fastest that fit (each with POST /v1/memory's per-device peak and a step time split into
+    compute, exposed communication and pipeline bubble), the memory/time Pareto front, and how
+    many layouts were rejected, by reason. Runs under the estimate work limit (503 past it)."""
+    return await run_estimate(http, lambda: _plan(request))
+
+
+def _plan(request: PlanRequest) -> PlanResult:
+    try:
+        return plan_layouts(request)
+    except UnknownName:
+        raise
+    except PlanningError as exc:
+        raise PlanError(exc.detail, field=f"body.{exc.field}" if exc.field else None) from exc
+    except ValueError as exc:
+        raise PlanError(str(exc)) from exc
