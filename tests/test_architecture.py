@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "planner"
-LAYERS = ["catalog", "machine", "step", "layouts", "routes"]
+LAYERS = ["catalog", "machine", "step", "hf", "layouts", "routes"]
 MAX_LINES = 500
 
 
