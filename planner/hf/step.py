@@ -22,6 +22,7 @@ apart only in the layer count.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, Callable
 
@@ -249,6 +250,7 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
             for i in range(steps):
                 if on_step is not None:
                     on_step(i)
+                t0 = time.perf_counter()
                 windows: list[tuple[str, Any]] = []
                 for _ in range(accum):
                     meter.reset_peak()
@@ -269,7 +271,9 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                     opt.zero_grad(set_to_none=True)
                 windows.append(("optimizer", meter.peak))
                 meter.mark(opt, "optimizer_states")
-                out.append(_summary(windows))
+                if dev.type == "cuda" and not traced:
+                    torch.cuda.synchronize(dev)
+                out.append({**_summary(windows), "time_s": time.perf_counter() - t0})
     return out
 
 
