@@ -184,3 +184,28 @@ def test_cli_reads_a_config_file(tmp_path, capsys):
     bad.write_text(json.dumps({"model_type": "bert"}))
     assert main(["estimate", "--hf-config", str(bad)]) == 2
     assert "bert" in capsys.readouterr().err
+
+
+def test_without_the_hf_extra_the_service_starts_and_the_route_says_what_is_missing():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "from fastapi.testclient import TestClient\n"
+        "from service.app import create_app\n"
+        "from service.settings import Settings\n"
+        "app = create_app(Settings(database_url='sqlite://'))\n"
+        "with TestClient(app, raise_server_exceptions=False) as c:\n"
+        "    assert c.get('/v1/models').status_code == 200\n"
+        "    r = c.post('/v1/memory', json={'model': {'preset': 'mixtral-8x7b'},\n"
+        "               'training': {'implementation': 'transformers'}})\n"
+        "    print(r.status_code, r.json()['detail'])\n"
+        "    r = c.post('/v1/memory', json={'model': {'preset': 'llama-3.1-8b'}})\n"
+        "    print(r.status_code)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.strip().splitlines()[-2:]
+    assert first.startswith("503 ") and "memplan[hf]" in first and "transformers" in first
+    assert second == "200"  # the reference step needs no transformers
