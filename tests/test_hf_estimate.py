@@ -112,3 +112,11 @@ def test_settings_it_does_not_run_are_named():
         estimate_memory(MemoryRequest(model={"hf_config": MODELS["llama"]}, training=_training(
             {}), parallelism={"data_parallel": 2}), device="cpu")
     assert exc.value.field == "parallelism"
+
+
+def test_a_trace_stops_at_the_work_limit():
+    from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
+
+    cfg = {**MODELS["llama"], "hidden_size": 48}  # a setup not traced before
+    with pytest.raises(WorkLimitExceeded), work_limit(WorkLimit(0.0)):
+        E.estimate(cfg, TrainingSpec(**_training({})))

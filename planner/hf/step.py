@@ -224,6 +224,7 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
     import torch
 
     from planner.hf.meter import LiveMemoryMeter
+    from planner.machine.deadline import check
 
     dev = torch.device(device)
     out: list[dict] = []
@@ -234,6 +235,7 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
             stack.enter_context(_TRACE_LOCK)  # _as_real_run patches modules: one trace at a time
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
             stack.enter_context(_as_real_run())
+        check()
         torch.manual_seed(0)
         meter = LiveMemoryMeter()
         model, opt = build(config, tr, dev, num_layers, lambda: meter.in_phase("recompute"))
@@ -253,18 +255,21 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                 t0 = time.perf_counter()
                 windows: list[tuple[str, Any]] = []
                 for _ in range(accum):
+                    check()  # the request's work limit (planner.machine.deadline), per phase
                     meter.reset_peak()
                     with meter.in_phase("forward"), amp:
                         loss = model(**batch).loss
                         if accum > 1:
                             loss = loss / accum
                     windows.append(("forward", meter.peak))
+                    check()
                     meter.reset_peak()
                     with meter.in_phase("backward"):
                         loss.backward()
                     del loss
                     windows.append(("backward", meter.peak))
                 meter.mark([p.grad for p in model.parameters() if p.grad is not None], "gradients")
+                check()
                 meter.reset_peak()
                 with meter.in_phase("optimizer"):
                     opt.step()
