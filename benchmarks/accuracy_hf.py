@@ -141,6 +141,43 @@ def rows(quick: bool, traced: bool):
         yield label, mode, model, training, res, time.perf_counter() - t0
 
 
+_COST = """
+import sys, time, warnings, json
+warnings.filterwarnings("ignore")
+t0 = time.perf_counter()
+import transformers  # noqa: F401
+from planner.catalog.specs import MemoryRequest
+from planner.routes.memory import estimate_memory
+t1 = time.perf_counter()
+req = MemoryRequest.model_validate_json(sys.argv[1])
+estimate_memory(req, device="cpu")
+t2 = time.perf_counter()
+estimate_memory(req.model_copy(update={"training": req.training.model_copy(
+    update={"micro_batch_size": req.training.micro_batch_size})}), device="cpu")
+t3 = time.perf_counter()
+print(json.dumps([t1 - t0, t2 - t1, t3 - t2]))
+"""
+
+
+def first_request_costs() -> list[str]:
+    """Each full-size row's estimate in a fresh process: the transformers import, the first
+    estimate (three proxy traces), a repeat (cached)."""
+    import json
+    import subprocess
+
+    out = ["", "## First-request cost of the full-size estimates (fresh process each)", "",
+           "| config | import transformers s | first estimate s | repeat s |",
+           "|---|---:|---:|---:|"]
+    for label, preset, tr in TRACED:
+        body = MemoryRequest(model={"preset": preset}, training=tr).model_dump_json()
+        res = subprocess.run([sys.executable, "-c", _COST, body], capture_output=True,
+                             text=True, check=True)
+        imp, first, again = json.loads(res.stdout.strip().splitlines()[-1])
+        out.append(f"| {label} | {imp:.1f} | {first:.1f} | {again:.4f} |")
+        print(out[-1], flush=True)
+    return out
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.3f}%"
 
@@ -150,7 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a quarter of the rows")
     ap.add_argument("--no-traced", action="store_true", help="skip the full-size traced rows")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
+    ap.add_argument("--cost-only", action="store_true", help="only the first-request cost "
+                    "table (appended to --out)")
     args = ap.parse_args(argv)
+    if args.cost_only:
+        lines = first_request_costs()
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write("\n".join(lines) + "\n")
+        return 0
     lines = [
         "# Accuracy: implementation 'transformers' vs the measured transformers step (CPU)",
         "",

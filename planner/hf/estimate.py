@@ -13,8 +13,8 @@ real CPU runs of the whole model, to the byte.
 
 Traces are memoised per (config without its layer count, training setting, proxy size), so
 another layer count of a seen setup costs no trace. First-request cost: three traces of one to
-three blocks (about 1-2 s each for 7-8B models at sequence 1024 on one CPU core; see
-benchmarks/results/accuracy-hf-cpu.md).
+three blocks, 6-8 s in all for 7-8B models at sequence 1024 on one CPU core
+(benchmarks/results/accuracy-hf-cpu.md).
 """
 
 from __future__ import annotations
