@@ -50,3 +50,36 @@ def test_refused_at_submission_with_the_field():
     req = ValidationRequest(model={"hf_config": LLAMA}, parallelism={"data_parallel": 2},
                             training={"implementation": "transformers"})
     assert runner_refusal(req)[0] == "body.parallelism"
+
+
+def test_job_through_the_api(tmp_path):
+    """A full-size preset built from a config.json, traced by a worker, through the API."""
+    from fastapi.testclient import TestClient
+
+    from tests.jobtargets import poll
+    from tests.test_validations_api import make_client
+
+    app, embedded = make_client(f"sqlite:///{tmp_path}/jobs.db", worker=True,
+                                target="service.validation.runner:run_validation")
+    embedded.start()
+    try:
+        with TestClient(app) as api:
+            body = {"model": {"preset": "qwen3-0.6b"}, "device": "cpu", "mode": "traced",
+                    "steps": 2, "timeout_s": 240,
+                    "training": {"implementation": "transformers", "precision": "amp-bf16",
+                                 "optimizer": "adamw", "sequence_length": 256}}
+            r = api.post("/v1/validations", json=body)
+            assert r.status_code == 202, r.text
+            done = poll(api, r.json()["id"], lambda j: j["status"] in ("failed", "succeeded"),
+                        250)
+            refused = api.post("/v1/validations", json={
+                **body, "training": {**body["training"], "precision": "mixed-bf16"}})
+    finally:
+        embedded.stop(15)
+        app.state.jobs.close()
+    assert done["status"] == "succeeded", done["error"]
+    result = done["result"]
+    assert result["measured"] == result["estimate"]
+    assert result["measured"]["parameters"] >= 596_049_920 * 4
+    assert refused.status_code == 422
+    assert refused.json()["invalid-params"][0]["name"] == "body.training.precision"
