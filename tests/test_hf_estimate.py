@@ -83,6 +83,18 @@ def test_proxies_are_extrapolated_not_the_whole_model():
     assert gemma.extrapolated and gemma.traced_layers == (3, 5, 7)
 
 
+def test_blocks_without_a_period_are_traced_whole():
+    # Qwen2 with a sliding window from block 2 on: the blocks' kinds repeat with no period the
+    # proxies could extrapolate, so the whole model is traced, and still equals the real step
+    cfg = {**MODELS["qwen2"], "use_sliding_window": True, "max_window_layers": 2,
+           "sliding_window": 8}
+    tr = _training({"optimizer": "sgd"})
+    est = E.estimate(cfg, TrainingSpec(**tr))
+    assert not est.extrapolated and est.traced_layers == (5,)
+    steps = run(cfg, TrainingSpec(**tr), "cpu", traced=False, steps=3)
+    assert est.steady.breakdown == max(steps[1:], key=lambda s: s["peak"][0]["total"])["peak"][0]
+
+
 def test_a_layer_count_seen_before_costs_no_trace(monkeypatch):
     cfg, tr = MODELS["llama"], TrainingSpec(**_training({"optimizer": "sgd"}))
     E.estimate({**cfg, "num_hidden_layers": 6}, tr)
