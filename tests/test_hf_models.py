@@ -130,6 +130,10 @@ def test_reference_families_resolve_to_the_reference_architecture():
     ({**SMALL["llama"], "num_hidden_layers": 0}, "model.hf_config.num_hidden_layers", "[1, 1024]"),
     ({**SMALL["llama"], "num_key_value_heads": 3}, "model.hf_config.num_key_value_heads",
      "divide"),
+    ({**SMALL["llama"], "intermediate_size": -3}, "model.hf_config.intermediate_size", "[1, "),
+    ({**SMALL["llama"], "mlp_bias": 3}, "model.hf_config.mlp_bias", "true or false"),
+    ({**SMALL["gpt2"], "n_embd": "wide"}, "model.hf_config.n_embd", "integer"),
+    ({**SMALL["qwen3_moe"], "num_experts": 0}, "model.hf_config.num_local_experts", "[1, "),
 ])
 def test_unsupported_type_or_field_is_named(config, field, says):
     with pytest.raises(HFConfigError) as exc:
@@ -153,6 +157,19 @@ def test_api_422_names_the_field_and_lists_the_supported(client):
     body = r.json()
     assert body["invalid-params"][0]["name"] == "body.model.hf_config.model_type"
     assert "qwen3_moe" in body["detail"] and "'bert'" in body["detail"]
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"rope_scaling": 5}, "body.model.hf_config"),      # transformers' own config validation
+    ({"hidden_act": "nope"}, "body.model.hf_config"),   # transformers cannot build the model
+    ({"head_dim": 7}, "body.model.hf_config"),
+])
+def test_api_what_transformers_refuses_is_a_422(client, extra, field):
+    r = client.post("/v1/memory", json={"model": {"hf_config": {**SMALL["llama"], **extra}},
+                                        "training": {"implementation": "transformers",
+                                                     "sequence_length": 16}})
+    assert r.status_code == 422, r.text
+    assert r.json()["invalid-params"][0]["name"] == field
 
 
 def test_api_non_reference_family_needs_the_transformers_implementation(client):

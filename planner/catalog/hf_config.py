@@ -87,6 +87,9 @@ def normalize(config: dict[str, Any], fill: bool = True) -> dict[str, Any]:
                 f"supported fields: "
                 f"{', '.join(sorted(set(defaults) | set(aliases) | COMMON_FIELDS))}",
                 f"model.hf_config.{key}")
+    for key, value in config.items():
+        if key in defaults:
+            _check_type(key, value, defaults[key])
     out = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
     out["model_type"] = mt
     _check_sizes(out)
@@ -113,6 +116,39 @@ def dims(cfg: dict[str, Any]) -> dict[str, int]:
     return {"layers": cfg["num_hidden_layers"], "hidden": h, "heads": n, "kv_heads": kv,
             "head_dim": cfg.get("head_dim") or h // n, "ffn": cfg.get("intermediate_size") or 0,
             "vocab": cfg["vocab_size"], "positions": cfg.get("max_position_embeddings") or 0}
+
+
+# Dimension fields: a positive integer (or null where transformers derives it), at most the limit.
+SIZE_FIELDS = {
+    "intermediate_size": 4 * 131_072, "moe_intermediate_size": 4 * 131_072,
+    "shared_expert_intermediate_size": 4 * 131_072, "n_inner": 4 * 131_072,
+    "num_key_value_heads": 1024, "head_dim": 131_072, "num_local_experts": 4096,
+    "num_experts": 4096, "num_experts_per_tok": 4096, "decoder_sparse_step": 1024,
+    "n_positions": 1_048_576, "max_position_embeddings": 1_048_576 * 16,
+}
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """A field's value has its default's JSON type (null allowed: transformers' default)."""
+    if value is None:
+        return
+    if key in SIZE_FIELDS:
+        _positive({key: value}, key, SIZE_FIELDS[key])
+        return
+    want = None
+    if isinstance(default, bool):
+        want, ok = "true or false", isinstance(value, bool)
+    elif isinstance(default, int):
+        want, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        want, ok = "a number", isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        want, ok = "a string", isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise HFConfigError(f"model.hf_config.{key} must be {want}, got {value!r}",
+                            f"model.hf_config.{key}")
 
 
 def _check_sizes(cfg: dict[str, Any]) -> None:

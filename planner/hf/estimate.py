@@ -56,9 +56,10 @@ def _key(config: dict, tr: TrainingSpec, n: int) -> str:
     return json.dumps([c, tr.model_dump(mode="json"), n], sort_keys=True, default=str)
 
 
-def _trace(config: dict, tr: TrainingSpec, n: int | None) -> list[dict]:
-    key = _key(config, tr, n if n is not None else -1) + (
-        json.dumps(config.get(layer_field(config["model_type"]))) if n is None else "")
+def _trace(config: dict, tr: TrainingSpec, n: int | None, kinds: list[tuple]) -> list[dict]:
+    # a proxy is its first n blocks: the key holds their kinds (layer_types is cut to them)
+    key = _key(config, tr, n if n is not None else -1) + json.dumps(
+        [list(k) for k in (kinds if n is None else kinds[:n])])
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
@@ -118,7 +119,7 @@ def estimate(config: dict, tr: TrainingSpec) -> HFEstimate:
     kp = _period(kinds)
     if kp is not None:
         k, p = kp
-        traces = [_trace(config, tr, n) for n in (k, k + p, k + 2 * p)]
+        traces = [_trace(config, tr, n, kinds) for n in (k, k + p, k + 2 * p)]
         steps = {}
         for i, which in ((0, "first"), (1, "steady")):
             phases = {}
@@ -137,7 +138,7 @@ def estimate(config: dict, tr: TrainingSpec) -> HFEstimate:
                               steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
                                              in steps["steady"].items()},
                               traced_layers=(k, k + p, k + 2 * p), extrapolated=True)
-    full = _trace(config, tr, None)
+    full = _trace(config, tr, None, kinds)
     return HFEstimate(first=_peak(full[0]["phases"]), steady=_peak(full[1]["phases"]),
                       steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
                                      in full[1]["phases"].items()},

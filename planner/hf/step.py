@@ -70,14 +70,30 @@ def make_config(config: dict[str, Any], num_layers: int | None = None):
 
     d = {k: v for k, v in config.items() if k != "model_type"}
     mt = config["model_type"]
-    full = AutoConfig.for_model(mt, **d)
+    full = _config(mt, d)
     if num_layers is None:
         return full
     d[layer_field(mt)] = num_layers
     types = getattr(full, "layer_types", None)
     if types is not None:
         d["layer_types"] = list(types[:num_layers])
-    return AutoConfig.for_model(mt, **d)
+    return _config(mt, d)
+
+
+def _config(model_type: str, fields: dict[str, Any]):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as exc:  # noqa: BLE001 - transformers' own validation of the fields
+        raise PlanningError(f"model.hf_config: transformers refuses this config: "
+                            f"{type(exc).__name__}: {_first_line(exc)}", "model.hf_config") \
+            from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def block_kinds(config: dict[str, Any]) -> list[tuple]:
@@ -138,11 +154,13 @@ def build(config: dict[str, Any], tr: TrainingSpec, device, num_layers: int | No
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(conf, attn_implementation=tr.attention,
                                                      dtype=dtype)
-    except ValueError as exc:  # e.g. an attention implementation the model does not have
-        if "attention implementation" in str(exc):
+    except Exception as exc:  # noqa: BLE001 - what transformers cannot build from the config
+        if isinstance(exc, ValueError) and "attention implementation" in str(exc):
             raise PlanningError(f"training.attention {tr.attention!r}: "
                                 f"{str(exc).split('. ')[0]}", "training.attention") from None
-        raise
+        raise PlanningError(f"model.hf_config: transformers cannot build this model: "
+                            f"{type(exc).__name__}: {_first_line(exc)}", "model.hf_config") \
+            from None
     model.train()
     if tr.activation_checkpointing.strategy == "full":
         kwargs = {"use_reentrant": (tr.transformers.use_reentrant if tr.transformers else False)}

@@ -7,6 +7,7 @@ from planner.catalog.errors import PlanningError
 from planner.catalog.presets import allocator_reserve, get_gpu, hf_config_of, resolve_model
 from planner.catalog.specs import Assumption, Breakdown, Fit, MemoryRequest, MemoryResult
 from planner.hf.errors import require_transformers
+from planner.machine.deadline import WorkLimitExceeded
 
 _TRACE_NOTE = ("the step traced under FakeTensorMode on the CPU device (CPU kernels' saved "
                "tensors, e.g. sdpa's flash-attention-for-CPU logsumexp)")
@@ -40,7 +41,14 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
     from planner.hf.estimate import estimate
 
     tr = req.training
-    est = estimate(cfg, tr)
+    try:
+        est = estimate(cfg, tr)
+    except (PlanningError, WorkLimitExceeded):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the transformers code failing on this config
+        raise PlanningError(
+            f"model.hf_config: the transformers step fails on this config: "
+            f"{type(exc).__name__}: {str(exc).strip()[:300]}", "model.hf_config") from None
     bd, first = Breakdown(**est.steady.breakdown), Breakdown(**est.first.breakdown)
     fb = [p for n, p in est.steady_phases.items() if n != "optimizer"]
     fbp = max(fb, key=lambda p: p.breakdown["total"]) if fb else None
