@@ -205,6 +205,12 @@ class TrainingSpec(_Frozen):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 = no masks).")
     lora: LoraSpec | None = None
 
+    @model_validator(mode="after")
+    def _transformers_options(self) -> "TrainingSpec":
+        if self.transformers is not None and self.implementation != "transformers":
+            raise ValueError("transformers options apply to implementation 'transformers'")
+        return self
+
     @field_validator("optimizer_implementation")
     @classmethod
     def _fused_exists(cls, v: str, info) -> str:
