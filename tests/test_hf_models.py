@@ -133,7 +133,7 @@ def test_reference_families_resolve_to_the_reference_architecture():
     ({**SMALL["llama"], "intermediate_size": -3}, "model.hf_config.intermediate_size", "[1, "),
     ({**SMALL["llama"], "mlp_bias": 3}, "model.hf_config.mlp_bias", "true or false"),
     ({**SMALL["gpt2"], "n_embd": "wide"}, "model.hf_config.n_embd", "integer"),
-    ({**SMALL["qwen3_moe"], "num_experts": 0}, "model.hf_config.num_local_experts", "[1, "),
+    ({**SMALL["qwen3_moe"], "num_experts": 0}, "model.hf_config.num_experts", "[1, "),
 ])
 def test_unsupported_type_or_field_is_named(config, field, says):
     with pytest.raises(HFConfigError) as exc:

@@ -76,7 +76,7 @@ def normalize(config: dict[str, Any], fill: bool = True) -> dict[str, Any]:
             f"model.hf_config.model_type {mt!r} is not supported; supported model types: "
             f"{', '.join(sorted(fams))}", "model.hf_config.model_type")
     defaults, aliases = fams[mt]["defaults"], fams[mt]["aliases"]
-    config = {aliases.get(k, k): v for k, v in config.items()}
+    original, config = config, {aliases.get(k, k): v for k, v in config.items()}
     for key in config:
         if key in UNSUPPORTED_FIELDS:
             raise HFConfigError(f"model.hf_config.{key}: {UNSUPPORTED_FIELDS[key]}",
@@ -87,9 +87,15 @@ def normalize(config: dict[str, Any], fill: bool = True) -> dict[str, Any]:
                 f"supported fields: "
                 f"{', '.join(sorted(set(defaults) | set(aliases) | COMMON_FIELDS))}",
                 f"model.hf_config.{key}")
+    given = {aliases.get(k, k): k for k in original}  # a field's name as the client wrote it
     for key, value in config.items():
         if key in defaults:
-            _check_type(key, value, defaults[key])
+            try:
+                _check_type(key, value, defaults[key])
+            except HFConfigError as exc:
+                name = given.get(key, key)
+                raise HFConfigError(exc.detail.replace(f".{key} ", f".{name} ", 1),
+                                    f"model.hf_config.{name}") from None
     out = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
     out["model_type"] = mt
     _check_sizes(out)
