@@ -132,3 +132,19 @@ def test_a_trace_stops_at_the_work_limit():
     cfg = {**MODELS["llama"], "hidden_size": 48}  # a setup not traced before
     with pytest.raises(WorkLimitExceeded), work_limit(WorkLimit(0.0)):
         E.estimate(cfg, TrainingSpec(**_training({})))
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("planner.catalog.presets", fromlist=[
+    "hf_presets"]).hf_presets()))
+def test_every_preset_is_answered(preset):
+    """Every config.json preset through implementation 'transformers' (full size, proxies
+    traced): the parameters category holds the fp32 parameters (and the rotary buffers)."""
+    from planner.catalog.presets import resolve_model
+    from planner.catalog.specs import ModelSpec
+
+    tr = _training({"optimizer": "sgd", "micro_batch_size": 1, "sequence_length": 64,
+                    "attention": "eager" if preset.startswith("gemma-2") else "sdpa"})
+    est = estimate_memory(MemoryRequest(model={"preset": preset}, training=tr), device="cpu")
+    n = resolve_model(ModelSpec(preset=preset)).num_parameters
+    assert 4 * n <= est.breakdown.parameters < 4 * n + 2**24
+    assert est.breakdown.total > est.breakdown.parameters
