@@ -436,7 +436,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             _err(f"memplan estimate: does not fit on "
                  f"{result.fit.gpu or human_bytes(result.fit.memory_bytes)} (exit status 3)")
         return status
-    name = result.model.name or f"{result.model.num_parameters:,} parameters"
+    name = result.model.name or (f"{result.model.model_type} config" if result.model.model_type
+                                 else f"{result.model.num_parameters:,} parameters")
     print(f"model: {name} ({result.model.num_parameters:,} parameters)")
     rows = [(k, human_bytes(getattr(result.breakdown, k)), f"{getattr(result.breakdown, k):,}")
             for k in CATEGORIES]
