@@ -195,6 +195,17 @@ def make_batch(vocab_size: int, tr: TrainingSpec, device, traced: bool) -> dict:
 
 
 @contextmanager
+def _trace_slot(check: Callable[[], None]):
+    """The one trace slot, waited for under the request's work limit."""
+    while not _TRACE_LOCK.acquire(timeout=0.1):
+        check()
+    try:
+        yield
+    finally:
+        _TRACE_LOCK.release()
+
+
+@contextmanager
 def _as_real_run():
     """Under FakeTensorMode transformers takes its tracing path (``is_tracing`` is true of a
     FakeTensor): it cannot read values, so it materialises the causal mask a real run skips.
@@ -250,7 +261,7 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
         if traced:
             from torch._subclasses.fake_tensor import FakeTensorMode
 
-            stack.enter_context(_TRACE_LOCK)  # _as_real_run patches modules: one trace at a time
+            stack.enter_context(_trace_slot(check))  # _as_real_run patches modules: one at a time
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
             stack.enter_context(_as_real_run())
         check()
