@@ -1,5 +1,6 @@
 # One image for the API and the workers. `pip install .` takes torch from the package index:
-# on x86_64 Linux that is the CUDA build, which the GPU worker needs (the API never imports it).
+# on x86_64 Linux that is the CUDA build, which the GPU worker needs (the API imports it only for
+# training.implementation 'transformers', whose estimates trace the model: the [hf] extra).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -10,7 +11,7 @@ WORKDIR /app
 COPY pyproject.toml README.md* ./
 COPY planner ./planner
 COPY service ./service
-RUN pip install . && useradd --create-home --uid 10001 memplan
+RUN pip install ".[hf]" && useradd --create-home --uid 10001 memplan
 
 USER memplan
 EXPOSE 8000

@@ -349,6 +349,10 @@ def _estimate_overrides(args: argparse.Namespace) -> dict[str, Any]:
         node[leaf] = value
 
     put("model.preset", args.preset)
+    if args.hf_config is not None:
+        put("model.hf_config", _read_hf_config(args.hf_config))
+    put("training.implementation", args.implementation)
+    put("training.attention", args.attention)
     put("training.precision", args.precision)
     put("training.optimizer", args.optimizer)
     put("training.micro_batch_size", args.micro_batch_size)
@@ -367,6 +371,20 @@ def _estimate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("parallelism.zero_stage", args.zero_stage)
     put("hardware.gpu", args.gpu)
     return out
+
+
+def _read_hf_config(path: str) -> dict[str, Any]:
+    """A Hugging Face config.json, read from a local file (nothing is downloaded)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise InputError(f"--hf-config: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InputError(f"--hf-config: {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--hf-config: {path} holds no JSON object (a config.json is one)")
+    return data
 
 
 def _implied_checkpointing(args: argparse.Namespace) -> str | None:
@@ -404,11 +422,14 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     elif overrides.get("model"):
         request = validate(MemoryRequest, overrides)
     else:
-        raise InputError("give a SPEC.json or at least --preset NAME (see memplan estimate -h)")
+        raise InputError("give a SPEC.json or at least --preset NAME or --hf-config "
+                         "config.json (see memplan estimate -h)")
     _check_checkpointing_flags(args, request.training.activation_checkpointing.strategy)
+    from planner.hf.errors import ExtraMissing
+
     try:
         result = estimate_memory(request)
-    except UnknownName as exc:
+    except (UnknownName, ExtraMissing) as exc:
         raise InputError(str(exc)) from None
     except ValueError as exc:
         raise InputError(f"cannot plan this setup: {exc}") from None
@@ -419,7 +440,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             _err(f"memplan estimate: does not fit on "
                  f"{result.fit.gpu or human_bytes(result.fit.memory_bytes)} (exit status 3)")
         return status
-    name = result.model.name or f"{result.model.num_parameters:,} parameters"
+    name = result.model.name or (f"{result.model.model_type} config" if result.model.model_type
+                                 else f"{result.model.num_parameters:,} parameters")
     print(f"model: {name} ({result.model.num_parameters:,} parameters)")
     rows = [(k, human_bytes(getattr(result.breakdown, k)), f"{getattr(result.breakdown, k):,}")
             for k in CATEGORIES]
@@ -624,6 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result object as JSON (the "
                    "exit status is the same)")
     p.add_argument("--preset", help="model preset name (GET /v1/models), e.g. llama-2-7b")
+    p.add_argument("--hf-config", metavar="config.json", help="a Hugging Face config.json file "
+                   "as the model (e.g. a model card's config.json; read locally)")
+    p.add_argument("--implementation", help="reference (default), megatron or transformers "
+                   "(the Hugging Face model code; needs memplan[hf])")
+    p.add_argument("--attention", help="sdpa or eager")
     p.add_argument("--precision")
     p.add_argument("--optimizer")
     p.add_argument("--micro-batch-size", type=int)

@@ -30,8 +30,8 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from planner.catalog.presets import resolve_model
-from planner.catalog.specs import ValidationRequest
+from planner.catalog.presets import UnknownName, resolve_model
+from planner.catalog.specs import ResolvedModel, ValidationRequest
 from service.errors import problem_response
 from service.jobs.store import IdempotencyConflict
 
@@ -160,14 +160,22 @@ def check_caps(body: ValidationRequest, settings: Any) -> None:
             problems.append((field, f"{value:g} is over this deployment's cap of {cap:g} {what}"))
 
     model = body.model
-    if model.preset is not None:
-        # A preset is checked by what it resolves to (an unknown name is the catalog's 422).
-        resolved = resolve_model(model)
-        layers, hidden, where = resolved.num_layers, resolved.hidden_size, "body.model.preset"
-        over(where, layers, limits["num_layers"], f"layers for a {mode} job (preset "
-             f"{model.preset!r} has {layers})")
-        over(where, hidden, limits["hidden_size"], f"hidden size for a {mode} job (preset "
-             f"{model.preset!r} has {hidden})")
+    if model.preset is not None or model.hf_config is not None:
+        # A preset or config.json is checked by what it resolves to (an unknown name is the
+        # catalog's 422, an unsupported config the planner's).
+        try:
+            resolved = resolve_model(model)
+        except UnknownName:
+            raise
+        except ValueError:  # an unsupported config: the planner's 422 when it is estimated
+            resolved = ResolvedModel(num_parameters=1, architecture_known=False)
+        layers, hidden = resolved.num_layers, resolved.hidden_size
+        where = "body.model.preset" if model.preset is not None else "body.model.hf_config"
+        what = f"preset {model.preset!r}" if model.preset is not None else "the config"
+        over(where, layers, limits["num_layers"], f"layers for a {mode} job ({what} has "
+             f"{layers})")
+        over(where, hidden, limits["hidden_size"], f"hidden size for a {mode} job ({what} has "
+             f"{hidden})")
     else:
         over("body.model.num_layers", model.num_layers, limits["num_layers"],
              f"for a {mode} job")

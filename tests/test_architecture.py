@@ -1,8 +1,8 @@
-"""The planner's shape: five packages in layers, imports in one direction, no cycles.
+"""The planner's shape: six packages in layers, imports in one direction, no cycles.
 
 catalog (what is asked) <- machine (how a step is replayed and compiled) <- step (the reference
-step that is replayed) <- layouts (how ranks and stages compose) <- routes (the routes'
-planners). A module may import its own package and the packages below it, never above; within
+step that is replayed) <- hf (the transformers implementation's step, traced) <- layouts (how
+ranks and stages compose) <- routes (the routes' planners). A module may import its own package and the packages below it, never above; within
 a package the modules' imports (lazy ones included) form no cycle; the planner never imports the
 service; and no module grows past a size a reader takes in at once."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "planner"
-LAYERS = ["catalog", "machine", "step", "layouts", "routes"]
+LAYERS = ["catalog", "machine", "step", "hf", "layouts", "routes"]
 MAX_LINES = 500
 
 

@@ -8,6 +8,8 @@ from importlib import resources
 
 from pydantic import BaseModel, ConfigDict
 
+from planner.catalog.hf_config import count_parameters as count_hf_parameters
+from planner.catalog.hf_config import dims, normalize
 from planner.catalog.parameters import count_parameters
 from planner.catalog.specs import ModelSpec, ResolvedModel
 
@@ -48,6 +50,77 @@ def model_presets() -> dict[str, ResolvedModel]:
 
 
 @lru_cache(maxsize=1)
+def hf_presets() -> dict[str, dict]:
+    """Presets given as Hugging Face config.json contents (``data/hf_presets.json``)."""
+    return _load("hf_presets.json")["models"]
+
+
+@lru_cache(maxsize=1)
+def hf_preset_models() -> dict[str, ResolvedModel]:
+    return {name: resolve_hf(cfg).model_copy(update={"name": name})
+            for name, cfg in hf_presets().items()}
+
+
+def hf_config_of(spec: ModelSpec, fill: bool = True) -> dict | None:
+    """The Hugging Face config of an hf_config model or hf preset, validated (``fill``: with
+    the family's defaults filled in; else as given, what transformers builds from); None for
+    the other model forms."""
+    if spec.hf_config is not None:
+        return normalize(spec.hf_config, fill)
+    if spec.preset is not None and spec.preset not in model_presets():
+        cfg = {k.casefold(): v for k, v in hf_presets().items()}.get(spec.preset.casefold())
+        return None if cfg is None else normalize(cfg, fill)
+    return None
+
+
+def resolve_hf(config: dict) -> ResolvedModel:
+    """A ResolvedModel for a Hugging Face config: its dimensions and exact parameter count
+    (planner/catalog/hf_config.py); ``family`` is set for the two the reference step runs."""
+    cfg = normalize(config)
+    d = dims(cfg)
+    mt = cfg["model_type"]
+    ref = _reference_fields(cfg)
+    return ResolvedModel(
+        family=mt if ref else None, num_layers=d["layers"],
+        hidden_size=d["hidden"], num_heads=d["heads"], num_kv_heads=d["kv_heads"],
+        ffn_hidden_size=d["ffn"] or None, vocab_size=d["vocab"],
+        max_sequence_length=d["positions"] or None,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings")),
+        num_parameters=count_hf_parameters(cfg), model_type=mt,
+        # the reference step's routes see the architecture only where the reference step builds
+        # this model; elsewhere the model's states (its exact count) are what they can use
+        architecture_known=ref is not None)
+
+
+def reference_spec(spec: ModelSpec) -> ModelSpec | None:
+    """An hf_config gpt2 / llama model as the reference step's architecture fields, or None
+    where the reference step does not build that model (biases, a head_dim other than h/a,
+    another activation, another model_type)."""
+    cfg = hf_config_of(spec)
+    if cfg is None:
+        return None
+    fields = _reference_fields(cfg)
+    return None if fields is None else ModelSpec(**fields)
+
+
+def _reference_fields(cfg: dict) -> dict | None:
+    mt, d = cfg["model_type"], dims(cfg)
+    if mt == "gpt2":
+        ok = cfg.get("activation_function") == "gelu_new"
+    elif mt == "llama":
+        ok = (not cfg.get("attention_bias") and not cfg.get("mlp_bias")
+              and cfg.get("hidden_act") == "silu" and d["head_dim"] * d["heads"] == d["hidden"])
+    else:
+        ok = False
+    if not ok:
+        return None
+    return dict(family=mt, num_layers=d["layers"], hidden_size=d["hidden"],
+                num_heads=d["heads"], num_kv_heads=d["kv_heads"], ffn_hidden_size=d["ffn"],
+                vocab_size=d["vocab"], max_sequence_length=d["positions"] or None,
+                tie_embeddings=bool(cfg.get("tie_word_embeddings")))
+
+
+@lru_cache(maxsize=1)
 def gpus() -> dict[str, GPU]:
     return {g["name"]: GPU(**g) for g in _load("gpus.json")["gpus"]}
 
@@ -69,8 +142,15 @@ def get_gpu(name: str) -> GPU:
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
     """Turn any of the three model forms into a ResolvedModel with an exact parameter count."""
+    if spec.hf_config is not None:
+        return resolve_hf(spec.hf_config)
     if spec.preset is not None:
-        return _lookup(model_presets(), "preset", spec.preset)
+        if spec.preset not in model_presets():
+            hf = {k.casefold(): v for k, v in hf_preset_models().items()}.get(
+                spec.preset.casefold())
+            if hf is not None:
+                return hf
+        return _lookup({**model_presets(), **hf_preset_models()}, "preset", spec.preset)
     if spec.num_parameters is not None:
         return ResolvedModel(num_parameters=spec.num_parameters, architecture_known=False)
     family = spec.family

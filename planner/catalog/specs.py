@@ -7,9 +7,9 @@ are refused with a 422 that names the field and the limit.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from planner.catalog.loss_specs import LossSpec
 
@@ -35,14 +35,14 @@ OptimizerName = Literal[
 ]
 CheckpointStrategy = Literal["none", "full", "every-k", "sqrt", "selective", "budget", "blocks"]
 Attention = Literal["sdpa", "eager"]
-Implementation = Literal["reference", "megatron"]
+Implementation = Literal["reference", "megatron", "transformers"]
 PipelineScheduleName = Literal[
     "gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe", "dualpipe-v"
 ]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+from planner.catalog.frozen import _Frozen  # noqa: E402
+from planner.catalog.hf_specs import TransformersOptions  # noqa: E402
 
 
 class ModelSpec(_Frozen):
@@ -68,6 +68,11 @@ class ModelSpec(_Frozen):
         None, ge=1, le=MAX_SEQUENCE, description="Positions (gpt2 learned position table size).")
     tie_embeddings: bool | None = Field(
         None, description="Output projection shares the token embedding (gpt2 default true).")
+    hf_config: dict[str, Any] | None = Field(
+        None, description="The contents of a Hugging Face config.json; model_type one of gpt2, "
+        "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, qwen2_moe, qwen3_moe. "
+        "Estimated through training.implementation 'transformers' (gpt2 and llama configs also "
+        "through the reference step).")
 
     @field_validator("preset")
     @classmethod
@@ -78,10 +83,10 @@ class ModelSpec(_Frozen):
     def _one_form(self) -> "ModelSpec":
         arch = [self.family, self.num_layers, self.hidden_size, self.num_heads, self.vocab_size]
         forms = sum([self.preset is not None, self.num_parameters is not None,
-                     any(v is not None for v in arch)])
+                     any(v is not None for v in arch), self.hf_config is not None])
         if forms != 1:
             raise ValueError(
-                "give exactly one of: preset, num_parameters, or architecture fields "
+                "give exactly one of: preset, num_parameters, hf_config, or architecture fields "
                 "(family, num_layers, hidden_size, num_heads, vocab_size, ...)")
         if any(v is not None for v in arch):
             missing = [n for n, v in zip(
@@ -112,6 +117,8 @@ class ResolvedModel(_Frozen):
     max_sequence_length: int | None = None
     tie_embeddings: bool | None = None
     num_parameters: int = Field(..., description="Exact parameter count.")
+    model_type: str | None = Field(None, description="Hugging Face model_type of an hf_config "
+                                   "model (or hf preset).")
     architecture_known: bool = Field(
         ..., description="False for a bare parameter count: activations cannot be estimated.")
 
@@ -193,11 +200,20 @@ class TrainingSpec(_Frozen):
     attention: Attention = "sdpa"
     implementation: Implementation = Field(
         "reference", description="'reference': memplan's measured training step, op by op. "
-        "'megatron': Korthikanti et al. 2022, Table 2.")
+        "'megatron': Korthikanti et al. 2022, Table 2. 'transformers': the Hugging Face "
+        "transformers model code in a trainer-style loop (traced; needs memplan[hf]).")
+    transformers: TransformersOptions | None = Field(
+        None, description="Options of implementation 'transformers'.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 = no masks).")
     lora: LoraSpec | None = None
     loss: LossSpec = Field(default_factory=LossSpec, description="Output head and cross-entropy: "
                            "whole, chunked, or chunked and recomputed in backward.")
+
+    @model_validator(mode="after")
+    def _transformers_options(self) -> "TrainingSpec":
+        if self.transformers is not None and self.implementation != "transformers":
+            raise ValueError("transformers options apply to implementation 'transformers'")
+        return self
 
     @field_validator("optimizer_implementation")
     @classmethod

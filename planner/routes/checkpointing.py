@@ -270,6 +270,10 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
         raise PlanningError("checkpoint placement needs the architecture (a preset or "
                             "architecture fields), not a bare parameter count", "body.model")
     training = req.training or TrainingSpec()
+    if training.implementation == "transformers":
+        raise PlanningError("implementation 'transformers' checkpoints every decoder layer or "
+                            "none (gradient_checkpointing_enable): compare the two with POST "
+                            "/v1/memory", "body.training.implementation")
     par = req.parallelism or ParallelSpec()
     ac = training.activation_checkpointing
     strategy = req.strategy or ac.strategy

@@ -173,7 +173,16 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``. ``explain``: the
     notes that read the figures (bytes per parameter, what fits instead), each of which may
     replay a variant of the setup; searches that read only the peak pass False."""
+    if req.training.implementation == "transformers":
+        from planner.routes.hf_memory import estimate_transformers
+
+        return estimate_transformers(req, device)
     model = resolve_model(req.model)
+    if model.model_type is not None and not model.architecture_known:
+        raise PlanningError(
+            f"model_type {model.model_type!r} is estimated through training.implementation "
+            "'transformers' (the reference step builds gpt2 and llama configs only, without "
+            "biases and with head_dim = hidden_size / heads)", "training.implementation")
     _check(model, req.training, req.parallelism)
     ac = req.training.activation_checkpointing
     if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan

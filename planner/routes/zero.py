@@ -7,6 +7,7 @@ for that layout (``planner/routes/memory.py``).
 
 from __future__ import annotations
 
+from planner.catalog.errors import PlanningError
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import MemoryRequest, ParallelSpec, ZeroResult, ZeroStage
 from planner.layouts.sharding import shard_model_states
@@ -34,6 +35,10 @@ def zero_stages(request: MemoryRequest, estimate=None) -> ZeroResult:
     (activations and the step's peak); defaults to ``estimate_memory`` without its notes.
     """
     assert isinstance(request, MemoryRequest)
+    if request.training.implementation == "transformers":
+        raise PlanningError("implementation 'transformers' is estimated on one device (POST "
+                            "/v1/memory); ZeRO stages describe the reference step",
+                            "training.implementation")
     model = resolve_model(request.model)
     notes: list[str] = []
     if estimate is None:

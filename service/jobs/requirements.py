@@ -78,6 +78,7 @@ def runner_refusal(request: ValidationRequest) -> tuple[str, str] | None:
         check_supported(request)
     except ValidationUnsupported as exc:
         reason = str(exc)
-        field = next((f for key, f in _REFUSAL_FIELDS if key in reason), "body")
+        field = getattr(exc, "field", None) or next(
+            (f for key, f in _REFUSAL_FIELDS if key in reason), "body")
         return field, f"the validation runner would refuse this job: {reason}"
     return None

@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from planner.catalog.presets import GPU, gpus, model_presets
+from planner.catalog.presets import GPU, gpus, hf_preset_models, model_presets
 from planner.catalog.specs import ResolvedModel
 from service.errors import ProblemRoute
 
@@ -11,8 +11,10 @@ router = APIRouter(prefix="/v1", tags=["catalog"], route_class=ProblemRoute)
 
 @router.get("/models")
 def list_models() -> list[ResolvedModel]:
-    """Model presets usable as ``{"model": {"preset": NAME}}``, with exact parameter counts."""
-    return list(model_presets().values())
+    """Model presets usable as ``{"model": {"preset": NAME}}``, with exact parameter counts.
+    Those with a ``model_type`` are Hugging Face configs (training.implementation
+    'transformers'; gpt2 and llama ones also through the reference step)."""
+    return list(model_presets().values()) + list(hf_preset_models().values())
 
 
 @router.get("/gpus")

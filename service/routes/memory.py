@@ -4,6 +4,7 @@ from fastapi import APIRouter, Request
 
 from planner.catalog.presets import UnknownName
 from planner.catalog.errors import PlanningError
+from planner.hf.errors import ExtraMissing
 from planner.routes import memory as planner_memory
 from planner.catalog.specs import MemoryRequest, MemoryResult
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
@@ -23,6 +24,8 @@ def _estimate(request: MemoryRequest) -> MemoryResult:
         return planner_memory.estimate_memory(request)
     except UnknownName:
         raise
+    except ExtraMissing as exc:
+        raise PlanError(exc.detail, field="body.training.implementation", status=503) from exc
     except PlanningError as exc:
         raise PlanError(exc.detail, field=f"body.{exc.field}" if exc.field else None) from exc
     except ValueError as exc:  # a planner rule without a field: named from its message

@@ -74,6 +74,8 @@ def create_validation(
     took it; and a real job that no live worker of its device class can hold (the estimate
     against each worker's advertised device memory). A job whose device no live worker has is
     queued and says so in ``waiting_reason``."""
+    from planner.catalog.errors import PlanningError
+    from planner.hf.errors import ExtraMissing
     from service.jobs.requirements import requirements_for, runner_refusal
 
     settings = request.app.state.settings
@@ -82,6 +84,10 @@ def create_validation(
         requirements = requirements_for(body)
     except UnknownName:
         raise
+    except PlanningError as exc:
+        raise PlanError(exc.detail, field=f"body.{exc.field}" if exc.field else None) from exc
+    except ExtraMissing as exc:
+        raise PlanError(exc.detail, field="body.training.implementation", status=503) from exc
     except (ValueError, ArithmeticError) as exc:
         raise PlanError(str(exc)) from exc
     refusal = runner_refusal(body)

@@ -159,6 +159,8 @@ def run_validation(req: ValidationRequest, progress: ProgressFn | None = None) -
         from service.validation.distributed import run_multi_rank
 
         return run_multi_rank(req, progress, req.timeout_s)
+    if req.training.implementation == "transformers":
+        return _run_transformers(req, progress)
     dev = _device(req)
     req, plan = resolve_plan(req, dev)
     est = estimate_memory(req, device="cuda" if dev.type == "cuda" else "cpu")
@@ -181,6 +183,35 @@ def run_validation(req: ValidationRequest, progress: ProgressFn | None = None) -
         checkpointed_blocks=m["checkpointed_blocks"], step_time_ratio=ratio,
         planned_step_time_ratio=1 + plan.recompute_time_fraction,
     )
+
+
+def _run_transformers(req: ValidationRequest, progress: ProgressFn | None) -> ValidationResult:
+    """The transformers model's step (planner/hf/step.py), the whole model, real or traced,
+    against the estimate (its proxies traced and extrapolated)."""
+    from planner.hf.step import run
+
+    from service.validation.support import check_transformers
+
+    cfg = check_transformers(req)
+    dev = _device(req)
+    est = estimate_memory(req, device="cuda" if dev.type == "cuda" else "cpu")
+    report = progress or (lambda p: None)
+    traced = req.mode == "traced"
+    report(Progress(phase="building", step=0, total_steps=req.steps))
+    steps = run(cfg, req.training, str(dev), traced=traced, steps=req.steps,
+                on_step=lambda i: report(Progress(phase="running", step=i + 1,
+                                                  total_steps=req.steps)))
+    steady = max(steps[1:], key=lambda s: s["peak"][0]["total"])
+    measured, first = Breakdown(**steady["peak"][0]), Breakdown(**steps[0]["peak"][0])
+    warm = [s["time_s"] for s in steps[1:]]
+    report(Progress(phase="comparing", step=req.steps, total_steps=req.steps))
+    return ValidationResult(
+        device=describe_device(dev) + (" (FakeTensorMode)" if traced else ""), mode=req.mode,
+        estimate=est.breakdown, measured=measured,
+        relative_error=relative_error(est.breakdown, measured),
+        first_step_estimate=est.first_step, first_step_measured=first,
+        peak_op=steady["peak"][1], peak_phase=steady["peak"][2],
+        step_time_s=None if traced else statistics.median(warm))
 
 
 def _unchecked_ratio(req: ValidationRequest, dev: torch.device, steps: int = 5) -> float | None:

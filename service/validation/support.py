@@ -13,7 +13,25 @@ from planner.routes.loss_rules import loss_refusal
 
 
 class ValidationUnsupported(ValueError):
-    """The request asks for something the reference step does not run."""
+    """The request asks for something the reference step does not run (``field``: the request
+    field at fault, ``body.``-prefixed, where the check knows it)."""
+
+    def __init__(self, detail: str, field: str | None = None) -> None:
+        super().__init__(detail)
+        self.field = field
+
+
+def check_transformers(req: ValidationRequest) -> dict:
+    """implementation 'transformers': the config the step builds from, or the refusal (the
+    estimate's own rules: one device, the precisions, optimizers and checkpointing it runs)."""
+    from planner.catalog.errors import PlanningError
+    from planner.routes.hf_memory import check
+
+    try:
+        return check(req)
+    except PlanningError as exc:
+        raise ValidationUnsupported(exc.detail, f"body.{exc.field}" if exc.field else None) \
+            from None
 
 
 def check_supported(req: ValidationRequest) -> None:
@@ -22,6 +40,9 @@ def check_supported(req: ValidationRequest) -> None:
     refusal = loss_refusal(tr, par)
     if refusal is not None:  # the estimate refuses it too (training.loss.kind)
         raise ValidationUnsupported(refusal)
+    if tr.implementation == "transformers":
+        check_transformers(req)
+        return
     if par.tensor_parallel > 1:
         raise ValidationUnsupported(
             "tensor_parallel > 1 is not run by the validation runner: the reference model has no "

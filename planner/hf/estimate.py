@@ -1,0 +1,146 @@
+"""The estimate of ``training.implementation: "transformers"``: the real model's step traced.
+
+The step of ``planner/hf/step.py`` is traced under FakeTensorMode (no memory allocated, exact
+storage sizes) on proxies of the model with the first k, k+p and k+2p decoder blocks, where p is
+the period of the blocks' kinds (attention type, sparse or dense MLP; 1 for most models, 2 for
+Gemma 2, 6 for Gemma 3) and k the smallest count >= p with L - k a multiple of p. Every
+category of each phase's peak (forward, backward, optimizer) of the first and the steady step
+is then extrapolated to the model's L blocks: exact when the two differences agree (checked for
+every category) and the peak falls at the same op in all three proxies; otherwise, or when the
+model has no more blocks than the proxies would, the whole model is traced. The step's peak is
+the highest phase peak. tests/test_hf_estimate.py holds the extrapolated estimate equal to
+real CPU runs of the whole model, to the byte.
+
+Traces are memoised per (config without its layer count, training setting, proxy size), so
+another layer count of a seen setup costs no trace. First-request cost: three traces of one to
+three blocks, 6-8 s in all for 7-8B models at sequence 1024 on one CPU core
+(benchmarks/results/accuracy-hf-cpu.md).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from planner.catalog.hf_config import layer_field
+from planner.catalog.specs import TrainingSpec
+from planner.hf import step as S
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_MAX = 256
+_LOCK = threading.Lock()
+MAX_PERIOD = 12
+
+
+@dataclass(frozen=True)
+class HFPeak:
+    breakdown: dict[str, int]
+    op: str
+    phase: str
+
+
+@dataclass(frozen=True)
+class HFEstimate:
+    first: HFPeak
+    steady: HFPeak
+    steady_phases: dict[str, HFPeak]
+    traced_layers: tuple[int, ...]
+    extrapolated: bool
+
+
+def _key(config: dict, tr: TrainingSpec, n: int) -> str:
+    c = {k: v for k, v in config.items() if k not in (layer_field(config["model_type"]),
+                                                     "layer_types")}
+    return json.dumps([c, tr.model_dump(mode="json"), n], sort_keys=True, default=str)
+
+
+def _trace(config: dict, tr: TrainingSpec, n: int | None, kinds: list[tuple]) -> list[dict]:
+    # a proxy is its first n blocks: the key holds their kinds (layer_types is cut to them)
+    key = _key(config, tr, n if n is not None else -1) + json.dumps(
+        [list(k) for k in (kinds if n is None else kinds[:n])])
+    with _LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n)
+    with _LOCK:
+        _CACHE[key] = out
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+    return out
+
+
+def clear() -> None:
+    with _LOCK:
+        _CACHE.clear()
+
+
+def _period(kinds: list[tuple]) -> tuple[int, int] | None:
+    """(k, p): the proxies' first size and period, or None when no period fits."""
+    L = len(kinds)
+    for p in range(1, MAX_PERIOD + 1):
+        k = p + (L - p) % p
+        if k + 2 * p > L:
+            return None
+        if all(kinds[i] == kinds[i - p] for i in range(k, L)):
+            return k, p
+    return None
+
+
+def _extrapolate(points: list[tuple[dict, str]], n: int, k: int, p: int):
+    """The phase peak at n blocks from those at k, k+p, k+2p; None when not linear."""
+    (a, op0), (b, op1), (c, op2) = points
+    if not op0 == op1 == op2:
+        return None
+    steps = (n - k) // p
+    out = {}
+    for cat in a:
+        d1, d2 = b[cat] - a[cat], c[cat] - b[cat]
+        if d1 != d2:
+            return None
+        out[cat] = a[cat] + steps * d1
+    return out, op0
+
+
+def _peak(phases: dict[str, tuple[dict, str]]) -> HFPeak:
+    best = None
+    for name in S.PHASES:
+        if name in phases and (best is None or phases[name][0]["total"] > best.breakdown["total"]):
+            best = HFPeak(phases[name][0], phases[name][1], name)
+    return best
+
+
+def estimate(config: dict, tr: TrainingSpec) -> HFEstimate:
+    """The step's first and steady peaks for the whole model (see module docstring)."""
+    kinds = S.block_kinds(config)
+    L = len(kinds)
+    kp = _period(kinds)
+    if kp is not None:
+        k, p = kp
+        traces = [_trace(config, tr, n, kinds) for n in (k, k + p, k + 2 * p)]
+        steps = {}
+        for i, which in ((0, "first"), (1, "steady")):
+            phases = {}
+            for name in S.PHASES:
+                pts = [t[i]["phases"][name] for t in traces]
+                got = _extrapolate(pts, L, k, p)
+                if got is None:
+                    break
+                phases[name] = got
+            else:
+                steps[which] = phases
+                continue
+            break
+        if len(steps) == 2:
+            return HFEstimate(first=_peak(steps["first"]), steady=_peak(steps["steady"]),
+                              steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
+                                             in steps["steady"].items()},
+                              traced_layers=(k, k + p, k + 2 * p), extrapolated=True)
+    full = _trace(config, tr, None, kinds)
+    return HFEstimate(first=_peak(full[0]["phases"]), steady=_peak(full[1]["phases"]),
+                      steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
+                                     in full[1]["phases"].items()},
+                      traced_layers=(L,), extrapolated=False)
+
