@@ -330,7 +330,7 @@ def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, page):
                                       "expert_parallel_s", "offload_s"))
             assert drawn.pop(f"{f}.time.exposed_communication_s")[0] == pytest.approx(comm, rel=1e-12)
             assert page.locator(f"[data-field='{f}.shape']").inner_text() \
-                == f"{x['data_parallel']} × {x['tensor_parallel']} × {x['pipeline_parallel']}"
+                == f"{x['data_parallel']}×{x['tensor_parallel']}×{x['pipeline_parallel']}"
             assert page.locator(f"[data-field='{f}.batch']").inner_text() \
                 == f"{x['micro_batch_size']} × {x['gradient_accumulation_steps']}"
     expected |= {f"clusters.0.search.rejected.{k}": v for k, v in cluster["search"]["rejected"].items()}
@@ -338,8 +338,10 @@ def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, page):
     # The text shown is the value: seconds to 4 digits, exact bytes, days to 0.1.
     first = "clusters.0.layouts.0"
     assert float(drawn[f"{first}.time.step_s"][1]) == pytest.approx(cluster["layouts"][0]["time"]["step_s"], rel=1e-3)
-    assert _digits(drawn[f"{first}.peak_bytes"][1].split("B")[0]) == cluster["layouts"][0]["peak_bytes"]
-    assert drawn[f"{first}.time_to_train_s"][1] == f"{cluster['layouts'][0]['time_to_train_s'] / 86400:.1f} days"
+    assert drawn[f"{first}.peak_bytes"][1] == f"{cluster['layouts'][0]['peak_bytes'] / 2**30:.2f} GiB"
+    assert _digits(page.get_attribute(f"[data-field='{first}.peak_bytes']", "title")) \
+        == cluster["layouts"][0]["peak_bytes"]
+    assert drawn[f"{first}.time_to_train_s"][1] == f"{cluster['layouts'][0]['time_to_train_s'] / 86400:.1f} d"
     for k in ("space_size", "pruned_by_bound", "evaluated"):
         shown = page.locator(f"dd[data-field='clusters.0.search.{k}']").inner_text()
         assert _digits(shown) == cluster["search"][k]

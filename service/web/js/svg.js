@@ -145,7 +145,7 @@ export function scatter(points, { xLabel = "", title = "", width = 760, height =
     root.append(svg("text", { x: X(t), y: Y(0) + 16, "text-anchor": "middle", class: "small" }, t.toPrecision(3)));
   }
   root.append(svg("text", { x: (left + width) / 2, y: height - 6, "text-anchor": "middle", class: "label" }, xLabel));
-  root.append(svg("text", { x: 8, y: top - 6, class: "small" }, "peak per device"));
+  root.append(svg("text", { x: left + 6, y: top + 4, class: "small" }, "peak per device"));
   const front = points.filter((p) => p.front).sort((a, b) => a.x - b.x);
   if (front.length > 1) {
     const d = front.map((p, i) => `${i ? `L${X(p.x).toFixed(1)},${Y(front[i - 1].y).toFixed(1)} L` : "M"}${X(p.x).toFixed(1)},${Y(p.y).toFixed(1)}`).join(" ");

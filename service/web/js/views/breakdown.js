@@ -43,8 +43,8 @@ export default {
       ]),
       stackedBars(rows, lines, { title: `Bytes per device by category at the peak: ${gib(r.breakdown.total)}` }),
       legend([...CATEGORIES.map((key) => ({ key })), { key: "reserve", label: "allocator reserve", hatch: true }]),
-      table("Bytes per device by category", ["category", ...cols.map(([, t]) => t)], body),
       suggestionsTable(request, r),
+      table("Bytes per device by category", ["category", ...cols.map(([, t]) => t)], body),
       bytesSummary(r),
       notes("Notes", r.notes), notes("Assumptions", r.assumptions),
     );

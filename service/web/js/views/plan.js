@@ -3,9 +3,9 @@
 // scatter, where the candidates fell out and how large the search was. Its own fields are built
 // from the API's PlanRequest schema; the request is in the URL (plan=...).
 import { fieldSchema } from "../schema.js";
-import { gib, pct, scatter, legend } from "../svg.js";
+import { exact, gib, pct, scatter, legend } from "../svg.js";
 import { FieldSet, el } from "../form.js";
-import { bytesCell, table, notes, summary } from "./common.js";
+import { table, notes, summary } from "./common.js";
 
 const SECTIONS = [
   ["Cluster", ["cluster.gpu", "cluster.num_gpus", "cluster.min_gpus", "cluster.max_gpus", "cluster.gpus_per_node",
@@ -52,10 +52,10 @@ const num = (value, field, text) => el("td", { class: "num", "data-field": field
 const secs = (s) => (s >= 100 ? s.toFixed(1) : s.toPrecision(4));
 function duration(s) {
   if (s == null) return "–";
-  return s >= 86400 ? `${(s / 86400).toFixed(1)} days` : s >= 3600 ? `${(s / 3600).toFixed(1)} h` : `${secs(s)} s`;
+  return s >= 86400 ? `${(s / 86400).toFixed(1)} d` : s >= 3600 ? `${(s / 3600).toFixed(1)} h` : `${secs(s)} s`;
 }
-const shape = (x) => `${x.data_parallel} × ${x.tensor_parallel} × ${x.pipeline_parallel}`;
-const offload = (x) => [x.offload_optimizer && "optimizer", x.offload_parameters && "parameters"].filter(Boolean).join(", ") || "none";
+const shape = (x) => `${x.data_parallel}×${x.tensor_parallel}×${x.pipeline_parallel}`;
+const offload = (x) => [x.offload_optimizer && "optimizer", x.offload_parameters && "parameters"].filter(Boolean).join(", ") || "–";
 const key = (x) => JSON.stringify([x.data_parallel, x.tensor_parallel, x.pipeline_parallel, x.virtual_pipeline_stages, x.pipeline_schedule,
   x.zero_stage, x.offload_optimizer, x.offload_parameters, x.activation_checkpointing, x.micro_batch_size, x.gradient_accumulation_steps]);
 
@@ -74,24 +74,26 @@ function memoryRequest(body, x, eff) {
 }
 
 function layoutTable(caption, layouts, prefix, link) {
-  const head = ["#", "dp × tp × pp", "virtual stages", "schedule", "ZeRO", "offload", "checkpointing", "micro-batch × accumulation",
-    "peak per device", "fits", "compute (s)", "exposed comm. (s)", "bubble (s)", "step (s)", "tokens/s", "MFU", "time to train", ""];
-  return table(caption, head, layouts.map((x, j) => {
+  const head = ["#", "dp×tp×pp", "schedule, virtual stages", "ZeRO", "offload", "checkpointing", "micro-batch × accum.",
+    "peak / device", "headroom", "compute (s)", "exposed comm. (s)", "bubble (s)", "step (s)", "tokens/s", "MFU", "time to train", ""];
+  const t = table(caption, head, layouts.map((x, j) => {
     const f = `${prefix}.${j}`, t = x.time;
     const comm = num(exposed(t), `${f}.time.exposed_communication_s`, secs(exposed(t)));
     comm.title = COMM.map((k) => `${k.replace(/_s$/, "").replace(/_/g, " ")}: ${secs(t[k])} s`).join("\n");
-    return [String(j + 1), el("td", { "data-field": `${f}.shape`, text: shape(x) }), String(x.virtual_pipeline_stages), x.pipeline_schedule,
+    return [String(j + 1), el("td", { "data-field": `${f}.shape`, text: shape(x) }), `${x.pipeline_schedule}, v=${x.virtual_pipeline_stages}`,
       String(x.zero_stage), offload(x), x.activation_checkpointing,
       el("td", { "data-field": `${f}.batch`, text: `${x.micro_batch_size} × ${x.gradient_accumulation_steps}` }),
-      bytesCell(x.peak_bytes, `${f}.peak_bytes`),
-      el("td", { text: x.fits ? `yes, ${gib(x.headroom_bytes)} free` : "no" }),
+      el("td", { class: "num", "data-field": `${f}.peak_bytes`, "data-value": String(x.peak_bytes), title: exact(x.peak_bytes), text: gib(x.peak_bytes) }),
+      el("td", { class: "num", text: x.fits ? gib(x.headroom_bytes) : `does not fit: ${gib(x.headroom_bytes)}` }),
       num(t.compute_s, `${f}.time.compute_s`, secs(t.compute_s)), comm, num(t.bubble_s, `${f}.time.bubble_s`, secs(t.bubble_s)),
       num(t.step_s, `${f}.time.step_s`, secs(t.step_s)),
       num(x.tokens_per_s, `${f}.tokens_per_s`, Math.round(x.tokens_per_s).toLocaleString("en-US")),
       num(x.model_flops_utilization, `${f}.model_flops_utilization`, pct(x.model_flops_utilization)),
       x.time_to_train_s == null ? el("td", { text: "–" }) : num(x.time_to_train_s, `${f}.time_to_train_s`, duration(x.time_to_train_s)),
-      el("td", {}, el("a", { href: link(x), class: "open-layout", text: "open in Breakdown" }))];
+      el("td", {}, el("a", { href: link(x), class: "open-layout", text: "open", "aria-label": `open layout ${j + 1} in Breakdown` }))];
   }));
+  t.className = "layouts";
+  return t;
 }
 
 function cluster(c, i, body, link) {
