@@ -299,6 +299,16 @@ def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, page):
         for key, sign in (("minimum", "≥"), ("maximum", "≤"), ("exclusiveMinimum", ">")):
             if key in schema:
                 assert f"{sign} {_num(schema[key])}" in hint, hint
+    # A count out of the API's limits: its own message, next to that field.
+    page.fill("#p-cluster-num_gpus", "0")
+    page.click("#plan-search")
+    page.wait_for_function("document.querySelector(\"[data-error-for='cluster.num_gpus']\")"
+                           ".textContent.length > 0")
+    plan = json.loads(parse_qs(urlsplit(page.url).fragment)["plan"][0])
+    problem = httpx.post(f"{base}/v1/plan", json={"model": {"preset": "llama-3.2-1b"}, **plan})
+    assert problem.status_code == 422
+    reason = {p["name"]: p["reason"] for p in problem.json()["invalid-params"]}["body.cluster.num_gpus"]
+    assert page.locator("[data-error-for='cluster.num_gpus']").inner_text() == reason
     # examples/plan.json typed into the form (the model comes from the setup on the left).
     for field, value in {"cluster-gpu": "l4-24gb", "cluster-num_gpus": "16",
                          "training-global_batch_sequences": "64",
