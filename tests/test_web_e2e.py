@@ -1,7 +1,9 @@
 """The web page at / in a real headless Chromium (Debian's, under Playwright) against a real
 server (SQLite job store, embedded worker): the numbers it draws are the API's answer to the same
-request, an invalid field shows the API's own message next to that field, a link reproduces the
-page, and a validation job is submitted and followed to its result.
+request (the Plan view's layouts, front and rejected counts are POST /v1/plan's; the suggestions
+shown for a setup that does not fit are POST /v1/memory's), an invalid field shows the API's own
+message next to that field, a link reproduces the page, and a validation job is submitted and
+followed to its result.
 
 Outside CI these tests are skipped when chromium or Playwright is missing (scripts/setup.sh
 installs both); in CI they fail instead."""
@@ -288,7 +290,7 @@ def _plan_cells(page) -> dict[str, tuple[float, str]]:
             for c in page.locator("#panel-plan [data-value]").all()}
 
 
-def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, page):
+def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, browser, page):
     page.goto(f"{base}/#{urlencode({'view': 'plan', 'req': json.dumps({'model': {'preset': 'llama-3.2-1b'}})})}")
     _ready(page, "plan")
     doc = httpx.get(f"{base}/openapi.json").json()
@@ -362,7 +364,15 @@ def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, page):
     assert {(s, b) for s, b, f in points if f == "true"} == front
     assert {(s, b) for s, b, _ in points} == front | {(x["time"]["step_s"], x["peak_bytes"])
                                                       for x in cluster["layouts"]}
-    # Picking the fastest layout opens it in Breakdown: POST /v1/memory's peak is the plan's.
+    # The link reproduces the view; picking the fastest layout opens it in Breakdown, where
+    # POST /v1/memory's peak is the plan's.
+    again = browser.new_page(viewport={"width": 1366, "height": 768})
+    again.goto(page.url)
+    _ready(again, "plan")
+    assert again.input_value("#p-cluster-gpu") == "l4-24gb"
+    assert {k: v for k, (v, _) in _plan_cells(again).items()
+            if not k.endswith("exposed_communication_s")} == expected
+    again.close()
     page.locator(".open-layout").first.click()
     _ready(page, "breakdown")
     assert _cells(page, "breakdown")["breakdown.total"][0] == cluster["layouts"][0]["peak_bytes"]
