@@ -3,7 +3,9 @@
 Starts `memplan serve` (SQLite, embedded worker) on a free port and drives Debian's chromium
 under Playwright, as tests/test_web_e2e.py does:
 
-    .venv/bin/python scripts/screenshots.py [OUT_DIR]
+    .venv/bin/python scripts/screenshots.py [OUT_DIR [NAME ...]]
+
+NAME (e.g. plan) takes only those.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ def setup(validation: dict) -> dict:
                                                            "hardware")}
 
 
-# (file, view, request): mostly the README's examples.
+PLAN = example("plan.json")
+
+# (file, view, request[, plan]): mostly the README's examples.
 SHOTS = [
     # The peak falls in the optimizer step; the forward/backward (activation) peak is drawn too.
     ("breakdown", "breakdown", {"model": {"preset": "gpt2-xl"},
@@ -46,6 +50,10 @@ SHOTS = [
     ("invalid", "breakdown", {"model": {"preset": "gpt2-xl"}, "training": {"micro_batch_size": 0},
                               "hardware": {"gpu": "a100-80gb"}}),
     ("validation", "validation", setup(example("validate-small.json"))),
+    # The setup does not fit: the API's suggestions, each with its new peak.
+    ("suggestions", "breakdown", example("does-not-fit.json")),
+    # examples/plan.json: the model from the setup, the cluster in the Plan view's own fields.
+    ("plan", "plan", {"model": PLAN["model"]}, {k: v for k, v in PLAN.items() if k != "model"}),
 ]
 
 
@@ -62,9 +70,14 @@ def main(argv: list[str]) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, server(Path(tmp)) as base, chromium() as browser:
-        for name, view, request in SHOTS:
+        for name, view, request, *plan in SHOTS:
+            if argv[1:] and name not in argv[1:]:
+                continue
             page = browser.new_page(viewport={"width": 1440, "height": 900})
-            page.goto(f"{base}/#{urlencode({'view': view, 'req': json.dumps(request)})}")
+            state = {"view": view, "req": json.dumps(request)}
+            if plan:
+                state["plan"] = json.dumps(plan[0])
+            page.goto(f"{base}/#{urlencode(state)}")
             ready(page, view)
             if view == "validation":
                 page.select_option("#v-device", "cpu")

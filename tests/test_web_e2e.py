@@ -1,7 +1,9 @@
 """The web page at / in a real headless Chromium (Debian's, under Playwright) against a real
 server (SQLite job store, embedded worker): the numbers it draws are the API's answer to the same
-request, an invalid field shows the API's own message next to that field, a link reproduces the
-page, and a validation job is submitted and followed to its result.
+request (the Plan view's layouts, front and rejected counts are POST /v1/plan's; the suggestions
+shown for a setup that does not fit are POST /v1/memory's), an invalid field shows the API's own
+message next to that field, a link reproduces the page, and a validation job is submitted and
+followed to its result.
 
 Outside CI these tests are skipped when chromium or Playwright is missing (scripts/setup.sh
 installs both); in CI they fail instead."""
@@ -10,12 +12,12 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
 
-from tests.webpage import chromium, require_browser, server
+from tests.webpage import ROOT, chromium, require_browser, server
 
 CATEGORIES = ["parameters", "gradients", "optimizer_states", "activations", "temporaries", "total"]
 
@@ -241,7 +243,6 @@ def test_a_validation_job_is_submitted_and_followed_to_its_result(base, browser,
 
 def test_zero_checkpointing_and_pipeline_views_draw_the_apis_numbers(base, page):
     """Opened from a link (the README's examples): each view's figures are the API's answer."""
-    from urllib.parse import urlencode
 
     def open_view(view: str, request: dict) -> None:
         page.goto(f"{base}/#{urlencode({'view': view, 'req': json.dumps(request)})}")
@@ -281,3 +282,116 @@ def test_zero_checkpointing_and_pipeline_views_draw_the_apis_numbers(base, page)
     assert page.locator("dd[data-field=bubble_fraction]").inner_text() \
         == f"{100 * answer['bubble_fraction']:.1f}%"
     assert page.locator("#panel-pipeline img.timeline").evaluate("i => i.naturalWidth") > 0
+
+
+def _plan_cells(page) -> dict[str, tuple[float, str]]:
+    """data-field -> (data-value, the text shown) for every number the Plan view draws."""
+    return {c.get_attribute("data-field"): (float(c.get_attribute("data-value")), c.inner_text())
+            for c in page.locator("#panel-plan [data-value]").all()}
+
+
+def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, browser, page):
+    page.goto(f"{base}/#{urlencode({'view': 'plan', 'req': json.dumps({'model': {'preset': 'llama-3.2-1b'}})})}")
+    _ready(page, "plan")
+    doc = httpx.get(f"{base}/openapi.json").json()
+    for row in page.locator("#plan-form .field").all():  # the API's description and limits
+        schema = _schema(doc, "PlanRequest", row.get_attribute("data-path"))
+        hint = row.locator(".hint").inner_text()
+        assert schema.get("description", "") in hint
+        for key, sign in (("minimum", "≥"), ("maximum", "≤"), ("exclusiveMinimum", ">")):
+            if key in schema:
+                assert f"{sign} {_num(schema[key])}" in hint, hint
+    # A count out of the API's limits: its own message, next to that field.
+    page.fill("#p-cluster-num_gpus", "0")
+    page.click("#plan-search")
+    page.wait_for_function("document.querySelector(\"[data-error-for='cluster.num_gpus']\")"
+                           ".textContent.length > 0")
+    plan = json.loads(parse_qs(urlsplit(page.url).fragment)["plan"][0])
+    problem = httpx.post(f"{base}/v1/plan", json={"model": {"preset": "llama-3.2-1b"}, **plan})
+    assert problem.status_code == 422
+    reason = {p["name"]: p["reason"] for p in problem.json()["invalid-params"]}["body.cluster.num_gpus"]
+    assert page.locator("[data-error-for='cluster.num_gpus']").inner_text() == reason
+    # examples/plan.json typed into the form (the model comes from the setup on the left).
+    for field, value in {"cluster-gpu": "l4-24gb", "cluster-num_gpus": "16",
+                         "training-global_batch_sequences": "64",
+                         "training-sequence_length": "8192", "training-max_micro_batch_size": "4",
+                         "training-train_tokens": "100000000000", "constraints-top_k": "5"}.items():
+        page.fill(f"#p-{field}", value)
+    page.click("#plan-search")
+    page.wait_for_function("location.hash.includes('l4-24gb')")
+    _ready(page, "plan")
+    plan = json.loads(parse_qs(urlsplit(page.url).fragment)["plan"][0])
+    body = {"model": _request_in_url(page)["model"], **plan}
+    assert body == json.loads((ROOT / "examples" / "plan.json").read_text())
+    answer = httpx.post(f"{base}/v1/plan", json=body).json()
+    drawn = _plan_cells(page)
+    (cluster,) = answer["clusters"]
+    assert cluster["layouts"] and cluster["pareto_front"]
+    expected = {}
+    for part in ("layouts", "pareto_front"):
+        assert page.locator(f"[data-field$='.shape'][data-field^='clusters.0.{part}.']").count() \
+            == len(cluster[part])
+        for j, x in enumerate(cluster[part]):
+            f, t = f"clusters.0.{part}.{j}", x["time"]
+            expected |= {f"{f}.peak_bytes": x["peak_bytes"], f"{f}.time.compute_s": t["compute_s"],
+                         f"{f}.time.bubble_s": t["bubble_s"], f"{f}.time.step_s": t["step_s"],
+                         f"{f}.tokens_per_s": x["tokens_per_s"],
+                         f"{f}.model_flops_utilization": x["model_flops_utilization"],
+                         f"{f}.time_to_train_s": x["time_to_train_s"]}
+            comm = sum(t[k] for k in ("tensor_parallel_s", "data_parallel_s", "pipeline_p2p_s",
+                                      "expert_parallel_s", "offload_s"))
+            assert drawn.pop(f"{f}.time.exposed_communication_s")[0] == pytest.approx(comm, rel=1e-12)
+            assert page.locator(f"[data-field='{f}.shape']").inner_text() \
+                == f"{x['data_parallel']}×{x['tensor_parallel']}×{x['pipeline_parallel']}"
+            assert page.locator(f"[data-field='{f}.batch']").inner_text() \
+                == f"{x['micro_batch_size']} × {x['gradient_accumulation_steps']}"
+    expected |= {f"clusters.0.search.rejected.{k}": v for k, v in cluster["search"]["rejected"].items()}
+    assert {k: v for k, (v, _) in drawn.items()} == expected
+    # The text shown is the value: seconds to 4 digits, exact bytes, days to 0.1.
+    first = "clusters.0.layouts.0"
+    assert float(drawn[f"{first}.time.step_s"][1]) == pytest.approx(cluster["layouts"][0]["time"]["step_s"], rel=1e-3)
+    assert drawn[f"{first}.peak_bytes"][1] == f"{cluster['layouts'][0]['peak_bytes'] / 2**30:.2f} GiB"
+    assert _digits(page.get_attribute(f"[data-field='{first}.peak_bytes']", "title")) \
+        == cluster["layouts"][0]["peak_bytes"]
+    assert drawn[f"{first}.time_to_train_s"][1] == f"{cluster['layouts'][0]['time_to_train_s'] / 86400:.1f} d"
+    for k in ("space_size", "pruned_by_bound", "evaluated"):
+        shown = page.locator(f"dd[data-field='clusters.0.search.{k}']").inner_text()
+        assert _digits(shown) == cluster["search"][k]
+    # The scatter: one point per layout shown, the front's points marked.
+    points = {(float(c.get_attribute("data-step-s")), int(c.get_attribute("data-bytes")),
+               c.get_attribute("data-front")) for c in page.locator("#panel-plan svg.scatter circle").all()}
+    front = {(x["time"]["step_s"], x["peak_bytes"]) for x in cluster["pareto_front"]}
+    assert {(s, b) for s, b, f in points if f == "true"} == front
+    assert {(s, b) for s, b, _ in points} == front | {(x["time"]["step_s"], x["peak_bytes"])
+                                                      for x in cluster["layouts"]}
+    # The link reproduces the view; picking the fastest layout opens it in Breakdown, where
+    # POST /v1/memory's peak is the plan's.
+    again = browser.new_page(viewport={"width": 1366, "height": 768})
+    again.goto(page.url)
+    _ready(again, "plan")
+    assert again.input_value("#p-cluster-gpu") == "l4-24gb"
+    assert {k: v for k, (v, _) in _plan_cells(again).items()
+            if not k.endswith("exposed_communication_s")} == expected
+    again.close()
+    page.locator(".open-layout").first.click()
+    _ready(page, "breakdown")
+    assert _cells(page, "breakdown")["breakdown.total"][0] == cluster["layouts"][0]["peak_bytes"]
+
+
+def test_breakdown_shows_the_apis_suggestions_when_it_does_not_fit(base, page):
+    request = json.loads((ROOT / "examples" / "does-not-fit.json").read_text())
+    page.goto(f"{base}/#{urlencode({'view': 'breakdown', 'req': json.dumps(request)})}")
+    _ready(page, "breakdown")
+    answer = httpx.post(f"{base}/v1/memory", json=request).json()
+    assert not answer["fit"]["fits"] and answer["suggestions"]
+    cells = _cells(page, "breakdown")
+    for i, s in enumerate(answer["suggestions"]):
+        assert page.locator(f"[data-field='suggestions.{i}.change']").inner_text() == s["change"]
+        assert cells[f"suggestions.{i}.peak_bytes"] == (s["peak_bytes"], s["peak_bytes"])
+        assert cells[f"suggestions.{i}.headroom_bytes"] == (s["headroom_bytes"], s["headroom_bytes"])
+    assert page.locator("[data-field$='.change']").count() == len(answer["suggestions"])
+    # Applying one gives the peak it promised, and the setup fits.
+    page.locator(".apply-suggestion").first.click()
+    page.wait_for_function("!document.querySelector('#panel-breakdown h2.bad')")
+    _ready(page, "breakdown")
+    assert _cells(page, "breakdown")["breakdown.total"][0] == answer["suggestions"][0]["peak_bytes"]

@@ -43,6 +43,7 @@ export const api = {
   checkpointing: (body) => call("POST", "/v1/checkpointing", body),
   pipeline: (body) => call("POST", "/v1/pipeline", body),
   pipelineSvg: (body) => call("POST", "/v1/pipeline", body, "image/svg+xml"),
+  plan: (body) => call("POST", "/v1/plan", body),
   submitValidation: (body) => call("POST", "/v1/validations", body),
   validation: (id) => call("GET", `/v1/validations/${encodeURIComponent(id)}`),
   cancelValidation: (id) => call("DELETE", `/v1/validations/${encodeURIComponent(id)}`),

@@ -54,6 +54,7 @@ export class FieldSet {
         if (s.default !== undefined && s.default !== null) input.value = String(s.default);
       }
       input.setAttribute("aria-describedby", `${hintId} ${errId}`);
+      if (s.type === "array") input.setAttribute("data-list", "true");
       const limits = limitsText(s);
       const hint = [s.description, limits && `(${limits})`].filter(Boolean).join(" ");
       const row = el("div", { class: "field", "data-path": f.path, "data-group": f.group },
@@ -80,6 +81,11 @@ export class FieldSet {
   _value(f) {
     const s = f.schema, raw = f.input.value.trim();
     if (raw === "") return undefined;
+    if (s.type === "array") {  // a list typed comma-separated: "none, full", "0, 3"
+      const numeric = s.items && (s.items.type === "integer" || s.items.type === "number");
+      const list = raw.split(/[,\s]+/).filter(Boolean).map((x) => (numeric && NUMBER.test(x) ? Number(x) : x));
+      return s.default !== undefined && JSON.stringify(list) === JSON.stringify(s.default) ? undefined : list;
+    }
     let v = raw;
     if (s.type === "boolean" || raw === "true" || raw === "false") v = raw === "true";
     else if ((s.type === "integer" || s.type === "number") && NUMBER.test(raw)) v = Number(raw);
@@ -102,7 +108,8 @@ export class FieldSet {
     for (const f of this.fields) {
       const v = getPath(obj, f.path);
       const d = f.schema.default;
-      f.input.value = v !== undefined && v !== null ? String(v) : d !== undefined && d !== null ? String(d) : "";
+      const text = (x) => (Array.isArray(x) ? x.join(", ") : String(x));
+      f.input.value = v !== undefined && v !== null ? text(v) : d !== undefined && d !== null ? text(d) : "";
       if (f.show) f.show();
     }
   }

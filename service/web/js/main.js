@@ -24,7 +24,7 @@ const SECTIONS = [
 const DEFAULT_REQUEST = { model: { preset: "gpt2-xl" }, training: { micro_batch_size: 4 }, hardware: { gpu: "a100-80gb" } };
 
 const $ = (sel) => document.querySelector(sel);
-const state = { view: VIEWS[0].id, request: DEFAULT_REQUEST, job: null };
+const state = { view: VIEWS[0].id, request: DEFAULT_REQUEST, job: null, plan: null };
 let fieldset, doc, running = 0;
 
 function readHash() {
@@ -32,11 +32,14 @@ function readHash() {
   if (p.get("view") && VIEWS.some((v) => v.id === p.get("view"))) state.view = p.get("view");
   if (p.get("req")) { try { state.request = JSON.parse(p.get("req")); } catch { /* keep */ } }
   state.job = p.get("job");
+  state.plan = null;
+  if (p.get("plan")) { try { state.plan = JSON.parse(p.get("plan")); } catch { /* keep none */ } }
 }
 
 function writeHash() {
   const p = new URLSearchParams({ view: state.view, req: JSON.stringify(state.request) });
   if (state.job) p.set("job", state.job);
+  if (state.plan) p.set("plan", JSON.stringify(state.plan));
   history.replaceState(null, "", `#${p.toString()}`);
 }
 
@@ -87,7 +90,7 @@ function clearErrors() {
 /** Shows an API error: next to the fields it names, the rest above the form. */
 export function reportError(error, prefixes = ["body."], extra = []) {
   if (!(error instanceof ApiError)) { status(String(error), "bad"); throw error; }
-  const left = showProblem(error, [fieldset, ...extra], prefixes);
+  const left = showProblem(error, [...extra, fieldset], prefixes);  // a view's own fields first
   const general = left.map((p) => `${p.name}: ${p.reason}`);
   if (!error.invalid.length) general.push(error.message);
   $("#form-error").textContent = general.join("\n");
@@ -106,7 +109,7 @@ async function run() {
   document.body.setAttribute("aria-busy", "true");
   try {
     await view.render({ request: state.request, out, doc, api, state, writeHash, reportError, status,
-                        stale: () => mine !== running });
+                        rerun: run, stale: () => mine !== running });
     if (mine === running && !$("#status").classList.contains("bad")) status(`${view.title}: done.`, "good");
   } catch (error) {
     if (mine === running) { out.replaceChildren(); reportError(error, view.prefixes || ["body."]); }
@@ -161,7 +164,11 @@ async function main() {
   window.addEventListener("hashchange", () => {
     const before = JSON.stringify(state);
     readHash();
-    if (JSON.stringify(state) !== before) { fillForm(state.request); selectTab(state.view); run(); }
+    if (JSON.stringify(state) !== before) {
+      fillForm(state.request);
+      for (const v of VIEWS) if (v.load) v.load(state);  // a view's own fields, from the link
+      selectTab(state.view); run();
+    }
   });
   await run();
 }

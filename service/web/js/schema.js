@@ -43,6 +43,11 @@ export function bound(v) {
 /** "≥ 1, ≤ 65536", "≥ 0, < 1" as the schema's bounds say. */
 export function limitsText(s) {
   if (!s) return "";
+  if (s.type === "array") {  // a list: its choices and how many
+    const choices = s.items && s.items.enum ? `one or more of ${s.items.enum.join(", ")}, comma-separated` : "comma-separated";
+    const n = s.minItems !== undefined && s.maxItems !== undefined ? `; ${s.minItems} to ${s.maxItems} items` : "";
+    return `${choices}${n}; empty: the API's default`;
+  }
   const lo = s.minimum !== undefined ? `≥ ${bound(s.minimum)}` : s.exclusiveMinimum !== undefined ? `> ${bound(s.exclusiveMinimum)}` : "";
   const hi = s.maximum !== undefined ? `≤ ${bound(s.maximum)}` : s.exclusiveMaximum !== undefined ? `< ${bound(s.exclusiveMaximum)}` : "";
   return [lo, hi].filter(Boolean).join(", ");

@@ -124,3 +124,38 @@ export function legend(keys) {
   }
   return ul;
 }
+
+/** A scatter of points [{x, y, front, label}]: x in seconds (linear), y in bytes; the front's
+ *  points filled and joined as a staircase, the others hollow. */
+export function scatter(points, { xLabel = "", title = "", width = 760, height = 320 } = {}) {
+  const left = 80, right = 20, top = 20, bottom = 44;
+  const xs = points.map((p) => p.x), ys = points.map((p) => p.y);
+  const span = Math.max(...xs) - Math.min(...xs) || Math.max(...xs) || 1;
+  const x0 = Math.max(0, Math.min(...xs) - 0.08 * span), x1 = Math.max(...xs) + 0.08 * span;
+  const yMax = Math.max(...ys) * 1.08 || 1;
+  const X = (x) => left + ((x - x0) / (x1 - x0)) * (width - left - right);
+  const Y = (y) => top + (1 - y / yMax) * (height - top - bottom);
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, width: "100%", role: "img", "aria-label": title, class: "chart scatter" });
+  root.append(svg("title", {}, title));
+  root.append(svg("line", { x1: left, x2: width - right, y1: Y(0), y2: Y(0), stroke: "#333" }));
+  root.append(svg("line", { x1: left, x2: left, y1: top, y2: Y(0), stroke: "#333" }));
+  for (let k = 0; k <= 4; k++) {
+    const v = (yMax / 4) * k, t = x0 + ((x1 - x0) / 4) * k;
+    root.append(svg("text", { x: left - 6, y: Y(v) + 4, "text-anchor": "end", class: "small" }, gib(v)));
+    root.append(svg("text", { x: X(t), y: Y(0) + 16, "text-anchor": "middle", class: "small" }, t.toPrecision(3)));
+  }
+  root.append(svg("text", { x: (left + width) / 2, y: height - 6, "text-anchor": "middle", class: "label" }, xLabel));
+  root.append(svg("text", { x: left + 6, y: top + 4, class: "small" }, "peak per device"));
+  const front = points.filter((p) => p.front).sort((a, b) => a.x - b.x);
+  if (front.length > 1) {
+    const d = front.map((p, i) => `${i ? `L${X(p.x).toFixed(1)},${Y(front[i - 1].y).toFixed(1)} L` : "M"}${X(p.x).toFixed(1)},${Y(p.y).toFixed(1)}`).join(" ");
+    root.append(svg("path", { d, fill: "none", stroke: "#1f5fa8", "stroke-width": 2, class: "front-line" }));
+  }
+  for (const p of [...points.filter((q) => !q.front), ...front]) {
+    const c = svg("circle", { cx: X(p.x), cy: Y(p.y), r: p.front ? 6 : 4.5, class: p.front ? "front" : "other",
+                              "data-front": String(Boolean(p.front)), "data-step-s": String(p.x), "data-bytes": String(p.y) });
+    c.append(svg("title", {}, `${p.label}: ${p.x.toPrecision(4)} s per step, ${gib(p.y)} peak${p.front ? " (Pareto front)" : ""}`));
+    root.append(c);
+  }
+  return root;
+}

@@ -43,12 +43,33 @@ export default {
       ]),
       stackedBars(rows, lines, { title: `Bytes per device by category at the peak: ${gib(r.breakdown.total)}` }),
       legend([...CATEGORIES.map((key) => ({ key })), { key: "reserve", label: "allocator reserve", hatch: true }]),
+      suggestionsTable(request, r),
       table("Bytes per device by category", ["category", ...cols.map(([, t]) => t)], body),
       bytesSummary(r),
       notes("Notes", r.notes), notes("Assumptions", r.assumptions),
     );
   },
 };
+
+/** The request after a suggestion's change (its parallelism and training fields set). */
+function applied(request, s) {
+  const out = { ...request, training: { ...(request.training || {}) }, parallelism: { ...(request.parallelism || {}) } };
+  for (const [k, v] of Object.entries(s.training)) out.training[k] = k === "activation_checkpointing" ? { strategy: v } : v;
+  Object.assign(out.parallelism, s.parallelism);
+  return out;
+}
+
+function suggestionsTable(request, r) {
+  if (!r.suggestions || !r.suggestions.length) return el("div");
+  const link = (s) => `#${new URLSearchParams({ view: "breakdown", req: JSON.stringify(applied(request, s)) })}`;
+  return el("div", { class: "suggestions" },
+    el("h3", { text: "It fits with one of these changes" }),
+    el("p", { class: "lede", text: "The API's suggestions: the smallest single changes after which the setup fits, each estimated like any request." }),
+    table("Changes that make it fit, with the new peak per device", ["change", "peak after the change", "headroom", ""],
+      r.suggestions.map((s, i) => [el("td", { "data-field": `suggestions.${i}.change`, text: s.change }),
+        bytesCell(s.peak_bytes, `suggestions.${i}.peak_bytes`), bytesCell(s.headroom_bytes, `suggestions.${i}.headroom_bytes`),
+        el("td", {}, el("a", { href: link(s), class: "apply-suggestion", text: "apply" }))])));
+}
 
 function bytesSummary(r) {
   const rows = [["allocator reserve", bytesCell(r.allocator_reserve_bytes, "allocator_reserve_bytes")],

@@ -5,6 +5,7 @@ import curve from "./curve.js";
 import zero from "./zero.js";
 import checkpointing from "./checkpointing.js";
 import pipeline from "./pipeline.js";
+import plan from "./plan.js";
 import validation from "./validation.js";
 
-export const VIEWS = [breakdown, curve, zero, checkpointing, pipeline, validation];
+export const VIEWS = [breakdown, curve, zero, checkpointing, pipeline, plan, validation];
