@@ -323,22 +323,6 @@ class MemoryResult(_Frozen):
         "each with its new peak.")
 
 
-class ZeroStage(_Frozen):
-    stage: int
-    offload_optimizer: bool = False
-    implementation: str
-    communication_bytes_per_step: int = Field(
-        ..., description="Bytes each rank sends per step for gradients/parameters.")
-    breakdown: Breakdown
-    fit: Fit | None = None
-
-
-class ZeroResult(_Frozen):
-    model: ResolvedModel
-    stages: list[ZeroStage]
-    notes: list[str] = Field(default_factory=list)
-
-
 PositiveInt = Annotated[int, Field(ge=1)]
 
 

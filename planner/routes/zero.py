@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from planner.catalog.errors import PlanningError
 from planner.catalog.presets import resolve_model
-from planner.catalog.specs import MemoryRequest, ParallelSpec, ZeroResult, ZeroStage
+from planner.catalog.specs import MemoryRequest, ParallelSpec
+from planner.catalog.zero_specs import ZeroResult, ZeroStage
 from planner.layouts.sharding import shard_model_states
 from planner.machine.cache import setup_memo
 from planner.routes.memory import estimate_memory

@@ -4,7 +4,8 @@ from fastapi import APIRouter, Request
 
 from planner.catalog.presets import UnknownName
 from planner.catalog.errors import PlanningError
-from planner.catalog.specs import MemoryRequest, ZeroResult
+from planner.catalog.specs import MemoryRequest
+from planner.catalog.zero_specs import ZeroResult
 from planner.routes.zero import zero_stages
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate, setup_key
