@@ -38,7 +38,10 @@ from planner.catalog.optimizers import (
 from planner.catalog.precision import DTYPE_BYTES, PrecisionPlan, resolve_precision, tensor_bytes
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 
-DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25) default
+DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024
+# ParallelSpec.fsdp_mixed_precision: mixed-bf16 as torchtitan runs it under FSDP2
+MP_POLICY = ("; MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on fp32 sharded "
+             "parameters (the master weights)")  # DistributedDataParallel(bucket_cap_mb=25) default
 
 Shape = tuple[int, ...]
 
@@ -308,8 +311,12 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
             comm = (_ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
         else:
             # current and one prefetched unit all-gathered, one unit's grads reduce-scattering
-            buffers = (2 * largest_unit * pb + largest_unit * gb) if n > 1 else 0
+            # (in fp32 under FSDP2's MixedPrecisionPolicy, reduce_dtype=fp32)
+            rb = store_b if parallel.fsdp_mixed_precision else gb
+            buffers = (2 * largest_unit * pb + largest_unit * rb) if n > 1 else 0
             impl = data_parallel_implementation(3, n)
+            if parallel.fsdp_mixed_precision:
+                impl += MP_POLICY
             comm = (2 * _ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
         worst = 0
         if n > 1:
@@ -430,6 +437,7 @@ def _lora_shapes(m: ResolvedModel, lora, n_layers: int, t: int) -> list[Shape]:
 
 
 __all__ = [
+    "MP_POLICY",
     "DDP_BUCKET_CAP_BYTES",
     "ModelStates",
     "RankTable",

@@ -177,7 +177,8 @@ def rank_main(spec_path: str, out_path: str) -> None:
             Path(progress_path).write_text(json.dumps({"step": step}))
 
     torch.manual_seed(0)
-    s = S.build(cfg, tr, dev)
+    mp = par.fsdp_mixed_precision  # fp32 model: FSDP2 casts the all-gathered copies to bf16
+    s = S.build(cfg, tr.model_copy(update={"precision": "fp32"}) if mp else tr, dev)
     s.optimizer = None  # type: ignore[assignment]  # rebuilt over the wrapped parameters
     model = s.model
 
@@ -232,16 +233,25 @@ def rank_main(spec_path: str, out_path: str) -> None:
 
                 offload = CPUOffloadPolicy(pin_memory=cuda) if par.offload_parameters else OffloadPolicy()
                 reshard = z == 3
+                kw: dict[str, Any] = {}
+                if mp:  # torchtitan's recipe: bf16 compute parameters, fp32 gradient reduction
+                    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                    kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                           reduce_dtype=torch.float32)
                 for block in model.blocks:
-                    fully_shard(block, reshard_after_forward=reshard, offload_policy=offload)
-                fully_shard(root, reshard_after_forward=reshard, offload_policy=offload)
+                    fully_shard(block, reshard_after_forward=reshard, offload_policy=offload, **kw)
+                fully_shard(root, reshard_after_forward=reshard, offload_policy=offload, **kw)
                 if not cuda:
                     comm = _GlooReduceScatter()
                     for mod in [root, *model.blocks]:
                         mod.set_custom_reduce_scatter(comm)
                 meter.register(model, "parameters")
                 params = [p for p in model.parameters() if p.requires_grad]
-                opt = S.step_optimizer(tr, params, s.loss_scale)  # mixed-*: masters of the shards
+                if mp:  # the fp32 shards are the master weights: a plain fp32 optimizer
+                    opt = S.make_optimizer(tr, params)
+                else:  # mixed-*: masters of the shards
+                    opt = S.step_optimizer(tr, params, s.loss_scale)
             s.optimizer = opt
             local = zero_opt.optim if zero_opt else opt
             if isinstance(local, S.MasterWeightOptimizer):  # the fp32 masters it holds
