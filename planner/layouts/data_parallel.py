@@ -41,6 +41,15 @@ gradient copies and states of the owned tensors (or dim-0 shards) only — the Z
 loss scale multiplies the loss before backward under every stage, as on one device. amp-fp16's
 GradScaler is not run across shards.
 
+``parallelism.fsdp_mixed_precision`` (mixed-bf16, stage 3): torchtitan's recipe, an fp32 model
+under ``fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32))``. The
+fp32 shards are the master weights, stepped by the plain optimizer (fp32 states, no master copy,
+no gradient copy); each all-gather first casts the group's shards into one flat bf16 input
+(``_get_param_all_gather_inputs``, freed as ``foreach_all_gather`` returns), the unsharded
+parameters and autograd's gradients are bf16 (forward and backward as mixed-bf16's), and the
+reduce-scatter input and the sharded gradients are fp32 (``foreach_reduce``: reduce_dtype equals
+the sharded parameters' dtype, so no cast back).
+
 Activation checkpointing (torch.utils.checkpoint, non-reentrant) composes with all of them: under
 FSDP2 a checkpointed block's recompute runs with FSDP's hooks idle (the group is in its
 pre-backward state: the pre-backward hook has already gathered the parameters), and the

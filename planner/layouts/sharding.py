@@ -17,8 +17,10 @@ Nd data-parallel ranks. Each stage is described by the torch implementation the 
   ``_init_sharded_param``); rank 0 is the worst rank.
 
 For mixed-* precision the DDP/ZeRO-1 step keeps 16-bit params/grads and fp32 masters in the
-optimizer (category optimizer_states); FSDP2 keeps fp32 *sharded* params (they are the master
-weights, category parameters) and all-gathers 16-bit copies (``MixedPrecisionPolicy``).
+optimizer (category optimizer_states); these model states count FSDP2 as keeping fp32 *sharded*
+params (they are the master weights, category parameters) and all-gathering 16-bit copies
+(``MixedPrecisionPolicy``), what ``ParallelSpec.fsdp_mixed_precision`` runs; the per-rank replay
+(planner/layouts/data_parallel.py) is the figure the estimate reports either way.
 For a bare parameter count (no shapes) the ZeRO paper's arithmetic is used (§5, Fig. 1).
 """
 

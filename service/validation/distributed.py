@@ -16,6 +16,9 @@ and ``planner/layouts/data_parallel.py`` describe the same ones):
   assigned to ranks (uneven shards); each rank steps its own and broadcasts them.
 - 2: FSDP2 ``fully_shard(reshard_after_forward=False)`` per block and on the root.
 - 3: FSDP2 ``fully_shard`` per block and on the root (the next block's all-gather prefetched).
+- ``fsdp_mixed_precision`` on stage 3 (mixed-bf16): the model built in fp32 and every
+  ``fully_shard`` given ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``; the plain
+  torch optimizer steps the fp32 shards (torchtitan's recipe: no separate master copy).
 - ``offload_parameters`` / ``offload_optimizer`` on stage 3: FSDP2 ``CPUOffloadPolicy`` (sharded
   parameters, gradients and the optimizer step in host memory). ZeroRedundancyOptimizer has no
   offload, so stage 1-2 offload is refused.
