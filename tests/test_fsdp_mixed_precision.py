@@ -25,6 +25,10 @@ def mp_request(family: str, ranks: int = 2, **training) -> ValidationRequest:
 @pytest.mark.parametrize("family,ranks,training", [
     ("gpt2", 2, {}),
     ("llama", 2, {}),
+    # LoRA: the frozen base sharded in fp32 and gathered in bf16, the adapters' gradients only
+    # reduce-scattered; gradient accumulation into the fp32 sharded gradients, chunked loss
+    ("gpt2", 2, {"lora": {"rank": 4, "target_modules": ["q", "v", "up"]}}),
+    ("llama", 2, {"gradient_accumulation_steps": 2, "loss": {"kind": "chunked", "chunks": 2}}),
     # three ranks: the vocabulary's 256 rows in chunks of 86, 86 and 84 (uneven local shards)
     ("gpt2", 3, {}),
     # recompute under the policy: the checkpointed blocks re-run on the bf16 gathered parameters
