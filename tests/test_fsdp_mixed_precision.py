@@ -124,3 +124,35 @@ def test_cli_flag(capsys):
     assert main(["estimate", "--preset", "gpt2", "--precision", "bf16", "--data-parallel", "2",
                  "--zero-stage", "3", "--fsdp-mixed-precision"]) == 2
     assert "parallelism.fsdp_mixed_precision" in capsys.readouterr().err
+
+
+def test_validation_job_with_the_policy(tmp_path):
+    """POST /v1/validations: the job runs the ranks and reports each equal to its replay; a
+    setup the option does not apply to is refused at submission, naming the field."""
+    from service.app import create_app
+    from service.jobs.embedded import EmbeddedWorker
+    from service.settings import DeviceInfo, Settings
+    from tests.jobtargets import poll
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'jobs.db'}", lease_s=30,
+                        heartbeat_s=0.5, poll_s=0.1,
+                        worker_device=DeviceInfo(kind="cpu", count=2, memory_bytes=16 * 2**30),
+                        shutdown_grace_s=0)
+    app = create_app(settings)
+    worker = EmbeddedWorker(app.state.jobs.get(), settings)
+    worker.start()
+    try:
+        with TestClient(app) as c:
+            body = mp_request("gpt2").model_dump(mode="json")
+            bad = {**body, "parallelism": {**body["parallelism"], "zero_stage": 2}}
+            r = c.post("/v1/validations", json=bad)
+            assert r.status_code == 422 and "fsdp_mixed_precision" in r.text, r.text
+            r = c.post("/v1/validations", json=body)
+            assert r.status_code == 202, r.text
+            job = poll(c, r.json()["id"], timeout_s=240)
+            assert job["status"] == "succeeded", job.get("error")
+            for rr in job["result"]["ranks"]:
+                assert rr["estimate"] == rr["measured"], rr
+    finally:
+        worker.stop(15)
+        app.state.jobs.close()
