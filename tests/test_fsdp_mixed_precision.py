@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.catalog.specs import ValidationRequest
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import ModelSpec, ValidationRequest
+from planner.layouts.sharding import _numel, parameter_shapes
 from service.validation.distributed import per_rank_estimates, run_multi_rank
 from service.validation.support import ValidationUnsupported, check_supported
 from tests.test_distributed_validation import request, tiny
@@ -108,6 +110,13 @@ def test_zero_route_applies_the_policy_to_stage_3_only(client):
                                                   ).json()["breakdown"]
     plain = [s for s in stages if s["stage"] == 2 and not s["offload_optimizer"]][0]
     assert plain["breakdown"] == _memory(client, "gpt2", zero_stage=2).json()["breakdown"]
+    # bf16 all-gathers (twice: forward and backward), an fp32 reduce-scatter: the gradient part
+    # of the traffic doubles against mixed-bf16's bf16 reduce-scatter (ring: psi * b * (N-1)/N)
+    r = client.post("/v1/zero", json=_body("gpt2"))
+    base = [s for s in r.json()["stages"] if s["stage"] == 3 and not s["offload_optimizer"]][0]
+    psi = sum(_numel(s) for s in parameter_shapes(resolve_model(ModelSpec(**tiny("gpt2")))))
+    assert with_policy[0]["communication_bytes_per_step"] - base["communication_bytes_per_step"] \
+        == (psi * 4 - psi * 2) * (2 - 1) // 2  # fp32 minus bf16 bytes, N = 2
 
 
 def test_cli_flag(capsys):

@@ -319,7 +319,7 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
             impl = data_parallel_implementation(3, n)
             if parallel.fsdp_mixed_precision:
                 impl += MP_POLICY
-            comm = (2 * _ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
+            comm = (2 * _ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * rb, n) * ga) if n > 1 else 0
         worst = 0
         if n > 1:
             notes.append("FSDP2 all-gather/reduce-scatter buffers: largest unit in flight "
