@@ -112,6 +112,7 @@ def setups(draw: st.DrawFn) -> dict[str, Any]:
         "zero_stage": draw(st.sampled_from([0, 1, 2, 3])),
         "offload_optimizer": draw(_rarely()),
         "offload_parameters": draw(_rarely()),
+        "fsdp_mixed_precision": draw(_rarely()),
     }
     body = {"model": draw(models()), "training": training, "parallelism": parallelism}
     if draw(st.booleans()):

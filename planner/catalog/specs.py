@@ -237,6 +237,10 @@ class ParallelSpec(_Frozen):
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: bool = False
     offload_parameters: bool = False
+    fsdp_mixed_precision: bool = Field(False, description=(
+        "precision 'mixed-bf16' under zero_stage 3 (FSDP2) run as torchtitan runs it: fp32 "
+        "sharded parameters (the master weights), MixedPrecisionPolicy(param_dtype=bf16, "
+        "reduce_dtype=fp32); needs data_parallel >= 2."))
 
 
 class HardwareSpec(_Frozen):

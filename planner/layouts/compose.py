@@ -24,7 +24,7 @@ from planner.layouts.parallel_ranks import data_parallel_peaks, zero1_ownership
 from planner.layouts.megatron import megatron_activation_bytes
 from planner.layouts.pipeline_schedules import build_schedule
 from planner.layouts.pipeline_sim import peak_in_flight
-from planner.layouts.sharding import data_parallel_implementation, shard_model_states
+from planner.layouts.sharding import MP_POLICY, data_parallel_implementation, shard_model_states
 from planner.step import simulate as step_cache
 
 
@@ -85,7 +85,8 @@ def data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, dev
     rank, worst = max(peaks, key=lambda rp: (rp[1].steady.total, -rp[0]))
     assumptions.append(_PROFILE_DATA_PARALLEL)
     assumptions.append(_assumption("implementation", data_parallel_implementation(
-        par.zero_stage, par.data_parallel), "what each rank holds"))
+        par.zero_stage, par.data_parallel) + (MP_POLICY if par.fsdp_mixed_precision else ""),
+        "what each rank holds"))
     assumptions.append(_assumption("worst_rank", str(rank),
                                    "the rank with the highest steady-state peak"))
     return (snap_breakdown(worst.steady), snap_breakdown(worst.first), f"{worst.steady.phase}: {worst.steady.op}",

@@ -41,6 +41,15 @@ gradient copies and states of the owned tensors (or dim-0 shards) only — the Z
 loss scale multiplies the loss before backward under every stage, as on one device. amp-fp16's
 GradScaler is not run across shards.
 
+``parallelism.fsdp_mixed_precision`` (mixed-bf16, stage 3): torchtitan's recipe, an fp32 model
+under ``fully_shard(mp_policy=MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32))``. The
+fp32 shards are the master weights, stepped by the plain optimizer (fp32 states, no master copy,
+no gradient copy); each all-gather first casts the group's shards into one flat bf16 input
+(``_get_param_all_gather_inputs``, freed as ``foreach_all_gather`` returns), the unsharded
+parameters and autograd's gradients are bf16 (forward and backward as mixed-bf16's), and the
+reduce-scatter input and the sharded gradients are fp32 (``foreach_reduce``: reduce_dtype equals
+the sharded parameters' dtype, so no cast back).
+
 Activation checkpointing (torch.utils.checkpoint, non-reentrant) composes with all of them: under
 FSDP2 a checkpointed block's recompute runs with FSDP's hooks idle (the group is in its
 pre-backward state: the pre-backward hook has already gathered the parameters), and the
@@ -81,7 +90,7 @@ Everything stays integer bytes; every rank is simulated on its own (``rank``).
 
 from __future__ import annotations
 
-from planner.step.ops import T
+from planner.step.ops import F32, T
 from planner.step.program import ReferenceProgram
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 from planner.machine.stepsim import Buf, Leaf, Machine, Node, Val
@@ -160,6 +169,13 @@ class ParallelProgram(ReferenceProgram):
                          compress=compress, machine=machine, sizes=sizes)
         self.m.__class__ = _dp_class(type(self.m))
         m = self.m
+        # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on an fp32 model: the
+        # fp32 shards are the master weights (no copy), the unsharded parameters and autograd's
+        # gradients bf16, the reduce-scatter and the sharded gradients fp32.
+        self.mp = bool(getattr(parallel, "fsdp_mixed_precision", False)) and self.z >= 2
+        if self.mp:
+            m.drop(self.masters)
+            self.master = False
         if self.z >= 1 and self.master:  # masters of the rank's shard only
             m.drop(self.masters)
             self.masters = m.alloc(sum(self._owned()[0]) * self.master_esz, "master",
@@ -191,7 +207,7 @@ class ParallelProgram(ReferenceProgram):
         return self._owned_cache
 
     def _inner_dtype(self) -> str:
-        return "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
+        return "fp32" if self.master or self.mp else {4: "fp32", 2: "bf16"}[self.p_esz]
 
     def _alloc_states(self):
         from planner.catalog.optimizers import optimizer_state_bytes
@@ -270,11 +286,12 @@ class ParallelProgram(ReferenceProgram):
             full = shard = gfull = gshard = 0
             for t in ts:
                 rows = _numel(self._padded_shape(self.shapes[id(t.val)]))
-                shard += rows * t.esz
+                store = F32 if self.mp else t.esz  # the sharded (stored) dtype
+                shard += rows * store
                 full += rows * n * t.esz
                 if t.val.fn is not None:
-                    gshard += rows * t.esz
-                    gfull += rows * n * t.esz
+                    gshard += rows * store
+                    gfull += rows * n * store  # reduce_dtype: the sharded parameter's
             self.grad_unsharded_bytes[g], self.grad_sharded_bytes[g] = gfull, gshard
             for t in ts:
                 # the module's parameter now points at unsharded storage gathered on demand
@@ -311,8 +328,7 @@ class ParallelProgram(ReferenceProgram):
             self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]",
                                         "parameters")
             return
-        flat = self.flat_pending.pop(g, None) or m.alloc(self.unsharded_bytes[g], "all_gather",
-                                                          "temporaries")
+        flat = self.flat_pending.pop(g, None) or self._all_gather_output(g)
         self.unsharded[g] = m.alloc(self.unsharded_bytes[g], f"unsharded[{self._real(g)}]",
                                     "parameters")
         if forward:
@@ -331,7 +347,18 @@ class ParallelProgram(ReferenceProgram):
         if self.n == 1:  # world size 1: unshard() allocates nothing
             return
         if g >= 0 and g not in self.unsharded and g not in self.flat_pending and self.groups[g]:
-            self.flat_pending[g] = self.m.alloc(self.unsharded_bytes[g], "all_gather", "temporaries")
+            self.flat_pending[g] = self._all_gather_output(g)
+
+    def _all_gather_output(self, g: int) -> Buf:
+        """foreach_all_gather's flat output. Under a MixedPrecisionPolicy the shards are first
+        cast into one flat bf16 input (``_get_param_all_gather_inputs``' foreach copy), allocated
+        before the output and freed as foreach_all_gather returns."""
+        m = self.m
+        cast = m.alloc(self.unsharded_bytes[g] // self.n, "all_gather_input",
+                       "temporaries") if self.mp else None
+        out = m.alloc(self.unsharded_bytes[g], "all_gather", "temporaries")
+        m.drop(cast)
+        return out
 
     def _post_backward(self, g: int) -> None:
         m = self.m

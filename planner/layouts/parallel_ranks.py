@@ -82,8 +82,30 @@ def ranks_that_differ(model: ResolvedModel, training: TrainingSpec,
     return sorted(first.values())
 
 
+def fsdp_mixed_precision_refusal(training: TrainingSpec, parallel: ParallelSpec) -> str | None:
+    """Why ``parallelism.fsdp_mixed_precision`` does not apply (None when it does): FSDP2's
+    MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on fp32 sharded parameters is
+    mixed-bf16 on ZeRO-3 ranks, replayed without offload, tensor or pipeline parallelism."""
+    p = parallel
+    if not p.fsdp_mixed_precision:
+        return None
+    if (training.precision == "mixed-bf16" and p.zero_stage == 3 and p.data_parallel >= 2
+            and not (p.offload_optimizer or p.offload_parameters)
+            and p.tensor_parallel == 1 and p.pipeline_parallel == 1
+            and training.precision_overrides is None):
+        return None
+    return ("parallelism.fsdp_mixed_precision (FSDP2 MixedPrecisionPolicy on fp32 sharded "
+            "parameters) needs training.precision 'mixed-bf16' without precision_overrides, "
+            "zero_stage 3, data_parallel >= 2, no offload and no tensor or pipeline parallelism "
+            f"(got precision {training.precision!r}, zero_stage {p.zero_stage}, data_parallel "
+            f"{p.data_parallel})")
+
+
 def unsupported_reason(training: TrainingSpec, parallel: ParallelSpec) -> str | None:
     """Why this data-parallel setup is outside the replay (None when it is replayed exactly)."""
+    mp = fsdp_mixed_precision_refusal(training, parallel)
+    if mp is not None:
+        return mp
     if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
         return "tensor and pipeline parallelism are not replayed rank by rank"
     if training.precision == "amp-fp16" and parallel.zero_stage >= 1:
@@ -146,5 +168,5 @@ def data_parallel_peaks(model: ResolvedModel, training: TrainingSpec, parallel: 
     return out
 
 
-__all__ = ["data_parallel_peaks", "fsdp_rank_keys", "ranks_that_differ", "simulate_rank",
+__all__ = ["data_parallel_peaks", "fsdp_mixed_precision_refusal", "fsdp_rank_keys", "ranks_that_differ", "simulate_rank",
            "unsupported_reason", "zero1_ownership"]

@@ -17,8 +17,10 @@ Nd data-parallel ranks. Each stage is described by the torch implementation the 
   ``_init_sharded_param``); rank 0 is the worst rank.
 
 For mixed-* precision the DDP/ZeRO-1 step keeps 16-bit params/grads and fp32 masters in the
-optimizer (category optimizer_states); FSDP2 keeps fp32 *sharded* params (they are the master
-weights, category parameters) and all-gathers 16-bit copies (``MixedPrecisionPolicy``).
+optimizer (category optimizer_states); these model states count FSDP2 as keeping fp32 *sharded*
+params (they are the master weights, category parameters) and all-gathering 16-bit copies
+(``MixedPrecisionPolicy``), what ``ParallelSpec.fsdp_mixed_precision`` runs; the per-rank replay
+(planner/layouts/data_parallel.py) is the figure the estimate reports either way.
 For a bare parameter count (no shapes) the ZeRO paper's arithmetic is used (§5, Fig. 1).
 """
 
@@ -39,7 +41,10 @@ from planner.catalog.optimizers import (
 from planner.catalog.precision import DTYPE_BYTES, PrecisionPlan, resolve_precision, tensor_bytes
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 
-DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024  # DistributedDataParallel(bucket_cap_mb=25) default
+DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024
+# ParallelSpec.fsdp_mixed_precision: mixed-bf16 as torchtitan runs it under FSDP2
+MP_POLICY = ("; MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on fp32 sharded "
+             "parameters (the master weights)")  # DistributedDataParallel(bucket_cap_mb=25) default
 
 Shape = tuple[int, ...]
 
@@ -309,9 +314,13 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
             comm = (_ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
         else:
             # current and one prefetched unit all-gathered, one unit's grads reduce-scattering
-            buffers = (2 * largest_unit * pb + largest_unit * gb) if n > 1 else 0
+            # (in fp32 under FSDP2's MixedPrecisionPolicy, reduce_dtype=fp32)
+            rb = store_b if parallel.fsdp_mixed_precision else gb
+            buffers = (2 * largest_unit * pb + largest_unit * rb) if n > 1 else 0
             impl = data_parallel_implementation(3, n)
-            comm = (2 * _ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * gb, n) * ga) if n > 1 else 0
+            if parallel.fsdp_mixed_precision:
+                impl += MP_POLICY
+            comm = (2 * _ring_bytes(psi * pb, n) * ga + _ring_bytes(psi * rb, n) * ga) if n > 1 else 0
         worst = 0
         if n > 1:
             notes.append("FSDP2 all-gather/reduce-scatter buffers: largest unit in flight "
@@ -475,6 +484,7 @@ def _lora_shapes(m: ResolvedModel, lora, n_layers: int, t: int) -> list[Shape]:
 
 
 __all__ = [
+    "MP_POLICY",
     "DDP_BUCKET_CAP_BYTES",
     "ModelStates",
     "RankTable",

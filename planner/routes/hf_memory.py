@@ -25,7 +25,8 @@ def check(req: MemoryRequest) -> dict:
             "model_type)", "model")
     par = req.parallelism
     if (par.data_parallel, par.tensor_parallel, par.pipeline_parallel, par.zero_stage) != \
-            (1, 1, 1, 0) or par.offload_optimizer or par.offload_parameters:
+            (1, 1, 1, 0) or par.offload_optimizer or par.offload_parameters \
+            or par.fsdp_mixed_precision:
         raise PlanningError("implementation 'transformers' is estimated on one device: "
                             "parallelism must be left at its defaults", "parallelism")
     why = unsupported(req.training)

@@ -37,7 +37,11 @@ from planner.layouts.compose import (
     single_device,
     snap_breakdown,
 )
-from planner.layouts.parallel_ranks import empty_shard_rule, unsupported_reason
+from planner.layouts.parallel_ranks import (
+    empty_shard_rule,
+    fsdp_mixed_precision_refusal,
+    unsupported_reason,
+)
 from planner.layouts.pipelined import pipelined_estimate
 from planner.routes import memory_notes
 from planner.routes.loss_rules import loss_assumption, loss_refusal
@@ -49,6 +53,9 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
     if par.offload_parameters and par.zero_stage != 3:
         raise PlanningError("offload_parameters needs zero_stage 3 (FSDP2 CPUOffloadPolicy)",
                             "parallelism.offload_parameters")
+    mp = fsdp_mixed_precision_refusal(tr, par)
+    if mp is not None:
+        raise PlanningError(mp, "parallelism.fsdp_mixed_precision")
     if par.offload_optimizer and par.zero_stage == 0:
         raise PlanningError("offload_optimizer needs zero_stage >= 1", "parallelism.offload_optimizer")
     if par.virtual_pipeline_stages > 1 and par.pipeline_parallel == 1:

@@ -21,10 +21,15 @@ __all__ = ["zero_stages"]
 def _variants(parallel: ParallelSpec) -> list[ParallelSpec]:
     """Stages 0-3, then ZeRO-Offload (stage 2, optimizer on CPU) and stage 3 with parameters and
     optimizer offloaded (FSDP2 CPUOffloadPolicy)."""
-    base = {"offload_optimizer": False, "offload_parameters": False}
-    out = [parallel.model_copy(update={**base, "zero_stage": z}) for z in range(4)]
+    base = {"offload_optimizer": False, "offload_parameters": False,
+            "fsdp_mixed_precision": False}
+    # FSDP2's MixedPrecisionPolicy applies to stage 3 without offload only (the others keep
+    # mixed-bf16's 16-bit parameters and fp32 master copies)
+    mp = {"fsdp_mixed_precision": parallel.fsdp_mixed_precision}
+    out = [parallel.model_copy(update={**base, "zero_stage": z, **(mp if z == 3 else {})})
+           for z in range(4)]
     out.append(parallel.model_copy(update={**base, "zero_stage": 2, "offload_optimizer": True}))
-    out.append(parallel.model_copy(update={"zero_stage": 3, "offload_optimizer": True,
+    out.append(parallel.model_copy(update={**base, "zero_stage": 3, "offload_optimizer": True,
                                            "offload_parameters": True}))
     return out
 

@@ -178,9 +178,13 @@ class Ops:
         grad input (n_rows·d_in), grad weight (d_out·d_in) and grad bias (d_out)."""
         if w.quantized:
             return self._quantized_linear(x, w, b, n_rows, d_in, d_out)
-        xi, x_new = self.amp_input(x)
-        wi, w_new = self.amp_weight(w)
+        # Autocast's linear kernel casts its arguments as C++ evaluates a call's arguments, right
+        # to left under GCC (aten/src/ATen/autocast_mode.h, WrapFunction_: cached_cast(args)...):
+        # bias, weight, then input. The engine runs the later (higher sequence number) cast's
+        # backward first: the input's, then the weight's, then the bias's.
         bi, b_new = self.amp_weight(b) if b is not None else (None, False)
+        wi, w_new = self.amp_weight(w)
+        xi, x_new = self.amp_input(x)
         esz = wi.esz
 
         def bw(m: Machine, n: Node, g: list) -> list:

@@ -16,6 +16,9 @@ and ``planner/layouts/data_parallel.py`` describe the same ones):
   assigned to ranks (uneven shards); each rank steps its own and broadcasts them.
 - 2: FSDP2 ``fully_shard(reshard_after_forward=False)`` per block and on the root.
 - 3: FSDP2 ``fully_shard`` per block and on the root (the next block's all-gather prefetched).
+- ``fsdp_mixed_precision`` on stage 3 (mixed-bf16): the model built in fp32 and every
+  ``fully_shard`` given ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``; the plain
+  torch optimizer steps the fp32 shards (torchtitan's recipe: no separate master copy).
 - ``offload_parameters`` / ``offload_optimizer`` on stage 3: FSDP2 ``CPUOffloadPolicy`` (sharded
   parameters, gradients and the optimizer step in host memory). ZeroRedundancyOptimizer has no
   offload, so stage 1-2 offload is refused.
@@ -177,7 +180,8 @@ def rank_main(spec_path: str, out_path: str) -> None:
             Path(progress_path).write_text(json.dumps({"step": step}))
 
     torch.manual_seed(0)
-    s = S.build(cfg, tr, dev)
+    mp = par.fsdp_mixed_precision  # fp32 model: FSDP2 casts the all-gathered copies to bf16
+    s = S.build(cfg, tr.model_copy(update={"precision": "fp32"}) if mp else tr, dev)
     s.optimizer = None  # type: ignore[assignment]  # rebuilt over the wrapped parameters
     model = s.model
 
@@ -232,16 +236,25 @@ def rank_main(spec_path: str, out_path: str) -> None:
 
                 offload = CPUOffloadPolicy(pin_memory=cuda) if par.offload_parameters else OffloadPolicy()
                 reshard = z == 3
+                kw: dict[str, Any] = {}
+                if mp:  # torchtitan's recipe: bf16 compute parameters, fp32 gradient reduction
+                    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                    kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                           reduce_dtype=torch.float32)
                 for block in model.blocks:
-                    fully_shard(block, reshard_after_forward=reshard, offload_policy=offload)
-                fully_shard(root, reshard_after_forward=reshard, offload_policy=offload)
+                    fully_shard(block, reshard_after_forward=reshard, offload_policy=offload, **kw)
+                fully_shard(root, reshard_after_forward=reshard, offload_policy=offload, **kw)
                 if not cuda:
                     comm = _GlooReduceScatter()
                     for mod in [root, *model.blocks]:
                         mod.set_custom_reduce_scatter(comm)
                 meter.register(model, "parameters")
                 params = [p for p in model.parameters() if p.requires_grad]
-                opt = S.step_optimizer(tr, params, s.loss_scale)  # mixed-*: masters of the shards
+                if mp:  # the fp32 shards are the master weights: a plain fp32 optimizer
+                    opt = S.make_optimizer(tr, params)
+                else:  # mixed-*: masters of the shards
+                    opt = S.step_optimizer(tr, params, s.loss_scale)
             s.optimizer = opt
             local = zero_opt.optim if zero_opt else opt
             if isinstance(local, S.MasterWeightOptimizer):  # the fp32 masters it holds

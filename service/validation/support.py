@@ -40,6 +40,11 @@ def check_supported(req: ValidationRequest) -> None:
     refusal = loss_refusal(tr, par)
     if refusal is not None:  # the estimate refuses it too (training.loss.kind)
         raise ValidationUnsupported(refusal)
+    from planner.layouts.parallel_ranks import fsdp_mixed_precision_refusal
+
+    mp = fsdp_mixed_precision_refusal(tr, par)
+    if mp is not None:
+        raise ValidationUnsupported(mp)
     if tr.implementation == "transformers":
         check_transformers(req)
         return
