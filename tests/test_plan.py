@@ -183,6 +183,13 @@ def test_cluster_range_sweeps_sizes(client):
     assert [c["num_gpus"] for c in r.json()["clusters"]] == [2, 4, 8]
 
 
+LOSS_BOUND = {"model": {"preset": "llama-3.2-1b"},
+              "training": {"precision": "amp-bf16", "micro_batch_size": 8,
+                           "sequence_length": 8192,
+                           "activation_checkpointing": {"strategy": "full"}},
+              "hardware": {"gpu": "h100-80gb"}}
+
+
 def _apply(body: dict, s: dict) -> dict:
     out = {**body, "training": {**body.get("training", {})},
            "parallelism": {**body.get("parallelism", {})}}
@@ -202,6 +209,8 @@ def _apply(body: dict, s: dict) -> dict:
      "training": {"precision": "mixed-bf16", "micro_batch_size": 8, "sequence_length": 4096},
      "parallelism": {"data_parallel": 8},
      "hardware": {"gpu": "a100-80gb"}},
+    # a 128k vocabulary at 8 x 8192 tokens: the logits, not the model, overflow
+    LOSS_BOUND,
 ])
 def test_suggestions_fit_with_the_peak_memory_gives(client, body):
     r = client.post("/v1/memory", json=body)
@@ -214,6 +223,20 @@ def test_suggestions_fit_with_the_peak_memory_gives(client, body):
         assert again.json()["fit"]["fits"], s
         assert again.json()["breakdown"]["total"] == s["peak_bytes"], s
         assert again.json()["fit"]["headroom_bytes"] == s["headroom_bytes"]
+
+
+def test_chunked_loss_suggested_where_the_layout_replays_it(client):
+    got = client.post("/v1/memory", json=LOSS_BOUND).json()
+    losses = [s for s in got["suggestions"] if "loss" in s["training"]]
+    assert losses and losses[0]["training"]["loss"]["kind"] in ("chunked", "chunked-linear")
+    # tensor parallelism takes the standard loss only (planner/routes/loss_rules.py)
+    tp = {**LOSS_BOUND, "training": {**LOSS_BOUND["training"], "micro_batch_size": 16},
+          "parallelism": {"tensor_parallel": 2}}
+    r = client.post("/v1/memory", json=tp)
+    assert r.status_code == 200, r.text
+    assert not r.json()["fit"]["fits"]
+    assert r.json()["suggestions"]
+    assert all("loss" not in s["training"] for s in r.json()["suggestions"])
 
 
 def test_no_suggestions_when_it_fits(client):
