@@ -3,6 +3,8 @@ dominated, its answer is the brute force's, and every peak it reports is /v1/mem
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from planner.catalog.plan_specs import PlanRequest
@@ -39,9 +41,14 @@ SMALL = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def small():
-    req = PlanRequest.model_validate(SMALL)
+# the same search with the chunked-linear loss as a dimension (layouts without TP and PP)
+SMALL_LOSS = {**SMALL, "training": {**SMALL["training"],
+                                    "loss_kinds": ["standard", "chunked-linear"]}}
+
+
+@pytest.fixture(scope="module", params=["standard", "with-loss"])
+def small(request):
+    req = PlanRequest.model_validate(SMALL if request.param == "standard" else SMALL_LOSS)
     return req, plan(req).clusters[0]
 
 
@@ -86,7 +93,8 @@ def test_reported_peaks_are_memory_routes(small, client):
                 "training": {"precision": "mixed-bf16", "optimizer": "adamw",
                              "micro_batch_size": x.micro_batch_size, "sequence_length": 8192,
                              "gradient_accumulation_steps": x.gradient_accumulation_steps,
-                             "activation_checkpointing": {"strategy": x.activation_checkpointing}},
+                             "activation_checkpointing": {"strategy": x.activation_checkpointing},
+                             "loss": {"kind": x.loss, "chunks": 8}},
                 "parallelism": {"data_parallel": x.data_parallel,
                                 "tensor_parallel": x.tensor_parallel,
                                 "pipeline_parallel": x.pipeline_parallel,
@@ -100,6 +108,27 @@ def test_reported_peaks_are_memory_routes(small, client):
         assert r.status_code == 200, r.text
         assert r.json()["breakdown"]["total"] == x.peak_bytes
         assert r.json()["fit"]["fits"]
+
+
+def test_loss_is_a_search_dimension_where_replayed():
+    req = PlanRequest.model_validate(SMALL_LOSS)
+    model = resolve_model(req.model)
+    everything = enumerate_layouts(req, model, 8, {})
+    chunked = [lay for lay in everything if lay.loss == "chunked-linear"]
+    assert chunked and all(lay.tp == lay.pp == 1 and not lay.offload_optimizer
+                           for lay in chunked)
+    assert len(everything) == len(enumerate_layouts(PlanRequest.model_validate(SMALL), model, 8,
+                                                     {})) + len(chunked)
+    # the head's forward again in backward: slower than the same layout with the standard loss
+    links = links_for(req, get_gpu(req.cluster.gpu))
+    lay = chunked[0]
+    std = plan_time.step_time(model, 8192, 2, 2, dataclasses.replace(lay, loss="standard"), links)
+    got = plan_time.step_time(model, 8192, 2, 2, lay, links)
+    head = lay.ga * lay.b * 8192 * 2 * model.vocab_size * model.hidden_size / links.flops_per_s
+    assert got.compute_s - std.compute_s == pytest.approx(head)
+    # and it fits where the standard loss does not: the plan finds more fitting layouts
+    got_loss = plan(req).clusters[0]
+    assert any(x.loss == "chunked-linear" for x in got_loss.pareto_front)
 
 
 def test_plan_figures_are_consistent(small):

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from planner.catalog.loss_specs import MAX_LOSS_CHUNKS, LossKind
 from planner.catalog.specs import (
     MAX_SEQUENCE,
     Assumption,
@@ -52,6 +53,12 @@ class PlanTraining(_Frozen):
         default_factory=lambda: ["none", "selective", "full"], min_length=1, max_length=4,
         description="Activation checkpointing strategies the search may use (POST /v1/memory's "
         "names).")
+    loss_kinds: list[LossKind] = Field(
+        default_factory=lambda: ["standard"], min_length=1, max_length=3,
+        description="Loss kinds the search may use (training.loss.kind of POST /v1/memory); the "
+        "chunked ones only on layouts that replay them (no tensor or pipeline parallelism).")
+    loss_chunks: int = Field(8, ge=1, le=MAX_LOSS_CHUNKS,
+                             description="Token chunks of the chunked loss kinds.")
     max_micro_batch_size: int = Field(
         8, ge=1, le=MAX_PLAN_MICRO_BATCH, description="Largest micro-batch tried (every divisor "
         "of the per-replica batch up to it).")
@@ -67,6 +74,8 @@ class PlanTraining(_Frozen):
                              f"of sequence_length ({self.sequence_length})")
         if len(set(self.checkpoint_strategies)) != len(self.checkpoint_strategies):
             raise ValueError("checkpoint_strategies lists a strategy twice")
+        if len(set(self.loss_kinds)) != len(self.loss_kinds):
+            raise ValueError("loss_kinds lists a kind twice")
         return self
 
     @property
@@ -169,6 +178,7 @@ class PlanLayout(_Frozen):
     offload_optimizer: bool
     offload_parameters: bool
     activation_checkpointing: PlanCheckpoint
+    loss: LossKind = "standard"
     micro_batch_size: int
     gradient_accumulation_steps: int
     peak_bytes: int = Field(..., description="Per-device peak: POST /v1/memory's "

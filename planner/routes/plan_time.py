@@ -5,7 +5,8 @@ What it assumes (each stated in the plan's ``assumptions``):
   the convention of torchtitan's and PaLM's MFU), backward twice the forward (Kaplan et al.
   2020 §2.1); the output projection 2·V·h forward on the last stage. Recompute adds the forward
   of every checkpointed block ('full': all, 'sqrt': those the planner checkpoints) or the attention
-  core 4·s·h ('selective'). Time = FLOPs / (tensor_parallel × peak 16-bit FLOP/s × utilisation),
+  core 4·s·h ('selective'); the 'chunked-linear' loss the output projection's forward (each
+  chunk's logits recomputed in backward; 'chunked' computes as 'standard'). Time = FLOPs / (tensor_parallel × peak 16-bit FLOP/s × utilisation),
   the utilisation one number per GPU kind (``DEFAULT_MFU``).
 - Collectives on n ranks moving B bytes (ring, bandwidth term only): all-reduce 2(n−1)/n·B/bw,
   all-gather and reduce-scatter (n−1)/n·B/bw; p2p B/bw. Ranks are ordered tensor-parallel
@@ -96,6 +97,7 @@ class Layout:
     b: int
     ga: int
     recompute: float | None = None  # fraction of blocks recomputed, overriding the strategy's
+    loss: str = "standard"  # 'chunked-linear' recomputes the output projection in backward
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def step_time(model: ResolvedModel, seq: int, act_bytes: int, grad_bytes: int, l
     least the slowest rank's busy time)."""
     makespan, busy, bubble, p2p_exposed, tp_total, f_slow, b_slow = _pipeline_part(
         model, seq, act_bytes, lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.checkpoint,
-        lay.b, lay.ga, links, exact, lay.recompute)
+        lay.b, lay.ga, links, exact, lay.recompute, lay.loss == "chunked-linear")
     compute = busy - tp_total
     # data parallelism over the stage's parameter shard (worst stage: most layers + head)
     c = _counts(model)
@@ -171,7 +173,8 @@ def _counts(model: ResolvedModel):
 @functools.lru_cache(maxsize=65536)
 def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int, pp: int,
                    v: int, schedule: str, checkpoint: str, b: int, m: int, links: Links,
-                   exact: bool, recompute: float | None = None, free_p2p: bool = False):
+                   exact: bool, recompute: float | None = None, head_recompute: bool = False,
+                   free_p2p: bool = False):
     """(makespan, slowest rank's busy time, bubble, exposed p2p, TP time, slowest rank's
     forward and backward per micro-batch) of the forward/backward passes."""
     c = _counts(model)
@@ -190,6 +193,8 @@ def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int
         layers = (st + 1) * L // n_stages - st * L // n_stages
         fwd = layers * block_fwd + (head_fwd if st == n_stages - 1 else 0)
         bwd = 2 * fwd + layers * (rec * block_fwd + attn_rec)
+        if head_recompute and st == n_stages - 1:
+            bwd += head_fwd
         tf, tb = layers * 2 * tp_ar, layers * (2 + 2 * rec) * tp_ar
         f_s.append(fwd / rate + tf)
         bwd_s.append(bwd / rate + tb)
@@ -226,7 +231,7 @@ def p2p_exposed_s(model: ResolvedModel, seq: int, act_bytes: int, lay: Layout,
     if lay.pp == 1:
         return 0.0
     args = (model, seq, act_bytes, lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.checkpoint,
-            lay.b, lay.ga, links, True, lay.recompute)
+            lay.b, lay.ga, links, True, lay.recompute, lay.loss == "chunked-linear")
     return max(0.0, _pipeline_part(*args)[0] - _pipeline_part(*args, True)[0])
 
 
