@@ -39,9 +39,12 @@ bubble, the FLOPs of each architecture) against measured throughput. Stated erro
 
   Not represented: Table 2's ZeRO-3 rows (DeepSpeed, no model parallelism: 144, 88 and 44
   TFLOP/s per GPU for 175B on 384, 768 and 1536 GPUs; 138, 98, 48 for 530B on 640, 1120, 2240).
-  The model prices ZeRO-3's gathers by bandwidth only and finds them hidden (200 TFLOP/s on
-  every row, +39 % to +354 %): the published fall with the rank count is collective latency
-  (a ring's n−1 steps) over many per-parameter gathers, which the model leaves out.
+  The model prices ZeRO-3's gathers by bandwidth only and finds them hidden under compute
+  (200 TFLOP/s on every row, +39 % to +354 %). A ring gather's bytes per rank do not grow with
+  the rank count, so the published fall is no bandwidth effect; the paper puts it down to
+  cross-node communication (§5.2). The model has no per-collective latency or overhead term,
+  and a plausible ring latency (microseconds per step) would not account for the tens of
+  seconds per step lost here, so nothing was added for it.
 """
 
 from __future__ import annotations
