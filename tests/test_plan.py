@@ -119,6 +119,12 @@ def test_loss_is_a_search_dimension_where_replayed():
                            for lay in chunked)
     assert len(everything) == len(enumerate_layouts(PlanRequest.model_validate(SMALL), model, 8,
                                                      {})) + len(chunked)
+    # chunked-linear alone: the layouts with TP or PP have no loss kind left, and are counted
+    only = PlanRequest.model_validate({**SMALL, "training": {**SMALL["training"],
+                                                             "loss_kinds": ["chunked-linear"]}})
+    rejected: dict[str, int] = {}
+    assert len(enumerate_layouts(only, model, 8, rejected)) == len(chunked)
+    assert rejected["loss_not_replayed_by_layout"] == len(everything) - 2 * len(chunked)
     # the head's forward again in backward: slower than the same layout with the standard loss
     links = links_for(req, get_gpu(req.cluster.gpu))
     lay = chunked[0]
@@ -197,6 +203,10 @@ def test_plan_route_answers_and_refuses(client):
         ({**SMALL, "training": {"sequence_length": 8192}}, "global_batch"),
         ({**SMALL, "cluster": {"gpu": "v100-16gb"}}, "num_gpus"),
         ({**SMALL, "model": {"num_parameters": 10**9}}, "model"),
+        ({**SMALL, "training": {**SMALL["training"], "loss_kinds": ["fused"]}}, "loss_kinds"),
+        ({**SMALL, "training": {**SMALL["training"], "loss_kinds": ["chunked", "chunked"]}},
+         "loss_kinds"),
+        ({**SMALL, "training": {**SMALL["training"], "loss_chunks": 10**6}}, "loss_chunks"),
     ]:
         r = client.post("/v1/plan", json=body)
         assert r.status_code == 422, (body, r.text)

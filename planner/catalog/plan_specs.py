@@ -33,7 +33,8 @@ PlanCheckpoint = Literal["none", "selective", "sqrt", "full"]
 RejectReason = Literal[
     "tensor_parallel_does_not_divide_heads", "tensor_parallel_exceeds_node",
     "tensor_parallel_above_limit", "pipeline_deeper_than_limit", "pipeline_deeper_than_layers",
-    "batch_not_divisible", "too_few_microbatches_for_schedule", "model_states_exceed_memory",
+    "batch_not_divisible", "too_few_microbatches_for_schedule", "loss_not_replayed_by_layout",
+    "model_states_exceed_memory",
     "peak_exceeds_memory", "peak_exceeds_memory_implied", "dominated_not_evaluated",
 ]
 

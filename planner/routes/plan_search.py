@@ -171,6 +171,9 @@ def enumerate_layouts(req: PlanRequest, model: ResolvedModel, n: int,
                                 offloads.append((True, True))
                         for oo, op in offloads:
                             kinds = _losses(req, d, t, p, z, oo, op)
+                            if len(kinds) < len(tr.loss_kinds):
+                                reject("loss_not_replayed_by_layout",
+                                       (len(tr.loss_kinds) - len(kinds)) * len(ckpts))
                             for ck in ckpts:
                                 for loss in kinds:
                                     out.append(Layout(d, t, p, v, sched if p > 1 else "1f1b", z,
