@@ -229,6 +229,12 @@ LOSS_BOUND = {"model": {"preset": "llama-3.2-1b"},
               "hardware": {"gpu": "h100-80gb"}}
 
 
+LOSS_AND_CKPT = {"model": {"preset": "llama-3.2-1b"},
+                 "training": {"precision": "bf16", "micro_batch_size": 1,
+                              "sequence_length": 32768},
+                 "hardware": {"gpu": "a100-40gb"}}
+
+
 def _apply(body: dict, s: dict) -> dict:
     out = {**body, "training": {**body.get("training", {})},
            "parallelism": {**body.get("parallelism", {})}}
@@ -250,6 +256,8 @@ def _apply(body: dict, s: dict) -> dict:
      "hardware": {"gpu": "a100-80gb"}},
     # a 128k vocabulary at 8 x 8192 tokens: the logits, not the model, overflow
     LOSS_BOUND,
+    # 32768 tokens: neither a checkpoint plan nor the loss alone fits, the two together do
+    LOSS_AND_CKPT,
 ])
 def test_suggestions_fit_with_the_peak_memory_gives(client, body):
     r = client.post("/v1/memory", json=body)
@@ -268,6 +276,8 @@ def test_chunked_loss_suggested_where_the_layout_replays_it(client):
     got = client.post("/v1/memory", json=LOSS_BOUND).json()
     losses = [s for s in got["suggestions"] if "loss" in s["training"]]
     assert losses and losses[0]["training"]["loss"]["kind"] in ("chunked", "chunked-linear")
+    both = client.post("/v1/memory", json=LOSS_AND_CKPT).json()["suggestions"]
+    assert both and all(set(s["training"]) == {"activation_checkpointing", "loss"} for s in both)
     # tensor parallelism takes the standard loss only (planner/routes/loss_rules.py)
     tp = {**LOSS_BOUND, "training": {**LOSS_BOUND["training"], "micro_batch_size": 16},
           "parallelism": {"tensor_parallel": 2}}
