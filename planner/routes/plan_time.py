@@ -9,7 +9,8 @@ What it assumes (each stated in the plan's ``assumptions``):
   chunk's logits recomputed in backward; 'chunked' computes as 'standard'). Time = FLOPs / (tensor_parallel × peak 16-bit FLOP/s × utilisation),
   the utilisation one number per GPU kind (``DEFAULT_MFU``).
 - Collectives on n ranks moving B bytes (ring, bandwidth term only): all-reduce 2(n−1)/n·B/bw,
-  all-gather and reduce-scatter (n−1)/n·B/bw; p2p B/bw. Ranks are ordered tensor-parallel
+  all-gather and reduce-scatter (n−1)/n·B/bw; p2p B/bw; bw one direction (the intra-node link
+  half the catalog's both-directions figure, ``intra_node_bytes_per_s``). Ranks are ordered tensor-parallel
   innermost, then data-parallel, then pipeline (Megatron-LM's order): a group within one node
   uses the intra-node bandwidth; a group across nodes with k GPUs in each node min(intra,
   k × per-GPU inter-node bandwidth) (topology-aware rings cross a node boundary once per
@@ -46,6 +47,14 @@ from planner.layouts.pipeline_sim import simulate
 # 8 H100 at a 500 W limit (33-39% MFU) and Megatron-Core's up to 47% on H100.
 DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42}
 FALLBACK_MFU = 0.45
+
+
+def intra_node_bytes_per_s(gpu: GPU) -> float:
+    """One direction of the catalog's intra-node bandwidth. The catalog gives the vendors'
+    figures, both directions together (A100: 12 NVLink 3 links of 25 GB/s each way, 600 GB/s;
+    H100: 18 links, 900 GB/s; PCIe 4.0 x16: 64 GB/s); a ring sends each rank's share one way
+    while it receives the other, so its bandwidth term takes one direction."""
+    return gpu.interconnect_bytes_per_s / 2
 
 
 def default_mfu(gpu: GPU) -> float:
@@ -251,7 +260,9 @@ def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
                    note=f"fraction of {gpu.name}'s dense 16-bit peak ({gpu.peak_bf16_flops:.4g} "
                    "FLOP/s) the matmuls reach; compute = FLOPs (recompute included) at that rate"),
         Assumption(name="intra_node_bytes_per_s", value=f"{links.intra_bytes_per_s:.4g}",
-                   note=f"{links.gpus_per_node} GPUs per node; groups within a node"),
+                   note=f"{links.gpus_per_node} GPUs per node, one direction (half the "
+                   f"catalog's {gpu.interconnect_bytes_per_s:.4g}, both directions); groups "
+                   "within a node"),
         Assumption(name="inter_node_bytes_per_s", value=f"{links.inter_bytes_per_s:.4g}",
                    note="per GPU, one direction; any group spanning nodes"),
         Assumption(name="collectives", value="ring, bandwidth term",
