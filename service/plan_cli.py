@@ -18,8 +18,10 @@ def layout_name(x: Any) -> str:
         parts.append("off-opt")
     if x.offload_parameters:
         parts.append("off-par")
-    parts += [f"ckpt={x.activation_checkpointing}",
-              f"b{x.micro_batch_size}x{x.gradient_accumulation_steps}"]
+    parts.append(f"ckpt={x.activation_checkpointing}")
+    if x.loss != "standard":
+        parts.append(f"loss={x.loss}")
+    parts.append(f"b{x.micro_batch_size}x{x.gradient_accumulation_steps}")
     return " ".join(parts)
 
 

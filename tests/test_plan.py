@@ -3,6 +3,8 @@ dominated, its answer is the brute force's, and every peak it reports is /v1/mem
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from planner.catalog.plan_specs import PlanRequest
@@ -39,9 +41,14 @@ SMALL = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def small():
-    req = PlanRequest.model_validate(SMALL)
+# the same search with the chunked-linear loss as a dimension (layouts without TP and PP)
+SMALL_LOSS = {**SMALL, "training": {**SMALL["training"],
+                                    "loss_kinds": ["standard", "chunked-linear"]}}
+
+
+@pytest.fixture(scope="module", params=["standard", "with-loss"])
+def small(request):
+    req = PlanRequest.model_validate(SMALL if request.param == "standard" else SMALL_LOSS)
     return req, plan(req).clusters[0]
 
 
@@ -86,7 +93,8 @@ def test_reported_peaks_are_memory_routes(small, client):
                 "training": {"precision": "mixed-bf16", "optimizer": "adamw",
                              "micro_batch_size": x.micro_batch_size, "sequence_length": 8192,
                              "gradient_accumulation_steps": x.gradient_accumulation_steps,
-                             "activation_checkpointing": {"strategy": x.activation_checkpointing}},
+                             "activation_checkpointing": {"strategy": x.activation_checkpointing},
+                             "loss": {"kind": x.loss, "chunks": 8}},
                 "parallelism": {"data_parallel": x.data_parallel,
                                 "tensor_parallel": x.tensor_parallel,
                                 "pipeline_parallel": x.pipeline_parallel,
@@ -100,6 +108,33 @@ def test_reported_peaks_are_memory_routes(small, client):
         assert r.status_code == 200, r.text
         assert r.json()["breakdown"]["total"] == x.peak_bytes
         assert r.json()["fit"]["fits"]
+
+
+def test_loss_is_a_search_dimension_where_replayed():
+    req = PlanRequest.model_validate(SMALL_LOSS)
+    model = resolve_model(req.model)
+    everything = enumerate_layouts(req, model, 8, {})
+    chunked = [lay for lay in everything if lay.loss == "chunked-linear"]
+    assert chunked and all(lay.tp == lay.pp == 1 and not lay.offload_optimizer
+                           for lay in chunked)
+    assert len(everything) == len(enumerate_layouts(PlanRequest.model_validate(SMALL), model, 8,
+                                                     {})) + len(chunked)
+    # chunked-linear alone: the layouts with TP or PP have no loss kind left, and are counted
+    only = PlanRequest.model_validate({**SMALL, "training": {**SMALL["training"],
+                                                             "loss_kinds": ["chunked-linear"]}})
+    rejected: dict[str, int] = {}
+    assert len(enumerate_layouts(only, model, 8, rejected)) == len(chunked)
+    assert rejected["loss_not_replayed_by_layout"] == len(everything) - 2 * len(chunked)
+    # the head's forward again in backward: slower than the same layout with the standard loss
+    links = links_for(req, get_gpu(req.cluster.gpu))
+    lay = chunked[0]
+    std = plan_time.step_time(model, 8192, 2, 2, dataclasses.replace(lay, loss="standard"), links)
+    got = plan_time.step_time(model, 8192, 2, 2, lay, links)
+    head = lay.ga * lay.b * 8192 * 2 * model.vocab_size * model.hidden_size / links.flops_per_s
+    assert got.compute_s - std.compute_s == pytest.approx(head)
+    # and it fits where the standard loss does not: the plan finds more fitting layouts
+    got_loss = plan(req).clusters[0]
+    assert any(x.loss == "chunked-linear" for x in got_loss.pareto_front)
 
 
 def test_plan_figures_are_consistent(small):
@@ -168,6 +203,10 @@ def test_plan_route_answers_and_refuses(client):
         ({**SMALL, "training": {"sequence_length": 8192}}, "global_batch"),
         ({**SMALL, "cluster": {"gpu": "v100-16gb"}}, "num_gpus"),
         ({**SMALL, "model": {"num_parameters": 10**9}}, "model"),
+        ({**SMALL, "training": {**SMALL["training"], "loss_kinds": ["fused"]}}, "loss_kinds"),
+        ({**SMALL, "training": {**SMALL["training"], "loss_kinds": ["chunked", "chunked"]}},
+         "loss_kinds"),
+        ({**SMALL, "training": {**SMALL["training"], "loss_chunks": 10**6}}, "loss_chunks"),
     ]:
         r = client.post("/v1/plan", json=body)
         assert r.status_code == 422, (body, r.text)
@@ -181,6 +220,19 @@ def test_cluster_range_sweeps_sizes(client):
     r = client.post("/v1/plan", json=body)
     assert r.status_code == 200, r.text
     assert [c["num_gpus"] for c in r.json()["clusters"]] == [2, 4, 8]
+
+
+LOSS_BOUND = {"model": {"preset": "llama-3.2-1b"},
+              "training": {"precision": "amp-bf16", "micro_batch_size": 8,
+                           "sequence_length": 8192,
+                           "activation_checkpointing": {"strategy": "full"}},
+              "hardware": {"gpu": "h100-80gb"}}
+
+
+LOSS_AND_CKPT = {"model": {"preset": "llama-3.2-1b"},
+                 "training": {"precision": "bf16", "micro_batch_size": 1,
+                              "sequence_length": 32768},
+                 "hardware": {"gpu": "a100-40gb"}}
 
 
 def _apply(body: dict, s: dict) -> dict:
@@ -202,6 +254,10 @@ def _apply(body: dict, s: dict) -> dict:
      "training": {"precision": "mixed-bf16", "micro_batch_size": 8, "sequence_length": 4096},
      "parallelism": {"data_parallel": 8},
      "hardware": {"gpu": "a100-80gb"}},
+    # a 128k vocabulary at 8 x 8192 tokens: the logits, not the model, overflow
+    LOSS_BOUND,
+    # 32768 tokens: neither a checkpoint plan nor the loss alone fits, the two together do
+    LOSS_AND_CKPT,
 ])
 def test_suggestions_fit_with_the_peak_memory_gives(client, body):
     r = client.post("/v1/memory", json=body)
@@ -214,6 +270,22 @@ def test_suggestions_fit_with_the_peak_memory_gives(client, body):
         assert again.json()["fit"]["fits"], s
         assert again.json()["breakdown"]["total"] == s["peak_bytes"], s
         assert again.json()["fit"]["headroom_bytes"] == s["headroom_bytes"]
+
+
+def test_chunked_loss_suggested_where_the_layout_replays_it(client):
+    got = client.post("/v1/memory", json=LOSS_BOUND).json()
+    losses = [s for s in got["suggestions"] if "loss" in s["training"]]
+    assert losses and losses[0]["training"]["loss"]["kind"] in ("chunked", "chunked-linear")
+    both = client.post("/v1/memory", json=LOSS_AND_CKPT).json()["suggestions"]
+    assert both and all(set(s["training"]) == {"activation_checkpointing", "loss"} for s in both)
+    # tensor parallelism takes the standard loss only (planner/routes/loss_rules.py)
+    tp = {**LOSS_BOUND, "training": {**LOSS_BOUND["training"], "micro_batch_size": 16},
+          "parallelism": {"tensor_parallel": 2}}
+    r = client.post("/v1/memory", json=tp)
+    assert r.status_code == 200, r.text
+    assert not r.json()["fit"]["fits"]
+    assert r.json()["suggestions"]
+    assert all("loss" not in s["training"] for s in r.json()["suggestions"])
 
 
 def test_no_suggestions_when_it_fits(client):

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from planner.catalog.loss_specs import MAX_LOSS_CHUNKS, LossKind
 from planner.catalog.specs import (
     MAX_SEQUENCE,
     Assumption,
@@ -32,7 +33,8 @@ PlanCheckpoint = Literal["none", "selective", "sqrt", "full"]
 RejectReason = Literal[
     "tensor_parallel_does_not_divide_heads", "tensor_parallel_exceeds_node",
     "tensor_parallel_above_limit", "pipeline_deeper_than_limit", "pipeline_deeper_than_layers",
-    "batch_not_divisible", "too_few_microbatches_for_schedule", "model_states_exceed_memory",
+    "batch_not_divisible", "too_few_microbatches_for_schedule", "loss_not_replayed_by_layout",
+    "model_states_exceed_memory",
     "peak_exceeds_memory", "peak_exceeds_memory_implied", "dominated_not_evaluated",
 ]
 
@@ -52,6 +54,12 @@ class PlanTraining(_Frozen):
         default_factory=lambda: ["none", "selective", "full"], min_length=1, max_length=4,
         description="Activation checkpointing strategies the search may use (POST /v1/memory's "
         "names).")
+    loss_kinds: list[LossKind] = Field(
+        default_factory=lambda: ["standard"], min_length=1, max_length=3,
+        description="Loss kinds the search may use (training.loss.kind of POST /v1/memory); the "
+        "chunked ones only on layouts that replay them (no tensor or pipeline parallelism).")
+    loss_chunks: int = Field(8, ge=1, le=MAX_LOSS_CHUNKS,
+                             description="Token chunks of the chunked loss kinds.")
     max_micro_batch_size: int = Field(
         8, ge=1, le=MAX_PLAN_MICRO_BATCH, description="Largest micro-batch tried (every divisor "
         "of the per-replica batch up to it).")
@@ -67,6 +75,8 @@ class PlanTraining(_Frozen):
                              f"of sequence_length ({self.sequence_length})")
         if len(set(self.checkpoint_strategies)) != len(self.checkpoint_strategies):
             raise ValueError("checkpoint_strategies lists a strategy twice")
+        if len(set(self.loss_kinds)) != len(self.loss_kinds):
+            raise ValueError("loss_kinds lists a kind twice")
         return self
 
     @property
@@ -86,7 +96,8 @@ class PlanCluster(_Frozen):
     max_gpus: int | None = Field(None, ge=1, le=MAX_PLAN_GPUS)
     gpus_per_node: int = Field(8, ge=1, le=1024)
     intra_node_bytes_per_s: float | None = Field(
-        None, gt=0, le=1e15, description="Defaults to the catalog's interconnect bandwidth.")
+        None, gt=0, le=1e15, description="Per GPU, one direction; defaults to half the "
+        "catalog's interconnect bandwidth (a both-directions figure).")
     inter_node_bytes_per_s: float | None = Field(
         None, gt=0, le=1e15, description="Per GPU, one direction; defaults to the catalog's "
         "network_bytes_per_s.")
@@ -169,6 +180,7 @@ class PlanLayout(_Frozen):
     offload_optimizer: bool
     offload_parameters: bool
     activation_checkpointing: PlanCheckpoint
+    loss: LossKind = "standard"
     micro_batch_size: int
     gradient_accumulation_steps: int
     peak_bytes: int = Field(..., description="Per-device peak: POST /v1/memory's "

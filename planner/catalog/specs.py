@@ -295,7 +295,9 @@ class Suggestion(_Frozen):
 
     change: str
     parallelism: dict[str, int | bool | str] = Field(default_factory=dict)
-    training: dict[str, int | str] = Field(default_factory=dict)
+    training: dict[str, int | str | dict[str, int | str]] = Field(
+        default_factory=dict, description="Changed training fields, as posted ('loss' as an "
+        "object, 'activation_checkpointing' as its strategy).")
     peak_bytes: int = Field(..., description="POST /v1/memory's breakdown.total after the change.")
     headroom_bytes: int
 

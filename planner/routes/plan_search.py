@@ -4,7 +4,7 @@ The search, per cluster size:
 1. Enumerate layouts: tensor parallel t (divides the heads and KV heads; within a node unless
    allowed otherwise), pipeline parallel p (at most the layers and the limit), data parallel
    d = N/(t·p) (divides the global batch), ZeRO stage, offload, pipeline schedule and virtual
-   stages, checkpoint strategy, micro-batch b (divides the per-replica batch, up to the limit);
+   stages, checkpoint strategy, loss kind (the chunked ones without TP and PP), micro-batch b (divides the per-replica batch, up to the limit);
    the gradient accumulation steps follow. Layouts that break a rule are counted by reason.
 2. Prune with an exact lower bound: the per-rank parameters and optimizer states
    (``shard_model_states``, the bytes /v1/memory places there) stay live through the whole
@@ -25,6 +25,7 @@ import heapq
 import time
 
 from planner.catalog.errors import PlanningError
+from planner.catalog.loss_specs import LossSpec
 from planner.catalog.plan_specs import (
     MAX_PLAN_CLUSTER_SIZES,
     PlanClusterResult,
@@ -48,6 +49,7 @@ from planner.catalog.specs import (
 from planner.layouts.sharding import shard_model_states
 from planner.machine.deadline import check
 from planner.routes import plan_time
+from planner.routes.loss_rules import loss_refusal
 from planner.routes.memory import estimate_memory
 from planner.routes.plan_time import Layout, Links
 
@@ -70,7 +72,8 @@ def links_for(req: PlanRequest, gpu: GPU) -> Links:
     c = req.cluster
     mfu = c.model_flops_utilization or plan_time.default_mfu(gpu)
     return Links(gpus_per_node=c.gpus_per_node,
-                 intra_bytes_per_s=c.intra_node_bytes_per_s or gpu.interconnect_bytes_per_s,
+                 intra_bytes_per_s=c.intra_node_bytes_per_s
+                 or plan_time.intra_node_bytes_per_s(gpu),
                  inter_bytes_per_s=c.inter_node_bytes_per_s or gpu.network_bytes_per_s,
                  host_bytes_per_s=gpu.host_bytes_per_s, flops_per_s=gpu.peak_bf16_flops * mfu)
 
@@ -80,12 +83,18 @@ def training_spec(req: PlanRequest, lay: Layout) -> TrainingSpec:
     return TrainingSpec(precision=tr.precision, optimizer=tr.optimizer,
                         micro_batch_size=lay.b, sequence_length=tr.sequence_length,
                         gradient_accumulation_steps=lay.ga,
-                        activation_checkpointing=_ckpt(lay.checkpoint))
+                        activation_checkpointing=_ckpt(lay.checkpoint),
+                        loss=_loss(lay.loss, tr.loss_chunks))
 
 
 @functools.lru_cache(maxsize=8)
 def _ckpt(strategy: str) -> ActivationCheckpointing:
     return ActivationCheckpointing(strategy=strategy)
+
+
+@functools.lru_cache(maxsize=64)
+def _loss(kind: str, chunks: int) -> LossSpec:
+    return LossSpec(kind=kind, chunks=chunks)
 
 
 def parallel_spec(lay: Layout) -> ParallelSpec:
@@ -162,14 +171,39 @@ def enumerate_layouts(req: PlanRequest, model: ResolvedModel, n: int,
                             if z == 3:
                                 offloads.append((True, True))
                         for oo, op in offloads:
+                            kinds = _losses(req, d, t, p, z, oo, op)
+                            if len(kinds) < len(tr.loss_kinds):
+                                reject("loss_not_replayed_by_layout",
+                                       (len(tr.loss_kinds) - len(kinds)) * len(ckpts))
                             for ck in ckpts:
-                                out.append(Layout(d, t, p, v, sched if p > 1 else "1f1b", z, oo,
-                                                  op, ck, b, ga))
+                                for loss in kinds:
+                                    out.append(Layout(d, t, p, v, sched if p > 1 else "1f1b", z,
+                                                      oo, op, ck, b, ga, loss=loss))
                 if len(out) > MAX_CANDIDATES:
                     raise PlanningError(f"the search would enumerate more than {MAX_CANDIDATES} "
                                         "layouts: narrow training.max_micro_batch_size or the "
                                         "constraints", "training.max_micro_batch_size")
     return out
+
+
+def _losses(req: PlanRequest, d: int, t: int, p: int, z: int, oo: bool,
+            op: bool) -> list[str]:
+    """The request's loss kinds this layout replays ('standard' always; the chunked ones where
+    planner/routes/loss_rules.py does not refuse them)."""
+    kinds = req.training.loss_kinds
+    if kinds == ["standard"]:
+        return kinds
+    return [k for k in kinds if k == "standard" or _loss_replayed(
+        req.training.precision, req.training.optimizer, k, d, t, p, z, oo, op)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _loss_replayed(precision: str, optimizer: str, kind: str, d: int, t: int, p: int, z: int,
+                   oo: bool, op: bool) -> bool:
+    tr = TrainingSpec(precision=precision, optimizer=optimizer, loss=LossSpec(kind=kind))
+    par = ParallelSpec(data_parallel=d, tensor_parallel=t, pipeline_parallel=p, zero_stage=z,
+                       offload_optimizer=oo, offload_parameters=op)
+    return loss_refusal(tr, par) is None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -237,7 +271,7 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
     while heap:
         step_s, _, _, i, exact, lay, bound, parts, *known = heapq.heappop(heap)
         fam = (lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.zero, lay.offload_optimizer,
-               lay.offload_parameters)
+               lay.offload_parameters, lay.loss)
         rank = _CKPT_RANK[lay.checkpoint]
         if not known:
             less = _KEEPS_LESS[lay.checkpoint]
@@ -311,7 +345,7 @@ def _layout(req: PlanRequest, model: ResolvedModel, n: int, lay: Layout, r, mem:
         num_gpus=n, data_parallel=lay.dp, tensor_parallel=lay.tp, pipeline_parallel=lay.pp,
         virtual_pipeline_stages=lay.v, pipeline_schedule=lay.schedule, zero_stage=lay.zero,
         offload_optimizer=lay.offload_optimizer, offload_parameters=lay.offload_parameters,
-        activation_checkpointing=lay.checkpoint, micro_batch_size=lay.b,
+        activation_checkpointing=lay.checkpoint, loss=lay.loss, micro_batch_size=lay.b,
         gradient_accumulation_steps=lay.ga, peak_bytes=total, breakdown=r.breakdown,
         allocator_reserve_bytes=reserve, fits=True, headroom_bytes=mem - total - reserve,
         time=StepTime(compute_s=parts.compute_s, tensor_parallel_s=parts.tp_s,

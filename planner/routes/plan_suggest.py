@@ -2,7 +2,8 @@
 
 The plan's search anchored on the user's layout: each candidate changes one thing (the
 checkpoint plan, the ZeRO stage, the optimizer kernel, the micro-batch with gradient accumulation
-keeping the sequences per step, 16-bit states, more data-parallel ranks under ZeRO-3), is estimated by the
+keeping the sequences per step, 16-bit states, a chunked loss where the layout replays it, more
+data-parallel ranks under ZeRO-3), is estimated by the
 planner exactly as POST /v1/memory estimates it, and is kept when its peak plus the allocator
 reserve fits; when no single change fits, a checkpoint plan with one other change. Smallest
 changes first: one setting before more hardware, fewer extra ranks before
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from planner.catalog.errors import PlanningError
+from planner.catalog.loss_specs import LossSpec
 from planner.catalog.specs import (
     FUSED_OPTIMIZERS,
     MAX_RANKS,
@@ -25,12 +27,19 @@ from planner.catalog.specs import (
     TrainingSpec,
 )
 from planner.machine.deadline import check
+from planner.routes.loss_rules import loss_refusal
 
 MAX_SUGGESTIONS = 8
 MAX_EXTRA_RANKS_DOUBLINGS = 10  # data_parallel up to 1024x the user's
 
 # activations kept, most first (the planner's named strategies)
 _KEEPS = ["none", "selective", "every-k", "sqrt", "full"]
+# loss kinds, logits kept most first: 'chunked' keeps them (upcast per chunk, no recompute),
+# 'chunked-linear' recomputes each chunk's head in backward (planner/catalog/loss_specs.py)
+_LOSSES = ["standard", "chunked", "chunked-linear"]
+_LOSS_WHY = {"chunked": "each token chunk's logits upcast to fp32 on their own",
+             "chunked-linear": "the head recomputed per token chunk in backward, the logits "
+             "never whole"}
 
 
 def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
@@ -68,6 +77,10 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
             if tried(f"activation_checkpointing '{s}'",
                      {"activation_checkpointing": ActivationCheckpointing(strategy=s)}):
                 break  # the least recompute that fits
+    for loss in _chunked_losses(tr, par):
+        if tried(f"loss '{loss.kind}' ({loss.chunks} chunks: {_LOSS_WHY[loss.kind]})",
+                 {"loss": loss}):
+            break  # the least recompute that fits
     if tr.optimizer_implementation != "fused" and tr.optimizer in FUSED_OPTIMIZERS:
         tried("optimizer_implementation 'fused' (no foreach temporaries in the step)",
               {"optimizer_implementation": "fused"})
@@ -95,6 +108,10 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
                     if tried(f"activation_checkpointing '{s}' and zero_stage {z}", ck,
                              {"zero_stage": z}):
                         break
+            for loss in _chunked_losses(tr, par):
+                if tried(f"activation_checkpointing '{s}' and loss '{loss.kind}' "
+                         f"({loss.chunks} chunks)", {**ck, "loss": loss}):
+                    break
             if b > 1:
                 tried(f"activation_checkpointing '{s}' and micro_batch_size 1 with "
                       f"gradient_accumulation_steps {b * ga}", {**ck, "micro_batch_size": 1,
@@ -119,5 +136,15 @@ def _more_ranks(par: ParallelSpec, tried) -> None:
             return
 
 
+def _chunked_losses(tr: TrainingSpec, par: ParallelSpec) -> list[LossSpec]:
+    """The chunked losses keeping fewer logits than ``tr.loss`` that this layout replays
+    (planner/routes/loss_rules.py refuses the others), fewest changes first."""
+    kinds = _LOSSES[_LOSSES.index(tr.loss.kind) + 1:]
+    out = [LossSpec(kind=k, chunks=tr.loss.chunks) for k in kinds]
+    return [x for x in out if loss_refusal(tr.model_copy(update={"loss": x}), par) is None]
+
+
 def _plain(v):
+    if isinstance(v, LossSpec):
+        return v.model_dump()
     return v.strategy if isinstance(v, ActivationCheckpointing) else v

@@ -5,10 +5,12 @@ What it assumes (each stated in the plan's ``assumptions``):
   the convention of torchtitan's and PaLM's MFU), backward twice the forward (Kaplan et al.
   2020 §2.1); the output projection 2·V·h forward on the last stage. Recompute adds the forward
   of every checkpointed block ('full': all, 'sqrt': those the planner checkpoints) or the attention
-  core 4·s·h ('selective'). Time = FLOPs / (tensor_parallel × peak 16-bit FLOP/s × utilisation),
+  core 4·s·h ('selective'); the 'chunked-linear' loss the output projection's forward (each
+  chunk's logits recomputed in backward; 'chunked' computes as 'standard'). Time = FLOPs / (tensor_parallel × peak 16-bit FLOP/s × utilisation),
   the utilisation one number per GPU kind (``DEFAULT_MFU``).
 - Collectives on n ranks moving B bytes (ring, bandwidth term only): all-reduce 2(n−1)/n·B/bw,
-  all-gather and reduce-scatter (n−1)/n·B/bw; p2p B/bw. Ranks are ordered tensor-parallel
+  all-gather and reduce-scatter (n−1)/n·B/bw; p2p B/bw; bw one direction (the intra-node link
+  half the catalog's both-directions figure, ``intra_node_bytes_per_s``). Ranks are ordered tensor-parallel
   innermost, then data-parallel, then pipeline (Megatron-LM's order): a group within one node
   uses the intra-node bandwidth; a group across nodes with k GPUs in each node min(intra,
   k × per-GPU inter-node bandwidth) (topology-aware rings cross a node boundary once per
@@ -45,6 +47,14 @@ from planner.layouts.pipeline_sim import simulate
 # 8 H100 at a 500 W limit (33-39% MFU) and Megatron-Core's up to 47% on H100.
 DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42}
 FALLBACK_MFU = 0.45
+
+
+def intra_node_bytes_per_s(gpu: GPU) -> float:
+    """One direction of the catalog's intra-node bandwidth. The catalog gives the vendors'
+    figures, both directions together (A100: 12 NVLink 3 links of 25 GB/s each way, 600 GB/s;
+    H100: 18 links, 900 GB/s; PCIe 4.0 x16: 64 GB/s); a ring sends each rank's share one way
+    while it receives the other, so its bandwidth term takes one direction."""
+    return gpu.interconnect_bytes_per_s / 2
 
 
 def default_mfu(gpu: GPU) -> float:
@@ -96,6 +106,7 @@ class Layout:
     b: int
     ga: int
     recompute: float | None = None  # fraction of blocks recomputed, overriding the strategy's
+    loss: str = "standard"  # 'chunked-linear' recomputes the output projection in backward
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,7 @@ def step_time(model: ResolvedModel, seq: int, act_bytes: int, grad_bytes: int, l
     least the slowest rank's busy time)."""
     makespan, busy, bubble, p2p_exposed, tp_total, f_slow, b_slow = _pipeline_part(
         model, seq, act_bytes, lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.checkpoint,
-        lay.b, lay.ga, links, exact, lay.recompute)
+        lay.b, lay.ga, links, exact, lay.recompute, lay.loss == "chunked-linear")
     compute = busy - tp_total
     # data parallelism over the stage's parameter shard (worst stage: most layers + head)
     c = _counts(model)
@@ -171,7 +182,8 @@ def _counts(model: ResolvedModel):
 @functools.lru_cache(maxsize=65536)
 def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int, pp: int,
                    v: int, schedule: str, checkpoint: str, b: int, m: int, links: Links,
-                   exact: bool, recompute: float | None = None, free_p2p: bool = False):
+                   exact: bool, recompute: float | None = None, head_recompute: bool = False,
+                   free_p2p: bool = False):
     """(makespan, slowest rank's busy time, bubble, exposed p2p, TP time, slowest rank's
     forward and backward per micro-batch) of the forward/backward passes."""
     c = _counts(model)
@@ -190,6 +202,8 @@ def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int
         layers = (st + 1) * L // n_stages - st * L // n_stages
         fwd = layers * block_fwd + (head_fwd if st == n_stages - 1 else 0)
         bwd = 2 * fwd + layers * (rec * block_fwd + attn_rec)
+        if head_recompute and st == n_stages - 1:
+            bwd += head_fwd
         tf, tb = layers * 2 * tp_ar, layers * (2 + 2 * rec) * tp_ar
         f_s.append(fwd / rate + tf)
         bwd_s.append(bwd / rate + tb)
@@ -226,7 +240,7 @@ def p2p_exposed_s(model: ResolvedModel, seq: int, act_bytes: int, lay: Layout,
     if lay.pp == 1:
         return 0.0
     args = (model, seq, act_bytes, lay.dp, lay.tp, lay.pp, lay.v, lay.schedule, lay.checkpoint,
-            lay.b, lay.ga, links, True, lay.recompute)
+            lay.b, lay.ga, links, True, lay.recompute, lay.loss == "chunked-linear")
     return max(0.0, _pipeline_part(*args)[0] - _pipeline_part(*args, True)[0])
 
 
@@ -246,7 +260,9 @@ def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
                    note=f"fraction of {gpu.name}'s dense 16-bit peak ({gpu.peak_bf16_flops:.4g} "
                    "FLOP/s) the matmuls reach; compute = FLOPs (recompute included) at that rate"),
         Assumption(name="intra_node_bytes_per_s", value=f"{links.intra_bytes_per_s:.4g}",
-                   note=f"{links.gpus_per_node} GPUs per node; groups within a node"),
+                   note=f"{links.gpus_per_node} GPUs per node, one direction (half the "
+                   f"catalog's {gpu.interconnect_bytes_per_s:.4g}, both directions); groups "
+                   "within a node"),
         Assumption(name="inter_node_bytes_per_s", value=f"{links.inter_bytes_per_s:.4g}",
                    note="per GPU, one direction; any group spanning nodes"),
         Assumption(name="collectives", value="ring, bandwidth term",
