@@ -63,7 +63,7 @@ SHOTS = [
                                 "training": {"implementation": "transformers",
                                              "precision": "amp-bf16", "micro_batch_size": 4,
                                              "sequence_length": 2048},
-                                "hardware": {"gpu": "l4-24gb"}}),
+                                "hardware": {"gpu": "a100-80gb"}}),
     # examples/plan.json: the model from the setup, the cluster in the Plan view's own fields.
     ("plan", "plan", {"model": PLAN["model"]}, {k: v for k, v in PLAN.items() if k != "model"}),
 ]

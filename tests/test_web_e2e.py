@@ -439,8 +439,8 @@ def test_a_config_json_file_is_estimated_and_validated_by_transformers(base, bro
     drawn = _cells(page, "breakdown")
     assert {k: v for k, (v, _) in drawn.items()} == expected
     assert all(value == shown for value, shown in drawn.values())
-    assert page.locator("#panel-breakdown h2").inner_text().startswith(
-        f"{answer['model']['name'] or 'model'}:")
+    assert answer["model"]["model_type"] == "qwen2"
+    assert page.locator("#panel-breakdown h2").inner_text().startswith("qwen2 config.json: ")
     assert page.locator("dd[data-field=peak_phase]").inner_text() == answer["peak_phase"]
     assert page.locator("[data-error-for='model.hf_config']").inner_text() == ""
     # The link carries the config: a fresh page shows it in the text area and draws the same.

@@ -29,7 +29,7 @@ export class ConfigField {
     const hintId = `${this.id}-hint`, errId = `${this.id}-error`;
     this.file = el("input", { type: "file", id: `${this.id}-file`, accept: ".json,application/json",
                               "aria-describedby": `${hintId} ${errId}` });
-    this.input = el("textarea", { id: this.id, name: PATH, rows: "10", spellcheck: "false",
+    this.input = el("textarea", { id: this.id, name: PATH, rows: "12", spellcheck: "false",
                                   autocomplete: "off", "aria-describedby": `${hintId} ${errId}`,
                                   placeholder: '{"model_type": "llama", "hidden_size": 4096, ...}' });
     this.error = el("span", { id: errId, class: "error", role: "alert", "data-error-for": PATH });
