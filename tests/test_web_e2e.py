@@ -491,3 +491,40 @@ def test_a_refused_config_shows_the_apis_message_and_invalid_json_the_pages(base
     assert error.inner_text().startswith("not valid JSON: ")
     assert page.locator("#status").inner_text().startswith("config.json: not valid JSON")
     assert page.url == before
+
+
+# meta-llama/Llama-3.1-8B's config.json as published on its model card (every field).
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "attention_bias": False,
+               "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
+               "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+               "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+               "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+               "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+               "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+               "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}
+
+
+def test_a_pasted_published_config_json_travels_in_the_link(base, browser, page):
+    page.goto(base)
+    _ready(page, "breakdown")
+    page.check("#source-hf_config")
+    page.fill("#f-model-hf_config", json.dumps(LLAMA_31_8B, indent=2))  # pasted as published
+    page.fill("#f-training-sequence_length", "2048")
+    page.fill("#f-hardware-gpu", "h100-80gb")
+    page.click("#estimate")
+    page.wait_for_function("location.hash.includes('LlamaForCausalLM')")
+    _ready(page, "breakdown")
+    request = _request_in_url(page)
+    assert request["model"] == {"hf_config": LLAMA_31_8B}
+    answer = httpx.post(f"{base}/v1/memory", json=request).json()
+    assert answer["model"]["num_parameters"] == 8_030_261_248  # the model card's count
+    drawn = _cells(page, "breakdown")
+    assert drawn["breakdown.total"][0] == answer["breakdown"]["total"]
+    again = browser.new_page(viewport={"width": 1366, "height": 768})
+    again.goto(page.url)  # the whole config in the link (about 1 KiB of JSON)
+    _ready(again, "breakdown")
+    assert json.loads(again.input_value("#f-model-hf_config")) == LLAMA_31_8B
+    assert _cells(again, "breakdown") == drawn
+    again.close()
