@@ -3,7 +3,9 @@ server (SQLite job store, embedded worker): the numbers it draws are the API's a
 request (the Plan view's layouts, front and rejected counts are POST /v1/plan's; the suggestions
 shown for a setup that does not fit are POST /v1/memory's), an invalid field shows the API's own
 message next to that field, a link reproduces the page, and a validation job is submitted and
-followed to its result.
+followed to its result. A model given as a Hugging Face config.json (a file read by the page, or
+pasted JSON) is estimated and validated with implementation 'transformers' and travels in the
+link; a refused config shows the API's message next to it, text that is not JSON the page's own.
 
 Outside CI these tests are skipped when chromium or Playwright is missing (scripts/setup.sh
 installs both); in CI they fail instead."""
