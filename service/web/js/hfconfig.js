@@ -58,7 +58,6 @@ export class ConfigField {
       this.input.value = value instanceof Error ? text : JSON.stringify(value, null, 2);
       this.loaded.textContent = `${file.name} read (${file.size} bytes)`;
       this.check();
-      this.row.dispatchEvent(new CustomEvent("config-loaded", { bubbles: true }));
     };
     reader.onerror = () => this.showError(this, `${file.name} could not be read: ${reader.error}`);
     reader.readAsText(file);
