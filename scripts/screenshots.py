@@ -33,6 +33,12 @@ def setup(validation: dict) -> dict:
 
 PLAN = example("plan.json")
 
+# Qwen/Qwen3-0.6B's config.json (the fields planner/catalog/data/hf_presets.json keeps, plus
+# those every config.json carries): read from a file by the page's config.json input.
+QWEN3_CONFIG = {"architectures": ["Qwen3ForCausalLM"], "torch_dtype": "bfloat16",
+                **json.loads((ROOT / "planner" / "catalog" / "data" / "hf_presets.json")
+                             .read_text())["models"]["qwen3-0.6b"]}
+
 # (file, view, request[, plan]): mostly the README's examples.
 SHOTS = [
     # The peak falls in the optimizer step; the forward/backward (activation) peak is drawn too.
@@ -52,6 +58,12 @@ SHOTS = [
     ("validation", "validation", setup(example("validate-small.json"))),
     # The setup does not fit: the API's suggestions, each with its new peak.
     ("suggestions", "breakdown", example("does-not-fit.json")),
+    # A config.json file estimated by the transformers model code itself.
+    ("hf-config", "breakdown", {"model": {"hf_config": QWEN3_CONFIG},
+                                "training": {"implementation": "transformers",
+                                             "precision": "amp-bf16", "micro_batch_size": 4,
+                                             "sequence_length": 2048},
+                                "hardware": {"gpu": "a100-80gb"}}),
     # examples/plan.json: the model from the setup, the cluster in the Plan view's own fields.
     ("plan", "plan", {"model": PLAN["model"]}, {k: v for k, v in PLAN.items() if k != "model"}),
 ]
@@ -79,6 +91,13 @@ def main(argv: list[str]) -> int:
                 state["plan"] = json.dumps(plan[0])
             page.goto(f"{base}/#{urlencode(state)}")
             ready(page, view)
+            if "hf_config" in request["model"]:  # the file input used as a person would
+                config = Path(tmp) / "config.json"
+                config.write_text(json.dumps(request["model"]["hf_config"], indent=2))
+                page.set_input_files("#f-model-hf_config-file", str(config))
+                page.wait_for_selector(".config-field output:not(:empty)")
+                page.click("#estimate")
+                ready(page, view)
             if view == "validation":
                 page.select_option("#v-device", "cpu")
                 page.click("#submit-validation")

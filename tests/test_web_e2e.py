@@ -3,7 +3,9 @@ server (SQLite job store, embedded worker): the numbers it draws are the API's a
 request (the Plan view's layouts, front and rejected counts are POST /v1/plan's; the suggestions
 shown for a setup that does not fit are POST /v1/memory's), an invalid field shows the API's own
 message next to that field, a link reproduces the page, and a validation job is submitted and
-followed to its result.
+followed to its result. A model given as a Hugging Face config.json (a file read by the page, or
+pasted JSON) is estimated and validated with implementation 'transformers' and travels in the
+link; a refused config shows the API's message next to it, text that is not JSON the page's own.
 
 Outside CI these tests are skipped when chromium or Playwright is missing (scripts/setup.sh
 installs both); in CI they fail instead."""
@@ -395,3 +397,136 @@ def test_breakdown_shows_the_apis_suggestions_when_it_does_not_fit(base, page):
     page.wait_for_function("!document.querySelector('#panel-breakdown h2.bad')")
     _ready(page, "breakdown")
     assert _cells(page, "breakdown")["breakdown.total"][0] == answer["suggestions"][0]["peak_bytes"]
+
+
+# A 2-layer Qwen2 config.json (the fields transformers' Qwen2Config reads): small enough that the
+# first transformers estimate (its traced proxies) and a real CPU step take seconds.
+SMALL_QWEN2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 64,
+               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
+               "tie_word_embeddings": False, "torch_dtype": "float32"}
+
+
+def _use_config_file(page, path) -> None:
+    page.check("#source-hf_config")
+    page.set_input_files("#f-model-hf_config-file", str(path))
+    page.wait_for_function("document.querySelector('#f-model-hf_config').value.length > 0")
+
+
+def test_a_config_json_file_is_estimated_and_validated_by_transformers(base, browser, page,
+                                                                       tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL_QWEN2, indent=2))
+    page.goto(base)
+    _ready(page, "breakdown")
+    _use_config_file(page, path)
+    assert page.is_hidden("#f-model-preset") and page.is_visible("#f-model-hf_config")
+    assert "config.json read" in page.locator(".config-field output").inner_text()
+    page.select_option("#f-training-implementation", "transformers")
+    page.select_option("#f-training-precision", "fp32")
+    page.fill("#f-training-micro_batch_size", "2")
+    page.fill("#f-training-sequence_length", "32")
+    page.fill("#f-hardware-gpu", "")
+    page.click("#estimate")
+    page.wait_for_function("location.hash.includes('hf_config')")
+    _ready(page, "breakdown")
+    request = _request_in_url(page)
+    assert request["model"] == {"hf_config": SMALL_QWEN2}  # the file's JSON, as sent
+    assert request["training"]["implementation"] == "transformers"
+    answer = httpx.post(f"{base}/v1/memory", json=request, timeout=120).json()
+    expected = {f"{k}.{c}": answer[k][c] for k in ("breakdown", "forward_backward_peak", "first_step")
+                for c in CATEGORIES if answer.get(k)}
+    expected |= {k: answer[k] for k in ("allocator_reserve_bytes", "activation_peak_bytes")
+                 if answer[k] is not None}  # none given: the cell shows a dash
+    drawn = _cells(page, "breakdown")
+    assert {k: v for k, (v, _) in drawn.items()} == expected
+    assert all(value == shown for value, shown in drawn.values())
+    assert answer["model"]["model_type"] == "qwen2"
+    assert page.locator("#panel-breakdown h2").inner_text().startswith("qwen2 config.json: ")
+    assert page.locator("dd[data-field=peak_phase]").inner_text() == answer["peak_phase"]
+    assert page.locator("[data-error-for='model.hf_config']").inner_text() == ""
+    # The link carries the config: a fresh page shows it in the text area and draws the same.
+    again = browser.new_page(viewport={"width": 1366, "height": 768})
+    again.goto(page.url)
+    _ready(again, "breakdown")
+    assert again.is_checked("#source-hf_config")
+    assert json.loads(again.input_value("#f-model-hf_config")) == SMALL_QWEN2
+    assert _cells(again, "breakdown") == drawn
+    again.close()
+    # The same setup as a validation job: the transformers model run on CPU, its result drawn.
+    page.click("#tab-validation")
+    _ready(page, "validation")
+    page.select_option("#v-device", "cpu")
+    page.click("#submit-validation")
+    job = page.locator(".job[data-status=succeeded]")
+    job.wait_for(timeout=120_000)
+    answer = httpx.get(f"{base}/v1/validations/{job.get_attribute('data-job')}").json()
+    assert answer["request"]["model"]["hf_config"] == SMALL_QWEN2
+    assert answer["request"]["training"]["implementation"] == "transformers"
+    result = answer["result"]
+    expected = {f"result.{k}.{c}": result[k][c] for k in ("estimate", "measured") for c in CATEGORIES}
+    assert {k: v for k, (v, _) in _cells(page, "validation").items()} == expected
+
+
+def test_a_refused_config_shows_the_apis_message_and_invalid_json_the_pages(base, page, tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**SMALL_QWEN2, "model_type": "bert"}))
+    page.goto(base)
+    _ready(page, "breakdown")
+    _use_config_file(page, path)
+    page.select_option("#f-training-implementation", "transformers")
+    page.click("#estimate")
+    page.wait_for_function("location.hash.includes('bert')")
+    error = page.locator("[data-error-for='model.hf_config']")
+    error.wait_for()
+    problem = httpx.post(f"{base}/v1/memory", json=_request_in_url(page))
+    assert problem.status_code == 422
+    (param,) = problem.json()["invalid-params"]
+    assert param["name"] == "body.model.hf_config.model_type" and "qwen2" in param["reason"]
+    assert error.inner_text() == param["reason"]
+    assert page.get_attribute("#f-model-hf_config", "aria-invalid") == "true"
+    # Text that is not JSON: the page's own message as it is typed, and nothing is sent.
+    before = page.url
+    page.fill("#f-model-hf_config", '{"model_type": "qwen2", "hidden_size": 64,')
+    assert error.inner_text().startswith("not valid JSON: ")
+    page.click("#estimate")
+    assert error.inner_text().startswith("not valid JSON: ")
+    assert page.locator("#status").inner_text().startswith("config.json: not valid JSON")
+    assert page.url == before
+
+
+# meta-llama/Llama-3.1-8B's config.json as published on its model card (every field).
+LLAMA_31_8B = {"architectures": ["LlamaForCausalLM"], "attention_bias": False,
+               "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
+               "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+               "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+               "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+               "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+               "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+               "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+               "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}
+
+
+def test_a_pasted_published_config_json_travels_in_the_link(base, browser, page):
+    page.goto(base)
+    _ready(page, "breakdown")
+    page.check("#source-hf_config")
+    page.fill("#f-model-hf_config", json.dumps(LLAMA_31_8B, indent=2))  # pasted as published
+    page.fill("#f-training-sequence_length", "2048")
+    page.fill("#f-hardware-gpu", "h100-80gb")
+    page.click("#estimate")
+    page.wait_for_function("location.hash.includes('LlamaForCausalLM')")
+    _ready(page, "breakdown")
+    request = _request_in_url(page)
+    assert request["model"] == {"hf_config": LLAMA_31_8B}
+    answer = httpx.post(f"{base}/v1/memory", json=request).json()
+    assert answer["model"]["num_parameters"] == 8_030_261_248  # the model card's count
+    drawn = _cells(page, "breakdown")
+    assert drawn["breakdown.total"][0] == answer["breakdown"]["total"]
+    again = browser.new_page(viewport={"width": 1366, "height": 768})
+    again.goto(page.url)  # the whole config in the link (about 1 KiB of JSON)
+    _ready(again, "breakdown")
+    assert json.loads(again.input_value("#f-model-hf_config")) == LLAMA_31_8B
+    assert _cells(again, "breakdown") == drawn
+    again.close()

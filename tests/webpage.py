@@ -52,7 +52,10 @@ def server(tmp: Path) -> Iterator[str]:
     """`memplan serve` (API + embedded worker) on a free port; yields its base URL."""
     port = _free_port()
     env = {**os.environ, "MEMPLAN_DATABASE_URL": f"sqlite:///{tmp / 'jobs.db'}",
-           "MEMPLAN_POLL_S": "0.1"}
+           "MEMPLAN_POLL_S": "0.1",
+           # The first transformers estimate of a fresh server imports torch and transformers
+           # (seconds on a busy CI core) inside the 10 s default work limit: give it room.
+           "MEMPLAN_ESTIMATE_DEADLINE_S": "60"}
     env.pop("MEMPLAN_API_TOKENS", None)
     log = open(tmp / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],

@@ -1,9 +1,11 @@
 // The page: one form (built from /openapi.json), views fed by the public API, state in the URL.
 import { api, ApiError, token, setToken } from "./api.js";
 import { FieldSet, showProblem, el } from "./form.js";
+import { ConfigField } from "./hfconfig.js";
 import { VIEWS } from "./views/index.js";
 
-const MODEL_GROUPS = { preset: "a preset", architecture: "architecture fields", parameters: "a parameter count" };
+const MODEL_GROUPS = { preset: "a preset", architecture: "architecture fields", parameters: "a parameter count",
+                       hf_config: "a Hugging Face config.json" };
 const SECTIONS = [
   ["Model", [
     { path: "model.preset", group: "preset", list: "presets" },
@@ -25,7 +27,7 @@ const DEFAULT_REQUEST = { model: { preset: "gpt2-xl" }, training: { micro_batch_
 
 const $ = (sel) => document.querySelector(sel);
 const state = { view: VIEWS[0].id, request: DEFAULT_REQUEST, job: null, plan: null };
-let fieldset, doc, running = 0;
+let fieldset, config, doc, running = 0;
 
 function readHash() {
   const p = new URLSearchParams(location.hash.slice(1));
@@ -45,6 +47,7 @@ function writeHash() {
 
 function modelGroup(request) {
   const m = request.model || {};
+  if (m.hf_config) return "hf_config";
   return m.preset ? "preset" : m.num_parameters && !m.family ? "parameters" : m.family || m.num_layers ? "architecture" : "preset";
 }
 
@@ -54,26 +57,34 @@ function buildForm() {
   for (const [value, text] of Object.entries(MODEL_GROUPS)) {
     const id = `source-${value}`;
     const radio = el("input", { type: "radio", name: "model-source", id, value });
-    radio.addEventListener("change", () => fieldset.showGroup(value));
+    radio.addEventListener("change", () => showGroup(value));
     groupBox.append(el("span", { class: "radio" }, radio, el("label", { for: id, text })));
   }
   fieldset = new FieldSet(doc, "MemoryRequest", SECTIONS.flatMap(([, f]) => f), "f");
   const holder = el("div");
   fieldset.render(holder);
+  config = new ConfigField(doc);
+  config.render(holder);
   for (const [title, fields] of SECTIONS) {
     const box = el("fieldset", {}, el("legend", { text: title }));
-    if (title === "Model") box.append(groupBox);
+    if (title === "Model") box.append(groupBox, config.row);
     for (const f of fields) box.append(holder.querySelector(`[data-path="${f.path}"]`));
     form.insertBefore(box, $("#form-actions"));
   }
   form.addEventListener("submit", (e) => { e.preventDefault(); run(); });
 }
 
+function showGroup(group) {
+  fieldset.showGroup(group);
+  config.show(group === "hf_config");
+}
+
 function fillForm(request) {
   const group = modelGroup(request);
   document.getElementById(`source-${group}`).checked = true;
   fieldset.write(request);
-  fieldset.showGroup(group);
+  config.write(request);
+  showGroup(group);
 }
 
 export function status(text, kind = "") {
@@ -84,13 +95,14 @@ export function status(text, kind = "") {
 
 function clearErrors() {
   fieldset.clearErrors();
+  config.clearErrors();
   $("#form-error").textContent = "";
 }
 
 /** Shows an API error: next to the fields it names, the rest above the form. */
 export function reportError(error, prefixes = ["body."], extra = []) {
   if (!(error instanceof ApiError)) { status(String(error), "bad"); throw error; }
-  const left = showProblem(error, [...extra, fieldset], prefixes);  // a view's own fields first
+  const left = showProblem(error, [...extra, config, fieldset], prefixes);  // a view's own fields first
   const general = left.map((p) => `${p.name}: ${p.reason}`);
   if (!error.invalid.length) general.push(error.message);
   $("#form-error").textContent = general.join("\n");
@@ -99,7 +111,13 @@ export function reportError(error, prefixes = ["body."], extra = []) {
 
 async function run() {
   clearErrors();
-  state.request = fieldset.read({});
+  const request = config.read(fieldset.read({}));
+  if (request instanceof Error) {  // not JSON: the page says so next to the field, nothing is sent
+    status(`config.json: ${request.message}`, "bad");
+    document.body.dataset.ready = state.view;
+    return;
+  }
+  state.request = request;
   if (!state.request.model) state.request.model = {};
   writeHash();
   const view = VIEWS.find((v) => v.id === state.view);

@@ -32,7 +32,7 @@ export default {
       .filter(([k]) => r[k]);
     const body = [...CATEGORIES, "total"].map((cat) => [cat.replace(/_/g, " "), ...cols.map(([k]) => bytesCell(r[k][cat], `${k}.${cat}`))]);
     out.replaceChildren(
-      el("h2", { text: `${r.model.name || "model"}: ${gib(r.breakdown.total)} at the peak — ${verdict}`, class: fit && !fit.fits ? "bad" : "" }),
+      el("h2", { text: `${modelName(r.model)}: ${gib(r.breakdown.total)} at the peak — ${verdict}`, class: fit && !fit.fits ? "bad" : "" }),
       summary([
         ["peak falls in", r.peak_phase, "peak_phase"],
         ["activation peak", r.activation_peak_bytes == null ? "–" : gib(r.activation_peak_bytes), "activation_peak_bytes"],
@@ -50,6 +50,11 @@ export default {
     );
   },
 };
+
+/** A preset's name, or what a config.json or architecture fields describe. */
+function modelName(m) {
+  return m.name || (m.model_type ? `${m.model_type} config.json` : "model");
+}
 
 /** The request after a suggestion's change (its parallelism and training fields set). */
 function applied(request, s) {
