@@ -28,8 +28,9 @@ equal to the tensors transformers builds) and x = sum(X):
   permuted tokens); the optimizer step's scratch is kept at the one-device value (an upper
   bound: foreach scratch over the expert tensors shrinks by ep).
 
-Data parallelism at ZeRO 0 adds no bytes under DDP(gradient_as_bucket_view=True) (the gradients
-are views of the buckets) or Megatron's contiguous gradient buffer; that is assumed.
+MoE models also take data parallelism at ZeRO 0 with ep = 1. Data parallelism at ZeRO 0 adds no
+bytes under DDP(gradient_as_bucket_view=True) (the gradients are views of the buckets) or
+Megatron's contiguous gradient buffer; that is assumed.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ The search, per cluster size:
    /v1/memory gives) until ``top_k`` fit. Past that, a slower layout is evaluated only when its
    bound is below the lowest peak found so far: otherwise a faster layout beats it on both axes,
    so it is off the memory/time Pareto front, which is therefore exact.
+
+MoE models (mixtral, qwen2_moe, qwen3_moe configs) are searched by ``plan_moe`` instead: data x
+expert parallel layouts of the transformers estimate, the only one that builds them.
 """
 
 from __future__ import annotations
