@@ -121,17 +121,21 @@ def test_ep1_is_the_one_device_estimate(client):
         "optimizer"].breakdown["parameters"]
 
 
-@pytest.mark.parametrize("ep", [2, 4])
-def test_memory_with_ep_composes_the_traced_phases(client, ep):
+# (config, experts, routed-expert numel by hand, ep): mixtral 2 sparse blocks x 4 x 3*80*48;
+# qwen2_moe only block 1 sparse (step 2, block 3 dense) 6 x 3*24*48; qwen3_moe blocks 0 and 2
+@pytest.mark.parametrize("config,E,x,ep", [
+    (MIXTRAL, 4, 92160, 2), (MIXTRAL, 4, 92160, 4), (QWEN2_MOE, 6, 20736, 3),
+    (QWEN3_MOE, 6, 41472, 6)])
+def test_memory_with_ep_composes_the_traced_phases(client, config, E, x, ep):
     from planner.hf.estimate import estimate
 
-    est = estimate(normalize(MIXTRAL, fill=False), TrainingSpec(**TR))
-    r = client.post("/v1/memory", json={"model": {"hf_config": MIXTRAL}, "training": TR,
-                                        "parallelism": {"data_parallel": 4,
+    est = estimate(normalize(config, fill=False), TrainingSpec(**TR))
+    r = client.post("/v1/memory", json={"model": {"hf_config": config}, "training": TR,
+                                        "parallelism": {"data_parallel": E,
                                                         "expert_parallel": ep}})
     assert r.status_code == 200, r.text
     j = r.json()
-    gone = 92160 * (ep - 1) // ep * 4
+    gone = x * (ep - 1) // ep * 4
     composed = {}
     for name, p in est.steady_phases.items():
         b = dict(p.breakdown)
@@ -146,8 +150,8 @@ def test_memory_with_ep_composes_the_traced_phases(client, ep):
     top = max(composed, key=lambda n: composed[n]["total"])
     assert j["breakdown"] == composed[top] and j["peak_phase"].startswith(top)
     assert j["first_step"] is None
-    assert j["moe"]["experts_per_device"] == 4 // ep
-    assert j["moe"]["expert_gradients"] == 92160 // ep * 4
+    assert j["moe"]["experts_per_device"] == E // ep
+    assert j["moe"]["expert_gradients"] == x // ep * 4
     names = {a["name"] for a in j["assumptions"]}
     assert {"expert_parallel_routing", "expert_parallel_dispatch", "data_parallel_zero0"} <= names
 
@@ -232,3 +236,17 @@ def test_plan_keeps_dense_models_at_ep1(client):
     lays = r.json()["clusters"][0]["layouts"]
     assert lays and all(lay["expert_parallel"] == 1 and lay["time"]["expert_parallel_s"] == 0
                         for lay in lays)
+
+
+def test_plan_moe_refuses_what_the_transformers_step_does_not_run(client):
+    base = {"model": {"hf_config": MIXTRAL},
+            "training": {"global_batch_sequences": 4, "sequence_length": 16},
+            "cluster": {"gpu": "h100-80gb", "num_gpus": 4}}
+    r = client.post("/v1/plan", json=base)  # default precision mixed-bf16
+    assert r.status_code == 422, r.text
+    assert any(p["name"].endswith("training.precision") for p in r.json()["invalid-params"])
+    r = client.post("/v1/plan", json={**base, "training": {
+        **base["training"], "precision": "fp32", "checkpoint_strategies": ["selective"]}})
+    assert r.status_code == 422, r.text
+    assert any(p["name"].endswith("training.checkpoint_strategies")
+               for p in r.json()["invalid-params"])
