@@ -369,6 +369,7 @@ def _estimate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("parallelism.tensor_parallel", args.tensor_parallel)
     put("parallelism.pipeline_parallel", args.pipeline_parallel)
     put("parallelism.zero_stage", args.zero_stage)
+    put("parallelism.expert_parallel", args.expert_parallel)
     put("hardware.gpu", args.gpu)
     return out
 
@@ -673,6 +674,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel", type=int)
     p.add_argument("--pipeline-parallel", type=int)
     p.add_argument("--zero-stage", type=int)
+    p.add_argument("--expert-parallel", type=int, help="MoE models: ranks the routed experts "
+                   "are split over (divides the experts and --data-parallel)")
     p.add_argument("--gpu")
     p.set_defaults(fn=cmd_estimate)
 

@@ -250,3 +250,20 @@ def test_plan_moe_refuses_what_the_transformers_step_does_not_run(client):
     assert r.status_code == 422, r.text
     assert any(p["name"].endswith("training.checkpoint_strategies")
                for p in r.json()["invalid-params"])
+
+
+def test_cli_expert_parallel(tmp_path, capsys):
+    import json
+
+    from service.cli import main
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MIXTRAL))
+    args = ["estimate", "--hf-config", str(path), "--implementation", "transformers",
+            "--precision", "fp32", "--micro-batch-size", "2", "--sequence-length", "16",
+            "--data-parallel", "4", "--json"]
+    assert main(args + ["--expert-parallel", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["moe"]["experts_per_device"] == 2
+    assert main(args + ["--expert-parallel", "3"]) != 0  # 3 does not divide 4 experts
+    assert "parallelism.expert_parallel" in capsys.readouterr().err
