@@ -267,3 +267,17 @@ def test_cli_expert_parallel(tmp_path, capsys):
     assert two["moe"]["experts_per_device"] == 2
     assert main(args + ["--expert-parallel", "3"]) != 0  # 3 does not divide 4 experts
     assert "parallelism.expert_parallel" in capsys.readouterr().err
+
+
+def test_other_routes_refuse_a_dense_models_expert_parallel(client):
+    setup = {"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 1,
+                                                        "sequence_length": 128},
+             "parallelism": {"data_parallel": 2, "expert_parallel": 2,
+                             "pipeline_parallel": 2},
+             "hardware": {"gpu": "h100-80gb"}}
+    for route, body in (("/v1/zero", setup), ("/v1/pipeline", {"setup": setup,
+                                                               "microbatches": 4})):
+        r = client.post(route, json=body)
+        assert r.status_code == 422, (route, r.text)
+        assert any(p["name"].endswith("parallelism.expert_parallel")
+                   for p in r.json()["invalid-params"]), (route, r.text)
