@@ -243,7 +243,7 @@ def min_timeline_events(req: PipelineRequest) -> int:
 def plan_pipeline(req: PipelineRequest) -> PipelineResult:
     """Build the schedule's action lists, simulate them, and report per-rank figures."""
     setup = req.setup
-    if setup is not None:  # a dense model's expert_parallel: 422
+    if setup is not None and setup.parallelism.expert_parallel > 1:  # a dense model's: 422
         try:
             validate_expert_parallel(hf_config_of(setup.model), setup.parallelism)
         except PlanningError as exc:

@@ -37,7 +37,8 @@ def zero_stages(request: MemoryRequest, estimate=None) -> ZeroResult:
     (activations and the step's peak); defaults to ``estimate_memory`` without its notes.
     """
     assert isinstance(request, MemoryRequest)
-    validate_expert_parallel(hf_config_of(request.model), request.parallelism)
+    if request.parallelism.expert_parallel > 1:  # a dense model's: 422
+        validate_expert_parallel(hf_config_of(request.model), request.parallelism)
     if request.training.implementation == "transformers":
         raise PlanningError("implementation 'transformers' is estimated on one device (POST "
                             "/v1/memory); ZeRO stages describe the reference step",
