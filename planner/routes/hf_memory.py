@@ -1,14 +1,26 @@
 """POST /v1/memory for ``training.implementation: "transformers"``: the Hugging Face model code's
-step, traced (planner/hf/estimate.py), on one device."""
+step, traced (planner/hf/estimate.py), on one device; for MoE models composed with data and
+expert parallelism (planner/layouts/expert.py), every other layout refused."""
 
 from __future__ import annotations
 
 from planner.catalog.errors import PlanningError
 from planner.catalog.hf_config import expert_tensor_numels as expert_numels
 from planner.catalog.hf_config import num_experts
-from planner.catalog.presets import allocator_reserve, get_gpu, hf_config_of, resolve_model
-from planner.catalog.specs import Assumption, Breakdown, Fit, MemoryRequest, MemoryResult
 from planner.catalog.moe_specs import MoEStates
+from planner.catalog.presets import (
+    allocator_reserve,
+    get_gpu,
+    hf_config_of,
+    resolve_model,
+)
+from planner.catalog.specs import (
+    Assumption,
+    Breakdown,
+    Fit,
+    MemoryRequest,
+    MemoryResult,
+)
 from planner.hf.errors import require_transformers
 from planner.layouts import expert
 from planner.layouts.expert import validate
