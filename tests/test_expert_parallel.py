@@ -281,3 +281,17 @@ def test_other_routes_refuse_a_dense_models_expert_parallel(client):
         assert r.status_code == 422, (route, r.text)
         assert any(p["name"].endswith("parallelism.expert_parallel")
                    for p in r.json()["invalid-params"]), (route, r.text)
+
+
+def test_plan_cli_names_the_expert_parallel_degree():
+    from types import SimpleNamespace
+
+    from service.plan_cli import layout_name
+
+    lay = SimpleNamespace(data_parallel=8, tensor_parallel=1, pipeline_parallel=1,
+                          virtual_pipeline_stages=1, expert_parallel=4, zero_stage=0,
+                          offload_optimizer=False, offload_parameters=False,
+                          activation_checkpointing="full", micro_batch_size=1,
+                          gradient_accumulation_steps=1)
+    assert layout_name(lay) == "dp8 tp1 pp1 ep4 z0 ckpt=full b1x1"
+    assert "ep" not in layout_name(SimpleNamespace(**{**vars(lay), "expert_parallel": 1}))
