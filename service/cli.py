@@ -370,6 +370,7 @@ def _estimate_overrides(args: argparse.Namespace) -> dict[str, Any]:
     put("parallelism.pipeline_parallel", args.pipeline_parallel)
     put("parallelism.zero_stage", args.zero_stage)
     put("parallelism.fsdp_mixed_precision", True if args.fsdp_mixed_precision else None)
+    put("parallelism.expert_parallel", args.expert_parallel)
     put("hardware.gpu", args.gpu)
     return out
 
@@ -677,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp-mixed-precision", action="store_true",
                    help="mixed-bf16 on zero-stage 3 as FSDP2's MixedPrecisionPolicy runs it "
                    "(fp32 sharded parameters, bf16 compute, fp32 reduce-scatter)")
+    p.add_argument("--expert-parallel", type=int, help="MoE models: ranks the routed experts "
+                   "are split over (divides the experts and --data-parallel)")
     p.add_argument("--gpu")
     p.set_defaults(fn=cmd_estimate)
 

@@ -13,6 +13,8 @@ def layout_name(x: Any) -> str:
     parts = [f"dp{x.data_parallel}", f"tp{x.tensor_parallel}", f"pp{x.pipeline_parallel}"]
     if x.virtual_pipeline_stages > 1:
         parts.append(f"v{x.virtual_pipeline_stages}")
+    if getattr(x, "expert_parallel", 1) > 1:
+        parts.append(f"ep{x.expert_parallel}")
     parts.append(f"z{x.zero_stage}")
     if x.offload_optimizer:
         parts.append("off-opt")

@@ -228,3 +228,24 @@ def count_parameters(cfg: dict[str, Any]) -> int:
             mlp = dense
         total += attn + mlp + norms
     return total
+
+
+def num_experts(cfg: dict[str, Any]) -> int:
+    """Routed experts per sparse block (0: a dense model)."""
+    return _experts(cfg) if cfg["model_type"] in ("mixtral", "qwen2_moe", "qwen3_moe") else 0
+
+
+def expert_tensor_numels(cfg: dict[str, Any]) -> list[int]:
+    """numel of each routed-expert parameter tensor of the model transformers 5.x builds from
+    ``cfg`` (normalised): per sparse block the fused ``experts.gate_up_proj`` (E, 2·I_e, h) and
+    ``experts.down_proj`` (E, h, I_e). The router (h -> E) and Qwen2-MoE's shared expert are
+    dense: every expert-parallel rank holds them whole. Empty for a dense model."""
+    E = num_experts(cfg)
+    if not E:
+        return []
+    d = dims(cfg)
+    h = d["hidden"]
+    I_e = d["ffn"] if cfg["model_type"] == "mixtral" else cfg["moe_intermediate_size"]
+    sparse = [i for i in range(d["layers"])
+              if cfg["model_type"] == "mixtral" or _moe_layer(cfg, i)]
+    return [n for _ in sparse for n in (E * 2 * I_e * h, E * h * I_e)]

@@ -158,8 +158,8 @@ class StepTime(_Frozen):
                                    "collectives (what backward does not hide).")
     pipeline_p2p_s: float = Field(..., description="Exposed stage-to-stage sends (in the "
                                   "simulated makespan).")
-    expert_parallel_s: float = Field(0.0, description="All-to-all of MoE layers (0: the models "
-                                     "here are dense).")
+    expert_parallel_s: float = Field(0.0, description="All-to-all of MoE layers (0 for dense "
+                                     "models and expert_parallel 1).")
     offload_s: float = Field(..., description="Host-link transfers of offloaded states.")
     bubble_s: float = Field(..., description="Pipeline bubble: the simulated makespan minus the "
                             "slowest rank's busy time.")

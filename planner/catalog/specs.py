@@ -43,6 +43,7 @@ PipelineScheduleName = Literal[
 
 from planner.catalog.frozen import _Frozen  # noqa: E402
 from planner.catalog.hf_specs import TransformersOptions  # noqa: E402
+from planner.catalog.moe_specs import MoEStates  # noqa: E402
 
 
 class ModelSpec(_Frozen):
@@ -241,6 +242,8 @@ class ParallelSpec(_Frozen):
         "precision 'mixed-bf16' under zero_stage 3 (FSDP2) run as torchtitan runs it: fp32 "
         "sharded parameters (the master weights), MixedPrecisionPolicy(param_dtype=bf16, "
         "reduce_dtype=fp32); needs data_parallel >= 2."))
+    expert_parallel: int = Field(1, ge=1, le=4096, description="MoE models: ranks the routed "
+                                 "experts are split over, inside the data-parallel group.")
 
 
 class HardwareSpec(_Frozen):
@@ -322,6 +325,7 @@ class MemoryResult(_Frozen):
     allocator_reserve_bytes: int = Field(
         ..., description="Caching-allocator overhead assumed on top of the allocated peak.")
     fit: Fit | None = None
+    moe: MoEStates | None = None
     assumptions: list[Assumption] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
     suggestions: list[Suggestion] = Field(

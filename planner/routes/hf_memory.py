@@ -1,16 +1,54 @@
 """POST /v1/memory for ``training.implementation: "transformers"``: the Hugging Face model code's
-step, traced (planner/hf/estimate.py), on one device."""
+step, traced (planner/hf/estimate.py), on one device; for MoE models composed with data and
+expert parallelism (planner/layouts/expert.py), every other layout refused."""
 
 from __future__ import annotations
 
 from planner.catalog.errors import PlanningError
-from planner.catalog.presets import allocator_reserve, get_gpu, hf_config_of, resolve_model
-from planner.catalog.specs import Assumption, Breakdown, Fit, MemoryRequest, MemoryResult
+from planner.catalog.hf_config import expert_tensor_numels as expert_numels
+from planner.catalog.hf_config import num_experts
+from planner.catalog.moe_specs import MoEStates
+from planner.catalog.presets import (
+    allocator_reserve,
+    get_gpu,
+    hf_config_of,
+    resolve_model,
+)
+from planner.catalog.specs import (
+    Assumption,
+    Breakdown,
+    Fit,
+    MemoryRequest,
+    MemoryResult,
+)
 from planner.hf.errors import require_transformers
+from planner.layouts import expert
+from planner.layouts.expert import validate
 from planner.machine.deadline import WorkLimitExceeded
 
 _TRACE_NOTE = ("the step traced under FakeTensorMode on the CPU device (CPU kernels' saved "
                "tensors, e.g. sdpa's flash-attention-for-CPU logsumexp)")
+
+_EP_ASSUMPTIONS = [
+    Assumption(name="expert_parallel_states", value="exact",
+               note="routed experts' parameters, optimizer states and (optimizer window) "
+               "gradients divided by expert_parallel; router, attention, embeddings, norms and "
+               "shared experts whole on every rank"),
+    Assumption(name="expert_parallel_routing", value="balanced, no token dropping",
+               note="each rank's experts process the one-device trace's b*s*top_k token-expert "
+               "pairs: activations as traced on one device (capacity factor not modelled)"),
+    Assumption(name="expert_parallel_dispatch", value="b*s*top_k*hidden*activation bytes",
+               note="one sparse block's all-to-all receive buffer added to the forward and "
+               "backward peaks' temporaries"),
+    Assumption(name="expert_parallel_bounds", value="backward gradients, optimizer scratch",
+               note="the backward peak's gradients and the optimizer step's scratch are the "
+               "one-device trace's (upper bounds)"),
+    Assumption(name="moe_layout_note", value="expert_parallel ranks inside data_parallel",
+               note="ZeRO 0; tensor and pipeline parallel 1"),
+]
+_DP_ASSUMPTION = Assumption(name="data_parallel_zero0", value="no extra bytes",
+                            note="DDP(gradient_as_bucket_view=True) or a contiguous gradient "
+                            "buffer: the gradients are the buckets")
 
 
 def check(req: MemoryRequest) -> dict:
@@ -24,11 +62,17 @@ def check(req: MemoryRequest) -> dict:
             "config.json's contents) or a preset built from one (GET /v1/models, those with a "
             "model_type)", "model")
     par = req.parallelism
-    if (par.data_parallel, par.tensor_parallel, par.pipeline_parallel, par.zero_stage) != \
-            (1, 1, 1, 0) or par.offload_optimizer or par.offload_parameters \
-            or par.fsdp_mixed_precision:
-        raise PlanningError("implementation 'transformers' is estimated on one device: "
-                            "parallelism must be left at its defaults", "parallelism")
+    validate(hf_config_of(req.model), par)
+    # expert parallelism composes on the one-device trace (planner/layouts/expert.py): ep ranks
+    # of a data-parallel group at ZeRO 0; every other layout is refused
+    moe = bool(num_experts(hf_config_of(req.model)))
+    dp_ok = par.data_parallel == 1 or (moe and par.data_parallel % par.expert_parallel == 0)
+    if not dp_ok or (par.tensor_parallel, par.pipeline_parallel, par.zero_stage) != (1, 1, 0) \
+            or par.offload_optimizer or par.offload_parameters or par.fsdp_mixed_precision:
+        raise PlanningError("implementation 'transformers' is estimated on one device, composed "
+                            "only for MoE models with data parallelism at ZeRO 0 and "
+                            "parallelism.expert_parallel: leave the other parallelism fields at "
+                            "their defaults", "parallelism")
     why = unsupported(req.training)
     if why is not None:
         raise PlanningError(why[1], why[0])
@@ -50,9 +94,24 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
         raise PlanningError(
             f"model.hf_config: the transformers step fails on this config: "
             f"{type(exc).__name__}: {str(exc).strip()[:300]}", "model.hf_config") from None
-    bd, first = Breakdown(**est.steady.breakdown), Breakdown(**est.first.breakdown)
-    fb = [p for n, p in est.steady_phases.items() if n != "optimizer"]
-    fbp = max(fb, key=lambda p: p.breakdown["total"]) if fb else None
+    ep = req.parallelism.expert_parallel
+    full = hf_config_of(req.model)
+    phases = {n: (expert.compose(full, tr, ep, n, p.breakdown), p.op)
+              for n, p in est.steady_phases.items()}
+    top = max(phases, key=lambda n: phases[n][0]["total"])
+    bd = Breakdown(**phases[top][0])
+    peak_phase = f"{top}: {phases[top][1]}"
+    # the first step is not composed (its optimizer states are created inside the window)
+    first = Breakdown(**est.first.breakdown) if ep == 1 else None
+    fb = [(n, p) for n, p in phases.items() if n != "optimizer"]
+    fbp = max(fb, key=lambda np: np[1][0]["total"]) if fb else None
+    moe = None
+    if expert_numels(full):
+        E = num_experts(full)
+        s = expert.rank_split(full, tr, ep, phases["optimizer"][0])
+        moe = MoEStates(num_experts=E, experts_per_device=E // ep, expert_parallel=ep,
+                        dispatch_buffer_bytes=expert.dispatch_bytes(full, tr) if ep > 1 else 0,
+                        **vars(s))
     reserve = allocator_reserve(bd.total, device)
     fit = None
     hw = req.hardware
@@ -83,12 +142,18 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
         assumptions.append(Assumption(
             name="gradient_checkpointing", value=f"every decoder layer, use_reentrant={reentrant}"))
     notes = []
+    if req.parallelism.data_parallel > 1:
+        assumptions.append(_DP_ASSUMPTION)
+    if ep > 1:
+        assumptions.extend(_EP_ASSUMPTIONS)
+        notes.append("first_step is not given with expert_parallel > 1 (the composition is "
+                     "stated for the steady step)")
     if fit is not None:
         notes.append("max_micro_batch_size is not searched for implementation 'transformers' "
                      "(each size is a traced step): ask again with another micro_batch_size")
     return MemoryResult(
         model=model, breakdown=bd, first_step=first,
-        peak_phase=f"{est.steady.phase}: {est.steady.op}",
-        forward_backward_peak=Breakdown(**fbp.breakdown) if fbp else None,
-        forward_backward_peak_phase=f"{fbp.phase}: {fbp.op}" if fbp else None,
-        allocator_reserve_bytes=reserve, fit=fit, assumptions=assumptions, notes=notes)
+        peak_phase=peak_phase,
+        forward_backward_peak=Breakdown(**fbp[1][0]) if fbp else None,
+        forward_backward_peak_phase=f"{fbp[0]}: {fbp[1][1]}" if fbp else None,
+        allocator_reserve_bytes=reserve, fit=fit, assumptions=assumptions, notes=notes, moe=moe)

@@ -14,6 +14,7 @@ import math
 
 from planner.catalog.errors import PlanningError
 from planner.catalog.presets import ALLOCATOR_RESERVE_FRACTION, allocator_reserve, get_gpu, resolve_model
+from planner.catalog.presets import hf_config_of
 from planner.catalog.specs import (
     MAX_STAGE_MICROBATCHES,
     ActivationCheckpointing,
@@ -42,6 +43,7 @@ from planner.layouts.parallel_ranks import (
     fsdp_mixed_precision_refusal,
     unsupported_reason,
 )
+from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.pipelined import pipelined_estimate
 from planner.routes import memory_notes
 from planner.routes.loss_rules import loss_assumption, loss_refusal
@@ -180,6 +182,8 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``. ``explain``: the
     notes that read the figures (bytes per parameter, what fits instead), each of which may
     replay a variant of the setup; searches that read only the peak pass False."""
+    if req.parallelism.expert_parallel > 1:  # 422 for a dense model or a misfit ep
+        validate_expert_parallel(hf_config_of(req.model), req.parallelism)
     if req.training.implementation == "transformers":
         from planner.routes.hf_memory import estimate_transformers
 

@@ -10,7 +10,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from planner.catalog.presets import get_gpu, resolve_model
+from planner.catalog.errors import PlanningError
+from planner.catalog.presets import get_gpu, hf_config_of, resolve_model
+from planner.layouts.expert import validate as validate_expert_parallel
 from planner.catalog.parameters import count_parameters
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.layouts.pipeline_sim import peak_in_flight, simulate
@@ -241,6 +243,11 @@ def min_timeline_events(req: PipelineRequest) -> int:
 def plan_pipeline(req: PipelineRequest) -> PipelineResult:
     """Build the schedule's action lists, simulate them, and report per-rank figures."""
     setup = req.setup
+    if setup is not None and setup.parallelism.expert_parallel > 1:  # a dense model's: 422
+        try:
+            validate_expert_parallel(hf_config_of(setup.model), setup.parallelism)
+        except PlanningError as exc:
+            raise PipelineError(exc.detail, f"setup.{exc.field}") from None
     name, p, m, v = schedule_shape(req)
     if p * v * m > MAX_STAGE_MICROBATCHES:
         raise PipelineError(f"stages × virtual_stages × microbatches must be <= "

@@ -15,6 +15,9 @@ The search, per cluster size:
    /v1/memory gives) until ``top_k`` fit. Past that, a slower layout is evaluated only when its
    bound is below the lowest peak found so far: otherwise a faster layout beats it on both axes,
    so it is off the memory/time Pareto front, which is therefore exact.
+
+MoE models (mixtral, qwen2_moe, qwen3_moe configs) are searched by ``plan_moe`` instead: data x
+expert parallel layouts of the transformers estimate, the only one that builds them.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from planner.layouts.sharding import shard_model_states
 from planner.machine.deadline import check
 from planner.routes import plan_time
 from planner.routes.loss_rules import loss_refusal
+from planner.routes import plan_moe, plan_time
 from planner.routes.memory import estimate_memory
 from planner.routes.plan_time import Layout, Links
 
@@ -215,6 +219,9 @@ def state_bound(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> in
 
 def plan(req: PlanRequest) -> PlanResult:
     model = resolve_model(req.model)
+    moe = plan_moe.moe_config(req)
+    if moe is not None:
+        return _plan_moe(req, model, moe)
     if not model.architecture_known:
         raise PlanningError("the plan needs architecture fields (a bare parameter count has no "
                             "activations or FLOPs per layer)", "model")
@@ -230,6 +237,25 @@ def plan(req: PlanRequest) -> PlanResult:
     if not any(c.layouts for c in clusters):
         notes.append("no layout fits at any cluster size searched: see search.rejected for why")
     return PlanResult(clusters=clusters, assumptions=plan_time.assumptions(gpu, links, mfu),
+                      notes=notes)
+
+
+def _plan_moe(req: PlanRequest, model: ResolvedModel, cfg: dict) -> PlanResult:
+    """An MoE model: data x expert parallel layouts (planner/routes/plan_moe.py)."""
+    gpu = get_gpu(req.cluster.gpu)
+    links = links_for(req, gpu)
+    counts = req.cluster.counts()
+    if len(counts) > MAX_PLAN_CLUSTER_SIZES:
+        raise PlanningError(f"the range gives {len(counts)} cluster sizes; at most "
+                            f"{MAX_PLAN_CLUSTER_SIZES}", "cluster.max_gpus")
+    clusters = [plan_moe.plan_cluster(req, cfg, model, gpu, links, n) for n in counts]
+    mfu = links.flops_per_s / gpu.peak_bf16_flops
+    notes = ["MoE model: layouts over data and expert parallelism only (tensor and pipeline "
+             "parallel 1, ZeRO 0; the transformers estimate composes with nothing else)"]
+    if not any(c.layouts for c in clusters):
+        notes.append("no layout fits at any cluster size searched: see search.rejected for why")
+    return PlanResult(clusters=clusters,
+                      assumptions=plan_time.assumptions(gpu, links, mfu) + plan_moe.ASSUMPTIONS,
                       notes=notes)
 
 

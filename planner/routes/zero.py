@@ -8,9 +8,10 @@ for that layout (``planner/routes/memory.py``).
 from __future__ import annotations
 
 from planner.catalog.errors import PlanningError
-from planner.catalog.presets import resolve_model
+from planner.catalog.presets import hf_config_of, resolve_model
 from planner.catalog.specs import MemoryRequest, ParallelSpec
 from planner.catalog.zero_specs import ZeroResult, ZeroStage
+from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.sharding import shard_model_states
 from planner.machine.cache import setup_memo
 from planner.routes.memory import estimate_memory
@@ -41,6 +42,8 @@ def zero_stages(request: MemoryRequest, estimate=None) -> ZeroResult:
     (activations and the step's peak); defaults to ``estimate_memory`` without its notes.
     """
     assert isinstance(request, MemoryRequest)
+    if request.parallelism.expert_parallel > 1:  # a dense model's: 422
+        validate_expert_parallel(hf_config_of(request.model), request.parallelism)
     if request.training.implementation == "transformers":
         raise PlanningError("implementation 'transformers' is estimated on one device (POST "
                             "/v1/memory); ZeRO stages describe the reference step",
