@@ -12,7 +12,7 @@ import pytest
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
 
-from planner.machine.deadline import WorkLimit, WorkLimitExceeded, check, work_limit
+from planner.machine.deadline import WorkLimit, WorkLimitExceeded, check, not_counted, work_limit
 from planner.routes.memory import estimate_memory
 from planner.catalog.specs import MemoryRequest
 from service.app import create_app
@@ -41,6 +41,18 @@ def test_planner_stops_at_its_work_limit() -> None:
         with pytest.raises(WorkLimitExceeded, match="work limit"):
             estimate_memory(req)
     check()  # outside a limit: nothing to stop
+
+
+def test_time_not_counted_moves_the_deadline() -> None:
+    # a process's one-time import (planner.hf.errors.require_transformers) is not the request's
+    # work: the first transformers estimate of a fresh service must not spend its limit on it
+    with work_limit(WorkLimit(0.2)):
+        with not_counted():
+            time.sleep(0.3)
+        check()  # 0.3 s passed, none of it counted
+        time.sleep(0.25)
+        with pytest.raises(WorkLimitExceeded):
+            check()
 
 
 def test_past_the_deadline_is_a_503_naming_the_limit() -> None:

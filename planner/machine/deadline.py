@@ -39,6 +39,11 @@ class WorkLimit:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def extend(self, seconds: float) -> None:
+        """Move the deadline ``seconds`` later (time spent on something that is not this
+        request's work, e.g. a process's one-time import of a library)."""
+        self.end += seconds
+
     def check(self) -> None:
         if self.cancelled:
             raise WorkLimitExceeded("the request was cancelled", cancelled=True)
@@ -51,6 +56,18 @@ def check() -> None:
     limit = _LIMIT.get()
     if limit is not None:
         limit.check()
+
+
+@contextmanager
+def not_counted() -> Iterator[None]:
+    """Run the block without counting its wall time against the current request's limit."""
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        limit = _LIMIT.get()
+        if limit is not None:
+            limit.extend(time.monotonic() - start)
 
 
 @contextmanager

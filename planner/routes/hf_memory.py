@@ -82,7 +82,7 @@ def check(req: MemoryRequest) -> dict:
 def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
     cfg = check(req)
     model = resolve_model(req.model)
-    require_transformers()
+    require_transformers(cfg.get("model_type"))
     from planner.hf.estimate import estimate
 
     tr = req.training
