@@ -142,6 +142,11 @@ def test_every_field_shows_the_apis_description_limits_and_choices(base, page):
     _ready(page, "breakdown")
     rows = page.locator("#setup .field").all()
     assert len(rows) >= 30
+    # every parallelism field of the contract has its input (a new layout dimension is not left out)
+    paths = {row.get_attribute("data-path") for row in rows}
+    parallel = doc["components"]["schemas"]["ParallelSpec"]["properties"]
+    assert {f"parallelism.{k}" for k in parallel} <= paths, sorted(parallel)
+    assert {"training.loss.kind", "training.loss.chunks"} <= paths
     for row in rows:
         path = row.get_attribute("data-path")
         schema = _schema(doc, "MemoryRequest", path)

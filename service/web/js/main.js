@@ -16,11 +16,13 @@ const SECTIONS = [
   ["Training", ["precision", "optimizer", "micro_batch_size", "sequence_length",
                 "gradient_accumulation_steps", "activation_checkpointing.strategy",
                 "activation_checkpointing.every_k", "activation_checkpointing.budget_bytes",
-                "optimizer_implementation", "attention", "implementation", "dropout"]
-    .map((k) => ({ path: `training.${k}`, label: k.replace("activation_checkpointing.", "checkpointing ").replace(/_/g, " ") }))],
+                "optimizer_implementation", "attention", "implementation", "dropout",
+                "loss.kind", "loss.chunks", "transformers.use_cache", "transformers.use_reentrant"]
+    .map((k) => ({ path: `training.${k}`, label: k.replace("activation_checkpointing.", "checkpointing ").replace(".", " ").replace(/_/g, " ") }))],
   ["Parallelism", ["data_parallel", "zero_stage", "offload_optimizer", "offload_parameters",
                    "tensor_parallel", "sequence_parallel", "pipeline_parallel", "pipeline_schedule",
-                   "virtual_pipeline_stages"].map((k) => ({ path: `parallelism.${k}` }))],
+                   "virtual_pipeline_stages", "expert_parallel", "fsdp_mixed_precision"]
+    .map((k) => ({ path: `parallelism.${k}` }))],
   ["GPU", [{ path: "hardware.gpu", label: "gpu", list: "gpus" }, { path: "hardware.memory_bytes" }]],
 ];
 const DEFAULT_REQUEST = { model: { preset: "gpt2-xl" }, training: { micro_batch_size: 4 }, hardware: { gpu: "a100-80gb" } };
