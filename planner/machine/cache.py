@@ -7,7 +7,8 @@ A *setup* is everything a replay depends on but the micro-batch size and the seq
 - when the setup comes back with a second size, its template is compiled (a replay with the two
   sizes symbolic, ``planner/machine/recording.py``): a one-off estimate costs one replay, a sweep
   one compile and then microseconds per size; None marks a setup found size-dependent (always
-  replayed concretely);
+  replayed concretely). A caller that asks each setup for few sizes raises that count with
+  ``compile_after`` (a compile costs about two replays of the same step);
 - ``setup_memo`` keeps size-independent per-setup results (per-rank model states, partitions).
 
 The caches are bounded (oldest entry dropped) and their writes locked (estimates run in a thread
@@ -17,6 +18,7 @@ pool). ``replay_only()`` turns templates off (tests and benchmarks compare the t
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import operator
 import threading
 
@@ -40,6 +42,8 @@ _MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
 _PAR_FIELDS = operator.itemgetter(*ParallelSpec.model_fields)
 _LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
 USE_TEMPLATES = True
+# the distinct size at which a setup's template is compiled (per context: a request's thread)
+_COMPILE_AFTER: contextvars.ContextVar[int] = contextvars.ContextVar("compile_after", default=2)
 
 
 def _put(store: dict, key, value, limit: int) -> None:
@@ -90,7 +94,7 @@ def cached(skey: tuple, tr: TrainingSpec, replay, compile_, evaluate):
             if len(_SEEN) >= _SEEN_MAX:
                 _SEEN.clear()
             seen = _SEEN[skey] = _SEEN.get(skey, 0) + 1
-        if seen >= 2:
+        if seen >= _COMPILE_AFTER.get():
             tpl = compile_once(skey, compile_)
             if tpl is not None:
                 return evaluate(tpl, b, t)
@@ -126,6 +130,19 @@ def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
         hit = fn(model, tr, par)
         _put(_MEMO, key, hit, _MEMO_MAX)
     return hit
+
+
+@contextlib.contextmanager
+def compile_after(sizes: int):
+    """Inside, a setup's template is compiled when the setup meets its ``sizes``-th distinct
+    size (2 outside). For callers that ask each setup for only a few sizes (the plan search): a
+    compile costs about two replays, so one that serves a single size more is a loss. Answers
+    are the same either way (a template equals the replay)."""
+    token = _COMPILE_AFTER.set(max(2, sizes))
+    try:
+        yield
+    finally:
+        _COMPILE_AFTER.reset(token)
 
 
 @contextlib.contextmanager

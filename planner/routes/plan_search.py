@@ -50,6 +50,7 @@ from planner.catalog.specs import (
     TrainingSpec,
 )
 from planner.layouts.sharding import shard_model_states
+from planner.machine.cache import compile_after
 from planner.machine.deadline import check
 from planner.routes import plan_time
 from planner.routes.loss_rules import loss_refusal
@@ -264,6 +265,22 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
     t0 = time.perf_counter()
     rejected: dict[str, int] = {}
     cands = enumerate_layouts(req, model, n, rejected)
+    with compile_after(_compile_threshold(cands)):
+        return _search(req, model, gpu, links, n, cands, rejected, t0)
+
+
+def _compile_threshold(cands: list[Layout]) -> int:
+    """The distinct size at which a step setup's template is compiled in this search. A setup
+    is asked for micro-batch 1 (its own domain) and the sizes >= 2 of the layouts; a compile
+    costs about two replays (planner/machine/cache.py), so it pays only when at least two sizes
+    are left after it: with n sizes >= 2, compile at the second only when n >= 4, else never
+    (n + 1). The answers are the same either way (a template equals the replay)."""
+    n = len({lay.b for lay in cands if lay.b >= 2})
+    return 2 if n >= 4 else max(2, n + 1)
+
+
+def _search(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links, n: int,
+            cands: list[Layout], rejected: dict[str, int], t0: float) -> PlanClusterResult:
     space = len(cands) + sum(rejected.values())
     mem = gpu.memory_bytes
     tr0 = training_spec(req, Layout(1, 1, 1, 1, "1f1b", 0, False, False, "none", 1, 1))
