@@ -342,6 +342,11 @@ def _search(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links, n: i
             over += 1
             continue
         if not exact and lay.pp > 1:  # it fits: now its simulated time, and back in line
+            if len(fits) >= top_k and lowest is not None and total >= lowest:
+                # popped again, it would be skipped by the test above (its peak is its bound
+                # then; lowest only falls): dominated, so not simulated
+                skipped += 1
+                continue
             parts = plan_time.step_time(model, seq, act_bytes, grad_bytes, lay, links)
             heapq.heappush(heap, (parts.step_s, lay.b, rank, i, True, lay, total, parts, r))
             continue
