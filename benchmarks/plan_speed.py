@@ -86,7 +86,7 @@ def main() -> None:
     print(f"| pruned by the model-state bound | {s['pruned_by_bound']} | |")
     print(f"| over memory, implied by a smaller micro-batch or lighter checkpointing "
           f"| {rej.get('peak_exceeds_memory_implied', 0)} | |")
-    print(f"| dominated (slower, and bound above the front) | "
+    print(f"| dominated (slower, and bound or peak at or above the front) | "
           f"{rej.get('dominated_not_evaluated', 0)} | |")
     print(f"| evaluated by the planner (POST /v1/memory's peak) | {s['evaluated']} | |")
     print(f"| of which over memory | {rej.get('peak_exceeds_memory', 0)} | |")

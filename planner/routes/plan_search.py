@@ -14,7 +14,11 @@ The search, per cluster size:
    walk them fastest first, computing the planner's peak (``estimate_memory``, the very number
    /v1/memory gives) until ``top_k`` fit. Past that, a slower layout is evaluated only when its
    bound is below the lowest peak found so far: otherwise a faster layout beats it on both axes,
-   so it is off the memory/time Pareto front, which is therefore exact.
+   so it is off the memory/time Pareto front, which is therefore exact. A pipeline layout is
+   popped on its analytic lower bound and simulated only when it fits and its peak is below
+   the lowest found (or top_k is not full); then it goes back in line on its simulated time.
+   A step setup's template is compiled only when the space leaves it sizes to serve
+   (``_compile_threshold``).
 
 MoE models (mixtral, qwen2_moe, qwen3_moe configs) are searched by ``plan_moe`` instead: data x
 expert parallel layouts of the transformers estimate, the only one that builds them.
