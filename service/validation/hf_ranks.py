@@ -64,6 +64,7 @@ def rank_main(spec_path: str, out_path: str) -> None:
     dist.all_gather_object(got, mine)
     if rank == 0:
         Path(out_path).write_text(json.dumps({"ranks": got}))
+    dist.barrier()  # no rank leaves while another is still in a collective
     dist.destroy_process_group()
 
 
