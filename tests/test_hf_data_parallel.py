@@ -79,3 +79,14 @@ def test_the_route_answers_ddp_and_refuses_the_rest():
             estimate_memory(MemoryRequest(model={"hf_config": cfg}, training=tr,
                                           parallelism=par), device="cpu")
         assert exc.value.field == "parallelism"
+
+
+def test_a_validation_job_reports_every_rank():
+    from service.validation.runner import run_validation
+
+    req = ValidationRequest(model={"hf_config": MODELS["llama"]}, training=_training("fp32"),
+                            parallelism={"data_parallel": 2}, steps=3, device="cpu")
+    res = run_validation(req)
+    assert [r.rank for r in res.ranks] == [0, 1]
+    assert all(r.estimate == r.measured for r in res.ranks)
+    assert res.estimate == res.measured and res.first_step_estimate == res.first_step_measured

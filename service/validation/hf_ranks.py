@@ -20,16 +20,69 @@ import os
 import sys
 from pathlib import Path
 
-from planner.catalog.specs import ValidationRequest
+from planner.catalog.specs import (
+    Breakdown,
+    Progress,
+    RankResult,
+    ValidationRequest,
+    ValidationResult,
+    relative_error,
+)
 
 
-def measure_ranks(req: ValidationRequest, timeout_s: float) -> list[dict]:
+def measure_ranks(req: ValidationRequest, timeout_s: float, progress=None) -> list[dict]:
     """Every rank's ``{"rank", "first", "steady"}`` (phase peaks: {phase: [breakdown, op]})."""
     from service.validation.launch import torchrun
 
     data = torchrun("service.validation.hf_ranks", req.parallelism.data_parallel, req,
-                    timeout_s, lambda spec, out: [str(spec), str(out)], req.steps)
+                    timeout_s, lambda spec, out: [str(spec), str(out)], req.steps, progress)
     return sorted(data["ranks"], key=lambda r: r["rank"])
+
+
+def _top(phases: dict) -> tuple[str, dict, str]:
+    name = max(phases, key=lambda n: phases[n][0]["total"])
+    return name, phases[name][0], phases[name][1]
+
+
+def run_hf_ranks(req: ValidationRequest, progress=None) -> ValidationResult:
+    """A validation job of data-parallel transformers ranks: every rank measured (``ranks``)
+    against the estimate, which is the same on every rank (one rank traced)."""
+    from planner.catalog.hf_config import num_experts
+    from planner.catalog.presets import hf_config_of
+    from planner.routes.memory import estimate_memory
+    from service.validation.runner import ValidationUnsupported
+    from service.validation.support import check_transformers
+
+    check_transformers(req)
+    if req.mode == "traced":
+        raise ValidationUnsupported("multi-rank validation runs real ranks (gloo collectives "
+                                    "have no FakeTensorMode); use mode 'real'")
+    if num_experts(hf_config_of(req.model)):
+        raise ValidationUnsupported("multi-rank validation of implementation 'transformers' "
+                                    "runs dense models (DDP); MoE layouts are estimated only")
+    if req.device == "cuda":
+        raise ValidationUnsupported("multi-rank validation of implementation 'transformers' "
+                                    "runs gloo ranks on the CPU; use device 'cpu' or 'auto'")
+    est = estimate_memory(req, device="cpu")
+    if progress:
+        progress(Progress(phase="building", step=0, total_steps=req.steps))
+    ranks = measure_ranks(req, req.timeout_s, progress)
+    if progress:
+        progress(Progress(phase="comparing", step=req.steps, total_steps=req.steps))
+    out = []
+    for r in ranks:
+        m = Breakdown(**_top(r["steady"])[1])
+        out.append(RankResult(rank=r["rank"], estimate=est.breakdown, measured=m,
+                              relative_error=relative_error(est.breakdown, m)))
+    w = max(out, key=lambda rr: (rr.measured.total, -rr.rank)).rank
+    phase, bd, op = _top(ranks[w]["steady"])
+    return ValidationResult(
+        device=f"cpu x {len(ranks)} ranks (gloo, DDP)", mode=req.mode,
+        estimate=est.breakdown, measured=Breakdown(**bd),
+        relative_error=relative_error(est.breakdown, Breakdown(**bd)),
+        first_step_estimate=est.first_step,
+        first_step_measured=Breakdown(**_top(ranks[w]["first"])[1]),
+        peak_op=op, peak_phase=phase, ranks=out, worst_rank=0, worst_measured_rank=w)
 
 
 def _steady(steps: list[dict]) -> dict:
