@@ -90,3 +90,12 @@ def test_a_validation_job_reports_every_rank():
     assert [r.rank for r in res.ranks] == [0, 1]
     assert all(r.estimate == r.measured for r in res.ranks)
     assert res.estimate == res.measured and res.first_step_estimate == res.first_step_measured
+
+
+def test_what_the_rank_program_does_not_run_is_refused_at_submission():
+    from service.jobs.requirements import runner_refusal
+
+    for over in ({"mode": "traced"}, {"device": "cuda"}):
+        req = ValidationRequest(model={"hf_config": MODELS["llama"]}, training=_training("fp32"),
+                                parallelism={"data_parallel": 2}, **over)
+        assert runner_refusal(req) is not None

@@ -44,12 +44,10 @@ def _top(phases: dict) -> tuple[str, dict, str]:
     return name, phases[name][0], phases[name][1]
 
 
-def run_hf_ranks(req: ValidationRequest, progress=None) -> ValidationResult:
-    """A validation job of data-parallel transformers ranks: every rank measured (``ranks``)
-    against the estimate, which is the same on every rank (one rank traced)."""
+def check_hf_ranks(req: ValidationRequest) -> None:
+    """Refuse, with the reason, what the transformers rank program does not run."""
     from planner.catalog.hf_config import num_experts
     from planner.catalog.presets import hf_config_of
-    from planner.routes.memory import estimate_memory
     from service.validation.runner import ValidationUnsupported
     from service.validation.support import check_transformers
 
@@ -63,6 +61,14 @@ def run_hf_ranks(req: ValidationRequest, progress=None) -> ValidationResult:
     if req.device == "cuda":
         raise ValidationUnsupported("multi-rank validation of implementation 'transformers' "
                                     "runs gloo ranks on the CPU; use device 'cpu' or 'auto'")
+
+
+def run_hf_ranks(req: ValidationRequest, progress=None) -> ValidationResult:
+    """A validation job of data-parallel transformers ranks: every rank measured (``ranks``)
+    against the estimate, which is the same on every rank (one rank traced)."""
+    from planner.routes.memory import estimate_memory
+
+    check_hf_ranks(req)
     est = estimate_memory(req, device="cpu")
     if progress:
         progress(Progress(phase="building", step=0, total_steps=req.steps))
