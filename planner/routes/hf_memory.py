@@ -53,7 +53,9 @@ _DP_ASSUMPTION = Assumption(name="data_parallel_zero0", value="no extra bytes",
 _DDP_ASSUMPTION = Assumption(
     name="data_parallel_ddp", value="DistributedDataParallel(gradient_as_bucket_view=True)",
     note="one rank traced under torch's fake process group: the reducer's gradient buckets live "
-    "from the wrap on (param.grad views them), all-reduce in place; the same on every rank")
+    "from the wrap on (param.grad views them), all-reduce in place; the same on every rank. "
+    "The reducer's one bucket rebuild before the second forward is not traced: the same bytes "
+    "re-cut into buckets, freed old before new assumed")
 
 
 def check(req: MemoryRequest) -> dict:
