@@ -30,8 +30,13 @@ BASE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 5,
 MODELS = {
     "llama": {"model_type": "llama", **BASE},
     "qwen2": {"model_type": "qwen2", **BASE},
+    # 3.4 M parameters, 13.6 MB of fp32 gradients: past DDP's 1 MB first-bucket cap, so the
+    # reducer's rebuild before the second forward re-cuts the one initial bucket into several
+    "llama-wide": {"model_type": "llama", **BASE, "hidden_size": 256, "intermediate_size": 512,
+                   "vocab_size": 1024},
 }
-CASES = [("llama", "fp32"), ("llama", "amp-bf16"), ("qwen2", "fp32"), ("qwen2", "amp-bf16")]
+CASES = [("llama", "fp32"), ("llama", "amp-bf16"), ("qwen2", "fp32"), ("qwen2", "amp-bf16"),
+         ("llama-wide", "fp32")]
 
 
 def _training(precision: str) -> dict:

@@ -55,7 +55,7 @@ _DDP_ASSUMPTION = Assumption(
     note="one rank traced under torch's fake process group: the reducer's gradient buckets live "
     "from the wrap on (param.grad views them), all-reduce in place; the same on every rank. "
     "The reducer's one bucket rebuild before the second forward is not traced: the same bytes "
-    "re-cut into buckets, freed old before new assumed")
+    "re-cut into buckets (measured equal on CPU past the 1 MB first bucket)")
 
 
 def check(req: MemoryRequest) -> dict:
