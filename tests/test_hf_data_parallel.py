@@ -36,12 +36,14 @@ MODELS = {
                    "vocab_size": 1024},
 }
 CASES = [("llama", "fp32"), ("llama", "amp-bf16"), ("qwen2", "fp32"), ("qwen2", "amp-bf16"),
-         ("llama-wide", "fp32")]
+         ("llama-wide", "fp32"), ("llama", "amp-bf16+ckpt")]
 
 
 def _training(precision: str) -> dict:
-    return {"precision": precision, "optimizer": "adamw", "micro_batch_size": 2,
-            "sequence_length": 16, "implementation": "transformers"}
+    ckpt = precision.endswith("+ckpt")  # every decoder layer checkpointed (use_reentrant False)
+    return {"precision": precision.removesuffix("+ckpt"), "optimizer": "adamw",
+            "micro_batch_size": 2, "sequence_length": 16, "implementation": "transformers",
+            **({"activation_checkpointing": {"strategy": "full"}} if ckpt else {})}
 
 
 @pytest.mark.parametrize("name, precision", CASES, ids=[f"{m}-{p}" for m, p in CASES])
