@@ -47,7 +47,8 @@ def test_refused_at_submission_with_the_field():
     req = _request(LLAMA, "real", activation_checkpointing={"strategy": "sqrt"})
     field, reason = runner_refusal(req)
     assert field == "body.training.activation_checkpointing.strategy" and "full" in reason
-    req = ValidationRequest(model={"hf_config": LLAMA}, parallelism={"data_parallel": 2},
+    req = ValidationRequest(model={"hf_config": LLAMA},
+                            parallelism={"data_parallel": 2, "zero_stage": 3},
                             training={"implementation": "transformers"})
     assert runner_refusal(req)[0] == "body.parallelism"
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from planner.catalog.hf_config import layer_field
@@ -50,26 +51,51 @@ class HFEstimate:
     extrapolated: bool
 
 
-def _key(config: dict, tr: TrainingSpec, n: int) -> str:
+def _key(config: dict, tr: TrainingSpec, n: int, ddp: int = 1) -> str:
     c = {k: v for k, v in config.items() if k not in (layer_field(config["model_type"]),
                                                      "layer_types")}
-    return json.dumps([c, tr.model_dump(mode="json"), n], sort_keys=True, default=str)
+    return json.dumps([c, tr.model_dump(mode="json"), n, ddp], sort_keys=True, default=str)
 
 
-def _trace(config: dict, tr: TrainingSpec, n: int | None, kinds: list[tuple]) -> list[dict]:
+def _trace(config: dict, tr: TrainingSpec, n: int | None, kinds: list[tuple],
+           ddp: int = 1) -> list[dict]:
     # a proxy is its first n blocks: the key holds their kinds (layer_types is cut to them)
-    key = _key(config, tr, n if n is not None else -1) + json.dumps(
+    key = _key(config, tr, n if n is not None else -1, ddp) + json.dumps(
         [list(k) for k in (kinds if n is None else kinds[:n])])
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-    out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n)
+    if ddp > 1:
+        with fake_group(ddp):
+            out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n, ddp=True)
+    else:
+        out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n)
     with _LOCK:
         _CACHE[key] = out
         while len(_CACHE) > _CACHE_MAX:
             _CACHE.popitem(last=False)
     return out
+
+
+_PG_LOCK = threading.Lock()
+
+
+@contextmanager
+def fake_group(world_size: int):
+    """Rank 0 of ``world_size`` on torch's fake process group (collectives return at once,
+    nothing sent); the default group for the duration, one at a time."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    with _PG_LOCK:
+        if dist.is_initialized():
+            raise RuntimeError("a default process group is already initialised")
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
 def clear() -> None:
@@ -112,14 +138,15 @@ def _peak(phases: dict[str, tuple[dict, str]]) -> HFPeak:
     return best
 
 
-def estimate(config: dict, tr: TrainingSpec) -> HFEstimate:
-    """The step's first and steady peaks for the whole model (see module docstring)."""
+def estimate(config: dict, tr: TrainingSpec, ddp: int = 1) -> HFEstimate:
+    """The step's first and steady peaks for the whole model (see module docstring); ``ddp``
+    > 1: one rank of that many under DistributedDataParallel, traced on a fake process group."""
     kinds = S.block_kinds(config)
     L = len(kinds)
     kp = _period(kinds)
     if kp is not None:
         k, p = kp
-        traces = [_trace(config, tr, n, kinds) for n in (k, k + p, k + 2 * p)]
+        traces = [_trace(config, tr, n, kinds, ddp) for n in (k, k + p, k + 2 * p)]
         steps = {}
         for i, which in ((0, "first"), (1, "steady")):
             phases = {}
@@ -138,7 +165,7 @@ def estimate(config: dict, tr: TrainingSpec) -> HFEstimate:
                               steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
                                              in steps["steady"].items()},
                               traced_layers=(k, k + p, k + 2 * p), extrapolated=True)
-    full = _trace(config, tr, None, kinds)
+    full = _trace(config, tr, None, kinds, ddp)
     return HFEstimate(first=_peak(full[0]["phases"]), steady=_peak(full[1]["phases"]),
                       steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
                                      in full[1]["phases"].items()},

@@ -248,11 +248,62 @@ def _as_real_run():
         meta._meta_grouped_mm_common = orig_common
 
 
+@contextmanager
+def _fake_rank_checks(traced: bool):
+    """DDP's constructor checks the parameters' shapes across ranks by reading them (a C++
+    all-gather of the shapes): a fake tensor has no data to read. Every rank builds the same
+    model here, so the check is skipped when traced; the real ranks run it."""
+    if not traced:
+        yield
+        return
+    import torch.nn.parallel.distributed as ddp_mod
+
+    orig = ddp_mod._verify_param_shape_across_processes
+    ddp_mod._verify_param_shape_across_processes = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        ddp_mod._verify_param_shape_across_processes = orig
+
+
+def _in_place_allreduce(_state, bucket):
+    """The fake process group's work has no result for DDP's built-in hook to hand back; this
+    hook does what the built-in one does to memory on gloo (divide by the world size, all-reduce
+    the bucket in place, return it): no new storage."""
+    import torch
+    import torch.distributed as dist
+
+    buf = bucket.buffer()
+    buf.div_(dist.get_world_size())
+    dist.all_reduce(buf)
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(buf)
+    return fut
+
+
+class _NoRebuild:
+    """The reducer, except that its one bucket rebuild (before the second forward, in the order
+    the first backward made the gradients ready) is not run: it syncs the order across ranks by
+    reading an index tensor, which a fake tensor cannot give."""
+
+    def __init__(self, reducer: Any) -> None:
+        self._reducer = reducer
+
+    def _rebuild_buckets(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reducer, name)
+
+
 def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: bool = True,
         steps: int = 2, num_layers: int | None = None,
-        on_step: Callable[[int], None] | None = None) -> list[dict]:
+        on_step: Callable[[int], None] | None = None, ddp: bool = False) -> list[dict]:
     """Run ``steps`` optimizer steps metered; per step ``{"peak": (breakdown, op, phase),
-    "phases": {phase: (breakdown, op)}}`` (breakdowns classified once the step has ended)."""
+    "phases": {phase: (breakdown, op)}}`` (breakdowns classified once the step has ended).
+    ``ddp``: the model wrapped in DistributedDataParallel(gradient_as_bucket_view=True) on the
+    initialised default process group (gloo under torchrun, or the fake one when traced); the
+    reducer's gradient buckets are created inside the meter, with the model."""
     import torch
 
     from planner.hf.meter import LiveMemoryMeter
@@ -272,8 +323,18 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
         meter = LiveMemoryMeter()
         model, opt = build(config, tr, dev, num_layers, lambda: meter.in_phase("recompute"))
         vocab = model.config.vocab_size
+        inner = model
         batch = make_batch(vocab, tr, dev, traced)
         meter.register(model, "parameters")
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            with meter, _fake_rank_checks(traced):  # buckets: gradients once marked
+                model = DistributedDataParallel(model, gradient_as_bucket_view=True,
+                                                broadcast_buffers=False)
+                if traced:
+                    model.register_comm_hook(None, _in_place_allreduce)
+                    model.reducer = _NoRebuild(model.reducer)
         meter.register([v for v in batch.values() if isinstance(v, torch.Tensor)], "activations")
         if tr.optimizer == "adagrad":  # Adagrad creates its state in the constructor
             meter.register(opt, "optimizer_states")
@@ -300,7 +361,8 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                         loss.backward()
                     del loss
                     windows.append(("backward", meter.peak))
-                meter.mark([p.grad for p in model.parameters() if p.grad is not None], "gradients")
+                meter.mark([p.grad for p in inner.parameters() if p.grad is not None],
+                           "gradients")
                 check()
                 meter.reset_peak()
                 with meter.in_phase("optimizer"):

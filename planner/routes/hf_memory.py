@@ -50,6 +50,13 @@ _DP_ASSUMPTION = Assumption(name="data_parallel_zero0", value="no extra bytes",
                             note="DDP(gradient_as_bucket_view=True) or a contiguous gradient "
                             "buffer: the gradients are the buckets")
 
+_DDP_ASSUMPTION = Assumption(
+    name="data_parallel_ddp", value="DistributedDataParallel(gradient_as_bucket_view=True)",
+    note="one rank traced under torch's fake process group: the reducer's gradient buckets live "
+    "from the wrap on (param.grad views them), all-reduce in place; the same on every rank. "
+    "The reducer's one bucket rebuild before the second forward is not traced: the same bytes "
+    "re-cut into buckets (measured equal on CPU past the 1 MB first bucket)")
+
 
 def check(req: MemoryRequest) -> dict:
     """The validated config transformers builds from; PlanningError naming what does not run."""
@@ -66,13 +73,16 @@ def check(req: MemoryRequest) -> dict:
     # expert parallelism composes on the one-device trace (planner/layouts/expert.py): ep ranks
     # of a data-parallel group at ZeRO 0; every other layout is refused
     moe = bool(num_experts(hf_config_of(req.model)))
-    dp_ok = par.data_parallel == 1 or (moe and par.data_parallel % par.expert_parallel == 0)
+    # dense models: data parallel ranks at ZeRO 0 are DDP, traced on one rank (fake process group)
+    dp_ok = par.data_parallel == 1 or (moe and par.data_parallel % par.expert_parallel == 0) \
+        or (not moe and par.expert_parallel == 1)
     if not dp_ok or (par.tensor_parallel, par.pipeline_parallel, par.zero_stage) != (1, 1, 0) \
             or par.offload_optimizer or par.offload_parameters or par.fsdp_mixed_precision:
-        raise PlanningError("implementation 'transformers' is estimated on one device, composed "
-                            "only for MoE models with data parallelism at ZeRO 0 and "
-                            "parallelism.expert_parallel: leave the other parallelism fields at "
-                            "their defaults", "parallelism")
+        raise PlanningError("implementation 'transformers' is estimated on one device, with "
+                            "data parallelism at ZeRO 0 (DDP; for MoE models composed with "
+                            "parallelism.expert_parallel): parallelism.zero_stage, "
+                            "tensor_parallel, pipeline_parallel, offload_* and "
+                            "fsdp_mixed_precision must stay at their defaults", "parallelism")
     why = unsupported(req.training)
     if why is not None:
         raise PlanningError(why[1], why[0])
@@ -86,8 +96,9 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
     from planner.hf.estimate import estimate
 
     tr = req.training
+    ddp = req.parallelism.data_parallel if not num_experts(hf_config_of(req.model)) else 1
     try:
-        est = estimate(cfg, tr)
+        est = estimate(cfg, tr, ddp)
     except (PlanningError, WorkLimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - the transformers code failing on this config
@@ -142,7 +153,9 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
         assumptions.append(Assumption(
             name="gradient_checkpointing", value=f"every decoder layer, use_reentrant={reentrant}"))
     notes = []
-    if req.parallelism.data_parallel > 1:
+    if ddp > 1:
+        assumptions.append(_DDP_ASSUMPTION)
+    elif req.parallelism.data_parallel > 1:
         assumptions.append(_DP_ASSUMPTION)
     if ep > 1:
         assumptions.extend(_EP_ASSUMPTIONS)

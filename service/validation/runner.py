@@ -155,6 +155,10 @@ def run_validation(req: ValidationRequest, progress: ProgressFn | None = None) -
         from service.validation.pipeline_run import run_pipelined
 
         return run_pipelined(req, progress, req.timeout_s)
+    if req.parallelism.data_parallel > 1 and req.training.implementation == "transformers":
+        from service.validation.hf_ranks import run_hf_ranks
+
+        return run_hf_ranks(req, progress)
     if req.parallelism.data_parallel > 1:  # one process per rank under torchrun
         from service.validation.distributed import run_multi_rank
 

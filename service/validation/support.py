@@ -47,6 +47,10 @@ def check_supported(req: ValidationRequest) -> None:
         raise ValidationUnsupported(mp)
     if tr.implementation == "transformers":
         check_transformers(req)
+        if par.data_parallel > 1:
+            from service.validation.hf_ranks import check_hf_ranks
+
+            check_hf_ranks(req)
         return
     if par.tensor_parallel > 1:
         raise ValidationUnsupported(
