@@ -292,6 +292,6 @@ def test_plan_cli_names_the_expert_parallel_degree():
                           virtual_pipeline_stages=1, expert_parallel=4, zero_stage=0,
                           offload_optimizer=False, offload_parameters=False,
                           activation_checkpointing="full", micro_batch_size=1,
-                          gradient_accumulation_steps=1)
+                          gradient_accumulation_steps=1, loss="standard")
     assert layout_name(lay) == "dp8 tp1 pp1 ep4 z0 ckpt=full b1x1"
     assert "ep" not in layout_name(SimpleNamespace(**{**vars(lay), "expert_parallel": 1}))

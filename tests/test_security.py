@@ -91,7 +91,7 @@ def test_estimates_stay_open_unless_protected(db_url):
         assert closed.get("/readyz").status_code == 200  # probes never need a token
 
 
-ESTIMATE_ROUTES = ["/v1/memory", "/v1/zero", "/v1/checkpointing", "/v1/pipeline"]
+ESTIMATE_ROUTES = ["/v1/memory", "/v1/zero", "/v1/checkpointing", "/v1/pipeline", "/v1/plan"]
 
 
 def test_every_401_is_in_the_contract_as_a_problem(db_url):

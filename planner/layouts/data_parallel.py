@@ -161,6 +161,8 @@ class ParallelProgram(ReferenceProgram):
         self.par, self.rank = parallel, rank
         self.n, self.z = parallel.data_parallel, parallel.zero_stage
         self._owned_cache = None
+        # FSDP2's MixedPrecisionPolicy (below); set first: the program's setup reads it
+        self.mp = bool(getattr(parallel, "fsdp_mixed_precision", False)) and self.z >= 2
         self._shard_rows = shard_rows
         # Blocks repeat as on one device (see "Periodic blocks" in the module docstring): the
         # first three periods of the checkpoint plan and the last two are simulated (the full
@@ -172,7 +174,6 @@ class ParallelProgram(ReferenceProgram):
         # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on an fp32 model: the
         # fp32 shards are the master weights (no copy), the unsharded parameters and autograd's
         # gradients bf16, the reduce-scatter and the sharded gradients fp32.
-        self.mp = bool(getattr(parallel, "fsdp_mixed_precision", False)) and self.z >= 2
         if self.mp:
             m.drop(self.masters)
             self.master = False

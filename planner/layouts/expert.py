@@ -30,7 +30,9 @@ equal to the tensors transformers builds) and x = sum(X):
 
 MoE models also take data parallelism at ZeRO 0 with ep = 1. Data parallelism at ZeRO 0 adds no
 bytes under DDP(gradient_as_bucket_view=True) (the gradients are views of the buckets) or
-Megatron's contiguous gradient buffer; that is assumed.
+Megatron's contiguous gradient buffer; that is assumed. (Known gap: DDP allocates its buckets
+when the model is wrapped, so in the forward and backward windows every gradient is held; the
+traced DDP rank of dense models, planner/hf/estimate.py, counts them, this composition does not.)
 """
 
 from __future__ import annotations
