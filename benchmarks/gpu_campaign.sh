@@ -30,8 +30,16 @@ case "${1:-}" in
     export PYTHONPATH="/tmp/site:$PWD"
     exec python3 benchmarks/gpu_campaign.py "$@"
     ;;
+  trace)
+    shift
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl \
+      || python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.whl/*.whl')]"
+    export PYTHONPATH="/tmp/site:$PWD"
+    exec python3 benchmarks/gpu_trace.py "$@"
+    ;;
   *)
-    echo "usage: $0 download | device [--quick] [--sections a,b]" >&2
+    echo "usage: $0 download | device [--quick] [--sections a,b] | trace" >&2
     exit 2
     ;;
 esac
