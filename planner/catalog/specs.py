@@ -41,6 +41,7 @@ PipelineScheduleName = Literal[
 ]
 
 
+from planner.catalog.allocator_specs import CudaAllocatorPeaks  # noqa: E402
 from planner.catalog.frozen import _Frozen  # noqa: E402
 from planner.catalog.hf_specs import TransformersOptions  # noqa: E402
 from planner.catalog.moe_specs import MoEStates  # noqa: E402
@@ -308,8 +309,7 @@ class Suggestion(_Frozen):
 class MemoryResult(_Frozen):
     model: ResolvedModel
     breakdown: Breakdown
-    first_step: Breakdown | None = Field(
-        None, description="Peak of the first step (no optimizer states yet at its start).")
+    first_step: Breakdown | None = Field(None, description="Peak of the first step (no optimizer states yet).")
     peak_phase: str = Field(..., description="Where in the step the peak occurs.")
     activation_peak_bytes: int | None = Field(
         None, description="Highest live activation bytes (tensors allocated in forward or in a "
@@ -322,8 +322,9 @@ class MemoryResult(_Frozen):
         "there, lower when the optimizer step is the peak. None where not derived.")
     forward_backward_peak_phase: str | None = Field(
         None, description="Where forward_backward_peak occurs.")
-    allocator_reserve_bytes: int = Field(
-        ..., description="Caching-allocator overhead assumed on top of the allocated peak.")
+    allocator_reserve_bytes: int = Field(..., description="Caching-allocator overhead on top of "
+                                         "the peak: cuda_allocator's reserved - total, else assumed.")
+    cuda_allocator: CudaAllocatorPeaks | None = None
     fit: Fit | None = None
     moe: MoEStates | None = None
     assumptions: list[Assumption] = Field(default_factory=list)

@@ -297,19 +297,19 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
         raise PlanningError("implementation 'megatron' models none, selective and full "
                             "(Korthikanti et al. 2022 Table 2)", "body.strategy")
 
-    def estimate(spec: ActivationCheckpointing):
+    def estimate(spec: ActivationCheckpointing, allocator: bool = False):
         tr = training.model_copy(update={"activation_checkpointing": spec})
         mreq = MemoryRequest(model=req.model, training=tr, parallelism=par, hardware=None)
-        try:
-            return estimate_memory(mreq, device=req.device, explain=False)
+        try:  # the answer's own estimate replays the CUDA allocator, as POST /v1/memory's does
+            return estimate_memory(mreq, device=req.device, explain=False, allocator=allocator)
         except PlanningError as exc:  # name the field as this route's body has it
             field = exc.field
             if field and not field.startswith("body."):
                 field = f"body.{field}"
             raise PlanningError(exc.detail, field) from exc
 
-    def at(blocks: list[int]):
-        return estimate(ActivationCheckpointing(strategy="blocks", blocks=blocks))
+    def at(blocks: list[int], allocator: bool = False):
+        return estimate(ActivationCheckpointing(strategy="blocks", blocks=blocks), allocator)
 
     def need(r) -> int:  # what a budget must hold
         return r.breakdown.total + r.allocator_reserve_bytes
@@ -332,17 +332,22 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
                 else:
                     lo = mid + 1
             k = lo
+        result = at(list(range(k)), True)
+        while k < L and need(result) > budget:  # the simulated allocator reserve decides
+            k += 1
+            result = at(list(range(k)), True)
+        while k > 0 and need(lower := at(list(range(k - 1)), True)) <= budget:
+            k, result = k - 1, lower
         blocks, solver, exact = list(range(k)), "prefix-search", True
         plan = ActivationCheckpointing(strategy="budget", budget_bytes=budget, blocks=blocks)
-        result = at(blocks)
     elif strategy == "blocks":
         blocks = sorted(given)
         plan = ActivationCheckpointing(strategy="blocks", blocks=blocks)
-        result = at(blocks)
+        result = at(blocks, True)
     else:
         spec = ActivationCheckpointing(strategy=strategy,
                                        every_k=every_k if strategy == "every-k" else None)
-        result = estimate(spec)
+        result = estimate(spec, True)
         if strategy == "selective":  # core attention of every block (Korthikanti et al. §4.1)
             blocks, plan, core_blocks = [], spec, list(range(L))
         elif megatron:

@@ -15,6 +15,7 @@ import math
 from planner.catalog.errors import PlanningError
 from planner.catalog.presets import ALLOCATOR_RESERVE_FRACTION, allocator_reserve, get_gpu, resolve_model
 from planner.catalog.presets import hf_config_of
+from planner.catalog.allocator_specs import CudaAllocatorPeaks
 from planner.catalog.specs import (
     MAX_STAGE_MICROBATCHES,
     ActivationCheckpointing,
@@ -50,6 +51,8 @@ from planner.routes.loss_rules import loss_assumption, loss_refusal
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
 from planner.routes.plan_suggest import suggestions
 from planner.step import simulate as step_cache
+from planner.step.allocator_replay import allocator_peaks
+from planner.step.allocator_replay import clear_cache as clear_allocator_cache
 
 def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
     if par.offload_parameters and par.zero_stage != 3:
@@ -155,6 +158,7 @@ def _hardware_bytes(hw: HardwareSpec | None) -> tuple[str | None, int | None]:
 def clear_caches() -> None:
     """Forget every memoised replay and template (benchmarks measure cold estimates with it)."""
     step_cache.clear()
+    clear_allocator_cache()
 
 
 _RESERVE_NOTE = "caching-allocator rounding and fragmentation, on top of the allocated peak"
@@ -167,6 +171,12 @@ _RESERVE_CUDA = Assumption(name="allocator_reserve",
                            value=f"{ALLOCATOR_RESERVE_FRACTION:.0%} of peak", note=_RESERVE_NOTE)
 
 
+_RESERVE_SIMULATED = Assumption(
+    name="allocator_reserve", value="simulated",
+    note="PyTorch's CUDA caching allocator (default settings) replayed over the step's allocations "
+         "for three steps from a fresh process: max_memory_reserved() - the tensors' peak")
+
+
 _ZERO_GRAD = Assumption(name="zero_grad", value="set_to_none=True",
                         note="gradients are freed after each optimizer step")
 
@@ -175,13 +185,17 @@ _PROFILE_REFERENCE = Assumption(name="profile", value="reference step, simulated
                                 note="the step measured by validation jobs")
 
 
-def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = True) -> MemoryResult:
+def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = True,
+                    allocator: bool | None = None) -> MemoryResult:
     """Per-device peak of one training step, by category (see module docstring).
 
     ``device`` selects kernel details that differ between CPU and CUDA builds of the reference
     step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``. ``explain``: the
     notes that read the figures (bytes per parameter, what fits instead), each of which may
-    replay a variant of the setup; searches that read only the peak pass False."""
+    replay a variant of the setup; searches that read only the peak pass False. ``allocator``
+    (default: ``explain``): replay the CUDA caching allocator for ``cuda_allocator`` and the
+    reserve; without it the reserve is the assumed fraction."""
+    allocator = explain if allocator is None else allocator
     if req.parallelism.expert_parallel > 1:  # 422 for a dense model or a misfit ep
         validate_expert_parallel(hf_config_of(req.model), req.parallelism)
     if req.training.implementation == "transformers":
@@ -197,9 +211,9 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     _check(model, req.training, req.parallelism)
     ac = req.training.activation_checkpointing
     if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
-        return _budget(req, model, device, explain)
+        return _budget(req, model, device, explain, allocator)
     ckpt = _blocks(req.training, model.num_layers) if model.architecture_known else frozenset()
-    return _estimate(req, model, device, ckpt, explain=explain)
+    return _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
 
 
 def _blocks(tr: TrainingSpec, num_layers: int) -> frozenset[int]:
@@ -223,7 +237,8 @@ def _ckpt_assumption(ckpt: frozenset[int]) -> Assumption:
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
-              extra_notes: list[str] | None = None, explain: bool = False) -> MemoryResult:
+              extra_notes: list[str] | None = None, explain: bool = False,
+              allocator: bool = False) -> MemoryResult:
     tr, par = req.training, req.parallelism
     gpu_name, mem_bytes = _hardware_bytes(req.hardware)
     assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
@@ -244,13 +259,21 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         assumptions.append(loss_assumption(tr.loss))
         if ckpt:
             assumptions.append(_ckpt_assumption(frozenset(ckpt)))
-    reserve = allocator_reserve(bd.total, device)
+    cuda_alloc = _cuda_allocator(model, tr, par, device, ckpt, first) if allocator else None
+    if cuda_alloc is not None:
+        reserve = max(0, cuda_alloc.reserved_bytes - bd.total)
+        assumptions[0] = _RESERVE_SIMULATED
+    else:
+        reserve = allocator_reserve(bd.total, device)
     fit = None
     if mem_bytes is not None:
         fit = Fit(gpu=gpu_name, memory_bytes=mem_bytes, fits=bd.total + reserve <= mem_bytes,
                   headroom_bytes=mem_bytes - bd.total - reserve,
                   max_micro_batch_size=_max_micro_batch(req, model, device, ckpt, mem_bytes)
                   if model.architecture_known else None)
+        if cuda_alloc is not None and fit.max_micro_batch_size is not None:
+            fit = fit.model_copy(update={"max_micro_batch_size": _simulated_boundary(
+                req, model, device, ckpt, mem_bytes, fit.max_micro_batch_size)})
     if explain and model.architecture_known and tr.implementation == "reference" \
             and single_device(par) and phase.startswith("optimizer"):
         notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
@@ -262,14 +285,28 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
             suggested = suggestions(req, fit.memory_bytes, fit.max_micro_batch_size,
                                     functools.partial(_suggested, device=device))
     return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
-                        allocator_reserve_bytes=reserve, fit=fit, assumptions=assumptions,
-                        notes=notes, suggestions=suggested, **peaks)
+                        allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
+                        assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)
+
+
+def _cuda_allocator(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+                    ckpt, first) -> CudaAllocatorPeaks | None:
+    """The caching allocator's figures for a single-device reference step on CUDA (None where
+    the step is not replayed tensor by tensor, or the replay would be too long)."""
+    if device == "cpu" or first is None or tr.implementation != "reference" \
+            or not model.architecture_known or not single_device(par):
+        return None
+    p = allocator_peaks(model, tr, frozenset(ckpt))
+    if p is None:
+        return None
+    return CudaAllocatorPeaks(allocated_bytes=p.allocated, first_step_allocated_bytes=p.first_step_allocated,
+                              reserved_bytes=p.reserved, segments=p.segments)
 
 
 def _suggested(req: MemoryRequest, device: str) -> MemoryResult | None:
     """A suggestion's estimate: POST /v1/memory's for the changed request (None when invalid)."""
     try:
-        return estimate_memory(req, device, explain=False)
+        return estimate_memory(req, device, explain=False, allocator=True)
     except (ValueError, PlanningError):
         return None
 
@@ -338,6 +375,35 @@ def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt
     return largest_fitting(need, mem_bytes)
 
 
+def _simulated_boundary(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
+                        mem_bytes: int, m: int) -> int:
+    """The largest fitting micro-batch found with the assumed reserve, moved to where the
+    simulated allocator's reserved peak crosses the memory (a probe or two)."""
+    def reserved(b: int) -> int | None:
+        tr = req.training.model_copy(update={"micro_batch_size": b})
+        try:
+            tr = TrainingSpec.model_validate(tr.model_dump())
+        except ValueError:
+            return None
+        r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model, device, ckpt)
+        p = allocator_peaks(model, tr, frozenset(ckpt))
+        return None if p is None else max(p.reserved, r.breakdown.total)
+
+    for _ in range(4):
+        if m >= 1 and (r := reserved(m)) is not None and r > mem_bytes:
+            m -= 1
+        elif (r := reserved(m + 1)) is not None and r <= mem_bytes:
+            m += 1
+        else:
+            break
+    return m
+
+
+def _simulated_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt) -> int:
+    r = _estimate(req.model_copy(update={"hardware": None}), model, device, ckpt, allocator=True)
+    return r.breakdown.total + r.allocator_reserve_bytes
+
+
 def _template_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt):
     """For a single-device reference estimate: ``b -> peak + reserve`` straight from the setup's
     template when it is compiled for b's domain (None otherwise: the caller estimates), the
@@ -369,7 +435,7 @@ def _max_micro_batch_search(req: MemoryRequest, model: ResolvedModel, device: st
 
 
 def _budget(req: MemoryRequest, model: ResolvedModel, device: str,
-            explain: bool = False) -> MemoryResult:
+            explain: bool = False, allocator: bool = False) -> MemoryResult:
     """Fewest checkpointed blocks whose peak fits the budget. The reference model's blocks are
     identical, so recompute time grows with their number while the peak falls: the smallest
     feasible count is optimal for this homogeneous chain (explicit heterogeneous chains go to
@@ -391,7 +457,7 @@ def _budget(req: MemoryRequest, model: ResolvedModel, device: str,
     if peak(L) > budget:
         return _estimate(req, model, device, set(range(L)), [
             f"no placement fits the budget of {budget} bytes: the smallest achievable peak is "
-            f"{peak(L)} bytes (every block checkpointed)"], explain=explain)
+            f"{peak(L)} bytes (every block checkpointed)"], explain=explain, allocator=allocator)
     lo, hi = 0, L
     while lo < hi:
         mid = (lo + hi) // 2
@@ -399,6 +465,11 @@ def _budget(req: MemoryRequest, model: ResolvedModel, device: str,
             hi = mid
         else:
             lo = mid + 1
+    while allocator and lo < L and _simulated_need(req, model, device, set(range(lo))) > budget:
+        lo += 1  # the simulated allocator reserve decides at the boundary
+    while allocator and lo > 0 and _simulated_need(req, model, device, set(range(lo - 1))) <= budget:
+        lo -= 1
     return _estimate(req, model, device, set(range(lo)), [
-        f"budget {budget} bytes: {lo} of {L} blocks checkpointed"], explain=explain)
+        f"budget {budget} bytes: {lo} of {L} blocks checkpointed"], explain=explain,
+        allocator=allocator)
 
