@@ -389,6 +389,11 @@ def measure_row(c: Campaign, req: ValidationRequest) -> dict:
         "baseline_allocated": base_alloc, "baseline_reserved": base_res,
         "step_time_s": m["step_time_s"],
     }
+    # what max_memory_allocated reports: the allocator's blocks (cuda_allocator, simulated),
+    # else the tensors' bytes
+    ca = est.cuda_allocator
+    out["est_blocks"] = ca.allocated_bytes if ca is not None else out["est_total"]
+    out["est_blocks_first"] = ca.first_step_allocated_bytes if ca is not None else out["est_first"]
     out["err_meter"] = _rel(out["est_total"], out["meter_total"])
     out["err_meter_first"] = _rel(out["est_first"], out["meter_first"])
     cat_errs = {k: _rel(est.breakdown.model_dump()[k], steady["breakdown"][k]) for k in CATS}
@@ -399,8 +404,8 @@ def measure_row(c: Campaign, req: ValidationRequest) -> dict:
         reserved = m["max_reserved_bytes"] - base_res
         out.update(alloc_steady=alloc, alloc_first=alloc_first, reserved=reserved,
                    alloc_retries=m["num_alloc_retries"],
-                   err_alloc=_rel(out["est_total"], alloc),
-                   err_alloc_first=_rel(out["est_first"], alloc_first),
+                   err_alloc=_rel(out["est_blocks"], alloc),
+                   err_alloc_first=_rel(out["est_blocks_first"], alloc_first),
                    err_reserved=_rel(out["est_total"] + out["est_reserve"], reserved),
                    alloc_minus_meter=alloc - out["meter_total"])
     return out
@@ -804,19 +809,21 @@ def _worst_cat(r: dict) -> float | None:
 
 
 def _memory_table(rows: list[dict]) -> list[str]:
-    lines = [("| config | status | est peak | alloc steady | alloc - est | err | est first | "
-              "alloc first | err | est + reserve | reserved | err | retries | meter peak | "
-              "est vs meter | worst cat | peak (meter) | s |"),
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [("| config | status | est peak | est blocks | alloc steady | alloc - blocks | err | "
+              "est first blocks | alloc first | err | est + reserve | reserved | err | retries | "
+              "meter peak | est vs meter | worst cat | peak (meter) | s |"),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {_status(r)} |" + " |" * 16)
+            lines.append(f"| {r['label']} | {_status(r)} |" + " |" * 17)
             continue
         er = r["est_total"] + r["est_reserve"]
-        diff = None if r.get("alloc_steady") is None else r["alloc_steady"] - r["est_total"]
+        blocks = r.get("est_blocks", r["est_total"])
+        diff = None if r.get("alloc_steady") is None else r["alloc_steady"] - blocks
         lines.append(
-            f"| {r['label']} | ok | {_b(r['est_total'])} | {_b(r.get('alloc_steady'))} | "
-            f"{_b(diff)} | {_p(r.get('err_alloc'))} | {_b(r['est_first'])} | "
+            f"| {r['label']} | ok | {_b(r['est_total'])} | {_b(blocks)} | "
+            f"{_b(r.get('alloc_steady'))} | "
+            f"{_b(diff)} | {_p(r.get('err_alloc'))} | {_b(r.get('est_blocks_first', r['est_first']))} | "
             f"{_b(r.get('alloc_first'))} | {_p(r.get('err_alloc_first'))} | {_b(er)} | "
             f"{_b(r.get('reserved'))} | {_p(r.get('err_reserved'), 1)} | "
             f"{r.get('alloc_retries', 'n/a')} | {_b(r['meter_total'])} | {_p(r['err_meter'])} | "
@@ -895,7 +902,10 @@ def render_markdown(h: dict, rows: list[dict]) -> str:
           "(cuBLAS workspaces are created by a warm-up before the first row); \"reserved\" likewise "
           "`max_memory_reserved`; \"meter\" is the storage meter of service/validation/meter.py "
           "(counts host tensors too, e.g. foreach optimizers' CPU `step` scalars, which the cuda "
-          "estimate leaves out).")]
+          "estimate leaves out). \"est peak\" is the tensors' bytes (breakdown.total); \"est blocks\" "
+          "what the caching allocator hands out for them (`cuda_allocator.allocated_bytes`, the "
+          "step's allocations replayed through planner/machine/cuda_allocator.py), which is what "
+          "`max_memory_allocated` counts; \"reserve\" is `allocator_reserve_bytes`.")]
 
     L += ["", "## 1. Single device: fractional-factorial matrix", ""]
     d = h.get("design")

@@ -111,3 +111,58 @@ def test_small_pool_splits_down_to_512_bytes() -> None:
     for b in blocks:
         a.free(b)
     assert a.allocated == 512
+
+
+# ---- the estimate's allocator figures against the GPU campaign's measurements ------------------
+# benchmarks/results/accuracy-cuda.json: the campaign run on an H200 (torch 2.11.0+cu130); each
+# row measured max_memory_allocated (steady state, steps 2-3) and max_memory_reserved relative to
+# the process before the row.
+CAMPAIGN = Path(__file__).parents[1] / "benchmarks" / "results" / "accuracy-cuda.json"
+# Reserved not compared: the measured run is not the replayed sequence (cause not found; the
+# allocated peak agrees to 0.08%). amp-fp16's GradScaler may skip steps whose gradients overflow.
+RESERVED_UNEXPLAINED = {"gpt2-small amp-fp16 sgd-momentum ckpt=full eager dropout=0.1 b4 s512"}
+
+
+def _campaign_rows() -> list[tuple[dict, dict, dict]]:
+    from benchmarks import gpu_campaign as G
+
+    rows = json.loads(CAMPAIGN.read_text())["rows"]
+    table = {label: (model, training) for label, model, training, *_ in G.FULL_SIZE}
+    out = []
+    for r in rows:
+        if r.get("status") != "ok" or r["section"] not in ("single-device", "full-size"):
+            continue
+        if r["section"] == "single-device":
+            f = r["factors"]
+            b, s = G.DEVICE_SIZES[f["size"]]
+            model = G.DEVICE_MODELS[(f["family"], f["size"])]
+            training = G._t(f["precision"], f["optimizer"], b, s, f["checkpointing"],
+                            attention=f["attention"], dropout=f["dropout"])
+        else:
+            model, training = table[r["label"]]
+        out.append((r, model, training))
+    return out
+
+
+def test_estimate_allocator_figures_match_the_gpu_campaign() -> None:
+    from planner.catalog.specs import MemoryRequest
+    from planner.routes.memory import estimate_memory
+
+    checked = exact = 0
+    for r, model, training in _campaign_rows():
+        est = estimate_memory(MemoryRequest(model=model, training=training), device="cuda")
+        meter_cuda = r["meter_total"]  # tensors on CUDA, plus the optimizers' CPU step scalars
+        if abs(est.breakdown.total - meter_cuda) > 8192:  # (4 B per parameter tensor)
+            continue  # the tensors differ (a kernel the replay does not follow): not the allocator's
+        ca = est.cuda_allocator
+        assert ca is not None, r["label"]
+        checked += 1
+        err = (ca.allocated_bytes - r["alloc_steady"]) / r["alloc_steady"]
+        assert abs(err) <= 0.01, (r["label"], err)  # the campaign's goal for the allocated peak
+        exact += abs(err) < 1e-4
+        if r["label"] not in RESERVED_UNEXPLAINED:
+            res = est.breakdown.total + est.allocator_reserve_bytes
+            assert res == ca.reserved_bytes
+            err_r = (res - r["reserved"]) / r["reserved"]
+            assert abs(err_r) <= 0.05, (r["label"], err_r)  # the goal is 10%
+    assert checked >= 30 and exact >= 14, (checked, exact)

@@ -226,7 +226,7 @@ def allocator_peaks(model: ResolvedModel, tr: TrainingSpec,
     replay would exceed ``MAX_EVENTS`` allocations (memoised)."""
     if model.num_layers * tr.gradient_accumulation_steps > MAX_BLOCK_PASSES:
         return None
-    key = (model, tr.model_dump_json(exclude={"activation_checkpointing"}), checkpointed)
+    key = (model, tr.model_dump_json(), checkpointed)
     if key not in _CACHE:
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
