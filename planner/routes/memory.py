@@ -376,7 +376,7 @@ def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt
 
 
 def _simulated_boundary(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
-                        mem_bytes: int, m: int) -> int:
+                        mem_bytes: int, m: int) -> int | None:
     """The largest fitting micro-batch found with the assumed reserve, moved to where the
     simulated allocator's reserved peak crosses the memory (a probe or two)."""
     def reserved(b: int) -> int | None:
@@ -396,7 +396,7 @@ def _simulated_boundary(req: MemoryRequest, model: ResolvedModel, device: str, c
             m += 1
         else:
             break
-    return m
+    return m or None  # None: not even one sequence fits, as largest_fitting says
 
 
 def _simulated_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt) -> int:
