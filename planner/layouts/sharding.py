@@ -250,7 +250,7 @@ def _ring_bytes(nbytes: int, n: int) -> int:
 
 def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str | None,
                   training: TrainingSpec, parallel: ParallelSpec, plan: PrecisionPlan,
-                  unit_elems: list[int]) -> ModelStates:
+                  unit_elems: list[int], root_elems: int = 0) -> ModelStates:
     n = parallel.data_parallel
     z = parallel.zero_stage
     pb, gb = _b(plan.param_dtype), _b(plan.grad_dtype)
@@ -340,6 +340,10 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
         stored = params - frozen_bytes
         offloaded += stored
         params = frozen_bytes
+        # the root unit (embeddings, final norm, head) is all-gathered to the device for the
+        # whole forward and backward (FSDP2 keeps the root unsharded after forward), even on
+        # one rank; measured on an H200 (benchmarks/results/accuracy-cuda.md, section 4)
+        buffers += root_elems * pb
         impl += "; sharded params on CPU (FSDP2 CPUOffloadPolicy)"
     return ModelStates(parameters=params, gradients=grads, optimizer_states=opt, buffers=buffers,
                        step_temporaries=tmp, offloaded_bytes=offloaded, comm_bytes_per_step=comm,
@@ -446,8 +450,9 @@ def _shard_model_states(model: ResolvedModel, training: TrainingSpec,
             unit = sum(_numel(a) for a in adapters) // max(hi - lo, 1)
         else:
             trainable = [True] * len(shapes)
+        root = 0 if lora is not None else sum(_numel(sh) for sh in shapes) - (hi - lo) * unit
         ms = _stage_states(shapes, trainable, lora.base_dtype if lora else None, training,
-                           parallel, plan, [unit])
+                           parallel, plan, [unit], root)
         seen[shape_key] = ms
         if best is None or ms.total + ms.step_temporaries > best.total + best.step_temporaries:
             best = ms if p == 1 else ModelStates(**{**ms.__dict__, "worst_rank": ms.worst_rank + s * parallel.data_parallel * t})
