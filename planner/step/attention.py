@@ -44,7 +44,7 @@ def sdpa_backend(device: str, esz: int, gqa: bool, forced: str | None = None) ->
     return "cudnn"
 
 
-def sdpa_math(model: "ReferenceModel", q: T, k: T, v: T) -> T:
+def sdpa_math(model: ReferenceModel, q: T, k: T, v: T) -> T:
     """``_scaled_dot_product_attention_math(q, k, v, is_causal=True, enable_gqa=gqa)`` on fp32
     inputs, (B, nh, T, hd) out (contiguous: the caller's ``transpose(1, 2).contiguous()`` copies
     it). The C++ body, line by line::
@@ -93,7 +93,7 @@ def sdpa_math(model: "ReferenceModel", q: T, k: T, v: T) -> T:
     return y4
 
 
-def cuda_amp_softmax(model: "ReferenceModel", x: T) -> T:
+def cuda_amp_softmax(model: ReferenceModel, x: T) -> T:
     """``F.softmax`` under CUDA autocast: softmax is on CUDA's fp32 list (CPU's has no softmax),
     so a half input is cast to fp32 (a copy that dies as the op returns) and the fp32 output is
     what softmax saves. Returns that fp32 output."""
