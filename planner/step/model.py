@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.catalog.precision import tensor_bytes
+from planner.step.attention import SEED_BYTES, cuda_amp_softmax, sdpa_backend, sdpa_math
 from planner.step.ops import F32, T
 from planner.machine.stepsim import Val
 
@@ -50,6 +51,10 @@ class ReferenceModel:
     """The model half of ReferenceProgram: expects ``cfg``, ``tr``, ``device``, ``ops``, ``s``
     (Shapes), ``real_blocks``, ``n_phantom``, ``p_esz``, ``g_esz``, ``act_esz`` and
     ``checkpointed`` set by the program, and ``_checkpoint`` from it."""
+
+    # The SDPA backend, one of planner.step.attention.BACKENDS; None: the device's choice. An
+    # internal knob: the tests replay the math backend on CPU (torch's sdpa_kernel(MATH)).
+    sdpa_kernel: str | None = None
 
     # ---- parameters (registration order of service.validation.model.Transformer) ----------------
     def _build_params(self) -> _Params:
@@ -193,8 +198,8 @@ class ReferenceModel:
             y4 = self._checkpoint(core, [q, k, v])  # Megatron's core-attention recompute
         else:
             y4 = core()  # (B, nh, T, hd)
-        if self.tr.attention == "sdpa":
-            y = y4  # the flash kernel's output is already (B, T, nh, hd) in memory: no copy
+        if self.tr.attention == "sdpa" and self._sdpa_backend(q) != "math":
+            y = y4  # a fused kernel's output is already (B, T, nh, hd) in memory: no copy
         else:
             y = o.contiguous_copy(y4)
             o.drop(y4)
@@ -206,7 +211,10 @@ class ReferenceModel:
         """CausalSelfAttention._core: softmax(q k^T / sqrt(hd)) v, (B, nh, T, hd)."""
         o, s = self.ops, self.s
         if self.tr.attention == "sdpa":
-            return o.sdpa(q, k, v, s.B * s.nh * s.T)
+            backend = self._sdpa_backend(q)
+            if backend == "math":
+                return sdpa_math(self, q, k, v)
+            return o.sdpa(q, k, v, s.B * s.nh * s.T, SEED_BYTES if backend == "cudnn" else 0)
         gqa = s.nkv != s.nh
         if gqa:  # repeat_interleave = expand + copy; backward sums over the group
             k, v = self._repeat_kv(k), self._repeat_kv(v)
@@ -226,14 +234,23 @@ class ReferenceModel:
         notmask = o.new(s.T * s.T, 1, "bitwise_not")
         att2 = o.masked_fill(att, notmask)
         o.drop(notmask, att)
-        p = o.softmax(att2)
+        if self.device != "cpu" and o.amp_esz is not None and att2.esz != F32:
+            p = cuda_amp_softmax(self, att2)
+        else:
+            p = o.softmax(att2)
         o.drop(att2)
+        # under autocast, matmul casts an fp32 (CUDA softmax) operand back to half first
+        pc, p_new = o.amp_input(p)
         vc = o.view(v) if gqa else o.contiguous_copy(v)
-        y4 = o.bmm(p, vc, s.N * s.h)
+        y4 = o.bmm(pc, vc, s.N * s.h)
+        o.drop(pc if p_new else None)
         o.drop(vc, p, mask)
         if gqa:
             o.drop(k, v)
         return y4
+
+    def _sdpa_backend(self, q: T) -> str:
+        return sdpa_backend(self.device, q.esz, self.s.nkv != self.s.nh, self.sdpa_kernel)
 
     def _repeat_kv(self, x: T) -> T:
         o, s = self.ops, self.s

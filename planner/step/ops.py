@@ -297,18 +297,21 @@ class Ops:
         node = self._node("Embedding", [w], [idx], bw)
         return self.new(n_rows * h, w.esz, "embedding", node)
 
-    def sdpa(self, q: T, k: T, v: T, lse_numel: int) -> T:
-        """_scaled_dot_product_flash_attention_for_cpu: output like q plus an fp32 logsumexp
-        (B·nh·T), saved with q, k, v; backward allocates gradients like q, k and v."""
+    def sdpa(self, q: T, k: T, v: T, lse_numel: int, seed_bytes: int = 0) -> T:
+        """A fused SDPA kernel (planner/step/attention.py): output like q plus an fp32
+        logsumexp (B·nh·T), saved with q, k, v; ``seed_bytes``: a philox seed and offset of that
+        many bytes each on the device (cuDNN's), allocated first and saved too. Backward
+        allocates gradients like q, k and v."""
         def bw(m: Machine, n: Node, g: list) -> list:
             return [m.galloc(n, 0, q.numel * q.esz, "sdpa_backward"),
                     m.galloc(n, 1, k.numel * k.esz, "sdpa_backward"),
                     m.galloc(n, 2, v.numel * v.esz, "sdpa_backward")]
         node = self._node("Sdpa", [q, k, v], [q, k, v], bw)
+        seeds = [self.m.alloc(seed_bytes, "sdpa") for _ in range(2)] if seed_bytes else []
         out = self.new(q.numel, q.esz, "sdpa", node)
         lse = self.m.alloc(lse_numel * F32, "sdpa")
-        self.m.save(node, [out.buf, lse])
-        self.m.drop(lse)
+        self.m.save(node, [out.buf, lse, *seeds])
+        self.m.drop(lse, *seeds)
         return out
 
     def contiguous_copy(self, x: T, name: str = "clone") -> T:
