@@ -340,11 +340,8 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
         stored = params - frozen_bytes
         offloaded += stored
         params = frozen_bytes
-        # the root unit (embeddings, final norm, head) is all-gathered to the device for the
-        # whole forward and backward (FSDP2 keeps the root unsharded after forward), even on
-        # one rank; measured on an H200 (benchmarks/results/accuracy-cuda.md, section 4)
-        buffers += root_elems * pb
-        impl += "; sharded params on CPU (FSDP2 CPUOffloadPolicy)"
+        buffers += root_elems * pb  # FSDP2's root unit stays gathered (accuracy-cuda.md §4)
+        impl += "; sharded params on CPU, the root unit all-gathered (FSDP2 CPUOffloadPolicy)"
     return ModelStates(parameters=params, gradients=grads, optimizer_states=opt, buffers=buffers,
                        step_temporaries=tmp, offloaded_bytes=offloaded, comm_bytes_per_step=comm,
                        implementation=impl, worst_rank=worst, notes=tuple(notes))
