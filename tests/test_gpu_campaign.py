@@ -65,3 +65,22 @@ def test_dry_run_writes_every_section(tmp_path):
     assert data["header"]["torch"] and data["header"]["torch_note"]
     mb = [r for r in rows if r["section"] == "max-micro-batch"]
     assert mb and all(r["verdict"] in ("exact", "too cautious", "too optimistic") for r in mb)
+
+
+def test_trace_dry_run(tmp_path):
+    """benchmarks/gpu_trace.py (the allocator traces behind tests/data/cuda_allocator) runs its
+    rows small on the CPU, without the service's stack; a trace needs CUDA, so none is recorded."""
+    out = tmp_path / "trace"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runner = RUNNER.replace("benchmarks.gpu_campaign", "benchmarks.gpu_trace")
+    proc = subprocess.run([sys.executable, "-c", runner, "--dry-run", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import gzip
+    traces = sorted(out.glob("trace-*.json.gz"))
+    assert len(traces) == 6
+    for t in traces:
+        rec = json.loads(gzip.open(t, "rt").read())
+        assert rec["error"] is None and rec["result"], (t.name, rec["error"])
+    probe = json.loads((out / "sdpa.json").read_text())
+    assert len(probe) == 24 and all("forward" in r for r in probe)
