@@ -370,7 +370,7 @@ def _adam8bit():
 
 def measure_row(c: Campaign, req: ValidationRequest) -> dict:
     """Estimate (device cuda, or cpu in a dry run) and measure one setup."""
-    est = estimate_memory(req, device=c.est_device)
+    est = estimate_memory(req, device=c.est_device, allocator=True)  # the allocator replayed
     if req.training.optimizer == "adam-8bit":
         ctx: Any = _adam8bit()
     else:
@@ -409,6 +409,10 @@ def measure_row(c: Campaign, req: ValidationRequest) -> dict:
                    err_reserved=_rel(out["est_total"] + out["est_reserve"], reserved),
                    alloc_minus_meter=alloc - out["meter_total"])
     return out
+
+
+def _hw(mem: int) -> HardwareSpec:
+    return HardwareSpec(memory_bytes=mem, allocator="replay")
 
 
 def _vreq(c: Campaign, model: dict, training: dict, steps: int = 3) -> ValidationRequest:
@@ -461,7 +465,7 @@ def full_size_row(c: Campaign, model: dict, training: dict) -> dict:
     req = _vreq(c, model, training)
     mem = usable_bytes(c)
     if mem is not None:
-        fit = estimate_memory(req.model_copy(update={"hardware": HardwareSpec(memory_bytes=mem)}),
+        fit = estimate_memory(req.model_copy(update={"hardware": _hw(mem)}),
                               device=c.est_device).fit
         if fit is not None and not fit.fits:
             return {"status": "skipped", "usable_bytes": mem,
@@ -476,13 +480,14 @@ def max_batch_row(c: Campaign, model: dict, training: dict) -> dict:
 
     def need(b: int) -> int:
         tr = base.training.model_copy(update={"micro_batch_size": b})
-        r = estimate_memory(base.model_copy(update={"training": tr}), device=c.est_device)
+        r = estimate_memory(base.model_copy(update={"training": tr}), device=c.est_device,
+                            allocator=True)
         return r.breakdown.total + r.allocator_reserve_bytes
 
     # On the CPU nothing runs out of memory: a budget just under the need of b=3 stands in for the
     # device (the planner then answers 2) and "fits" is the measured peak <= budget.
     mem = usable_bytes(c) if c.cuda else need(3) - 1
-    est = estimate_memory(base.model_copy(update={"hardware": HardwareSpec(memory_bytes=mem)}),
+    est = estimate_memory(base.model_copy(update={"hardware": _hw(mem)}),
                           device=c.est_device)
     bstar = est.fit.max_micro_batch_size if est.fit else None
     out: dict[str, Any] = {"memory_bytes": mem, "max_micro_batch": bstar}

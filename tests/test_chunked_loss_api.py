@@ -112,12 +112,11 @@ def test_cli_loss_flags(capsys, tmp_path):
 
 
 def test_what_fits_offers_the_chunked_loss(client):
-    """Llama-3-8B with Adafactor, 4 x 8192 tokens, full checkpointing on an H100 80GB: the
-    standard loss's peak (in the loss's backward, with the allocator's reserve) does not fit; the
-    note names the chunked-linear loss, whose estimate (the same replay as a request with it)
-    fits."""
+    """Llama-3-8B, 4 x 8192 tokens, full checkpointing on an H100 80GB: the standard loss's peak
+    (in the loss's backward) does not fit; the note names the chunked-linear loss, whose estimate
+    (the same replay as a request with it) fits."""
     setup = {"model": {"preset": "llama-3-8b"},
-             "training": {"precision": "bf16", "optimizer": "adafactor", "micro_batch_size": 4,
+             "training": {"precision": "bf16", "optimizer": "adamw", "micro_batch_size": 4,
                           "sequence_length": 8192,
                           "activation_checkpointing": {"strategy": "full"}},
              "hardware": {"gpu": "h100-80gb"}}

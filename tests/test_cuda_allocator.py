@@ -147,7 +147,8 @@ def test_estimate_allocator_figures_match_the_gpu_campaign() -> None:
 
     checked = exact = 0
     for r, model, training in _campaign_rows():
-        est = estimate_memory(MemoryRequest(model=model, training=training), device="cuda")
+        est = estimate_memory(MemoryRequest(model=model, training=training, hardware={"allocator": "replay"}),
+                              device="cuda")
         meter_cuda = r["meter_total"]  # tensors on CUDA, plus the optimizers' CPU step scalars
         if abs(est.breakdown.total - meter_cuda) > 8192:  # (4 B per parameter tensor)
             continue  # the tensors differ (a kernel the replay does not follow): not the allocator's
@@ -162,3 +163,40 @@ def test_estimate_allocator_figures_match_the_gpu_campaign() -> None:
         err_r = (res - r["reserved"]) / r["reserved"]
         assert abs(err_r) <= 0.05, (r["label"], err_r)  # the goal is 10%
     assert checked == 38 and exact >= 15, (checked, exact)
+
+
+def _req(b: int, allocator: str, **hw):
+    from planner.catalog.specs import MemoryRequest
+
+    return MemoryRequest(model={"preset": "gpt2"},
+                         training={"micro_batch_size": b, "sequence_length": 1024},
+                         hardware={"allocator": allocator, **hw})
+
+
+def test_replay_is_asked_for_and_the_fit_follows_it() -> None:
+    from planner.routes.memory import estimate_memory
+
+    assumed = estimate_memory(_req(8, "assumed"))
+    assert assumed.cuda_allocator is None
+    assert assumed.allocator_reserve_bytes == int(assumed.breakdown.total * 0.05)
+    replay = estimate_memory(_req(8, "replay"))
+    ca = replay.cuda_allocator
+    assert ca is not None and replay.breakdown == assumed.breakdown
+    assert replay.breakdown.total < ca.allocated_bytes <= ca.reserved_bytes
+    assert replay.allocator_reserve_bytes == ca.reserved_bytes - replay.breakdown.total
+    assert any(a.name == "allocator_reserve" and a.value == "simulated" for a in replay.assumptions)
+    # on the CPU there is no caching allocator
+    assert estimate_memory(_req(8, "replay"), device="cpu").cuda_allocator is None
+
+
+def test_replayed_largest_micro_batch_is_the_boundary() -> None:
+    from planner.routes.memory import estimate_memory
+
+    mem = 24 * 2**30
+    r = estimate_memory(_req(8, "replay", memory_bytes=mem))
+    m = r.fit.max_micro_batch_size
+    assert m is not None and m >= 2
+    at = estimate_memory(_req(m, "replay", memory_bytes=mem))
+    above = estimate_memory(_req(m + 1, "replay", memory_bytes=mem))
+    assert at.fit.fits and not above.fit.fits
+    assert at.cuda_allocator.reserved_bytes <= mem < above.cuda_allocator.reserved_bytes

@@ -43,6 +43,7 @@ PipelineScheduleName = Literal[
 
 from planner.catalog.allocator_specs import CudaAllocatorPeaks  # noqa: E402
 from planner.catalog.frozen import _Frozen  # noqa: E402
+from planner.catalog.result_specs import Assumption, Breakdown, Fit, Suggestion  # noqa: E402, F401
 from planner.catalog.hf_specs import TransformersOptions  # noqa: E402
 from planner.catalog.moe_specs import MoEStates  # noqa: E402
 
@@ -252,6 +253,11 @@ class HardwareSpec(_Frozen):
 
     gpu: str | None = Field(None, description="Name from GET /v1/gpus, e.g. 'h100-80gb'.")
     memory_bytes: int | None = Field(None, ge=1, le=2**50)
+    allocator: Literal["assumed", "replay"] = Field(
+        "assumed", description="The CUDA caching allocator's reserve: 'assumed' (5% of the peak, "
+        "instant) or 'replay' (the single-device reference step's allocations replayed through "
+        "the allocator's rules, exact against max_memory_reserved, one replay per setup and size; "
+        "fills cuda_allocator).")
 
     @field_validator("gpu")
     @classmethod
@@ -264,46 +270,6 @@ class MemoryRequest(_Frozen):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     parallelism: ParallelSpec = Field(default_factory=ParallelSpec)
     hardware: HardwareSpec | None = None
-
-
-class Breakdown(_Frozen):
-    """Bytes per device at the peak of one training step; the categories sum to ``total``."""
-
-    parameters: int
-    gradients: int
-    optimizer_states: int
-    activations: int
-    temporaries: int
-    total: int
-
-
-class Assumption(_Frozen):
-    name: str
-    value: str
-    note: str = ""
-
-
-class Fit(_Frozen):
-    gpu: str | None
-    memory_bytes: int
-    fits: bool
-    headroom_bytes: int = Field(..., description="memory_bytes - (peak + allocator reserve); "
-                                "negative when it does not fit.")
-    max_micro_batch_size: int | None = Field(
-        None, description="Largest micro-batch whose peak fits (None: not even 1 fits, or "
-        "activations unknown).")
-
-
-class Suggestion(_Frozen):
-    """A change after which a setup that does not fit fits (POST /v1/plan's search, anchored)."""
-
-    change: str
-    parallelism: dict[str, int | bool | str] = Field(default_factory=dict)
-    training: dict[str, int | str | dict[str, int | str]] = Field(
-        default_factory=dict, description="Changed training fields, as posted ('loss' as an "
-        "object, 'activation_checkpointing' as its strategy).")
-    peak_bytes: int = Field(..., description="POST /v1/memory's breakdown.total after the change.")
-    headroom_bytes: int
 
 
 class MemoryResult(_Frozen):

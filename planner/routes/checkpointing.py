@@ -297,19 +297,22 @@ def _plan_setup(req: CheckpointRequest) -> CheckpointResult:
         raise PlanningError("implementation 'megatron' models none, selective and full "
                             "(Korthikanti et al. 2022 Table 2)", "body.strategy")
 
-    def estimate(spec: ActivationCheckpointing, allocator: bool = False):
+    replay = req.hardware is not None and req.hardware.allocator == "replay"
+
+    def estimate(spec: ActivationCheckpointing, final: bool = False):
         tr = training.model_copy(update={"activation_checkpointing": spec})
         mreq = MemoryRequest(model=req.model, training=tr, parallelism=par, hardware=None)
-        try:  # the answer's own estimate replays the CUDA allocator, as POST /v1/memory's does
-            return estimate_memory(mreq, device=req.device, explain=False, allocator=allocator)
+        try:  # the answer's own estimate replays the CUDA allocator when asked, as /v1/memory's
+            return estimate_memory(mreq, device=req.device, explain=False,
+                                   allocator=final and replay)
         except PlanningError as exc:  # name the field as this route's body has it
             field = exc.field
             if field and not field.startswith("body."):
                 field = f"body.{field}"
             raise PlanningError(exc.detail, field) from exc
 
-    def at(blocks: list[int], allocator: bool = False):
-        return estimate(ActivationCheckpointing(strategy="blocks", blocks=blocks), allocator)
+    def at(blocks: list[int], final: bool = False):
+        return estimate(ActivationCheckpointing(strategy="blocks", blocks=blocks), final)
 
     def need(r) -> int:  # what a budget must hold
         return r.breakdown.total + r.allocator_reserve_bytes

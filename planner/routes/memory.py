@@ -193,9 +193,11 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     step (e.g. layer-norm statistics dtype); estimates for a GPU use ``cuda``. ``explain``: the
     notes that read the figures (bytes per parameter, what fits instead), each of which may
     replay a variant of the setup; searches that read only the peak pass False. ``allocator``
-    (default: ``explain``): replay the CUDA caching allocator for ``cuda_allocator`` and the
-    reserve; without it the reserve is the assumed fraction."""
-    allocator = explain if allocator is None else allocator
+    (default: the request's ``hardware.allocator == "replay"``): replay the CUDA caching
+    allocator for ``cuda_allocator`` and the reserve; without it the reserve is the assumed
+    fraction."""
+    if allocator is None:
+        allocator = req.hardware is not None and req.hardware.allocator == "replay"
     if req.parallelism.expert_parallel > 1:  # 422 for a dense model or a misfit ep
         validate_expert_parallel(hf_config_of(req.model), req.parallelism)
     if req.training.implementation == "transformers":
@@ -306,7 +308,7 @@ def _cuda_allocator(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, d
 def _suggested(req: MemoryRequest, device: str) -> MemoryResult | None:
     """A suggestion's estimate: POST /v1/memory's for the changed request (None when invalid)."""
     try:
-        return estimate_memory(req, device, explain=False, allocator=True)
+        return estimate_memory(req, device, explain=False)
     except (ValueError, PlanningError):
         return None
 

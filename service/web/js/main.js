@@ -23,7 +23,8 @@ const SECTIONS = [
                    "tensor_parallel", "sequence_parallel", "pipeline_parallel", "pipeline_schedule",
                    "virtual_pipeline_stages", "expert_parallel", "fsdp_mixed_precision"]
     .map((k) => ({ path: `parallelism.${k}` }))],
-  ["GPU", [{ path: "hardware.gpu", label: "gpu", list: "gpus" }, { path: "hardware.memory_bytes" }]],
+  ["GPU", [{ path: "hardware.gpu", label: "gpu", list: "gpus" }, { path: "hardware.memory_bytes" },
+           { path: "hardware.allocator", label: "allocator reserve" }]],
 ];
 const DEFAULT_REQUEST = { model: { preset: "gpt2-xl" }, training: { micro_batch_size: 4 }, hardware: { gpu: "a100-80gb" } };
 

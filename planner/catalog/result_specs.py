@@ -1,0 +1,49 @@
+"""Small result models of POST /v1/memory: the breakdown, assumptions, the fit, suggestions."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from planner.catalog.frozen import _Frozen
+
+__all__ = ["Assumption", "Breakdown", "Fit", "Suggestion"]
+
+
+class Breakdown(_Frozen):
+    """Bytes per device at the peak of one training step; the categories sum to ``total``."""
+
+    parameters: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    temporaries: int
+    total: int
+
+
+class Assumption(_Frozen):
+    name: str
+    value: str
+    note: str = ""
+
+
+class Fit(_Frozen):
+    gpu: str | None
+    memory_bytes: int
+    fits: bool
+    headroom_bytes: int = Field(..., description="memory_bytes - (peak + allocator reserve); "
+                                "negative when it does not fit.")
+    max_micro_batch_size: int | None = Field(
+        None, description="Largest micro-batch whose peak fits (None: not even 1 fits, or "
+        "activations unknown).")
+
+
+class Suggestion(_Frozen):
+    """A change after which a setup that does not fit fits (POST /v1/plan's search, anchored)."""
+
+    change: str
+    parallelism: dict[str, int | bool | str] = Field(default_factory=dict)
+    training: dict[str, int | str | dict[str, int | str]] = Field(
+        default_factory=dict, description="Changed training fields, as posted ('loss' as an "
+        "object, 'activation_checkpointing' as its strategy).")
+    peak_bytes: int = Field(..., description="POST /v1/memory's breakdown.total after the change.")
+    headroom_bytes: int
