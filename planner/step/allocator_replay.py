@@ -70,14 +70,15 @@ class _AllocatorMachine(Machine):
 
     def _run(self, plan: list[tuple]) -> list[Block]:
         """Run ('a', key, nbytes) / ('f', key) steps; the blocks still held are the buffer's, in
-        the order they are to be freed."""
+        the order they are to be freed (reversed when the plan ends with ('reverse',))."""
         held: dict = {}
         for op in plan:
             if op[0] == "a":
                 held[op[1]] = self.ca.malloc(op[2])
-            else:
+            elif op[0] == "f":
                 self.ca.free(held.pop(op[1]))
-        return list(held.values())
+        blocks = list(held.values())
+        return blocks[::-1] if plan and plan[-1] == ("reverse",) else blocks
 
     def _release(self, b: Buf) -> None:
         for blk in self.blocks.pop(b, ()):
@@ -205,17 +206,6 @@ def _reverse_held(plan: list[tuple]) -> list[tuple]:
     return plan + [("reverse",)]
 
 
-def _run_with_reverse(machine: _AllocatorMachine):
-    run = machine._run
-
-    def _run(plan: list[tuple]) -> list[Block]:
-        if plan and plan[-1] == ("reverse",):
-            return list(reversed(run(plan[:-1])))
-        return run(plan)
-
-    machine._run = _run  # type: ignore[method-assign]
-
-
 _CACHE: dict[tuple, AllocatorPeaks | None] = {}
 _CACHE_SIZE = 256
 
@@ -242,7 +232,6 @@ def _replay(model: ResolvedModel, tr: TrainingSpec,
             checkpointed: frozenset[int]) -> AllocatorPeaks | None:
     ca = CachingAllocator()
     m = _AllocatorMachine(ca)
-    _run_with_reverse(m)
     try:
         prog = _AllocatorProgram(model, tr, m, set(checkpointed))
         peaks: list[tuple[int, int]] = []
