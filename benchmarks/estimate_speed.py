@@ -20,6 +20,8 @@ Cases (every cache is cleared where a case says "first"):
 - ZeRO-3 on 8 ranks, 1F1B on 4 ranks: the same for a data-parallel layout (the FSDP2 rank's
   replay) and a pipelined one (every rank's replay), which compile into templates as well.
 - fit: with ``hardware`` set, so the largest fitting micro-batch is searched as well.
+- ``hardware.allocator: "replay"``: a new size whose answer replays the CUDA caching allocator
+  (planner/step/allocator_replay.py: every block, three steps), the price of the exact reserve.
 - HTTP: a uvicorn server (one process) serving ``create_app()``; clients keep connections open.
   The trivial route is GET /healthz; /v1/memory gets one configuration.
 llm-analysis is optional (``pip install llm-analysis``); its column is left out when it is not
@@ -152,6 +154,10 @@ def planner_rows(n_cold: int, n_new: int, n_warm: int) -> list[tuple[str, str, f
         fits = [_req(preset, 2, t, hardware={"gpu": "h100-80gb"}) for _, t in sizes[:n_cold]]
         rows.append((preset, "largest micro-batch, known setup", statistics.median(
             _time_each(est, fits))))
+        replays = [_req(preset, b, t, hardware={"allocator": "replay"})
+                   for b, t in sizes[2 * n_cold:][:max(1, n_new // 4)]]
+        rows.append((preset, "new size with hardware.allocator 'replay' (allocator replayed)",
+                     statistics.median(_time_each(est, replays))))
     return rows
 
 
