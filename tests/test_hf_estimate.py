@@ -55,6 +55,10 @@ CASES = [
     ("mixtral", {}),
     ("mixtral", {"precision": "amp-bf16", "activation_checkpointing": {"strategy": "full"}}),
     ("qwen2_moe", {"optimizer": "sgd"}),
+    # accumulation 3 and 4 are traced as 2 (planner/hf/estimate.py): the real step runs them
+    ("mixtral", {"gradient_accumulation_steps": 3, "optimizer": "adamw"}),
+    ("llama", {"gradient_accumulation_steps": 4, "activation_checkpointing": {"strategy": "full"},
+               "precision": "amp-bf16", "optimizer": "sgd-momentum"}),
 ]
 
 
@@ -103,6 +107,15 @@ def test_a_layer_count_seen_before_costs_no_trace(monkeypatch):
     b = E.estimate({**cfg, "num_hidden_layers": 61}, tr)
     per_layer = b.steady.breakdown["total"] - a.steady.breakdown["total"]
     assert per_layer > 0
+
+
+def test_accumulation_from_two_shares_one_trace(monkeypatch):
+    cfg = MODELS["qwen2_moe"]
+    two = E.estimate(cfg, TrainingSpec(**_training({"gradient_accumulation_steps": 2})))
+    monkeypatch.setattr(E.S, "run", lambda *a, **k: pytest.fail("traced again"))
+    for ga in (3, 7):
+        got = E.estimate(cfg, TrainingSpec(**_training({"gradient_accumulation_steps": ga})))
+        assert got == two
 
 
 def test_settings_it_does_not_run_are_named():
