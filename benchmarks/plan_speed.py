@@ -17,7 +17,8 @@ MoE searches (``planner/routes/plan_moe.py``: data x expert parallel layouts of 
 transformers step) of Mixtral-8x7B, cold: a fresh interpreter with torch and transformers
 imported, every trace cache empty; one search per process. ``--compare-with DIR`` also times
 them with the planner of another checkout (e.g. ``git worktree add DIR <commit>``): the
-before/after columns. ``--moe-only`` skips the dense figures.
+before/after columns, each the process's CPU time (steadier than wall time on a shared machine)
+and wall time. ``--moe-only`` skips the dense figures.
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ import torch, transformers  # imported before the clock: a process's one-time co
 from planner.catalog.plan_specs import PlanRequest
 from planner.routes.plan_search import plan
 req = PlanRequest.model_validate(json.loads(sys.argv[1]))
-t0 = time.perf_counter(); r = plan(req); dt = time.perf_counter() - t0
+t0, c0 = time.perf_counter(), time.process_time()
+r = plan(req)
+dt, cpu = time.perf_counter() - t0, time.process_time() - c0
 c = r.clusters[0]
-print(json.dumps({"cold": dt, "search": c.search.model_dump(), "fits": len(c.layouts),
+print(json.dumps({"cold": dt, "cpu": cpu, "search": c.search.model_dump(), "fits": len(c.layouts),
                   "best": [c.layouts[0].expert_parallel, c.layouts[0].activation_checkpointing,
                            c.layouts[0].micro_batch_size, c.layouts[0].peak_bytes]
                   if c.layouts else None}))
@@ -102,8 +105,8 @@ def _run_moe(request: dict, root: Path) -> dict:
 
 def moe(compare_with: Path | None) -> None:
     root = Path(__file__).resolve().parents[1]
-    cols = "| MoE search (cold) | before | after | layouts | pruned by the floor | traced " \
-        "(POST /v1/memory's peak) | of which over memory | fit |"
+    cols = "| MoE search (cold) | before: CPU, wall | after: CPU, wall | layouts | pruned by " \
+        "the floor | traced (POST /v1/memory's peak) | of which over memory | fit |"
     print(cols)
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, request in MOE_REQUESTS.items():
@@ -113,8 +116,8 @@ def moe(compare_with: Path | None) -> None:
         if before is not None:  # the same answer before and after
             assert before["fits"] == after["fits"] and before["best"] == after["best"], \
                 (before, after)
-        was = f"{before['cold']:.1f} s" if before else "-"
-        print(f"| {name} | {was} | "
+        was = f"{before['cpu']:.1f} s, {before['cold']:.1f} s" if before else "-"
+        print(f"| {name} | {was} | {after['cpu']:.1f} s, "
               f"{after['cold']:.1f} s | {s['space_size']} | {s['pruned_by_bound']} | "
               f"{s['evaluated']} | {s['rejected'].get('peak_exceeds_memory', 0)} | "
               f"{after['fits']} |")
