@@ -195,7 +195,7 @@ def test_gemma3_first_estimate_of_a_fresh_service_answers():
                          "micro_batch_size": 1, "sequence_length": 1024}}
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", FIRST_CALL, json.dumps(body)], cwd=root,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("200 "), out.stdout
 

@@ -338,15 +338,17 @@ def test_search_stops_at_the_work_limit():
 # an MoE model of Mixtral's shape (8 experts, top-2) with 4 blocks: model states of 1.8 B
 # parameters, so the v100-16gb holds it only with its experts spread (ep >= 2); at sequence 6144
 # the search prunes 4 layouts on their floors, traces 12, of which 4 are over memory
-MOE = dict(
-    model=dict(hf_config=dict(model_type="mixtral", hidden_size=2048, intermediate_size=8192,
-                              num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
-                              num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)),
-    training=dict(global_batch_sequences=16, sequence_length=6144, precision="bf16",
-                  max_micro_batch_size=2, checkpoint_strategies=["none", "full"]),
-    cluster=dict(gpu="v100-16gb", num_gpus=8),
-    constraints=dict(top_k=100),
-)
+MOE = {
+    "model": {"hf_config": {"model_type": "mixtral", "hidden_size": 2048,
+                            "intermediate_size": 8192, "num_hidden_layers": 4,
+                            "num_attention_heads": 16, "num_key_value_heads": 4,
+                            "num_local_experts": 8, "num_experts_per_tok": 2,
+                            "vocab_size": 32000}},
+    "training": {"global_batch_sequences": 16, "sequence_length": 6144, "precision": "bf16",
+                 "max_micro_batch_size": 2, "checkpoint_strategies": ["none", "full"]},
+    "cluster": {"gpu": "v100-16gb", "num_gpus": 8},
+    "constraints": {"top_k": 100},
+}
 
 
 def test_moe_search_prunes_on_floors_and_keeps_every_layout_that_fits(client):

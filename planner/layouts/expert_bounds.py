@@ -33,7 +33,10 @@ scalar, where the model has one per tensor): a floor.
 from __future__ import annotations
 
 from planner.catalog.hf_config import dims, expert_tensor_numels, num_experts
-from planner.catalog.optimizers import optimizer_state_bytes, optimizer_step_temporary_bytes
+from planner.catalog.optimizers import (
+    optimizer_state_bytes,
+    optimizer_step_temporary_bytes,
+)
 from planner.catalog.specs import TrainingSpec
 from planner.layouts import expert
 
