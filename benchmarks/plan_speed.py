@@ -12,6 +12,13 @@ up to 8 that divides the per-replica batch; and warm, the same search with the t
   pipeline simulations), best of 5.
 Goal: <= 2 s cold, <= 200 ms warm. Wall-clock numbers on a shared 2-core machine vary by up to 2x
 between runs. Run: ``python benchmarks/plan_speed.py``.
+
+MoE searches (``planner/routes/plan_moe.py``: data x expert parallel layouts of the traced
+transformers step) of Mixtral-8x7B, cold: a fresh interpreter with torch and transformers
+imported, every trace cache empty; one search per process. ``--compare-with DIR`` also times
+them with the planner of another checkout (e.g. ``git worktree add DIR <commit>``): the
+before/after columns, each the process's CPU time (steadier than wall time on a shared machine)
+and wall time. ``--moe-only`` skips the dense figures.
 """
 
 from __future__ import annotations
@@ -53,6 +60,67 @@ print(json.dumps({"cold": dt, "warm": warm, "search": c.search.model_dump(),
 # the same search with the loss as a dimension (chunked kinds on layouts without TP and PP)
 WITH_LOSS = {**REQUEST, "training": {**REQUEST["training"],
                                      "loss_kinds": ["standard", "chunked", "chunked-linear"]}}
+
+
+# Mixtral-8x7B (the preset: 32 blocks, 8 experts, top-2) at sequence 4096, bf16, checkpointing
+# none/full, every micro-batch up to 8 and every ep dividing the GPUs and the 8 experts
+MOE_REQUESTS = {
+    "Mixtral-8x7B, 64 H100, AdamW, batch 512": {
+        "model": {"preset": "mixtral-8x7b"},
+        "training": {"global_batch_sequences": 512, "sequence_length": 4096, "precision": "bf16",
+                     "optimizer": "adamw", "max_micro_batch_size": 8,
+                     "checkpoint_strategies": ["none", "full"]},
+        "cluster": {"gpu": "h100-80gb", "num_gpus": 64}},
+    "Mixtral-8x7B, 16 H200, SGD-momentum, batch 128": {
+        "model": {"preset": "mixtral-8x7b"},
+        "training": {"global_batch_sequences": 128, "sequence_length": 4096, "precision": "bf16",
+                     "optimizer": "sgd-momentum", "max_micro_batch_size": 8,
+                     "checkpoint_strategies": ["none", "full"]},
+        "cluster": {"gpu": "h200-141gb", "num_gpus": 16}},
+}
+
+_MOE = """
+import json, sys, time
+import torch, transformers  # imported before the clock: a process's one-time cost
+from planner.catalog.plan_specs import PlanRequest
+from planner.routes.plan_search import plan
+req = PlanRequest.model_validate(json.loads(sys.argv[1]))
+t0, c0 = time.perf_counter(), time.process_time()
+r = plan(req)
+dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+c = r.clusters[0]
+print(json.dumps({"cold": dt, "cpu": cpu, "search": c.search.model_dump(), "fits": len(c.layouts),
+                  "best": [c.layouts[0].expert_parallel, c.layouts[0].activation_checkpointing,
+                           c.layouts[0].micro_batch_size, c.layouts[0].peak_bytes]
+                  if c.layouts else None}))
+"""
+
+
+def _run_moe(request: dict, root: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", _MOE, json.dumps(request)], cwd=root,
+                         capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(root), "PATH": ""})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def moe(compare_with: Path | None) -> None:
+    root = Path(__file__).resolve().parents[1]
+    cols = "| MoE search (cold) | before: CPU, wall | after: CPU, wall | layouts | pruned by " \
+        "the floor | traced (POST /v1/memory's peak) | of which over memory | fit |"
+    print(cols)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, request in MOE_REQUESTS.items():
+        after = _run_moe(request, root)
+        before = _run_moe(request, compare_with) if compare_with else None
+        s = after["search"]
+        if before is not None:  # the same answer before and after
+            assert before["fits"] == after["fits"] and before["best"] == after["best"], \
+                (before, after)
+        was = f"{before['cpu']:.1f} s, {before['cold']:.1f} s" if before else "-"
+        print(f"| {name} | {was} | {after['cpu']:.1f} s, "
+              f"{after['cold']:.1f} s | {s['space_size']} | {s['pruned_by_bound']} | "
+              f"{s['evaluated']} | {s['rejected'].get('peak_exceeds_memory', 0)} | "
+              f"{after['fits']} |")
 
 
 def _run(warm: int, request: dict = REQUEST) -> dict:
@@ -104,5 +172,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     t = time.perf_counter()
-    main()
+    args = sys.argv[1:]
+    other = Path(args[args.index("--compare-with") + 1]) if "--compare-with" in args else None
+    if "--moe-only" not in args:
+        main()
+        print()
+    moe(other)
     print(f"\n(benchmark wall time {time.perf_counter() - t:.0f} s)")

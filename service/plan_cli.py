@@ -38,7 +38,7 @@ def plan_table(result: Any) -> str:
     for c in result.clusters:
         s = c.search
         out.append(f"{c.num_gpus} GPUs: {s.space_size} layouts, {s.pruned_by_bound} pruned by "
-                   f"the model-state bound, {s.evaluated} evaluated, {s.seconds * 1e3:.0f} ms")
+                   f"a lower bound, {s.evaluated} evaluated, {s.seconds * 1e3:.0f} ms")
         if not c.layouts:
             out.append("  nothing fits; rejected: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(s.rejected.items())))

@@ -25,7 +25,7 @@ from service.validation.hf_ranks import measure_ranks  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
 
-BASE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 5,
+BASE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 7,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
 MODELS = {
     "llama": {"model_type": "llama", **BASE},

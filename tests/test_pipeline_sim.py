@@ -123,7 +123,11 @@ def test_roofline_setup() -> None:
     # F : I : W = 2 : 2 : 2 per weight, attention adds to F and (twice) to I only
     assert c[0].backward_input_s > c[0].forward_s > c[0].backward_weight_s > 0
     assert c[3].forward_s > c[0].forward_s  # the last stage also runs the output projection
-    assert r.p2p_message_s > 0 and r.assumptions
+    # one (b, s, h) activation, 1 x 1024 x 768 in bf16 (amp-bf16), over one direction of H100's
+    # NVLink 4: half the catalog's 900 GB/s (both directions together)
+    assert r.p2p_message_s == pytest.approx(1024 * 768 * 2 / 450e9)
+    bw = next(a for a in r.assumptions if a.name == "p2p_bandwidth_bytes_per_s")
+    assert float(bw.value) == 450e9 and "one direction" in bw.note
     with pytest.raises(PipelineError):
         plan_pipeline(PipelineRequest.model_validate(
             {"setup": {**setup, "hardware": None}}))

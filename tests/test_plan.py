@@ -333,3 +333,57 @@ def test_search_stops_at_the_work_limit():
     with pytest.raises(WorkLimitExceeded), work_limit(WorkLimit(0.05)):
         plan(req)
     assert time.perf_counter() - t0 < 5
+
+
+# an MoE model of Mixtral's shape (8 experts, top-2) with 4 blocks: model states of 1.8 B
+# parameters, so the v100-16gb holds it only with its experts spread (ep >= 2); at sequence 6144
+# the search prunes 4 layouts on their floors, traces 12, of which 4 are over memory
+MOE = {
+    "model": {"hf_config": {"model_type": "mixtral", "hidden_size": 2048,
+                            "intermediate_size": 8192, "num_hidden_layers": 4,
+                            "num_attention_heads": 16, "num_key_value_heads": 4,
+                            "num_local_experts": 8, "num_experts_per_tok": 2,
+                            "vocab_size": 32000}},
+    "training": {"global_batch_sequences": 16, "sequence_length": 6144, "precision": "bf16",
+                 "max_micro_batch_size": 2, "checkpoint_strategies": ["none", "full"]},
+    "cluster": {"gpu": "v100-16gb", "num_gpus": 8},
+    "constraints": {"top_k": 100},
+}
+
+
+def test_moe_search_prunes_on_floors_and_keeps_every_layout_that_fits(client):
+    """The MoE search rejects layouts on their peak floor without a trace; brute force (every
+    layout's /v1/memory peak) finds no fitting layout among them, and the search's layouts are
+    exactly the fitting ones, each peak the one /v1/memory answers."""
+    pytest.importorskip("transformers")
+    from planner.routes import plan_moe
+
+    req = PlanRequest.model_validate(MOE)
+    got = plan(req).clusters[0]
+    s = got.search
+    assert s.pruned_by_bound == s.rejected["peak_floor_exceeds_memory"] > 0
+    assert s.space_size == s.pruned_by_bound + s.evaluated == 2 * 2 * 4
+    mem = get_gpu("v100-16gb").memory_bytes
+    fits = set()
+    for ck in ("none", "full"):
+        for b in (1, 2):
+            for ep in (1, 2, 4, 8):
+                r = estimate_memory(plan_moe.memory_request(req, 8, ep, b, 2 // b, ck,
+                                                            hardware=False), explain=False)
+                if r.breakdown.total + r.allocator_reserve_bytes <= mem:
+                    fits.add((ck, b, ep, r.breakdown.total))
+    assert s.rejected["peak_exceeds_memory"] == s.evaluated - len(fits) > 0
+    assert {(x.activation_checkpointing, x.micro_batch_size, x.expert_parallel, x.peak_bytes)
+            for x in got.layouts} == fits
+    for x in got.layouts:
+        body = {"model": MOE["model"],
+                "training": {"implementation": "transformers", "precision": "bf16",
+                             "micro_batch_size": x.micro_batch_size, "sequence_length": 6144,
+                             "gradient_accumulation_steps": x.gradient_accumulation_steps,
+                             "activation_checkpointing": {"strategy": x.activation_checkpointing}},
+                "parallelism": {"data_parallel": 8, "expert_parallel": x.expert_parallel},
+                "hardware": {"gpu": "v100-16gb"}}
+        r = client.post("/v1/memory", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["breakdown"]["total"] == x.peak_bytes
+        assert r.json()["fit"]["fits"]

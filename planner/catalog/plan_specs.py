@@ -34,7 +34,7 @@ RejectReason = Literal[
     "tensor_parallel_does_not_divide_heads", "tensor_parallel_exceeds_node",
     "tensor_parallel_above_limit", "pipeline_deeper_than_limit", "pipeline_deeper_than_layers",
     "batch_not_divisible", "too_few_microbatches_for_schedule", "loss_not_replayed_by_layout",
-    "model_states_exceed_memory",
+    "model_states_exceed_memory", "peak_floor_exceeds_memory",
     "peak_exceeds_memory", "peak_exceeds_memory_implied", "dominated_not_evaluated",
 ]
 
@@ -201,8 +201,9 @@ class PlanSearch(_Frozen):
     """How large the search was and where candidates fell out."""
 
     space_size: int = Field(..., description="Layouts enumerated (every cluster size).")
-    pruned_by_bound: int = Field(..., description="Refused by the exact model-state lower bound "
-                                 "without a memory estimate.")
+    pruned_by_bound: int = Field(..., description="Refused by an exact lower bound without a "
+                                 "memory estimate: the model states (dense models), the peak "
+                                 "floor of model states, optimizer scratch and activations (MoE).")
     evaluated: int = Field(..., description="Layouts whose peak the planner computed.")
     rejected: dict[RejectReason, int] = Field(
         ..., description="Candidates that are not in the answer, by reason (a layout that fits "

@@ -27,6 +27,15 @@ class GPU(BaseModel):
     network_bytes_per_s: float  # scale-out (inter-node) bandwidth per GPU, one direction
     host_bytes_per_s: float  # host link (PCIe) per direction: what CPU offload moves over
 
+    @property
+    def interconnect_one_direction_bytes_per_s(self) -> float:
+        """One direction of ``interconnect_bytes_per_s``. The catalog gives the vendors'
+        figures, both directions together (A100: 12 NVLink 3 links of 25 GB/s each way, 600 GB/s;
+        H100: 18 links, 900 GB/s; PCIe 4.0 x16: 64 GB/s). A point-to-point send uses one
+        direction of the link, and a ring sends each rank's share one way while it receives the
+        other: both take this figure."""
+        return self.interconnect_bytes_per_s / 2
+
 
 class UnknownName(ValueError):
     """A preset or GPU name not in the catalog; carries the valid names."""

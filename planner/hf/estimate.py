@@ -7,14 +7,19 @@ Gemma 2, 6 for Gemma 3) and k the smallest count >= p with L - k a multiple of p
 category of each phase's peak (forward, backward, optimizer) of the first and the steady step
 is then extrapolated to the model's L blocks: exact when the two differences agree (checked for
 every category) and the peak falls at the same op in all three proxies; otherwise, or when the
-model has no more blocks than the proxies would, the whole model is traced. The step's peak is
+model has no more blocks than the three proxies together (3k + 3p; Gemma 3 1B: 26 blocks against
+8 + 14 + 20), the whole model is traced, once, which is then the lesser work. The step's peak is
 the highest phase peak. tests/test_hf_estimate.py holds the extrapolated estimate equal to
 real CPU runs of the whole model, to the byte.
 
 Traces are memoised per (config without its layer count, training setting, proxy size), so
-another layer count of a seen setup costs no trace. First-request cost: three traces of one to
-three blocks, 6-8 s in all for 7-8B models at sequence 1024 on one CPU core
-(benchmarks/results/accuracy-hf-cpu.md).
+another layer count of a seen setup costs no trace. Every gradient accumulation count from 2 up
+is traced as 2: the micro-batches after the first run with every gradient live, the same in
+each, so their windows' peaks are the same, and the step's peak is the highest window's
+(tests/test_hf_estimate.py holds accumulation 3 and 4 equal to the real step's).
+
+First-request cost: three traces of one to three blocks, 6-8 s in all for 7-8B models at
+sequence 1024 on one CPU core (benchmarks/results/accuracy-hf-cpu.md).
 """
 
 from __future__ import annotations
@@ -141,10 +146,12 @@ def _peak(phases: dict[str, tuple[dict, str]]) -> HFPeak:
 def estimate(config: dict, tr: TrainingSpec, ddp: int = 1) -> HFEstimate:
     """The step's first and steady peaks for the whole model (see module docstring); ``ddp``
     > 1: one rank of that many under DistributedDataParallel, traced on a fake process group."""
+    if tr.gradient_accumulation_steps > 2:  # the same windows as 2 (module docstring)
+        tr = tr.model_copy(update={"gradient_accumulation_steps": 2})
     kinds = S.block_kinds(config)
     L = len(kinds)
     kp = _period(kinds)
-    if kp is not None:
+    if kp is not None and 3 * kp[0] + 3 * kp[1] < L:  # else one whole trace is less work
         k, p = kp
         traces = [_trace(config, tr, n, kinds, ddp) for n in (k, k + p, k + 2 * p)]
         steps = {}

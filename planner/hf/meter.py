@@ -14,6 +14,11 @@ the breakdown at the peak uses the planner's categories exactly:
 - temporaries: everything else (backward temporaries, the optimizer step's scratch).
 
 A test checks that the total peak equals MemTracker's to the byte.
+
+The peak snapshot is taken lazily: an op that raises the peak records only its total, op and
+phase, and the storages allocated and freed after it are logged; the snapshot (the live set then)
+is rebuilt from the live set and that log when ``peak`` is read. Copying the live set at every new
+peak instead cost time quadratic in the live tensors (most forward ops raise the peak).
 """
 
 from __future__ import annotations
@@ -80,8 +85,27 @@ class LiveMemoryMeter(TorchDispatchMode):
         self._live: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> (Record, weakref)
         self.current_bytes = 0
         self.phase = "other"
-        self.peak = Peak()
+        self._peak = Peak()
+        self._top = 0  # the window's peak bytes, snapshotted or pending
+        self._pending: tuple[int, str, str] | None = None  # (bytes, op, phase) of a new peak
+        self._since: list[tuple[bool, Record]] = []  # (allocated?, record) after the pending peak
         self.last_op: str | None = None
+
+    @property
+    def peak(self) -> Peak:
+        """The window's peak: its bytes, op and phase, and the records live then."""
+        if self._pending is not None:
+            total, op, phase = self._pending
+            live = set(self._live_records())  # before the log: a free meanwhile is logged
+            since, self._pending, self._since = self._since, None, []
+            added = {r for allocated, r in since if allocated}
+            freed = {r for allocated, r in since if not allocated} - added
+            self._peak = Peak(total, list((live - added) | freed), op, phase)
+        return self._peak
+
+    @peak.setter
+    def peak(self, value: Peak) -> None:
+        self._peak, self._top, self._pending, self._since = value, value.total_bytes, None, []
 
     # ---- registration of tensors created outside the meter --------------------------------
     def register(self, tensors: Any, category: str) -> None:
@@ -109,7 +133,8 @@ class LiveMemoryMeter(TorchDispatchMode):
 
     def reset_peak(self) -> None:
         """Start a new peak window at the current live set."""
-        self.peak = Peak(self.current_bytes, self._live_records(), "(window start)", self.phase)
+        self._top = self.current_bytes
+        self._pending, self._since = (self.current_bytes, "(window start)", self.phase), []
 
     def live_breakdown(self) -> dict[str, int]:
         return Peak(self.current_bytes, self._live_records()).breakdown()
@@ -123,27 +148,53 @@ class LiveMemoryMeter(TorchDispatchMode):
         if entry is not None:
             return entry[0]
         rec = Record(int(st.nbytes()), self.phase, op)
+        self._add(st, rec)
+        return rec
+
+    def _add(self, st: torch.UntypedStorage, rec: Record) -> None:
+        """Count ``rec`` live until ``st`` is garbage-collected (or ``_drop``ped)."""
 
         def _free(_: Any, rec: Record = rec) -> None:
             self.current_bytes -= rec.nbytes
+            if self._pending is not None:
+                self._since.append((False, rec))
 
         self._live[st] = (rec, weakref.ref(st, _free))
         self.current_bytes += rec.nbytes
-        return rec
+        if self._pending is not None:
+            self._since.append((True, rec))
+
+    def _drop(self, st: torch.UntypedStorage) -> Record | None:
+        """Stop counting ``st``'s record (its free callback never runs); the record, if any."""
+        entry = self._live.get(st)
+        if entry is None:
+            return None
+        del self._live[st]  # drops the weakref with its callback
+        self.current_bytes -= entry[0].nbytes
+        if self._pending is not None:
+            self._since.append((False, entry[0]))
+        return entry[0]
+
+    def _raise_peak(self, op: str) -> None:
+        if self.current_bytes > self._top:
+            self._top = self.current_bytes
+            self._pending, self._since = (self.current_bytes, op, self.phase), []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket.__name__)
+        if isinstance(out, torch.Tensor):  # most ops: one tensor, no tree to walk
+            for st in _storages(out):
+                if st not in self._live:
+                    self._record_for(st, name)
+        else:
+            def track(t: torch.Tensor) -> None:
+                for st in _storages(t):
+                    if st not in self._live:
+                        self._record_for(st, name)
 
-        def track(t: torch.Tensor) -> None:
-            for st in _storages(t):
-                if st in self._live:
-                    continue
-                self._record_for(st, name)
-
-        tree_map_only(torch.Tensor, track, out)
-        if self.current_bytes > self.peak.total_bytes:
-            self.peak = Peak(self.current_bytes, self._live_records(), name, self.phase)
+            tree_map_only(torch.Tensor, track, out)
+        self._raise_peak(name)
         return out
 
 

@@ -188,17 +188,21 @@ def roofline_costs(setup: MemoryRequest, n_stages: int, mfu: float
         w_s.append(tokens * (2 * p_mm) / tp / rate)
     act_bytes = 4 if tr.precision == "fp32" else 2
     msg = tokens * h * act_bytes // (tp if par.sequence_parallel else 1)  # (b, s, h) activation
+    # a p2p send uses one direction of the link; the catalog's figure is both directions together
+    bw = gpu.interconnect_one_direction_bytes_per_s
     notes = [
         Assumption(name="model_flops_utilization", value=f"{mfu:g}",
                    note="fraction of the GPU's dense 16-bit peak reached by every stage"),
         Assumption(name="gpu", value=gpu.name, note=f"peak {gpu.peak_bf16_flops:.4g} FLOP/s"),
-        Assumption(name="p2p_bandwidth_bytes_per_s", value=f"{gpu.interconnect_bytes_per_s:.4g}",
+        Assumption(name="p2p_bandwidth_bytes_per_s", value=f"{bw:.4g}",
                    note=f"{gpu.interconnect}: stages within one node; across nodes use the "
-                   "network's bandwidth via explicit costs"),
+                   "network's bandwidth via explicit costs. One direction of the link (half "
+                   f"the catalog's {gpu.interconnect_bytes_per_s:.4g}, both directions): a "
+                   "send to the next stage uses one direction"),
         Assumption(name="layers_per_virtual_stage", value=f"{L}/{n_stages}",
                    note="embeddings on the first stage (no FLOPs), output projection on the last"),
     ]
-    return f_s, i_s, w_s, msg, gpu.interconnect_bytes_per_s, notes
+    return f_s, i_s, w_s, msg, bw, notes
 
 
 def _per_stage(value, p: int, v: int, name: str) -> list[float]:

@@ -1,6 +1,10 @@
 """POST /v1/plan for MoE models (Hugging Face mixtral, qwen2_moe, qwen3_moe configs): the layouts
 searched over data parallelism d = N and expert parallelism ep (every divisor of d that divides
-the experts), micro-batch and checkpoint strategy ('none', 'full').
+the experts), micro-batch and checkpoint strategy ('none', 'full'). A layout whose peak floor
+(``planner/layouts/expert_bounds.py``: model states under ep, the optimizer step's scratch, an
+activation floor; closed forms) plus the allocator reserve is over the GPU's memory is rejected
+without a trace; the rest get POST /v1/memory's peak. Every accumulation count from 2 up shares
+one trace (``planner/hf/estimate.py``), every ep of a micro-batch and strategy one trace.
 
 MoE models are estimated only through ``training.implementation: "transformers"``, a one-device
 trace that composes with expert parallelism and data parallelism at ZeRO 0
@@ -32,7 +36,7 @@ from planner.catalog.plan_specs import (
     PlanSearch,
     StepTime,
 )
-from planner.catalog.presets import GPU, hf_config_of
+from planner.catalog.presets import GPU, allocator_reserve, hf_config_of
 from planner.catalog.specs import (
     ActivationCheckpointing,
     Assumption,
@@ -41,6 +45,7 @@ from planner.catalog.specs import (
     ResolvedModel,
     TrainingSpec,
 )
+from planner.layouts.expert_bounds import peak_floor
 from planner.machine.deadline import check
 from planner.routes.plan_time import Links, all_reduce_s
 
@@ -161,18 +166,24 @@ def plan_cluster(req: PlanRequest, cfg: dict, model: ResolvedModel, gpu: GPU, li
         raise PlanningError(f"the MoE search would evaluate more than {MAX_MOE_LAYOUTS} layouts: "
                             "narrow training.max_micro_batch_size", "training.max_micro_batch_size")
     found: list[PlanLayout] = []
-    over = evaluated = 0
+    over = evaluated = pruned = 0
     tokens = B * tr.sequence_length
+    mem = gpu.memory_bytes
     for ck in ckpts:
         for b in mbs:
+            ga = local // b
+            spec = training_spec(req, b, ga, ck)
             for ep in eps:
                 check()
-                ga = local // b
+                floor = peak_floor(cfg, model.num_parameters, spec, ep)
+                if floor + allocator_reserve(floor, "cuda") > mem:
+                    pruned += 1
+                    continue
                 r = estimate_memory(memory_request(req, n, ep, b, ga, ck, hardware=False),
                                     explain=False)
                 evaluated += 1
                 total, reserve = r.breakdown.total, r.allocator_reserve_bytes
-                if total + reserve > gpu.memory_bytes:
+                if total + reserve > mem:
                     over += 1
                     continue
                 parts, mflops = step_time(cfg, model, req, links, n, ep, b, ga, ck)
@@ -188,6 +199,8 @@ def plan_cluster(req: PlanRequest, cfg: dict, model: ResolvedModel, gpu: GPU, li
                     tokens_per_s=tps, model_flops_utilization=mflops * tps / (
                         n * gpu.peak_bf16_flops),
                     time_to_train_s=(tr.train_tokens / tps) if tr.train_tokens else None))
+    if pruned:
+        rejected["peak_floor_exceeds_memory"] = pruned
     if over:
         rejected["peak_exceeds_memory"] = over
     found.sort(key=lambda e: (e.time.step_s, e.peak_bytes))
@@ -198,7 +211,8 @@ def plan_cluster(req: PlanRequest, cfg: dict, model: ResolvedModel, gpu: GPU, li
     on = {id(e) for e in front}
     front = [e.model_copy(update={"pareto": True}) for e in front]
     top = [e.model_copy(update={"pareto": id(e) in on}) for e in found[:req.constraints.top_k]]
-    search = PlanSearch(space_size=evaluated, pruned_by_bound=0, evaluated=evaluated,
+    search = PlanSearch(space_size=evaluated + pruned, pruned_by_bound=pruned,
+                        evaluated=evaluated,
                         rejected=rejected, seconds=time.perf_counter() - t0)
     return PlanClusterResult(num_gpus=n, layouts=top, pareto_front=front, search=search)
 

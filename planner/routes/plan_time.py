@@ -50,11 +50,10 @@ FALLBACK_MFU = 0.45
 
 
 def intra_node_bytes_per_s(gpu: GPU) -> float:
-    """One direction of the catalog's intra-node bandwidth. The catalog gives the vendors'
-    figures, both directions together (A100: 12 NVLink 3 links of 25 GB/s each way, 600 GB/s;
-    H100: 18 links, 900 GB/s; PCIe 4.0 x16: 64 GB/s); a ring sends each rank's share one way
-    while it receives the other, so its bandwidth term takes one direction."""
-    return gpu.interconnect_bytes_per_s / 2
+    """One direction of the catalog's intra-node bandwidth (the catalog gives both directions
+    together, ``GPU.interconnect_one_direction_bytes_per_s``); a ring sends each rank's share one
+    way while it receives the other, so its bandwidth term takes one direction."""
+    return gpu.interconnect_one_direction_bytes_per_s
 
 
 def default_mfu(gpu: GPU) -> float:

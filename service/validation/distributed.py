@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,21 +86,12 @@ class DistributedMeter(LiveMemoryMeter):
                     rec.category = category
 
     def _resized(self, st: torch.UntypedStorage) -> None:
-        entry = self._live.get(st)
-        old = entry[0] if entry is not None else None
+        old = self._drop(st)
         if old is not None:
             self._history.setdefault(st, []).append(old)
-            self.current_bytes -= old.nbytes
-            del self._live[st]  # drops the old weakref: its free callback never runs
-        rec = Record(int(st.nbytes()), self.phase, "resize_", old.category if old else None)
-
-        def _free(_: Any, rec: Record = rec) -> None:
-            self.current_bytes -= rec.nbytes
-
-        self._live[st] = (rec, weakref.ref(st, _free))
-        self.current_bytes += rec.nbytes
-        if self.current_bytes > self.peak.total_bytes:
-            self.peak = type(self.peak)(self.current_bytes, self._live_records(), "resize_", self.phase)
+        self._add(st, Record(int(st.nbytes()), self.phase, "resize_",
+                             old.category if old else None))
+        self._raise_peak("resize_")
 
     def __enter__(self):  # type: ignore[no-untyped-def]
         self._orig_resize = orig = torch.UntypedStorage.resize_

@@ -117,7 +117,7 @@ function cluster(c, i, body, link) {
   const s = c.search, reasons = Object.entries(s.rejected).sort((a, b) => b[1] - a[1]);
   box.append(el("div", { class: "two" },
     summary([["layouts enumerated", s.space_size.toLocaleString("en-US"), `clusters.${i}.search.space_size`],
-             ["pruned by the model-state bound", s.pruned_by_bound.toLocaleString("en-US"), `clusters.${i}.search.pruned_by_bound`],
+             ["pruned by a lower bound (model states; MoE: peak floor)", s.pruned_by_bound.toLocaleString("en-US"), `clusters.${i}.search.pruned_by_bound`],
              ["peaks computed", s.evaluated.toLocaleString("en-US"), `clusters.${i}.search.evaluated`],
              ["search time", `${s.seconds.toFixed(3)} s`, `clusters.${i}.search.seconds`]]),
     table("Rejected candidates, by reason", ["reason", "count"], reasons.map(([r, n]) => [r.replace(/_/g, " "),
