@@ -85,18 +85,20 @@ def setup_key(route: str, request: MemoryRequest) -> Hashable:
 class EstimateSlots:
     """The per-process estimate limits (one per app, in ``app.state.estimates``)."""
 
-    def __init__(self, max_concurrent: int, queue_s: float, deadline_s: float) -> None:
+    def __init__(self, max_concurrent: int, queue_s: float, deadline_s: float,
+                 transformers_deadline_s: float | None = None) -> None:
         self.limiter = anyio.CapacityLimiter(max_concurrent)
         # the threads the estimates run on: never more than the slots held, and not the default
         # thread pool that the synchronous routes (readiness, catalogs, jobs) use
         self.threads = anyio.CapacityLimiter(max_concurrent)
         self.queue_s, self.deadline_s = queue_s, deadline_s
+        self.transformers_deadline_s = transformers_deadline_s or deadline_s
         self.fast: dict[Hashable, None] = {}  # setups answered on the event loop (oldest first)
 
     @classmethod
     def from_settings(cls, settings) -> EstimateSlots:
         return cls(settings.max_concurrent_estimates, settings.estimate_queue_s,
-                   settings.estimate_deadline_s)
+                   settings.estimate_deadline_s, settings.transformers_deadline_s)
 
     def mark_fast(self, setup: Hashable) -> None:
         if len(self.fast) >= FAST_SETUPS_MAX:
@@ -173,10 +175,14 @@ def _try_inline(slots: EstimateSlots, setup: Hashable, fn: Callable[[], T]) -> t
         return False, None
 
 
-async def run_estimate(request: Request, fn: Callable[[], T], setup: Hashable | None = None) -> T:
+async def run_estimate(request: Request, fn: Callable[[], T], setup: Hashable | None = None,
+                       transformers: bool = False) -> T:
     """Run ``fn`` (the planner call, with its own error mapping) under the process's limits;
-    ``setup`` (see :func:`setup_key`) lets a known-fast setup be answered on the event loop."""
+    ``setup`` (see :func:`setup_key`) lets a known-fast setup be answered on the event loop;
+    ``transformers``: the request traces a Hugging Face model (its own, longer limit)."""
     slots: EstimateSlots = request.app.state.estimates
+    deadline, setting = (slots.transformers_deadline_s, "transformers_deadline_s") if transformers \
+        else (slots.deadline_s, "estimate_deadline_s")
     if setup is not None and setup in slots.fast:
         done, answer = _try_inline(slots, setup, fn)
         if done:
@@ -188,7 +194,7 @@ async def run_estimate(request: Request, fn: Callable[[], T], setup: Hashable | 
             503, f"all {int(slots.limiter.total_tokens)} estimate slots of this process stayed busy "
             f"for {slots.queue_s:g} s (max_concurrent_estimates); retry",
             headers={"Retry-After": "1"})
-    limit = _ThreadLimit(slots.deadline_s)
+    limit = _ThreadLimit(deadline)
     error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:
@@ -204,7 +210,7 @@ async def run_estimate(request: Request, fn: Callable[[], T], setup: Hashable | 
         slots.limiter.release()
     if isinstance(error, WorkLimitExceeded):
         raise HTTPException(
-            503, f"{error.detail} (estimate_deadline_s = {slots.deadline_s:g} s): a request this "
+            503, f"{error.detail} ({setting} = {deadline:g} s): a request this "
             "large is not answered within the limit") from None
     if error is not None:
         raise error

@@ -101,6 +101,9 @@ class Settings(BaseModel):
                                     "free slot before a 503 with Retry-After.")
     estimate_deadline_s: float = Field(10.0, gt=0, description="Work limit of one estimate: past "
                                        "it the planner stops and the answer is a 503 naming it.")
+    transformers_deadline_s: float = Field(
+        30.0, gt=0, description="Work limit of a training.implementation 'transformers' estimate: "
+        "its first answer for a setup traces the model's own code under FakeTensorMode.")
     max_real_layers: int = Field(128, ge=1, description="Cap on num_layers of a real-mode job.")
     max_real_hidden_size: int = Field(16_384, ge=1, description="Cap on hidden_size, real mode.")
     max_real_sequence_length: int = Field(32_768, ge=1, description="Cap on sequence_length, "

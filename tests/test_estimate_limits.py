@@ -159,3 +159,16 @@ def test_a_picture_too_large_to_draw_is_refused_before_the_simulation(monkeypatc
     assert r.status_code == 422, r.text
     assert r.json()["invalid-params"][0]["name"] == "body.microbatches"
     assert "timeline limit" in r.json()["detail"]
+
+
+def test_transformers_estimates_have_their_own_limit() -> None:
+    """A Hugging Face model traced under FakeTensorMode is held to transformers_deadline_s, the
+    reference planner to estimate_deadline_s."""
+    hf = {"model": {"preset": "gemma-3-1b"},
+          "training": {"implementation": "transformers", "micro_batch_size": 1,
+                       "sequence_length": 256}}
+    with _client(estimate_deadline_s=600, transformers_deadline_s=0.01) as client:
+        r = client.post("/v1/memory", json=hf)
+        assert r.status_code == 503, r.text
+        assert "transformers_deadline_s = 0.01 s" in r.json()["detail"]
+        assert client.post("/v1/memory", json=LIGHT).status_code == 200

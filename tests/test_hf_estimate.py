@@ -180,7 +180,7 @@ with TestClient(app) as c:
     cpu, wall = time.process_time(), time.monotonic()
     r = c.post("/v1/memory", json=json.loads(sys.argv[1]))
     cpu, wall = time.process_time() - cpu, time.monotonic() - wall
-    print(r.status_code, round(cpu, 2), round(wall, 2), app.state.settings.estimate_deadline_s,
+    print(r.status_code, round(cpu, 2), round(wall, 2), app.state.settings.transformers_deadline_s,
           r.text[:400])
 """
 

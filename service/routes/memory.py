@@ -16,7 +16,8 @@ router = APIRouter(prefix="/v1", tags=["memory"], route_class=ProblemRoute)
 @router.post("/memory", responses={**ERROR_RESPONSES, **ESTIMATE_LIMIT_RESPONSES})
 async def estimate_memory(request: MemoryRequest, http: Request) -> MemoryResult:
     """Peak bytes per device by category, where the peak falls, and the fit on a GPU."""
-    return await run_estimate(http, lambda: _estimate(request), setup_key("memory", request))
+    return await run_estimate(http, lambda: _estimate(request), setup_key("memory", request),
+                              transformers=request.training.implementation == "transformers")
 
 
 def _estimate(request: MemoryRequest) -> MemoryResult:
