@@ -21,22 +21,16 @@ case "${1:-}" in
       typing-extensions==4.16.0
     du -sh .whl
     ;;
-  device)
+  device|trace)
+    script=benchmarks/gpu_campaign.py
+    [ "$1" = trace ] && script=benchmarks/gpu_trace.py
     shift
     # pip when the image has it; else unpack the wheels (plain zip files, nothing to build)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl \
       || python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.whl/*.whl')]"
     export PYTHONPATH="/tmp/site:$PWD"
-    exec python3 benchmarks/gpu_campaign.py "$@"
-    ;;
-  trace)
-    shift
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl \
-      || python3 -c "import glob, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in glob.glob('.whl/*.whl')]"
-    export PYTHONPATH="/tmp/site:$PWD"
-    exec python3 benchmarks/gpu_trace.py "$@"
+    exec python3 "$script" "$@"
     ;;
   *)
     echo "usage: $0 download | device [--quick] [--sections a,b] | trace" >&2

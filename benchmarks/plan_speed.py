@@ -64,19 +64,17 @@ WITH_LOSS = {**REQUEST, "training": {**REQUEST["training"],
 
 # Mixtral-8x7B (the preset: 32 blocks, 8 experts, top-2) at sequence 4096, bf16, checkpointing
 # none/full, every micro-batch up to 8 and every ep dividing the GPUs and the 8 experts
+def _moe(gpu: str, num_gpus: int, optimizer: str, batch: int) -> dict:
+    return {"model": {"preset": "mixtral-8x7b"},
+            "training": {"global_batch_sequences": batch, "sequence_length": 4096,
+                         "precision": "bf16", "optimizer": optimizer, "max_micro_batch_size": 8,
+                         "checkpoint_strategies": ["none", "full"]},
+            "cluster": {"gpu": gpu, "num_gpus": num_gpus}}
+
+
 MOE_REQUESTS = {
-    "Mixtral-8x7B, 64 H100, AdamW, batch 512": {
-        "model": {"preset": "mixtral-8x7b"},
-        "training": {"global_batch_sequences": 512, "sequence_length": 4096, "precision": "bf16",
-                     "optimizer": "adamw", "max_micro_batch_size": 8,
-                     "checkpoint_strategies": ["none", "full"]},
-        "cluster": {"gpu": "h100-80gb", "num_gpus": 64}},
-    "Mixtral-8x7B, 16 H200, SGD-momentum, batch 128": {
-        "model": {"preset": "mixtral-8x7b"},
-        "training": {"global_batch_sequences": 128, "sequence_length": 4096, "precision": "bf16",
-                     "optimizer": "sgd-momentum", "max_micro_batch_size": 8,
-                     "checkpoint_strategies": ["none", "full"]},
-        "cluster": {"gpu": "h200-141gb", "num_gpus": 16}},
+    "Mixtral-8x7B, 64 H100, AdamW, batch 512": _moe("h100-80gb", 64, "adamw", 512),
+    "Mixtral-8x7B, 16 H200, SGD-momentum, batch 128": _moe("h200-141gb", 16, "sgd-momentum", 128),
 }
 
 _MOE = """
