@@ -13,6 +13,10 @@ too (the ``reference err`` column): how far the estimate of memplan's own step i
 transformers step, the gap this implementation closes.
 
     python -m benchmarks.accuracy_hf [--quick] [--no-traced] [--out benchmarks/results/accuracy-hf-cpu.md]
+    bash benchmarks/gpu_campaign.sh hf --device cuda --quick --out $OUT/accuracy-hf-cuda.md   # a GPU
+
+With ``--device cuda`` the real rows run on the GPU and the estimate describes CUDA (the traced
+rows stay on the CPU's FakeTensorMode).
 """
 
 from __future__ import annotations
@@ -116,11 +120,14 @@ TRACED = [
 ]
 
 
+DEVICE = "cpu"
+
+
 def _reference_err(model: dict, training: dict, measured_total: int) -> str:
     """The reference step's estimate of the same architecture against the transformers step."""
     tr = {k: v for k, v in training.items() if k not in ("implementation", "transformers")}
     try:
-        est = estimate_memory(MemoryRequest(model=model, training=tr), device="cpu",
+        est = estimate_memory(MemoryRequest(model=model, training=tr), device=DEVICE,
                               explain=False)
     except ValueError:
         return "n/a"
@@ -135,7 +142,8 @@ def rows(quick: bool, traced: bool):
                   (TRACED[:1] if quick else TRACED)]
     for label, model, training, mode in table:
         req = ValidationRequest(model=model, training=training, mode=mode,
-                                steps=3 if mode == "real" else 2, device="cpu")
+                                steps=3 if mode == "real" else 2,
+                                device=DEVICE if mode == "real" else "cpu")
         t0 = time.perf_counter()
         res = run_validation(req)
         yield label, mode, model, training, res, time.perf_counter() - t0
@@ -178,6 +186,12 @@ def first_request_costs() -> list[str]:
     return out
 
 
+def _device_name() -> str:
+    if DEVICE == "cuda":
+        return f"{torch.cuda.get_device_name()}, CUDA {torch.version.cuda}"
+    return "CPU"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:+.3f}%"
 
@@ -187,9 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a quarter of the rows")
     ap.add_argument("--no-traced", action="store_true", help="skip the full-size traced rows")
     ap.add_argument("--out", help="also write the table (markdown) to this file")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the real rows run (and what the estimate describes)")
     ap.add_argument("--cost-only", action="store_true", help="only the first-request cost "
                     "table (appended to --out)")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
     if args.cost_only:
         lines = first_request_costs()
         if args.out:
@@ -197,12 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                 f.write("\n".join(lines) + "\n")
         return 0
     lines = [
-        "# Accuracy: implementation 'transformers' vs the measured transformers step (CPU)",
+        "# Accuracy: implementation 'transformers' vs the measured transformers step "
+        f"({_device_name()})",
         "",
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python "
         f"{platform.python_version()}, {platform.machine()}; steady-state step (step 2+); "
         "bytes; error = (estimate - measured) / measured. Real rows: the whole model run on "
-        "the CPU; traced rows: the whole full-size model under FakeTensorMode. The estimate: "
+        f"the {DEVICE.upper()} (the storage meter; tensors, not allocator blocks); traced rows: the whole full-size model under FakeTensorMode. The estimate: "
         "one- to three-block proxies traced and extrapolated.",
         "Goal: byte-exact on >= 90% of rows, every category within 1% on all.",
         "",

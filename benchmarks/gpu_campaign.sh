@@ -21,9 +21,10 @@ case "${1:-}" in
       typing-extensions==4.16.0
     du -sh .whl
     ;;
-  device|trace)
+  device|trace|hf)
     script=benchmarks/gpu_campaign.py
     [ "$1" = trace ] && script=benchmarks/gpu_trace.py
+    [ "$1" = hf ] && script=benchmarks/accuracy_hf.py
     shift
     # pip when the image has it; else unpack the wheels (plain zip files, nothing to build)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -33,7 +34,7 @@ case "${1:-}" in
     exec python3 "$script" "$@"
     ;;
   *)
-    echo "usage: $0 download | device [--quick] [--sections a,b] | trace" >&2
+    echo "usage: $0 download | device [--quick] [--sections a,b] | trace | hf [--device cuda --quick]" >&2
     exit 2
     ;;
 esac
