@@ -40,7 +40,7 @@ def plan_table(result: Any) -> str:
         out.append(f"{c.num_gpus} GPUs: {s.space_size} layouts, {s.pruned_by_bound} pruned by "
                    f"a lower bound, {s.evaluated} evaluated, {s.seconds * 1e3:.0f} ms")
         if not c.layouts:
-            out.append("  nothing fits; rejected: " + ", ".join(
+            out.append("  nothing fits (or within the budget); rejected: " + ", ".join(
                 f"{k} {v}" for k, v in sorted(s.rejected.items())))
             continue
         rows = [[layout_name(x), human_bytes(x.peak_bytes), f"{x.time.step_s:.2f}",
@@ -48,10 +48,12 @@ def plan_table(result: Any) -> str:
                  f"{x.time.tensor_parallel_s + x.time.data_parallel_s + x.time.pipeline_p2p_s:.2f}",
                  f"{x.time.bubble_s:.2f}", f"{x.tokens_per_s:,.0f}",
                  f"{x.model_flops_utilization:.1%}", _days(x.time_to_train_s),
+                 "-" if x.cost_to_train is None else f"{x.cost_to_train:,.0f}",
                  "*" if x.pareto else ""] for x in c.layouts]
         out.append(_table(["layout", "peak", "step s", "compute", "comm", "bubble", "tokens/s",
-                           "MFU", "train", "pareto"], rows))
+                           "MFU", "train", "cost", "pareto"], rows))
         out.append("")
+    out += [f"note: {n}" for n in result.notes]
     return "\n".join(out).rstrip()
 
 

@@ -36,6 +36,7 @@ RejectReason = Literal[
     "batch_not_divisible", "too_few_microbatches_for_schedule", "loss_not_replayed_by_layout",
     "model_states_exceed_memory", "peak_floor_exceeds_memory",
     "peak_exceeds_memory", "peak_exceeds_memory_implied", "dominated_not_evaluated",
+    "over_budget",
 ]
 
 
@@ -104,6 +105,9 @@ class PlanCluster(_Frozen):
     model_flops_utilization: float | None = Field(
         None, gt=0, le=1, description="Fraction of the dense 16-bit peak the matmuls reach; "
         "defaults per GPU kind (see assumptions).")
+    price_per_gpu_hour: float | None = Field(
+        None, gt=0, le=10**4, description="What one GPU-hour costs (any currency): each "
+        "layout's cost_to_train, and constraints.max_cost.")
 
     @model_validator(mode="after")
     def _count(self) -> "PlanCluster":
@@ -138,6 +142,10 @@ class PlanConstraints(_Frozen):
         default_factory=lambda: ["1f1b", "interleaved-1f1b"], min_length=1, max_length=2)
     max_virtual_stages: int = Field(4, ge=2, le=16)
     top_k: int = Field(10, ge=1, le=MAX_PLAN_RESULTS, description="Ranked layouts returned.")
+    max_cost: float | None = Field(
+        None, gt=0, le=1e15, description="Budget to train training.train_tokens, in the currency "
+        "of cluster.price_per_gpu_hour: layouts (and cluster sizes) that would cost more are "
+        "left out (rejected as over_budget).")
 
 
 class PlanRequest(_Frozen):
@@ -194,6 +202,8 @@ class PlanLayout(_Frozen):
     model_flops_utilization: float = Field(..., description="Model FLOPs (6N + 12·l·h·s per "
                                            "token, no recompute) over the cluster's peak.")
     time_to_train_s: float | None = None
+    cost_to_train: float | None = Field(None, description="num_gpus x time_to_train_s x "
+                                        "cluster.price_per_gpu_hour / 3600.")
     pareto: bool = Field(False, description="On the memory/time Pareto front of fitting layouts.")
 
 

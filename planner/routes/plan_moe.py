@@ -198,7 +198,8 @@ def plan_cluster(req: PlanRequest, cfg: dict, model: ResolvedModel, gpu: GPU, li
                     headroom_bytes=gpu.memory_bytes - total - reserve, time=parts,
                     tokens_per_s=tps, model_flops_utilization=mflops * tps / (
                         n * gpu.peak_bf16_flops),
-                    time_to_train_s=(tr.train_tokens / tps) if tr.train_tokens else None))
+                    time_to_train_s=(tr.train_tokens / tps) if tr.train_tokens else None,
+                    cost_to_train=cost_to_train(req, n, tps)))
     if pruned:
         rejected["peak_floor_exceeds_memory"] = pruned
     if over:
@@ -216,3 +217,10 @@ def plan_cluster(req: PlanRequest, cfg: dict, model: ResolvedModel, gpu: GPU, li
                         rejected=rejected, seconds=time.perf_counter() - t0)
     return PlanClusterResult(num_gpus=n, layouts=top, pareto_front=front, search=search)
 
+
+def cost_to_train(req: PlanRequest, n: int, tokens_per_s: float) -> float | None:
+    """n GPUs for train_tokens / tokens_per_s seconds at cluster.price_per_gpu_hour."""
+    price, tokens = req.cluster.price_per_gpu_hour, req.training.train_tokens
+    if price is None or tokens is None:
+        return None
+    return n * tokens / tokens_per_s / 3600 * price

@@ -223,6 +223,11 @@ def state_bound(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> in
 
 
 def plan(req: PlanRequest) -> PlanResult:
+    if req.constraints.max_cost is not None:
+        for field, value in (("cluster.price_per_gpu_hour", req.cluster.price_per_gpu_hour),
+                             ("training.train_tokens", req.training.train_tokens)):
+            if value is None:
+                raise PlanningError(f"constraints.max_cost needs {field}", field)
     model = resolve_model(req.model)
     moe = plan_moe.moe_config(req)
     if moe is not None:
@@ -236,9 +241,9 @@ def plan(req: PlanRequest) -> PlanResult:
     if len(counts) > MAX_PLAN_CLUSTER_SIZES:
         raise PlanningError(f"the range gives {len(counts)} cluster sizes; at most "
                             f"{MAX_PLAN_CLUSTER_SIZES}", "cluster.max_gpus")
-    clusters = [_plan_cluster(req, model, gpu, links, n) for n in counts]
+    clusters = [_within_budget(req, _plan_cluster(req, model, gpu, links, n)) for n in counts]
     mfu = links.flops_per_s / gpu.peak_bf16_flops
-    notes = []
+    notes = _budget_notes(req, clusters)
     if not any(c.layouts for c in clusters):
         notes.append("no layout fits at any cluster size searched: see search.rejected for why")
     return PlanResult(clusters=clusters, assumptions=plan_time.assumptions(gpu, links, mfu),
@@ -253,15 +258,55 @@ def _plan_moe(req: PlanRequest, model: ResolvedModel, cfg: dict) -> PlanResult:
     if len(counts) > MAX_PLAN_CLUSTER_SIZES:
         raise PlanningError(f"the range gives {len(counts)} cluster sizes; at most "
                             f"{MAX_PLAN_CLUSTER_SIZES}", "cluster.max_gpus")
-    clusters = [plan_moe.plan_cluster(req, cfg, model, gpu, links, n) for n in counts]
+    clusters = [_within_budget(req, plan_moe.plan_cluster(req, cfg, model, gpu, links, n))
+                for n in counts]
     mfu = links.flops_per_s / gpu.peak_bf16_flops
     notes = ["MoE model: layouts over data and expert parallelism only (tensor and pipeline "
              "parallel 1, ZeRO 0; the transformers estimate composes with nothing else)"]
+    notes += _budget_notes(req, clusters)
     if not any(c.layouts for c in clusters):
         notes.append("no layout fits at any cluster size searched: see search.rejected for why")
     return PlanResult(clusters=clusters,
                       assumptions=plan_time.assumptions(gpu, links, mfu) + plan_moe.ASSUMPTIONS,
                       notes=notes)
+
+
+def _within_budget(req: PlanRequest, c: PlanClusterResult) -> PlanClusterResult:
+    """The cluster size's answer without the layouts over constraints.max_cost. At one cluster
+    size the cost is proportional to the step time, so the layouts left are the fastest ones of
+    the ranking, and a layout past top_k (slower than every one kept) is over budget too."""
+    cap = req.constraints.max_cost
+    if cap is None:
+        return c
+    over = {_key(e) for e in c.layouts + c.pareto_front if e.cost_to_train > cap}
+    if not over:
+        return c
+    rejected = {**c.search.rejected, "over_budget": len(over)}
+    return c.model_copy(update={
+        "layouts": [e for e in c.layouts if e.cost_to_train <= cap],
+        "pareto_front": [e for e in c.pareto_front if e.cost_to_train <= cap],
+        "search": c.search.model_copy(update={"rejected": rejected})})
+
+
+def _key(e: PlanLayout) -> tuple:
+    return (e.data_parallel, e.tensor_parallel, e.pipeline_parallel, e.virtual_pipeline_stages,
+            e.pipeline_schedule, e.expert_parallel, e.zero_stage, e.offload_optimizer,
+            e.offload_parameters, e.activation_checkpointing, e.loss, e.micro_batch_size)
+
+
+def _budget_notes(req: PlanRequest, clusters: list[PlanClusterResult]) -> list[str]:
+    cap = req.constraints.max_cost
+    if cap is None:
+        return []
+    over = [c.num_gpus for c in clusters if not c.layouts and c.search.rejected.get("over_budget")]
+    costs = [(e.cost_to_train, c.num_gpus) for c in clusters for e in c.layouts[:1]]
+    notes = [f"no fitting layout trains {req.training.train_tokens:.3g} tokens within the budget "
+             f"({cap:g}) on {', '.join(map(str, over))} GPUs"] if over else []
+    if costs:
+        cost, n = min(costs)
+        notes.append(f"cheapest within the budget: {cost:.6g} on {n} GPUs (the fastest layout "
+                     "of each size is its cheapest)")
+    return notes
 
 
 def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links,
@@ -405,7 +450,7 @@ def _layout(req: PlanRequest, model: ResolvedModel, n: int, lay: Layout, r, mem:
                       offload_s=parts.offload_s, bubble_s=parts.bubble_s, step_s=parts.step_s),
         tokens_per_s=tps, model_flops_utilization=mfu,
         time_to_train_s=(req.training.train_tokens / tps) if req.training.train_tokens else None,
-        pareto=pareto)
+        cost_to_train=plan_moe.cost_to_train(req, n, tps), pareto=pareto)
 
 
 def model_spec_of(model: ResolvedModel) -> ModelSpec:
