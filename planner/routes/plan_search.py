@@ -56,7 +56,6 @@ from planner.catalog.specs import (
 from planner.layouts.sharding import shard_model_states
 from planner.machine.cache import compile_after
 from planner.machine.deadline import check
-from planner.routes import plan_time
 from planner.routes.loss_rules import loss_refusal
 from planner.routes import plan_moe, plan_time
 from planner.routes.memory import estimate_memory
