@@ -130,6 +130,8 @@ def test_plan(capsys):
     assert 1 <= len(layouts) <= 5 and all(x["fits"] for x in layouts)
     times = [x["time"]["step_s"] for x in layouts]
     assert times == sorted(times)  # fastest first
+    assert all(x["cost_to_train"] == pytest.approx(16 * x["time_to_train_s"] / 3600 * 0.8)
+               for x in layouts)
 
 
 def test_plan_sweep_script(capsys):

@@ -322,7 +322,8 @@ def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, browser,
     for field, value in {"cluster-gpu": "l4-24gb", "cluster-num_gpus": "16",
                          "training-global_batch_sequences": "64",
                          "training-sequence_length": "8192", "training-max_micro_batch_size": "4",
-                         "training-train_tokens": "100000000000", "constraints-top_k": "5"}.items():
+                         "training-train_tokens": "100000000000", "constraints-top_k": "5",
+                         "cluster-price_per_gpu_hour": "0.8"}.items():
         page.fill(f"#p-{field}", value)
     page.click("#plan-search")
     page.wait_for_function("location.hash.includes('l4-24gb')")
@@ -344,7 +345,8 @@ def test_plan_view_draws_the_apis_ranked_layouts_front_and_search(base, browser,
                          f"{f}.time.bubble_s": t["bubble_s"], f"{f}.time.step_s": t["step_s"],
                          f"{f}.tokens_per_s": x["tokens_per_s"],
                          f"{f}.model_flops_utilization": x["model_flops_utilization"],
-                         f"{f}.time_to_train_s": x["time_to_train_s"]}
+                         f"{f}.time_to_train_s": x["time_to_train_s"],
+                         f"{f}.cost_to_train": x["cost_to_train"]}
             comm = sum(t[k] for k in ("tensor_parallel_s", "data_parallel_s", "pipeline_p2p_s",
                                       "expert_parallel_s", "offload_s"))
             assert drawn.pop(f"{f}.time.exposed_communication_s")[0] == pytest.approx(comm, rel=1e-12)

@@ -9,13 +9,15 @@ import { table, notes, summary } from "./common.js";
 
 const SECTIONS = [
   ["Cluster", ["cluster.gpu", "cluster.num_gpus", "cluster.min_gpus", "cluster.max_gpus", "cluster.gpus_per_node",
-               "cluster.intra_node_bytes_per_s", "cluster.inter_node_bytes_per_s", "cluster.model_flops_utilization"]],
+               "cluster.intra_node_bytes_per_s", "cluster.inter_node_bytes_per_s", "cluster.model_flops_utilization",
+               "cluster.price_per_gpu_hour"]],
   ["Batch and training", ["training.global_batch_sequences", "training.global_batch_tokens", "training.train_tokens",
                           "training.sequence_length", "training.precision", "training.optimizer",
                           "training.checkpoint_strategies", "training.max_micro_batch_size"]],
   ["Constraints", ["constraints.tensor_parallel_within_node", "constraints.max_tensor_parallel",
                    "constraints.max_pipeline_parallel", "constraints.zero_stages", "constraints.allow_offload",
-                   "constraints.pipeline_schedules", "constraints.max_virtual_stages", "constraints.top_k"]],
+                   "constraints.pipeline_schedules", "constraints.max_virtual_stages", "constraints.top_k",
+                   "constraints.max_cost"]],
 ];
 const COMM = ["tensor_parallel_s", "data_parallel_s", "pipeline_p2p_s", "expert_parallel_s", "offload_s"];
 
@@ -75,7 +77,8 @@ function memoryRequest(body, x, eff) {
 
 function layoutTable(caption, layouts, prefix, link) {
   const head = ["#", "dp×tp×pp", "schedule, virtual stages", "ZeRO", "offload", "checkpointing", "micro-batch × accum.",
-    "peak / device", "headroom", "compute (s)", "exposed comm. (s)", "bubble (s)", "step (s)", "tokens/s", "MFU", "time to train", ""];
+    "peak / device", "headroom", "compute (s)", "exposed comm. (s)", "bubble (s)", "step (s)", "tokens/s", "MFU", "time to train",
+    "cost to train", ""];
   const t = table(caption, head, layouts.map((x, j) => {
     const f = `${prefix}.${j}`, t = x.time;
     const comm = num(exposed(t), `${f}.time.exposed_communication_s`, secs(exposed(t)));
@@ -90,6 +93,8 @@ function layoutTable(caption, layouts, prefix, link) {
       num(x.tokens_per_s, `${f}.tokens_per_s`, Math.round(x.tokens_per_s).toLocaleString("en-US")),
       num(x.model_flops_utilization, `${f}.model_flops_utilization`, pct(x.model_flops_utilization)),
       x.time_to_train_s == null ? el("td", { text: "–" }) : num(x.time_to_train_s, `${f}.time_to_train_s`, duration(x.time_to_train_s)),
+      x.cost_to_train == null ? el("td", { text: "–" })
+        : num(x.cost_to_train, `${f}.cost_to_train`, Math.round(x.cost_to_train).toLocaleString("en-US")),
       el("td", {}, el("a", { href: link(x), class: "open-layout", text: "open", "aria-label": `open layout ${j + 1} in Breakdown` }))];
   }));
   t.className = "layouts";
