@@ -56,16 +56,17 @@ class HFEstimate:
     extrapolated: bool
 
 
-def _key(config: dict, tr: TrainingSpec, n: int, ddp: int = 1) -> str:
+def _key(config: dict, tr: TrainingSpec, n: int, ddp: int = 1, kernels: str = "cpu") -> str:
     c = {k: v for k, v in config.items() if k not in (layer_field(config["model_type"]),
                                                      "layer_types")}
-    return json.dumps([c, tr.model_dump(mode="json"), n, ddp], sort_keys=True, default=str)
+    return json.dumps([c, tr.model_dump(mode="json"), n, ddp, kernels], sort_keys=True,
+                      default=str)
 
 
 def _trace(config: dict, tr: TrainingSpec, n: int | None, kinds: list[tuple],
-           ddp: int = 1) -> list[dict]:
+           ddp: int = 1, kernels: str = "cpu") -> list[dict]:
     # a proxy is its first n blocks: the key holds their kinds (layer_types is cut to them)
-    key = _key(config, tr, n if n is not None else -1, ddp) + json.dumps(
+    key = _key(config, tr, n if n is not None else -1, ddp, kernels) + json.dumps(
         [list(k) for k in (kinds if n is None else kinds[:n])])
     with _LOCK:
         if key in _CACHE:
@@ -73,9 +74,10 @@ def _trace(config: dict, tr: TrainingSpec, n: int | None, kinds: list[tuple],
             return _CACHE[key]
     if ddp > 1:
         with fake_group(ddp):
-            out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n, ddp=True)
+            out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n, ddp=True,
+                        kernels=kernels)
     else:
-        out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n)
+        out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n, kernels=kernels)
     with _LOCK:
         _CACHE[key] = out
         while len(_CACHE) > _CACHE_MAX:
@@ -143,9 +145,11 @@ def _peak(phases: dict[str, tuple[dict, str]]) -> HFPeak:
     return best
 
 
-def estimate(config: dict, tr: TrainingSpec, ddp: int = 1) -> HFEstimate:
+def estimate(config: dict, tr: TrainingSpec, ddp: int = 1, device: str = "cpu") -> HFEstimate:
     """The step's first and steady peaks for the whole model (see module docstring); ``ddp``
-    > 1: one rank of that many under DistributedDataParallel, traced on a fake process group."""
+    > 1: one rank of that many under DistributedDataParallel, traced on a fake process group;
+    ``device`` "cuda": with the attention kernels a CUDA device runs."""
+    kernels = "cpu" if device == "cpu" else "cuda"
     if tr.gradient_accumulation_steps > 2:  # the same windows as 2 (module docstring)
         tr = tr.model_copy(update={"gradient_accumulation_steps": 2})
     kinds = S.block_kinds(config)
@@ -153,7 +157,7 @@ def estimate(config: dict, tr: TrainingSpec, ddp: int = 1) -> HFEstimate:
     kp = _period(kinds)
     if kp is not None and 3 * kp[0] + 3 * kp[1] < L:  # else one whole trace is less work
         k, p = kp
-        traces = [_trace(config, tr, n, kinds, ddp) for n in (k, k + p, k + 2 * p)]
+        traces = [_trace(config, tr, n, kinds, ddp, kernels) for n in (k, k + p, k + 2 * p)]
         steps = {}
         for i, which in ((0, "first"), (1, "steady")):
             phases = {}
@@ -172,7 +176,7 @@ def estimate(config: dict, tr: TrainingSpec, ddp: int = 1) -> HFEstimate:
                               steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
                                              in steps["steady"].items()},
                               traced_layers=(k, k + p, k + 2 * p), extrapolated=True)
-    full = _trace(config, tr, None, kinds, ddp)
+    full = _trace(config, tr, None, kinds, ddp, kernels)
     return HFEstimate(first=_peak(full[0]["phases"]), steady=_peak(full[1]["phases"]),
                       steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
                                      in full[1]["phases"].items()},

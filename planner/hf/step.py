@@ -298,12 +298,14 @@ class _NoRebuild:
 
 def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: bool = True,
         steps: int = 2, num_layers: int | None = None,
-        on_step: Callable[[int], None] | None = None, ddp: bool = False) -> list[dict]:
+        on_step: Callable[[int], None] | None = None, ddp: bool = False,
+        kernels: str = "cpu") -> list[dict]:
     """Run ``steps`` optimizer steps metered; per step ``{"peak": (breakdown, op, phase),
     "phases": {phase: (breakdown, op)}}`` (breakdowns classified once the step has ended).
     ``ddp``: the model wrapped in DistributedDataParallel(gradient_as_bucket_view=True) on the
     initialised default process group (gloo under torchrun, or the fake one when traced); the
-    reducer's gradient buckets are created inside the meter, with the model."""
+    reducer's gradient buckets are created inside the meter, with the model. ``kernels``
+    "cuda": a trace takes the attention kernels a CUDA device runs (planner/hf/cuda_attention.py)."""
     import torch
 
     from planner.hf.meter import LiveMemoryMeter
@@ -318,6 +320,10 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
             stack.enter_context(_trace_slot(check))  # _as_real_run patches modules: one at a time
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=False))
             stack.enter_context(_as_real_run())
+            if kernels == "cuda" and tr.precision == "fp32":  # 16-bit inputs: cuDNN, below
+                from planner.hf.cuda_attention import cuda_sdpa
+
+                stack.enter_context(cuda_sdpa())
         check()
         torch.manual_seed(0)
         meter = LiveMemoryMeter()

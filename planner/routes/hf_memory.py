@@ -98,7 +98,7 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
     tr = req.training
     ddp = req.parallelism.data_parallel if not num_experts(hf_config_of(req.model)) else 1
     try:
-        est = estimate(cfg, tr, ddp)
+        est = estimate(cfg, tr, ddp, device)
     except (PlanningError, WorkLimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - the transformers code failing on this config
