@@ -117,38 +117,19 @@ def test_small_pool_splits_down_to_512_bytes() -> None:
 # benchmarks/results/accuracy-cuda.json: the campaign run on an H200 (torch 2.11.0+cu130); each
 # row measured max_memory_allocated (steady state, steps 2-3) and max_memory_reserved relative to
 # the process before the row.
-CAMPAIGN = Path(__file__).parents[1] / "benchmarks" / "results" / "accuracy-cuda.json"
-
-
-def _campaign_rows() -> list[tuple[dict, dict, dict]]:
-    from benchmarks import gpu_campaign as G
-
-    rows = json.loads(CAMPAIGN.read_text())["rows"]
-    table = {label: (model, training) for label, model, training, *_ in G.FULL_SIZE}
-    out = []
-    for r in rows:
-        if r.get("status") != "ok" or r["section"] not in ("single-device", "full-size"):
-            continue
-        if r["section"] == "single-device":
-            f = r["factors"]
-            b, s = G.DEVICE_SIZES[f["size"]]
-            model = G.DEVICE_MODELS[(f["family"], f["size"])]
-            training = G._t(f["precision"], f["optimizer"], b, s, f["checkpointing"],
-                            attention=f["attention"], dropout=f["dropout"])
-        else:
-            model, training = table[r["label"]]
-        out.append((r, model, training))
-    return out
 
 
 def test_estimate_allocator_figures_match_the_gpu_campaign() -> None:
     from planner.catalog.specs import MemoryRequest
     from planner.routes.memory import estimate_memory
 
+    from tests.test_cuda_measured import ROWS, _request  # the campaign's rows, rebuilt
+
     checked = exact = 0
-    for r, model, training in _campaign_rows():
-        est = estimate_memory(MemoryRequest(model=model, training=training, hardware={"allocator": "replay"}),
-                              device="cuda")
+    for r in ROWS:
+        req = _request(r)
+        est = estimate_memory(MemoryRequest(model=req.model, training=req.training,
+                                            hardware={"allocator": "replay"}), device="cuda")
         meter_cuda = r["meter_total"]  # tensors on CUDA, plus the optimizers' CPU step scalars
         if abs(est.breakdown.total - meter_cuda) > 8192:  # (4 B per parameter tensor)
             continue  # the tensors differ (a kernel the replay does not follow): not the allocator's

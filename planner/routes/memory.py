@@ -387,9 +387,7 @@ def _simulated_boundary(req: MemoryRequest, model: ResolvedModel, device: str, c
             tr = TrainingSpec.model_validate(tr.model_dump())
         except ValueError:
             return None
-        r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model, device, ckpt)
-        p = allocator_peaks(model, tr, frozenset(ckpt))
-        return None if p is None else max(p.reserved, r.breakdown.total)
+        return _simulated_need(req.model_copy(update={"training": tr}), model, device, ckpt)
 
     for _ in range(4):
         if m >= 1 and (r := reserved(m)) is not None and r > mem_bytes:
