@@ -24,9 +24,13 @@ What it assumes (each stated in the plan's ``assumptions``):
 - Pipeline: per-stage forward/backward costs (TP communication included) and the activation
   send go through the schedule simulator (``planner/layouts/pipeline_sim.py``); its makespan
   minus the slowest rank's busy time is the bubble.
-- Offload: optimizer offload moves the gradient shard to the host and the parameter shard back
-  once per step, parameter offload the parameter shard in for forward and backward of every
-  micro-batch, over the host link, not overlapped; the CPU optimizer's own time is left out.
+- Offload (ZeRO-Offload's schedule, Ren et al. 2021, arXiv:2101.06840, §4): with the optimizer
+  offloaded, the gradient shard goes to the host during the last micro-batch's backward (only
+  what exceeds it is exposed), the optimizer step runs on the host CPU at DeepSpeed's CPU-Adam
+  rate (``CPU_ADAM_PARAMS_PER_S``, one host's CPUs shared by the GPUs of its node), and the
+  updated 16-bit parameter shard comes back chunk by chunk while the CPU works on the next
+  chunk: max(CPU step, copy back) is exposed. Parameter offload moves the parameter shard in
+  for forward and backward of every micro-batch, over the host link, not overlapped.
 """
 
 from __future__ import annotations
@@ -44,9 +48,19 @@ from planner.layouts.pipeline_sim import simulate
 # Fraction of the dense 16-bit peak the step's matmuls reach, per GPU kind. Chosen once per kind
 # and checked against published runs (tests/test_plan_time.py): A100 from torchtitan's FSDP runs
 # on 64 A100-80GB (docs/performance.md, 50.5-61.1% MFU), H100 from torchtitan's Llama 3.1 8B on
-# 8 H100 at a 500 W limit (33-39% MFU) and Megatron-Core's up to 47% on H100.
-DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42}
+# 8 H100 at a 500 W limit (33-39% MFU) and Megatron-Core's up to 47% on H100; V100 from
+# ZeRO-100B's 100B-parameter GPT on 400 V100s at 15 petaFLOP/s, 37.5 teraFLOP/s per GPU
+# (Rajbhandari et al. 2020, arXiv:1910.02054, abstract and §10.2), checked against ZeRO-Offload's
+# 10B model on one V100 (tests/test_plan_time_zero.py).
+DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42, "v100": 0.36}
 FALLBACK_MFU = 0.45
+
+# DeepSpeed's CPU-Adam (DeepSpeedCPUAdam: AVX-512, unrolled, OpenMP over every core) updates a
+# 10B-parameter model in 2.57 s on one DGX-2's host CPUs (Ren et al. 2021, ZeRO-Offload,
+# arXiv:2101.06840, its Adam latency table: 0.22 s for 1B, 1.03 s for 4B, 2.57 s for 10B
+# parameters; 5-7x PyTorch's CPU Adam). Parameters per second of one host, all its cores: the
+# GPUs of a node share it. Taken for every optimizer (lighter ones update faster).
+CPU_ADAM_PARAMS_PER_S = 10e9 / 2.57
 
 
 def intra_node_bytes_per_s(gpu: GPU) -> float:
@@ -70,6 +84,7 @@ class Links:
     inter_bytes_per_s: float
     host_bytes_per_s: float
     flops_per_s: float  # peak x utilisation
+    cpu_adam_params_per_s: float = CPU_ADAM_PARAMS_PER_S  # one host's optimizer rate
 
     def bandwidth(self, size: int, stride: int = 1) -> float:
         """Of a collective over ``size`` ranks ``stride`` apart. Within a node: the intra-node
@@ -165,12 +180,22 @@ def step_time(model: ResolvedModel, seq: int, act_bytes: int, grad_bytes: int, l
     shard = params / (d if lay.zero >= 1 else 1)
     offload = 0.0
     if lay.offload_optimizer:
-        offload += shard * (grad_bytes + act_bytes) / links.host_bytes_per_s
+        to_host = shard * grad_bytes / links.host_bytes_per_s
+        back = shard * act_bytes / links.host_bytes_per_s
+        offload += max(0.0, to_host - b_slow) + max(back, cpu_optimizer_s(shard, lay, links))
     if lay.offload_parameters:
         offload += m * 2 * shard * act_bytes / links.host_bytes_per_s
     step = makespan + dp_exposed + offload
     return TimeParts(compute_s=compute, tp_s=tp_total, dp_s=dp_exposed, pp_s=p2p_exposed,
                      offload_s=offload, bubble_s=bubble, step_s=step)
+
+
+def cpu_optimizer_s(shard: float, lay: Layout, links: Links) -> float:
+    """The host CPU's optimizer step over one GPU's ``shard`` of parameters: the node's GPUs
+    (all of the layout's, up to ``gpus_per_node``) update their shards on the same host at
+    once, so each gets its share of the host's rate."""
+    sharing = min(lay.dp * lay.tp * lay.pp, links.gpus_per_node)
+    return shard * sharing / links.cpu_adam_params_per_s
 
 
 @functools.lru_cache(maxsize=64)
@@ -269,9 +294,16 @@ def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
                    "p2p B/bw; ranks ordered tensor, data, pipeline (innermost first); a group "
                    "across nodes gets min(intra, k × inter) with k of its GPUs per node"),
         Assumption(name="overlap", value="TP exposed; DP hidden under backward; ZeRO-3 gathers "
-                   "prefetched; p2p overlapped by the pipeline simulator; offload exposed",
+                   "prefetched; p2p overlapped by the pipeline simulator; gradients to the host under "
+                   "the last backward; CPU optimizer step and parameter offload exposed",
                    note="only communication longer than the compute it overlaps is added"),
         Assumption(name="host_bytes_per_s", value=f"{links.host_bytes_per_s:.4g}",
-                   note="offloaded states cross the host link once per use; CPU optimizer time "
-                   "left out"),
+                   note="offloaded states cross the host link once per use; gradients to the "
+                   "host under the last backward, the updated parameters back while the CPU "
+                   "steps (ZeRO-Offload's schedule)"),
+        Assumption(name="cpu_optimizer_params_per_s",
+                   value=f"{links.cpu_adam_params_per_s:.4g}",
+                   note="with the optimizer offloaded, the step runs on the host CPU at "
+                   "DeepSpeed CPU-Adam's rate (10B parameters in 2.57 s on a DGX-2's CPUs, "
+                   "Ren et al. 2021), shared by the node's GPUs; exposed"),
     ]
