@@ -83,7 +83,8 @@ def links_for(req: PlanRequest, gpu: GPU) -> Links:
                  intra_bytes_per_s=c.intra_node_bytes_per_s
                  or plan_time.intra_node_bytes_per_s(gpu),
                  inter_bytes_per_s=c.inter_node_bytes_per_s or gpu.network_bytes_per_s,
-                 host_bytes_per_s=gpu.host_bytes_per_s, flops_per_s=gpu.peak_bf16_flops * mfu)
+                 host_bytes_per_s=gpu.host_bytes_per_s, flops_per_s=gpu.peak_bf16_flops * mfu,
+                 hbm_bytes_per_s=gpu.memory_bandwidth_bytes_per_s)
 
 
 def training_spec(req: PlanRequest, lay: Layout) -> TrainingSpec:

@@ -8,6 +8,17 @@ What it assumes (each stated in the plan's ``assumptions``):
   core 4·s·h ('selective'); the 'chunked-linear' loss the output projection's forward (each
   chunk's logits recomputed in backward; 'chunked' computes as 'standard'). Time = FLOPs / (tensor_parallel × peak 16-bit FLOP/s × utilisation),
   the utilisation one number per GPU kind (``DEFAULT_MFU``).
+- Memory-bound work (``block_hbm_bytes``): the elementwise kernels between the matmuls move
+  their tensors through HBM at the catalog's memory bandwidth, added to the compute time: per
+  token and block forward, two norms (read and write h), two residual adds (read 2h, write h),
+  the MLP activation (fused bias-GeLU: read and write f; SwiGLU: SiLU read and write f, the
+  product read 2f and write f) and Llama's rotary embedding (q and k read and written); norms
+  and adds on every TP rank, the rest split. With ``unfused_attention`` (2021's Megatron-LM,
+  not FlashAttention/SDPA) the [s, s] scores of each head go through HBM too: written by QK^T,
+  read and written by the softmax and by the attention dropout (with a 1-byte mask), read by the
+  PV matmul. Backward moves 1.5 times the forward's bytes (output gradient and saved input
+  read, input gradient written, where forward reads one and writes one); a recomputed forward
+  its bytes again. Left out: the loss's logits traffic, dropout elsewhere, optimizer step.
 - Collectives on n ranks moving B bytes (ring, bandwidth term only): all-reduce 2(n−1)/n·B/bw,
   all-gather and reduce-scatter (n−1)/n·B/bw; p2p B/bw; bw one direction (the intra-node link
   half the catalog's both-directions figure, ``intra_node_bytes_per_s``). Ranks are ordered tensor-parallel
@@ -52,7 +63,7 @@ from planner.layouts.pipeline_sim import simulate
 # ZeRO-100B's 100B-parameter GPT on 400 V100s at 15 petaFLOP/s, 37.5 teraFLOP/s per GPU
 # (Rajbhandari et al. 2020, arXiv:1910.02054, abstract and §10.2), checked against ZeRO-Offload's
 # 10B model on one V100 (tests/test_plan_time_zero.py).
-DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42, "v100": 0.36}
+DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42, "v100": 0.39}
 FALLBACK_MFU = 0.45
 
 # DeepSpeed's CPU-Adam (DeepSpeedCPUAdam: AVX-512, unrolled, OpenMP over every core) updates a
@@ -85,6 +96,8 @@ class Links:
     host_bytes_per_s: float
     flops_per_s: float  # peak x utilisation
     cpu_adam_params_per_s: float = CPU_ADAM_PARAMS_PER_S  # one host's optimizer rate
+    hbm_bytes_per_s: float = math.inf  # GPU memory bandwidth (inf: memory-bound work free)
+    unfused_attention: bool = False  # the [s, s] attention scores go through HBM
 
     def bandwidth(self, size: int, stride: int = 1) -> float:
         """Of a collective over ``size`` ranks ``stride`` apart. Within a node: the intra-node
@@ -139,6 +152,21 @@ def model_flops_per_token(model: ResolvedModel, s: int) -> float:
     c = count_parameters(model)
     n = c.num_layers * c.per_layer + model.vocab_size * model.hidden_size
     return 6 * n + 12 * model.num_layers * model.hidden_size * s
+
+
+def block_hbm_bytes(model: ResolvedModel, s: int, t: int, act_bytes: int,
+                    unfused_attention: bool) -> tuple[float, float]:
+    """(bytes per token one block's forward moves through HBM outside the matmuls on one of
+    ``t`` TP ranks, the part of it that is the attention scores); see the module docstring."""
+    h = model.hidden_size
+    f = model.ffn_hidden_size or 4 * h
+    gated = model.family != "gpt2"
+    elems = 4 * h + 6 * h + (5 * f if gated else 2 * f) / t
+    if gated:  # rotary embedding: q and k read and written
+        kv = (model.num_kv_heads or model.num_heads) * (h // model.num_heads)
+        elems += 2 * (h + kv) / t
+    scores = (6 * act_bytes + 1) * model.num_heads * s / t if unfused_attention else 0.0
+    return elems * act_bytes + scores, scores
 
 
 def _recomputed_blocks(checkpoint: str, num_layers: int) -> float:
@@ -218,6 +246,9 @@ def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int
     head_fwd = tokens * 2 * model.vocab_size * h
     rec = _recomputed_blocks(checkpoint, L) if recompute is None else recompute
     attn_rec = tokens * 4 * s * h if checkpoint == "selective" else 0
+    hbm, scores = block_hbm_bytes(model, s, t, act_bytes, links.unfused_attention)
+    mem_fwd = tokens * hbm / links.hbm_bytes_per_s
+    mem_rec = tokens * scores / links.hbm_bytes_per_s if checkpoint == "selective" else 0.0
     # TP: 2 all-reduces of (b, s, h) per block forward, 2 backward, 2 per recomputed forward
     tp_ar = all_reduce_s(tokens * h * act_bytes, t, links.bandwidth(t))
     rate = t * links.flops_per_s
@@ -229,8 +260,10 @@ def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int
         if head_recompute and st == n_stages - 1:
             bwd += head_fwd
         tf, tb = layers * 2 * tp_ar, layers * (2 + 2 * rec) * tp_ar
-        f_s.append(fwd / rate + tf)
-        bwd_s.append(bwd / rate + tb)
+        mem_f = layers * mem_fwd
+        mem_b = layers * (1.5 * mem_fwd + rec * mem_fwd + mem_rec)
+        f_s.append(fwd / rate + mem_f + tf)
+        bwd_s.append(bwd / rate + mem_b + tb)
         tp_st.append(tf + tb)
     rf = [sum(f_s[r::pp]) for r in range(pp)]
     rb = [sum(bwd_s[r::pp]) for r in range(pp)]
@@ -283,6 +316,10 @@ def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
         Assumption(name="model_flops_utilization", value=f"{mfu:g}",
                    note=f"fraction of {gpu.name}'s dense 16-bit peak ({gpu.peak_bf16_flops:.4g} "
                    "FLOP/s) the matmuls reach; compute = FLOPs (recompute included) at that rate"),
+        Assumption(name="memory_bound_work", value=f"{links.hbm_bytes_per_s:.4g} B/s",
+                   note="norms, residual adds, the MLP activation and rotary embedding move their "
+                   "tensors through HBM at this rate (backward 1.5x the forward's bytes), added "
+                   "to compute; attention fused (FlashAttention/SDPA: the scores stay on chip)"),
         Assumption(name="intra_node_bytes_per_s", value=f"{links.intra_bytes_per_s:.4g}",
                    note=f"{links.gpus_per_node} GPUs per node, one direction (half the "
                    f"catalog's {gpu.interconnect_bytes_per_s:.4g}, both directions); groups "
