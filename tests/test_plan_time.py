@@ -169,7 +169,7 @@ def test_memory_bound_work_is_the_small_models_gap():
     assert max(priced) - min(priced) <= 0.14, priced
     assert all(a > b for a, b in zip(free, priced))
     row = MEGATRON_TABLE_1[0]
-    billions, heads, h, L, t, p, n, batch, published = row
+    _, heads, h, L, t, p, n, batch, _ = row
     model = resolve_model(ModelSpec(family="gpt2", num_layers=L, hidden_size=h, num_heads=heads,
                                     vocab_size=51200, max_sequence_length=2048))
     d = n // (t * p)

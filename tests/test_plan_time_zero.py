@@ -12,18 +12,18 @@ node, 6.25 GB/s per GPU; PCIe 3.0 x16 to the host, 16 GB/s):
   V100 at 40 teraFLOP/s, the optimizer offloaded (ZeRO stage 2 + CPU offload; the model as
   DeepSpeed's ZeRO-Offload tutorial configures it: 50 layers, hidden 4096, 32 heads, batch 10,
   activation checkpointing, sequence 1024). Independent of the choice above: ±10 % (model:
-  40.2). Its Adam
-  latency table (CPU-Adam: 0.22 s for 1B parameters, 1.03 s for 4B, 2.57 s for 10B) is what
-  plan_time.CPU_ADAM_PARAMS_PER_S takes (the 10B figure): 4B within 5 %, 1B within 20 %
-  (smaller updates run faster per parameter).
+  40.2). Its Adam latency table (CPU-Adam: 0.22 s for 1B parameters, 1.03 s for 4B, 2.57 s for
+  10B) is what plan_time.CPU_ADAM_PARAMS_PER_S takes (the 10B figure): 4B within 5 %, 1B within
+  20 % (smaller updates run faster per parameter).
 
-Both ran 2020's Megatron-LM GPT-2 (attention scores through HBM: ``unfused_attention``, and
-the memory-bound work at the V100's 900 GB/s). Neither paper gives its FLOP count; both runs recompute activations, and the figures here count
-the recomputed forward as Narayanan et al. 2021's Eq. 3 does (96·B·s·l·h²(1 + s/6h + V/16lh)).
-Without it every figure, published or modelled, is 3/4 of this: the errors are the same.
+Both ran 2020's Megatron-LM GPT-2 (attention scores through HBM: ``unfused_attention``, and the
+memory-bound work at the V100's 900 GB/s). Neither paper gives its FLOP count; both runs
+recompute activations, and the figures here count the recomputed forward as Narayanan et al.
+2021's Eq. 3 does (96·B·s·l·h²(1 + s/6h + V/16lh)). Without it every figure, published or
+modelled, is 3/4 of this: the errors are the same.
 
 A100 (Narayanan et al. 2021, arXiv:2104.04473, Table 2): ZeRO-3 without model parallelism
-(DeepSpeed), one micro-batch per step (micro-batch 4, 2, 1 as the GPUs double), sequence 2048:
+(DeepSpeed), one micro-batch per step (micro-batch 4, 2, 1 as the GPUs grow), sequence 2048:
 
   params  GPUs  micro-batch  published  model   error   implied bandwidth (see below)
   174.6B   384       4          144      187    +30 %    56 GB/s
@@ -35,17 +35,18 @@ A100 (Narayanan et al. 2021, arXiv:2104.04473, Table 2): ZeRO-3 without model pa
 
 The model prices ZeRO-3's parameter gathers and gradient reduce-scatter by bandwidth, prefetched
 under each micro-batch's compute (as torchtitan's FSDP2 runs show: tests/test_plan_time.py holds
-those within 10 %), on a ring across nodes at 8 NICs per node (200 GB/s per GPU): hidden on every
-row, so the A100 compute rate (memory-bound work and unfused attention as for the PTD-P rows). The published fall is not in it. Read as step time,
-the published figures are the model's compute plus an exposed part that grows with the GPU count
-while the compute halves (at 768 and 1536 GPUs the published step times are equal): the
-collectives were not overlapped. Dividing ZeRO-3's traffic per step (two 16-bit parameter
-gathers and one 16-bit gradient reduce-scatter, 6 bytes per parameter) by that exposed time gives
-the last column: 21-56 GB/s per GPU, falling with the node count, around one HDR NIC per GPU
-(25 GB/s), not the 200 GB/s the topology-aware ring reaches. The second check holds that reading:
-the model's compute plus the traffic exposed at one NIC per GPU lands within ±25 % of all six
-rows (−22 % to +16 %). The planner keeps its overlapped rule (what FSDP2 achieves at 64 GPUs); for 2021 DeepSpeed
-ZeRO-3 at hundreds of nodes it is optimistic by the table above, and the first check says so.
+those within 10 %), on a ring across nodes at 8 NICs per node (200 GB/s per GPU): hidden on
+every row, so the A100 compute rate (memory-bound work and unfused attention as for the PTD-P
+rows). The published fall is not in it. Read as step time, the published figures are the model's
+compute plus an exposed part that grows with the GPU count while the compute halves (at 768 and
+1536 GPUs the published step times are equal): the collectives were not overlapped. Dividing
+ZeRO-3's traffic per step (two 16-bit parameter gathers and one 16-bit gradient reduce-scatter,
+6 bytes per parameter) by that exposed time gives the last column: 21-56 GB/s per GPU, falling
+with the node count, around one HDR NIC per GPU (25 GB/s), not the 200 GB/s the topology-aware
+ring reaches. The second check holds that reading: the model's compute plus the traffic exposed
+at one NIC per GPU lands within ±25 % of all six rows (−22 % to +16 %). The planner keeps its
+overlapped rule (what FSDP2 achieves at 64 GPUs); for 2021 DeepSpeed ZeRO-3 at hundreds of nodes
+it is optimistic by the table above, and the first check says so.
 """
 
 from __future__ import annotations

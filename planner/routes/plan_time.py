@@ -331,8 +331,8 @@ def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
                    "p2p B/bw; ranks ordered tensor, data, pipeline (innermost first); a group "
                    "across nodes gets min(intra, k × inter) with k of its GPUs per node"),
         Assumption(name="overlap", value="TP exposed; DP hidden under backward; ZeRO-3 gathers "
-                   "prefetched; p2p overlapped by the pipeline simulator; gradients to the host under "
-                   "the last backward; CPU optimizer step and parameter offload exposed",
+                   "prefetched; p2p overlapped by the pipeline simulator; gradients to the host "
+                   "under the last backward; CPU optimizer step and parameter offload exposed",
                    note="only communication longer than the compute it overlaps is added"),
         Assumption(name="host_bytes_per_s", value=f"{links.host_bytes_per_s:.4g}",
                    note="offloaded states cross the host link once per use; gradients to the "
