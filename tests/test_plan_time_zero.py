@@ -202,3 +202,33 @@ def test_megatron_table_2_zero3_rows_unoverlapped_reading(row):
     nic = get_gpu("a100-80gb").network_bytes_per_s
     step = st.compute_s + 6 * model.num_parameters / nic
     assert abs(flops / step / published - 1) <= 0.25, flops / step / 1e12
+
+
+def test_plan_states_and_charges_the_cpu_step():
+    """POST /v1/plan's answer names the CPU optimizer rate and the memory bandwidth it assumed,
+    and every offloaded layout it reports pays at least the CPU step over its shard."""
+    from planner.catalog.plan_specs import PlanRequest
+    from planner.routes.plan_search import plan
+
+    req = PlanRequest.model_validate({
+        "model": {"family": "llama", "num_layers": 8, "hidden_size": 1024, "num_heads": 16,
+                  "num_kv_heads": 4, "ffn_hidden_size": 2816, "vocab_size": 32000},
+        "training": {"global_batch_sequences": 8, "sequence_length": 4096,
+                     "max_micro_batch_size": 1, "checkpoint_strategies": ["full"]},
+        "cluster": {"gpu": "v100-16gb", "num_gpus": 4},
+        "constraints": {"top_k": 50, "allow_offload": True, "zero_stages": [2, 3]}})
+    res = plan(req)
+    named = {a.name: a.value for a in res.assumptions}
+    assert float(named["cpu_optimizer_params_per_s"]) == pytest.approx(CPU_ADAM_PARAMS_PER_S,
+                                                                       rel=1e-3)
+    assert named["memory_bound_work"] == "9e+11 B/s"  # the V100's HBM2
+    model = resolve_model(req.model)
+    c = count_parameters(model)
+    offloaded = [x for x in res.clusters[0].layouts if x.offload_optimizer]
+    assert offloaded
+    for x in offloaded:
+        layers = -(-8 // x.pipeline_parallel)  # the worst stage: most layers and the head
+        shard = (layers * c.per_layer + 32000 * 1024) / x.tensor_parallel / x.data_parallel
+        lay = _lay(dp=x.data_parallel, tp=x.tensor_parallel, pp=x.pipeline_parallel, zero=2,
+                   offload_optimizer=True)
+        assert x.time.offload_s >= cpu_optimizer_s(shard, lay, _dgx2()) * (1 - 1e-9)
