@@ -251,9 +251,10 @@ def plan(req: PlanRequest) -> PlanResult:
 
 
 def _plan_moe(req: PlanRequest, model: ResolvedModel, cfg: dict) -> PlanResult:
-    """An MoE model: data x expert parallel layouts (planner/routes/plan_moe.py)."""
+    """An MoE model: data x expert parallel layouts (planner/routes/plan_moe.py), its
+    compute the FLOPs alone (no memory-bound work)."""
     gpu = get_gpu(req.cluster.gpu)
-    links = links_for(req, gpu)
+    links = dataclasses.replace(links_for(req, gpu), hbm_bytes_per_s=float("inf"))
     counts = req.cluster.counts()
     if len(counts) > MAX_PLAN_CLUSTER_SIZES:
         raise PlanningError(f"the range gives {len(counts)} cluster sizes; at most "

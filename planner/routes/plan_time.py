@@ -319,7 +319,10 @@ def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
         Assumption(name="memory_bound_work", value=f"{links.hbm_bytes_per_s:.4g} B/s",
                    note="norms, residual adds, the MLP activation and rotary embedding move their "
                    "tensors through HBM at this rate (backward 1.5x the forward's bytes), added "
-                   "to compute; attention fused (FlashAttention/SDPA: the scores stay on chip)"),
+                   "to compute; attention fused (FlashAttention/SDPA: the scores stay on chip)")
+        if math.isfinite(links.hbm_bytes_per_s) else
+        Assumption(name="memory_bound_work", value="not priced",
+                   note="compute is the FLOPs alone; the elementwise work is left out"),
         Assumption(name="intra_node_bytes_per_s", value=f"{links.intra_bytes_per_s:.4g}",
                    note=f"{links.gpus_per_node} GPUs per node, one direction (half the "
                    f"catalog's {gpu.interconnect_bytes_per_s:.4g}, both directions); groups "
