@@ -93,8 +93,9 @@ def _lay(**kw) -> Layout:
 
 def test_zero_100b_on_400_v100():
     # 100B: 125 layers, hidden 8192 (Table 4), 64 heads; GPT-2 vocabulary, sequence 1024; batch 32
-    # per model-parallel replica (the AE appendix's 100B row; batch changes only the exposed
-    # parameter gather here, 5 % of the step)
+    # per model-parallel replica (the appendix's configuration of its 100B memory runs, 400 GPUs,
+    # MP 16; the throughput figure's own batch is not given: it changes only the exposed
+    # parameter gather here, 4 % of the step)
     L, h, V, s, b = 125, 8192, 50257, 1024, 32
     model = _gpt(L, h, 64, V, s)
     assert model.num_parameters / 1e9 == pytest.approx(100, rel=0.02)
