@@ -55,3 +55,15 @@ def test_the_api_takes_any_case(tmp_path):
         assert {s["fit"]["gpu"] for s in r.json()["stages"]} == {"a100-80gb"}
         r = api.post("/v1/memory", json={**body, "hardware": {"gpu": "A100-81GB"}})
         assert r.status_code == 422
+
+
+def test_h200_capacity_is_what_cuda_reported_on_the_device():
+    """The catalog's H200 capacity is the H200 SXM's own ``total_memory`` as torch read it in the
+    committed GPU campaign (benchmarks/results/accuracy-cuda.json), not a nominal figure."""
+    import json
+    from pathlib import Path
+
+    header = json.loads((Path(__file__).parents[1] / "benchmarks/results/accuracy-cuda.json")
+                        .read_text())["header"]
+    assert header["device"] == "NVIDIA H200"
+    assert get_gpu("h200-141gb").memory_bytes == header["device_memory_bytes"] == 150109880320

@@ -55,6 +55,7 @@ from planner.catalog.specs import (
     ValidationResult,
     relative_error,
 )
+from service.validation.gloo_comms import install_gloo_comms
 from service.validation.launch import torchrun
 from service.validation.meter import LiveMemoryMeter, Record, _flat_tensors, _storages
 
@@ -235,10 +236,8 @@ def rank_main(spec_path: str, out_path: str) -> None:
                 for block in model.blocks:
                     fully_shard(block, reshard_after_forward=reshard, offload_policy=offload, **kw)
                 fully_shard(root, reshard_after_forward=reshard, offload_policy=offload, **kw)
-                if not cuda:
-                    comm = _GlooReduceScatter()
-                    for mod in [root, *model.blocks]:
-                        mod.set_custom_reduce_scatter(comm)
+                if not cuda:  # gloo: buffers freed where FSDP2 drops them (gloo_comms.py)
+                    install_gloo_comms([root, *model.blocks])
                 meter.register(model, "parameters")
                 params = [p for p in model.parameters() if p.requires_grad]
                 if mp:  # the fp32 shards are the master weights: a plain fp32 optimizer
@@ -295,32 +294,6 @@ def rank_main(spec_path: str, out_path: str) -> None:
     if rank == 0:
         Path(out_path).write_text(json.dumps({"world_size": world, "ranks": gathered}))
     dist.barrier()
-
-
-def _gloo_reduce_scatter_cls() -> type:
-    from torch.distributed.fsdp._fully_shard._fsdp_collectives import (
-        DefaultReduceScatter,
-    )
-
-    class GlooReduceScatter(DefaultReduceScatter):
-        """FSDP2's reduce-scatter on gloo as an in-place all-reduce of the flat input plus a copy
-        of this rank's chunk. gloo's own reduce_scatter copies its input into a flat temporary
-        that its worker thread frees at an unpredictable moment, so a CPU rank's peak would vary
-        from run to run by one group's gradient bytes; this keeps exactly the buffers FSDP2
-        allocates (input and output) and nothing else. NCCL runs use torch's reduce-scatter."""
-
-        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):  # type: ignore[override]
-            import torch.distributed as dist
-
-            dist.all_reduce(input_tensor, op=op, group=group)
-            world, rank = dist.get_world_size(group), dist.get_rank(group)
-            output_tensor.copy_(input_tensor.view(world, -1)[rank])
-
-    return GlooReduceScatter
-
-
-def _GlooReduceScatter():
-    return _gloo_reduce_scatter_cls()()
 
 
 @contextmanager
