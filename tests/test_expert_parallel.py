@@ -221,6 +221,9 @@ def test_plan_searches_ep_for_an_moe_preset(client):
                            if a["name"] == "intra_node_bytes_per_s"))
         want = sparse * 6 * 64 * k * h * 2 * (ep - 1) / ep / intra
         assert lay["time"]["expert_parallel_s"] == pytest.approx(want, rel=1e-3)
+    # its compute is the FLOPs alone, and the answer says so
+    named = {a["name"]: a["value"] for a in r.json()["assumptions"]}
+    assert named["memory_bound_work"] == "not priced"
     # the larger ep holds fewer experts' states: lower peak
     by_ep = {lay["expert_parallel"]: lay["peak_bytes"] for lay in c["layouts"]}
     assert by_ep[max(by_ep)] < by_ep.get(1, float("inf"))

@@ -159,7 +159,8 @@ class StepTime(_Frozen):
     """One optimizer step on the slowest pipeline rank, in seconds, by where the time goes."""
 
     compute_s: float = Field(..., description="Matmul and attention FLOPs (recompute included) "
-                             "at the assumed utilisation.")
+                             "at the assumed utilisation, plus the memory-bound elementwise "
+                             "work at the GPU's memory bandwidth.")
     tensor_parallel_s: float = Field(..., description="TP all-reduces (all-gather/reduce-scatter "
                                      "with sequence parallelism), on the critical path.")
     data_parallel_s: float = Field(..., description="Exposed DP/ZeRO gradient and parameter "
@@ -168,7 +169,8 @@ class StepTime(_Frozen):
                                   "simulated makespan).")
     expert_parallel_s: float = Field(0.0, description="All-to-all of MoE layers (0 for dense "
                                      "models and expert_parallel 1).")
-    offload_s: float = Field(..., description="Host-link transfers of offloaded states.")
+    offload_s: float = Field(..., description="Offload: the host CPU's optimizer step and the "
+                             "host-link transfers it does not hide.")
     bubble_s: float = Field(..., description="Pipeline bubble: the simulated makespan minus the "
                             "slowest rank's busy time.")
     step_s: float

@@ -83,7 +83,8 @@ def links_for(req: PlanRequest, gpu: GPU) -> Links:
                  intra_bytes_per_s=c.intra_node_bytes_per_s
                  or plan_time.intra_node_bytes_per_s(gpu),
                  inter_bytes_per_s=c.inter_node_bytes_per_s or gpu.network_bytes_per_s,
-                 host_bytes_per_s=gpu.host_bytes_per_s, flops_per_s=gpu.peak_bf16_flops * mfu)
+                 host_bytes_per_s=gpu.host_bytes_per_s, flops_per_s=gpu.peak_bf16_flops * mfu,
+                 hbm_bytes_per_s=gpu.memory_bandwidth_bytes_per_s)
 
 
 def training_spec(req: PlanRequest, lay: Layout) -> TrainingSpec:
@@ -250,9 +251,10 @@ def plan(req: PlanRequest) -> PlanResult:
 
 
 def _plan_moe(req: PlanRequest, model: ResolvedModel, cfg: dict) -> PlanResult:
-    """An MoE model: data x expert parallel layouts (planner/routes/plan_moe.py)."""
+    """An MoE model: data x expert parallel layouts (planner/routes/plan_moe.py), its
+    compute the FLOPs alone (no memory-bound work)."""
     gpu = get_gpu(req.cluster.gpu)
-    links = links_for(req, gpu)
+    links = dataclasses.replace(links_for(req, gpu), hbm_bytes_per_s=float("inf"))
     counts = req.cluster.counts()
     if len(counts) > MAX_PLAN_CLUSTER_SIZES:
         raise PlanningError(f"the range gives {len(counts)} cluster sizes; at most "

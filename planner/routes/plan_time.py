@@ -8,6 +8,17 @@ What it assumes (each stated in the plan's ``assumptions``):
   core 4·s·h ('selective'); the 'chunked-linear' loss the output projection's forward (each
   chunk's logits recomputed in backward; 'chunked' computes as 'standard'). Time = FLOPs / (tensor_parallel × peak 16-bit FLOP/s × utilisation),
   the utilisation one number per GPU kind (``DEFAULT_MFU``).
+- Memory-bound work (``block_hbm_bytes``): the elementwise kernels between the matmuls move
+  their tensors through HBM at the catalog's memory bandwidth, added to the compute time: per
+  token and block forward, two norms (read and write h), two residual adds (read 2h, write h),
+  the MLP activation (fused bias-GeLU: read and write f; SwiGLU: SiLU read and write f, the
+  product read 2f and write f) and Llama's rotary embedding (q and k read and written); norms
+  and adds on every TP rank, the rest split. With ``unfused_attention`` (2021's Megatron-LM,
+  not FlashAttention/SDPA) the [s, s] scores of each head go through HBM too: written by QK^T,
+  read and written by the softmax and by the attention dropout (with a 1-byte mask), read by the
+  PV matmul. Backward moves 1.5 times the forward's bytes (output gradient and saved input
+  read, input gradient written, where forward reads one and writes one); a recomputed forward
+  its bytes again. Left out: the loss's logits traffic, dropout elsewhere, optimizer step.
 - Collectives on n ranks moving B bytes (ring, bandwidth term only): all-reduce 2(n−1)/n·B/bw,
   all-gather and reduce-scatter (n−1)/n·B/bw; p2p B/bw; bw one direction (the intra-node link
   half the catalog's both-directions figure, ``intra_node_bytes_per_s``). Ranks are ordered tensor-parallel
@@ -24,9 +35,13 @@ What it assumes (each stated in the plan's ``assumptions``):
 - Pipeline: per-stage forward/backward costs (TP communication included) and the activation
   send go through the schedule simulator (``planner/layouts/pipeline_sim.py``); its makespan
   minus the slowest rank's busy time is the bubble.
-- Offload: optimizer offload moves the gradient shard to the host and the parameter shard back
-  once per step, parameter offload the parameter shard in for forward and backward of every
-  micro-batch, over the host link, not overlapped; the CPU optimizer's own time is left out.
+- Offload (ZeRO-Offload's schedule, Ren et al. 2021, arXiv:2101.06840, §4): with the optimizer
+  offloaded, the gradient shard goes to the host during the last micro-batch's backward (only
+  what exceeds it is exposed), the optimizer step runs on the host CPU at DeepSpeed's CPU-Adam
+  rate (``CPU_ADAM_PARAMS_PER_S``, one host's CPUs shared by the GPUs of its node), and the
+  updated 16-bit parameter shard comes back chunk by chunk while the CPU works on the next
+  chunk: max(CPU step, copy back) is exposed. Parameter offload moves the parameter shard in
+  for forward and backward of every micro-batch, over the host link, not overlapped.
 """
 
 from __future__ import annotations
@@ -44,9 +59,19 @@ from planner.layouts.pipeline_sim import simulate
 # Fraction of the dense 16-bit peak the step's matmuls reach, per GPU kind. Chosen once per kind
 # and checked against published runs (tests/test_plan_time.py): A100 from torchtitan's FSDP runs
 # on 64 A100-80GB (docs/performance.md, 50.5-61.1% MFU), H100 from torchtitan's Llama 3.1 8B on
-# 8 H100 at a 500 W limit (33-39% MFU) and Megatron-Core's up to 47% on H100.
-DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42}
+# 8 H100 at a 500 W limit (33-39% MFU) and Megatron-Core's up to 47% on H100; V100 from
+# ZeRO-100B's 100B-parameter GPT on 400 V100s at 15 petaFLOP/s, 37.5 teraFLOP/s per GPU
+# (Rajbhandari et al. 2020, arXiv:1910.02054, abstract and §10.2), checked against ZeRO-Offload's
+# 10B model on one V100 (tests/test_plan_time_zero.py).
+DEFAULT_MFU = {"a100": 0.64, "h100": 0.42, "h200": 0.42, "v100": 0.39}
 FALLBACK_MFU = 0.45
+
+# DeepSpeed's CPU-Adam (DeepSpeedCPUAdam: AVX-512, unrolled, OpenMP over every core) updates a
+# 10B-parameter model in 2.57 s on one DGX-2's host CPUs (Ren et al. 2021, ZeRO-Offload,
+# arXiv:2101.06840, its Adam latency table: 0.22 s for 1B, 1.03 s for 4B, 2.57 s for 10B
+# parameters; 5-7x PyTorch's CPU Adam). Parameters per second of one host, all its cores: the
+# GPUs of a node share it. Taken for every optimizer (lighter ones update faster).
+CPU_ADAM_PARAMS_PER_S = 10e9 / 2.57
 
 
 def intra_node_bytes_per_s(gpu: GPU) -> float:
@@ -70,6 +95,9 @@ class Links:
     inter_bytes_per_s: float
     host_bytes_per_s: float
     flops_per_s: float  # peak x utilisation
+    cpu_adam_params_per_s: float = CPU_ADAM_PARAMS_PER_S  # one host's optimizer rate
+    hbm_bytes_per_s: float = math.inf  # GPU memory bandwidth (inf: memory-bound work free)
+    unfused_attention: bool = False  # the [s, s] attention scores go through HBM
 
     def bandwidth(self, size: int, stride: int = 1) -> float:
         """Of a collective over ``size`` ranks ``stride`` apart. Within a node: the intra-node
@@ -126,6 +154,21 @@ def model_flops_per_token(model: ResolvedModel, s: int) -> float:
     return 6 * n + 12 * model.num_layers * model.hidden_size * s
 
 
+def block_hbm_bytes(model: ResolvedModel, s: int, t: int, act_bytes: int,
+                    unfused_attention: bool) -> tuple[float, float]:
+    """(bytes per token one block's forward moves through HBM outside the matmuls on one of
+    ``t`` TP ranks, the part of it that is the attention scores); see the module docstring."""
+    h = model.hidden_size
+    f = model.ffn_hidden_size or 4 * h
+    gated = model.family != "gpt2"
+    elems = 4 * h + 6 * h + (5 * f if gated else 2 * f) / t
+    if gated:  # rotary embedding: q and k read and written
+        kv = (model.num_kv_heads or model.num_heads) * (h // model.num_heads)
+        elems += 2 * (h + kv) / t
+    scores = (6 * act_bytes + 1) * model.num_heads * s / t if unfused_attention else 0.0
+    return elems * act_bytes + scores, scores
+
+
 def _recomputed_blocks(checkpoint: str, num_layers: int) -> float:
     """Fraction of blocks whose forward runs again (the planner's own plans)."""
     if checkpoint == "full":
@@ -165,12 +208,22 @@ def step_time(model: ResolvedModel, seq: int, act_bytes: int, grad_bytes: int, l
     shard = params / (d if lay.zero >= 1 else 1)
     offload = 0.0
     if lay.offload_optimizer:
-        offload += shard * (grad_bytes + act_bytes) / links.host_bytes_per_s
+        to_host = shard * grad_bytes / links.host_bytes_per_s
+        back = shard * act_bytes / links.host_bytes_per_s
+        offload += max(0.0, to_host - b_slow) + max(back, cpu_optimizer_s(shard, lay, links))
     if lay.offload_parameters:
         offload += m * 2 * shard * act_bytes / links.host_bytes_per_s
     step = makespan + dp_exposed + offload
     return TimeParts(compute_s=compute, tp_s=tp_total, dp_s=dp_exposed, pp_s=p2p_exposed,
                      offload_s=offload, bubble_s=bubble, step_s=step)
+
+
+def cpu_optimizer_s(shard: float, lay: Layout, links: Links) -> float:
+    """The host CPU's optimizer step over one GPU's ``shard`` of parameters: the node's GPUs
+    (all of the layout's, up to ``gpus_per_node``) update their shards on the same host at
+    once, so each gets its share of the host's rate."""
+    sharing = min(lay.dp * lay.tp * lay.pp, links.gpus_per_node)
+    return shard * sharing / links.cpu_adam_params_per_s
 
 
 @functools.lru_cache(maxsize=64)
@@ -193,6 +246,9 @@ def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int
     head_fwd = tokens * 2 * model.vocab_size * h
     rec = _recomputed_blocks(checkpoint, L) if recompute is None else recompute
     attn_rec = tokens * 4 * s * h if checkpoint == "selective" else 0
+    hbm, scores = block_hbm_bytes(model, s, t, act_bytes, links.unfused_attention)
+    mem_fwd = tokens * hbm / links.hbm_bytes_per_s
+    mem_rec = tokens * scores / links.hbm_bytes_per_s if checkpoint == "selective" else 0.0
     # TP: 2 all-reduces of (b, s, h) per block forward, 2 backward, 2 per recomputed forward
     tp_ar = all_reduce_s(tokens * h * act_bytes, t, links.bandwidth(t))
     rate = t * links.flops_per_s
@@ -204,8 +260,10 @@ def _pipeline_part(model: ResolvedModel, s: int, act_bytes: int, dp: int, t: int
         if head_recompute and st == n_stages - 1:
             bwd += head_fwd
         tf, tb = layers * 2 * tp_ar, layers * (2 + 2 * rec) * tp_ar
-        f_s.append(fwd / rate + tf)
-        bwd_s.append(bwd / rate + tb)
+        mem_f = layers * mem_fwd
+        mem_b = layers * (1.5 * mem_fwd + rec * mem_fwd + mem_rec)
+        f_s.append(fwd / rate + mem_f + tf)
+        bwd_s.append(bwd / rate + mem_b + tb)
         tp_st.append(tf + tb)
     rf = [sum(f_s[r::pp]) for r in range(pp)]
     rb = [sum(bwd_s[r::pp]) for r in range(pp)]
@@ -258,6 +316,13 @@ def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
         Assumption(name="model_flops_utilization", value=f"{mfu:g}",
                    note=f"fraction of {gpu.name}'s dense 16-bit peak ({gpu.peak_bf16_flops:.4g} "
                    "FLOP/s) the matmuls reach; compute = FLOPs (recompute included) at that rate"),
+        Assumption(name="memory_bound_work", value=f"{links.hbm_bytes_per_s:.4g} B/s",
+                   note="norms, residual adds, the MLP activation and rotary embedding move their "
+                   "tensors through HBM at this rate (backward 1.5x the forward's bytes), added "
+                   "to compute; attention fused (FlashAttention/SDPA: the scores stay on chip)")
+        if math.isfinite(links.hbm_bytes_per_s) else
+        Assumption(name="memory_bound_work", value="not priced",
+                   note="compute is the FLOPs alone; the elementwise work is left out"),
         Assumption(name="intra_node_bytes_per_s", value=f"{links.intra_bytes_per_s:.4g}",
                    note=f"{links.gpus_per_node} GPUs per node, one direction (half the "
                    f"catalog's {gpu.interconnect_bytes_per_s:.4g}, both directions); groups "
@@ -269,9 +334,16 @@ def assumptions(gpu: GPU, links: Links, mfu: float) -> list[Assumption]:
                    "p2p B/bw; ranks ordered tensor, data, pipeline (innermost first); a group "
                    "across nodes gets min(intra, k × inter) with k of its GPUs per node"),
         Assumption(name="overlap", value="TP exposed; DP hidden under backward; ZeRO-3 gathers "
-                   "prefetched; p2p overlapped by the pipeline simulator; offload exposed",
+                   "prefetched; p2p overlapped by the pipeline simulator; gradients to the host "
+                   "under the last backward; CPU optimizer step and parameter offload exposed",
                    note="only communication longer than the compute it overlaps is added"),
         Assumption(name="host_bytes_per_s", value=f"{links.host_bytes_per_s:.4g}",
-                   note="offloaded states cross the host link once per use; CPU optimizer time "
-                   "left out"),
+                   note="offloaded states cross the host link once per use; gradients to the "
+                   "host under the last backward, the updated parameters back while the CPU "
+                   "steps (ZeRO-Offload's schedule)"),
+        Assumption(name="cpu_optimizer_params_per_s",
+                   value=f"{links.cpu_adam_params_per_s:.4g}",
+                   note="with the optimizer offloaded, the step runs on the host CPU at "
+                   "DeepSpeed CPU-Adam's rate (10B parameters in 2.57 s on a DGX-2's CPUs, "
+                   "Ren et al. 2021), shared by the node's GPUs; exposed"),
     ]
