@@ -3,14 +3,17 @@
 The model is the one transformers builds from the config (``AutoModelForCausalLM.from_config``,
 random init, ``attn_implementation`` = ``training.attention``), run in the loop a trainer runs:
 
-    with autocast (amp-bf16 only):
+    with autocast (amp-* only):
         loss = model(input_ids=ids, labels=ids[, use_cache=...]).loss
-    (loss / gradient_accumulation_steps).backward()
-    optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    scale(loss / gradient_accumulation_steps).backward()
+    optimizer.step() (through the GradScaler for amp-fp16); optimizer.zero_grad(set_to_none=True)
 
 ``activation_checkpointing: full`` is ``gradient_checkpointing_enable`` (transformers 5.x:
 ``activation_checkpointing_enable``) with ``use_reentrant`` from ``training.transformers``.
-Precisions: fp32, amp-bf16 (fp32 model, bf16 autocast), bf16 (bf16 model, optimizer on it).
+Precisions (planner/hf/precision.py, the reference step's schemes): fp32; amp-bf16 / amp-fp16
+(fp32 model, 16-bit autocast, fp16 with torch's GradScaler); bf16 (bf16 model, optimizer on it);
+mixed-bf16 / mixed-fp16 (16-bit model, fp32 master weights stepped by the optimizer, fp16 with a
+static loss scale).
 
 ``run`` meters each step with ``LiveMemoryMeter`` (planner/hf/meter.py) in windows per phase
 (forward, backward, optimizer): the step's peak is the highest window, and each window's peak is
@@ -23,14 +26,14 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from typing import Any, Callable
 
 from planner.catalog.errors import PlanningError
 from planner.catalog.hf_config import layer_field
 from planner.catalog.specs import TrainingSpec
 
-PRECISIONS = ("fp32", "amp-bf16", "bf16")
+PRECISIONS = ("fp32", "amp-bf16", "amp-fp16", "bf16", "mixed-bf16", "mixed-fp16")
 OPTIMIZERS = ("sgd", "sgd-momentum", "adam", "adamw", "rmsprop", "adadelta", "adagrad")
 STRATEGIES = ("none", "full")
 PHASES = ("forward", "backward", "optimizer")
@@ -146,13 +149,16 @@ def _recompute_aware(fn: Callable, on_recompute: Callable[[], Any]) -> Callable:
 
 
 def build(config: dict[str, Any], tr: TrainingSpec, device, num_layers: int | None = None,
-          on_recompute: Callable[[], Any] | None = None):
-    """(model, optimizer) on ``device`` (under FakeTensorMode when one is active)."""
+          on_recompute: Callable[[], Any] | None = None, traced: bool = False):
+    """(model, optimizer) on ``device`` (under FakeTensorMode when one is active); for mixed-*
+    the optimizer is ``MasterWeights`` (planner/hf/precision.py) around the torch one."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from planner.hf import precision as P
+
     conf = make_config(config, num_layers)
-    dtype = torch.bfloat16 if tr.precision == "bf16" else torch.float32
+    dtype = P.model_dtype(tr.precision)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(conf, attn_implementation=tr.attention,
@@ -177,7 +183,8 @@ def build(config: dict[str, Any], tr: TrainingSpec, device, num_layers: int | No
                 if f is not None:
                     m._gradient_checkpointing_func = (
                         lambda fn, *a, _f=f, **k: _f(_recompute_aware(fn, on_recompute), *a, **k))
-    opt = make_optimizer(tr, [p for p in model.parameters() if p.requires_grad])
+    opt = P.wrap_optimizer(tr.precision, [p for p in model.parameters() if p.requires_grad],
+                           lambda ps: make_optimizer(tr, ps), traced)
     return model, opt
 
 
@@ -305,9 +312,12 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
     ``ddp``: the model wrapped in DistributedDataParallel(gradient_as_bucket_view=True) on the
     initialised default process group (gloo under torchrun, or the fake one when traced); the
     reducer's gradient buckets are created inside the meter, with the model. ``kernels``
-    "cuda": a trace takes the attention kernels a CUDA device runs (planner/hf/cuda_attention.py)."""
+    "cuda": a trace takes the attention kernels a CUDA device runs (planner/hf/cuda_attention.py).
+    A step whose loss scaler found an overflow (amp-fp16, mixed-fp16; real runs only) skipped
+    the optimizer: ``"skipped": True`` (planner/hf/precision.py)."""
     import torch
 
+    from planner.hf import precision as P
     from planner.hf.meter import LiveMemoryMeter
     from planner.machine.deadline import check
 
@@ -327,7 +337,8 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
         check()
         torch.manual_seed(0)
         meter = LiveMemoryMeter()
-        model, opt = build(config, tr, dev, num_layers, lambda: meter.in_phase("recompute"))
+        model, opt = build(config, tr, dev, num_layers, lambda: meter.in_phase("recompute"),
+                           traced)
         vocab = model.config.vocab_size
         inner = model
         batch = make_batch(vocab, tr, dev, traced)
@@ -344,8 +355,10 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
         meter.register([v for v in batch.values() if isinstance(v, torch.Tensor)], "activations")
         if tr.optimizer == "adagrad":  # Adagrad creates its state in the constructor
             meter.register(opt, "optimizer_states")
-        amp = torch.autocast(dev.type, dtype=torch.bfloat16) if tr.precision == "amp-bf16" \
-            else nullcontext()
+        if isinstance(opt, P.MasterWeights):  # fp32 masters: the optimizer's, made with it
+            meter.register(opt.masters, "optimizer_states")
+        amp = P.autocast(tr.precision, dev.type)
+        scaling = P.LossScaling(tr.precision, dev.type, traced)
         accum = tr.gradient_accumulation_steps
         with meter:
             for i in range(steps):
@@ -364,7 +377,7 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                     check()
                     meter.reset_peak()
                     with meter.in_phase("backward"):
-                        loss.backward()
+                        scaling.scale(loss).backward()
                     del loss
                     windows.append(("backward", meter.peak))
                 meter.mark([p.grad for p in inner.parameters() if p.grad is not None],
@@ -372,13 +385,14 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                 check()
                 meter.reset_peak()
                 with meter.in_phase("optimizer"):
-                    opt.step()
+                    scaling.step(opt)
                     opt.zero_grad(set_to_none=True)
                 windows.append(("optimizer", meter.peak))
                 meter.mark(opt, "optimizer_states")
                 if dev.type == "cuda" and not traced:
                     torch.cuda.synchronize(dev)
-                out.append({**_summary(windows), "time_s": time.perf_counter() - t0})
+                out.append({**_summary(windows), "time_s": time.perf_counter() - t0,
+                            "skipped": scaling.skipped})
     return out
 
 
