@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from planner.catalog.errors import PlanningError
 from planner.catalog.hf_config import dims, expert_tensor_numels, num_experts
 from planner.catalog.optimizers import optimizer_state_bytes
+from planner.catalog.precision import DTYPE_BYTES, PRESETS
 from planner.catalog.specs import ParallelSpec, TrainingSpec
 
 FIELD = "parallelism.expert_parallel"
@@ -79,18 +80,22 @@ def validate(cfg: dict | None, par: ParallelSpec) -> None:
 
 
 def _bytes(tr: TrainingSpec) -> tuple[int, int]:
-    """(parameter and gradient bytes, activation bytes) of the transformers step's precisions:
-    fp32 and amp-bf16 build an fp32 model, bf16 a bf16 one; amp-bf16 autocasts to bf16."""
-    p = 2 if tr.precision == "bf16" else 4
-    return p, 2 if tr.precision in ("bf16", "amp-bf16") else 4
+    """(parameter and gradient bytes, activation bytes) of the transformers step's precisions
+    (planner/hf/precision.py): fp32 and amp-* build an fp32 model, bf16 and mixed-* a 16-bit
+    one; amp-* autocast to 16 bit."""
+    plan = PRESETS[tr.precision]
+    return int(DTYPE_BYTES[plan.param_dtype]), int(DTYPE_BYTES[plan.compute_dtype])
 
 
 def split(cfg: dict, tr: TrainingSpec, ep: int) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer states) bytes of the routed experts on one rank."""
+    """(parameters, gradients, optimizer states) bytes of the routed experts on one rank; the
+    optimizer states of mixed-* include the fp32 master copies (the meter's category)."""
     p, _ = _bytes(tr)
     X = [n // ep for n in expert_tensor_numels(cfg)]
-    state = "bf16" if tr.precision == "bf16" else "fp32"
-    return sum(X) * p, sum(X) * p, optimizer_state_bytes(tr, X, state) if X else 0
+    plan = PRESETS[tr.precision]
+    masters = sum(X) * int(DTYPE_BYTES[plan.master_dtype]) if plan.master_dtype else 0
+    states = optimizer_state_bytes(tr, X, plan.optimizer_state_dtype) if X else 0
+    return sum(X) * p, sum(X) * p, states + masters
 
 
 def dispatch_bytes(cfg: dict, tr: TrainingSpec) -> int:
