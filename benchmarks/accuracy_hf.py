@@ -13,6 +13,7 @@ too (the ``reference err`` column): how far the estimate of memplan's own step i
 transformers step, the gap this implementation closes.
 
     python -m benchmarks.accuracy_hf [--quick] [--no-traced] [--out benchmarks/results/accuracy-hf-cpu.md]
+    python -m benchmarks.accuracy_hf --no-traced --only 'fp16|mixed' --out benchmarks/results/accuracy-hf-cpu-precisions.md
     bash benchmarks/gpu_campaign.sh hf --device cuda --quick --out $OUT/accuracy-hf-cuda.md   # a GPU
 
 With ``--device cuda`` the real rows run on the GPU and the estimate describes CUDA (the traced
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import re
 import sys
 import time
 import warnings
@@ -108,6 +110,19 @@ REAL = [
     ("qwen3_moe fp32 sgd", M["qwen3_moe"], _t(optimizer="sgd")),
     ("qwen3_moe amp-bf16 adamw full-ckpt", M["qwen3_moe"], _t(precision="amp-bf16", **FULL)),
     ("qwen3_moe bf16 adamw b4 s128", M["qwen3_moe"], _t(precision="bf16", micro_batch_size=4, sequence_length=128)),
+    # amp-fp16 (GradScaler) and mixed-* (fp32 master weights; fp16 with a static loss scale)
+    ("gpt2 amp-fp16 adamw", M["gpt2"], _t(precision="amp-fp16")),
+    ("gpt2 mixed-bf16 sgd", M["gpt2"], _t(precision="mixed-bf16", optimizer="sgd")),
+    ("gpt2 mixed-fp16 adamw full-ckpt", M["gpt2"], _t(precision="mixed-fp16", **FULL)),
+    ("llama amp-fp16 adamw", M["llama"], _t(precision="amp-fp16")),
+    ("llama amp-fp16 sgd full-ckpt", M["llama"], _t(precision="amp-fp16", optimizer="sgd", **FULL)),
+    ("llama mixed-bf16 adamw", M["llama"], _t(precision="mixed-bf16")),
+    ("llama mixed-fp16 sgd eager", M["llama"], _t(precision="mixed-fp16", optimizer="sgd", attention="eager")),
+    ("qwen2 mixed-bf16 adamw fused", M["qwen2"], _t(precision="mixed-bf16", optimizer_implementation="fused")),
+    ("mixtral amp-fp16 sgd", M["mixtral"], _t(precision="amp-fp16", optimizer="sgd")),
+    ("mixtral mixed-bf16 adamw", M["mixtral"], _t(precision="mixed-bf16")),
+    ("mixtral mixed-fp16 sgd", M["mixtral"], _t(precision="mixed-fp16", optimizer="sgd")),
+    ("qwen3_moe mixed-bf16 adamw full-ckpt", M["qwen3_moe"], _t(precision="mixed-bf16", **FULL)),
 ]
 
 _FS = dict(micro_batch_size=1, sequence_length=1024)
@@ -134,8 +149,10 @@ def _reference_err(model: dict, training: dict, measured_total: int) -> str:
     return _pct((est.breakdown.total - measured_total) / measured_total)
 
 
-def rows(quick: bool, traced: bool):
+def rows(quick: bool, traced: bool, only: str | None = None):
     real = REAL[::4] if quick else REAL
+    if only is not None:  # the rows whose label matches (e.g. the precision rows)
+        real = [r for r in real if re.search(only, r[0])]
     table = [(label, {"hf_config": m}, tr, "real") for label, m, tr in real]
     if traced:
         table += [(label, {"preset": p}, tr, "traced") for label, p, tr in
@@ -203,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the table (markdown) to this file")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="where the real rows run (and what the estimate describes)")
+    ap.add_argument("--only", help="only the real rows whose label matches this regex "
+                    "(e.g. 'fp16|mixed'); with --no-traced, a part of the table")
     ap.add_argument("--cost-only", action="store_true", help="only the first-request cost "
                     "table (appended to --out)")
     args = ap.parse_args(argv)
@@ -232,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines), flush=True)
     n = exact = 0
     worst = 0.0
-    for label, mode, model, training, r, dt in rows(args.quick, not args.no_traced):
+    for label, mode, model, training, r, dt in rows(args.quick, not args.no_traced, args.only):
         errs = r.relative_error.model_dump()
         first = (r.first_step_estimate.total - r.first_step_measured.total) / \
             r.first_step_measured.total

@@ -245,9 +245,13 @@ def test_plan_moe_refuses_what_the_transformers_step_does_not_run(client):
     base = {"model": {"hf_config": MIXTRAL},
             "training": {"global_batch_sequences": 4, "sequence_length": 16},
             "cluster": {"gpu": "h100-80gb", "num_gpus": 4}}
-    r = client.post("/v1/plan", json=base)  # default precision mixed-bf16
-    assert r.status_code == 422, r.text
-    assert any(p["name"].endswith("training.precision") for p in r.json()["invalid-params"])
+    # every precision is run (the default mixed-bf16 too: planner/hf/precision.py)
+    from planner.catalog.plan_specs import PlanRequest
+    from planner.routes.plan_moe import training_spec
+
+    for prec in ("fp32", "amp-bf16", "amp-fp16", "bf16", "mixed-bf16", "mixed-fp16"):
+        req = PlanRequest(**{**base, "training": {**base["training"], "precision": prec}})
+        assert training_spec(req, 1, 4, "none").precision == prec
     r = client.post("/v1/plan", json={**base, "training": {
         **base["training"], "precision": "fp32", "checkpoint_strategies": ["selective"]}})
     assert r.status_code == 422, r.text

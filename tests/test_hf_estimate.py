@@ -125,7 +125,8 @@ def test_accumulation_from_two_shares_one_trace(monkeypatch):
 def test_settings_it_does_not_run_are_named():
     from planner.catalog.errors import PlanningError
 
-    for over, field in (({"precision": "mixed-bf16"}, "training.precision"),
+    for over, field in (({"precision_overrides": {"gradients": "fp32"}},
+                         "training.precision_overrides"),
                         ({"activation_checkpointing": {"strategy": "sqrt"}},
                          "training.activation_checkpointing.strategy"),
                         ({"optimizer": "lion"}, "training.optimizer")):

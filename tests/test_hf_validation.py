@@ -74,7 +74,8 @@ def test_job_through_the_api(tmp_path):
             done = poll(api, r.json()["id"], lambda j: j["status"] in ("failed", "succeeded"),
                         250)
             refused = api.post("/v1/validations", json={
-                **body, "training": {**body["training"], "precision": "mixed-bf16"}})
+                **body, "training": {**body["training"],
+                                     "precision_overrides": {"gradients": "fp32"}}})
     finally:
         embedded.stop(15)
         app.state.jobs.close()
@@ -83,4 +84,4 @@ def test_job_through_the_api(tmp_path):
     assert result["measured"] == result["estimate"]
     assert result["measured"]["parameters"] >= 596_049_920 * 4
     assert refused.status_code == 422
-    assert refused.json()["invalid-params"][0]["name"] == "body.training.precision"
+    assert refused.json()["invalid-params"][0]["name"] == "body.training.precision_overrides"
