@@ -2,7 +2,7 @@
 
 POST /v1/plan rejects an MoE layout on its floor without a trace, so a floor above POST
 /v1/memory's peak would drop a layout that fits: every floor here is at or below the composed
-peak, over the three MoE families, the three precisions the transformers step runs, each
+peak, over the three MoE families, the precisions the transformers step runs, each
 optimizer and kernel (foreach, for-loop, fused), both checkpoint strategies, accumulation 1 and
 more, and ep 1 to E. The model-state floors are the composed optimizer window's gradients to the
 byte, its parameters to the model's buffers (counted with them), its optimizer states to the
@@ -40,6 +40,10 @@ CASES = [
                  "activation_checkpointing": {"strategy": "full"}}, 2),
     (QWEN3_MOE, {"attention": "eager", "transformers": {"use_cache": False},
                  "gradient_accumulation_steps": 2}, 3),
+    (MIXTRAL, {"precision": "mixed-bf16"}, 2),
+    (QWEN2_MOE, {"precision": "mixed-fp16", "optimizer": "sgd-momentum",
+                 "activation_checkpointing": {"strategy": "full"}}, 3),
+    (QWEN3_MOE, {"precision": "amp-fp16", "gradient_accumulation_steps": 2}, 2),
 ]
 
 

@@ -115,7 +115,7 @@ def test_master_weights_are_the_reference_optimizer(loss_scale):
         return out, opt
 
     adamw = lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False)  # noqa: E731
-    ours, opt = drive(lambda ps: P.MasterWeights(ps, adamw, loss_scale))
+    ours, _ = drive(lambda ps: P.MasterWeights(ps, adamw, loss_scale))
     ref, _ = drive(lambda ps: MasterWeightOptimizer(ps, adamw, loss_scale=loss_scale))
     for a, b in zip(ours, ref):
         assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -37,6 +37,7 @@ from planner.catalog.optimizers import (
     optimizer_state_bytes,
     optimizer_step_temporary_bytes,
 )
+from planner.catalog.precision import DTYPE_BYTES, PRESETS
 from planner.catalog.specs import TrainingSpec
 from planner.layouts import expert
 
@@ -47,8 +48,10 @@ def model_states(cfg: dict, num_parameters: int, tr: TrainingSpec,
     p, _ = expert._bytes(tr)
     xp, xg, xo = expert.split(cfg, tr, ep)
     dense = num_parameters - sum(expert_tensor_numels(cfg))
-    state = "bf16" if tr.precision == "bf16" else "fp32"
-    return dense * p + xp, dense * p + xg, optimizer_state_bytes(tr, [dense], state) + xo
+    plan = PRESETS[tr.precision]  # mixed-*: the fp32 master copies are optimizer states
+    masters = dense * int(DTYPE_BYTES[plan.master_dtype]) if plan.master_dtype else 0
+    return dense * p + xp, dense * p + xg, \
+        optimizer_state_bytes(tr, [dense], plan.optimizer_state_dtype) + masters + xo
 
 
 def step_scratch(cfg: dict, num_parameters: int, tr: TrainingSpec) -> int:

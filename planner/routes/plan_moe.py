@@ -36,6 +36,7 @@ from planner.catalog.plan_specs import (
     PlanSearch,
     StepTime,
 )
+from planner.catalog.precision import DTYPE_BYTES, PRESETS
 from planner.catalog.presets import GPU, allocator_reserve, hf_config_of
 from planner.catalog.specs import (
     ActivationCheckpointing,
@@ -118,7 +119,7 @@ def step_time(cfg: dict, model: ResolvedModel, req: PlanRequest, links: Links, d
     dd = dims(cfg)
     s, h, L = req.training.sequence_length, dd["hidden"], dd["layers"]
     a = 4 if req.training.precision == "fp32" else 2
-    g = 2 if req.training.precision == "bf16" else 4
+    g = int(DTYPE_BYTES[PRESETS[req.training.precision].grad_dtype])  # 2 for bf16 and mixed-*
     active, dense, x = _sizes(cfg, model)
     head = dd["vocab"] * h
     tokens = b * s
