@@ -156,6 +156,7 @@ def test_a_skipped_first_step(monkeypatch, over):
     kept) when that peak is in the forward; the steps after it as the estimated steady step."""
     cfg, tr = MODELS["llama"], _training(over)
     est = _estimate(cfg, tr)
+    assert "every step taken" in {a.name: a.note for a in est.assumptions}["loss_scaling"]
     _overflow_first_backward(monkeypatch)
     steps = S.run(cfg, TrainingSpec(**tr), "cpu", traced=False, steps=3)
     assert [s["skipped"] for s in steps] == [True, False, False]

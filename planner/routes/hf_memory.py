@@ -46,6 +46,16 @@ _EP_ASSUMPTIONS = [
     Assumption(name="moe_layout_note", value="expert_parallel ranks inside data_parallel",
                note="ZeRO 0; tensor and pipeline parallel 1"),
 ]
+# fp16 loss scaling (planner/hf/precision.py): a step whose gradients overflow is skipped, a
+# value only a real run reads; the trace takes every step
+_LOSS_SCALING = {
+    "amp-fp16": Assumption(name="loss_scaling", value="GradScaler, init_scale 2**16",
+                           note="every step taken (no overflow); a skipped step allocates no "
+                           "optimizer states or step scratch, so peaks no higher"),
+    "mixed-fp16": Assumption(name="loss_scaling", value="static 2**10, fp32 master weights",
+                             note="every step taken (no overflow); a skipped step allocates no "
+                             "optimizer states or step scratch, so peaks no higher"),
+}
 _DP_ASSUMPTION = Assumption(name="data_parallel_zero0", value="no extra bytes",
                             note="DDP(gradient_as_bucket_view=True) or a contiguous gradient "
                             "buffer: the gradients are the buckets")
@@ -152,6 +162,8 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
         reentrant = bool(opts and opts.use_reentrant)
         assumptions.append(Assumption(
             name="gradient_checkpointing", value=f"every decoder layer, use_reentrant={reentrant}"))
+    if tr.precision in _LOSS_SCALING:
+        assumptions.append(_LOSS_SCALING[tr.precision])
     notes = []
     if ddp > 1:
         assumptions.append(_DDP_ASSUMPTION)
