@@ -36,7 +36,9 @@ MODELS = {
                    "vocab_size": 1024},
 }
 CASES = [("llama", "fp32"), ("llama", "amp-bf16"), ("qwen2", "fp32"), ("qwen2", "amp-bf16"),
-         ("llama-wide", "fp32"), ("llama", "amp-bf16+ckpt")]
+         ("llama-wide", "fp32"), ("llama", "amp-bf16+ckpt"),
+         # GradScaler; 16-bit models with fp32 master weights (planner/hf/precision.py)
+         ("llama", "amp-fp16"), ("qwen2", "mixed-bf16"), ("llama", "mixed-fp16")]
 
 
 def _training(precision: str) -> dict:
