@@ -192,3 +192,19 @@ def test_expert_states_of_mixed_precision_are_the_built_model():
     got = expert.split(normalize(cfg), tr, 1)
     assert got[0] == params > 0
     assert got[2] == states > 6 * params  # 2-byte parameters: 4 + 4 + 4 bytes of fp32 each
+
+
+@pytest.mark.parametrize("mode", ["real", "traced"])
+def test_validation_job_measures_these_precisions(mode):
+    """A validation job (service/validation/runner.py) runs the same step module on the whole
+    model: real, or traced (the loss scalers' reads taken as no overflow, as in the estimate)."""
+    from planner.catalog.specs import ValidationRequest
+    from service.validation.runner import run_validation
+
+    for prec in ("amp-fp16", "mixed-fp16"):
+        req = ValidationRequest(model={"hf_config": MODELS["gpt2"]}, mode=mode, steps=3,
+                                device="cpu", training=_training({"precision": prec,
+                                                                  "optimizer": "adamw"}))
+        res = run_validation(req)
+        assert res.measured == res.estimate
+        assert res.first_step_measured == res.first_step_estimate
