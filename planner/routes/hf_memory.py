@@ -1,6 +1,7 @@
 """POST /v1/memory for ``training.implementation: "transformers"``: the Hugging Face model code's
-step, traced (planner/hf/estimate.py), on one device; for MoE models composed with data and
-expert parallelism (planner/layouts/expert.py), every other layout refused."""
+step, traced (planner/hf/estimate.py), on one device or as one DDP rank of data_parallel (dense
+and MoE models); for MoE models composed with expert parallelism (planner/layouts/expert.py);
+every other layout refused."""
 
 from __future__ import annotations
 
@@ -40,16 +41,14 @@ _EP_ASSUMPTIONS = [
     Assumption(name="expert_parallel_dispatch", value="b*s*top_k*hidden*activation bytes",
                note="one sparse block's all-to-all receive buffer added to the forward and "
                "backward peaks' temporaries"),
-    Assumption(name="expert_parallel_bounds", value="backward gradients, optimizer scratch",
-               note="the backward peak's gradients and the optimizer step's scratch are the "
-               "one-device trace's (upper bounds)"),
+    Assumption(name="expert_parallel_bounds", value="optimizer scratch",
+               note="the optimizer step's scratch is the one-device trace's (an upper bound)"),
+    Assumption(name="expert_parallel_gradients", value="the rank's experts' share, every phase",
+               note="the DDP rank's gradient buckets (held from the wrap on) hold the routed "
+               "experts' gradients divided by expert_parallel"),
     Assumption(name="moe_layout_note", value="expert_parallel ranks inside data_parallel",
                note="ZeRO 0; tensor and pipeline parallel 1"),
 ]
-_DP_ASSUMPTION = Assumption(name="data_parallel_zero0", value="no extra bytes",
-                            note="DDP(gradient_as_bucket_view=True) or a contiguous gradient "
-                            "buffer: the gradients are the buckets")
-
 _DDP_ASSUMPTION = Assumption(
     name="data_parallel_ddp", value="DistributedDataParallel(gradient_as_bucket_view=True)",
     note="one rank traced under torch's fake process group: the reducer's gradient buckets live "
@@ -70,10 +69,10 @@ def check(req: MemoryRequest) -> dict:
             "model_type)", "model")
     par = req.parallelism
     validate(hf_config_of(req.model), par)
-    # expert parallelism composes on the one-device trace (planner/layouts/expert.py): ep ranks
-    # of a data-parallel group at ZeRO 0; every other layout is refused
+    # data parallel ranks at ZeRO 0 are DDP, one rank traced (fake process group); expert
+    # parallelism composes on that rank's trace (planner/layouts/expert.py): ep ranks of a
+    # data-parallel group; every other layout is refused
     moe = bool(num_experts(hf_config_of(req.model)))
-    # dense models: data parallel ranks at ZeRO 0 are DDP, traced on one rank (fake process group)
     dp_ok = par.data_parallel == 1 or (moe and par.data_parallel % par.expert_parallel == 0) \
         or (not moe and par.expert_parallel == 1)
     if not dp_ok or (par.tensor_parallel, par.pipeline_parallel, par.zero_stage) != (1, 1, 0) \
@@ -96,7 +95,7 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
     from planner.hf.estimate import estimate
 
     tr = req.training
-    ddp = req.parallelism.data_parallel if not num_experts(hf_config_of(req.model)) else 1
+    ddp = req.parallelism.data_parallel  # > 1: one DDP rank traced (dense and MoE models)
     try:
         est = estimate(cfg, tr, ddp, device)
     except (PlanningError, WorkLimitExceeded):
@@ -107,7 +106,7 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
             f"{type(exc).__name__}: {str(exc).strip()[:300]}", "model.hf_config") from None
     ep = req.parallelism.expert_parallel
     full = hf_config_of(req.model)
-    phases = {n: (expert.compose(full, tr, ep, n, p.breakdown), p.op)
+    phases = {n: (expert.compose(full, tr, ep, n, p.breakdown, ddp > 1), p.op)
               for n, p in est.steady_phases.items()}
     top = max(phases, key=lambda n: phases[n][0]["total"])
     bd = Breakdown(**phases[top][0])
@@ -155,8 +154,6 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
     notes = []
     if ddp > 1:
         assumptions.append(_DDP_ASSUMPTION)
-    elif req.parallelism.data_parallel > 1:
-        assumptions.append(_DP_ASSUMPTION)
     if ep > 1:
         assumptions.extend(_EP_ASSUMPTIONS)
         notes.append("first_step is not given with expert_parallel > 1 (the composition is "

@@ -6,8 +6,8 @@ activation floor; closed forms) plus the allocator reserve is over the GPU's mem
 without a trace; the rest get POST /v1/memory's peak. Every accumulation count from 2 up shares
 one trace (``planner/hf/estimate.py``), every ep of a micro-batch and strategy one trace.
 
-MoE models are estimated only through ``training.implementation: "transformers"``, a one-device
-trace that composes with expert parallelism and data parallelism at ZeRO 0
+MoE models are estimated only through ``training.implementation: "transformers"``, one DDP
+rank's trace (data parallelism at ZeRO 0) that composes with expert parallelism
 (``planner/layouts/expert.py``) and with nothing else: tensor and pipeline parallelism stay 1 and
 ZeRO 0 here (stated in the answer's notes). Each layout's peak is POST /v1/memory's for it (the
 very function). Step time, per device (stated in the assumptions):
