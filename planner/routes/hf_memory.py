@@ -21,11 +21,13 @@ from planner.catalog.specs import (
     Fit,
     MemoryRequest,
     MemoryResult,
+    TrainingSpec,
 )
 from planner.hf.errors import require_transformers
 from planner.layouts import expert
 from planner.layouts.expert import validate
 from planner.machine.deadline import WorkLimitExceeded
+from planner.routes.hf_micro_batch import max_micro_batch
 
 _TRACE_NOTE = ("the step traced under FakeTensorMode on the CPU device (CPU kernels' saved "
                "tensors, e.g. sdpa's flash-attention-for-CPU logsumexp)")
@@ -88,26 +90,35 @@ def check(req: MemoryRequest) -> dict:
     return cfg
 
 
-def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
-    cfg = check(req)
-    model = resolve_model(req.model)
-    require_transformers(cfg.get("model_type"))
+def _traced(req: MemoryRequest, cfg: dict, tr: TrainingSpec, device: str):
+    """(the traced estimate, its steady phase peaks composed for the layout: {phase:
+    (breakdown, op)}) of ``req``'s model and layout with training ``tr``."""
     from planner.hf.estimate import estimate
 
-    tr = req.training
-    ddp = req.parallelism.data_parallel  # > 1: one DDP rank traced (dense and MoE models)
+    par = req.parallelism
     try:
-        est = estimate(cfg, tr, ddp, device)
+        est = estimate(cfg, tr, par.data_parallel, device)
     except (PlanningError, WorkLimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - the transformers code failing on this config
         raise PlanningError(
             f"model.hf_config: the transformers step fails on this config: "
             f"{type(exc).__name__}: {str(exc).strip()[:300]}", "model.hf_config") from None
+    full = hf_config_of(req.model)
+    return est, {n: (expert.compose(full, tr, par.expert_parallel, n, p.breakdown,
+                                    par.data_parallel > 1), p.op)
+                 for n, p in est.steady_phases.items()}
+
+
+def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
+    cfg = check(req)
+    model = resolve_model(req.model)
+    require_transformers(cfg.get("model_type"))
+    tr = req.training
+    ddp = req.parallelism.data_parallel  # > 1: one DDP rank traced (dense and MoE models)
+    est, phases = _traced(req, cfg, tr, device)
     ep = req.parallelism.expert_parallel
     full = hf_config_of(req.model)
-    phases = {n: (expert.compose(full, tr, ep, n, p.breakdown, ddp > 1), p.op)
-              for n, p in est.steady_phases.items()}
     top = max(phases, key=lambda n: phases[n][0]["total"])
     bd = Breakdown(**phases[top][0])
     peak_phase = f"{top}: {phases[top][1]}"
@@ -128,8 +139,13 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
     if hw is not None:
         name, mem = (hw.gpu, hw.memory_bytes) if hw.gpu is None else (
             get_gpu(hw.gpu).name, hw.memory_bytes or get_gpu(hw.gpu).memory_bytes)
+        search = max_micro_batch(
+            lambda b: _traced(req, cfg, tr.model_copy(update={"micro_batch_size": b}),
+                              device)[1],
+            mem, device, tr.micro_batch_size, phases)
         fit = Fit(gpu=name, memory_bytes=mem, fits=bd.total + reserve <= mem,
-                  headroom_bytes=mem - bd.total - reserve, max_micro_batch_size=None)
+                  headroom_bytes=mem - bd.total - reserve,
+                  max_micro_batch_size=search.largest)
     opts = tr.transformers
     use_cache = "the config's" if opts is None or opts.use_cache is None else str(opts.use_cache)
     assumptions = [
@@ -159,8 +175,9 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
         notes.append("first_step is not given with expert_parallel > 1 (the composition is "
                      "stated for the steady step)")
     if fit is not None:
-        notes.append("max_micro_batch_size is not searched for implementation 'transformers' "
-                     "(each size is a traced step): ask again with another micro_batch_size")
+        assumptions.append(search.assumption())
+        if search.note is not None:
+            notes.append(search.note)
     return MemoryResult(
         model=model, breakdown=bd, first_step=first,
         peak_phase=peak_phase,
