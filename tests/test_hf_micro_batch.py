@@ -157,3 +157,27 @@ def test_the_bounded_search_on_convex_phase_peaks():
     assert budget_total(1000, "cpu") == 1000
     t = budget_total(10**9, "cuda")
     assert t + int(t * 0.05) <= 10**9 < t + 1 + int((t + 1) * 0.05)
+
+
+def test_the_premise_each_phase_peak_is_convex_from_two_on():
+    """The bounds' premise, on the traced step (equal to the real one, tests/test_hf_estimate.py):
+    each phase's peak has non-negative second differences over b = 2..5 (op changes included,
+    e.g. a checkpointed backward's peak moving); b = 1 is the exception the search avoids (a
+    size-1 batch keeps a layout contiguous: the first difference exceeds the next)."""
+    from planner.hf import estimate as E
+
+    mistral = {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 96,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "vocab_size": 128}
+    seen_exception = False
+    for cfg, over in ((mistral, {"precision": "bf16", "activation_checkpointing":
+                                 {"strategy": "full"}}), (mistral, {}), (MIXTRAL, {})):
+        v = {b: {n: p.breakdown["total"] for n, p in E.estimate(
+            cfg, TrainingSpec(**_training(micro_batch_size=b, sequence_length=64, **over)))
+            .steady_phases.items()} for b in range(1, 6)}
+        for n in v[1]:
+            d = [v[b + 1][n] - v[b][n] for b in range(1, 5)]
+            assert all(x >= 0 for x in d)  # non-decreasing
+            assert d[1] <= d[2] <= d[3], (n, d)  # convex from b = 2
+            seen_exception |= d[0] > d[1]
+    assert seen_exception

@@ -7,7 +7,10 @@ step runs the same ops at every micro-batch b and every tensor it allocates is a
 rows of activations, b·s·k token-expert pairs, the loss over b·s tokens; parameters, gradients
 and optimizer states constant; the expert-parallel composition adds constants and the b-affine
 all-to-all buffer), so the live bytes at every point of a phase are affine in b and each phase's
-peak (forward, backward, optimizer), their maximum, is convex and non-decreasing in b. Hence, per
+peak (forward, backward, optimizer), their maximum, is convex and non-decreasing in b, for b >= 2:
+at b = 1 a size-1 batch dimension lets some layouts stay contiguous where b >= 2 copies them
+(Mistral-7B at s = 1024: the secant through b = 1, 2 put the boundary at 52, b = 55 fits), so
+b = 1 is never a secant point. Hence, per
 phase, the secant through two traced sizes is a lower bound of that phase's peak beyond them and
 an upper bound between them, exact on a linear piece. With T the largest peak whose peak plus
 reserve fits:
@@ -17,8 +20,8 @@ reserve fits:
 - between the largest traced size that fits and the smallest that does not, every size at which
   all phases' secants stay at or below T fits (a lower bound).
 
-The search traces the request's size's successor, then the size the bounds point at and its
-successor: three sizes besides the request's where no phase's peak changes op in between, a few
+The search traces the request's size's successor (and 2 and 3 when the request's size is 1),
+then the size the bounds point at and its successor: three sizes besides the request's where no phase's peak changes op in between, a few
 more where one does (bisection when the bracket does not halve; doubling while every phase is
 flat). The answer is never taken from the bounds alone: the reported size is traced and fits,
 the next size is traced and does not (or is past the largest micro-batch allowed).
@@ -100,18 +103,20 @@ def largest(peaks_at: Callable[[int], dict[str, int]], T: int, start: int,
         else:
             hi = min(hi, b)
 
-    if lo + 1 < hi:
+    for _ in range(2):  # two fitting sizes >= 2 for the secants (b = 1: module docstring)
+        if len([b for b in memo if 2 <= b <= lo]) >= 2 or lo + 1 >= hi:
+            break
         probe(lo + 1)
     while hi - lo > 1:
         width = hi - lo
-        fits = sorted(b for b in memo if b <= lo)
-        g = hi - 1
+        fits = sorted(b for b in memo if 2 <= b <= lo)
+        g = (lo + hi) // 2
         if len(fits) >= 2:  # lower bounds beyond the two largest fitting sizes
             x0, x1 = fits[-2], fits[-1]
             cuts = [_below_line(memo[x0][p], memo[x1][p], x0, x1, T) for p in memo[x1]]
             cuts = [c for c in cuts if c is not None]
             g = min(cuts + [hi - 1]) if cuts else min(2 * lo, hi - 1)
-        if hi in memo:  # upper bounds between lo and hi: the largest size proven to fit
+        if hi in memo and lo >= 2:  # upper bounds between lo and hi: the largest proven to fit
             ups = [_below_line(memo[lo][p], memo[hi][p], lo, hi, T) for p in memo[hi]]
             proven = min([u for u in ups if u is not None] + [hi - 1])
             if proven > lo:
