@@ -87,6 +87,10 @@ def check(req: MemoryRequest) -> dict:
     why = unsupported(req.training)
     if why is not None:
         raise PlanningError(why[1], why[0])
+    if moe and req.training.lora is not None:
+        raise PlanningError("training.lora: implementation 'transformers' puts adapters on dense "
+                            "models only (an MoE model's routed experts are fused 3-D "
+                            "parameters)", "training.lora")
     return cfg
 
 
@@ -167,6 +171,13 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
         reentrant = bool(opts and opts.use_reentrant)
         assumptions.append(Assumption(
             name="gradient_checkpointing", value=f"every decoder layer, use_reentrant={reentrant}"))
+    if tr.lora is not None:
+        lo = tr.lora
+        assumptions.append(Assumption(
+            name="lora", value=f"rank {lo.rank}, alpha {lo.alpha:g}, on "
+            f"{', '.join(dict.fromkeys(lo.target_modules))} of every decoder layer",
+            note="every model parameter frozen; each targeted nn.Linear wrapped: base(x) + "
+            "(alpha/r)(x A^T) B^T, A and B trainable in the base's dtype (planner/hf/lora.py)"))
     notes = []
     if ddp > 1:
         assumptions.append(_DDP_ASSUMPTION)
