@@ -118,7 +118,23 @@ MIXTRAL = {"model_type": "mixtral", "hidden_size": 48, "intermediate_size": 80,
     (LLAMA, {"base_dtype": "nf4"}, "training.lora.base_dtype"),
 ], ids=["gpt2", "phi3", "mixtral", "qlora"])
 def test_what_is_not_run_is_refused_naming_the_field(cfg, lora, field):
+    from service.jobs.requirements import runner_refusal
+
     with pytest.raises(PlanningError) as exc:
         estimate_memory(MemoryRequest(model={"hf_config": cfg}, training=_training(lora)),
                         device="cpu")
     assert exc.value.field == field
+    # a validation job is refused at submission, before anything is built
+    refused = runner_refusal(ValidationRequest(model={"hf_config": cfg},
+                                               training=_training(lora), device="cpu"))
+    assert refused is not None and refused[0].endswith(field)
+
+
+def test_phi3s_separate_projections_take_adapters():
+    # phi3 keeps o_proj and down_proj as nn.Linear: adapters there are run (and equal to real)
+    tr = TrainingSpec(**_training({"rank": 4, "target_modules": ["o", "down"]}))
+    est = E.estimate(PHI3, tr)
+    real = S.run(PHI3, tr, "cpu", traced=False, steps=3)
+    bd, _ = max((s["phases"]["optimizer"] for s in real[1:]), key=lambda p: p[0]["total"])
+    assert est.steady_phases["optimizer"].breakdown == bd
+    assert bd["gradients"] == 7 * 4 * ((32 + 32) + (48 + 32)) * 4

@@ -39,6 +39,26 @@ def unsupported(tr: TrainingSpec) -> tuple[str, str] | None:
     return None
 
 
+# families whose decoder layers have none of q_proj ... down_proj as separate nn.Linear modules
+# (gpt2: Conv1D c_attn, c_proj, c_fc; phi3: fused qkv_proj and gate_up_proj, only o_proj and
+# down_proj separate): refused before anything is built
+FUSED = {"gpt2": set(NAMES), "phi3": {"q", "k", "v", "up", "gate"}}
+
+
+def family_refusal(model_type: str, tr: TrainingSpec) -> str | None:
+    """Why ``tr.lora``'s targets are not in this family's layers (None: they are, or no LoRA)."""
+    if tr.lora is None:
+        return None
+    missing = [t for t in dict.fromkeys(tr.lora.target_modules)
+               if t in FUSED.get(model_type, set())]
+    if not missing:
+        return None
+    return (f"{FIELD}: {', '.join(map(repr, missing))} is not a separate nn.Linear in "
+            f"{model_type}'s decoder layers (fused or Conv1D projections); implementation "
+            "'transformers' puts adapters on llama-style projections (q, k, v, o, up, gate, down "
+            "as q_proj ... down_proj)")
+
+
 def _layers(model: Any) -> list:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)

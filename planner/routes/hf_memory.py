@@ -87,6 +87,12 @@ def check(req: MemoryRequest) -> dict:
     why = unsupported(req.training)
     if why is not None:
         raise PlanningError(why[1], why[0])
+    from planner.hf.lora import FIELD as LORA_TARGETS
+    from planner.hf.lora import family_refusal
+
+    fused = family_refusal(cfg["model_type"], req.training)
+    if fused is not None:
+        raise PlanningError(fused, LORA_TARGETS)
     if moe and req.training.lora is not None:
         raise PlanningError("training.lora: implementation 'transformers' puts adapters on dense "
                             "models only (an MoE model's routed experts are fused 3-D "
