@@ -175,7 +175,7 @@ def plan_cluster(req: PlanRequest, cfg: dict, model: ResolvedModel, gpu: GPU, li
             spec = training_spec(req, b, ga, ck)
             for ep in eps:
                 check()
-                floor = peak_floor(cfg, model.num_parameters, spec, ep)
+                floor = peak_floor(cfg, model.num_parameters, spec, ep, n)
                 if floor + allocator_reserve(floor, "cuda") > mem:
                     pruned += 1
                     continue
