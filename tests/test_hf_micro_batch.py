@@ -120,6 +120,12 @@ def test_the_work_limit_leaves_the_search_out_and_says_so():
     limit.cancel()
     with work_limit(limit), pytest.raises(WorkLimitExceeded):
         estimate_memory(_request(cfg, {**tr, "sequence_length": 12}, p1 * 10), device="cpu")
+    # the service's inline attempt (its first work check moves the estimate to a worker thread)
+    # is not a spent limit: the search lets it through
+    from service.estimates import _INLINE, _NeedsThread
+
+    with work_limit(_INLINE), pytest.raises(_NeedsThread):
+        estimate_memory(_request(cfg, tr, p1 * 9), device="cpu")
 
 
 def test_the_bounded_search_on_convex_phase_peaks():

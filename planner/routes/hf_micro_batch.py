@@ -149,7 +149,7 @@ def max_micro_batch(phases_at: Callable[[int], dict], mem_bytes: int, device: st
         out.largest = largest(peaks_at, budget_total(mem_bytes, device), micro_batch_size,
                               peaks(phases))
     except WorkLimitExceeded as exc:
-        if exc.cancelled:
+        if not exc.expired:  # cancelled, or a caller's own signal (e.g. move to a thread)
             raise
         out.note = (f"max_micro_batch_size: the search stopped at the work limit ({exc.detail}) "
                     f"after tracing micro-batch sizes {', '.join(map(str, out.traced))}; they "
