@@ -54,8 +54,8 @@ MAX_MOE_LAYOUTS = 4096
 
 ASSUMPTIONS = [
     Assumption(name="moe_layouts", value="data x expert parallel, ZeRO 0",
-               note="MoE models are estimated through implementation 'transformers' (one-device "
-               "trace composed with expert_parallel): tensor and pipeline parallel 1"),
+               note="MoE models are estimated through implementation 'transformers' (one DDP "
+               "rank's trace composed with expert_parallel): tensor and pipeline parallel 1"),
     Assumption(name="moe_compute", value="2*P_active + 4*s*h*L FLOPs per token forward",
                note="P_active: matmul parameters a token uses (routed experts: top_k of E); "
                "backward 2x forward; 'full' checkpointing adds the blocks' forward"),
