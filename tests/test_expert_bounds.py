@@ -67,8 +67,13 @@ def test_floor_is_at_or_below_the_composed_peak(config, over, ep):
     r = _estimate(config, over, ep)
     cfg, tr = normalize(config), TrainingSpec(**_training(over))
     n = r.model.num_parameters
-    floor = B.peak_floor(cfg, n, tr, ep)
+    E = config.get("num_local_experts") or config["num_experts"]
+    floor = B.peak_floor(cfg, n, tr, ep, data_parallel=E)
     assert 0 < floor <= r.breakdown.total
+    # the DDP rank's buckets (data_parallel > 1) raise the forward floor by up to its gradients
+    # (less where the optimizer window's floor is the larger)
+    rise = floor - B.peak_floor(cfg, n, tr, ep)
+    assert 0 <= rise <= B.model_states(cfg, n, tr, ep)[1]
     # the model-state floors are what the composed optimizer window holds
     P, G, O = B.model_states(cfg, n, tr, ep)
     moe = r.moe

@@ -101,6 +101,11 @@ def test_composition_arithmetic_by_hand():
         # one block's all-to-all receive buffer: b*s*k*h*4 = 2*16*2*48*4
         assert fwd["temporaries"] == bd["temporaries"] + 12288
         assert fwd["total"] == bd["total"] - 3 * gone + 12288
+        # a DDP rank's trace: its buckets hold the experts' gradients in every phase
+        for phase in ("forward", "backward"):
+            ddp = expert.compose(cfg, tr, ep, phase, bd, ddp=True)
+            assert ddp["gradients"] == bd["gradients"] - gone
+            assert ddp["total"] == bd["total"] - 4 * gone + 12288
     assert expert.compose(cfg, tr, 1, "forward", bd) == bd
 
 
@@ -129,7 +134,9 @@ def test_ep1_is_the_one_device_estimate(client):
 def test_memory_with_ep_composes_the_traced_phases(client, config, E, x, ep):
     from planner.hf.estimate import estimate
 
-    est = estimate(normalize(config, fill=False), TrainingSpec(**TR))
+    # data_parallel E > 1: one DDP rank traced (its buckets hold every gradient in every phase),
+    # with the attention kernels CUDA runs (the service estimates for a GPU)
+    est = estimate(normalize(config, fill=False), TrainingSpec(**TR), ddp=E, device="cuda")
     r = client.post("/v1/memory", json={"model": {"hf_config": config}, "training": TR,
                                         "parallelism": {"data_parallel": E,
                                                         "expert_parallel": ep}})
@@ -141,9 +148,8 @@ def test_memory_with_ep_composes_the_traced_phases(client, config, E, x, ep):
         b = dict(p.breakdown)
         b["parameters"] -= gone
         b["optimizer_states"] -= 2 * gone
-        if name == "optimizer":
-            b["gradients"] -= gone
-        else:
+        b["gradients"] -= gone  # the rank's buckets hold its experts' share, every phase
+        if name != "optimizer":
             b["temporaries"] += 2 * 16 * 2 * 48 * 4
         b["total"] = sum(v for k, v in b.items() if k != "total")
         composed[name] = b
@@ -153,7 +159,8 @@ def test_memory_with_ep_composes_the_traced_phases(client, config, E, x, ep):
     assert j["moe"]["experts_per_device"] == E // ep
     assert j["moe"]["expert_gradients"] == x // ep * 4
     names = {a["name"] for a in j["assumptions"]}
-    assert {"expert_parallel_routing", "expert_parallel_dispatch", "data_parallel_zero0"} <= names
+    assert {"expert_parallel_routing", "expert_parallel_dispatch", "expert_parallel_gradients",
+            "data_parallel_ddp"} <= names
 
 
 @pytest.mark.parametrize("model,training,par,field", [

@@ -34,7 +34,8 @@ class Fit(_Frozen):
                                 "negative when it does not fit.")
     max_micro_batch_size: int | None = Field(
         None, description="Largest micro-batch whose peak fits (None: not even 1 fits, or "
-        "activations unknown).")
+        "activations unknown, or, for implementation 'transformers', whose sizes are each a "
+        "traced step, the search ran out of the request's work limit: said in notes).")
 
 
 class Suggestion(_Frozen):

@@ -56,7 +56,11 @@ def unsupported(tr: TrainingSpec) -> tuple[str, str] | None:
     if tr.precision_overrides is not None:
         return ("training.precision_overrides", "not run by implementation 'transformers'")
     if tr.lora is not None:
-        return ("training.lora", "not run by implementation 'transformers'")
+        from planner.hf.lora import unsupported as lora_unsupported
+
+        why = lora_unsupported(tr)
+        if why is not None:
+            return why
     if tr.loss.kind != "standard":
         return ("training.loss.kind", "implementation 'transformers' computes the model's own "
                 f"loss (model(**batch).loss): loss kind 'standard', not {tr.loss.kind!r}")
@@ -171,6 +175,10 @@ def build(config: dict[str, Any], tr: TrainingSpec, device, num_layers: int | No
                             f"{type(exc).__name__}: {_first_line(exc)}", "model.hf_config") \
             from None
     model.train()
+    if tr.lora is not None:  # frozen base, adapters (planner/hf/lora.py)
+        from planner.hf.lora import apply
+
+        apply(model, tr)
     if tr.activation_checkpointing.strategy == "full":
         kwargs = {"use_reentrant": (tr.transformers.use_reentrant if tr.transformers else False)}
         if hasattr(model, "activation_checkpointing_enable"):

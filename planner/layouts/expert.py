@@ -15,10 +15,11 @@ equal to the tensors transformers builds) and x = sum(X):
 - optimizer_states: minus optimizer_state_bytes(X) - optimizer_state_bytes(X/ep) (exact:
   ``planner/catalog/optimizers.py``, per tensor; the per-tensor ``step`` scalars cancel, every
   rank keeps one fused tensor per expert weight);
-- gradients: at the optimizer-phase peak every gradient is live (zero_grad(set_to_none) ends
-  the window): minus x·(1 - 1/ep)·p, exact. In the forward window there are none (0). At the
-  backward-phase peak the gradients live are the one-device trace's (an upper bound: which
-  expert gradients are live is not split out);
+- gradients: under DDP (below; every layout with ep > 1) the buckets hold every gradient in
+  every phase: minus x·(1 - 1/ep)·p in each, exact. Without DDP: at the optimizer-phase peak
+  every gradient is live (zero_grad(set_to_none) ends the window), minus x·(1 - 1/ep)·p, exact;
+  in the forward window there are none (0); at the backward-phase peak the gradients live are
+  the one-device trace's (an upper bound: which expert gradients are live is not split out);
 - activations: assumed equal to the one-device trace's: with balanced routing and no token
   dropping (transformers' MoE blocks drop none: capacity factor infinite), each rank's experts
   process the same b·s·k token-expert pairs as the one device does, and the router logits and
@@ -28,11 +29,15 @@ equal to the tensors transformers builds) and x = sum(X):
   permuted tokens); the optimizer step's scratch is kept at the one-device value (an upper
   bound: foreach scratch over the expert tensors shrinks by ep).
 
-MoE models also take data parallelism at ZeRO 0 with ep = 1. Data parallelism at ZeRO 0 adds no
-bytes under DDP(gradient_as_bucket_view=True) (the gradients are views of the buckets) or
-Megatron's contiguous gradient buffer; that is assumed. (Known gap: DDP allocates its buckets
-when the model is wrapped, so in the forward and backward windows every gradient is held; the
-traced DDP rank of dense models, planner/hf/estimate.py, counts them, this composition does not.)
+With data_parallel d > 1 (every ep > 1 layout has d >= ep) the one-device trace is instead one
+rank of d traced under DistributedDataParallel(gradient_as_bucket_view=True) on torch's fake
+process group (planner/hf/estimate.py, as for dense models): the reducer's buckets are allocated
+at the wrap, so every phase holds one gradient per parameter. ``compose(..., ddp=True)`` then
+takes the routed experts' gradients down to the rank's share in every phase, not only in the
+optimizer window (exact under the same layout: each rank's buckets hold the gradients of the
+parameters it holds, as Megatron-Core's per-group contiguous gradient buffers do). With ep = 1
+nothing is composed: the DDP rank's trace is the answer, measured equal to real gloo ranks
+(tests/test_hf_moe_data_parallel.py).
 """
 
 from __future__ import annotations
@@ -105,17 +110,19 @@ def dispatch_bytes(cfg: dict, tr: TrainingSpec) -> int:
     return tr.micro_batch_size * tr.sequence_length * k * dims(cfg)["hidden"] * a
 
 
-def compose(cfg: dict, tr: TrainingSpec, ep: int, phase: str, bd: dict[str, int]) -> dict[str, int]:
-    """One phase peak's breakdown on one rank of ep (module docstring)."""
+def compose(cfg: dict, tr: TrainingSpec, ep: int, phase: str, bd: dict[str, int],
+            ddp: bool = False) -> dict[str, int]:
+    """One phase peak's breakdown on one rank of ep (module docstring); ``ddp``: ``bd`` is a
+    DDP rank's, whose gradient buckets live in every phase."""
     if ep == 1:
         return dict(bd)
     one, mine = split(cfg, tr, 1), split(cfg, tr, ep)
     out = dict(bd)
     out["parameters"] -= one[0] - mine[0]
     out["optimizer_states"] -= one[2] - mine[2]
-    if phase == "optimizer":
+    if phase == "optimizer" or ddp:
         out["gradients"] -= one[1] - mine[1]
-    else:
+    if phase != "optimizer":
         out["temporaries"] += dispatch_bytes(cfg, tr)
     out["total"] = sum(out[c] for c in ("parameters", "gradients", "optimizer_states",
                                           "activations", "temporaries"))

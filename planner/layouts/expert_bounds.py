@@ -17,9 +17,10 @@ experts, the rest whole):
   kernels allocate each list op's outputs for all tensors at once (one dtype group: the sum over
   the model, as if one tensor), a for-loop one tensor at a time (at least the input embedding's,
   V·h), fused kernels none.
-- forward window, at the loss: P + O (+ the one-device gradients N·p from the second
-  micro-batch on, when the accumulation is 2 or more: the composition keeps the forward and
-  backward windows' gradients at the trace's), + the all-to-all receive buffer when ep > 1, +
+- forward window, at the loss: P + O (+ G, the rank's gradients, when data_parallel > 1: the
+  traced DDP rank's buckets hold them from the wrap on, composed to the rank's experts' share;
+  or, on one device, from the second micro-batch on when the accumulation is 2 or more), + the
+  all-to-all receive buffer when ep > 1, +
   activations live when cross-entropy's log_softmax has run: its fp32 output b·s·V·4 (saved for
   backward) and, per decoder block, one (b, s, h) tensor at a or more (the block's input, saved by
   its checkpoint under 'full' and, under 'none', by its first RMSNorm, in fp32 when the input is
@@ -78,12 +79,12 @@ def activation_floor(cfg: dict, tr: TrainingSpec) -> int:
     return out
 
 
-def peak_floor(cfg: dict, num_parameters: int, tr: TrainingSpec, ep: int) -> int:
+def peak_floor(cfg: dict, num_parameters: int, tr: TrainingSpec, ep: int,
+               data_parallel: int = 1) -> int:
     """A lower bound of the composed steady-step peak of this layout (module docstring)."""
     P, G, O = model_states(cfg, num_parameters, tr, ep)
-    p, _ = expert._bytes(tr)
     optimizer = P + G + O + step_scratch(cfg, num_parameters, tr)
-    grads = num_parameters * p if tr.gradient_accumulation_steps >= 2 else 0
+    grads = G if data_parallel > 1 or tr.gradient_accumulation_steps >= 2 else 0
     forward = P + O + grads + (expert.dispatch_bytes(cfg, tr) if ep > 1 else 0) + \
         activation_floor(cfg, tr)
     return max(optimizer, forward)

@@ -21,9 +21,9 @@ class WorkLimitExceeded(Exception):
     """The request ran past its deadline or was cancelled. Not a ValueError: it is not a rule
     about the input, and no planner code may take it for one."""
 
-    def __init__(self, detail: str, cancelled: bool = False) -> None:
+    def __init__(self, detail: str, cancelled: bool = False, expired: bool = False) -> None:
         super().__init__(detail)
-        self.detail, self.cancelled = detail, cancelled
+        self.detail, self.cancelled, self.expired = detail, cancelled, expired
 
 
 class WorkLimit:
@@ -48,7 +48,8 @@ class WorkLimit:
         if self.cancelled:
             raise WorkLimitExceeded("the request was cancelled", cancelled=True)
         if time.monotonic() > self.end:
-            raise WorkLimitExceeded(f"the estimate ran past its {self.seconds:g} s work limit")
+            raise WorkLimitExceeded(f"the estimate ran past its {self.seconds:g} s work limit",
+                                    expired=True)
 
 
 def check() -> None:

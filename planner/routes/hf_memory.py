@@ -1,6 +1,7 @@
 """POST /v1/memory for ``training.implementation: "transformers"``: the Hugging Face model code's
-step, traced (planner/hf/estimate.py), on one device; for MoE models composed with data and
-expert parallelism (planner/layouts/expert.py), every other layout refused."""
+step, traced (planner/hf/estimate.py), on one device or as one DDP rank of data_parallel (dense
+and MoE models); for MoE models composed with expert parallelism (planner/layouts/expert.py);
+every other layout refused."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from planner.catalog.specs import (
     Fit,
     MemoryRequest,
     MemoryResult,
+    TrainingSpec,
 )
 from planner.hf.errors import require_transformers
 from planner.layouts import expert
 from planner.layouts.expert import validate
 from planner.machine.deadline import WorkLimitExceeded
+from planner.routes.hf_micro_batch import max_micro_batch
 
 _TRACE_NOTE = ("the step traced under FakeTensorMode on the CPU device (CPU kernels' saved "
                "tensors, e.g. sdpa's flash-attention-for-CPU logsumexp)")
@@ -40,9 +43,11 @@ _EP_ASSUMPTIONS = [
     Assumption(name="expert_parallel_dispatch", value="b*s*top_k*hidden*activation bytes",
                note="one sparse block's all-to-all receive buffer added to the forward and "
                "backward peaks' temporaries"),
-    Assumption(name="expert_parallel_bounds", value="backward gradients, optimizer scratch",
-               note="the backward peak's gradients and the optimizer step's scratch are the "
-               "one-device trace's (upper bounds)"),
+    Assumption(name="expert_parallel_bounds", value="optimizer scratch",
+               note="the optimizer step's scratch is the one-device trace's (an upper bound)"),
+    Assumption(name="expert_parallel_gradients", value="the rank's experts' share, every phase",
+               note="the DDP rank's gradient buckets (held from the wrap on) hold the routed "
+               "experts' gradients divided by expert_parallel"),
     Assumption(name="moe_layout_note", value="expert_parallel ranks inside data_parallel",
                note="ZeRO 0; tensor and pipeline parallel 1"),
 ]
@@ -56,10 +61,6 @@ _LOSS_SCALING = {
                              note="every step taken (no overflow); a skipped step allocates no "
                              "optimizer states or step scratch, so peaks no higher"),
 }
-_DP_ASSUMPTION = Assumption(name="data_parallel_zero0", value="no extra bytes",
-                            note="DDP(gradient_as_bucket_view=True) or a contiguous gradient "
-                            "buffer: the gradients are the buckets")
-
 _DDP_ASSUMPTION = Assumption(
     name="data_parallel_ddp", value="DistributedDataParallel(gradient_as_bucket_view=True)",
     note="one rank traced under torch's fake process group: the reducer's gradient buckets live "
@@ -80,10 +81,10 @@ def check(req: MemoryRequest) -> dict:
             "model_type)", "model")
     par = req.parallelism
     validate(hf_config_of(req.model), par)
-    # expert parallelism composes on the one-device trace (planner/layouts/expert.py): ep ranks
-    # of a data-parallel group at ZeRO 0; every other layout is refused
+    # data parallel ranks at ZeRO 0 are DDP, one rank traced (fake process group); expert
+    # parallelism composes on that rank's trace (planner/layouts/expert.py): ep ranks of a
+    # data-parallel group; every other layout is refused
     moe = bool(num_experts(hf_config_of(req.model)))
-    # dense models: data parallel ranks at ZeRO 0 are DDP, traced on one rank (fake process group)
     dp_ok = par.data_parallel == 1 or (moe and par.data_parallel % par.expert_parallel == 0) \
         or (not moe and par.expert_parallel == 1)
     if not dp_ok or (par.tensor_parallel, par.pipeline_parallel, par.zero_stage) != (1, 1, 0) \
@@ -96,29 +97,48 @@ def check(req: MemoryRequest) -> dict:
     why = unsupported(req.training)
     if why is not None:
         raise PlanningError(why[1], why[0])
+    from planner.hf.lora import FIELD as LORA_TARGETS
+    from planner.hf.lora import family_refusal
+
+    fused = family_refusal(cfg["model_type"], req.training)
+    if fused is not None:
+        raise PlanningError(fused, LORA_TARGETS)
+    if moe and req.training.lora is not None:
+        raise PlanningError("training.lora: implementation 'transformers' puts adapters on dense "
+                            "models only (an MoE model's routed experts are fused 3-D "
+                            "parameters)", "training.lora")
     return cfg
 
 
-def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
-    cfg = check(req)
-    model = resolve_model(req.model)
-    require_transformers(cfg.get("model_type"))
+def _traced(req: MemoryRequest, cfg: dict, tr: TrainingSpec, device: str):
+    """(the traced estimate, its steady phase peaks composed for the layout: {phase:
+    (breakdown, op)}) of ``req``'s model and layout with training ``tr``."""
     from planner.hf.estimate import estimate
 
-    tr = req.training
-    ddp = req.parallelism.data_parallel if not num_experts(hf_config_of(req.model)) else 1
+    par = req.parallelism
     try:
-        est = estimate(cfg, tr, ddp, device)
+        est = estimate(cfg, tr, par.data_parallel, device)
     except (PlanningError, WorkLimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - the transformers code failing on this config
         raise PlanningError(
             f"model.hf_config: the transformers step fails on this config: "
             f"{type(exc).__name__}: {str(exc).strip()[:300]}", "model.hf_config") from None
+    full = hf_config_of(req.model)
+    return est, {n: (expert.compose(full, tr, par.expert_parallel, n, p.breakdown,
+                                    par.data_parallel > 1), p.op)
+                 for n, p in est.steady_phases.items()}
+
+
+def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryResult:
+    cfg = check(req)
+    model = resolve_model(req.model)
+    require_transformers(cfg.get("model_type"))
+    tr = req.training
+    ddp = req.parallelism.data_parallel  # > 1: one DDP rank traced (dense and MoE models)
+    est, phases = _traced(req, cfg, tr, device)
     ep = req.parallelism.expert_parallel
     full = hf_config_of(req.model)
-    phases = {n: (expert.compose(full, tr, ep, n, p.breakdown), p.op)
-              for n, p in est.steady_phases.items()}
     top = max(phases, key=lambda n: phases[n][0]["total"])
     bd = Breakdown(**phases[top][0])
     peak_phase = f"{top}: {phases[top][1]}"
@@ -139,8 +159,13 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
     if hw is not None:
         name, mem = (hw.gpu, hw.memory_bytes) if hw.gpu is None else (
             get_gpu(hw.gpu).name, hw.memory_bytes or get_gpu(hw.gpu).memory_bytes)
+        search = max_micro_batch(
+            lambda b: _traced(req, cfg, tr.model_copy(update={"micro_batch_size": b}),
+                              device)[1],
+            mem, device, tr.micro_batch_size, phases)
         fit = Fit(gpu=name, memory_bytes=mem, fits=bd.total + reserve <= mem,
-                  headroom_bytes=mem - bd.total - reserve, max_micro_batch_size=None)
+                  headroom_bytes=mem - bd.total - reserve,
+                  max_micro_batch_size=search.largest)
     opts = tr.transformers
     use_cache = "the config's" if opts is None or opts.use_cache is None else str(opts.use_cache)
     assumptions = [
@@ -164,18 +189,24 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
             name="gradient_checkpointing", value=f"every decoder layer, use_reentrant={reentrant}"))
     if tr.precision in _LOSS_SCALING:
         assumptions.append(_LOSS_SCALING[tr.precision])
+    if tr.lora is not None:
+        lo = tr.lora
+        assumptions.append(Assumption(
+            name="lora", value=f"rank {lo.rank}, alpha {lo.alpha:g}, on "
+            f"{', '.join(dict.fromkeys(lo.target_modules))} of every decoder layer",
+            note="every model parameter frozen; each targeted nn.Linear wrapped: base(x) + "
+            "(alpha/r)(x A^T) B^T, A and B trainable in the base's dtype (planner/hf/lora.py)"))
     notes = []
     if ddp > 1:
         assumptions.append(_DDP_ASSUMPTION)
-    elif req.parallelism.data_parallel > 1:
-        assumptions.append(_DP_ASSUMPTION)
     if ep > 1:
         assumptions.extend(_EP_ASSUMPTIONS)
         notes.append("first_step is not given with expert_parallel > 1 (the composition is "
                      "stated for the steady step)")
     if fit is not None:
-        notes.append("max_micro_batch_size is not searched for implementation 'transformers' "
-                     "(each size is a traced step): ask again with another micro_batch_size")
+        assumptions.append(search.assumption())
+        if search.note is not None:
+            notes.append(search.note)
     return MemoryResult(
         model=model, breakdown=bd, first_step=first,
         peak_phase=peak_phase,

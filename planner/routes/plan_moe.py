@@ -6,8 +6,8 @@ activation floor; closed forms) plus the allocator reserve is over the GPU's mem
 without a trace; the rest get POST /v1/memory's peak. Every accumulation count from 2 up shares
 one trace (``planner/hf/estimate.py``), every ep of a micro-batch and strategy one trace.
 
-MoE models are estimated only through ``training.implementation: "transformers"``, a one-device
-trace that composes with expert parallelism and data parallelism at ZeRO 0
+MoE models are estimated only through ``training.implementation: "transformers"``, one DDP
+rank's trace (data parallelism at ZeRO 0) that composes with expert parallelism
 (``planner/layouts/expert.py``) and with nothing else: tensor and pipeline parallelism stay 1 and
 ZeRO 0 here (stated in the answer's notes). Each layout's peak is POST /v1/memory's for it (the
 very function). Step time, per device (stated in the assumptions):
@@ -55,8 +55,8 @@ MAX_MOE_LAYOUTS = 4096
 
 ASSUMPTIONS = [
     Assumption(name="moe_layouts", value="data x expert parallel, ZeRO 0",
-               note="MoE models are estimated through implementation 'transformers' (one-device "
-               "trace composed with expert_parallel): tensor and pipeline parallel 1"),
+               note="MoE models are estimated through implementation 'transformers' (one DDP "
+               "rank's trace composed with expert_parallel): tensor and pipeline parallel 1"),
     Assumption(name="moe_compute", value="2*P_active + 4*s*h*L FLOPs per token forward",
                note="P_active: matmul parameters a token uses (routed experts: top_k of E); "
                "backward 2x forward; 'full' checkpointing adds the blocks' forward"),
@@ -176,7 +176,7 @@ def plan_cluster(req: PlanRequest, cfg: dict, model: ResolvedModel, gpu: GPU, li
             spec = training_spec(req, b, ga, ck)
             for ep in eps:
                 check()
-                floor = peak_floor(cfg, model.num_parameters, spec, ep)
+                floor = peak_floor(cfg, model.num_parameters, spec, ep, n)
                 if floor + allocator_reserve(floor, "cuda") > mem:
                     pruned += 1
                     continue

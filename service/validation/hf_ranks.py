@@ -55,9 +55,10 @@ def check_hf_ranks(req: ValidationRequest) -> None:
     if req.mode == "traced":
         raise ValidationUnsupported("multi-rank validation runs real ranks (gloo collectives "
                                     "have no FakeTensorMode); use mode 'real'")
-    if num_experts(hf_config_of(req.model)):
+    if num_experts(hf_config_of(req.model)) and req.parallelism.expert_parallel > 1:
         raise ValidationUnsupported("multi-rank validation of implementation 'transformers' "
-                                    "runs dense models (DDP); MoE layouts are estimated only")
+                                    "runs data-parallel ranks (DDP, every expert on every "
+                                    "rank); expert_parallel > 1 is estimated only")
     if req.device == "cuda":
         raise ValidationUnsupported("multi-rank validation of implementation 'transformers' "
                                     "runs gloo ranks on the CPU; use device 'cpu' or 'auto'")
