@@ -46,6 +46,9 @@ CASES = [
     ("mixtral", {"precision": "amp-fp16", "optimizer": "adamw"}),
     ("mixtral", {"precision": "mixed-bf16", "optimizer": "sgd"}),
     ("mixtral", {"precision": "mixed-fp16", "optimizer": "adamw"}),
+    # LoRA (planner/hf/lora.py): the masters and states of the adapters only
+    ("llama", {"precision": "mixed-fp16", "optimizer": "adamw",
+               "lora": {"rank": 4, "alpha": 8, "target_modules": ["q", "v"]}}),
 ]
 
 
