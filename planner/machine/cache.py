@@ -146,6 +146,18 @@ def compile_after(sizes: int):
 
 
 @contextlib.contextmanager
+def compile_first():
+    """Inside, a setup's template is compiled the first time the setup is met, for a caller
+    about to ask the same setup for other sizes (the largest fitting micro-batch after an
+    estimate): one compile instead of a replay and then a compile. Answers are the same."""
+    token = _COMPILE_AFTER.set(1)
+    try:
+        yield
+    finally:
+        _COMPILE_AFTER.reset(token)
+
+
+@contextlib.contextmanager
 def replay_only():
     """Estimates inside use the op-by-op replay alone (tests and benchmarks compare the two;
     not thread-safe: it switches a module setting)."""
