@@ -7,8 +7,10 @@
   ``cache.compile_first``) equals ``_max_micro_batch_search``, one replayed estimate per probe,
   and the whole response equals the one replayed op by op with templates off.
 - Suggestions skip the candidates whose model states alone overflow
-  (planner/routes/plan_suggest.py: ``states_overflow``): the bound is at most the peak, and the
-  suggestions are the ones found estimating every candidate.
+  (planner/routes/plan_suggest.py: ``states_overflow``) and stop a pipelined candidate at its
+  first rank that cannot fit (planner/layouts/pipelined.py: ``stop_above``): the bound is at
+  most the peak, a stopped estimate is one whose full answer does not fit, and the suggestions
+  are the ones found estimating every candidate in full.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from planner.catalog.presets import allocator_reserve, resolve_model
 from planner.catalog.specs import MemoryRequest
 from planner.machine import cache
 from planner.routes import memory as M
+from planner.layouts.pipelined import Overflows, stop_above
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
 from planner.routes.plan_suggest import state_lower_bound, suggestions
 
@@ -142,3 +145,24 @@ def test_state_bound_below_peak_and_suggestions_unchanged(seed: int) -> None:
             pruned = suggestions(req, mem, mb, estimate, model, "cuda")
             every = suggestions(req, mem, mb, estimate, model, "cuda", prune=False)
             assert pruned == every, (req, mem)
+
+
+def test_stop_above_only_stops_what_does_not_fit() -> None:
+    """Pipelined setups under budgets around their need: the estimate inside ``stop_above``
+    raises exactly when the full answer's need is over the budget, else it is the full
+    answer."""
+    rng = random.Random(300)
+    reqs = [r for r in _setups(12, 4) if r.parallelism.pipeline_parallel > 1][:4]
+    assert reqs
+    for req in reqs:
+        full = M.estimate_memory(req, explain=False)
+        need = full.breakdown.total + full.allocator_reserve_bytes
+        for mem in (need // 2, need - 1, need, need + rng.randint(1, need)):
+            cache.clear()
+            try:
+                with stop_above(mem):
+                    got = M.estimate_memory(req, explain=False)
+            except Overflows:
+                assert need > mem, (req, mem)
+                continue
+            assert got.model_dump_json() == full.model_dump_json(), (req, mem)

@@ -14,11 +14,14 @@ parameters and optimizer states (``shard_model_states``, the bytes /v1/memory pl
 are live through the whole steady-state step, so when they plus the allocator reserve exceed
 the memory the candidate's own estimate would not fit either (``tests/test_suggest_bound.py``
 holds the bound below the peak and the pruned answer equal to the unpruned one). A layout
-whose model states alone overflow (a pipeline stage of a large model) then costs no replay.
+whose model states alone overflow (a pipeline stage of a large model) then costs no replay,
+and a pipelined candidate stops at its first rank that cannot fit
+(``planner/layouts/pipelined.py: stop_above``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from planner.catalog.errors import PlanningError
@@ -35,6 +38,7 @@ from planner.catalog.specs import (
     Suggestion,
     TrainingSpec,
 )
+from planner.layouts.pipelined import Overflows, stop_above
 from planner.layouts.sharding import shard_model_states
 from planner.machine.deadline import check
 from planner.routes.loss_rules import loss_refusal
@@ -60,7 +64,7 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
     ``estimate``: the planner's estimate of a request (None when the request is not a valid
     setup). ``model`` (the request's, resolved) and ``device``: skip the candidates whose
     model states alone cannot fit (``states_overflow``); ``prune=False`` estimates every one
-    (tests compare the two)."""
+    in full (tests compare the two)."""
     tr, par = req.training, req.parallelism
     out: list[Suggestion] = []
 
@@ -74,7 +78,13 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
             return False
         if prune and model is not None and states_overflow(model, t, p, device, mem):
             return False  # its estimate would not fit either (module docstring)
-        r = estimate(req.model_copy(update={"training": t, "parallelism": p, "hardware": None}))
+        try:
+            # a pipeline stops at its first rank that cannot fit
+            with stop_above(mem) if prune else contextlib.nullcontext():
+                r = estimate(req.model_copy(update={"training": t, "parallelism": p,
+                                                    "hardware": None}))
+        except Overflows:
+            return False
         if r is None:
             return False
         need = r.breakdown.total + r.allocator_reserve_bytes
