@@ -132,6 +132,20 @@ def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
     return hit
 
 
+_JSON_MEMO: dict[tuple, object] = {}
+
+
+def json_memo(fn, *specs):
+    """``fn(*specs)`` memoised by the specs' JSON, for pure functions of specs that do not hash
+    (a list inside: LoRA target modules)."""
+    key = (fn, *(s.model_dump_json() for s in specs))
+    hit = _JSON_MEMO.get(key)
+    if hit is None:
+        hit = fn(*specs)
+        _put(_JSON_MEMO, key, hit, _MEMO_MAX)
+    return hit
+
+
 @contextlib.contextmanager
 def compile_after(sizes: int):
     """Inside, a setup's template is compiled when the setup meets its ``sizes``-th distinct
@@ -183,6 +197,7 @@ def clear() -> None:
         _TEMPLATES.clear()
         _SEEN.clear()
         _MEMO.clear()
+        _JSON_MEMO.clear()
     for fn in _ON_CLEAR:
         fn()
 
