@@ -5,7 +5,8 @@
   when a larger size fits.
 - ``fit.max_micro_batch_size`` of an estimate (its template compiled at first sight,
   ``cache.compile_first``) equals ``_max_micro_batch_search``, one replayed estimate per probe,
-  and the whole response equals the one replayed op by op with templates off.
+  and the whole response equals the one replayed op by op with templates off; a compiled
+  structure still answers a never-seen model first (no compile of the setup's own).
 - Suggestions skip the candidates whose model states alone overflow
   (planner/routes/plan_suggest.py: ``states_overflow``) and stop a pipelined candidate at its
   first rank that cannot fit (planner/layouts/pipelined.py: ``stop_above``): the bound is at
@@ -166,3 +167,33 @@ def test_stop_above_only_stops_what_does_not_fit() -> None:
                 assert need > mem, (req, mem)
                 continue
             assert got.model_dump_json() == full.model_dump_json(), (req, mem)
+
+
+def test_a_compiled_structure_answers_before_a_compile_of_the_setup(monkeypatch) -> None:
+    """With hardware and a micro-batch above 1 (a search follows), a never-seen model of a
+    compiled structure is answered by the structure's template, not by a compile of its own
+    setup, and equals the op-by-op replay."""
+    from planner.step import simulate as step_cache
+
+    def req(hidden: int) -> MemoryRequest:
+        return MemoryRequest.model_validate({
+            "model": {"family": "llama", "num_layers": 6, "hidden_size": hidden,
+                      "num_heads": hidden // 64, "vocab_size": 32000,
+                      "max_sequence_length": 4096},
+            "training": {"micro_batch_size": 4, "sequence_length": 512},
+            "hardware": {"gpu": "l4-24gb"}})
+
+    cache.clear()
+    with step_cache.structure_mode("sync"):
+        M.estimate_memory(req(512))
+        M.estimate_memory(req(768))
+        compiles: list = []
+        real = cache.compile_once
+        monkeypatch.setattr(cache, "compile_once", lambda *a: compiles.append(a) or real(*a))
+        got = [M.estimate_memory(req(h)) for h in (1024, 1536)]
+    assert compiles == []
+    monkeypatch.undo()
+    for h, r in zip((1024, 1536), got):
+        cache.clear()
+        with cache.replay_only():
+            assert r.model_dump_json() == M.estimate_memory(req(h)).model_dump_json(), h

@@ -171,6 +171,11 @@ def compile_first():
         _COMPILE_AFTER.reset(token)
 
 
+def compiling_first() -> bool:
+    """Inside ``compile_first``."""
+    return _COMPILE_AFTER.get() <= 1
+
+
 @contextlib.contextmanager
 def replay_only():
     """Estimates inside use the op-by-op replay alone (tests and benchmarks compare the two;
