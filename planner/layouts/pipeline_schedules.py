@@ -17,7 +17,9 @@ of a few hundred thousand actions build and simulate in tens of milliseconds.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +45,7 @@ class Schedule:
     stage_to_rank: list[int]
     prev_stage: list[int]  # -1 where a pipeline starts
     next_stage: list[int]  # -1 where a pipeline ends (the loss is computed there)
-    orders: list[list[int]]  # per rank, action codes in execution order
+    orders: list[Sequence[int]]  # per rank, action codes in execution order (array('q'))
     full_backward: bytearray  # per (stage * m + mb): 1 when its backward is one B, not I + W
 
     def decode(self, code: int) -> tuple[str, int, int]:
@@ -80,7 +82,8 @@ def _make(name: str, p: int, v: int, m: int, mapping: list[int], orders: list[li
     prev, nxt = prev_next or _chain(S)
     if full is None:
         full = bytearray(S * m) if split else bytearray(b"\x01") * (S * m)
-    return Schedule(name, p, v, S, m, mapping, prev, nxt, orders, full)
+    # 8 bytes an action (a list of ints holds 40): a schedule of millions of actions stays small
+    return Schedule(name, p, v, S, m, mapping, prev, nxt, [array("q", o) for o in orders], full)
 
 
 # ---- single stage per rank -------------------------------------------------------------------

@@ -78,10 +78,10 @@ def _flat_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
     for r, o in enumerate(s.orders):
         offs[r + 1] = offs[r] + len(o)
     n_all = offs[p]
-    flat = np.fromiter(itertools.chain.from_iterable(s.orders), dtype=np.int64, count=n_all)
+    flat = np.fromiter(itertools.chain.from_iterable(s.orders), dtype=np.int64, count=n_all) \
+        if n_all else np.zeros(0, dtype=np.int64)
     # code = (slot * S + stage) * m + mb: per-(slot, stage) tables, gathered once
-    ss = flat // m
-    mb = flat - ss * m
+    ss, mb = np.divmod(flat, m)
     f = np.asarray(forward_s, dtype=float)
     i = np.asarray(input_s, dtype=float)
     w = np.asarray(weight_s, dtype=float)
@@ -99,10 +99,15 @@ def _flat_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
     dep_base = np.concatenate([np.where(prev >= 0, prev * m, -1),
                                np.where(nxt >= 0, (S + nxt) * m, -1), none])[ss]
     has_dep = dep_base >= 0
-    pos_of = np.full(3 * Sm, n_all + 1, dtype=np.int64)  # codes no rank runs: never ready
-    pos_of[flat] = np.arange(n_all, dtype=np.int64)
+    # positions as int32 (n_all + 1 < 2**31 within the documented limits): half the bytes
+    pos_of = np.full(3 * Sm, n_all + 1, dtype=np.int32)  # codes no rank runs: never ready
+    pos_of[flat] = np.arange(n_all, dtype=np.int32)
     dep_base += mb
-    dep_pos = np.where(has_dep, pos_of[np.where(has_dep, dep_base, 0)], n_all)
+    del mb
+    dep_base[~has_dep] = 0
+    dep_pos = pos_of[dep_base]
+    del pos_of, dep_base
+    dep_pos[~has_dep] = n_all
     if comm_s > 0:
         f_cross = (nxt >= 0) & (rank[np.maximum(nxt, 0)] != rank)  # F(s) feeds F(next) elsewhere
         b_cross = (prev >= 0) & (rank[np.maximum(prev, 0)] != rank)  # I(s) feeds I(prev) elsewhere
@@ -186,7 +191,6 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
     re-runs touch a suffix."""
     n_all = offs[p]
     ready = np.zeros(n_all + 2)
-    owner = np.repeat(np.arange(p), np.diff(offs))
     segs = []
     for r in range(p):
         a, b = offs[r], offs[r + 1]
@@ -196,6 +200,7 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
     # consumers[q]: ranks reading some action of q (q itself too: stages on one rank, V shape);
     # a superset is fine (a lookup then finds nothing)
     if consumers is None:
+        owner = np.repeat(np.arange(p), np.diff(offs))
         reads_from = np.zeros((p, p), dtype=bool)
         has = dep_pos < n_all
         reads_from[owner[dep_pos[has]], owner[has]] = True

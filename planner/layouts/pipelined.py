@@ -1,10 +1,20 @@
 """POST /v1/memory for a pipelined layout: every pipeline rank's step replayed
 (``planner/layouts/pipeline_memory.py``), on its shortened action list where the schedule's
 steady state repeats (``planner/layouts/pipeline_replays.py``), templated and memoised per setup
-like the single-device step (``planner/machine/cache.py``); the worst rank is reported."""
+like the single-device step (``planner/machine/cache.py``); the worst rank is reported.
+
+A caller that asks only whether the setup fits (``stop_above``: POST /v1/memory's suggestions)
+stops at the first rank whose own peak plus its allocator reserve is over the memory: the
+reported peak is the worst rank's, at least that rank's, so the setup cannot fit, and the other
+ranks are not replayed. The ranks are then taken last first: the fewest micro-batches in flight
+make the shortest replays."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
+from planner.catalog.presets import allocator_reserve
 from planner.catalog.specs import Assumption, ResolvedModel, TrainingSpec
 from planner.layouts.pipeline_memory import (
     _SINGLE,
@@ -17,7 +27,24 @@ from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_sc
 from planner.machine import cache
 from planner.machine.cache import setup_key
 
-__all__ = ["pipeline_rank", "pipelined_estimate"]
+__all__ = ["Overflows", "pipeline_rank", "pipelined_estimate", "stop_above"]
+
+_LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("fit_limit", default=None)
+
+
+class Overflows(Exception):
+    """A rank's peak plus its allocator reserve is over ``stop_above``'s memory."""
+
+
+@contextlib.contextmanager
+def stop_above(mem_bytes: int):
+    """Inside, a pipelined estimate raises ``Overflows`` at the first rank that cannot fit in
+    ``mem_bytes`` (its steady peak plus the allocator reserve), instead of replaying the rest."""
+    token = _LIMIT.set(mem_bytes)
+    try:
+        yield
+    finally:
+        _LIMIT.reset(token)
 
 
 def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
@@ -35,7 +62,20 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
         return None
     if plan.num_stages > model.num_layers:
         return None
-    peaks = pipeline_rank_peaks(model, training, plan, device, simulate=pipeline_rank)
+    limit = _LIMIT.get()
+
+    def rank(model, training, plan, device, r):
+        pk = pipeline_rank(model, training, plan, device, r)
+        if limit is not None and pk.steady.total + allocator_reserve(pk.steady.total, device) > limit:
+            raise Overflows(r)
+        return pk
+    # stopping at the first rank over the limit: the last ranks first, the cheapest to replay
+    # (fewest micro-batches in flight, so the shortest lists)
+    order = None if limit is None else list(range(plan.num_ranks))[::-1]
+    peaks = pipeline_rank_peaks(model, training, plan, device, ranks=order,
+                                simulate=pipeline_rank if limit is None else rank)
+    if order is not None:
+        peaks.reverse()
     worst = max(peaks, key=lambda pk: (pk.steady.total, -pk.rank))
     per = "; ".join(f"rank {pk.rank} (stages {','.join(map(str, pk.stages))}): "
                     f"{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}" for pk in peaks)

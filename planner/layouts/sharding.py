@@ -5,8 +5,7 @@ Models") shards optimizer states (stage 1), + gradients (stage 2), + parameters 
 Nd data-parallel ranks. Each stage is described by the torch implementation the validation runs:
 
 - stage 0: ``DistributedDataParallel(gradient_as_bucket_view=True)``: grads are views into the
-  reducer's buckets, so buckets add no bytes (with ``False`` every bucket is a second copy of the
-  grads: ``ddp_bucket_bytes``).
+  reducer's buckets, no bytes added (with ``False`` a bucket copies grads: ``ddp_bucket_bytes``).
 - stage 1: DDP + ``torch.distributed.optim.ZeroRedundancyOptimizer``: whole tensors are assigned to
   ranks greedily (``zero1_partition``, the algorithm of ``_partition_parameters``), so shards are
   uneven; the worst rank is reported.
@@ -40,6 +39,7 @@ from planner.catalog.optimizers import (
 )
 from planner.catalog.precision import DTYPE_BYTES, PrecisionPlan, resolve_precision, tensor_bytes
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
+from planner.machine import cache
 
 DDP_BUCKET_CAP_BYTES = 25 * 1024 * 1024
 # ParallelSpec.fsdp_mixed_precision: mixed-bf16 as torchtitan runs it under FSDP2
@@ -389,8 +389,8 @@ def shard_model_states(model: ResolvedModel, training: TrainingSpec,
                             parallel.model_copy(update=_NO_SCHEDULE)
                             if parallel.virtual_pipeline_stages != 1
                             or parallel.pipeline_schedule != "1f1b" else parallel)
-    except TypeError:  # a list inside the specs (LoRA target modules): not memoised
-        return _shard_model_states(model, training, parallel)
+    except TypeError:  # a list inside the specs (LoRA target modules): memoised by JSON
+        return cache.json_memo(_shard_model_states, model, training, parallel)
     if ga == 1 or parallel.zero_stage < 2:
         return base
     return ModelStates(**{**base.__dict__, "comm_bytes_per_step": base.comm_bytes_per_step * ga})

@@ -132,6 +132,20 @@ def setup_memo(fn, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
     return hit
 
 
+_JSON_MEMO: dict[tuple, object] = {}
+
+
+def json_memo(fn, *specs):
+    """``fn(*specs)`` memoised by the specs' JSON, for pure functions of specs that do not hash
+    (a list inside: LoRA target modules)."""
+    key = (fn, *(s.model_dump_json() for s in specs))
+    hit = _JSON_MEMO.get(key)
+    if hit is None:
+        hit = fn(*specs)
+        _put(_JSON_MEMO, key, hit, _MEMO_MAX)
+    return hit
+
+
 @contextlib.contextmanager
 def compile_after(sizes: int):
     """Inside, a setup's template is compiled when the setup meets its ``sizes``-th distinct
@@ -143,6 +157,23 @@ def compile_after(sizes: int):
         yield
     finally:
         _COMPILE_AFTER.reset(token)
+
+
+@contextlib.contextmanager
+def compile_first():
+    """Inside, a setup's template is compiled the first time the setup is met, for a caller
+    about to ask the same setup for other sizes (the largest fitting micro-batch after an
+    estimate): one compile instead of a replay and then a compile. Answers are the same."""
+    token = _COMPILE_AFTER.set(1)
+    try:
+        yield
+    finally:
+        _COMPILE_AFTER.reset(token)
+
+
+def compiling_first() -> bool:
+    """Inside ``compile_first``."""
+    return _COMPILE_AFTER.get() <= 1
 
 
 @contextlib.contextmanager
@@ -171,6 +202,7 @@ def clear() -> None:
         _TEMPLATES.clear()
         _SEEN.clear()
         _MEMO.clear()
+        _JSON_MEMO.clear()
     for fn in _ON_CLEAR:
         fn()
 

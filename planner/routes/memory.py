@@ -9,6 +9,7 @@ assumption. ``implementation="megatron"`` uses Korthikanti et al. 2022 (``planne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -50,6 +51,7 @@ from planner.routes import memory_notes
 from planner.routes.loss_rules import loss_assumption, loss_refusal
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
 from planner.routes.plan_suggest import suggestions
+from planner.machine import cache
 from planner.step import simulate as step_cache
 from planner.step.allocator_replay import allocator_peaks
 from planner.step.allocator_replay import clear_cache as clear_allocator_cache
@@ -257,7 +259,10 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         bd, phase = megatron(model, tr, par, assumptions)
         peaks = fb_fields(bd.activations, bd, phase)  # Korthikanti et al.: the forward's end
     else:
-        bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
+        # a micro-batch search follows on this setup's other sizes: compile its template now
+        ahead = mem_bytes is not None and tr.micro_batch_size > 1
+        with cache.compile_first() if ahead else contextlib.nullcontext():
+            bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
         assumptions.append(loss_assumption(tr.loss))
         if ckpt:
             assumptions.append(_ckpt_assumption(frozenset(ckpt)))
@@ -271,7 +276,9 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
     if mem_bytes is not None:
         fit = Fit(gpu=gpu_name, memory_bytes=mem_bytes, fits=bd.total + reserve <= mem_bytes,
                   headroom_bytes=mem_bytes - bd.total - reserve,
-                  max_micro_batch_size=_max_micro_batch(req, model, device, ckpt, mem_bytes)
+                  max_micro_batch_size=_max_micro_batch(
+                      req, model, device, ckpt, mem_bytes,
+                      None if cuda_alloc is not None else bd.total + reserve)
                   if model.architecture_known else None)
         if cuda_alloc is not None and fit.max_micro_batch_size is not None:
             fit = fit.model_copy(update={"max_micro_batch_size": _simulated_boundary(
@@ -285,7 +292,7 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         notes.extend(memory_notes.what_fits(req, model, device, ckpt, bd, phase, reserve, fit, _variant))
         if model.architecture_known:
             suggested = suggestions(req, fit.memory_bytes, fit.max_micro_batch_size,
-                                    functools.partial(_suggested, device=device))
+                                    functools.partial(_suggested, device=device), model, device)
     return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
                         allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
                         assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)
@@ -361,9 +368,10 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
 
 
 def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
-                     mem_bytes: int) -> int | None:
+                     mem_bytes: int, need_here: int | None = None) -> int | None:
     """Largest micro-batch whose peak (plus allocator reserve) fits (planner/routes/micro_batch.py),
-    each probe from the setup's template when it is compiled, else estimated."""
+    each probe from the setup's template when it is compiled, else estimated; ``need_here``:
+    the request's own micro-batch's, already estimated."""
     direct = _template_need(req, model, device, ckpt)
 
     def need(b: int) -> int:
@@ -374,7 +382,8 @@ def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt
                           device, ckpt)
             fast = r.breakdown.total + r.allocator_reserve_bytes
         return fast
-    return largest_fitting(need, mem_bytes)
+    known = {req.training.micro_batch_size: need_here} if need_here is not None else None
+    return largest_fitting(need, mem_bytes, known=known)
 
 
 def _simulated_boundary(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,

@@ -20,21 +20,29 @@ __all__ = ["largest_fitting", "largest_fitting_search"]
 
 
 def largest_fitting(need: Callable[[int], int], mem_bytes: int,
-                    max_batch: int = MAX_BATCH) -> int | None:
+                    max_batch: int = MAX_BATCH, known: dict[int, int] | None = None) -> int | None:
     """Largest b in 1..max_batch with ``need(b) <= mem_bytes`` (``need``: the peak plus the
-    allocator reserve at micro-batch b); None when not even 1 fits."""
-    memo: dict[int, int] = {}
+    allocator reserve at micro-batch b); None when not even 1 fits. ``known``: needs already
+    computed (the estimate's own micro-batch), used as probes. The peak is monotone, so a size
+    seen to fit says every smaller one does: b = 1 (a template domain of its own, so a replay
+    of its own) is probed only when nothing larger fits, and b = 2 is probed before it."""
+    memo: dict[int, int] = {b: c for b, c in (known or {}).items() if 1 <= b <= max_batch}
 
     def cost(b: int) -> int:
         if b not in memo:
             memo[b] = need(b)
         return memo[b]
 
-    if cost(1) > mem_bytes:
-        return None
-    if max_batch == 1:
-        return 1
-    lo, hi = 1, max_batch + 1  # cost(lo) fits; hi does not (max_batch + 1 is never allowed)
+    # cost(lo) fits; hi does not (max_batch + 1 is never allowed)
+    hi = min((b for b, c in memo.items() if c > mem_bytes), default=max_batch + 1)
+    lo = max((b for b, c in memo.items() if c <= mem_bytes), default=None)
+    if lo is None:  # nothing known fits: 2 (unless known not to), else 1
+        if hi > 2 and 2 not in memo and cost(2) <= mem_bytes:
+            lo = 2
+        elif hi > 1 and cost(1) <= mem_bytes:
+            lo = 1
+        else:
+            return None
 
     def probe(b: int) -> None:
         nonlocal lo, hi
@@ -43,15 +51,16 @@ def largest_fitting(need: Callable[[int], int], mem_bytes: int,
         else:
             hi = min(hi, b)
 
-    probe(2)
+    if lo < 2 < hi:
+        probe(2)
     while hi - lo > 1:
         width = hi - lo
         # secant through the two highest probes at or below lo (all fit) or through lo and hi
-        known = sorted(memo)
+        known_b = sorted(memo)
         if hi in memo:
             x0, x1 = lo, hi
         else:
-            below = [b for b in known if b <= lo]
+            below = [b for b in known_b if b <= lo]
             x0, x1 = (below[-2], below[-1]) if len(below) >= 2 else (lo, lo)
         slope = (memo[x1] - memo[x0]) / (x1 - x0) if x1 != x0 else 0.0
         if slope > 0:

@@ -76,7 +76,10 @@ class PipelineRequest(_Frozen):
         "costs from a roofline instead of explicit costs.")
     model_flops_utilization: float = Field(
         DEFAULT_MFU, gt=0, le=1, description="Fraction of peak 16-bit FLOP/s the roofline assumes.")
-    include_timeline: bool = Field(True, description="Return every action's start and end.")
+    include_timeline: bool = Field(
+        True, description=f"Return every action's start and end: at most {MAX_TIMELINE_EVENTS:,} "
+        "actions (a longer schedule is answered without its timeline, timeline_omitted saying "
+        "why, and its SVG is a 422).")
 
     @model_validator(mode="after")
     def _one_source(self) -> "PipelineRequest":
@@ -136,7 +139,9 @@ class PipelineResult(_Frozen):
     p2p_message_s: float = Field(..., description="Latency + bytes / bandwidth of one message.")
     timeline: list[TimelineEvent] | None = Field(
         None, description="Every action, ordered by rank then start; null when omitted.")
-    timeline_omitted: str | None = None
+    timeline_omitted: str | None = Field(
+        None, description=f"Why the timeline is null although asked for: the schedule has more "
+        f"than {MAX_TIMELINE_EVENTS:,} actions.")
     assumptions: list[Assumption] = Field(default_factory=list)
 
 

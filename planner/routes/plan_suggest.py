@@ -8,14 +8,25 @@ planner exactly as POST /v1/memory estimates it, and is kept when its peak plus 
 reserve fits; when no single change fits, a checkpoint plan with one other change. Smallest
 changes first: one setting before more hardware, fewer extra ranks before
 more. Computed only when the setup does not fit, so /v1/memory's fast path is untouched.
+
+A candidate is estimated only when an exact lower bound lets it fit: the worst rank's
+parameters and optimizer states (``shard_model_states``, the bytes /v1/memory places there)
+are live through the whole steady-state step, so when they plus the allocator reserve exceed
+the memory the candidate's own estimate would not fit either (``tests/test_suggest_bound.py``
+holds the bound below the peak and the pruned answer equal to the unpruned one). A layout
+whose model states alone overflow (a pipeline stage of a large model) then costs no replay,
+and a pipelined candidate stops at its first rank that cannot fit
+(``planner/layouts/pipelined.py: stop_above``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from planner.catalog.errors import PlanningError
 from planner.catalog.loss_specs import LossSpec
+from planner.catalog.presets import allocator_reserve
 from planner.catalog.specs import (
     FUSED_OPTIMIZERS,
     MAX_RANKS,
@@ -23,9 +34,12 @@ from planner.catalog.specs import (
     MemoryRequest,
     MemoryResult,
     ParallelSpec,
+    ResolvedModel,
     Suggestion,
     TrainingSpec,
 )
+from planner.layouts.pipelined import Overflows, stop_above
+from planner.layouts.sharding import shard_model_states
 from planner.machine.deadline import check
 from planner.routes.loss_rules import loss_refusal
 
@@ -43,10 +57,14 @@ _LOSS_WHY = {"chunked": "each token chunk's logits upcast to fp32 on their own",
 
 
 def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
-                estimate: Callable[[MemoryRequest], MemoryResult | None]) -> list[Suggestion]:
+                estimate: Callable[[MemoryRequest], MemoryResult | None],
+                model: ResolvedModel | None = None, device: str = "cuda",
+                prune: bool = True) -> list[Suggestion]:
     """Single changes after which ``req`` fits in ``mem`` bytes, each with its new peak.
     ``estimate``: the planner's estimate of a request (None when the request is not a valid
-    setup)."""
+    setup). ``model`` (the request's, resolved) and ``device``: skip the candidates whose
+    model states alone cannot fit (``states_overflow``); ``prune=False`` estimates every one
+    in full (tests compare the two)."""
     tr, par = req.training, req.parallelism
     out: list[Suggestion] = []
 
@@ -58,7 +76,15 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
             p = ParallelSpec.model_validate({**par.model_dump(), **parallelism})
         except ValueError:
             return False
-        r = estimate(req.model_copy(update={"training": t, "parallelism": p, "hardware": None}))
+        if prune and model is not None and states_overflow(model, t, p, device, mem):
+            return False  # its estimate would not fit either (module docstring)
+        try:
+            # a pipeline stops at its first rank that cannot fit
+            with stop_above(mem) if prune else contextlib.nullcontext():
+                r = estimate(req.model_copy(update={"training": t, "parallelism": p,
+                                                    "hardware": None}))
+        except Overflows:
+            return False
         if r is None:
             return False
         need = r.breakdown.total + r.allocator_reserve_bytes
@@ -119,6 +145,28 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
             if out:
                 break
     return out[:MAX_SUGGESTIONS]
+
+
+def state_lower_bound(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> int | None:
+    """The worst rank's parameters + optimizer states, live through the whole steady-state
+    step, so at most /v1/memory's peak for the setup; None where the reference step is not
+    what is estimated (another implementation, expert parallel, a bare parameter count)."""
+    if tr.implementation != "reference" or par.expert_parallel > 1 \
+            or not model.architecture_known:
+        return None
+    try:
+        ms = shard_model_states(model, tr, par)
+    except (ValueError, PlanningError, TypeError):
+        return None
+    return ms.parameters + ms.optimizer_states
+
+
+def states_overflow(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+                    mem: int) -> bool:
+    """The lower bound plus its allocator reserve (non-decreasing in the peak) exceeds ``mem``:
+    the setup cannot fit, whatever its activations."""
+    bound = state_lower_bound(model, tr, par)
+    return bound is not None and bound + allocator_reserve(bound, device) > mem
 
 
 def _more_ranks(par: ParallelSpec, tried) -> None:

@@ -53,6 +53,12 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
             if hit is not None:
                 return hit
         return build().run()
+    if cache.compiling_first() and structures.enabled():
+        # a compiled structure answers first, as replay() would (the micro-batch search that
+        # follows evaluates it too: compiled_template), instead of the setup's own compile
+        hit = structures.estimate(skey, model, tr, device, checkpointed, par, rank, program)
+        if hit is not None:
+            return hit
     return cache.cached(skey, tr, replay, compile_, lambda tpl, b, t: tpl.evaluate(b, t))
 
 

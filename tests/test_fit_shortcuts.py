@@ -1,0 +1,199 @@
+"""The shortcuts of POST /v1/memory's fit against the straightforward answers, over random setups.
+
+- ``largest_fitting`` seeded with the estimate's own micro-batch (``known``), probing 2 before 1
+  (planner/routes/micro_batch.py) equals the exponential + binary search, and never replays b = 1
+  when a larger size fits.
+- ``fit.max_micro_batch_size`` of an estimate (its template compiled at first sight,
+  ``cache.compile_first``) equals ``_max_micro_batch_search``, one replayed estimate per probe,
+  and the whole response equals the one replayed op by op with templates off; a compiled
+  structure still answers a never-seen model first (no compile of the setup's own).
+- Suggestions skip the candidates whose model states alone overflow
+  (planner/routes/plan_suggest.py: ``states_overflow``) and stop a pipelined candidate at its
+  first rank that cannot fit (planner/layouts/pipelined.py: ``stop_above``): the bound is at
+  most the peak, a stopped estimate is one whose full answer does not fit, and the suggestions
+  are the ones found estimating every candidate in full.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from planner.catalog.errors import PlanningError
+from planner.catalog.presets import allocator_reserve, resolve_model
+from planner.catalog.specs import MemoryRequest
+from planner.machine import cache
+from planner.routes import memory as M
+from planner.layouts.pipelined import Overflows, stop_above
+from planner.routes.micro_batch import largest_fitting, largest_fitting_search
+from planner.routes.plan_suggest import state_lower_bound, suggestions
+
+
+def test_largest_fitting_with_known_probes_equals_search() -> None:
+    """Monotone step functions (maxima of affine pieces, as the peak is), random budgets and
+    random sizes already known: the same answer as the plain search; b = 1 asked only when
+    nothing larger fits."""
+    rng = random.Random(14)
+    for _ in range(3000):
+        pieces = [(rng.randint(0, 50), rng.randint(0, 1000)) for _ in range(rng.randint(1, 3))]
+        max_batch = rng.choice([1, 2, 3, 17, 1000, 65536])
+
+        def f(b: int) -> int:
+            return max(a * b + c for a, c in pieces)
+
+        mem = rng.randint(0, f(min(max_batch, 2000)) + 100)
+        known = {b: f(b) for b in rng.sample(range(1, 3000), rng.randint(0, 2))}
+        asked: list[int] = []
+
+        def need(b: int) -> int:
+            asked.append(b)
+            return f(b)
+
+        got = largest_fitting(need, mem, max_batch, known=known)
+        want = largest_fitting_search(lambda b: f(b) <= mem, max_batch)
+        assert got == want, (pieces, max_batch, mem, known, got, want)
+        if want is not None and want >= 2:
+            assert 1 not in asked, (pieces, max_batch, mem, known)
+
+
+def _random_setup(rng: random.Random) -> MemoryRequest | None:
+    layers = rng.choice([4, 6, 8])
+    pp = rng.choice([1, 1, 2])
+    dp = rng.choice([1, 1, 2, 4])
+    ck = rng.choice([{"strategy": "none"}, {"strategy": "full"}, {"strategy": "sqrt"},
+                     {"strategy": "every-k", "every_k": 2}])
+    body = {
+        "model": {"family": rng.choice(["gpt2", "llama"]), "num_layers": layers,
+                  "hidden_size": rng.choice([128, 256]), "num_heads": 4,
+                  "vocab_size": rng.choice([1000, 4096]), "max_sequence_length": 4096},
+        "training": {"micro_batch_size": rng.choice([1, 2, 3, 8]),
+                     "sequence_length": rng.choice([128, 512]),
+                     "gradient_accumulation_steps": rng.choice([1, 4]) if pp > 1 else 1,
+                     "precision": rng.choice(["fp32", "amp-bf16", "bf16"]),
+                     "optimizer": rng.choice(["adamw", "sgd"]),
+                     "activation_checkpointing": ck if pp == 1 else {"strategy": "none"}},
+        "parallelism": {"pipeline_parallel": pp, "data_parallel": dp,
+                        "zero_stage": rng.choice([0, 1, 2, 3]) if dp > 1 else 0},
+    }
+    try:
+        return MemoryRequest.model_validate(body)
+    except ValueError:
+        return None
+
+
+def _setups(n: int, seed: int) -> list[MemoryRequest]:
+    rng = random.Random(seed)
+    out: list[MemoryRequest] = []
+    while len(out) < n:
+        req = _random_setup(rng)
+        if req is None:
+            continue
+        try:
+            M.estimate_memory(req, explain=False)
+        except (ValueError, PlanningError):
+            continue
+        out.append(req)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fit_equals_search_and_replay(seed: int) -> None:
+    """Budgets around the setup's own need (nothing fits, exactly its size, more): the
+    estimate's fit equals one replayed estimate per probe, and its whole response equals the
+    op-by-op replay's (templates off, caches cleared)."""
+    rng = random.Random(100 + seed)
+    for req in _setups(6, seed):
+        model = resolve_model(req.model)
+        blocks = M.checkpointed_blocks(req.training, model.num_layers)
+        plain = M.estimate_memory(req, explain=False)
+        need = plain.breakdown.total + allocator_reserve(plain.breakdown.total, "cuda")
+        for mem in (need - 1, need, need + rng.randint(1, need), 5 * need):
+            cache.clear()
+            hw = MemoryRequest.model_validate({**req.model_dump(),
+                                               "hardware": {"memory_bytes": mem}})
+            got = M.estimate_memory(hw)
+            want = M._max_micro_batch_search(req, model, "cuda", blocks, mem)
+            assert got.fit.max_micro_batch_size == want, (req, mem)
+            cache.clear()
+            with cache.replay_only():
+                replayed = M.estimate_memory(hw)
+            assert got.model_dump_json() == replayed.model_dump_json(), (req, mem)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_state_bound_below_peak_and_suggestions_unchanged(seed: int) -> None:
+    """The bound is at most the peak of every setup; with budgets between the bound and the
+    peak (what the pruning decides on), the pruned suggestions are the unpruned ones."""
+    rng = random.Random(200 + seed)
+    for req in _setups(6, seed):
+        model = resolve_model(req.model)
+        r = M.estimate_memory(req, explain=False)
+        bound = state_lower_bound(model, req.training, req.parallelism)
+        assert bound is not None and bound <= r.breakdown.total, req
+        for mem in (bound, (bound + r.breakdown.total) // 2, r.breakdown.total - 1):
+            if mem < 1:
+                continue
+            cache.clear()
+
+            def estimate(q: MemoryRequest):
+                try:
+                    return M.estimate_memory(q, explain=False)
+                except (ValueError, PlanningError):
+                    return None
+
+            mb = rng.choice([None, 1])
+            pruned = suggestions(req, mem, mb, estimate, model, "cuda")
+            every = suggestions(req, mem, mb, estimate, model, "cuda", prune=False)
+            assert pruned == every, (req, mem)
+
+
+def test_stop_above_only_stops_what_does_not_fit() -> None:
+    """Pipelined setups under budgets around their need: the estimate inside ``stop_above``
+    raises exactly when the full answer's need is over the budget, else it is the full
+    answer."""
+    rng = random.Random(300)
+    reqs = [r for r in _setups(12, 4) if r.parallelism.pipeline_parallel > 1][:4]
+    assert reqs
+    for req in reqs:
+        full = M.estimate_memory(req, explain=False)
+        need = full.breakdown.total + full.allocator_reserve_bytes
+        for mem in (need // 2, need - 1, need, need + rng.randint(1, need)):
+            cache.clear()
+            try:
+                with stop_above(mem):
+                    got = M.estimate_memory(req, explain=False)
+            except Overflows:
+                assert need > mem, (req, mem)
+                continue
+            assert got.model_dump_json() == full.model_dump_json(), (req, mem)
+
+
+def test_a_compiled_structure_answers_before_a_compile_of_the_setup(monkeypatch) -> None:
+    """With hardware and a micro-batch above 1 (a search follows), a never-seen model of a
+    compiled structure is answered by the structure's template, not by a compile of its own
+    setup, and equals the op-by-op replay."""
+    from planner.step import simulate as step_cache
+
+    def req(hidden: int) -> MemoryRequest:
+        return MemoryRequest.model_validate({
+            "model": {"family": "llama", "num_layers": 6, "hidden_size": hidden,
+                      "num_heads": hidden // 64, "vocab_size": 32000,
+                      "max_sequence_length": 4096},
+            "training": {"micro_batch_size": 4, "sequence_length": 512},
+            "hardware": {"gpu": "l4-24gb"}})
+
+    cache.clear()
+    with step_cache.structure_mode("sync"):
+        M.estimate_memory(req(512))
+        M.estimate_memory(req(768))
+        compiles: list = []
+        real = cache.compile_once
+        monkeypatch.setattr(cache, "compile_once", lambda *a: compiles.append(a) or real(*a))
+        got = [M.estimate_memory(req(h)) for h in (1024, 1536)]
+    assert compiles == []
+    monkeypatch.undo()
+    for h, r in zip((1024, 1536), got):
+        cache.clear()
+        with cache.replay_only():
+            assert r.model_dump_json() == M.estimate_memory(req(h)).model_dump_json(), h
