@@ -56,26 +56,28 @@ class HFEstimate:
     extrapolated: bool
 
 
-def _key(config: dict, tr: TrainingSpec, n: int, ddp: int = 1, kernels: str = "cpu") -> str:
+def _key(config: dict, tr: TrainingSpec, n: int, ddp: int = 1, kernels: str = "cpu",
+         zero: tuple[int, int] = (0, 0)) -> str:
     c = {k: v for k, v in config.items() if k not in (layer_field(config["model_type"]),
                                                      "layer_types")}
-    return json.dumps([c, tr.model_dump(mode="json"), n, ddp, kernels], sort_keys=True,
-                      default=str)
+    return json.dumps([c, tr.model_dump(mode="json"), n, ddp, kernels, list(zero)],
+                      sort_keys=True, default=str)
 
 
 def _trace(config: dict, tr: TrainingSpec, n: int | None, kinds: list[tuple],
-           ddp: int = 1, kernels: str = "cpu") -> list[dict]:
-    # a proxy is its first n blocks: the key holds their kinds (layer_types is cut to them)
-    key = _key(config, tr, n if n is not None else -1, ddp, kernels) + json.dumps(
+           ddp: int = 1, kernels: str = "cpu", zero: tuple[int, int] = (0, 0)) -> list[dict]:
+    # a proxy is its first n blocks: the key holds their kinds (layer_types is cut to them);
+    # zero: (zero_stage, traced rank)
+    key = _key(config, tr, n if n is not None else -1, ddp, kernels, zero) + json.dumps(
         [list(k) for k in (kinds if n is None else kinds[:n])])
     with _LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
     if ddp > 1:
-        with fake_group(ddp):
+        with fake_group(ddp, zero[1]):
             out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n, ddp=True,
-                        kernels=kernels)
+                        kernels=kernels, zero_stage=zero[0])
     else:
         out = S.run(config, tr, "cpu", traced=True, steps=2, num_layers=n, kernels=kernels)
     with _LOCK:
@@ -89,8 +91,8 @@ _PG_LOCK = threading.Lock()
 
 
 @contextmanager
-def fake_group(world_size: int):
-    """Rank 0 of ``world_size`` on torch's fake process group (collectives return at once,
+def fake_group(world_size: int, rank: int = 0):
+    """``rank`` of ``world_size`` on torch's fake process group (collectives return at once,
     nothing sent); the default group for the duration, one at a time."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -98,7 +100,7 @@ def fake_group(world_size: int):
     with _PG_LOCK:
         if dist.is_initialized():
             raise RuntimeError("a default process group is already initialised")
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         try:
             yield
         finally:
@@ -145,10 +147,14 @@ def _peak(phases: dict[str, tuple[dict, str]]) -> HFPeak:
     return best
 
 
-def estimate(config: dict, tr: TrainingSpec, ddp: int = 1, device: str = "cpu") -> HFEstimate:
+def estimate(config: dict, tr: TrainingSpec, ddp: int = 1, device: str = "cpu",
+             zero_stage: int = 0, rank: int = 0) -> HFEstimate:
     """The step's first and steady peaks for the whole model (see module docstring); ``ddp``
-    > 1: one rank of that many under DistributedDataParallel, traced on a fake process group;
-    ``device`` "cuda": with the attention kernels a CUDA device runs."""
+    > 1: one rank of that many under DistributedDataParallel (``zero_stage`` 0) or FSDP2
+    (``zero_stage`` 2 or 3, planner/hf/fsdp.py; ``rank``: which rank, their shards differ when
+    a dimension does not divide), traced on a fake process group; ``device`` "cuda": with the
+    attention kernels a CUDA device runs."""
+    zero = (zero_stage, rank) if ddp > 1 else (0, 0)
     kernels = "cpu" if device == "cpu" else "cuda"
     if tr.gradient_accumulation_steps > 2:  # the same windows as 2 (module docstring)
         tr = tr.model_copy(update={"gradient_accumulation_steps": 2})
@@ -157,7 +163,7 @@ def estimate(config: dict, tr: TrainingSpec, ddp: int = 1, device: str = "cpu") 
     kp = _period(kinds)
     if kp is not None and 3 * kp[0] + 3 * kp[1] < L:  # else one whole trace is less work
         k, p = kp
-        traces = [_trace(config, tr, n, kinds, ddp, kernels) for n in (k, k + p, k + 2 * p)]
+        traces = [_trace(config, tr, n, kinds, ddp, kernels, zero) for n in (k, k + p, k + 2 * p)]
         steps = {}
         for i, which in ((0, "first"), (1, "steady")):
             phases = {}
@@ -176,7 +182,7 @@ def estimate(config: dict, tr: TrainingSpec, ddp: int = 1, device: str = "cpu") 
                               steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
                                              in steps["steady"].items()},
                               traced_layers=(k, k + p, k + 2 * p), extrapolated=True)
-    full = _trace(config, tr, None, kinds, ddp, kernels)
+    full = _trace(config, tr, None, kinds, ddp, kernels, zero)
     return HFEstimate(first=_peak(full[0]["phases"]), steady=_peak(full[1]["phases"]),
                       steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
                                      in full[1]["phases"].items()},

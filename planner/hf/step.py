@@ -153,9 +153,11 @@ def _recompute_aware(fn: Callable, on_recompute: Callable[[], Any]) -> Callable:
 
 
 def build(config: dict[str, Any], tr: TrainingSpec, device, num_layers: int | None = None,
-          on_recompute: Callable[[], Any] | None = None, traced: bool = False):
+          on_recompute: Callable[[], Any] | None = None, traced: bool = False,
+          wrap: Callable[[Any], Any] | None = None):
     """(model, optimizer) on ``device`` (under FakeTensorMode when one is active); for mixed-*
-    the optimizer is ``MasterWeights`` (planner/hf/precision.py) around the torch one."""
+    the optimizer is ``MasterWeights`` (planner/hf/precision.py) around the torch one. ``wrap``
+    (e.g. FSDP2's ``fully_shard``) runs on the model before the optimizer is made over it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -191,6 +193,8 @@ def build(config: dict[str, Any], tr: TrainingSpec, device, num_layers: int | No
                 if f is not None:
                     m._gradient_checkpointing_func = (
                         lambda fn, *a, _f=f, **k: _f(_recompute_aware(fn, on_recompute), *a, **k))
+    if wrap is not None:
+        wrap(model)
     opt = P.wrap_optimizer(tr.precision, [p for p in model.parameters() if p.requires_grad],
                            lambda ps: make_optimizer(tr, ps), traced)
     return model, opt
@@ -314,17 +318,20 @@ class _NoRebuild:
 def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: bool = True,
         steps: int = 2, num_layers: int | None = None,
         on_step: Callable[[int], None] | None = None, ddp: bool = False,
-        kernels: str = "cpu") -> list[dict]:
+        kernels: str = "cpu", zero_stage: int = 0) -> list[dict]:
     """Run ``steps`` optimizer steps metered; per step ``{"peak": (breakdown, op, phase),
     "phases": {phase: (breakdown, op)}}`` (breakdowns classified once the step has ended).
     ``ddp``: the model wrapped in DistributedDataParallel(gradient_as_bucket_view=True) on the
     initialised default process group (gloo under torchrun, or the fake one when traced); the
-    reducer's gradient buckets are created inside the meter, with the model. ``kernels``
+    reducer's gradient buckets are created inside the meter, with the model. ``zero_stage`` 2 or
+    3 (with ``ddp``): FSDP2 instead (planner/hf/fsdp.py), sharded inside the meter before the
+    optimizer is made over the shards, its collectives' buffers temporaries. ``kernels``
     "cuda": a trace takes the attention kernels a CUDA device runs (planner/hf/cuda_attention.py).
     A step whose loss scaler found an overflow (amp-fp16, mixed-fp16; real runs only) skipped
     the optimizer: ``"skipped": True`` (planner/hf/precision.py)."""
     import torch
 
+    from planner.hf import fsdp as F
     from planner.hf import precision as P
     from planner.hf.meter import LiveMemoryMeter
     from planner.machine.deadline import check
@@ -344,14 +351,25 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                 stack.enter_context(cuda_sdpa())
         check()
         torch.manual_seed(0)
-        meter = LiveMemoryMeter()
+        fsdp = ddp and zero_stage >= 2
+        meter = F.DistributedMeter() if fsdp else LiveMemoryMeter()
+
+        def shard(m: Any) -> None:
+            mesh = F.default_mesh()  # not metered: a few bytes the mesh keeps, no parameter
+            with meter, meter.in_phase("other"):
+                F.shard(m, zero_stage, mesh, gloo=not traced)
+
         model, opt = build(config, tr, dev, num_layers, lambda: meter.in_phase("recompute"),
-                           traced)
+                           traced, shard if fsdp else None)
         vocab = model.config.vocab_size
         inner = model
         batch = make_batch(vocab, tr, dev, traced)
         meter.register(model, "parameters")
-        if ddp:
+        if fsdp:
+            stack.enter_context(F.fsdp_collectives_as(meter, "comm"))
+            if traced:
+                stack.enter_context(F.as_real_storages())
+        elif ddp:
             from torch.nn.parallel import DistributedDataParallel
 
             with meter, _fake_rank_checks(traced):  # buckets: gradients once marked
@@ -390,6 +408,8 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                     windows.append(("backward", meter.peak))
                 meter.mark([p.grad for p in inner.parameters() if p.grad is not None],
                            "gradients")
+                if fsdp:  # the unsharded parameters (all-gather outputs), freed by now
+                    meter.mark(F.fsdp_unsharded(model), "parameters")
                 check()
                 meter.reset_peak()
                 with meter.in_phase("optimizer"):

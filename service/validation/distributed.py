@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from planner.catalog.specs import (
     Breakdown,
@@ -55,9 +54,11 @@ from planner.catalog.specs import (
     ValidationResult,
     relative_error,
 )
-from service.validation.gloo_comms import install_gloo_comms
+from planner.hf.gloo_comms import install_gloo_comms
 from service.validation.launch import torchrun
-from service.validation.meter import LiveMemoryMeter, Record, _flat_tensors, _storages
+from planner.hf.fsdp import DistributedMeter  # noqa: F401 - the rank program's meter
+from planner.hf.fsdp import fsdp_collectives_as as _fsdp_collectives_as
+from planner.hf.fsdp import fsdp_unsharded as _fsdp_unsharded
 
 ProgressFn = Callable[[Progress], None]
 # Precisions whose optimizer steps the parameters the wrapper owns (no separate fp32 master copy,
@@ -65,75 +66,7 @@ ProgressFn = Callable[[Progress], None]
 MULTI_RANK_PRECISIONS = ("fp32", "amp-bf16", "bf16")
 
 
-# ---- the meter ---------------------------------------------------------------------------------
-class DistributedMeter(LiveMemoryMeter):
-    """``LiveMemoryMeter`` that also follows ``UntypedStorage.resize_`` (FSDP2 frees and
-    re-allocates unsharded parameters that way; MemTracker patches it for the same reason) and
-    remembers every record a storage has had, so that a later ``mark`` classifies the storage's
-    past sizes too (the peak snapshot may hold one of them)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # storage -> its earlier records (only storages that were resized); weak, so a dead
-        # storage's id never lends its history to a new one
-        self._history: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._orig_resize = None
-
-    def mark(self, tensors: Any, category: str) -> None:
-        super().mark(tensors, category)
-        for t in _flat_tensors(tensors):
-            for st in _storages(t):
-                for rec in self._history.get(st, []):
-                    rec.category = category
-
-    def _resized(self, st: torch.UntypedStorage) -> None:
-        old = self._drop(st)
-        if old is not None:
-            self._history.setdefault(st, []).append(old)
-        self._add(st, Record(int(st.nbytes()), self.phase, "resize_",
-                             old.category if old else None))
-        self._raise_peak("resize_")
-
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        self._orig_resize = orig = torch.UntypedStorage.resize_
-        meter = self
-
-        def resize_(st: torch.UntypedStorage, size: int) -> None:
-            orig(st, size)
-            meter._resized(st)
-
-        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign]
-        return super().__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        torch.UntypedStorage.resize_ = self._orig_resize  # type: ignore[method-assign]
-        return super().__exit__(*exc)
-
-
-@contextmanager
-def _fsdp_collectives_as(meter: DistributedMeter, phase: str) -> Iterator[None]:
-    """Run FSDP2's all-gather / copy-out / reduce-scatter with the meter in ``phase``: their flat
-    buffers are communication temporaries, not activations, even inside forward."""
-    from torch.distributed.fsdp._fully_shard import _fsdp_param_group as G
-
-    names = ("foreach_all_gather", "foreach_all_gather_copy_out", "foreach_reduce")
-    saved = {n: getattr(G, n) for n in names}
-
-    def wrap(fn: Callable) -> Callable:
-        def inner(*a: Any, **k: Any) -> Any:
-            with meter.in_phase(phase):
-                return fn(*a, **k)
-        return inner
-
-    for n in names:
-        setattr(G, n, wrap(saved[n]))
-    try:
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(G, n, fn)
-
-
+# ---- the meter: planner/hf/fsdp.py (DistributedMeter, fsdp_collectives_as) ----------------------
 # ---- the rank program ----------------------------------------------------------------------------
 def _optimizer_class_and_defaults(training, params) -> tuple[type, dict]:
     import inspect
@@ -299,21 +232,6 @@ def rank_main(spec_path: str, out_path: str) -> None:
 @contextmanager
 def _null() -> Iterator[None]:
     yield
-
-
-def _fsdp_unsharded(root: Any) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    for mod in root.modules():
-        state = getattr(mod, "_get_fsdp_state", None)
-        if state is None:
-            continue
-        group = state()._fsdp_param_group
-        if group is None:
-            continue
-        for fp in group.fsdp_params:
-            out += list(getattr(fp, "all_gather_outputs", []))
-            out += list(getattr(fp, "_unsharded_inner_tensors", []))
-    return out
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def rank_main(spec_path: str, out_path: str) -> None:
 
     cfg = hf_config_of(req.model, fill=False)
     steps = run(cfg, req.training, "cpu", traced=False, steps=req.steps, on_step=report,
-                ddp=True)
+                ddp=True, zero_stage=req.parallelism.zero_stage)
     mine = {"rank": rank, "first": steps[0]["phases"], "steady": _steady(steps)}
     got: list = [None] * dist.get_world_size()
     dist.all_gather_object(got, mine)
