@@ -29,6 +29,31 @@ from torch.utils.weak import WeakIdKeyDictionary
 from planner.hf.meter import LiveMemoryMeter, Record, _flat_tensors, _storages
 
 ZERO_STAGES = (0, 2, 3)
+PRECISIONS = ("fp32", "amp-bf16", "bf16")
+
+
+def unsupported(tr: Any, par: Any, moe: bool) -> tuple[str, str] | None:
+    """(field, why) for a zero_stage > 0 setup the transformers step does not run sharded."""
+    if par.zero_stage not in ZERO_STAGES:
+        return ("parallelism.zero_stage", "implementation 'transformers' runs zero_stage 0 "
+                f"(DDP), 2 and 3 (FSDP2), not {par.zero_stage}")
+    if par.data_parallel < 2:
+        return ("parallelism.zero_stage", "zero_stage 2/3 shards over data_parallel ranks: "
+                "data_parallel must be at least 2")
+    if moe:
+        return ("parallelism.zero_stage", "implementation 'transformers' runs MoE models under "
+                "DDP (zero_stage 0) only")
+    if tr.precision not in PRECISIONS:
+        return ("training.precision", "implementation 'transformers' under FSDP2 runs precision "
+                f"{', '.join(PRECISIONS)}, not {tr.precision!r} (no sharded loss scaler or "
+                "master-weight copy)")
+    if tr.optimizer_implementation == "fused":
+        return ("training.optimizer_implementation", "implementation 'transformers' under FSDP2 "
+                "runs the foreach or for-loop optimizer, not 'fused'")
+    if tr.lora is not None:
+        return ("training.lora", "implementation 'transformers' runs LoRA without FSDP2 "
+                "(zero_stage 0)")
+    return None
 
 
 class DistributedMeter(LiveMemoryMeter):

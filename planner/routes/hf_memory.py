@@ -68,6 +68,22 @@ _DDP_ASSUMPTION = Assumption(
     "The reducer's one bucket rebuild before the second forward is not traced: the same bytes "
     "re-cut into buckets (measured equal on CPU past the 1 MB first bucket)")
 
+_FSDP_NOTE = ("one rank traced under torch's fake process group: FSDP2 allocates its all-gather "
+              "and reduce-scatter buffers (temporaries) and frees/re-allocates the unsharded "
+              "parameters (UntypedStorage.resize_) as on real ranks. Rank 0 traced: every "
+              "rank's sharded storage is padded to ceil(dim0/world) rows, but optimizer states "
+              "and the step's scratch follow the unpadded shard, which is largest on rank 0")
+_FSDP_ASSUMPTIONS = {
+    0: _DDP_ASSUMPTION,
+    2: Assumption(name="data_parallel_fsdp2",
+                  value="fully_shard(reshard_after_forward=False) per decoder layer, then root",
+                  note="ZeRO-2: unsharded parameters kept from forward to backward; " + _FSDP_NOTE),
+    3: Assumption(name="data_parallel_fsdp2",
+                  value="fully_shard(reshard_after_forward=True) per decoder layer, then root",
+                  note="ZeRO-3: unsharded parameters freed after each layer's forward, gathered "
+                  "again for backward; " + _FSDP_NOTE),
+}
+
 
 def check(req: MemoryRequest) -> dict:
     """The validated config transformers builds from; PlanningError naming what does not run."""
@@ -87,16 +103,22 @@ def check(req: MemoryRequest) -> dict:
     moe = bool(num_experts(hf_config_of(req.model)))
     dp_ok = par.data_parallel == 1 or (moe and par.data_parallel % par.expert_parallel == 0) \
         or (not moe and par.expert_parallel == 1)
-    if not dp_ok or (par.tensor_parallel, par.pipeline_parallel, par.zero_stage) != (1, 1, 0) \
+    if not dp_ok or (par.tensor_parallel, par.pipeline_parallel) != (1, 1) \
             or par.offload_optimizer or par.offload_parameters or par.fsdp_mixed_precision:
         raise PlanningError("implementation 'transformers' is estimated on one device, with "
-                            "data parallelism at ZeRO 0 (DDP; for MoE models composed with "
-                            "parallelism.expert_parallel): parallelism.zero_stage, "
-                            "tensor_parallel, pipeline_parallel, offload_* and "
+                            "data parallelism (DDP, or FSDP2 at zero_stage 2/3; for MoE models "
+                            "DDP composed with parallelism.expert_parallel): "
+                            "parallelism.tensor_parallel, pipeline_parallel, offload_* and "
                             "fsdp_mixed_precision must stay at their defaults", "parallelism")
     why = unsupported(req.training)
     if why is not None:
         raise PlanningError(why[1], why[0])
+    if par.zero_stage:
+        from planner.hf.fsdp import unsupported as fsdp_unsupported
+
+        why = fsdp_unsupported(req.training, par, moe)
+        if why is not None:
+            raise PlanningError(why[1], why[0])
     from planner.hf.lora import FIELD as LORA_TARGETS
     from planner.hf.lora import family_refusal
 
@@ -117,7 +139,7 @@ def _traced(req: MemoryRequest, cfg: dict, tr: TrainingSpec, device: str):
 
     par = req.parallelism
     try:
-        est = estimate(cfg, tr, par.data_parallel, device)
+        est = estimate(cfg, tr, par.data_parallel, device, zero_stage=par.zero_stage)
     except (PlanningError, WorkLimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - the transformers code failing on this config
@@ -198,7 +220,7 @@ def estimate_transformers(req: MemoryRequest, device: str = "cuda") -> MemoryRes
             "(alpha/r)(x A^T) B^T, A and B trainable in the base's dtype (planner/hf/lora.py)"))
     notes = []
     if ddp > 1:
-        assumptions.append(_DDP_ASSUMPTION)
+        assumptions.append(_FSDP_ASSUMPTIONS[req.parallelism.zero_stage])
     if ep > 1:
         assumptions.extend(_EP_ASSUMPTIONS)
         notes.append("first_step is not given with expert_parallel > 1 (the composition is "

@@ -7,10 +7,12 @@ service/validation/launch.py, gloo on CPU)::
         -m service.validation.hf_ranks SPEC.json OUT.json
 
 Every rank runs the step of planner/hf/step.py on the whole model for real, wrapped in
-DistributedDataParallel(gradient_as_bucket_view=True), metered by the same LiveMemoryMeter; rank
+DistributedDataParallel(gradient_as_bucket_view=True) at zero_stage 0, in FSDP2 at zero_stage 2
+and 3 (planner/hf/fsdp.py, with its deterministic gloo collectives), metered by the same meter
+(resize_-aware under FSDP2); rank
 0 gathers every rank's first and steady (highest of steps 2..) phase peaks into OUT.json. The
 estimate (planner/hf/estimate.py with ``ddp``) traces one rank of the same step on torch's fake
-process group.
+process group (under FSDP2 every rank, each with its own shards).
 """
 
 from __future__ import annotations
@@ -64,27 +66,49 @@ def check_hf_ranks(req: ValidationRequest) -> None:
                                     "runs gloo ranks on the CPU; use device 'cpu' or 'auto'")
 
 
+def _rank_estimates(req: ValidationRequest, n: int) -> list[tuple[Breakdown, Breakdown]]:
+    """(steady, first step) estimate of each of ``n`` FSDP2 ranks: each rank traced (their
+    shards differ where a dimension does not divide the world size)."""
+    from planner.catalog.presets import hf_config_of
+    from planner.hf.estimate import estimate
+
+    cfg = hf_config_of(req.model, fill=False)
+    out = []
+    for rank in range(n):
+        e = estimate(cfg, req.training, n, "cpu", zero_stage=req.parallelism.zero_stage,
+                     rank=rank)
+        out.append((Breakdown(**e.steady.breakdown), Breakdown(**e.first.breakdown)))
+    return out
+
+
 def run_hf_ranks(req: ValidationRequest, progress=None) -> ValidationResult:
     """A validation job of data-parallel transformers ranks: every rank measured (``ranks``)
-    against the estimate, which is the same on every rank (one rank traced)."""
+    against its estimate: under DDP the same on every rank (one rank traced), under FSDP2 each
+    rank traced; the top level compares rank 0's estimate (what POST /v1/memory reports, the
+    worst rank) with the rank measured highest."""
     from planner.routes.memory import estimate_memory
 
     check_hf_ranks(req)
     est = estimate_memory(req, device="cpu")
+    z = req.parallelism.zero_stage
     if progress:
         progress(Progress(phase="building", step=0, total_steps=req.steps))
     ranks = measure_ranks(req, req.timeout_s, progress)
     if progress:
         progress(Progress(phase="comparing", step=req.steps, total_steps=req.steps))
+    per_rank = _rank_estimates(req, len(ranks)) if z else \
+        [(est.breakdown, est.first_step)] * len(ranks)
     out = []
     for r in ranks:
         m = Breakdown(**_top(r["steady"])[1])
-        out.append(RankResult(rank=r["rank"], estimate=est.breakdown, measured=m,
-                              relative_error=relative_error(est.breakdown, m)))
+        e = per_rank[r["rank"]][0]
+        out.append(RankResult(rank=r["rank"], estimate=e, measured=m,
+                              relative_error=relative_error(e, m)))
     w = max(out, key=lambda rr: (rr.measured.total, -rr.rank)).rank
     phase, bd, op = _top(ranks[w]["steady"])
     return ValidationResult(
-        device=f"cpu x {len(ranks)} ranks (gloo, DDP)", mode=req.mode,
+        device=f"cpu x {len(ranks)} ranks (gloo, {f'FSDP2 ZeRO-{z}' if z else 'DDP'})",
+        mode=req.mode,
         estimate=est.breakdown, measured=Breakdown(**bd),
         relative_error=relative_error(est.breakdown, Breakdown(**bd)),
         first_step_estimate=est.first_step,
