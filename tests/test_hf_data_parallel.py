@@ -82,7 +82,8 @@ def test_the_route_answers_ddp_and_refuses_the_rest():
     assert "data_parallel_ddp" in {a.name for a in res.assumptions}
     assert res.breakdown.model_dump() == {
         **E.estimate(cfg, TrainingSpec(**tr), ddp=4).steady.breakdown}
-    for par, field in (({"data_parallel": 2, "zero_stage": 1}, "parallelism.zero_stage"),
+    # ZeRO 1-3: tests/test_hf_fsdp.py
+    for par, field in (({"data_parallel": 2, "tensor_parallel": 2}, "parallelism"),
                        ({"tensor_parallel": 2}, "parallelism")):
         with pytest.raises(PlanningError) as exc:
             estimate_memory(MemoryRequest(model={"hf_config": cfg}, training=tr,

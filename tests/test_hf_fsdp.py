@@ -1,4 +1,5 @@
-"""implementation 'transformers' under FSDP2 (zero_stage 3 and 2): traced ranks equal real ranks.
+"""implementation 'transformers' under FSDP2 (zero_stage 3 and 2) and ZeRO-1 (DDP plus torch's
+ZeroRedundancyOptimizer): traced ranks equal real ranks.
 
 The estimate traces a rank's step (planner/hf/step.py with every decoder layer, then the root,
 ``fully_shard``-ed; planner/hf/fsdp.py) under FakeTensorMode on torch's fake process group, on
@@ -38,7 +39,8 @@ MODELS = {
 CASES = [("llama", "fp32", 3), ("llama", "amp-bf16", 3), ("llama", "fp32", 2),
          ("llama", "amp-bf16", 2), ("qwen2", "fp32", 3), ("qwen2", "amp-bf16", 2),
          ("qwen2-uneven", "amp-bf16", 3), ("qwen2-uneven", "fp32", 2),
-         ("llama-uneven", "amp-bf16+ckpt", 3), ("llama", "bf16", 3)]
+         ("llama-uneven", "amp-bf16+ckpt", 3), ("llama", "bf16", 3),
+         ("llama", "fp32", 1), ("qwen2-uneven", "amp-bf16", 1)]
 
 
 def _training(precision: str) -> dict:
@@ -102,7 +104,7 @@ def test_the_route_answers_fsdp_and_refuses_the_rest():
         est = E.estimate(cfg, TrainingSpec(**tr), ddp=2, zero_stage=zero, rank=0)
         assert res.breakdown.model_dump() == est.steady.breakdown
     for par, over, field in (
-            ({"data_parallel": 2, "zero_stage": 1}, {}, "parallelism.zero_stage"),
+            ({"data_parallel": 1, "zero_stage": 1}, {}, "parallelism.zero_stage"),
             ({"data_parallel": 2, "zero_stage": 3}, {"precision": "amp-fp16"},
              "training.precision"),
             ({"data_parallel": 2, "zero_stage": 3}, {"optimizer_implementation": "fused"},
@@ -129,3 +131,33 @@ def test_a_validation_job_compares_every_rank_with_its_own_trace():
     assert res.worst_rank == res.worst_measured_rank == 0
     assert res.estimate == res.measured and res.first_step_estimate == res.first_step_measured
     assert "FSDP2 ZeRO-3" in res.device
+
+
+def test_zero1_partition_is_torchs():
+    """The partition the route picks its ranks by is the one ZeroRedundancyOptimizer makes."""
+    import torch
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from planner.hf.fsdp import zero1_partition
+
+    numels = [7, 300, 12, 300, 45, 1, 128, 64, 64, 3]
+    for world in (2, 3, 4):
+        with E.fake_group(world):
+            params = [torch.nn.Parameter(torch.zeros(n)) for n in numels]
+            opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.SGD, lr=0.1)
+            got = [sum(p.numel() for g in groups for p in g["params"])
+                   for groups in opt._partition_parameters()]
+        assert got == zero1_partition(numels, world)
+
+
+def test_the_route_answers_zero1_with_the_worst_rank():
+    """ZeRO-1 on 3 ranks: every rank traced, the route's answer is the highest of them."""
+    cfg, tr = MODELS["qwen2-uneven"], _training("fp32")
+    res = estimate_memory(MemoryRequest(model={"hf_config": cfg}, training=tr,
+                                        parallelism={"data_parallel": 3, "zero_stage": 1}),
+                          device="cpu")
+    assert "data_parallel_zero1" in {a.name for a in res.assumptions}
+    per_rank = [E.estimate(cfg, TrainingSpec(**tr), ddp=3, zero_stage=1, rank=k).steady.breakdown
+                for k in range(3)]
+    assert len({bd["optimizer_states"] for bd in per_rank}) > 1  # the shares differ
+    assert res.breakdown.model_dump() == max(per_rank, key=lambda bd: bd["total"])

@@ -28,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from planner.hf.meter import LiveMemoryMeter, Record, _flat_tensors, _storages
 
-ZERO_STAGES = (0, 2, 3)
+ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("fp32", "amp-bf16", "bf16")
 
 
@@ -36,23 +36,22 @@ def unsupported(tr: Any, par: Any, moe: bool) -> tuple[str, str] | None:
     """(field, why) for a zero_stage > 0 setup the transformers step does not run sharded."""
     if par.zero_stage not in ZERO_STAGES:
         return ("parallelism.zero_stage", "implementation 'transformers' runs zero_stage 0 "
-                f"(DDP), 2 and 3 (FSDP2), not {par.zero_stage}")
+                f"(DDP), 1 (ZeroRedundancyOptimizer), 2 and 3 (FSDP2), not {par.zero_stage}")
     if par.data_parallel < 2:
-        return ("parallelism.zero_stage", "zero_stage 2/3 shards over data_parallel ranks: "
+        return ("parallelism.zero_stage", "zero_stage 1-3 shards over data_parallel ranks: "
                 "data_parallel must be at least 2")
     if moe:
         return ("parallelism.zero_stage", "implementation 'transformers' runs MoE models under "
                 "DDP (zero_stage 0) only")
     if tr.precision not in PRECISIONS:
-        return ("training.precision", "implementation 'transformers' under FSDP2 runs precision "
+        return ("training.precision", "implementation 'transformers' under ZeRO runs precision "
                 f"{', '.join(PRECISIONS)}, not {tr.precision!r} (no sharded loss scaler or "
                 "master-weight copy)")
     if tr.optimizer_implementation == "fused":
-        return ("training.optimizer_implementation", "implementation 'transformers' under FSDP2 "
+        return ("training.optimizer_implementation", "implementation 'transformers' under ZeRO "
                 "runs the foreach or for-loop optimizer, not 'fused'")
     if tr.lora is not None:
-        return ("training.lora", "implementation 'transformers' runs LoRA without FSDP2 "
-                "(zero_stage 0)")
+        return ("training.lora", "implementation 'transformers' runs LoRA at zero_stage 0")
     return None
 
 
@@ -210,3 +209,43 @@ def as_real_storages() -> Iterator[None]:
         yield
     finally:
         FSDPParam.reset_sharded_param = orig  # type: ignore[method-assign]
+
+
+def zero_redundancy(params: list, make: Callable[[list], Any]) -> Any:
+    """ZeRO-1: torch's ``ZeroRedundancyOptimizer`` over ``params`` (whole tensors assigned to
+    ranks, greedily by size; each rank steps its own and broadcasts them), with the class and
+    constructor defaults of the optimizer ``make`` builds (the reference path's recipe)."""
+    import inspect
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    probe = make([torch.nn.Parameter(torch.zeros(1))])
+    accepted = inspect.signature(type(probe).__init__).parameters
+    kw = {k: v for k, v in probe.defaults.items() if k in accepted}
+    return ZeroRedundancyOptimizer(params, optimizer_class=type(probe), **kw)
+
+
+def zero1_partition(numels: list[int], world: int) -> list[int]:
+    """Each rank's parameter count under ZeroRedundancyOptimizer: torch's own greedy partition
+    (``_partition_parameters``: tensors by decreasing numel, stable, each to the first rank with
+    the fewest elements so far)."""
+    sizes = [0] * world
+    for n in sorted(numels, reverse=True):
+        sizes[sizes.index(min(sizes))] += n
+    return sizes
+
+
+def zero1_candidates(config: dict, tr: Any, world: int) -> list[int]:
+    """The ranks that can be the worst under ZeRO-1: every rank holds the same parameters and
+    DDP gradient buckets, and differs only in its optimizer states and the step's scratch, which
+    grow with its share (the foreach step's scratch with the share's total, the for-loop step's
+    with its largest tensor, which rank 0 gets first). So the rank with the largest share, and
+    rank 0."""
+    from transformers import AutoModelForCausalLM
+
+    from planner.hf.step import make_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(make_config(config))
+    sizes = zero1_partition([p.numel() for p in model.parameters() if p.requires_grad], world)
+    return sorted({0, sizes.index(max(sizes))})

@@ -154,10 +154,11 @@ def _recompute_aware(fn: Callable, on_recompute: Callable[[], Any]) -> Callable:
 
 def build(config: dict[str, Any], tr: TrainingSpec, device, num_layers: int | None = None,
           on_recompute: Callable[[], Any] | None = None, traced: bool = False,
-          wrap: Callable[[Any], Any] | None = None):
+          wrap: Callable[[Any], Any] | None = None, zero1: bool = False):
     """(model, optimizer) on ``device`` (under FakeTensorMode when one is active); for mixed-*
     the optimizer is ``MasterWeights`` (planner/hf/precision.py) around the torch one. ``wrap``
-    (e.g. FSDP2's ``fully_shard``) runs on the model before the optimizer is made over it."""
+    (e.g. FSDP2's ``fully_shard``) runs on the model before the optimizer is made over it;
+    ``zero1``: torch's ZeroRedundancyOptimizer around the optimizer's class and defaults."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -195,8 +196,12 @@ def build(config: dict[str, Any], tr: TrainingSpec, device, num_layers: int | No
                         lambda fn, *a, _f=f, **k: _f(_recompute_aware(fn, on_recompute), *a, **k))
     if wrap is not None:
         wrap(model)
-    opt = P.wrap_optimizer(tr.precision, [p for p in model.parameters() if p.requires_grad],
-                           lambda ps: make_optimizer(tr, ps), traced)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if zero1:
+        from planner.hf.fsdp import zero_redundancy
+
+        return model, zero_redundancy(params, lambda ps: make_optimizer(tr, ps))
+    opt = P.wrap_optimizer(tr.precision, params, lambda ps: make_optimizer(tr, ps), traced)
     return model, opt
 
 
@@ -360,7 +365,8 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                 F.shard(m, zero_stage, mesh, gloo=not traced)
 
         model, opt = build(config, tr, dev, num_layers, lambda: meter.in_phase("recompute"),
-                           traced, shard if fsdp else None)
+                           traced, shard if fsdp else None, ddp and zero_stage == 1)
+        local = getattr(opt, "optim", opt)  # ZeRO-1: this rank's optimizer
         vocab = model.config.vocab_size
         inner = model
         batch = make_batch(vocab, tr, dev, traced)
@@ -380,7 +386,7 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                     model.reducer = _NoRebuild(model.reducer)
         meter.register([v for v in batch.values() if isinstance(v, torch.Tensor)], "activations")
         if tr.optimizer == "adagrad":  # Adagrad creates its state in the constructor
-            meter.register(opt, "optimizer_states")
+            meter.register(local, "optimizer_states")
         if isinstance(opt, P.MasterWeights):  # fp32 masters: the optimizer's, made with it
             meter.register(opt.masters, "optimizer_states")
         amp = P.autocast(tr.precision, dev.type)
@@ -416,7 +422,7 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
                     scaling.step(opt)
                     opt.zero_grad(set_to_none=True)
                 windows.append(("optimizer", meter.peak))
-                meter.mark(opt, "optimizer_states")
+                meter.mark(local, "optimizer_states")
                 if dev.type == "cuda" and not traced:
                     torch.cuda.synchronize(dev)
                 out.append({**_summary(windows), "time_s": time.perf_counter() - t0,

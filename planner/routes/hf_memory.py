@@ -75,6 +75,12 @@ _FSDP_NOTE = ("one rank traced under torch's fake process group: FSDP2 allocates
               "and the step's scratch follow the unpadded shard, which is largest on rank 0")
 _FSDP_ASSUMPTIONS = {
     0: _DDP_ASSUMPTION,
+    1: Assumption(name="data_parallel_zero1",
+                  value="DistributedDataParallel + ZeroRedundancyOptimizer",
+                  note="DDP's gradient buckets on every rank; whole parameter tensors assigned "
+                  "to ranks by torch's greedy partition, each rank's optimizer states and step "
+                  "its share's; the worst rank traced (the largest share, and rank 0 with the "
+                  "largest tensor), the whole model (the partition is not linear in the blocks)"),
     2: Assumption(name="data_parallel_fsdp2",
                   value="fully_shard(reshard_after_forward=False) per decoder layer, then root",
                   note="ZeRO-2: unsharded parameters kept from forward to backward; " + _FSDP_NOTE),
@@ -113,7 +119,7 @@ def check(req: MemoryRequest) -> dict:
     why = unsupported(req.training)
     if why is not None:
         raise PlanningError(why[1], why[0])
-    if par.zero_stage:
+    if par.zero_stage:  # ZeRO-1 and FSDP2 (planner/hf/fsdp.py)
         from planner.hf.fsdp import unsupported as fsdp_unsupported
 
         why = fsdp_unsupported(req.training, par, moe)
@@ -139,7 +145,13 @@ def _traced(req: MemoryRequest, cfg: dict, tr: TrainingSpec, device: str):
 
     par = req.parallelism
     try:
-        est = estimate(cfg, tr, par.data_parallel, device, zero_stage=par.zero_stage)
+        ranks = [0]
+        if par.zero_stage == 1:  # ranks differ by their share of the optimizer
+            from planner.hf.fsdp import zero1_candidates
+
+            ranks = zero1_candidates(cfg, tr, par.data_parallel)
+        est = max((estimate(cfg, tr, par.data_parallel, device, zero_stage=par.zero_stage,
+                            rank=r) for r in ranks), key=lambda e: e.steady.breakdown["total"])
     except (PlanningError, WorkLimitExceeded):
         raise
     except Exception as exc:  # noqa: BLE001 - the transformers code failing on this config

@@ -7,7 +7,8 @@ service/validation/launch.py, gloo on CPU)::
         -m service.validation.hf_ranks SPEC.json OUT.json
 
 Every rank runs the step of planner/hf/step.py on the whole model for real, wrapped in
-DistributedDataParallel(gradient_as_bucket_view=True) at zero_stage 0, in FSDP2 at zero_stage 2
+DistributedDataParallel(gradient_as_bucket_view=True) at zero_stage 0 (plus torch's
+ZeroRedundancyOptimizer at zero_stage 1), in FSDP2 at zero_stage 2
 and 3 (planner/hf/fsdp.py, with its deterministic gloo collectives), metered by the same meter
 (resize_-aware under FSDP2); rank
 0 gathers every rank's first and steady (highest of steps 2..) phase peaks into OUT.json. The
@@ -67,8 +68,9 @@ def check_hf_ranks(req: ValidationRequest) -> None:
 
 
 def _rank_estimates(req: ValidationRequest, n: int) -> list[tuple[Breakdown, Breakdown]]:
-    """(steady, first step) estimate of each of ``n`` FSDP2 ranks: each rank traced (their
-    shards differ where a dimension does not divide the world size)."""
+    """(steady, first step) estimate of each of ``n`` ZeRO-1 / FSDP2 ranks: each rank traced
+    (their shares of the optimizer, and FSDP2's shards where a dimension does not divide the
+    world size, differ)."""
     from planner.catalog.presets import hf_config_of
     from planner.hf.estimate import estimate
 
@@ -83,9 +85,9 @@ def _rank_estimates(req: ValidationRequest, n: int) -> list[tuple[Breakdown, Bre
 
 def run_hf_ranks(req: ValidationRequest, progress=None) -> ValidationResult:
     """A validation job of data-parallel transformers ranks: every rank measured (``ranks``)
-    against its estimate: under DDP the same on every rank (one rank traced), under FSDP2 each
-    rank traced; the top level compares rank 0's estimate (what POST /v1/memory reports, the
-    worst rank) with the rank measured highest."""
+    against its estimate: under DDP the same on every rank (one rank traced), under ZeRO-1 and
+    FSDP2 each rank traced; the top level compares the highest rank estimate (what POST
+    /v1/memory reports) with the rank measured highest."""
     from planner.routes.memory import estimate_memory
 
     check_hf_ranks(req)
@@ -105,15 +107,16 @@ def run_hf_ranks(req: ValidationRequest, progress=None) -> ValidationResult:
         out.append(RankResult(rank=r["rank"], estimate=e, measured=m,
                               relative_error=relative_error(e, m)))
     w = max(out, key=lambda rr: (rr.measured.total, -rr.rank)).rank
+    e = max(out, key=lambda rr: (rr.estimate.total, -rr.rank)).rank
     phase, bd, op = _top(ranks[w]["steady"])
+    kind = {0: "DDP", 1: "DDP + ZeroRedundancyOptimizer"}.get(z, f"FSDP2 ZeRO-{z}")
     return ValidationResult(
-        device=f"cpu x {len(ranks)} ranks (gloo, {f'FSDP2 ZeRO-{z}' if z else 'DDP'})",
-        mode=req.mode,
-        estimate=est.breakdown, measured=Breakdown(**bd),
-        relative_error=relative_error(est.breakdown, Breakdown(**bd)),
-        first_step_estimate=est.first_step,
+        device=f"cpu x {len(ranks)} ranks (gloo, {kind})", mode=req.mode,
+        estimate=per_rank[e][0], measured=Breakdown(**bd),
+        relative_error=relative_error(per_rank[e][0], Breakdown(**bd)),
+        first_step_estimate=per_rank[e][1],
         first_step_measured=Breakdown(**_top(ranks[w]["first"])[1]),
-        peak_op=op, peak_phase=phase, ranks=out, worst_rank=0, worst_measured_rank=w)
+        peak_op=op, peak_phase=phase, ranks=out, worst_rank=e, worst_measured_rank=w)
 
 
 def _steady(steps: list[dict]) -> dict:
