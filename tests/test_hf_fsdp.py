@@ -161,3 +161,20 @@ def test_the_route_answers_zero1_with_the_worst_rank():
                 for k in range(3)]
     assert len({bd["optimizer_states"] for bd in per_rank}) > 1  # the shares differ
     assert res.breakdown.model_dump() == max(per_rank, key=lambda bd: bd["total"])
+
+
+def test_proxies_past_the_one_block_proxy_extrapolate():
+    """ZeRO-3's one-block proxy peaks in backward at the loss, more blocks in a layer's backward:
+    the proxies of 2, 3 and 4 blocks extrapolate a 10-block model, equal to its real ranks."""
+    cfg, tr = {**MODELS["llama"], "num_hidden_layers": 10}, _training("fp32")
+    req = ValidationRequest(model={"hf_config": cfg}, training=tr,
+                            parallelism={"data_parallel": 2, "zero_stage": 3}, steps=3,
+                            device="cpu")
+    ranks = measure_ranks(req, timeout_s=300)
+    for r in ranks:
+        est = E.estimate(cfg, TrainingSpec(**tr), ddp=2, zero_stage=3, rank=r["rank"])
+        assert est.extrapolated and est.traced_layers == (2, 3, 4)
+        for phase, (bd, op) in r["steady"].items():
+            assert (est.steady_phases[phase].breakdown, est.steady_phases[phase].op) == (bd, op)
+        first = max(r["first"].values(), key=lambda p: p[0]["total"])
+        assert est.first.breakdown == first[0]

@@ -6,7 +6,9 @@ the period of the blocks' kinds (attention type, sparse or dense MLP; 1 for most
 Gemma 2, 6 for Gemma 3) and k the smallest count >= p with L - k a multiple of p. Every
 category of each phase's peak (forward, backward, optimizer) of the first and the steady step
 is then extrapolated to the model's L blocks: exact when the two differences agree (checked for
-every category) and the peak falls at the same op in all three proxies; otherwise, or when the
+every category) and the peak falls at the same op in all three proxies; otherwise once more from
+k+p, k+2p, k+3p (under FSDP2 the one-block proxy's backward peaks at the loss, more blocks' in a
+layer's backward); otherwise, or when the
 model has no more blocks than the three proxies together (3k + 3p; Gemma 3 1B: 26 blocks against
 8 + 14 + 20), the whole model is traced, once, which is then the lesser work. The step's peak is
 the highest phase peak. tests/test_hf_estimate.py holds the extrapolated estimate equal to
@@ -107,6 +109,16 @@ def fake_group(world_size: int, rank: int = 0):
             dist.destroy_process_group()
 
 
+def parameter_numels(config: dict) -> list[int]:
+    """The numel of every trainable parameter of the whole model (built on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(S.make_config(config))
+    return [p.numel() for p in model.parameters() if p.requires_grad]
+
+
 def clear() -> None:
     with _LOCK:
         _CACHE.clear()
@@ -147,6 +159,31 @@ def _peak(phases: dict[str, tuple[dict, str]]) -> HFPeak:
     return best
 
 
+def _extrapolated(config: dict, tr: TrainingSpec, kinds: list[tuple], ddp: int, kernels: str,
+                  zero: tuple[int, int], k: int, p: int, L: int) -> HFEstimate | None:
+    """The estimate from the proxies of k, k+p and k+2p blocks; None when not linear."""
+    traces = [_trace(config, tr, n, kinds, ddp, kernels, zero) for n in (k, k + p, k + 2 * p)]
+    steps = {}
+    for i, which in ((0, "first"), (1, "steady")):
+        phases = {}
+        for name in S.PHASES:
+            pts = [t[i]["phases"][name] for t in traces]
+            got = _extrapolate(pts, L, k, p)
+            if got is None:
+                break
+            phases[name] = got
+        else:
+            steps[which] = phases
+            continue
+        break
+    if len(steps) == 2:
+        return HFEstimate(first=_peak(steps["first"]), steady=_peak(steps["steady"]),
+                          steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
+                                         in steps["steady"].items()},
+                          traced_layers=(k, k + p, k + 2 * p), extrapolated=True)
+    return None
+
+
 def estimate(config: dict, tr: TrainingSpec, ddp: int = 1, device: str = "cpu",
              zero_stage: int = 0, rank: int = 0) -> HFEstimate:
     """The step's first and steady peaks for the whole model (see module docstring); ``ddp``
@@ -161,27 +198,16 @@ def estimate(config: dict, tr: TrainingSpec, ddp: int = 1, device: str = "cpu",
     kinds = S.block_kinds(config)
     L = len(kinds)
     kp = _period(kinds)
-    if kp is not None and 3 * kp[0] + 3 * kp[1] < L:  # else one whole trace is less work
-        k, p = kp
-        traces = [_trace(config, tr, n, kinds, ddp, kernels, zero) for n in (k, k + p, k + 2 * p)]
-        steps = {}
-        for i, which in ((0, "first"), (1, "steady")):
-            phases = {}
-            for name in S.PHASES:
-                pts = [t[i]["phases"][name] for t in traces]
-                got = _extrapolate(pts, L, k, p)
-                if got is None:
-                    break
-                phases[name] = got
-            else:
-                steps[which] = phases
-                continue
-            break
-        if len(steps) == 2:
-            return HFEstimate(first=_peak(steps["first"]), steady=_peak(steps["steady"]),
-                              steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)
-                                             in steps["steady"].items()},
-                              traced_layers=(k, k + p, k + 2 * p), extrapolated=True)
+    if kp is not None:
+        k0, p = kp
+        # the proxies k, k+p, k+2p; when their peaks are not linear (e.g. FSDP2: one block's
+        # backward peaks elsewhere than more blocks'), once more from k+p
+        for k in (k0, k0 + p):
+            if 3 * k + 3 * p >= L:  # else one whole trace is less work
+                break
+            got = _extrapolated(config, tr, kinds, ddp, kernels, zero, k, p, L)
+            if got is not None:
+                return got
     full = _trace(config, tr, None, kinds, ddp, kernels, zero)
     return HFEstimate(first=_peak(full[0]["phases"]), steady=_peak(full[1]["phases"]),
                       steady_phases={n: HFPeak(bd, op, n) for n, (bd, op)

@@ -235,17 +235,11 @@ def zero1_partition(numels: list[int], world: int) -> list[int]:
     return sizes
 
 
-def zero1_candidates(config: dict, tr: Any, world: int) -> list[int]:
-    """The ranks that can be the worst under ZeRO-1: every rank holds the same parameters and
-    DDP gradient buckets, and differs only in its optimizer states and the step's scratch, which
-    grow with its share (the foreach step's scratch with the share's total, the for-loop step's
-    with its largest tensor, which rank 0 gets first). So the rank with the largest share, and
-    rank 0."""
-    from transformers import AutoModelForCausalLM
-
-    from planner.hf.step import make_config
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(make_config(config))
-    sizes = zero1_partition([p.numel() for p in model.parameters() if p.requires_grad], world)
+def zero1_candidates(numels: list[int], world: int) -> list[int]:
+    """The ranks that can be the worst under ZeRO-1, from the trainable parameters' numels:
+    every rank holds the same parameters and DDP gradient buckets, and differs only in its
+    optimizer states and the step's scratch, which grow with its share (the foreach step's
+    scratch with the share's total, the for-loop step's with its largest tensor, which rank 0
+    gets first). So the rank with the largest share, and rank 0."""
+    sizes = zero1_partition(numels, world)
     return sorted({0, sizes.index(max(sizes))})

@@ -328,9 +328,10 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
     "phases": {phase: (breakdown, op)}}`` (breakdowns classified once the step has ended).
     ``ddp``: the model wrapped in DistributedDataParallel(gradient_as_bucket_view=True) on the
     initialised default process group (gloo under torchrun, or the fake one when traced); the
-    reducer's gradient buckets are created inside the meter, with the model. ``zero_stage`` 2 or
-    3 (with ``ddp``): FSDP2 instead (planner/hf/fsdp.py), sharded inside the meter before the
-    optimizer is made over the shards, its collectives' buffers temporaries. ``kernels``
+    reducer's gradient buckets are created inside the meter, with the model. With ``ddp``,
+    ``zero_stage`` 1: torch's ZeroRedundancyOptimizer as the optimizer; 2 or 3: FSDP2 instead of
+    DDP (planner/hf/fsdp.py), sharded inside the meter before the optimizer is made over the
+    shards, its collectives' buffers temporaries. ``kernels``
     "cuda": a trace takes the attention kernels a CUDA device runs (planner/hf/cuda_attention.py).
     A step whose loss scaler found an overflow (amp-fp16, mixed-fp16; real runs only) skipped
     the optimizer: ``"skipped": True`` (planner/hf/precision.py)."""

@@ -147,9 +147,10 @@ def _traced(req: MemoryRequest, cfg: dict, tr: TrainingSpec, device: str):
     try:
         ranks = [0]
         if par.zero_stage == 1:  # ranks differ by their share of the optimizer
+            from planner.hf.estimate import parameter_numels
             from planner.hf.fsdp import zero1_candidates
 
-            ranks = zero1_candidates(cfg, tr, par.data_parallel)
+            ranks = zero1_candidates(parameter_numels(cfg), par.data_parallel)
         est = max((estimate(cfg, tr, par.data_parallel, device, zero_stage=par.zero_stage,
                             rank=r) for r in ranks), key=lambda e: e.steady.breakdown["total"])
     except (PlanningError, WorkLimitExceeded):
