@@ -178,3 +178,18 @@ def test_proxies_past_the_one_block_proxy_extrapolate():
             assert (est.steady_phases[phase].breakdown, est.steady_phases[phase].op) == (bd, op)
         first = max(r["first"].values(), key=lambda p: p[0]["total"])
         assert est.first.breakdown == first[0]
+
+
+def test_a_zero1_validation_job_reports_the_highest_estimated_rank():
+    from service.validation.runner import run_validation
+
+    req = ValidationRequest(model={"hf_config": MODELS["qwen2-uneven"]},
+                            training=_training("amp-bf16"),
+                            parallelism={"data_parallel": 2, "zero_stage": 1}, steps=3,
+                            device="cpu")
+    res = run_validation(req)
+    assert all(r.estimate == r.measured for r in res.ranks)
+    e = max(res.ranks, key=lambda r: (r.estimate.total, -r.rank))
+    assert res.worst_rank == e.rank and res.estimate == e.estimate
+    assert res.estimate == res.measured and res.first_step_estimate == res.first_step_measured
+    assert "ZeroRedundancyOptimizer" in res.device
