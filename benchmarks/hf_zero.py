@@ -38,7 +38,9 @@ def main() -> None:
 
     lines = ["# implementation 'transformers' under DDP, ZeRO-1 and FSDP2: full-size estimates",
              "", f"CPU: {platform.processor() or platform.machine()}; `python -m "
-             "benchmarks.hf_zero`; adamw, estimates for a CUDA device (its attention kernels), the trace cache cleared before each row; peak = the allocated steady-state peak of the worst rank.", "",
+             "benchmarks.hf_zero`; adamw, estimates for a CUDA device (its attention "
+             "kernels), the trace cache cleared before each row; peak = the allocated "
+             "steady-state peak of the worst rank.", "",
              "| model | b | s | dp | zero | precision | traced blocks | peak (GiB) | time (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for preset, b, s, dp, z, prec in ROWS:

@@ -20,8 +20,9 @@ use the same meter and collective phases.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary

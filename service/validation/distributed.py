@@ -54,11 +54,11 @@ from planner.catalog.specs import (
     ValidationResult,
     relative_error,
 )
-from planner.hf.gloo_comms import install_gloo_comms
-from service.validation.launch import torchrun
-from planner.hf.fsdp import DistributedMeter  # noqa: F401 - the rank program's meter
+from planner.hf.fsdp import DistributedMeter
 from planner.hf.fsdp import fsdp_collectives_as as _fsdp_collectives_as
 from planner.hf.fsdp import fsdp_unsharded as _fsdp_unsharded
+from planner.hf.gloo_comms import install_gloo_comms
+from service.validation.launch import torchrun
 
 ProgressFn = Callable[[Progress], None]
 # Precisions whose optimizer steps the parameters the wrapper owns (no separate fp32 master copy,
@@ -270,8 +270,8 @@ def check_multi_rank(req: ValidationRequest) -> None:
 def per_rank_estimates(req: ValidationRequest, device: str) -> list[tuple[Breakdown, Breakdown]]:
     """(first step, steady state) estimate of every rank."""
     from planner.catalog.presets import resolve_model
-    from planner.routes.memory import checkpointed_blocks
     from planner.layouts.parallel_ranks import data_parallel_peaks
+    from planner.routes.memory import checkpointed_blocks
 
     model = resolve_model(req.model)
     ckpt = checkpointed_blocks(req.training, model.num_layers)
