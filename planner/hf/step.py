@@ -367,7 +367,7 @@ def run(config: dict[str, Any], tr: TrainingSpec, device: str = "cpu", traced: b
 
         model, opt = build(config, tr, dev, num_layers, lambda: meter.in_phase("recompute"),
                            traced, shard if fsdp else None, ddp and zero_stage == 1)
-        local = getattr(opt, "optim", opt)  # ZeRO-1: this rank's optimizer
+        local = opt.optim if ddp and zero_stage == 1 else opt  # ZeRO-1: this rank's own
         vocab = model.config.vocab_size
         inner = model
         batch = make_batch(vocab, tr, dev, traced)
