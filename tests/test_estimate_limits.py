@@ -70,29 +70,6 @@ def test_past_the_deadline_is_a_503_naming_the_limit() -> None:
         assert client.post("/v1/memory", json=LIGHT).status_code == 200
 
 
-def test_an_moe_plan_has_the_transformers_limit() -> None:
-    """POST /v1/plan of an MoE model traces the transformers step (planner/routes/plan_moe.py):
-    held to transformers_deadline_s like POST /v1/memory's transformers estimates, a dense
-    model's search to estimate_deadline_s."""
-    moe = {"model": {"hf_config": {"model_type": "mixtral", "hidden_size": 64,
-                                   "intermediate_size": 128, "num_hidden_layers": 2,
-                                   "num_attention_heads": 4, "num_key_value_heads": 2,
-                                   "num_local_experts": 4, "num_experts_per_tok": 2,
-                                   "vocab_size": 256}},
-           "training": {"global_batch_sequences": 4, "sequence_length": 32,
-                        "precision": "bf16", "max_micro_batch_size": 2,
-                        "checkpoint_strategies": ["none"]},
-           "cluster": {"gpu": "h100-80gb", "num_gpus": 2}}
-    dense = {**moe, "model": {"preset": "gpt2"}}
-    with _client(estimate_deadline_s=600, transformers_deadline_s=0.0001) as client:
-        r = client.post("/v1/plan", json=moe)
-        assert r.status_code == 503, r.text
-        assert "transformers_deadline_s = 0.0001 s" in r.json()["detail"]
-        assert client.post("/v1/plan", json=dense).status_code == 200
-    with _client(estimate_deadline_s=0.0001, transformers_deadline_s=600) as client:
-        assert client.post("/v1/plan", json=moe).status_code == 200
-
-
 @pytest.mark.parametrize("path,body", [
     ("/v1/memory", LIGHT), ("/v1/zero", LIGHT), ("/v1/checkpointing", LIGHT),
     ("/v1/pipeline", {"stages": 2, "microbatches": 4}),

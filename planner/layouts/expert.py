@@ -20,10 +20,11 @@ equal to the tensors transformers builds) and x = sum(X):
   every gradient is live (zero_grad(set_to_none) ends the window), minus x·(1 - 1/ep)·p, exact;
   in the forward window there are none (0); at the backward-phase peak the gradients live are
   the one-device trace's (an upper bound: which expert gradients are live is not split out);
-- activations: assumed equal to the one-device trace's: with balanced routing and no token
-  dropping (transformers' MoE blocks drop none: capacity factor infinite), each rank's experts
-  process the same b·s·k token-expert pairs as the one device does, and the router logits and
-  dense blocks are unchanged;
+- activations: assumed equal to the one-device trace's: with balanced routing across ranks and
+  no token dropping (transformers' MoE blocks drop none: capacity factor infinite), each rank's
+  experts process the same b·s·k token-expert pairs as the one device does, and the router
+  logits and dense blocks are unchanged (on one rank the split between experts changes nothing:
+  the grouped_mm path sizes every buffer by b·s·k; tests/test_hf_moe_routing.py);
 - temporaries: plus the all-to-all's receive buffer, b·s·k·h·a bytes (a the activation dtype's
   bytes), in the forward and backward windows (the send buffer is the one-device trace's
   permuted tokens); the optimizer step's scratch is kept at the one-device value (an upper

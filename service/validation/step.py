@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from planner.hf.precision import MasterWeights
 from planner.routes.memory import checkpointed_blocks as planner_checkpointed_blocks
 from planner.step.program import PRECISIONS
 from planner.catalog.loss_specs import LossSpec
@@ -41,47 +42,10 @@ TORCH_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 # (param dtype, autocast dtype or None, master weights?, loss scaling?): the planner's table.
 
 
-class MasterWeightOptimizer(torch.optim.Optimizer):
-    """16-bit model parameters, fp32 master copies stepped by an inner torch optimizer.
-
-    The scheme of Micikevicius et al. 2018 (mixed precision training, §3.1) and of the ZeRO
-    paper's 2+2+12 bytes/param: at ``step()`` all gradients are cast to fp32 at once (the
-    ``master.grad`` list, a temporary), the inner optimizer steps the masters, and the 16-bit
-    parameters are refreshed from them.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], make_inner: Callable[[list], torch.optim.Optimizer],
-                 loss_scale: float = 1.0) -> None:
-        self.model_params = [p for p in params if p.requires_grad]
-        self.masters = [p.detach().to(torch.float32).clone() for p in self.model_params]
-        for m in self.masters:
-            m.requires_grad_(True)
-        self.inner = make_inner(self.masters)
-        # Static loss scale for fp16 (Micikevicius et al. 2018 §3.2); 1.0 for bf16.
-        self.loss_scale = loss_scale
-        super().__init__(self.masters, {})
-        self.param_groups = self.inner.param_groups
-        self.state = self.inner.state  # type: ignore[assignment]
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
-        for p, m in zip(self.model_params, self.masters):
-            m.grad = None if p.grad is None else p.grad.to(torch.float32)
-        if self.loss_scale != 1.0:
-            grads = [m.grad for m in self.masters if m.grad is not None]
-            torch._foreach_mul_(grads, 1.0 / self.loss_scale)
-            if not all(bool(torch.isfinite(g).all()) for g in grads):  # overflow: skip this step
-                for m in self.masters:
-                    m.grad = None
-                return
-        self.inner.step()
-        for p, m in zip(self.model_params, self.masters):
-            p.copy_(m)
-            m.grad = None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.model_params:
-            p.grad = None
+# 16-bit model parameters, fp32 master copies stepped by an inner torch optimizer (Micikevicius
+# et al. 2018 §3.1 and the ZeRO paper's 2+2+12 bytes/param): one implementation for the reference
+# step and the transformers step (planner/hf/precision.py).
+MasterWeightOptimizer = MasterWeights
 
 
 def make_optimizer(training: TrainingSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
