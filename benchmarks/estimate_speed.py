@@ -195,7 +195,8 @@ def llm_analysis_fn(preset: str):
 
 def llm_analysis_model_fn(m, name: str = "model", parallelism: dict | None = None):
     """llm-analysis's ``training()`` on a resolved model, as ``one(k)`` (None: not installed);
-    with its data-parallel size and DeepSpeed ZeRO stage where ``parallelism`` sets them."""
+    with its data-parallel size, pipeline size and DeepSpeed ZeRO stage where ``parallelism``
+    sets them."""
     try:
         from llm_analysis.analysis import DSZeRO, LLMAnalysis
         from llm_analysis.config import (
@@ -217,9 +218,11 @@ def llm_analysis_model_fn(m, name: str = "model", parallelism: dict | None = Non
     # A100 80GB with room for any batch here (llm-analysis refuses a setup that does not fit).
     gpu = dataclasses.replace(get_gpu_config_by_name("a100-sxm-80gb"), mem_per_GPU_in_GB=100000)
     dtype = get_dtype_config_by_name("w16a16e16")
-    par = ParallelismConfig(dp_size=parallelism["data_parallel"]) if parallelism \
+    par = ParallelismConfig(dp_size=parallelism.get("data_parallel", 1),
+                            pp_size=parallelism.get("pipeline_parallel", 1)) if parallelism \
         else ParallelismConfig()
-    zero = {"ds_zero": DSZeRO(parallelism["zero_stage"])} if parallelism else {}
+    zero = {"ds_zero": DSZeRO(parallelism["zero_stage"])} \
+        if parallelism and "zero_stage" in parallelism else {}
 
     def one(k: int) -> None:
         a = LLMAnalysis(mc, gpu, dtype, par, flops_efficiency=0.5, hbm_memory_efficiency=0.9)

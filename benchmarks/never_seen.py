@@ -1,11 +1,14 @@
 """Estimate speed of a model never seen before, on a structure whose template is compiled
 (planner/step/structure.py): the row "never-seen model of a known structure" of
 ``benchmarks/estimate_speed.py``, next to the same models replayed and llm-analysis's
-``training()``. Run alone: ``python -m benchmarks.never_seen``.
+``training()``. Run alone: ``python -m benchmarks.never_seen``; ``--section pipelined`` runs
+only the pipelined section (random gpt2/llama models on 2, 4 or 8 pipeline stages, 1F1B and
+interleaved 1F1B, random micro-batch counts), ``--section single``/``data-parallel`` the others.
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -129,7 +132,136 @@ def print_never_seen(res: dict) -> None:
 # structure, each a few times a single device's).
 DP_SETUPS = [("amp-bf16", "none"), ("mixed-bf16", "full"), ("bf16", "none")]
 
+# The pipelined rows: (pipeline stages, schedule, virtual stages per rank); every model has
+# PIPELINE_LAYERS layers (room for 8 ranks x 2 virtual stages).
+PIPELINE_LAYOUTS = [(pp, s, v) for pp in (2, 4, 8)
+                    for s, v in (("1f1b", 1), ("interleaved-1f1b", 2))]
+PIPELINE_LAYERS = 32
+PIPELINE_SETUPS = [("amp-bf16", "none")]
+
+
+def _pipelined_req(arch: dict, b: int, t: int, pp: int, schedule: str, v: int,
+                   m: int) -> MemoryRequest:
+    req = _arch_req({**arch, "num_layers": PIPELINE_LAYERS}, b, t, *PIPELINE_SETUPS[0],
+                    {"pipeline_parallel": pp, "pipeline_schedule": schedule,
+                     "virtual_pipeline_stages": v})
+    tr = req.training.model_copy(update={"gradient_accumulation_steps": m})
+    return req.model_copy(update={"training": tr})
+
+
+def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
+    """``n`` random gpt2/llama models (llama with and without grouped-query attention) on the
+    PIPELINE_LAYOUTS, each with a random micro-batch count m (a multiple of the stages, 1 to 8
+    rounds) and a random micro-batch (>= 2) and sequence length, each estimated once (every
+    rank replayed: planner/layouts/pipelined.py). Before the rounds each layout's first
+    estimate (a new model; whatever that setup compiles) is timed, and a second new model on
+    it; then ``rounds`` rounds each time their batch of never-seen models with caches of
+    replays cleared ("per-setup caches cleared": what a fresh setup costs, structures kept),
+    and llm-analysis's ``training()`` with the same pipeline size on the same models."""
+    est = planner_memory.estimate_memory
+    rng = random.Random(seed)
+    kinds = [("gpt2", False), ("llama", False), ("llama", True)]
+    planner_memory.clear_caches()
+    first_s, second_s = [], []
+    with step_cache.structure_mode("sync"):
+        for pp, sched, v in PIPELINE_LAYOUTS:
+            for f, gqa in kinds:
+                times = []
+                for _ in range(2):
+                    r = _pipelined_req(_random_arch(f, rng, gqa), 4, 1024, pp, sched, v,
+                                       pp * rng.randint(1, 8))
+                    t0 = time.perf_counter()
+                    res = est(r, explain=False)
+                    times.append(time.perf_counter() - t0)
+                    assert "(rank " in res.peak_phase, res.peak_phase  # every rank replayed
+                first_s.append(times[0])
+                second_s.append(times[1])
+    cases = []
+    for k in range(n):
+        pp, sched, v = PIPELINE_LAYOUTS[k % len(PIPELINE_LAYOUTS)]
+        f, gqa = kinds[k % len(kinds)]
+        cases.append(_pipelined_req(_random_arch(f, rng, gqa), rng.randint(2, 16),
+                                    rng.choice([512, 1024, 2048, 4096]), pp, sched, v,
+                                    pp * rng.randint(1, 8)))
+    rng.shuffle(cases)
+    per = -(-n // rounds)
+    ours, theirs, worst = [], [], 0.0
+    by_layout: dict[tuple, list[tuple[int, float]]] = {}
+    for r in range(rounds):
+        batch = cases[r * per:(r + 1) * per]
+        if not batch:
+            break
+        a = []
+        for q in batch:
+            cache._SIM_CACHE.clear()
+            cache._SEEN.clear()
+            cache._MEMO.clear()
+            t0 = time.perf_counter()
+            est(q, explain=False)
+            a.append(time.perf_counter() - t0)
+            p = q.parallelism
+            by_layout.setdefault((p.pipeline_parallel, p.pipeline_schedule), []).append(
+                (q.training.gradient_accumulation_steps, a[-1]))
+        worst = max(worst, max(a))
+        ours.append(statistics.median(a))
+        fns = [llm_analysis_model_fn(resolve_model(q.model), parallelism={
+            "pipeline_parallel": q.parallelism.pipeline_parallel}) for q in batch]
+        if fns[0] is not None:
+            theirs.append(statistics.median(_time_each(lambda fn: fn(1), fns)))
+    return {"n": n, "rounds": len(ours), "layouts": len(PIPELINE_LAYOUTS) * len(kinds),
+            "first_median": statistics.median(first_s), "first_max": max(first_s),
+            "second_median": statistics.median(second_s), "second_max": max(second_s),
+            "ours": statistics.median(ours), "worst": worst,
+            "llm": statistics.median(theirs) if theirs else None,
+            "ratios": [a / la for a, la in zip(ours, theirs)],
+            "by_layout": dict(sorted(by_layout.items()))}
+
+
+def print_pipelined(res: dict) -> None:
+    print(f"## Never-seen model, pipelined: pp 2/4/8, 1F1B and interleaved 1F1B (2 virtual "
+          f"stages), random micro-batch counts ({res['n']} random gpt2/llama models of "
+          f"{PIPELINE_LAYERS} layers, each estimated once; {res['rounds']} interleaved rounds, "
+          "median of rounds)\n")
+    print("| case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis |")
+    print("|---|---:|---:|---:|")
+    la = res["llm"]
+    s = res["ours"]
+    if la:
+        print(f"| every rank replayed, per-setup caches cleared | {s * 1e6:,.0f} | {la * 1e6:.0f} "
+              f"| {la / s:.3f}× ({s / la:,.0f}× slower) |")
+    else:
+        print(f"| every rank replayed, per-setup caches cleared | {s * 1e6:,.0f} | n/a | n/a |")
+    if res["ratios"]:
+        print(f"\nRounds' time vs llm-analysis: {min(res['ratios']):,.0f}× to "
+              f"{max(res['ratios']):,.0f}× slower. ", end="")
+    print(f"Slowest timed estimate: {res['worst'] * 1e3:,.0f} ms. First estimate on each of "
+          f"the {res['layouts']} layouts (a new model, caches cold): median "
+          f"{res['first_median'] * 1e3:,.0f} ms, max {res['first_max'] * 1e3:,.0f} ms; a second "
+          f"new model on it: median {res['second_median'] * 1e3:,.0f} ms, max "
+          f"{res['second_max'] * 1e3:,.0f} ms.\n")
+    print("| layout | estimates | micro-batch counts | median ms | max ms |")
+    print("|---|---:|---|---:|---:|")
+    for (pp, sched), xs in res["by_layout"].items():
+        ms = sorted(m for m, _ in xs)
+        print(f"| pp {pp} {sched} | {len(xs)} | {', '.join(map(str, ms))} | "
+              f"{statistics.median(t for _, t in xs) * 1e3:,.0f} | "
+              f"{max(t for _, t in xs) * 1e3:,.0f} |")
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--section", choices=["all", "single", "data-parallel", "pipelined"],
+                    default="all")
+    args = ap.parse_args(argv)
+    if args.section in ("all", "single"):
+        print_never_seen(never_seen_rows(50, 5))
+    if args.section in ("all", "data-parallel"):
+        for par in ({"data_parallel": 8, "zero_stage": 0}, {"data_parallel": 8, "zero_stage": 3}):
+            print_never_seen(never_seen_rows(45, 5, parallelism=par, setups=DP_SETUPS))
+    if args.section in ("all", "pipelined"):
+        print_pipelined(pipelined_rows(36, 4))
+
+
 if __name__ == "__main__":
-    print_never_seen(never_seen_rows(50, 5))
-    for par in ({"data_parallel": 8, "zero_stage": 0}, {"data_parallel": 8, "zero_stage": 3}):
-        print_never_seen(never_seen_rows(45, 5, parallelism=par, setups=DP_SETUPS))
+    main()

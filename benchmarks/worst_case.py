@@ -2,6 +2,7 @@
 
     python -m benchmarks.worst_case [--random 60] [--limit-s 20] [--seed 0]
                                     [--out benchmarks/results/worst-case-cpu.md]
+    python -m benchmarks.worst_case --only "random #0" --only "random #21" [--rounds 5]
 
 Goal: every request within the documented input limits answers in at most 1 s using at most
 256 MiB. Each candidate request runs in a process of its own, forked from a parent that has
@@ -15,6 +16,10 @@ Candidates: hand-picked extremes (the largest layer counts, pipeline ranks, micr
 data-parallel degrees, checkpoint plans, LoRA, eager attention with dropout, timelines and SVG)
 and a seeded random search over layers, widths, ranks, micro-batches, checkpoint plans, LoRA,
 routes, ``include_timeline`` and the SVG rendering.
+
+``--only LABEL`` (repeatable) measures just those candidates, each ``--rounds`` times (rounds
+interleave the rows), prints every run, the median seconds and peak RSS per row and one JSON
+line of them, and writes no table: for comparing two versions of the code on a few rows.
 """
 
 from __future__ import annotations
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit-s", type=float, default=20.0, help="kill a request after this")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/worst-case-cpu.md"))
+    ap.add_argument("--only", action="append", default=[],
+                    help="measure just this candidate (its label, e.g. 'random #0'); repeatable")
+    ap.add_argument("--rounds", type=int, default=1, help="with --only: runs of each row")
     args = ap.parse_args(argv)
 
     import logging
@@ -195,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(Settings(database_url=f"sqlite:///{tmp.name}/jobs.db",
                               estimate_deadline_s=10 * args.limit_s))
     base_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.only:
+        return _only(app, args, base_rss_kib)
     rows = []
     for cand in hand_picked() + random_candidates(args.random, args.seed):
         row = measure(app, *cand, limit_s=args.limit_s, base_rss_kib=base_rss_kib)
@@ -228,6 +238,32 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
+    return 0
+
+
+def _only(app, args, base_rss_kib: int) -> int:
+    """The ``--only`` rows, ``--rounds`` times each, interleaved; medians printed."""
+    import statistics
+
+    cands = {c[0]: c for c in hand_picked() + random_candidates(args.random, args.seed)}
+    missing = [x for x in args.only if x not in cands]
+    if missing:
+        print(f"unknown candidates: {missing}", file=sys.stderr)
+        return 2
+    runs: dict[str, list[dict]] = {x: [] for x in args.only}
+    for _ in range(args.rounds):
+        for label in args.only:
+            row = measure(app, *cands[label], limit_s=args.limit_s, base_rss_kib=base_rss_kib)
+            print(f"{row['seconds']:8.3f} s {row['rss_mib']:8.1f} MiB  {row['status']}  "
+                  f"{row['route']}  {label}", flush=True)
+            runs[label].append(row)
+    out = {label: {"median_s": statistics.median(r["seconds"] or args.limit_s for r in rs),
+                   "median_rss_mib": statistics.median(r["rss_mib"] for r in rs), "runs": len(rs)}
+           for label, rs in runs.items()}
+    for label, m in out.items():
+        print(f"{label}: median {m['median_s']:.3f} s, {m['median_rss_mib']:.0f} MiB "
+              f"({m['runs']} runs)")
+    print(json.dumps(out))
     return 0
 
 

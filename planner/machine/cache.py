@@ -99,11 +99,17 @@ def cached(skey: tuple, tr: TrainingSpec, replay, compile_, evaluate):
             if tpl is not None:
                 return evaluate(tpl, b, t)
     hit = replay()
+    COUNTS["replays"] += 1
     _put(_SIM_CACHE, key, hit, _SIM_CACHE_MAX)
     return hit
 
 
+# how many replays and template compiles ``cached`` has run (tests read the difference)
+COUNTS = {"replays": 0, "compiles": 0}
+
+
 def compile_once(skey: tuple, compile_):
+    COUNTS["compiles"] += 1
     try:
         tpl = compile_(skey[-1])
     except (Undecided, TypeError):

@@ -49,7 +49,8 @@ from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.pipelined import pipelined_estimate
 from planner.routes import memory_notes
 from planner.routes.loss_rules import loss_assumption, loss_refusal
-from planner.routes.micro_batch import largest_fitting, largest_fitting_search
+from planner.routes.micro_batch import (compile_ahead_pays, hold_compiles, largest_fitting,
+                                        largest_fitting_search)
 from planner.routes.plan_suggest import suggestions
 from planner.machine import cache
 from planner.step import simulate as step_cache
@@ -259,8 +260,8 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         bd, phase = megatron(model, tr, par, assumptions)
         peaks = fb_fields(bd.activations, bd, phase)  # Korthikanti et al.: the forward's end
     else:
-        # a micro-batch search follows on this setup's other sizes: compile its template now
-        ahead = mem_bytes is not None and tr.micro_batch_size > 1
+        # a micro-batch search follows: compile the template now when it will pay
+        ahead = mem_bytes is not None and compile_ahead_pays(tr.micro_batch_size)
         with cache.compile_first() if ahead else contextlib.nullcontext():
             bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
         assumptions.append(loss_assumption(tr.loss))
@@ -382,8 +383,11 @@ def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt
                           device, ckpt)
             fast = r.breakdown.total + r.allocator_reserve_bytes
         return fast
-    known = {req.training.micro_batch_size: need_here} if need_here is not None else None
-    return largest_fitting(need, mem_bytes, known=known)
+    b0 = req.training.micro_batch_size
+    known = {b0: need_here} if need_here is not None else None
+    hold = None if need_here is None else hold_compiles(b0, need_here <= mem_bytes)
+    with cache.compile_after(hold) if hold else contextlib.nullcontext():
+        return largest_fitting(need, mem_bytes, known=known)
 
 
 def _simulated_boundary(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
