@@ -8,7 +8,7 @@ A *setup* is everything a replay depends on but the micro-batch size and the seq
   sizes symbolic, ``planner/machine/recording.py``): a one-off estimate costs one replay, a sweep
   one compile and then microseconds per size; None marks a setup found size-dependent (always
   replayed concretely). A caller that asks each setup for few sizes raises that count with
-  ``compile_after`` (a compile costs about two replays of the same step);
+  ``compile_after`` (a compile costs about three replays of the same step);
 - ``setup_memo`` keeps size-independent per-setup results (per-rank model states, partitions).
 
 The caches are bounded (oldest entry dropped) and their writes locked (estimates run in a thread
@@ -156,7 +156,7 @@ def json_memo(fn, *specs):
 def compile_after(sizes: int):
     """Inside, a setup's template is compiled when the setup meets its ``sizes``-th distinct
     size (2 outside). For callers that ask each setup for only a few sizes (the plan search): a
-    compile costs about two replays, so one that serves a single size more is a loss. Answers
+    compile costs about three replays, so one that serves a single size more is a loss. Answers
     are the same either way (a template equals the replay)."""
     token = _COMPILE_AFTER.set(max(2, sizes))
     try:

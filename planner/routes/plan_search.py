@@ -322,7 +322,7 @@ def _plan_cluster(req: PlanRequest, model: ResolvedModel, gpu: GPU, links: Links
 def _compile_threshold(cands: list[Layout]) -> int:
     """The distinct size at which a step setup's template is compiled in this search. A setup
     is asked for micro-batch 1 (its own domain) and the sizes >= 2 of the layouts; a compile
-    costs about two replays (planner/machine/cache.py), so it pays only when at least two sizes
+    costs about three replays (planner/machine/cache.py), so it pays only when at least two sizes
     are left after it: with n sizes >= 2, compile at the second only when n >= 4, else never
     (n + 1). The answers are the same either way (a template equals the replay)."""
     n = len({lay.b for lay in cands if lay.b >= 2})
