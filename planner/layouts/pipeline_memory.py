@@ -193,14 +193,33 @@ class PipelineRankProgram(ReferenceProgram):
         self.sends: list[Buf] = []  # input gradients still referenced by send works
         self.input_grads: list[Buf] = []  # receive buffers' .grad after an I (until next step)
         self.in_flight = 0
+        self.memo = None  # an ActionMemo (planner/layouts/pipeline_actions.py): kinds composed
+        self.step_no, self._counts = 0, {}
         m.reset_peak()
 
     def trainable_specs(self) -> list[tuple[int, tuple[int, ...]]]:
         return [(n, shp) for (n, shp, rg, _), own in zip(self.param_specs, self._owned)
                 if rg and own]
 
-    # ---- forward of one stage -------------------------------------------------------------------
+    def count(self, key) -> int:
+        """How many actions of kind ``key`` this step ran before this one."""
+        c = self._counts.get(key, 0)
+        self._counts[key] = c + 1
+        return c
+
     def stage_forward(self, st: int, j: int) -> None:
+        if self.memo is not None:
+            return self.memo.forward(self, st, j)
+        self.real_forward(st, j)
+
+    def stage_backward(self, st: int, j: int) -> None:
+        """B (and W on a stage whose I did nothing)."""
+        if self.memo is not None:
+            return self.memo.backward(self, st, j)
+        self.real_backward(st, j)
+
+    # ---- forward of one stage -------------------------------------------------------------------
+    def real_forward(self, st: int, j: int) -> None:
         o, s, m = self.ops, self.s, self.m
         S = self.sched.num_stages
         m.phase = "forward"
@@ -266,8 +285,7 @@ class PipelineRankProgram(ReferenceProgram):
         o.drop(p.out, p.inp, p.loss)
         self.in_flight -= 1
 
-    def stage_backward(self, st: int, j: int) -> None:
-        """B (and W on a stage whose I did nothing)."""
+    def real_backward(self, st: int, j: int) -> None:
         m = self.m
         m.phase = "backward"
         p = self.pending.pop((st, j))
@@ -343,6 +361,7 @@ class PipelineRankProgram(ReferenceProgram):
     def step(self) -> None:
         m, o = self.m, self.ops
         m.phase = "other"
+        self.step_no, self._counts = self.step_no + 1, {}
         # clear_runtime_states: previous outputs and receive buffers' .grad
         o.drop(*self.output_chunks)
         self.output_chunks.clear()

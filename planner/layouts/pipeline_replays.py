@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
 from planner.machine.peak_candidates import candidates
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
@@ -112,16 +113,28 @@ def clear_classes() -> None:
 cache.on_clear(clear_classes)  # the shared rank replays go with the per-setup caches
 
 
-def _measure(make, lists: list, machine_type):
-    """(base rows, slopes, meta, window ids) of the shortened replays, or None when they do
-    not have the affine form."""
+def _replays(make, lists: list, machine_type, memo):
+    """Each list's rows outside the extra periods, with the window ids; the actions composed
+    per kind where ``memo`` applies (planner/layouts/pipeline_actions.py)."""
     traces = []
     for items, mb in lists:
         m = machine_type()
         prog = make(m, items, mb)
+        if memo is not None and memo.applies(prog):
+            prog.memo = memo
         wanted = prog.step_windows()
         rows, meta = m.trace()
         traces.append(_outside(rows, meta, m.cuts, wanted) + (wanted,))
+    return traces
+
+
+def _measure(make, lists: list, machine_type):
+    """(base rows, slopes, meta, window ids) of the shortened replays, or None when they do
+    not have the affine form."""
+    try:
+        traces = _replays(make, lists, machine_type, ActionMemo())
+    except Unmemoizable:  # a composed action did not add up: every action op by op
+        traces = _replays(make, lists, machine_type, None)
     base, base_meta, wanted = traces[0]
     if any(t[1] != base_meta or t[2] != wanted for t in traces[1:]):
         return None
