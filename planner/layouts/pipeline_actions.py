@@ -117,6 +117,7 @@ class ActionMemo:
 
     def __init__(self) -> None:
         self.entries: dict[tuple, _Entry] = {}
+        self.composed = 0  # actions composed rather than replayed
 
     @staticmethod
     def applies(prog) -> bool:
@@ -214,6 +215,7 @@ class ActionMemo:
     def _compose_forward(self, prog, st: int, j: int, rec: _Rec) -> None:
         m, o = prog.m, prog.ops
         m.phase = "forward"
+        self.composed += 1
         start = self._rows(m, rec.rows, rec.names)
         holds: list = []
         out_b = _silent(m, rec.out.nbytes, rec.out.cat, rec.out.name)
@@ -245,6 +247,7 @@ class ActionMemo:
     def _compose_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
         m = prog.m
         m.phase = "backward"
+        self.composed += 1
         start = self._rows(m, rec.rows, rec.names)
         del prog.pending[st, j]
         m.drop(*p.holds)
