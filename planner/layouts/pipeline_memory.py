@@ -59,7 +59,9 @@ This replay of the whole list is the oracle. Estimates replay shortened lists in
 middle periods of the list's periodic runs left out, ``planner/layouts/pipeline_periods.py``) and
 extrapolate every instant's live bytes in the number of periods left out
 (``planner/layouts/pipeline_replays.py``): the same peaks, to the byte, at a cost that does not grow
-with the micro-batch count; ranks whose shortened lists are alike share their replays.
+with the micro-batch count; ranks whose shortened lists are alike share their replays; and a
+rank's repeated forwards and backwards are composed per kind, not replayed op by op
+(``planner/layouts/pipeline_actions.py``, Schedule1F1B and ScheduleGPipe).
 """
 
 from __future__ import annotations
@@ -208,15 +210,11 @@ class PipelineRankProgram(ReferenceProgram):
         return c
 
     def stage_forward(self, st: int, j: int) -> None:
-        if self.memo is not None:
-            return self.memo.forward(self, st, j)
-        self.real_forward(st, j)
+        return self.real_forward(st, j) if self.memo is None else self.memo.forward(self, st, j)
 
     def stage_backward(self, st: int, j: int) -> None:
         """B (and W on a stage whose I did nothing)."""
-        if self.memo is not None:
-            return self.memo.backward(self, st, j)
-        self.real_backward(st, j)
+        return self.real_backward(st, j) if self.memo is None else self.memo.backward(self, st, j)
 
     # ---- forward of one stage -------------------------------------------------------------------
     def real_forward(self, st: int, j: int) -> None:
@@ -430,22 +428,6 @@ class PipelineRankProgram(ReferenceProgram):
         return [first, m.peak]
 
 
-# ---- split backward (zero bubble) -------------------------------------------------------------
-def pipeline_rank_peaks(model: ResolvedModel, training: TrainingSpec, schedule,
-                        device: str = "cuda", ranks: list[int] | None = None,
-                        simulate=None) -> list[StagePeak]:
-    """The replayed step of every rank (or of ``ranks``); ``simulate(model, training, schedule,
-    device, rank)`` replaces the plain replay (the planner passes its memoised, templated one)."""
-    out = []
-    for r in ranks if ranks is not None else range(schedule.num_ranks):
-        check_work_limit()
-        if simulate is not None:
-            out.append(simulate(model, training, schedule, device, r))
-        else:
-            out.append(PipelineRankProgram(model, training, schedule, r, device=device).run_steps())
-    return out
-
-
 def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
     """Why this pipelined setup is outside the replay (None when it is replayed)."""
     if parallel.data_parallel != 1 or parallel.tensor_parallel != 1 or parallel.zero_stage:
@@ -468,5 +450,4 @@ def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
     return None
 
 
-__all__ = ["PipelineRankProgram", "StagePeak", "pipeline_rank_peaks", "rank_actions",
-           "unsupported_reason"]
+__all__ = ["PipelineRankProgram", "StagePeak", "rank_actions", "unsupported_reason"]
