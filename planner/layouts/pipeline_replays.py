@@ -13,7 +13,10 @@ instants never are: see ``planner.layouts.pipeline_periods``).
 
 Ranks whose lists are alike up to their stages' names (same roles: first or last stage, layer
 count, neighbours on the rank) replay the same steps: the replays are shared (``_CLASSES``), so
-the middle ranks of a 1F1B pipeline cost one set of replays.
+the middle ranks of a 1F1B pipeline cost one set of replays. Within those replays, Schedule1F1B's
+and ScheduleGPipe's repeated forwards and backwards are composed per kind rather than replayed op
+by op (``planner.layouts.pipeline_actions``; one memo per set of replays, ``Unmemoizable``
+falls back to replaying every action).
 """
 
 from __future__ import annotations
