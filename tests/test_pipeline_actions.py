@@ -101,3 +101,19 @@ def test_long_lists_are_mostly_composed(name: str) -> None:
     cache.clear()
     fast = pp.rank_step(model, tr, sched, 1)
     assert (slow.first, slow.steady) == (fast.first, fast.steady)
+
+
+def test_rank_classes_share_kinds() -> None:
+    """The ranks of one setup share their kinds' records (keyed by stage roles): the middle
+    ranks of a 1F1B pipeline check a middle stage's forward and backward once, and every rank
+    still equals the full replay."""
+    _, model, tr, _ = _case(1)
+    sched = build_schedule("1f1b", 6, 30, 1)
+    cache.clear()
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), rank
+    (entries,) = pp._KINDS.values()
+    roles = {k[1] for k in entries}
+    assert len(roles) < sched.num_ranks and all(e.verified for e in entries.values())

@@ -115,8 +115,12 @@ class _Proxy:
 class ActionMemo:
     """Per-kind records of one rank class's actions (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self.entries: dict[tuple, _Entry] = {}
+    def __init__(self, entries: dict | None = None, roles: dict | None = None) -> None:
+        """``entries``: records shared with other ranks of the setup, keyed by ``roles``
+        (stage -> what its actions depend on besides the setup: pipeline_replays.stage_roles);
+        without them a stage's index is its kind."""
+        self.entries: dict[tuple, _Entry] = {} if entries is None else entries
+        self.roles = roles or {}
         self.composed = 0  # actions composed rather than replayed
 
     @staticmethod
@@ -127,7 +131,7 @@ class ActionMemo:
 
     # ---- the hooks --------------------------------------------------------------------------
     def forward(self, prog, st: int, j: int) -> None:
-        key = ("F", st, prog.step_no)
+        key = ("F", self.roles.get(st, st), prog.step_no)
         c = prog.count(key)
         e = self.entries.get(key)
         if c > 0 and e is not None and e.verified:
@@ -138,7 +142,7 @@ class ActionMemo:
             self._note(key, rec)
 
     def backward(self, prog, st: int, j: int) -> None:
-        key = ("B", st, prog.step_no)
+        key = ("B", self.roles.get(st, st), prog.step_no)
         c = prog.count(key)
         e = self.entries.get(key)
         p = prog.pending[st, j]

@@ -107,10 +107,12 @@ def _outside(rows, meta, cuts: list[int], wanted: list[int]):
 # ---- the replays and their extrapolation ------------------------------------------------------
 _CLASSES: dict = {}  # (setup, shortened lists with stage roles) -> measured rows
 _CLASSES_MAX = 64
+_KINDS: dict = {}  # setup -> ActionMemo entries, shared by the rank classes (keyed by roles)
 
 
 def clear_classes() -> None:
     _CLASSES.clear()
+    _KINDS.clear()
 
 
 cache.on_clear(clear_classes)  # the shared rank replays go with the per-setup caches
@@ -131,11 +133,11 @@ def _replays(make, lists: list, machine_type, memo):
     return traces
 
 
-def _measure(make, lists: list, machine_type):
+def _measure(make, lists: list, machine_type, memo=None):
     """(base rows, slopes, meta, window ids) of the shortened replays, or None when they do
     not have the affine form."""
     try:
-        traces = _replays(make, lists, machine_type, ActionMemo())
+        traces = _replays(make, lists, machine_type, memo or ActionMemo())
     except Unmemoizable:  # a composed action did not add up: every action op by op
         traces = _replays(make, lists, machine_type, None)
     base, base_meta, wanted = traces[0]
@@ -163,7 +165,15 @@ def extrapolated(make, actions: list, machine_type, roles: dict | None = None, s
             (mb, tuple((k, roles.get(st), j, f) for k, st, j, f in items)) for items, mb in lists))
         got = _CLASSES.get(key)
     if key is None or got is None:
-        got = _measure(make, lists, machine_type)
+        memo = None
+        if roles is not None and machine_type is TraceMachine:  # kinds shared by the classes
+            entries = _KINDS.get(setup)
+            if entries is None:
+                if len(_KINDS) >= _CLASSES_MAX:
+                    _KINDS.pop(next(iter(_KINDS)), None)
+                entries = _KINDS[setup] = {}
+            memo = ActionMemo(entries, roles)
+        got = _measure(make, lists, machine_type, memo)
         if key is not None:
             if len(_CLASSES) >= _CLASSES_MAX:
                 _CLASSES.pop(next(iter(_CLASSES)), None)
