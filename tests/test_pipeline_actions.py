@@ -117,3 +117,21 @@ def test_rank_classes_share_kinds() -> None:
     (entries,) = pp._KINDS.values()
     roles = {k[1] for k in entries}
     assert len(roles) < sched.num_ranks and all(e.verified for e in entries.values())
+
+
+def test_a_composed_action_that_does_not_add_up_falls_back(monkeypatch) -> None:
+    """A composed backward that does not come to its recorded net bytes raises
+    ``Unmemoizable``: the rank's lists are then replayed op by op, with the same answer."""
+    _, model, tr, _ = _case(1)
+    sched = build_schedule("1f1b", 4, 24, 1)
+
+    def broken(self, prog, st, j, p, rec):
+        raise pa.Unmemoizable(("B", st))
+    cache.clear()
+    monkeypatch.setattr(pa.ActionMemo, "_compose_backward", broken)
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), rank
+    with pytest.raises(pa.Unmemoizable):
+        _composed(model, tr, sched, 1)
