@@ -24,11 +24,11 @@ from __future__ import annotations
 import numpy as np
 
 from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
-from planner.machine.peak_candidates import candidates
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.sharding import pipeline_stage_layers
 from planner.machine import cache
+from planner.machine.peak_candidates import candidates
 from planner.machine.recording import _DEG, RecordingMachine, WindowTemplate, compile_windows
 from planner.machine.stepsim import _INDEX, Buf, Machine, PeakSnap
 from planner.machine.symbolic import Poly
