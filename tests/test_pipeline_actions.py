@@ -3,7 +3,7 @@ against the full replay.
 
 The oracle is ``PipelineRankProgram(...).run_steps()``: every action of the rank's whole list
 replayed op by op on the plain step simulator. The estimate replays the shortened lists
-(planner/layouts/pipeline_periods.py) and, for Schedule1F1B and ScheduleGPipe, composes every
+(planner/layouts/pipeline_periods.py) and, for 1F1B, GPipe and interleaved 1F1B, composes every
 forward and backward whose kind two earlier ones of the same step agreed on. Both peaks (first
 step, steady step) must be equal field by field (total, every category, op, phase), to the byte,
 for every rank of random setups: every schedule the replay runs (the ones not composed must be
@@ -27,7 +27,7 @@ from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.machine import cache
 
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("1f1b", 1), ("gpipe", 1), ("interleaved-1f1b", 2),
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 3), ("gpipe", 1), ("interleaved-1f1b", 2),
              ("zb-h1", 1), ("zb-v", 2), ("dualpipe-v", 2)]
 
 
@@ -84,12 +84,12 @@ def _composed(model, tr, sched, rank: int) -> int:
     return memo.composed
 
 
-@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
-def test_long_lists_are_mostly_composed(name: str) -> None:
-    """Most actions of a 1F1B / GPipe rank's shortened replays are composed, none replayed
-    twice past the check; the switch ``op_by_op`` composes none and answers the same."""
+@pytest.mark.parametrize("name,v", [("1f1b", 1), ("gpipe", 1), ("interleaved-1f1b", 2)])
+def test_long_lists_are_mostly_composed(name: str, v: int) -> None:
+    """Most actions of a 1F1B / GPipe / interleaved rank's shortened replays are composed; the
+    switch ``op_by_op`` composes none and answers the same."""
     _, model, tr, _ = _case(1)
-    sched = build_schedule(name, 4, 64, 1)
+    sched = build_schedule(name, 4, 64, v)
     for rank in range(4):
         n = _composed(model, tr, sched, rank)
         total = sum(len(items) for items, _ in shortened_lists(rank_actions(sched, rank))[1])
@@ -101,6 +101,28 @@ def test_long_lists_are_mostly_composed(name: str) -> None:
     cache.clear()
     fast = pp.rank_step(model, tr, sched, 1)
     assert (slow.first, slow.steady) == (fast.first, fast.steady)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_interleaved_ranks_equal_full_replay(seed: int) -> None:
+    """Interleaved 1F1B with several periods of micro-batches (its sends keep every output
+    until the action loop ends), stages of 1-2 and of 7-9 blocks."""
+    rng = random.Random(seed)
+    p, v = rng.choice([(2, 2), (3, 2), (4, 2), (2, 3)])
+    sched = build_schedule("interleaved-1f1b", p, p * rng.choice([6, 8, 10]), v)
+    _, model, tr, _ = _case(2 + 8 * seed)
+    S = sched.num_stages
+    layers = S * (8 if seed % 2 else 1) + rng.randint(0, S - 1)
+    model = model.model_copy(update={"num_layers": layers})
+    tr = tr.model_copy(update={"gradient_accumulation_steps": sched.microbatches})
+    cache.clear()
+    composed = []
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), rank
+        composed.append(_composed(model, tr, sched, rank))
+    assert all(n != 0 for n in composed) and max(composed) > 0, composed  # -1: not shortened
 
 
 def test_rank_classes_share_kinds() -> None:

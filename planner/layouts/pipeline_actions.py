@@ -19,13 +19,16 @@ from then on composes each further occurrence instead of replaying it:
   gradient of the recorded size, and must come to the recorded net bytes (else ``Unmemoizable``
   and the caller replays op by op).
 
-Kinds are ``(forward or backward, stage, step)``; the first occurrence of each in a step is
-always replayed (it makes the gradients, the rotary tables, the phantom blocks' gradients), and a
-composed forward's backward is composed too. Schedule1F1B and ScheduleGPipe (one stage per rank,
-no split backward) are composed; the other schedules replay every action. The memo lives for one
-set of shortened replays of one rank class (``pipeline_replays._measure``), so the second and
-later lists compose all but the first occurrences. ``op_by_op()`` turns it off (the oracle in
-``tests/test_pipeline_actions.py``, which holds both to the full replay to the byte).
+Kinds are ``(forward or backward, stage role, step)`` (``pipeline_replays.stage_roles``: place
+on the rank, first or last stage, layer count, neighbours); the first occurrence of each in a
+step is always replayed (it makes the gradients, the rotary tables, the phantom blocks'
+gradients), and a composed forward's backward is composed too. Schedule1F1B, ScheduleGPipe and
+interleaved 1F1B (no split backward; an interleaved forward's send work keeps its output until
+the action loop ends, which the composed forward keeps too) are composed, except stages that
+hand tensors to a stage on their own rank; the zero-bubble and V-shape schedules replay every
+action. The records are shared by the rank classes of one setup (``pipeline_replays._KINDS``),
+so a kind is checked once for all of them. ``op_by_op()`` turns composing off
+(``tests/test_pipeline_actions.py`` holds both to the full replay to the byte).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from planner.step.ops import T
 __all__ = ["ActionMemo", "Unmemoizable", "enabled", "op_by_op"]
 
 _ENABLED = True
-_COMPOSED = ("gpipe", "1f1b")
+_COMPOSED = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 class Unmemoizable(Exception):
@@ -92,6 +95,7 @@ class _Rec:
     loss: _Handed | None = None
     recv_refs: int = 0
     grad: tuple | None = None  # the backward's input gradient: (nbytes, cat, name)
+    sent: int = 0  # the forward's output kept by a send work until the action loop ends
 
 
 @dataclass
@@ -130,7 +134,15 @@ class ActionMemo:
                 and getattr(m, "on_alloc", None) is None and hasattr(m, "rows"))
 
     # ---- the hooks --------------------------------------------------------------------------
+    @staticmethod
+    def _local(prog, st: int) -> bool:
+        """A stage that hands tensors to a stage on its own rank (V shape): replayed."""
+        on, r, S = prog.sched.stage_to_rank, prog.rank, prog.sched.num_stages
+        return (st + 1 < S and on[st + 1] == r) or (st > 0 and on[st - 1] == r)
+
     def forward(self, prog, st: int, j: int) -> None:
+        if self._local(prog, st):
+            return prog.real_forward(st, j)
         key = ("F", self.roles.get(st, st), prog.step_no)
         c = prog.count(key)
         e = self.entries.get(key)
@@ -142,6 +154,8 @@ class ActionMemo:
             self._note(key, rec)
 
     def backward(self, prog, st: int, j: int) -> None:
+        if self._local(prog, st):
+            return prog.real_backward(st, j)
         key = ("B", self.roles.get(st, st), prog.step_no)
         c = prog.count(key)
         e = self.entries.get(key)
@@ -196,10 +210,11 @@ class ActionMemo:
         p = prog.pending[st, j]
         last = st == prog.sched.num_stages - 1
         own = 1 + (1 if last else 0)  # p.out (p.loss) and the output_chunks (losses) view
-        out = _handed(p.out, own)
+        sent = len(prog.sends) - sends_before  # the send work keeping the output (interleaved)
+        out = _handed(p.out, own + sent)
         loss = _handed(p.loss, own) if p.loss is not None else None
         recv_refs = (recv.refs - recv_before - 1) if (recv is not None and p.inp is not None) else 0
-        return _Rec(rows, names, net, out, loss, recv_refs)
+        return _Rec(rows, names, net, out, loss, recv_refs, sent=sent)
 
     # ---- composing --------------------------------------------------------------------------
     @staticmethod
@@ -225,6 +240,10 @@ class ActionMemo:
         out_b = _silent(m, rec.out.nbytes, rec.out.cat, rec.out.name)
         out = T(Val(out_b, None), rec.out.numel, rec.out.esz)
         holds += [m.hold(out_b) for _ in range(rec.out.graph_refs)]
+        if rec.sent:
+            if rec.sent != 1:
+                raise Unmemoizable(("F", st, "sends"))
+            prog.sends.append(m.hold(out_b))
         inp = None
         if st > 0:
             buf = prog.recv[st, j]

@@ -61,7 +61,7 @@ extrapolate every instant's live bytes in the number of periods left out
 (``planner/layouts/pipeline_replays.py``): the same peaks, to the byte, at a cost that does not grow
 with the micro-batch count; ranks whose shortened lists are alike share their replays; and a
 rank's repeated forwards and backwards are composed per kind, not replayed op by op
-(``planner/layouts/pipeline_actions.py``, Schedule1F1B and ScheduleGPipe).
+(``planner/layouts/pipeline_actions.py``: 1F1B, GPipe, interleaved 1F1B).
 """
 
 from __future__ import annotations
