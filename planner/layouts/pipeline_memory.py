@@ -59,7 +59,9 @@ This replay of the whole list is the oracle. Estimates replay shortened lists in
 middle periods of the list's periodic runs left out, ``planner/layouts/pipeline_periods.py``) and
 extrapolate every instant's live bytes in the number of periods left out
 (``planner/layouts/pipeline_replays.py``): the same peaks, to the byte, at a cost that does not grow
-with the micro-batch count; ranks whose shortened lists are alike share their replays.
+with the micro-batch count; ranks whose shortened lists are alike share their replays; and a
+rank's repeated forwards and backwards are composed per kind, not replayed op by op
+(``planner/layouts/pipeline_actions.py``: 1F1B, GPipe, interleaved 1F1B).
 """
 
 from __future__ import annotations
@@ -193,14 +195,29 @@ class PipelineRankProgram(ReferenceProgram):
         self.sends: list[Buf] = []  # input gradients still referenced by send works
         self.input_grads: list[Buf] = []  # receive buffers' .grad after an I (until next step)
         self.in_flight = 0
+        self.memo = None  # an ActionMemo (planner/layouts/pipeline_actions.py): kinds composed
+        self.step_no, self._counts = 0, {}
         m.reset_peak()
 
     def trainable_specs(self) -> list[tuple[int, tuple[int, ...]]]:
         return [(n, shp) for (n, shp, rg, _), own in zip(self.param_specs, self._owned)
                 if rg and own]
 
-    # ---- forward of one stage -------------------------------------------------------------------
+    def count(self, key) -> int:
+        """How many actions of kind ``key`` this step ran before this one."""
+        c = self._counts.get(key, 0)
+        self._counts[key] = c + 1
+        return c
+
     def stage_forward(self, st: int, j: int) -> None:
+        return self.real_forward(st, j) if self.memo is None else self.memo.forward(self, st, j)
+
+    def stage_backward(self, st: int, j: int) -> None:
+        """B (and W on a stage whose I did nothing)."""
+        return self.real_backward(st, j) if self.memo is None else self.memo.backward(self, st, j)
+
+    # ---- forward of one stage -------------------------------------------------------------------
+    def real_forward(self, st: int, j: int) -> None:
         o, s, m = self.ops, self.s, self.m
         S = self.sched.num_stages
         m.phase = "forward"
@@ -266,8 +283,7 @@ class PipelineRankProgram(ReferenceProgram):
         o.drop(p.out, p.inp, p.loss)
         self.in_flight -= 1
 
-    def stage_backward(self, st: int, j: int) -> None:
-        """B (and W on a stage whose I did nothing)."""
+    def real_backward(self, st: int, j: int) -> None:
         m = self.m
         m.phase = "backward"
         p = self.pending.pop((st, j))
@@ -343,6 +359,7 @@ class PipelineRankProgram(ReferenceProgram):
     def step(self) -> None:
         m, o = self.m, self.ops
         m.phase = "other"
+        self.step_no, self._counts = self.step_no + 1, {}
         # clear_runtime_states: previous outputs and receive buffers' .grad
         o.drop(*self.output_chunks)
         self.output_chunks.clear()
@@ -411,22 +428,6 @@ class PipelineRankProgram(ReferenceProgram):
         return [first, m.peak]
 
 
-# ---- split backward (zero bubble) -------------------------------------------------------------
-def pipeline_rank_peaks(model: ResolvedModel, training: TrainingSpec, schedule,
-                        device: str = "cuda", ranks: list[int] | None = None,
-                        simulate=None) -> list[StagePeak]:
-    """The replayed step of every rank (or of ``ranks``); ``simulate(model, training, schedule,
-    device, rank)`` replaces the plain replay (the planner passes its memoised, templated one)."""
-    out = []
-    for r in ranks if ranks is not None else range(schedule.num_ranks):
-        check_work_limit()
-        if simulate is not None:
-            out.append(simulate(model, training, schedule, device, r))
-        else:
-            out.append(PipelineRankProgram(model, training, schedule, r, device=device).run_steps())
-    return out
-
-
 def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
     """Why this pipelined setup is outside the replay (None when it is replayed)."""
     if parallel.data_parallel != 1 or parallel.tensor_parallel != 1 or parallel.zero_stage:
@@ -449,5 +450,4 @@ def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
     return None
 
 
-__all__ = ["PipelineRankProgram", "StagePeak", "pipeline_rank_peaks", "rank_actions",
-           "unsupported_reason"]
+__all__ = ["PipelineRankProgram", "StagePeak", "rank_actions", "unsupported_reason"]

@@ -13,18 +13,22 @@ instants never are: see ``planner.layouts.pipeline_periods``).
 
 Ranks whose lists are alike up to their stages' names (same roles: first or last stage, layer
 count, neighbours on the rank) replay the same steps: the replays are shared (``_CLASSES``), so
-the middle ranks of a 1F1B pipeline cost one set of replays.
+the middle ranks of a 1F1B pipeline cost one set of replays. Within those replays, the repeated
+forwards and backwards of 1F1B, GPipe and interleaved 1F1B are composed per kind rather than
+replayed op by op (``planner.layouts.pipeline_actions``; the kinds' records shared by a setup's
+classes in ``_KINDS``; ``Unmemoizable`` falls back to replaying every action).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from planner.machine.peak_candidates import candidates
+from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.sharding import pipeline_stage_layers
 from planner.machine import cache
+from planner.machine.peak_candidates import candidates
 from planner.machine.recording import _DEG, RecordingMachine, WindowTemplate, compile_windows
 from planner.machine.stepsim import _INDEX, Buf, Machine, PeakSnap
 from planner.machine.symbolic import Poly
@@ -103,25 +107,39 @@ def _outside(rows, meta, cuts: list[int], wanted: list[int]):
 # ---- the replays and their extrapolation ------------------------------------------------------
 _CLASSES: dict = {}  # (setup, shortened lists with stage roles) -> measured rows
 _CLASSES_MAX = 64
+_KINDS: dict = {}  # setup -> ActionMemo entries, shared by the rank classes (keyed by roles)
 
 
 def clear_classes() -> None:
     _CLASSES.clear()
+    _KINDS.clear()
 
 
 cache.on_clear(clear_classes)  # the shared rank replays go with the per-setup caches
 
 
-def _measure(make, lists: list, machine_type):
-    """(base rows, slopes, meta, window ids) of the shortened replays, or None when they do
-    not have the affine form."""
+def _replays(make, lists: list, machine_type, memo):
+    """Each list's rows outside the extra periods, with the window ids; the actions composed
+    per kind where ``memo`` applies (planner/layouts/pipeline_actions.py)."""
     traces = []
     for items, mb in lists:
         m = machine_type()
         prog = make(m, items, mb)
+        if memo is not None and memo.applies(prog):
+            prog.memo = memo
         wanted = prog.step_windows()
         rows, meta = m.trace()
         traces.append(_outside(rows, meta, m.cuts, wanted) + (wanted,))
+    return traces
+
+
+def _measure(make, lists: list, machine_type, memo=None):
+    """(base rows, slopes, meta, window ids) of the shortened replays, or None when they do
+    not have the affine form."""
+    try:
+        traces = _replays(make, lists, machine_type, memo or ActionMemo())
+    except Unmemoizable:  # a composed action did not add up: every action op by op
+        traces = _replays(make, lists, machine_type, None)
     base, base_meta, wanted = traces[0]
     if any(t[1] != base_meta or t[2] != wanted for t in traces[1:]):
         return None
@@ -147,7 +165,15 @@ def extrapolated(make, actions: list, machine_type, roles: dict | None = None, s
             (mb, tuple((k, roles.get(st), j, f) for k, st, j, f in items)) for items, mb in lists))
         got = _CLASSES.get(key)
     if key is None or got is None:
-        got = _measure(make, lists, machine_type)
+        memo = None
+        if roles is not None and machine_type is TraceMachine:  # kinds shared by the classes
+            entries = _KINDS.get(setup)
+            if entries is None:
+                if len(_KINDS) >= _CLASSES_MAX:
+                    _KINDS.pop(next(iter(_KINDS)), None)
+                entries = _KINDS[setup] = {}
+            memo = ActionMemo(entries, roles)
+        got = _measure(make, lists, machine_type, memo)
         if key is not None:
             if len(_CLASSES) >= _CLASSES_MAX:
                 _CLASSES.pop(next(iter(_CLASSES)), None)

@@ -18,16 +18,17 @@ from planner.catalog.presets import allocator_reserve
 from planner.catalog.specs import Assumption, ResolvedModel, TrainingSpec
 from planner.layouts.pipeline_memory import (
     _SINGLE,
+    PipelineRankProgram,
     StagePeak,
-    pipeline_rank_peaks,
     unsupported_reason,
 )
 from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.machine import cache
 from planner.machine.cache import setup_key
+from planner.machine.deadline import check as check_work_limit
 
-__all__ = ["Overflows", "pipeline_rank", "pipelined_estimate", "stop_above"]
+__all__ = ["Overflows", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate", "stop_above"]
 
 _LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("fit_limit", default=None)
 
@@ -105,3 +106,18 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
     return cache.cached((*base[:-1], plan, base[-1]), tr,
                         lambda: rank_step(model, tr, schedule, rank, device), compile_,
                         lambda tpl, b, t: StagePeak(rank, stages, *tpl.evaluate(b, t)))
+
+
+def pipeline_rank_peaks(model: ResolvedModel, training: TrainingSpec, schedule,
+                        device: str = "cuda", ranks: list[int] | None = None,
+                        simulate=None) -> list[StagePeak]:
+    """The replayed step of every rank (or of ``ranks``); ``simulate(model, training, schedule,
+    device, rank)`` replaces the plain replay (the planner passes its memoised, templated one)."""
+    out = []
+    for r in ranks if ranks is not None else range(schedule.num_ranks):
+        check_work_limit()
+        if simulate is not None:
+            out.append(simulate(model, training, schedule, device, r))
+        else:
+            out.append(PipelineRankProgram(model, training, schedule, r, device=device).run_steps())
+    return out

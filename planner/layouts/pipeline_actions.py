@@ -1,0 +1,299 @@
+"""A pipeline rank's actions replayed once per kind and composed in integer arithmetic.
+
+Every forward of a stage runs the same op program on the same shapes, and so does every
+backward once the stage's parameters have their ``.grad`` (the first backward of each step
+makes them). So the live bytes at each allocation inside an action, relative to the live bytes
+when it starts, are the same for every action of one kind; what the action leaves behind (its
+net bytes per category) too. ``ActionMemo`` replays a kind op by op until two occurrences agree
+on all of that (rows, op names, phases, net bytes, and the storages the action hands on), and
+from then on composes each further occurrence instead of replaying it:
+
+- the rows the trace machine (``planner/layouts/pipeline_replays.py``: ``TraceMachine``) would
+  record are the start's live bytes plus the recorded relative rows, with the recorded op names
+  and phases;
+- what the action leaves behind stands in as a few storages of the recorded sizes: a
+  forward's output and loss (which the schedule's bookkeeping holds and frees on its own:
+  ``latest``, the 1F1B warm-up's ``send_work``, ``output_chunks``, ``_internal_losses``), the
+  references its autograd graph keeps to them and to the receive buffer, and the rest of what
+  the graph saves, one storage per category; a composed backward frees them, hands on an input
+  gradient of the recorded size, and must come to the recorded net bytes (else ``Unmemoizable``
+  and the caller replays op by op).
+
+Kinds are ``(forward or backward, stage role, step)`` (``pipeline_replays.stage_roles``: place
+on the rank, first or last stage, layer count, neighbours); the first occurrence of each in a
+step is always replayed (it makes the gradients, the rotary tables, the phantom blocks'
+gradients), and a composed forward's backward is composed too. Schedule1F1B, ScheduleGPipe and
+interleaved 1F1B (no split backward; an interleaved forward's send work keeps its output until
+the action loop ends, which the composed forward keeps too) are composed, except stages that
+hand tensors to a stage on their own rank; the zero-bubble and V-shape schedules replay every
+action. The records are shared by the rank classes of one setup (``pipeline_replays._KINDS``),
+so a kind is checked once for all of them. ``op_by_op()`` turns composing off
+(``tests/test_pipeline_actions.py`` holds both to the full replay to the byte).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Val
+from planner.step.ops import T
+
+__all__ = ["ActionMemo", "Unmemoizable", "enabled", "op_by_op"]
+
+_ENABLED = True
+_COMPOSED = ("gpipe", "1f1b", "interleaved-1f1b")
+
+
+class Unmemoizable(Exception):
+    """A composed action did not come to its recorded net bytes (or its pairing broke): replay
+    the lists op by op."""
+
+
+@contextlib.contextmanager
+def op_by_op():
+    """Inside, every action is replayed op by op (not thread-safe: a module setting)."""
+    global _ENABLED
+    was, _ENABLED = _ENABLED, False
+    try:
+        yield
+    finally:
+        _ENABLED = was
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def _silent(m, nbytes: int, cat: str, name: str) -> Buf:
+    """A storage made live without a row (the bytes were in the recorded rows already)."""
+    b = Buf(nbytes, cat, name)
+    b.refs = 1
+    m.cur[_INDEX[cat]] += nbytes
+    return b
+
+
+@dataclass(frozen=True)
+class _Handed:
+    """A storage an action hands on: size, category, name, element count, element size and the
+    references its autograd graph keeps beyond the program's own."""
+
+    nbytes: int
+    cat: str
+    name: str
+    numel: int
+    esz: int
+    graph_refs: int
+
+
+@dataclass(frozen=True)
+class _Rec:
+    rows: tuple
+    names: tuple
+    net: tuple
+    out: _Handed | None = None
+    loss: _Handed | None = None
+    recv_refs: int = 0
+    grad: tuple | None = None  # the backward's input gradient: (nbytes, cat, name)
+    sent: int = 0  # the forward's output kept by a send work until the action loop ends
+
+
+@dataclass
+class _Entry:
+    rec: _Rec
+    verified: bool = False
+    bad: bool = False
+
+
+@dataclass
+class _Proxy:
+    """A composed forward's pending micro-batch."""
+
+    out: T
+    inp: T | None
+    loss: T | None
+    holds: list = field(default_factory=list)  # the graph's references and saved storages
+    graph_out: int = 0  # of them, references to the output
+
+
+class ActionMemo:
+    """Per-kind records of one rank class's actions (see the module docstring)."""
+
+    def __init__(self, entries: dict | None = None, roles: dict | None = None) -> None:
+        """``entries``: records shared with other ranks of the setup, keyed by ``roles``
+        (stage -> what its actions depend on besides the setup: pipeline_replays.stage_roles);
+        without them a stage's index is its kind."""
+        self.entries: dict[tuple, _Entry] = {} if entries is None else entries
+        self.roles = roles or {}
+        self.composed = 0  # actions composed rather than replayed
+
+    @staticmethod
+    def applies(prog) -> bool:
+        m = prog.m
+        return (_ENABLED and prog.sched.name in _COMPOSED and not prog.split_blocks
+                and getattr(m, "on_alloc", None) is None and hasattr(m, "rows"))
+
+    # ---- the hooks --------------------------------------------------------------------------
+    @staticmethod
+    def _local(prog, st: int) -> bool:
+        """A stage that hands tensors to a stage on its own rank (V shape): replayed."""
+        on, r, S = prog.sched.stage_to_rank, prog.rank, prog.sched.num_stages
+        return (st + 1 < S and on[st + 1] == r) or (st > 0 and on[st - 1] == r)
+
+    def forward(self, prog, st: int, j: int) -> None:
+        if self._local(prog, st):
+            return prog.real_forward(st, j)
+        key = ("F", self.roles.get(st, st), prog.step_no)
+        c = prog.count(key)
+        e = self.entries.get(key)
+        if c > 0 and e is not None and e.verified:
+            return self._compose_forward(prog, st, j, e.rec)
+        rec = self._record(prog, lambda: prog.real_forward(st, j), st, j, forward=True,
+                           candidate_only=c > 0)
+        if c > 0:
+            self._note(key, rec)
+
+    def backward(self, prog, st: int, j: int) -> None:
+        if self._local(prog, st):
+            return prog.real_backward(st, j)
+        key = ("B", self.roles.get(st, st), prog.step_no)
+        c = prog.count(key)
+        e = self.entries.get(key)
+        p = prog.pending[st, j]
+        if isinstance(p, _Proxy):
+            if c == 0 or e is None or not e.verified:
+                raise Unmemoizable(key)
+            return self._compose_backward(prog, st, j, p, e.rec)
+        rec = self._record(prog, lambda: prog.real_backward(st, j), st, j, forward=False,
+                           candidate_only=c > 0)
+        if c > 0:
+            self._note(key, rec)
+
+    def _note(self, key, rec: _Rec) -> None:
+        e = self.entries.get(key)
+        if e is None:
+            self.entries[key] = _Entry(rec)
+        elif not e.verified and not e.bad:
+            if e.rec == rec:
+                e.verified = True
+            else:
+                e.bad = True
+
+    # ---- recording --------------------------------------------------------------------------
+    def _record(self, prog, run, st: int, j: int, forward: bool, candidate_only: bool) -> _Rec:
+        m = prog.m
+        start = list(m.cur)
+        n0 = len(m.rows)
+        recv = prog.recv.get((st, j))
+        recv_before = recv.refs if recv is not None else 0
+        sends_before = len(prog.sends)
+        out_buf = None if forward else prog.pending[st, j].out.buf
+        run()
+        rows = tuple(tuple(a - b for a, b in zip(r, start)) for r in m.rows[n0:])
+        names = tuple((mk[0], mk[1]) for mk in m.meta[n0:])
+        net = tuple(a - b for a, b in zip(m.cur, start))
+        if candidate_only:  # as a composed action leaves them: its candidate row alone
+            del m.rows[n0:], m.meta[n0:]
+            self._rows(m, rows, names, start)
+        if not forward:
+            grad = None
+            if len(prog.sends) == sends_before + 1:
+                g = prog.sends[-1]
+                grad = (g.nbytes, g.cat, g.name)
+            elif len(prog.sends) != sends_before:
+                grad = ("?",)  # never composed: two records of it differ from any compose
+            if out_buf.refs:  # held on (1F1B's warm-up send work): recorded as if freed
+                net = list(net)
+                net[_INDEX[out_buf.cat]] -= out_buf.nbytes
+                net = tuple(net)
+            return _Rec(rows, names, net, grad=grad)
+        p = prog.pending[st, j]
+        last = st == prog.sched.num_stages - 1
+        own = 1 + (1 if last else 0)  # p.out (p.loss) and the output_chunks (losses) view
+        sent = len(prog.sends) - sends_before  # the send work keeping the output (interleaved)
+        out = _handed(p.out, own + sent)
+        loss = _handed(p.loss, own) if p.loss is not None else None
+        recv_refs = (recv.refs - recv_before - 1) if (recv is not None and p.inp is not None) else 0
+        return _Rec(rows, names, net, out, loss, recv_refs, sent=sent)
+
+    # ---- composing --------------------------------------------------------------------------
+    @staticmethod
+    def _rows(m, rows: tuple, names: tuple, start: list[int] | None = None) -> list[int]:
+        """The action's rows on the trace machine from ``start`` (its live bytes at the
+        action's start): only its first highest one. Every row of one action is the start plus
+        the recorded relative row, so the others are never a window's first highest, at any
+        start; the extrapolation (pipeline_replays) sees the same rows in every list."""
+        start = list(m.cur) if start is None else start
+        if rows:
+            tot = [sum(r) for r in rows]
+            i = tot.index(max(tot))
+            m.rows.append(tuple(a + b for a, b in zip(start, rows[i])))
+            m.meta.append((names[i][0], names[i][1], m.window))
+        return start
+
+    def _compose_forward(self, prog, st: int, j: int, rec: _Rec) -> None:
+        m, o = prog.m, prog.ops
+        m.phase = "forward"
+        self.composed += 1
+        start = self._rows(m, rec.rows, rec.names)
+        holds: list = []
+        out_b = _silent(m, rec.out.nbytes, rec.out.cat, rec.out.name)
+        out = T(Val(out_b, None), rec.out.numel, rec.out.esz)
+        holds += [m.hold(out_b) for _ in range(rec.out.graph_refs)]
+        if rec.sent:
+            if rec.sent != 1:
+                raise Unmemoizable(("F", st, "sends"))
+            prog.sends.append(m.hold(out_b))
+        inp = None
+        if st > 0:
+            buf = prog.recv[st, j]
+            inp = T(Val(m.hold(buf), None), rec.out.numel, rec.out.esz)
+            holds += [m.hold(buf) for _ in range(rec.recv_refs)]
+        loss = None
+        if rec.loss is not None:
+            lb = _silent(m, rec.loss.nbytes, rec.loss.cat, rec.loss.name)
+            loss = T(Val(lb, None), rec.loss.numel, rec.loss.esz)
+            holds += [m.hold(lb) for _ in range(rec.loss.graph_refs)]
+        m.phase = "other"
+        if st == prog.sched.num_stages - 1:
+            prog.output_chunks.append(o.view(out))
+            prog.losses.append(o.view(loss))
+        rest = [n - (c - s) for n, c, s in zip(rec.net, m.cur, start)]
+        for i, d in enumerate(rest):
+            if d < 0:
+                raise Unmemoizable(("F", st))
+            if d:
+                holds.append(_silent(m, d, CATEGORIES[i], "saved (composed)"))
+        prog.pending[st, j] = _Proxy(out, inp, loss, holds, rec.out.graph_refs)
+        prog.in_flight += 1
+
+    def _compose_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
+        m = prog.m
+        m.phase = "backward"
+        self.composed += 1
+        start = self._rows(m, rec.rows, rec.names)
+        del prog.pending[st, j]
+        m.drop(*p.holds)
+        gi = None
+        if rec.grad is not None:
+            if len(rec.grad) != 3:
+                raise Unmemoizable(("B", st))
+            gi = _silent(m, *rec.grad)
+        prog._release(p)
+        m.phase = "other"
+        want = list(rec.net)
+        if p.out.buf.refs:
+            # the schedule's bookkeeping holds this output (1F1B's warm-up send work) or not:
+            # its bytes go later or sooner, at the action's end (after its last allocation,
+            # when the graph kept no reference to it: the rows are the same)
+            if p.graph_out:
+                raise Unmemoizable(("B", st, "output held"))
+            want[_INDEX[p.out.buf.cat]] += p.out.buf.nbytes
+        if [a - b for a, b in zip(m.cur, start)] != want:
+            raise Unmemoizable(("B", st))
+        if gi is not None:
+            prog._hand_back(st, j, gi)
+
+
+def _handed(t: T, own: int) -> _Handed:
+    return _Handed(t.buf.nbytes, t.buf.cat, t.buf.name, t.numel, t.esz, t.buf.refs - own)

@@ -1,0 +1,159 @@
+"""A pipeline rank's repeated actions composed per kind (planner/layouts/pipeline_actions.py)
+against the full replay.
+
+The oracle is ``PipelineRankProgram(...).run_steps()``: every action of the rank's whole list
+replayed op by op on the plain step simulator. The estimate replays the shortened lists
+(planner/layouts/pipeline_periods.py) and, for 1F1B, GPipe and interleaved 1F1B, composes every
+forward and backward whose kind two earlier ones of the same step agreed on. Both peaks (first
+step, steady step) must be equal field by field (total, every category, op, phase), to the byte,
+for every rank of random setups: every schedule the replay runs (the ones not composed must be
+unaffected), random stage and micro-batch counts (below, at and past the warm-up lengths),
+layer counts (stages of 1-2 blocks, and of 7-9 where a stage's middle blocks are stood in
+for), both families, every replayed precision and several optimizers.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import MemoryRequest
+from planner.layouts import pipeline_actions as pa
+from planner.layouts import pipeline_replays as pp
+from planner.layouts.pipeline_memory import PipelineRankProgram, rank_actions
+from planner.layouts.pipeline_periods import shortened_lists
+from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from planner.machine import cache
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 3), ("gpipe", 1), ("interleaved-1f1b", 2),
+             ("zb-h1", 1), ("zb-v", 2), ("dualpipe-v", 2)]
+
+
+def _case(seed: int):
+    rng = random.Random(seed)
+    while True:
+        name, v = SCHEDULES[seed % len(SCHEDULES)]
+        p = rng.choice([2, 3, 4, 6])
+        m = rng.choice([1, 2, p - 1, p, p + 1, 2 * p, 3 * p + 1, 5 * p, 8 * p + 3])
+        try:
+            sched = build_schedule(name, p, max(1, m), v)
+        except ScheduleConstraintError:
+            seed += len(SCHEDULES)
+            continue
+        S = sched.num_stages
+        family = rng.choice(["gpt2", "llama"])
+        long = rng.random() < 0.3
+        layers = S * rng.randint(7, 9) + rng.randint(0, S - 1) if long else \
+            rng.randint(S, 2 * S + 1)
+        model = {"family": family, "num_layers": layers, "hidden_size": 32, "num_heads": 4,
+                 "vocab_size": 96, "max_sequence_length": 64}
+        if family == "llama":
+            model["num_kv_heads"] = rng.choice([1, 2, 4])
+        training = {"micro_batch_size": rng.choice([1, 2, 3]),
+                    "sequence_length": rng.choice([8, 16, 24]),
+                    "gradient_accumulation_steps": sched.microbatches,
+                    "precision": rng.choice(["fp32", "amp-bf16", "bf16"]),
+                    "optimizer": rng.choice(["adamw", "sgd", "adagrad", "rmsprop"])}
+        req = MemoryRequest.model_validate({"model": model, "training": training})
+        return name, resolve_model(req.model), req.training, sched
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_composed_ranks_equal_full_replay(seed: int) -> None:
+    name, model, tr, sched = _case(seed)
+    cache.clear()
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank, device="cuda").run_steps()
+        got = pp.rank_step(model, tr, sched, rank, device="cuda")
+        assert (got.first, got.steady) == (full.first, full.steady), (name, rank)
+
+
+def _composed(model, tr, sched, rank: int) -> int:
+    """Actions composed over the rank's shortened replays (-1: nothing to shorten)."""
+    groups, lists = shortened_lists(rank_actions(sched, rank))
+    if not groups:
+        return -1
+    memo = pa.ActionMemo()
+
+    def make(m, items, mb):
+        return PipelineRankProgram(model, tr, sched, rank, machine=m, actions=items,
+                                   microbatches=mb, compress_blocks=True)
+    pp._replays(make, lists, pp.TraceMachine, memo)
+    return memo.composed
+
+
+@pytest.mark.parametrize("name,v", [("1f1b", 1), ("gpipe", 1), ("interleaved-1f1b", 2)])
+def test_long_lists_are_mostly_composed(name: str, v: int) -> None:
+    """Most actions of a 1F1B / GPipe / interleaved rank's shortened replays are composed; the
+    switch ``op_by_op`` composes none and answers the same."""
+    _, model, tr, _ = _case(1)
+    sched = build_schedule(name, 4, 64, v)
+    for rank in range(4):
+        n = _composed(model, tr, sched, rank)
+        total = sum(len(items) for items, _ in shortened_lists(rank_actions(sched, rank))[1])
+        assert n > total // 3, (rank, n, total)
+    with pa.op_by_op():
+        assert _composed(model, tr, sched, 1) == 0
+        cache.clear()
+        slow = pp.rank_step(model, tr, sched, 1)
+    cache.clear()
+    fast = pp.rank_step(model, tr, sched, 1)
+    assert (slow.first, slow.steady) == (fast.first, fast.steady)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_interleaved_ranks_equal_full_replay(seed: int) -> None:
+    """Interleaved 1F1B with several periods of micro-batches (its sends keep every output
+    until the action loop ends), stages of 1-2 and of 7-9 blocks."""
+    rng = random.Random(seed)
+    p, v = rng.choice([(2, 2), (3, 2), (4, 2), (2, 3)])
+    sched = build_schedule("interleaved-1f1b", p, p * rng.choice([6, 8, 10]), v)
+    _, model, tr, _ = _case(2 + 8 * seed)
+    S = sched.num_stages
+    layers = S * (8 if seed % 2 else 1) + rng.randint(0, S - 1)
+    model = model.model_copy(update={"num_layers": layers})
+    tr = tr.model_copy(update={"gradient_accumulation_steps": sched.microbatches})
+    cache.clear()
+    composed = []
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), rank
+        composed.append(_composed(model, tr, sched, rank))
+    assert all(n != 0 for n in composed) and max(composed) > 0, composed  # -1: not shortened
+
+
+def test_rank_classes_share_kinds() -> None:
+    """The ranks of one setup share their kinds' records (keyed by stage roles): the middle
+    ranks of a 1F1B pipeline check a middle stage's forward and backward once, and every rank
+    still equals the full replay."""
+    _, model, tr, _ = _case(1)
+    sched = build_schedule("1f1b", 6, 30, 1)
+    cache.clear()
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), rank
+    (entries,) = pp._KINDS.values()
+    roles = {k[1] for k in entries}
+    assert len(roles) < sched.num_ranks and all(e.verified for e in entries.values())
+
+
+def test_a_composed_action_that_does_not_add_up_falls_back(monkeypatch) -> None:
+    """A composed backward that does not come to its recorded net bytes raises
+    ``Unmemoizable``: the rank's lists are then replayed op by op, with the same answer."""
+    _, model, tr, _ = _case(1)
+    sched = build_schedule("1f1b", 4, 24, 1)
+
+    def broken(self, prog, st, j, p, rec):
+        raise pa.Unmemoizable(("B", st))
+    cache.clear()
+    monkeypatch.setattr(pa.ActionMemo, "_compose_backward", broken)
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), rank
+    with pytest.raises(pa.Unmemoizable):
+        _composed(model, tr, sched, 1)
