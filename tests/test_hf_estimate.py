@@ -140,7 +140,8 @@ def test_settings_it_does_not_run_are_named():
     assert exc.value.field == "training.attention"
     with pytest.raises(PlanningError) as exc:
         estimate_memory(MemoryRequest(model={"hf_config": MODELS["llama"]}, training=_training(
-            {}), parallelism={"data_parallel": 2, "zero_stage": 3}), device="cpu")
+            {}), parallelism={"data_parallel": 2, "zero_stage": 3, "offload_optimizer": True}),
+            device="cpu")
     assert exc.value.field == "parallelism"
 
 

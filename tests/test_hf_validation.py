@@ -48,7 +48,8 @@ def test_refused_at_submission_with_the_field():
     field, reason = runner_refusal(req)
     assert field == "body.training.activation_checkpointing.strategy" and "full" in reason
     req = ValidationRequest(model={"hf_config": LLAMA},
-                            parallelism={"data_parallel": 2, "zero_stage": 3},
+                            parallelism={"data_parallel": 2, "zero_stage": 3,
+                                         "offload_optimizer": True},
                             training={"implementation": "transformers"})
     assert runner_refusal(req)[0] == "body.parallelism"
 

@@ -112,8 +112,8 @@ def check(req: MemoryRequest) -> dict:
     if not dp_ok or (par.tensor_parallel, par.pipeline_parallel) != (1, 1) \
             or par.offload_optimizer or par.offload_parameters or par.fsdp_mixed_precision:
         raise PlanningError("implementation 'transformers' is estimated on one device, with "
-                            "data parallelism (DDP, or FSDP2 at zero_stage 2/3; for MoE models "
-                            "DDP composed with parallelism.expert_parallel): "
+                            "data parallelism (DDP, ZeRO-1, or FSDP2 at zero_stage 2/3; for MoE "
+                            "models DDP composed with parallelism.expert_parallel): "
                             "parallelism.tensor_parallel, pipeline_parallel, offload_* and "
                             "fsdp_mixed_precision must stay at their defaults", "parallelism")
     why = unsupported(req.training)
