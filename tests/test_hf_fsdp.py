@@ -24,11 +24,10 @@ from planner.catalog.specs import MemoryRequest, TrainingSpec, ValidationRequest
 from planner.hf import estimate as E  # noqa: E402
 from planner.routes.memory import estimate_memory  # noqa: E402
 from service.validation.hf_ranks import measure_ranks  # noqa: E402
+from tests.test_hf_data_parallel import BASE, _training  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
 
-BASE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 7,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}
 MODELS = {
     "llama": {"model_type": "llama", **BASE},
     "qwen2": {"model_type": "qwen2", **BASE},
@@ -41,13 +40,6 @@ CASES = [("llama", "fp32", 3), ("llama", "amp-bf16", 3), ("llama", "fp32", 2),
          ("qwen2-uneven", "amp-bf16", 3), ("qwen2-uneven", "fp32", 2),
          ("llama-uneven", "amp-bf16+ckpt", 3), ("llama", "bf16", 3),
          ("llama", "fp32", 1), ("qwen2-uneven", "amp-bf16", 1)]
-
-
-def _training(precision: str) -> dict:
-    ckpt = precision.endswith("+ckpt")  # every decoder layer checkpointed (use_reentrant False)
-    return {"precision": precision.removesuffix("+ckpt"), "optimizer": "adamw",
-            "micro_batch_size": 2, "sequence_length": 16, "implementation": "transformers",
-            **({"activation_checkpointing": {"strategy": "full"}} if ckpt else {})}
 
 
 @pytest.mark.parametrize("name, precision, zero", CASES,

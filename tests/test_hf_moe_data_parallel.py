@@ -23,6 +23,7 @@ from planner.catalog.specs import MemoryRequest, TrainingSpec, ValidationRequest
 from planner.hf import estimate as E  # noqa: E402
 from planner.routes.memory import estimate_memory  # noqa: E402
 from service.validation.hf_ranks import measure_ranks  # noqa: E402
+from tests.test_hf_data_parallel import _training  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*deprecated.*")
 
@@ -46,13 +47,6 @@ MODELS = {
 }
 CASES = [("mixtral", "fp32"), ("mixtral", "amp-bf16+ckpt"), ("qwen2_moe", "fp32"),
          ("qwen2_moe", "amp-bf16"), ("qwen2_moe-mixed", "fp32")]
-
-
-def _training(precision: str) -> dict:
-    ckpt = precision.endswith("+ckpt")  # every decoder layer checkpointed (use_reentrant False)
-    return {"precision": precision.removesuffix("+ckpt"), "optimizer": "adamw",
-            "micro_batch_size": 2, "sequence_length": 16, "implementation": "transformers",
-            **({"activation_checkpointing": {"strategy": "full"}} if ckpt else {})}
 
 
 @pytest.mark.parametrize("name, precision", CASES, ids=[f"{m}-{p}" for m, p in CASES])
