@@ -86,6 +86,17 @@ def hang(request: ValidationRequest, progress: ProgressFn = None) -> ValidationR
         time.sleep(1)
 
 
+def chatty(request: ValidationRequest, progress: ProgressFn = None) -> ValidationResult:
+    """Reports many progress messages at once, then returns at once: the result and the exit
+    follow the messages closely, so a reader that stops at a deadline finds the process gone
+    with the result still in the pipe."""
+    for i in range(200):
+        if progress:
+            progress(Progress(phase="step", step=i % request.steps + 1,
+                              total_steps=request.steps))
+    return fake_result()
+
+
 # The request's step count picks the behaviour, so one worker can be given a sequence of jobs that
 # crash, run out of memory, hang or succeed.
 SCRIPT = {2: crash, 4: raise_error, 5: oom_error, 6: oom_kill, 7: hang}

@@ -178,27 +178,34 @@ class _ProcessExecution(Execution):
         self._outcome: Outcome | None = None
         self._eof = False
 
-    def poll(self, timeout: float) -> list[Progress]:
-        out: list[Progress] = []
-        if self._outcome is not None:
-            return out
-        deadline = time.monotonic() + timeout
-        while not self._eof:
+    def _read(self, out: list[Progress], deadline: float | None) -> None:
+        """Read messages until the outcome, EOF, or (with a deadline) the deadline.
+
+        Without a deadline, reads what is already in the pipe and stops when it is empty."""
+        while not self._eof and self._outcome is None:
             try:
-                if not self.conn.poll(max(0.0, deadline - time.monotonic())):
-                    break
+                wait = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self.conn.poll(wait):
+                    return
                 kind, payload = self.conn.recv()
             except (EOFError, OSError):
                 self._eof = True
-                break
+                return
             if kind == "progress":
                 out.append(Progress(**payload))
             elif kind == "result":
                 self._outcome = Outcome(result=ValidationResult.model_validate_json(payload))
             else:
                 self._outcome = Outcome(error=str(payload))
-            if self._outcome is not None or time.monotonic() >= deadline:
-                break
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+
+    def poll(self, timeout: float) -> list[Progress]:
+        out: list[Progress] = []
+        if self._outcome is not None:
+            return out
+        deadline = time.monotonic() + timeout
+        self._read(out, deadline)
         if self._outcome is not None:
             self.process.join(5)
             if self.process.is_alive():
@@ -206,7 +213,12 @@ class _ProcessExecution(Execution):
         elif self._eof or not self.process.is_alive():
             self.process.join(max(0.0, min(2.0, deadline - time.monotonic())) or 0.1)
             if not self.process.is_alive():
-                self._outcome = Outcome(error=_describe_exit(self.process.exitcode))
+                # What the process wrote before it exited is still in the pipe: a result sent
+                # just before the exit (or behind progress messages the deadline cut short)
+                # must be read before the exit counts as a failure.
+                self._read(out, None)
+                if self._outcome is None:
+                    self._outcome = Outcome(error=_describe_exit(self.process.exitcode))
         return out
 
     @property
