@@ -12,6 +12,10 @@
   first rank that cannot fit (planner/layouts/pipelined.py: ``stop_above``): the bound is at
   most the peak, a stopped estimate is one whose full answer does not fit, and the suggestions
   are the ones found estimating every candidate in full.
+- Suggestions skip the ZeRO stages, more data-parallel ranks and the fused kernel when the
+  request's own activations overflow, and stop doubling the ranks at a candidate whose
+  activations do (``keeps_activations``): the highest live activation bytes are the same under
+  every stage, rank count, kernel and offload, and at most the peak.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from planner.machine import cache
 from planner.routes import memory as M
 from planner.layouts.pipelined import Overflows, stop_above
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
-from planner.routes.plan_suggest import state_lower_bound, suggestions
+from planner.routes.plan_suggest import keeps_activations, state_lower_bound, suggestions
 
 
 def test_largest_fitting_with_known_probes_equals_search() -> None:
@@ -131,7 +135,12 @@ def test_state_bound_below_peak_and_suggestions_unchanged(seed: int) -> None:
         r = M.estimate_memory(req, explain=False)
         bound = state_lower_bound(model, req.training, req.parallelism)
         assert bound is not None and bound <= r.breakdown.total, req
-        for mem in (bound, (bound + r.breakdown.total) // 2, r.breakdown.total - 1):
+        act = r.activation_peak_bytes
+        mems = [bound, (bound + r.breakdown.total) // 2, r.breakdown.total - 1]
+        if act is not None:  # around the activations' own bound
+            mems += [act, act + allocator_reserve(act, "cuda") - 1,
+                     (act + r.breakdown.total) // 2]
+        for mem in mems:
             if mem < 1:
                 continue
             cache.clear()
@@ -143,7 +152,7 @@ def test_state_bound_below_peak_and_suggestions_unchanged(seed: int) -> None:
                     return None
 
             mb = rng.choice([None, 1])
-            pruned = suggestions(req, mem, mb, estimate, model, "cuda")
+            pruned = suggestions(req, mem, mb, estimate, model, "cuda", activations=act)
             every = suggestions(req, mem, mb, estimate, model, "cuda", prune=False)
             assert pruned == every, (req, mem)
 
@@ -197,3 +206,57 @@ def test_a_compiled_structure_answers_before_a_compile_of_the_setup(monkeypatch)
         cache.clear()
         with cache.replay_only():
             assert r.model_dump_json() == M.estimate_memory(req(h)).model_dump_json(), h
+
+
+def _activation_setup(rng: random.Random) -> dict:
+    return {
+        "model": {"family": rng.choice(["gpt2", "llama"]), "num_layers": rng.randint(1, 4),
+                  "hidden_size": rng.choice([64, 96, 128]), "num_heads": rng.choice([2, 4]),
+                  "vocab_size": rng.choice([100, 257, 512]), "max_sequence_length": 256},
+        "training": {"micro_batch_size": rng.randint(1, 4),
+                     "sequence_length": rng.choice([16, 33, 64]),
+                     "precision": rng.choice(["fp32", "amp-bf16", "mixed-bf16", "bf16",
+                                              "amp-fp16"]),
+                     "activation_checkpointing": {"strategy": rng.choice(
+                         ["none", "full", "selective", "sqrt"])},
+                     "optimizer": rng.choice(["adamw", "adam", "sgd"]),
+                     "attention": rng.choice(["sdpa", "eager"]),
+                     "dropout": rng.choice([0.0, 0.1]),
+                     "loss": {"kind": rng.choice(["standard", "standard", "chunked",
+                                                  "chunked-linear"]), "chunks": 4},
+                     **({"lora": {"rank": 4}} if rng.random() < 0.3 else {})},
+        "parallelism": {},
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_activations_are_the_same_under_every_stage_rank_count_and_kernel(seed: int) -> None:
+    """What ``keeps_activations`` promises the suggestions: one pipeline and tensor rank, the
+    reference step's highest live activation bytes are equal under ZeRO stages 0-3 (offload
+    too), 1 to 4096 data-parallel ranks and either optimizer kernel, and at most each peak."""
+    rng = random.Random(300 + seed)
+    checked = 0
+    while checked < 4:
+        body = _activation_setup(rng)
+        seen: dict[tuple, int] = {}
+        for d in (1, 2, 3, 8, 4096):
+            for z in range(4):
+                for kernel in ("foreach", "fused"):
+                    for off in (False, True) if z >= 2 else (False,):
+                        q = {**body, "training": {**body["training"],
+                                                  "optimizer_implementation": kernel},
+                             "parallelism": {"data_parallel": d, "zero_stage": z,
+                                             "offload_optimizer": off}}
+                        try:
+                            req = MemoryRequest.model_validate(q)
+                            r = M.estimate_memory(req, explain=False)
+                        except (ValueError, PlanningError):
+                            continue
+                        assert keeps_activations(req.training, req.parallelism)
+                        assert r.activation_peak_bytes is not None, q
+                        assert r.activation_peak_bytes <= r.breakdown.total, q
+                        seen[(d, z, kernel, off)] = r.activation_peak_bytes
+        if len(seen) < 10:
+            continue
+        checked += 1
+        assert len(set(seen.values())) == 1, (body, seen)

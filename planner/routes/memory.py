@@ -293,7 +293,8 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         notes.extend(memory_notes.what_fits(req, model, device, ckpt, bd, phase, reserve, fit, _variant))
         if model.architecture_known:
             suggested = suggestions(req, fit.memory_bytes, fit.max_micro_batch_size,
-                                    functools.partial(_suggested, device=device), model, device)
+                                    functools.partial(_suggested, device=device), model, device,
+                                    activations=peaks.get("activation_peak_bytes"))
     return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
                         allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
                         assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)

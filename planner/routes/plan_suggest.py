@@ -59,17 +59,25 @@ _LOSS_WHY = {"chunked": "each token chunk's logits upcast to fp32 on their own",
 def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
                 estimate: Callable[[MemoryRequest], MemoryResult | None],
                 model: ResolvedModel | None = None, device: str = "cuda",
-                prune: bool = True) -> list[Suggestion]:
+                prune: bool = True, activations: int | None = None) -> list[Suggestion]:
     """Single changes after which ``req`` fits in ``mem`` bytes, each with its new peak.
     ``estimate``: the planner's estimate of a request (None when the request is not a valid
     setup). ``model`` (the request's, resolved) and ``device``: skip the candidates whose
     model states alone cannot fit (``states_overflow``); ``prune=False`` estimates every one
-    in full (tests compare the two)."""
+    in full (tests compare the two). ``activations``: the request's own highest live
+    activation bytes; when they overflow, the changes that keep them (``keeps_activations``)
+    are not estimated."""
     tr, par = req.training, req.parallelism
+    # the ZeRO stages, more ranks and the fused kernel keep the request's activations: when
+    # those alone overflow, none of them fits
+    same_over = prune and keeps_activations(tr, par) and activations is not None \
+        and activations + allocator_reserve(activations, device) > mem
     out: list[Suggestion] = []
+    last: list[MemoryResult | None] = [None]  # the last candidate estimated (None: none was)
 
     def tried(change: str, training: dict | None = None, parallelism: dict | None = None) -> bool:
         check()
+        last[0] = None
         training, parallelism = training or {}, parallelism or {}
         try:
             t = TrainingSpec.model_validate({**tr.model_dump(), **training})
@@ -85,6 +93,7 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
                                                     "hardware": None}))
         except Overflows:
             return False
+        last[0] = r
         if r is None:
             return False
         need = r.breakdown.total + r.allocator_reserve_bytes
@@ -107,7 +116,8 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
         if tried(f"loss '{loss.kind}' ({loss.chunks} chunks: {_LOSS_WHY[loss.kind]})",
                  {"loss": loss}):
             break  # the least recompute that fits
-    if tr.optimizer_implementation != "fused" and tr.optimizer in FUSED_OPTIMIZERS:
+    if tr.optimizer_implementation != "fused" and tr.optimizer in FUSED_OPTIMIZERS \
+            and not same_over:
         tried("optimizer_implementation 'fused' (no foreach temporaries in the step)",
               {"optimizer_implementation": "fused"})
     if tr.precision not in ("bf16", "fp32") and tr.precision_overrides is None and tr.lora is None:
@@ -119,11 +129,13 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
         tried(f"micro_batch_size {max_micro_batch} with gradient_accumulation_steps {steps} "
               f"(at least {b * ga} sequences per step)",
               {"micro_batch_size": max_micro_batch, "gradient_accumulation_steps": steps})
-    if par.data_parallel > 1:
+    if par.data_parallel > 1 and not same_over:
         for z in range(par.zero_stage + 1, 4):
             if tried(f"zero_stage {z}", parallelism={"zero_stage": z}):
                 break
-    _more_ranks(par, tried)
+    if not same_over:
+        _more_ranks(par, tried, (lambda: activations_overflow(last[0], device, mem))
+                    if prune and keeps_activations(tr, par) else (lambda: False))
     if not out:  # no single change fits: a checkpoint plan with each other change
         for s in _KEEPS[_KEEPS.index(strategy) + 1:] if strategy in _KEEPS else []:
             if s == "every-k":
@@ -169,8 +181,30 @@ def states_overflow(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, d
     return bound is not None and bound + allocator_reserve(bound, device) > mem
 
 
-def _more_ranks(par: ParallelSpec, tried) -> None:
-    """The fewest data-parallel ranks (doublings) over which ZeRO-3 fits."""
+def keeps_activations(tr: TrainingSpec, par: ParallelSpec) -> bool:
+    """Whether the reference step's highest live activation bytes stay the same under every
+    ZeRO stage (0-3, with or without offload), any number of data-parallel ranks and either
+    optimizer kernel: they are the same forward tensors (DDP, ZeroRedundancyOptimizer and
+    FSDP2, which runs forward and backward on the all-gathered parameters, shard or move model
+    states only), and they are at most the step's peak at the instant they are highest.
+    Held on one pipeline, tensor and expert rank (``tests/test_fit_shortcuts.py`` holds them
+    equal over random setups, stages, kernels, offload and 1 to 4096 ranks)."""
+    return tr.implementation == "reference" and par.pipeline_parallel == 1 \
+        and par.tensor_parallel == 1 and par.expert_parallel == 1
+
+
+def activations_overflow(r: MemoryResult | None, device: str, mem: int) -> bool:
+    """The estimated candidate's highest live activation bytes plus their allocator reserve
+    exceed ``mem``: it cannot fit, nor (``keeps_activations``) can any setup that only changes
+    its data-parallel ranks or ZeRO stage."""
+    act = None if r is None else r.activation_peak_bytes
+    return act is not None and act + allocator_reserve(act, device) > mem
+
+
+def _more_ranks(par: ParallelSpec, tried, activations_overflow: Callable[[], bool]) -> None:
+    """The fewest data-parallel ranks (doublings) over which ZeRO-3 fits; stops at the first
+    estimated candidate whose activations alone overflow (more ranks shard the model states,
+    never the activations: ``keeps_activations``)."""
     d = par.data_parallel
     for _ in range(MAX_EXTRA_RANKS_DOUBLINGS):
         d *= 2
@@ -181,6 +215,8 @@ def _more_ranks(par: ParallelSpec, tried) -> None:
                      "GPUs)", parallelism={"data_parallel": d, "zero_stage": 3}):
                 return
         except PlanningError:
+            return
+        if activations_overflow():
             return
 
 
