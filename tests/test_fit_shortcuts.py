@@ -260,3 +260,52 @@ def test_activations_are_the_same_under_every_stage_rank_count_and_kernel(seed: 
             continue
         checked += 1
         assert len(set(seen.values())) == 1, (body, seen)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_checkpoint_plan_with_a_zero_stage_is_skipped_only_when_its_activations_overflow(
+        seed: int, monkeypatch) -> None:
+    """When no single change fits, a checkpoint plan with a ZeRO stage is estimated unless the
+    plan alone had activations that overflow. Budgets at such a pair's own need and around the
+    plan's activations: the pruned suggestions are the unpruned ones, and the pairs are found
+    (more ranks left out here, as they would fit first; setups without a 16-bit or fused-kernel
+    change to suggest)."""
+    monkeypatch.setattr("planner.routes.plan_suggest.MAX_EXTRA_RANKS_DOUBLINGS", 0)
+    rng = random.Random(400 + seed)
+    found = 0
+    for _ in range(6):
+        body = _activation_setup(rng)
+        body["training"].update(activation_checkpointing={"strategy": "none"},
+                                loss={"kind": "standard"}, micro_batch_size=rng.randint(2, 4),
+                                precision=rng.choice(["fp32", "bf16"]),
+                                optimizer_implementation="fused")
+        body["training"].pop("lora", None)
+        body["parallelism"] = {"data_parallel": rng.choice([2, 4]),
+                               "zero_stage": rng.choice([0, 1])}
+        req = MemoryRequest.model_validate(body)
+        model = resolve_model(req.model)
+
+        def estimate(q: MemoryRequest):
+            try:
+                return M.estimate_memory(q, explain=False)
+            except (ValueError, PlanningError):
+                return None
+
+        own = estimate(req)
+        for plan in ("full", "sqrt"):
+            ck = {"activation_checkpointing": {"strategy": plan}}
+            alone = estimate(MemoryRequest.model_validate(
+                {**body, "training": {**body["training"], **ck}}))
+            pair = estimate(MemoryRequest.model_validate(
+                {**body, "training": {**body["training"], **ck},
+                 "parallelism": {**body["parallelism"], "zero_stage": 3}}))
+            act = alone.activation_peak_bytes
+            for mem in (pair.breakdown.total + pair.allocator_reserve_bytes,
+                        act + allocator_reserve(act, "cuda") - 1,
+                        act + allocator_reserve(act, "cuda")):
+                pruned = suggestions(req, mem, None, estimate, model, "cuda",
+                                     activations=own.activation_peak_bytes)
+                every = suggestions(req, mem, None, estimate, model, "cuda", prune=False)
+                assert pruned == every, (body, plan, mem)
+                found += any(" and zero_stage" in s.change for s in every)
+    assert found, "no budget reached a checkpoint plan with a ZeRO stage"

@@ -105,12 +105,18 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
         return True
 
     strategy = tr.activation_checkpointing.strategy
+    # per checkpoint plan tried alone: whether its activations overflow (then no ZeRO stage
+    # with that plan fits either: ``keeps_activations``)
+    plan_over: dict[str, bool] = {}
     if strategy in _KEEPS:
         for s in _KEEPS[_KEEPS.index(strategy) + 1:]:
             if s == "every-k":
                 continue
-            if tried(f"activation_checkpointing '{s}'",
-                     {"activation_checkpointing": ActivationCheckpointing(strategy=s)}):
+            fits = tried(f"activation_checkpointing '{s}'",
+                         {"activation_checkpointing": ActivationCheckpointing(strategy=s)})
+            plan_over[s] = prune and keeps_activations(tr, par) \
+                and activations_overflow(last[0], device, mem)
+            if fits:
                 break  # the least recompute that fits
     for loss in _chunked_losses(tr, par):
         if tried(f"loss '{loss.kind}' ({loss.chunks} chunks: {_LOSS_WHY[loss.kind]})",
@@ -141,7 +147,7 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
             if s == "every-k":
                 continue
             ck = {"activation_checkpointing": ActivationCheckpointing(strategy=s)}
-            if par.data_parallel > 1:
+            if par.data_parallel > 1 and not plan_over.get(s, False):
                 for z in range(par.zero_stage + 1, 4):
                     if tried(f"activation_checkpointing '{s}' and zero_stage {z}", ck,
                              {"zero_stage": z}):
