@@ -384,13 +384,13 @@ def shard_model_states(model: ResolvedModel, training: TrainingSpec,
     what they depend on: not the sizes, checkpointing or schedule; the gradient accumulation
     count only scales ZeRO-2/3's per-micro-batch collectives (``comm_bytes_per_step``)."""
     ga = training.gradient_accumulation_steps
+    tr = _states_training(training)
+    par = parallel.model_copy(update=_NO_SCHEDULE) if parallel.virtual_pipeline_stages != 1 \
+        or parallel.pipeline_schedule != "1f1b" else parallel
     try:
-        base = _states_memo(model, _states_training(training),
-                            parallel.model_copy(update=_NO_SCHEDULE)
-                            if parallel.virtual_pipeline_stages != 1
-                            or parallel.pipeline_schedule != "1f1b" else parallel)
+        base = _states_memo(model, tr, par)
     except TypeError:  # a list inside the specs (LoRA target modules): memoised by JSON
-        return cache.json_memo(_shard_model_states, model, training, parallel)
+        base = cache.json_memo(_shard_model_states, model, tr, par)
     if ga == 1 or parallel.zero_stage < 2:
         return base
     return ModelStates(**{**base.__dict__, "comm_bytes_per_step": base.comm_bytes_per_step * ga})

@@ -159,6 +159,8 @@ def _zero3_fits(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, devic
     if model.architecture_known:
         pk = step_cache.simulate(model, tr, device, frozenset(ckpt))
         extra = pk.act_peak.total
+    if extra + allocator_reserve(extra, device) > mem:  # every total below is at least extra
+        return None
     n = 2
     while n <= min(MAX_RANKS, 4096):
         p = par.model_copy(update={"data_parallel": n, "zero_stage": 3})
