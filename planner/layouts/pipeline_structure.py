@@ -35,6 +35,7 @@ import numpy as np
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.pipeline_replays import _outside, _Recording, stage_roles
+from planner.machine.cache import _put
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.peak_candidates import Candidates, candidates
 from planner.machine.symbolic import Undecided
@@ -80,9 +81,7 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
     sig = tuple((mb, tuple((k, roles.get(st), j, f) for k, st, j, f in items))
                 for items, mb in lists)
     hit = RankLists(sig, tuple(g[0].dropped for g in groups), lists)
-    if len(_LISTS) >= _LISTS_MAX:
-        _LISTS.pop(next(iter(_LISTS)), None)
-    _LISTS[key] = hit
+    _put(_LISTS, key, hit, _LISTS_MAX)  # (the structure thread's compiles read them too)
     return hit
 
 
