@@ -13,6 +13,9 @@ A data-parallel rank (DDP, FSDP2) has structures of its own, keyed by the parall
 (``planner/step/rank_structure.py``): the rank itself is left out of the key, and under FSDP2
 its *class* (which first dimensions it holds in full, in part or not at all) selects the
 variants, each class compiled on its first estimate like a structure.
+
+A pipeline rank's structures (planner/layouts/pipeline_structures.py) are compiled on the same
+thread (``submit``) and follow the same mode.
 """
 
 from __future__ import annotations
