@@ -184,7 +184,7 @@ def test_a_failed_compile_falls_back_to_the_replay(monkeypatch) -> None:
     pm.clear_caches()
     with step_cache.structure_mode("sync"):
         got = [pm.estimate_memory(r) for r in reqs]
-    assert pipeline_structures.COUNTS["evaluated"] >= 0 and calls
+    assert calls
     assert len(calls) <= 2 * pipeline_structures.MAX_VARIANTS  # two rank classes at most
     pm.clear_caches()
     with step_cache.replay_only(), step_cache.structure_mode("off"):
