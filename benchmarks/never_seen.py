@@ -14,6 +14,7 @@ import statistics
 import time
 
 from benchmarks.estimate_speed import SETUPS, _time_each, llm_analysis_model_fn
+from planner.layouts import pipeline_structure, pipeline_structures
 from planner.routes import memory as planner_memory
 from planner.machine import cache
 from planner.step import simulate as step_cache
@@ -149,20 +150,42 @@ def _pipelined_req(arch: dict, b: int, t: int, pp: int, schedule: str, v: int,
     return req.model_copy(update={"training": tr})
 
 
+def _clear_setup_caches(lists: bool = True) -> None:
+    """The per-setup caches (what a never-seen model has not met): replays, sizes seen,
+    per-setup results, and the ranks' shortened lists (recomputed per estimate, as for a new
+    micro-batch count)."""
+    cache._SIM_CACHE.clear()
+    cache._SEEN.clear()
+    cache._MEMO.clear()
+    if lists:
+        pipeline_structure._LISTS.clear()
+
+
 def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
     """``n`` random gpt2/llama models (llama with and without grouped-query attention) on the
     PIPELINE_LAYOUTS, each with a random micro-batch count m (a multiple of the stages, 1 to 8
-    rounds) and a random micro-batch (>= 2) and sequence length, each estimated once (every
-    rank replayed: planner/layouts/pipelined.py). Before the rounds each layout's first
-    estimate (a new model; whatever that setup compiles) is timed, and a second new model on
-    it; then ``rounds`` rounds each time their batch of never-seen models with caches of
-    replays cleared ("per-setup caches cleared": what a fresh setup costs, structures kept),
-    and llm-analysis's ``training()`` with the same pipeline size on the same models."""
+    rounds) and a random micro-batch (>= 2) and sequence length, each estimated once. Before the
+    rounds each layout's first estimate (a new model; it compiles its ranks' structures, sync
+    mode) is timed, and a second new model on it; then every case's structures are compiled (a
+    sibling model with the case's layout and m; each rank structure's compile timed). Then
+    ``rounds`` rounds each time their batch of never-seen models (a) with every rank replayed
+    (structures off, as before pipeline structure templates), (b) from the structures'
+    templates, both with per-setup caches cleared (and the ranks' shortened lists: a new
+    micro-batch count), (b') the same with the shortened lists known, and (c) llm-analysis's ``training()`` with
+    the same pipeline size on the same models, so all three see the same load."""
     est = planner_memory.estimate_memory
     rng = random.Random(seed)
     kinds = [("gpt2", False), ("llama", False), ("llama", True)]
     planner_memory.clear_caches()
-    first_s, second_s = [], []
+    first_s, second_s, compile_s = [], [], []
+    real = pipeline_structures._compile
+
+    def timed(*a):
+        t0 = time.perf_counter()
+        try:
+            return real(*a)
+        finally:
+            compile_s.append(time.perf_counter() - t0)
     with step_cache.structure_mode("sync"):
         for pp, sched, v in PIPELINE_LAYOUTS:
             for f, gqa in kinds:
@@ -173,37 +196,62 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
                     t0 = time.perf_counter()
                     res = est(r, explain=False)
                     times.append(time.perf_counter() - t0)
-                    assert "(rank " in res.peak_phase, res.peak_phase  # every rank replayed
+                    assert "(rank " in res.peak_phase, res.peak_phase  # every rank answered
                 first_s.append(times[0])
                 second_s.append(times[1])
     cases = []
     for k in range(n):
         pp, sched, v = PIPELINE_LAYOUTS[k % len(PIPELINE_LAYOUTS)]
         f, gqa = kinds[k % len(kinds)]
-        cases.append(_pipelined_req(_random_arch(f, rng, gqa), rng.randint(2, 16),
-                                    rng.choice([512, 1024, 2048, 4096]), pp, sched, v,
-                                    pp * rng.randint(1, 8)))
+        m = pp * rng.randint(1, 8)
+        case = _pipelined_req(_random_arch(f, rng, gqa), rng.randint(2, 16),
+                              rng.choice([512, 1024, 2048, 4096]), pp, sched, v, m)
+        sibling = _pipelined_req(_random_arch(f, rng, gqa), 4, 1024, pp, sched, v, m)
+        cases.append((case, sibling))
+    pipeline_structures._compile = timed
+    try:
+        with step_cache.structure_mode("sync"):
+            for _, sibling in cases:
+                est(sibling, explain=False)
+    finally:
+        pipeline_structures._compile = real
+    cases = [c for c, _ in cases]
     rng.shuffle(cases)
     per = -(-n // rounds)
-    ours, theirs, worst = [], [], 0.0
-    by_layout: dict[tuple, list[tuple[int, float]]] = {}
+    ours, templ, known, theirs, worst, fallbacks = [], [], [], [], 0.0, 0
+    by_layout: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in range(rounds):
         batch = cases[r * per:(r + 1) * per]
         if not batch:
             break
-        a = []
+        a, b, c = [], [], []
         for q in batch:
-            cache._SIM_CACHE.clear()
-            cache._SEEN.clear()
-            cache._MEMO.clear()
-            t0 = time.perf_counter()
-            est(q, explain=False)
-            a.append(time.perf_counter() - t0)
+            _clear_setup_caches()
+            with step_cache.structure_mode("off"):
+                t0 = time.perf_counter()
+                est(q, explain=False)
+                a.append(time.perf_counter() - t0)
+            _clear_setup_caches()
+            replays = cache.COUNTS["replays"]
+            with step_cache.structure_mode("sync"):
+                t0 = time.perf_counter()
+                est(q, explain=False)
+                b.append(time.perf_counter() - t0)
+            fallbacks += cache.COUNTS["replays"] != replays
+            _clear_setup_caches()
+            with step_cache.structure_mode("sync"):
+                est(q, explain=False)  # the layout's shortened lists known now
+                _clear_setup_caches(lists=False)
+                t0 = time.perf_counter()
+                est(q, explain=False)
+                c.append(time.perf_counter() - t0)
             p = q.parallelism
             by_layout.setdefault((p.pipeline_parallel, p.pipeline_schedule), []).append(
-                (q.training.gradient_accumulation_steps, a[-1]))
+                (q.training.gradient_accumulation_steps, a[-1], b[-1]))
         worst = max(worst, max(a))
         ours.append(statistics.median(a))
+        templ.append(statistics.median(b))
+        known.append(statistics.median(c))
         fns = [llm_analysis_model_fn(resolve_model(q.model), parallelism={
             "pipeline_parallel": q.parallelism.pipeline_parallel}) for q in batch]
         if fns[0] is not None:
@@ -211,9 +259,12 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
     return {"n": n, "rounds": len(ours), "layouts": len(PIPELINE_LAYOUTS) * len(kinds),
             "first_median": statistics.median(first_s), "first_max": max(first_s),
             "second_median": statistics.median(second_s), "second_max": max(second_s),
-            "ours": statistics.median(ours), "worst": worst,
+            "compiles": len(compile_s), "compile_median": statistics.median(compile_s),
+            "compile_max": max(compile_s), "fallbacks": fallbacks,
+            "ours": statistics.median(ours), "templ": statistics.median(templ),
+            "known": statistics.median(known), "worst": worst,
             "llm": statistics.median(theirs) if theirs else None,
-            "ratios": [a / la for a, la in zip(ours, theirs)],
+            "ratios": [a / la for a, la in zip(templ, theirs)],
             "by_layout": dict(sorted(by_layout.items()))}
 
 
@@ -222,30 +273,40 @@ def print_pipelined(res: dict) -> None:
           f"stages), random micro-batch counts ({res['n']} random gpt2/llama models of "
           f"{PIPELINE_LAYERS} layers, each estimated once; {res['rounds']} interleaved rounds, "
           "median of rounds)\n")
-    print("| case | µs/estimate | llm-analysis µs | speed-up vs llm-analysis |")
+    print("| case | µs/estimate | llm-analysis µs | vs llm-analysis |")
     print("|---|---:|---:|---:|")
     la = res["llm"]
-    s = res["ours"]
-    if la:
-        print(f"| every rank replayed, per-setup caches cleared | {s * 1e6:,.0f} | {la * 1e6:.0f} "
-              f"| {la / s:.3f}× ({s / la:,.0f}× slower) |")
-    else:
-        print(f"| every rank replayed, per-setup caches cleared | {s * 1e6:,.0f} | n/a | n/a |")
+    for name, s in (("every rank replayed (no structure template), per-setup caches cleared",
+                     res["ours"]),
+                    ("from the structures' templates, per-setup caches and shortened lists "
+                     "cleared (a new model and micro-batch count)", res["templ"]),
+                    ("from the structures' templates, the layout's shortened lists known (a new "
+                     "model on a layout and micro-batch count seen before)", res["known"])):
+        if la:
+            print(f"| {name} | {s * 1e6:,.0f} | {la * 1e6:.0f} | {s / la:,.1f}× its time |")
+        else:
+            print(f"| {name} | {s * 1e6:,.0f} | n/a | n/a |")
     if res["ratios"]:
-        print(f"\nRounds' time vs llm-analysis: {min(res['ratios']):,.0f}× to "
-              f"{max(res['ratios']):,.0f}× slower. ", end="")
-    print(f"Slowest timed estimate: {res['worst'] * 1e3:,.0f} ms. First estimate on each of "
-          f"the {res['layouts']} layouts (a new model, caches cold): median "
-          f"{res['first_median'] * 1e3:,.0f} ms, max {res['first_max'] * 1e3:,.0f} ms; a second "
-          f"new model on it: median {res['second_median'] * 1e3:,.0f} ms, max "
-          f"{res['second_max'] * 1e3:,.0f} ms.\n")
-    print("| layout | estimates | micro-batch counts | median ms | max ms |")
-    print("|---|---:|---|---:|---:|")
+        print(f"\nRounds' template time vs llm-analysis: {min(res['ratios']):,.1f}× to "
+              f"{max(res['ratios']):,.1f}× its time. ", end="")
+    print(f"Estimates that replayed a rank despite the templates: {res['fallbacks']} of "
+          f"{res['n']}. Slowest replayed estimate: {res['worst'] * 1e3:,.0f} ms. First "
+          f"estimate on each of the {res['layouts']} layouts (a new model, caches cold, its "
+          f"ranks' structures compiled in the request): median {res['first_median'] * 1e3:,.0f}"
+          f" ms, max {res['first_max'] * 1e3:,.0f} ms; a second new model on it (another "
+          f"micro-batch count): median {res['second_median'] * 1e3:,.1f} ms, max "
+          f"{res['second_max'] * 1e3:,.1f} ms. Rank structure compiles for the timed cases: "
+          f"{res['compiles']}, median {res['compile_median'] * 1e3:,.0f} ms, max "
+          f"{res['compile_max'] * 1e3:,.0f} ms.\n")
+    print("| layout | estimates | micro-batch counts | replayed median ms | template median µs "
+          "| template max µs |")
+    print("|---|---:|---|---:|---:|---:|")
     for (pp, sched), xs in res["by_layout"].items():
-        ms = sorted(m for m, _ in xs)
+        ms = sorted(m for m, _, _ in xs)
         print(f"| pp {pp} {sched} | {len(xs)} | {', '.join(map(str, ms))} | "
-              f"{statistics.median(t for _, t in xs) * 1e3:,.0f} | "
-              f"{max(t for _, t in xs) * 1e3:,.0f} |")
+              f"{statistics.median(t for _, t, _ in xs) * 1e3:,.0f} | "
+              f"{statistics.median(t for _, _, t in xs) * 1e6:,.0f} | "
+              f"{max(t for _, _, t in xs) * 1e6:,.0f} |")
     print()
 
 

@@ -22,11 +22,13 @@ from planner.layouts.pipeline_memory import (
     StagePeak,
     unsupported_reason,
 )
+from planner.layouts import pipeline_structures
 from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.machine import cache
 from planner.machine.cache import setup_key
 from planner.machine.deadline import check as check_work_limit
+from planner.step import structures
 
 __all__ = ["Overflows", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate", "stop_above"]
 
@@ -95,7 +97,8 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
 
 def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
     """One pipeline rank's replayed step (StagePeak), templated and memoised per setup
-    (planner/machine/cache.py) like the single-device step."""
+    (planner/machine/cache.py) like the single-device step; a setup not compiled is answered
+    from its structure's template when that is compiled (planner/layouts/pipeline_structures.py)."""
 
     def compile_(domain):
         return compile_rank(model, tr, schedule, rank, device, domain)
@@ -103,7 +106,14 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
     stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
     base = setup_key(model, tr, device, frozenset(), None, rank)
     plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
-    return cache.cached((*base[:-1], plan, base[-1]), tr,
+    key = (*base[:-1], plan, base[-1])
+    if structures.enabled() and cache.template(key) is None:
+        # a never-seen model (or micro-batch count) of a known structure: evaluated
+        # (planner/layouts/pipeline_structures.py); its compile queued otherwise
+        hit = pipeline_structures.estimate(model, tr, schedule, device, rank)
+        if hit is not None:
+            return hit
+    return cache.cached(key, tr,
                         lambda: rank_step(model, tr, schedule, rank, device), compile_,
                         lambda tpl, b, t: StagePeak(rank, stages, *tpl.evaluate(b, t)))
 

@@ -13,6 +13,9 @@ A data-parallel rank (DDP, FSDP2) has structures of its own, keyed by the parall
 (``planner/step/rank_structure.py``): the rank itself is left out of the key, and under FSDP2
 its *class* (which first dimensions it holds in full, in part or not at all) selects the
 variants, each class compiled on its first estimate like a structure.
+
+A pipeline rank's structures (planner/layouts/pipeline_structures.py) are compiled on the same
+thread (``submit``) and follow the same mode.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from planner.step.rank_structure import (
 )
 from planner.step.structure import compile_structure, structure_of
 
-__all__ = ["estimate", "model_template", "structure_mode", "wait_for_structures"]
+__all__ = ["estimate", "model_template", "structure_mode", "submit", "wait_for_structures"]
 
 _STRUCTURES: dict[tuple, object] = {}  # structure key -> _Variants
 _PENDING: set[tuple] = set()  # (structure key, generation) queued or compiling
@@ -110,11 +113,35 @@ def estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
     return None
 
 
+def submit(pend: tuple, fn) -> bool:
+    """Queue ``fn()`` (a compile of a layer above: a pipeline rank's structure,
+    planner/layouts/pipeline_structures.py) on the structure thread, unless ``pend`` is queued
+    already or the queue is full; whether it was queued."""
+    global _QUEUE
+    with _LOCK:
+        if pend in _PENDING or len(_PENDING) >= _STRUCTURE_MAX_PENDING:
+            return False
+        if _QUEUE is None:
+            _QUEUE = queue.Queue()
+            threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
+                             daemon=True).start()
+        _PENDING.add(pend)
+
+    def job() -> None:
+        try:
+            fn()
+        finally:
+            with _LOCK:
+                _PENDING.discard(pend)
+    _QUEUE.put(job)
+    return True
+
+
 def _serve(q: queue.Queue) -> None:
     while True:
         job = q.get()
         try:
-            _compile_structure(*job)
+            job() if callable(job) else _compile_structure(*job)
         except Exception:  # noqa: BLE001, S110 - the thread serves on; the structure replays
             pass
         finally:

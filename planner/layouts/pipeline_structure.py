@@ -1,0 +1,176 @@
+"""Structure templates of a pipeline rank: the model's dimensions and the micro-batch count free.
+
+A pipeline rank's step (planner/layouts/pipeline_memory.py: ``PipelineRankProgram``) allocates,
+like the single-device step, sizes that are polynomials in the model's dimensions
+(planner/step/structure.py: ``B``, ``T``, ``nkv``, ``g``, ``hd``/``hh``, ``f``, ``V``, ``P``). Its
+estimate replays shortened action lists (planner/layouts/pipeline_periods.py: the middle periods
+of the list's periodic runs left out) and extrapolates every instant's live bytes as
+``v0 + sum_k N_k·s_k`` in the periods ``N_k`` left out in each direction k
+(planner/layouts/pipeline_replays.py). Here the same shortened lists are replayed once with the
+dimensions symbolic (``MPoly`` rows over the sizes), and the extrapolation is kept symbolic too:
+``N_k`` is a variable ``n<k>`` (at least 0) of the template, so every instant's live bytes are a
+polynomial in the sizes and the ``N_k``, and each window's peak a set of candidate rows
+(planner/machine/peak_candidates.py), evaluated per model.
+
+The template's key is what the replays depend on besides those: the structure (family, block
+count, the training options, the device, the domain of sizes of 1), the schedule's name, stage
+and rank counts, and the shortened lists themselves with each stage named by its role
+(``stage_roles``: place on the rank, first or last stage, layer count, neighbours on the rank).
+The micro-batch count m is not in the key: two setups whose shortened lists are alike differ only
+in how many periods each direction stands in for, which the extrapolation covers (the same
+argument that shares replays between ranks, ``_CLASSES``); so one compile serves every m (and
+every rank of a class) with those lists. What the domain leaves open is answered at the model
+being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
+program cannot take symbolically, or replays that do not have the affine form, raise
+``Undecided``/``TypeError``: the caller replays (never a wrong answer).
+tests/test_pipeline_structure.py holds the answers equal to the full replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
+from planner.layouts.pipeline_periods import shortened_lists
+from planner.layouts.pipeline_replays import _outside, _Recording, stage_roles
+from planner.machine.cache import _put
+from planner.machine.deadline import check as check_work_limit
+from planner.machine.peak_candidates import Candidates, candidates
+from planner.machine.symbolic import Undecided
+from planner.step.structure import (
+    _guard_fn,
+    _natural,
+    _shift_matrix,
+    _symbolic_sizes,
+    _to_shifted,
+)
+
+__all__ = ["PipelineStructureTemplate", "RankLists", "compile_pipeline_structure", "rank_lists"]
+
+
+@dataclass
+class RankLists:
+    """A rank's shortened lists: ``signature`` (the lists with the stages' roles: the
+    template's key), ``dropped`` (the periods each direction leaves out: the template's ``n``
+    variables) and ``lists`` (what a compile replays)."""
+
+    signature: tuple
+    dropped: tuple[int, ...]
+    lists: list
+
+
+_LISTS: dict[tuple, RankLists] = {}
+_LISTS_MAX = 4096
+
+
+def rank_lists(schedule, rank: int, model) -> RankLists:
+    """The rank's shortened lists (memoised per schedule, rank and block count: they depend on
+    nothing else); the full list as the one list where no periodic run is found."""
+    key = (schedule.name, schedule.num_stages, schedule.num_ranks, schedule.microbatches,
+           tuple(schedule.stage_to_rank), rank, model.num_layers)
+    hit = _LISTS.get(key)
+    if hit is not None:
+        return hit
+    actions = rank_actions(schedule, rank)
+    groups, lists = shortened_lists(actions)
+    if not groups:
+        lists = [(actions, schedule.microbatches)]
+    roles = stage_roles(schedule, rank, model)
+    sig = tuple((mb, tuple((k, roles.get(st), j, f) for k, st, j, f in items))
+                for items, mb in lists)
+    hit = RankLists(sig, tuple(g[0].dropped for g in groups), lists)
+    _put(_LISTS, key, hit, _LISTS_MAX)  # (the structure thread's compiles read them too)
+    return hit
+
+
+@dataclass
+class PipelineStructureTemplate:
+    """A pipeline rank's two step windows (first step, steady step) with the sizes ``names``
+    and the periods left out (``n0``, ``n1``, ...) free: ``evaluate(values)`` (the sizes, then
+    the ``dropped`` periods) gives the windows' peaks."""
+
+    names: tuple[str, ...]
+    windows: list[Candidates]
+    admits: object = None  # f(*values) -> bool, or None (no guard)
+
+    def evaluate(self, values: tuple[int, ...]) -> list:
+        return [c.best(*values) for c in self.windows]
+
+    def stage_peak(self, rank: int, stages: list[int], values: tuple[int, ...]) -> StagePeak:
+        return StagePeak(rank, stages, *self.evaluate(values))
+
+
+def _replay(model, tr, schedule, rank, device, sizes, sp, items, mb):
+    """(marks outside the extra periods × categories × monomials, their monomials, the marks'
+    (op, phase, window), the step windows) of one list replayed with symbolic sizes."""
+    check_work_limit()
+    m = _Recording()
+    prog = PipelineRankProgram(model, tr, schedule, rank, device=device, machine=m, sizes=sizes,
+                               actions=items, microbatches=mb, compress_blocks=True)
+    wanted = prog.step_windows()
+    m._flush()
+    full, exps = _natural(m, sp)
+    meta = [(mk[1], mk[2], mk[3]) for mk in m.marks]
+    rows, meta = _outside(full, meta, m.cuts, wanted)
+    return rows, exps, meta, wanted
+
+
+def compile_pipeline_structure(model, tr, schedule, rank: int, device: str,
+                               names: tuple[str, ...], half: bool, values: tuple[int, ...],
+                               lists: RankLists) -> PipelineStructureTemplate:
+    """Replay the rank's shortened lists once with the sizes ``names`` symbolic (witness
+    ``values``, a model of the structure) and extrapolate them symbolically; raises Undecided
+    (or TypeError) when the replay depends on the sizes' values beyond the guards or the
+    replays are not affine in the periods."""
+    nd = len(lists.dropped)
+    extra = tuple((f"n{k}", 0) for k in range(nd))
+    sp, sizes = _symbolic_sizes(names, half, (*values, *lists.dropped), extra)
+    traces = [_replay(model, tr, schedule, rank, device, sizes, sp, items, mb)
+              for items, mb in lists.lists]
+    base, bexps, meta, wanted = traces[0]
+    if any(t[2] != meta or t[3] != wanted for t in traces[1:]):
+        raise Undecided("the shortened replays do not correspond")
+    # every replay over one set of monomials (the sizes'), to take differences
+    size_cols: dict[tuple, int] = {}
+    for _, exps, _, _ in traces:
+        for e in exps:
+            size_cols.setdefault(e, len(size_cols))
+    aligned = []
+    for rows, exps, _, _ in traces:
+        a = np.zeros(rows.shape[:2] + (len(size_cols),), dtype=np.int64)
+        a[:, :, [size_cols[e] for e in exps]] = rows
+        aligned.append(a)
+    b0 = aligned[0]
+    slopes = [a - b0 for a in aligned[1:1 + nd]]
+    if nd and not np.array_equal(aligned[-1], b0 + 2 * sum(slopes)):
+        raise Undecided("the shortened replays are not affine in the periods left out")
+    # over the sizes and the periods: v0 + sum_k n_k·s_k
+    # (the monomials over the space's variables: the sizes', the periods' at 0)
+    nb = sp.n - nd
+    parts, exps = [b0], list(size_cols)
+    for k, s in enumerate(slopes):
+        used = np.nonzero(np.abs(s).max(axis=(0, 1), initial=0))[0]
+        parts.append(s[:, :, used])
+        keep = set(used.tolist())
+        exps += [(*e[:nb + k], e[nb + k] + 1, *e[nb + k + 1:])
+                 for i, e in enumerate(size_cols) if i in keep]
+    full = np.concatenate(parts, axis=2)
+    if np.abs(full).max(initial=0) >= 1 << 56:
+        raise Undecided("live bytes outside the template's range")
+    mat, shifted = _shift_matrix(sp, exps)
+    total = full.sum(1)
+    ops = [mk[0] for mk in meta]
+    phases = [mk[1] for mk in meta]
+    win = np.array([mk[2] for mk in meta])
+    out = []
+    for w in wanted:
+        sel = np.nonzero(win == w)[0]
+        if not len(sel):
+            out.append(Candidates(tuple(exps), [], [], [], [], False, sp.names))
+            continue
+        out.append(candidates(_to_shifted(total[sel], mat), None, tuple(shifted),
+                              [ops[i] for i in sel], [phases[i] for i in sel], False,
+                              natural=(sp.names, tuple(exps), total[sel], full[sel])))
+    return PipelineStructureTemplate(sp.names, out, _guard_fn(sp.names, list(sp.guards.values())))
