@@ -48,7 +48,7 @@ import anyio.to_thread
 from fastapi import HTTPException, Request
 
 from planner.catalog.specs import MemoryRequest
-from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
+from planner.machine.deadline import WorkLimit, WorkLimitExceeded, foreground, work_limit
 from planner.machine.recording import domain_of
 from service.errors import PROBLEM, Problem, loads_unique
 
@@ -141,7 +141,7 @@ _INLINE = _InlineLimit(0.0)
 
 
 def _run_limited(limit: _ThreadLimit, fn: Callable[[], T]) -> T:
-    with work_limit(limit):
+    with work_limit(limit), foreground():
         start = time.thread_time()
         result = fn()
         limit.cpu_s = time.thread_time() - start
@@ -165,7 +165,7 @@ def _try_inline(slots: EstimateSlots, setup: Hashable, fn: Callable[[], T]) -> t
         return False, None
     try:
         start = time.thread_time()
-        with work_limit(_INLINE):
+        with work_limit(_INLINE), foreground():
             result = fn()
         if time.thread_time() - start > INLINE_CPU_S:
             slots.fast.pop(setup, None)

@@ -20,7 +20,7 @@ from planner.catalog.specs import ActivationCheckpointing, TrainingSpec
 from planner.layouts.pipeline_structure import compile_pipeline_structure, rank_lists
 from planner.machine import cache
 from planner.machine.cache import _LOCK, _NESTED, _SIZES, _put
-from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
+from planner.machine.deadline import BackgroundLimit, WorkLimitExceeded, work_limit
 from planner.machine.symbolic import Undecided
 from planner.step import structures
 from planner.step.structure import structure_of
@@ -102,7 +102,7 @@ def _compile(model, tr, schedule, device, rank, names, half, values, lists, key,
     template, or one more attempt)."""
     COUNTS["compiles"] += 1
     try:
-        with work_limit(WorkLimit(_WORK_LIMIT_S)):
+        with work_limit(BackgroundLimit(_WORK_LIMIT_S)):
             tpl = compile_pipeline_structure(model, tr, schedule, rank, device, names, half,
                                              values, lists)
     except (Undecided, WorkLimitExceeded, Exception):  # noqa: BLE001

@@ -9,6 +9,7 @@ benchmarks) ``check()`` is a context-variable read and does nothing.
 from __future__ import annotations
 
 import contextvars
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,49 @@ class WorkLimit:
         if time.monotonic() > self.end:
             raise WorkLimitExceeded(f"the estimate ran past its {self.seconds:g} s work limit",
                                     expired=True)
+
+
+# estimates running on the request path now (``foreground``); background compiles give way
+_FOREGROUND = [0]
+_FOREGROUND_LOCK = threading.Lock()
+_IN_FOREGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("memplan_foreground",
+                                                                      default=False)
+PAUSE_MAX_S = 0.05  # the longest a background compile waits at one check
+
+
+@contextmanager
+def foreground() -> Iterator[None]:
+    """Mark the block as an estimate a client waits for: meanwhile, background compiles
+    (``BackgroundLimit``) pause at their checks instead of taking the CPU from it."""
+    with _FOREGROUND_LOCK:
+        _FOREGROUND[0] += 1
+    token = _IN_FOREGROUND.set(True)
+    try:
+        yield
+    finally:
+        _IN_FOREGROUND.reset(token)
+        with _FOREGROUND_LOCK:
+            _FOREGROUND[0] -= 1
+
+
+class BackgroundLimit(WorkLimit):
+    """The work limit of a compile off the request path (a structure template): at each check
+    it first gives way to estimates in the ``foreground``, sleeping while one runs, up to
+    ``PAUSE_MAX_S`` a check (so it slows down under traffic but is never starved), and that
+    time does not count against its limit. Without it the compile's thread would hold the GIL
+    half the time and double the wall time of the very request that queued it."""
+
+    __slots__ = ()
+
+    def check(self) -> None:
+        # (a compile in a foreground estimate itself, "sync" mode, does not wait for itself)
+        if _FOREGROUND[0] and not _IN_FOREGROUND.get():
+            start = time.monotonic()
+            end = start + PAUSE_MAX_S
+            while _FOREGROUND[0] and time.monotonic() < end:
+                time.sleep(0.001)
+            self.extend(time.monotonic() - start)
+        WorkLimit.check(self)
 
 
 def check() -> None:

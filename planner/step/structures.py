@@ -27,7 +27,7 @@ import threading
 from planner.catalog.specs import ResolvedModel, TrainingSpec
 from planner.machine import cache
 from planner.machine.cache import _LOCK, _SIZES, _TEMPLATES_MAX, _put
-from planner.machine.deadline import WorkLimit, WorkLimitExceeded, work_limit
+from planner.machine.deadline import BackgroundLimit, WorkLimitExceeded, work_limit
 from planner.machine.symbolic import Undecided
 from planner.step.peaks import StepPeaks
 from planner.step.plans import plan_period
@@ -204,7 +204,7 @@ def _compile_structure(model, tr, device, checkpointed, names, half, values, par
     known = _STRUCTURES.get(key)
     shards = NO_SHARDS if par is None else known.shards if known is not None else None
     try:
-        with work_limit(WorkLimit(_STRUCTURE_WORK_LIMIT_S)):
+        with work_limit(BackgroundLimit(_STRUCTURE_WORK_LIMIT_S)):
             if shards is None:
                 shards = shard_rows_of(model, tr, device, checkpointed, names, half, par)
             classes, full = shards.extend(values, rank)
