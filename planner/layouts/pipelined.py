@@ -30,7 +30,8 @@ from planner.machine.cache import setup_key
 from planner.machine.deadline import check as check_work_limit
 from planner.step import structures
 
-__all__ = ["Overflows", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate", "stop_above"]
+__all__ = ["Overflows", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate", "rank_stages",
+           "schedule_of", "stop_above"]
 
 _LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("fit_limit", default=None)
 
@@ -59,8 +60,8 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
     name = parallel.pipeline_schedule
     v = 1 if name in _SINGLE else parallel.virtual_pipeline_stages
     try:
-        plan = build_schedule(name, parallel.pipeline_parallel,
-                              training.gradient_accumulation_steps, v)
+        plan = schedule_of(name, parallel.pipeline_parallel,
+                           training.gradient_accumulation_steps, v)
     except ScheduleConstraintError:
         return None
     if plan.num_stages > model.num_layers:
@@ -95,6 +96,43 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
 
 
 
+# schedules the memory estimates built lately, with each rank's stages: a sweep over sizes asks
+# for the same schedule again and again (building one is O(ranks x micro-batches)). Schedules are
+# frozen and read only; those past _MEMO_ACTIONS actions are not kept.
+_SCHEDULES: dict[tuple, tuple] = {}
+_SCHEDULES_MAX = 16
+_MEMO_ACTIONS = 1 << 20
+
+
+def schedule_of(name: str, p: int, m: int, v: int):
+    """``build_schedule(name, p, m, v)``, memoised (a constraint error is raised each time)."""
+    key = (name, p, m, v)
+    hit = _SCHEDULES.get(key)
+    if hit is not None:
+        return hit[0]
+    plan = build_schedule(name, p, m, v)
+    if sum(len(o) for o in plan.orders) <= _MEMO_ACTIONS:
+        stages: list[list[int]] = [[] for _ in range(plan.num_ranks)]
+        for s, r in enumerate(plan.stage_to_rank):
+            stages[r].append(s)
+        with cache._LOCK:
+            if len(_SCHEDULES) >= _SCHEDULES_MAX:
+                _SCHEDULES.pop(next(iter(_SCHEDULES)), None)
+            _SCHEDULES[key] = (plan, stages)
+    return plan
+
+
+def rank_stages(schedule) -> list[list[int]]:
+    """Each rank's stages, in order (kept with a memoised schedule)."""
+    for plan, stages in list(_SCHEDULES.values()):
+        if plan is schedule:
+            return stages
+    stages: list[list[int]] = [[] for _ in range(schedule.num_ranks)]
+    for s, r in enumerate(schedule.stage_to_rank):
+        stages[r].append(s)
+    return stages
+
+
 def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
     """One pipeline rank's replayed step (StagePeak), templated and memoised per setup
     (planner/machine/cache.py) like the single-device step; a setup not compiled is answered
@@ -103,7 +141,7 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
     def compile_(domain):
         return compile_rank(model, tr, schedule, rank, device, domain)
 
-    stages = [s for s in range(schedule.num_stages) if schedule.stage_to_rank[s] == rank]
+    stages = rank_stages(schedule)[rank]
     base = setup_key(model, tr, device, frozenset(), None, rank)
     plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
     key = (*base[:-1], plan, base[-1])
