@@ -11,9 +11,10 @@ more. Computed only when the setup does not fit, so /v1/memory's fast path is un
 
 A candidate is estimated only when an exact lower bound lets it fit: the worst rank's
 parameters and optimizer states (``shard_model_states``, the bytes /v1/memory places there)
-are live through the whole steady-state step, so when they plus the allocator reserve exceed
-the memory the candidate's own estimate would not fit either (``tests/test_suggest_bound.py``
-holds the bound below the peak and the pruned answer equal to the unpruned one). A layout
+are live through the whole steady-state step, and its gradients with them when the optimizer
+step starts, so when they plus the allocator reserve exceed the memory the candidate's own
+estimate would not fit either (``tests/test_fit_shortcuts.py`` holds the bound below the peak
+and the pruned answer equal to the unpruned one). A layout
 whose model states alone overflow (a pipeline stage of a large model) then costs no replay,
 and a pipelined candidate stops at its first rank that cannot fit
 (``planner/layouts/pipelined.py: stop_above``).
@@ -166,9 +167,10 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
 
 
 def state_lower_bound(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> int | None:
-    """The worst rank's parameters + optimizer states, live through the whole steady-state
-    step, so at most /v1/memory's peak for the setup; None where the reference step is not
-    what is estimated (another implementation, expert parallel, a bare parameter count)."""
+    """The worst rank's parameters + gradients + optimizer states, all live when the steady
+    step's optimizer step starts (``zero_grad(set_to_none=True)`` comes after it), so at most
+    /v1/memory's peak for the setup; None where the reference step is not what is estimated
+    (another implementation, expert parallel, a bare parameter count)."""
     if tr.implementation != "reference" or par.expert_parallel > 1 \
             or not model.architecture_known:
         return None
@@ -176,7 +178,7 @@ def state_lower_bound(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec)
         ms = shard_model_states(model, tr, par)
     except (ValueError, PlanningError, TypeError):
         return None
-    return ms.parameters + ms.optimizer_states
+    return ms.parameters + ms.gradients + ms.optimizer_states
 
 
 def states_overflow(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
