@@ -34,6 +34,7 @@ constant), so whatever ``planner.layouts.pipeline_schedules`` builds is covered.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -194,77 +195,134 @@ def plan(actions: list) -> list[list[Run]]:
     return groups
 
 
-def shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[list, int] | None:
+class Prepared:
+    """A list's actions as arrays (kind 0-3 for F, B, I, W; stage; flag) and the (forward,
+    backward) index pairs of the micro-batches the 1F1B warm-up holds: built once per list, for
+    the many shortenings ``shortened_lists`` tries."""
+
+    def __init__(self, actions: list) -> None:
+        self.actions = actions
+        n = len(actions)
+        code = {"F": 0, "B": 1, "I": 2, "W": 3}
+        self.kind = np.fromiter((code[a[0]] for a in actions), dtype=np.int64, count=n)
+        self.stage = np.fromiter((a[1] for a in actions), dtype=np.int64, count=n)
+        self.flag = np.fromiter((a[3] for a in actions), dtype=np.int64, count=n)
+        self.names = [a[0] for a in actions]
+        held = [(i, st, j) for i, (k, st, j, flag) in enumerate(actions) if flag == HOLD_WARM_WORK]
+        self.held = [(i, next(x for x, (k, s2, j2, _) in enumerate(actions)
+                              if k in ("B", "I") and s2 == st and j2 == j))
+                     for i, st, j in held]
+        self.nst = int(self.stage.max(initial=0)) + 1
+
+
+def _kept(n: int, runs: list[Run], extra: dict[int, int]) -> tuple[list[int], list[int]]:
+    """The indices kept, in order, and the positions in the output where a cut marker goes
+    (before the kept action at that position; ``len`` for one at the end)."""
+    cuts: dict[int, tuple[int, int]] = {}
+    for r in runs:
+        a, b = r.span(extra.get(id(r), 0))
+        cuts[r.start + r.keep_before * r.period] = (a, b)
+    opens = sorted(cuts)
+    idx: list[int] = []
+    marks: list[int] = []
+    i, close, resume = 0, -1, -1
+    while i < n:
+        c = bisect_left(opens, i)
+        nxt = opens[c] if c < len(opens) else n
+        if close >= i:
+            nxt = min(nxt, close)
+        if nxt >= n:
+            idx.extend(range(i, n))
+            break
+        idx.extend(range(i, nxt))
+        i = nxt
+        if i in cuts:
+            close, resume = cuts[i]
+            marks.append(len(idx))
+        if i == close:
+            marks.append(len(idx))
+            i, close = resume, -1
+            continue
+        idx.append(i)
+        i += 1
+    if close >= 0:
+        marks.append(len(idx))
+    return idx, marks
+
+
+def _rank_in_group(key: np.ndarray) -> np.ndarray:
+    """Each element's index among the earlier elements with its key."""
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    start = np.r_[True, sk[1:] != sk[:-1]]
+    pos = np.arange(len(key))
+    first = np.maximum.accumulate(np.where(start, pos, 0))
+    out = np.empty(len(key), dtype=np.int64)
+    out[order] = pos - first
+    return out
+
+
+def shortened(actions: list, runs: list[Run], extra: dict[int, int],
+              prep: Prepared | None = None) -> tuple[list, int] | None:
     """The list with each run's dropped periods left out (``extra[id(run)]`` of them replayed
     after its kept ones, between two cut markers), micro-batches renumbered per stream; with
     the micro-batch count, or None when it is not a valid step."""
-    cuts: dict[int, tuple[int, int]] = {}  # open position -> (close position, resume position)
-    for r in runs:
-        x = extra.get(id(r), 0)
-        a, b = r.span(x)
-        cuts[r.start + r.keep_before * r.period] = (a, b)
-    res = []
-    nxt: dict[tuple[int, int], int] = {}
-    inputs: dict[int, list[int]] = {}
-    new_j: dict[int, int] = {}  # original index -> renumbered micro-batch
-    mb_limit = len(actions)  # an impossible micro-batch: the list is refused
-    i, n, close, resume = 0, len(actions), -1, -1
-    while i < n:
-        if i in cuts:
-            close, resume = cuts[i]
-            res.append(("|", -1, -1, 0))
-        if i == close:
-            res.append(("|", -1, -1, 0))
-            i, close = resume, -1
-            continue
-        k, st, _, flag = actions[i]
-        if k == "W":  # the k-th weight backward of a stage follows its k-th input backward
-            n_w = nxt.get((2, st), 0)
-            nxt[2, st] = n_w + 1
-            ins = inputs.get(st, [])
-            j = ins[n_w] if n_w < len(ins) else mb_limit
-        else:
-            key = (_SLOT[k], st)
-            j = nxt.get(key, 0)
-            nxt[key] = j + 1
-            if k == "I":
-                inputs.setdefault(st, []).append(j)
-        res.append((k, st, j, flag))
-        new_j[i] = j
-        i += 1
-    if close >= 0:
-        res.append(("|", -1, -1, 0))
-    mbs = {v for (slot, _), v in nxt.items() if slot < 2}
-    if len(mbs) != 1:
+    if prep is None:
+        prep = Prepared(actions)
+    n = len(actions)
+    kept, marks = _kept(n, runs, extra)
+    idx = np.array(kept, dtype=np.int64)
+    kind, st = prep.kind[idx], prep.stage[idx]
+    nst = prep.nst
+    # streams: a stage's forwards (slot 0), its input backwards (B or I, slot 1); W's apart
+    slot = np.minimum(kind, 2) - (kind == 2)
+    key = slot * nst + st
+    j = _rank_in_group(key)
+    w = kind == 3
+    if w.any():
+        ins = np.nonzero(kind == 2)[0]
+        n_in = _rank_in_group(st[ins])  # each I's place among its stage's I's
+        n_w = j[w]  # (W's are keyed apart: slot 2) the k-th W of its stage
+        lookup = {(int(s), int(q)): int(v) for s, q, v in zip(st[ins], n_in, j[ins])}
+        j[w] = [lookup.get((int(s), int(q)), n) for s, q in zip(st[w], n_w)]
+    fb = ~w
+    if not fb.any():
         return None
-    mb = mbs.pop()
-    return (res, mb) if _valid(res, mb) and _held_paired(actions, new_j) else None
+    counts = np.bincount(key[fb], minlength=2 * nst)
+    used = counts[np.unique(key[fb])]
+    if used.min() != used.max():
+        return None
+    mb = int(used[0])
+    if not _valid_arrays(kind, st, j, mb):
+        return None
+    new_j = np.full(n, -1, dtype=np.int64)
+    new_j[idx] = j
+    for i, b in prep.held:
+        if new_j[i] < 0 or new_j[i] != new_j[b]:
+            return None
+    names, flags = prep.names, prep.flag[idx].tolist()
+    items = [(names[i], s, q, f) for i, s, q, f in zip(kept, st.tolist(), j.tolist(), flags)]
+    for pos in reversed(marks):
+        items.insert(pos, ("|", -1, -1, 0))
+    return items, mb
 
 
-def _held_paired(actions: list, new_j: dict[int, int]) -> bool:
-    """The micro-batch whose output the 1F1B warm-up holds (its backward does not free it)
-    keeps its forward and backward under one number."""
-    held = [(i, st, j) for i, (k, st, j, flag) in enumerate(actions) if flag == HOLD_WARM_WORK]
-    for i, st, j in held:
-        b = next(x for x, (k, s2, j2, _) in enumerate(actions)
-                 if k in ("B", "I") and s2 == st and j2 == j)
-        if new_j.get(i, -1) != new_j.get(b, -2):
-            return False
-    return True
-
-
-def _valid(items: list, mb: int) -> bool:
-    seen: dict[tuple[int, int], str] = {}
-    for k, st, j, _ in items:
-        if k == "|":
-            continue
-        if j >= mb:
-            return False
-        done = seen.get((st, j), "")
-        if (k == "F" and done) or (k in ("B", "I") and done != "F") or (k == "W" and done != "FI"):
-            return False
-        seen[st, j] = done + k
-    return all(v in ("FB", "FIW") for v in seen.values())
+def _valid_arrays(kind: np.ndarray, st: np.ndarray, j: np.ndarray, mb: int) -> bool:
+    """Every micro-batch below ``mb``, and each (stage, micro-batch)'s actions in order exactly
+    F, B or F, I, W."""
+    if len(j) == 0 or int(j.max()) >= mb:
+        return False
+    code = st * mb + j
+    order = np.argsort(code, kind="stable")
+    sc, sk = code[order], kind[order]
+    start = np.r_[True, sc[1:] != sc[:-1]]
+    heads = np.nonzero(start)[0]
+    size = np.diff(np.r_[heads, len(sc)])
+    if not np.all((size == 2) | (size == 3)) or np.any(sk[heads] != 0):
+        return False
+    two, three = heads[size == 2], heads[size == 3]
+    return bool(np.all(sk[two + 1] == 1) and np.all(sk[three + 1] == 2)
+                and np.all(sk[three + 2] == 3))
 
 
 def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
@@ -276,13 +334,18 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     groups: list[list[Run]] = []
     lists: list = []
     todo = plan(actions)
+    prep = Prepared(actions) if todo else None
 
     def attempt(trial):
         runs = [r for x in trial for r in x]
-        cand = [shortened(actions, runs, {})]
-        cand += [shortened(actions, runs, {id(r): 1 for r in x}) for x in trial]
-        cand.append(shortened(actions, runs, {id(r): 2 for r in runs}))
-        return cand if all(c is not None for c in cand) else None
+        extras = [{}] + [{id(r): 1 for r in x} for x in trial] + [{id(r): 2 for r in runs}]
+        cand = []
+        for e in extras:  # (the first list that is not a valid step ends the trial)
+            c = shortened(actions, runs, e, prep)
+            if c is None:
+                return None
+            cand.append(c)
+        return cand
 
     while todo and len(groups) < MAX_DIRECTIONS:
         g = todo.pop(0)
@@ -306,4 +369,4 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     return groups, lists
 
 
-__all__ = ["Run", "find_runs", "plan", "shortened", "shortened_lists"]
+__all__ = ["Prepared", "Run", "find_runs", "plan", "shortened", "shortened_lists"]
