@@ -1,26 +1,30 @@
-"""The shortened lists of pipeline ranks (planner/layouts/pipeline_periods.py: ``shortened``,
-``shortened_lists``) equal, list for list and run for run, those of the op-by-op reference
-implementation below (the per-action loop the array version replaced), over a grid of
-schedules, stage counts, virtual stages, micro-batch counts and every rank, and seeded random
-extra points."""
+"""The periodic runs and shortened lists of pipeline ranks (planner/layouts/pipeline_periods.py:
+``find_runs``, ``shortened``, ``shortened_lists``) equal, run for run and list for list, those
+of the reference implementation below (one period at a time, a dictionary per stream), over a
+grid of schedules, stage counts, virtual stages, micro-batch counts and every rank, and at
+seeded random points."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 
 from planner.layouts.pipeline_memory import rank_actions
 from planner.layouts.pipeline_periods import (
+    _MAX_PERIOD,
     _SLOT,
     HOLD_WARM_WORK,
     MAX_DIRECTIONS,
     Run,
+    find_runs,
     plan,
     shortened,
     shortened_lists,
 )
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+
 
 def _ref_shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[list, int] | None:
     """The list with each run's dropped periods left out (``extra[id(run)]`` of them replayed
@@ -134,6 +138,50 @@ def _ref_shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     return groups, lists
 
 
+def _ref_find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -> list[Run]:
+    """Maximal periodic stretches (non-overlapping, the ones covering most actions first)."""
+    n = len(actions)
+    if n < 2 * min_reps:
+        return []
+    tok = np.array([_SLOT[a[0]] * 4 + (a[0] == "I") + 8 * a[1] for a in actions], dtype=np.int64)
+    mb = np.array([a[2] for a in actions], dtype=np.int64)
+    found = []
+    best = (0, 1)  # (actions covered, period) of the longest run so far
+    for P in range(1, min(max_period, n // min_reps) + 1):
+        if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
+            break
+        good = tok[P:] == tok[:-P]  # action i + P repeats action i ...
+        d = mb[P:] - mb[:-P]  # ... with this shift
+        cont = good[1:] & good[:-1] & (d[1:] == d[:-1])
+        first = good.copy()
+        first[1:] &= ~cont
+        last = good.copy()
+        last[:-1] &= ~cont
+        for i0, i1 in zip(np.nonzero(first)[0], np.nonzero(last)[0]):
+            reps = (i1 - i0 + 1 + P) // P  # actions i0 .. i1 + P
+            if reps >= min_reps and d[i0] > 0:
+                found.append(Run(int(i0), P, int(d[i0]), int(reps)))
+                best = max(best, (int(reps) * P, P))
+    found.sort(key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
+    taken: list[Run] = []
+    for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
+        a, b = r.start, r.start + r.reps * r.period
+        free = [(a, b)]
+        for t in taken:
+            ta, tb = t.start, t.start + t.reps * t.period
+            free = [piece for x, y in free for piece in ((x, min(y, ta)), (max(x, tb), y))
+                    if piece[0] < piece[1]]
+        best = None
+        for x, y in free:
+            x = a + -(-(x - a) // r.period) * r.period
+            reps = (y - x) // r.period
+            if reps >= min_reps and (best is None or reps > best.reps):
+                best = Run(x, r.period, r.shift, reps)
+        if best is not None:
+            taken.append(best)
+    return sorted(taken, key=lambda r: r.start)
+
+
 def _runs(groups):
     return [[(r.start, r.period, r.shift, r.reps, r.keep_before, r.keep_after) for r in g]
             for g in groups]
@@ -146,6 +194,10 @@ def _check(name, p, m, v):
         return 0
     for rank in range(p):
         actions = rank_actions(sched, rank)
+        assert _runs([find_runs(actions)]) == _runs([_ref_find_runs(actions)])
+        for max_period, min_reps in ((3, 4), (8, 2)):
+            assert (_runs([find_runs(actions, max_period, min_reps)])
+                    == _runs([_ref_find_runs(actions, max_period, min_reps)]))
         groups, lists = shortened_lists(actions)
         want_groups, want_lists = _ref_shortened_lists(actions)
         assert lists == want_lists, (name, p, m, v, rank)

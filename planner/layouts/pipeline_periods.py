@@ -46,6 +46,7 @@ _SLOT = {"F": 0, "B": 1, "I": 1, "W": 2}
 MIN_DROPPED = 2  # periods a run must stand in for to be worth a replay of its own
 _MAX_PERIOD = 1 << 16
 MAX_DIRECTIONS = 6  # each costs one more replay
+_CHUNK = 32  # periods find_runs tries at once (at most)
 _MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
 
 
@@ -77,21 +78,42 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
     mb = np.array([a[2] for a in actions], dtype=np.int64)
     found = []
     best = (0, 1)  # (actions covered, period) of the longest run so far
-    for P in range(1, min(max_period, n // min_reps) + 1):
-        if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
-            break
-        good = tok[P:] == tok[:-P]  # action i + P repeats action i ...
-        d = mb[P:] - mb[:-P]  # ... with this shift
-        cont = good[1:] & good[:-1] & (d[1:] == d[:-1])
+    top = min(max_period, n // min_reps)
+    P0, chunk = 1, 4
+    while P0 <= top:  # periods P0 .. P1 - 1 at once, one row each
+        P1 = min(top + 1, P0 + chunk)
+        chunk = min(2 * chunk, _CHUNK)
+        Ps = np.arange(P0, P1)[:, None]
+        at = np.arange(n)[None, :] + Ps  # action i + P (past the end: no match)
+        inside = at < n
+        at = np.where(inside, at, 0)
+        good = inside & (tok[at] == tok[None, :])  # action i + P repeats action i ...
+        d = mb[at] - mb[None, :]  # ... with this shift
+        cont = good[:, 1:] & good[:, :-1] & (d[:, 1:] == d[:, :-1])
         first = good.copy()
-        first[1:] &= ~cont
+        first[:, 1:] &= ~cont
         last = good.copy()
-        last[:-1] &= ~cont
-        for i0, i1 in zip(np.nonzero(first)[0], np.nonzero(last)[0]):
-            reps = (i1 - i0 + 1 + P) // P  # actions i0 .. i1 + P
-            if reps >= min_reps and d[i0] > 0:
-                found.append(Run(int(i0), P, int(d[i0]), int(reps)))
-                best = max(best, (int(reps) * P, P))
+        last[:, :-1] &= ~cont
+        rows, i0s = np.nonzero(first)
+        i1s = np.nonzero(last)[1]  # (a stretch's first and last in the same row, in order)
+        reps_all = (i1s - i0s + 1 + rows + P0) // (rows + P0)
+        shifts = d[rows, i0s]
+        ok = (reps_all >= min_reps) & (shifts > 0)
+        rows, i0s, reps_all, shifts = rows[ok], i0s[ok], reps_all[ok], shifts[ok]
+        stop = False
+        k = 0
+        for P in range(P0, P1):
+            if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
+                stop = True
+                break
+            while k < len(rows) and rows[k] == P - P0:
+                reps = int(reps_all[k])
+                found.append(Run(int(i0s[k]), P, int(shifts[k]), reps))
+                best = max(best, (reps * P, P))
+                k += 1
+        if stop:
+            break
+        P0 = P1
     found.sort(key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
     taken: list[Run] = []
     for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
@@ -196,35 +218,34 @@ def plan(actions: list) -> list[list[Run]]:
 
 
 class Prepared:
-    """A list's actions as arrays (kind 0-3 for F, B, I, W; stage; flag) and the (forward,
-    backward) index pairs of the micro-batches the 1F1B warm-up holds: built once per list, for
-    the many shortenings ``shortened_lists`` tries."""
+    """A list's actions as per-action columns (stream key: a stage's forwards, its input
+    backwards (B or I), its W's; whether I or W; the stage) and the (forward, backward) index
+    pairs of the micro-batches the 1F1B warm-up holds: built once per list, for the many
+    shortenings ``shortened_lists`` tries."""
 
     def __init__(self, actions: list) -> None:
         self.actions = actions
-        n = len(actions)
-        code = {"F": 0, "B": 1, "I": 2, "W": 3}
-        self.kind = np.fromiter((code[a[0]] for a in actions), dtype=np.int64, count=n)
-        self.stage = np.fromiter((a[1] for a in actions), dtype=np.int64, count=n)
-        self.flag = np.fromiter((a[3] for a in actions), dtype=np.int64, count=n)
-        self.names = [a[0] for a in actions]
+        self.nst = max((a[1] for a in actions), default=0) + 1
+        self.key = [_SLOT[k] * self.nst + st for k, st, _, _ in actions]
+        self.kind = [_KIND[k] for k, _, _, _ in actions]
         held = [(i, st, j) for i, (k, st, j, flag) in enumerate(actions) if flag == HOLD_WARM_WORK]
         self.held = [(i, next(x for x, (k, s2, j2, _) in enumerate(actions)
                               if k in ("B", "I") and s2 == st and j2 == j))
                      for i, st, j in held]
-        self.nst = int(self.stage.max(initial=0)) + 1
 
 
-def _kept(n: int, runs: list[Run], extra: dict[int, int]) -> tuple[list[int], list[int]]:
-    """The indices kept, in order, and the positions in the output where a cut marker goes
-    (before the kept action at that position; ``len`` for one at the end)."""
+_KIND = {"F": 0, "B": 1, "I": 2, "W": 3}
+_MARK = ("|", -1, -1, 0)
+
+
+def _kept(n: int, runs: list[Run], extra: dict[int, int]) -> list:
+    """The kept index ranges, in order, with None where a cut marker goes."""
     cuts: dict[int, tuple[int, int]] = {}
     for r in runs:
         a, b = r.span(extra.get(id(r), 0))
         cuts[r.start + r.keep_before * r.period] = (a, b)
     opens = sorted(cuts)
-    idx: list[int] = []
-    marks: list[int] = []
+    out: list = []
     i, close, resume = 0, -1, -1
     while i < n:
         c = bisect_left(opens, i)
@@ -232,33 +253,22 @@ def _kept(n: int, runs: list[Run], extra: dict[int, int]) -> tuple[list[int], li
         if close >= i:
             nxt = min(nxt, close)
         if nxt >= n:
-            idx.extend(range(i, n))
+            out.append(range(i, n))
             break
-        idx.extend(range(i, nxt))
+        if nxt > i:
+            out.append(range(i, nxt))
         i = nxt
         if i in cuts:
             close, resume = cuts[i]
-            marks.append(len(idx))
+            out.append(None)
         if i == close:
-            marks.append(len(idx))
+            out.append(None)
             i, close = resume, -1
             continue
-        idx.append(i)
+        out.append(range(i, i + 1))
         i += 1
     if close >= 0:
-        marks.append(len(idx))
-    return idx, marks
-
-
-def _rank_in_group(key: np.ndarray) -> np.ndarray:
-    """Each element's index among the earlier elements with its key."""
-    order = np.argsort(key, kind="stable")
-    sk = key[order]
-    start = np.r_[True, sk[1:] != sk[:-1]]
-    pos = np.arange(len(key))
-    first = np.maximum.accumulate(np.where(start, pos, 0))
-    out = np.empty(len(key), dtype=np.int64)
-    out[order] = pos - first
+        out.append(None)
     return out
 
 
@@ -269,60 +279,61 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int],
     the micro-batch count, or None when it is not a valid step."""
     if prep is None:
         prep = Prepared(actions)
-    n = len(actions)
-    kept, marks = _kept(n, runs, extra)
-    idx = np.array(kept, dtype=np.int64)
-    kind, st = prep.kind[idx], prep.stage[idx]
-    nst = prep.nst
-    # streams: a stage's forwards (slot 0), its input backwards (B or I, slot 1); W's apart
-    slot = np.minimum(kind, 2) - (kind == 2)
-    key = slot * nst + st
-    j = _rank_in_group(key)
-    w = kind == 3
-    if w.any():
-        ins = np.nonzero(kind == 2)[0]
-        n_in = _rank_in_group(st[ins])  # each I's place among its stage's I's
-        n_w = j[w]  # (W's are keyed apart: slot 2) the k-th W of its stage
-        lookup = {(int(s), int(q)): int(v) for s, q, v in zip(st[ins], n_in, j[ins])}
-        j[w] = [lookup.get((int(s), int(q)), n) for s, q in zip(st[w], n_w)]
-    fb = ~w
-    if not fb.any():
+    n, nst = len(actions), prep.nst
+    keys, kinds = prep.key, prep.kind
+    nxt = [0] * (3 * nst)  # per stream: the next micro-batch number
+    inputs: list[list[int]] = [[] for _ in range(nst)]
+    new_j = {}
+    res = []
+    for seg in _kept(n, runs, extra):
+        if seg is None:
+            res.append(_MARK)
+            continue
+        for i in seg:
+            key, kind = keys[i], kinds[i]
+            a = actions[i]
+            if kind == 3:  # the k-th weight backward of a stage follows its k-th input backward
+                n_w = nxt[key]
+                nxt[key] = n_w + 1
+                ins = inputs[a[1]]
+                j = ins[n_w] if n_w < len(ins) else n  # past the inputs: refused below
+            else:
+                j = nxt[key]
+                nxt[key] = j + 1
+                if kind == 2:
+                    inputs[a[1]].append(j)
+            res.append((a[0], a[1], j, a[3]))
+            new_j[i] = j
+    mbs = {v for v in nxt[:2 * nst] if v}
+    if len(mbs) != 1:
         return None
-    counts = np.bincount(key[fb], minlength=2 * nst)
-    used = counts[np.unique(key[fb])]
-    if used.min() != used.max():
+    mb = mbs.pop()
+    if not _valid(res, mb, nst):
         return None
-    mb = int(used[0])
-    if not _valid_arrays(kind, st, j, mb):
-        return None
-    new_j = np.full(n, -1, dtype=np.int64)
-    new_j[idx] = j
     for i, b in prep.held:
-        if new_j[i] < 0 or new_j[i] != new_j[b]:
+        if new_j.get(i, -1) != new_j.get(b, -2):
             return None
-    names, flags = prep.names, prep.flag[idx].tolist()
-    items = [(names[i], s, q, f) for i, s, q, f in zip(kept, st.tolist(), j.tolist(), flags)]
-    for pos in reversed(marks):
-        items.insert(pos, ("|", -1, -1, 0))
-    return items, mb
+    return res, mb
 
 
-def _valid_arrays(kind: np.ndarray, st: np.ndarray, j: np.ndarray, mb: int) -> bool:
+_NEXT = {("", "F"): "F", ("F", "B"): "FB", ("F", "I"): "FI", ("FI", "W"): "FIW"}
+
+
+def _valid(items: list, mb: int, nst: int) -> bool:
     """Every micro-batch below ``mb``, and each (stage, micro-batch)'s actions in order exactly
     F, B or F, I, W."""
-    if len(j) == 0 or int(j.max()) >= mb:
-        return False
-    code = st * mb + j
-    order = np.argsort(code, kind="stable")
-    sc, sk = code[order], kind[order]
-    start = np.r_[True, sc[1:] != sc[:-1]]
-    heads = np.nonzero(start)[0]
-    size = np.diff(np.r_[heads, len(sc)])
-    if not np.all((size == 2) | (size == 3)) or np.any(sk[heads] != 0):
-        return False
-    two, three = heads[size == 2], heads[size == 3]
-    return bool(np.all(sk[two + 1] == 1) and np.all(sk[three + 1] == 2)
-                and np.all(sk[three + 2] == 3))
+    seen = [""] * (nst * mb)
+    for k, st, j, _ in items:
+        if k == "|":
+            continue
+        if j >= mb:
+            return False
+        c = st * mb + j
+        nxt = _NEXT.get((seen[c], k))
+        if nxt is None:
+            return False
+        seen[c] = nxt
+    return all(v in ("FB", "FIW") for v in seen if v)
 
 
 def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
