@@ -82,6 +82,8 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
     P0, chunk = 1, 4
     while P0 <= top:  # periods P0 .. P1 - 1 at once, one row each
         P1 = min(top + 1, P0 + chunk)
+        if 2 * best[0] >= n:  # (the loop below stops past twice the best period, unless a
+            P1 = min(P1, max(P0 + 1, 2 * best[1] + 2))  # longer run turns up before)
         chunk = min(2 * chunk, _CHUNK)
         Ps = np.arange(P0, P1)[:, None]
         at = np.arange(n)[None, :] + Ps  # action i + P (past the end: no match)
@@ -276,15 +278,19 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int],
               prep: Prepared | None = None) -> tuple[list, int] | None:
     """The list with each run's dropped periods left out (``extra[id(run)]`` of them replayed
     after its kept ones, between two cut markers), micro-batches renumbered per stream; with
-    the micro-batch count, or None when it is not a valid step."""
+    the micro-batch count, or None when it is not a valid step: one micro-batch count for every
+    stream, and each (stage, micro-batch)'s actions in order exactly F, B or F, I, W."""
     if prep is None:
         prep = Prepared(actions)
     n, nst = len(actions), prep.nst
     keys, kinds = prep.key, prep.kind
     nxt = [0] * (3 * nst)  # per stream: the next micro-batch number
     inputs: list[list[int]] = [[] for _ in range(nst)]
+    state = [0] * (nst * (n + 1))  # per (stage, micro-batch): 1 F, 2 FB, 3 FI, 4 FIW
+    started = []
     new_j = {}
     res = []
+    top = 0
     for seg in _kept(n, runs, extra):
         if seg is None:
             res.append(_MARK)
@@ -292,23 +298,33 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int],
         for i in seg:
             key, kind = keys[i], kinds[i]
             a = actions[i]
+            st = a[1]
             if kind == 3:  # the k-th weight backward of a stage follows its k-th input backward
                 n_w = nxt[key]
                 nxt[key] = n_w + 1
-                ins = inputs[a[1]]
-                j = ins[n_w] if n_w < len(ins) else n  # past the inputs: refused below
+                ins = inputs[st]
+                j = ins[n_w] if n_w < len(ins) else n  # past the inputs: refused
             else:
                 j = nxt[key]
                 nxt[key] = j + 1
                 if kind == 2:
-                    inputs[a[1]].append(j)
-            res.append((a[0], a[1], j, a[3]))
+                    inputs[st].append(j)
+            c = st * (n + 1) + j
+            now = _STEP[kind].get(state[c])
+            if now is None:
+                return None
+            if now == 1:
+                started.append(c)
+            state[c] = now
+            if j > top:
+                top = j
+            res.append((a[0], st, j, a[3]))
             new_j[i] = j
     mbs = {v for v in nxt[:2 * nst] if v}
     if len(mbs) != 1:
         return None
     mb = mbs.pop()
-    if not _valid(res, mb, nst):
+    if top >= mb or any(state[c] not in (2, 4) for c in started):
         return None
     for i, b in prep.held:
         if new_j.get(i, -1) != new_j.get(b, -2):
@@ -316,24 +332,8 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int],
     return res, mb
 
 
-_NEXT = {("", "F"): "F", ("F", "B"): "FB", ("F", "I"): "FI", ("FI", "W"): "FIW"}
-
-
-def _valid(items: list, mb: int, nst: int) -> bool:
-    """Every micro-batch below ``mb``, and each (stage, micro-batch)'s actions in order exactly
-    F, B or F, I, W."""
-    seen = [""] * (nst * mb)
-    for k, st, j, _ in items:
-        if k == "|":
-            continue
-        if j >= mb:
-            return False
-        c = st * mb + j
-        nxt = _NEXT.get((seen[c], k))
-        if nxt is None:
-            return False
-        seen[c] = nxt
-    return all(v in ("FB", "FIW") for v in seen if v)
+# per kind (F, B, I, W): a (stage, micro-batch)'s state before -> after
+_STEP = ({0: 1}, {1: 2}, {1: 3}, {3: 4})
 
 
 def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
