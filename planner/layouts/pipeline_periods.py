@@ -10,8 +10,8 @@ constant), so whatever ``planner.layouts.pipeline_schedules`` builds is covered.
 - **Shortened lists.** A run of R periods keeps its first K1 and last K2 periods and leaves out
   the N = R - K1 - K2 between. Every kept action's micro-batch is renumbered by its rank among
   the kept actions of its stream (a stage's forwards, input backwards; the k-th W follows the
-  k-th I), so a shortened list is the action list of a step with fewer micro-batches (checked by
-  ``_valid``). Runs are left out in directions: a run, or a few runs together, whose periods
+  k-th I), so a shortened list is the action list of a step with fewer micro-batches (checked
+  while ``shortened`` renumbers). Runs are left out in directions: a run, or a few runs together, whose periods
   take as many forwards as input backwards from every stage of the rank (a warm-up of forwards
   goes with a cool-down of backwards), all by the same number of periods.
 - **Why the step is affine in N.** From the period after each stage's first backward (which
@@ -316,8 +316,7 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int],
             if now == 1:
                 started.append(c)
             state[c] = now
-            if j > top:
-                top = j
+            top = max(top, j)
             res.append((a[0], st, j, a[3]))
             new_j[i] = j
     mbs = {v for v in nxt[:2 * nst] if v}
