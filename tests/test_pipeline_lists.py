@@ -233,10 +233,12 @@ def test_shortened_lists_equal_the_reference_at_random_points():
 
 
 def test_shortened_refuses_what_the_reference_refuses():
-    # random runs and extra periods over real lists: the same list, or None, from both
+    # random runs (the plan's, and any periodic run with random kept periods) and extra periods
+    # over real lists: the same list, or None, from both; both outcomes occur
     rng = random.Random(7)
+    outcomes = set()
     for name, p, m, v in [("1f1b", 4, 16, 1), ("interleaved-1f1b", 4, 16, 2), ("zb-h1", 4, 12, 1),
-                          ("zb-v", 4, 16, 2)]:
+                          ("zb-v", 4, 16, 2), ("gpipe", 4, 12, 1)]:
         sched = build_schedule(name, p, m, v)
         for rank in range(p):
             actions = rank_actions(sched, rank)
@@ -244,5 +246,17 @@ def test_shortened_refuses_what_the_reference_refuses():
             for _ in range(12):
                 pick = [r for r in runs if rng.random() < 0.6]
                 extra = {id(r): rng.randint(0, 2) for r in pick if rng.random() < 0.5}
-                assert shortened(actions, pick, extra) == _ref_shortened(actions, pick, extra)
-
+                got = shortened(actions, pick, extra)
+                assert got == _ref_shortened(actions, pick, extra)
+                outcomes.add(got is None)
+            for r in find_runs(actions, min_reps=3):
+                for _ in range(4):
+                    kb = rng.randint(1, max(1, r.reps - 2))
+                    x = Run(r.start, r.period, r.shift, r.reps, kb, rng.randint(1, r.reps - kb))
+                    if x.dropped < 1:  # (nothing left out: the cut would reopen itself)
+                        continue
+                    extra = {id(x): rng.randint(0, min(2, x.dropped))} if rng.random() < 0.5 else {}
+                    got = shortened(actions, [x], extra)
+                    assert got == _ref_shortened(actions, [x], extra)
+                    outcomes.add(got is None)
+    assert outcomes == {True, False}
