@@ -10,8 +10,8 @@ constant), so whatever ``planner.layouts.pipeline_schedules`` builds is covered.
 - **Shortened lists.** A run of R periods keeps its first K1 and last K2 periods and leaves out
   the N = R - K1 - K2 between. Every kept action's micro-batch is renumbered by its rank among
   the kept actions of its stream (a stage's forwards, input backwards; the k-th W follows the
-  k-th I), so a shortened list is the action list of a step with fewer micro-batches (checked by
-  ``_valid``). Runs are left out in directions: a run, or a few runs together, whose periods
+  k-th I), so a shortened list is the action list of a step with fewer micro-batches (checked
+  while ``shortened`` renumbers). Runs are left out in directions: a run, or a few runs together, whose periods
   take as many forwards as input backwards from every stage of the rank (a warm-up of forwards
   goes with a cool-down of backwards), all by the same number of periods.
 - **Why the step is affine in N.** From the period after each stage's first backward (which
@@ -34,6 +34,7 @@ constant), so whatever ``planner.layouts.pipeline_schedules`` builds is covered.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -45,6 +46,7 @@ _SLOT = {"F": 0, "B": 1, "I": 1, "W": 2}
 MIN_DROPPED = 2  # periods a run must stand in for to be worth a replay of its own
 _MAX_PERIOD = 1 << 16
 MAX_DIRECTIONS = 6  # each costs one more replay
+_CHUNK = 32  # periods find_runs tries at once (at most)
 _MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
 
 
@@ -76,21 +78,44 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
     mb = np.array([a[2] for a in actions], dtype=np.int64)
     found = []
     best = (0, 1)  # (actions covered, period) of the longest run so far
-    for P in range(1, min(max_period, n // min_reps) + 1):
-        if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
-            break
-        good = tok[P:] == tok[:-P]  # action i + P repeats action i ...
-        d = mb[P:] - mb[:-P]  # ... with this shift
-        cont = good[1:] & good[:-1] & (d[1:] == d[:-1])
+    top = min(max_period, n // min_reps)
+    P0, chunk = 1, 4
+    while P0 <= top:  # periods P0 .. P1 - 1 at once, one row each
+        P1 = min(top + 1, P0 + chunk)
+        if 2 * best[0] >= n:  # (the loop below stops past twice the best period, unless a
+            P1 = min(P1, max(P0 + 1, 2 * best[1] + 2))  # longer run turns up before)
+        chunk = min(2 * chunk, _CHUNK)
+        Ps = np.arange(P0, P1)[:, None]
+        at = np.arange(n)[None, :] + Ps  # action i + P (past the end: no match)
+        inside = at < n
+        at = np.where(inside, at, 0)
+        good = inside & (tok[at] == tok[None, :])  # action i + P repeats action i ...
+        d = mb[at] - mb[None, :]  # ... with this shift
+        cont = good[:, 1:] & good[:, :-1] & (d[:, 1:] == d[:, :-1])
         first = good.copy()
-        first[1:] &= ~cont
+        first[:, 1:] &= ~cont
         last = good.copy()
-        last[:-1] &= ~cont
-        for i0, i1 in zip(np.nonzero(first)[0], np.nonzero(last)[0]):
-            reps = (i1 - i0 + 1 + P) // P  # actions i0 .. i1 + P
-            if reps >= min_reps and d[i0] > 0:
-                found.append(Run(int(i0), P, int(d[i0]), int(reps)))
-                best = max(best, (int(reps) * P, P))
+        last[:, :-1] &= ~cont
+        rows, i0s = np.nonzero(first)
+        i1s = np.nonzero(last)[1]  # (a stretch's first and last in the same row, in order)
+        reps_all = (i1s - i0s + 1 + rows + P0) // (rows + P0)
+        shifts = d[rows, i0s]
+        ok = (reps_all >= min_reps) & (shifts > 0)
+        rows, i0s, reps_all, shifts = rows[ok], i0s[ok], reps_all[ok], shifts[ok]
+        stop = False
+        k = 0
+        for P in range(P0, P1):
+            if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
+                stop = True
+                break
+            while k < len(rows) and rows[k] == P - P0:
+                reps = int(reps_all[k])
+                found.append(Run(int(i0s[k]), P, int(shifts[k]), reps))
+                best = max(best, (reps * P, P))
+                k += 1
+        if stop:
+            break
+        P0 = P1
     found.sort(key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
     taken: list[Run] = []
     for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
@@ -194,77 +219,120 @@ def plan(actions: list) -> list[list[Run]]:
     return groups
 
 
-def shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[list, int] | None:
-    """The list with each run's dropped periods left out (``extra[id(run)]`` of them replayed
-    after its kept ones, between two cut markers), micro-batches renumbered per stream; with
-    the micro-batch count, or None when it is not a valid step."""
-    cuts: dict[int, tuple[int, int]] = {}  # open position -> (close position, resume position)
+class Prepared:
+    """A list's actions as per-action columns (stream key: a stage's forwards, its input
+    backwards (B or I), its W's; whether I or W; the stage) and the (forward, backward) index
+    pairs of the micro-batches the 1F1B warm-up holds: built once per list, for the many
+    shortenings ``shortened_lists`` tries."""
+
+    def __init__(self, actions: list) -> None:
+        self.actions = actions
+        self.nst = max((a[1] for a in actions), default=0) + 1
+        self.key = [_SLOT[k] * self.nst + st for k, st, _, _ in actions]
+        self.kind = [_KIND[k] for k, _, _, _ in actions]
+        held = [(i, st, j) for i, (k, st, j, flag) in enumerate(actions) if flag == HOLD_WARM_WORK]
+        self.held = [(i, next(x for x, (k, s2, j2, _) in enumerate(actions)
+                              if k in ("B", "I") and s2 == st and j2 == j))
+                     for i, st, j in held]
+
+
+_KIND = {"F": 0, "B": 1, "I": 2, "W": 3}
+_MARK = ("|", -1, -1, 0)
+
+
+def _kept(n: int, runs: list[Run], extra: dict[int, int]) -> list:
+    """The kept index ranges, in order, with None where a cut marker goes."""
+    cuts: dict[int, tuple[int, int]] = {}
     for r in runs:
-        x = extra.get(id(r), 0)
-        a, b = r.span(x)
+        a, b = r.span(extra.get(id(r), 0))
         cuts[r.start + r.keep_before * r.period] = (a, b)
-    res = []
-    nxt: dict[tuple[int, int], int] = {}
-    inputs: dict[int, list[int]] = {}
-    new_j: dict[int, int] = {}  # original index -> renumbered micro-batch
-    mb_limit = len(actions)  # an impossible micro-batch: the list is refused
-    i, n, close, resume = 0, len(actions), -1, -1
+    opens = sorted(cuts)
+    out: list = []
+    i, close, resume = 0, -1, -1
     while i < n:
+        c = bisect_left(opens, i)
+        nxt = opens[c] if c < len(opens) else n
+        if close >= i:
+            nxt = min(nxt, close)
+        if nxt >= n:
+            out.append(range(i, n))
+            break
+        if nxt > i:
+            out.append(range(i, nxt))
+        i = nxt
         if i in cuts:
             close, resume = cuts[i]
-            res.append(("|", -1, -1, 0))
+            out.append(None)
         if i == close:
-            res.append(("|", -1, -1, 0))
+            out.append(None)
             i, close = resume, -1
             continue
-        k, st, _, flag = actions[i]
-        if k == "W":  # the k-th weight backward of a stage follows its k-th input backward
-            n_w = nxt.get((2, st), 0)
-            nxt[2, st] = n_w + 1
-            ins = inputs.get(st, [])
-            j = ins[n_w] if n_w < len(ins) else mb_limit
-        else:
-            key = (_SLOT[k], st)
-            j = nxt.get(key, 0)
-            nxt[key] = j + 1
-            if k == "I":
-                inputs.setdefault(st, []).append(j)
-        res.append((k, st, j, flag))
-        new_j[i] = j
+        out.append(range(i, i + 1))
         i += 1
     if close >= 0:
-        res.append(("|", -1, -1, 0))
-    mbs = {v for (slot, _), v in nxt.items() if slot < 2}
+        out.append(None)
+    return out
+
+
+def shortened(actions: list, runs: list[Run], extra: dict[int, int],
+              prep: Prepared | None = None) -> tuple[list, int] | None:
+    """The list with each run's dropped periods left out (``extra[id(run)]`` of them replayed
+    after its kept ones, between two cut markers), micro-batches renumbered per stream; with
+    the micro-batch count, or None when it is not a valid step: one micro-batch count for every
+    stream, and each (stage, micro-batch)'s actions in order exactly F, B or F, I, W."""
+    if prep is None:
+        prep = Prepared(actions)
+    n, nst = len(actions), prep.nst
+    keys, kinds = prep.key, prep.kind
+    nxt = [0] * (3 * nst)  # per stream: the next micro-batch number
+    inputs: list[list[int]] = [[] for _ in range(nst)]
+    state = [0] * (nst * (n + 1))  # per (stage, micro-batch): 1 F, 2 FB, 3 FI, 4 FIW
+    started = []
+    new_j = {}
+    res = []
+    top = 0
+    for seg in _kept(n, runs, extra):
+        if seg is None:
+            res.append(_MARK)
+            continue
+        for i in seg:
+            key, kind = keys[i], kinds[i]
+            a = actions[i]
+            st = a[1]
+            if kind == 3:  # the k-th weight backward of a stage follows its k-th input backward
+                n_w = nxt[key]
+                nxt[key] = n_w + 1
+                ins = inputs[st]
+                j = ins[n_w] if n_w < len(ins) else n  # past the inputs: refused
+            else:
+                j = nxt[key]
+                nxt[key] = j + 1
+                if kind == 2:
+                    inputs[st].append(j)
+            c = st * (n + 1) + j
+            now = _STEP[kind].get(state[c])
+            if now is None:
+                return None
+            if now == 1:
+                started.append(c)
+            state[c] = now
+            top = max(top, j)
+            res.append((a[0], st, j, a[3]))
+            new_j[i] = j
+    mbs = {v for v in nxt[:2 * nst] if v}
     if len(mbs) != 1:
         return None
     mb = mbs.pop()
-    return (res, mb) if _valid(res, mb) and _held_paired(actions, new_j) else None
-
-
-def _held_paired(actions: list, new_j: dict[int, int]) -> bool:
-    """The micro-batch whose output the 1F1B warm-up holds (its backward does not free it)
-    keeps its forward and backward under one number."""
-    held = [(i, st, j) for i, (k, st, j, flag) in enumerate(actions) if flag == HOLD_WARM_WORK]
-    for i, st, j in held:
-        b = next(x for x, (k, s2, j2, _) in enumerate(actions)
-                 if k in ("B", "I") and s2 == st and j2 == j)
+    if top >= mb or any(state[c] not in (2, 4) for c in started):
+        return None
+    for i, b in prep.held:
         if new_j.get(i, -1) != new_j.get(b, -2):
-            return False
-    return True
+            return None
+    return res, mb
 
 
-def _valid(items: list, mb: int) -> bool:
-    seen: dict[tuple[int, int], str] = {}
-    for k, st, j, _ in items:
-        if k == "|":
-            continue
-        if j >= mb:
-            return False
-        done = seen.get((st, j), "")
-        if (k == "F" and done) or (k in ("B", "I") and done != "F") or (k == "W" and done != "FI"):
-            return False
-        seen[st, j] = done + k
-    return all(v in ("FB", "FIW") for v in seen.values())
+# per kind (F, B, I, W): a (stage, micro-batch)'s state before -> after
+_STEP = ({0: 1}, {1: 2}, {1: 3}, {3: 4})
 
 
 def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
@@ -276,13 +344,18 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     groups: list[list[Run]] = []
     lists: list = []
     todo = plan(actions)
+    prep = Prepared(actions) if todo else None
 
     def attempt(trial):
         runs = [r for x in trial for r in x]
-        cand = [shortened(actions, runs, {})]
-        cand += [shortened(actions, runs, {id(r): 1 for r in x}) for x in trial]
-        cand.append(shortened(actions, runs, {id(r): 2 for r in runs}))
-        return cand if all(c is not None for c in cand) else None
+        extras = [{}] + [{id(r): 1 for r in x} for x in trial] + [{id(r): 2 for r in runs}]
+        cand = []
+        for e in extras:  # (the first list that is not a valid step ends the trial)
+            c = shortened(actions, runs, e, prep)
+            if c is None:
+                return None
+            cand.append(c)
+        return cand
 
     while todo and len(groups) < MAX_DIRECTIONS:
         g = todo.pop(0)
@@ -306,4 +379,4 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     return groups, lists
 
 
-__all__ = ["Run", "find_runs", "plan", "shortened", "shortened_lists"]
+__all__ = ["Prepared", "Run", "find_runs", "plan", "shortened", "shortened_lists"]
