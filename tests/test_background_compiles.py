@@ -4,11 +4,32 @@ estimates, inline and on worker threads, as foreground."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 from planner.machine import deadline
 from planner.machine.deadline import BackgroundLimit, WorkLimit, foreground
 from service import estimates
+
+
+@contextlib.contextmanager
+def _request_running():
+    """A foreground estimate running on another thread for the duration of the block."""
+    inside, release = threading.Event(), threading.Event()
+
+    def request() -> None:
+        with foreground():
+            inside.set()
+            release.wait(30)
+
+    t = threading.Thread(target=request)
+    t.start()
+    inside.wait(30)
+    try:
+        yield release
+    finally:
+        release.set()
+        t.join(30)
 
 
 def test_no_pause_without_a_foreground_estimate() -> None:
@@ -21,16 +42,6 @@ def test_no_pause_without_a_foreground_estimate() -> None:
 def test_a_check_waits_while_a_foreground_estimate_runs_and_that_time_is_not_counted(
         monkeypatch) -> None:
     monkeypatch.setattr(deadline, "PAUSE_MAX_S", 30.0)
-    inside, release = threading.Event(), threading.Event()
-
-    def request() -> None:
-        with foreground():
-            inside.set()
-            release.wait(30)
-
-    t = threading.Thread(target=request)
-    t.start()
-    inside.wait(30)
     limit = BackgroundLimit(10.0)
     end = limit.end
     done = threading.Event()
@@ -39,11 +50,11 @@ def test_a_check_waits_while_a_foreground_estimate_runs_and_that_time_is_not_cou
         limit.check()
         done.set()
 
-    c = threading.Thread(target=compile_)
-    c.start()
-    assert not done.wait(0.2)  # paused while the request runs
-    release.set()
-    t.join(30)
+    with _request_running() as release:
+        c = threading.Thread(target=compile_)
+        c.start()
+        assert not done.wait(0.2)  # paused while the request runs
+        release.set()
     assert done.wait(30)
     c.join(30)
     assert limit.end - end >= 0.2  # the pause extended its limit
@@ -51,23 +62,8 @@ def test_a_check_waits_while_a_foreground_estimate_runs_and_that_time_is_not_cou
 
 def test_a_pause_is_bounded(monkeypatch) -> None:
     monkeypatch.setattr(deadline, "PAUSE_MAX_S", 0.01)
-    release = threading.Event()
-    inside = threading.Event()
-
-    def request() -> None:
-        with foreground():
-            inside.set()
-            release.wait(30)
-
-    t = threading.Thread(target=request)
-    t.start()
-    inside.wait(30)
-    try:
-        limit = BackgroundLimit(10.0)
-        limit.check()  # returns although the request still runs
-    finally:
-        release.set()
-        t.join(30)
+    with _request_running():
+        BackgroundLimit(10.0).check()  # returns although the request still runs
 
 
 def test_a_compile_inside_a_foreground_estimate_does_not_wait_for_itself(monkeypatch) -> None:

@@ -16,8 +16,9 @@ from planner.layouts.pipeline_periods import (
     _MAX_PERIOD,
     _SLOT,
     HOLD_WARM_WORK,
-    MAX_DIRECTIONS,
     Run,
+    choose_directions,
+    disjoint_runs,
     find_runs,
     plan,
     shortened,
@@ -105,8 +106,6 @@ def _ref_shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     valid step; one that does not is tried merged with a later one (both then drop the same
     number of periods: the 1F1B warm-up's held micro-batch keeps its forward and backward
     paired only when the periods dropped before each are as many)."""
-    groups: list[list[Run]] = []
-    lists: list = []
     todo = plan(actions)
 
     def attempt(trial):
@@ -116,26 +115,7 @@ def _ref_shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
         cand.append(_ref_shortened(actions, runs, {id(r): 2 for r in runs}))
         return cand if all(c is not None for c in cand) else None
 
-    while todo and len(groups) < MAX_DIRECTIONS:
-        g = todo.pop(0)
-        cand = attempt(groups + [g])
-        if cand is not None:
-            groups, lists = groups + [g], cand
-            continue
-        for i, h in enumerate(todo):
-            merged = g + h
-            was = [r.keep_before for r in merged]
-            n = min(r.dropped for r in merged)
-            for r in merged:
-                r.keep_before = r.reps - r.keep_after - n
-            cand = attempt(groups + [merged])
-            if cand is not None:
-                groups, lists = groups + [merged], cand
-                todo.pop(i)
-                break
-            for r, kb in zip(merged, was):
-                r.keep_before = kb
-    return groups, lists
+    return choose_directions(todo, attempt)
 
 
 def _ref_find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -> list[Run]:
@@ -162,24 +142,7 @@ def _ref_find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int =
             if reps >= min_reps and d[i0] > 0:
                 found.append(Run(int(i0), P, int(d[i0]), int(reps)))
                 best = max(best, (int(reps) * P, P))
-    found.sort(key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
-    taken: list[Run] = []
-    for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
-        a, b = r.start, r.start + r.reps * r.period
-        free = [(a, b)]
-        for t in taken:
-            ta, tb = t.start, t.start + t.reps * t.period
-            free = [piece for x, y in free for piece in ((x, min(y, ta)), (max(x, tb), y))
-                    if piece[0] < piece[1]]
-        best = None
-        for x, y in free:
-            x = a + -(-(x - a) // r.period) * r.period
-            reps = (y - x) // r.period
-            if reps >= min_reps and (best is None or reps > best.reps):
-                best = Run(x, r.period, r.shift, reps)
-        if best is not None:
-            taken.append(best)
-    return sorted(taken, key=lambda r: r.start)
+    return disjoint_runs(found, min_reps)
 
 
 def _runs(groups):

@@ -116,7 +116,13 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
         if stop:
             break
         P0 = P1
-    found.sort(key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
+    return disjoint_runs(found, min_reps)
+
+
+def disjoint_runs(found: list[Run], min_reps: int) -> list[Run]:
+    """The runs found, longest first, each trimmed to its longest stretch of whole periods no
+    run taken before covers (at least ``min_reps`` of them), in the order they start."""
+    found = sorted(found, key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
     taken: list[Run] = []
     for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
         a, b = r.start, r.start + r.reps * r.period
@@ -341,8 +347,6 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     valid step; one that does not is tried merged with a later one (both then drop the same
     number of periods: the 1F1B warm-up's held micro-batch keeps its forward and backward
     paired only when the periods dropped before each are as many)."""
-    groups: list[list[Run]] = []
-    lists: list = []
     todo = plan(actions)
     prep = Prepared(actions) if todo else None
 
@@ -357,6 +361,15 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
             cand.append(c)
         return cand
 
+    return choose_directions(todo, attempt)
+
+
+def choose_directions(todo: list[list[Run]], attempt) -> tuple[list[list[Run]], list]:
+    """Directions added one by one while ``attempt(directions)`` (the lists to replay, or None
+    when one is not a valid step) succeeds; one that fails is tried merged with a later one,
+    both then dropping the same number of periods."""
+    groups: list[list[Run]] = []
+    lists: list = []
     while todo and len(groups) < MAX_DIRECTIONS:
         g = todo.pop(0)
         cand = attempt(groups + [g])
