@@ -17,6 +17,7 @@ of a few hundred thousand actions build and simulate in tens of milliseconds.
 
 from __future__ import annotations
 
+import threading
 from array import array
 from collections import deque
 from collections.abc import Sequence
@@ -456,3 +457,41 @@ def build_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
     if name == "dualpipe":
         return _dualpipe(p, m)
     raise ScheduleConstraintError(f"unknown schedule {name!r}", "schedule")
+
+
+# schedules built lately, with each rank's stages: a sweep over sizes (or a plan's layouts)
+# asks for the same schedule again and again (building one is O(ranks x micro-batches)). Schedules are
+# frozen and read only; those past _MEMO_ACTIONS actions are not kept.
+_SCHEDULES: dict[tuple, tuple] = {}
+_SCHEDULES_MAX = 16
+_MEMO_ACTIONS = 1 << 20
+_SCHEDULES_LOCK = threading.Lock()
+
+
+def schedule_of(name: str, p: int, m: int, v: int):
+    """``build_schedule(name, p, m, v)``, memoised (a constraint error is raised each time)."""
+    key = (name, p, m, v)
+    hit = _SCHEDULES.get(key)
+    if hit is not None:
+        return hit[0]
+    plan = build_schedule(name, p, m, v)
+    if sum(len(o) for o in plan.orders) <= _MEMO_ACTIONS:
+        stages: list[list[int]] = [[] for _ in range(plan.num_ranks)]
+        for s, r in enumerate(plan.stage_to_rank):
+            stages[r].append(s)
+        with _SCHEDULES_LOCK:
+            if len(_SCHEDULES) >= _SCHEDULES_MAX:
+                _SCHEDULES.pop(next(iter(_SCHEDULES)), None)
+            _SCHEDULES[key] = (plan, stages)
+    return plan
+
+
+def rank_stages(schedule) -> list[list[int]]:
+    """Each rank's stages, in order (kept with a memoised schedule)."""
+    for plan, stages in list(_SCHEDULES.values()):
+        if plan is schedule:
+            return stages
+    stages: list[list[int]] = [[] for _ in range(schedule.num_ranks)]
+    for s, r in enumerate(schedule.stage_to_rank):
+        stages[r].append(s)
+    return stages

@@ -24,14 +24,13 @@ from planner.layouts.pipeline_memory import (
 )
 from planner.layouts import pipeline_structures
 from planner.layouts.pipeline_replays import compile_rank, rank_step
-from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from planner.layouts.pipeline_schedules import ScheduleConstraintError, rank_stages, schedule_of
 from planner.machine import cache
 from planner.machine.cache import setup_key
 from planner.machine.deadline import check as check_work_limit
 from planner.step import structures
 
-__all__ = ["Overflows", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate", "rank_stages",
-           "schedule_of", "stop_above"]
+__all__ = ["Overflows", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate", "stop_above"]
 
 _LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("fit_limit", default=None)
 
@@ -94,43 +93,6 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
     notes = [f"per-rank steady-state peaks: {per}"]
     return worst, peaks, assumptions, notes
 
-
-
-# schedules the memory estimates built lately, with each rank's stages: a sweep over sizes asks
-# for the same schedule again and again (building one is O(ranks x micro-batches)). Schedules are
-# frozen and read only; those past _MEMO_ACTIONS actions are not kept.
-_SCHEDULES: dict[tuple, tuple] = {}
-_SCHEDULES_MAX = 16
-_MEMO_ACTIONS = 1 << 20
-
-
-def schedule_of(name: str, p: int, m: int, v: int):
-    """``build_schedule(name, p, m, v)``, memoised (a constraint error is raised each time)."""
-    key = (name, p, m, v)
-    hit = _SCHEDULES.get(key)
-    if hit is not None:
-        return hit[0]
-    plan = build_schedule(name, p, m, v)
-    if sum(len(o) for o in plan.orders) <= _MEMO_ACTIONS:
-        stages: list[list[int]] = [[] for _ in range(plan.num_ranks)]
-        for s, r in enumerate(plan.stage_to_rank):
-            stages[r].append(s)
-        with cache._LOCK:
-            if len(_SCHEDULES) >= _SCHEDULES_MAX:
-                _SCHEDULES.pop(next(iter(_SCHEDULES)), None)
-            _SCHEDULES[key] = (plan, stages)
-    return plan
-
-
-def rank_stages(schedule) -> list[list[int]]:
-    """Each rank's stages, in order (kept with a memoised schedule)."""
-    for plan, stages in list(_SCHEDULES.values()):
-        if plan is schedule:
-            return stages
-    stages: list[list[int]] = [[] for _ in range(schedule.num_ranks)]
-    for s, r in enumerate(schedule.stage_to_rank):
-        stages[r].append(s)
-    return stages
 
 
 def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):

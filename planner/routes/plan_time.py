@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from planner.catalog.parameters import count_parameters
 from planner.catalog.presets import GPU
 from planner.catalog.specs import Assumption, ResolvedModel
-from planner.layouts.pipeline_schedules import build_schedule
+from planner.layouts.pipeline_schedules import schedule_of
 from planner.layouts.pipeline_sim import simulate
 
 # Fraction of the dense 16-bit peak the step's matmuls reach, per GPU kind. Chosen once per kind
@@ -305,7 +305,7 @@ def p2p_exposed_s(model: ResolvedModel, seq: int, act_bytes: int, lay: Layout,
 def _simulated(schedule: str, p: int, m: int, v: int, key: tuple[float, ...]):
     n = p * v
     f, bwd, comm = list(key[:n]), list(key[n:2 * n]), key[-1]
-    sched = build_schedule(schedule, p, m, v)
+    sched = schedule_of(schedule, p, m, v)
     zero = [0.0] * n
     out = simulate(sched, f, bwd, zero, comm)
     return out.makespan_s, max(out.busy_s)
