@@ -24,6 +24,7 @@ block to 512 bytes; that rounding is not applied here (it is the allocator's, no
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from planner.catalog.precision import DTYPE_BYTES, resolve_precision
@@ -47,17 +48,13 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+_numel = math.prod  # elements of a shape (1 for a 0-dim tensor)
 
 
 def _shapes(tensor_numels: list[int], tensor_shapes: list[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
     if tensor_shapes is None:
         return [(n,) for n in tensor_numels]  # unknown shapes: treated as vectors
-    if [_numel(s) for s in tensor_shapes] != list(tensor_numels):
+    if list(map(_numel, tensor_shapes)) != list(tensor_numels):
         raise ValueError("tensor_shapes do not match tensor_numels")
     return [tuple(s) for s in tensor_shapes]
 

@@ -90,6 +90,8 @@ Everything stays integer bytes; every rank is simulated on its own (``rank``).
 
 from __future__ import annotations
 
+import math
+
 from planner.step.ops import F32, T
 from planner.step.program import ReferenceProgram
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
@@ -201,9 +203,10 @@ class ParallelProgram(ReferenceProgram):
             if self.z == 1:
                 keep = sorted(zero1_partition(numels, self.n)[self.rank])
                 numels, shapes = [numels[i] for i in keep], [shapes[i] for i in keep]
-            elif self.z >= 2:
-                shapes = [self._local_shape(s) for s in shapes]
-                numels = [_numel(s) for s in shapes]
+            elif self.z >= 2:  # per distinct shape (a model's tensors have a few)
+                local = {s: self._local_shape(s) for s in set(shapes)}
+                shapes = list(map(local.__getitem__, shapes))
+                numels = list(map(_numel, shapes))
             self._owned_cache = numels, shapes
         return self._owned_cache
 
@@ -461,11 +464,7 @@ class ParallelProgram(ReferenceProgram):
         self.ops.drop(scaled)
 
 
-def _numel(s: tuple[int, ...]) -> int:
-    n = 1
-    for d in s:
-        n *= d
-    return n
+_numel = math.prod  # elements of a shape
 
 
 __all__ = ["ParallelProgram"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import functools
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -121,14 +122,13 @@ def _stage_tensors(m: ResolvedModel, layer_lo: int, layer_hi: int, *, first: boo
             # untied lm_head; or, tied but on another pipeline stage, the output stage keeps its
             # own copy of the word embedding (Megatron-LM word_embeddings_for_head)
             out.append(((V, h), "vocab"))
-    return [(_tp_split(s, k, tp), k) for s, k in out]
+    if tp == 1:
+        return out
+    split = {sk: (_tp_split(*sk, tp), sk[1]) for sk in set(out)}  # per distinct tensor kind
+    return list(map(split.__getitem__, out))
 
 
-def _numel(s: Shape) -> int:
-    n = 1
-    for d in s:
-        n *= d
-    return n
+_numel = math.prod  # elements of a shape (1 for a 0-dim tensor)
 
 
 def pipeline_stage_layers(num_layers: int, p: int) -> list[int]:
@@ -262,18 +262,18 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
         frozen = [fsdp_shard_shape(s, n) for s in frozen]
     frozen_bytes = sum(tensor_bytes(_numel(s), frozen_dtype or plan.param_dtype, rows=s[0])
                        for s in frozen)
-    numels = [_numel(s) for s in train_shapes]
+    numels = list(map(_numel, train_shapes))
     psi = sum(numels)
     notes: list[str] = []
     ga = training.gradient_accumulation_steps
 
     def opt_bytes(shapes: list[Shape]) -> int:
-        ns = [_numel(s) for s in shapes]
+        ns = list(map(_numel, shapes))
         return optimizer_state_bytes(training, ns, opt_dtype, shapes) + \
             (sum(ns) * _b(master) if master else 0)
 
     def step_tmp(shapes: list[Shape]) -> int:
-        return reference_step_temporary_bytes(training, [_numel(s) for s in shapes], shapes)
+        return reference_step_temporary_bytes(training, list(map(_numel, shapes)), shapes)
 
     if z <= 1:
         params = psi * pb + frozen_bytes
@@ -295,16 +295,17 @@ def _stage_states(tensors: list[Shape], trainable: list[bool], frozen_dtype: str
         tmp = step_tmp(owned)
         buffers = 0
     else:
-        sharded = [fsdp_shard_shape(s, n) for s in train_shapes]
+        padded = {s: fsdp_shard_shape(s, n) for s in set(train_shapes)}  # per distinct shape
+        sharded = list(map(padded.__getitem__, train_shapes))
+        shard_numels = list(map(_numel, sharded))
         # FSDP2 sharded params are the stored (master) weights: fp32 for mixed-*, else param dtype
         store_b = _b(master) if master else pb
-        shard_elems = sum(_numel(s) for s in sharded)
+        shard_elems = sum(shard_numels)
         params = shard_elems * store_b + frozen_bytes
         grads = shard_elems * store_b  # sharded grads take the sharded param's dtype
-        opt = optimizer_state_bytes(training, [_numel(s) for s in sharded], opt_dtype, sharded)
+        opt = optimizer_state_bytes(training, shard_numels, opt_dtype, sharded)
         # no separate master copy: the optimizer steps on the sharded params directly
-        tmp = optimizer_step_temporary_bytes(training, [_numel(s) for s in sharded], opt_dtype,
-                                             sharded)
+        tmp = optimizer_step_temporary_bytes(training, shard_numels, opt_dtype, sharded)
         largest_unit = max(unit_elems) if unit_elems else psi
         if z == 2:
             # unsharded 16-bit params of every unit are kept from forward to backward
@@ -447,7 +448,7 @@ def _shard_model_states(model: ResolvedModel, training: TrainingSpec,
             unit = sum(_numel(a) for a in adapters) // max(hi - lo, 1)
         else:
             trainable = [True] * len(shapes)
-        root = 0 if lora is not None else sum(_numel(sh) for sh in shapes) - (hi - lo) * unit
+        root = 0 if lora is not None else sum(map(_numel, shapes)) - (hi - lo) * unit
         ms = _stage_states(shapes, trainable, lora.base_dtype if lora else None, training,
                            parallel, plan, [unit], root)
         seen[shape_key] = ms

@@ -99,6 +99,7 @@ class Poly(_Exact):
         return Poly(terms)
 
     # ---- arithmetic -----------------------------------------------------------------------
+    # (the terms are never changed in place: a result may share them with an operand)
     def __add__(self, o):
         if isinstance(o, Poly):
             d = dict(self.t)
@@ -106,19 +107,39 @@ class Poly(_Exact):
                 d[k] = d.get(k, 0) + c
             return Poly.make(d)
         if isinstance(o, int):
-            d = dict(self.t)
-            d[(0, 0)] = d.get((0, 0), 0) + o
-            return Poly.make(d)
+            if not o:
+                return self
+            return self._plus_const(o)
         return NotImplemented
 
     __radd__ = __add__
+
+    def _plus_const(self, o: int):
+        """self + o for an int o != 0: only the constant term changes (the others stay nonzero,
+        so the result is constant only when nothing else is left)."""
+        d = dict(self.t)
+        c = d.get((0, 0), 0) + o
+        if c:
+            d[(0, 0)] = c
+        else:
+            del d[(0, 0)]
+        if len(d) == 1 and (0, 0) in d:
+            return c
+        return Poly(d)
 
     def __neg__(self):
         return Poly({k: -c for k, c in self.t.items()})
 
     def __sub__(self, o):
-        if isinstance(o, (Poly, int)):
-            return self + (-o)
+        if isinstance(o, Poly):
+            d = dict(self.t)
+            for k, c in o.t.items():
+                d[k] = d.get(k, 0) - c
+            return Poly.make(d)
+        if isinstance(o, int):
+            if not o:
+                return self
+            return self._plus_const(-o)
         return NotImplemented
 
     def __rsub__(self, o):
@@ -135,7 +156,11 @@ class Poly(_Exact):
                     d[key] = d.get(key, 0) + c * e
             return Poly.make(d)
         if isinstance(o, int) and not isinstance(o, bool):
-            return Poly.make({k: c * o for k, c in self.t.items()})
+            if o == 1:
+                return self
+            if not o:
+                return 0
+            return Poly({k: c * o for k, c in self.t.items()})  # no term vanishes
         return NotImplemented
 
     __rmul__ = __mul__

@@ -105,7 +105,22 @@ class ReferenceModel:
         p("tok_emb", s.V * s.h, shape=(s.V, s.h))
         if gpt2:
             p("pos_emb", s.P * s.h, shape=(s.P, s.h))
-        for i in range(c.num_layers):
+        # every block declares the same specs: a block that is not simulated declares none of
+        # its tensors, so after the first such block the rest of a run of them is its specs
+        # repeated (the list's own C loop; a 1024-layer model has ~16k parameters)
+        unsimulated: list | None = None
+        i = 0
+        while i < c.num_layers:
+            if i not in sim and unsimulated is not None:
+                j = i
+                while j < c.num_layers and j not in sim:
+                    j += 1
+                if self.n_phantom and i <= 3 * self.period < j:  # the first block stood in for
+                    self._block_specs.extend(unsimulated)
+                self.param_specs.extend(unsimulated * (j - i))
+                i = j
+                continue
+            first = len(self.param_specs)
             cur[0] = i
             pre = f"b{i}."
             p(pre + "norm1.w", s.h)
@@ -129,6 +144,9 @@ class ReferenceModel:
                 p(pre + "down.w", s.f * s.h, shape=(s.h, s.f))
             if lora is not None:
                 self._lora_params(i, p)
+            if i not in sim:
+                unsimulated = self.param_specs[first:]
+            i += 1
         cur[0] = None
         p("norm_f.w", s.h)
         if gpt2:
@@ -161,8 +179,14 @@ class ReferenceModel:
         return [t for t in self.params.tensors if t.val.fn is not None]
 
     def trainable_specs(self) -> list[tuple[int, tuple[int, ...]]]:
-        """(numel, shape) of every trainable parameter of the whole model, in order."""
-        return [(n, shp) for n, shp, rg, _ in self.param_specs if rg]
+        """(numel, shape) of every trainable parameter of the whole model, in order (one list,
+        kept while ``param_specs`` stays as built: callers read it, never change it)."""
+        specs = self.param_specs
+        memo = self.__dict__.get("_trainable_memo")
+        if memo is None or memo[0] is not specs or memo[1] != len(specs):
+            memo = self._trainable_memo = (specs, len(specs),
+                                           [(n, shp) for n, shp, rg, _ in specs if rg])
+        return memo[2]
 
     # ---- forward --------------------------------------------------------------------------------
     def linear(self, x: T, name: str, din: int, dout: int) -> T:
