@@ -135,18 +135,21 @@ class PipelineRankProgram(ReferenceProgram):
         ``("|", ...)`` that call the machine's ``cut()`` (planner/layouts/pipeline_periods.py replays
         shortened lists this way). ``compress_blocks``: the middle blocks of stages of 7 or more
         stood in for (planner/layouts/pipeline_blocks.py), where no backward is split."""
-        super().__init__(model, training, device=device, compress=False, machine=machine,
-                         sizes=sizes)
-        self.sched, self.rank = schedule, rank
         S = schedule.num_stages
-        mb = schedule.microbatches if microbatches is None else microbatches
-        self.actions = rank_actions(schedule, rank) if actions is None else actions
-        self.n_mb = mb
         self.stages = [s for s in range(S) if schedule.stage_to_rank[s] == rank]
         bounds = [0]
         for n in pipeline_stage_layers(model.num_layers, S):
             bounds.append(bounds[-1] + n)
         self.bounds = bounds
+        # only this rank's blocks get tensors (the others' parameters are declared, as the full
+        # model is built, and would be freed at once)
+        self.built_blocks = {i for st in self.stages for i in range(bounds[st], bounds[st + 1])}
+        super().__init__(model, training, device=device, compress=False, machine=machine,
+                         sizes=sizes)
+        self.sched, self.rank = schedule, rank
+        mb = schedule.microbatches if microbatches is None else microbatches
+        self.actions = rank_actions(schedule, rank) if actions is None else actions
+        self.n_mb = mb
         split = any(a[0] in ("I", "W") for a in self.actions)  # symbolic sizes: every block
         self.split_blocks = split and compress_blocks and sizes is None
         self.block_plans = {st: stage_plan(bounds[st + 1] - bounds[st], compress_blocks and (
@@ -154,7 +157,7 @@ class PipelineRankProgram(ReferenceProgram):
         self.backward_mode: str | None = None  # "I" / "W" while a split backward runs
         self.split_pending: Pending | None = None
         m, s = self.m, self.s
-        # Keep only this rank's parameters (the others are built and freed with the full model).
+        # Keep only this rank's parameters (the full model's root tensors are built and freed).
         owner: dict[int, int] = {}
         for name, t in self.params.by_name.items():
             if name.startswith("b") and name[1].isdigit():
@@ -167,10 +170,18 @@ class PipelineRankProgram(ReferenceProgram):
             else:
                 st = S - 1
             owner[id(t)] = st
-        self._owned = [owner[id(t)] in self.stages for t in self.params.tensors]
+        # per declared parameter (``param_specs``: the root's before the blocks, ``k`` per
+        # block, the root's after them), whether one of this rank's stages holds it
+        # (the root's tensors are all built: their owners are the ones found above)
+        head, k = self._spec_layout
+        tail = len(self.param_specs) - head - k * model.num_layers
+        ts = self.params.tensors
+        owned = [owner[id(t)] in self.stages for t in ts[:head]]
+        for st in range(S):
+            owned += [st in self.stages] * (k * (bounds[st + 1] - bounds[st]))
+        self._owned = owned + [owner[id(t)] in self.stages for t in ts[len(ts) - tail:]]
         # one block's parameters: what a phantom's blocks hold as gradients (pipeline_blocks)
-        self._block_specs = [spec for name, spec in zip(self.params.by_name, self.param_specs)
-                             if name.startswith("b0.")]
+        self._block_specs = self.param_specs[head:head + k]
         if self._states_at_init:  # the optimizer over this rank's stages (Adagrad: states now)
             self._states = self._alloc_states()
         for name, t in self.params.by_name.items():

@@ -69,6 +69,10 @@ class ReferenceModel:
         self.param_specs: list[tuple[int, tuple[int, ...], bool]] = []
         self._block_specs: list[tuple[int, tuple[int, ...], bool]] = []
         sim = {i: j for j, i in enumerate(self.real_blocks)}
+        # the blocks whose tensors are made: the simulated ones (a pipeline rank: those of its
+        # stages, ``built_blocks``); the others are declared (``param_specs``) only
+        keep = getattr(self, "built_blocks", None)
+        built = sim if keep is None else {i for i in sim if i in keep}
         cur: list[int | None] = [None]  # the block being declared (None: not a block)
 
         def p(name: str, numel: int, rg: bool = True, shape: tuple[int, ...] | None = None,
@@ -86,7 +90,7 @@ class ReferenceModel:
             self.param_specs.append(spec)
             if self.n_phantom and cur[0] == 3 * self.period:  # the first block stood in for
                 self._block_specs.append(spec)
-            if cur[0] is not None and cur[0] not in sim:
+            if cur[0] is not None and cur[0] not in built:
                 return None
             if cur[0] is not None:
                 name = f"b{sim[cur[0]]}." + name.split(".", 1)[1]
@@ -109,11 +113,12 @@ class ReferenceModel:
         # its tensors, so after the first such block the rest of a run of them is its specs
         # repeated (the list's own C loop; a 1024-layer model has ~16k parameters)
         unsimulated: list | None = None
+        head = len(self.param_specs)
         i = 0
         while i < c.num_layers:
-            if i not in sim and unsimulated is not None:
+            if i not in built and unsimulated is not None:
                 j = i
-                while j < c.num_layers and j not in sim:
+                while j < c.num_layers and j not in built:
                     j += 1
                 if self.n_phantom and i <= 3 * self.period < j:  # the first block stood in for
                     self._block_specs.extend(unsimulated)
@@ -144,8 +149,10 @@ class ReferenceModel:
                 p(pre + "down.w", s.f * s.h, shape=(s.h, s.f))
             if lora is not None:
                 self._lora_params(i, p)
-            if i not in sim:
+            if i not in built:
                 unsimulated = self.param_specs[first:]
+            if i == 0:  # (specs before the blocks, specs per block): every block declares alike
+                self._spec_layout = (head, len(self.param_specs) - head)
             i += 1
         cur[0] = None
         p("norm_f.w", s.h)
