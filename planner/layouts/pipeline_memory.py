@@ -125,6 +125,9 @@ class PipelineRankProgram(ReferenceProgram):
 
     # the rank's optimizer is built once its stages are known (over their parameters only)
     optimizer_built_later = True
+    # only the rank's own blocks get tensors (False: every block's are built and the others'
+    # freed, as the full model is; the tests hold the two equal)
+    own_blocks_only = True
 
     def __init__(self, model: ResolvedModel, training: TrainingSpec, schedule, rank: int, *,
                  device: str = "cuda", machine: Machine | None = None,
@@ -143,7 +146,8 @@ class PipelineRankProgram(ReferenceProgram):
         self.bounds = bounds
         # only this rank's blocks get tensors (the others' parameters are declared, as the full
         # model is built, and would be freed at once)
-        self.built_blocks = {i for st in self.stages for i in range(bounds[st], bounds[st + 1])}
+        self.built_blocks = {i for st in self.stages for i in range(bounds[st], bounds[st + 1])} \
+            if self.own_blocks_only else None
         super().__init__(model, training, device=device, compress=False, machine=machine,
                          sizes=sizes)
         self.sched, self.rank = schedule, rank
@@ -174,12 +178,15 @@ class PipelineRankProgram(ReferenceProgram):
         # block, the root's after them), whether one of this rank's stages holds it
         # (the root's tensors are all built: their owners are the ones found above)
         head, k = self._spec_layout
-        tail = len(self.param_specs) - head - k * model.num_layers
         ts = self.params.tensors
-        owned = [owner[id(t)] in self.stages for t in ts[:head]]
-        for st in range(S):
-            owned += [st in self.stages] * (k * (bounds[st + 1] - bounds[st]))
-        self._owned = owned + [owner[id(t)] in self.stages for t in ts[len(ts) - tail:]]
+        if self.built_blocks is None:  # every tensor built: one per declared parameter
+            self._owned = [owner[id(t)] in self.stages for t in ts]
+        else:
+            tail = len(self.param_specs) - head - k * model.num_layers
+            owned = [owner[id(t)] in self.stages for t in ts[:head]]
+            for st in range(S):
+                owned += [st in self.stages] * (k * (bounds[st + 1] - bounds[st]))
+            self._owned = owned + [owner[id(t)] in self.stages for t in ts[len(ts) - tail:]]
         # one block's parameters: what a phantom's blocks hold as gradients (pipeline_blocks)
         self._block_specs = self.param_specs[head:head + k]
         if self._states_at_init:  # the optimizer over this rank's stages (Adagrad: states now)
