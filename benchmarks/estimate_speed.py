@@ -164,7 +164,8 @@ def planner_rows(n_cold: int, n_new: int, n_warm: int) -> list[tuple[str, str, f
 def fit_search_rows() -> list[tuple[str, int | None, float, int, float, int]]:
     """Largest fitting micro-batch on an H100 80GB, cold: the secant-guided probes against the
     exponential + binary search (same answer; time and simulations each)."""
-    from planner.routes.memory import _max_micro_batch, _max_micro_batch_search, checkpointed_blocks
+    from planner.routes.checkpoint_blocks import checkpointed_blocks
+    from planner.routes.memory import _max_micro_batch, _max_micro_batch_search
 
     rows = []
     for preset in MODELS:

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from planner.catalog.presets import resolve_model
 from planner.routes.checkpointing import named_plan
-from planner.routes.memory import checkpointed_blocks
+from planner.routes.checkpoint_blocks import checkpointed_blocks
 from planner.step.program import ReferenceProgram
 from planner.catalog.specs import ActivationCheckpointing, ModelSpec, TrainingSpec
 from service.app import create_app

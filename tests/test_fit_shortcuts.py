@@ -29,6 +29,7 @@ from planner.catalog.presets import allocator_reserve, resolve_model
 from planner.catalog.specs import MemoryRequest
 from planner.machine import cache
 from planner.routes import memory as M
+from planner.routes.checkpoint_blocks import checkpointed_blocks
 from planner.layouts.pipelined import Overflows, stop_above
 from planner.routes.micro_batch import largest_fitting, largest_fitting_search
 from planner.routes.plan_suggest import keeps_activations, state_lower_bound, suggestions
@@ -109,7 +110,7 @@ def test_fit_equals_search_and_replay(seed: int) -> None:
     rng = random.Random(100 + seed)
     for req in _setups(6, seed):
         model = resolve_model(req.model)
-        blocks = M.checkpointed_blocks(req.training, model.num_layers)
+        blocks = checkpointed_blocks(req.training, model.num_layers)
         plain = M.estimate_memory(req, explain=False)
         need = plain.breakdown.total + allocator_reserve(plain.breakdown.total, "cuda")
         for mem in (need - 1, need, need + rng.randint(1, need), 5 * need):

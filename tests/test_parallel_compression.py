@@ -11,7 +11,7 @@ import random
 import pytest
 
 from planner.catalog.presets import resolve_model
-from planner.routes.memory import checkpointed_blocks
+from planner.routes.checkpoint_blocks import checkpointed_blocks
 from planner.layouts.data_parallel import ParallelProgram
 from planner.layouts.parallel_ranks import ranks_that_differ, unsupported_reason, zero1_ownership
 from planner.step.plans import plan_period

@@ -10,7 +10,8 @@ import torch
 from fastapi.testclient import TestClient
 
 from planner.catalog.presets import resolve_model
-from planner.routes.memory import checkpointed_blocks, estimate_memory
+from planner.routes.checkpoint_blocks import checkpointed_blocks
+from planner.routes.memory import estimate_memory
 from planner.step.program import ReferenceProgram
 from planner.catalog.specs import MemoryRequest, ModelSpec, TrainingSpec
 from planner.machine.stepsim import Machine

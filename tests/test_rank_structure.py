@@ -21,7 +21,7 @@ from planner.layouts.data_parallel import ParallelProgram
 from planner.layouts.parallel_ranks import empty_shard_rule, unsupported_reason
 from planner.machine import cache
 from planner.routes import memory as pm
-from planner.routes.memory import checkpointed_blocks
+from planner.routes.checkpoint_blocks import checkpointed_blocks
 from planner.step import simulate as step_cache
 from planner.step import structures
 from planner.step.rank_structure import EMPTY, PARTIAL, shard_rows_of

@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import ValidationRequest
 from planner.layouts.compose import snap_breakdown
-from planner.routes.memory import checkpointed_blocks
+from planner.routes.checkpoint_blocks import checkpointed_blocks
 from planner.step.program import ReferenceProgram
 from service.validation.runner import measure
 

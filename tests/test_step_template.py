@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from planner.routes import memory as pm
 from planner.step import simulate as step_cache
 from planner.catalog.presets import resolve_model
-from planner.routes.memory import checkpointed_blocks
+from planner.routes.checkpoint_blocks import checkpointed_blocks
 from planner.step.program import ReferenceProgram
 from planner.catalog.specs import MemoryRequest, ModelSpec, TrainingSpec
 from planner.machine import cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from planner.routes import memory as M
+from planner.routes.checkpoint_blocks import checkpointed_blocks
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import MemoryRequest
 
@@ -38,7 +39,7 @@ def test_max_micro_batch_matches_search(preset: str, precision: str, ckpt: str, 
                                         attention: str) -> None:
     req = _request(preset, precision, ckpt, seq, attention)
     model = resolve_model(req.model)
-    blocks = M.checkpointed_blocks(req.training, model.num_layers)
+    blocks = checkpointed_blocks(req.training, model.num_layers)
     one = M._estimate(req, model, "cuda", blocks)
     need1 = one.breakdown.total + one.allocator_reserve_bytes
     # nothing fits, exactly one fits, a few, many

@@ -21,7 +21,7 @@ from planner.routes import memory as pm
 from planner.step import simulate as step_cache
 from planner.step import structures
 from planner.catalog.presets import resolve_model
-from planner.routes.memory import checkpointed_blocks
+from planner.routes.checkpoint_blocks import checkpointed_blocks
 from planner.step.program import ReferenceProgram
 from planner.catalog.specs import MemoryRequest, ModelSpec, TrainingSpec
 from planner.step.structure import compile_structure, structure_of

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
-from planner.catalog.errors import PlanningError
-from planner.catalog.presets import ALLOCATOR_RESERVE_FRACTION, allocator_reserve, get_gpu, resolve_model
-from planner.catalog.presets import hf_config_of
 from planner.catalog.allocator_specs import CudaAllocatorPeaks
+from planner.catalog.errors import PlanningError
+from planner.catalog.presets import (
+    ALLOCATOR_RESERVE_FRACTION,
+    allocator_reserve,
+    get_gpu,
+    hf_config_of,
+    resolve_model,
+)
 from planner.catalog.specs import (
     MAX_STAGE_MICROBATCHES,
-    ActivationCheckpointing,
     Assumption,
     Fit,
     HardwareSpec,
@@ -40,22 +43,32 @@ from planner.layouts.compose import (
     single_device,
     snap_breakdown,
 )
+from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.parallel_ranks import (
     empty_shard_rule,
     fsdp_mixed_precision_refusal,
     unsupported_reason,
 )
-from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.pipelined import pipelined_estimate
-from planner.routes import memory_notes
-from planner.routes.loss_rules import loss_assumption, loss_refusal
-from planner.routes.micro_batch import (compile_ahead_pays, hold_compiles, largest_fitting,
-                                        largest_fitting_search)
-from planner.routes.plan_suggest import suggestions
 from planner.machine import cache
+from planner.routes import memory_notes
+from planner.routes.activation_floor import floor_for
+from planner.routes.checkpoint_blocks import (
+    ckpt_assumption,
+    frozen_blocks,
+)
+from planner.routes.loss_rules import loss_assumption, loss_refusal
+from planner.routes.micro_batch import (
+    compile_ahead_pays,
+    hold_compiles,
+    largest_fitting,
+    largest_fitting_search,
+)
+from planner.routes.plan_suggest import suggestions
 from planner.step import simulate as step_cache
 from planner.step.allocator_replay import allocator_peaks
 from planner.step.allocator_replay import clear_cache as clear_allocator_cache
+
 
 def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
     if par.offload_parameters and par.zero_stage != 3:
@@ -131,25 +144,7 @@ def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
             f"num_layers ({model.num_layers})", "training.activation_checkpointing.blocks")
 
 
-def checkpointed_blocks(tr: TrainingSpec, num_layers: int) -> set[int]:
-    """Block indices the reference step wraps in torch.utils.checkpoint for named strategies
-    (the same rule as service.validation.step.checkpointed_blocks); an explicit plan
-    (``blocks``: strategy 'blocks' or a resolved 'budget') as given."""
-    ac = tr.activation_checkpointing
-    if ac.blocks is not None:
-        return set(ac.blocks)
-    if ac.strategy == "full":
-        return set(range(num_layers))
-    if ac.strategy == "every-k":
-        k = ac.every_k or 1
-        return {i for i in range(num_layers) if i % k == 0}
-    if ac.strategy == "sqrt":  # Chen et al. 2016: one kept block per ~sqrt(n)
-        k = max(1, round(math.sqrt(num_layers)))
-        return {i for i in range(num_layers) if i % k != k - 1}
-    return set()
-
-
-def _hardware_bytes(hw: HardwareSpec | None) -> tuple[str | None, int | None]:
+def hardware_bytes(hw: HardwareSpec | None) -> tuple[str | None, int | None]:
     if hw is None:
         return None, None
     if hw.gpu is not None:
@@ -217,35 +212,15 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     ac = req.training.activation_checkpointing
     if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
         return _budget(req, model, device, explain, allocator)
-    ckpt = _blocks(req.training, model.num_layers) if model.architecture_known else frozenset()
+    ckpt = frozen_blocks(req.training, model.num_layers) if model.architecture_known else frozenset()
     return _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
-
-
-def _blocks(tr: TrainingSpec, num_layers: int) -> frozenset[int]:
-    """checkpointed_blocks as a frozenset, memoised for the named strategies."""
-    ac = tr.activation_checkpointing
-    if ac.blocks is not None:
-        return frozenset(ac.blocks)
-    return _named_blocks(ac.strategy, ac.every_k, num_layers)  # plain keys: cheap to compare
-
-
-@functools.lru_cache(maxsize=1024)
-def _named_blocks(strategy: str, every_k: int | None, num_layers: int) -> frozenset[int]:
-    ac = ActivationCheckpointing(strategy=strategy, every_k=every_k)
-    return frozenset(checkpointed_blocks(TrainingSpec(activation_checkpointing=ac), num_layers))
-
-
-@functools.lru_cache(maxsize=1024)
-def _ckpt_assumption(ckpt: frozenset[int]) -> Assumption:
-    return Assumption(name="checkpointed_blocks", value=_ranges(sorted(ckpt)),
-                      note="torch.utils.checkpoint(use_reentrant=False)")
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
               extra_notes: list[str] | None = None, explain: bool = False,
               allocator: bool = False) -> MemoryResult:
     tr, par = req.training, req.parallelism
-    gpu_name, mem_bytes = _hardware_bytes(req.hardware)
+    gpu_name, mem_bytes = hardware_bytes(req.hardware)
     assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
                                      _ZERO_GRAD]
     notes: list[str] = list(extra_notes or [])
@@ -260,13 +235,15 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         bd, phase = megatron(model, tr, par, assumptions)
         peaks = fb_fields(bd.activations, bd, phase)  # Korthikanti et al.: the forward's end
     else:
-        # a micro-batch search follows: compile the template now when it will pay
-        ahead = mem_bytes is not None and compile_ahead_pays(tr.micro_batch_size)
+        # a micro-batch search follows: compile the template now when it will pay (the sizes
+        # it can ask end below the first one a shared activation floor rules out)
+        ahead = mem_bytes is not None and compile_ahead_pays(
+            _search_top(model, tr, par, device, ckpt, mem_bytes))
         with cache.compile_first() if ahead else contextlib.nullcontext():
             bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
         assumptions.append(loss_assumption(tr.loss))
         if ckpt:
-            assumptions.append(_ckpt_assumption(frozenset(ckpt)))
+            assumptions.append(ckpt_assumption(frozenset(ckpt)))
     cuda_alloc = _cuda_allocator(model, tr, par, device, ckpt, first) if allocator else None
     if cuda_alloc is not None:
         reserve = max(0, cuda_alloc.reserved_bytes - bd.total)
@@ -335,17 +312,6 @@ def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
         return None
 
 
-def _ranges(xs: list[int]) -> str:
-    out, i = [], 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
 def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
                ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
     if single_device(par):
@@ -386,9 +352,22 @@ def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt
         return fast
     b0 = req.training.micro_batch_size
     known = {b0: need_here} if need_here is not None else None
-    hold = None if need_here is None else hold_compiles(b0, need_here <= mem_bytes)
+    top = _search_top(model, req.training, req.parallelism, device, ckpt, mem_bytes)
+    hold = None if need_here is None else hold_compiles(top, need_here <= mem_bytes)
+    floor = floor_for(model, req.training, req.parallelism, device, ckpt)
     with cache.compile_after(hold) if hold else contextlib.nullcontext():
-        return largest_fitting(need, mem_bytes, known=known)
+        return largest_fitting(need, mem_bytes, known=known, bound=floor)
+
+
+def _search_top(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str, ckpt,
+                mem_bytes: int | None) -> int:
+    """The request's micro-batch, or the first size a shared activation floor puts above the
+    memory when that is smaller (``planner/routes/activation_floor.py``; neither then fits): the
+    sizes of 2 and up the micro-batch search can estimate lie below it."""
+    b0 = tr.micro_batch_size
+    floor = None if mem_bytes is None else floor_for(model, tr, par, device, ckpt)
+    over = None if floor is None else floor.first_over(mem_bytes)
+    return b0 if over is None else min(b0, over)
 
 
 def _simulated_boundary(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
@@ -457,7 +436,7 @@ def _budget(req: MemoryRequest, model: ResolvedModel, device: str,
     if not model.architecture_known:
         raise PlanningError("strategy 'budget' needs the architecture", "model")
     ac = req.training.activation_checkpointing
-    _, mem = _hardware_bytes(req.hardware)
+    _, mem = hardware_bytes(req.hardware)
     budget = ac.budget_bytes or mem
     if budget is None:
         raise PlanningError("strategy 'budget' needs budget_bytes or hardware",

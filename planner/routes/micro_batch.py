@@ -46,17 +46,21 @@ def hold_compiles(b0: int, b0_fits: bool) -> int | None:
 
 
 def largest_fitting(need: Callable[[int], int], mem_bytes: int,
-                    max_batch: int = MAX_BATCH, known: dict[int, int] | None = None) -> int | None:
+                    max_batch: int = MAX_BATCH, known: dict[int, int] | None = None,
+                    bound: Callable[[int], int | None] | None = None) -> int | None:
     """Largest b in 1..max_batch with ``need(b) <= mem_bytes`` (``need``: the peak plus the
     allocator reserve at micro-batch b); None when not even 1 fits. ``known``: needs already
     computed (the estimate's own micro-batch), used as probes. The peak is monotone, so a size
     seen to fit says every smaller one does: b = 1 (a template domain of its own, so a replay
-    of its own) is probed only when nothing larger fits, and b = 2 is probed before it."""
+    of its own) is probed only when nothing larger fits, and b = 2 is probed before it.
+    ``bound(b)``: a lower bound on ``need(b)`` (or None): a size it puts above the memory is
+    not estimated (it cannot fit), and the bound stands in for its need in the predictions."""
     memo: dict[int, int] = {b: c for b, c in (known or {}).items() if 1 <= b <= max_batch}
 
     def cost(b: int) -> int:
         if b not in memo:
-            memo[b] = need(b)
+            floor = bound(b) if bound is not None else None
+            memo[b] = floor if floor is not None and floor > mem_bytes else need(b)
         return memo[b]
 
     # cost(lo) fits; hi does not (max_batch + 1 is never allowed)

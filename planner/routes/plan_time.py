@@ -173,7 +173,7 @@ def _recomputed_blocks(checkpoint: str, num_layers: int) -> float:
     """Fraction of blocks whose forward runs again (the planner's own plans)."""
     if checkpoint == "full":
         return 1.0
-    if checkpoint == "sqrt":  # planner.routes.memory.checkpointed_blocks
+    if checkpoint == "sqrt":  # planner.routes.checkpoint_blocks.checkpointed_blocks
         k = max(1, round(math.sqrt(num_layers)))
         return sum(1 for i in range(num_layers) if i % k != k - 1) / num_layers
     return 0.0

@@ -7,14 +7,21 @@ for that layout (``planner/routes/memory.py``).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from planner.catalog.errors import PlanningError
 from planner.catalog.presets import hf_config_of, resolve_model
 from planner.catalog.specs import MemoryRequest, ParallelSpec
 from planner.catalog.zero_specs import ZeroResult, ZeroStage
 from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.sharding import shard_model_states
+from planner.machine import cache
 from planner.machine.cache import setup_memo
-from planner.routes.memory import estimate_memory
+from planner.routes.activation_floor import build_floor, shared_floor
+from planner.routes.checkpoint_blocks import checkpointed_blocks_of
+from planner.routes.memory import estimate_memory, hardware_bytes
+from planner.routes.micro_batch import compile_ahead_pays
+from planner.routes.plan_suggest import keeps_activations
 
 __all__ = ["zero_stages"]
 
@@ -59,10 +66,25 @@ def zero_stages(request: MemoryRequest, estimate=None) -> ZeroResult:
         variants = variants[:4]
         notes.append(f"loss kind {request.training.loss.kind!r}: the offload variants are left "
                      "out (a chunked loss is estimated where the step is replayed rank by rank)")
+    floor, hold = None, None
+    if request.hardware is not None and compile_ahead_pays(request.training.micro_batch_size) \
+            and keeps_activations(request.training, request.parallelism) \
+            and request.training.loss.kind == "standard":
+        # the single-device step's activation floor, shared by the six layouts
+        # (planner/routes/activation_floor.py; the offload variants estimate that step anyway)
+        ckpt = checkpointed_blocks_of(request.training, model)
+        mem = hardware_bytes(request.hardware)[1]
+        if ckpt is not None and mem is not None:
+            floor = build_floor(model, request.training, "cuda", ckpt, mem)
+            # no size from 2 up fits any variant: each setup is estimated at the request's
+            # micro-batch alone in that domain, where a template would not pay
+            if floor is not None and floor.first_over(mem) == 2:
+                hold = 3
     for par in variants:
         # memoised per setup: each stage's estimate below asks for the same model states
         ms = setup_memo(shard_model_states, model, request.training, par)
-        result = estimate(request.model_copy(update={"parallelism": par}))
+        with shared_floor(floor), cache.compile_after(hold) if hold else nullcontext():
+            result = estimate(request.model_copy(update={"parallelism": par}))
         breakdown, fit = result.breakdown, result.fit
         stages.append(ZeroStage(stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
                                 implementation=ms.implementation,

@@ -271,7 +271,7 @@ def per_rank_estimates(req: ValidationRequest, device: str) -> list[tuple[Breakd
     """(first step, steady state) estimate of every rank."""
     from planner.catalog.presets import resolve_model
     from planner.layouts.parallel_ranks import data_parallel_peaks
-    from planner.routes.memory import checkpointed_blocks
+    from planner.routes.checkpoint_blocks import checkpointed_blocks
 
     model = resolve_model(req.model)
     ckpt = checkpointed_blocks(req.training, model.num_layers)

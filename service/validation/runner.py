@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from planner.catalog.presets import resolve_model
-from planner.routes.memory import checkpointed_blocks, estimate_memory
+from planner.routes.checkpoint_blocks import checkpointed_blocks
+from planner.routes.memory import estimate_memory
 from planner.catalog.specs import (
     ActivationCheckpointing,
     Breakdown,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from planner.hf.precision import MasterWeights
-from planner.routes.memory import checkpointed_blocks as planner_checkpointed_blocks
+from planner.routes.checkpoint_blocks import checkpointed_blocks as planner_checkpointed_blocks
 from planner.step.program import PRECISIONS
 from planner.catalog.loss_specs import LossSpec
 from planner.catalog.specs import ResolvedModel, TrainingSpec
