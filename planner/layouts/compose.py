@@ -47,10 +47,13 @@ def fb_fields(activation_peak: int | None, fb: Breakdown | None, fb_phase: str |
             "forward_backward_peak_phase": fb_phase}
 
 
-def replayed_fields(peaks) -> dict:
-    """The activation and forward/backward peaks of a replayed step (StepPeaks)."""
+def replayed_fields(peaks, steady: Breakdown | None = None) -> dict:
+    """The activation and forward/backward peaks of a replayed step (StepPeaks); ``steady``:
+    the steady peak's breakdown, already made, which is the forward/backward peak's too when
+    the peak falls in forward/backward (one frozen object for both)."""
     fb = peaks.fb_steady
-    return fb_fields(peaks.act_max.total, snap_breakdown(fb), f"{fb.phase}: {fb.op}")
+    bd = steady if steady is not None and fb is peaks.steady else snap_breakdown(fb)
+    return fb_fields(peaks.act_max.total, bd, f"{fb.phase}: {fb.op}")
 
 
 def single_device(par: ParallelSpec) -> bool:
@@ -89,8 +92,9 @@ def data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, dev
         "what each rank holds"))
     assumptions.append(_assumption("worst_rank", str(rank),
                                    "the rank with the highest steady-state peak"))
-    return (snap_breakdown(worst.steady), snap_breakdown(worst.first), f"{worst.steady.phase}: {worst.steady.op}",
-            replayed_fields(worst))
+    bd = snap_breakdown(worst.steady)
+    return (bd, snap_breakdown(worst.first), f"{worst.steady.phase}: {worst.steady.op}",
+            replayed_fields(worst, bd))
 
 
 _PROFILE_DATA_PARALLEL = Assumption(

@@ -318,8 +318,9 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
         peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
         steady, first = peaks.steady, peaks.first
         assumptions.append(_PROFILE_REFERENCE)
-        return (snap_breakdown(steady), snap_breakdown(first), f"{steady.phase}: {steady.op}",
-                replayed_fields(peaks))
+        bd = snap_breakdown(steady)
+        return (bd, snap_breakdown(first), f"{steady.phase}: {steady.op}",
+                replayed_fields(peaks, bd))
     if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
         # ZeRO on one data-parallel rank included: DDP + ZeroRedundancyOptimizer, or FSDP2's
         # world-size-1 path, replayed (measured by tests/test_zero_one_rank.py)
