@@ -19,7 +19,7 @@ import operator
 from planner.catalog.specs import ActivationCheckpointing, TrainingSpec
 from planner.layouts.pipeline_structure import compile_pipeline_structure, rank_lists
 from planner.machine import cache
-from planner.machine.cache import _LOCK, _NESTED, _SIZES, _put
+from planner.machine.cache import _LOCK, _LOSS_FIELDS, _NESTED, _SIZES, _put
 from planner.machine.deadline import BackgroundLimit, WorkLimitExceeded, work_limit
 from planner.machine.symbolic import Undecided
 from planner.step import structures
@@ -48,7 +48,8 @@ def structure_key(model, tr: TrainingSpec, schedule, device: str, dom, signature
     by JSON)."""
     d = tr.__dict__
     key = (model.family, model.num_layers, model.tie_embeddings, model.architecture_known,
-           model.model_type, _FIELDS(d), _AC_FIELDS(d["activation_checkpointing"].__dict__),
+           model.model_type, _FIELDS(d) + _LOSS_FIELDS(d["loss"].__dict__),
+           _AC_FIELDS(d["activation_checkpointing"].__dict__),
            d["lora"], d["precision_overrides"], device, schedule.name, schedule.num_stages,
            schedule.num_ranks, dom, signature)
     try:

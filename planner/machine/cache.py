@@ -22,6 +22,7 @@ import contextvars
 import operator
 import threading
 
+from planner.catalog.loss_specs import LossSpec
 from planner.catalog.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
 from planner.machine.recording import domain_of
 from planner.machine.symbolic import Undecided
@@ -34,10 +35,11 @@ _MEMO_MAX = 8192  # per-setup results (model states, partitions): small, and a p
 _SEEN: dict[tuple, int] = {}
 _SEEN_MAX = 4096
 _SIZES = ("micro_batch_size", "sequence_length")
-_NESTED = ("activation_checkpointing", "lora", "precision_overrides")
+_NESTED = ("activation_checkpointing", "lora", "precision_overrides", "loss")
 _SETUP_FIELDS = operator.itemgetter(*(f for f in TrainingSpec.model_fields
                                       if f not in _SIZES and f not in _NESTED))
 _AC_FIELDS = operator.itemgetter(*ActivationCheckpointing.model_fields)
+_LOSS_FIELDS = operator.itemgetter(*LossSpec.model_fields)
 _MODEL_FIELDS = operator.itemgetter(*ResolvedModel.model_fields)
 _PAR_FIELDS = operator.itemgetter(*ParallelSpec.model_fields)
 _LOCK = threading.Lock()  # cache writes (sync routes run in a thread pool)
@@ -62,7 +64,8 @@ def setup_key(model: ResolvedModel, tr: TrainingSpec, device: str,
     target modules) does not hash, and lookups fall back to ``_json_key``. ``par``/``rank``: a
     data-parallel rank's replay (planner/layouts/data_parallel.py)."""
     d = tr.__dict__
-    return (_MODEL_FIELDS(model.__dict__), _SETUP_FIELDS(d),
+    # (the loss spec as its fields: hashing and comparing a frozen model costs microseconds)
+    return (_MODEL_FIELDS(model.__dict__), _SETUP_FIELDS(d) + _LOSS_FIELDS(d["loss"].__dict__),
             _AC_FIELDS(d["activation_checkpointing"].__dict__), d["lora"],
             d["precision_overrides"], device, checkpointed,
             None if par is None else _PAR_FIELDS(par.__dict__), rank,

@@ -38,8 +38,15 @@ def loss_refusal(tr: TrainingSpec, par: ParallelSpec) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=64)
 def loss_assumption(loss: LossSpec) -> Assumption:
+    """The loss an estimate describes (memoised by the spec's two fields: hashing the frozen
+    model itself costs more than the rest of a template's answer)."""
+    return _loss_assumption(loss.kind, loss.chunks)
+
+
+@functools.lru_cache(maxsize=64)
+def _loss_assumption(kind: str, chunks: int) -> Assumption:
+    loss = LossSpec.model_construct(kind=kind, chunks=chunks)
     if loss.kind == "standard":
         return Assumption(name="loss", value="standard",
                           note="F.cross_entropy(logits.float()) over all tokens at once: the "
