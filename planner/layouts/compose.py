@@ -86,15 +86,20 @@ def data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, dev
     implementation allocates (planner/layouts/data_parallel.py); the worst rank is reported."""
     peaks = _dp_peaks(model, tr, par, device, frozenset(ckpt))
     rank, worst = max(peaks, key=lambda rp: (rp[1].steady.total, -rp[0]))
-    assumptions.append(_PROFILE_DATA_PARALLEL)
-    assumptions.append(_assumption("implementation", data_parallel_implementation(
-        par.zero_stage, par.data_parallel) + (MP_POLICY if par.fsdp_mixed_precision else ""),
-        "what each rank holds"))
-    assumptions.append(_assumption("worst_rank", str(rank),
-                                   "the rank with the highest steady-state peak"))
+    assumptions.extend(_dp_assumptions(par.zero_stage, par.data_parallel,
+                                       par.fsdp_mixed_precision, rank))
     bd = snap_breakdown(worst.steady)
     return (bd, snap_breakdown(worst.first), f"{worst.steady.phase}: {worst.steady.op}",
             replayed_fields(worst, bd))
+
+
+@functools.lru_cache(maxsize=4096)
+def _dp_assumptions(zero_stage: int, world: int, mp: bool, rank: int) -> tuple[Assumption, ...]:
+    """What a data-parallel estimate states: how it was derived, the implementation, the rank
+    reported (one tuple per layout and rank, shared between estimates)."""
+    impl = data_parallel_implementation(zero_stage, world) + (MP_POLICY if mp else "")
+    return (_PROFILE_DATA_PARALLEL, _assumption("implementation", impl, "what each rank holds"),
+            _assumption("worst_rank", str(rank), "the rank with the highest steady-state peak"))
 
 
 _PROFILE_DATA_PARALLEL = Assumption(
