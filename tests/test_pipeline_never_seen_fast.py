@@ -249,3 +249,19 @@ def test_rank_actions_decode_as_the_schedule_does():
                     assert all(type(x) is int for a in got for x in a[1:])
                 done += 1
     assert done >= 20
+
+
+def test_rank_lists_signature_keys_as_its_tuple():
+    from planner.layouts.pipeline_structure import _LISTS, rank_lists
+    sched = build_schedule("interleaved-1f1b", 4, 16, 2)
+
+    class M:  # rank_lists reads the block count only
+        num_layers = 32
+    _LISTS.clear()
+    for rank in range(4):
+        sig = rank_lists(sched, rank, M()).signature
+        plain = tuple(sig)
+        assert sig == plain and hash(sig) == hash(plain) == hash(sig)
+        assert {plain: 1}[sig] == 1 and {sig: 2}[plain] == 2
+        assert sig != tuple(plain[:-1])
+    _LISTS.clear()
