@@ -78,6 +78,15 @@ def test_lists_equal_the_plain_search_on_a_grid(name, v):
     assert done >= 8
 
 
+@pytest.mark.parametrize("batch", [0, 1 << 30])
+def test_lists_equal_the_plain_search_whichever_check_runs(batch, monkeypatch):
+    # every trial checked as arrays, or none (the lists' length picks otherwise)
+    monkeypatch.setattr(pipeline_periods, "BATCH_ACTIONS", batch)
+    for name, v in (("1f1b", 1), ("interleaved-1f1b", 2), ("gpipe", 1)):
+        for p, m in ((2, 6), (4, 8), (4, 20), (8, 24), (8, 40)):
+            _check(name, p, m, v)
+
+
 def test_lists_equal_the_plain_search_at_random_points():
     rng = random.Random(20261206)
     done = 0

@@ -48,6 +48,7 @@ _MAX_PERIOD = 1 << 16
 MAX_DIRECTIONS = 6  # each costs one more replay
 _CHUNK = 32  # periods find_runs tries at once (at most)
 _MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
+BATCH_ACTIONS = 384  # a trial's lists checked as arrays (pipeline_checks) from this many actions
 
 
 @dataclass
@@ -358,9 +359,11 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
         return cand
 
     def attempt(trial):
-        # the verdict alone where the batch check applies (pipeline_checks): only the last
-        # trial kept has its lists built, below (I and W actions: built and checked by
-        # ``shortened``)
+        # the verdict alone where the batch check applies (pipeline_checks) and the lists are
+        # long enough for it to pay: only the last trial kept has its lists built, below (I and
+        # W actions, or short lists: built and checked by ``shortened``)
+        if (len(trial) + 2) * len(actions) < BATCH_ACTIONS:
+            return build(trial)
         ok = all_valid(prep, *extras(trial))
         if ok is None:
             return build(trial)
