@@ -77,6 +77,7 @@ from planner.layouts.pipeline_backward import (
     split_backward_weight,
 )
 from planner.layouts.pipeline_blocks import run_stage_blocks, stage_plan
+from planner.layouts.pipeline_codes import decoded
 from planner.layouts.sharding import pipeline_stage_layers
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import Buf, Leaf, Machine, PeakSnap, Val
@@ -96,7 +97,7 @@ def rank_actions(schedule, rank: int) -> list[tuple[str, int, int, int]]:
     HOLD_WARM_WORK on the second-to-last warm-up forward (warm-up: min(m, S - stage) forwards,
     not on the last stage), whose send work ``send_work`` keeps until the 1B1F loop ends, at the
     backward of micro-batch m - warm-up (DROP_WARM_WORK)."""
-    out = [(k, st, j, 0) for k, st, j in schedule.actions(rank)]
+    out = [(k, st, j, 0) for k, st, j in decoded(schedule, rank)]
     if schedule.name == "1f1b" and out:
         S, mb = schedule.num_stages, schedule.microbatches
         stage = out[0][1]

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import combinations
-
 import numpy as np
+
+from planner.layouts.pipeline_checks import all_valid, balanced_group, built
 
 HOLD_WARM_WORK = 1  # planner.layouts.pipeline_memory's flag (its import would be circular)
 
@@ -48,6 +48,7 @@ _MAX_PERIOD = 1 << 16
 MAX_DIRECTIONS = 6  # each costs one more replay
 _CHUNK = 32  # periods find_runs tries at once (at most)
 _MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
+BATCH_ACTIONS = 384  # a trial's lists checked as arrays (pipeline_checks) from this many actions
 
 
 @dataclass
@@ -152,20 +153,6 @@ def _counts(actions: list, run: Run) -> dict[int, list[int]]:
     return out
 
 
-def _uniform(stages: list[int], cs: list[dict]) -> bool:
-    """Dropping one period of each run in ``cs`` keeps a valid step: every stage of the rank
-    loses as many forwards as input backwards, the same number for every stage, and as many
-    W's as I's."""
-    tot = {st: [0, 0, 0, 0] for st in stages}
-    for c in cs:
-        for st, v in c.items():
-            if st not in tot:
-                return False
-            tot[st] = [a + b for a, b in zip(tot[st], v)]
-    per = {f for f, b, i, w in tot.values()}
-    return len(per) == 1 and all(f == b and i == w for f, b, i, w in tot.values())
-
-
 def plan(actions: list) -> list[list[Run]]:
     """The runs to stand in for, grouped into directions (runs dropped by the same number of
     periods): a run that balances on its own, or two that balance together."""
@@ -197,22 +184,29 @@ def plan(actions: list) -> list[list[Run]]:
         r.keep_before = max(q) + 2 if q else 1
         if r.dropped >= MIN_DROPPED:
             kept.append(r)
-    runs = sorted(kept, key=lambda r: -r.dropped * r.period)[:_MAX_RUNS]
+    return grouped(actions, sorted(kept, key=lambda r: -r.dropped * r.period)[:_MAX_RUNS])
+
+
+def grouped(actions: list, runs: list[Run]) -> list[list[Run]]:
+    """``plan``'s directions: each run, most periods dropped first, with the smallest group of
+    the runs after it (up to 3 of the next 12) that balances with it (``balanced_group``:
+    every stage loses as many forwards as input backwards, the same number for every stage,
+    and as many W's as I's), the group dropping the most periods; a run that balances with
+    none is left out."""
     stages = sorted({st for _, st, _, _ in actions})
-    loose = sorted(((r, _counts(actions, r)) for r in runs), key=lambda rc: -rc[0].dropped)
+    col = {st: i for i, st in enumerate(stages)}
+
+    def counts(r):  # flat: 4 per stage
+        v = [0] * (4 * len(stages))
+        for st, c in _counts(actions, r).items():
+            v[4 * col[st]:4 * col[st] + 4] = c
+        return tuple(v)
+    loose = sorted(((r, counts(r)) for r in runs), key=lambda rc: -rc[0].dropped)
     groups: list[list[Run]] = []
     while loose:
         (r, c), rest = loose[0], loose[1:]
-        best = None
-        for size in range(4):  # the smallest group with the first run, most periods dropped
-            for combo in combinations(range(min(len(rest), 12)), size):
-                cs = [c] + [rest[i][1] for i in combo]
-                if _uniform(stages, cs):
-                    n = min([r.dropped] + [rest[i][0].dropped for i in combo])
-                    if best is None or n > best[0]:
-                        best = (n, combo)
-            if best is not None:
-                break
+        near = rest[:12]
+        best = balanced_group(c, r.dropped, [x[1] for x in near], [x[0].dropped for x in near])
         if best is None:
             loose = rest
             continue
@@ -350,18 +344,38 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     todo = plan(actions)
     prep = Prepared(actions) if todo else None
 
-    def attempt(trial):
+    def extras(trial):
         runs = [r for x in trial for r in x]
-        extras = [{}] + [{id(r): 1 for r in x} for x in trial] + [{id(r): 2 for r in runs}]
+        return runs, [{}] + [{id(r): 1 for r in x} for x in trial] + [{id(r): 2 for r in runs}]
+
+    def build(trial):
+        runs, es = extras(trial)
         cand = []
-        for e in extras:  # (the first list that is not a valid step ends the trial)
+        for e in es:  # (the first list that is not a valid step ends the trial)
             c = shortened(actions, runs, e, prep)
             if c is None:
                 return None
             cand.append(c)
         return cand
 
-    return choose_directions(todo, attempt)
+    def attempt(trial):
+        # the verdict alone where the batch check applies (pipeline_checks) and the lists are
+        # long enough for it to pay: only the last trial kept has its lists built, below (I and
+        # W actions, or short lists: built and checked by ``shortened``)
+        if (len(trial) + 2) * len(actions) < BATCH_ACTIONS:
+            return build(trial)
+        ok = all_valid(prep, *extras(trial))
+        if ok is None:
+            return build(trial)
+        return _CHECKED if ok else None
+
+    groups, lists = choose_directions(todo, attempt)
+    if lists is _CHECKED:  # checked valid: built from the same arrays
+        lists = built(prep, *extras(groups))
+    return groups, lists
+
+
+_CHECKED = ["(checked, not built)"]
 
 
 def choose_directions(todo: list[list[Run]], attempt) -> tuple[list[list[Run]], list]:
@@ -392,4 +406,4 @@ def choose_directions(todo: list[list[Run]], attempt) -> tuple[list[list[Run]], 
     return groups, lists
 
 
-__all__ = ["Prepared", "Run", "find_runs", "plan", "shortened", "shortened_lists"]
+__all__ = ["Prepared", "Run", "find_runs", "grouped", "plan", "shortened", "shortened_lists"]

@@ -61,6 +61,17 @@ class RankLists:
     lists: list
 
 
+class Signature(tuple):
+    """A rank's shortened lists with the stages' roles: a tuple whose hash is computed once (it
+    keys the rank's structure on every estimate: thousands of small tuples)."""
+
+    def __hash__(self) -> int:
+        h = self.__dict__.get("hash")
+        if h is None:
+            h = self.__dict__["hash"] = tuple.__hash__(self)
+        return h
+
+
 _LISTS: dict[tuple, RankLists] = {}
 _LISTS_MAX = 4096
 
@@ -77,9 +88,9 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
     groups, lists = shortened_lists(actions)
     if not groups:
         lists = [(actions, schedule.microbatches)]
-    roles = stage_roles(schedule, rank, model)
-    sig = tuple((mb, tuple((k, roles.get(st), j, f) for k, st, j, f in items))
-                for items, mb in lists)
+    role = stage_roles(schedule, rank, model).get
+    sig = Signature((mb, tuple([(k, role(st), j, f) for k, st, j, f in items]))
+                    for items, mb in lists)
     hit = RankLists(sig, tuple(g[0].dropped for g in groups), lists)
     _put(_LISTS, key, hit, _LISTS_MAX)  # (the structure thread's compiles read them too)
     return hit
