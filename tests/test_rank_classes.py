@@ -1,4 +1,4 @@
-"""Ranks in classes (planner.layouts.sharding.RankTable): the per-rank layouts of ZeroRedundancyOptimizer and
+"""Ranks in classes (planner.layouts.rank_tables.RankTable): the per-rank layouts of ZeroRedundancyOptimizer and
 FSDP2 kept as runs of equal ranks equal the rank-by-rank definitions, and the worst rank and the
 ranks that differ come out the same, for world sizes up to a million at the cost of the classes."""
 

@@ -12,7 +12,7 @@ names per stage):
   and freed: so gradients are the buckets, live for the whole step, and each autograd gradient is
   a temporary. The bucket all-reduce is in place.
 - stage 1, DDP + ``ZeroRedundancyOptimizer``: as stage 0; the optimizer states and the step's
-  temporaries cover the tensors this rank owns (``planner.layouts.sharding.zero1_partition``: whole tensors,
+  temporaries cover the tensors this rank owns (``planner.layouts.rank_tables.zero1_partition``: whole tensors,
   greedy by size — uneven shards, so ranks differ).
 - stages 2 and 3, FSDP2 ``fully_shard`` on every block and on the root (embeddings, final norm,
   output projection; the loss runs inside the root's forward): parameters are stored as padded
