@@ -38,6 +38,14 @@ def _setup(rng: random.Random) -> dict:
                             "zero_stage": rng.randint(0, 3)}}
 
 
+def _resolved(body: dict):
+    """The request, its model, training and checkpointed blocks, with the caches cleared."""
+    req = MemoryRequest.model_validate(body)
+    model, tr = resolve_model(req.model), req.training
+    cache.clear()
+    return req, model, tr, checkpointed_blocks_of(tr, model)
+
+
 def _compare(body: dict, monkeypatch: pytest.MonkeyPatch, floor_on: bool) -> str:
     cache.clear()
     with monkeypatch.context() as mp:
@@ -53,10 +61,7 @@ def test_zero_comparison_equals_the_one_without_the_floor(seed: int,
     kinds = {"all of 2 up ruled out": 0, "template": 0}
     for _ in range(6):
         body = _setup(rng)
-        req = MemoryRequest.model_validate(body)
-        model, tr = resolve_model(req.model), req.training
-        ckpt = checkpointed_blocks_of(tr, model)
-        cache.clear()
+        req, model, tr, ckpt = _resolved(body)
         floor = AF.ActivationFloor(model, tr, "cuda", ckpt)
         two = floor.measure(2)
         one = estimate_memory(req.model_copy(update={"training": tr.model_copy(
@@ -82,10 +87,7 @@ def test_the_floor_is_at_most_every_variants_need(seed: int) -> None:
     checked = 0
     for _ in range(5):
         body = _setup(rng)
-        req = MemoryRequest.model_validate(body)
-        model, tr = resolve_model(req.model), req.training
-        ckpt = checkpointed_blocks_of(tr, model)
-        cache.clear()
+        req, model, tr, ckpt = _resolved(body)
         floor = AF.build_floor(model, tr, "cuda", ckpt, 1 << 50)  # the template way
         if floor is None:  # a setup whose template does not come: no floor, nothing to hold
             continue

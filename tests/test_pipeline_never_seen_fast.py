@@ -27,6 +27,7 @@ from planner.layouts.pipeline_periods import (
     shortened_lists,
 )
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from tests.test_pipeline_lists import _runs
 
 
 def _plain_shortened_lists(actions: list):
@@ -44,11 +45,6 @@ def _plain_shortened_lists(actions: list):
         return cand
 
     return choose_directions(todo, attempt)
-
-
-def _runs(groups):
-    return [[(r.start, r.period, r.shift, r.reps, r.keep_before, r.keep_after) for r in g]
-            for g in groups]
 
 
 def _check(name, p, m, v):

@@ -88,18 +88,25 @@ def all_valid(prep, runs: list, extras: list[dict]) -> bool | None:
     if (order[fwd] >= order[~fwd]).any():
         return False  # a micro-batch's backward before its forward
     if len(cols.held_f):
-        sk = ck[order]
-        pos = np.arange(len(sk))
-        first = np.ones(len(sk), dtype=bool)
-        first[1:] = sk[1:] != sk[:-1]
-        occ = np.empty(len(sk), dtype=np.int64)
-        occ[order] = pos - np.maximum.accumulate(np.where(first, pos, 0))
+        occ = _occurrences(ck, order)
         new_j = np.full((L, n), -1, dtype=np.int64)
         new_j[lid, idx] = occ
         jf, jb = new_j[:, cols.held_f], new_j[:, cols.held_b]
         if ((jf < 0) | (jf != jb)).any():
             return False
     return True
+
+
+def _occurrences(ck: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Per kept action, how many of its stream (``ck``: list and stream; ``order``: the stable
+    sort by it) come before it: its micro-batch among the kept actions."""
+    sk = ck[order]
+    pos = np.arange(len(sk))
+    first = np.ones(len(sk), dtype=bool)
+    first[1:] = sk[1:] != sk[:-1]
+    occ = np.empty(len(sk), dtype=np.int64)
+    occ[order] = pos - np.maximum.accumulate(np.where(first, pos, 0))
+    return occ
 
 
 def built(prep, runs: list, extras: list[dict]) -> list:
@@ -116,13 +123,7 @@ def built(prep, runs: list, extras: list[dict]) -> list:
     lid, idx = np.nonzero(mask)
     K = 2 * nst
     ck = lid * K + _columns(prep).key[idx]
-    order = np.argsort(ck, kind="stable")
-    sk = ck[order]
-    pos = np.arange(len(sk))
-    first = np.ones(len(sk), dtype=bool)
-    first[1:] = sk[1:] != sk[:-1]
-    occ = np.empty(len(sk), dtype=np.int64)
-    occ[order] = pos - np.maximum.accumulate(np.where(first, pos, 0))
+    occ = _occurrences(ck, np.argsort(ck, kind="stable"))
     mbs = np.bincount(ck, minlength=L * K).reshape(L, K).max(1).tolist()
     ends = np.cumsum(np.bincount(lid, minlength=L)).tolist()
     idx_l, occ_l, acts = idx.tolist(), occ.tolist(), prep.actions
