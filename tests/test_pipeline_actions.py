@@ -84,13 +84,18 @@ def _composed(model, tr, sched, rank: int) -> int:
     return memo.composed
 
 
-@pytest.mark.parametrize("name,v", [("1f1b", 1), ("gpipe", 1), ("interleaved-1f1b", 2)])
+@pytest.mark.parametrize("name,v", [("1f1b", 1), ("gpipe", 1), ("interleaved-1f1b", 2), ("zb-h1", 1),
+                                    ("zb-h2", 1), ("zb-v", 2)])
 def test_long_lists_are_mostly_composed(name: str, v: int) -> None:
-    """Most actions of a 1F1B / GPipe / interleaved rank's shortened replays are composed; the
+    """Most actions of a 1F1B / GPipe / interleaved / zero-bubble rank's shortened replays are
+    composed; the
     switch ``op_by_op`` composes none and answers the same."""
     _, model, tr, _ = _case(1)
     sched = build_schedule(name, 4, 64, v)
+    on = sched.stage_to_rank
     for rank in range(4):
+        if any(on[s] == on[s + 1] == rank for s in range(sched.num_stages - 1)):
+            continue  # the V's turn: stages handing tensors on their own rank are replayed
         n = _composed(model, tr, sched, rank)
         total = sum(len(items) for items, _ in shortened_lists(rank_actions(sched, rank))[1])
         assert n > total // 3, (rank, n, total)
@@ -157,3 +162,28 @@ def test_a_composed_action_that_does_not_add_up_falls_back(monkeypatch) -> None:
         assert (got.first, got.steady) == (full.first, full.steady), rank
     with pytest.raises(pa.Unmemoizable):
         _composed(model, tr, sched, 1)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_zero_bubble_ranks_equal_full_replay(seed: int) -> None:
+    """The zero-bubble schedules' split backward composed per kind (I and W after a composed
+    forward): ZB-H1 (one and two virtual stages), ZB-H2 and ZB-V, micro-batch counts of several
+    periods, stages of 1-2 blocks and of 7-8 (the middle ones stood in for in I and W); every
+    rank equals the full replay, and the ranks whose lists are shortened compose actions."""
+    rng = random.Random(1000 + seed)
+    name, v = [("zb-h1", 1), ("zb-h1", 2), ("zb-h2", 1), ("zb-v", 2)][seed % 4]
+    p = rng.choice([3, 4, 5])
+    sched = build_schedule(name, p, p * rng.choice([6, 8]), v)
+    _, model, tr, _ = _case(seed)
+    S = sched.num_stages
+    layers = S * rng.choice([1, 2, 7, 8]) + rng.randint(0, S - 1)
+    model = model.model_copy(update={"num_layers": layers})
+    tr = tr.model_copy(update={"gradient_accumulation_steps": sched.microbatches})
+    cache.clear()
+    composed = []
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), (name, rank)
+        composed.append(_composed(model, tr, sched, rank))
+    assert max(composed) > 0, composed

@@ -42,7 +42,7 @@ from planner.step.ops import T
 __all__ = ["ActionMemo", "Unmemoizable", "enabled", "op_by_op"]
 
 _ENABLED = True
-_COMPOSED = ("gpipe", "1f1b", "interleaved-1f1b")
+_COMPOSED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v")
 
 
 class Unmemoizable(Exception):
@@ -130,7 +130,7 @@ class ActionMemo:
     @staticmethod
     def applies(prog) -> bool:
         m = prog.m
-        return (_ENABLED and prog.sched.name in _COMPOSED and not prog.split_blocks
+        return (_ENABLED and prog.sched.name in _COMPOSED
                 and getattr(m, "on_alloc", None) is None and hasattr(m, "rows"))
 
     # ---- the hooks --------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class ActionMemo:
         e = self.entries.get(key)
         if c > 0 and e is not None and e.verified:
             return self._compose_forward(prog, st, j, e.rec)
-        rec = self._record(prog, lambda: prog.real_forward(st, j), st, j, forward=True,
+        rec = self._record(prog, lambda: prog.real_forward(st, j), st, j, "F",
                            candidate_only=c > 0)
         if c > 0:
             self._note(key, rec)
@@ -164,8 +164,33 @@ class ActionMemo:
             if c == 0 or e is None or not e.verified:
                 raise Unmemoizable(key)
             return self._compose_backward(prog, st, j, p, e.rec)
-        rec = self._record(prog, lambda: prog.real_backward(st, j), st, j, forward=False,
+        rec = self._record(prog, lambda: prog.real_backward(st, j), st, j, "B",
                            candidate_only=c > 0)
+        if c > 0:
+            self._note(key, rec)
+
+    def backward_input(self, prog, st: int, j: int) -> None:
+        """I of a split backward (nothing on the first stage)."""
+        if st == 0 or self._local(prog, st):
+            return prog.real_backward_input(st, j)
+        self._split(prog, st, j, "I", prog.real_backward_input, self._compose_input)
+
+    def backward_weight(self, prog, st: int, j: int) -> None:
+        """W of a split backward (the whole backward on the first stage: a "B" kind)."""
+        if st == 0 or self._local(prog, st):
+            return prog.real_backward_weight(st, j)
+        self._split(prog, st, j, "W", prog.real_backward_weight, self._compose_weight)
+
+    def _split(self, prog, st: int, j: int, kind: str, real, compose) -> None:
+        key = (kind, self.roles.get(st, st), prog.step_no)
+        c = prog.count(key)
+        e = self.entries.get(key)
+        p = prog.pending[st, j]
+        if isinstance(p, _Proxy):
+            if c == 0 or e is None or not e.verified:
+                raise Unmemoizable(key)
+            return compose(prog, st, j, p, e.rec)
+        rec = self._record(prog, lambda: real(st, j), st, j, kind, candidate_only=c > 0)
         if c > 0:
             self._note(key, rec)
 
@@ -180,14 +205,14 @@ class ActionMemo:
                 e.bad = True
 
     # ---- recording --------------------------------------------------------------------------
-    def _record(self, prog, run, st: int, j: int, forward: bool, candidate_only: bool) -> _Rec:
+    def _record(self, prog, run, st: int, j: int, kind: str, candidate_only: bool) -> _Rec:
         m = prog.m
         start = list(m.cur)
         n0 = len(m.rows)
         recv = prog.recv.get((st, j))
         recv_before = recv.refs if recv is not None else 0
         sends_before = len(prog.sends)
-        out_buf = None if forward else prog.pending[st, j].out.buf
+        out_buf = prog.pending[st, j].out.buf if kind == "B" else None
         run()
         rows = tuple(tuple(a - b for a, b in zip(r, start)) for r in m.rows[n0:])
         names = tuple((mk[0], mk[1]) for mk in m.meta[n0:])
@@ -195,14 +220,16 @@ class ActionMemo:
         if candidate_only:  # as a composed action leaves them: its candidate row alone
             del m.rows[n0:], m.meta[n0:]
             self._rows(m, rows, names, start)
-        if not forward:
+        if kind == "W":
+            return _Rec(rows, names, net)
+        if kind != "F":
             grad = None
             if len(prog.sends) == sends_before + 1:
                 g = prog.sends[-1]
                 grad = (g.nbytes, g.cat, g.name)
             elif len(prog.sends) != sends_before:
                 grad = ("?",)  # never composed: two records of it differ from any compose
-            if out_buf.refs:  # held on (1F1B's warm-up send work): recorded as if freed
+            if out_buf is not None and out_buf.refs:  # held on (1F1B's warm-up send work): recorded as if freed
                 net = list(net)
                 net[_INDEX[out_buf.cat]] -= out_buf.nbytes
                 net = tuple(net)
@@ -293,6 +320,50 @@ class ActionMemo:
             raise Unmemoizable(("B", st))
         if gi is not None:
             prog._hand_back(st, j, gi)
+
+
+    def _compose_input(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
+        """I on a composed forward: the graph's references and saved storages give way to what
+        the recorded I leaves until W (kept gradients, retained saved tensors), one storage per
+        category; the input gradient is handed on; the output and loss are detached."""
+        m = prog.m
+        m.phase = "backward"
+        self.composed += 1
+        start = self._rows(m, rec.rows, rec.names)
+        m.drop(*p.holds)
+        p.holds = []
+        gi = None
+        if rec.grad is not None:
+            if len(rec.grad) != 3:
+                raise Unmemoizable(("I", st))
+            gi = _silent(m, *rec.grad)
+        prog.ops.drop(p.out, p.loss)
+        p.out = p.loss = None
+        m.phase = "other"
+        if gi is not None:
+            prog.input_grads.append(gi)
+            prog._hand_back(st, j, m.hold(gi))
+        for i, d in enumerate(n - (c - s) for n, c, s in zip(rec.net, m.cur, start)):
+            if d < 0:
+                raise Unmemoizable(("I", st))
+            if d:
+                p.holds.append(_silent(m, d, CATEGORIES[i], "kept for W (composed)"))
+
+    def _compose_weight(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
+        """W on a composed forward: what I left goes, with the receive buffer's reference; the
+        live bytes must come to the recorded W's."""
+        m = prog.m
+        m.phase = "backward"
+        self.composed += 1
+        start = self._rows(m, rec.rows, rec.names)
+        del prog.pending[st, j]
+        m.drop(*p.holds)
+        p.holds = []
+        prog.ops.drop(p.inp)
+        prog.in_flight -= 1
+        m.phase = "other"
+        if [a - b for a, b in zip(m.cur, start)] != list(rec.net):
+            raise Unmemoizable(("W", st))
 
 
 def _handed(t: T, own: int) -> _Handed:

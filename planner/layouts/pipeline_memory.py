@@ -317,6 +317,16 @@ class PipelineRankProgram(ReferenceProgram):
             self._hand_back(st, j, gi)
 
     def stage_backward_input(self, st: int, j: int) -> None:
+        if self.memo is not None:
+            return self.memo.backward_input(self, st, j)
+        return self.real_backward_input(st, j)
+
+    def stage_backward_weight(self, st: int, j: int) -> None:
+        if self.memo is not None:
+            return self.memo.backward_weight(self, st, j)
+        return self.real_backward_weight(st, j)
+
+    def real_backward_input(self, st: int, j: int) -> None:
         m = self.m
         p = self.pending[st, j]
         if st == 0:  # stage_backward_input is skipped on the first stage; W runs it in full
@@ -338,7 +348,7 @@ class PipelineRankProgram(ReferenceProgram):
         self.ops.drop(p.out, p.loss)
         p.out = p.loss = None
 
-    def stage_backward_weight(self, st: int, j: int) -> None:
+    def real_backward_weight(self, st: int, j: int) -> None:
         if st == 0:
             return self.stage_backward(st, j)
         m = self.m
