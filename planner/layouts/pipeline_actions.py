@@ -22,11 +22,15 @@ from then on composes each further occurrence instead of replaying it:
 Kinds are ``(forward or backward, stage role, step)`` (``pipeline_replays.stage_roles``: place
 on the rank, first or last stage, layer count, neighbours); the first occurrence of each in a
 step is always replayed (it makes the gradients, the rotary tables, the phantom blocks'
-gradients), and a composed forward's backward is composed too. Schedule1F1B, ScheduleGPipe and
-interleaved 1F1B (no split backward; an interleaved forward's send work keeps its output until
-the action loop ends, which the composed forward keeps too) are composed, except stages that
-hand tensors to a stage on their own rank; the zero-bubble and V-shape schedules replay every
-action. The records are shared by the rank classes of one setup (``pipeline_replays._KINDS``),
+gradients), and a composed forward's backward is composed too. Schedule1F1B, ScheduleGPipe,
+interleaved 1F1B (an interleaved forward's send work keeps its output until the action loop
+ends, which the composed forward keeps too) and the zero-bubble schedules ZB-H1, ZB-H2 and ZB-V
+are composed, except stages that hand tensors to a stage on their own rank (the V's turn). A
+split backward's halves are kinds of their own: a composed forward's I draws its candidate row,
+drops the graph's stand-ins, hands on an input gradient of the recorded size (kept as the
+receive buffer's ``.grad`` too) and leaves what the recorded I left until W (kept gradients,
+retained saved tensors) as one storage per category; its W frees them and must come to the
+recorded W's net bytes. DualPipe and DualPipeV replay every action. The records are shared by the rank classes of one setup (``pipeline_replays._KINDS``),
 so a kind is checked once for all of them. ``op_by_op()`` turns composing off
 (``tests/test_pipeline_actions.py`` holds both to the full replay to the byte).
 """
