@@ -66,8 +66,11 @@ def test_zero_comparison_equals_the_one_without_the_floor(seed: int,
         two = floor.measure(2)
         one = estimate_memory(req.model_copy(update={"training": tr.model_copy(
             update={"micro_batch_size": 1})}), explain=False).breakdown.total
-        # memories below, at and above the floor at 2, and where only b = 1 could fit
-        for mem in sorted({two - 1, two, two + 1, (one + two) // 2, 3 * two, one}):
+        low = floor.measure(1)
+        # memories below, at and above the floor at 2, where only b = 1 could fit, and around
+        # the floor at 1 (which rules b = 1 out below it)
+        for mem in sorted({two - 1, two, two + 1, (one + two) // 2, 3 * two, one, low - 1, low,
+                           (low + one) // 2}):
             if mem < 1:
                 continue
             q = {**body, "hardware": {"memory_bytes": mem}}
@@ -81,8 +84,9 @@ def test_zero_comparison_equals_the_one_without_the_floor(seed: int,
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_floor_is_at_most_every_variants_need(seed: int) -> None:
-    """At sizes from 2 up, the single-device step's activation maximum plus its reserve is at
-    most the need of each of the six layouts POST /v1/zero estimates."""
+    """At every size (1, replayed, and from 2 up, from the template), the single-device step's
+    activation maximum plus its reserve is at most the need of each of the six layouts POST
+    /v1/zero estimates."""
     rng = random.Random(1500 + seed)
     checked = 0
     for _ in range(5):
@@ -92,7 +96,7 @@ def test_the_floor_is_at_most_every_variants_need(seed: int) -> None:
         if floor is None:  # a setup whose template does not come: no floor, nothing to hold
             continue
         checked += 1
-        for b in (2, 3, tr.micro_batch_size, 2 * tr.micro_batch_size):
+        for b in (1, 2, 3, tr.micro_batch_size, 2 * tr.micro_batch_size):
             for par in Z._variants(req.parallelism):
                 q = req.model_copy(update={"parallelism": par, "training": tr.model_copy(
                     update={"micro_batch_size": b})})

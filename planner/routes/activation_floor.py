@@ -9,7 +9,8 @@ grows with what it covers), is at most the need (peak plus reserve) of every suc
 POST /v1/zero estimates one setup under six layouts, each with a largest-fitting-micro-batch
 search. The single-device step replayed at b = 2 often settles it: when its floor is already
 above the memory, no size from 2 up fits any layout, and each layout is estimated at the
-request's micro-batch and at 1 only (no template would pay). Otherwise the single-device
+request's micro-batch and at 1 only (no template would pay), at 1 only when the single-device
+step's floor there, replayed once, does not already rule it out. Otherwise the single-device
 step's template gives the floor at every size: a size whose floor exceeds the memory is known
 not to fit under any layout without estimating it, and a layout whose search can only ask
 sizes below the first such size compiles its own template only when they are enough to pay
@@ -37,7 +38,9 @@ _FLOOR: contextvars.ContextVar[ActivationFloor | None] = contextvars.ContextVar(
 
 class ActivationFloor:
     """``floor(b)``: the single-device step's activation maximum at micro-batch b plus its
-    reserve (None where its template does not cover b: b = 1, its own domain)."""
+    reserve (None where its template does not cover b); b = 1, a template domain of its own,
+    is replayed when first asked (a search asks it only when no larger size fits), so the
+    layouts' searches do not each replay b = 1 when the floor alone rules it out."""
 
     def __init__(self, model: ResolvedModel, tr: TrainingSpec, device: str,
                  ckpt: frozenset[int]) -> None:
@@ -53,6 +56,8 @@ class ActivationFloor:
                 and (tr is self.tr or tr == self.tr))
 
     def __call__(self, b: int) -> int | None:
+        if b == 1:  # a domain of its own: replayed once, for every layout's search to read
+            return self.measure(1)
         if b not in self._memo:
             tpl = step_cache.compiled_template(self.model, self.tr, self.device, self.ckpt, b)
             act = None
