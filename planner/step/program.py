@@ -347,7 +347,13 @@ class ReferenceProgram(ReferenceModel):
         inner_dtype = "fp32" if self.master else {4: "fp32", 2: "bf16"}[self.p_esz]
         scratch = []
         if self.master and self.g_esz != self.master_esz:  # master.grad = p.grad.float(), at once
-            scratch += [m.alloc(n * self.master_esz, "_to_copy") for n in numels]
+            if getattr(m, "expand", None) is None:
+                # one tensor per parameter, all made before any is freed: the live bytes only
+                # rise until the last, so one buffer of their sum has the same highest row
+                # (same op, same phase); an allocator's replay takes them one by one
+                scratch.append(m.alloc(sum(numels) * self.master_esz, "_to_copy"))
+            else:
+                scratch += [m.alloc(n * self.master_esz, "_to_copy") for n in numels]
         if self.scaling and not self.master:  # GradScaler.unscale_: found_inf (fp32 scalar)
             scratch += [m.alloc(4, "full")]
         if self.scaling and self.master:
