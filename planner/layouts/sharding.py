@@ -377,6 +377,25 @@ def _shard_model_states(model: ResolvedModel, training: TrainingSpec,
     return ModelStates(**{**best.__dict__, "notes": tuple(notes)})
 
 
+def zero2_gather_padding(model: ResolvedModel, training: TrainingSpec,
+                         parallel: ParallelSpec) -> int:
+    """Bytes by which FSDP2's all-gather outputs under ZeRO-2 (``reshard_after_forward=False``:
+    every unit's stay from forward to backward) exceed ``ModelStates.parameters``'s unsharded
+    copies: each parameter's dim 0 is padded to a multiple of the ranks (``fsdp_shard_shape``),
+    and the gathered storage is the padded one. 0 outside that layout (one pipeline and tensor
+    rank, no LoRA, no parameter offload, more than one rank)."""
+    n = parallel.data_parallel
+    if parallel.zero_stage != 2 or n == 1 or parallel.pipeline_parallel != 1 \
+            or parallel.tensor_parallel != 1 or training.lora is not None \
+            or parallel.offload_parameters or not model.architecture_known:
+        return 0
+    pb = _b(resolve_precision(training).param_dtype)
+    shapes = [sh for sh, _ in _stage_tensors(model, 0, model.num_layers, first=True, last=True,
+                                             tp=1)]
+    padded = {sh: _numel(fsdp_shard_shape(sh, n)) * n for sh in set(shapes)}
+    return sum((padded[sh] - _numel(sh)) * pb for sh in shapes)
+
+
 def _lora_shapes(m: ResolvedModel, lora, n_layers: int, t: int) -> list[Shape]:
     """Adapter tensors A (r, in) and B (out, r) per targeted projection (Hu et al. 2021, §4.1);
     under tensor parallelism the adapters follow their base Linear's split."""
@@ -409,6 +428,7 @@ __all__ = [
     "fsdp_local_shard_shape",
     "fsdp_row_classes",
     "fsdp_shard_shape",
+    "zero2_gather_padding",
     "parameter_shapes",
     "pipeline_stage_layers",
     "shard_model_states",
