@@ -313,15 +313,15 @@ def test_a_checkpoint_plan_with_a_zero_stage_is_skipped_only_when_its_activation
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_zero2_padded_gather_bound_below_peak_and_suggestions_unchanged(seed: int) -> None:
-    """ZeRO-2 over rank counts that do not divide the parameters' first dimensions (up to
+def test_fsdp_padded_gather_bound_below_peak_and_suggestions_unchanged(seed: int) -> None:
+    """ZeRO-2 and ZeRO-3 over rank counts that do not divide the parameters' first dimensions (up to
     thousands of ranks, where FSDP2's padded all-gather outputs outgrow everything else): the
     bound with the padding is at most the peak, exceeds the one without it, and the pruned
     suggestions are the unpruned ones for budgets between the bound and the peak."""
-    from planner.layouts.sharding import zero2_gather_padding
+    from planner.layouts.sharding import fsdp_gather_floor
     rng = random.Random(400 + seed)
     padded = 0
-    for _ in range(3):
+    for _ in range(4):
         body = {"model": {"family": rng.choice(["gpt2", "llama"]), "num_layers": rng.choice([2, 4]),
                           "hidden_size": rng.choice([64, 128]), "num_heads": 4,
                           "vocab_size": rng.choice([500, 1000]), "max_sequence_length": 512},
@@ -330,14 +330,15 @@ def test_zero2_padded_gather_bound_below_peak_and_suggestions_unchanged(seed: in
                              "precision": rng.choice(["fp32", "amp-bf16", "mixed-bf16", "bf16"]),
                              "optimizer": rng.choice(["adamw", "sgd"]),
                              "activation_checkpointing": {"strategy": rng.choice(["none", "full"])}},
-                "parallelism": {"data_parallel": rng.choice([3, 96, 4096]), "zero_stage": 2}}
+                "parallelism": {"data_parallel": rng.choice([3, 96, 4096]),
+                                "zero_stage": rng.choice([2, 3])}}
         req = MemoryRequest.model_validate(body)
         model = resolve_model(req.model)
         cache.clear()
         r = M.estimate_memory(req, explain=False)
         bound = state_lower_bound(model, req.training, req.parallelism)
         assert bound is not None and bound <= r.breakdown.total, body
-        pad = zero2_gather_padding(model, req.training, req.parallelism)
+        pad = fsdp_gather_floor(model, req.training, req.parallelism)
         padded += pad > 0
         for mem in (bound - 1, bound, (bound + r.breakdown.total) // 2):
             cache.clear()

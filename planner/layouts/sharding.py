@@ -377,15 +377,18 @@ def _shard_model_states(model: ResolvedModel, training: TrainingSpec,
     return ModelStates(**{**best.__dict__, "notes": tuple(notes)})
 
 
-def zero2_gather_padding(model: ResolvedModel, training: TrainingSpec,
-                         parallel: ParallelSpec) -> int:
-    """Bytes by which FSDP2's all-gather outputs under ZeRO-2 (``reshard_after_forward=False``:
-    every unit's stay from forward to backward) exceed ``ModelStates.parameters``'s unsharded
-    copies: each parameter's dim 0 is padded to a multiple of the ranks (``fsdp_shard_shape``),
-    and the gathered storage is the padded one. 0 outside that layout (one pipeline and tensor
-    rank, no LoRA, no parameter offload, more than one rank)."""
-    n = parallel.data_parallel
-    if parallel.zero_stage != 2 or n == 1 or parallel.pipeline_parallel != 1 \
+def fsdp_gather_floor(model: ResolvedModel, training: TrainingSpec,
+                      parallel: ParallelSpec) -> int:
+    """Bytes of FSDP2's padded all-gather outputs live at one instant of a step's forward
+    beyond what ``ModelStates.parameters`` counts: each parameter's dim 0 is padded to a
+    multiple of the ranks (``fsdp_shard_shape``) and the gathered storage is the padded one.
+    ZeRO-2 (``reshard_after_forward=False``) keeps every unit's from forward to backward: the
+    padding over ``parameters``'s unsharded copies. ZeRO-3 gathers at least one unit (a block,
+    or the root's embeddings, norm and head) at a time, which ``parameters`` (the shards)
+    leaves out: the largest unit. 0 outside those layouts (one pipeline and tensor rank, no
+    LoRA, no parameter offload, more than one rank)."""
+    n, z = parallel.data_parallel, parallel.zero_stage
+    if z < 2 or n == 1 or parallel.pipeline_parallel != 1 \
             or parallel.tensor_parallel != 1 or training.lora is not None \
             or parallel.offload_parameters or not model.architecture_known:
         return 0
@@ -393,7 +396,14 @@ def zero2_gather_padding(model: ResolvedModel, training: TrainingSpec,
     shapes = [sh for sh, _ in _stage_tensors(model, 0, model.num_layers, first=True, last=True,
                                              tp=1)]
     padded = {sh: _numel(fsdp_shard_shape(sh, n)) * n for sh in set(shapes)}
-    return sum((padded[sh] - _numel(sh)) * pb for sh in shapes)
+    if z == 2:
+        return sum((padded[sh] - _numel(sh)) * pb for sh in shapes)
+    block = [sh for sh, _ in _layer_tensors(model)]
+    for sh in block:
+        padded.setdefault(sh, _numel(fsdp_shard_shape(sh, n)) * n)
+    unit = sum(padded[sh] for sh in block) if model.num_layers else 0
+    root = sum(padded[sh] for sh in shapes) - model.num_layers * unit
+    return max(unit, root) * pb
 
 
 def _lora_shapes(m: ResolvedModel, lora, n_layers: int, t: int) -> list[Shape]:
@@ -428,7 +438,7 @@ __all__ = [
     "fsdp_local_shard_shape",
     "fsdp_row_classes",
     "fsdp_shard_shape",
-    "zero2_gather_padding",
+    "fsdp_gather_floor",
     "parameter_shapes",
     "pipeline_stage_layers",
     "shard_model_states",

@@ -40,7 +40,7 @@ from planner.catalog.specs import (
     TrainingSpec,
 )
 from planner.layouts.pipelined import Overflows, stop_above
-from planner.layouts.sharding import shard_model_states, zero2_gather_padding
+from planner.layouts.sharding import shard_model_states, fsdp_gather_floor
 from planner.machine.deadline import check
 from planner.routes.loss_rules import loss_refusal
 
@@ -169,20 +169,21 @@ def suggestions(req: MemoryRequest, mem: int, max_micro_batch: int | None,
 def state_lower_bound(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> int | None:
     """The worst rank's parameters + gradients + optimizer states, all live when the steady
     step's optimizer step starts (``zero_grad(set_to_none=True)`` comes after it), or under
-    ZeRO-2 with padded all-gathers the same with the padding in place of the gradients, so at
-    most /v1/memory's peak for the setup; None where the reference step is not what is estimated
+    ZeRO-2/3 the same with FSDP2's padded all-gathers in place of the gradients, so at most
+    /v1/memory's peak for the setup; None where the reference step is not what is estimated
     (another implementation, expert parallel, a bare parameter count)."""
     if tr.implementation != "reference" or par.expert_parallel > 1 \
             or not model.architecture_known:
         return None
     try:
         ms = shard_model_states(model, tr, par)
-        pad = zero2_gather_padding(model, tr, par)
+        pad = fsdp_gather_floor(model, tr, par)
     except (ValueError, PlanningError, TypeError):
         return None
-    # ZeRO-2 under FSDP2 keeps every unit's padded all-gather output from forward to backward:
-    # at the end of a steady step's forward they are all live with the sharded parameters and
-    # the optimizer states (a thousand ranks pad each dim 0 a thousandfold)
+    # FSDP2's padded all-gather outputs (ZeRO-2: every unit's, kept from forward to backward;
+    # ZeRO-3: at least one unit's) are live in a steady step's forward with the parameters and
+    # the optimizer states, the gradients not yet made (a thousand ranks pad each dim 0 a
+    # thousandfold)
     return ms.parameters + ms.optimizer_states + max(ms.gradients, pad)
 
 
