@@ -38,14 +38,16 @@ _FLOOR: contextvars.ContextVar[ActivationFloor | None] = contextvars.ContextVar(
 
 class ActivationFloor:
     """``floor(b)``: the single-device step's activation maximum at micro-batch b plus its
-    reserve (None where its template does not cover b); b = 1, a template domain of its own,
-    is replayed when first asked (a search asks it only when no larger size fits), so the
-    layouts' searches do not each replay b = 1 when the floor alone rules it out."""
+    reserve (None where its template does not cover b). b = 1, a template domain of its own,
+    is replayed when first asked where b = 2 is already over the memory (every layout's search
+    then asks it), so the layouts' searches do not each replay b = 1 when the floor alone rules
+    it out."""
 
     def __init__(self, model: ResolvedModel, tr: TrainingSpec, device: str,
                  ckpt: frozenset[int]) -> None:
         self.model, self.tr, self.device, self.ckpt = model, tr, device, ckpt
         self._memo: dict[int, int | None] = {}
+        self.over_at_two = False  # b = 2 is over the memory: every layout's search asks b = 1
 
     def applies(self, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
                 ckpt) -> bool:
@@ -56,8 +58,8 @@ class ActivationFloor:
                 and (tr is self.tr or tr == self.tr))
 
     def __call__(self, b: int) -> int | None:
-        if b == 1:  # a domain of its own: replayed once, for every layout's search to read
-            return self.measure(1)
+        if b == 1:  # a domain of its own: replayed once where every layout's search asks it
+            return self.measure(1) if self.over_at_two else None
         if b not in self._memo:
             tpl = step_cache.compiled_template(self.model, self.tr, self.device, self.ckpt, b)
             act = None
@@ -110,6 +112,7 @@ def build_floor(model: ResolvedModel, tr: TrainingSpec, device: str, ckpt: froze
         return None
     floor = ActivationFloor(model, tr, device, ckpt)
     if tr.micro_batch_size >= 2 and floor.measure(2) > mem_bytes:
+        floor.over_at_two = True
         return floor
     with cache.compile_first():
         step_cache.simulate(model, tr, device, ckpt)
