@@ -101,5 +101,6 @@ def test_the_floor_is_at_most_every_variants_need(seed: int) -> None:
                 q = req.model_copy(update={"parallelism": par, "training": tr.model_copy(
                     update={"micro_batch_size": b})})
                 r = estimate_memory(q, explain=False)
-                assert floor(b) <= r.breakdown.total + r.allocator_reserve_bytes, (body, b, par)
+                f = floor.measure(1) if b == 1 else floor(b)  # b = 1: replayed where used
+                assert f <= r.breakdown.total + r.allocator_reserve_bytes, (body, b, par)
     assert checked >= 3
