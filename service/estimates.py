@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextvars
 import time
+from operator import itemgetter
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
@@ -48,7 +49,9 @@ import anyio.to_thread
 from fastapi import HTTPException, Request
 
 from planner.catalog.specs import MemoryRequest
-from planner.machine.deadline import WorkLimit, WorkLimitExceeded, foreground, work_limit
+from planner.machine.deadline import (
+    WorkLimit, WorkLimitExceeded, foreground, run_in_foreground, work_limit,
+)
 from planner.machine.recording import domain_of
 from service.errors import PROBLEM, Problem, loads_unique
 
@@ -71,15 +74,52 @@ def setup_key(route: str, request: MemoryRequest) -> Hashable:
     with the size domain the planner's step templates are compiled for. The specs are frozen
     models, so the key is a tuple of their values (JSON where a list inside does not hash). The
     key only decides where an estimate runs, never what it answers."""
-    d, tr = request.__dict__, request.training
-    key = (route, tuple(v for k, v in d.items() if k != "training"),
-           tuple(v for k, v in tr.__dict__.items() if k not in _SIZES),
-           domain_of(tr.micro_batch_size, tr.sequence_length))
+    key = _setup_tuple(route, request)
     try:
         hash(key)
     except TypeError:  # e.g. explicit checkpointed blocks, LoRA target modules
-        key = (route, request.model_dump_json(exclude={"training": set(_SIZES)}), key[-1])
+        key = _setup_json(route, request, key[-1])
     return key
+
+
+def marked_setup(slots: EstimateSlots, route: str, request: MemoryRequest) -> Hashable | None:
+    """The request's setup key (:func:`setup_key`) when that setup is marked fast, else None:
+    the key hashed once, by the lookup itself."""
+    key = _setup_tuple(route, request)
+    try:
+        return key if key in slots.fast else None
+    except TypeError:
+        key = _setup_json(route, request, key[-1])
+        return key if key in slots.fast else None
+
+
+def _setup_tuple(route: str, request: MemoryRequest) -> tuple:
+    getters = _GETTERS.get(type(request))
+    if getters is None:
+        getters = _GETTERS[type(request)] = _getters(type(request))
+    tr = request.training
+    return (route, getters[0](request.__dict__), getters[1](tr.__dict__),
+            domain_of(tr.micro_batch_size, tr.sequence_length))
+
+
+def _setup_json(route: str, request: MemoryRequest, domain: Hashable) -> Hashable:
+    return (route, request.model_dump_json(exclude={"training": set(_SIZES)}), domain)
+
+
+def _getters(kind: type[MemoryRequest]) -> tuple[Callable[[dict], tuple], Callable[[dict], tuple]]:
+    """The values of a request's fields but ``training``, and of its training's fields but the
+    sizes, each as a tuple in the fields' order."""
+    def getter(names: tuple[str, ...]) -> Callable[[dict], tuple]:
+        if len(names) == 1:
+            return lambda d: (d[names[0]],)
+        return itemgetter(*names)  # type: ignore[return-value]
+
+    training = kind.model_fields["training"].annotation
+    return (getter(tuple(k for k in kind.model_fields if k != "training")),
+            getter(tuple(k for k in training.model_fields if k not in _SIZES)))
+
+
+_GETTERS: dict[type, tuple[Callable[[dict], tuple], Callable[[dict], tuple]]] = {}
 
 
 class EstimateSlots:
@@ -165,8 +205,7 @@ def _try_inline(slots: EstimateSlots, setup: Hashable, fn: Callable[[], T]) -> t
         return False, None
     try:
         start = time.thread_time()
-        with work_limit(_INLINE), foreground():
-            result = fn()
+        result = run_in_foreground(_INLINE, fn)
         if time.thread_time() - start > INLINE_CPU_S:
             slots.fast.pop(setup, None)
         return True, result
@@ -227,35 +266,39 @@ class Lane:
     def __init__(self, path: str, body: type[MemoryRequest], answer: Callable[[Any], Any],
                  name: str) -> None:
         self.path, self.body, self.answer, self.name = path, body, answer, name
-        self.route = type("LaneRoute", (), {"path": path})()  # what the request middleware reads
 
 
-def _json_content(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
+def json_content(content_type: bytes | None) -> bool:
+    """A Content-Type header's value names JSON (the route parses nothing else)."""
+    return content_type is not None and (
+        content_type == b"application/json"
+        or content_type.split(b";", 1)[0].strip().lower() == b"application/json")
 
 
-class EstimateFastLane:
+class FastLane:
     """Answers ``POST`` to a lane's path on the spot when the body is valid JSON of the route's
     model and its setup is marked fast (see the module docstring): the same answer the route gives,
     without the framework's routing, dependency solving and response validation. Everything else
     (errors of any kind, unmarked setups, a replay reached, protected estimate routes, another
     content type) goes on to the app with the body it read, and is answered by the route as
-    before. It sits inside the body-size limit and the request middleware, which log and measure
-    its answers under the route's template."""
+    before. The request layer in front of FastAPI (``service.front``) asks it first, inside the
+    body-size limit, and logs and measures its answers under the route's template."""
 
-    def __init__(self, app: Any, lanes: list[Lane], slots: EstimateSlots, settings: Any) -> None:
-        self.app, self.slots, self.settings = app, slots, settings
+    def __init__(self, lanes: list[Lane], slots: EstimateSlots, settings: Any) -> None:
+        self.slots, self.settings = slots, settings
         self.lanes = {lane.path: lane for lane in lanes}
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        lane = self.lanes.get(scope.get("path")) if scope["type"] == "http" else None
+    def lane_for(self, scope: dict, content_type: bytes | None) -> Lane | None:
+        """The lane that may answer this request (its path, a JSON POST, estimates open)."""
+        lane = self.lanes.get(scope["path"])
         if (lane is None or scope["method"] != "POST" or self.settings.protect_estimates
-                or not _json_content(scope["headers"])):
-            await self.app(scope, receive, send)
-            return
+                or not json_content(content_type)):
+            return None
+        return lane
+
+    async def answer(self, lane: Lane, receive: Any) -> tuple[bytes | None, Any]:
+        """(the answer's JSON, None), or (None, the receive channel the route reads the body
+        from: the body read here, then the client's messages)."""
         chunks: list[bytes] = []
         try:
             message = await receive()
@@ -265,29 +308,22 @@ class EstimateFastLane:
                     break
                 message = await receive()
             else:  # the client went away: the route sees it where it reads the body
-                await self.app(scope, _replay(b"".join(chunks), message, receive), send)
-                return
+                return None, _replay(b"".join(chunks), message, receive)
         except Exception as exc:  # noqa: BLE001 - e.g. over the body-size limit: raised again
-            await self.app(scope, _replay(b"".join(chunks), exc, receive), send)  # in the route
-            return
-        body = b"".join(chunks)
+            return None, _replay(b"".join(chunks), exc, receive)  # in the route
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         answer = self._answer(lane, body)
         if answer is None:
-            await self.app(scope, _replay(body, None, receive), send)
-            return
-        scope["route"] = lane.route
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(answer)).encode()),
-                                (b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": answer})
+            return None, _replay(body, None, receive)
+        return answer, None
 
     def _answer(self, lane: Lane, body: bytes) -> bytes | None:
         try:
             request = lane.body.model_validate(loads_unique(body))
         except Exception:  # noqa: BLE001 - the route answers (and words) every refusal
             return None
-        setup = setup_key(lane.name, request)
-        if setup not in self.slots.fast:
+        setup = marked_setup(self.slots, lane.name, request)
+        if setup is None:
             return None
         try:
             done, result = _try_inline(self.slots, setup, lambda: lane.answer(request))

@@ -174,18 +174,25 @@ def _access_json(record: AccessRecord) -> str | None:
     # (a formatter of another handler may have set "message" and "asctime": never logged here)
     if len(d) - ("message" in d) - ("asctime" in d) != record.fields or record.exc_info:
         return None
-    request_id, status, duration = d.get("request_id"), d["status"], d["duration_ms"]
-    job_id = d.get("job_id") or _bound("job_id")
-    if (not request_id or type(request_id) is not str or type(d["route"]) is not str
+    return _access_line(d["created"], d["msecs"], d["levelname"], d["name"], record.getMessage(),
+                        d.get("request_id"), d.get("job_id") or _bound("job_id"), d["route"],
+                        d["status"], d["duration_ms"])
+
+
+def _access_line(created: float, msecs: float, level: str, name: str, msg: str, request_id: Any,
+                 job_id: Any, route: Any, status: Any, duration: Any) -> str | None:
+    """The JSON of an access line from its fields; None (the generic path) where one is not of
+    the type the line is written for."""
+    if (not request_id or type(request_id) is not str or type(route) is not str
             or type(status) is not int
             or type(duration) is not float or duration != duration or duration in _INFINITE
             or (job_id is not None and type(job_id) is not str)):
         return None
     job = f', "job_id": {_string(job_id)}' if job_id else ""
-    return (f'{{"ts": "{_timestamp(d["created"], d["msecs"])}", "level": '
-            f'{_string(d["levelname"].lower())}, "logger": {_string(d["name"])}, "msg": '
-            f'{_string(record.getMessage())}, "request_id": {_string(request_id)}{job}, "route": '
-            f'{_string(d["route"])}, "status": {status!r}, "duration_ms": {duration!r}}}')
+    return (f'{{"ts": "{_timestamp(created, msecs)}", "level": {_string(level.lower())}, '
+            f'"logger": {_string(name)}, "msg": {_string(msg)}, "request_id": '
+            f'{_string(request_id)}{job}, "route": {_string(route)}, "status": {status!r}, '
+            f'"duration_ms": {duration!r}}}')
 
 
 _INFINITE = (float("inf"), float("-inf"))
@@ -200,6 +207,16 @@ def log_access(logger: logging.Logger, ids: dict[str, str], method: str, path: s
     if not logger.isEnabledFor(logging.INFO):
         return
     created = time.time()
+    writer = _line_writer_of(logger)
+    if writer is not None:
+        # memplan's own configuration: the line the record would give, without the record
+        line = _access_line(created, int((created - int(created)) * 1000) + 0.0, "INFO",
+                            logger.name, _ACCESS_MSG % (method, path, status),
+                            ids.get("request_id") or None,
+                            ids.get("job_id") or _bound("job_id"), route, status, duration_ms)
+        if line is not None:
+            writer.write_line(line)
+            return
     record = AccessRecord.__new__(AccessRecord)
     d = record.__dict__
     d.update(_ACCESS_RECORD)
@@ -231,6 +248,29 @@ def log_access(logger: logging.Logger, ids: dict[str, str], method: str, path: s
     logger.handle(record)
 
 
+def _line_writer_of(logger: logging.Logger) -> LineWriter | None:
+    """The one handler ``logger``'s INFO records reach, when it is a :class:`LineWriter` with a
+    :class:`JsonFormatter` and no filter on the way (what ``configure('json')`` sets up); else
+    None. Checked on every line: a handler or filter added later (a test's capture, an
+    operator's configuration) takes the generic path from its next line on."""
+    writer = None
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters or node.disabled:
+            return None
+        for handler in node.handlers:
+            if writer is not None:
+                return None
+            writer = handler
+        if not node.propagate:
+            break
+        node = node.parent
+    if (type(writer) is not LineWriter or writer.filters or writer.level > logging.INFO
+            or type(writer.formatter) is not JsonFormatter):
+        return None
+    return writer  # type: ignore[return-value]
+
+
 # LogRecord.__init__'s attributes, in its order (the source location: log_access)
 _ACCESS_RECORD: dict[str, Any] = vars(logging.LogRecord(
     "memplan.access", logging.INFO, __file__, log_access.__code__.co_firstlineno, _ACCESS_MSG, (),
@@ -257,6 +297,15 @@ class LineWriter(logging.StreamHandler):
         except Exception:  # noqa: BLE001 - as StreamHandler: report, never raise
             self.handleError(record)
             return
+        self._add(line)
+
+    def write_line(self, line: str) -> None:
+        """A line already formatted (the access line, :func:`log_access`), written as
+        ``emit`` writes a record's."""
+        with self.lock:  # type: ignore[union-attr]
+            self._add(line + self.terminator)
+
+    def _add(self, line: str) -> None:
         self._lines.append(line)
         loop = asyncio._get_running_loop()
         if loop is None:
