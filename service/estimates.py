@@ -329,7 +329,8 @@ class FastLane:
             done, result = _try_inline(self.slots, setup, lambda: lane.answer(request))
         except Exception:  # noqa: BLE001 - an error: the route answers it, as it always has
             return None
-        return result.model_dump_json(by_alias=True).encode() if done else None  # as the route
+        # the bytes of model_dump_json(by_alias=True), as the route writes them
+        return result.__pydantic_serializer__.to_json(result, by_alias=True) if done else None
 
 
 def _replay(body: bytes, then: dict | Exception | None, receive: Any) -> Any:

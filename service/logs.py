@@ -289,7 +289,9 @@ class LineWriter(logging.StreamHandler):
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._lines: list[str] = []
-        self._scheduled = False
+        # the loop a flush is scheduled on (None: none is), and its thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
 
     def emit(self, record: logging.LogRecord) -> None:  # under the handler's lock
         try:
@@ -307,16 +309,19 @@ class LineWriter(logging.StreamHandler):
 
     def _add(self, line: str) -> None:
         self._lines.append(line)
-        loop = asyncio._get_running_loop()
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_thread and loop.is_running():
+            return  # the flush scheduled on this thread's loop writes it with the turn's lines
+        loop = asyncio._get_running_loop()  # (a system call: once a turn, not once a line)
         if loop is None:
             self.flush()
-        elif not self._scheduled:
-            self._scheduled = True
+        else:
+            self._loop, self._loop_thread = loop, threading.get_ident()
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._scheduled = False
+            self._loop = None
             if not self._lines:
                 return
             text, self._lines = "".join(self._lines), []
