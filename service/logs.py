@@ -12,8 +12,10 @@ skips the generic machinery without changing what is logged: :func:`log_access` 
 the extras ``route``, ``status``, ``duration_ms``; no caller lookup on the stack) and hands it to
 the logger's handlers only when the logger would emit INFO; the JSON formatter writes that record
 as a string directly (no dict, no encoder pass), and any other record with a timestamp text reused
-within a second and one JSON encoder. Every line is the same JSON, keys in the same order, as the
-generic path gives (``tests/test_access_log.py``).
+within a second and one JSON encoder. In memplan's own configuration (the access logger's lines
+reach one :class:`LineWriter` with the JSON formatter, no filter on the way) there is no record at
+all: the line is written straight to the writer. Every line is the same JSON, keys in the same
+order, as the generic path gives (``tests/test_access_log.py``).
 
 ``configure`` sends the lines to a :class:`LineWriter`, which writes the lines of one event loop
 turn in one system call rather than one a line.

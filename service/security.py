@@ -6,10 +6,10 @@
   every digest by ``hmac.compare_digest``. With no tokens configured the job routes are open, so
   that ``memplan serve`` works with no setup; estimate routes are open unless
   ``MEMPLAN_PROTECT_ESTIMATES=1``.
-- **Body size.** An ASGI middleware refuses bodies over ``max_body_bytes`` with 413, from the
-  Content-Length header when there is one and by counting the bytes as they arrive otherwise; a
-  Content-Length that is not a byte count is a 400 (``ProblemH11Protocol`` gives uvicorn's own
-  refusal of such a request, before it reaches the app, the same problem+json form).
+- **Body size.** The request layer (``service.front``) refuses bodies over ``max_body_bytes`` with
+  413, from the Content-Length header when there is one and by counting the bytes as they arrive
+  otherwise; a Content-Length that is not a byte count is a 400 (``ProblemH11Protocol`` gives
+  uvicorn's own refusal of such a request, before it reaches the app, the same problem+json form).
 - **Resource caps.** A job spec is checked against the configured caps (layers, hidden size,
   sequence, steps, ranks, wall-clock) before it is queued: 422 naming each field and its cap.
 - **Idempotency.** The canonical hash of a job request (``request_hash``) is stored with the
