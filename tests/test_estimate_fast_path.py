@@ -264,6 +264,36 @@ def test_the_fast_lane_answers_zero_as_the_route_does() -> None:
         assert lane.content == route.content
 
 
+def test_the_lane_validates_to_the_model_the_route_validates() -> None:
+    """Parts a body leaves out whose defaults a factory builds are the lane's one instance of
+    each (Lane.validate): the model is equal, dumps to the same JSON and gets the same answer as
+    the route's model_validate of the same body; parts the body gives are its own."""
+    lane = estimates.Lane("/v1/memory", MemoryRequest, lambda r: r, "memory")
+    bodies = [{"model": {"preset": "gpt2"}},
+              {"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 3}},
+              {"model": {"preset": "gpt2"}, "training": {"loss": {"kind": "chunked"}},
+               "parallelism": {"data_parallel": 2}, "hardware": {"gpu": "h100-80gb"}},
+              {"model": {"preset": "gpt2"}, "training": {
+                  "activation_checkpointing": {"strategy": "every-k", "every_k": 2}}},
+              {"model": {"preset": "gpt2"}, "parallelism": {}, "training": {}},
+              *(_body(setup, 2, 32) for setup in SETUPS)]
+    instances = {name: instance for name, instance, _ in lane.defaults}
+    in_training = {name: instance for name, instance, _ in
+                   next(nested for name, _, nested in lane.defaults if name == "training")}
+    for body in bodies:
+        plain = MemoryRequest.model_validate(body)
+        shared = lane.validate(json.loads(json.dumps(body)))
+        assert shared == plain
+        assert shared.model_dump_json(by_alias=True) == plain.model_dump_json(by_alias=True)
+        assert pm.estimate_memory(shared) == pm.estimate_memory(plain)
+        if "parallelism" not in body:
+            assert shared.parallelism is instances["parallelism"]
+        if "training" in body and "loss" not in body["training"]:
+            assert shared.training.loss is in_training["loss"]
+    with pytest.raises(ValueError):  # a refusal is the model's own
+        lane.validate({"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 0}})
+
+
 _REFUSALS = [
     ((b'{"model": {"family": "llama", "num_layers": 3, "hidden_size": 64, "num_heads": 4, '
       b'"vocab_size": 256}, "training": {"precision": "fp32", "micro_batch_size": 2, '
