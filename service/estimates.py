@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import contextvars
 import time
-from operator import itemgetter
 from collections.abc import Callable, Hashable
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import anyio
@@ -51,7 +51,11 @@ from pydantic import BaseModel
 
 from planner.catalog.specs import MemoryRequest
 from planner.machine.deadline import (
-    WorkLimit, WorkLimitExceeded, foreground, run_in_foreground, work_limit,
+    WorkLimit,
+    WorkLimitExceeded,
+    foreground,
+    run_in_foreground,
+    work_limit,
 )
 from planner.machine.recording import domain_of
 from service.errors import PROBLEM, Problem, loads_unique

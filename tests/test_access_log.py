@@ -165,15 +165,16 @@ def test_a_line_writer_with_the_json_formatter_gets_the_same_line_directly(captu
             duration = rng.choice([0.0, round(rng.random() * 10 ** rng.randint(-3, 4), 3)])
             request_id, job_id = _text(rng, 20) or "r", rng.choice([None, "j-1", _text(rng, 8)])
             now = rng.choice([1765000000.0, 1765000000.9995, 1765000000 + rng.random() * 1e5])
-            monkeypatch.setattr(time, "time", lambda: now)
+            monkeypatch.setattr(time, "time", lambda now=now: now)
 
-            def run() -> None:
+            def run(request_id: str, job_id: str | None, *fields: object) -> None:
                 ids = bind_request(request_id)
                 if job_id:
                     bind_job(job_id)
-                log_access(direct, ids, method, path, status, route, duration)
-                log_access(logger, ids, method, path, status, route, duration)
-            contextvars.copy_context().run(run)
+                log_access(direct, ids, *fields)  # type: ignore[arg-type]
+                log_access(logger, ids, *fields)  # type: ignore[arg-type]
+            contextvars.copy_context().run(run, request_id, job_id, method, path, status, route,
+                                           duration)
             monkeypatch.undo()
             record = handler.records[-1]
             record.name = direct.name  # (the record's logger: the other one)
