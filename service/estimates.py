@@ -277,48 +277,78 @@ class Lane:
         self.defaults = shared_defaults(body)
 
     def validate(self, doc: Any) -> MemoryRequest:
-        """The body model of a parsed body (raises as ``model_validate`` does); a part the body
-        leaves out whose default is built by a factory is the one instance built for the lane
-        (:func:`shared_defaults`)."""
+        """The body model of a parsed body (raises as ``model_validate`` does), built from the
+        lane's shared parts where it can (:func:`shared_defaults`)."""
         if type(doc) is dict:
-            _fill_defaults(doc, self.defaults)
+            _share(doc, self.defaults)
         return self.body.__pydantic_validator__.validate_python(doc)
 
 
-_Defaults = list[tuple[str, BaseModel, list]]
+class _Shared:
+    """A frozen model field of a lane's body model: the one instance of its default (when a
+    factory builds it), and the instances validated from flat parts the bodies gave."""
+
+    __slots__ = ("default", "model", "nested", "seen")
+
+    def __init__(self, model: type[BaseModel], default: BaseModel | None,
+                 nested: dict[str, _Shared]) -> None:
+        self.model, self.default, self.nested = model, default, nested
+        self.seen: dict[tuple, BaseModel] = {}
 
 
-def shared_defaults(kind: type[BaseModel]) -> _Defaults:
-    """The fields of ``kind`` (and of its fields' models, recursively) whose default is an
-    instance of a frozen model built by its factory, as (name, one such instance, the same for
-    that model's fields). A body that leaves such a field out validates, with that instance in
-    its place, to a model equal to the one the factory's fresh default gives: the instance is
-    accepted as it is (pydantic does not validate a model instance again) and, frozen, may be
-    shared by every request. Validating the defaults once saves building them on every request
-    (``tests/test_estimate_fast_path.py`` compares the two validations)."""
-    out: _Defaults = []
+def shared_defaults(kind: type[BaseModel]) -> dict[str, _Shared]:
+    """The fields of ``kind`` (and of its fields' models, recursively) that hold a frozen model,
+    with what a body's part is replaced by before validation: the one instance of the field's
+    default when the body leaves the field out and a factory builds it; the instance validated
+    before from the same part when the part is flat (names to strings, integers, booleans,
+    nulls) and its model holds no such field itself (a sweep asks one model, parallelism,
+    checkpointing or loss many times). Either validates to a model equal to the one the part
+    itself gives: an instance is accepted as it is (pydantic does not validate a model instance
+    again), a frozen one may be shared by every request, and a part's model is a function of the
+    part. Validating these once saves building them on every request (``tests/
+    test_estimate_fast_path.py`` compares the two validations)."""
+    out: dict[str, _Shared] = {}
     for name, field in kind.model_fields.items():
         model = field.annotation
         if not (isinstance(model, type) and issubclass(model, BaseModel)
                 and model.model_config.get("frozen") and field.alias is None
                 and model.model_config.get("revalidate_instances", "never") == "never"):
             continue
-        nested = shared_defaults(model)
-        if field.default_factory is model:
-            out.append((name, model(), nested))
-        elif nested:
-            out.append((name, None, nested))  # present in bodies: its own defaults are shared
+        out[name] = _Shared(model, model() if field.default_factory is model else None,
+                            shared_defaults(model))
     return out
 
 
-def _fill_defaults(doc: dict, defaults: _Defaults) -> None:
-    for name, instance, nested in defaults:
+_FLAT = frozenset({str, int, bool, type(None)})  # (no floats: -0.0 == 0.0 would share them)
+_SEEN_MAX = 1024
+
+
+def _share(doc: dict, fields: dict[str, _Shared]) -> None:
+    for name, shared in fields.items():
         value = doc.get(name, _MISSING)
         if value is _MISSING:
-            if instance is not None:
-                doc[name] = instance
-        elif nested and type(value) is dict:
-            _fill_defaults(value, nested)
+            if shared.default is not None:
+                doc[name] = shared.default
+        elif type(value) is dict:
+            if shared.nested:
+                _share(value, shared.nested)
+                continue
+            key = []
+            for k, v in value.items():
+                if v.__class__ not in _FLAT:
+                    break
+                key.append((k, v.__class__, v))
+            else:
+                seen = shared.seen.get(part := tuple(key))
+                if seen is None:
+                    try:
+                        seen = shared.model.__pydantic_validator__.validate_python(value)
+                    except ValueError:  # the body's validation words it
+                        continue
+                    if len(shared.seen) >= _SEEN_MAX:
+                        shared.seen.clear()
+                    shared.seen[part] = seen
+                doc[name] = seen
 
 
 _MISSING = object()

@@ -266,8 +266,9 @@ def test_the_fast_lane_answers_zero_as_the_route_does() -> None:
 
 def test_the_lane_validates_to_the_model_the_route_validates() -> None:
     """Parts a body leaves out whose defaults a factory builds are the lane's one instance of
-    each (Lane.validate): the model is equal, dumps to the same JSON and gets the same answer as
-    the route's model_validate of the same body; parts the body gives are its own."""
+    each, flat parts asked before the instance validated then (Lane.validate): the model is
+    equal, dumps to the same JSON and gets the same answer as the route's model_validate of the
+    same body."""
     lane = estimates.Lane("/v1/memory", MemoryRequest, lambda r: r, "memory")
     bodies = [{"model": {"preset": "gpt2"}},
               {"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 3}},
@@ -276,20 +277,31 @@ def test_the_lane_validates_to_the_model_the_route_validates() -> None:
               {"model": {"preset": "gpt2"}, "training": {
                   "activation_checkpointing": {"strategy": "every-k", "every_k": 2}}},
               {"model": {"preset": "gpt2"}, "parallelism": {}, "training": {}},
-              *(_body(setup, 2, 32) for setup in SETUPS)]
-    instances = {name: instance for name, instance, _ in lane.defaults}
-    in_training = {name: instance for name, instance, _ in
-                   next(nested for name, _, nested in lane.defaults if name == "training")}
+              {"model": {"preset": "gpt2", "num_layers": None}, "parallelism": {
+                  "data_parallel": True}},  # (a boolean is not the integer it equals)
+              *(_body(setup, b, 32) for setup in SETUPS for b in (2, 3))]
+    defaults = {name: shared.default for name, shared in lane.defaults.items()}
+    in_training = {name: shared.default for name, shared in
+                   lane.defaults["training"].nested.items()}
+    first_seen: dict[str, object] = {}
     for body in bodies:
-        plain = MemoryRequest.model_validate(body)
+        try:
+            plain = MemoryRequest.model_validate(body)
+        except ValueError:
+            with pytest.raises(ValueError):
+                lane.validate(json.loads(json.dumps(body)))
+            continue
         shared = lane.validate(json.loads(json.dumps(body)))
         assert shared == plain
         assert shared.model_dump_json(by_alias=True) == plain.model_dump_json(by_alias=True)
         assert pm.estimate_memory(shared) == pm.estimate_memory(plain)
         if "parallelism" not in body:
-            assert shared.parallelism is instances["parallelism"]
+            assert shared.parallelism is defaults["parallelism"]
         if "training" in body and "loss" not in body["training"]:
             assert shared.training.loss is in_training["loss"]
+        model = first_seen.setdefault(json.dumps(body["model"]), shared.model)
+        assert shared.model is model  # one instance for one part
+    assert len({id(m) for m in first_seen.values()}) == len(first_seen)
     with pytest.raises(ValueError):  # a refusal is the model's own
         lane.validate({"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 0}})
 
