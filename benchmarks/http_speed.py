@@ -1,7 +1,7 @@
 """POST /v1/memory over HTTP next to a FastAPI hello world, measured with wrk.
 
     python benchmarks/http_speed.py [--rounds 5] [--duration-s 5] [--connections 8]
-                                    [--threads 2] [--write]
+                                    [--threads 2] [--baseline DIR] [--write] [--note TEXT]
 
 Goals: ``POST /v1/memory`` at >= 70% of the hello world's requests/s, with a p99 latency within
 2x of the hello world's p99.
@@ -21,6 +21,12 @@ rotating from round to round, and the table gives the median of the rounds. wrk'
 histogram gives p50 and p99 (a Lua ``done`` hook prints them with the request count); any
 answer other than 200, or a socket error, is counted and fails the run.
 
+``--baseline DIR`` runs a third server, ``memplan serve`` from another checkout of memplan (e.g.
+a worktree of an earlier commit, sharing this one's environment), with the same settings: its two
+``/v1/memory`` rows join the same interleaved rounds, so a change is measured before and after in
+the same minutes. ``--write`` puts the table at the top of the results file as a dated section,
+above the earlier ones.
+
 ``wrk`` is taken from PATH; when it is missing and this runs as root it is installed with
 apt-get, otherwise the script says how to get it and stops.
 """
@@ -38,12 +44,13 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.load import _free_port, start_server
+from benchmarks.load import TOKEN, _free_port, start_server
 
 GOAL_RPS_FRACTION = 0.70
 GOAL_P99_FACTOR = 2.0
@@ -134,6 +141,43 @@ def start_hello(log_path: str) -> tuple[subprocess.Popen, int]:
     raise SystemExit("hello-world server did not answer in 60 s")
 
 
+def _describe(root: Path) -> str:
+    """A checkout by its commit (its folder's name when it is not a git checkout)."""
+    out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True, check=False)
+    return f"commit {out.stdout.strip()}" if out.returncode == 0 else root.name
+
+
+def start_baseline(root: Path, tmp: str) -> tuple[subprocess.Popen, int]:
+    """``memplan serve`` from another checkout, as ``benchmarks.load.start_server`` starts this
+    one's (same settings, its own database and log)."""
+    import httpx
+
+    from service.security import hash_token
+
+    port = _free_port()
+    env = {**os.environ, "MEMPLAN_API_TOKENS": hash_token(TOKEN),
+           "MEMPLAN_MAX_QUEUED_PER_TOKEN": str(10**9), "MEMPLAN_LOG_FORMAT": "json",
+           "PYTHONPATH": str(root)}
+    log = open(f"{tmp}/baseline.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--no-worker",
+                             "--host", "127.0.0.1", "--port", str(port),
+                             "--database-url", f"sqlite:///{tmp}/baseline.db"],
+                            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"baseline server exited with {proc.returncode}; see {tmp}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("baseline server did not become ready in 60 s")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc; NaN elsewhere)."""
     try:
@@ -207,15 +251,22 @@ def measure(args: argparse.Namespace, wrk: str, tmp: str) -> list[Row]:
                 "cycled", "memplan", "/v1/memory", str(scripts / "cycled.lua"), [], [], [], []),
             Row("memplan's GET /healthz (no goal: the same server's framework cost)", "memplan",
                 "/healthz", str(scripts / "hello.lua"), [], [], [], [])]
+    if args.baseline:
+        rows += [Row(f"{row.label} (baseline: {_describe(args.baseline)})", "baseline", row.path,
+                     row.script, [], [], [], []) for row in rows[1:3]]
     memplan, mport = start_server(f"sqlite:///{tmp}/jobs.db", f"{tmp}/memplan.log")
     hello, hport = start_hello(f"{tmp}/hello.log")
-    ports = {"memplan": mport, "hello": hport}
-    pids = {"memplan": memplan.pid, "hello": hello.pid}
+    procs = {"memplan": memplan, "hello": hello}
+    if args.baseline:
+        procs["baseline"], bport = start_baseline(args.baseline, tmp)
+    ports = {"memplan": mport, "hello": hport, **({"baseline": bport} if args.baseline else {})}
+    pids = {name: proc.pid for name, proc in procs.items()}
     try:
         # The setup's step template is compiled by its second size; then one short wrk run per
         # row warms both processes (imports, allocator, caches).
-        for b in (MEMORY["training"]["micro_batch_size"], 4, *CYCLED_BATCHES):
-            _post(f"http://127.0.0.1:{mport}/v1/memory", _with_batch(b))
+        for server in ("memplan", "baseline")[:1 + bool(args.baseline)]:
+            for b in (MEMORY["training"]["micro_batch_size"], 4, *CYCLED_BATCHES):
+                _post(f"http://127.0.0.1:{ports[server]}/v1/memory", _with_batch(b))
         for row in rows:
             run_wrk(wrk, f"http://127.0.0.1:{ports[row.server]}{row.path}", row.script,
                     min(2.0, args.duration_s), args.connections, args.threads)
@@ -235,21 +286,25 @@ def measure(args: argparse.Namespace, wrk: str, tmp: str) -> list[Row]:
                 f"{row.server} {row.path} {row.rps[-1]:.0f} req/s" for row in rows),
                 file=sys.stderr)
     finally:
-        _stop(memplan)
-        _stop(hello)
+        for proc in procs.values():
+            _stop(proc)
     return rows
 
 
 def table(rows: list[Row], args: argparse.Namespace) -> tuple[str, bool]:
     hello = rows[0]
     h_rps, h_p99, h_cpu = (statistics.median(v) for v in (hello.rps, hello.p99_ms, hello.cpu_us))
+    servers = "All three servers" if args.baseline else "Both servers"
     lines = [(f"wrk {args.threads} threads, {args.connections} keep-alive connections, "
               f"{args.duration_s:g} s a run, {args.rounds} interleaved rounds (median of rounds; "
-              f"spread = min..max of the rounds). Both servers up at once, one uvicorn process "
-              f"each (asyncio loop, h11). {os.cpu_count()} CPUs shared by both servers and wrk; "
+              f"spread = min..max of the rounds). {servers} up at once, one uvicorn process "
+              f"each (asyncio loop, h11). {os.cpu_count()} CPUs shared by the servers and wrk; "
               f"Python {platform.python_version()}. CPU µs/req: the server process's user + "
               "system time per request; hello's CPU over a row's is the req/s fraction the row "
-              "would reach with a core to itself (steadier than req/s on a shared machine)."), "",
+              "would reach with a core to itself (steadier than req/s on a shared machine)."
+              + (f" Baseline rows: `memplan serve` of {_describe(args.baseline)}, same "
+                 "settings (no goal)."
+                 if args.baseline else "")), "",
              ("| row | req/s | spread | p50 ms | p99 ms | req/s vs hello | p99 vs hello | "
               "CPU µs/req | CPU: hello / row | requests | failed |"),
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -260,7 +315,7 @@ def table(rows: list[Row], args: argparse.Namespace) -> tuple[str, bool]:
         frac, factor = rps / h_rps, p99 / h_p99
         if row is hello:
             vs_rps = vs_p99 = vs_cpu = "-"
-        elif row.path == "/healthz":
+        elif row.path == "/healthz" or row.server == "baseline":
             vs_rps, vs_p99, vs_cpu = f"{frac:.0%}", f"{factor:.2f}x", f"{h_cpu / cpu:.0%}"
         else:
             ok_rps, ok_p99 = frac >= GOAL_RPS_FRACTION, factor <= GOAL_P99_FACTOR
@@ -282,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration-s", type=float, default=5.0, help="seconds a wrk run")
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="another memplan checkout whose server joins the rounds (before/after)")
     ap.add_argument("--write", action="store_true",
-                    help=f"write the table to {OUT.relative_to(ROOT)}")
+                    help=f"put the table at the top of {OUT.relative_to(ROOT)} (a dated section)")
     ap.add_argument("--note", default="", help="a line added under the table (with --write)")
     ap.add_argument("--serve-hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -300,9 +357,15 @@ def main(argv: list[str] | None = None) -> int:
                                  check=False).stdout
         version = (version.splitlines() or ["wrk"])[0].split("[")[0].strip()
         OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text("# HTTP speed: POST /v1/memory next to a FastAPI hello world (wrk)\n\n"
-                       f"`python benchmarks/http_speed.py --write` ({version}).\n\n{text}\n"
-                       + (f"\n{args.note}\n" if args.note else ""))
+        title = "# HTTP speed: POST /v1/memory next to a FastAPI hello world (wrk)\n"
+        earlier = OUT.read_text() if OUT.exists() else ""
+        earlier = earlier[len(title):].lstrip("\n") if earlier.startswith(title) else earlier
+        when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        command = "python benchmarks/http_speed.py --write" + (
+            " --baseline DIR" if args.baseline else "")
+        OUT.write_text(f"{title}\n## {when}\n\n`{command}` ({version}).\n\n{text}\n"
+                       + (f"\n{args.note}\n" if args.note else "")
+                       + (f"\n{earlier}" if earlier else ""))
     return 0 if met else 1
 
 

@@ -1,12 +1,12 @@
 """The FastAPI application: one router per resource, problem+json errors, a committed contract.
 
-Every HTTP request first meets three plain ASGI layers, in front of all of FastAPI's own (its
-telemetry, server-error and exception middlewares, routing): the request middleware (request id,
-latency histogram, access line), the body-size limit, and the estimate fast lane. The fast lane's
-answers (known-fast estimates) so skip the framework entirely; every other request goes on
+Every HTTP request first meets one plain ASGI layer, in front of all of FastAPI's own (its
+telemetry, server-error and exception middlewares, routing): ``service.front.RequestFront``
+(request id, body-size limit, the estimate fast lane, latency histogram, access line). The fast
+lane's answers (known-fast estimates) so skip the framework entirely; every other request goes on
 through FastAPI as any request does. An exception that escapes a route is still answered 500 by
-FastAPI's server-error layer, which now sits inside the request middleware: that 500 carries the
-request id and is measured as sent.
+FastAPI's server-error layer, which sits inside the request layer: that 500 carries the request
+id and is measured as sent.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from fastapi.routing import APIRoute
 
 from planner.catalog.specs import MemoryRequest
 from service import errors, metrics, security
-from service.estimates import EstimateFastLane, EstimateSlots, Lane
+from service.estimates import EstimateSlots, FastLane, Lane
+from service.front import RequestFront
 from service.jobs.store import StoreHolder
 from service.routes import (
     catalog, checkpointing, health, memory, pipeline, plan, validations, web, zero,
@@ -38,8 +39,8 @@ async def _estimate_guard(request: Request) -> None:
 
 
 class MemplanAPI(FastAPI):
-    """FastAPI with ``front``, the request layers every HTTP request passes first (see the module
-    docstring); ``framework`` is FastAPI itself, the innermost of them."""
+    """FastAPI with ``front``, the request layer every HTTP request passes first (see the module
+    docstring); ``framework`` is FastAPI itself, behind it."""
 
     front: Any = None
 
@@ -76,11 +77,11 @@ def create_app(settings: Settings | None = None) -> MemplanAPI:
                            responses=security.ESTIMATE_AUTH_RESPONSES)
     security.install(app)  # resource-cap and key-reuse 422s
     web.install(app)  # the page at / (out of the OpenAPI document)
-    # Outermost first: every request, a 413 included, gets an id and is measured; known-fast
-    # estimates are answered inside the body-size limit, before FastAPI's own layers.
-    lane = EstimateFastLane(app.framework, slots=app.state.estimates, settings=app.state.settings,
-                            lanes=[Lane("/v1/memory", MemoryRequest, memory._estimate, "memory"),
-                                   Lane("/v1/zero", MemoryRequest, zero._compare, "zero")])
-    app.front = metrics.ObservabilityMiddleware(
-        security.BodyLimitMiddleware(lane, limit=app.state.settings.max_body_bytes))
+    # Every request, a 413 included, gets an id and is measured; known-fast estimates are
+    # answered inside the body-size limit, before FastAPI's own layers.
+    lane = FastLane(slots=app.state.estimates, settings=app.state.settings,
+                    lanes=[Lane("/v1/memory", MemoryRequest, memory._estimate, "memory"),
+                           Lane("/v1/zero", MemoryRequest, zero._compare, "zero")])
+    app.front = RequestFront(app.framework, security.BodyLimit(app.state.settings.max_body_bytes),
+                             lane)
     return app

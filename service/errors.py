@@ -246,10 +246,40 @@ class DuplicateKeys(HTTPException):
         self.names = names
 
 
+class _Repeated(Exception):
+    """An object of the document names a member twice."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Repeated
+    return obj
+
+
+_UNIQUE = json.JSONDecoder(object_pairs_hook=_unique_pairs)
+
+
 def loads_unique(body: bytes | str) -> Any:
     """``json.loads``, refusing an object that names a member twice (RFC 8259 leaves which one
-    counts undefined; Python would silently keep the last). One parse: the hook sees each object's
-    members as pairs; only when a duplicate is found is the document walked for its path."""
+    counts undefined; Python would silently keep the last). One parse by one decoder made once,
+    whose hook sees each object's members as pairs; only when a duplicate is found is the
+    document parsed again to name where."""
+    if isinstance(body, str):
+        if body.startswith("\ufeff"):  # as json.loads
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", body, 0)
+        text = body
+    elif isinstance(body, (bytes, bytearray)):
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+    else:
+        return json.loads(body)  # its TypeError
+    try:
+        return _UNIQUE.decode(text)
+    except _Repeated:
+        return _loads_naming_repeats(text)
+
+
+def _loads_naming_repeats(body: str) -> Any:
     repeated: list[tuple[dict, list[str]]] = []
 
     def pairs_hook(pairs: list[tuple[str, Any]]) -> dict:

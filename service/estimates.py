@@ -11,29 +11,29 @@ on the event loop when the answer is already known to be a template evaluation.
   and the slot is free again.
 
 The fast path. Every replay, rank loop and schedule simulation of the planner calls
-``planner.machine.deadline.check()`` as it goes; an answer read from a compiled step template or a memo
-calls it never and takes microseconds. A route may name the *setup* of a request (everything but
-the sizes a sweep varies, see :func:`setup_key`). When an estimate of that setup ran on a worker
-thread without one check and within ``INLINE_CPU_S`` of CPU, the setup is marked fast, and its
-next estimates run on the event loop itself: no thread hand-off, no disconnect watcher, in a
+``planner.machine.deadline.check()`` as it goes; an answer read from a compiled step template or a
+memo calls it never and takes microseconds. A route may name the *setup* of a request (everything
+but the sizes a sweep varies, see :func:`setup_key`). When an estimate of that setup ran on a
+worker thread without one check and within ``INLINE_CPU_S`` of CPU, the setup is marked fast, and
+its next estimates run on the event loop itself: no thread hand-off, no disconnect watcher, in a
 free estimate slot (when none is free, the request takes the queue like any other). An inline
 estimate runs to its end without giving the loop back, so nothing else can take or see that slot
-meanwhile: the slot is checked to be free rather than taken and given back. An inline estimate runs under a work limit whose first ``check()`` stops it: the
-planner was about to replay, so the setup loses its mark and the estimate starts again on a
-worker thread under the real limits. An inline estimate that used more than ``INLINE_CPU_S`` of
-CPU loses the mark too. The answer is the same function of the same request either way: only
-where it runs differs. (A stopped inline attempt has counted the setup as seen once in the
-planner's step cache, so the retry may compile the setup's template one request early: the
-template's answers equal the replay's to the byte.)
+meanwhile: the slot is checked to be free rather than taken and given back. An inline estimate runs
+under a work limit whose first ``check()`` stops it: the planner was about to replay, so the setup
+loses its mark and the estimate starts again on a worker thread under the real limits. An inline
+estimate that used more than ``INLINE_CPU_S`` of CPU loses the mark too (its CPU time is read only
+when its wall time is over that: the CPU a thread uses grows no faster than the clock). The answer
+is the same function of the same request either way: only where it runs differs. (A stopped inline
+attempt has counted the setup as seen once in the planner's step cache, so the retry may compile
+the setup's template one request early: the template's answers equal the replay's to the byte.)
 
-The fast lane (:class:`EstimateFastLane`, an ASGI layer inside the body-size limit and the
-request middleware, in front of all of FastAPI's own layers, see ``service.app``) answers such
-estimates before the framework's middlewares, routing, dependency solving and response validation,
-which cost several times the template evaluation: a JSON ``POST`` to a lane's
-path whose body validates and whose setup is marked fast is answered there, serialised as the
-route serialises it. Anything else (a refusal of any kind, an unmarked setup, a replay reached,
-protected estimate routes) goes on to the route with the body already read, and is answered as
-before.
+The fast lane (:class:`FastLane`, asked by the request layer in front of all of FastAPI's own
+layers, inside its body-size limit: ``service.front``) answers such estimates before the
+framework's middlewares, routing, dependency solving and response validation, which cost several
+times the template evaluation: a JSON ``POST`` to a lane's path whose body validates and whose
+setup is marked fast is answered there, serialised as the route serialises it. Anything else (a
+refusal of any kind, an unmarked setup, a replay reached, protected estimate routes) goes on to the
+route with the body already read, and is answered as before.
 """
 
 from __future__ import annotations
@@ -41,14 +41,22 @@ from __future__ import annotations
 import contextvars
 import time
 from collections.abc import Callable, Hashable
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 from fastapi import HTTPException, Request
+from pydantic import BaseModel
 
 from planner.catalog.specs import MemoryRequest
-from planner.machine.deadline import WorkLimit, WorkLimitExceeded, foreground, work_limit
+from planner.machine.deadline import (
+    WorkLimit,
+    WorkLimitExceeded,
+    foreground,
+    run_in_foreground,
+    work_limit,
+)
 from planner.machine.recording import domain_of
 from service.errors import PROBLEM, Problem, loads_unique
 
@@ -71,15 +79,52 @@ def setup_key(route: str, request: MemoryRequest) -> Hashable:
     with the size domain the planner's step templates are compiled for. The specs are frozen
     models, so the key is a tuple of their values (JSON where a list inside does not hash). The
     key only decides where an estimate runs, never what it answers."""
-    d, tr = request.__dict__, request.training
-    key = (route, tuple(v for k, v in d.items() if k != "training"),
-           tuple(v for k, v in tr.__dict__.items() if k not in _SIZES),
-           domain_of(tr.micro_batch_size, tr.sequence_length))
+    key = _setup_tuple(route, request)
     try:
         hash(key)
     except TypeError:  # e.g. explicit checkpointed blocks, LoRA target modules
-        key = (route, request.model_dump_json(exclude={"training": set(_SIZES)}), key[-1])
+        key = _setup_json(route, request, key[-1])
     return key
+
+
+def marked_setup(slots: EstimateSlots, route: str, request: MemoryRequest) -> Hashable | None:
+    """The request's setup key (:func:`setup_key`) when that setup is marked fast, else None:
+    the key hashed once, by the lookup itself."""
+    key = _setup_tuple(route, request)
+    try:
+        return key if key in slots.fast else None
+    except TypeError:
+        key = _setup_json(route, request, key[-1])
+        return key if key in slots.fast else None
+
+
+def _setup_tuple(route: str, request: MemoryRequest) -> tuple:
+    getters = _GETTERS.get(type(request))
+    if getters is None:
+        getters = _GETTERS[type(request)] = _getters(type(request))
+    tr = request.training
+    return (route, getters[0](request.__dict__), getters[1](tr.__dict__),
+            domain_of(tr.micro_batch_size, tr.sequence_length))
+
+
+def _setup_json(route: str, request: MemoryRequest, domain: Hashable) -> Hashable:
+    return (route, request.model_dump_json(exclude={"training": set(_SIZES)}), domain)
+
+
+def _getters(kind: type[MemoryRequest]) -> tuple[Callable[[dict], tuple], Callable[[dict], tuple]]:
+    """The values of a request's fields but ``training``, and of its training's fields but the
+    sizes, each as a tuple in the fields' order."""
+    def getter(names: tuple[str, ...]) -> Callable[[dict], tuple]:
+        if len(names) == 1:
+            return lambda d: (d[names[0]],)
+        return itemgetter(*names)  # type: ignore[return-value]
+
+    training = kind.model_fields["training"].annotation
+    return (getter(tuple(k for k in kind.model_fields if k != "training")),
+            getter(tuple(k for k in training.model_fields if k not in _SIZES)))
+
+
+_GETTERS: dict[type, tuple[Callable[[dict], tuple], Callable[[dict], tuple]]] = {}
 
 
 class EstimateSlots:
@@ -164,10 +209,12 @@ def _try_inline(slots: EstimateSlots, setup: Hashable, fn: Callable[[], T]) -> t
     if slots.limiter.available_tokens < 1:
         return False, None
     try:
-        start = time.thread_time()
-        with work_limit(_INLINE), foreground():
-            result = fn()
-        if time.thread_time() - start > INLINE_CPU_S:
+        start, cpu_start = time.perf_counter(), time.thread_time()
+        result = run_in_foreground(_INLINE, fn)
+        # A thread's CPU time grows no faster than the clock: within INLINE_CPU_S of wall time,
+        # the estimate used no more CPU than that, and its CPU (a system call) is not asked.
+        if (time.perf_counter() - start > INLINE_CPU_S
+                and time.thread_time() - cpu_start > INLINE_CPU_S):
             slots.fast.pop(setup, None)
         return True, result
     except _NeedsThread:
@@ -227,35 +274,117 @@ class Lane:
     def __init__(self, path: str, body: type[MemoryRequest], answer: Callable[[Any], Any],
                  name: str) -> None:
         self.path, self.body, self.answer, self.name = path, body, answer, name
-        self.route = type("LaneRoute", (), {"path": path})()  # what the request middleware reads
+        self.defaults = shared_defaults(body)
+
+    def validate(self, doc: Any) -> MemoryRequest:
+        """The body model of a parsed body (raises as ``model_validate`` does), built from the
+        lane's shared parts where it can (:func:`shared_defaults`)."""
+        if type(doc) is dict:
+            _share(doc, self.defaults)
+        return self.body.__pydantic_validator__.validate_python(doc)
 
 
-def _json_content(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
+class _Shared:
+    """A frozen model field of a lane's body model: the one instance of its default (when a
+    factory builds it), and the instances validated from flat parts the bodies gave."""
+
+    __slots__ = ("default", "model", "nested", "seen")
+
+    def __init__(self, model: type[BaseModel], default: BaseModel | None,
+                 nested: dict[str, _Shared]) -> None:
+        self.model, self.default, self.nested = model, default, nested
+        self.seen: dict[tuple, BaseModel] = {}
 
 
-class EstimateFastLane:
+def shared_defaults(kind: type[BaseModel]) -> dict[str, _Shared]:
+    """The fields of ``kind`` (and of its fields' models, recursively) that hold a frozen model,
+    with what a body's part is replaced by before validation: the one instance of the field's
+    default when the body leaves the field out and a factory builds it; the instance validated
+    before from the same part when the part is flat (names to strings, integers, booleans,
+    nulls) and its model holds no such field itself (a sweep asks one model, parallelism,
+    checkpointing or loss many times). Either validates to a model equal to the one the part
+    itself gives: an instance is accepted as it is (pydantic does not validate a model instance
+    again), a frozen one may be shared by every request, and a part's model is a function of the
+    part. Validating these once saves building them on every request (``tests/
+    test_estimate_fast_path.py`` compares the two validations)."""
+    out: dict[str, _Shared] = {}
+    for name, field in kind.model_fields.items():
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)
+                and model.model_config.get("frozen") and field.alias is None
+                and model.model_config.get("revalidate_instances", "never") == "never"):
+            continue
+        out[name] = _Shared(model, model() if field.default_factory is model else None,
+                            shared_defaults(model))
+    return out
+
+
+_FLAT = frozenset({str, int, bool, type(None)})  # (no floats: -0.0 == 0.0 would share them)
+_SEEN_MAX = 1024
+
+
+def _share(doc: dict, fields: dict[str, _Shared]) -> None:
+    for name, shared in fields.items():
+        value = doc.get(name, _MISSING)
+        if value is _MISSING:
+            if shared.default is not None:
+                doc[name] = shared.default
+        elif type(value) is dict:
+            if shared.nested:
+                _share(value, shared.nested)
+                continue
+            key = []
+            for k, v in value.items():
+                if v.__class__ not in _FLAT:
+                    break
+                key.append((k, v.__class__, v))
+            else:
+                seen = shared.seen.get(part := tuple(key))
+                if seen is None:
+                    try:
+                        seen = shared.model.__pydantic_validator__.validate_python(value)
+                    except ValueError:  # the body's validation words it
+                        continue
+                    if len(shared.seen) >= _SEEN_MAX:
+                        shared.seen.clear()
+                    shared.seen[part] = seen
+                doc[name] = seen
+
+
+_MISSING = object()
+
+
+def json_content(content_type: bytes | None) -> bool:
+    """A Content-Type header's value names JSON (the route parses nothing else)."""
+    return content_type is not None and (
+        content_type == b"application/json"
+        or content_type.split(b";", 1)[0].strip().lower() == b"application/json")
+
+
+class FastLane:
     """Answers ``POST`` to a lane's path on the spot when the body is valid JSON of the route's
     model and its setup is marked fast (see the module docstring): the same answer the route gives,
     without the framework's routing, dependency solving and response validation. Everything else
     (errors of any kind, unmarked setups, a replay reached, protected estimate routes, another
     content type) goes on to the app with the body it read, and is answered by the route as
-    before. It sits inside the body-size limit and the request middleware, which log and measure
-    its answers under the route's template."""
+    before. The request layer in front of FastAPI (``service.front``) asks it first, inside the
+    body-size limit, and logs and measures its answers under the route's template."""
 
-    def __init__(self, app: Any, lanes: list[Lane], slots: EstimateSlots, settings: Any) -> None:
-        self.app, self.slots, self.settings = app, slots, settings
+    def __init__(self, lanes: list[Lane], slots: EstimateSlots, settings: Any) -> None:
+        self.slots, self.settings = slots, settings
         self.lanes = {lane.path: lane for lane in lanes}
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        lane = self.lanes.get(scope.get("path")) if scope["type"] == "http" else None
+    def lane_for(self, scope: dict, content_type: bytes | None) -> Lane | None:
+        """The lane that may answer this request (its path, a JSON POST, estimates open)."""
+        lane = self.lanes.get(scope["path"])
         if (lane is None or scope["method"] != "POST" or self.settings.protect_estimates
-                or not _json_content(scope["headers"])):
-            await self.app(scope, receive, send)
-            return
+                or not json_content(content_type)):
+            return None
+        return lane
+
+    async def answer(self, lane: Lane, receive: Any) -> tuple[bytes | None, Any]:
+        """(the answer's JSON, None), or (None, the receive channel the route reads the body
+        from: the body read here, then the client's messages)."""
         chunks: list[bytes] = []
         try:
             message = await receive()
@@ -265,35 +394,29 @@ class EstimateFastLane:
                     break
                 message = await receive()
             else:  # the client went away: the route sees it where it reads the body
-                await self.app(scope, _replay(b"".join(chunks), message, receive), send)
-                return
+                return None, _replay(b"".join(chunks), message, receive)
         except Exception as exc:  # noqa: BLE001 - e.g. over the body-size limit: raised again
-            await self.app(scope, _replay(b"".join(chunks), exc, receive), send)  # in the route
-            return
-        body = b"".join(chunks)
+            return None, _replay(b"".join(chunks), exc, receive)  # in the route
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         answer = self._answer(lane, body)
         if answer is None:
-            await self.app(scope, _replay(body, None, receive), send)
-            return
-        scope["route"] = lane.route
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(answer)).encode()),
-                                (b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": answer})
+            return None, _replay(body, None, receive)
+        return answer, None
 
     def _answer(self, lane: Lane, body: bytes) -> bytes | None:
         try:
-            request = lane.body.model_validate(loads_unique(body))
+            request = lane.validate(loads_unique(body))
         except Exception:  # noqa: BLE001 - the route answers (and words) every refusal
             return None
-        setup = setup_key(lane.name, request)
-        if setup not in self.slots.fast:
+        setup = marked_setup(self.slots, lane.name, request)
+        if setup is None:
             return None
         try:
             done, result = _try_inline(self.slots, setup, lambda: lane.answer(request))
         except Exception:  # noqa: BLE001 - an error: the route answers it, as it always has
             return None
-        return result.model_dump_json(by_alias=True).encode() if done else None  # as the route
+        # the bytes of model_dump_json(by_alias=True), as the route writes them
+        return result.__pydantic_serializer__.to_json(result, by_alias=True) if done else None
 
 
 def _replay(body: bytes, then: dict | Exception | None, receive: Any) -> Any:

@@ -12,8 +12,10 @@ skips the generic machinery without changing what is logged: :func:`log_access` 
 the extras ``route``, ``status``, ``duration_ms``; no caller lookup on the stack) and hands it to
 the logger's handlers only when the logger would emit INFO; the JSON formatter writes that record
 as a string directly (no dict, no encoder pass), and any other record with a timestamp text reused
-within a second and one JSON encoder. Every line is the same JSON, keys in the same order, as the
-generic path gives (``tests/test_access_log.py``).
+within a second and one JSON encoder. In memplan's own configuration (the access logger's lines
+reach one :class:`LineWriter` with the JSON formatter, no filter on the way) there is no record at
+all: the line is written straight to the writer. Every line is the same JSON, keys in the same
+order, as the generic path gives (``tests/test_access_log.py``).
 
 ``configure`` sends the lines to a :class:`LineWriter`, which writes the lines of one event loop
 turn in one system call rather than one a line.
@@ -174,18 +176,25 @@ def _access_json(record: AccessRecord) -> str | None:
     # (a formatter of another handler may have set "message" and "asctime": never logged here)
     if len(d) - ("message" in d) - ("asctime" in d) != record.fields or record.exc_info:
         return None
-    request_id, status, duration = d.get("request_id"), d["status"], d["duration_ms"]
-    job_id = d.get("job_id") or _bound("job_id")
-    if (not request_id or type(request_id) is not str or type(d["route"]) is not str
+    return _access_line(d["created"], d["msecs"], d["levelname"], d["name"], record.getMessage(),
+                        d.get("request_id"), d.get("job_id") or _bound("job_id"), d["route"],
+                        d["status"], d["duration_ms"])
+
+
+def _access_line(created: float, msecs: float, level: str, name: str, msg: str, request_id: Any,
+                 job_id: Any, route: Any, status: Any, duration: Any) -> str | None:
+    """The JSON of an access line from its fields; None (the generic path) where one is not of
+    the type the line is written for."""
+    if (not request_id or type(request_id) is not str or type(route) is not str
             or type(status) is not int
             or type(duration) is not float or duration != duration or duration in _INFINITE
             or (job_id is not None and type(job_id) is not str)):
         return None
     job = f', "job_id": {_string(job_id)}' if job_id else ""
-    return (f'{{"ts": "{_timestamp(d["created"], d["msecs"])}", "level": '
-            f'{_string(d["levelname"].lower())}, "logger": {_string(d["name"])}, "msg": '
-            f'{_string(record.getMessage())}, "request_id": {_string(request_id)}{job}, "route": '
-            f'{_string(d["route"])}, "status": {status!r}, "duration_ms": {duration!r}}}')
+    return (f'{{"ts": "{_timestamp(created, msecs)}", "level": {_string(level.lower())}, '
+            f'"logger": {_string(name)}, "msg": {_string(msg)}, "request_id": '
+            f'{_string(request_id)}{job}, "route": {_string(route)}, "status": {status!r}, '
+            f'"duration_ms": {duration!r}}}')
 
 
 _INFINITE = (float("inf"), float("-inf"))
@@ -200,6 +209,16 @@ def log_access(logger: logging.Logger, ids: dict[str, str], method: str, path: s
     if not logger.isEnabledFor(logging.INFO):
         return
     created = time.time()
+    writer = _line_writer_of(logger)
+    if writer is not None:
+        # memplan's own configuration: the line the record would give, without the record
+        line = _access_line(created, int((created - int(created)) * 1000) + 0.0, "INFO",
+                            logger.name, _ACCESS_MSG % (method, path, status),
+                            ids.get("request_id") or None,
+                            ids.get("job_id") or _bound("job_id"), route, status, duration_ms)
+        if line is not None:
+            writer.write_line(line)
+            return
     record = AccessRecord.__new__(AccessRecord)
     d = record.__dict__
     d.update(_ACCESS_RECORD)
@@ -231,6 +250,29 @@ def log_access(logger: logging.Logger, ids: dict[str, str], method: str, path: s
     logger.handle(record)
 
 
+def _line_writer_of(logger: logging.Logger) -> LineWriter | None:
+    """The one handler ``logger``'s INFO records reach, when it is a :class:`LineWriter` with a
+    :class:`JsonFormatter` and no filter on the way (what ``configure('json')`` sets up); else
+    None. Checked on every line: a handler or filter added later (a test's capture, an
+    operator's configuration) takes the generic path from its next line on."""
+    writer = None
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters or node.disabled:
+            return None
+        for handler in node.handlers:
+            if writer is not None:
+                return None
+            writer = handler
+        if not node.propagate:
+            break
+        node = node.parent
+    if (type(writer) is not LineWriter or writer.filters or writer.level > logging.INFO
+            or type(writer.formatter) is not JsonFormatter):
+        return None
+    return writer  # type: ignore[return-value]
+
+
 # LogRecord.__init__'s attributes, in its order (the source location: log_access)
 _ACCESS_RECORD: dict[str, Any] = vars(logging.LogRecord(
     "memplan.access", logging.INFO, __file__, log_access.__code__.co_firstlineno, _ACCESS_MSG, (),
@@ -249,7 +291,9 @@ class LineWriter(logging.StreamHandler):
     def __init__(self, stream: Any) -> None:
         super().__init__(stream)
         self._lines: list[str] = []
-        self._scheduled = False
+        # the loop a flush is scheduled on (None: none is), and its thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
 
     def emit(self, record: logging.LogRecord) -> None:  # under the handler's lock
         try:
@@ -257,17 +301,29 @@ class LineWriter(logging.StreamHandler):
         except Exception:  # noqa: BLE001 - as StreamHandler: report, never raise
             self.handleError(record)
             return
+        self._add(line)
+
+    def write_line(self, line: str) -> None:
+        """A line already formatted (the access line, :func:`log_access`), written as
+        ``emit`` writes a record's."""
+        with self.lock:  # type: ignore[union-attr]
+            self._add(line + self.terminator)
+
+    def _add(self, line: str) -> None:
         self._lines.append(line)
-        loop = asyncio._get_running_loop()
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_thread and loop.is_running():
+            return  # the flush scheduled on this thread's loop writes it with the turn's lines
+        loop = asyncio._get_running_loop()  # (a system call: once a turn, not once a line)
         if loop is None:
             self.flush()
-        elif not self._scheduled:
-            self._scheduled = True
+        else:
+            self._loop, self._loop_thread = loop, threading.get_ident()
             loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
-            self._scheduled = False
+            self._loop = None
             if not self._lines:
                 return
             text, self._lines = "".join(self._lines), []

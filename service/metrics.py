@@ -1,9 +1,10 @@
-"""``GET /metrics`` in the Prometheus text format (0.0.4), and the request middleware.
+"""``GET /metrics`` in the Prometheus text format (0.0.4), and the request latency histogram.
 
 Two sources:
 - **This process**: ``memplan_http_request_duration_seconds``, a histogram per method, route
   *template* (``/v1/validations/{job_id}``, never the raw path; ``unmatched`` for 404s) and
-  status, observed by ``ObservabilityMiddleware``. Each API replica reports its own requests.
+  status, observed by the request layer (``service.front``). Each API replica reports its own
+  requests.
 - **The job table, at scrape time**: queue depth per state, job duration and estimate error per
   category are aggregated by SQL from the jobs themselves. Workers run in other processes (and
   nodes); reading the table means every replica reports the same figures, nothing is lost when a
@@ -21,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from bisect import bisect_left
 from typing import Any, Iterable, Sequence
 
@@ -30,7 +30,6 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy import Float, and_, case, cast, func, literal_column, select
 
 from service.jobs.migrations import jobs
-from service.logs import bind_request, log_access, new_request_id
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -38,9 +37,6 @@ JOB_DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 216
 ERROR_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 CATEGORIES = ("parameters", "gradients", "optimizer_states", "activations", "temporaries", "total")
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-
-access_log = logging.getLogger("memplan.access")
-
 
 # ---- text format -------------------------------------------------------------------------------
 def _escape(value: str) -> str:
@@ -109,50 +105,9 @@ REQUEST_LATENCY = Histogram("memplan_http_request_duration_seconds",
                             ("method", "route", "status"), LATENCY_BUCKETS_S)
 
 
-# ---- request middleware ------------------------------------------------------------------------
-class ObservabilityMiddleware:
-    """Request id (X-Request-ID in and out), latency histogram, one JSON access line a request.
-
-    A plain ASGI layer: per request, one pass over the headers, one wrapped ``send`` (which adds
-    the id header to the response start) and, at the end, one histogram observation and one
-    access record (:func:`service.logs.log_access`, skipped when the access logger would not
-    emit)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        header = None
-        for name, value in scope.get("headers", ()):
-            if name == b"x-request-id":
-                header = value.decode("latin-1")
-                break
-        request_id = new_request_id(header)
-        ids = bind_request(request_id)
-        id_header = (b"x-request-id", request_id.encode())
-        status = 500
-        start = time.perf_counter()
-
-        async def send_with_id(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            elapsed = time.perf_counter() - start
-            template = getattr(scope.get("route"), "path", None) or "unmatched"
-            method = scope["method"]
-            REQUEST_LATENCY.observe(elapsed, method, template, _STATUS_TEXT.get(status)
-                                    or str(status))
-            log_access(access_log, ids, method, scope["path"], status, template,
-                       round(elapsed * 1000, 3))
+def status_text(status: int) -> str:
+    """A status code as its label value (precomputed for the codes HTTP defines)."""
+    return _STATUS_TEXT.get(status) or str(status)
 
 
 _STATUS_TEXT = {code: str(code) for code in range(100, 600)}
@@ -242,5 +197,5 @@ def metrics(request: Request) -> PlainTextResponse:
     return PlainTextResponse("\n".join(lines) + "\n", media_type=CONTENT_TYPE)
 
 
-__all__ = ["router", "ObservabilityMiddleware", "Histogram", "REQUEST_LATENCY", "CONTENT_TYPE",
+__all__ = ["router", "Histogram", "REQUEST_LATENCY", "CONTENT_TYPE", "status_text",
            "job_table_lines", "histogram_lines"]

@@ -6,10 +6,10 @@
   every digest by ``hmac.compare_digest``. With no tokens configured the job routes are open, so
   that ``memplan serve`` works with no setup; estimate routes are open unless
   ``MEMPLAN_PROTECT_ESTIMATES=1``.
-- **Body size.** An ASGI middleware refuses bodies over ``max_body_bytes`` with 413, from the
-  Content-Length header when there is one and by counting the bytes as they arrive otherwise; a
-  Content-Length that is not a byte count is a 400 (``ProblemH11Protocol`` gives uvicorn's own
-  refusal of such a request, before it reaches the app, the same problem+json form).
+- **Body size.** The request layer (``service.front``) refuses bodies over ``max_body_bytes`` with
+  413, from the Content-Length header when there is one and by counting the bytes as they arrive
+  otherwise; a Content-Length that is not a byte count is a 400 (``ProblemH11Protocol`` gives
+  uvicorn's own refusal of such a request, before it reaches the app, the same problem+json form).
 - **Resource caps.** A job spec is checked against the configured caps (layers, hidden size,
   sequence, steps, ranks, wall-clock) before it is queued: 422 naming each field and its cap.
 - **Idempotency.** The canonical hash of a job request (``request_hash``) is stored with the
@@ -208,30 +208,29 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body over this service's limit of {limit} bytes")
 
 
-class BodyLimitMiddleware:
-    """413 for a body over ``limit`` bytes, before the route reads (or parses) it."""
+class BodyLimit:
+    """413 for a body over ``limit`` bytes, before the route reads (or parses) it. The request
+    layer in front of FastAPI (``service.front``) applies it to every HTTP request: a request
+    with one Content-Length of digits within the limit passes as it is (the HTTP server delivers
+    exactly that many bytes: h11 and httptools frame the body by it, so nothing is counted);
+    any other goes through :meth:`admit`."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length, several = None, False
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                several, length = length is not None, value
+    async def admit(self, scope: dict, length: bytes | None, several: bool, receive: Any,
+                    send: Any) -> Any:
+        """The receive channel the request's body is read from, or None when the request has
+        been answered here (413, or 400 for a Content-Length that is not a byte count).
+        ``length``: the last Content-Length header's value; ``several``: there was more than
+        one."""
         if length is not None and not several and length.isdigit():
-            # The usual request: one Content-Length of digits. The HTTP server delivers exactly
-            # that many bytes (h11 and httptools frame the body by it), so nothing is counted.
             if int(length) > self.limit:
                 await self._too_large(send, int(length))
-                return
-            await self.app(scope, receive, send)
-            return
+                return None
+            return receive
         if length is not None and await self._refuse_lengths(scope, send):
-            return
+            return None
         seen = 0
 
         async def counted() -> dict:
@@ -245,7 +244,7 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge(self.limit)
             return message
 
-        await self.app(scope, counted, send)
+        return counted
 
     async def _refuse_lengths(self, scope: dict, send: Any) -> bool:
         """Content-Length given otherwise than as one byte count: 400 when it is not a byte
@@ -340,4 +339,4 @@ def install(app: FastAPI) -> None:
 
 __all__ = ["hash_token", "parse_token_digests", "require_token", "estimate_guard", "Identity",
            "AUTH_RESPONSES", "ESTIMATE_AUTH_RESPONSES", "CapExceeded", "check_caps",
-           "request_hash", "BodyLimitMiddleware", "ProblemH11Protocol", "install", "ANONYMOUS"]
+           "request_hash", "BodyLimit", "ProblemH11Protocol", "install", "ANONYMOUS"]

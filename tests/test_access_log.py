@@ -10,6 +10,7 @@ import contextvars
 import io
 import logging
 import random
+import time
 import uuid
 
 import pytest
@@ -135,6 +136,57 @@ def test_generated_request_ids_are_uuid4_hex():
         parsed = uuid.UUID(hex=value)
         assert parsed.hex == value and parsed.version == 4 and parsed.variant == uuid.RFC_4122
     assert new_request_id("abc-1") == "abc-1" and new_request_id("a b") not in ("a b", "")
+
+
+def test_a_line_writer_with_the_json_formatter_gets_the_same_line_directly(capture,
+                                                                           monkeypatch):
+    """memplan's own configuration (one LineWriter with the JSON formatter): log_access writes
+    the line without a record, the characters the record's JSON line has; a filter on the way
+    (or another handler) and the record goes through as before."""
+    logger, handler = capture
+    direct = logging.getLogger("test.memplan.access.direct")
+    stream = io.StringIO()
+    writer = LineWriter(stream)
+    writer.setFormatter(JsonFormatter())
+    direct.addHandler(writer)
+    direct.setLevel(logging.INFO)
+    direct.propagate = False
+    rng = random.Random(20261206)
+    seen: list[logging.LogRecord] = []
+
+    def no_record(record: logging.LogRecord) -> None:
+        raise AssertionError(f"a record reached the writer: {record}")
+    writer.handle = no_record  # type: ignore[method-assign]
+    try:
+        for i in range(300):
+            method = rng.choice(["GET", "POST"])
+            path, route = "/" + _text(rng, 30), rng.choice(["/v1/memory", _text(rng, 10)])
+            status = rng.choice([200, 413, rng.randint(100, 599)])
+            duration = rng.choice([0.0, round(rng.random() * 10 ** rng.randint(-3, 4), 3)])
+            request_id, job_id = _text(rng, 20) or "r", rng.choice([None, "j-1", _text(rng, 8)])
+            now = rng.choice([1765000000.0, 1765000000.9995, 1765000000 + rng.random() * 1e5])
+            monkeypatch.setattr(time, "time", lambda now=now: now)
+
+            def run(request_id: str, job_id: str | None, *fields: object) -> None:
+                ids = bind_request(request_id)
+                if job_id:
+                    bind_job(job_id)
+                log_access(direct, ids, *fields)  # type: ignore[arg-type]
+                log_access(logger, ids, *fields)  # type: ignore[arg-type]
+            contextvars.copy_context().run(run, request_id, job_id, method, path, status, route,
+                                           duration)
+            monkeypatch.undo()
+            record = handler.records[-1]
+            record.name = direct.name  # (the record's logger: the other one)
+            assert stream.getvalue().split("\n")[-2] == JsonFormatter().format(record)
+        del writer.handle
+        writer.addFilter(lambda record: seen.append(record) or True)
+        contextvars.copy_context().run(lambda: log_access(
+            direct, bind_request("r-f"), "GET", "/healthz", 200, "/healthz", 0.5))
+        assert len(seen) == 1 and type(seen[0]) is AccessRecord
+        assert stream.getvalue().split("\n")[-2] == JsonFormatter().format(seen[0])
+    finally:
+        direct.removeHandler(writer)
 
 
 class Stream(io.StringIO):

@@ -264,6 +264,48 @@ def test_the_fast_lane_answers_zero_as_the_route_does() -> None:
         assert lane.content == route.content
 
 
+def test_the_lane_validates_to_the_model_the_route_validates() -> None:
+    """Parts a body leaves out whose defaults a factory builds are the lane's one instance of
+    each, flat parts asked before the instance validated then (Lane.validate): the model is
+    equal, dumps to the same JSON and gets the same answer as the route's model_validate of the
+    same body."""
+    lane = estimates.Lane("/v1/memory", MemoryRequest, lambda r: r, "memory")
+    bodies = [{"model": {"preset": "gpt2"}},
+              {"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 3}},
+              {"model": {"preset": "gpt2"}, "training": {"loss": {"kind": "chunked"}},
+               "parallelism": {"data_parallel": 2}, "hardware": {"gpu": "h100-80gb"}},
+              {"model": {"preset": "gpt2"}, "training": {
+                  "activation_checkpointing": {"strategy": "every-k", "every_k": 2}}},
+              {"model": {"preset": "gpt2"}, "parallelism": {}, "training": {}},
+              {"model": {"preset": "gpt2", "num_layers": None}, "parallelism": {
+                  "data_parallel": True}},  # (a boolean is not the integer it equals)
+              *(_body(setup, b, 32) for setup in SETUPS for b in (2, 3))]
+    defaults = {name: shared.default for name, shared in lane.defaults.items()}
+    in_training = {name: shared.default for name, shared in
+                   lane.defaults["training"].nested.items()}
+    first_seen: dict[str, object] = {}
+    for body in bodies:
+        try:
+            plain = MemoryRequest.model_validate(body)
+        except ValueError:
+            with pytest.raises(ValueError):
+                lane.validate(json.loads(json.dumps(body)))
+            continue
+        shared = lane.validate(json.loads(json.dumps(body)))
+        assert shared == plain
+        assert shared.model_dump_json(by_alias=True) == plain.model_dump_json(by_alias=True)
+        assert pm.estimate_memory(shared) == pm.estimate_memory(plain)
+        if "parallelism" not in body:
+            assert shared.parallelism is defaults["parallelism"]
+        if "training" in body and "loss" not in body["training"]:
+            assert shared.training.loss is in_training["loss"]
+        model = first_seen.setdefault(json.dumps(body["model"]), shared.model)
+        assert shared.model is model  # one instance for one part
+    assert len({id(m) for m in first_seen.values()}) == len(first_seen)
+    with pytest.raises(ValueError):  # a refusal is the model's own
+        lane.validate({"model": {"preset": "gpt2"}, "training": {"micro_batch_size": 0}})
+
+
 _REFUSALS = [
     ((b'{"model": {"family": "llama", "num_layers": 3, "hidden_size": 64, "num_heads": 4, '
       b'"vocab_size": 256}, "training": {"precision": "fp32", "micro_batch_size": 2, '

@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _LIMIT: contextvars.ContextVar[WorkLimit | None] = contextvars.ContextVar(
     "memplan_work_limit", default=None)
@@ -121,5 +124,24 @@ def work_limit(limit: WorkLimit) -> Iterator[WorkLimit]:
     token = _LIMIT.set(limit)
     try:
         yield limit
+    finally:
+        _LIMIT.reset(token)
+
+
+def run_in_foreground(limit: WorkLimit, fn: Callable[[], T]) -> T:
+    """``fn()`` under ``limit`` and in the foreground: ``with work_limit(limit), foreground():``
+    without the two generator context managers (an estimate answered on the service's event loop
+    takes a few microseconds; this runs once for each)."""
+    token = _LIMIT.set(limit)
+    try:
+        with _FOREGROUND_LOCK:
+            _FOREGROUND[0] += 1
+        in_foreground = _IN_FOREGROUND.set(True)
+        try:
+            return fn()
+        finally:
+            _IN_FOREGROUND.reset(in_foreground)
+            with _FOREGROUND_LOCK:
+                _FOREGROUND[0] -= 1
     finally:
         _LIMIT.reset(token)
