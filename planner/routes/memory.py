@@ -22,7 +22,6 @@ from planner.catalog.presets import (
     resolve_model,
 )
 from planner.catalog.specs import (
-    MAX_STAGE_MICROBATCHES,
     Assumption,
     Fit,
     HardwareSpec,
@@ -44,11 +43,7 @@ from planner.layouts.compose import (
     snap_breakdown,
 )
 from planner.layouts.expert import validate as validate_expert_parallel
-from planner.layouts.parallel_ranks import (
-    empty_shard_rule,
-    fsdp_mixed_precision_refusal,
-    unsupported_reason,
-)
+from planner.layouts.parallel_ranks import unsupported_reason
 from planner.layouts.pipelined import pipelined_estimate
 from planner.machine import cache
 from planner.routes import memory_notes
@@ -57,7 +52,8 @@ from planner.routes.checkpoint_blocks import (
     ckpt_assumption,
     frozen_blocks,
 )
-from planner.routes.loss_rules import loss_assumption, loss_refusal
+from planner.routes.loss_rules import loss_assumption
+from planner.routes.memory_checks import check_request
 from planner.routes.micro_batch import (
     compile_ahead_pays,
     hold_compiles,
@@ -68,80 +64,6 @@ from planner.routes.plan_suggest import suggestions
 from planner.step import simulate as step_cache
 from planner.step.allocator_replay import allocator_peaks
 from planner.step.allocator_replay import clear_cache as clear_allocator_cache
-
-
-def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
-    if par.offload_parameters and par.zero_stage != 3:
-        raise PlanningError("offload_parameters needs zero_stage 3 (FSDP2 CPUOffloadPolicy)",
-                            "parallelism.offload_parameters")
-    mp = fsdp_mixed_precision_refusal(tr, par)
-    if mp is not None:
-        raise PlanningError(mp, "parallelism.fsdp_mixed_precision")
-    if par.offload_optimizer and par.zero_stage == 0:
-        raise PlanningError("offload_optimizer needs zero_stage >= 1", "parallelism.offload_optimizer")
-    if par.virtual_pipeline_stages > 1 and par.pipeline_parallel == 1:
-        raise PlanningError("virtual_pipeline_stages > 1 needs pipeline_parallel > 1",
-                            "parallelism.virtual_pipeline_stages")
-    if par.sequence_parallel and par.tensor_parallel == 1:
-        raise PlanningError("sequence_parallel needs tensor_parallel > 1", "parallelism.sequence_parallel")
-    refusal = loss_refusal(tr, par)
-    if refusal is not None:
-        raise PlanningError(refusal, "training.loss.kind")
-    if not model.architecture_known:
-        return
-    if par.tensor_parallel > 1:
-        kv = model.num_kv_heads or model.num_heads
-        if model.num_heads % par.tensor_parallel or kv % par.tensor_parallel:
-            raise PlanningError(
-                f"tensor_parallel ({par.tensor_parallel}) must divide num_heads ({model.num_heads}) "
-                f"and num_kv_heads ({kv})", "parallelism.tensor_parallel")
-    rule = empty_shard_rule(model, tr, par)
-    if rule is not None:
-        raise PlanningError(rule, "parallelism.data_parallel")
-    if par.pipeline_parallel * par.virtual_pipeline_stages > model.num_layers:
-        raise PlanningError(
-            f"pipeline_parallel x virtual_pipeline_stages ({par.pipeline_parallel * par.virtual_pipeline_stages}) "
-            f"exceeds num_layers ({model.num_layers})", "parallelism.pipeline_parallel")
-    actions = par.pipeline_parallel * par.virtual_pipeline_stages * tr.gradient_accumulation_steps
-    if par.pipeline_parallel > 1 and actions > MAX_STAGE_MICROBATCHES:
-        raise PlanningError(
-            f"pipeline_parallel x virtual_pipeline_stages x gradient_accumulation_steps must be "
-            f"<= {MAX_STAGE_MICROBATCHES} (as for POST /v1/pipeline), got {actions}",
-            "training.gradient_accumulation_steps")
-    if model.family == "gpt2" and tr.sequence_length > model.max_sequence_length:
-        raise PlanningError(
-            f"sequence_length ({tr.sequence_length}) exceeds the learned position table "
-            f"({model.max_sequence_length})", "training.sequence_length")
-    if tr.lora is not None and model.family == "gpt2" and "gate" in tr.lora.target_modules:
-        raise PlanningError(
-            "gpt2 blocks have no gate projection (their MLP is up and down): LoRA targets q, k, "
-            "v, o, up or down there", "training.lora.target_modules")
-    if tr.lora is not None and tr.lora.base_dtype in ("fp32", "bf16", "fp16"):
-        pdt = {"fp32": "fp32", "amp-bf16": "fp32", "amp-fp16": "fp32", "mixed-bf16": "bf16",
-               "mixed-fp16": "fp16", "bf16": "bf16"}[tr.precision]
-        if not tr.precision.startswith("amp-") and tr.lora.base_dtype != pdt:
-            raise PlanningError(
-                f"lora.base_dtype {tr.lora.base_dtype} differs from the {pdt} parameters of "
-                f"precision {tr.precision}: without autocast the matmul dtypes must agree",
-                "training.lora.base_dtype")
-    ov = tr.precision_overrides
-    if ov is not None and ov.gradients is not None:
-        pdt = ov.parameters or {"mixed-bf16": "bf16", "mixed-fp16": "fp16", "bf16": "bf16"}.get(
-            tr.precision, "fp32")
-        if ov.gradients != pdt and not tr.precision.startswith("mixed-"):
-            raise PlanningError(
-                f"gradients in {ov.gradients} on {pdt} parameters need a master-weight preset "
-                "(mixed-bf16 / mixed-fp16): torch.optim steps a parameter with its own-dtype "
-                "gradient", "training.precision_overrides.gradients")
-        if ov.gradients in ("int8", "nf4"):
-            raise PlanningError("gradients cannot be quantized", "training.precision_overrides.gradients")
-    ac = tr.activation_checkpointing
-    if ac.strategy == "every-k" and ac.every_k is None:
-        raise PlanningError("strategy 'every-k' needs every_k", "training.activation_checkpointing.every_k")
-    if ac.blocks and max(ac.blocks) >= model.num_layers:
-        raise PlanningError(
-            f"training.activation_checkpointing.blocks: block {max(ac.blocks)} is not below "
-            f"num_layers ({model.num_layers})", "training.activation_checkpointing.blocks")
 
 
 def hardware_bytes(hw: HardwareSpec | None) -> tuple[str | None, int | None]:
@@ -208,7 +130,7 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
             f"model_type {model.model_type!r} is estimated through training.implementation "
             "'transformers' (the reference step builds gpt2 and llama configs only, without "
             "biases and with head_dim = hidden_size / heads)", "training.implementation")
-    _check(model, req.training, req.parallelism)
+    check_request(model, req.training, req.parallelism)
     ac = req.training.activation_checkpointing
     if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
         return _budget(req, model, device, explain, allocator)
