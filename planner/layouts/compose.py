@@ -18,6 +18,7 @@ import functools
 import math
 
 from planner.catalog.errors import PlanningError
+from planner.catalog.result_specs import breakdown_of
 from planner.catalog.specs import Assumption, Breakdown, ParallelSpec, ResolvedModel, TrainingSpec
 from planner.layouts.data_parallel import ParallelProgram
 from planner.layouts.parallel_ranks import data_parallel_peaks, zero1_ownership
@@ -33,9 +34,10 @@ def breakdown(d: dict[str, int]) -> Breakdown:
 
 
 def snap_breakdown(p) -> Breakdown:
+    """A replayed (or template) peak's breakdown: the planner's own byte counts, not validated
+    again (``breakdown_of``)."""
     c = p.by_cat
-    return Breakdown(parameters=c[0], gradients=c[1], optimizer_states=c[2], activations=c[3],
-                     temporaries=c[4], total=p.total)
+    return breakdown_of(c[0], c[1], c[2], c[3], c[4], p.total)
 
 
 # The assumptions every estimate states (the specs are frozen, so one instance serves all).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 from planner.catalog.presets import allocator_reserve
 from planner.catalog.specs import Assumption, ResolvedModel, TrainingSpec
@@ -66,33 +67,94 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
     if plan.num_stages > model.num_layers:
         return None
     limit = _LIMIT.get()
-
-    def rank(model, training, plan, device, r):
-        pk = pipeline_rank(model, training, plan, device, r)
-        if limit is not None and pk.steady.total + allocator_reserve(pk.steady.total, device) > limit:
-            raise Overflows(r)
-        return pk
-    # stopping at the first rank over the limit: the last ranks first, the cheapest to replay
-    # (fewest micro-batches in flight, so the shortest lists)
-    order = None if limit is None else list(range(plan.num_ranks))[::-1]
-    peaks = pipeline_rank_peaks(model, training, plan, device, ranks=order,
-                                simulate=pipeline_rank if limit is None else rank)
-    if order is not None:
-        peaks.reverse()
+    ranks = _compiled_ranks(model, training, plan, device) if limit is None else None
+    if ranks is not None:  # every rank's template compiled: evaluated, nothing else looked up
+        b, t = training.micro_batch_size, training.sequence_length
+        peaks = [StagePeak(r, stages, *tpl.evaluate(b, t)) for r, stages, _, tpl in ranks]
+        per = "; ".join(f"{head}{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}"
+                        for (_, _, head, _), pk in zip(ranks, peaks))
+    else:
+        def rank(model, training, plan, device, r):
+            pk = pipeline_rank(model, training, plan, device, r)
+            if limit is not None and \
+                    pk.steady.total + allocator_reserve(pk.steady.total, device) > limit:
+                raise Overflows(r)
+            return pk
+        # stopping at the first rank over the limit: the last ranks first, the cheapest to
+        # replay (fewest micro-batches in flight, so the shortest lists)
+        order = None if limit is None else list(range(plan.num_ranks))[::-1]
+        peaks = pipeline_rank_peaks(model, training, plan, device, ranks=order,
+                                    simulate=pipeline_rank if limit is None else rank)
+        if order is not None:
+            peaks.reverse()
+        per = "; ".join(f"{_rank_head(pk.rank, pk.stages)}{pk.steady.total} B at "
+                        f"{pk.steady.phase} {pk.steady.op}" for pk in peaks)
     worst = max(peaks, key=lambda pk: (pk.steady.total, -pk.rank))
-    per = "; ".join(f"rank {pk.rank} (stages {','.join(map(str, pk.stages))}): "
-                    f"{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}" for pk in peaks)
-    assumptions = [
-        Assumption(name="profile", value="pipelined reference step per rank, simulated op by op",
-                   note=f"{name}: every rank's actions replayed (planner.layouts.pipeline_memory); the "
-                        "step measured by pipelined validation jobs"),
-        Assumption(name="worst_rank", value=str(worst.rank),
-                   note=f"the bottleneck: stages {','.join(map(str, worst.stages))} of "
-                        f"{plan.num_stages}, the highest steady-state peak"),
-    ]
+    assumptions = list(_assumptions(name, worst.rank, tuple(worst.stages), plan.num_stages))
     notes = [f"per-rank steady-state peaks: {per}"]
     return worst, peaks, assumptions, notes
 
+
+def _rank_head(rank: int, stages: list[int]) -> str:
+    return f"rank {rank} (stages {','.join(map(str, stages))}): "
+
+
+@functools.lru_cache(maxsize=4096)
+def _assumptions(name: str, worst: int, stages: tuple[int, ...], num_stages: int
+                 ) -> tuple[Assumption, Assumption]:
+    """What a pipelined estimate states: how it was derived, and the worst rank (one pair per
+    schedule and worst rank, shared between estimates: the specs are frozen)."""
+    return (
+        Assumption(name="profile", value="pipelined reference step per rank, simulated op by op",
+                   note=f"{name}: every rank's actions replayed (planner.layouts.pipeline_memory); the "
+                        "step measured by pipelined validation jobs"),
+        Assumption(name="worst_rank", value=str(worst),
+                   note=f"the bottleneck: stages {','.join(map(str, stages))} of "
+                        f"{num_stages}, the highest steady-state peak"),
+    )
+
+
+_RANKS: dict[tuple, list] = {}  # a setup's rank-0 key -> every rank's (rank, stages, head, template)
+_RANKS_MAX = 1024
+
+
+def _rank_key(base: tuple, plan_key: tuple, rank: int) -> tuple:
+    """``pipeline_rank``'s cache key of ``rank`` from the setup's key (``setup_key``, rank 0)."""
+    return (*base[:-2], rank, plan_key, base[-1])
+
+
+def _plan_key(schedule) -> tuple:
+    return (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
+
+
+def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: str):
+    """Every rank's compiled template of the setup, with its stages and the head of its note,
+    when all are compiled (None otherwise: templates off, one rank not compiled yet, a key that
+    does not hash). Evaluating them is what ``pipeline_rank`` does for each rank then, without
+    its per-rank lookups."""
+    if not cache.USE_TEMPLATES:
+        return None
+    base = setup_key(model, tr, device, frozenset(), None, 0)
+    plan_key = _plan_key(schedule)
+    key = _rank_key(base, plan_key, 0)
+    try:
+        hit = _RANKS.get(key)
+    except TypeError:  # a list inside the specs
+        return None
+    if hit is not None:
+        return hit
+    tpls = [cache.template(_rank_key(base, plan_key, r)) for r in range(schedule.num_ranks)]
+    if any(tpl is None for tpl in tpls):
+        return None
+    stages = rank_stages(schedule)
+    hit = [(r, stages[r], _rank_head(r, stages[r]), tpl) for r, tpl in enumerate(tpls)]
+    if len(_RANKS) >= _RANKS_MAX:
+        _RANKS.pop(next(iter(_RANKS)), None)
+    _RANKS[key] = hit
+    return hit
+
+
+cache.on_clear(_RANKS.clear)
 
 
 def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
@@ -104,9 +166,7 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
         return compile_rank(model, tr, schedule, rank, device, domain)
 
     stages = rank_stages(schedule)[rank]
-    base = setup_key(model, tr, device, frozenset(), None, rank)
-    plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
-    key = (*base[:-1], plan, base[-1])
+    key = _rank_key(setup_key(model, tr, device, frozenset(), None, 0), _plan_key(schedule), rank)
     if structures.enabled() and cache.template(key) is None:
         # a never-seen model (or micro-batch count) of a known structure: evaluated
         # (planner/layouts/pipeline_structures.py); its compile queued otherwise

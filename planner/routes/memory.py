@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 from planner.catalog.allocator_specs import CudaAllocatorPeaks
+from planner.catalog.result_specs import unvalidated
 from planner.catalog.errors import PlanningError
 from planner.catalog.presets import (
     ALLOCATOR_RESERVE_FRACTION,
@@ -32,7 +34,6 @@ from planner.catalog.specs import (
     TrainingSpec,
 )
 from planner.layouts.compose import (
-    breakdown,
     composed,
     data_parallel,
     fb_fields,
@@ -46,14 +47,14 @@ from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.parallel_ranks import unsupported_reason
 from planner.layouts.pipelined import pipelined_estimate
 from planner.machine import cache
-from planner.routes import memory_notes
+from planner.routes import memory_answers, memory_notes
 from planner.routes.activation_floor import floor_for
 from planner.routes.checkpoint_blocks import (
     ckpt_assumption,
     frozen_blocks,
 )
 from planner.routes.loss_rules import loss_assumption
-from planner.routes.memory_checks import check_request
+from planner.routes.memory_checks import check_request, check_sizes
 from planner.routes.micro_batch import (
     compile_ahead_pays,
     hold_compiles,
@@ -118,6 +119,39 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     fraction."""
     if allocator is None:
         allocator = req.hardware is not None and req.hardware.allocator == "replay"
+    key = memory_answers.answer_key(req, device, explain, allocator)
+    h, hit = memory_answers.known(key)  # the same request again (planner/routes/memory_answers.py)
+    if hit is not None:
+        return hit
+    setup = None if key is None else _setups_get(key[0])
+    if setup is not None:  # a setup that passed every rule: only the sizes' rule is left
+        model, ckpt = setup
+        check_sizes(model, req.training)
+        result = _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
+    else:
+        result = _answer(req, device, explain, allocator, None if h is None else key[0])
+    memory_answers.keep(h, key, result)
+    return result
+
+
+_SETUPS: dict[tuple, tuple] = {}  # a request's setup -> (model, checkpointed blocks), rules passed
+_SETUPS_MAX = 4096
+_SETUPS_LOCK = threading.Lock()
+cache.on_clear(_SETUPS.clear)
+
+
+def _setups_get(setup: tuple) -> tuple | None:
+    try:
+        return _SETUPS.get(setup)
+    except TypeError:  # a list inside the request
+        return None
+
+
+def _answer(req: MemoryRequest, device: str, explain: bool, allocator: bool,
+            setup: tuple | None = None) -> MemoryResult:
+    """The estimate of a request whose setup is not known to pass the rules: checked in full;
+    ``setup`` (its key, ``memory_answers.answer_key``) is kept with its model and blocks when
+    it passes."""
     if req.parallelism.expert_parallel > 1:  # 422 for a dense model or a misfit ep
         validate_expert_parallel(hf_config_of(req.model), req.parallelism)
     if req.training.implementation == "transformers":
@@ -135,6 +169,11 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
         return _budget(req, model, device, explain, allocator)
     ckpt = frozen_blocks(req.training, model.num_layers) if model.architecture_known else frozenset()
+    if setup is not None:
+        with _SETUPS_LOCK:
+            if len(_SETUPS) >= _SETUPS_MAX:
+                _SETUPS.pop(next(iter(_SETUPS)), None)
+            _SETUPS[setup] = (model, ckpt)
     return _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
 
 
@@ -161,7 +200,11 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         # it can ask end below the first one a shared activation floor rules out)
         ahead = mem_bytes is not None and compile_ahead_pays(
             _search_top(model, tr, par, device, ckpt, mem_bytes))
-        with cache.compile_first() if ahead else contextlib.nullcontext():
+        if ahead:
+            with cache.compile_first():
+                bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions,
+                                                     notes)
+        else:
             bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
         assumptions.append(loss_assumption(tr.loss))
         if ckpt:
@@ -194,9 +237,21 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
             suggested = suggestions(req, fit.memory_bytes, fit.max_micro_batch_size,
                                     functools.partial(_suggested, device=device), model, device,
                                     activations=peaks.get("activation_peak_bytes"))
-    return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
-                        allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
-                        assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)
+    return _result(model=model, breakdown=bd, first_step=first, peak_phase=phase,
+                   allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
+                   assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)
+
+
+_RESULT_FIELDS = dict.fromkeys(MemoryResult.model_fields)  # declaration order, each None
+
+
+def _result(**values) -> MemoryResult:
+    """``MemoryResult(**values)`` from the planner's own figures (ints it counted, models it
+    built), not validated again (``unvalidated``; tests hold it equal to the validated form).
+    ``values`` has the required fields and the three lists; the others default to None."""
+    d = _RESULT_FIELDS.copy()
+    d.update(values)
+    return unvalidated(MemoryResult, d, set(values))
 
 
 def _cuda_allocator(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
@@ -225,9 +280,8 @@ def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
              **training: object) -> MemoryResult | None:
     """The same setup with ``training`` fields changed, estimated (replayed) without hardware
     and notes; None when the change is not a valid setup."""
-    tr = req.training.model_copy(update=training)
-    try:
-        tr = TrainingSpec.model_validate(tr.model_dump())  # the spec's own rules
+    try:  # the spec's own rules (its nested specs, unchanged, are valid already)
+        tr = TrainingSpec.model_validate({**req.training.__dict__, **training})
         return _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
                          device, ckpt)
     except (ValueError, PlanningError):
@@ -253,7 +307,7 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
             worst, _, extra, pp_notes = pp
             assumptions.extend(extra)
             notes.extend(pp_notes)
-            return (breakdown(worst.steady.as_dict()), breakdown(worst.first.as_dict()),
+            return (snap_breakdown(worst.steady), snap_breakdown(worst.first),
                     f"{worst.steady.phase}: {worst.steady.op} (rank {worst.rank})", {})
     return composed(model, tr, par, device, ckpt, assumptions, notes)
 

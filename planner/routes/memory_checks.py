@@ -8,10 +8,20 @@ from planner.catalog.specs import MAX_STAGE_MICROBATCHES, ParallelSpec, Resolved
 from planner.layouts.parallel_ranks import empty_shard_rule, fsdp_mixed_precision_refusal
 from planner.routes.loss_rules import loss_refusal
 
-__all__ = ["check_request"]
+__all__ = ["check_request", "check_sizes"]
+
+
+def check_sizes(model: ResolvedModel, tr: TrainingSpec) -> None:
+    """The rule that reads the micro-batch size or the sequence length (the others read the
+    setup alone: a setup that passed them at one size passes them at every size)."""
+    if model.family == "gpt2" and tr.sequence_length > model.max_sequence_length:
+        raise PlanningError(
+            f"sequence_length ({tr.sequence_length}) exceeds the learned position table "
+            f"({model.max_sequence_length})", "training.sequence_length")
 
 
 def check_request(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
+    """Every rule, in order: the first broken one is the 422."""
     if par.offload_parameters and par.zero_stage != 3:
         raise PlanningError("offload_parameters needs zero_stage 3 (FSDP2 CPUOffloadPolicy)",
                             "parallelism.offload_parameters")
@@ -49,10 +59,7 @@ def check_request(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> 
             f"pipeline_parallel x virtual_pipeline_stages x gradient_accumulation_steps must be "
             f"<= {MAX_STAGE_MICROBATCHES} (as for POST /v1/pipeline), got {actions}",
             "training.gradient_accumulation_steps")
-    if model.family == "gpt2" and tr.sequence_length > model.max_sequence_length:
-        raise PlanningError(
-            f"sequence_length ({tr.sequence_length}) exceeds the learned position table "
-            f"({model.max_sequence_length})", "training.sequence_length")
+    check_sizes(model, tr)
     if tr.lora is not None and model.family == "gpt2" and "gate" in tr.lora.target_modules:
         raise PlanningError(
             "gpt2 blocks have no gate projection (their MLP is up and down): LoRA targets q, k, "
