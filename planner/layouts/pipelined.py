@@ -28,6 +28,8 @@ from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, rank_stages, schedule_of
 from planner.machine import cache
 from planner.machine.cache import setup_key
+from planner.machine.peak_candidates import fused_best
+from planner.machine.recording import WindowTemplate
 from planner.machine.deadline import check as check_work_limit
 from planner.step import structures
 
@@ -67,12 +69,13 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
     if plan.num_stages > model.num_layers:
         return None
     limit = _LIMIT.get()
-    ranks = _compiled_ranks(model, training, plan, device) if limit is None else None
-    if ranks is not None:  # every rank's template compiled: evaluated, nothing else looked up
-        b, t = training.micro_batch_size, training.sequence_length
-        peaks = [StagePeak(r, stages, *tpl.evaluate(b, t)) for r, stages, _, tpl in ranks]
+    compiled = _compiled_ranks(model, training, plan, device) if limit is None else None
+    if compiled is not None:  # every rank's template compiled: evaluated at once
+        ranks, windows = compiled
+        snaps = windows(training.micro_batch_size - 2, training.sequence_length - 2)
+        peaks = [StagePeak(r, stages, *w) for (r, stages, _), w in zip(ranks, snaps)]
         per = "; ".join(f"{head}{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}"
-                        for (_, _, head, _), pk in zip(ranks, peaks))
+                        for (_, _, head), pk in zip(ranks, peaks))
     else:
         def rank(model, training, plan, device, r):
             pk = pipeline_rank(model, training, plan, device, r)
@@ -114,7 +117,8 @@ def _assumptions(name: str, worst: int, stages: tuple[int, ...], num_stages: int
     )
 
 
-_RANKS: dict[tuple, list] = {}  # a setup's rank-0 key -> every rank's (rank, stages, head, template)
+# a setup's rank-0 key -> (every rank's (rank, stages, note head), their windows' evaluation)
+_RANKS: dict[tuple, tuple] = {}
 _RANKS_MAX = 1024
 
 
@@ -128,8 +132,9 @@ def _plan_key(schedule) -> tuple:
 
 
 def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: str):
-    """Every rank's compiled template of the setup, with its stages and the head of its note,
-    when all are compiled (None otherwise: templates off, one rank not compiled yet, a key that
+    """(every rank's (rank, stages, the head of its note), ``f(b, t)``: every rank's windows
+    evaluated by one generated function, ``fused_best``) when every rank's template of the
+    setup is compiled; None otherwise (templates off, one rank not compiled yet, a key that
     does not hash). Evaluating them is what ``pipeline_rank`` does for each rank then, without
     its per-rank lookups."""
     if not cache.USE_TEMPLATES:
@@ -144,10 +149,11 @@ def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: st
     if hit is not None:
         return hit
     tpls = [cache.template(_rank_key(base, plan_key, r)) for r in range(schedule.num_ranks)]
-    if any(tpl is None for tpl in tpls):
+    if any(not isinstance(tpl, WindowTemplate) for tpl in tpls):  # None: not compiled
         return None
     stages = rank_stages(schedule)
-    hit = [(r, stages[r], _rank_head(r, stages[r]), tpl) for r, tpl in enumerate(tpls)]
+    hit = ([(r, stages[r], _rank_head(r, stages[r])) for r in range(schedule.num_ranks)],
+           fused_best([tpl.windows for tpl in tpls]))
     if len(_RANKS) >= _RANKS_MAX:
         _RANKS.pop(next(iter(_RANKS)), None)
     _RANKS[key] = hit

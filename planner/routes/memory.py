@@ -47,6 +47,7 @@ from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.parallel_ranks import unsupported_reason
 from planner.layouts.pipelined import pipelined_estimate
 from planner.machine import cache
+from planner.machine.recording import domain_of
 from planner.routes import memory_answers, memory_notes
 from planner.routes.activation_floor import floor_for
 from planner.routes.checkpoint_blocks import (
@@ -125,16 +126,27 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
         return hit
     setup = None if key is None else _setups_get(key[0])
     if setup is not None:  # a setup that passed every rule: only the sizes' rule is left
-        model, ckpt = setup
-        check_sizes(model, req.training)
-        result = _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
+        model, ckpt, steps = setup
+        tr = req.training
+        check_sizes(model, tr)
+        step_peaks = None
+        if steps is not None:  # single device: the step's template, kept per size domain
+            domain = domain_of(tr.micro_batch_size, tr.sequence_length)
+            tpl = steps.get(domain)
+            if tpl is None:
+                tpl = steps[domain] = step_cache.compiled_step(model, tr, device, ckpt)
+            if tpl is not None:
+                step_peaks = tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
+        result = _estimate(req, model, device, ckpt, explain=explain, allocator=allocator,
+                           step_peaks=step_peaks)
     else:
         result = _answer(req, device, explain, allocator, None if h is None else key[0])
     memory_answers.keep(h, key, result)
     return result
 
 
-_SETUPS: dict[tuple, tuple] = {}  # a request's setup -> (model, checkpointed blocks), rules passed
+# a request's setup -> (model, checkpointed blocks, single device: its step templates), rules passed
+_SETUPS: dict[tuple, tuple] = {}
 _SETUPS_MAX = 4096
 _SETUPS_LOCK = threading.Lock()
 cache.on_clear(_SETUPS.clear)
@@ -173,15 +185,20 @@ def _answer(req: MemoryRequest, device: str, explain: bool, allocator: bool,
         with _SETUPS_LOCK:
             if len(_SETUPS) >= _SETUPS_MAX:
                 _SETUPS.pop(next(iter(_SETUPS)), None)
-            _SETUPS[setup] = (model, ckpt)
+            # single device: its step's templates, per size domain, found as simulate finds them
+            steps = {} if model.architecture_known and req.training.implementation == "reference" \
+                and single_device(req.parallelism) else None
+            _SETUPS[setup] = (model, ckpt, steps)
     return _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
               extra_notes: list[str] | None = None, explain: bool = False,
-              allocator: bool = False) -> MemoryResult:
+              allocator: bool = False, step_peaks=None) -> MemoryResult:
+    """``step_peaks``: a single-device reference step's peaks (StepPeaks) already evaluated
+    from its template, for the setup's own estimate."""
     tr, par = req.training, req.parallelism
-    gpu_name, mem_bytes = hardware_bytes(req.hardware)
+    gpu_name, mem_bytes = (None, None) if req.hardware is None else hardware_bytes(req.hardware)
     assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
                                      _ZERO_GRAD]
     notes: list[str] = list(extra_notes or [])
@@ -203,9 +220,10 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         if ahead:
             with cache.compile_first():
                 bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions,
-                                                     notes)
+                                                     notes, step_peaks)
         else:
-            bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
+            bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes,
+                                                 step_peaks)
         assumptions.append(loss_assumption(tr.loss))
         if ckpt:
             assumptions.append(ckpt_assumption(frozenset(ckpt)))
@@ -226,8 +244,8 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         if cuda_alloc is not None and fit.max_micro_batch_size is not None:
             fit = fit.model_copy(update={"max_micro_batch_size": _simulated_boundary(
                 req, model, device, ckpt, mem_bytes, fit.max_micro_batch_size)})
-    if explain and model.architecture_known and tr.implementation == "reference" \
-            and single_device(par) and phase.startswith("optimizer"):
+    if explain and phase.startswith("optimizer") and model.architecture_known \
+            and tr.implementation == "reference" and single_device(par):
         notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
         notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, _variant))
     suggested = []
@@ -289,9 +307,10 @@ def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
 
 
 def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
-               ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
+               ckpt: set[int], assumptions: list[Assumption], notes: list[str], peaks=None):
     if single_device(par):
-        peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
+        if peaks is None:
+            peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
         steady, first = peaks.steady, peaks.first
         assumptions.append(_PROFILE_REFERENCE)
         bd = snap_breakdown(steady)
