@@ -27,7 +27,7 @@ from planner.layouts import pipeline_structures
 from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, rank_stages, schedule_of
 from planner.machine import cache
-from planner.machine.cache import setup_key
+from planner.machine.cache import _put, setup_key
 from planner.machine.peak_candidates import fused_best
 from planner.machine.recording import WindowTemplate
 from planner.machine.deadline import check as check_work_limit
@@ -120,6 +120,7 @@ def _assumptions(name: str, worst: int, stages: tuple[int, ...], num_stages: int
 # a setup's rank-0 key -> (every rank's (rank, stages, note head), their windows' evaluation)
 _RANKS: dict[tuple, tuple] = {}
 _RANKS_MAX = 1024
+_RANKS_AT_ONCE = 64  # deeper pipelines go rank by rank (their templates outnumber the cache's)
 
 
 def _rank_key(base: tuple, plan_key: tuple, rank: int) -> tuple:
@@ -137,7 +138,7 @@ def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: st
     setup is compiled; None otherwise (templates off, one rank not compiled yet, a key that
     does not hash). Evaluating them is what ``pipeline_rank`` does for each rank then, without
     its per-rank lookups."""
-    if not cache.USE_TEMPLATES:
+    if not cache.USE_TEMPLATES or schedule.num_ranks > _RANKS_AT_ONCE:
         return None
     base = setup_key(model, tr, device, frozenset(), None, 0)
     plan_key = _plan_key(schedule)
@@ -154,9 +155,7 @@ def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: st
     stages = rank_stages(schedule)
     hit = ([(r, stages[r], _rank_head(r, stages[r])) for r in range(schedule.num_ranks)],
            fused_best([tpl.windows for tpl in tpls]))
-    if len(_RANKS) >= _RANKS_MAX:
-        _RANKS.pop(next(iter(_RANKS)), None)
-    _RANKS[key] = hit
+    _put(_RANKS, key, hit, _RANKS_MAX)
     return hit
 
 

@@ -38,6 +38,7 @@ from planner.layouts.compose import (
     data_parallel,
     fb_fields,
     megatron,
+    single_rank_candidate,
     model_states_only,
     replayed_fields,
     single_device,
@@ -126,15 +127,16 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
         return hit
     setup = None if key is None else _setups_get(key[0])
     if setup is not None:  # a setup that passed every rule: only the sizes' rule is left
-        model, ckpt, steps = setup
+        model, ckpt, steps, step_par = setup
         tr = req.training
         check_sizes(model, tr)
         step_peaks = None
-        if steps is not None:  # single device: the step's template, kept per size domain
+        if steps is not None:  # the step's (or rank 0's) template, kept per size domain
             domain = domain_of(tr.micro_batch_size, tr.sequence_length)
             tpl = steps.get(domain)
             if tpl is None:
-                tpl = steps[domain] = step_cache.compiled_step(model, tr, device, ckpt)
+                tpl = steps[domain] = step_cache.compiled_step(model, tr, device, ckpt,
+                                                               step_par)
             if tpl is not None:
                 step_peaks = tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
         result = _estimate(req, model, device, ckpt, explain=explain, allocator=allocator,
@@ -145,7 +147,8 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     return result
 
 
-# a request's setup -> (model, checkpointed blocks, single device: its step templates), rules passed
+# a request's setup -> (model, checkpointed blocks, per size domain the template of its one
+# replayed step (one device, or data-parallel rank 0) or None, that step's layout): rules passed
 _SETUPS: dict[tuple, tuple] = {}
 _SETUPS_MAX = 4096
 _SETUPS_LOCK = threading.Lock()
@@ -185,11 +188,22 @@ def _answer(req: MemoryRequest, device: str, explain: bool, allocator: bool,
         with _SETUPS_LOCK:
             if len(_SETUPS) >= _SETUPS_MAX:
                 _SETUPS.pop(next(iter(_SETUPS)), None)
-            # single device: its step's templates, per size domain, found as simulate finds them
-            steps = {} if model.architecture_known and req.training.implementation == "reference" \
-                and single_device(req.parallelism) else None
-            _SETUPS[setup] = (model, ckpt, steps)
+            _SETUPS[setup] = (model, ckpt, *_one_step(model, req.training, req.parallelism))
     return _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
+
+
+def _one_step(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
+    """({} to keep the templates in, the data-parallel layout or None) for a setup answered
+    from one step's replay (``_reference``: one device, or data-parallel rank 0 alone), else
+    (None, None): its templates are found per size domain as ``simulate`` finds them."""
+    if not model.architecture_known or tr.implementation != "reference":
+        return None, None
+    if single_device(par):
+        return {}, None
+    if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None \
+            and single_rank_candidate(par):
+        return {}, par
+    return None, None
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
@@ -319,7 +333,7 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
     if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
         # ZeRO on one data-parallel rank included: DDP + ZeroRedundancyOptimizer, or FSDP2's
         # world-size-1 path, replayed (measured by tests/test_zero_one_rank.py)
-        return data_parallel(model, tr, par, device, ckpt, assumptions, notes)
+        return data_parallel(model, tr, par, device, ckpt, assumptions, notes, peaks)
     if par.pipeline_parallel > 1 and not ckpt:
         pp = pipelined_estimate(model, tr, par, device)
         if pp is not None:  # every pipeline rank replayed; the worst one reported

@@ -63,11 +63,12 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
 
 
 def compiled_step(model: ResolvedModel, tr: TrainingSpec, device: str,
-                  checkpointed: frozenset[int]) -> StepTemplate | None:
-    """The single-device setup's own template for tr's size domain, as ``simulate`` finds it
-    first (None: not compiled, templates off, or a key that does not hash): a caller that
-    keeps it evaluates it as ``simulate`` would, without the look-up."""
-    return cache.template(setup_key(model, _replayed_as(tr), device, checkpointed))
+                  checkpointed: frozenset[int], par: ParallelSpec | None = None,
+                  rank: int = 0) -> StepTemplate | None:
+    """The setup's own template (one device, or a data-parallel rank) for tr's size domain,
+    as ``simulate`` finds it first (None: not compiled, templates off, or a key that does not
+    hash): a caller that keeps it evaluates it as ``simulate`` would, without the look-up."""
+    return cache.template(setup_key(model, _replayed_as(tr), device, checkpointed, par, rank))
 
 
 def _replayed_as(tr: TrainingSpec) -> TrainingSpec:

@@ -51,9 +51,8 @@ class StepTemplate:
         return all(d is None and v >= 2 or d == v for d, v in zip(self.domain, (B, T)))
 
     def __post_init__(self) -> None:
-        # the forward/backward and optimizer windows as one generated function
-        # (planner/machine/peak_candidates.py: fused_best)
-        # and the activation-max row (the memory route reads it with every answer)
+        # the forward/backward and optimizer windows and the activation-max row (the memory
+        # route reads it with every answer) as one generated function (fused_best)
         self._windows = fused_best([self.fb, self.step, [self.act_max]])
         self._states, self._amp_scaler = self.combine["states"], self.combine["amp_scaler"]
 
