@@ -33,7 +33,8 @@ from planner.machine.recording import WindowTemplate
 from planner.machine.deadline import check as check_work_limit
 from planner.step import structures
 
-__all__ = ["Overflows", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate", "stop_above"]
+__all__ = ["Overflows", "compiled_ranks", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate",
+           "stop_above"]
 
 _LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("fit_limit", default=None)
 
@@ -53,23 +54,21 @@ def stop_above(mem_bytes: int):
         _LIMIT.reset(token)
 
 
-def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
+def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str,
+                       compiled=None):
     """Every rank replayed; (worst rank's steady, first-step breakdown dicts, peak phase,
     assumptions, notes) for planner.routes.memory, or None when the setup is outside the replay (the
-    caller then composes an approximation)."""
-    if unsupported_reason(training, parallel) is not None or not model.architecture_known:
+    caller then composes an approximation). ``compiled``: ``compiled_ranks``'s answer for the
+    setup, kept by the caller."""
+    plan = _plan(model, training, parallel)
+    if plan is None:
         return None
     name = parallel.pipeline_schedule
-    v = 1 if name in _SINGLE else parallel.virtual_pipeline_stages
-    try:
-        plan = schedule_of(name, parallel.pipeline_parallel,
-                           training.gradient_accumulation_steps, v)
-    except ScheduleConstraintError:
-        return None
-    if plan.num_stages > model.num_layers:
-        return None
     limit = _LIMIT.get()
-    compiled = _compiled_ranks(model, training, plan, device) if limit is None else None
+    if limit is not None:
+        compiled = None
+    elif compiled is None:
+        compiled = _compiled_ranks(model, training, plan, device)
     if compiled is not None:  # every rank's template compiled: evaluated at once
         ranks, windows = compiled
         snaps = windows(training.micro_batch_size - 2, training.sequence_length - 2)
@@ -96,6 +95,28 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
     assumptions = list(_assumptions(name, worst.rank, tuple(worst.stages), plan.num_stages))
     notes = [f"per-rank steady-state peaks: {per}"]
     return worst, peaks, assumptions, notes
+
+
+def _plan(model: ResolvedModel, training: TrainingSpec, parallel):
+    """The setup's schedule, or None when the setup is outside the replay."""
+    if unsupported_reason(training, parallel) is not None or not model.architecture_known:
+        return None
+    name = parallel.pipeline_schedule
+    v = 1 if name in _SINGLE else parallel.virtual_pipeline_stages
+    try:
+        plan = schedule_of(name, parallel.pipeline_parallel,
+                           training.gradient_accumulation_steps, v)
+    except ScheduleConstraintError:
+        return None
+    return None if plan.num_stages > model.num_layers else plan
+
+
+def compiled_ranks(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
+    """Every rank's templates of a pipelined setup at tr's size domain, evaluated at once, as
+    ``pipelined_estimate`` finds them (None: outside the replay, or not all compiled): a
+    caller that keeps them per setup and domain passes them back (``compiled``)."""
+    plan = _plan(model, training, parallel)
+    return None if plan is None else _compiled_ranks(model, training, plan, device)
 
 
 def _rank_head(rank: int, stages: list[int]) -> str:

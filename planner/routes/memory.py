@@ -46,7 +46,7 @@ from planner.layouts.compose import (
 )
 from planner.layouts.expert import validate as validate_expert_parallel
 from planner.layouts.parallel_ranks import unsupported_reason
-from planner.layouts.pipelined import pipelined_estimate
+from planner.layouts.pipelined import compiled_ranks, pipelined_estimate
 from planner.machine import cache
 from planner.machine.recording import domain_of
 from planner.routes import memory_answers, memory_notes
@@ -127,28 +127,29 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
         return hit
     setup = None if key is None else _setups_get(key[0])
     if setup is not None:  # a setup that passed every rule: only the sizes' rule is left
-        model, ckpt, steps, step_par = setup
+        model, ckpt, how, kept = setup
         tr = req.training
         check_sizes(model, tr)
-        step_peaks = None
-        if steps is not None:  # the step's (or rank 0's) template, kept per size domain
+        step_peaks = ranks = None
+        if how is not None:  # the step's (rank 0's, the ranks') templates, kept per size domain
             domain = domain_of(tr.micro_batch_size, tr.sequence_length)
-            tpl = steps.get(domain)
-            if tpl is None:
-                tpl = steps[domain] = step_cache.compiled_step(model, tr, device, ckpt,
-                                                               step_par)
-            if tpl is not None:
-                step_peaks = tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
+            got = kept.get(domain)
+            if got is None:
+                got = kept[domain] = _compiled(how, model, tr, req.parallelism, device, ckpt)
+            if got is not None and how == "pipeline":
+                ranks = got
+            elif got is not None:
+                step_peaks = got.evaluate(tr.micro_batch_size, tr.sequence_length)
         result = _estimate(req, model, device, ckpt, explain=explain, allocator=allocator,
-                           step_peaks=step_peaks)
+                           step_peaks=step_peaks, ranks=ranks)
     else:
         result = _answer(req, device, explain, allocator, None if h is None else key[0])
     memory_answers.keep(h, key, result)
     return result
 
 
-# a request's setup -> (model, checkpointed blocks, per size domain the template of its one
-# replayed step (one device, or data-parallel rank 0) or None, that step's layout): rules passed
+# a request's setup -> (model, checkpointed blocks, how its answer is evaluated from templates
+# and those templates per size domain: ``_one_step``), for setups that passed every rule
 _SETUPS: dict[tuple, tuple] = {}
 _SETUPS_MAX = 4096
 _SETUPS_LOCK = threading.Lock()
@@ -193,24 +194,33 @@ def _answer(req: MemoryRequest, device: str, explain: bool, allocator: bool,
 
 
 def _one_step(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
-    """({} to keep the templates in, the data-parallel layout or None) for a setup answered
-    from one step's replay (``_reference``: one device, or data-parallel rank 0 alone), else
-    (None, None): its templates are found per size domain as ``simulate`` finds them."""
+    """(how ``_reference`` answers the setup from templates: "step" (one device), "rank0"
+    (data-parallel rank 0, the only candidate) or "pipeline" (every rank), {} to keep them in
+    per size domain), or (None, None)."""
     if not model.architecture_known or tr.implementation != "reference":
         return None, None
     if single_device(par):
-        return {}, None
-    if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None \
-            and single_rank_candidate(par):
-        return {}, par
-    return None, None
+        return "step", {}
+    if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
+        return ("rank0", {}) if single_rank_candidate(par) else (None, None)
+    return ("pipeline", {}) if par.pipeline_parallel > 1 else (None, None)
+
+
+def _compiled(how: str, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+              ckpt):
+    """The templates a setup's answer at tr's size domain is evaluated from, as ``_reference``
+    finds them (None: not compiled)."""
+    if how == "pipeline":
+        return compiled_ranks(model, tr, par, device) if not ckpt else None
+    return step_cache.compiled_step(model, tr, device, ckpt, par if how == "rank0" else None)
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
               extra_notes: list[str] | None = None, explain: bool = False,
-              allocator: bool = False, step_peaks=None) -> MemoryResult:
-    """``step_peaks``: a single-device reference step's peaks (StepPeaks) already evaluated
-    from its template, for the setup's own estimate."""
+              allocator: bool = False, step_peaks=None, ranks=None) -> MemoryResult:
+    """``step_peaks``: the step's peaks (one device, or data-parallel rank 0: StepPeaks)
+    already evaluated from its template; ``ranks``: a pipelined setup's compiled ranks
+    (``compiled_ranks``), both found for the setup's own estimate."""
     tr, par = req.training, req.parallelism
     gpu_name, mem_bytes = (None, None) if req.hardware is None else hardware_bytes(req.hardware)
     assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
@@ -234,10 +244,10 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         if ahead:
             with cache.compile_first():
                 bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions,
-                                                     notes, step_peaks)
+                                                     notes, step_peaks, ranks)
         else:
             bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes,
-                                                 step_peaks)
+                                                 step_peaks, ranks)
         assumptions.append(loss_assumption(tr.loss))
         if ckpt:
             assumptions.append(ckpt_assumption(frozenset(ckpt)))
@@ -321,7 +331,8 @@ def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
 
 
 def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
-               ckpt: set[int], assumptions: list[Assumption], notes: list[str], peaks=None):
+               ckpt: set[int], assumptions: list[Assumption], notes: list[str], peaks=None,
+               ranks=None):
     if single_device(par):
         if peaks is None:
             peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
@@ -335,7 +346,7 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
         # world-size-1 path, replayed (measured by tests/test_zero_one_rank.py)
         return data_parallel(model, tr, par, device, ckpt, assumptions, notes, peaks)
     if par.pipeline_parallel > 1 and not ckpt:
-        pp = pipelined_estimate(model, tr, par, device)
+        pp = pipelined_estimate(model, tr, par, device, ranks)
         if pp is not None:  # every pipeline rank replayed; the worst one reported
             worst, _, extra, pp_notes = pp
             assumptions.extend(extra)
