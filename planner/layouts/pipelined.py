@@ -60,15 +60,15 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
     assumptions, notes) for planner.routes.memory, or None when the setup is outside the replay (the
     caller then composes an approximation). ``compiled``: ``compiled_ranks``'s answer for the
     setup, kept by the caller."""
-    plan = _plan(model, training, parallel)
-    if plan is None:
-        return None
-    name = parallel.pipeline_schedule
     limit = _LIMIT.get()
-    if limit is not None:
-        compiled = None
-    elif compiled is None:
-        compiled = _compiled_ranks(model, training, plan, device)
+    if compiled is not None and limit is None:
+        plan, compiled = compiled
+    else:
+        plan = _plan(model, training, parallel)
+        if plan is None:
+            return None
+        compiled = None if limit is not None else _compiled_ranks(model, training, plan, device)
+    name = parallel.pipeline_schedule
     if compiled is not None:  # every rank's template compiled: evaluated at once
         ranks, windows = compiled
         snaps = windows(training.micro_batch_size - 2, training.sequence_length - 2)
@@ -112,11 +112,13 @@ def _plan(model: ResolvedModel, training: TrainingSpec, parallel):
 
 
 def compiled_ranks(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
-    """Every rank's templates of a pipelined setup at tr's size domain, evaluated at once, as
-    ``pipelined_estimate`` finds them (None: outside the replay, or not all compiled): a
-    caller that keeps them per setup and domain passes them back (``compiled``)."""
+    """(the schedule, every rank's templates of a pipelined setup at tr's size domain,
+    evaluated at once) as ``pipelined_estimate`` finds them (None: outside the replay, or not
+    all compiled): a caller that keeps them per setup and domain passes them back
+    (``compiled``)."""
     plan = _plan(model, training, parallel)
-    return None if plan is None else _compiled_ranks(model, training, plan, device)
+    hit = None if plan is None else _compiled_ranks(model, training, plan, device)
+    return None if hit is None else (plan, hit)
 
 
 def _rank_head(rank: int, stages: list[int]) -> str:
