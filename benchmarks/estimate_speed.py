@@ -22,6 +22,10 @@ Cases (every cache is cleared where a case says "first"):
 - fit: with ``hardware`` set, so the largest fitting micro-batch is searched as well.
 - ``hardware.allocator: "replay"``: a new size whose answer replays the CUDA caching allocator
   (planner/step/allocator_replay.py: every block, three steps), the price of the exact reserve.
+- known setups, interleaved (``--only-known`` runs these alone): each known-setup case above
+  (new size, same request again, ZeRO-3 and 1F1B rank templates) measured as the goal row is,
+  rounds of estimates alternating with rounds of llm-analysis on the same configuration (its
+  data-parallel size, ZeRO stage and pipeline size), so both see the same machine load.
 - HTTP: a uvicorn server (one process) serving ``create_app()``; clients keep connections open.
   The trivial route is GET /healthz; /v1/memory gets one configuration.
 llm-analysis is optional (``pip install llm-analysis``); its column is left out when it is not
@@ -263,6 +267,68 @@ def interleaved_rows(rounds: int, per_round: int) -> list[tuple[str, float, floa
     return out
 
 
+# The known-setup rows of the goal (>= 10x llm-analysis): (case, parallelism, micro-batches);
+# llm-analysis gets the same data-parallel size, ZeRO stage and pipeline size.
+KNOWN_CASES = [
+    ("new size of a known setup (template)", None, 1),
+    ("same request again", None, 1),
+    ("ZeRO-3 on 8 ranks: new size (rank template)", {"data_parallel": 8, "zero_stage": 3}, 1),
+    ("1F1B on 4 ranks, 8 micro-batches: new size (rank templates)",
+     {"pipeline_parallel": 4, "pipeline_schedule": "1f1b"}, 8),
+]
+
+
+def known_rows(rounds: int, per_round: int) -> list[tuple[str, str, float, float, float, float]]:
+    """Every known-setup row measured as the goal row is: rounds alternate a batch of estimates
+    with a batch of llm-analysis calls on the same configuration; (model, case, our median µs,
+    llm-analysis median µs, median and lowest per-round speed-up)."""
+    est = planner_memory.estimate_memory
+    out = []
+    for preset in MODELS:
+        model = resolve_model(_req(preset, 1, 1024).model)
+        for case, par, m in KNOWN_CASES:
+            llm_par = None if par is None else {
+                k: v for k, v in par.items() if k in ("data_parallel", "pipeline_parallel",
+                                                      "zero_stage")}
+            one = llm_analysis_model_fn(model, preset, llm_par)
+            if one is None:
+                return []
+            setups = SETUPS if par is None else SETUPS[:1]
+            planner_memory.clear_caches()
+            for p, c in setups:  # every setup seen at two sizes: templates compiled
+                est(_req(preset, 2, 16, p, c, parallelism=par, accumulation=m))
+                est(_req(preset, 3, 16, p, c, parallelism=par, accumulation=m))
+            sizes = _sizes(preset, rounds * per_round, 3)
+            ours, theirs, ratios = [], [], []
+            for r in range(rounds):
+                if case == "same request again":
+                    batch = [_req(preset, *sizes[0], *setups[0], parallelism=par,
+                                  accumulation=m)] * per_round
+                else:
+                    batch = [_req(preset, b, t, *setups[k % len(setups)], parallelism=par,
+                                  accumulation=m)
+                             for k, (b, t) in enumerate(sizes[r * per_round:(r + 1) * per_round])]
+                a = statistics.median(_time_each(est, batch))
+                la = statistics.median(_time_each(one, range(per_round)))
+                ours.append(a)
+                theirs.append(la)
+                ratios.append(la / a)
+            out.append((preset, case, statistics.median(ours), statistics.median(theirs),
+                        statistics.median(ratios), min(ratios)))
+    return out
+
+
+def print_known(rows, rounds: int, per_round: int) -> None:
+    print(f"## Known setups, interleaved ({rounds} rounds of {per_round} estimates, each followed "
+          f"by {per_round} llm-analysis calls on the same configuration)\n")
+    print("| model | case | µs/estimate | llm-analysis µs | speed-up, median of rounds (goal "
+          f"≥ {GOAL_VS_LLM_ANALYSIS:.0f}×) | lowest round |")
+    print("|---|---|---:|---:|---:|---:|")
+    for preset, case, a, la, med, lo in rows:
+        print(f"| {preset} | {case} | {a * 1e6:.1f} | {la * 1e6:.0f} | {med:.2f}× | {lo:.2f}× |")
+    print()
+
+
 # ---- HTTP ------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -326,12 +392,20 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=8)
     ap.add_argument("--never-seen", type=int, default=50, help="never-seen models")
     ap.add_argument("--only-never-seen", action="store_true")
+    ap.add_argument("--only-known", action="store_true",
+                    help="only the known-setup rows, interleaved with llm-analysis")
     args = ap.parse_args()
 
     from benchmarks.never_seen import never_seen_rows, print_never_seen
 
     if args.only_never_seen:
         print_never_seen(never_seen_rows(args.never_seen, 5))
+        return
+    if args.only_known:
+        with step_cache.structure_mode("off"):
+            known = known_rows(args.rounds, 40)
+        if known:
+            print_known(known, args.rounds, 40)
         return
     with step_cache.structure_mode("off"):  # the rows below measure the per-setup paths
         rows = planner_rows(args.cold, args.new, args.warm)
@@ -357,6 +431,10 @@ def main() -> None:
         for preset, a, la, med, lo in inter:
             print(f"| {preset} | {a * 1e6:.1f} | {la * 1e6:.0f} | {med:.2f}× | {lo:.2f}× |")
         print()
+    with step_cache.structure_mode("off"):
+        known = known_rows(args.rounds, 40)
+    if known:
+        print_known(known, args.rounds, 40)
     print("## Largest fitting micro-batch (H100 80GB, amp-bf16, T=1024), cold\n")
     print("| model | micro-batch | search ms | search simulations | secant ms | secant simulations "
           "| speed-up |")

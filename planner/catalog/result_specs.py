@@ -6,7 +6,23 @@ from pydantic import Field
 
 from planner.catalog.frozen import _Frozen
 
-__all__ = ["Assumption", "Breakdown", "Fit", "Suggestion"]
+__all__ = ["Assumption", "Breakdown", "Fit", "Suggestion", "breakdown_of", "unvalidated"]
+
+_new, _set = object.__new__, object.__setattr__
+
+
+def unvalidated(cls, values: dict, fields_set: set[str] | None = None):
+    """``cls(**values)`` without validation, for values the planner computed itself (ints it
+    counted, results it built): what a template answer would otherwise spend on validating its
+    own numbers. ``values`` holds every field of ``cls``, in declaration order (defaults
+    included); ``fields_set``: the fields given explicitly (default: all). Requests are always
+    validated; tests hold such results equal to their validated form."""
+    obj = _new(cls)
+    _set(obj, "__dict__", values)
+    _set(obj, "__pydantic_fields_set__", set(values) if fields_set is None else fields_set)
+    _set(obj, "__pydantic_extra__", None)
+    _set(obj, "__pydantic_private__", None)
+    return obj
 
 
 class Breakdown(_Frozen):
@@ -18,6 +34,14 @@ class Breakdown(_Frozen):
     activations: int
     temporaries: int
     total: int
+
+
+def breakdown_of(parameters: int, gradients: int, optimizer_states: int, activations: int,
+                 temporaries: int, total: int) -> Breakdown:
+    """``Breakdown(...)`` from the planner's own byte counts (ints), without validation."""
+    return unvalidated(Breakdown, {
+        "parameters": parameters, "gradients": gradients, "optimizer_states": optimizer_states,
+        "activations": activations, "temporaries": temporaries, "total": total})
 
 
 class Assumption(_Frozen):

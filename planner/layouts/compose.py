@@ -18,6 +18,7 @@ import functools
 import math
 
 from planner.catalog.errors import PlanningError
+from planner.catalog.result_specs import breakdown_of
 from planner.catalog.specs import Assumption, Breakdown, ParallelSpec, ResolvedModel, TrainingSpec
 from planner.layouts.data_parallel import ParallelProgram
 from planner.layouts.parallel_ranks import data_parallel_peaks, zero1_ownership
@@ -33,9 +34,10 @@ def breakdown(d: dict[str, int]) -> Breakdown:
 
 
 def snap_breakdown(p) -> Breakdown:
+    """A replayed (or template) peak's breakdown: the planner's own byte counts, not validated
+    again (``breakdown_of``)."""
     c = p.by_cat
-    return Breakdown(parameters=c[0], gradients=c[1], optimizer_states=c[2], activations=c[3],
-                     temporaries=c[4], total=p.total)
+    return breakdown_of(c[0], c[1], c[2], c[3], c[4], p.total)
 
 
 # The assumptions every estimate states (the specs are frozen, so one instance serves all).
@@ -73,6 +75,12 @@ def _dp_peaks(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device:
                                simulate=simulate, ownership=ownership)
 
 
+def single_rank_candidate(par: ParallelSpec) -> bool:
+    """Whether rank 0 is the only worst-rank candidate of a data-parallel estimate (DDP, and
+    FSDP2's ZeRO 2-3: rank 0 holds the most rows of every tensor; ``data_parallel_peaks``)."""
+    return par.zero_stage == 0 or par.zero_stage >= 2
+
+
 def _worst_ownership(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
     """zero1_ownership kept for the worst-rank candidates only (what is memoised: a million
     ranks' keys would not be)."""
@@ -81,10 +89,14 @@ def _worst_ownership(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
 
 
 def data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
-                   ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
+                   ckpt: set[int], assumptions: list[Assumption], notes: list[str],
+                   rank0=None):
     """Data parallelism (DDP, ZeRO 1-3): every rank's step replayed op by op with what its
-    implementation allocates (planner/layouts/data_parallel.py); the worst rank is reported."""
-    peaks = _dp_peaks(model, tr, par, device, frozenset(ckpt))
+    implementation allocates (planner/layouts/data_parallel.py); the worst rank is reported.
+    ``rank0``: rank 0's peaks already evaluated from its template, where rank 0 is the only
+    candidate (``single_rank_candidate``)."""
+    peaks = [(0, rank0)] if rank0 is not None else _dp_peaks(model, tr, par, device,
+                                                            frozenset(ckpt))
     rank, worst = max(peaks, key=lambda rp: (rp[1].steady.total, -rp[0]))
     assumptions.extend(_dp_assumptions(par.zero_stage, par.data_parallel,
                                        par.fsdp_mixed_precision, rank))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 
 from planner.catalog.presets import allocator_reserve
 from planner.catalog.specs import Assumption, ResolvedModel, TrainingSpec
@@ -26,11 +27,14 @@ from planner.layouts import pipeline_structures
 from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, rank_stages, schedule_of
 from planner.machine import cache
-from planner.machine.cache import setup_key
+from planner.machine.cache import _put, setup_key
+from planner.machine.peak_candidates import fused_best
+from planner.machine.recording import WindowTemplate
 from planner.machine.deadline import check as check_work_limit
 from planner.step import structures
 
-__all__ = ["Overflows", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate", "stop_above"]
+__all__ = ["Overflows", "compiled_ranks", "pipeline_rank", "pipeline_rank_peaks", "pipelined_estimate",
+           "stop_above"]
 
 _LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("fit_limit", default=None)
 
@@ -50,10 +54,51 @@ def stop_above(mem_bytes: int):
         _LIMIT.reset(token)
 
 
-def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
+def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str,
+                       compiled=None):
     """Every rank replayed; (worst rank's steady, first-step breakdown dicts, peak phase,
     assumptions, notes) for planner.routes.memory, or None when the setup is outside the replay (the
-    caller then composes an approximation)."""
+    caller then composes an approximation). ``compiled``: ``compiled_ranks``'s answer for the
+    setup, kept by the caller."""
+    limit = _LIMIT.get()
+    if compiled is not None and limit is None:
+        plan, compiled = compiled
+    else:
+        plan = _plan(model, training, parallel)
+        if plan is None:
+            return None
+        compiled = None if limit is not None else _compiled_ranks(model, training, plan, device)
+    name = parallel.pipeline_schedule
+    if compiled is not None:  # every rank's template compiled: evaluated at once
+        ranks, windows = compiled
+        snaps = windows(training.micro_batch_size - 2, training.sequence_length - 2)
+        peaks = [StagePeak(r, stages, *w) for (r, stages, _), w in zip(ranks, snaps)]
+        per = "; ".join(f"{head}{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}"
+                        for (_, _, head), pk in zip(ranks, peaks))
+    else:
+        def rank(model, training, plan, device, r):
+            pk = pipeline_rank(model, training, plan, device, r)
+            if limit is not None and \
+                    pk.steady.total + allocator_reserve(pk.steady.total, device) > limit:
+                raise Overflows(r)
+            return pk
+        # stopping at the first rank over the limit: the last ranks first, the cheapest to
+        # replay (fewest micro-batches in flight, so the shortest lists)
+        order = None if limit is None else list(range(plan.num_ranks))[::-1]
+        peaks = pipeline_rank_peaks(model, training, plan, device, ranks=order,
+                                    simulate=pipeline_rank if limit is None else rank)
+        if order is not None:
+            peaks.reverse()
+        per = "; ".join(f"{_rank_head(pk.rank, pk.stages)}{pk.steady.total} B at "
+                        f"{pk.steady.phase} {pk.steady.op}" for pk in peaks)
+    worst = max(peaks, key=lambda pk: (pk.steady.total, -pk.rank))
+    assumptions = list(_assumptions(name, worst.rank, tuple(worst.stages), plan.num_stages))
+    notes = [f"per-rank steady-state peaks: {per}"]
+    return worst, peaks, assumptions, notes
+
+
+def _plan(model: ResolvedModel, training: TrainingSpec, parallel):
+    """The setup's schedule, or None when the setup is outside the replay."""
     if unsupported_reason(training, parallel) is not None or not model.architecture_known:
         return None
     name = parallel.pipeline_schedule
@@ -63,36 +108,81 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
                            training.gradient_accumulation_steps, v)
     except ScheduleConstraintError:
         return None
-    if plan.num_stages > model.num_layers:
-        return None
-    limit = _LIMIT.get()
+    return None if plan.num_stages > model.num_layers else plan
 
-    def rank(model, training, plan, device, r):
-        pk = pipeline_rank(model, training, plan, device, r)
-        if limit is not None and pk.steady.total + allocator_reserve(pk.steady.total, device) > limit:
-            raise Overflows(r)
-        return pk
-    # stopping at the first rank over the limit: the last ranks first, the cheapest to replay
-    # (fewest micro-batches in flight, so the shortest lists)
-    order = None if limit is None else list(range(plan.num_ranks))[::-1]
-    peaks = pipeline_rank_peaks(model, training, plan, device, ranks=order,
-                                simulate=pipeline_rank if limit is None else rank)
-    if order is not None:
-        peaks.reverse()
-    worst = max(peaks, key=lambda pk: (pk.steady.total, -pk.rank))
-    per = "; ".join(f"rank {pk.rank} (stages {','.join(map(str, pk.stages))}): "
-                    f"{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}" for pk in peaks)
-    assumptions = [
+
+def compiled_ranks(model: ResolvedModel, training: TrainingSpec, parallel, device: str):
+    """(the schedule, every rank's templates of a pipelined setup at tr's size domain,
+    evaluated at once) as ``pipelined_estimate`` finds them (None: outside the replay, or not
+    all compiled): a caller that keeps them per setup and domain passes them back
+    (``compiled``)."""
+    plan = _plan(model, training, parallel)
+    hit = None if plan is None else _compiled_ranks(model, training, plan, device)
+    return None if hit is None else (plan, hit)
+
+
+def _rank_head(rank: int, stages: list[int]) -> str:
+    return f"rank {rank} (stages {','.join(map(str, stages))}): "
+
+
+@functools.lru_cache(maxsize=4096)
+def _assumptions(name: str, worst: int, stages: tuple[int, ...], num_stages: int
+                 ) -> tuple[Assumption, Assumption]:
+    """What a pipelined estimate states: how it was derived, and the worst rank (one pair per
+    schedule and worst rank, shared between estimates: the specs are frozen)."""
+    return (
         Assumption(name="profile", value="pipelined reference step per rank, simulated op by op",
                    note=f"{name}: every rank's actions replayed (planner.layouts.pipeline_memory); the "
                         "step measured by pipelined validation jobs"),
-        Assumption(name="worst_rank", value=str(worst.rank),
-                   note=f"the bottleneck: stages {','.join(map(str, worst.stages))} of "
-                        f"{plan.num_stages}, the highest steady-state peak"),
-    ]
-    notes = [f"per-rank steady-state peaks: {per}"]
-    return worst, peaks, assumptions, notes
+        Assumption(name="worst_rank", value=str(worst),
+                   note=f"the bottleneck: stages {','.join(map(str, stages))} of "
+                        f"{num_stages}, the highest steady-state peak"),
+    )
 
+
+# a setup's rank-0 key -> (every rank's (rank, stages, note head), their windows' evaluation)
+_RANKS: dict[tuple, tuple] = {}
+_RANKS_MAX = 1024
+_RANKS_AT_ONCE = 64  # deeper pipelines go rank by rank (their templates outnumber the cache's)
+
+
+def _rank_key(base: tuple, plan_key: tuple, rank: int) -> tuple:
+    """``pipeline_rank``'s cache key of ``rank`` from the setup's key (``setup_key``, rank 0)."""
+    return (*base[:-2], rank, plan_key, base[-1])
+
+
+def _plan_key(schedule) -> tuple:
+    return (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
+
+
+def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: str):
+    """(every rank's (rank, stages, the head of its note), ``f(b, t)``: every rank's windows
+    evaluated by one generated function, ``fused_best``) when every rank's template of the
+    setup is compiled; None otherwise (templates off, one rank not compiled yet, a key that
+    does not hash). Evaluating them is what ``pipeline_rank`` does for each rank then, without
+    its per-rank lookups."""
+    if not cache.USE_TEMPLATES or schedule.num_ranks > _RANKS_AT_ONCE:
+        return None
+    base = setup_key(model, tr, device, frozenset(), None, 0)
+    plan_key = _plan_key(schedule)
+    key = _rank_key(base, plan_key, 0)
+    try:
+        hit = _RANKS.get(key)
+    except TypeError:  # a list inside the specs
+        return None
+    if hit is not None:
+        return hit
+    tpls = [cache.template(_rank_key(base, plan_key, r)) for r in range(schedule.num_ranks)]
+    if any(not isinstance(tpl, WindowTemplate) for tpl in tpls):  # None: not compiled
+        return None
+    stages = rank_stages(schedule)
+    hit = ([(r, stages[r], _rank_head(r, stages[r])) for r in range(schedule.num_ranks)],
+           fused_best([tpl.windows for tpl in tpls]))
+    _put(_RANKS, key, hit, _RANKS_MAX)
+    return hit
+
+
+cache.on_clear(_RANKS.clear)
 
 
 def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str, rank: int):
@@ -104,9 +194,7 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
         return compile_rank(model, tr, schedule, rank, device, domain)
 
     stages = rank_stages(schedule)[rank]
-    base = setup_key(model, tr, device, frozenset(), None, rank)
-    plan = (schedule.name, schedule.num_ranks, schedule.num_stages, schedule.microbatches)
-    key = (*base[:-1], plan, base[-1])
+    key = _rank_key(setup_key(model, tr, device, frozenset(), None, 0), _plan_key(schedule), rank)
     if structures.enabled() and cache.template(key) is None:
         # a never-seen model (or micro-batch count) of a known structure: evaluated
         # (planner/layouts/pipeline_structures.py); its compile queued otherwise

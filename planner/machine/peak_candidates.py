@@ -85,6 +85,56 @@ def _argmax_fn(exps, vecs: list[tuple[int, ...]]):
     return _compiled("\n".join(lines + ["    return bv, bk", ""]))
 
 
+def fused_best(groups: list[list[Candidates]]):
+    """``f(b, t) -> [[c.best(b, t) for c in group] for group in groups]`` as one generated
+    function: every window's rows and its peak's categories inline, no call per window (a
+    template answer evaluates a handful of windows; their calls were most of its cost). Rows
+    over the sizes themselves (``names``) keep their own ``best``."""
+    cands = [c for g in groups for c in g]
+    if any(c.names is not None for c in cands):
+        return lambda b, t: [[c.best(b, t) for c in g] for g in groups]
+    ns: dict = {"P": PeakSnap}
+    # every monomial b^i·t^j the rows use, computed once (b and t themselves as they are)
+    used = sorted({e for c in cands for v in [*c.key, *(x for cs in c.cats for x in cs)]
+                   for k, e in zip(v, c.exps) if k and e[0] + e[1] > 1})
+    lines = ["def f(b, t):"]
+    mono = {(1, 0): "b", (0, 1): "t"}
+    for n, (i, j) in enumerate(used):
+        mono[(i, j)] = f"m{n}"
+        lines.append(f"    m{n} = " + "*".join(["b"] * i + ["t"] * j))
+
+    def expr(exps, vec) -> str:
+        parts = [str(k) if e == (0, 0) else f"{k}*{mono[e]}" for k, e in zip(vec, exps) if k]
+        return " + ".join(parts) or "0"
+    for w, c in enumerate(cands):
+        if not c.key:
+            lines.append(f"    s{w} = P()")
+            continue
+        ns[f"o{w}"], ns[f"p{w}"] = c.ops, c.phases
+        lines += [f"    bv = {expr(c.exps, c.key[0])}", "    bk = 0"]
+        for k, v in enumerate(c.key[1:], 1):
+            lines += [f"    v = {expr(c.exps, v)}", "    if v > bv:", f"        bv = v; bk = {k}"]
+        branches = []
+        if c.zero:
+            branches.append(("bv <= 0", "P()"))
+        for k, cats in enumerate(c.cats):
+            snap = f"P(bv, [{', '.join(expr(c.exps, v) for v in cats)}], o{w}[{k}], p{w}[{k}])"
+            branches.append((f"bk == {k}", snap))
+        if len(branches) == 1:
+            lines.append(f"    s{w} = {branches[0][1]}")
+            continue
+        for i, (cond, snap) in enumerate(branches):
+            lines += [f"    {'if' if i == 0 else 'elif'} {cond}:" if i < len(branches) - 1
+                      else "    else:", f"        s{w} = {snap}"]
+    out, w = [], 0
+    for g in groups:
+        out.append("[" + ", ".join(f"s{w + i}" for i in range(len(g))) + "]")
+        w += len(g)
+    lines.append(f"    return [{', '.join(out)}]")
+    exec(compile("\n".join(lines) + "\n", "<fused windows>", "exec"), ns)  # noqa: S102
+    return ns["f"]
+
+
 def _monomials_n(names, exps, rows) -> tuple[list[str], dict]:
     """Lines computing every non-constant monomial the rows use, once, and their names."""
     used = sorted({e for v in rows for c, e in zip(v, exps) if c and any(e)})

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.machine.peak_candidates import Candidates, candidates
+from planner.machine.peak_candidates import Candidates, candidates, fused_best
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Machine, PeakSnap
 from planner.machine.symbolic import Poly, Undecided, strictly_positive
 
@@ -298,9 +298,11 @@ class WindowTemplate:
     exps: tuple[tuple[int, int], ...]
     windows: list[Candidates]
 
+    def __post_init__(self) -> None:
+        self._windows = fused_best([self.windows])  # one generated function for all windows
+
     def evaluate(self, B: int, T: int) -> list[PeakSnap]:
-        b, t = B - 2, T - 2
-        return [c.best(b, t) for c in self.windows]
+        return self._windows(B - 2, T - 2)[0]
 
 
 def compile_windows(make, domain: tuple[int | None, int | None], run) -> WindowTemplate:

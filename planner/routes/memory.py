@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 from planner.catalog.allocator_specs import CudaAllocatorPeaks
+from planner.catalog.result_specs import unvalidated
 from planner.catalog.errors import PlanningError
 from planner.catalog.presets import (
     ALLOCATOR_RESERVE_FRACTION,
@@ -22,7 +24,6 @@ from planner.catalog.presets import (
     resolve_model,
 )
 from planner.catalog.specs import (
-    MAX_STAGE_MICROBATCHES,
     Assumption,
     Fit,
     HardwareSpec,
@@ -33,31 +34,29 @@ from planner.catalog.specs import (
     TrainingSpec,
 )
 from planner.layouts.compose import (
-    breakdown,
     composed,
     data_parallel,
     fb_fields,
     megatron,
+    single_rank_candidate,
     model_states_only,
     replayed_fields,
     single_device,
     snap_breakdown,
 )
 from planner.layouts.expert import validate as validate_expert_parallel
-from planner.layouts.parallel_ranks import (
-    empty_shard_rule,
-    fsdp_mixed_precision_refusal,
-    unsupported_reason,
-)
-from planner.layouts.pipelined import pipelined_estimate
+from planner.layouts.parallel_ranks import unsupported_reason
+from planner.layouts.pipelined import compiled_ranks, pipelined_estimate
 from planner.machine import cache
-from planner.routes import memory_notes
+from planner.machine.recording import domain_of
+from planner.routes import memory_answers, memory_notes
 from planner.routes.activation_floor import floor_for
 from planner.routes.checkpoint_blocks import (
     ckpt_assumption,
     frozen_blocks,
 )
-from planner.routes.loss_rules import loss_assumption, loss_refusal
+from planner.routes.loss_rules import loss_assumption
+from planner.routes.memory_checks import check_request, check_sizes
 from planner.routes.micro_batch import (
     compile_ahead_pays,
     hold_compiles,
@@ -68,80 +67,6 @@ from planner.routes.plan_suggest import suggestions
 from planner.step import simulate as step_cache
 from planner.step.allocator_replay import allocator_peaks
 from planner.step.allocator_replay import clear_cache as clear_allocator_cache
-
-
-def _check(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec) -> None:
-    if par.offload_parameters and par.zero_stage != 3:
-        raise PlanningError("offload_parameters needs zero_stage 3 (FSDP2 CPUOffloadPolicy)",
-                            "parallelism.offload_parameters")
-    mp = fsdp_mixed_precision_refusal(tr, par)
-    if mp is not None:
-        raise PlanningError(mp, "parallelism.fsdp_mixed_precision")
-    if par.offload_optimizer and par.zero_stage == 0:
-        raise PlanningError("offload_optimizer needs zero_stage >= 1", "parallelism.offload_optimizer")
-    if par.virtual_pipeline_stages > 1 and par.pipeline_parallel == 1:
-        raise PlanningError("virtual_pipeline_stages > 1 needs pipeline_parallel > 1",
-                            "parallelism.virtual_pipeline_stages")
-    if par.sequence_parallel and par.tensor_parallel == 1:
-        raise PlanningError("sequence_parallel needs tensor_parallel > 1", "parallelism.sequence_parallel")
-    refusal = loss_refusal(tr, par)
-    if refusal is not None:
-        raise PlanningError(refusal, "training.loss.kind")
-    if not model.architecture_known:
-        return
-    if par.tensor_parallel > 1:
-        kv = model.num_kv_heads or model.num_heads
-        if model.num_heads % par.tensor_parallel or kv % par.tensor_parallel:
-            raise PlanningError(
-                f"tensor_parallel ({par.tensor_parallel}) must divide num_heads ({model.num_heads}) "
-                f"and num_kv_heads ({kv})", "parallelism.tensor_parallel")
-    rule = empty_shard_rule(model, tr, par)
-    if rule is not None:
-        raise PlanningError(rule, "parallelism.data_parallel")
-    if par.pipeline_parallel * par.virtual_pipeline_stages > model.num_layers:
-        raise PlanningError(
-            f"pipeline_parallel x virtual_pipeline_stages ({par.pipeline_parallel * par.virtual_pipeline_stages}) "
-            f"exceeds num_layers ({model.num_layers})", "parallelism.pipeline_parallel")
-    actions = par.pipeline_parallel * par.virtual_pipeline_stages * tr.gradient_accumulation_steps
-    if par.pipeline_parallel > 1 and actions > MAX_STAGE_MICROBATCHES:
-        raise PlanningError(
-            f"pipeline_parallel x virtual_pipeline_stages x gradient_accumulation_steps must be "
-            f"<= {MAX_STAGE_MICROBATCHES} (as for POST /v1/pipeline), got {actions}",
-            "training.gradient_accumulation_steps")
-    if model.family == "gpt2" and tr.sequence_length > model.max_sequence_length:
-        raise PlanningError(
-            f"sequence_length ({tr.sequence_length}) exceeds the learned position table "
-            f"({model.max_sequence_length})", "training.sequence_length")
-    if tr.lora is not None and model.family == "gpt2" and "gate" in tr.lora.target_modules:
-        raise PlanningError(
-            "gpt2 blocks have no gate projection (their MLP is up and down): LoRA targets q, k, "
-            "v, o, up or down there", "training.lora.target_modules")
-    if tr.lora is not None and tr.lora.base_dtype in ("fp32", "bf16", "fp16"):
-        pdt = {"fp32": "fp32", "amp-bf16": "fp32", "amp-fp16": "fp32", "mixed-bf16": "bf16",
-               "mixed-fp16": "fp16", "bf16": "bf16"}[tr.precision]
-        if not tr.precision.startswith("amp-") and tr.lora.base_dtype != pdt:
-            raise PlanningError(
-                f"lora.base_dtype {tr.lora.base_dtype} differs from the {pdt} parameters of "
-                f"precision {tr.precision}: without autocast the matmul dtypes must agree",
-                "training.lora.base_dtype")
-    ov = tr.precision_overrides
-    if ov is not None and ov.gradients is not None:
-        pdt = ov.parameters or {"mixed-bf16": "bf16", "mixed-fp16": "fp16", "bf16": "bf16"}.get(
-            tr.precision, "fp32")
-        if ov.gradients != pdt and not tr.precision.startswith("mixed-"):
-            raise PlanningError(
-                f"gradients in {ov.gradients} on {pdt} parameters need a master-weight preset "
-                "(mixed-bf16 / mixed-fp16): torch.optim steps a parameter with its own-dtype "
-                "gradient", "training.precision_overrides.gradients")
-        if ov.gradients in ("int8", "nf4"):
-            raise PlanningError("gradients cannot be quantized", "training.precision_overrides.gradients")
-    ac = tr.activation_checkpointing
-    if ac.strategy == "every-k" and ac.every_k is None:
-        raise PlanningError("strategy 'every-k' needs every_k", "training.activation_checkpointing.every_k")
-    if ac.blocks and max(ac.blocks) >= model.num_layers:
-        raise PlanningError(
-            f"training.activation_checkpointing.blocks: block {max(ac.blocks)} is not below "
-            f"num_layers ({model.num_layers})", "training.activation_checkpointing.blocks")
 
 
 def hardware_bytes(hw: HardwareSpec | None) -> tuple[str | None, int | None]:
@@ -196,6 +121,53 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
     fraction."""
     if allocator is None:
         allocator = req.hardware is not None and req.hardware.allocator == "replay"
+    key = memory_answers.answer_key(req, device, explain, allocator)
+    h, hit = memory_answers.known(key)  # the same request again (planner/routes/memory_answers.py)
+    if hit is not None:
+        return hit
+    setup = None if key is None else _setups_get(key[0])
+    if setup is not None:  # a setup that passed every rule: only the sizes' rule is left
+        model, ckpt, how, kept = setup
+        tr = req.training
+        check_sizes(model, tr)
+        step_peaks = ranks = None
+        if how is not None:  # the step's (rank 0's, the ranks') templates, kept per size domain
+            domain = domain_of(tr.micro_batch_size, tr.sequence_length)
+            got = kept.get(domain)
+            if got is None:
+                got = kept[domain] = _compiled(how, model, tr, req.parallelism, device, ckpt)
+            if got is not None and how == "pipeline":
+                ranks = got
+            elif got is not None:
+                step_peaks = got.evaluate(tr.micro_batch_size, tr.sequence_length)
+        result = _estimate(req, model, device, ckpt, explain=explain, allocator=allocator,
+                           step_peaks=step_peaks, ranks=ranks)
+    else:
+        result = _answer(req, device, explain, allocator, None if h is None else key[0])
+    memory_answers.keep(h, key, result)
+    return result
+
+
+# a request's setup -> (model, checkpointed blocks, how its answer is evaluated from templates
+# and those templates per size domain: ``_one_step``), for setups that passed every rule
+_SETUPS: dict[tuple, tuple] = {}
+_SETUPS_MAX = 4096
+_SETUPS_LOCK = threading.Lock()
+cache.on_clear(_SETUPS.clear)
+
+
+def _setups_get(setup: tuple) -> tuple | None:
+    try:
+        return _SETUPS.get(setup)
+    except TypeError:  # a list inside the request
+        return None
+
+
+def _answer(req: MemoryRequest, device: str, explain: bool, allocator: bool,
+            setup: tuple | None = None) -> MemoryResult:
+    """The estimate of a request whose setup is not known to pass the rules: checked in full;
+    ``setup`` (its key, ``memory_answers.answer_key``) is kept with its model and blocks when
+    it passes."""
     if req.parallelism.expert_parallel > 1:  # 422 for a dense model or a misfit ep
         validate_expert_parallel(hf_config_of(req.model), req.parallelism)
     if req.training.implementation == "transformers":
@@ -208,19 +180,49 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
             f"model_type {model.model_type!r} is estimated through training.implementation "
             "'transformers' (the reference step builds gpt2 and llama configs only, without "
             "biases and with head_dim = hidden_size / heads)", "training.implementation")
-    _check(model, req.training, req.parallelism)
+    check_request(model, req.training, req.parallelism)
     ac = req.training.activation_checkpointing
     if ac.strategy == "budget" and ac.blocks is None:  # unresolved: search the plan
         return _budget(req, model, device, explain, allocator)
     ckpt = frozen_blocks(req.training, model.num_layers) if model.architecture_known else frozenset()
+    if setup is not None:
+        with _SETUPS_LOCK:
+            if len(_SETUPS) >= _SETUPS_MAX:
+                _SETUPS.pop(next(iter(_SETUPS)), None)
+            _SETUPS[setup] = (model, ckpt, *_one_step(model, req.training, req.parallelism))
     return _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
+
+
+def _one_step(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
+    """(how ``_reference`` answers the setup from templates: "step" (one device), "rank0"
+    (data-parallel rank 0, the only candidate) or "pipeline" (every rank), {} to keep them in
+    per size domain), or (None, None)."""
+    if not model.architecture_known or tr.implementation != "reference":
+        return None, None
+    if single_device(par):
+        return "step", {}
+    if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
+        return ("rank0", {}) if single_rank_candidate(par) else (None, None)
+    return ("pipeline", {}) if par.pipeline_parallel > 1 else (None, None)
+
+
+def _compiled(how: str, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
+              ckpt):
+    """The templates a setup's answer at tr's size domain is evaluated from, as ``_reference``
+    finds them (None: not compiled)."""
+    if how == "pipeline":
+        return compiled_ranks(model, tr, par, device) if not ckpt else None
+    return step_cache.compiled_step(model, tr, device, ckpt, par if how == "rank0" else None)
 
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
               extra_notes: list[str] | None = None, explain: bool = False,
-              allocator: bool = False) -> MemoryResult:
+              allocator: bool = False, step_peaks=None, ranks=None) -> MemoryResult:
+    """``step_peaks``: the step's peaks (one device, or data-parallel rank 0: StepPeaks)
+    already evaluated from its template; ``ranks``: a pipelined setup's compiled ranks
+    (``compiled_ranks``), both found for the setup's own estimate."""
     tr, par = req.training, req.parallelism
-    gpu_name, mem_bytes = hardware_bytes(req.hardware)
+    gpu_name, mem_bytes = (None, None) if req.hardware is None else hardware_bytes(req.hardware)
     assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
                                      _ZERO_GRAD]
     notes: list[str] = list(extra_notes or [])
@@ -239,8 +241,13 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         # it can ask end below the first one a shared activation floor rules out)
         ahead = mem_bytes is not None and compile_ahead_pays(
             _search_top(model, tr, par, device, ckpt, mem_bytes))
-        with cache.compile_first() if ahead else contextlib.nullcontext():
-            bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes)
+        if ahead:
+            with cache.compile_first():
+                bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions,
+                                                     notes, step_peaks, ranks)
+        else:
+            bd, first, phase, peaks = _reference(model, tr, par, device, ckpt, assumptions, notes,
+                                                 step_peaks, ranks)
         assumptions.append(loss_assumption(tr.loss))
         if ckpt:
             assumptions.append(ckpt_assumption(frozenset(ckpt)))
@@ -261,8 +268,8 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
         if cuda_alloc is not None and fit.max_micro_batch_size is not None:
             fit = fit.model_copy(update={"max_micro_batch_size": _simulated_boundary(
                 req, model, device, ckpt, mem_bytes, fit.max_micro_batch_size)})
-    if explain and model.architecture_known and tr.implementation == "reference" \
-            and single_device(par) and phase.startswith("optimizer"):
+    if explain and phase.startswith("optimizer") and model.architecture_known \
+            and tr.implementation == "reference" and single_device(par):
         notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
         notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, _variant))
     suggested = []
@@ -272,9 +279,21 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
             suggested = suggestions(req, fit.memory_bytes, fit.max_micro_batch_size,
                                     functools.partial(_suggested, device=device), model, device,
                                     activations=peaks.get("activation_peak_bytes"))
-    return MemoryResult(model=model, breakdown=bd, first_step=first, peak_phase=phase,
-                        allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
-                        assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)
+    return _result(model=model, breakdown=bd, first_step=first, peak_phase=phase,
+                   allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
+                   assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)
+
+
+_RESULT_FIELDS = dict.fromkeys(MemoryResult.model_fields)  # declaration order, each None
+
+
+def _result(**values) -> MemoryResult:
+    """``MemoryResult(**values)`` from the planner's own figures (ints it counted, models it
+    built), not validated again (``unvalidated``; tests hold it equal to the validated form).
+    ``values`` has the required fields and the three lists; the others default to None."""
+    d = _RESULT_FIELDS.copy()
+    d.update(values)
+    return unvalidated(MemoryResult, d, set(values))
 
 
 def _cuda_allocator(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
@@ -303,9 +322,8 @@ def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
              **training: object) -> MemoryResult | None:
     """The same setup with ``training`` fields changed, estimated (replayed) without hardware
     and notes; None when the change is not a valid setup."""
-    tr = req.training.model_copy(update=training)
-    try:
-        tr = TrainingSpec.model_validate(tr.model_dump())  # the spec's own rules
+    try:  # the spec's own rules (its nested specs, unchanged, are valid already)
+        tr = TrainingSpec.model_validate({**req.training.__dict__, **training})
         return _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
                          device, ckpt)
     except (ValueError, PlanningError):
@@ -313,9 +331,11 @@ def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
 
 
 def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
-               ckpt: set[int], assumptions: list[Assumption], notes: list[str]):
+               ckpt: set[int], assumptions: list[Assumption], notes: list[str], peaks=None,
+               ranks=None):
     if single_device(par):
-        peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
+        if peaks is None:
+            peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
         steady, first = peaks.steady, peaks.first
         assumptions.append(_PROFILE_REFERENCE)
         bd = snap_breakdown(steady)
@@ -324,14 +344,14 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
     if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
         # ZeRO on one data-parallel rank included: DDP + ZeroRedundancyOptimizer, or FSDP2's
         # world-size-1 path, replayed (measured by tests/test_zero_one_rank.py)
-        return data_parallel(model, tr, par, device, ckpt, assumptions, notes)
+        return data_parallel(model, tr, par, device, ckpt, assumptions, notes, peaks)
     if par.pipeline_parallel > 1 and not ckpt:
-        pp = pipelined_estimate(model, tr, par, device)
+        pp = pipelined_estimate(model, tr, par, device, ranks)
         if pp is not None:  # every pipeline rank replayed; the worst one reported
             worst, _, extra, pp_notes = pp
             assumptions.extend(extra)
             notes.extend(pp_notes)
-            return (breakdown(worst.steady.as_dict()), breakdown(worst.first.as_dict()),
+            return (snap_breakdown(worst.steady), snap_breakdown(worst.first),
                     f"{worst.steady.phase}: {worst.steady.op} (rank {worst.rank})", {})
     return composed(model, tr, par, device, ckpt, assumptions, notes)
 

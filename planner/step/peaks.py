@@ -65,11 +65,18 @@ def combine_peaks(fb_peaks: list[PeakSnap], step_peaks: list[PeakSnap], act_peak
     ``step_peaks``: the optimizer step's windows in order; all but the last ran before step 1
     made the states, so in a steady step they run with the states live too."""
     fwdbwd = _first_highest(fb_peaks)  # the first of the highest
-    first = _first_highest([fwdbwd, *step_peaks])
+    first = fwdbwd
+    for p in step_peaks:  # the first of the highest of [fwdbwd, *step_peaks]
+        if p.total > first.total:
+            first = p
     # GradScaler's scale and growth tracker are created in step 1's backward and persist.
     scaler = 8 if amp_scaler and fwdbwd.phase == "forward" else 0
     shifted = _plus_states(fwdbwd, states, scaler)
-    steady = _first_highest([shifted, *(_plus_states(p, states) for p in step_peaks[:-1]),
-                             step_peaks[-1]])
-    return StepPeaks(first=first, steady=steady, forward_peak=fwdbwd, act_peak=act_peak,
-                     fb_steady=shifted, act_max=act_max)
+    steady = shifted  # the first of the highest of [shifted, *step_peaks[:-1] + states, last]
+    for p in step_peaks[:-1]:
+        p = _plus_states(p, states)
+        if p.total > steady.total:
+            steady = p
+    if step_peaks[-1].total > steady.total:
+        steady = step_peaks[-1]
+    return StepPeaks(first, steady, fwdbwd, act_peak, None, fb_steady=shifted, act_max=act_max)

@@ -18,8 +18,8 @@ from planner.step.peaks import StepPeaks
 from planner.step.program import ReferenceProgram
 from planner.step.template import StepTemplate, compile_template
 
-__all__ = ["clear", "compiled_template", "replay_only", "setup_key", "setup_memo", "simulate",
-           "structure_mode", "wait_for_structures"]
+__all__ = ["clear", "compiled_step", "compiled_template", "replay_only", "setup_key", "setup_memo",
+           "simulate", "structure_mode", "wait_for_structures"]
 
 
 def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
@@ -60,6 +60,15 @@ def simulate(model: ResolvedModel, tr: TrainingSpec, device: str,
         if hit is not None:
             return hit
     return cache.cached(skey, tr, replay, compile_, lambda tpl, b, t: tpl.evaluate(b, t))
+
+
+def compiled_step(model: ResolvedModel, tr: TrainingSpec, device: str,
+                  checkpointed: frozenset[int], par: ParallelSpec | None = None,
+                  rank: int = 0) -> StepTemplate | None:
+    """The setup's own template (one device, or a data-parallel rank) for tr's size domain,
+    as ``simulate`` finds it first (None: not compiled, templates off, or a key that does not
+    hash): a caller that keeps it evaluates it as ``simulate`` would, without the look-up."""
+    return cache.template(setup_key(model, _replayed_as(tr), device, checkpointed, par, rank))
 
 
 def _replayed_as(tr: TrainingSpec) -> TrainingSpec:

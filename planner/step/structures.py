@@ -52,6 +52,11 @@ def enabled() -> bool:
     return cache.USE_TEMPLATES and _STRUCTURE_MODE != "off"
 
 
+def mode() -> str:
+    """"background", "sync" or "off" (``structure_mode``)."""
+    return _STRUCTURE_MODE
+
+
 def _structure_key(skey: tuple, model: ResolvedModel, tr: TrainingSpec, dom: tuple) -> tuple:
     """The setup key with the model's dimensions and the rank left out (family, blocks and tied
     embeddings kept; a data-parallel rank's classes are looked up inside) and the structure's

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.machine.peak_candidates import Candidates
+from planner.machine.peak_candidates import Candidates, fused_best
 from planner.machine.recording import domain_of, record, window_candidates
 from planner.machine.stepsim import PeakSnap, activation_snap
 from planner.machine.symbolic import Poly, Undecided
@@ -50,11 +50,18 @@ class StepTemplate:
     def covers(self, B: int, T: int) -> bool:
         return all(d is None and v >= 2 or d == v for d, v in zip(self.domain, (B, T)))
 
+    def __post_init__(self) -> None:
+        # the forward/backward and optimizer windows and the activation-max row (the memory
+        # route reads it with every answer) as one generated function (fused_best)
+        self._windows = fused_best([self.fb, self.step, [self.act_max]])
+        self._states, self._amp_scaler = self.combine["states"], self.combine["amp_scaler"]
+
     def evaluate(self, B: int, T: int) -> StepPeaks:
         b, t = B - 2, T - 2
-        return combine_peaks([c.best(b, t) for c in self.fb], [c.best(b, t) for c in self.step],
-                             lambda: self.act.best(b, t), **self.combine,
-                             act_max=lambda: _activation_snap(self.act_max.best(b, t)))
+        fb, step, (act_max,) = self._windows(b, t)
+        return combine_peaks(fb, step, lambda: self.act.best(b, t), states=self._states,
+                             amp_scaler=self._amp_scaler,
+                             act_max=lambda: _activation_snap(act_max))
 
 
 def _activation_snap(p: PeakSnap) -> PeakSnap:
