@@ -266,3 +266,22 @@ def test_pipelined_ranks_at_once_equal_rank_by_rank(schedule, p, v, monkeypatch)
         want = [pm.estimate_memory(r) for r in map(lambda s: req(*s), sizes)]
     assert [g.model_dump_json() for g in got] == [r.model_dump_json() for r in ranked] \
         == [w.model_dump_json() for w in want]
+
+
+def test_the_fused_note_of_a_known_setup_equals_the_full_estimates() -> None:
+    """Sizes whose peak falls in the optimizer step carry the fused-kernel note; for a known
+    setup its figures come from the variant's template kept with the setup
+    (planner/routes/fused_variant.py), equal to the notes of estimates replayed afresh."""
+    training = {"precision": "mixed-bf16"}
+    sizes = [(1, 20), (2, 16), (1, 32), (2, 24), (3, 8), (1, 40), (2, 20), (1, 12)]
+    reqs = [_req(LLAMA, training, None, None, b, t) for b, t in sizes]
+    pm.clear_caches()
+    got = [[pm.estimate_memory(r) for r in reqs] for _ in range(2)]
+    kept = [k for s in pm._SETUPS.values() for k in s[3] if isinstance(k, tuple) and k[0] == "fused"]
+    assert kept, "no fused template kept with the setup"
+    pm.clear_caches()
+    with step_cache.replay_only():
+        want = [pm.estimate_memory(r) for r in reqs]
+    assert sum(any("'fused' would peak" in n for n in w.notes) for w in want) >= 4
+    for answers in got:
+        assert [a.model_dump_json() for a in answers] == [w.model_dump_json() for w in want]

@@ -51,6 +51,7 @@ from planner.machine import cache
 from planner.machine.recording import domain_of
 from planner.routes import memory_answers, memory_notes
 from planner.routes.activation_floor import floor_for
+from planner.routes.fused_variant import kept_variant
 from planner.routes.checkpoint_blocks import (
     ckpt_assumption,
     frozen_blocks,
@@ -141,7 +142,8 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
             elif got is not None:
                 step_peaks = got.evaluate(tr.micro_batch_size, tr.sequence_length)
         result = _estimate(req, model, device, ckpt, explain=explain, allocator=allocator,
-                           step_peaks=step_peaks, ranks=ranks)
+                           step_peaks=step_peaks, ranks=ranks,
+                           variant=kept_variant(kept, _variant) if how == "step" else _variant)
     else:
         result = _answer(req, device, explain, allocator, None if h is None else key[0])
     memory_answers.keep(h, key, result)
@@ -217,10 +219,12 @@ def _compiled(how: str, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpe
 
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
               extra_notes: list[str] | None = None, explain: bool = False,
-              allocator: bool = False, step_peaks=None, ranks=None) -> MemoryResult:
+              allocator: bool = False, step_peaks=None, ranks=None,
+              variant=None) -> MemoryResult:
     """``step_peaks``: the step's peaks (one device, or data-parallel rank 0: StepPeaks)
     already evaluated from its template; ``ranks``: a pipelined setup's compiled ranks
-    (``compiled_ranks``), both found for the setup's own estimate."""
+    (``compiled_ranks``), both found for the setup's own estimate; ``variant``: the fused
+    note's estimate of a changed setup (``fused_variant``; default ``_variant``)."""
     tr, par = req.training, req.parallelism
     gpu_name, mem_bytes = (None, None) if req.hardware is None else hardware_bytes(req.hardware)
     assumptions: list[Assumption] = [_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA,
@@ -271,7 +275,7 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
     if explain and phase.startswith("optimizer") and model.architecture_known \
             and tr.implementation == "reference" and single_device(par):
         notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
-        notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, _variant))
+        notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, variant or _variant))
     suggested = []
     if explain and fit is not None and not fit.fits:
         notes.extend(memory_notes.what_fits(req, model, device, ckpt, bd, phase, reserve, fit, _variant))
