@@ -150,15 +150,19 @@ def _pipelined_req(arch: dict, b: int, t: int, pp: int, schedule: str, v: int,
     return req.model_copy(update={"training": tr})
 
 
-def _clear_setup_caches(lists: bool = True) -> None:
+def _clear_setup_caches(lists=None) -> None:
     """The per-setup caches (what a never-seen model has not met): replays, sizes seen,
-    per-setup results, and the ranks' shortened lists (recomputed per estimate, as for a new
-    micro-batch count)."""
+    per-setup results, and, for ``lists`` (a request), the ranks' shortened lists and its
+    layout's searched count of its micro-batch count (a new micro-batch count: its lists are
+    derived from other counts of the layout, or searched)."""
     cache._SIM_CACHE.clear()
     cache._SEEN.clear()
     cache._MEMO.clear()
-    if lists:
+    if lists is not None:
         pipeline_structure._LISTS.clear()
+        p = lists.parallelism
+        pipeline_structure.forget_microbatches(lists.training.gradient_accumulation_steps,
+                                               p.pipeline_schedule, p.pipeline_parallel)
 
 
 def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
@@ -219,6 +223,7 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
     rng.shuffle(cases)
     per = -(-n // rounds)
     ours, templ, known, theirs, worst, fallbacks = [], [], [], [], 0.0, 0
+    n_searched = n_derived = 0
     by_layout: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in range(rounds):
         batch = cases[r * per:(r + 1) * per]
@@ -226,28 +231,33 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
             break
         a, b, c = [], [], []
         for q in batch:
-            _clear_setup_caches()
+            _clear_setup_caches(q)
             with step_cache.structure_mode("off"):
                 t0 = time.perf_counter()
                 est(q, explain=False)
                 a.append(time.perf_counter() - t0)
-            _clear_setup_caches()
+            _clear_setup_caches(q)
             replays = cache.COUNTS["replays"]
+            searched = pipeline_structure.COUNTS["searched"]
+            derived = pipeline_structure.COUNTS["derived"]
             with step_cache.structure_mode("sync"):
                 t0 = time.perf_counter()
                 est(q, explain=False)
                 b.append(time.perf_counter() - t0)
             fallbacks += cache.COUNTS["replays"] != replays
-            _clear_setup_caches()
+            n_searched += pipeline_structure.COUNTS["searched"] - searched
+            got = pipeline_structure.COUNTS["derived"] - derived
+            n_derived += got
+            _clear_setup_caches(q)
             with step_cache.structure_mode("sync"):
                 est(q, explain=False)  # the layout's shortened lists known now
-                _clear_setup_caches(lists=False)
+                _clear_setup_caches()
                 t0 = time.perf_counter()
                 est(q, explain=False)
                 c.append(time.perf_counter() - t0)
             p = q.parallelism
             by_layout.setdefault((p.pipeline_parallel, p.pipeline_schedule), []).append(
-                (q.training.gradient_accumulation_steps, a[-1], b[-1]))
+                (q.training.gradient_accumulation_steps, a[-1], b[-1], got))
         worst = max(worst, max(a))
         ours.append(statistics.median(a))
         templ.append(statistics.median(b))
@@ -261,6 +271,7 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
             "second_median": statistics.median(second_s), "second_max": max(second_s),
             "compiles": len(compile_s), "compile_median": statistics.median(compile_s),
             "compile_max": max(compile_s), "fallbacks": fallbacks,
+            "searched": n_searched, "derived": n_derived,
             "ours": statistics.median(ours), "templ": statistics.median(templ),
             "known": statistics.median(known), "worst": worst,
             "llm": statistics.median(theirs) if theirs else None,
@@ -289,6 +300,8 @@ def print_pipelined(res: dict) -> None:
     if res["ratios"]:
         print(f"\nRounds' template time vs llm-analysis: {min(res['ratios']):,.1f}× to "
               f"{max(res['ratios']):,.1f}× its time. ", end="")
+    print(f"New micro-batch counts' rank lists: {res['derived']} derived from other counts of "
+          f"the layout, {res['searched']} searched. ", end="")
     print(f"Estimates that replayed a rank despite the templates: {res['fallbacks']} of "
           f"{res['n']}. Slowest replayed estimate: {res['worst'] * 1e3:,.0f} ms. First "
           f"estimate on each of the {res['layouts']} layouts (a new model, caches cold, its "
@@ -298,15 +311,16 @@ def print_pipelined(res: dict) -> None:
           f"{res['second_max'] * 1e3:,.1f} ms. Rank structure compiles for the timed cases: "
           f"{res['compiles']}, median {res['compile_median'] * 1e3:,.0f} ms, max "
           f"{res['compile_max'] * 1e3:,.0f} ms.\n")
-    print("| layout | estimates | micro-batch counts | replayed median ms | template median µs "
-          "| template max µs |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("| layout | estimates | micro-batch counts | ranks' lists derived | replayed median ms "
+          "| template median µs | template max µs |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for (pp, sched), xs in res["by_layout"].items():
-        ms = sorted(m for m, _, _ in xs)
+        ms = sorted(x[0] for x in xs)
         print(f"| pp {pp} {sched} | {len(xs)} | {', '.join(map(str, ms))} | "
-              f"{statistics.median(t for _, t, _ in xs) * 1e3:,.0f} | "
-              f"{statistics.median(t for _, _, t in xs) * 1e6:,.0f} | "
-              f"{max(t for _, _, t in xs) * 1e6:,.0f} |")
+              f"{sum(x[3] for x in xs)} of {pp * len(xs)} | "
+              f"{statistics.median(x[1] for x in xs) * 1e3:,.0f} | "
+              f"{statistics.median(x[2] for x in xs) * 1e6:,.0f} | "
+              f"{max(x[2] for x in xs) * 1e6:,.0f} |")
     print()
 
 
