@@ -15,6 +15,7 @@ import time
 
 from benchmarks.estimate_speed import SETUPS, _time_each, llm_analysis_model_fn
 from planner.layouts import pipeline_structure, pipeline_structures
+from planner.layouts.pipeline_schedules import schedule_of
 from planner.routes import memory as planner_memory
 from planner.machine import cache
 from planner.step import simulate as step_cache
@@ -324,9 +325,68 @@ def print_pipelined(res: dict) -> None:
     print()
 
 
+# The lists-only rows: deep pipelines at counts past the steady state's threshold (the ranks'
+# structures are not compiled: each would take seconds per rank).
+LIST_LAYOUTS = [(pp, s, v) for pp in (8, 16, 32, 64)
+                for s, v in (("1f1b", 1), ("interleaved-1f1b", 2))]
+
+
+class _Blocks:  # the lists read the block count only
+    num_layers = 128
+
+
+def lists_rows(rounds: int = 5, seed: int = 3) -> list[tuple]:
+    """Per LIST_LAYOUTS layout: every rank's shortened lists for a new micro-batch count m
+    (8 to 16 rounds of pp micro-batches), derived from two other counts of the layout searched
+    before (m - 2 pp and m - pp; the plain search where they are not alike), against the plain
+    search of m; ``rounds`` new counts, median. (layout, m's, derived ms, searched ms, ranks
+    derived of ranks)."""
+    rng = random.Random(seed)
+    out = []
+    for pp, sched, v in LIST_LAYOUTS:
+        ms = [pp * rng.randint(8, 16) for _ in range(rounds)]
+        der, plain, got = [], [], 0
+        for m in ms:
+            plans = {c: schedule_of(sched, pp, c, v) for c in (m - 2 * pp, m - pp, m)}
+            pipeline_structure._KNOWN.clear()
+            pipeline_structure._LISTS.clear()
+            for c in (m - 2 * pp, m - pp):
+                for r in range(pp):
+                    pipeline_structure.rank_lists(plans[c], r, _Blocks)
+            before = pipeline_structure.COUNTS["derived"]
+            t0 = time.perf_counter()
+            for r in range(pp):
+                pipeline_structure.rank_lists(plans[m], r, _Blocks)
+            der.append(time.perf_counter() - t0)
+            got += pipeline_structure.COUNTS["derived"] - before
+            pipeline_structure._KNOWN.clear()
+            pipeline_structure._LISTS.clear()
+            t0 = time.perf_counter()
+            for r in range(pp):
+                pipeline_structure.rank_lists(plans[m], r, _Blocks)
+            plain.append(time.perf_counter() - t0)
+        out.append(((pp, sched), ms, statistics.median(der), statistics.median(plain), got,
+                    pp * len(ms)))
+    pipeline_structure._KNOWN.clear()
+    pipeline_structure._LISTS.clear()
+    return out
+
+
+def print_lists(rows: list[tuple]) -> None:
+    print("## A new micro-batch count's rank lists, deep pipelines (every rank; derived from "
+          "two counts of the layout searched before, vs the plain search; median of 5 counts)\n")
+    print("| layout | micro-batch counts | derived ms | searched ms | ranks derived |")
+    print("|---|---|---:|---:|---:|")
+    for (pp, sched), ms, d, p, got, of in rows:
+        print(f"| pp {pp} {sched} | {', '.join(map(str, sorted(ms)))} | {d * 1e3:,.2f} | "
+              f"{p * 1e3:,.2f} | {got} of {of} |")
+    print()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--section", choices=["all", "single", "data-parallel", "pipelined"],
+    ap.add_argument("--section", choices=["all", "single", "data-parallel", "pipelined",
+                                          "pipelined-lists"],
                     default="all")
     args = ap.parse_args(argv)
     if args.section in ("all", "single"):
@@ -336,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
             print_never_seen(never_seen_rows(45, 5, parallelism=par, setups=DP_SETUPS))
     if args.section in ("all", "pipelined"):
         print_pipelined(pipelined_rows(36, 4))
+    if args.section in ("all", "pipelined-lists"):
+        print_lists(lists_rows())
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ and rank counts, and the shortened lists themselves with each stage named by its
 The micro-batch count m is not in the key: two setups whose shortened lists are alike differ only
 in how many periods each direction stands in for, which the extrapolation covers (the same
 argument that shares replays between ranks, ``_CLASSES``); so one compile serves every m (and
-every rank of a class) with those lists. What the domain leaves open is answered at the model
+every rank of a class) with those lists. Those lists, for a count alike two searched counts of
+the rank, are derived rather than searched (``rank_lists``: planner/layouts/pipeline_families.py),
+in a few array operations per rank. What the domain leaves open is answered at the model
 being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
 program cannot take symbolically, or replays that do not have the affine form, raise
 ``Undecided``/``TypeError``: the caller replays (never a wrong answer).
