@@ -120,7 +120,12 @@ def test_an_extrapolation_that_does_not_hold_is_refused() -> None:
     assert derive(history, 30, lambda: columns(sched30, 1)) == (  # between the steps: the same
         history[16].lists, tuple(g[0].dropped for g in groups))
     assert lists == history[16].lists.lists
-    assert derive(history, 12, lambda: cols) is None  # below the known counts
+    sched12 = build_schedule("1f1b", 4, 12, 1)  # below the known counts: the same lists
+    groups, lists = shortened_lists(rank_actions(sched12, 1))
+    assert derive(history, 12, lambda: columns(sched12, 1)) == (
+        history[16].lists, tuple(g[0].dropped for g in groups))
+    sched8 = build_schedule("1f1b", 4, 8, 1)  # too few periods left out: refused
+    assert derive(history, 8, lambda: columns(sched8, 1)) is None
     tok, mb, flag = cols
     for bad in ((tok[::-1].copy(), mb, flag),  # another list, as long
                 (tok, mb + (np.arange(len(mb)) == len(mb) // 2), flag),  # a period not alike

@@ -10,8 +10,8 @@ left-out periods, renumbered) are then the same lists, and the periods each dire
 are affine in m.
 
 So two searched counts a < b of a rank whose lists are alike (same signature, runs that
-correspond one to one and compare alike by the periods they leave out) give a count m > a (between
-them first, else past b) by extrapolation: each run's start and repetitions and the list's length
+correspond one to one and compare alike by the periods they leave out) give another count m
+(between them first, else past b, else below a) by extrapolation: each run's start and repetitions and the list's length
 ``x_a + (m - a)·(x_b - x_a)/(b - a)`` where those are whole numbers, the lists and signature of a,
 the periods left out extrapolated alike, the runs comparing as at a (the plain search orders its
 runs and directions by those). The extrapolation is checked on m's own action list, as arrays, before it is
@@ -174,7 +174,8 @@ def record(history: dict, entry: Known | None) -> None:
 
 def derive(history: dict, m: int, cols_of):
     """(lists, dropped) for count m from two known counts a < b of the rank whose lists are
-    alike, a < m (between them first, else the nearest pair below m), where every run's start
+    alike (between them first, else the nearest pair below m, else the nearest above), where
+    every run's start
     and repetitions and the list's length extrapolate to whole numbers, checked on m's own list
     (``cols_of()``: its columns); None when no pair applies or the check fails."""
     families: dict = {}
@@ -183,10 +184,11 @@ def derive(history: dict, m: int, cols_of):
     pairs = []
     for es in families.values():
         for i, ea in enumerate(es):
-            if ea.m >= m:
-                break
             for eb in es[i + 1:]:
-                pairs.append((0, eb.m - ea.m, ea, eb) if eb.m > m else (1, -ea.m, ea, eb))
+                if ea.m > m:
+                    pairs.append((2, ea.m, ea, eb))
+                else:
+                    pairs.append((0, eb.m - ea.m, ea, eb) if eb.m > m else (1, -ea.m, ea, eb))
     pairs.sort(key=lambda x: x[:2])
     for _, _, ea, eb in pairs[:_TRIES]:
         got = _extrapolated(ea, eb, m, cols_of)
