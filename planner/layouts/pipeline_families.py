@@ -38,7 +38,7 @@ import numpy as np
 from planner.layouts.pipeline_memory import DROP_WARM_WORK, HOLD_WARM_WORK
 from planner.layouts.pipeline_schedules import B_SLOT, F_SLOT
 
-__all__ = ["Known", "columns", "derive", "known", "record"]
+__all__ = ["Known", "columns", "derive", "derived_entry", "known", "record"]
 
 MIN_DROPPED = 2  # (pipeline_periods.MIN_DROPPED)
 _PER_RANK = 12  # searched counts kept per rank
@@ -155,6 +155,14 @@ def known(m: int, lists, groups, cols) -> Known | None:
                  None if flag is None else flag[mask], held)
 
 
+def derived_entry(lists, how) -> Known:
+    """A derived count's record (its kept actions are a's), in a's family."""
+    ea, m, n, start, reps = how
+    entry = Known(m, lists, n, ea.shape, start, reps, ea.kept_tok, ea.kept_flag, ea.held)
+    entry.family = ea.family
+    return entry
+
+
 def record(history: dict, entry: Known | None) -> None:
     """Keep a searched count (the oldest out past ``_PER_RANK``), in the family of the counts
     whose lists it shares (signature, runs and their order)."""
@@ -162,6 +170,9 @@ def record(history: dict, entry: Known | None) -> None:
         return
     if len(history) >= _PER_RANK:
         history.pop(next(iter(history)))
+    if entry.family is not None:
+        history[entry.m] = entry
+        return
     for e in list(history.values()):
         if (e.shape == entry.shape and e.order == entry.order
                 and e.lists.signature == entry.lists.signature):
@@ -173,7 +184,7 @@ def record(history: dict, entry: Known | None) -> None:
 
 
 def derive(history: dict, m: int, cols_of):
-    """(lists, dropped) for count m from two known counts a < b of the rank whose lists are
+    """(lists, dropped, how) for count m from two known counts a < b of the rank whose lists are
     alike (between them first, else the nearest pair below m, else the nearest above), where
     every run's start
     and repetitions and the list's length extrapolate to whole numbers, checked on m's own list
@@ -226,7 +237,7 @@ def _extrapolated(ea: Known, eb: Known, m: int, cols_of):
     tok, mb, flag = cols_of()
     if not _holds(ea, runs, start, reps, n, tok, mb, flag):
         return None
-    return ea.lists, tuple(per_group)
+    return ea.lists, tuple(per_group), (ea, m, n, start, reps)
 
 
 def _holds(ea: Known, runs, start, reps, n, tok, mb, flag) -> bool:

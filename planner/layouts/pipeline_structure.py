@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.layouts.pipeline_families import columns, derive, known, record
+from planner.layouts.pipeline_families import columns, derive, derived_entry, known, record
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.pipeline_replays import _outside, _Recording, stage_roles
@@ -107,8 +107,9 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
     got = derive(history, schedule.microbatches, cols_of) if len(history) >= 2 else None
     if got is not None:
         COUNTS["derived"] += 1
-        found, dropped = got
+        found, dropped, how = got
         hit = RankLists(found.signature, dropped, found.lists)
+        record(history, derived_entry(hit, how))  # (a member of a's family)
     else:
         COUNTS["searched"] += 1
         actions = rank_actions(schedule, rank)
