@@ -175,8 +175,9 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
     sibling model with the case's layout and m; each rank structure's compile timed). Then
     ``rounds`` rounds each time their batch of never-seen models (a) with every rank replayed
     (structures off, as before pipeline structure templates), (b) from the structures'
-    templates, both with per-setup caches cleared (and the ranks' shortened lists: a new
-    micro-batch count), (b') the same with the shortened lists known, and (c) llm-analysis's ``training()`` with
+    templates, both with per-setup caches cleared (and the ranks' shortened lists and the
+    layout's searched lists of the case's count: a new micro-batch count, its lists derived
+    from other counts of the layout or searched), (b') the same with the shortened lists known, and (c) llm-analysis's ``training()`` with
     the same pipeline size on the same models, so all three see the same load."""
     est = planner_memory.estimate_memory
     rng = random.Random(seed)
