@@ -15,6 +15,7 @@ import time
 
 from benchmarks.estimate_speed import SETUPS, _time_each, llm_analysis_model_fn
 from planner.layouts import pipeline_structure, pipeline_structures
+from planner.layouts.pipeline_schedules import schedule_of
 from planner.routes import memory as planner_memory
 from planner.machine import cache
 from planner.step import simulate as step_cache
@@ -150,15 +151,19 @@ def _pipelined_req(arch: dict, b: int, t: int, pp: int, schedule: str, v: int,
     return req.model_copy(update={"training": tr})
 
 
-def _clear_setup_caches(lists: bool = True) -> None:
+def _clear_setup_caches(lists=None) -> None:
     """The per-setup caches (what a never-seen model has not met): replays, sizes seen,
-    per-setup results, and the ranks' shortened lists (recomputed per estimate, as for a new
-    micro-batch count)."""
+    per-setup results, and, for ``lists`` (a request), the ranks' shortened lists and its
+    layout's searched count of its micro-batch count (a new micro-batch count: its lists are
+    derived from other counts of the layout, or searched)."""
     cache._SIM_CACHE.clear()
     cache._SEEN.clear()
     cache._MEMO.clear()
-    if lists:
+    if lists is not None:
         pipeline_structure._LISTS.clear()
+        p = lists.parallelism
+        pipeline_structure.forget_microbatches(lists.training.gradient_accumulation_steps,
+                                               p.pipeline_schedule, p.pipeline_parallel)
 
 
 def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
@@ -170,8 +175,9 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
     sibling model with the case's layout and m; each rank structure's compile timed). Then
     ``rounds`` rounds each time their batch of never-seen models (a) with every rank replayed
     (structures off, as before pipeline structure templates), (b) from the structures'
-    templates, both with per-setup caches cleared (and the ranks' shortened lists: a new
-    micro-batch count), (b') the same with the shortened lists known, and (c) llm-analysis's ``training()`` with
+    templates, both with per-setup caches cleared (and the ranks' shortened lists and the
+    layout's searched lists of the case's count: a new micro-batch count, its lists derived
+    from other counts of the layout or searched), (b') the same with the shortened lists known, and (c) llm-analysis's ``training()`` with
     the same pipeline size on the same models, so all three see the same load."""
     est = planner_memory.estimate_memory
     rng = random.Random(seed)
@@ -219,6 +225,7 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
     rng.shuffle(cases)
     per = -(-n // rounds)
     ours, templ, known, theirs, worst, fallbacks = [], [], [], [], 0.0, 0
+    n_searched = n_derived = 0
     by_layout: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in range(rounds):
         batch = cases[r * per:(r + 1) * per]
@@ -226,28 +233,33 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
             break
         a, b, c = [], [], []
         for q in batch:
-            _clear_setup_caches()
+            _clear_setup_caches(q)
             with step_cache.structure_mode("off"):
                 t0 = time.perf_counter()
                 est(q, explain=False)
                 a.append(time.perf_counter() - t0)
-            _clear_setup_caches()
+            _clear_setup_caches(q)
             replays = cache.COUNTS["replays"]
+            searched = pipeline_structure.COUNTS["searched"]
+            derived = pipeline_structure.COUNTS["derived"]
             with step_cache.structure_mode("sync"):
                 t0 = time.perf_counter()
                 est(q, explain=False)
                 b.append(time.perf_counter() - t0)
             fallbacks += cache.COUNTS["replays"] != replays
-            _clear_setup_caches()
+            n_searched += pipeline_structure.COUNTS["searched"] - searched
+            got = pipeline_structure.COUNTS["derived"] - derived
+            n_derived += got
+            _clear_setup_caches(q)
             with step_cache.structure_mode("sync"):
                 est(q, explain=False)  # the layout's shortened lists known now
-                _clear_setup_caches(lists=False)
+                _clear_setup_caches()
                 t0 = time.perf_counter()
                 est(q, explain=False)
                 c.append(time.perf_counter() - t0)
             p = q.parallelism
             by_layout.setdefault((p.pipeline_parallel, p.pipeline_schedule), []).append(
-                (q.training.gradient_accumulation_steps, a[-1], b[-1]))
+                (q.training.gradient_accumulation_steps, a[-1], b[-1], got))
         worst = max(worst, max(a))
         ours.append(statistics.median(a))
         templ.append(statistics.median(b))
@@ -261,6 +273,7 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
             "second_median": statistics.median(second_s), "second_max": max(second_s),
             "compiles": len(compile_s), "compile_median": statistics.median(compile_s),
             "compile_max": max(compile_s), "fallbacks": fallbacks,
+            "searched": n_searched, "derived": n_derived,
             "ours": statistics.median(ours), "templ": statistics.median(templ),
             "known": statistics.median(known), "worst": worst,
             "llm": statistics.median(theirs) if theirs else None,
@@ -289,6 +302,8 @@ def print_pipelined(res: dict) -> None:
     if res["ratios"]:
         print(f"\nRounds' template time vs llm-analysis: {min(res['ratios']):,.1f}× to "
               f"{max(res['ratios']):,.1f}× its time. ", end="")
+    print(f"New micro-batch counts' rank lists: {res['derived']} derived from other counts of "
+          f"the layout, {res['searched']} searched. ", end="")
     print(f"Estimates that replayed a rank despite the templates: {res['fallbacks']} of "
           f"{res['n']}. Slowest replayed estimate: {res['worst'] * 1e3:,.0f} ms. First "
           f"estimate on each of the {res['layouts']} layouts (a new model, caches cold, its "
@@ -298,21 +313,81 @@ def print_pipelined(res: dict) -> None:
           f"{res['second_max'] * 1e3:,.1f} ms. Rank structure compiles for the timed cases: "
           f"{res['compiles']}, median {res['compile_median'] * 1e3:,.0f} ms, max "
           f"{res['compile_max'] * 1e3:,.0f} ms.\n")
-    print("| layout | estimates | micro-batch counts | replayed median ms | template median µs "
-          "| template max µs |")
-    print("|---|---:|---|---:|---:|---:|")
+    print("| layout | estimates | micro-batch counts | ranks' lists derived | replayed median ms "
+          "| template median µs | template max µs |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     for (pp, sched), xs in res["by_layout"].items():
-        ms = sorted(m for m, _, _ in xs)
+        ms = sorted(x[0] for x in xs)
         print(f"| pp {pp} {sched} | {len(xs)} | {', '.join(map(str, ms))} | "
-              f"{statistics.median(t for _, t, _ in xs) * 1e3:,.0f} | "
-              f"{statistics.median(t for _, _, t in xs) * 1e6:,.0f} | "
-              f"{max(t for _, _, t in xs) * 1e6:,.0f} |")
+              f"{sum(x[3] for x in xs)} of {pp * len(xs)} | "
+              f"{statistics.median(x[1] for x in xs) * 1e3:,.0f} | "
+              f"{statistics.median(x[2] for x in xs) * 1e6:,.0f} | "
+              f"{max(x[2] for x in xs) * 1e6:,.0f} |")
+    print()
+
+
+# The lists-only rows: deep pipelines at counts past the steady state's threshold (the ranks'
+# structures are not compiled: each would take seconds per rank).
+LIST_LAYOUTS = [(pp, s, v) for pp in (8, 16, 32, 64)
+                for s, v in (("1f1b", 1), ("interleaved-1f1b", 2))]
+
+
+class _Blocks:  # the lists read the block count only
+    num_layers = 128
+
+
+def lists_rows(rounds: int = 5, seed: int = 3) -> list[tuple]:
+    """Per LIST_LAYOUTS layout: every rank's shortened lists for a new micro-batch count m
+    (8 to 16 rounds of pp micro-batches), derived from two other counts of the layout searched
+    before (m - 2 pp and m - pp; the plain search where they are not alike), against the plain
+    search of m; ``rounds`` new counts, median. (layout, m's, derived ms, searched ms, ranks
+    derived of ranks)."""
+    rng = random.Random(seed)
+    out = []
+    for pp, sched, v in LIST_LAYOUTS:
+        ms = [pp * rng.randint(8, 16) for _ in range(rounds)]
+        der, plain, got = [], [], 0
+        for m in ms:
+            plans = {c: schedule_of(sched, pp, c, v) for c in (m - 2 * pp, m - pp, m)}
+            pipeline_structure._KNOWN.clear()
+            pipeline_structure._LISTS.clear()
+            for c in (m - 2 * pp, m - pp):
+                for r in range(pp):
+                    pipeline_structure.rank_lists(plans[c], r, _Blocks)
+            before = pipeline_structure.COUNTS["derived"]
+            t0 = time.perf_counter()
+            for r in range(pp):
+                pipeline_structure.rank_lists(plans[m], r, _Blocks)
+            der.append(time.perf_counter() - t0)
+            got += pipeline_structure.COUNTS["derived"] - before
+            pipeline_structure._KNOWN.clear()
+            pipeline_structure._LISTS.clear()
+            t0 = time.perf_counter()
+            for r in range(pp):
+                pipeline_structure.rank_lists(plans[m], r, _Blocks)
+            plain.append(time.perf_counter() - t0)
+        out.append(((pp, sched), ms, statistics.median(der), statistics.median(plain), got,
+                    pp * len(ms)))
+    pipeline_structure._KNOWN.clear()
+    pipeline_structure._LISTS.clear()
+    return out
+
+
+def print_lists(rows: list[tuple]) -> None:
+    print("## A new micro-batch count's rank lists, deep pipelines (every rank; derived from "
+          "two counts of the layout searched before, vs the plain search; median of 5 counts)\n")
+    print("| layout | micro-batch counts | derived ms | searched ms | ranks derived |")
+    print("|---|---|---:|---:|---:|")
+    for (pp, sched), ms, d, p, got, of in rows:
+        print(f"| pp {pp} {sched} | {', '.join(map(str, sorted(ms)))} | {d * 1e3:,.2f} | "
+              f"{p * 1e3:,.2f} | {got} of {of} |")
     print()
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--section", choices=["all", "single", "data-parallel", "pipelined"],
+    ap.add_argument("--section", choices=["all", "single", "data-parallel", "pipelined",
+                                          "pipelined-lists"],
                     default="all")
     args = ap.parse_args(argv)
     if args.section in ("all", "single"):
@@ -322,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
             print_never_seen(never_seen_rows(45, 5, parallelism=par, setups=DP_SETUPS))
     if args.section in ("all", "pipelined"):
         print_pipelined(pipelined_rows(36, 4))
+    if args.section in ("all", "pipelined-lists"):
+        print_lists(lists_rows())
 
 
 if __name__ == "__main__":

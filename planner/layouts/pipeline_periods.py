@@ -59,6 +59,7 @@ class Run:
     reps: int  # periods
     keep_before: int = 1
     keep_after: int = 1
+    first_keep: int = 1  # keep_before as ``plan`` set it, before the directions' groups
 
     @property
     def dropped(self) -> int:
@@ -181,7 +182,7 @@ def plan(actions: list) -> list[list[Run]]:
         end = r.start + r.reps * r.period
         # the periods before the gap include every stage's first backward, and one more
         q = [(i - r.start) // r.period for i in first_grad.values() if r.start <= i < end]
-        r.keep_before = max(q) + 2 if q else 1
+        r.keep_before = r.first_keep = max(q) + 2 if q else 1
         if r.dropped >= MIN_DROPPED:
             kept.append(r)
     return grouped(actions, sorted(kept, key=lambda r: -r.dropped * r.period)[:_MAX_RUNS])

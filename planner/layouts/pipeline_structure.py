@@ -19,7 +19,9 @@ and rank counts, and the shortened lists themselves with each stage named by its
 The micro-batch count m is not in the key: two setups whose shortened lists are alike differ only
 in how many periods each direction stands in for, which the extrapolation covers (the same
 argument that shares replays between ranks, ``_CLASSES``); so one compile serves every m (and
-every rank of a class) with those lists. What the domain leaves open is answered at the model
+every rank of a class) with those lists. Those lists, for a count alike two searched counts of
+the rank, are derived rather than searched (``rank_lists``: planner/layouts/pipeline_families.py),
+in a few array operations per rank. What the domain leaves open is answered at the model
 being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
 program cannot take symbolically, or replays that do not have the affine form, raise
 ``Undecided``/``TypeError``: the caller replays (never a wrong answer).
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planner.layouts.pipeline_families import columns, derive, derived_entry, known, record
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.pipeline_replays import _outside, _Recording, stage_roles
@@ -74,26 +77,64 @@ class Signature(tuple):
 
 _LISTS: dict[tuple, RankLists] = {}
 _LISTS_MAX = 4096
+# per (schedule, rank, block count): the searched micro-batch counts (pipeline_families.Known)
+_KNOWN: dict[tuple, dict] = {}
+_KNOWN_MAX = 1024
+COUNTS = {"searched": 0, "derived": 0}
 
 
 def rank_lists(schedule, rank: int, model) -> RankLists:
     """The rank's shortened lists (memoised per schedule, rank and block count: they depend on
-    nothing else); the full list as the one list where no periodic run is found."""
-    key = (schedule.name, schedule.num_stages, schedule.num_ranks, schedule.microbatches,
-           tuple(schedule.stage_to_rank), rank, model.num_layers)
+    nothing else); the full list as the one list where no periodic run is found. A micro-batch
+    count not seen is derived from two searched ones of the rank whose lists are alike
+    (planner/layouts/pipeline_families.py) where that holds on its list, searched otherwise."""
+    layout = (schedule.name, schedule.num_stages, schedule.num_ranks,
+              tuple(schedule.stage_to_rank), rank, model.num_layers)
+    key = (*layout, schedule.microbatches)
     hit = _LISTS.get(key)
     if hit is not None:
         return hit
-    actions = rank_actions(schedule, rank)
-    groups, lists = shortened_lists(actions)
-    if not groups:
-        lists = [(actions, schedule.microbatches)]
-    role = stage_roles(schedule, rank, model).get
-    sig = Signature((mb, tuple([(k, role(st), j, f) for k, st, j, f in items]))
-                    for items, mb in lists)
-    hit = RankLists(sig, tuple(g[0].dropped for g in groups), lists)
+    history = _KNOWN.get(layout)
+    if history is None:
+        history = {}
+        _put(_KNOWN, layout, history, _KNOWN_MAX)
+    cols = []
+
+    def cols_of():
+        if not cols:
+            cols.append(columns(schedule, rank))
+        return cols[0]
+    got = derive(history, schedule.microbatches, cols_of) if len(history) >= 2 else None
+    if got is not None:
+        COUNTS["derived"] += 1
+        found, dropped, how = got
+        hit = RankLists(found.signature, dropped, found.lists)
+        record(history, derived_entry(hit, how))  # (a member of a's family)
+    else:
+        COUNTS["searched"] += 1
+        actions = rank_actions(schedule, rank)
+        groups, lists = shortened_lists(actions)
+        if not groups:
+            lists = [(actions, schedule.microbatches)]
+        role = stage_roles(schedule, rank, model).get
+        sig = Signature((mb, tuple([(k, role(st), j, f) for k, st, j, f in items]))
+                        for items, mb in lists)
+        hit = RankLists(sig, tuple(g[0].dropped for g in groups), lists)
+        record(history, known(schedule.microbatches, hit, groups, cols_of()))
     _put(_LISTS, key, hit, _LISTS_MAX)  # (the structure thread's compiles read them too)
     return hit
+
+
+def forget_microbatches(m: int, name: str | None = None, ranks: int | None = None) -> None:
+    """Drop the searched count ``m`` of every rank (of schedule ``name`` on ``ranks`` ranks,
+    where given) and its memoised lists: as if never seen."""
+    def of(key):
+        return (name is None or key[0] == name) and (ranks is None or key[2] == ranks)
+    for layout, history in list(_KNOWN.items()):
+        if of(layout):
+            history.pop(m, None)
+    for key in [k for k in _LISTS if k[-1] == m and of(k)]:
+        _LISTS.pop(key, None)
 
 
 @dataclass
