@@ -126,6 +126,14 @@ def test_fit_equals_search_and_replay(seed: int) -> None:
             assert got.model_dump_json() == replayed.model_dump_json(), (req, mem)
 
 
+def _estimate_or_none(q: MemoryRequest):
+    """A suggestion candidate's estimate (None when the changed setup is not a valid one)."""
+    try:
+        return M.estimate_memory(q, explain=False)
+    except (ValueError, PlanningError):
+        return None
+
+
 @pytest.mark.parametrize("seed", [2, 3])
 def test_state_bound_below_peak_and_suggestions_unchanged(seed: int) -> None:
     """The bound is at most the peak of every setup; with budgets between the bound and the
@@ -145,16 +153,9 @@ def test_state_bound_below_peak_and_suggestions_unchanged(seed: int) -> None:
             if mem < 1:
                 continue
             cache.clear()
-
-            def estimate(q: MemoryRequest):
-                try:
-                    return M.estimate_memory(q, explain=False)
-                except (ValueError, PlanningError):
-                    return None
-
             mb = rng.choice([None, 1])
-            pruned = suggestions(req, mem, mb, estimate, model, "cuda", activations=act)
-            every = suggestions(req, mem, mb, estimate, model, "cuda", prune=False)
+            pruned = suggestions(req, mem, mb, _estimate_or_none, model, "cuda", activations=act)
+            every = suggestions(req, mem, mb, _estimate_or_none, model, "cuda", prune=False)
             assert pruned == every, (req, mem)
 
 
@@ -286,27 +287,21 @@ def test_a_checkpoint_plan_with_a_zero_stage_is_skipped_only_when_its_activation
         req = MemoryRequest.model_validate(body)
         model = resolve_model(req.model)
 
-        def estimate(q: MemoryRequest):
-            try:
-                return M.estimate_memory(q, explain=False)
-            except (ValueError, PlanningError):
-                return None
-
-        own = estimate(req)
+        own = _estimate_or_none(req)
         for plan in ("full", "sqrt"):
             ck = {"activation_checkpointing": {"strategy": plan}}
-            alone = estimate(MemoryRequest.model_validate(
+            alone = _estimate_or_none(MemoryRequest.model_validate(
                 {**body, "training": {**body["training"], **ck}}))
-            pair = estimate(MemoryRequest.model_validate(
+            pair = _estimate_or_none(MemoryRequest.model_validate(
                 {**body, "training": {**body["training"], **ck},
                  "parallelism": {**body["parallelism"], "zero_stage": 3}}))
             act = alone.activation_peak_bytes
             for mem in (pair.breakdown.total + pair.allocator_reserve_bytes,
                         act + allocator_reserve(act, "cuda") - 1,
                         act + allocator_reserve(act, "cuda")):
-                pruned = suggestions(req, mem, None, estimate, model, "cuda",
+                pruned = suggestions(req, mem, None, _estimate_or_none, model, "cuda",
                                      activations=own.activation_peak_bytes)
-                every = suggestions(req, mem, None, estimate, model, "cuda", prune=False)
+                every = suggestions(req, mem, None, _estimate_or_none, model, "cuda", prune=False)
                 assert pruned == every, (body, plan, mem)
                 found += any(" and zero_stage" in s.change for s in every)
     assert found, "no budget reached a checkpoint plan with a ZeRO stage"
@@ -342,15 +337,8 @@ def test_fsdp_padded_gather_bound_below_peak_and_suggestions_unchanged(seed: int
         padded += pad > 0
         for mem in (bound - 1, bound, (bound + r.breakdown.total) // 2):
             cache.clear()
-
-            def estimate(q: MemoryRequest):
-                try:
-                    return M.estimate_memory(q, explain=False)
-                except (ValueError, PlanningError):
-                    return None
-
-            pruned = suggestions(req, mem, None, estimate, model, "cuda",
+            pruned = suggestions(req, mem, None, _estimate_or_none, model, "cuda",
                                  activations=r.activation_peak_bytes)
-            every = suggestions(req, mem, None, estimate, model, "cuda", prune=False)
+            every = suggestions(req, mem, None, _estimate_or_none, model, "cuda", prune=False)
             assert pruned == every, (body, mem)
     assert padded, "no setup padded its all-gathers"

@@ -108,6 +108,19 @@ def test_long_lists_are_mostly_composed(name: str, v: int) -> None:
     assert (slow.first, slow.steady) == (fast.first, fast.steady)
 
 
+def _every_rank_equals_full_replay(model, tr, sched) -> list[int]:
+    """Each rank's shortened, composed replay against its full replay (caches cleared first);
+    the actions composed per rank (``_composed``)."""
+    cache.clear()
+    composed = []
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), (sched.name, rank)
+        composed.append(_composed(model, tr, sched, rank))
+    return composed
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_interleaved_ranks_equal_full_replay(seed: int) -> None:
     """Interleaved 1F1B with several periods of micro-batches (its sends keep every output
@@ -120,13 +133,7 @@ def test_interleaved_ranks_equal_full_replay(seed: int) -> None:
     layers = S * (8 if seed % 2 else 1) + rng.randint(0, S - 1)
     model = model.model_copy(update={"num_layers": layers})
     tr = tr.model_copy(update={"gradient_accumulation_steps": sched.microbatches})
-    cache.clear()
-    composed = []
-    for rank in range(sched.num_ranks):
-        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
-        got = pp.rank_step(model, tr, sched, rank)
-        assert (got.first, got.steady) == (full.first, full.steady), rank
-        composed.append(_composed(model, tr, sched, rank))
+    composed = _every_rank_equals_full_replay(model, tr, sched)
     assert all(n != 0 for n in composed) and max(composed) > 0, composed  # -1: not shortened
 
 
@@ -179,11 +186,5 @@ def test_zero_bubble_ranks_equal_full_replay(seed: int) -> None:
     layers = S * rng.choice([1, 2, 7, 8]) + rng.randint(0, S - 1)
     model = model.model_copy(update={"num_layers": layers})
     tr = tr.model_copy(update={"gradient_accumulation_steps": sched.microbatches})
-    cache.clear()
-    composed = []
-    for rank in range(sched.num_ranks):
-        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
-        got = pp.rank_step(model, tr, sched, rank)
-        assert (got.first, got.steady) == (full.first, full.steady), (name, rank)
-        composed.append(_composed(model, tr, sched, rank))
-    assert max(composed) > 0, composed
+    composed = _every_rank_equals_full_replay(model, tr, sched)
+    assert max(composed) > 0, (name, composed)

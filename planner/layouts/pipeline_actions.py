@@ -160,32 +160,23 @@ class ActionMemo:
     def backward(self, prog, st: int, j: int) -> None:
         if self._local(prog, st):
             return prog.real_backward(st, j)
-        key = ("B", self.roles.get(st, st), prog.step_no)
-        c = prog.count(key)
-        e = self.entries.get(key)
-        p = prog.pending[st, j]
-        if isinstance(p, _Proxy):
-            if c == 0 or e is None or not e.verified:
-                raise Unmemoizable(key)
-            return self._compose_backward(prog, st, j, p, e.rec)
-        rec = self._record(prog, lambda: prog.real_backward(st, j), st, j, "B",
-                           candidate_only=c > 0)
-        if c > 0:
-            self._note(key, rec)
+        self._backward(prog, st, j, "B", prog.real_backward, self._compose_backward)
 
     def backward_input(self, prog, st: int, j: int) -> None:
         """I of a split backward (nothing on the first stage)."""
         if st == 0 or self._local(prog, st):
             return prog.real_backward_input(st, j)
-        self._split(prog, st, j, "I", prog.real_backward_input, self._compose_input)
+        self._backward(prog, st, j, "I", prog.real_backward_input, self._compose_input)
 
     def backward_weight(self, prog, st: int, j: int) -> None:
         """W of a split backward (the whole backward on the first stage: a "B" kind)."""
         if st == 0 or self._local(prog, st):
             return prog.real_backward_weight(st, j)
-        self._split(prog, st, j, "W", prog.real_backward_weight, self._compose_weight)
+        self._backward(prog, st, j, "W", prog.real_backward_weight, self._compose_weight)
 
-    def _split(self, prog, st: int, j: int, kind: str, real, compose) -> None:
+    def _backward(self, prog, st: int, j: int, kind: str, real, compose) -> None:
+        """A backward kind (B, I or W): composed after a composed forward, else replayed and
+        recorded."""
         key = (kind, self.roles.get(st, st), prog.step_no)
         c = prog.count(key)
         e = self.entries.get(key)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import SimpleNamespace
 
-from planner.step import simulate as step_cache
 from planner.machine.recording import domain_of
+from planner.step import simulate as step_cache
 
 __all__ = ["kept_variant"]
 
