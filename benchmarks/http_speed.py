@@ -42,7 +42,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -50,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.load import TOKEN, _free_port, start_server
+from benchmarks.load import TOKEN, _free_port, await_ready, start_server
 
 GOAL_RPS_FRACTION = 0.70
 GOAL_P99_FACTOR = 2.0
@@ -120,25 +119,13 @@ def serve_hello(port: int) -> None:
 
 
 def start_hello(log_path: str) -> tuple[subprocess.Popen, int]:
-    import httpx
-
     port = _free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, __file__, "--serve-hello", str(port)], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"hello-world server exited with {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit("hello-world server did not answer in 60 s")
+    await_ready(proc, f"http://127.0.0.1:{port}/", "hello-world server", log_path)
+    return proc, port
 
 
 def _describe(root: Path) -> str:
@@ -151,7 +138,6 @@ def _describe(root: Path) -> str:
 def start_baseline(root: Path, tmp: str) -> tuple[subprocess.Popen, int]:
     """``memplan serve`` from another checkout, as ``benchmarks.load.start_server`` starts this
     one's (same settings, its own database and log)."""
-    import httpx
 
     from service.security import hash_token
 
@@ -164,18 +150,8 @@ def start_baseline(root: Path, tmp: str) -> tuple[subprocess.Popen, int]:
                              "--host", "127.0.0.1", "--port", str(port),
                              "--database-url", f"sqlite:///{tmp}/baseline.db"],
                             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"baseline server exited with {proc.returncode}; see {tmp}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc, port
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit("baseline server did not become ready in 60 s")
+    await_ready(proc, f"http://127.0.0.1:{port}/readyz", "baseline server", tmp)
+    return proc, port
 
 
 def cpu_seconds(pid: int) -> float:

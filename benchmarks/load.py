@@ -144,20 +144,27 @@ def start_server(database_url: str, log_path: str) -> tuple[subprocess.Popen, in
                              "--host", "127.0.0.1", "--port", str(port),
                              "--database-url", database_url],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    await_ready(proc, f"http://127.0.0.1:{port}/readyz", "server", log_path)
+    return proc, port
+
+
+def await_ready(proc: subprocess.Popen, url: str, name: str, see: str) -> None:
+    """Wait up to 60 s for ``url`` to answer 200; exits (``SystemExit``) when the server process
+    ends first or the time runs out (``see``: where its output went)."""
     import httpx
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; see {log_path}")
+            raise SystemExit(f"{name} exited with {proc.returncode}; see {see}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc, port
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.terminate()
-    raise SystemExit("server did not become ready in 60 s")
+    raise SystemExit(f"{name} did not become ready in 60 s")
 
 
 def main(argv: list[str] | None = None) -> int:
