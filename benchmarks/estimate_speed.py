@@ -253,18 +253,25 @@ def interleaved_rows(rounds: int, per_round: int) -> list[tuple[str, float, floa
             est(_req(preset, 2, 16, p, c))
             est(_req(preset, 3, 16, p, c))
         sizes = _sizes(preset, rounds * per_round, 2)
-        ours, theirs, ratios = [], [], []
-        for r in range(rounds):
-            batch = [_req(preset, b, t, *SETUPS[k % len(SETUPS)])
-                     for k, (b, t) in enumerate(sizes[r * per_round:(r + 1) * per_round])]
-            a = statistics.median(_time_each(est, batch))
-            la = statistics.median(_time_each(one, range(per_round)))
-            ours.append(a)
-            theirs.append(la)
-            ratios.append(la / a)
-        out.append((preset, statistics.median(ours), statistics.median(theirs),
-                    statistics.median(ratios), min(ratios)))
+        batches = [[_req(preset, b, t, *SETUPS[k % len(SETUPS)])
+                    for k, (b, t) in enumerate(sizes[r * per_round:(r + 1) * per_round])]
+                   for r in range(rounds)]
+        out.append((preset, *_rounds(est, one, batches)))
     return out
+
+
+def _rounds(est, one, batches: list[list]) -> tuple[float, float, float, float]:
+    """Each batch of estimates timed, then as many llm-analysis calls: (our median µs,
+    llm-analysis median µs, median and lowest per-round speed-up)."""
+    ours, theirs, ratios = [], [], []
+    for batch in batches:
+        a = statistics.median(_time_each(est, batch))
+        la = statistics.median(_time_each(one, range(len(batch))))
+        ours.append(a)
+        theirs.append(la)
+        ratios.append(la / a)
+    return (statistics.median(ours), statistics.median(theirs), statistics.median(ratios),
+            min(ratios))
 
 
 # The known-setup rows of the goal (>= 10x llm-analysis): (case, parallelism, micro-batches);
@@ -299,7 +306,7 @@ def known_rows(rounds: int, per_round: int) -> list[tuple[str, str, float, float
                 est(_req(preset, 2, 16, p, c, parallelism=par, accumulation=m))
                 est(_req(preset, 3, 16, p, c, parallelism=par, accumulation=m))
             sizes = _sizes(preset, rounds * per_round, 3)
-            ours, theirs, ratios = [], [], []
+            batches = []
             for r in range(rounds):
                 if case == "same request again":
                     batch = [_req(preset, *sizes[0], *setups[0], parallelism=par,
@@ -308,13 +315,8 @@ def known_rows(rounds: int, per_round: int) -> list[tuple[str, str, float, float
                     batch = [_req(preset, b, t, *setups[k % len(setups)], parallelism=par,
                                   accumulation=m)
                              for k, (b, t) in enumerate(sizes[r * per_round:(r + 1) * per_round])]
-                a = statistics.median(_time_each(est, batch))
-                la = statistics.median(_time_each(one, range(per_round)))
-                ours.append(a)
-                theirs.append(la)
-                ratios.append(la / a)
-            out.append((preset, case, statistics.median(ours), statistics.median(theirs),
-                        statistics.median(ratios), min(ratios)))
+                batches.append(batch)
+            out.append((preset, case, *_rounds(est, one, batches)))
     return out
 
 

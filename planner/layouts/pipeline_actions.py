@@ -289,13 +289,23 @@ class ActionMemo:
         prog.pending[st, j] = _Proxy(out, inp, loss, holds, rec.out.graph_refs)
         prog.in_flight += 1
 
-    def _compose_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
+    def _begin_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec, done: bool) -> list:
+        """A composed backward kind's start: its candidate row drawn, the stand-ins the
+        proxy holds dropped (``done``: its micro-batch's last backward action); the live bytes
+        at the start."""
         m = prog.m
         m.phase = "backward"
         self.composed += 1
         start = self._rows(m, rec.rows, rec.names)
-        del prog.pending[st, j]
+        if done:
+            del prog.pending[st, j]
         m.drop(*p.holds)
+        p.holds = []
+        return start
+
+    def _compose_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
+        m = prog.m
+        start = self._begin_backward(prog, st, j, p, rec, done=True)
         gi = None
         if rec.grad is not None:
             if len(rec.grad) != 3:
@@ -322,11 +332,7 @@ class ActionMemo:
         the recorded I leaves until W (kept gradients, retained saved tensors), one storage per
         category; the input gradient is handed on; the output and loss are detached."""
         m = prog.m
-        m.phase = "backward"
-        self.composed += 1
-        start = self._rows(m, rec.rows, rec.names)
-        m.drop(*p.holds)
-        p.holds = []
+        start = self._begin_backward(prog, st, j, p, rec, done=False)
         gi = None
         if rec.grad is not None:
             if len(rec.grad) != 3:
@@ -348,12 +354,7 @@ class ActionMemo:
         """W on a composed forward: what I left goes, with the receive buffer's reference; the
         live bytes must come to the recorded W's."""
         m = prog.m
-        m.phase = "backward"
-        self.composed += 1
-        start = self._rows(m, rec.rows, rec.names)
-        del prog.pending[st, j]
-        m.drop(*p.holds)
-        p.holds = []
+        start = self._begin_backward(prog, st, j, p, rec, done=True)
         prog.ops.drop(p.inp)
         prog.in_flight -= 1
         m.phase = "other"
