@@ -306,11 +306,7 @@ class ActionMemo:
     def _compose_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
         m = prog.m
         start = self._begin_backward(prog, st, j, p, rec, done=True)
-        gi = None
-        if rec.grad is not None:
-            if len(rec.grad) != 3:
-                raise Unmemoizable(("B", st))
-            gi = _silent(m, *rec.grad)
+        gi = _input_grad(m, rec, ("B", st))
         prog._release(p)
         m.phase = "other"
         want = list(rec.net)
@@ -326,18 +322,13 @@ class ActionMemo:
         if gi is not None:
             prog._hand_back(st, j, gi)
 
-
     def _compose_input(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
         """I on a composed forward: the graph's references and saved storages give way to what
         the recorded I leaves until W (kept gradients, retained saved tensors), one storage per
         category; the input gradient is handed on; the output and loss are detached."""
         m = prog.m
         start = self._begin_backward(prog, st, j, p, rec, done=False)
-        gi = None
-        if rec.grad is not None:
-            if len(rec.grad) != 3:
-                raise Unmemoizable(("I", st))
-            gi = _silent(m, *rec.grad)
+        gi = _input_grad(m, rec, ("I", st))
         prog.ops.drop(p.out, p.loss)
         p.out = p.loss = None
         m.phase = "other"
@@ -360,6 +351,15 @@ class ActionMemo:
         m.phase = "other"
         if [a - b for a, b in zip(m.cur, start)] != list(rec.net):
             raise Unmemoizable(("W", st))
+
+
+def _input_grad(m, rec: _Rec, kind: tuple) -> Buf | None:
+    """The input gradient a composed backward hands on, of the recorded size (None: none)."""
+    if rec.grad is None:
+        return None
+    if len(rec.grad) != 3:  # the recorded backward handed on more than one
+        raise Unmemoizable(kind)
+    return _silent(m, *rec.grad)
 
 
 def _handed(t: T, own: int) -> _Handed:
