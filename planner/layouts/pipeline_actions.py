@@ -41,6 +41,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Val
+from planner.machine.symbolic import _Exact
 from planner.step.ops import T
 
 __all__ = ["ActionMemo", "Unmemoizable", "enabled", "op_by_op"]
@@ -73,8 +74,33 @@ def _silent(m, nbytes: int, cat: str, name: str) -> Buf:
     """A storage made live without a row (the bytes were in the recorded rows already)."""
     b = Buf(nbytes, cat, name)
     b.refs = 1
-    m.cur[_INDEX[cat]] += nbytes
+    m.memo_silent(nbytes, cat)
     return b
+
+
+# Sizes may be polynomials (a structure's compile, planner/layouts/pipeline_structure.py): the
+# checks below hold for every size or fail (never a decision at the witness, never a guard).
+def _nonzero(d) -> bool:
+    return isinstance(d, _Exact) or d != 0  # a polynomial that is 0 comes back as the int 0
+
+
+def _maybe_negative(d) -> bool:
+    return not d._cmp(0)[1] if isinstance(d, _Exact) else d < 0
+
+
+def _differ(a, b) -> bool:
+    return any(_nonzero(x - y) for x, y in zip(a, b))
+
+
+def _canon(x):
+    """A record's value compared as written (polynomials term by term)."""
+    if isinstance(x, _Exact):
+        return ("poly", frozenset(x.t.items()))
+    if isinstance(x, tuple):
+        return tuple(_canon(v) for v in x)
+    if isinstance(x, (_Handed, _Rec)):
+        return (type(x).__name__, *(_canon(getattr(x, f)) for f in x.__dataclass_fields__))
+    return x
 
 
 @dataclass(frozen=True)
@@ -130,12 +156,13 @@ class ActionMemo:
         self.entries: dict[tuple, _Entry] = {} if entries is None else entries
         self.roles = roles or {}
         self.composed = 0  # actions composed rather than replayed
+        self._plans: dict[int, tuple] = {}  # id(record) -> (record, what the machine draws)
 
     @staticmethod
     def applies(prog) -> bool:
         m = prog.m
         return (_ENABLED and prog.sched.name in _COMPOSED
-                and getattr(m, "on_alloc", None) is None and hasattr(m, "rows"))
+                and getattr(m, "on_alloc", None) is None and hasattr(m, "memo_start"))
 
     # ---- the hooks --------------------------------------------------------------------------
     @staticmethod
@@ -194,7 +221,7 @@ class ActionMemo:
         if e is None:
             self.entries[key] = _Entry(rec)
         elif not e.verified and not e.bad:
-            if e.rec == rec:
+            if _canon(e.rec) == _canon(rec):
                 e.verified = True
             else:
                 e.bad = True
@@ -202,19 +229,17 @@ class ActionMemo:
     # ---- recording --------------------------------------------------------------------------
     def _record(self, prog, run, st: int, j: int, kind: str, candidate_only: bool) -> _Rec:
         m = prog.m
+        n0 = m.memo_start()
         start = list(m.cur)
-        n0 = len(m.rows)
         recv = prog.recv.get((st, j))
         recv_before = recv.refs if recv is not None else 0
         sends_before = len(prog.sends)
         out_buf = prog.pending[st, j].out.buf if kind == "B" else None
         run()
-        rows = tuple(tuple(a - b for a, b in zip(r, start)) for r in m.rows[n0:])
-        names = tuple((mk[0], mk[1]) for mk in m.meta[n0:])
+        rows, names = m.memo_rows(n0, start)
         net = tuple(a - b for a, b in zip(m.cur, start))
-        if candidate_only:  # as a composed action leaves them: its candidate row alone
-            del m.rows[n0:], m.meta[n0:]
-            self._rows(m, rows, names, start)
+        if candidate_only:  # as a composed action leaves them
+            m.memo_replace(n0, rows, names, start)
         if kind == "W":
             return _Rec(rows, names, net)
         if kind != "F":
@@ -239,25 +264,21 @@ class ActionMemo:
         return _Rec(rows, names, net, out, loss, recv_refs, sent=sent)
 
     # ---- composing --------------------------------------------------------------------------
-    @staticmethod
-    def _rows(m, rows: tuple, names: tuple, start: list[int] | None = None) -> list[int]:
-        """The action's rows on the trace machine from ``start`` (its live bytes at the
-        action's start): only its first highest one. Every row of one action is the start plus
-        the recorded relative row, so the others are never a window's first highest, at any
-        start; the extrapolation (pipeline_replays) sees the same rows in every list."""
-        start = list(m.cur) if start is None else start
-        if rows:
-            tot = [sum(r) for r in rows]
-            i = tot.index(max(tot))
-            m.rows.append(tuple(a + b for a, b in zip(start, rows[i])))
-            m.meta.append((names[i][0], names[i][1], m.window))
+    def _rows(self, m, rec: _Rec) -> list:
+        """The action's rows drawn from the live bytes now (the machine's ``memo_emit``: the
+        trace machine keeps the first highest alone); the live bytes at the action's start."""
+        got = self._plans.get(id(rec))
+        if got is None or got[0] is not rec:
+            got = self._plans[id(rec)] = (rec, m.memo_plan(rec.rows, rec.names))
+        start = list(m.cur)
+        m.memo_emit(rec.rows, rec.names, start, got[1])
         return start
 
     def _compose_forward(self, prog, st: int, j: int, rec: _Rec) -> None:
         m, o = prog.m, prog.ops
         m.phase = "forward"
         self.composed += 1
-        start = self._rows(m, rec.rows, rec.names)
+        start = self._rows(m, rec)
         holds: list = []
         out_b = _silent(m, rec.out.nbytes, rec.out.cat, rec.out.name)
         out = T(Val(out_b, None), rec.out.numel, rec.out.esz)
@@ -282,9 +303,9 @@ class ActionMemo:
             prog.losses.append(o.view(loss))
         rest = [n - (c - s) for n, c, s in zip(rec.net, m.cur, start)]
         for i, d in enumerate(rest):
-            if d < 0:
+            if _maybe_negative(d):
                 raise Unmemoizable(("F", st))
-            if d:
+            if _nonzero(d):
                 holds.append(_silent(m, d, CATEGORIES[i], "saved (composed)"))
         prog.pending[st, j] = _Proxy(out, inp, loss, holds, rec.out.graph_refs)
         prog.in_flight += 1
@@ -296,7 +317,7 @@ class ActionMemo:
         m = prog.m
         m.phase = "backward"
         self.composed += 1
-        start = self._rows(m, rec.rows, rec.names)
+        start = self._rows(m, rec)
         if done:
             del prog.pending[st, j]
         m.drop(*p.holds)
@@ -317,7 +338,7 @@ class ActionMemo:
             if p.graph_out:
                 raise Unmemoizable(("B", st, "output held"))
             want[_INDEX[p.out.buf.cat]] += p.out.buf.nbytes
-        if [a - b for a, b in zip(m.cur, start)] != want:
+        if _differ([a - b for a, b in zip(m.cur, start)], want):
             raise Unmemoizable(("B", st))
         if gi is not None:
             prog._hand_back(st, j, gi)
@@ -336,9 +357,9 @@ class ActionMemo:
             prog.input_grads.append(gi)
             prog._hand_back(st, j, m.hold(gi))
         for i, d in enumerate(n - (c - s) for n, c, s in zip(rec.net, m.cur, start)):
-            if d < 0:
+            if _maybe_negative(d):
                 raise Unmemoizable(("I", st))
-            if d:
+            if _nonzero(d):
                 p.holds.append(_silent(m, d, CATEGORIES[i], "kept for W (composed)"))
 
     def _compose_weight(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
@@ -349,7 +370,7 @@ class ActionMemo:
         prog.ops.drop(p.inp)
         prog.in_flight -= 1
         m.phase = "other"
-        if [a - b for a, b in zip(m.cur, start)] != list(rec.net):
+        if _differ([a - b for a, b in zip(m.cur, start)], rec.net):
             raise Unmemoizable(("W", st))
 
 

@@ -25,74 +25,15 @@ from __future__ import annotations
 import numpy as np
 
 from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
+from planner.layouts.pipeline_machines import TraceMachine, _Recording
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.sharding import pipeline_stage_layers
 from planner.machine import cache
 from planner.machine.peak_candidates import candidates
-from planner.machine.recording import _DEG, RecordingMachine, WindowTemplate, compile_windows
-from planner.machine.stepsim import _INDEX, Buf, Machine, PeakSnap
+from planner.machine.recording import _DEG, WindowTemplate, compile_windows
+from planner.machine.stepsim import PeakSnap
 from planner.machine.symbolic import Poly
-
-
-# ---- recording ---------------------------------------------------------------------------------
-class TraceMachine(Machine):
-    """The step simulator keeping every allocation's live bytes per category (and each window
-    start's), with cut markers; ``peak`` is the current window's id."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.window = -1
-        self.rows: list[tuple] = []
-        self.meta: list[tuple[str, str, int]] = []
-        self.cuts: list[int] = []
-
-    def alloc(self, nbytes, name: str, cat: str | None = None) -> Buf:
-        b = Buf(int(nbytes), cat or self.default_cat(), name)
-        b.refs = 1
-        if self.on_alloc is not None:
-            self.on_alloc(b)
-        self.cur[_INDEX[b.cat]] += b.nbytes
-        self.rows.append(tuple(self.cur))
-        self.meta.append((name, self.phase, self.window))
-        return b
-
-    def reset_peak(self) -> None:
-        self.window += 1
-        self.rows.append(tuple(self.cur))
-        self.meta.append(("(window start)", self.phase, self.window))
-
-    def cut(self) -> None:
-        self.cuts.append(len(self.rows))
-
-    @property
-    def peak(self):
-        return self.window
-
-    @peak.setter
-    def peak(self, value) -> None:
-        pass
-
-    def trace(self):
-        return np.array(self.rows, dtype=np.int64).reshape(len(self.rows), -1), self.meta
-
-
-class _Recording(RecordingMachine):
-    """The step template's recording machine with cut markers (a cut ends a run of merged
-    allocation marks, so the rows between cuts correspond between replays)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.cuts: list[int] = []
-
-    def cut(self) -> None:
-        self._flush()
-        self.cuts.append(len(self.marks))
-
-    def trace(self):
-        self._flush()
-        rows = self.marks_matrix()
-        return rows, [(mk[1], mk[2], mk[3]) for mk in self.marks]
 
 
 def _outside(rows, meta, cuts: list[int], wanted: list[int]):

@@ -34,10 +34,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.layouts.pipeline_families import columns, derive, derived_entry, known, record
+from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
+from planner.layouts.pipeline_families import (
+    columns,
+    derive,
+    derived_entry,
+    known,
+    record,
+)
+from planner.layouts.pipeline_machines import _Recording
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
-from planner.layouts.pipeline_replays import _outside, _Recording, stage_roles
+from planner.layouts.pipeline_replays import _outside, stage_roles
 from planner.machine.cache import _put
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.peak_candidates import Candidates, candidates
@@ -154,13 +162,16 @@ class PipelineStructureTemplate:
         return StagePeak(rank, stages, *self.evaluate(values))
 
 
-def _replay(model, tr, schedule, rank, device, sizes, sp, items, mb):
+def _replay(model, tr, schedule, rank, device, sizes, sp, items, mb, memo):
     """(marks outside the extra periods × categories × monomials, their monomials, the marks'
-    (op, phase, window), the step windows) of one list replayed with symbolic sizes."""
+    (op, phase, window), the step windows) of one list replayed with symbolic sizes, its
+    actions composed per kind where ``memo`` applies (planner/layouts/pipeline_actions.py)."""
     check_work_limit()
     m = _Recording()
     prog = PipelineRankProgram(model, tr, schedule, rank, device=device, machine=m, sizes=sizes,
                                actions=items, microbatches=mb, compress_blocks=True)
+    if memo is not None and memo.applies(prog):
+        prog.memo = memo
     wanted = prog.step_windows()
     m._flush()
     full, exps = _natural(m, sp)
@@ -179,8 +190,15 @@ def compile_pipeline_structure(model, tr, schedule, rank: int, device: str,
     nd = len(lists.dropped)
     extra = tuple((f"n{k}", 0) for k in range(nd))
     sp, sizes = _symbolic_sizes(names, half, (*values, *lists.dropped), extra)
-    traces = [_replay(model, tr, schedule, rank, device, sizes, sp, items, mb)
-              for items, mb in lists.lists]
+    # the lists' replays share one record per action kind (their sizes are of one space)
+    memo = ActionMemo({}, stage_roles(schedule, rank, model))
+    try:
+        traces = [_replay(model, tr, schedule, rank, device, sizes, sp, items, mb, memo)
+                  for items, mb in lists.lists]
+    except Unmemoizable:  # a composed action did not add up: every action op by op
+        sp, sizes = _symbolic_sizes(names, half, (*values, *lists.dropped), extra)
+        traces = [_replay(model, tr, schedule, rank, device, sizes, sp, items, mb, None)
+                  for items, mb in lists.lists]
     base, bexps, meta, wanted = traces[0]
     if any(t[2] != meta or t[3] != wanted for t in traces[1:]):
         raise Undecided("the shortened replays do not correspond")

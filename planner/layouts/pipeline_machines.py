@@ -1,0 +1,231 @@
+"""The machines a pipeline rank's shortened lists are replayed on, and what a composed action
+draws on them.
+
+``TraceMachine`` keeps the live bytes per category at every allocation (concrete sizes);
+``_Recording`` is the step template's recording machine (planner/machine/recording.py: sizes as
+polynomials) with cut markers. Both give a composed action (planner/layouts/pipeline_actions.py)
+what it needs: the rows an action recorded relative to its start (``memo_rows``), the rows a
+composed action draws (``memo_plan``, ``memo_emit``: on the trace machine the first highest
+alone, which is the same at any start; on the recording machine every mark that can be the
+first highest for some sizes, ``undominated``), and bytes made live without a row
+(``memo_silent``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.machine.recording import RecordingMachine
+from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Machine
+from planner.machine.symbolic import MPoly
+
+__all__ = ["TraceMachine", "undominated"]
+
+
+# ---- recording ---------------------------------------------------------------------------------
+class TraceMachine(Machine):
+    """The step simulator keeping every allocation's live bytes per category (and each window
+    start's), with cut markers; ``peak`` is the current window's id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window = -1
+        self.rows: list[tuple] = []
+        self.meta: list[tuple[str, str, int]] = []
+        self.cuts: list[int] = []
+
+    def alloc(self, nbytes, name: str, cat: str | None = None) -> Buf:
+        b = Buf(int(nbytes), cat or self.default_cat(), name)
+        b.refs = 1
+        if self.on_alloc is not None:
+            self.on_alloc(b)
+        self.cur[_INDEX[b.cat]] += b.nbytes
+        self.rows.append(tuple(self.cur))
+        self.meta.append((name, self.phase, self.window))
+        return b
+
+    def reset_peak(self) -> None:
+        self.window += 1
+        self.rows.append(tuple(self.cur))
+        self.meta.append(("(window start)", self.phase, self.window))
+
+    def cut(self) -> None:
+        self.cuts.append(len(self.rows))
+
+    @property
+    def peak(self):
+        return self.window
+
+    @peak.setter
+    def peak(self, value) -> None:
+        pass
+
+    def trace(self):
+        return np.array(self.rows, dtype=np.int64).reshape(len(self.rows), -1), self.meta
+
+    # ---- what a composed action needs (planner/layouts/pipeline_actions.py) -------------------
+    def memo_start(self) -> int:
+        return len(self.rows)
+
+    def memo_rows(self, token: int, start: list) -> tuple[tuple, tuple]:
+        """The rows since ``token`` relative to ``start``, and their (op, phase)."""
+        rows = tuple(tuple(a - b for a, b in zip(r, start)) for r in self.rows[token:])
+        return rows, tuple((mk[0], mk[1]) for mk in self.meta[token:])
+
+    def memo_replace(self, token: int, rows: tuple, names: tuple, start: list) -> None:
+        """The rows since ``token`` as a composed action leaves them."""
+        del self.rows[token:], self.meta[token:]
+        self.memo_emit(rows, names, start)
+
+    @staticmethod
+    def memo_plan(rows: tuple, names: tuple) -> int | None:
+        """Which row ``memo_emit`` draws: the first highest. Every row of one action is the
+        start plus the recorded relative row, so the others are never a window's first highest,
+        at any start; the extrapolation sees the same rows in every list."""
+        if not rows:
+            return None
+        tot = [sum(r) for r in rows]
+        return tot.index(max(tot))
+
+    def memo_emit(self, rows: tuple, names: tuple, start: list | None = None,
+                  plan: int | None = -1) -> None:
+        """An action's rows from ``start`` (its live bytes at the action's start): only its
+        first highest one."""
+        i = self.memo_plan(rows, names) if plan == -1 else plan
+        if i is not None:
+            start = self.cur if start is None else start
+            self.rows.append(tuple(a + b for a, b in zip(start, rows[i])))
+            self.meta.append((names[i][0], names[i][1], self.window))
+
+    def memo_silent(self, nbytes: int, cat: str) -> None:
+        """Bytes made live without a row (they were in the recorded rows already)."""
+        self.cur[_INDEX[cat]] += nbytes
+
+
+class _Recording(RecordingMachine):
+    """The step template's recording machine with cut markers (a cut ends a run of merged
+    allocation marks, so the rows between cuts correspond between replays)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cuts: list[int] = []
+
+    def cut(self) -> None:
+        self._flush()
+        self.cuts.append(len(self.marks))
+
+    def trace(self):
+        self._flush()
+        rows = self.marks_matrix()
+        return rows, [(mk[1], mk[2], mk[3]) for mk in self.marks]
+
+    # ---- what a composed action needs (planner/layouts/pipeline_actions.py): the rows are the
+    # marks' live bytes (polynomials), every one kept (which is highest depends on the sizes)
+    def memo_start(self) -> tuple[int, int]:
+        self._flush()  # an action's marks are its own (a merged run never spans two actions)
+        return len(self.log), len(self.marks)
+
+    def _since(self, token: tuple[int, int]) -> tuple[list, list]:
+        """(each mark's live bytes since ``token`` relative to it, the change to now)."""
+        self._flush()
+        rel, rows, at = [0] * len(CATEGORIES), [], token[0]
+        for mk in self.marks[token[1]:]:
+            for sc, size in self.log[at:mk[0]]:
+                if sc > 0:
+                    rel[sc - 1] = rel[sc - 1] + size
+                else:
+                    rel[-sc - 1] = rel[-sc - 1] - size
+            at = mk[0]
+            rows.append(tuple(rel))
+        for sc, size in self.log[at:]:
+            if sc > 0:
+                rel[sc - 1] = rel[sc - 1] + size
+            else:
+                rel[-sc - 1] = rel[-sc - 1] - size
+        return rows, rel
+
+    def memo_rows(self, token: tuple[int, int], start: list) -> tuple[tuple, tuple]:
+        """The marks since ``token`` relative to the live bytes there, and their (op, phase,
+        after an allocation)."""
+        rows, _ = self._since(token)
+        return tuple(rows), tuple((mk[1], mk[2], mk[4]) for mk in self.marks[token[1]:])
+
+    def memo_replace(self, token: tuple[int, int], rows: tuple, names: tuple,
+                     start: list) -> None:
+        """The log since ``token`` as a composed action leaves it: its marks, then the net
+        change per category without a mark (what stays live is freed later by its buffers)."""
+        _, net = self._since(token)
+        del self.log[token[0]:], self.marks[token[1]:]
+        self._cur_at = (token[0], list(start))
+        self.memo_emit(rows, names)
+        for i, d in enumerate(net):
+            self.memo_silent(d, CATEGORIES[i])
+
+    @staticmethod
+    def memo_plan(rows: tuple, names: tuple) -> tuple[list, list]:
+        """What ``memo_emit`` logs: the marks that can be the action's first highest for some
+        sizes (``undominated``), each as its changes from the previous one, then the changes
+        back to the start."""
+        marks, prev = [], [0] * len(CATEGORIES)
+        for i in undominated([sum(r[1:], r[0]) for r in rows]):
+            row = rows[i]
+            marks.append(([(c + 1, a - b) for c, (a, b) in enumerate(zip(row, prev))
+                           if _nonzero(a - b)], names[i]))
+            prev = row
+        return marks, [(-(c + 1), b) for c, b in enumerate(prev) if _nonzero(b)]
+
+    def memo_emit(self, rows: tuple, names: tuple, start: list | None = None,
+                  plan: tuple | None = None) -> None:
+        """An action's marks from the live bytes now, which it leaves as they were."""
+        marks, back = self.memo_plan(rows, names) if plan is None else plan
+        self._flush()
+        log, out = self.log, self.marks
+        for changes, (op, phase, alloc) in marks:
+            log.extend(changes)
+            out.append((len(log), op, phase, self.window, alloc))
+        log.extend(back)
+
+    def memo_silent(self, nbytes, cat: str) -> None:
+        if _nonzero(nbytes):
+            self.log.append((_INDEX[cat] + 1, nbytes))
+
+
+def _nonzero(d) -> bool:
+    return d.__class__ is not int or d != 0  # a polynomial that is 0 comes back as the int 0
+
+
+def _shifted(x) -> dict:
+    """A size's coefficients over variables that are at least 0 (the constant keyed ``()``)."""
+    if isinstance(x, int):
+        return {(): x}
+    if isinstance(x, MPoly):
+        x = x.sp.shifted(x.t)
+    else:
+        x = x.t  # Poly: already over b = B - 2, t = T - 2
+    return {(k if any(k) else ()): c for k, c in x.items()}
+
+
+def undominated(totals: list) -> list[int]:
+    """The indices of the totals (polynomials in sizes at least their domain's lows) that can
+    be the first highest for some sizes: a total is left out when an earlier one is at least
+    it, or a later one above it, everywhere (every shifted coefficient of the difference at
+    least 0; above: and its constant above 0)."""
+    if len(totals) < 2:
+        return list(range(len(totals)))
+    terms = [_shifted(t) for t in totals]
+    keys = sorted({k for t in terms for k in t}, key=len)  # the constant first
+    rows = [[t.get(k, 0) for k in keys] for t in terms]
+    try:
+        a = np.array(rows, dtype=np.int64)
+        if np.abs(a).max() >= 1 << 61:
+            raise OverflowError
+    except OverflowError:
+        a = np.array(rows, dtype=object)
+    n = len(totals)
+    out = np.ones(n, dtype=bool)
+    for i in range(n):  # d[j] = total j - total i
+        d = a - a[i]
+        ge = (d >= 0).all(axis=1)
+        if ge[:i].any() or (ge[i + 1:] & (d[i + 1:, 0] > 0)).any():
+            out[i] = False
+    return [int(i) for i in np.nonzero(out)[0]]
