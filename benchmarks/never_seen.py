@@ -17,6 +17,7 @@ from benchmarks.estimate_speed import SETUPS, _time_each, llm_analysis_model_fn
 from planner.layouts import pipeline_structure, pipeline_structures
 from planner.layouts.pipeline_schedules import schedule_of
 from planner.routes import memory as planner_memory
+from planner.routes import memory_answers
 from planner.machine import cache
 from planner.step import simulate as step_cache
 from planner.catalog.presets import resolve_model
@@ -153,12 +154,13 @@ def _pipelined_req(arch: dict, b: int, t: int, pp: int, schedule: str, v: int,
 
 def _clear_setup_caches(lists=None) -> None:
     """The per-setup caches (what a never-seen model has not met): replays, sizes seen,
-    per-setup results, and, for ``lists`` (a request), the ranks' shortened lists and its
+    per-setup results, answers kept, and, for ``lists`` (a request), the ranks' shortened lists and its
     layout's searched count of its micro-batch count (a new micro-batch count: its lists are
     derived from other counts of the layout, or searched)."""
     cache._SIM_CACHE.clear()
     cache._SEEN.clear()
     cache._MEMO.clear()
+    memory_answers.clear()  # answers kept for a request seen before
     if lists is not None:
         pipeline_structure._LISTS.clear()
         p = lists.parallelism
