@@ -180,10 +180,13 @@ class _Recording(RecordingMachine):
         marks, back = self.memo_plan(rows, names) if plan is None else plan
         self._flush()
         log, out = self.log, self.marks
+        n, cur = self._cur_at
         for changes, (op, phase, alloc) in marks:
             log.extend(changes)
             out.append((len(log), op, phase, self.window, alloc))
         log.extend(back)
+        if n == len(log) - sum(len(c) for c, _ in marks) - len(back):
+            self._cur_at = (len(log), cur)  # the live bytes as they were: nothing to sum again
 
     def memo_silent(self, nbytes, cat: str) -> None:
         if _nonzero(nbytes):
