@@ -21,6 +21,7 @@ thread (``submit``) and follow the same mode.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import threading
 
@@ -80,6 +81,8 @@ def estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
     takes them."""
     if par is not None and not templated(par):
         return None
+    if _simulated_blocks(frozenset(checkpointed), model.num_layers) > _STRUCTURE_MAX_BLOCKS:
+        return None  # never compiled (below): nothing to queue or look up
     st = structure_of(model, tr.micro_batch_size, tr.sequence_length)
     if st is None:
         return None
@@ -164,6 +167,13 @@ _STRUCTURE_MAX_VARIANTS = 4
 _STRUCTURE_MAX_PENDING = 8
 
 
+@functools.lru_cache(maxsize=256)
+def _simulated_blocks(checkpointed: frozenset[int], num_layers: int) -> int:
+    """How many blocks a compressed replay of the step simulates (``compression_plan``)."""
+    k = plan_period(set(checkpointed), num_layers)
+    return num_layers if not k or num_layers // k < 7 else 5 * k + num_layers % k
+
+
 class _Variants:
     """A structure's compiled templates (each for the models its guards admit) and how many
     compiles were tried."""
@@ -202,9 +212,7 @@ def _compile_structure(model, tr, device, checkpointed, names, half, values, par
     """Compile the structure's template for this model (and rank): (the values the template
     takes, the template), or None when it does not compile; recorded either way."""
     pending = (key, classes, generation)
-    L = model.num_layers
-    k = plan_period(set(checkpointed), L)
-    simulated = L if not k or L // k < 7 else 5 * k + L % k
+    simulated = _simulated_blocks(frozenset(checkpointed), model.num_layers)
     tpl, full = None, values
     known = _STRUCTURES.get(key)
     shards = NO_SHARDS if par is None else known.shards if known is not None else None
