@@ -227,7 +227,7 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
     rng.shuffle(cases)
     per = -(-n // rounds)
     ours, templ, known, theirs, worst, fallbacks = [], [], [], [], 0.0, 0
-    n_searched = n_derived = 0
+    n_searched = n_derived = n_whole = 0
     by_layout: dict[tuple, list[tuple[int, float, float]]] = {}
     for r in range(rounds):
         batch = cases[r * per:(r + 1) * per]
@@ -244,12 +244,14 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
             replays = cache.COUNTS["replays"]
             searched = pipeline_structure.COUNTS["searched"]
             derived = pipeline_structure.COUNTS["derived"]
+            whole = pipeline_structure.COUNTS["whole"]
             with step_cache.structure_mode("sync"):
                 t0 = time.perf_counter()
                 est(q, explain=False)
                 b.append(time.perf_counter() - t0)
             fallbacks += cache.COUNTS["replays"] != replays
             n_searched += pipeline_structure.COUNTS["searched"] - searched
+            n_whole += pipeline_structure.COUNTS["whole"] - whole
             got = pipeline_structure.COUNTS["derived"] - derived
             n_derived += got
             _clear_setup_caches(q)
@@ -275,7 +277,7 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
             "second_median": statistics.median(second_s), "second_max": max(second_s),
             "compiles": len(compile_s), "compile_median": statistics.median(compile_s),
             "compile_max": max(compile_s), "fallbacks": fallbacks,
-            "searched": n_searched, "derived": n_derived,
+            "searched": n_searched, "derived": n_derived, "whole": n_whole,
             "ours": statistics.median(ours), "templ": statistics.median(templ),
             "known": statistics.median(known), "worst": worst,
             "llm": statistics.median(theirs) if theirs else None,
@@ -305,7 +307,8 @@ def print_pipelined(res: dict) -> None:
         print(f"\nRounds' template time vs llm-analysis: {min(res['ratios']):,.1f}× to "
               f"{max(res['ratios']):,.1f}× its time. ", end="")
     print(f"New micro-batch counts' rank lists: {res['derived']} derived from other counts of "
-          f"the layout, {res['searched']} searched. ", end="")
+          f"the layout, {res['whole']} whole (virtual stages below six rounds), "
+          f"{res['searched']} searched. ", end="")
     print(f"Estimates that replayed a rank despite the templates: {res['fallbacks']} of "
           f"{res['n']}. Slowest replayed estimate: {res['worst'] * 1e3:,.0f} ms. First "
           f"estimate on each of the {res['layouts']} layouts (a new model, caches cold, its "

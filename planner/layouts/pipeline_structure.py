@@ -21,7 +21,10 @@ in how many periods each direction stands in for, which the extrapolation covers
 argument that shares replays between ranks, ``_CLASSES``); so one compile serves every m (and
 every rank of a class) with those lists. Those lists, for a count alike two searched counts of
 the rank, are derived rather than searched (``rank_lists``: planner/layouts/pipeline_families.py),
-in a few array operations per rank. What the domain leaves open is answered at the model
+in a few array operations per rank; virtual stages below six rounds of micro-batches take their
+whole list (their shortened lists would be the count's own anyway: ``WHOLE_BELOW_ROUNDS``). The
+replays compose the repeated actions per kind (planner/layouts/pipeline_actions.py), from one
+record per kind shared by the lists. What the domain leaves open is answered at the model
 being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
 program cannot take symbolically, or replays that do not have the affine form, raise
 ``Undecided``/``TypeError``: the caller replays (never a wrong answer).
@@ -88,7 +91,7 @@ _LISTS_MAX = 4096
 # per (schedule, rank, block count): the searched micro-batch counts (pipeline_families.Known)
 _KNOWN: dict[tuple, dict] = {}
 _KNOWN_MAX = 1024
-COUNTS = {"searched": 0, "derived": 0}
+COUNTS = {"searched": 0, "derived": 0, "whole": 0}
 
 
 def rank_lists(schedule, rank: int, model) -> RankLists:
@@ -119,18 +122,33 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
         hit = RankLists(found.signature, dropped, found.lists)
         record(history, derived_entry(hit, how))  # (a member of a's family)
     else:
-        COUNTS["searched"] += 1
         actions = rank_actions(schedule, rank)
-        groups, lists = shortened_lists(actions)
+        whole = _whole(schedule)
+        groups, lists = ([], None) if whole else shortened_lists(actions)
+        COUNTS["whole" if whole else "searched"] += 1
         if not groups:
             lists = [(actions, schedule.microbatches)]
         role = stage_roles(schedule, rank, model).get
         sig = Signature((mb, tuple([(k, role(st), j, f) for k, st, j, f in items]))
                         for items, mb in lists)
         hit = RankLists(sig, tuple(g[0].dropped for g in groups), lists)
-        record(history, known(schedule.microbatches, hit, groups, cols_of()))
+        if not whole:
+            record(history, known(schedule.microbatches, hit, groups, cols_of()))
     _put(_LISTS, key, hit, _LISTS_MAX)  # (the structure thread's compiles read them too)
     return hit
+
+
+# Virtual stages (interleaved 1F1B, ...) below this many rounds of micro-batches (one per rank)
+# have shortened lists of their own per count: the steady state's rounds are too few to be one
+# run, and the search groups their inner runs differently for each count, so neither a template
+# nor the lists serve another count (planner/layouts/pipeline_families.py). The whole list is
+# the list there: the same template per count, without the search.
+WHOLE_BELOW_ROUNDS = 6
+
+
+def _whole(schedule) -> bool:
+    return (schedule.num_stages > schedule.num_ranks
+            and schedule.microbatches < WHOLE_BELOW_ROUNDS * schedule.num_ranks)
 
 
 def forget_microbatches(m: int, name: str | None = None, ranks: int | None = None) -> None:
