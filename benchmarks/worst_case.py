@@ -6,7 +6,8 @@
 
 Goal: every request within the documented input limits answers in at most 1 s using at most
 256 MiB. Each candidate request runs in a process of its own, forked from a parent that has
-imported the app but estimated nothing (so no candidate profits from another's caches): the
+imported the app but estimated nothing (so no candidate profits from another's caches) and set
+the garbage collector as ``memplan serve`` does (``planner/machine/collector.py``): the
 time is the request's wall time through the ASGI app (``TestClient``), the memory is the
 child's peak resident set minus the parent's at the fork. A child past ``--limit-s`` is killed
 and reported as over the limit (the service's own per-request work limit is lifted for this, so
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.disable(logging.CRITICAL)
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient  # noqa: F401  (once, before the forks)
+    from planner.machine import collector
     from service.app import create_app
     from service.settings import Settings
 
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     # the service's own work limit (MEMPLAN_ESTIMATE_DEADLINE_S) is lifted: the raw cost is measured
     app = create_app(Settings(database_url=f"sqlite:///{tmp.name}/jobs.db",
                               estimate_deadline_s=10 * args.limit_s))
+    collector.tune()  # as `memplan serve` does once the app is built
     base_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.only:
         return _only(app, args, base_rss_kib)

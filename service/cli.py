@@ -161,6 +161,7 @@ def _logging(settings: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from planner.machine import collector
     from service.app import create_app
     from service.jobs.embedded import EmbeddedWorker
     from service.security import ProblemH11Protocol
@@ -168,6 +169,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _logging(settings)
     app = create_app(settings)
+    collector.tune()  # everything is imported and built: out of the cyclic collector's way
     embedded = None
     if not args.no_worker:
         embedded = EmbeddedWorker(app.state.jobs.get(), settings)

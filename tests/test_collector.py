@@ -1,0 +1,55 @@
+"""The serving process's garbage-collector settings (planner/machine/collector.py).
+
+Checked in fresh interpreters (the settings are process-wide): ``tune()`` freezes what is alive
+and raises the youngest generation's threshold, leaves a disabled collector's threshold alone,
+and ``memplan serve`` applies it once the app is built (uvicorn's run replaced by a probe)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tune_freezes_and_raises_the_young_threshold() -> None:
+    got = _run("import gc, json\n"
+               "from planner.machine import collector\n"
+               "before = gc.get_threshold()\n"
+               "collector.tune()\n"
+               "print(json.dumps({'before': before, 'after': gc.get_threshold(),\n"
+               "                  'frozen': gc.get_freeze_count()}))")
+    assert got["after"][0] == max(got["before"][0], 10_000)
+    assert got["after"][1:] == got["before"][1:]
+    assert got["frozen"] > 0
+
+
+def test_a_disabled_threshold_stays_disabled() -> None:
+    got = _run("import gc, json\n"
+               "from planner.machine import collector\n"
+               "gc.set_threshold(0)\n"
+               "collector.tune()\n"
+               "print(json.dumps({'after': gc.get_threshold()}))")
+    assert got["after"][0] == 0
+
+
+def test_serve_tunes_the_collector_after_building_the_app(tmp_path) -> None:
+    db = tmp_path / "jobs.db"
+    got = _run("import gc, json, uvicorn\n"
+               "seen = {}\n"
+               "def probe(app, **kw):\n"
+               "    seen['threshold'] = gc.get_threshold()[0]\n"
+               "    seen['frozen'] = gc.get_freeze_count()\n"
+               "uvicorn.run = probe\n"
+               "from service.cli import main\n"
+               f"main(['serve', '--no-worker', '--database-url', 'sqlite:///{db}'])\n"
+               "print(json.dumps(seen))")
+    assert got["threshold"] >= 10_000 and got["frozen"] > 0
