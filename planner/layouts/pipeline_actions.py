@@ -228,6 +228,16 @@ class ActionMemo:
 
     # ---- recording --------------------------------------------------------------------------
     def _record(self, prog, run, st: int, j: int, kind: str, candidate_only: bool) -> _Rec:
+        """Replay the action op by op and record it (as a composed one leaves its rows where
+        ``candidate_only``: what the machine drew kept for the record's later compositions)."""
+        plans: list = []
+        rec = self._replayed(prog, run, st, j, kind, candidate_only, plans)
+        if plans:
+            self._plans[id(rec)] = (rec, plans[0])
+        return rec
+
+    def _replayed(self, prog, run, st: int, j: int, kind: str, candidate_only: bool,
+                  plans: list) -> _Rec:
         m = prog.m
         n0 = m.memo_start()
         start = list(m.cur)
@@ -239,7 +249,8 @@ class ActionMemo:
         rows, names = m.memo_rows(n0, start)
         net = tuple(a - b for a, b in zip(m.cur, start))
         if candidate_only:  # as a composed action leaves them
-            m.memo_replace(n0, rows, names, start)
+            plans.append(m.memo_plan(rows, names))
+            m.memo_replace(n0, rows, names, start, plans[0])
         if kind == "W":
             return _Rec(rows, names, net)
         if kind != "F":

@@ -72,10 +72,11 @@ class TraceMachine(Machine):
         rows = tuple(tuple(a - b for a, b in zip(r, start)) for r in self.rows[token:])
         return rows, tuple((mk[0], mk[1]) for mk in self.meta[token:])
 
-    def memo_replace(self, token: int, rows: tuple, names: tuple, start: list) -> None:
+    def memo_replace(self, token: int, rows: tuple, names: tuple, start: list,
+                     plan: int | None = -1) -> None:
         """The rows since ``token`` as a composed action leaves them."""
         del self.rows[token:], self.meta[token:]
-        self.memo_emit(rows, names, start)
+        self.memo_emit(rows, names, start, plan)
 
     @staticmethod
     def memo_plan(rows: tuple, names: tuple) -> int | None:
@@ -151,13 +152,13 @@ class _Recording(RecordingMachine):
         return tuple(rows), tuple((mk[1], mk[2], mk[4]) for mk in self.marks[token[1]:])
 
     def memo_replace(self, token: tuple[int, int], rows: tuple, names: tuple,
-                     start: list) -> None:
+                     start: list, plan: tuple | None = None) -> None:
         """The log since ``token`` as a composed action leaves it: its marks, then the net
         change per category without a mark (what stays live is freed later by its buffers)."""
         _, net = self._since(token)
         del self.log[token[0]:], self.marks[token[1]:]
         self._cur_at = (token[0], list(start))
-        self.memo_emit(rows, names)
+        self.memo_emit(rows, names, plan=plan)
         for i, d in enumerate(net):
             self.memo_silent(d, CATEGORIES[i])
 
@@ -197,15 +198,37 @@ def _nonzero(d) -> bool:
     return d.__class__ is not int or d != 0  # a polynomial that is 0 comes back as the int 0
 
 
-def _shifted(x) -> dict:
-    """A size's coefficients over variables that are at least 0 (the constant keyed ``()``)."""
-    if isinstance(x, int):
-        return {(): x}
-    if isinstance(x, MPoly):
-        x = x.sp.shifted(x.t)
-    else:
-        x = x.t  # Poly: already over b = B - 2, t = T - 2
-    return {(k if any(k) else ()): c for k, c in x.items()}
+def _shifted_matrix(totals: list) -> np.ndarray:
+    """The totals' coefficients over variables that are at least 0, one row each, the constant
+    first: polynomials in sizes (``MPoly``) through their space's shift, natural coefficients
+    times the shift of each monomial, in one product; ``Poly`` terms are over b = B - 2,
+    t = T - 2 already."""
+    sp = next((t.sp for t in totals if isinstance(t, MPoly)), None)
+    zero = (0,) * sp.n if sp is not None else (0, 0)
+    cols: dict[tuple, int] = {zero: 0}
+    for t in totals:
+        if not isinstance(t, int):
+            for k in t.t:
+                cols.setdefault(k, len(cols))
+    a = np.zeros((len(totals), len(cols)), dtype=object)
+    for i, t in enumerate(totals):
+        if isinstance(t, int):
+            a[i, 0] = t
+        else:
+            for k, c in t.t.items():
+                a[i, cols[k]] = c
+    if sp is None:
+        return a
+    shifted: dict[tuple, int] = {zero: 0}
+    parts = [sp.shifted_monomial(k) for k in cols]
+    for part in parts:
+        for k, _ in part:
+            shifted.setdefault(k, len(shifted))
+    m = np.zeros((len(cols), len(shifted)), dtype=object)
+    for r, part in enumerate(parts):
+        for k, c in part:
+            m[r, shifted[k]] += c
+    return a.dot(m)
 
 
 def undominated(totals: list) -> list[int]:
@@ -215,15 +238,9 @@ def undominated(totals: list) -> list[int]:
     least 0; above: and its constant above 0)."""
     if len(totals) < 2:
         return list(range(len(totals)))
-    terms = [_shifted(t) for t in totals]
-    keys = sorted({k for t in terms for k in t}, key=len)  # the constant first
-    rows = [[t.get(k, 0) for k in keys] for t in terms]
-    try:
-        a = np.array(rows, dtype=np.int64)
-        if np.abs(a).max() >= 1 << 61:
-            raise OverflowError
-    except OverflowError:
-        a = np.array(rows, dtype=object)
+    a = _shifted_matrix(totals)
+    if np.abs(a).max() < 1 << 61:
+        a = a.astype(np.int64)
     n = len(totals)
     out = np.ones(n, dtype=bool)
     for i in range(n):  # d[j] = total j - total i
