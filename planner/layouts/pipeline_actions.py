@@ -177,12 +177,11 @@ class ActionMemo:
         key = ("F", self.roles.get(st, st), prog.step_no)
         c = prog.count(key)
         e = self.entries.get(key)
-        if c > 0 and e is not None and e.verified:
+        if c == 0:  # the step's first of its kind: replayed, never a record
+            return prog.real_forward(st, j)
+        if e is not None and e.verified:
             return self._compose_forward(prog, st, j, e.rec)
-        rec = self._record(prog, lambda: prog.real_forward(st, j), st, j, "F",
-                           candidate_only=c > 0)
-        if c > 0:
-            self._note(key, rec)
+        self._note(key, self._record(prog, lambda: prog.real_forward(st, j), st, j, "F"))
 
     def backward(self, prog, st: int, j: int) -> None:
         if self._local(prog, st):
@@ -212,9 +211,9 @@ class ActionMemo:
             if c == 0 or e is None or not e.verified:
                 raise Unmemoizable(key)
             return compose(prog, st, j, p, e.rec)
-        rec = self._record(prog, lambda: real(st, j), st, j, kind, candidate_only=c > 0)
-        if c > 0:
-            self._note(key, rec)
+        if c == 0:  # the step's first of its kind: replayed, never a record
+            return real(st, j)
+        self._note(key, self._record(prog, lambda: real(st, j), st, j, kind))
 
     def _note(self, key, rec: _Rec) -> None:
         e = self.entries.get(key)
@@ -227,17 +226,16 @@ class ActionMemo:
                 e.bad = True
 
     # ---- recording --------------------------------------------------------------------------
-    def _record(self, prog, run, st: int, j: int, kind: str, candidate_only: bool) -> _Rec:
-        """Replay the action op by op and record it (as a composed one leaves its rows where
-        ``candidate_only``: what the machine drew kept for the record's later compositions)."""
+    def _record(self, prog, run, st: int, j: int, kind: str) -> _Rec:
+        """Replay the action op by op and record it; its rows are left as a composed one
+        leaves them (what the machine drew kept for the record's later compositions)."""
         plans: list = []
-        rec = self._replayed(prog, run, st, j, kind, candidate_only, plans)
+        rec = self._replayed(prog, run, st, j, kind, plans)
         if plans:
             self._plans[id(rec)] = (rec, plans[0])
         return rec
 
-    def _replayed(self, prog, run, st: int, j: int, kind: str, candidate_only: bool,
-                  plans: list) -> _Rec:
+    def _replayed(self, prog, run, st: int, j: int, kind: str, plans: list) -> _Rec:
         m = prog.m
         n0 = m.memo_start()
         start = list(m.cur)
@@ -248,9 +246,8 @@ class ActionMemo:
         run()
         rows, names = m.memo_rows(n0, start)
         net = tuple(a - b for a, b in zip(m.cur, start))
-        if candidate_only:  # as a composed action leaves them
-            plans.append(m.memo_plan(rows, names))
-            m.memo_replace(n0, rows, names, start, plans[0])
+        plans.append(m.memo_plan(rows, names))  # as a composed action leaves them
+        m.memo_replace(n0, rows, names, start, plans[0])
         if kind == "W":
             return _Rec(rows, names, net)
         if kind != "F":
