@@ -307,7 +307,7 @@ def print_pipelined(res: dict) -> None:
         print(f"\nRounds' template time vs llm-analysis: {min(res['ratios']):,.1f}× to "
               f"{max(res['ratios']):,.1f}× its time. ", end="")
     print(f"New micro-batch counts' rank lists: {res['derived']} derived from other counts of "
-          f"the layout, {res['whole']} whole (virtual stages below six rounds), "
+          f"the layout, {res['whole']} whole (virtual stages below nine rounds), "
           f"{res['searched']} searched. ", end="")
     print(f"Estimates that replayed a rank despite the templates: {res['fallbacks']} of "
           f"{res['n']}. Slowest replayed estimate: {res['worst'] * 1e3:,.0f} ms. First "

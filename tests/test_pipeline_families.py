@@ -47,6 +47,14 @@ def _plain(sched, rank: int, model):
     return sig, tuple(g[0].dropped for g in groups), lists
 
 
+@pytest.fixture(autouse=True)
+def _every_count_searched_or_derived(monkeypatch):
+    """Virtual stages below nine rounds take their whole list (``WHOLE_BELOW_ROUNDS``): off
+    here, so the derivation, which serves longer lists, is held to the search on the small
+    counts these tests can afford."""
+    monkeypatch.setattr(pst, "WHOLE_BELOW_ROUNDS", 0)
+
+
 def _fresh() -> None:
     pst._LISTS.clear()
     pst._KNOWN.clear()

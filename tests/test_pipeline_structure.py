@@ -215,16 +215,17 @@ def test_unaffine_replays_are_refused(monkeypatch) -> None:
         compile_pipeline_structure(model, tr, sched, 0, "cuda", names, dom[0], values, rl)
 
 
-def test_virtual_stages_below_six_rounds_take_the_whole_list() -> None:
-    """Interleaved 1F1B below six rounds (per-count lists anyway): the whole action list on
-    every rank, no periods left out, and its template equals the full replay; at six rounds and
-    on 1F1B the lists are searched (some rank's shortened)."""
+def test_virtual_stages_below_nine_rounds_take_the_whole_list() -> None:
+    """Interleaved 1F1B below nine rounds: the whole action list on every rank, no periods left
+    out, and its template equals the full replay; at nine rounds and on 1F1B the lists are
+    searched (some rank's shortened)."""
     from planner.layouts.pipeline_memory import rank_actions
 
     rng = random.Random(9)
     for name, v, p, m, whole in [("interleaved-1f1b", 2, 4, 8, True),
                                  ("interleaved-1f1b", 2, 2, 10, True),
-                                 ("interleaved-1f1b", 2, 2, 12, False),
+                                 ("interleaved-1f1b", 2, 2, 16, True),
+                                 ("interleaved-1f1b", 2, 2, 18, False),
                                  ("1f1b", 1, 4, 24, False)]:
         sched = build_schedule(name, p, m, v)
         model, tr = _setup(_arch("llama", False, rng, sched.num_stages), SETTINGS[0], m, rng)

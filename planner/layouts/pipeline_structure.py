@@ -21,8 +21,8 @@ in how many periods each direction stands in for, which the extrapolation covers
 argument that shares replays between ranks, ``_CLASSES``); so one compile serves every m (and
 every rank of a class) with those lists. Those lists, for a count alike two searched counts of
 the rank, are derived rather than searched (``rank_lists``: planner/layouts/pipeline_families.py),
-in a few array operations per rank; virtual stages below six rounds of micro-batches take their
-whole list (their shortened lists would be the count's own anyway: ``WHOLE_BELOW_ROUNDS``). The
+in a few array operations per rank; virtual stages below nine rounds of micro-batches take their
+whole list (``WHOLE_BELOW_ROUNDS``: their shortened lists are the count's own or still searched). The
 replays compose the repeated actions per kind (planner/layouts/pipeline_actions.py), from one
 record per kind shared by the lists. What the domain leaves open is answered at the model
 being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
@@ -139,11 +139,14 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
 
 
 # Virtual stages (interleaved 1F1B, ...) below this many rounds of micro-batches (one per rank)
-# have shortened lists of their own per count: the steady state's rounds are too few to be one
-# run, and the search groups their inner runs differently for each count, so neither a template
-# nor the lists serve another count (planner/layouts/pipeline_families.py). The whole list is
-# the list there: the same template per count, without the search.
-WHOLE_BELOW_ROUNDS = 6
+# take their whole action list. Below about six rounds their shortened lists are the count's own
+# (the steady state's rounds are too few to be one run, and the search groups their inner runs
+# differently for each count), so neither a template nor the lists serve another count
+# (planner/layouts/pipeline_families.py); up to eight rounds a third of the ranks still search.
+# The whole list costs no search, compiles in one replay of composed actions, and evaluates as
+# fast (pp 8 interleaved, 7-8 rounds: a new count's estimate 1.1-1.2 ms whole against 10-12 ms
+# searched, a known one 0.18 ms against 0.26 ms; pp 32, 8 rounds: 17 ms against 202 ms).
+WHOLE_BELOW_ROUNDS = 9
 
 
 def _whole(schedule) -> bool:
