@@ -30,9 +30,14 @@ split backward's halves are kinds of their own: a composed forward's I draws its
 drops the graph's stand-ins, hands on an input gradient of the recorded size (kept as the
 receive buffer's ``.grad`` too) and leaves what the recorded I left until W (kept gradients,
 retained saved tensors) as one storage per category; its W frees them and must come to the
-recorded W's net bytes. DualPipe and DualPipeV replay every action. The records are shared by the rank classes of one setup (``pipeline_replays._KINDS``),
-so a kind is checked once for all of them. ``op_by_op()`` turns composing off
-(``tests/test_pipeline_actions.py`` holds both to the full replay to the byte).
+recorded W's net bytes. DualPipe and DualPipeV replay every action. The records are shared by
+the rank classes of one setup (``pipeline_replays._KINDS``), so a kind is checked once for all
+of them. The machine draws a composed action's rows (planner/layouts/pipeline_machines.py): the
+trace machine its first highest row, the recording machine of a structure's compile (sizes as
+polynomials, its lists sharing one record per kind) every mark that can be the highest for some
+sizes; checks on polynomial sizes hold for every size or fail. ``op_by_op()`` turns composing
+off (``tests/test_pipeline_actions.py`` and ``tests/test_pipeline_compose_compile.py`` hold
+both to the full replay to the byte).
 """
 
 from __future__ import annotations
