@@ -417,9 +417,11 @@ def _check_checkpointing_flags(args: argparse.Namespace, strategy: str) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from planner.catalog.presets import UnknownName
+    from planner.machine import collector
     from planner.routes.memory import estimate_memory
     from planner.catalog.specs import MemoryRequest
 
+    collector.tune()  # the planner is imported: out of the cyclic collector's way
     overrides = _estimate_overrides(args)
     if args.spec:
         request = load_spec(args.spec, MemoryRequest, overrides)

@@ -61,9 +61,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from planner.catalog.errors import PlanningError
     from planner.catalog.plan_specs import PlanRequest
     from planner.catalog.presets import UnknownName
+    from planner.machine import collector
     from planner.routes.plan_search import plan
     from service.cli import InputError, _dump, load_spec
 
+    collector.tune()  # the planner is imported: out of the cyclic collector's way
     request = load_spec(args.spec, PlanRequest)
     try:
         result = plan(request)

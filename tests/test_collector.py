@@ -53,3 +53,31 @@ def test_serve_tunes_the_collector_after_building_the_app(tmp_path) -> None:
                f"main(['serve', '--no-worker', '--database-url', 'sqlite:///{db}'])\n"
                "print(json.dumps(seen))")
     assert got["threshold"] >= 10_000 and got["frozen"] > 0
+
+
+def test_the_estimate_and_plan_commands_tune_the_collector(tmp_path) -> None:
+    for cmd in ("estimate", "plan"):
+        got = _run("import gc, json, sys\n"
+                   "from service import cli, plan_cli\n"
+                   "from planner.routes import memory, plan_search\n"
+                   "seen = {}\n"
+                   "def probe(*a, **k):\n"
+                   "    seen['threshold'] = gc.get_threshold()[0]\n"
+                   "    raise SystemExit(0)\n"
+                   "memory.estimate_memory = probe\n"
+                   "plan_search.plan = probe\n"
+                   "cli.load_spec = probe\n"
+                   f"try:\n    cli.main(['{cmd}', 'spec.json'])\n"
+                   "except SystemExit:\n    pass\n"
+                   "print(json.dumps(seen))")
+        assert got["threshold"] >= 10_000, cmd
+
+
+def test_tune_acts_once_per_process() -> None:
+    got = _run("import gc, json\n"
+               "from planner.machine import collector\n"
+               "collector.tune()\n"
+               "gc.set_threshold(700, 10, 10)\n"
+               "collector.tune()\n"
+               "print(json.dumps({'after': gc.get_threshold()}))")
+    assert got["after"] == [700, 10, 10]

@@ -8,7 +8,7 @@ modules included: on the slowest request of the worst-case search (``/v1/zero`` 
 model, ``benchmarks/results/worst-case-cpu.md``) that was a third to a half of the wall time.
 
 ``tune()``, called once a serving process has imported and built everything (``memplan
-serve``, the command line), moves the objects alive then out of the collector's reach
+serve``; ``memplan estimate`` and ``memplan plan`` once the planner is imported), moves the objects alive then out of the collector's reach
 (``gc.freeze``: never traversed again, never collected; they live as long as the process
 anyway) and runs the youngest generation every ``YOUNG_THRESHOLD`` allocations. Cycles are
 still collected; answers do not depend on it.
@@ -23,7 +23,14 @@ __all__ = ["YOUNG_THRESHOLD", "tune"]
 YOUNG_THRESHOLD = 10_000
 
 
+_TUNED = [False]
+
+
 def tune() -> None:
+    """Once per process (a later call does nothing)."""
+    if _TUNED[0]:
+        return
+    _TUNED[0] = True
     gc.collect()
     gc.freeze()
     young, middle, old = gc.get_threshold()
