@@ -22,9 +22,9 @@ argument that shares replays between ranks, ``_CLASSES``); so one compile serves
 every rank of a class) with those lists. Those lists, for a count alike two searched counts of
 the rank, are derived rather than searched (``rank_lists``: planner/layouts/pipeline_families.py),
 in a few array operations per rank; virtual stages below nine rounds of micro-batches take their
-whole list (``WHOLE_BELOW_ROUNDS``: their shortened lists are the count's own or still searched). The
-replays compose the repeated actions per kind (planner/layouts/pipeline_actions.py), from one
-record per kind shared by the lists. What the domain leaves open is answered at the model
+whole list (``WHOLE_BELOW_ROUNDS``: their shortened lists are the count's own or still
+searched). The replays compose the repeated actions per kind
+(planner/layouts/pipeline_actions.py), from one record per kind shared by the lists. What the domain leaves open is answered at the model
 being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
 program cannot take symbolically, or replays that do not have the affine form, raise
 ``Undecided``/``TypeError``: the caller replays (never a wrong answer).
