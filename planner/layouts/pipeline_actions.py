@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
+from planner.layouts.pipeline_machines import _nonzero
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Val
 from planner.machine.symbolic import _Exact
 from planner.step.ops import T
@@ -85,10 +86,6 @@ def _silent(m, nbytes: int, cat: str, name: str) -> Buf:
 
 # Sizes may be polynomials (a structure's compile, planner/layouts/pipeline_structure.py): the
 # checks below hold for every size or fail (never a decision at the witness, never a guard).
-def _nonzero(d) -> bool:
-    return isinstance(d, _Exact) or d != 0  # a polynomial that is 0 comes back as the int 0
-
-
 def _maybe_negative(d) -> bool:
     return not d._cmp(0)[1] if isinstance(d, _Exact) else d < 0
 

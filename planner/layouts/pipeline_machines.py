@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.machine.recording import RecordingMachine
+from planner.machine.recording import RecordingMachine, add_changes
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Machine
-from planner.machine.symbolic import MPoly
+from planner.machine.symbolic import MPoly, _Exact
 
 __all__ = ["TraceMachine", "undominated"]
 
@@ -131,19 +131,10 @@ class _Recording(RecordingMachine):
         self._flush()
         rel, rows, at = [0] * len(CATEGORIES), [], token[0]
         for mk in self.marks[token[1]:]:
-            for sc, size in self.log[at:mk[0]]:
-                if sc > 0:
-                    rel[sc - 1] = rel[sc - 1] + size
-                else:
-                    rel[-sc - 1] = rel[-sc - 1] - size
+            add_changes(rel, self.log[at:mk[0]])
             at = mk[0]
             rows.append(tuple(rel))
-        for sc, size in self.log[at:]:
-            if sc > 0:
-                rel[sc - 1] = rel[sc - 1] + size
-            else:
-                rel[-sc - 1] = rel[-sc - 1] - size
-        return rows, rel
+        return rows, add_changes(rel, self.log[at:])
 
     def memo_rows(self, token: tuple[int, int], start: list) -> tuple[tuple, tuple]:
         """The marks since ``token`` relative to the live bytes there, and their (op, phase,
@@ -182,12 +173,13 @@ class _Recording(RecordingMachine):
         self._flush()
         log, out = self.log, self.marks
         n, cur = self._cur_at
+        before = len(log)
         for changes, (op, phase, alloc) in marks:
             log.extend(changes)
             out.append((len(log), op, phase, self.window, alloc))
         log.extend(back)
-        if n == len(log) - sum(len(c) for c, _ in marks) - len(back):
-            self._cur_at = (len(log), cur)  # the live bytes as they were: nothing to sum again
+        if n == before:  # the live bytes as they were: nothing to sum again
+            self._cur_at = (len(log), cur)
 
     def memo_silent(self, nbytes, cat: str) -> None:
         if _nonzero(nbytes):
@@ -195,7 +187,8 @@ class _Recording(RecordingMachine):
 
 
 def _nonzero(d) -> bool:
-    return d.__class__ is not int or d != 0  # a polynomial that is 0 comes back as the int 0
+    """A size not 0 as written (a polynomial that is 0 comes back as the int 0)."""
+    return isinstance(d, _Exact) or d != 0
 
 
 def _shifted_matrix(totals: list) -> np.ndarray:

@@ -22,8 +22,8 @@ from planner.machine.peak_candidates import Candidates, candidates, fused_best
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Machine, PeakSnap
 from planner.machine.symbolic import Poly, Undecided, strictly_positive
 
-__all__ = ["RecordingMachine", "WindowTemplate", "compile_windows", "domain_of", "record",
-           "window_candidates"]
+__all__ = ["RecordingMachine", "WindowTemplate", "add_changes", "compile_windows", "domain_of",
+           "record", "window_candidates"]
 
 _NCAT = len(CATEGORIES)
 
@@ -31,6 +31,17 @@ _NCAT = len(CATEGORIES)
 # ---- recording -----------------------------------------------------------------------------
 _DEG = 4  # monomials b^i t^j with i, j < _DEG (the step has at most B·T²)
 _NCOL = _NCAT * _DEG * _DEG
+
+
+def add_changes(live: list, changes) -> list:
+    """``live`` (bytes per category) after the logged ``changes`` ((±(category + 1), size)
+    pairs), summed in place."""
+    for sc, size in changes:
+        if sc > 0:
+            live[sc - 1] = live[sc - 1] + size
+        else:
+            live[-sc - 1] = live[-sc - 1] - size
+    return live
 
 
 class RecordingMachine(Machine):
@@ -112,12 +123,7 @@ class RecordingMachine(Machine):
         """Live bytes per category now (int | Poly); the program reads it rarely, so it is summed
         from the log on demand (continuing from the previous read)."""
         n, out = self._cur_at
-        out = list(out)
-        for sc, size in self.log[n:]:
-            if sc > 0:
-                out[sc - 1] = out[sc - 1] + size
-            else:
-                out[-sc - 1] = out[-sc - 1] - size
+        out = add_changes(list(out), self.log[n:])
         self._cur_at = (len(self.log), out)
         return list(out)
 
