@@ -62,6 +62,19 @@ _FOREGROUND_LOCK = threading.Lock()
 _IN_FOREGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("memplan_foreground",
                                                                       default=False)
 PAUSE_MAX_S = 0.05  # the longest a background compile waits at one check
+_STOPPING = [False]  # set once the process exits: background compiles stop at their next check
+
+
+def stop_background() -> None:
+    """Make every background compile (``BackgroundLimit``) stop at its next check, for good: the
+    process is exiting, and a thread still inside numpy while the interpreter is torn down can
+    crash or hang the exit of a process whose answer is already printed."""
+    _STOPPING[0] = True
+
+
+def stopping() -> bool:
+    """Whether the process is exiting (``stop_background``)."""
+    return _STOPPING[0]
 
 
 @contextmanager
@@ -89,6 +102,8 @@ class BackgroundLimit(WorkLimit):
     __slots__ = ()
 
     def check(self) -> None:
+        if _STOPPING[0]:
+            raise WorkLimitExceeded("the process is exiting", cancelled=True)
         # (a compile in a foreground estimate itself, "sync" mode, does not wait for itself)
         if _FOREGROUND[0] and not _IN_FOREGROUND.get():
             start = time.monotonic()

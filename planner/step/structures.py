@@ -3,7 +3,7 @@
 A *structure* is a single-device setup without the model's dimensions
 (``planner/step/structure.py``). The first estimate of a structure replays concretely
 (``planner/step/simulate.py``) and queues the structure's compile on one daemon thread (a compile
-costs about a hundred replays, and a process exits without waiting for it); once it is done, the
+costs about a hundred replays; an exiting process stops it at its next check and joins it); once it is done, the
 estimate of any model of that structure that would otherwise be replayed is an evaluation. A step
 that decides on the dimensions holds guarded variants: a model no variant admits is replayed and
 queues one more (up to ``_STRUCTURE_MAX_VARIANTS``). Any failure of a compile leaves the
@@ -20,6 +20,7 @@ thread (``submit``) and follow the same mode.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import queue
@@ -28,7 +29,13 @@ import threading
 from planner.catalog.specs import ResolvedModel, TrainingSpec
 from planner.machine import cache
 from planner.machine.cache import _LOCK, _SIZES, _TEMPLATES_MAX, _put
-from planner.machine.deadline import BackgroundLimit, WorkLimitExceeded, work_limit
+from planner.machine.deadline import (
+    BackgroundLimit,
+    WorkLimitExceeded,
+    stop_background,
+    stopping,
+    work_limit,
+)
 from planner.machine.symbolic import Undecided
 from planner.step.peaks import StepPeaks
 from planner.step.plans import plan_period
@@ -44,7 +51,9 @@ __all__ = ["estimate", "model_template", "structure_mode", "submit", "wait_for_s
 
 _STRUCTURES: dict[tuple, object] = {}  # structure key -> _Variants
 _PENDING: set[tuple] = set()  # (structure key, generation) queued or compiling
-_QUEUE: queue.Queue | None = None  # served by one daemon thread (a process exits without it)
+_QUEUE: queue.Queue | None = None  # served by one daemon thread, stopped at exit (``_stop``)
+_THREAD: threading.Thread | None = None
+_STOP_JOIN_S = 5.0  # the longest an exiting process waits for the compile to stop
 _STRUCTURE_MODE = "background"  # "background", "sync" (compiled in the request) or "off"
 _GENERATION = [0]  # bumped by clear(): a compile queued before it is dropped
 
@@ -106,18 +115,13 @@ def estimate(skey: tuple, model: ResolvedModel, tr: TrainingSpec, device: str,
     if _STRUCTURE_MODE == "sync":
         got = _compile_structure(*job)
         return None if got is None else got[1].evaluate(got[0])
-    global _QUEUE
     with _LOCK:
         # one compile of a structure (and rank class) at a time, and a bounded queue: a flood
         # of structures seen once each stays on the replay instead of keeping the thread busy
         pend = (key, classes, job[-1])
         if pend not in _PENDING and len(_PENDING) < _STRUCTURE_MAX_PENDING:
-            if _QUEUE is None:
-                _QUEUE = queue.Queue()
-                threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
-                                 daemon=True).start()
+            _started().put(job)
             _PENDING.add(pend)
-            _QUEUE.put(job)
     return None
 
 
@@ -125,14 +129,9 @@ def submit(pend: tuple, fn) -> bool:
     """Queue ``fn()`` (a compile of a layer above: a pipeline rank's structure,
     planner/layouts/pipeline_structures.py) on the structure thread, unless ``pend`` is queued
     already or the queue is full; whether it was queued."""
-    global _QUEUE
     with _LOCK:
         if pend in _PENDING or len(_PENDING) >= _STRUCTURE_MAX_PENDING:
             return False
-        if _QUEUE is None:
-            _QUEUE = queue.Queue()
-            threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
-                             daemon=True).start()
         _PENDING.add(pend)
 
     def job() -> None:
@@ -141,13 +140,42 @@ def submit(pend: tuple, fn) -> bool:
         finally:
             with _LOCK:
                 _PENDING.discard(pend)
-    _QUEUE.put(job)
+    _started().put(job)
     return True
+
+
+def _started() -> queue.Queue:
+    """The compile queue, its thread started on first use. At exit the thread is stopped and
+    joined (``_stop``) before the interpreter is torn down."""
+    global _QUEUE, _THREAD
+    if _QUEUE is None:
+        _QUEUE = queue.Queue()
+        _THREAD = threading.Thread(target=_serve, args=(_QUEUE,), name="memplan-structure",
+                                   daemon=True)
+        _THREAD.start()
+        atexit.register(_stop)
+    return _QUEUE
+
+
+def _stop() -> None:
+    """At exit: the running compile stops at its next check, the queued ones are dropped, and
+    the thread is joined (a compile checks its limit every few milliseconds; a thread left in
+    numpy while the interpreter is torn down crashed or hung a finished ``memplan estimate``)."""
+    stop_background()
+    if _QUEUE is not None:
+        _QUEUE.put(None)
+    if _THREAD is not None:
+        _THREAD.join(_STOP_JOIN_S)
 
 
 def _serve(q: queue.Queue) -> None:
     while True:
         job = q.get()
+        if job is None or stopping():  # the process is exiting (``_stop``)
+            q.task_done()
+            if job is None:
+                return
+            continue
         try:
             job() if callable(job) else _compile_structure(*job)
         except Exception:  # noqa: BLE001, S110 - the thread serves on; the structure replays
