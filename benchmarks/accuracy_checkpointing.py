@@ -17,7 +17,8 @@ import platform
 
 import torch
 
-from planner.routes.checkpointing import CheckpointRequest, plan_checkpointing
+from planner.routes.checkpoint_specs import CheckpointRequest
+from planner.routes.checkpointing import plan_checkpointing
 from planner.catalog.specs import (
     ActivationCheckpointing,
     ModelSpec,

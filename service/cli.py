@@ -287,7 +287,7 @@ def _validate_local(args: argparse.Namespace, request: Any) -> int:
 def _validate_remote(args: argparse.Namespace, request: Any) -> int:
     import httpx
 
-    from planner.catalog.specs import ValidationJob
+    from planner.catalog.validation_specs import ValidationJob
 
     base = args.server.rstrip("/")
     with httpx.Client(base_url=base, timeout=30) as client:

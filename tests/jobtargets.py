@@ -16,8 +16,8 @@ import time
 import uuid
 from typing import Callable, Iterator
 
-from planner.catalog.specs import (Breakdown, Progress, ValidationRequest, ValidationResult,
-                           relative_error)
+from planner.catalog.specs import Breakdown, ValidationRequest
+from planner.catalog.validation_specs import Progress, ValidationResult, relative_error
 
 ProgressFn = Callable[[Progress], None] | None
 

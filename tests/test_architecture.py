@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "planner"
 LAYERS = ["catalog", "machine", "step", "hf", "layouts", "routes"]
-MAX_LINES = 500
+MAX_LINES = 400
 
 
 def _modules() -> dict[str, Path]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.routes.checkpointing import CheckpointRequest, plan_checkpointing
+from planner.routes.checkpoint_specs import CheckpointRequest
+from planner.routes.checkpointing import plan_checkpointing
 from planner.catalog.specs import (
     ActivationCheckpointing,
     ModelSpec,

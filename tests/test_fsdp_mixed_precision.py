@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import ModelSpec, ValidationRequest
-from planner.layouts.sharding import _numel, parameter_shapes
+from planner.layouts.parameter_tensors import parameter_shapes
+from planner.layouts.sharding import _numel
 from service.validation.distributed import per_rank_estimates, run_multi_rank
 from service.validation.support import ValidationUnsupported, check_supported
 from tests.test_distributed_validation import request, tiny

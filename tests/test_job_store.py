@@ -8,7 +8,8 @@ import time
 import pytest
 from sqlalchemy import inspect, text
 
-from planner.catalog.specs import Progress, ValidationRequest
+from planner.catalog.specs import ValidationRequest
+from planner.catalog.validation_specs import Progress
 from service.jobs.migrations import LATEST, current_version, migrate
 from service.jobs.store import (BadCursor, JobFinished, JobNotFound, JobStore, Requirements,
                                 make_engine)

@@ -219,7 +219,7 @@ def test_largest_pipeline_is_finite(client):
 
 def test_checkpoint_block_indices_are_bounded(client):
     """Finding: CheckpointRequest.blocks took any integer, documented without a maximum."""
-    from planner.routes.checkpointing import MAX_CHAIN_BLOCKS
+    from planner.routes.checkpoint_solvers import MAX_CHAIN_BLOCKS
 
     r = client.post("/v1/checkpointing", json={"model": TINY, "strategy": "blocks",
                                                "blocks": [MAX_CHAIN_BLOCKS]})

@@ -12,7 +12,7 @@ from planner.routes.memory import estimate_memory
 from planner.catalog.parameters import lora_parameters
 from planner.catalog.precision import tensor_bytes
 from planner.catalog.specs import LoraSpec, MemoryRequest, ModelSpec
-from planner.layouts.sharding import parameter_shapes
+from planner.layouts.parameter_tensors import parameter_shapes
 
 
 @pytest.mark.parametrize("base", ["int8", "nf4", "bf16"])

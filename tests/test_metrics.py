@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from planner.catalog.specs import Breakdown, ValidationRequest, ValidationResult, relative_error
+from planner.catalog.specs import Breakdown, ValidationRequest
+from planner.catalog.validation_specs import ValidationResult, relative_error
 from service.app import create_app
 from service.jobs.migrations import jobs
 from service.jobs.store import Requirements

@@ -13,17 +13,13 @@ import pytest
 
 from planner.layouts.pipeline_memory import rank_actions
 from planner.layouts.pipeline_periods import (
-    _MAX_PERIOD,
-    _SLOT,
     HOLD_WARM_WORK,
-    Run,
     choose_directions,
-    disjoint_runs,
-    find_runs,
     plan,
     shortened,
     shortened_lists,
 )
+from planner.layouts.pipeline_runs import _MAX_PERIOD, _SLOT, Run, disjoint_runs, find_runs
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 
 

@@ -18,14 +18,13 @@ from planner.layouts.pipeline_checks import all_valid, balanced_group
 from planner.layouts.pipeline_memory import rank_actions
 from planner.layouts.pipeline_periods import (
     Prepared,
-    Run,
     _counts,
     choose_directions,
-    find_runs,
     plan,
     shortened,
     shortened_lists,
 )
+from planner.layouts.pipeline_runs import Run, find_runs
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from tests.test_pipeline_lists import _runs
 

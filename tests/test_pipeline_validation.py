@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from planner.catalog.specs import ValidationRequest, ValidationResult
+from planner.catalog.specs import ValidationRequest
+from planner.catalog.validation_specs import ValidationResult
 from service.validation.runner import (
     ValidationUnsupported,
     check_supported,

@@ -13,7 +13,6 @@ from planner.catalog.specs import ActivationCheckpointing, MemoryRequest, ModelS
 from planner.routes import plan_time
 from planner.routes.memory import estimate_memory
 from planner.routes.plan_search import (
-    enumerate_layouts,
     links_for,
     memory_request,
     parallel_spec,
@@ -21,6 +20,7 @@ from planner.routes.plan_search import (
     state_bound,
     training_spec,
 )
+from planner.routes.plan_space import enumerate_layouts
 
 @pytest.fixture(scope="module")
 def client():

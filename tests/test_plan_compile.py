@@ -8,7 +8,8 @@ from planner.catalog.plan_specs import PlanRequest
 from planner.catalog.specs import MemoryRequest, ModelSpec, TrainingSpec
 from planner.machine import cache
 from planner.routes.memory import clear_caches, estimate_memory
-from planner.routes.plan_search import _compile_threshold, enumerate_layouts, plan
+from planner.routes.plan_search import _compile_threshold, plan
+from planner.routes.plan_space import enumerate_layouts
 from planner.catalog.presets import resolve_model
 from planner.step.simulate import replay_only, structure_mode
 

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from planner.routes import memory as pm
+from planner.routes import memory_reference
 from planner.step import simulate as step_cache
 from planner.catalog.presets import resolve_model
 from planner.routes.checkpoint_blocks import checkpointed_blocks
@@ -196,7 +197,7 @@ def test_largest_micro_batch_from_the_template_equals_the_search():
         pm.estimate_memory(req.model_copy(update={"training": req.training.model_copy(
             update={"micro_batch_size": b, "sequence_length": t})}))
     assert sum(t is not None for t in cache._TEMPLATES.values()) == 2
-    need = pm._template_need(req, model, "cuda", frozenset())
+    need = memory_reference._template_need(req, model, "cuda", frozenset())
     budgets = [need(b) + d for b in (1, 7, 40, 333) for d in (-1, 0, 1)]
     via_template = [pm._max_micro_batch(req, model, "cuda", set(), m) for m in budgets]
     pm.clear_caches()

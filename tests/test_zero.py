@@ -20,9 +20,9 @@ from planner.catalog.presets import resolve_model
 from planner.catalog.optimizers import optimizer_state_bytes
 from planner.catalog.parameters import count_parameters
 from planner.catalog.specs import ModelSpec, ParallelSpec, TrainingSpec
+from planner.layouts.parameter_tensors import parameter_shapes
 from planner.layouts.sharding import (
     fsdp_shard_shape,
-    parameter_shapes,
     pipeline_stage_layers,
     shard_model_states,
     zero1_partition,

@@ -7,11 +7,11 @@ from __future__ import annotations
 from planner.catalog.optimizers import optimizer_state_bytes
 from planner.catalog.specs import ParallelSpec, ResolvedModel, TrainingSpec
 from planner.layouts.data_parallel import ParallelProgram
+from planner.layouts.parameter_tensors import parameter_shapes
 from planner.layouts.sharding import (
     RankTable,
     fsdp_local_shard_shape,
     fsdp_row_classes,
-    parameter_shapes,
     zero1_partition,
 )
 from planner.step.peaks import StepPeaks

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.layouts.pipeline_schedules import B_SLOT, F_SLOT
+from planner.layouts.pipeline_orders import B_SLOT, F_SLOT
 
 __all__ = ["decoded"]
 

@@ -3,7 +3,7 @@
 For a fixed schedule, stage count, rank and block count, a rank's action list as a function of
 the micro-batch count m is a warm-up, a steady state and a cool-down, each made of periods that
 repeat more often as m grows. Past a threshold (and within a class of m: m ≡ a modulo b - a) the
-search of ``planner/layouts/pipeline_periods.py`` finds the same runs at the same places of the
+search of ``planner/layouts/pipeline_runs.py`` finds the same runs at the same places of the
 list, each with the same period, shift and kept periods; only the runs' starts and repetition
 counts move, by the same amount per step of b - a. The shortened lists (every action outside the
 left-out periods, renumbered) are then the same lists, and the periods each direction leaves out
@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from planner.layouts.pipeline_memory import DROP_WARM_WORK, HOLD_WARM_WORK
-from planner.layouts.pipeline_schedules import B_SLOT, F_SLOT
+from planner.layouts.pipeline_orders import B_SLOT, F_SLOT
 
 __all__ = ["Known", "columns", "derive", "derived_entry", "known", "record"]
 

@@ -1,9 +1,9 @@
 """Per-rank memory of the pipelined reference step, replayed on the step simulator.
 
 ``service/validation/pipeline_run.py`` runs the reference model cut into stages
-(``planner.layouts.sharding.pipeline_stage_layers``) under ``torch.distributed.pipelining``. Each rank's
-step is replayed here op by op, action by action, in the order of the schedule's per-rank action
-list (``planner.layouts.pipeline_schedules``), on one ``Machine`` per rank:
+(``planner.layouts.sharding.pipeline_stage_layers``) under ``torch.distributed.pipelining``.
+Each rank's step is replayed here op by op, action by action, in the order of the schedule's
+per-rank action list (``planner.layouts.pipeline_schedules``), on one ``Machine`` per rank:
 
 - **What a rank holds for the whole run** (torch 2.13, ``pipelining/stage.py``): the parameters
   of its stages (embeddings on stage 0, final norm and output projection on the last stage; the
@@ -70,14 +70,10 @@ import bisect
 from dataclasses import dataclass
 
 from planner.catalog.specs import ResolvedModel, TrainingSpec
-from planner.layouts.pipeline_backward import (
-    Pending,
-    closure,
-    split_backward_input,
-    split_backward_weight,
-)
+from planner.layouts.pipeline_backward import Pending
 from planner.layouts.pipeline_blocks import run_stage_blocks, stage_plan
 from planner.layouts.pipeline_codes import decoded
+from planner.layouts.pipeline_stage_backward import StageBackward
 from planner.layouts.sharding import pipeline_stage_layers
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import Buf, Leaf, Machine, PeakSnap, Val
@@ -121,7 +117,7 @@ class StagePeak:
     in_flight: int = 0
 
 
-class PipelineRankProgram(ReferenceProgram):
+class PipelineRankProgram(StageBackward, ReferenceProgram):
     """One pipeline rank: its stages' parameters and the schedule's actions on one Machine."""
 
     # the rank's optimizer is built once its stages are known (over their parameters only)
@@ -136,9 +132,9 @@ class PipelineRankProgram(ReferenceProgram):
                  microbatches: int | None = None, compress_blocks: bool = False) -> None:
         """``actions`` (with ``microbatches``) replaces the rank's action list: items
         ``(kind, stage, micro-batch, flag)`` as ``rank_actions`` gives them, and markers
-        ``("|", ...)`` that call the machine's ``cut()`` (planner/layouts/pipeline_periods.py replays
-        shortened lists this way). ``compress_blocks``: the middle blocks of stages of 7 or more
-        stood in for (planner/layouts/pipeline_blocks.py), where no backward is split."""
+        ``("|", ...)`` that call the machine's ``cut()`` (planner/layouts/pipeline_periods.py
+        replays shortened lists this way). ``compress_blocks``: the middle blocks of stages of 7
+        or more stood in for (planner/layouts/pipeline_blocks.py), where no backward is split."""
         S = schedule.num_stages
         self.stages = [s for s in range(S) if schedule.stage_to_rank[s] == rank]
         bounds = [0]
@@ -280,106 +276,6 @@ class PipelineRankProgram(ReferenceProgram):
         self.pending[st, j] = p
         self.in_flight += 1
 
-    # ---- backward ---------------------------------------------------------------------------
-    def _root(self, st: int, j: int, p: Pending) -> tuple[Val, Buf]:
-        m = self.m
-        if p.loss is not None:
-            g = m.alloc(p.loss.numel * p.loss.esz, "ones_like")
-            return p.loss.val, g
-        return p.out.val, m.hold(self.grad_recv[st, j])
-
-    def _input_grad(self, p: Pending) -> Buf | None:
-        if p.inp is None:
-            return None
-        leaf = p.inp.val.fn
-        g, leaf.grad = leaf.grad, None
-        if g is not None:
-            self.m.recategorize(g, "temporaries")
-        return g
-
-    def _release(self, p: Pending) -> None:
-        o = self.ops
-        o.drop(p.out, p.inp, p.loss)
-        self.in_flight -= 1
-
-    def real_backward(self, st: int, j: int) -> None:
-        m = self.m
-        m.phase = "backward"
-        p = self.pending.pop((st, j))
-        root, g = self._root(st, j, p)
-        m.hold(g)  # autograd.backward keeps its seed until it returns
-        m.backward(root, g)
-        m.drop(g)
-        gi = self._input_grad(p)
-        self._release(p)
-        m.phase = "other"
-        if gi is not None:
-            self._hand_back(st, j, gi)
-
-    def stage_backward_input(self, st: int, j: int) -> None:
-        if self.memo is not None:
-            return self.memo.backward_input(self, st, j)
-        return self.real_backward_input(st, j)
-
-    def stage_backward_weight(self, st: int, j: int) -> None:
-        if self.memo is not None:
-            return self.memo.backward_weight(self, st, j)
-        return self.real_backward_weight(st, j)
-
-    def real_backward_input(self, st: int, j: int) -> None:
-        m = self.m
-        p = self.pending[st, j]
-        if st == 0:  # stage_backward_input is skipped on the first stage; W runs it in full
-            return
-        m.phase = "backward"
-        root, g = self._root(st, j, p)
-        leaf = p.inp.val.fn
-        nodes, inter = closure(root.fn, leaf)
-        p.inter = []
-        self.backward_mode, self.split_pending = "I", p
-        p.nodes = split_backward_input(m, root, g, leaf, nodes, inter, p, self._watch(p))
-        self.backward_mode = self.split_pending = None
-        gi = self._input_grad(p)
-        m.phase = "other"
-        if gi is not None:
-            self.input_grads.append(gi)  # inp.grad = dinput, until clear_runtime_states
-            self._hand_back(st, j, m.hold(gi))
-        # the output (or loss) is detached: the graph above the intermediates is released
-        self.ops.drop(p.out, p.loss)
-        p.out = p.loss = None
-
-    def real_backward_weight(self, st: int, j: int) -> None:
-        if st == 0:
-            return self.stage_backward(st, j)
-        m = self.m
-        m.phase = "backward"
-        p = self.pending.pop((st, j))
-        self.backward_mode = "W"
-        split_backward_weight(m, p, self._watch(p))
-        for sp in p.phantoms:
-            sp.release()
-        self.backward_mode = None
-        self.ops.drop(p.inp)
-        self.in_flight -= 1
-        m.phase = "other"
-
-    @staticmethod
-    def _watch(p: Pending):
-        """The stood-in blocks' measures under a split backward (planner/layouts/pipeline_blocks)."""
-        if not p.phantoms:
-            return None
-        return lambda n: [sp.watch(n) for sp in p.phantoms]
-
-    def _hand_back(self, st: int, j: int, gi: Buf) -> None:
-        """The input gradient (one reference, passed on) goes to the previous stage: sent, or on
-        the same rank (V shape) made its gradient receive buffer by set_local_bwd_input, which
-        keeps it until the next step replaces it."""
-        if self.sched.stage_to_rank[st - 1] == self.rank:
-            old, self.grad_recv[st - 1, j] = self.grad_recv[st - 1, j], gi
-            self.m.drop(old)
-        else:
-            self.sends.append(gi)
-
     def _flush_sends(self) -> None:
         self.m.drop(*self.sends)
         self.sends.clear()
@@ -465,7 +361,8 @@ def unsupported_reason(training: TrainingSpec, parallel) -> str | None:
         return "CPU offload is not replayed"
     if training.precision not in ("fp32", "amp-bf16", "bf16") or training.precision_overrides:
         return f"precision {training.precision!r} is not run pipelined"
-    if training.activation_checkpointing.strategy != "none" or training.activation_checkpointing.blocks:
+    if (training.activation_checkpointing.strategy != "none"
+            or training.activation_checkpointing.blocks):
         return "activation checkpointing is not replayed per pipeline stage"
     if training.lora is not None:
         return "LoRA is not replayed per pipeline stage"

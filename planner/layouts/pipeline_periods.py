@@ -1,29 +1,31 @@
-"""The periodic runs of a pipeline rank's action list, and the shortened lists that stand in for them.
+"""The periodic runs of a pipeline rank's action list, and the shortened lists that stand in for
+them.
 
-``planner.layouts.pipeline_memory`` replays a rank's step action by action over the schedule's per-rank
-action list. Those lists are periodic: a warm-up (forwards), a steady state (1F1B: F, B pairs;
-interleaved: rounds; zero bubble: F, I, W triples; ZB-V: six actions) and a cool-down, each a
-stretch where action ``i + P`` is action ``i`` with the micro-batch index ``c`` higher. They are
-found in the list itself (``find_runs``: kinds and stages equal, micro-batches shifted by one
-constant), so whatever ``planner.layouts.pipeline_schedules`` builds is covered.
+``planner.layouts.pipeline_memory`` replays a rank's step action by action over the schedule's
+per-rank action list. Those lists are periodic: a warm-up (forwards), a steady state (1F1B: F, B
+pairs; interleaved: rounds; zero bubble: F, I, W triples; ZB-V: six actions) and a cool-down,
+each a stretch where action ``i + P`` is action ``i`` with the micro-batch index ``c`` higher.
+They are found in the list itself (``planner.layouts.pipeline_runs.find_runs``: kinds and stages
+equal, micro-batches shifted by one constant), so whatever ``planner.layouts.pipeline_schedules``
+builds is covered.
 
 - **Shortened lists.** A run of R periods keeps its first K1 and last K2 periods and leaves out
   the N = R - K1 - K2 between. Every kept action's micro-batch is renumbered by its rank among
   the kept actions of its stream (a stage's forwards, input backwards; the k-th W follows the
   k-th I), so a shortened list is the action list of a step with fewer micro-batches (checked
-  while ``shortened`` renumbers). Runs are left out in directions: a run, or a few runs together, whose periods
-  take as many forwards as input backwards from every stage of the rank (a warm-up of forwards
-  goes with a cool-down of backwards), all by the same number of periods.
+  while ``shortened`` renumbers). Runs are left out in directions: a run, or a few runs
+  together, whose periods take as many forwards as input backwards from every stage of the rank
+  (a warm-up of forwards goes with a cool-down of backwards), all by the same number of periods.
 - **Why the step is affine in N.** From the period after each stage's first backward (which
   makes the gradients) on, every period of a run runs the same ops on the same shapes, so it
   leaves the same bytes behind, and what a left-out period leaves is live at a later instant
   exactly when the like bytes of a kept one are (sends until the action loop ends, losses until
   the step ends, outputs until the next step, batch and receive buffers per micro-batch). So
   the live bytes per category at every instant outside the left-out periods are affine in the
-  numbers of periods left out (``planner.layouts.pipeline_replays`` measures the slopes and checks the
-  form). Periods that are not alike are replayed: those with a flagged action (1F1B's warm-up
-  holds one micro-batch's output until its 1B1F loop ends: that micro-batch's forward and
-  backward, and the backward that frees it) split their run; a list where the held
+  numbers of periods left out (``planner.layouts.pipeline_replays`` measures the slopes and
+  checks the form). Periods that are not alike are replayed: those with a flagged action
+  (1F1B's warm-up holds one micro-batch's output until its 1B1F loop ends: that micro-batch's
+  forward and backward, and the backward that frees it) split their run; a list where the held
   micro-batch's forward and backward would get different numbers is refused.
 - **Peaks.** Inside a run the instants of consecutive periods differ by the period's net bytes,
   so over the run each instant is highest in its first or last period, both replayed (ties go
@@ -35,113 +37,16 @@ constant), so whatever ``planner.layouts.pipeline_schedules`` builds is covered.
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass
-import numpy as np
 
 from planner.layouts.pipeline_checks import all_valid, balanced_group, built
+from planner.layouts.pipeline_runs import _SLOT, Run, find_runs
 
 HOLD_WARM_WORK = 1  # planner.layouts.pipeline_memory's flag (its import would be circular)
 
-_SLOT = {"F": 0, "B": 1, "I": 1, "W": 2}
 MIN_DROPPED = 2  # periods a run must stand in for to be worth a replay of its own
-_MAX_PERIOD = 1 << 16
 MAX_DIRECTIONS = 6  # each costs one more replay
-_CHUNK = 32  # periods find_runs tries at once (at most)
 _MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
 BATCH_ACTIONS = 384  # a trial's lists checked as arrays (pipeline_checks) from this many actions
-
-
-@dataclass
-class Run:
-    start: int  # index of the first action of its first period
-    period: int  # actions per period
-    shift: int  # micro-batch index added per period
-    reps: int  # periods
-    keep_before: int = 1
-    keep_after: int = 1
-    first_keep: int = 1  # keep_before as ``plan`` set it, before the directions' groups
-
-    @property
-    def dropped(self) -> int:
-        return self.reps - self.keep_before - self.keep_after
-
-    def span(self, extra: int = 0) -> tuple[int, int]:
-        """Indices of the dropped actions, ``extra`` periods after the kept ones replayed."""
-        return (self.start + (self.keep_before + extra) * self.period,
-                self.start + (self.reps - self.keep_after) * self.period)
-
-
-def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -> list[Run]:
-    """Maximal periodic stretches (non-overlapping, the ones covering most actions first)."""
-    n = len(actions)
-    if n < 2 * min_reps:
-        return []
-    tok = np.array([_SLOT[a[0]] * 4 + (a[0] == "I") + 8 * a[1] for a in actions], dtype=np.int64)
-    mb = np.array([a[2] for a in actions], dtype=np.int64)
-    found = []
-    best = (0, 1)  # (actions covered, period) of the longest run so far
-    top = min(max_period, n // min_reps)
-    P0, chunk = 1, 4
-    while P0 <= top:  # periods P0 .. P1 - 1 at once, one row each
-        P1 = min(top + 1, P0 + chunk)
-        if 2 * best[0] >= n:  # (the loop below stops past twice the best period, unless a
-            P1 = min(P1, max(P0 + 1, 2 * best[1] + 2))  # longer run turns up before)
-        chunk = min(2 * chunk, _CHUNK)
-        Ps = np.arange(P0, P1)[:, None]
-        at = np.arange(n)[None, :] + Ps  # action i + P (past the end: no match)
-        inside = at < n
-        at = np.where(inside, at, 0)
-        good = inside & (tok[at] == tok[None, :])  # action i + P repeats action i ...
-        d = mb[at] - mb[None, :]  # ... with this shift
-        cont = good[:, 1:] & good[:, :-1] & (d[:, 1:] == d[:, :-1])
-        first = good.copy()
-        first[:, 1:] &= ~cont
-        last = good.copy()
-        last[:, :-1] &= ~cont
-        rows, i0s = np.nonzero(first)
-        i1s = np.nonzero(last)[1]  # (a stretch's first and last in the same row, in order)
-        reps_all = (i1s - i0s + 1 + rows + P0) // (rows + P0)
-        shifts = d[rows, i0s]
-        ok = (reps_all >= min_reps) & (shifts > 0)
-        rows, i0s, reps_all, shifts = rows[ok], i0s[ok], reps_all[ok], shifts[ok]
-        stop = False
-        k = 0
-        for P in range(P0, P1):
-            if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
-                stop = True
-                break
-            while k < len(rows) and rows[k] == P - P0:
-                reps = int(reps_all[k])
-                found.append(Run(int(i0s[k]), P, int(shifts[k]), reps))
-                best = max(best, (reps * P, P))
-                k += 1
-        if stop:
-            break
-        P0 = P1
-    return disjoint_runs(found, min_reps)
-
-
-def disjoint_runs(found: list[Run], min_reps: int) -> list[Run]:
-    """The runs found, longest first, each trimmed to its longest stretch of whole periods no
-    run taken before covers (at least ``min_reps`` of them), in the order they start."""
-    found = sorted(found, key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
-    taken: list[Run] = []
-    for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
-        a, b = r.start, r.start + r.reps * r.period
-        free = [(a, b)]
-        for t in taken:
-            ta, tb = t.start, t.start + t.reps * t.period
-            free = [piece for x, y in free for piece in ((x, min(y, ta)), (max(x, tb), y))
-                    if piece[0] < piece[1]]
-        best = None
-        for x, y in free:
-            x = a + -(-(x - a) // r.period) * r.period
-            reps = (y - x) // r.period
-            if reps >= min_reps and (best is None or reps > best.reps):
-                best = Run(x, r.period, r.shift, reps)
-        if best is not None:
-            taken.append(best)
-    return sorted(taken, key=lambda r: r.start)
 
 
 def _counts(actions: list, run: Run) -> dict[int, list[int]]:
@@ -407,4 +312,4 @@ def choose_directions(todo: list[list[Run]], attempt) -> tuple[list[list[Run]], 
     return groups, lists
 
 
-__all__ = ["Prepared", "Run", "find_runs", "grouped", "plan", "shortened", "shortened_lists"]
+__all__ = ["Prepared", "grouped", "plan", "shortened", "shortened_lists"]

@@ -10,22 +10,21 @@ reproduced action for action; ``tests/test_pipeline_schedules.py`` compares them
 (F of stage s needs F of stage s-1; I/B of stage s needs I/B of stage s+1) and the simulator
 charges them as point-to-point messages.
 
-Actions are encoded as ints, ``code = (slot * num_stages + stage) * microbatches + mb`` with
-slot 0 = F, 1 = backward for inputs (B when the backward is not split), 2 = W, so that schedules
-of a few hundred thousand actions build and simulate in tens of milliseconds.
+Actions are int codes on the ``Schedule`` record of ``planner.layouts.pipeline_orders``, which
+also holds the looped and V-shaped stage placements. The schedules whose ranks hold two stages of
+a V or of two opposite pipelines (ZB-V, DualPipeV, DualPipe) are built in
+``planner.layouts.pipeline_vshaped``; the others here, with every schedule's constraints and the
+entry point (``build_schedule``, memoised by ``schedule_of``).
 """
 
 from __future__ import annotations
 
 import threading
-from array import array
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-F_SLOT, B_SLOT, W_SLOT = 0, 1, 2
+from planner.layouts.pipeline_orders import Schedule, _loop_mapping, _make
+from planner.layouts.pipeline_vshaped import _dualpipe, _dualpipe_v, _zb_v
 
 
 class ScheduleConstraintError(ValueError):
@@ -34,57 +33,6 @@ class ScheduleConstraintError(ValueError):
     def __init__(self, rule: str, field: str) -> None:
         super().__init__(rule)
         self.rule, self.field = rule, field
-
-
-@dataclass(frozen=True)
-class Schedule:
-    name: str
-    num_ranks: int  # p
-    virtual_stages: int  # v: stage chunks per rank (2 for the V-shaped and bidirectional ones)
-    num_stages: int  # S: virtual stages in all (= p * v; 2p for dualpipe, two pipelines of p)
-    microbatches: int  # m: per pipeline (per direction for dualpipe)
-    stage_to_rank: list[int]
-    prev_stage: list[int]  # -1 where a pipeline starts
-    next_stage: list[int]  # -1 where a pipeline ends (the loss is computed there)
-    orders: list[Sequence[int]]  # per rank, action codes in execution order (array('q'))
-    full_backward: bytearray  # per (stage * m + mb): 1 when its backward is one B, not I + W
-
-    def decode(self, code: int) -> tuple[str, int, int]:
-        """(kind, stage, micro-batch) of an action code; kind is F, B, I or W."""
-        slot, rest = divmod(code, self.num_stages * self.microbatches)
-        stage, mb = divmod(rest, self.microbatches)
-        if slot == B_SLOT:
-            return ("B" if self.full_backward[rest] else "I"), stage, mb
-        return ("F" if slot == F_SLOT else "W"), stage, mb
-
-    def actions(self, rank: int) -> list[tuple[str, int, int]]:
-        return [self.decode(c) for c in self.orders[rank]]
-
-
-def _loop_mapping(p: int, v: int) -> list[int]:
-    # Looped placement: virtual stage s on rank s % p (Narayanan et al. 2021, §2.2, Fig. 4).
-    return [s % p for s in range(p * v)]
-
-
-def _v_mapping(p: int) -> list[int]:
-    # V-shaped placement: rank r holds stages r and 2p-1-r (Qi et al. 2024, "Pipeline
-    # Parallelism with Controllable Memory", Fig. 1; torch generate_stage_to_rank_mapping "v").
-    return [s if s < p else 2 * p - 1 - s for s in range(2 * p)]
-
-
-def _chain(n: int) -> tuple[list[int], list[int]]:
-    return [s - 1 for s in range(n)], [s + 1 if s + 1 < n else -1 for s in range(n)]
-
-
-def _make(name: str, p: int, v: int, m: int, mapping: list[int], orders: list[list[int]],
-          split: bool, prev_next: tuple[list[int], list[int]] | None = None,
-          full: bytearray | None = None) -> Schedule:
-    S = len(mapping)
-    prev, nxt = prev_next or _chain(S)
-    if full is None:
-        full = bytearray(S * m) if split else bytearray(b"\x01") * (S * m)
-    # 8 bytes an action (a list of ints holds 40): a schedule of millions of actions stays small
-    return Schedule(name, p, v, S, m, mapping, prev, nxt, [array("q", o) for o in orders], full)
 
 
 # ---- single stage per rank -------------------------------------------------------------------
@@ -256,152 +204,6 @@ def _zb_h2(p: int, m: int, fast_forward: bool = True) -> Schedule:
     return _make("zb-h2", p, 1, m, list(range(p)), orders, split=True)
 
 
-# ---- V-shaped schedules -----------------------------------------------------------------------
-def _zb_v(p: int, m: int) -> Schedule:
-    # ZB-V (Qi et al. 2023, §6, Fig. 8); port of torch ScheduleZBVZeroBubble.
-    S = 2 * p
-    n_micro = max(2 * p - 1, m)
-    # Codes are built over n_micro micro-batches, (slot·S + stage)·n_micro + mb, then mapped to m.
-    Sn = S * n_micro
-    orders = []
-    for r in range(p):
-        s0, s1 = r, S - 1 - r
-        F0, F1 = s0 * n_micro, s1 * n_micro
-        B0, B1 = Sn + F0, Sn + F1
-        W0, W1 = Sn + B0, Sn + B1
-        parts = []
-        nA = 2 * (p - r) - 1  # warm-up: chunk-0 forwards
-        parts.append(F0 + np.arange(nA))
-        k = np.arange(r)  # F1 F0
-        parts.append(np.stack([F1 + k, F0 + nA + k], 1).ravel())
-        f0, f1 = nA + r, r
-        k = np.arange(p - r)  # F1 B1 W1
-        parts.append(np.stack([F1 + f1 + k, B1 + k, W1 + k], 1).ravel())
-        f1, b0, b1 = f1 + p - r, 0, p - r
-        # steady state: [F0] B0 W0 F1 B1 W1 while chunk 1 lags chunk 0 or chunk 0 has more
-        k1 = max(0, n_micro - f0)  # rounds that still run an F0
-        k = np.arange(k1)
-        parts.append(np.stack([F0 + f0 + k, B0 + b0 + k, W0 + b0 + k, F1 + f1 + k, B1 + b1 + k,
-                               W1 + b1 + k], 1).ravel())
-        f0, b0, f1, b1 = f0 + k1, b0 + k1, f1 + k1, b1 + k1
-        k2 = max(0, f0 - f1)  # rounds without one
-        k = np.arange(k2)
-        parts.append(np.stack([B0 + b0 + k, W0 + b0 + k, F1 + f1 + k, B1 + b1 + k,
-                               W1 + b1 + k], 1).ravel())
-        b0, f1, b1 = b0 + k2, f1 + k2, b1 + k2
-        w0, w1 = b0, b1
-        k = np.arange(r)  # B0 B1 (their W's postponed)
-        parts.append(np.stack([B0 + b0 + k, B1 + b1 + k], 1).ravel())
-        b0, b1 = b0 + r, b1 + r
-        k = np.arange(p - r)  # B0 W0
-        parts.append(np.stack([B0 + b0 + k, W0 + w0 + k], 1).ravel())
-        b0, w0 = b0 + p - r, w0 + p - r
-        parts.append(W1 + np.arange(w1, b1))
-        parts.append(W0 + np.arange(w0, b0))
-        codes = np.concatenate(parts)
-        if n_micro > m:  # torch pads to 2p-1 micro-batches and drops the surplus afterwards
-            j = codes % n_micro
-            keep = j < m
-            codes = (codes[keep] // n_micro) * m + j[keep]
-        orders.append(codes.tolist())
-    return _make("zb-v", p, 2, m, _v_mapping(p), orders, split=True)
-
-
-def _dualpipe_steps(r: int, half_rank: int, half_ranks: int, chunks: int,
-                    stage_of_phase: tuple[int, int], m: int, S: int, full: bytearray) -> list[int]:
-    """The eight steps of DualPipe / DualPipeV for one rank (DeepSeek-AI 2024, "DeepSeek-V3
-    Technical Report", §3.2.1, Fig. 5; step structure of github.com/deepseek-ai/DualPipe and torch
-    ScheduleDualPipeV). ``chunks`` micro-batches per phase. An overlapped F&B pair is emitted as
-    F then B: the simulator does not model compute/communication overlap inside the pair."""
-    Sm = S * m
-    H, hr = half_ranks, half_rank
-    s0, s1 = stage_of_phase[0] * m, stage_of_phase[1] * m
-    # Steps 1-5 are regular: built as arrays. nf/nb: next micro-batch per phase for F and B.
-    parts, full_b = [], []
-    n = max(0, (H - hr - 1) * 2)  # step 1: F0
-    parts.append(s0 + np.arange(n))
-    nf0, nf1, nb0, nb1 = n, 0, 0, 0
-    k = np.arange(hr + 1)  # step 2: F0 F1
-    parts.append(np.stack([s0 + nf0 + k, s1 + nf1 + k], 1).ravel())
-    nf0 += hr + 1
-    nf1 += hr + 1
-    k = np.arange(max(0, H - hr - 1))  # step 3: I1 W1 F1 (each W right after its I)
-    parts.append(np.stack([Sm + s1 + nb1 + k, 2 * Sm + s1 + nb1 + k, s1 + nf1 + k], 1).ravel())
-    nb1 += len(k)
-    nf1 += len(k)
-    # step 4: F0&B1, F1&B0 (on the middle rank, i == 0 is not overlapped: same order)
-    k = np.arange(max(0, chunks - 2 * H + hr + 1))
-    b1, b0 = s1 + nb1 + k, s0 + nb0 + k
-    parts.append(np.stack([s0 + nf0 + k, Sm + b1, s1 + nf1 + k, Sm + b0], 1).ravel())
-    full_b += [b1, b0]
-    nf0, nb1, nf1, nb0 = nf0 + len(k), nb1 + len(k), nf1 + len(k), nb0 + len(k)
-    k = np.arange(max(0, H - hr - 1))  # step 5: B1, F1&B0
-    b1, b0 = s1 + nb1 + k, s0 + nb0 + k
-    parts.append(np.stack([Sm + b1, s1 + nf1 + k, Sm + b0], 1).ravel())
-    full_b += [b1, b0]
-    nb1 += len(k)
-    nb0 += len(k)
-    seq: list[int] = np.concatenate(parts).tolist()
-    np.frombuffer(full, dtype=np.uint8)[np.concatenate(full_b)] = 1  # B, not I + W
-    nb = [nb0, nb1]
-    wq: deque[int] = deque()  # codes of postponed W's, oldest first
-
-    def bwd(ph: int, zb: bool) -> None:
-        k = stage_of_phase[ph] * m + nb[ph]
-        nb[ph] += 1
-        seq.append(Sm + k)
-        if zb:
-            wq.append(2 * Sm + k)
-        else:
-            full[k] = 1
-
-    def weight() -> None:
-        if wq:
-            seq.append(wq.popleft())
-
-    zb = False
-    for i in range(half_rank + 1):  # step 6: B1 B0, second half zero-bubble
-        if i == (half_rank + 1) // 2 and half_rank % 2 == 1:
-            zb = True
-        bwd(1, zb)
-        if i == (half_rank + 1) // 2 and half_rank % 2 == 0:
-            zb = True
-        bwd(0, zb)
-    for _ in range(half_ranks - half_rank - 1):  # step 7: W, B0
-        weight(); bwd(0, zb)
-    for _ in range(half_rank + 1):  # step 8: W
-        weight()
-    return seq
-
-
-def _dualpipe_v(p: int, m: int) -> Schedule:
-    # DualPipeV: DualPipe folded onto one V-shaped pipeline of 2p stages (torch ScheduleDualPipeV).
-    S = 2 * p
-    full = bytearray(S * m)
-    orders = [_dualpipe_steps(r, r, p, m, (r, S - 1 - r), m, S, full)
-              for r in range(p)]
-    return _make("dualpipe-v", p, 2, m, _v_mapping(p), orders, split=True, full=full)
-
-
-def _dualpipe(p: int, m: int) -> Schedule:
-    # DualPipe: two pipelines of p stages in opposite directions, m/2 micro-batches each
-    # (DeepSeek-AI 2024, §3.2.1). Virtual stage j (< p) is stage j of the forward direction on
-    # rank j; virtual stage p+j is stage j of the reverse direction, on rank p-1-j.
-    S, half = 2 * p, m // 2
-    mapping = list(range(p)) + [p - 1 - j for j in range(p)]
-    prev = [s - 1 if s % p else -1 for s in range(S)]
-    nxt = [s + 1 if (s + 1) % p else -1 for s in range(S)]
-    full = bytearray(S * half)
-    orders = []
-    for r in range(p):
-        second = r >= p // 2
-        own = (r, p + (p - 1 - r))  # (forward-direction stage, reverse-direction stage)
-        phases = (own[1], own[0]) if second else own
-        orders.append(_dualpipe_steps(r, min(r, p - 1 - r), p // 2, half, phases, half, S, full))
-    return _make("dualpipe", p, 1, half, mapping, orders, split=True, prev_next=(prev, nxt),
-                 full=full)
-
-
 # ---- constraints and entry point -------------------------------------------------------------
 def check(name: str, p: int, m: int, v: int) -> None:
     """Raise ScheduleConstraintError naming the rule when (p, m, v) does not suit ``name``."""
@@ -423,7 +225,8 @@ def check(name: str, p: int, m: int, v: int) -> None:
         need(v >= 2, "interleaved-1f1b needs virtual_stages >= 2 (use 1f1b for one stage per rank)",
              "virtual_stages")
     if name in ("zb-v", "dualpipe-v"):
-        need(v == 2, f"{name} needs two stages per rank: virtual_stages must be 2", "virtual_stages")
+        need(v == 2, f"{name} needs two stages per rank: virtual_stages must be 2",
+             "virtual_stages")
     if name == "dualpipe-v":
         need(m >= 2 * p, f"dualpipe-v needs microbatches >= 2 * stages, got m={m}, p={p}",
              "microbatches")
@@ -460,8 +263,8 @@ def build_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
 
 
 # schedules built lately, with each rank's stages: a sweep over sizes (or a plan's layouts)
-# asks for the same schedule again and again (building one is O(ranks x micro-batches)). Schedules are
-# frozen and read only; those past _MEMO_ACTIONS actions are not kept.
+# asks for the same schedule again and again (building one is O(ranks x micro-batches)).
+# Schedules are frozen and read only; those past _MEMO_ACTIONS actions are not kept.
 _SCHEDULES: dict[tuple, tuple] = {}
 _SCHEDULES_MAX = 16
 _MEMO_ACTIONS = 1 << 20

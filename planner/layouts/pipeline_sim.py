@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.layouts.pipeline_schedules import Schedule
+from planner.layouts.pipeline_orders import Schedule
 
 
 class ScheduleDeadlock(RuntimeError):

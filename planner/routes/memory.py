@@ -13,11 +13,9 @@ import contextlib
 import functools
 import threading
 
-from planner.catalog.allocator_specs import CudaAllocatorPeaks
 from planner.catalog.result_specs import unvalidated
 from planner.catalog.errors import PlanningError
 from planner.catalog.presets import (
-    ALLOCATOR_RESERVE_FRACTION,
     allocator_reserve,
     get_gpu,
     hf_config_of,
@@ -34,19 +32,12 @@ from planner.catalog.specs import (
     TrainingSpec,
 )
 from planner.layouts.compose import (
-    composed,
-    data_parallel,
     fb_fields,
     megatron,
-    single_rank_candidate,
     model_states_only,
-    replayed_fields,
     single_device,
-    snap_breakdown,
 )
 from planner.layouts.expert import validate as validate_expert_parallel
-from planner.layouts.parallel_ranks import unsupported_reason
-from planner.layouts.pipelined import compiled_ranks, pipelined_estimate
 from planner.machine import cache
 from planner.machine.recording import domain_of
 from planner.routes import memory_answers, memory_notes
@@ -57,7 +48,14 @@ from planner.routes.checkpoint_blocks import (
     frozen_blocks,
 )
 from planner.routes.loss_rules import loss_assumption
+from planner.routes.memory_allocator import (
+    _RESERVE_CPU,
+    _RESERVE_CUDA,
+    _RESERVE_SIMULATED,
+    _cuda_allocator,
+)
 from planner.routes.memory_checks import check_request, check_sizes
+from planner.routes.memory_reference import _compiled, _one_step, _reference, _template_need
 from planner.routes.micro_batch import (
     compile_ahead_pays,
     hold_compiles,
@@ -66,7 +64,6 @@ from planner.routes.micro_batch import (
 )
 from planner.routes.plan_suggest import suggestions
 from planner.step import simulate as step_cache
-from planner.step.allocator_replay import allocator_peaks
 from planner.step.allocator_replay import clear_cache as clear_allocator_cache
 
 
@@ -85,28 +82,8 @@ def clear_caches() -> None:
     clear_allocator_cache()
 
 
-_RESERVE_NOTE = "caching-allocator rounding and fragmentation, on top of the allocated peak"
-
-
-_RESERVE_CPU = Assumption(name="allocator_reserve", value="0", note=_RESERVE_NOTE)
-
-
-_RESERVE_CUDA = Assumption(name="allocator_reserve",
-                           value=f"{ALLOCATOR_RESERVE_FRACTION:.0%} of peak", note=_RESERVE_NOTE)
-
-
-_RESERVE_SIMULATED = Assumption(
-    name="allocator_reserve", value="simulated",
-    note="PyTorch's CUDA caching allocator (default settings) replayed over the step's allocations "
-         "for three steps from a fresh process: max_memory_reserved() - the tensors' peak")
-
-
 _ZERO_GRAD = Assumption(name="zero_grad", value="set_to_none=True",
                         note="gradients are freed after each optimizer step")
-
-
-_PROFILE_REFERENCE = Assumption(name="profile", value="reference step, simulated op by op",
-                                note="the step measured by validation jobs")
 
 
 def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = True,
@@ -195,28 +172,6 @@ def _answer(req: MemoryRequest, device: str, explain: bool, allocator: bool,
     return _estimate(req, model, device, ckpt, explain=explain, allocator=allocator)
 
 
-def _one_step(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec):
-    """(how ``_reference`` answers the setup from templates: "step" (one device), "rank0"
-    (data-parallel rank 0, the only candidate) or "pipeline" (every rank), {} to keep them in
-    per size domain), or (None, None)."""
-    if not model.architecture_known or tr.implementation != "reference":
-        return None, None
-    if single_device(par):
-        return "step", {}
-    if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
-        return ("rank0", {}) if single_rank_candidate(par) else (None, None)
-    return ("pipeline", {}) if par.pipeline_parallel > 1 else (None, None)
-
-
-def _compiled(how: str, model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
-              ckpt):
-    """The templates a setup's answer at tr's size domain is evaluated from, as ``_reference``
-    finds them (None: not compiled)."""
-    if how == "pipeline":
-        return compiled_ranks(model, tr, par, device) if not ckpt else None
-    return step_cache.compiled_step(model, tr, device, ckpt, par if how == "rank0" else None)
-
-
 def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
               extra_notes: list[str] | None = None, explain: bool = False,
               allocator: bool = False, step_peaks=None, ranks=None,
@@ -300,20 +255,6 @@ def _result(**values) -> MemoryResult:
     return unvalidated(MemoryResult, d, set(values))
 
 
-def _cuda_allocator(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
-                    ckpt, first) -> CudaAllocatorPeaks | None:
-    """The caching allocator's figures for a single-device reference step on CUDA (None where
-    the step is not replayed tensor by tensor, or the replay would be too long)."""
-    if device == "cpu" or first is None or tr.implementation != "reference" \
-            or not model.architecture_known or not single_device(par):
-        return None
-    p = allocator_peaks(model, tr, frozenset(ckpt))
-    if p is None:
-        return None
-    return CudaAllocatorPeaks(allocated_bytes=p.allocated, first_step_allocated_bytes=p.first_step_allocated,
-                              reserved_bytes=p.reserved, segments=p.segments)
-
-
 def _suggested(req: MemoryRequest, device: str) -> MemoryResult | None:
     """A suggestion's estimate: POST /v1/memory's for the changed request (None when invalid)."""
     try:
@@ -332,32 +273,6 @@ def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
                          device, ckpt)
     except (ValueError, PlanningError):
         return None
-
-
-def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: str,
-               ckpt: set[int], assumptions: list[Assumption], notes: list[str], peaks=None,
-               ranks=None):
-    if single_device(par):
-        if peaks is None:
-            peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
-        steady, first = peaks.steady, peaks.first
-        assumptions.append(_PROFILE_REFERENCE)
-        bd = snap_breakdown(steady)
-        return (bd, snap_breakdown(first), f"{steady.phase}: {steady.op}",
-                replayed_fields(peaks, bd))
-    if (par.data_parallel > 1 or par.zero_stage > 0) and unsupported_reason(tr, par) is None:
-        # ZeRO on one data-parallel rank included: DDP + ZeroRedundancyOptimizer, or FSDP2's
-        # world-size-1 path, replayed (measured by tests/test_zero_one_rank.py)
-        return data_parallel(model, tr, par, device, ckpt, assumptions, notes, peaks)
-    if par.pipeline_parallel > 1 and not ckpt:
-        pp = pipelined_estimate(model, tr, par, device, ranks)
-        if pp is not None:  # every pipeline rank replayed; the worst one reported
-            worst, _, extra, pp_notes = pp
-            assumptions.extend(extra)
-            notes.extend(pp_notes)
-            return (snap_breakdown(worst.steady), snap_breakdown(worst.first),
-                    f"{worst.steady.phase}: {worst.steady.op} (rank {worst.rank})", {})
-    return composed(model, tr, par, device, ckpt, assumptions, notes)
 
 
 def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
@@ -420,25 +335,6 @@ def _simulated_boundary(req: MemoryRequest, model: ResolvedModel, device: str, c
 def _simulated_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt) -> int:
     r = _estimate(req.model_copy(update={"hardware": None}), model, device, ckpt, allocator=True)
     return r.breakdown.total + r.allocator_reserve_bytes
-
-
-def _template_need(req: MemoryRequest, model: ResolvedModel, device: str, ckpt):
-    """For a single-device reference estimate: ``b -> peak + reserve`` straight from the setup's
-    template when it is compiled for b's domain (None otherwise: the caller estimates), the
-    same number ``_estimate`` gives without building a response."""
-    tr, par = req.training, req.parallelism
-    if not (model.architecture_known and tr.implementation == "reference"
-            and single_device(par)):
-        return None
-    t, ck = tr.sequence_length, frozenset(ckpt)
-
-    def need(b: int) -> int | None:
-        tpl = step_cache.compiled_template(model, tr, device, ck, b)
-        if tpl is None:
-            return None
-        total = tpl.evaluate(b, t).steady.total
-        return total + allocator_reserve(total, device)
-    return need
 
 
 def _max_micro_batch_search(req: MemoryRequest, model: ResolvedModel, device: str,

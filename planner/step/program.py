@@ -4,13 +4,14 @@ This mirrors ``service/validation/step.py`` and ``service/validation/model.py`` 
 the same ops in the same order, with Python references dropped where the model's code drops them.
 Its result is the planner's estimate of the step's peak, by category, for the first step and for
 the steady state (step 2+, optimizer states present). The accuracy tests run both and compare.
+Activation checkpointing, as torch.utils.checkpoint runs it, is ``CheckpointedRegions``
+(planner/step/checkpoint.py), which the program builds on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from planner.machine.deadline import check as check_work_limit
+from planner.step.checkpoint import CheckpointedRegions, _CheckpointFrame
 from planner.step.loss import chunked_loss
 from planner.step.model import DTYPE_ESZ, I64, ReferenceModel, Shapes
 from planner.step.ops import F32, Ops, T
@@ -31,21 +32,7 @@ PRECISIONS: dict[str, tuple[str, str | None, bool, bool]] = {
 }
 
 
-
-class _StopRecompute(Exception):
-    pass
-
-
-@dataclass
-class _CheckpointFrame:
-    fn: object  # re-runs the checkpointed region
-    input_bufs: list
-    packs: list
-    done: bool = False
-    pending: int = 0  # packed nodes still to run in backward
-
-
-class ReferenceProgram(ReferenceModel):
+class ReferenceProgram(CheckpointedRegions, ReferenceModel):
     """Builds the reference model's parameters on a Machine and runs steps on it."""
 
     # True where a subclass builds the optimizer after choosing its parameters (pipeline ranks)
@@ -217,84 +204,6 @@ class ReferenceProgram(ReferenceModel):
     def _drop_phantom_grads(self) -> None:
         self.m.drop(*self._phantom_grads.values())
         self._phantom_grads.clear()
-
-    # ---- activation checkpointing (torch.utils.checkpoint, use_reentrant=False) -------------
-    def run_block(self, x: T, i: int, rope: tuple[T, T] | None) -> T:
-        if i not in self.checkpointed:
-            return self.block(x, i, rope)
-        return self._checkpoint(lambda: self.block(x, i, rope), [x, *(rope or ())])
-
-    def _checkpoint(self, fn, args: list[T]) -> T:
-        """Run ``fn`` as torch.utils.checkpoint(fn, *args, use_reentrant=False) does: under the
-        checkpoint's saved-tensor hooks nothing is kept for backward but the arguments (held by
-        the checkpoint frame); every pack is logged so the recompute can hand its tensors to the
-        same nodes in the same order."""
-        m = self.m
-        held = [m.hold(a.buf) for a in args]
-        rec = _CheckpointFrame(fn, held, [])
-        old = m.save_hook
-        m.save_hook = lambda node, bufs: rec.packs.append(node)
-        try:
-            out = fn()
-        finally:
-            m.save_hook = old
-        for node in rec.packs:
-            self._ck_nodes[id(node)] = rec
-        rec.pending = len({id(n) for n in rec.packs})
-        if not rec.packs:  # nothing to recompute: the frame dies with the forward
-            m.drop(*held)
-        return out
-
-    def _after_node(self, node) -> None:
-        # The checkpoint frame (and the block arguments it keeps) lives as long as any of the
-        # block's saved-tensor holders: until the last node that packed a tensor has run.
-        rec = self._ck_nodes.get(id(node))
-        if rec is not None:
-            rec.pending -= 1
-            if rec.pending == 0:
-                self.m.drop(*rec.input_bufs)
-
-    def _before_node(self, node) -> None:
-        rec = self._ck_nodes.get(id(node))
-        if rec is not None and not rec.done:
-            self._recompute(rec)
-
-    def _recompute(self, rec: "_CheckpointFrame") -> None:
-        """Re-run the block when backward first unpacks one of its tensors. Non-reentrant
-        checkpoint stops as soon as the last logged tensor is packed again (early stop), so ops
-        after it never run; the recompute's locals die with it, only packed tensors survive."""
-        m, o = self.m, self.ops
-        phase, m.phase = m.phase, "recompute"
-        allocated: list = []
-        held: dict[int, int] = {}
-        k = 0
-
-        def hook(node, bufs):
-            nonlocal k
-            target = rec.packs[k]
-            k += 1
-            for b in bufs:  # unpack hands the recomputed tensor to the node's apply()
-                target.unpacked.append(m.hold(b))
-                held[id(b)] = held.get(id(b), 0) + 1
-            if k == len(rec.packs):
-                raise _StopRecompute
-
-        old_hook, m.save_hook = m.save_hook, hook
-        m.on_alloc = allocated.append
-        amp_cache, o._amp_cache = o._amp_cache, {}
-        amp_was = o.amp_esz
-        o.amp_esz = self.amp_esz  # recompute restores the forward's autocast state
-        try:
-            rec.fn()
-        except _StopRecompute:
-            pass
-        finally:
-            m.save_hook, m.on_alloc = old_hook, None
-            o._amp_cache, o.amp_esz = amp_cache, amp_was
-        for b in allocated:  # everything not packed is garbage once the recompute unwinds
-            m.set_refs(b, held.get(id(b), 0))
-        rec.done = True
-        m.phase = phase
 
     # ---- backward, optimizer, steps ----------------------------------------------------------
     def backward(self, loss: T) -> None:

@@ -25,7 +25,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from planner.catalog.specs import Progress, ValidationRequest, ValidationResult
+from planner.catalog.specs import ValidationRequest
+from planner.catalog.validation_specs import Progress, ValidationResult
 from service.jobs.capabilities import bytes_needed, too_large
 
 

@@ -36,8 +36,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
 
-from planner.catalog.specs import (JobStatus, Progress, ValidationJob, ValidationPage, ValidationRequest,
-                           ValidationResult)
+from planner.catalog.specs import ValidationRequest
+from planner.catalog.validation_specs import (JobStatus, Progress, ValidationJob, ValidationPage,
+                                             ValidationResult)
 from service.jobs.capabilities import (Requirements, WorkerInfo, submission_refusal,
                                        waiting_reason)
 from service.jobs.migrations import jobs, migrate, workers

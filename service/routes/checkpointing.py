@@ -4,7 +4,8 @@ from fastapi import APIRouter, Request
 
 from planner.routes import checkpointing as planner_checkpointing
 from planner.catalog.presets import UnknownName
-from planner.routes.checkpointing import CheckpointRequest, CheckpointResult, PlanningError
+from planner.routes.checkpoint_specs import CheckpointRequest, CheckpointResult
+from planner.routes.checkpointing import PlanningError
 from service.errors import ERROR_RESPONSES, PlanError, ProblemRoute
 from service.estimates import ESTIMATE_LIMIT_RESPONSES, run_estimate
 

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, R
 from sqlalchemy.exc import SQLAlchemyError
 
 from planner.catalog.presets import UnknownName
-from planner.catalog.specs import JobStatus, ValidationJob, ValidationPage, ValidationRequest
+from planner.catalog.specs import ValidationRequest
+from planner.catalog.validation_specs import JobStatus, ValidationJob, ValidationPage
 from service.errors import ERROR_RESPONSES, PROBLEM, PlanError, Problem, ProblemRoute
 from service.jobs.store import (BadCursor, JobFinished, JobNotFound, JobStore, MAX_PAGE,
                                 NoWorkerCanRun, QueueFull)

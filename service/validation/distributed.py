@@ -46,11 +46,10 @@ from typing import Any
 
 import torch
 
-from planner.catalog.specs import (
-    Breakdown,
+from planner.catalog.specs import Breakdown, ValidationRequest
+from planner.catalog.validation_specs import (
     Progress,
     RankResult,
-    ValidationRequest,
     ValidationResult,
     relative_error,
 )

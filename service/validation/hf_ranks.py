@@ -23,11 +23,10 @@ import os
 import sys
 from pathlib import Path
 
-from planner.catalog.specs import (
-    Breakdown,
+from planner.catalog.specs import Breakdown, ValidationRequest
+from planner.catalog.validation_specs import (
     Progress,
     RankResult,
-    ValidationRequest,
     ValidationResult,
     relative_error,
 )

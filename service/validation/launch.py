@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from planner.catalog.specs import Progress, ValidationRequest
+from planner.catalog.specs import ValidationRequest
+from planner.catalog.validation_specs import Progress
 
 ROOT = Path(__file__).resolve().parents[2]
 

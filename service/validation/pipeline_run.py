@@ -38,7 +38,8 @@ from torch import nn
 from planner.catalog.presets import resolve_model
 from planner.routes.pipeline import PipelineCosts, PipelineRequest, plan_pipeline
 from planner.layouts.pipeline_schedules import build_schedule
-from planner.catalog.specs import ModelSpec, TrainingSpec, ValidationRequest, ValidationResult
+from planner.catalog.specs import ModelSpec, TrainingSpec, ValidationRequest
+from planner.catalog.validation_specs import ValidationResult
 from service.validation.model import Transformer, rope_for
 
 TORCH_SCHEDULES = {
@@ -488,8 +489,8 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
     order and in-flight micro-batches exactly; F/I/W medians measured here fed to it for times)
     and the worst measured rank's memory against the planner's estimate."""
     from planner.routes.memory import estimate_memory
-    from planner.catalog.specs import (
-        Breakdown,
+    from planner.catalog.specs import Breakdown
+    from planner.catalog.validation_specs import (
         PipelineRankComparison,
         PipelineValidation,
         Progress,
@@ -522,7 +523,7 @@ def run_pipelined(req: ValidationRequest, progress: Callable[[Any], None] | None
     per_rank = _per_rank_estimates(req, "cuda" if cuda else "cpu")
     rank_results = None
     if per_rank is not None:  # the planner replays every rank: compare rank by rank
-        from planner.catalog.specs import RankResult
+        from planner.catalog.validation_specs import RankResult
 
         rank_results = [RankResult(rank=r.rank, estimate=per_rank[r.rank],
                                    measured=r.peak_memory,

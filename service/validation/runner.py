@@ -25,8 +25,10 @@ from planner.routes.memory import estimate_memory
 from planner.catalog.specs import (
     ActivationCheckpointing,
     Breakdown,
-    Progress,
     ValidationRequest,
+)
+from planner.catalog.validation_specs import (
+    Progress,
     ValidationResult,
     relative_error,
 )
@@ -59,7 +61,8 @@ def resolve_plan(req: ValidationRequest, dev: torch.device | None = None):
 
     A 'budget' without ``blocks`` is placed by the planner for the device the step runs on
     (POST /v1/checkpointing with that device); every other plan is evaluated as given."""
-    from planner.routes.checkpointing import CheckpointRequest, plan_checkpointing
+    from planner.routes.checkpoint_specs import CheckpointRequest
+    from planner.routes.checkpointing import plan_checkpointing
 
     dev = dev or _device(req)
     plan = plan_checkpointing(CheckpointRequest(
