@@ -212,6 +212,10 @@ class Space:
     def __init__(self, names: tuple[str, ...], lows: tuple[int, ...],
                  witness: tuple[int, ...] | None = None) -> None:
         self.names, self.lows, self.n = names, lows, len(names)
+        self.zero = (0,) * self.n  # the constant term's exponents
+        # a compile compares the same few differences over and over (a hundred thousand
+        # comparisons, about a thousand distinct polynomials): each is decided once
+        self.decided: dict[frozenset, tuple[int | None, bool, bool]] = {}
         self._shift: dict[tuple[int, ...], list[tuple[tuple[int, ...], int]]] = {}
         # A witness (one point of the domain: the sizes of the model being compiled) answers
         # what the domain does not decide; each such answer is kept as a guard, the sign of a
@@ -277,26 +281,47 @@ class MPoly(_Exact):
         self.t, self.sp = terms, sp
 
     def _make(self, terms: dict[tuple[int, ...], int]) -> MPoly | int:
-        terms = {k: c for k, c in terms.items() if c}
+        return self._fin({k: c for k, c in terms.items() if c})
+
+    def _fin(self, terms: dict[tuple[int, ...], int]) -> MPoly | int:
+        """``terms`` (no zero coefficient) as a polynomial, or the int it is when constant."""
         if not terms:
             return 0
         if len(terms) == 1:
-            k, c = next(iter(terms.items()))
-            if not any(k):
-                return c
+            for k, c in terms.items():
+                if not any(k):
+                    return c
         return MPoly(terms, self.sp)
+
+    def _plus(self, o: MPoly, sign: int):
+        """``self + sign * o``, the terms that cancel dropped as they go."""
+        d = dict(self.t)
+        get, pop = d.get, d.pop
+        for k, c in o.t.items():
+            v = get(k, 0) + sign * c
+            if v:
+                d[k] = v
+            else:
+                pop(k, None)
+        return self._fin(d)
+
+    def _plus_int(self, o: int):
+        if not o:
+            return self  # polynomials are never changed in place
+        d = dict(self.t)
+        z = self.sp.zero
+        v = d.get(z, 0) + o
+        if v:
+            d[z] = v
+        else:
+            del d[z]
+        return self._fin(d)
 
     def __add__(self, o):
         if isinstance(o, MPoly):
-            d = dict(self.t)
-            for k, c in o.t.items():
-                d[k] = d.get(k, 0) + c
-            return self._make(d)
+            return self._plus(o, 1)
         if isinstance(o, int):
-            d = dict(self.t)
-            z = (0,) * self.sp.n
-            d[z] = d.get(z, 0) + o
-            return self._make(d)
+            return self._plus_int(o)
         return NotImplemented
 
     __radd__ = __add__
@@ -305,8 +330,10 @@ class MPoly(_Exact):
         return MPoly({k: -c for k, c in self.t.items()}, self.sp)
 
     def __sub__(self, o):
-        if isinstance(o, (MPoly, int)):
-            return self + (-o)
+        if isinstance(o, MPoly):
+            return self._plus(o, -1)
+        if isinstance(o, int):
+            return self._plus_int(-o)
         return NotImplemented
 
     def __rsub__(self, o):
@@ -349,11 +376,16 @@ class MPoly(_Exact):
         d = self - o
         if isinstance(d, int):
             return (d > 0) - (d < 0), d >= 0, d <= 0
-        s = self.sp.shifted(d.t)
-        z = s.get((0,) * self.sp.n, 0)
-        ge = all(c >= 0 for c in s.values())
-        le = all(c <= 0 for c in s.values())
-        return (1 if ge and z > 0 else -1 if le and z < 0 else None), ge, le
+        sp = self.sp
+        key = frozenset(d.t.items())
+        hit = sp.decided.get(key)
+        if hit is None:
+            s = sp.shifted(d.t)
+            z = s.get(sp.zero, 0)
+            ge = all(c >= 0 for c in s.values())
+            le = all(c <= 0 for c in s.values())
+            hit = sp.decided[key] = (1 if ge and z > 0 else -1 if le and z < 0 else None), ge, le
+        return hit
 
     def _open(self, o, op: str, holds) -> bool:
         return holds(self.sp.guess(self - o))  # answered at the witness, kept as a guard
