@@ -17,6 +17,7 @@ leaves goes through the exact integer passes ``_prune`` and ``_hull_prune``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -259,13 +260,10 @@ def _hull_prune(vecs: list[tuple[int, ...]]) -> list[int]:
     return keep
 
 
-def _screen(k: np.ndarray, exps) -> np.ndarray:
-    """Rows (of ``k``: rows × coefficients, int64, constant first) the vectorised pass cannot
-    rule out; sound: a row it drops is ruled out by the rules above."""
-    n = len(k)
-    if n <= 8:
-        return np.arange(n)
-    kf = k.astype(float)
+@functools.lru_cache(maxsize=64)
+def _probe_monomials(exps: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """Each monomial of ``exps`` (rows) at the screen's probe points (columns); a compile's
+    windows share a few exponent sets, so each is computed once (read-only)."""
     if len(exps[0]) == 2:
         pb, pt = np.meshgrid(np.array(_PROBE_B, float), np.array(_PROBE_T, float))
         pts = np.stack([pb.ravel(), pt.ravel()])
@@ -275,7 +273,18 @@ def _screen(k: np.ndarray, exps) -> np.ndarray:
         pts = np.concatenate([np.tile(scale, (len(exps[0]), 1)),
                               scale[rng.integers(0, len(scale), (len(exps[0]), 4096))]], 1)
     mono = np.stack([np.prod(pts ** np.array(e, float)[:, None], 0) for e in exps])
-    vals = kf @ mono
+    mono.flags.writeable = False
+    return mono
+
+
+def _screen(k: np.ndarray, exps) -> np.ndarray:
+    """Rows (of ``k``: rows × coefficients, int64, constant first) the vectorised pass cannot
+    rule out; sound: a row it drops is ruled out by the rules above."""
+    n = len(k)
+    if n <= 8:
+        return np.arange(n)
+    kf = k.astype(float)
+    vals = kf @ _probe_monomials(tuple(tuple(e) for e in exps))
     top = vals.max(0)
     anchors = np.unique(np.argmax(vals >= top - 1e-9 * np.abs(top), axis=0))
     idx = np.arange(n)
