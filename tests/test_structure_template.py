@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import zlib
 
+import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -315,3 +316,45 @@ def test_largest_micro_batch_of_a_new_model_from_the_structure():
     pm.clear_caches()
     with step_cache.replay_only():
         assert got == [pm.estimate_memory(req(a)) for a in archs]
+
+
+def _dense_natural(m, sp):
+    """``structure._natural`` the long way: one row per log entry, a cumulative sum over all of
+    them, the marks' rows picked out."""
+    from planner.machine.stepsim import CATEGORIES
+    from planner.machine.symbolic import MPoly
+    zero = (0,) * sp.n
+    col = {zero: 0}
+    d = {}
+    for e, (sc, size) in enumerate(m.log):
+        terms = size.t.items() if isinstance(size, MPoly) else ((zero, size),) if size else ()
+        for k, c in terms:
+            j = col.setdefault(k, len(col))
+            d[(e + 1, j, abs(sc) - 1)] = d.get((e + 1, j, abs(sc) - 1), 0) + (c if sc > 0 else -c)
+    dense = np.zeros((len(m.log) + 1, len(CATEGORIES), len(col)), dtype=np.int64)
+    for (e, j, cat), v in d.items():
+        dense[e, cat, j] += v
+    at = [mk[0] for mk in m.marks]
+    return np.cumsum(dense, axis=0)[at], list(col)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_mark_rows_equal_the_cumulative_sum_over_every_log_entry(family, monkeypatch):
+    import planner.step.structure as structure
+    real, seen = structure._natural, []
+
+    def checked(m, sp):
+        full, exps = real(m, sp)
+        want, wexps = _dense_natural(m, sp)
+        assert exps == wexps and np.array_equal(full, want)
+        seen.append(len(m.marks))
+        return full, exps
+    monkeypatch.setattr(structure, "_natural", checked)
+    rng = random.Random(zlib.crc32(family.encode()) + 7)
+    for var in ({}, {"activation_checkpointing": {"strategy": "every-k", "every_k": 2}}):
+        model = resolve_model(ModelSpec.model_validate(_arch(family, rng)))
+        tr = TrainingSpec.model_validate({**var, "micro_batch_size": 2, "sequence_length": 2})
+        dom, names, _ = structure_of(model, 5, 100)
+        compile_structure(model, tr, "cuda", checkpointed_blocks(tr, model.num_layers), names,
+                          dom[0])
+    assert len(seen) == 2 and min(seen) > 10

@@ -142,12 +142,16 @@ def _natural(m: RecordingMachine, sp: Space) -> tuple[np.ndarray, list[tuple[int
     if sum(map(abs, val)) >= _LIMIT:  # bounds every partial sum below: no int64 overflow
         raise Undecided("live bytes outside the template's range")
     ncol = len(col) * _NCAT
-    d = np.zeros((len(m.log) + 1, ncol), dtype=np.int64)
-    np.add.at(d, (np.array(idx, dtype=np.int64), np.array(cc, dtype=np.int64)),
-              np.array(val, dtype=np.int64))
-    c = np.cumsum(d, axis=0)
+    # each change summed into the segment of the first mark that sees it (a mark at log length
+    # ``at`` sees the changes 1..at), then one cumulative sum over the marks only
     at = np.array([mk[0] for mk in m.marks], dtype=np.int64)
-    full = c[at].reshape(len(m.marks), len(col), _NCAT).transpose(0, 2, 1)
+    seg = np.searchsorted(at, np.array(idx, dtype=np.int64), side="left")
+    seen = seg < len(at)
+    d = np.zeros((len(at), ncol), dtype=np.int64)
+    np.add.at(d, (seg[seen], np.array(cc, dtype=np.int64)[seen]),
+              np.array(val, dtype=np.int64)[seen])
+    c = np.cumsum(d, axis=0)
+    full = c.reshape(len(m.marks), len(col), _NCAT).transpose(0, 2, 1)
     return np.ascontiguousarray(full), list(col)
 
 
