@@ -52,3 +52,34 @@ def test_segment_sums_equal_the_row_by_row_sum(seed: int) -> None:
         m._flush()
         assert len(m.log) > 100
         assert np.array_equal(m.marks_matrix(), m.dense_marks_matrix())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_long_run_of_changes_sums_as_the_change_by_change_sum(seed: int) -> None:
+    from planner.machine.recording import add_changes
+    from planner.machine.symbolic import MPoly, Poly, Space
+
+    rng = random.Random(seed)
+    sp = Space(("a", "b"), (2, 2))
+    ncat = 7
+    poly_kind = [rng.choice(["int", "poly", "mpoly"]) for _ in range(ncat)]
+
+    def size(cat: int):
+        kind = poly_kind[cat] if rng.random() < 0.7 else "int"
+        if kind == "int":
+            return rng.randint(0, 5000)
+        terms = {(rng.randint(0, 2), rng.randint(0, 2)): rng.randint(-9, 9) for _ in range(3)}
+        return Poly.make(terms) if kind == "poly" else MPoly({}, sp)._make(terms)
+
+    for n in (0, 5, 16, 40, 300):
+        changes = []
+        for _ in range(n):
+            cat = rng.randrange(ncat)
+            changes.append(((cat + 1) * rng.choice([1, -1]), size(cat)))
+        start = [rng.randint(0, 10 ** 6) for _ in range(ncat)]
+        want = list(start)
+        for sc, s in changes:
+            want[abs(sc) - 1] = want[abs(sc) - 1] + s if sc > 0 else want[abs(sc) - 1] - s
+        got = add_changes(list(start), changes)
+        for g, w in zip(got, want):
+            assert type(g) is type(w) and (g == w if isinstance(w, int) else g.t == w.t)

@@ -20,7 +20,7 @@ import numpy as np
 
 from planner.machine.peak_candidates import Candidates, candidates, fused_best
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Machine, PeakSnap
-from planner.machine.symbolic import Poly, Undecided, strictly_positive
+from planner.machine.symbolic import MPoly, Poly, Undecided, strictly_positive
 
 __all__ = ["RecordingMachine", "WindowTemplate", "add_changes", "compile_windows", "domain_of",
            "record", "window_candidates"]
@@ -35,13 +35,47 @@ _NCOL = _NCAT * _DEG * _DEG
 
 def add_changes(live: list, changes) -> list:
     """``live`` (bytes per category) after the logged ``changes`` ((±(category + 1), size)
-    pairs), summed in place."""
+    pairs), summed in place. A long run of changes is summed per category as plain integers
+    and one dict of polynomial terms, one polynomial built at the end (integer sums in any
+    order: the same result)."""
+    if len(changes) < _BATCH:
+        for sc, size in changes:
+            if sc > 0:
+                live[sc - 1] = live[sc - 1] + size
+            else:
+                live[-sc - 1] = live[-sc - 1] - size
+        return live
+    ints = [0] * len(live)
+    terms: list[dict | None] = [None] * len(live)
+    kinds: list = [None] * len(live)
     for sc, size in changes:
-        if sc > 0:
-            live[sc - 1] = live[sc - 1] + size
-        else:
-            live[-sc - 1] = live[-sc - 1] - size
+        i, sign = (sc - 1, 1) if sc > 0 else (-sc - 1, -1)
+        if type(size) is int:
+            ints[i] += sign * size
+        elif type(size) is Poly or type(size) is MPoly:
+            d = terms[i]
+            if d is None:
+                d = terms[i] = {}
+                kinds[i] = size
+            elif type(kinds[i]) is not type(size):  # pragma: no cover - one kind a machine
+                raise TypeError("a category's sizes of two polynomial kinds")
+            get = d.get
+            for k, c in size.t.items():
+                d[k] = get(k, 0) + sign * c
+        else:  # anything else, as it comes
+            live[i] = live[i] + size if sign > 0 else live[i] - size
+    for i, d in enumerate(terms):
+        total = live[i]
+        if d is not None:
+            k = kinds[i]
+            total = total + (Poly.make(d) if type(k) is Poly else k._make(d))
+        if ints[i]:
+            total = total + ints[i]
+        live[i] = total
     return live
+
+
+_BATCH = 16  # changes from which add_changes sums per category first
 
 
 class RecordingMachine(Machine):
