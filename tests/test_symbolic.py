@@ -13,23 +13,13 @@ import random
 import pytest
 
 from planner.machine.symbolic import MPoly, Space, Undecided
+from tests.test_pipeline_compose_compile import _value
 
 LOWS = (2, 2, 3)
 
 
 def _space() -> Space:
     return Space(("b", "t", "h"), LOWS)
-
-
-def _value(x, point: tuple[int, ...]) -> int:
-    if isinstance(x, int):
-        return x
-    total = 0
-    for exps, c in x.t.items():
-        for v, e in zip(point, exps):
-            c *= v ** e
-        total += c
-    return total
 
 
 def _random_poly(rng: random.Random, sp: Space):
