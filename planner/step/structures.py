@@ -3,11 +3,11 @@
 A *structure* is a single-device setup without the model's dimensions
 (``planner/step/structure.py``). The first estimate of a structure replays concretely
 (``planner/step/simulate.py``) and queues the structure's compile on one daemon thread (a compile
-costs about a hundred replays; an exiting process stops it at its next check and joins it); once it is done, the
-estimate of any model of that structure that would otherwise be replayed is an evaluation. A step
-that decides on the dimensions holds guarded variants: a model no variant admits is replayed and
-queues one more (up to ``_STRUCTURE_MAX_VARIANTS``). Any failure of a compile leaves the
-structure on the replay, which is the answer anyway.
+costs about a hundred replays; an exiting process stops it at its next check and joins it); once
+it is done, the estimate of any model of that structure that would otherwise be replayed is an
+evaluation. A step that decides on the dimensions holds guarded variants: a model no variant
+admits is replayed and queues one more (up to ``_STRUCTURE_MAX_VARIANTS``). Any failure of a
+compile leaves the structure on the replay, which is the answer anyway.
 
 A data-parallel rank (DDP, FSDP2) has structures of its own, keyed by the parallel spec as well
 (``planner/step/rank_structure.py``): the rank itself is left out of the key, and under FSDP2
@@ -132,6 +132,7 @@ def submit(pend: tuple, fn) -> bool:
     with _LOCK:
         if pend in _PENDING or len(_PENDING) >= _STRUCTURE_MAX_PENDING:
             return False
+        q = _started()  # under the lock: one queue and one thread, whoever comes first
         _PENDING.add(pend)
 
     def job() -> None:
@@ -140,13 +141,13 @@ def submit(pend: tuple, fn) -> bool:
         finally:
             with _LOCK:
                 _PENDING.discard(pend)
-    _started().put(job)
+    q.put(job)
     return True
 
 
 def _started() -> queue.Queue:
-    """The compile queue, its thread started on first use. At exit the thread is stopped and
-    joined (``_stop``) before the interpreter is torn down."""
+    """The compile queue, its thread started on first use (callers hold ``_LOCK``). At exit the
+    thread is stopped and joined (``_stop``) before the interpreter is torn down."""
     global _QUEUE, _THREAD
     if _QUEUE is None:
         _QUEUE = queue.Queue()
