@@ -24,6 +24,7 @@ from planner.layouts.pipeline_memory import (
     unsupported_reason,
 )
 from planner.layouts import pipeline_structures
+from planner.layouts.pipeline_fused import worst_rank_fn
 from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, rank_stages, schedule_of
 from planner.machine import cache
@@ -55,11 +56,14 @@ def stop_above(mem_bytes: int):
 
 
 def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, device: str,
-                       compiled=None):
-    """Every rank replayed; (worst rank's steady, first-step breakdown dicts, peak phase,
-    assumptions, notes) for planner.routes.memory, or None when the setup is outside the replay (the
-    caller then composes an approximation). ``compiled``: ``compiled_ranks``'s answer for the
-    setup, kept by the caller."""
+                       compiled=None, every_rank: bool = True):
+    """Every rank replayed; (worst rank's StagePeak, every rank's, assumptions, notes) for
+    planner.routes.memory, or None when the setup is outside the replay (the caller then
+    composes an approximation). ``compiled``: ``compiled_ranks``'s answer for the setup, kept by
+    the caller. ``every_rank=False``: a caller that reads only the worst rank's StagePeak (and
+    the note) gets ``[worst]`` for the ranks' list, evaluated from the setup's templates
+    without the other ranks' categories (planner/layouts/pipeline_fused.py) when they are
+    compiled."""
     limit = _LIMIT.get()
     if compiled is not None and limit is None:
         plan, compiled = compiled
@@ -69,8 +73,17 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
             return None
         compiled = None if limit is not None else _compiled_ranks(model, training, plan, device)
     name = parallel.pipeline_schedule
+    if compiled is not None and not every_rank and compiled[2] is not None:
+        # the worst rank's snapshots and every rank's steady total: one generated function
+        ranks = compiled[0]
+        w, per, first, steady = compiled[2](training.micro_batch_size - 2,
+                                            training.sequence_length - 2)
+        worst = StagePeak(ranks[w][0], ranks[w][1], first, steady)
+        return (worst, [worst],
+                list(_assumptions(name, worst.rank, tuple(worst.stages), plan.num_stages)),
+                [f"per-rank steady-state peaks: {per}"])
     if compiled is not None:  # every rank's template compiled: evaluated at once
-        ranks, windows = compiled
+        ranks, windows, _ = compiled
         snaps = windows(training.micro_batch_size - 2, training.sequence_length - 2)
         peaks = [StagePeak(r, stages, *w) for (r, stages, _), w in zip(ranks, snaps)]
         per = "; ".join(f"{head}{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}"
@@ -140,7 +153,8 @@ def _assumptions(name: str, worst: int, stages: tuple[int, ...], num_stages: int
     )
 
 
-# a setup's rank-0 key -> (every rank's (rank, stages, note head), their windows' evaluation)
+# a setup's rank-0 key -> (every rank's (rank, stages, note head), their windows' evaluation,
+# the worst rank's: planner/layouts/pipeline_fused.py)
 _RANKS: dict[tuple, tuple] = {}
 _RANKS_MAX = 1024
 _RANKS_AT_ONCE = 64  # deeper pipelines go rank by rank (their templates outnumber the cache's)
@@ -157,7 +171,8 @@ def _plan_key(schedule) -> tuple:
 
 def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: str):
     """(every rank's (rank, stages, the head of its note), ``f(b, t)``: every rank's windows
-    evaluated by one generated function, ``fused_best``) when every rank's template of the
+    evaluated by one generated function, ``fused_best``; the worst rank's answer,
+    ``worst_rank_fn``, None where it does not apply) when every rank's template of the
     setup is compiled; None otherwise (templates off, one rank not compiled yet, a key that
     does not hash). Evaluating them is what ``pipeline_rank`` does for each rank then, without
     its per-rank lookups."""
@@ -176,8 +191,10 @@ def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: st
     if any(not isinstance(tpl, WindowTemplate) for tpl in tpls):  # None: not compiled
         return None
     stages = rank_stages(schedule)
-    hit = ([(r, stages[r], _rank_head(r, stages[r])) for r in range(schedule.num_ranks)],
-           fused_best([tpl.windows for tpl in tpls]))
+    heads = [_rank_head(r, stages[r]) for r in range(schedule.num_ranks)]
+    groups = [tpl.windows for tpl in tpls]
+    hit = ([(r, stages[r], heads[r]) for r in range(schedule.num_ranks)], fused_best(groups),
+           worst_rank_fn(groups, heads))
     _put(_RANKS, key, hit, _RANKS_MAX)
     return hit
 

@@ -57,7 +57,7 @@ def _reference(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device
         # world-size-1 path, replayed (measured by tests/test_zero_one_rank.py)
         return data_parallel(model, tr, par, device, ckpt, assumptions, notes, peaks)
     if par.pipeline_parallel > 1 and not ckpt:
-        pp = pipelined_estimate(model, tr, par, device, ranks)
+        pp = pipelined_estimate(model, tr, par, device, ranks, every_rank=False)
         if pp is not None:  # every pipeline rank replayed; the worst one reported
             worst, _, extra, pp_notes = pp
             assumptions.extend(extra)
