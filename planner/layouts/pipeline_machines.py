@@ -195,7 +195,7 @@ def _shifted_matrix(totals: list) -> np.ndarray:
     """The totals' coefficients over variables that are at least 0, one row each, the constant
     first: polynomials in sizes (``MPoly``) through their space's shift, natural coefficients
     times the shift of each monomial, in one product; ``Poly`` terms are over b = B - 2,
-    t = T - 2 already."""
+    t = T - 2 already. Exact: in int64 where a bound on every entry fits, else Python ints."""
     sp = next((t.sp for t in totals if isinstance(t, MPoly)), None)
     zero = (0,) * sp.n if sp is not None else (0, 0)
     cols: dict[tuple, int] = {zero: 0}
@@ -221,6 +221,9 @@ def _shifted_matrix(totals: list) -> np.ndarray:
     for r, part in enumerate(parts):
         for k, c in part:
             m[r, shifted[k]] += c
+    af, mf = np.abs(a).astype(float), np.abs(m).astype(float)
+    if (af @ mf).max(initial=0.0) < 2.0 ** 61:  # every partial sum fits
+        return a.astype(np.int64) @ m.astype(np.int64)
     return a.dot(m)
 
 
@@ -229,16 +232,19 @@ def undominated(totals: list) -> list[int]:
     be the first highest for some sizes: a total is left out when an earlier one is at least
     it, or a later one above it, everywhere (every shifted coefficient of the difference at
     least 0; above: and its constant above 0)."""
-    if len(totals) < 2:
-        return list(range(len(totals)))
-    a = _shifted_matrix(totals)
-    if np.abs(a).max() < 1 << 61:
-        a = a.astype(np.int64)
     n = len(totals)
+    if n < 2:
+        return list(range(n))
+    a = _shifted_matrix(totals)
+    if a.dtype == object and np.abs(a).max() < 1 << 61:
+        a = a.astype(np.int64)
     out = np.ones(n, dtype=bool)
-    for i in range(n):  # d[j] = total j - total i
-        d = a - a[i]
-        ge = (d >= 0).all(axis=1)
-        if ge[:i].any() or (ge[i + 1:] & (d[i + 1:, 0] > 0)).any():
-            out[i] = False
+    order = np.arange(n)
+    step = max(1, (1 << 22) // (n * a.shape[1]))  # totals i per block: a few MB of comparisons
+    for lo in range(0, n, step):
+        i = order[lo:lo + step]
+        ge = (a[None, :, :] >= a[i, None, :]).all(axis=2)  # [i, j]: total j >= total i
+        earlier = order[None, :] < i[:, None]
+        above = a[None, :, 0] > a[i, None, 0]
+        out[i] = ~(ge & (earlier | above)).any(axis=1)
     return [int(i) for i in np.nonzero(out)[0]]
