@@ -73,3 +73,15 @@ def test_shifted_matrix_is_exact(big: bool) -> None:
         nonzero = {j: int(v) for j, v in enumerate(got[r]) if v}
         assert sorted(nonzero.values()) == sorted(v for v in row.values() if v)
         assert int(got[r][0]) == row.get(sp.zero, 0)
+
+
+def test_totals_given_as_parts_are_summed() -> None:
+    """A mark's live bytes per category (a tuple of parts) give the matrix of their sum."""
+    rng = random.Random(5)
+    sp = Space(("B", "T", "h"), (2, 2, 2))
+    rows = [tuple(rng.choice([0, 3, _poly(sp, rng, False)]) for _ in range(5))
+            for _ in range(25)]
+    parts = pmach._shifted_matrix(rows)
+    sums = pmach._shifted_matrix([sum(r[1:], r[0]) for r in rows])
+    assert parts.shape == sums.shape and (parts == sums).all()
+    assert pmach.undominated(rows) == pmach.undominated([sum(r[1:], r[0]) for r in rows])

@@ -110,6 +110,7 @@ class _Recording(RecordingMachine):
     def __init__(self) -> None:
         super().__init__()
         self.cuts: list[int] = []
+        self._since_last: tuple | None = None
 
     def cut(self) -> None:
         self._flush()
@@ -127,14 +128,22 @@ class _Recording(RecordingMachine):
         return len(self.log), len(self.marks)
 
     def _since(self, token: tuple[int, int]) -> tuple[list, list]:
-        """(each mark's live bytes since ``token`` relative to it, the change to now)."""
+        """(each mark's live bytes since ``token`` relative to it, the change to now); the
+        answer is kept while the log and the marks stay as they are (a recorded action asks
+        for its rows, then for its net change to replace them: ``memo_replace`` drops it)."""
         self._flush()
+        at_now = (token, len(self.log), len(self.marks))
+        last = self._since_last
+        if last is not None and last[0] == at_now:
+            return list(last[1]), list(last[2])
         rel, rows, at = [0] * len(CATEGORIES), [], token[0]
         for mk in self.marks[token[1]:]:
             add_changes(rel, self.log[at:mk[0]])
             at = mk[0]
             rows.append(tuple(rel))
-        return rows, add_changes(rel, self.log[at:])
+        net = add_changes(rel, self.log[at:])
+        self._since_last = (at_now, tuple(rows), tuple(net))
+        return rows, net
 
     def memo_rows(self, token: tuple[int, int], start: list) -> tuple[tuple, tuple]:
         """The marks since ``token`` relative to the live bytes there, and their (op, phase,
@@ -147,6 +156,7 @@ class _Recording(RecordingMachine):
         """The log since ``token`` as a composed action leaves it: its marks, then the net
         change per category without a mark (what stays live is freed later by its buffers)."""
         _, net = self._since(token)
+        self._since_last = None  # the log changes below
         del self.log[token[0]:], self.marks[token[1]:]
         self._cur_at = (token[0], list(start))
         self.memo_emit(rows, names, plan=plan)
@@ -159,7 +169,7 @@ class _Recording(RecordingMachine):
         sizes (``undominated``), each as its changes from the previous one, then the changes
         back to the start."""
         marks, prev = [], [0] * len(CATEGORIES)
-        for i in undominated([sum(r[1:], r[0]) for r in rows]):
+        for i in undominated(list(rows)):  # each mark's total: its categories summed
             row = rows[i]
             marks.append(([(c + 1, a - b) for c, (a, b) in enumerate(zip(row, prev))
                            if _nonzero(a - b)], names[i]))
@@ -195,21 +205,26 @@ def _shifted_matrix(totals: list) -> np.ndarray:
     """The totals' coefficients over variables that are at least 0, one row each, the constant
     first: polynomials in sizes (``MPoly``) through their space's shift, natural coefficients
     times the shift of each monomial, in one product; ``Poly`` terms are over b = B - 2,
-    t = T - 2 already. Exact: in int64 where a bound on every entry fits, else Python ints."""
-    sp = next((t.sp for t in totals if isinstance(t, MPoly)), None)
+    t = T - 2 already. A total may be given as a tuple of parts (a mark's live bytes per
+    category), summed coefficient by coefficient here. Exact: in int64 where a bound on every
+    entry fits, else Python ints."""
+    rows = [t if type(t) is tuple else (t,) for t in totals]
+    sp = next((p.sp for r in rows for p in r if isinstance(p, MPoly)), None)
     zero = (0,) * sp.n if sp is not None else (0, 0)
     cols: dict[tuple, int] = {zero: 0}
-    for t in totals:
-        if not isinstance(t, int):
-            for k in t.t:
-                cols.setdefault(k, len(cols))
-    a = np.zeros((len(totals), len(cols)), dtype=object)
-    for i, t in enumerate(totals):
-        if isinstance(t, int):
-            a[i, 0] = t
-        else:
-            for k, c in t.t.items():
-                a[i, cols[k]] = c
+    for r in rows:
+        for p in r:
+            if not isinstance(p, int):
+                for k in p.t:
+                    cols.setdefault(k, len(cols))
+    a = np.zeros((len(rows), len(cols)), dtype=object)
+    for i, r in enumerate(rows):
+        for p in r:
+            if isinstance(p, int):
+                a[i, 0] += p
+            else:
+                for k, c in p.t.items():
+                    a[i, cols[k]] += c
     if sp is None:
         return a
     shifted: dict[tuple, int] = {zero: 0}
@@ -228,8 +243,8 @@ def _shifted_matrix(totals: list) -> np.ndarray:
 
 
 def undominated(totals: list) -> list[int]:
-    """The indices of the totals (polynomials in sizes at least their domain's lows) that can
-    be the first highest for some sizes: a total is left out when an earlier one is at least
+    """The indices of the totals (polynomials in sizes at least their domain's lows, or tuples
+    of parts that sum to them) that can be the first highest for some sizes: a total is left out when an earlier one is at least
     it, or a later one above it, everywhere (every shifted coefficient of the difference at
     least 0; above: and its constant above 0)."""
     n = len(totals)
