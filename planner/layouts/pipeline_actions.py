@@ -94,15 +94,18 @@ def _differ(a, b) -> bool:
     return any(_nonzero(x - y) for x, y in zip(a, b))
 
 
-def _canon(x):
-    """A record's value compared as written (polynomials term by term)."""
-    if isinstance(x, _Exact):
-        return ("poly", frozenset(x.t.items()))
+def _same(x, y) -> bool:
+    """Two records' values equal as written (polynomials term by term, a polynomial never
+    equal to a number)."""
+    if isinstance(x, _Exact) or isinstance(y, _Exact):
+        return type(x) is type(y) and x.t == y.t
     if isinstance(x, tuple):
-        return tuple(_canon(v) for v in x)
+        return (isinstance(y, tuple) and len(x) == len(y)
+                and all(a is b or _same(a, b) for a, b in zip(x, y)))
     if isinstance(x, (_Handed, _Rec)):
-        return (type(x).__name__, *(_canon(getattr(x, f)) for f in x.__dataclass_fields__))
-    return x
+        return type(x) is type(y) and all(_same(getattr(x, f), getattr(y, f))
+                                          for f in x.__dataclass_fields__)
+    return type(x) is type(y) and x == y
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,7 @@ class ActionMemo:
         if e is None:
             self.entries[key] = _Entry(rec)
         elif not e.verified and not e.bad:
-            if _canon(e.rec) == _canon(rec):
+            if _same(e.rec, rec):
                 e.verified = True
             else:
                 e.bad = True
