@@ -250,7 +250,7 @@ class ActionMemo:
         out_buf = prog.pending[st, j].out.buf if kind == "B" else None
         run()
         rows, names = m.memo_rows(n0, start)
-        net = tuple(a - b for a, b in zip(m.cur, start))
+        net = m.memo_net(n0, start)
         plans.append(m.memo_plan(rows, names))  # as a composed action leaves them
         m.memo_replace(n0, rows, names, start, plans[0])
         if kind == "W":

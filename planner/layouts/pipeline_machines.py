@@ -72,6 +72,10 @@ class TraceMachine(Machine):
         rows = tuple(tuple(a - b for a, b in zip(r, start)) for r in self.rows[token:])
         return rows, tuple((mk[0], mk[1]) for mk in self.meta[token:])
 
+    def memo_net(self, token: int, start: list) -> tuple:
+        """The live bytes' change since ``token`` (``start``: the live bytes there)."""
+        return tuple(a - b for a, b in zip(self.cur, start))
+
     def memo_replace(self, token: int, rows: tuple, names: tuple, start: list,
                      plan: int | None = -1) -> None:
         """The rows since ``token`` as a composed action leaves them."""
@@ -150,6 +154,11 @@ class _Recording(RecordingMachine):
         after an allocation)."""
         rows, _ = self._since(token)
         return tuple(rows), tuple((mk[1], mk[2], mk[4]) for mk in self.marks[token[1]:])
+
+    def memo_net(self, token: tuple[int, int], start: list) -> tuple:
+        """The live bytes' change since ``token``: the changes logged since, summed (what the
+        live bytes now less ``start``, the live bytes there, come to)."""
+        return tuple(self._since(token)[1])
 
     def memo_replace(self, token: tuple[int, int], rows: tuple, names: tuple,
                      start: list, plan: tuple | None = None) -> None:
