@@ -226,14 +226,18 @@ def _shifted_matrix(totals: list) -> np.ndarray:
             if not isinstance(p, int):
                 for k in p.t:
                     cols.setdefault(k, len(cols))
-    a = np.zeros((len(rows), len(cols)), dtype=object)
-    for i, r in enumerate(rows):
+    width = len(cols)
+    lists = []
+    for r in rows:
+        row = [0] * width
         for p in r:
             if isinstance(p, int):
-                a[i, 0] += p
+                row[0] += p
             else:
                 for k, c in p.t.items():
-                    a[i, cols[k]] += c
+                    row[cols[k]] += c
+        lists.append(row)
+    a = _ints(lists)
     if sp is None:
         return a
     shifted: dict[tuple, int] = {zero: 0}
@@ -241,14 +245,22 @@ def _shifted_matrix(totals: list) -> np.ndarray:
     for part in parts:
         for k, _ in part:
             shifted.setdefault(k, len(shifted))
-    m = np.zeros((len(cols), len(shifted)), dtype=object)
+    m = np.zeros((width, len(shifted)), dtype=np.int64)
     for r, part in enumerate(parts):
         for k, c in part:
             m[r, shifted[k]] += c
-    af, mf = np.abs(a).astype(float), np.abs(m).astype(float)
-    if (af @ mf).max(initial=0.0) < 2.0 ** 61:  # every partial sum fits
-        return a.astype(np.int64) @ m.astype(np.int64)
-    return a.dot(m)
+    if a.dtype != object and (np.abs(a).astype(float) @ np.abs(m).astype(float)).max(
+            initial=0.0) < 2.0 ** 61:  # every partial sum fits
+        return a @ m
+    return a.astype(object).dot(m.astype(object))
+
+
+def _ints(lists: list[list[int]]) -> np.ndarray:
+    """The rows as int64, or as Python ints where one does not fit."""
+    try:
+        return np.array(lists, dtype=np.int64).reshape(len(lists), -1)
+    except OverflowError:
+        return np.array(lists, dtype=object).reshape(len(lists), -1)
 
 
 def undominated(totals: list) -> list[int]:
