@@ -224,3 +224,13 @@ def test_relaxation_gives_way_on_a_deadlock_and_on_zero_costs() -> None:
     out = simulate(s, [1.0, 0.0], [1.0, 1.0], [0.0, 0.0])
     assert out.makespan_s == pytest.approx(simulate(s, [1.0, 1e-300], [1.0, 1.0],
                                                     [1e-300, 1e-300]).makespan_s)
+
+
+@pytest.mark.parametrize("schedule,p,m,v", [("gpipe", 4, 8, 1), ("1f1b", 8, 16, 1),
+                                            ("interleaved-1f1b", 4, 8, 2), ("zb-h1", 4, 8, 1),
+                                            ("zb-v", 4, 8, 2)])
+def test_peak_in_flight_of_some_ranks_equals_every_rank_s(schedule, p, m, v) -> None:
+    s = build_schedule(schedule, p, m, v)
+    every = peak_in_flight(s)
+    assert [peak_in_flight(s, [r])[0] for r in range(p)] == every
+    assert peak_in_flight(s, [p - 1, 0]) == [every[-1], every[0]]

@@ -180,7 +180,7 @@ def _first_stage_in_flight(schedule: str, p: int, m: int, v: int) -> int:
     """Micro-batches in flight on the first stage (planner.routes.pipeline's simulation; p where the
     schedule's constraints do not hold: /v1/pipeline reports those)."""
     try:
-        return peak_in_flight(schedule_of(schedule, p, m, v))[0]
+        return peak_in_flight(schedule_of(schedule, p, m, v), [0])[0]
     except Exception:  # noqa: BLE001 - schedule constraints are reported by /v1/pipeline
         return p
 

@@ -351,13 +351,14 @@ def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np
     return np.asarray(ready)
 
 
-def peak_in_flight(s: Schedule) -> list[int]:
-    """Per rank, the most (virtual stage, micro-batch) activations live at once. Depends on the
-    order only, not on the costs: a rank runs its actions one after another."""
+def peak_in_flight(s: Schedule, ranks: list[int] | None = None) -> list[int]:
+    """Per rank (of ``ranks``, default all), the most (virtual stage, micro-batch) activations
+    live at once. Depends on the order only, not on the costs: a rank runs its actions one
+    after another."""
     S, m = s.num_stages, s.microbatches
     Sm = S * m
     out = []
-    for seq in s.orders:
+    for seq in (s.orders if ranks is None else [s.orders[r] for r in ranks]):
         c = best = 0
         for a in seq:
             if a < Sm:
