@@ -205,10 +205,11 @@ class RecordingMachine(Machine):
         n = len(self.log)
         if not n:
             return self.dense_marks_matrix()
-        scs, sizes = zip(*self.log)
+        log = self.log
+        scs = [a for a, _ in log]
+        sizes = [b for _, b in log]
         polys = [e for e, size in enumerate(sizes) if size.__class__ is Poly]
         if polys:
-            sizes = list(sizes)
             for e in polys:
                 sizes[e] = 0
         try:
@@ -219,10 +220,15 @@ class RecordingMachine(Machine):
         rows, cols, vals = [np.arange(1, n + 1)], [(np.abs(sc) - 1) * (_DEG * _DEG)], \
             [np.sign(sc) * v]
         if polys:  # per distinct polynomial (a step logs a few, many times each)
-            by_poly: dict[tuple, list[int]] = {}
-            log = self.log
+            # entries of one polynomial object together, then objects of equal terms (as
+            # their terms are ordered: equal polynomials ordered apart make two groups, each
+            # summed on its own alike)
+            by_id: dict[int, list[int]] = {}
             for e in polys:
-                by_poly.setdefault(tuple(sorted(log[e][1].t.items())), []).append(e)
+                by_id.setdefault(id(log[e][1]), []).append(e)
+            by_poly: dict[tuple, list[int]] = {}
+            for es in by_id.values():
+                by_poly.setdefault(tuple(log[es[0]][1].t.items()), []).extend(es)
             for es in by_poly.values():
                 size = log[es[0]][1]
                 for (i, j), c in size.t.items():
