@@ -77,8 +77,6 @@ def unsupported(tr: TrainingSpec) -> tuple[str, str] | None:
 def make_config(config: dict[str, Any], num_layers: int | None = None):
     """A transformers config from validated config.json fields; ``num_layers`` builds a proxy
     of the first blocks (per-layer lists such as layer_types cut to match)."""
-    from transformers import AutoConfig
-
     d = {k: v for k, v in config.items() if k != "model_type"}
     mt = config["model_type"]
     full = _config(mt, d)
