@@ -10,8 +10,6 @@ concretely instead.
 
 from __future__ import annotations
 
-from operator import add as _add
-
 
 class Undecided(Exception):
     """A decision on sizes that depends on the values of B and T: simulate concretely."""
@@ -346,19 +344,13 @@ class MPoly(_Exact):
     def __mul__(self, o):
         if isinstance(o, MPoly):
             d: dict[tuple[int, ...], int] = {}
-            get = d.get
             for a, c in self.t.items():
                 for b, e in o.t.items():
-                    key = tuple(map(_add, a, b))
-                    d[key] = get(key, 0) + c * e
+                    key = tuple(x + y for x, y in zip(a, b))
+                    d[key] = d.get(key, 0) + c * e
             return self._make(d)
         if isinstance(o, int) and not isinstance(o, bool):
-            # every coefficient is nonzero, so every product is: the same terms, scaled
-            if not o:
-                return 0
-            if o == 1:
-                return self  # polynomials are never changed in place
-            return MPoly({k: c * o for k, c in self.t.items()}, self.sp)
+            return self._make({k: c * o for k, c in self.t.items()})
         return NotImplemented
 
     __rmul__ = __mul__
