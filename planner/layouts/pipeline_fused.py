@@ -12,7 +12,7 @@ tests/test_known_answers.py holds it equal to ``fused_best`` over random sizes.
 
 from __future__ import annotations
 
-from planner.machine.peak_candidates import Candidates
+from planner.machine.peak_candidates import Candidates, bt_monomials
 from planner.machine.stepsim import PeakSnap
 
 __all__ = ["worst_rank_fn"]
@@ -26,17 +26,7 @@ def worst_rank_fn(windows: list[list[Candidates]], heads: list[str]):
         return None
     cands = [c for g in windows for c in g]
     ns: dict = {"P": PeakSnap}
-    used = sorted({e for c in cands for v in [*c.key, *(x for cs in c.cats for x in cs)]
-                   for k, e in zip(v, c.exps) if k and e[0] + e[1] > 1})
-    mono = {(1, 0): "b", (0, 1): "t"}
-    pro = []
-    for n, (i, j) in enumerate(used):
-        mono[(i, j)] = f"m{n}"
-        pro.append(f"    m{n} = " + "*".join(["b"] * i + ["t"] * j))
-
-    def expr(exps, vec) -> str:
-        parts = [str(k) if e == (0, 0) else f"{k}*{mono[e]}" for k, e in zip(vec, exps) if k]
-        return " + ".join(parts) or "0"
+    pro, expr = bt_monomials(cands)
 
     def total(c: Candidates, v: str, k: str, pad: str) -> list[str]:
         """Lines leaving the window's total in v and its row in k (-1: the empty snapshot)."""

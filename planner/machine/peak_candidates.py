@@ -86,6 +86,24 @@ def _argmax_fn(exps, vecs: list[tuple[int, ...]]):
     return _compiled("\n".join(lines + ["    return bv, bk", ""]))
 
 
+def bt_monomials(cands: list[Candidates]):
+    """(lines computing every monomial b^i·t^j the windows' rows use, once, as ``m0``,
+    ``m1``, ...; ``expr(exps, vec)``: a row as a Python expression over them, b and t as they
+    are), for the generated functions over (b, t)."""
+    used = sorted({e for c in cands for v in [*c.key, *(x for cs in c.cats for x in cs)]
+                   for k, e in zip(v, c.exps) if k and e[0] + e[1] > 1})
+    mono = {(1, 0): "b", (0, 1): "t"}
+    pro = []
+    for n, (i, j) in enumerate(used):
+        mono[(i, j)] = f"m{n}"
+        pro.append(f"    m{n} = " + "*".join(["b"] * i + ["t"] * j))
+
+    def expr(exps, vec) -> str:
+        parts = [str(k) if e == (0, 0) else f"{k}*{mono[e]}" for k, e in zip(vec, exps) if k]
+        return " + ".join(parts) or "0"
+    return pro, expr
+
+
 def fused_best(groups: list[list[Candidates]]):
     """``f(b, t) -> [[c.best(b, t) for c in group] for group in groups]`` as one generated
     function: every window's rows and its peak's categories inline, no call per window (a
@@ -95,18 +113,8 @@ def fused_best(groups: list[list[Candidates]]):
     if any(c.names is not None for c in cands):
         return lambda b, t: [[c.best(b, t) for c in g] for g in groups]
     ns: dict = {"P": PeakSnap}
-    # every monomial b^i·t^j the rows use, computed once (b and t themselves as they are)
-    used = sorted({e for c in cands for v in [*c.key, *(x for cs in c.cats for x in cs)]
-                   for k, e in zip(v, c.exps) if k and e[0] + e[1] > 1})
-    lines = ["def f(b, t):"]
-    mono = {(1, 0): "b", (0, 1): "t"}
-    for n, (i, j) in enumerate(used):
-        mono[(i, j)] = f"m{n}"
-        lines.append(f"    m{n} = " + "*".join(["b"] * i + ["t"] * j))
-
-    def expr(exps, vec) -> str:
-        parts = [str(k) if e == (0, 0) else f"{k}*{mono[e]}" for k, e in zip(vec, exps) if k]
-        return " + ".join(parts) or "0"
+    pro, expr = bt_monomials(cands)
+    lines = ["def f(b, t):", *pro]
     for w, c in enumerate(cands):
         if not c.key:
             lines.append(f"    s{w} = P()")
