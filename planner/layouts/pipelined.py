@@ -84,7 +84,7 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
                 [f"per-rank steady-state peaks: {per}"])
     if compiled is not None:  # every rank's template compiled: evaluated at once
         ranks, windows, _ = compiled
-        snaps = windows(training.micro_batch_size - 2, training.sequence_length - 2)
+        snaps = windows()(training.micro_batch_size - 2, training.sequence_length - 2)
         peaks = [StagePeak(r, stages, *w) for (r, stages, _), w in zip(ranks, snaps)]
         per = "; ".join(f"{head}{pk.steady.total} B at {pk.steady.phase} {pk.steady.op}"
                         for (_, _, head), pk in zip(ranks, peaks))
@@ -170,8 +170,9 @@ def _plan_key(schedule) -> tuple:
 
 
 def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: str):
-    """(every rank's (rank, stages, the head of its note), ``f(b, t)``: every rank's windows
-    evaluated by one generated function, ``fused_best``; the worst rank's answer,
+    """(every rank's (rank, stages, the head of its note), ``() -> f(b, t)``: every rank's
+    windows evaluated by one generated function, ``fused_best``, generated when a caller
+    first asks for every rank (POST /v1/memory reads the worst alone); the worst rank's answer,
     ``worst_rank_fn``, None where it does not apply) when every rank's template of the
     setup is compiled; None otherwise (templates off, one rank not compiled yet, a key that
     does not hash). Evaluating them is what ``pipeline_rank`` does for each rank then, without
@@ -193,8 +194,8 @@ def _compiled_ranks(model: ResolvedModel, tr: TrainingSpec, schedule, device: st
     stages = rank_stages(schedule)
     heads = [_rank_head(r, stages[r]) for r in range(schedule.num_ranks)]
     groups = [tpl.windows for tpl in tpls]
-    hit = ([(r, stages[r], heads[r]) for r in range(schedule.num_ranks)], fused_best(groups),
-           worst_rank_fn(groups, heads))
+    hit = ([(r, stages[r], heads[r]) for r in range(schedule.num_ranks)],
+           functools.cache(lambda: fused_best(groups)), worst_rank_fn(groups, heads))
     _put(_RANKS, key, hit, _RANKS_MAX)
     return hit
 
