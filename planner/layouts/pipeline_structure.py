@@ -45,6 +45,7 @@ from planner.layouts.pipeline_families import (
     known,
     record,
 )
+from planner.layouts.pipeline_kind_records import SharedKinds
 from planner.layouts.pipeline_machines import _Recording
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
@@ -203,7 +204,8 @@ def _replay(model, tr, schedule, rank, device, sizes, sp, items, mb, memo):
 
 def compile_pipeline_structure(model, tr, schedule, rank: int, device: str,
                                names: tuple[str, ...], half: bool, values: tuple[int, ...],
-                               lists: RankLists) -> PipelineStructureTemplate:
+                               lists: RankLists, layout: tuple | None = None
+                               ) -> PipelineStructureTemplate:
     """Replay the rank's shortened lists once with the sizes ``names`` symbolic (witness
     ``values``, a model of the structure) and extrapolate them symbolically; raises Undecided
     (or TypeError) when the replay depends on the sizes' values beyond the guards or the
@@ -213,9 +215,14 @@ def compile_pipeline_structure(model, tr, schedule, rank: int, device: str,
     sp, sizes = _symbolic_sizes(names, half, (*values, *lists.dropped), extra)
     # the lists' replays share one record per action kind (their sizes are of one space)
     memo = ActionMemo({}, stage_roles(schedule, rank, model))
+    shared = None if layout is None else SharedKinds(layout, sp, len(names))
     try:
+        if shared is not None:
+            shared.into(memo)
         traces = [_replay(model, tr, schedule, rank, device, sizes, sp, items, mb, memo)
                   for items, mb in lists.lists]
+        if shared is not None:
+            shared.keep(memo)
     except Unmemoizable:  # a composed action did not add up: every action op by op
         sp, sizes = _symbolic_sizes(names, half, (*values, *lists.dropped), extra)
         traces = [_replay(model, tr, schedule, rank, device, sizes, sp, items, mb, None)

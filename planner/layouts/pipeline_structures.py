@@ -105,7 +105,7 @@ def _compile(model, tr, schedule, device, rank, names, half, values, lists, key,
     try:
         with work_limit(BackgroundLimit(_WORK_LIMIT_S)):
             tpl = compile_pipeline_structure(model, tr, schedule, rank, device, names, half,
-                                             values, lists)
+                                             values, lists, layout=key[:-1])
     except (Undecided, WorkLimitExceeded, Exception):  # noqa: BLE001
         # a size the program cannot take symbolically (TypeError, ...) included: the
         # structure stays on the replay, which is the answer anyway
