@@ -105,7 +105,7 @@ def test_a_witness_that_decides_a_guard_otherwise_imports_nothing() -> None:
     _compile(model, tr, sched, 1, layout)
     kinds = pk._STORE[layout]
     # one false guard for every kind: the constant 1 said to be negative
-    dom, names, values = structure_of(model, tr.micro_batch_size, tr.sequence_length)
+    names = structure_of(model, tr.micro_batch_size, tr.sequence_length)[1]
     false = (pk._Terms([((0,) * len(names), 1)]), -1)
     for kind, (rec, plan, guards) in list(kinds.items()):
         kinds[kind] = (rec, plan, (*guards, false))

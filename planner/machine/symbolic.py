@@ -213,14 +213,12 @@ class Space:
                  witness: tuple[int, ...] | None = None) -> None:
         self.names, self.lows, self.n = names, lows, len(names)
         self.zero = (0,) * self.n  # the constant term's exponents
-        # a compile compares the same few differences over and over (a hundred thousand
-        # comparisons, about a thousand distinct polynomials): each is decided once
-        self.decided: dict[frozenset, tuple[int | None, bool, bool]] = {}
-        self._shift: dict[tuple[int, ...], list[tuple[tuple[int, ...], int]]] = {}
-        # A witness (one point of the domain: the sizes of the model being compiled) answers
-        # what the domain does not decide; each such answer is kept as a guard, the sign of a
-        # polynomial, which a later point must share for the template to hold there (the
-        # program, deterministic, then takes the same path: the same sizes as polynomials).
+        # a compile compares and multiplies the same few differences and monomials over and
+        # over: each difference is decided once, each product's exponents summed once (prod)
+        self.decided, self._shift, self.prod = {}, {}, {}
+        # A witness (a point of the domain: the model being compiled) answers what the domain
+        # leaves open, each answer kept as a guard (a polynomial's sign) that a later point must
+        # share for the template to hold there (the program then takes the same path).
         self.witness = witness
         self.guards: dict[frozenset, tuple[dict[tuple[int, ...], int], int]] = {}
 
@@ -337,20 +335,23 @@ class MPoly(_Exact):
         return NotImplemented
 
     def __rsub__(self, o):
-        if isinstance(o, int):
-            return (-self) + o
-        return NotImplemented
+        return (-self) + o if isinstance(o, int) else NotImplemented
 
     def __mul__(self, o):
         if isinstance(o, MPoly):
             d: dict[tuple[int, ...], int] = {}
+            prod = self.sp.prod
             for a, c in self.t.items():
                 for b, e in o.t.items():
-                    key = tuple(x + y for x, y in zip(a, b))
+                    key = prod.get((a, b))
+                    if key is None:
+                        key = prod[a, b] = tuple(x + y for x, y in zip(a, b))
                     d[key] = d.get(key, 0) + c * e
             return self._make(d)
-        if isinstance(o, int) and not isinstance(o, bool):
-            return self._make({k: c * o for k, c in self.t.items()})
+        if isinstance(o, int) and not isinstance(o, bool):  # no term vanishes but by 0
+            if o == 1 or not o:
+                return self if o else 0
+            return MPoly({k: c * o for k, c in self.t.items()}, self.sp)
         return NotImplemented
 
     __rmul__ = __mul__
