@@ -38,6 +38,9 @@ _MAX = 256
 COUNTS = {"imported": 0, "exported": 0}
 
 
+_NAMES = frozenset({"names", "cat", "name"})  # a record's fields of names only: kept as they are
+
+
 class _Terms(tuple):
     """A polynomial's terms over the dimensions alone, detached from any space."""
 
@@ -58,7 +61,7 @@ def _detach(x, nb: int):
         return type(x)(_detach(v, nb) for v in x)
     if isinstance(x, (_Rec, _Handed)):
         return dataclasses.replace(x, **{f: _detach(getattr(x, f), nb)
-                                         for f in x.__dataclass_fields__})
+                                         for f in x.__dataclass_fields__ if f not in _NAMES})
     return x
 
 
@@ -69,7 +72,7 @@ def _bind(x, sp: Space, pad: tuple):
         return type(x)(_bind(v, sp, pad) for v in x)
     if isinstance(x, (_Rec, _Handed)):
         return dataclasses.replace(x, **{f: _bind(getattr(x, f), sp, pad)
-                                         for f in x.__dataclass_fields__})
+                                         for f in x.__dataclass_fields__ if f not in _NAMES})
     return x
 
 
@@ -125,15 +128,17 @@ class SharedKinds:
 
     def keep(self, memo: ActionMemo) -> None:
         nb = self.nb
+        new = [(kind, e) for kind, e in memo.entries.items()
+               if e.verified and not e.bad and kind not in self.imported]
+        if not new:
+            return
         try:
             guards = tuple((_detach(MPoly(t, self.sp), nb), sign)
                            for t, sign in self.sp.guards.values())
         except _Foreign:
             return
         kinds = _STORE.get(self.layout)
-        for kind, e in memo.entries.items():
-            if not e.verified or e.bad or kind in self.imported:
-                continue
+        for kind, e in new:
             got = memo._plans.get(id(e.rec))
             try:
                 rec = _detach(e.rec, nb)
