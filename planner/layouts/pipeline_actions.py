@@ -34,10 +34,10 @@ recorded W's net bytes. DualPipe and DualPipeV replay every action. The records 
 the rank classes of one setup (``pipeline_replays._KINDS``), so a kind is checked once for all
 of them. The machine draws a composed action's rows (planner/layouts/pipeline_machines.py): the
 trace machine its first highest row, the recording machine of a structure's compile (sizes as
-polynomials, its lists sharing one record per kind) every mark that can be the highest for some
-sizes; checks on polynomial sizes hold for every size or fail. ``op_by_op()`` turns composing
-off (``tests/test_pipeline_actions.py`` and ``tests/test_pipeline_compose_compile.py`` hold
-both to the full replay to the byte).
+polynomials; its lists, and a layout's compiles, share one record per kind: pipeline_kind_records)
+every mark that can be the highest for some sizes; checks on polynomial sizes hold or fail.
+``op_by_op()`` turns composing off (``tests/test_pipeline_actions.py`` and
+``tests/test_pipeline_compose_compile.py`` hold both to the full replay to the byte).
 """
 
 from __future__ import annotations
