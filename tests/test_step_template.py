@@ -98,6 +98,8 @@ def test_template_equals_replay(name, arch, var, device):
             got = tpl.evaluate(b, t)
             for f in ("first", "steady", "forward_peak", "fb_steady", "act_peak", "act_max"):
                 assert _same(getattr(ref, f), getattr(got, f)), (domain, b, t, f)
+            # the steady peak's total and instant alone (what the fused-kernel note reads)
+            assert tpl.steady(b, t) == (ref.steady.total, ref.steady.op, ref.steady.phase)
     # The batch-of-one domains may depend on broadcasts; the general one always compiles here.
     assert compiled >= 1
 
@@ -183,6 +185,8 @@ def test_template_equals_replay_on_random_setups(arch, var, device, sizes):
         got = templates[domain].evaluate(b, t)
         for f in ("first", "steady", "forward_peak", "fb_steady", "act_peak", "act_max"):
             assert _same(getattr(ref, f), getattr(got, f)), (b, t, f)
+        steady = (ref.steady.total, ref.steady.op, ref.steady.phase)
+        assert templates[domain].steady(b, t) == steady, (b, t)
 
 
 def test_largest_micro_batch_from_the_template_equals_the_search():
@@ -302,3 +306,20 @@ def test_pipeline_estimates_through_rank_templates_equal_the_replay(schedule, p,
     with step_cache.replay_only():
         want = [pm.estimate_memory(req(b, t)) for b, t in sizes]
     assert got == want
+
+
+def test_steady_alone_counts_the_grad_scaler_of_a_forward_peak():
+    """amp-fp16 (GradScaler) whose steady peak is step 1's forward peak with the optimizer
+    states and the scaler's 8 bytes live: ``steady`` alone equals the replay's there too."""
+    arch = {**LLAMA, "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_kv_heads": 4,
+            "vocab_size": 500}
+    model = resolve_model(ModelSpec.model_validate(arch))
+    tr = TrainingSpec.model_validate({"precision": "amp-fp16", "optimizer": "sgd",
+                                      "activation_checkpointing": {"strategy": "full"},
+                                      "micro_batch_size": 2, "sequence_length": 2})
+    ck = checkpointed_blocks(tr, model.num_layers)
+    tpl = compile_template(model, tr, "cuda", ck, (None, None))
+    trs = tr.model_copy(update={"micro_batch_size": 2, "sequence_length": 64})
+    ref = ReferenceProgram(model, trs, device="cuda", checkpointed=ck).run()
+    assert ref.steady.phase == "forward" and tpl.combine["amp_scaler"]
+    assert tpl.steady(2, 64) == (ref.steady.total, ref.steady.op, ref.steady.phase)

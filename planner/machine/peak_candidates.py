@@ -109,15 +109,32 @@ def fused_best(groups: list[list[Candidates]]):
     function: every window's rows and its peak's categories inline, no call per window (a
     template answer evaluates a handful of windows; their calls were most of its cost). Rows
     over the sizes themselves (``names``) keep their own ``best``."""
+    return _fused(groups, lambda w, cats: f"P(bv, [{', '.join(cats)}], o{w}[k], p{w}[k])",
+                  "P()", lambda s: s)
+
+
+def fused_totals(cands: list[Candidates]):
+    """``f(b, t) -> [(total, op, phase) of c.best(b, t) for c in cands]``: as ``fused_best``
+    without the categories (for a caller that reads a peak's total and instant alone)."""
+    return _fused([cands], lambda w, cats: f"(bv, o{w}[k], p{w}[k])", "(0, '', '')",
+                  lambda s: (s.total, s.op, s.phase), flat=True)
+
+
+def _fused(groups, snap, empty: str, plain, flat: bool = False):
+    """The generated function of ``fused_best`` (``snap(w, cats)``: the expression of window
+    w's peak at its row k, ``cats`` its categories' expressions; ``empty``: a window without
+    rows), or the windows' own ``best`` through ``plain`` where rows are over named sizes."""
     cands = [c for g in groups for c in g]
     if any(c.names is not None for c in cands):
-        return lambda b, t: [[c.best(b, t) for c in g] for g in groups]
+        if flat:
+            return lambda b, t: [plain(c.best(b, t)) for c in cands]
+        return lambda b, t: [[plain(c.best(b, t)) for c in g] for g in groups]
     ns: dict = {"P": PeakSnap}
     pro, expr = bt_monomials(cands)
     lines = ["def f(b, t):", *pro]
     for w, c in enumerate(cands):
         if not c.key:
-            lines.append(f"    s{w} = P()")
+            lines.append(f"    s{w} = {empty}")
             continue
         ns[f"o{w}"], ns[f"p{w}"] = c.ops, c.phases
         lines += [f"    bv = {expr(c.exps, c.key[0])}", "    bk = 0"]
@@ -125,21 +142,22 @@ def fused_best(groups: list[list[Candidates]]):
             lines += [f"    v = {expr(c.exps, v)}", "    if v > bv:", f"        bv = v; bk = {k}"]
         branches = []
         if c.zero:
-            branches.append(("bv <= 0", "P()"))
+            branches.append(("bv <= 0", empty))
         for k, cats in enumerate(c.cats):
-            snap = f"P(bv, [{', '.join(expr(c.exps, v) for v in cats)}], o{w}[{k}], p{w}[{k}])"
-            branches.append((f"bk == {k}", snap))
+            one = snap(w, [expr(c.exps, v) for v in cats]).replace("[k]", f"[{k}]")
+            branches.append((f"bk == {k}", one))
         if len(branches) == 1:
             lines.append(f"    s{w} = {branches[0][1]}")
             continue
-        for i, (cond, snap) in enumerate(branches):
+        for i, (cond, one) in enumerate(branches):
             lines += [f"    {'if' if i == 0 else 'elif'} {cond}:" if i < len(branches) - 1
-                      else "    else:", f"        s{w} = {snap}"]
+                      else "    else:", f"        s{w} = {one}"]
     out, w = [], 0
     for g in groups:
-        out.append("[" + ", ".join(f"s{w + i}" for i in range(len(g))) + "]")
+        out.append(", ".join(f"s{w + i}" for i in range(len(g))))
         w += len(g)
-    lines.append(f"    return [{', '.join(out)}]")
+    lines.append("    return " + (f"[{out[0]}]" if flat else
+                                  "[" + ", ".join(f"[{o}]" for o in out) + "]"))
     exec(compile("\n".join(lines) + "\n", "<fused windows>", "exec"), ns)  # noqa: S102
     return ns["f"]
 

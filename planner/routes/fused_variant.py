@@ -51,8 +51,7 @@ def kept_variant(kept: dict, fallback: Callable) -> Callable:
             if tpl is None:  # not compiled yet: the estimate compiles it at the second size
                 return fallback(req, model, device, ckpt, **training)
             kept[dkey] = tpl
-        steady = tpl.evaluate(b, t).steady
-        return SimpleNamespace(breakdown=SimpleNamespace(total=steady.total),
-                               peak_phase=f"{steady.phase}: {steady.op}")
+        total, op, phase = tpl.steady(b, t)
+        return SimpleNamespace(breakdown=SimpleNamespace(total=total), peak_phase=f"{phase}: {op}")
 
     return variant

@@ -6,6 +6,8 @@ model states exactly."""
 
 from __future__ import annotations
 
+import functools
+
 from planner.catalog.loss_specs import LossSpec
 from planner.catalog.optimizers import master_weight_step_temporary_bytes
 from planner.catalog.presets import allocator_reserve
@@ -33,12 +35,19 @@ def _model_states_reading(model: ResolvedModel, tr: TrainingSpec, bd: Breakdown)
     """'X bytes/parameter (parameters a + gradients b + optimizer states c)', per parameter of
     the model; for mixed-precision Adam the ZeRO paper's 16Ψ (Rajbhandari et al. 2020, §3.1:
     2 + 2 + K with K = 12: the fp32 master copy, momentum and variance)."""
-    psi = model.num_parameters
-    per = [bd.parameters / psi, bd.gradients / psi, bd.optimizer_states / psi]
+    zero_paper = tr.precision.startswith("mixed-") and tr.optimizer in ("adam", "adamw") \
+        and tr.precision_overrides is None and tr.lora is None
+    return _reading(model.num_parameters, bd.parameters, bd.gradients, bd.optimizer_states,
+                    zero_paper)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reading(psi: int, params: int, grads: int, states: int, zero_paper: bool) -> str:
+    """The reading's text (one per setup's model states: a known setup's answers share it)."""
+    per = [params / psi, grads / psi, states / psi]
     text = (f"model states {sum(per):.1f} bytes/parameter (parameters {per[0]:.1f} + gradients "
             f"{per[1]:.1f} + optimizer states {per[2]:.1f}")
-    if tr.precision.startswith("mixed-") and tr.optimizer in ("adam", "adamw") \
-            and tr.precision_overrides is None and tr.lora is None:
+    if zero_paper:
         text += ": the ZeRO paper's 16Ψ, 2 + 2 + 12 with the fp32 master copy, momentum and variance"
     return text + ")"
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.machine.peak_candidates import Candidates, fused_best
+from planner.machine.peak_candidates import Candidates, fused_best, fused_totals
 from planner.machine.recording import domain_of, record, window_candidates
 from planner.machine.stepsim import PeakSnap, activation_snap
 from planner.machine.symbolic import Poly, Undecided
@@ -55,6 +55,25 @@ class StepTemplate:
         # route reads it with every answer) as one generated function (fused_best)
         self._windows = fused_best([self.fb, self.step, [self.act_max]])
         self._states, self._amp_scaler = self.combine["states"], self.combine["amp_scaler"]
+        self._totals = None  # the windows' totals and instants alone (``steady``), when asked
+
+    def steady(self, B: int, T: int) -> tuple[int, str, str]:
+        """``evaluate(B, T).steady``'s total, op and phase alone (what a note reads), combined
+        as ``combine_peaks`` does without the categories."""
+        if self._totals is None:
+            self._totals = fused_totals([*self.fb, *self.step])
+        wins = self._totals(B - 2, T - 2)
+        n, states = len(self.fb), self._states
+        best = wins[0]
+        for p in wins[1:n]:  # the first of the highest forward/backward window
+            if p[0] > best[0]:
+                best = p
+        scaler = 8 if self._amp_scaler and best[2] == "forward" else 0
+        out = (best[0] + states + scaler, best[1], best[2])
+        for p in wins[n:-1]:  # the optimizer step's windows but the last, states live
+            if p[0] + states > out[0]:
+                out = (p[0] + states, p[1], p[2])
+        return wins[-1] if wins[-1][0] > out[0] else out
 
     def evaluate(self, B: int, T: int) -> StepPeaks:
         b, t = B - 2, T - 2
