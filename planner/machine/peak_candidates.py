@@ -26,6 +26,9 @@ import numpy as np
 from planner.machine.stepsim import PeakSnap
 
 
+_LATER = object()  # a function compiled when first needed
+
+
 @dataclass
 class Candidates:
     """The rows of one window that can be its peak for some B, T, in event order."""
@@ -42,15 +45,18 @@ class Candidates:
 
     def __post_init__(self) -> None:
         # The rows' polynomials as Python expressions in b and t, compiled once: evaluating a
-        # template is then a handful of integer multiplications (exact, any size).
+        # template is then a handful of integer multiplications (exact, any size). Over (b, t)
+        # when first asked: a step template reads most windows through ``fused_best`` alone.
         if self.names is None:
-            self._best = _argmax_fn(self.exps, self.key) if self.key else None
-            self._cats = [_poly_fn(self.exps, cats) for cats in self.cats]
+            self._best = _LATER
         else:
             self._best = _argmax_fn_n(self.names, self.exps, self.key) if self.key else None
             self._row = _rows_fn_n(self.names, self.exps, self.cats) if self.key else None
 
     def best(self, *v: int) -> PeakSnap:
+        if self._best is _LATER:  # (the categories first: another thread may read them)
+            self._cats = [_poly_fn(self.exps, cats) for cats in self.cats]
+            self._best = _argmax_fn(self.exps, self.key) if self.key else None
         if self._best is None:
             return PeakSnap()
         x, k = self._best(*v)
