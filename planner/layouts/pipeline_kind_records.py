@@ -119,10 +119,12 @@ class SharedKinds:
                         sp.guards[frozenset(terms.items())] = (terms, sign)
             if not ok:
                 continue
-            bound = _bind(rec, sp, pad)
-            memo.entries[kind] = _Entry(bound, verified=True)
-            if plan is not None:
+            if plan is None:
+                bound = _bind(rec, sp, pad)
+            else:  # a composed action draws its plan: the recorded rows are not read again
+                bound = _bind(dataclasses.replace(rec, rows=()), sp, pad)
                 memo._plans[id(bound)] = (bound, _bind(plan, sp, pad))
+            memo.entries[kind] = _Entry(bound, verified=True)
             self.imported.add(kind)
             COUNTS["imported"] += 1
 
