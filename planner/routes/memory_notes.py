@@ -35,10 +35,14 @@ def _model_states_reading(model: ResolvedModel, tr: TrainingSpec, bd: Breakdown)
     """'X bytes/parameter (parameters a + gradients b + optimizer states c)', per parameter of
     the model; for mixed-precision Adam the ZeRO paper's 16Ψ (Rajbhandari et al. 2020, §3.1:
     2 + 2 + K with K = 12: the fp32 master copy, momentum and variance)."""
-    zero_paper = tr.precision.startswith("mixed-") and tr.optimizer in ("adam", "adamw") \
-        and tr.precision_overrides is None and tr.lora is None
     return _reading(model.num_parameters, bd.parameters, bd.gradients, bd.optimizer_states,
-                    zero_paper)
+                    _zero_paper(tr))
+
+
+def _zero_paper(tr: TrainingSpec) -> bool:
+    """Mixed-precision Adam without overrides or LoRA: the ZeRO paper's 16Ψ."""
+    return tr.precision.startswith("mixed-") and tr.optimizer in ("adam", "adamw") \
+        and tr.precision_overrides is None and tr.lora is None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -59,25 +63,32 @@ def bytes_per_parameter(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpe
     if not single_device(par):
         return []
     psi = model.num_parameters
-    states = bd.parameters + bd.gradients + bd.optimizer_states
     if bare:
         return [f"{_model_states_reading(model, tr, bd)}; the optimizer step's temporaries "
                 f"(the {tr.optimizer_implementation} kernels' intermediates, and the fp32 gradient "
                 "copies of a master-weight step) are not included: they need the architecture"]
-    tmp = bd.temporaries
-    parts = []
     copies = master_weight_step_temporary_bytes(tr, [psi]) if tr.lora is None else 0
+    return [_in_the_step(psi, bd.parameters, bd.gradients, bd.optimizer_states, bd.temporaries,
+                         bd.activations, bd.total, copies, tr.optimizer_implementation,
+                         tr.optimizer, _zero_paper(tr))]
+
+
+@functools.lru_cache(maxsize=4096)
+def _in_the_step(psi: int, params: int, grads: int, opt_states: int, tmp: int, act: int,
+                 total: int, copies: int, impl: str, optimizer: str, zero_paper: bool) -> str:
+    """The note's text (a known setup's sizes whose peak is in the optimizer step mostly share
+    its figures, and so the text)."""
+    parts = []
     if 0 < copies <= tmp:
         parts.append(f"{copies} bytes of fp32 gradient copies for the master-weight step")
     rest = tmp - (copies if parts else 0)
     if rest:
-        parts.append(f"{rest} bytes made by the {tr.optimizer_implementation} "
-                     f"{tr.optimizer} step itself")
-    return [f"the peak falls in the optimizer step: {bd.total / psi:.1f} bytes/parameter = "
-            f"{_model_states_reading(model, tr, bd)} + the step's temporaries "
+        parts.append(f"{rest} bytes made by the {impl} {optimizer} step itself")
+    return (f"the peak falls in the optimizer step: {total / psi:.1f} bytes/parameter = "
+            f"{_reading(psi, params, grads, opt_states, zero_paper)} + the step's temporaries "
             f"{tmp / psi:.1f} ({tmp} bytes: {', '.join(parts) or 'none'})"
-            + (f" + activations {bd.activations} bytes" if bd.activations else "")
-            + f"; {states} bytes of model states alone"]
+            + (f" + activations {act} bytes" if act else "")
+            + f"; {params + grads + opt_states} bytes of model states alone")
 
 
 def fused_instead(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
