@@ -53,10 +53,17 @@ class Candidates:
             self._best = _argmax_fn_n(self.names, self.exps, self.key) if self.key else None
             self._row = _rows_fn_n(self.names, self.exps, self.cats) if self.key else None
 
-    def best(self, *v: int) -> PeakSnap:
+    def ready(self) -> Candidates:
+        """The window's own functions compiled now (a caller that will read it with ``best``,
+        off the request path)."""
         if self._best is _LATER:  # (the categories first: another thread may read them)
             self._cats = [_poly_fn(self.exps, cats) for cats in self.cats]
             self._best = _argmax_fn(self.exps, self.key) if self.key else None
+        return self
+
+    def best(self, *v: int) -> PeakSnap:
+        if self._best is _LATER:
+            self.ready()
         if self._best is None:
             return PeakSnap()
         x, k = self._best(*v)

@@ -55,13 +55,13 @@ class StepTemplate:
         # route reads it with every answer) as one generated function (fused_best)
         self._windows = fused_best([self.fb, self.step, [self.act_max]])
         self._states, self._amp_scaler = self.combine["states"], self.combine["amp_scaler"]
-        self._totals = None  # the windows' totals and instants alone (``steady``), when asked
+        self.act.ready()  # read through its own ``best`` (``act_peak``)
+        # the windows' totals and instants alone (``steady``: a note reads a variant's)
+        self._totals = fused_totals([*self.fb, *self.step])
 
     def steady(self, B: int, T: int) -> tuple[int, str, str]:
         """``evaluate(B, T).steady``'s total, op and phase alone (what a note reads), combined
         as ``combine_peaks`` does without the categories."""
-        if self._totals is None:
-            self._totals = fused_totals([*self.fb, *self.step])
         wins = self._totals(B - 2, T - 2)
         n, states = len(self.fb), self._states
         best = wins[0]
