@@ -73,11 +73,9 @@ def bytes_per_parameter(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpe
                          tr.optimizer, _zero_paper(tr))]
 
 
-@functools.lru_cache(maxsize=4096)
 def _in_the_step(psi: int, params: int, grads: int, opt_states: int, tmp: int, act: int,
                  total: int, copies: int, impl: str, optimizer: str, zero_paper: bool) -> str:
-    """The note's text (a known setup's sizes whose peak is in the optimizer step mostly share
-    its figures, and so the text)."""
+    """The note's text (its model-states reading kept per setup's figures: ``_reading``)."""
     parts = []
     if 0 < copies <= tmp:
         parts.append(f"{copies} bytes of fp32 gradient copies for the master-weight step")
