@@ -122,20 +122,20 @@ def fused_best(groups: list[list[Candidates]]):
     function: every window's rows and its peak's categories inline, no call per window (a
     template answer evaluates a handful of windows; their calls were most of its cost). Rows
     over the sizes themselves (``names``) keep their own ``best``."""
-    return _fused(groups, lambda w, cats: f"P(bv, [{', '.join(cats)}], o{w}[k], p{w}[k])",
+    return _fused(groups, lambda w, k, cats: f"P(bv, [{', '.join(cats)}], o{w}[{k}], p{w}[{k}])",
                   "P()", lambda s: s)
 
 
 def fused_totals(cands: list[Candidates]):
     """``f(b, t) -> [(total, op, phase) of c.best(b, t) for c in cands]``: as ``fused_best``
     without the categories (for a caller that reads a peak's total and instant alone)."""
-    return _fused([cands], lambda w, cats: f"(bv, o{w}[k], p{w}[k])", "(0, '', '')",
+    return _fused([cands], lambda w, k, cats: f"(bv, o{w}[{k}], p{w}[{k}])", "(0, '', '')",
                   lambda s: (s.total, s.op, s.phase), flat=True)
 
 
 def _fused(groups, snap, empty: str, plain, flat: bool = False):
-    """The generated function of ``fused_best`` (``snap(w, cats)``: the expression of window
-    w's peak at its row k, ``cats`` its categories' expressions; ``empty``: a window without
+    """The generated function of ``fused_best`` (``snap(w, k, cats)``: the expression of window
+    w's peak at its row k, ``cats`` the row's categories; ``empty``: a window without
     rows), or the windows' own ``best`` through ``plain`` where rows are over named sizes."""
     cands = [c for g in groups for c in g]
     if any(c.names is not None for c in cands):
@@ -157,8 +157,7 @@ def _fused(groups, snap, empty: str, plain, flat: bool = False):
         if c.zero:
             branches.append(("bv <= 0", empty))
         for k, cats in enumerate(c.cats):
-            one = snap(w, [expr(c.exps, v) for v in cats]).replace("[k]", f"[{k}]")
-            branches.append((f"bk == {k}", one))
+            branches.append((f"bk == {k}", snap(w, k, [expr(c.exps, v) for v in cats])))
         if len(branches) == 1:
             lines.append(f"    s{w} = {branches[0][1]}")
             continue
