@@ -188,3 +188,28 @@ def test_zero_bubble_ranks_equal_full_replay(seed: int) -> None:
     tr = tr.model_copy(update={"gradient_accumulation_steps": sched.microbatches})
     composed = _every_rank_equals_full_replay(model, tr, sched)
     assert max(composed) > 0, (name, composed)
+
+
+def test_a_kind_equal_to_the_last_steps_verified_record_is_verified_at_once() -> None:
+    """A kind's first record of step 2 is verified at once where it equals step 1's verified
+    record of that kind (one op-by-op replay fewer); a record that differs is not, and waits
+    for a second occurrence of its own step as before."""
+    memo = pa.ActionMemo({})
+    rows = ((1, 2, 0, 0, 0),)
+    rec = pa._Rec(rows, (("op", "forward", True),), (0, 0, 0, 3, 0))
+    other = pa._Rec(rows, (("op", "forward", True),), (0, 0, 0, 4, 0))
+    memo._note(("F", "mid", 1), rec)
+    assert not memo.entries["F", "mid", 1].verified
+    memo._note(("F", "mid", 1), rec)
+    assert memo.entries["F", "mid", 1].verified
+    memo._note(("F", "mid", 2), other)  # differs from step 1's: recorded, not verified
+    assert not memo.entries["F", "mid", 2].verified
+    memo._note(("F", "mid", 2), other)
+    assert memo.entries["F", "mid", 2].verified
+    memo._note(("B", "mid", 1), rec)  # the last step's record not verified yet: waits
+    memo._note(("B", "mid", 2), rec)
+    assert not memo.entries["B", "mid", 2].verified
+    memo._note(("F", "end", 1), rec)
+    memo._note(("F", "end", 1), rec)
+    memo._note(("F", "end", 2), pa._Rec(rows, (("op", "forward", True),), (0, 0, 0, 3, 0)))
+    assert memo.entries["F", "end", 2].verified  # equal to step 1's: at once

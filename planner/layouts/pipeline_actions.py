@@ -5,8 +5,9 @@ backward once the stage's parameters have their ``.grad`` (the first backward of
 makes them). So the live bytes at each allocation inside an action, relative to the live bytes
 when it starts, are the same for every action of one kind; what the action leaves behind (its
 net bytes per category) too. ``ActionMemo`` replays a kind op by op until two occurrences agree
-on all of that (rows, op names, phases, net bytes, and the storages the action hands on), and
-from then on composes each further occurrence instead of replaying it:
+on all of that (rows, op names, phases, net bytes, and the storages the action hands on), or
+one agrees with the last step's verified record of the kind, and from then on composes each
+further occurrence instead of replaying it:
 
 - the rows the trace machine (``planner/layouts/pipeline_replays.py``: ``TraceMachine``) would
   record are the start's live bytes plus the recorded relative rows, with the recorded op names
@@ -222,13 +223,12 @@ class ActionMemo:
 
     def _note(self, key, rec: _Rec) -> None:
         e = self.entries.get(key)
-        if e is None:
-            self.entries[key] = _Entry(rec)
+        if e is None:  # verified at once where it is the last step's verified record
+            last = self.entries.get((*key[:2], key[2] - 1))
+            self.entries[key] = _Entry(rec, last is not None and last.verified
+                                       and _same(last.rec, rec))
         elif not e.verified and not e.bad:
-            if _same(e.rec, rec):
-                e.verified = True
-            else:
-                e.bad = True
+            e.verified, e.bad = (True, False) if _same(e.rec, rec) else (False, True)
 
     # ---- recording --------------------------------------------------------------------------
     def _record(self, prog, run, st: int, j: int, kind: str) -> _Rec:
