@@ -88,10 +88,17 @@ def test_records_detach_and_bind_back_unchanged() -> None:
     dom, names, values = structure_of(model, tr.micro_batch_size, tr.sequence_length)
     sp, _ = _symbolic_sizes(names, dom[0], (*values, 3, 5), (("n0", 0), ("n1", 0)))
     pad = (0, 0)
+    polys = 0
     for rec, plan, guards in kinds.values():
         bound = pk._bind(rec, sp, pad)
         assert same_record(pk._detach(bound, len(names)), rec)
-        assert all(x.sp is sp for x in bound.rows[0] if hasattr(x, "sp"))
+        assert pk._detach(pk._bind(plan, sp, pad), len(names)) == plan
+        assert not rec.rows  # kept without its rows: a composed action draws the plan
+        for x in bound.net:
+            if hasattr(x, "sp"):
+                assert x.sp is sp and all(len(e) == sp.n for e in x.t)
+                polys += 1
+    assert polys
 
 
 def test_a_witness_that_decides_a_guard_otherwise_imports_nothing() -> None:

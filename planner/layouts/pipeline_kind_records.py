@@ -13,7 +13,8 @@ where a compile of the layout verified the kind before.
 
 A record's sizes are polynomials in the model's dimensions over its compile's ``Space``; they
 are kept here over the dimensions alone (the compiles differ in their period variables, which
-no action's sizes contain) and bound to the importing compile's space. What a compile decided
+no action's sizes contain) and bound to the importing compile's space; a record is kept with
+the marks a composed action draws (its plan), without the rows they were chosen from. What a compile decided
 at its witness that the domain leaves open (its guards) travels with its records: a compile
 whose witness answers every one of those decisions alike imports them and takes them as its own
 guards (the template then admits only models that decide them alike too; a superset of what the
@@ -34,7 +35,7 @@ from planner.machine.symbolic import MPoly, Space
 __all__ = ["SharedKinds", "clear"]
 
 _STORE: dict[tuple, dict] = {}  # layout key -> kind -> (record, plan, guards)
-_MAX = 256
+_MAX = 64  # layouts (a layout's kinds: a few hundred KiB)
 COUNTS = {"imported": 0, "exported": 0}
 
 
@@ -119,10 +120,8 @@ class SharedKinds:
                         sp.guards[frozenset(terms.items())] = (terms, sign)
             if not ok:
                 continue
-            if plan is None:
-                bound = _bind(rec, sp, pad)
-            else:  # a composed action draws its plan: the recorded rows are not read again
-                bound = _bind(dataclasses.replace(rec, rows=()), sp, pad)
+            bound = _bind(rec, sp, pad)
+            if plan is not None:  # a composed action draws its plan (the rows were not kept)
                 memo._plans[id(bound)] = (bound, _bind(plan, sp, pad))
             memo.entries[kind] = _Entry(bound, verified=True)
             self.imported.add(kind)
@@ -142,9 +141,10 @@ class SharedKinds:
         kinds = _STORE.get(self.layout)
         for kind, e in new:
             got = memo._plans.get(id(e.rec))
-            try:
-                rec = _detach(e.rec, nb)
-                plan = _detach(got[1], nb) if got is not None and got[0] is e.rec else None
+            plan = got[1] if got is not None and got[0] is e.rec else None
+            try:  # with its plan, a record's rows are not read again: not kept
+                rec = _detach(e.rec if plan is None else dataclasses.replace(e.rec, rows=()), nb)
+                plan = None if plan is None else _detach(plan, nb)
             except _Foreign:
                 continue
             if kinds is None:
