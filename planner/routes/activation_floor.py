@@ -7,11 +7,12 @@ held by ``tests/test_fit_shortcuts.py``), and they are at most the step's peak. 
 single-device step's activation maximum at micro-batch b, plus its allocator reserve (which
 grows with what it covers), is at most the need (peak plus reserve) of every such layout at b.
 POST /v1/zero estimates one setup under six layouts, each with a largest-fitting-micro-batch
-search. The single-device step replayed at b = 2 often settles it: when its floor is already
+search. The single-device step's template is compiled first (the two offload variants
+estimate that step anyway), and its floor at b = 2 often settles it: when that is already
 above the memory, no size from 2 up fits any layout, and each layout is estimated at the
-request's micro-batch and at 1 only (no template would pay), at 1 only when the single-device
-step's floor there, replayed once, does not already rule it out. Otherwise the single-device
-step's template gives the floor at every size: a size whose floor exceeds the memory is known
+request's micro-batch and at 1 only (no template of its own would pay), at 1 only when the
+single-device step's floor there, replayed once, does not already rule it out. Otherwise the
+template gives the floor at every size: a size whose floor exceeds the memory is known
 not to fit under any layout without estimating it, and a layout whose search can only ask
 sizes below the first such size compiles its own template only when they are enough to pay
 for it. The answers are the same (the floor only decides what is estimated; a size it rules
@@ -104,18 +105,23 @@ class ActivationFloor:
 
 def build_floor(model: ResolvedModel, tr: TrainingSpec, device: str, ckpt: frozenset[int],
                 mem_bytes: int) -> ActivationFloor | None:
-    """The floor of a setup for a memory of ``mem_bytes``: its single-device step replayed at
-    b = 2, which settles every b >= 2 when it is already over (the common case of a search
-    that ends at 1 or None); else the step's template compiled now. None when neither comes (a
-    setup found size-dependent, templates off)."""
+    """The floor of a setup for a memory of ``mem_bytes``: its single-device step's template
+    compiled now (the offload variants estimate that step at the request's micro-batch anyway,
+    so a compile costs less than the replay at b = 2 and that one: one compile instead of two
+    replays where b = 2 is over, one replay fewer where it is not); its floor at b = 2 settles
+    every b >= 2 when it is already over (the common case of a search that ends at 1 or None).
+    Where no template comes (a setup found size-dependent, templates off) the step replayed at
+    b = 2 still settles that case; None otherwise."""
     if tr.implementation != "reference" or not model.architecture_known:
         return None
     floor = ActivationFloor(model, tr, device, ckpt)
-    if tr.micro_batch_size >= 2 and floor.measure(2) > mem_bytes:
-        floor.over_at_two = True
-        return floor
     with cache.compile_first():
         step_cache.simulate(model, tr, device, ckpt)
+    if tr.micro_batch_size >= 2:
+        two = floor(2)
+        if (two if two is not None else floor.measure(2)) > mem_bytes:
+            floor.over_at_two = True
+            return floor
     return floor if floor(max(2, tr.micro_batch_size)) is not None else None
 
 
