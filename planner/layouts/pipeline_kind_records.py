@@ -14,11 +14,12 @@ where a compile of the layout verified the kind before.
 A record's sizes are polynomials in the model's dimensions over its compile's ``Space``; they
 are kept here over the dimensions alone (the compiles differ in their period variables, which
 no action's sizes contain) and bound to the importing compile's space; a record is kept with
-the marks a composed action draws (its plan), without the rows they were chosen from. What a compile decided
-at its witness that the domain leaves open (its guards) travels with its records: a compile
-whose witness answers every one of those decisions alike imports them and takes them as its own
-guards (the template then admits only models that decide them alike too; a superset of what the
-records' own replays decided, so never a wrong answer), else it replays as before.
+the marks a composed action draws (its plan), without the rows they were chosen from. What a
+compile decided at its witness that the domain leaves open (its guards) travels with its
+records: a compile whose witness answers every one of those decisions alike imports them and
+takes them as its own guards (the template then admits only models that decide them alike
+too; a superset of what the records' own replays decided, so never a wrong answer), else it
+replays as before. A guard is evaluated here as ``Space.guess`` evaluates it at its witness.
 ``tests/test_pipeline_kind_records.py`` holds templates compiled with shared records equal to
 ones compiled alone and to the replay.
 """

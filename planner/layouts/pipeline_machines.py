@@ -266,8 +266,8 @@ def _ints(lists: list[list[int]]) -> np.ndarray:
 def undominated(totals: list) -> list[int]:
     """The indices of the totals (polynomials in sizes at least their domain's lows, or tuples
     of parts that sum to them) that can be the first highest for some sizes: a total is left
-    out when an earlier one is at least it, or a later one above it, everywhere (every shifted coefficient of the difference at
-    least 0; above: and its constant above 0)."""
+    out when an earlier one is at least it, or a later one above it, everywhere (every shifted
+    coefficient of the difference at least 0; above: and its constant above 0)."""
     n = len(totals)
     if n < 2:
         return list(range(n))

@@ -104,6 +104,8 @@ def _compile(model, tr, schedule, device, rank, names, half, values, lists, key,
     COUNTS["compiles"] += 1
     try:
         with work_limit(BackgroundLimit(_WORK_LIMIT_S)):
+            # the layout's compiles share their kinds' records: the key but the lists'
+            # signature (structure_key's last field)
             tpl = compile_pipeline_structure(model, tr, schedule, rank, device, names, half,
                                              values, lists, layout=key[:-1])
     except (Undecided, WorkLimitExceeded, Exception):  # noqa: BLE001

@@ -63,30 +63,25 @@ def bytes_per_parameter(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpe
     if not single_device(par):
         return []
     psi = model.num_parameters
+    states = bd.parameters + bd.gradients + bd.optimizer_states
     if bare:
         return [f"{_model_states_reading(model, tr, bd)}; the optimizer step's temporaries "
                 f"(the {tr.optimizer_implementation} kernels' intermediates, and the fp32 gradient "
                 "copies of a master-weight step) are not included: they need the architecture"]
-    copies = master_weight_step_temporary_bytes(tr, [psi]) if tr.lora is None else 0
-    return [_in_the_step(psi, bd.parameters, bd.gradients, bd.optimizer_states, bd.temporaries,
-                         bd.activations, bd.total, copies, tr.optimizer_implementation,
-                         tr.optimizer, _zero_paper(tr))]
-
-
-def _in_the_step(psi: int, params: int, grads: int, opt_states: int, tmp: int, act: int,
-                 total: int, copies: int, impl: str, optimizer: str, zero_paper: bool) -> str:
-    """The note's text (its model-states reading kept per setup's figures: ``_reading``)."""
+    tmp = bd.temporaries
     parts = []
+    copies = master_weight_step_temporary_bytes(tr, [psi]) if tr.lora is None else 0
     if 0 < copies <= tmp:
         parts.append(f"{copies} bytes of fp32 gradient copies for the master-weight step")
     rest = tmp - (copies if parts else 0)
     if rest:
-        parts.append(f"{rest} bytes made by the {impl} {optimizer} step itself")
-    return (f"the peak falls in the optimizer step: {total / psi:.1f} bytes/parameter = "
-            f"{_reading(psi, params, grads, opt_states, zero_paper)} + the step's temporaries "
+        parts.append(f"{rest} bytes made by the {tr.optimizer_implementation} "
+                     f"{tr.optimizer} step itself")
+    return [f"the peak falls in the optimizer step: {bd.total / psi:.1f} bytes/parameter = "
+            f"{_model_states_reading(model, tr, bd)} + the step's temporaries "
             f"{tmp / psi:.1f} ({tmp} bytes: {', '.join(parts) or 'none'})"
-            + (f" + activations {act} bytes" if act else "")
-            + f"; {params + grads + opt_states} bytes of model states alone")
+            + (f" + activations {bd.activations} bytes" if bd.activations else "")
+            + f"; {states} bytes of model states alone"]
 
 
 def fused_instead(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
