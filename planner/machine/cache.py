@@ -24,6 +24,7 @@ import threading
 
 from planner.catalog.loss_specs import LossSpec
 from planner.catalog.specs import ActivationCheckpointing, ParallelSpec, ResolvedModel, TrainingSpec
+from planner.machine import peak_pruning
 from planner.machine.recording import domain_of
 from planner.machine.symbolic import Undecided
 
@@ -203,6 +204,9 @@ _ON_CLEAR: list = []
 def on_clear(fn) -> None:
     """Have ``clear()`` call ``fn()`` too (caches kept by the layers above: shared rank replays)."""
     _ON_CLEAR.append(fn)
+
+
+on_clear(peak_pruning.clear)  # peak rows selected per window's contents
 
 
 def clear() -> None:
