@@ -18,12 +18,14 @@ from planner.layouts import pipeline_structure, pipeline_structures
 from planner.layouts.pipeline_schedules import schedule_of
 from planner.routes import memory as planner_memory
 from planner.routes import memory_answers
-from planner.machine import cache
+from planner.machine import cache, collector
 from planner.step import simulate as step_cache
+from planner.step import structures as structures_mod
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import MemoryRequest
 
 STRUCTURE_LAYERS = {"gpt2": 12, "llama": 32}
+GOAL_COMPILE_MS = 50  # the goal: no per-setup compile step above it
 
 
 def _random_arch(family: str, rng: random.Random, gqa: bool = False) -> dict:
@@ -63,15 +65,27 @@ def never_seen_rows(n: int, rounds: int, seed: int = 5, parallelism: dict | None
     structures = [(f, gqa, p, c) for f, gqa in (("gpt2", False), ("llama", False),
                                                 ("llama", True)) for p, c in setups]
     planner_memory.clear_caches()
-    compile_s = []
-    with step_cache.structure_mode("sync"):
-        for f, gqa, p, c in structures:
-            for k in range(3):  # the first compiles; variants a note compares with, too
-                r = _arch_req(_random_arch(f, rng, gqa), 4, 1024, p, c, parallelism)
-                t0 = time.perf_counter()
-                est(r)
-                if k == 0:
-                    compile_s.append(time.perf_counter() - t0)
+    compile_s, each_s = [], []  # warm-up estimates; each structure compile in them
+    real = structures_mod._compile_structure
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **kw)
+        finally:
+            each_s.append(time.perf_counter() - t0)
+    structures_mod._compile_structure = timed
+    try:
+        with step_cache.structure_mode("sync"):
+            for f, gqa, p, c in structures:
+                for k in range(3):  # the first compiles; variants a note compares with, too
+                    r = _arch_req(_random_arch(f, rng, gqa), 4, 1024, p, c, parallelism)
+                    t0 = time.perf_counter()
+                    est(r)
+                    if k == 0:
+                        compile_s.append(time.perf_counter() - t0)
+    finally:
+        structures_mod._compile_structure = real
     cases = []
     for k in range(n):
         f, gqa, p, c = structures[k % len(structures)]
@@ -106,6 +120,7 @@ def never_seen_rows(n: int, rounds: int, seed: int = 5, parallelism: dict | None
         f"{'DDP' if parallelism['zero_stage'] == 0 else 'FSDP2 ZeRO-' + str(parallelism['zero_stage'])}"
         f" on {parallelism['data_parallel']} ranks")
     return {"layout": layout, "compile_median": statistics.median(compile_s), "compile_max": max(compile_s),
+            "each": len(each_s), "each_median": statistics.median(each_s), "each_max": max(each_s),
             "structures": len(structures), "n": n, "rounds": len(templated),
             "replayed": statistics.median(replayed), "templated": statistics.median(templated),
             "llm": statistics.median(theirs) if theirs else None,
@@ -127,8 +142,12 @@ def print_never_seen(res: dict) -> None:
               f"| {name} | {s * 1e6:,.0f} | n/a | {ratio} |")
     if res["ratios"]:
         print(f"\nLowest round: {min(res['ratios']):.2f}×. ", end="")
-    print(f"Structure compile (warm-up estimate in sync mode): median "
-          f"{res['compile_median'] * 1e3:,.0f} ms, max {res['compile_max'] * 1e3:,.0f} ms.\n")
+    print(f"Structure compiles ({res['each']}, each timed, goal ≤ {GOAL_COMPILE_MS} ms): median "
+          f"{res['each_median'] * 1e3:,.0f} ms, max {res['each_max'] * 1e3:,.0f} ms. A "
+          "structure's first estimate (warm-up in sync mode: its compile, the compile of the "
+          "fused-optimizer variant its note reads where the peak is in the optimizer step, "
+          f"the evaluation): median {res['compile_median'] * 1e3:,.0f} ms, max "
+          f"{res['compile_max'] * 1e3:,.0f} ms.\n")
 
 
 # The data-parallel rows: three of the SETUPS structures per family (compiles are per rank's
@@ -395,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
                                           "pipelined-lists"],
                     default="all")
     args = ap.parse_args(argv)
+    collector.tune()  # as `memplan serve` does once the app is built (planner/machine/collector.py)
     if args.section in ("all", "single"):
         print_never_seen(never_seen_rows(50, 5))
     if args.section in ("all", "data-parallel"):

@@ -292,7 +292,9 @@ def test_concurrent_estimates_agree_with_the_replay():
                          ids=["gpt2", "llama-eager"])
 def test_pipeline_estimates_through_rank_templates_equal_the_replay(schedule, p, v, arch, var):
     """Pipelined estimates (every rank replayed, planner/layouts/pipeline_memory.py): once a setup's
-    ranks are compiled, new sizes come from their templates and equal the replay."""
+    ranks are compiled, new sizes come from their templates and equal the replay. (Rank
+    structure templates off: one compiled in the background meanwhile would answer the later
+    sizes instead, and fewer per-setup templates would be compiled.)"""
     def req(b: int, t: int) -> MemoryRequest:
         return MemoryRequest.model_validate({"model": arch, "training": {
             **var, "micro_batch_size": b, "sequence_length": t, "gradient_accumulation_steps": 4},
@@ -300,7 +302,8 @@ def test_pipeline_estimates_through_rank_templates_equal_the_replay(schedule, p,
                             "pipeline_schedule": schedule}})
     sizes = [(2, 64), (3, 64), (5, 300), (9, 1000), (1, 20), (1, 21), (1, 500)]
     pm.clear_caches()
-    got = [pm.estimate_memory(req(b, t)) for b, t in sizes]
+    with step_cache.structure_mode("off"):
+        got = [pm.estimate_memory(req(b, t)) for b, t in sizes]
     assert sum(t is not None for t in cache._TEMPLATES.values()) == 2 * p
     pm.clear_caches()
     with step_cache.replay_only():

@@ -247,6 +247,7 @@ class Machine:
         buffers[id(root.fn)][root.out_idx] = grad
         ready: list[tuple[int, int, Node]] = [(-root.fn.seq, 0, root.fn)]
         tie = 0
+        ran: list[Node] = []
         while ready:
             check_work_limit()
             _, _, n = heapq.heappop(ready)
@@ -259,6 +260,7 @@ class Machine:
             for b in n.saved:
                 self.drop(b)
             n.saved = []
+            ran.append(n)
             for g in grads_in:
                 self.drop(g)
             if after_node is not None:
@@ -282,6 +284,11 @@ class Machine:
                 if deps[id(e)] == 0:
                     tie += 1
                     heapq.heappush(ready, (-e.seq, tie, e))
+        # the graph is freed once it ran (its backward closures hold tensors whose nodes are
+        # theirs: cycles the collector would otherwise find); kept until here, so the ids the
+        # engine keys by stay unique while it runs
+        for n in ran:
+            n.fn = None
 
     def grad_cat(self, node: Node, edge_index: int) -> str:
         """Category of a gradient produced for ``node.edges[edge_index]``: ``gradients`` when it
