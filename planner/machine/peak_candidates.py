@@ -41,7 +41,7 @@ class Candidates:
             self._best = _LATER
         else:
             self._best = _argmax_fn_n(self.names, self.exps, self.key) if self.key else None
-            self._row = _RowFns(self.names, self.exps, self.cats) if self.key else None
+            self._row = _rows_fn_n(self.names, self.exps, self.cats) if self.key else None
 
     def ready(self) -> Candidates:
         """The window's own functions compiled now (a caller that will read it with ``best``,
@@ -185,22 +185,14 @@ def _poly_fn_n(names, exps, vecs):
                                 + ", ".join(_expr_n(exps, v, name) for v in vecs) + "]", ""]))
 
 
-class _RowFns:
-    """``f(k, *sizes) -> list``: row k's polynomials, each row's function compiled the first
-    time it is the peak (a window's argmax reads every row; its categories are read at one
-    row per evaluation, most rows never)."""
-
-    __slots__ = ("names", "exps", "rows", "fns")
-
-    def __init__(self, names, exps, rows: list[list[tuple[int, ...]]]) -> None:
-        self.names, self.exps, self.rows = names, exps, rows
-        self.fns: list = [None] * len(rows)
-
-    def __call__(self, k: int, *v: int) -> list[int]:
-        f = self.fns[k]
-        if f is None:  # (two threads may both compile it: the same function)
-            f = self.fns[k] = _poly_fn_n(self.names, self.exps, self.rows[k])
-        return f(*v)
+def _rows_fn_n(names, exps, rows: list[list[tuple[int, ...]]]):
+    """``f(k, *sizes) -> list``: row k's polynomials (one compiled function for all rows)."""
+    lines = [f"def f(k, {', '.join(names)}):"]
+    for k, vecs in enumerate(rows):
+        pro, name = _monomials_n(names, exps, vecs)
+        lines += [f"    if k == {k}:", *("    " + p for p in pro), "        return ["
+                  + ", ".join(_expr_n(exps, v, name) for v in vecs) + "]"]
+    return _compiled("\n".join(lines + [""]))
 
 
 def _argmax_fn_n(names, exps, vecs):
