@@ -109,15 +109,15 @@ def _only_maxima(a: np.ndarray, exps) -> np.ndarray:
     return mask
 
 
-def _mixed_below(vecs, a: np.ndarray, i: int, pair: np.ndarray) -> bool:
+def _mixed_below(vecs, a: np.ndarray, i: int, pair: np.ndarray, low: np.ndarray) -> bool:
     """Whether a mix of two rows (j, k) of ``pair`` rules row i out (screened in floating
-    point, verified in exact integers)."""
+    point, verified in exact integers); ``low``: each coefficient's least value over the rows."""
     jj, kk = np.nonzero(pair)
     if not len(jj):
         return False
     # λ·(j - k) >= i - k in each coefficient where one of j, k is below i (the pairs cover i:
     # where neither is, any λ in [0, 1] holds; so j = k never bounds λ)
-    cols = np.nonzero(a[i] > a.min(0))[0]
+    cols = np.nonzero(a[i] > low)[0]
     ak = a[kk][:, cols]
     d = a[jj][:, cols] - ak  # j - k
     r = a[i, cols][None, :] - ak  # i - k
@@ -174,6 +174,7 @@ def _hull_prune(vecs: list[tuple[int, ...]], exps=None) -> list[int]:
     words = -(-a.shape[1] // 64)
     full = _words(np.ones((1, a.shape[1]), dtype=bool), words)[0]
     upper = np.triu(np.ones((n, n), dtype=bool), 1)  # a mix of (j, k) is one of (k, j)
+    low = a.min(0)
     kept = sure.copy()  # rows kept for sure, then the rows kept so far too
     keep = []
     for i in range(n):
@@ -191,9 +192,9 @@ def _hull_prune(vecs: list[tuple[int, ...]], exps=None) -> list[int]:
         # vertices), then of a kept row and another, then every other pair
         both = kept[:, None] & kept[None, :]
         one = kept[:, None] | kept[None, :]
-        if not (_mixed_below(vecs, a, i, pair & both)
-                or _mixed_below(vecs, a, i, pair & one & ~both)
-                or _mixed_below(vecs, a, i, pair & ~one)):
+        if not (_mixed_below(vecs, a, i, pair & both, low)
+                or _mixed_below(vecs, a, i, pair & one & ~both, low)
+                or _mixed_below(vecs, a, i, pair & ~one, low)):
             keep.append(i)
             kept[i] = True
     return keep
