@@ -309,13 +309,15 @@ def plan_pipeline(req: PipelineRequest) -> PipelineResult:
 
 
 def timeline_events(sched, out) -> list[TimelineEvent]:
+    # (the times by code once: ``start_s`` and ``end_s`` build their arrays on every read)
+    start, end = out.start_s.tolist(), out.end_s.tolist()
     events = []
     for r, seq in enumerate(sched.orders):
         for code in seq:
             kind, st, mb = sched.decode(code)
             events.append(TimelineEvent.model_construct(
-                rank=r, kind=kind, stage=st, microbatch=mb, start_s=float(out.start_s[code]),
-                end_s=float(out.end_s[code])))
+                rank=r, kind=kind, stage=st, microbatch=mb, start_s=start[code],
+                end_s=end[code]))
     return events
 
 
