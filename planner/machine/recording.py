@@ -4,7 +4,7 @@
 polynomials in the micro-batch size and the sequence length (``planner/machine/symbolic.py``): it
 logs every change of the live bytes and marks the instants that could be a peak; one cumulative
 sum gives the live bytes per category at every mark as polynomials, and
-``planner/machine/peak_candidates.py`` keeps the rows that can be a window's first maximum for
+``planner/machine/peak_pruning.py`` keeps the rows that can be a window's first maximum for
 some size. ``compile_windows`` turns any program (a pipeline rank's, for instance) into a
 ``WindowTemplate``; the single-device step's own template is ``planner/step/template.py``.
 

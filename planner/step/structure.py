@@ -28,7 +28,7 @@ that divides every term, Adafactor's row and column factors, is exact).
 The number of blocks stays in the key: the optimizer's states and temporaries are functions of
 the list of parameter tensors (planner/catalog/optimizers.py), whose length is the block count.
 
-Peak candidates are pruned over the shifted variables (planner/machine/peak_candidates.py, the rules
+Peak candidates are pruned over the shifted variables (planner/machine/peak_pruning.py, the rules
 need variables >= 0) and evaluated over the sizes themselves (sparse, exact Python integers).
 tests/test_structure_template.py holds the answers equal to the concrete replay.
 """

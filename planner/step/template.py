@@ -14,7 +14,7 @@ Soundness: every decision the program takes on sizes (``max`` of two gradient si
 test, ``if retained:``) goes through :class:`Poly`'s comparisons (planner/machine/symbolic.py), which
 answer only when the answer holds for *every* size of the domain; otherwise they raise
 :class:`Undecided` and the setup is replayed concretely instead. Candidate pruning
-(planner/machine/peak_candidates.py) keeps the simulator's tie rule (the first allocation reaching the
+(planner/machine/peak_pruning.py) keeps the simulator's tie rule (the first allocation reaching the
 peak wins), so a template's answer equals the concrete replay's exactly (tests/test_step_template.py
 holds them equal over random architectures, every setting and random sizes).
 """
