@@ -26,7 +26,7 @@ def _setup(rng: random.Random) -> dict:
     ac = rng.choice([{"strategy": "none"}, {"strategy": "full"}, {"strategy": "sqrt"},
                      {"strategy": "every-k", "every_k": 2}])
     return {"model": model,
-            "training": {"micro_batch_size": rng.randint(5, 48),
+            "training": {"micro_batch_size": rng.randint(Z.FLOOR_FROM, 48),
                          "sequence_length": rng.choice([16, 64, 128]),
                          "gradient_accumulation_steps": rng.choice([1, 2, 4]),
                          "precision": rng.choice(["fp32", "amp-bf16", "mixed-bf16"]),

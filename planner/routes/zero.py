@@ -20,10 +20,17 @@ from planner.machine.cache import setup_memo
 from planner.routes.activation_floor import build_floor, shared_floor
 from planner.routes.checkpoint_blocks import checkpointed_blocks_of
 from planner.routes.memory import estimate_memory, hardware_bytes
-from planner.routes.micro_batch import compile_ahead_pays
 from planner.routes.plan_suggest import keeps_activations
 
-__all__ = ["zero_stages"]
+__all__ = ["FLOOR_FROM", "zero_stages"]
+
+# The request's micro-batch from which the six layouts share an activation floor. Its compile
+# (the single-device step's template, which the offload layouts estimate anyway) costs about
+# two replays more than the replay it stands for; from b = 3 up, where b = 2 is already over the
+# memory it spares each of the five steps its sizes 2..b-1, and b = 1 where the single-device
+# step at 1 is over too (a 256-block step fitting no layout at b = 4: 15 replays, then 4 and a
+# compile). A single setup's own search compiles ahead only from b = 5 (compile_ahead_pays).
+FLOOR_FROM = 3
 
 
 def _variants(parallel: ParallelSpec) -> list[ParallelSpec]:
@@ -67,7 +74,7 @@ def zero_stages(request: MemoryRequest, estimate=None) -> ZeroResult:
         notes.append(f"loss kind {request.training.loss.kind!r}: the offload variants are left "
                      "out (a chunked loss is estimated where the step is replayed rank by rank)")
     floor, hold = None, None
-    if request.hardware is not None and compile_ahead_pays(request.training.micro_batch_size) \
+    if request.hardware is not None and request.training.micro_batch_size >= FLOOR_FROM \
             and keeps_activations(request.training, request.parallelism) \
             and request.training.loss.kind == "standard":
         # the single-device step's activation floor, shared by the six layouts
