@@ -28,7 +28,7 @@ __all__ = ["FLOOR_FROM", "zero_stages"]
 # (the single-device step's template, which the offload layouts estimate anyway) costs about
 # two replays more than the replay it stands for; from b = 3 up, where b = 2 is already over the
 # memory it spares each of the five steps its sizes 2..b-1, and b = 1 where the single-device
-# step at 1 is over too (a 256-block step fitting no layout at b = 4: 15 replays, then 4 and a
+# step at 1 is over too (a 256-block step fitting no layout at b = 4: 15 replays, then 5 and a
 # compile). A single setup's own search compiles ahead only from b = 5 (compile_ahead_pays).
 FLOOR_FROM = 3
 
