@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -54,14 +55,15 @@ class SimOutcome:
     def _by_code(self, x: np.ndarray) -> np.ndarray:
         out = np.full(self.n_codes, np.nan)
         out[self.flat_codes] = x
+        out.flags.writeable = False  # kept: read by every caller alike
         return out
 
-    @property
+    @functools.cached_property
     def start_s(self) -> np.ndarray:
-        """Start time by action code (NaN for codes no rank runs)."""
+        """Start time by action code (NaN for codes no rank runs); built once."""
         return self._by_code(self.start_flat)
 
-    @property
+    @functools.cached_property
     def end_s(self) -> np.ndarray:
         return self._by_code(self.end_flat)
 

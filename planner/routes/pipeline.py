@@ -309,8 +309,7 @@ def plan_pipeline(req: PipelineRequest) -> PipelineResult:
 
 
 def timeline_events(sched, out) -> list[TimelineEvent]:
-    # (the times by code once: ``start_s`` and ``end_s`` build their arrays on every read)
-    start, end = out.start_s.tolist(), out.end_s.tolist()
+    start, end = out.start_s.tolist(), out.end_s.tolist()  # (Python floats, read per action)
     events = []
     for r, seq in enumerate(sched.orders):
         for code in seq:
