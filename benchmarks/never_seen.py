@@ -9,6 +9,7 @@ interleaved 1F1B, random micro-batch counts), ``--section single``/``data-parall
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
@@ -26,6 +27,24 @@ from planner.catalog.specs import MemoryRequest
 
 STRUCTURE_LAYERS = {"gpt2": 12, "llama": 32}
 GOAL_COMPILE_MS = 50  # the goal: no per-setup compile step above it
+
+
+@contextlib.contextmanager
+def _timing(module, name: str, into: list[float]):
+    """Inside, each call of ``module.name`` appends its wall time (s) to ``into``."""
+    real = getattr(module, name)
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **kw)
+        finally:
+            into.append(time.perf_counter() - t0)
+    setattr(module, name, timed)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
 
 
 def _random_arch(family: str, rng: random.Random, gqa: bool = False) -> dict:
@@ -66,26 +85,15 @@ def never_seen_rows(n: int, rounds: int, seed: int = 5, parallelism: dict | None
                                                 ("llama", True)) for p, c in setups]
     planner_memory.clear_caches()
     compile_s, each_s = [], []  # warm-up estimates; each structure compile in them
-    real = structures_mod._compile_structure
-
-    def timed(*a, **kw):
-        t0 = time.perf_counter()
-        try:
-            return real(*a, **kw)
-        finally:
-            each_s.append(time.perf_counter() - t0)
-    structures_mod._compile_structure = timed
-    try:
-        with step_cache.structure_mode("sync"):
-            for f, gqa, p, c in structures:
-                for k in range(3):  # the first compiles; variants a note compares with, too
-                    r = _arch_req(_random_arch(f, rng, gqa), 4, 1024, p, c, parallelism)
-                    t0 = time.perf_counter()
-                    est(r)
-                    if k == 0:
-                        compile_s.append(time.perf_counter() - t0)
-    finally:
-        structures_mod._compile_structure = real
+    with _timing(structures_mod, "_compile_structure", each_s), \
+            step_cache.structure_mode("sync"):
+        for f, gqa, p, c in structures:
+            for k in range(3):  # the first compiles; variants a note compares with, too
+                r = _arch_req(_random_arch(f, rng, gqa), 4, 1024, p, c, parallelism)
+                t0 = time.perf_counter()
+                est(r)
+                if k == 0:
+                    compile_s.append(time.perf_counter() - t0)
     cases = []
     for k in range(n):
         f, gqa, p, c = structures[k % len(structures)]
@@ -205,14 +213,6 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
     kinds = [("gpt2", False), ("llama", False), ("llama", True)]
     planner_memory.clear_caches()
     first_s, second_s, compile_s = [], [], []
-    real = pipeline_structures._compile
-
-    def timed(*a):
-        t0 = time.perf_counter()
-        try:
-            return real(*a)
-        finally:
-            compile_s.append(time.perf_counter() - t0)
     with step_cache.structure_mode("sync"):
         for pp, sched, v in PIPELINE_LAYOUTS:
             for f, gqa in kinds:
@@ -235,13 +235,9 @@ def pipelined_rows(n: int, rounds: int, seed: int = 7) -> dict:
                               rng.choice([512, 1024, 2048, 4096]), pp, sched, v, m)
         sibling = _pipelined_req(_random_arch(f, rng, gqa), 4, 1024, pp, sched, v, m)
         cases.append((case, sibling))
-    pipeline_structures._compile = timed
-    try:
-        with step_cache.structure_mode("sync"):
-            for _, sibling in cases:
-                est(sibling, explain=False)
-    finally:
-        pipeline_structures._compile = real
+    with _timing(pipeline_structures, "_compile", compile_s), step_cache.structure_mode("sync"):
+        for _, sibling in cases:
+            est(sibling, explain=False)
     cases = [c for c, _ in cases]
     rng.shuffle(cases)
     per = -(-n // rounds)
