@@ -285,3 +285,44 @@ def test_the_fused_note_of_a_known_setup_equals_the_full_estimates() -> None:
     assert sum(any("'fused' would peak" in n for n in w.notes) for w in want) >= 4
     for answers in got:
         assert [a.model_dump_json() for a in answers] == [w.model_dump_json() for w in want]
+
+
+def test_known_single_device_answers_equal_the_general_path(monkeypatch) -> None:
+    """A known single-device setup asked without hardware is answered by
+    ``memory_known.step_answer`` (the setup's assumptions built once): over random settings,
+    devices and sizes, equal to the answers replayed afresh, fields set included; asked with
+    hardware, it goes the general way."""
+    from planner.routes import memory_known
+
+    taken = []
+    real = memory_known.step_answer
+    monkeypatch.setattr(pm, "step_answer", lambda *a: taken.append(1) or real(*a))
+    rng = random.Random(7)
+    options = {"precision": ["fp32", "amp-bf16", "mixed-bf16", "bf16"],
+               "optimizer": ["adamw", "sgd", "adagrad", "rmsprop"],
+               "optimizer_implementation": ["foreach", "for-loop", "fused"],
+               "activation_checkpointing": [{"strategy": "none"}, {"strategy": "full"},
+                                            {"strategy": "every-k", "every_k": 2}],
+               "loss": [{"kind": "standard"}, {"kind": "chunked"}]}
+    for _ in range(12):
+        training = {k: rng.choice(v) for k, v in options.items()}
+        model, device = rng.choice([GPT2, LLAMA]), rng.choice(["cuda", "cpu"])
+        sizes = [(rng.randint(1, 9), rng.randint(8, 300)) for _ in range(5)]
+        try:
+            reqs = [_req(model, training, None, None, b, t)
+                    for b, t in [(2, 16), (3, 16), *sizes]]
+        except ValueError:  # a combination the rules refuse (a fused kernel torch lacks)
+            continue
+        pm.clear_caches()
+        got = [pm.estimate_memory(r, device) for r in reqs]
+        pm.clear_caches()
+        with step_cache.replay_only():
+            want = [pm.estimate_memory(r, device) for r in reqs]
+        assert [g.model_dump_json() for g in got] == [w.model_dump_json() for w in want]
+        assert [g.model_fields_set for g in got] == [w.model_fields_set for w in want]
+    assert len(taken) >= 25
+    n = len(taken)
+    pm.clear_caches()
+    for b in (2, 3, 4):
+        pm.estimate_memory(_req(GPT2, {}, None, {"gpu": "h100-80gb"}, b, 64))
+    assert len(taken) == n

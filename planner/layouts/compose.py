@@ -55,7 +55,7 @@ def replayed_fields(peaks, steady: Breakdown | None = None) -> dict:
     the peak falls in forward/backward (one frozen object for both)."""
     fb = peaks.fb_steady
     bd = steady if steady is not None and fb is peaks.steady else snap_breakdown(fb)
-    return fb_fields(peaks.act_max.total, bd, f"{fb.phase}: {fb.op}")
+    return fb_fields(peaks.act_max_total, bd, f"{fb.phase}: {fb.op}")
 
 
 def single_device(par: ParallelSpec) -> bool:
@@ -137,7 +137,7 @@ def composed(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, device: 
     peaks = step_cache.simulate(model, tr, device, frozenset(ckpt))
     fb = peaks.act_peak.as_dict()
     act, tmp = fb["activations"], fb["temporaries"]
-    act_max = peaks.act_max.total
+    act_max = peaks.act_max_total
     assumptions.append(Assumption(
         name="composition", value="sharded model states + single-device activation peak",
         note="activations and temporaries at their own peak in the reference step, added to the "

@@ -55,6 +55,8 @@ from planner.routes.memory_allocator import (
     _cuda_allocator,
 )
 from planner.routes.memory_checks import check_request, check_sizes
+from planner.routes.memory_known import ZERO_GRAD as _ZERO_GRAD
+from planner.routes.memory_known import step_answer, step_frame
 from planner.routes.memory_reference import _compiled, _one_step, _reference, _template_need
 from planner.routes.micro_batch import (
     compile_ahead_pays,
@@ -82,8 +84,6 @@ def clear_caches() -> None:
     clear_allocator_cache()
 
 
-_ZERO_GRAD = Assumption(name="zero_grad", value="set_to_none=True",
-                        note="gradients are freed after each optimizer step")
 
 
 def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = True,
@@ -116,6 +116,11 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
                 got = kept[domain] = _compiled(how, model, tr, req.parallelism, device, ckpt)
             if got is not None and how == "pipeline":
                 ranks = got
+            elif got is not None and how == "step" and req.hardware is None and not allocator:
+                result = step_answer(req, model, device, ckpt, got,
+                                     *step_frame(kept, tr, device, ckpt, _variant), explain)
+                memory_answers.keep(h, key, result)
+                return result
             elif got is not None:
                 step_peaks = got.evaluate(tr.micro_batch_size, tr.sequence_length)
         result = _estimate(req, model, device, ckpt, explain=explain, allocator=allocator,

@@ -17,17 +17,20 @@ class StepPeaks:
     same instant in the steady state (optimizer states live): the step's peak unless the
     optimizer step is higher. ``act_peak`` (highest activations + temporaries in
     forward/backward) and ``act_max`` (highest live activation bytes, ``stepsim.activation_snap``)
-    may be given as functions, evaluated when first read."""
+    may be given as functions, evaluated when first read; ``act_total``, ``act_max``'s total
+    when it is known without building it (``act_max_total``)."""
 
-    __slots__ = ("first", "steady", "forward_peak", "fb_steady", "_act", "_act_max", "notes")
+    __slots__ = ("first", "steady", "forward_peak", "fb_steady", "_act", "_act_max", "notes",
+                 "_act_total")
 
     def __init__(self, first: PeakSnap, steady: PeakSnap, forward_peak: PeakSnap | None = None,
                  act_peak: "PeakSnap | Callable[[], PeakSnap] | None" = None,
                  notes: list[str] | None = None, *, fb_steady: PeakSnap | None = None,
-                 act_max: "PeakSnap | Callable[[], PeakSnap] | None" = None) -> None:
+                 act_max: "PeakSnap | Callable[[], PeakSnap] | None" = None,
+                 act_total: int | None = None) -> None:
         self.first, self.steady, self.forward_peak = first, steady, forward_peak
         self._act, self.notes = act_peak, notes or []
-        self.fb_steady, self._act_max = fb_steady, act_max
+        self.fb_steady, self._act_max, self._act_total = fb_steady, act_max, act_total
 
     @property
     def act_peak(self) -> PeakSnap | None:
@@ -40,6 +43,14 @@ class StepPeaks:
         if callable(self._act_max):
             self._act_max = self._act_max()
         return self._act_max
+
+    @property
+    def act_max_total(self) -> int:
+        """``act_max.total`` (the memory route's activation peak), without building the
+        snapshot where its total was given."""
+        if self._act_total is not None:
+            return self._act_total
+        return self.act_max.total
 
 
 def _first_highest(peaks: list[PeakSnap]) -> PeakSnap:
@@ -58,7 +69,8 @@ def _plus_states(p: PeakSnap, states: int, scaler: int = 0) -> PeakSnap:
 
 
 def combine_peaks(fb_peaks: list[PeakSnap], step_peaks: list[PeakSnap], act_peak, *,
-                  states: int, amp_scaler: bool, act_max=None) -> StepPeaks:
+                  states: int, amp_scaler: bool, act_max=None,
+                  act_total: int | None = None) -> StepPeaks:
     """A steady-state step (2+) repeats step 1's forward and backward exactly, with the optimizer
     states (allocated during step 1's ``optimizer.step()``) live throughout; so one simulated
     forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak).
@@ -79,4 +91,5 @@ def combine_peaks(fb_peaks: list[PeakSnap], step_peaks: list[PeakSnap], act_peak
             steady = p
     if step_peaks[-1].total > steady.total:
         steady = step_peaks[-1]
-    return StepPeaks(first, steady, fwdbwd, act_peak, None, fb_steady=shifted, act_max=act_max)
+    return StepPeaks(first, steady, fwdbwd, act_peak, None, fb_steady=shifted, act_max=act_max,
+                     act_total=act_total)

@@ -80,7 +80,8 @@ class StepTemplate:
         fb, step, (act_max,) = self._windows(b, t)
         return combine_peaks(fb, step, lambda: self.act.best(b, t), states=self._states,
                              amp_scaler=self._amp_scaler,
-                             act_max=lambda: _activation_snap(act_max))
+                             act_max=lambda: _activation_snap(act_max),
+                             act_total=act_max.total if act_max.total > 0 else 0)
 
 
 def _activation_snap(p: PeakSnap) -> PeakSnap:

@@ -1,0 +1,82 @@
+"""A known single-device setup's answer at a new size: what ``memory._estimate`` gives, built
+from the setup's step template without the general path's branches.
+
+A setup known to pass every rule (``memory._SETUPS``) and answered on one device from its
+step template, asked without ``hardware`` (no fit, no micro-batch search, no allocator replay),
+has an answer that differs between sizes only in its figures: the breakdowns, the phases, the
+activation peak, the reserve and the notes that read them. Its assumptions are the same for
+every size; they are built once per setup and kept with its templates. ``step_answer`` builds
+the rest from the template's windows, in the order ``_estimate`` builds them, with the same
+note functions: tests/test_known_answers.py holds it equal to ``_estimate`` over every setting
+and random sizes.
+"""
+
+from __future__ import annotations
+
+from planner.catalog.presets import allocator_reserve
+from planner.catalog.result_specs import unvalidated
+from planner.catalog.specs import Assumption, MemoryRequest, MemoryResult, ResolvedModel, TrainingSpec
+from planner.layouts.compose import snap_breakdown
+from planner.routes import memory_notes
+from planner.routes.checkpoint_blocks import ckpt_assumption
+from planner.routes.fused_variant import kept_variant
+from planner.routes.loss_rules import loss_assumption
+from planner.routes.memory_allocator import _RESERVE_CPU, _RESERVE_CUDA
+from planner.routes.memory_reference import _PROFILE_REFERENCE
+
+__all__ = ["ZERO_GRAD", "step_answer", "step_frame"]
+
+# stated by every estimate (the specs are frozen: one instance serves all)
+ZERO_GRAD = Assumption(name="zero_grad", value="set_to_none=True",
+                       note="gradients are freed after each optimizer step")
+
+_FIELDS = ("model", "breakdown", "first_step", "peak_phase", "allocator_reserve_bytes",
+           "cuda_allocator", "fit", "assumptions", "notes", "suggestions",
+           "activation_peak_bytes", "forward_backward_peak", "forward_backward_peak_phase")
+_RESULT_FIELDS = dict.fromkeys(MemoryResult.model_fields)  # declaration order, each None
+_SET = frozenset(_FIELDS)
+
+
+def step_frame(kept: dict, tr: TrainingSpec, device: str, ckpt, fallback) -> tuple[tuple, object]:
+    """A known single-device setup's (assumptions, fused variant), built once and kept with its
+    templates (``kept``): the assumptions in the order ``_estimate`` lists them for a
+    single-device reference step (the reserve's, zero_grad, the profile, the loss, the
+    checkpoint plan); ``fallback``: the full estimate of a changed setup (``memory._variant``)."""
+    frame = kept.get("frame")
+    if frame is None:
+        extra = (ckpt_assumption(frozenset(ckpt)),) if ckpt else ()
+        frame = kept["frame"] = ((_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA, ZERO_GRAD,
+                                  _PROFILE_REFERENCE, loss_assumption(tr.loss), *extra),
+                                 kept_variant(kept, fallback))
+    return frame
+
+
+def step_answer(req: MemoryRequest, model: ResolvedModel, device: str, ckpt, tpl,
+                assumptions: tuple, variant, explain: bool) -> MemoryResult:
+    """The answer of ``req`` (a known single-device setup, no hardware) from ``tpl``, the
+    setup's step template for the request's size domain; ``assumptions``: the setup's (as
+    ``_estimate`` lists them); ``variant``: the fused note's (``fused_variant.kept_variant``)."""
+    tr = req.training
+    peaks = tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
+    steady = peaks.steady
+    bd = snap_breakdown(steady)
+    fb = peaks.fb_steady
+    phase = f"{steady.phase}: {steady.op}"
+    notes: list[str] = []
+    if explain and phase.startswith("optimizer"):
+        par = req.parallelism
+        notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
+        notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, variant))
+    d = _RESULT_FIELDS.copy()
+    d["model"] = model
+    d["breakdown"] = bd
+    d["first_step"] = snap_breakdown(peaks.first)
+    d["peak_phase"] = phase
+    d["allocator_reserve_bytes"] = allocator_reserve(bd.total, device)
+    d["assumptions"] = list(assumptions)
+    d["notes"] = notes
+    d["suggestions"] = []
+    d["activation_peak_bytes"] = peaks.act_max_total
+    d["forward_backward_peak"] = bd if fb is steady else snap_breakdown(fb)
+    d["forward_backward_peak_phase"] = f"{fb.phase}: {fb.op}"
+    return unvalidated(MemoryResult, d, set(_SET))
