@@ -57,10 +57,8 @@ def step_answer(req: MemoryRequest, model: ResolvedModel, device: str, ckpt, tpl
     setup's step template for the request's size domain; ``assumptions``: the setup's (as
     ``_estimate`` lists them); ``variant``: the fused note's (``fused_variant.kept_variant``)."""
     tr = req.training
-    peaks = tpl.evaluate(tr.micro_batch_size, tr.sequence_length)
-    steady = peaks.steady
+    first, steady, fb, act_total = tpl.answer(tr.micro_batch_size, tr.sequence_length)
     bd = snap_breakdown(steady)
-    fb = peaks.fb_steady
     phase = f"{steady.phase}: {steady.op}"
     notes: list[str] = []
     if explain and phase.startswith("optimizer"):
@@ -70,13 +68,13 @@ def step_answer(req: MemoryRequest, model: ResolvedModel, device: str, ckpt, tpl
     d = _RESULT_FIELDS.copy()
     d["model"] = model
     d["breakdown"] = bd
-    d["first_step"] = snap_breakdown(peaks.first)
+    d["first_step"] = snap_breakdown(first)
     d["peak_phase"] = phase
     d["allocator_reserve_bytes"] = allocator_reserve(bd.total, device)
     d["assumptions"] = list(assumptions)
     d["notes"] = notes
     d["suggestions"] = []
-    d["activation_peak_bytes"] = peaks.act_max_total
+    d["activation_peak_bytes"] = act_total
     d["forward_backward_peak"] = bd if fb is steady else snap_breakdown(fb)
     d["forward_backward_peak_phase"] = f"{fb.phase}: {fb.op}"
     return unvalidated(MemoryResult, d, set(_SET))

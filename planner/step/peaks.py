@@ -76,6 +76,14 @@ def combine_peaks(fb_peaks: list[PeakSnap], step_peaks: list[PeakSnap], act_peak
     forward/backward serves both: steady peak = max(fwd/bwd peak + states, step peak).
     ``step_peaks``: the optimizer step's windows in order; all but the last ran before step 1
     made the states, so in a steady step they run with the states live too."""
+    first, steady, fwdbwd, shifted = combined(fb_peaks, step_peaks, states, amp_scaler)
+    return StepPeaks(first, steady, fwdbwd, act_peak, None, fb_steady=shifted, act_max=act_max,
+                     act_total=act_total)
+
+
+def combined(fb_peaks: list[PeakSnap], step_peaks: list[PeakSnap], states: int,
+             amp_scaler: bool) -> tuple[PeakSnap, PeakSnap, PeakSnap, PeakSnap]:
+    """``combine_peaks``'s (first, steady, forward peak, steady forward/backward peak)."""
     fwdbwd = _first_highest(fb_peaks)  # the first of the highest
     first = fwdbwd
     for p in step_peaks:  # the first of the highest of [fwdbwd, *step_peaks]
@@ -91,5 +99,4 @@ def combine_peaks(fb_peaks: list[PeakSnap], step_peaks: list[PeakSnap], act_peak
             steady = p
     if step_peaks[-1].total > steady.total:
         steady = step_peaks[-1]
-    return StepPeaks(first, steady, fwdbwd, act_peak, None, fb_steady=shifted, act_max=act_max,
-                     act_total=act_total)
+    return first, steady, fwdbwd, shifted

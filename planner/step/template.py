@@ -28,7 +28,7 @@ from planner.machine.peak_candidates import Candidates, fused_best, fused_totals
 from planner.machine.recording import domain_of, record, window_candidates
 from planner.machine.stepsim import PeakSnap, activation_snap
 from planner.machine.symbolic import Poly, Undecided
-from planner.step.peaks import StepPeaks, combine_peaks
+from planner.step.peaks import StepPeaks, combine_peaks, combined
 from planner.step.program import ReferenceProgram
 
 __all__ = ["StepTemplate", "compile_template", "domain_of"]
@@ -82,6 +82,14 @@ class StepTemplate:
                              amp_scaler=self._amp_scaler,
                              act_max=lambda: _activation_snap(act_max),
                              act_total=act_max.total if act_max.total > 0 else 0)
+
+
+    def answer(self, B: int, T: int) -> tuple[PeakSnap, PeakSnap, PeakSnap, int]:
+        """``evaluate(B, T)``'s (first, steady, fb_steady, act_max_total), what POST
+        /v1/memory's answer reads (planner/routes/memory_known.py), without the rest."""
+        fb, step, (act_max,) = self._windows(B - 2, T - 2)
+        first, steady, _, shifted = combined(fb, step, self._states, self._amp_scaler)
+        return first, steady, shifted, act_max.total if act_max.total > 0 else 0
 
 
 def _activation_snap(p: PeakSnap) -> PeakSnap:
