@@ -39,9 +39,9 @@ class Candidates:
         # when first asked: a step template reads most windows through ``fused_best`` alone.
         if self.names is None:
             self._best = _LATER
-        else:
-            self._best = _argmax_fn_n(self.names, self.exps, self.key) if self.key else None
-            self._row = _rows_fn_n(self.names, self.exps, self.cats) if self.key else None
+        else:  # one function: the largest row's value, index and categories
+            self._best = _best_row_fn_n(self.names, self.exps, self.key, self.cats) \
+                if self.key else None
 
     def ready(self) -> Candidates:
         """The window's own functions compiled now (a caller that will read it with ``best``,
@@ -56,11 +56,14 @@ class Candidates:
             self.ready()
         if self._best is None:
             return PeakSnap()
+        if self.names is not None:
+            x, k, cats = self._best(*v)
+            if self.zero and x <= 0:
+                return PeakSnap()
+            return PeakSnap(x, cats, self.ops[k], self.phases[k])
         x, k = self._best(*v)
         if self.zero and x <= 0:
             return PeakSnap()
-        if self.names is not None:
-            return PeakSnap(x, self._row(k, *v), self.ops[k], self.phases[k])
         return PeakSnap(x, self._cats[k](*v), self.ops[k], self.phases[k])
 
 
@@ -185,25 +188,20 @@ def _poly_fn_n(names, exps, vecs):
                                 + ", ".join(_expr_n(exps, v, name) for v in vecs) + "]", ""]))
 
 
-def _rows_fn_n(names, exps, rows: list[list[tuple[int, ...]]]):
-    """``f(k, *sizes) -> list``: row k's polynomials (one compiled function for all rows)."""
-    lines = [f"def f(k, {', '.join(names)}):"]
-    for k, vecs in enumerate(rows):
-        pro, name = _monomials_n(names, exps, vecs)
-        lines += [f"    if k == {k}:", *("    " + p for p in pro), "        return ["
-                  + ", ".join(_expr_n(exps, v, name) for v in vecs) + "]"]
-    return _compiled("\n".join(lines + [""]))
-
-
-def _argmax_fn_n(names, exps, vecs):
-    """``f(*sizes) -> (largest value, index of the first row reaching it)``, rows over the sizes
-    themselves; the monomials are computed once."""
-    pro, name = _monomials_n(names, exps, vecs)
+def _best_row_fn_n(names, exps, vecs, rows: list[list[tuple[int, ...]]]):
+    """``f(*sizes) -> (largest value, index of the first row reaching it, that row's
+    polynomials)``, rows over the sizes themselves: every monomial the rows use computed once,
+    then the rows' values, then the largest row's categories (one compiled function: its
+    source a third smaller than an argmax and a per-row function, each with its monomials)."""
+    pro, name = _monomials_n(names, exps, [*vecs, *(c for cats in rows for c in cats)])
     lines = [f"def f({', '.join(names)}):", *pro, f"    bv = {_expr_n(exps, vecs[0], name)}",
              "    bk = 0"]
     for k, v in enumerate(vecs[1:], 1):
         lines += [f"    v = {_expr_n(exps, v, name)}", "    if v > bv:", f"        bv = v; bk = {k}"]
-    return _compiled("\n".join(lines + ["    return bv, bk", ""]))
+    for k, cats in enumerate(rows):
+        ret = f"return bv, {k}, [" + ", ".join(_expr_n(exps, c, name) for c in cats) + "]"
+        lines += [f"    if bk == {k}:", f"        {ret}"] if k < len(rows) - 1 else [f"    {ret}"]
+    return _compiled("\n".join(lines + [""]))
 
 
 def candidates(k: np.ndarray, cats: np.ndarray, exps, ops: list[str], phases: list[str],
@@ -216,6 +214,7 @@ def candidates(k: np.ndarray, cats: np.ndarray, exps, ops: list[str], phases: li
     names = None
     if natural is not None:
         names, exps, k, cats = natural
-    return Candidates(exps, [tuple(int(x) for x in k[i]) for i in rows],
-                      [[tuple(int(x) for x in c) for c in cats[i]] for i in rows],
+    sel = list(rows)
+    return Candidates(exps, list(map(tuple, k[sel].tolist())),
+                      [list(map(tuple, c)) for c in cats[sel].tolist()],
                       [ops[i] for i in rows], [phases[i] for i in rows], zero, names)

@@ -51,8 +51,7 @@ def select(k: np.ndarray, exps) -> tuple[int, ...]:
             return got
     idx = _screen(k, exps)
     sub = idx[_prune(k[idx])]
-    got = tuple(int(sub[s]) for s in _hull_prune([tuple(int(x) for x in k[i]) for i in sub],
-                                                  exps))
+    got = tuple(int(sub[s]) for s in _hull_prune(list(map(tuple, k[sub].tolist())), exps))
     with _LOCK:
         _SELECTED[key] = got
         if len(_SELECTED) > _SELECTED_MAX:
@@ -213,10 +212,21 @@ def _probe_points(nvars: int) -> np.ndarray:
     if nvars == 2:
         pb, pt = np.meshgrid(np.array(_PROBE_B, float), np.array(_PROBE_T, float))
         return np.stack([pb.ravel(), pt.ravel()])
-    rng = np.random.default_rng(0)
     scale = np.array(_PROBE_B, float)
     return np.concatenate([np.tile(scale, (nvars, 1)),
-                           scale[rng.integers(0, len(scale), (nvars, _RANDOM_PROBES))]], 1)
+                           scale[_corners(nvars * _RANDOM_PROBES).reshape(nvars, -1)]], 1)
+
+
+def _corners(n: int) -> np.ndarray:
+    """n pseudo-random indices in [0, 8), deterministic: splitmix64 of 1..n, its top three bits
+    (no numpy.random: importing it cost a process's first compile 18 ms)."""
+    z = np.arange(1, n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = z * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(61)).astype(np.intp)
 
 
 @functools.lru_cache(maxsize=64)
@@ -249,7 +259,8 @@ def _screen(k: np.ndarray, exps) -> np.ndarray:
     # probes × rows (each probe's values contiguous: its first maximum found along a row)
     vals = _probe_monomials(tuple(tuple(e) for e in exps)) @ kf.T
     top = vals.max(1)
-    anchors = np.unique(np.argmax(vals >= (top - 1e-9 * np.abs(top))[:, None], axis=1))
+    first = np.argmax(vals >= (top - 1e-9 * np.abs(top))[:, None], axis=1)
+    anchors = np.flatnonzero(np.bincount(first, minlength=n))  # sorted, each once
     idx = np.arange(n)
     ka = k[anchors]
     # single-row rule, exact (comparisons of integers)

@@ -311,7 +311,8 @@ def window_candidates(m: RecordingMachine, wanted: list[int], act: bool):
     m._flush()
     full = m.marks_matrix()  # marks × categories × (i, j) grid
     used = np.nonzero(np.abs(full).reshape(-1, _DEG * _DEG).max(0))[0]
-    used = np.union1d(used, [0])  # the constant first
+    if not len(used) or used[0] != 0:  # the constant first (nonzero's indices are sorted)
+        used = np.concatenate([[0], used])
     exps = tuple((int(u) // _DEG, int(u) % _DEG) for u in used)
     cats = full[:, :, used]
     ops = [mk[1] for mk in m.marks]

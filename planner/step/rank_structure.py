@@ -138,5 +138,5 @@ def compile_rank_structure(model, tr, device, checkpointed, names, half, values,
                        machine=m, sizes=sizes, shard_rows=shard_rows)
 
     tpl = compile_structure(model, tr, device, set(checkpointed), names, half, full, make=make,
-                            extra=tuple(extra))
+                            extra=tuple(extra), act=False)
     return classes, tpl

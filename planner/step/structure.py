@@ -105,7 +105,7 @@ class StructureTemplate:
     names: tuple[str, ...]
     fb: list[Candidates]
     step: list[Candidates]
-    act: Candidates
+    act: Candidates | None  # None: not compiled (a data-parallel rank's: nothing reads it)
     act_max: Candidates
     states: object  # f(*values) -> [optimizer state bytes]
     amp_scaler: bool
@@ -114,10 +114,17 @@ class StructureTemplate:
     admits: object = None
 
     def evaluate(self, v: tuple[int, ...]) -> StepPeaks:
+        act = self.act
         return combine_peaks([c.best(*v) for c in self.fb], [c.best(*v) for c in self.step],
-                             lambda: self.act.best(*v), states=self.states(*v)[0],
+                             _left_out if act is None else lambda: act.best(*v),
+                             states=self.states(*v)[0],
                              amp_scaler=self.amp_scaler,
                              act_max=lambda: _activation_snap(self.act_max.best(*v)))
+
+
+def _left_out():
+    raise LookupError("this structure template leaves the activation-and-temporaries peak out "
+                      "(a data-parallel rank's: compile_structure(act=False))")
 
 
 def _natural(m: RecordingMachine, sp: Space) -> tuple[np.ndarray, list[tuple[int, ...]]]:
@@ -196,7 +203,8 @@ def _guard_fn(names: tuple[str, ...], guards: list[tuple[dict, int]]):
 def compile_structure(model, training, device: str, checkpointed: set[int],
                       names: tuple[str, ...], half: bool,
                       witness: tuple[int, ...] | None = None, make=None,
-                      extra: tuple[tuple[str, int], ...] = ()) -> StructureTemplate:
+                      extra: tuple[tuple[str, int], ...] = (),
+                      act: bool = True) -> StructureTemplate:
     """Replay the step once with the sizes ``names`` symbolic (the others 1); raises Undecided
     (or TypeError, from a size the program cannot take symbolically) when the replay depends
     on their values. With a ``witness`` (values of ``names``, a model of the structure), a
@@ -204,7 +212,10 @@ def compile_structure(model, training, device: str, checkpointed: set[int],
     template (``admits``). ``make(machine, sizes, space)`` builds the program (default:
     ReferenceProgram; a data-parallel rank's, planner/step/rank_structure.py), which may use
     ``extra`` variables of the space (``(name, lowest value)``, after ``names``; the witness
-    then gives their values too); the template's names are ``names`` and theirs."""
+    then gives their values too); the template's names are ``names`` and theirs. ``act``:
+    whether to compile the activation-and-temporaries window (``StepPeaks.act_peak``, which
+    only the single-device step's readers read: a data-parallel rank's compile leaves it out,
+    its largest window)."""
     sp, sizes = _symbolic_sizes(names, half, witness, extra)
     names = sp.names
     m = RecordingMachine()
@@ -233,12 +244,12 @@ def compile_structure(model, training, device: str, checkpointed: set[int],
     total = full.sum(1)
     cands = [window(windows == w, total, full) for w in [*fb, *steps]]
     act_sel = np.array([mk[4] and mk[2] != "optimizer" for mk in m.marks])
-    act = window(act_sel, full[:, 3] + full[:, 4], full, zero=True)
+    act_w = window(act_sel, full[:, 3] + full[:, 4], full, zero=True) if act else None
     act_max = window(act_sel, full[:, 3], full[:, 3:4], zero=True)
     states = combine["states"]
     sv = states.t if isinstance(states, MPoly) else {(0,) * sp.n: states}
     sexp = tuple(sv)
-    return StructureTemplate(names, cands[:len(fb)], cands[len(fb):], act, act_max,
+    return StructureTemplate(names, cands[:len(fb)], cands[len(fb):], act_w, act_max,
                              _poly_fn_n(names, sexp, [tuple(sv[e] for e in sexp)]),
                              bool(combine["amp_scaler"]),
                              _guard_fn(names, list(sp.guards.values())))
