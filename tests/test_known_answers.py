@@ -287,11 +287,14 @@ def test_the_fused_note_of_a_known_setup_equals_the_full_estimates() -> None:
         assert [a.model_dump_json() for a in answers] == [w.model_dump_json() for w in want]
 
 
-def test_known_single_device_answers_equal_the_general_path(monkeypatch) -> None:
-    """A known single-device setup asked without hardware is answered by
-    ``memory_known.step_answer`` (the setup's assumptions built once): over random settings,
-    devices and sizes, equal to the answers replayed afresh, fields set included; asked with
-    hardware, it goes the general way."""
+@pytest.mark.parametrize("parallelism", [None, {"data_parallel": 3, "zero_stage": 3},
+                                         {"data_parallel": 2}, {"data_parallel": 4,
+                                                                "zero_stage": 2}])
+def test_known_answers_from_one_template_equal_the_general_path(parallelism, monkeypatch) -> None:
+    """A known setup answered from one template (one device, or data-parallel rank 0) asked
+    without hardware is answered by ``memory_known.step_answer`` (the setup's assumptions
+    built once): over random settings, devices and sizes, equal to the answers replayed
+    afresh, fields set included; asked with hardware, it goes the general way."""
     from planner.routes import memory_known
 
     taken = []
@@ -309,7 +312,7 @@ def test_known_single_device_answers_equal_the_general_path(monkeypatch) -> None
         model, device = rng.choice([GPT2, LLAMA]), rng.choice(["cuda", "cpu"])
         sizes = [(rng.randint(1, 9), rng.randint(8, 300)) for _ in range(5)]
         try:
-            reqs = [_req(model, training, None, None, b, t)
+            reqs = [_req(model, training, parallelism, None, b, t)
                     for b, t in [(2, 16), (3, 16), *sizes]]
         except ValueError:  # a combination the rules refuse (a fused kernel torch lacks)
             continue
@@ -324,5 +327,5 @@ def test_known_single_device_answers_equal_the_general_path(monkeypatch) -> None
     n = len(taken)
     pm.clear_caches()
     for b in (2, 3, 4):
-        pm.estimate_memory(_req(GPT2, {}, None, {"gpu": "h100-80gb"}, b, 64))
+        pm.estimate_memory(_req(GPT2, {}, parallelism, {"gpu": "h100-80gb"}, b, 64))
     assert len(taken) == n

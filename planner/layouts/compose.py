@@ -98,7 +98,7 @@ def data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, dev
     peaks = [(0, rank0)] if rank0 is not None else _dp_peaks(model, tr, par, device,
                                                             frozenset(ckpt))
     rank, worst = max(peaks, key=lambda rp: (rp[1].steady.total, -rp[0]))
-    assumptions.extend(_dp_assumptions(par.zero_stage, par.data_parallel,
+    assumptions.extend(dp_assumptions(par.zero_stage, par.data_parallel,
                                        par.fsdp_mixed_precision, rank))
     bd = snap_breakdown(worst.steady)
     return (bd, snap_breakdown(worst.first), f"{worst.steady.phase}: {worst.steady.op}",
@@ -106,7 +106,7 @@ def data_parallel(model: ResolvedModel, tr: TrainingSpec, par: ParallelSpec, dev
 
 
 @functools.lru_cache(maxsize=4096)
-def _dp_assumptions(zero_stage: int, world: int, mp: bool, rank: int) -> tuple[Assumption, ...]:
+def dp_assumptions(zero_stage: int, world: int, mp: bool, rank: int) -> tuple[Assumption, ...]:
     """What a data-parallel estimate states: how it was derived, the implementation, the rank
     reported (one tuple per layout and rank, shared between estimates)."""
     impl = data_parallel_implementation(zero_stage, world) + (MP_POLICY if mp else "")

@@ -116,9 +116,9 @@ def estimate_memory(req: MemoryRequest, device: str = "cuda", explain: bool = Tr
                 got = kept[domain] = _compiled(how, model, tr, req.parallelism, device, ckpt)
             if got is not None and how == "pipeline":
                 ranks = got
-            elif got is not None and how == "step" and req.hardware is None and not allocator:
-                result = step_answer(req, model, device, ckpt, got,
-                                     *step_frame(kept, tr, device, ckpt, _variant), explain)
+            elif got is not None and req.hardware is None and not allocator:  # step, rank0
+                result = step_answer(req, model, device, ckpt, got, *step_frame(
+                    kept, how, tr, req.parallelism, device, ckpt, _variant), explain)
                 memory_answers.keep(h, key, result)
                 return result
             elif got is not None:

@@ -1,11 +1,12 @@
-"""A known single-device setup's answer at a new size: what ``memory._estimate`` gives, built
-from the setup's step template without the general path's branches.
+"""A known setup's answer at a new size: what ``memory._estimate`` gives, built from the
+setup's step template without the general path's branches.
 
-A setup known to pass every rule (``memory._SETUPS``) and answered on one device from its
-step template, asked without ``hardware`` (no fit, no micro-batch search, no allocator replay),
-has an answer that differs between sizes only in its figures: the breakdowns, the phases, the
-activation peak, the reserve and the notes that read them. Its assumptions are the same for
-every size; they are built once per setup and kept with its templates. ``step_answer`` builds
+A setup known to pass every rule (``memory._SETUPS``) and answered from one step template (one
+device, or data-parallel rank 0 where it is the only worst-rank candidate: DDP, ZeRO 2-3),
+asked without ``hardware`` (no fit, no micro-batch search, no allocator replay), has an answer
+that differs between sizes only in its figures: the breakdowns, the phases, the activation
+peak, the reserve and the notes that read them. Its assumptions are the same for every size;
+they are built once per setup and kept with its templates. ``step_answer`` builds
 the rest from the template's windows, in the order ``_estimate`` builds them, with the same
 note functions: tests/test_known_answers.py holds it equal to ``_estimate`` over every setting
 and random sizes.
@@ -15,8 +16,15 @@ from __future__ import annotations
 
 from planner.catalog.presets import allocator_reserve
 from planner.catalog.result_specs import unvalidated
-from planner.catalog.specs import Assumption, MemoryRequest, MemoryResult, ResolvedModel, TrainingSpec
-from planner.layouts.compose import snap_breakdown
+from planner.catalog.specs import (
+    Assumption,
+    MemoryRequest,
+    MemoryResult,
+    ParallelSpec,
+    ResolvedModel,
+    TrainingSpec,
+)
+from planner.layouts.compose import dp_assumptions, snap_breakdown
 from planner.routes import memory_notes
 from planner.routes.checkpoint_blocks import ckpt_assumption
 from planner.routes.fused_variant import kept_variant
@@ -37,31 +45,36 @@ _RESULT_FIELDS = dict.fromkeys(MemoryResult.model_fields)  # declaration order, 
 _SET = frozenset(_FIELDS)
 
 
-def step_frame(kept: dict, tr: TrainingSpec, device: str, ckpt, fallback) -> tuple[tuple, object]:
-    """A known single-device setup's (assumptions, fused variant), built once and kept with its
-    templates (``kept``): the assumptions in the order ``_estimate`` lists them for a
-    single-device reference step (the reserve's, zero_grad, the profile, the loss, the
+def step_frame(kept: dict, how: str, tr: TrainingSpec, par: ParallelSpec, device: str, ckpt,
+               fallback) -> tuple[tuple, object]:
+    """A known setup's (assumptions, fused variant: None off one device), built once and kept
+    with its templates (``kept``), for ``how`` "step" (one device) or "rank0" (data-parallel
+    rank 0, the only worst-rank candidate): the assumptions in the order ``_estimate`` lists
+    them (the reserve's, zero_grad, the profile or the data-parallel layout's, the loss, the
     checkpoint plan); ``fallback``: the full estimate of a changed setup (``memory._variant``)."""
     frame = kept.get("frame")
     if frame is None:
+        layout = (_PROFILE_REFERENCE,) if how == "step" else dp_assumptions(
+            par.zero_stage, par.data_parallel, par.fsdp_mixed_precision, 0)
         extra = (ckpt_assumption(frozenset(ckpt)),) if ckpt else ()
         frame = kept["frame"] = ((_RESERVE_CPU if device == "cpu" else _RESERVE_CUDA, ZERO_GRAD,
-                                  _PROFILE_REFERENCE, loss_assumption(tr.loss), *extra),
-                                 kept_variant(kept, fallback))
+                                  *layout, loss_assumption(tr.loss), *extra),
+                                 kept_variant(kept, fallback) if how == "step" else None)
     return frame
 
 
 def step_answer(req: MemoryRequest, model: ResolvedModel, device: str, ckpt, tpl,
                 assumptions: tuple, variant, explain: bool) -> MemoryResult:
-    """The answer of ``req`` (a known single-device setup, no hardware) from ``tpl``, the
-    setup's step template for the request's size domain; ``assumptions``: the setup's (as
-    ``_estimate`` lists them); ``variant``: the fused note's (``fused_variant.kept_variant``)."""
+    """The answer of ``req`` (a known setup, no hardware) from ``tpl``, the template of its
+    step (one device) or of data-parallel rank 0 for the request's size domain;
+    ``assumptions``: the setup's (as ``_estimate`` lists them); ``variant``: the fused note's
+    (``fused_variant.kept_variant``; None off one device, where the notes are not given)."""
     tr = req.training
     first, steady, fb, act_total = tpl.answer(tr.micro_batch_size, tr.sequence_length)
     bd = snap_breakdown(steady)
     phase = f"{steady.phase}: {steady.op}"
     notes: list[str] = []
-    if explain and phase.startswith("optimizer"):
+    if explain and variant is not None and phase.startswith("optimizer"):
         par = req.parallelism
         notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
         notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, variant))
