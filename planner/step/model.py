@@ -10,7 +10,7 @@ them. The step itself (forward and loss, checkpointing, backward, optimizer, the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from planner.catalog.precision import tensor_bytes
 from planner.step.attention import SEED_BYTES, cuda_amp_softmax, sdpa_backend, sdpa_math
@@ -22,7 +22,7 @@ _LINEARS = {"q", "k", "v", "o", "up", "gate", "down"}
 I64 = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class Shapes:
     B: int
     T: int
@@ -34,10 +34,12 @@ class Shapes:
     V: int
     P: int  # learned positions (gpt2)
     g: int = 1  # query heads per key/value head (nh // nkv)
+    N: int = field(init=False, repr=False, compare=False)  # B·T
 
-    @property
-    def N(self) -> int:  # rows of every (B·T, ·) matmul
-        return self.B * self.T
+    def __post_init__(self) -> None:
+        # rows of every (B·T, ·) matmul: a product of polynomials in a template's compile,
+        # read at every matmul, so made once
+        object.__setattr__(self, "N", self.B * self.T)
 
 
 @dataclass
