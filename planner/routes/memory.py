@@ -13,7 +13,6 @@ import contextlib
 import functools
 import threading
 
-from planner.catalog.result_specs import unvalidated
 from planner.catalog.errors import PlanningError
 from planner.catalog.presets import (
     allocator_reserve,
@@ -56,7 +55,7 @@ from planner.routes.memory_allocator import (
 )
 from planner.routes.memory_checks import check_request, check_sizes
 from planner.routes.memory_known import ZERO_GRAD as _ZERO_GRAD
-from planner.routes.memory_known import step_answer, step_frame
+from planner.routes.memory_known import result_of, step_answer, step_frame
 from planner.routes.memory_reference import _compiled, _one_step, _reference, _template_need
 from planner.routes.micro_batch import (
     compile_ahead_pays,
@@ -243,21 +242,9 @@ def _estimate(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[i
             suggested = suggestions(req, fit.memory_bytes, fit.max_micro_batch_size,
                                     functools.partial(_suggested, device=device), model, device,
                                     activations=peaks.get("activation_peak_bytes"))
-    return _result(model=model, breakdown=bd, first_step=first, peak_phase=phase,
-                   allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
-                   assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)
-
-
-_RESULT_FIELDS = dict.fromkeys(MemoryResult.model_fields)  # declaration order, each None
-
-
-def _result(**values) -> MemoryResult:
-    """``MemoryResult(**values)`` from the planner's own figures (ints it counted, models it
-    built), not validated again (``unvalidated``; tests hold it equal to the validated form).
-    ``values`` has the required fields and the three lists; the others default to None."""
-    d = _RESULT_FIELDS.copy()
-    d.update(values)
-    return unvalidated(MemoryResult, d, set(values))
+    return result_of(model=model, breakdown=bd, first_step=first, peak_phase=phase,
+                     allocator_reserve_bytes=reserve, cuda_allocator=cuda_alloc, fit=fit,
+                     assumptions=assumptions, notes=notes, suggestions=suggested, **peaks)
 
 
 def _suggested(req: MemoryRequest, device: str) -> MemoryResult | None:

@@ -32,17 +32,22 @@ from planner.routes.loss_rules import loss_assumption
 from planner.routes.memory_allocator import _RESERVE_CPU, _RESERVE_CUDA
 from planner.routes.memory_reference import _PROFILE_REFERENCE
 
-__all__ = ["ZERO_GRAD", "step_answer", "step_frame"]
+__all__ = ["ZERO_GRAD", "result_of", "step_answer", "step_frame"]
 
 # stated by every estimate (the specs are frozen: one instance serves all)
 ZERO_GRAD = Assumption(name="zero_grad", value="set_to_none=True",
                        note="gradients are freed after each optimizer step")
 
-_FIELDS = ("model", "breakdown", "first_step", "peak_phase", "allocator_reserve_bytes",
-           "cuda_allocator", "fit", "assumptions", "notes", "suggestions",
-           "activation_peak_bytes", "forward_backward_peak", "forward_backward_peak_phase")
 _RESULT_FIELDS = dict.fromkeys(MemoryResult.model_fields)  # declaration order, each None
-_SET = frozenset(_FIELDS)
+
+
+def result_of(**values) -> MemoryResult:
+    """``MemoryResult(**values)`` from the planner's own figures (ints it counted, models it
+    built), not validated again (``unvalidated``; tests hold it equal to the validated form).
+    ``values`` has the required fields and the three lists; the others default to None."""
+    d = _RESULT_FIELDS.copy()
+    d.update(values)
+    return unvalidated(MemoryResult, d, set(values))
 
 
 def step_frame(kept: dict, how: str, tr: TrainingSpec, par: ParallelSpec, device: str, ckpt,
@@ -78,16 +83,9 @@ def step_answer(req: MemoryRequest, model: ResolvedModel, device: str, ckpt, tpl
         par = req.parallelism
         notes.extend(memory_notes.bytes_per_parameter(model, tr, par, bd, bare=False))
         notes.extend(memory_notes.fused_instead(req, model, device, ckpt, bd, variant))
-    d = _RESULT_FIELDS.copy()
-    d["model"] = model
-    d["breakdown"] = bd
-    d["first_step"] = snap_breakdown(first)
-    d["peak_phase"] = phase
-    d["allocator_reserve_bytes"] = allocator_reserve(bd.total, device)
-    d["assumptions"] = list(assumptions)
-    d["notes"] = notes
-    d["suggestions"] = []
-    d["activation_peak_bytes"] = act_total
-    d["forward_backward_peak"] = bd if fb is steady else snap_breakdown(fb)
-    d["forward_backward_peak_phase"] = f"{fb.phase}: {fb.op}"
-    return unvalidated(MemoryResult, d, set(_SET))
+    return result_of(model=model, breakdown=bd, first_step=snap_breakdown(first),
+                     peak_phase=phase, allocator_reserve_bytes=allocator_reserve(bd.total, device),
+                     cuda_allocator=None, fit=None, assumptions=list(assumptions), notes=notes,
+                     suggestions=[], activation_peak_bytes=act_total,
+                     forward_backward_peak=bd if fb is steady else snap_breakdown(fb),
+                     forward_backward_peak_phase=f"{fb.phase}: {fb.op}")
