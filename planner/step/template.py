@@ -81,21 +81,25 @@ class StepTemplate:
         return combine_peaks(fb, step, lambda: self.act.best(b, t), states=self._states,
                              amp_scaler=self._amp_scaler,
                              act_max=lambda: _activation_snap(act_max),
-                             act_total=act_max.total if act_max.total > 0 else 0)
-
+                             act_total=_activation_total(act_max))
 
     def answer(self, B: int, T: int) -> tuple[PeakSnap, PeakSnap, PeakSnap, int]:
         """``evaluate(B, T)``'s (first, steady, fb_steady, act_max_total), what POST
         /v1/memory's answer reads (planner/routes/memory_known.py), without the rest."""
         fb, step, (act_max,) = self._windows(B - 2, T - 2)
         first, steady, _, shifted = combined(fb, step, self._states, self._amp_scaler)
-        return first, steady, shifted, act_max.total if act_max.total > 0 else 0
+        return first, steady, shifted, _activation_total(act_max)
 
 
 def _activation_snap(p: PeakSnap) -> PeakSnap:
     """A candidate row of the activation-max window as the machine records it
     (``stepsim.activation_snap``): the bytes and the phase only."""
     return PeakSnap() if p.total <= 0 else activation_snap(p.total, p.phase)
+
+
+def _activation_total(p: PeakSnap) -> int:
+    """``_activation_snap(p).total`` without building the snapshot."""
+    return p.total if p.total > 0 else 0
 
 
 def compile_template(model, training, device: str, checkpointed: set[int],
