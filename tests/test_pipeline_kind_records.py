@@ -89,11 +89,13 @@ def test_records_detach_and_bind_back_unchanged() -> None:
     sp, _ = _symbolic_sizes(names, dom[0], (*values, 3, 5), (("n0", 0), ("n1", 0)))
     pad = (0, 0)
     polys = 0
-    for rec, plan, guards in kinds.values():
+    for rec, plan, guards, verified in kinds.values():
         bound = pk._bind(rec, sp, pad)
         assert same_record(pk._detach(bound, len(names)), rec)
         assert pk._detach(pk._bind(plan, sp, pad), len(names)) == plan
-        assert not rec.rows  # kept without its rows: a composed action draws the plan
+        # a verified record is kept without its rows (a composed action draws the plan); one
+        # to verify (a step's first action of a kind, recorded once) with them
+        assert bool(rec.rows) != verified
         for x in bound.net:
             if hasattr(x, "sp"):
                 assert x.sp is sp and all(len(e) == sp.n for e in x.t)
@@ -114,8 +116,8 @@ def test_a_witness_that_decides_a_guard_otherwise_imports_nothing() -> None:
     # one false guard for every kind: the constant 1 said to be negative
     names = structure_of(model, tr.micro_batch_size, tr.sequence_length)[1]
     false = (pk._Terms([((0,) * len(names), 1)]), -1)
-    for kind, (rec, plan, guards) in list(kinds.items()):
-        kinds[kind] = (rec, plan, (*guards, false))
+    for kind, (rec, plan, guards, verified) in list(kinds.items()):
+        kinds[kind] = (rec, plan, (*guards, false), verified)
     before = pk.COUNTS["imported"]
     tpl, vals = _compile(model, tr, sched, 2, layout)
     assert pk.COUNTS["imported"] == before

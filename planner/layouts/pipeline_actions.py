@@ -21,9 +21,13 @@ further occurrence instead of replaying it:
   and the caller replays op by op).
 
 Kinds are ``(forward or backward, stage role, step)`` (``pipeline_replays.stage_roles``: place
-on the rank, first or last stage, layer count, neighbours); the first occurrence of each in a
-step is always replayed (it makes the gradients, the rotary tables, the phantom blocks'
-gradients), and a composed forward's backward is composed too. Schedule1F1B, ScheduleGPipe,
+on the rank, first or last stage, layer count, neighbours), and a composed forward's backward is
+composed too. The step's first action of each kind is a kind of its own (``F0``, ``B0``, ``I0``,
+``W0``): a first backward makes the stage's gradients and the phantom blocks', which its record
+lists by name within the stage and a composed one makes as recorded
+(planner/layouts/pipeline_records.py); it occurs once per step and list, so two lists, or two
+ranks holding a stage of that role, verify it, and a first forward is composed only where the
+first backward kinds it leads to are verified. Schedule1F1B, ScheduleGPipe,
 interleaved 1F1B (an interleaved forward's send work keeps its output until the action loop
 ends, which the composed forward keeps too) and the zero-bubble schedules ZB-H1, ZB-H2 and ZB-V
 are composed, except stages that hand tensors to a stage on their own rank (the V's turn). A
@@ -46,9 +50,20 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-from planner.layouts.pipeline_machines import _nonzero
+from planner.layouts.pipeline_machines import _nonzero, _Recording
+from planner.layouts.pipeline_records import (
+    _differ,
+    _Entry,
+    _handed,
+    _maybe_negative,
+    _Rec,
+    _same,
+    attach,
+    made_since,
+    snapshot,
+)
+from planner.layouts.pipeline_records import silent as _silent
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Val
-from planner.machine.symbolic import _Exact
 from planner.step.ops import T
 
 __all__ = ["ActionMemo", "Unmemoizable", "enabled", "op_by_op"]
@@ -77,70 +92,6 @@ def enabled() -> bool:
     return _ENABLED
 
 
-def _silent(m, nbytes: int, cat: str, name: str) -> Buf:
-    """A storage made live without a row (the bytes were in the recorded rows already)."""
-    b = Buf(nbytes, cat, name)
-    b.refs = 1
-    m.memo_silent(nbytes, cat)
-    return b
-
-
-# Sizes may be polynomials (a structure's compile, planner/layouts/pipeline_structure.py): the
-# checks below hold for every size or fail (never a decision at the witness, never a guard).
-def _maybe_negative(d) -> bool:
-    return not d._cmp(0)[1] if isinstance(d, _Exact) else d < 0
-
-
-def _differ(a, b) -> bool:
-    return any(_nonzero(x - y) for x, y in zip(a, b))
-
-
-def _same(x, y) -> bool:
-    """Two records' values equal as written (polynomials term by term, a polynomial never
-    equal to a number)."""
-    if isinstance(x, _Exact) or isinstance(y, _Exact):
-        return type(x) is type(y) and x.t == y.t
-    if isinstance(x, tuple):
-        return (isinstance(y, tuple) and len(x) == len(y)
-                and all(a is b or _same(a, b) for a, b in zip(x, y)))
-    if isinstance(x, (_Handed, _Rec)):
-        return type(x) is type(y) and all(_same(getattr(x, f), getattr(y, f))
-                                          for f in x.__dataclass_fields__)
-    return type(x) is type(y) and x == y
-
-
-@dataclass(frozen=True)
-class _Handed:
-    """A storage an action hands on: size, category, name, element count, element size and the
-    references its autograd graph keeps beyond the program's own."""
-
-    nbytes: int
-    cat: str
-    name: str
-    numel: int
-    esz: int
-    graph_refs: int
-
-
-@dataclass(frozen=True)
-class _Rec:
-    rows: tuple
-    names: tuple
-    net: tuple
-    out: _Handed | None = None
-    loss: _Handed | None = None
-    recv_refs: int = 0
-    grad: tuple | None = None  # the backward's input gradient: (nbytes, cat, name)
-    sent: int = 0  # the forward's output kept by a send work until the action loop ends
-
-
-@dataclass
-class _Entry:
-    rec: _Rec
-    verified: bool = False
-    bad: bool = False
-
-
 @dataclass
 class _Proxy:
     """A composed forward's pending micro-batch."""
@@ -163,6 +114,8 @@ class ActionMemo:
         self.roles = roles or {}
         self.composed = 0  # actions composed rather than replayed
         self._plans: dict[int, tuple] = {}  # id(record) -> (record, what the machine draws)
+        # a polynomial record's plan per (op, phase) names: [(rows, plan)], for records alike
+        self._drawn: dict[tuple, list] = {}
 
     @staticmethod
     def applies(prog) -> bool:
@@ -180,14 +133,29 @@ class ActionMemo:
     def forward(self, prog, st: int, j: int) -> None:
         if self._local(prog, st):
             return prog.real_forward(st, j)
-        key = ("F", self.roles.get(st, st), prog.step_no)
-        c = prog.count(key)
+        role = self.roles.get(st, st)
+        key = ("F", role, prog.step_no)
+        first = prog.count(key) == 0
+        if first:  # the step's first of its kind: a kind of its own
+            key = ("F0", role, prog.step_no)
         e = self.entries.get(key)
-        if c == 0:  # the step's first of its kind: replayed, never a record
-            return prog.real_forward(st, j)
-        if e is not None and e.verified:
+        if e is not None and e.verified and (not first or self._firsts_ready(prog, st, role)):
             return self._compose_forward(prog, st, j, e.rec)
         self._note(key, self._record(prog, lambda: prog.real_forward(st, j), st, j, "F"))
+
+    def _firsts_ready(self, prog, st: int, role) -> bool:
+        """Whether the step's first backward kinds of the stage are verified: a composed first
+        forward's micro-batch is the first its stage takes backward (B; a split backward's I
+        and W but on the first stage, whose W runs a B)."""
+        split = prog.__dict__.get("_split_actions")
+        if split is None:
+            split = prog._split_actions = any(a[0] in ("I", "W") for a in prog.actions)
+        kinds = ("I0", "W0") if split and st > 0 else ("B0",)
+        for k in kinds:
+            e = self.entries.get((k, role, prog.step_no))
+            if e is None or not e.verified:
+                return False
+        return True
 
     def backward(self, prog, st: int, j: int) -> None:
         if self._local(prog, st):
@@ -207,18 +175,18 @@ class ActionMemo:
         self._backward(prog, st, j, "W", prog.real_backward_weight, self._compose_weight)
 
     def _backward(self, prog, st: int, j: int, kind: str, real, compose) -> None:
-        """A backward kind (B, I or W): composed after a composed forward, else replayed and
+        """A backward kind (B, I or W; the step's first of a stage a kind of its own, the one
+        that makes the gradients): composed after a composed forward, else replayed and
         recorded."""
         key = (kind, self.roles.get(st, st), prog.step_no)
-        c = prog.count(key)
+        if prog.count(key) == 0:
+            key = (kind + "0", *key[1:])
         e = self.entries.get(key)
         p = prog.pending[st, j]
         if isinstance(p, _Proxy):
-            if c == 0 or e is None or not e.verified:
+            if e is None or not e.verified:
                 raise Unmemoizable(key)
             return compose(prog, st, j, p, e.rec)
-        if c == 0:  # the step's first of its kind: replayed, never a record
-            return real(st, j)
         self._note(key, self._record(prog, lambda: real(st, j), st, j, kind))
 
     def _note(self, key, rec: _Rec) -> None:
@@ -248,13 +216,15 @@ class ActionMemo:
         recv_before = recv.refs if recv is not None else 0
         sends_before = len(prog.sends)
         out_buf = prog.pending[st, j].out.buf if kind == "B" else None
+        snap = snapshot(prog) if kind != "F" else None
         run()
+        made = made_since(prog, st, snap) if snap is not None else ()
         rows, names = m.memo_rows(n0, start)
         net = m.memo_net(n0, start)
-        plans.append(m.memo_plan(rows, names))  # as a composed action leaves them
+        plans.append(self._plan(m, rows, names))  # as a composed action leaves them
         m.memo_replace(n0, rows, names, start, plans[0])
         if kind == "W":
-            return _Rec(rows, names, net)
+            return _Rec(rows, names, net, made=made)
         if kind != "F":
             grad = None
             if len(prog.sends) == sends_before + 1:
@@ -266,7 +236,7 @@ class ActionMemo:
                 net = list(net)
                 net[_INDEX[out_buf.cat]] -= out_buf.nbytes
                 net = tuple(net)
-            return _Rec(rows, names, net, grad=grad)
+            return _Rec(rows, names, net, grad=grad, made=made)
         p = prog.pending[st, j]
         last = st == prog.sched.num_stages - 1
         own = 1 + (1 if last else 0)  # p.out (p.loss) and the output_chunks (losses) view
@@ -275,6 +245,19 @@ class ActionMemo:
         loss = _handed(p.loss, own) if p.loss is not None else None
         recv_refs = (recv.refs - recv_before - 1) if (recv is not None and p.inp is not None) else 0
         return _Rec(rows, names, net, out, loss, recv_refs, sent=sent)
+
+    def _plan(self, m, rows: tuple, names: tuple):
+        """``m.memo_plan(rows, names)``; on the recording machine (rows of polynomials, whose
+        plan prunes them pairwise) the plan of an earlier record with equal rows and names."""
+        if not isinstance(m, _Recording):
+            return m.memo_plan(rows, names)
+        alike = self._drawn.setdefault(names, [])
+        for r, plan in alike:
+            if _same(r, rows):
+                return plan
+        plan = m.memo_plan(rows, names)
+        alike.append((rows, plan))
+        return plan
 
     # ---- composing --------------------------------------------------------------------------
     def _rows(self, m, rec: _Rec) -> list:
@@ -340,6 +323,7 @@ class ActionMemo:
     def _compose_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
         m = prog.m
         start = self._begin_backward(prog, st, j, p, rec, done=True)
+        _made(prog, st, rec, "B")
         gi = _input_grad(m, rec, ("B", st))
         prog._release(p)
         m.phase = "other"
@@ -362,6 +346,7 @@ class ActionMemo:
         category; the input gradient is handed on; the output and loss are detached."""
         m = prog.m
         start = self._begin_backward(prog, st, j, p, rec, done=False)
+        _made(prog, st, rec, "I")
         gi = _input_grad(m, rec, ("I", st))
         prog.ops.drop(p.out, p.loss)
         p.out = p.loss = None
@@ -380,11 +365,18 @@ class ActionMemo:
         live bytes must come to the recorded W's."""
         m = prog.m
         start = self._begin_backward(prog, st, j, p, rec, done=True)
+        _made(prog, st, rec, "W")
         prog.ops.drop(p.inp)
         prog.in_flight -= 1
         m.phase = "other"
         if _differ([a - b for a, b in zip(m.cur, start)], rec.net):
             raise Unmemoizable(("W", st))
+
+
+def _made(prog, st: int, rec: _Rec, kind: str) -> None:
+    """A composed first backward's gradients, made where the recorded one made them."""
+    if rec.made and not attach(prog, st, rec.made):
+        raise Unmemoizable((kind, st, "gradients"))
 
 
 def _input_grad(m, rec: _Rec, kind: tuple) -> Buf | None:
@@ -394,7 +386,3 @@ def _input_grad(m, rec: _Rec, kind: tuple) -> Buf | None:
     if len(rec.grad) != 3:  # the recorded backward handed on more than one
         raise Unmemoizable(kind)
     return _silent(m, *rec.grad)
-
-
-def _handed(t: T, own: int) -> _Handed:
-    return _Handed(t.buf.nbytes, t.buf.cat, t.buf.name, t.numel, t.esz, t.buf.refs - own)

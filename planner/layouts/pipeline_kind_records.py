@@ -1,15 +1,16 @@
 """The verified action records of a pipeline layout's rank compiles, shared between them.
 
 A rank structure's compile (planner/layouts/pipeline_structure.py) composes the repeated
-actions of its shortened lists per kind (planner/layouts/pipeline_actions.py): the step's first
-action of each kind is replayed, the next two are replayed op by op and recorded, and once they
-agree the kind is composed. A kind is (forward, backward, I or W; the stage's role; the step),
+actions of its shortened lists per kind (planner/layouts/pipeline_actions.py): a kind's actions
+are replayed op by op and recorded until two agree, and then composed. A kind is (forward, backward, I or W; the stage's role; the step),
 and the ranks of one layout hold stages of the same roles (pp 8 1F1B: six ranks of middle
 stages), as do the compiles of one rank for other micro-batch counts: the concrete replay
 shares the kinds' records between the rank classes of a setup (``pipeline_replays._KINDS``) on
-the same argument, and so do the compiles here. Each compile still replays the first action
-of every kind (it makes the gradients and the rotary tables), and composes from the second on
-where a compile of the layout verified the kind before.
+the same argument, and so do the compiles here: a compile composes every action of a kind a
+compile of the layout verified before. The step's first action of a kind (a kind of its own,
+the one that makes the gradients) occurs once per step and list: its record goes to the store
+unverified, and the next compile whose own record equals it verifies it (then composed by the
+compiles after), so a layout's later compiles replay no action op by op.
 
 A record's sizes are polynomials in the model's dimensions over its compile's ``Space``; they
 are kept here over the dimensions alone (the compiles differ in their period variables, which
@@ -28,14 +29,15 @@ from __future__ import annotations
 
 import dataclasses
 
-from planner.layouts.pipeline_actions import ActionMemo, _Entry, _Handed, _Rec
+from planner.layouts.pipeline_actions import ActionMemo
+from planner.layouts.pipeline_records import _Entry, _Handed, _Rec
 from planner.machine import cache
 from planner.machine.cache import _put
 from planner.machine.symbolic import MPoly, Space
 
 __all__ = ["SharedKinds", "clear"]
 
-_STORE: dict[tuple, dict] = {}  # layout key -> kind -> (record, plan, guards)
+_STORE: dict[tuple, dict] = {}  # layout key -> kind -> (record, plan, guards, verified)
 _MAX = 64  # layouts (a layout's kinds: a few hundred KiB)
 COUNTS = {"imported": 0, "exported": 0}
 
@@ -98,7 +100,7 @@ class SharedKinds:
 
     def __init__(self, layout: tuple, sp: Space, nb: int) -> None:
         self.layout, self.sp, self.nb = layout, sp, nb
-        self.imported: set = set()
+        self.imported: dict = {}  # kind -> whether it came verified
 
     def into(self, memo: ActionMemo) -> None:
         kinds = _STORE.get(self.layout)
@@ -109,7 +111,7 @@ class SharedKinds:
         pad = (0,) * (sp.n - nb)
         roles = set(memo.roles.values())
         held: dict[int, bool] = {}  # id(guards) -> whether the witness decides them alike
-        for kind, (rec, plan, guards) in list(kinds.items()):
+        for kind, (rec, plan, guards, verified) in list(kinds.items()):
             if kind[1] not in roles:  # a stage this rank does not hold
                 continue
             ok = held.get(id(guards))
@@ -124,14 +126,21 @@ class SharedKinds:
             bound = _bind(rec, sp, pad)
             if plan is not None:  # a composed action draws its plan (the rows were not kept)
                 memo._plans[id(bound)] = (bound, _bind(plan, sp, pad))
-            memo.entries[kind] = _Entry(bound, verified=True)
-            self.imported.add(kind)
+            memo.entries[kind] = _Entry(bound, verified=verified)
+            self.imported[kind] = verified
             COUNTS["imported"] += 1
 
     def keep(self, memo: ActionMemo) -> None:
         nb = self.nb
-        new = [(kind, e) for kind, e in memo.entries.items()
-               if e.verified and not e.bad and kind not in self.imported]
+        def wanted(kind, e) -> bool:
+            if e.bad:
+                return False
+            if kind in self.imported:  # verified here where it came unverified
+                return e.verified and not self.imported[kind]
+            # a step's first action of a kind occurs once per step and list: recorded once,
+            # it goes as it is, for a compile of another rank or count to verify
+            return e.verified or kind[0][-1:] == "0"
+        new = [(kind, e) for kind, e in memo.entries.items() if wanted(kind, e)]
         if not new:
             return
         try:
@@ -143,15 +152,19 @@ class SharedKinds:
         for kind, e in new:
             got = memo._plans.get(id(e.rec))
             plan = got[1] if got is not None and got[0] is e.rec else None
-            try:  # with its plan, a record's rows are not read again: not kept
-                rec = _detach(e.rec if plan is None else dataclasses.replace(e.rec, rows=()), nb)
+            try:  # with its plan, a verified record's rows are not read again: not kept (a
+                # record to verify is compared row by row)
+                rec = _detach(e.rec if plan is None or not e.verified
+                              else dataclasses.replace(e.rec, rows=()), nb)
                 plan = None if plan is None else _detach(plan, nb)
             except _Foreign:
                 continue
             if kinds is None:
                 kinds = {}
                 _put(_STORE, self.layout, kinds, _MAX)
-            kinds[kind] = (rec, plan, guards)
+            if not e.verified and kind in kinds:  # never in place of one kept before
+                continue
+            kinds[kind] = (rec, plan, guards, e.verified)
             COUNTS["exported"] += 1
 
 

@@ -1,0 +1,170 @@
+"""A pipeline action's record: what composing it needs, and the gradients a first backward makes.
+
+A composed action (planner/layouts/pipeline_actions.py) stands in for an action by its record
+(``_Rec``): the rows it drew relative to its start, their op names and phases, its net bytes per
+category, and what it hands on (``_Handed``: a forward's output and loss, a backward's input
+gradient). Two records are alike when ``_same`` says so, polynomial sizes term by term.
+
+The step's first backward of each stage (B, or a split backward's I and W) is also what makes the
+stage's parameter gradients (AccumulateGrad steals the first incoming gradient of each ``.grad``
+that is None: planner/machine/stepsim.py) and the stood-in blocks' gradients
+(``ReferenceProgram._phantom_forward``), which live on to ``zero_grad``. Its record lists them
+(``made``): per gradient, where it goes (a parameter by its name, a block's index counted from
+the stage's first block; or a phantom's window within the stage) and its size, category and
+name. A composed first backward makes each of them as a storage of the recorded size, attached
+where the replay attached it, without a row (the recorded rows hold its bytes already); the
+caller then checks that the live bytes come to the record's net, as for every composed action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.layouts.pipeline_machines import _nonzero
+from planner.machine.stepsim import _INDEX, Buf
+from planner.machine.symbolic import _Exact
+from planner.step.ops import T
+
+__all__ = ["attach", "made_since", "silent", "snapshot"]
+
+
+# Sizes may be polynomials (a structure's compile, planner/layouts/pipeline_structure.py): the
+# checks below hold for every size or fail (never a decision at the witness, never a guard).
+def _maybe_negative(d) -> bool:
+    return not d._cmp(0)[1] if isinstance(d, _Exact) else d < 0
+
+
+def _differ(a, b) -> bool:
+    return any(_nonzero(x - y) for x, y in zip(a, b))
+
+
+def _same(x, y) -> bool:
+    """Two records' values equal as written (polynomials term by term, a polynomial never
+    equal to a number)."""
+    if isinstance(x, _Exact) or isinstance(y, _Exact):
+        return type(x) is type(y) and x.t == y.t
+    if isinstance(x, tuple):
+        return (isinstance(y, tuple) and len(x) == len(y)
+                and all(a is b or _same(a, b) for a, b in zip(x, y)))
+    if isinstance(x, (_Handed, _Rec)):
+        return type(x) is type(y) and all(_same(getattr(x, f), getattr(y, f))
+                                          for f in x.__dataclass_fields__)
+    return type(x) is type(y) and x == y
+
+
+@dataclass(frozen=True)
+class _Handed:
+    """A storage an action hands on: size, category, name, element count, element size and the
+    references its autograd graph keeps beyond the program's own."""
+
+    nbytes: int
+    cat: str
+    name: str
+    numel: int
+    esz: int
+    graph_refs: int
+
+
+@dataclass(frozen=True)
+class _Rec:
+    rows: tuple
+    names: tuple
+    net: tuple
+    out: _Handed | None = None
+    loss: _Handed | None = None
+    recv_refs: int = 0
+    grad: tuple | None = None  # the backward's input gradient: (nbytes, cat, name)
+    sent: int = 0  # the forward's output kept by a send work until the action loop ends
+    made: tuple = ()  # a first backward's gradients (below)
+
+
+@dataclass
+class _Entry:
+    rec: _Rec
+    verified: bool = False
+    bad: bool = False
+
+
+def _handed(t: T, own: int) -> _Handed:
+    return _Handed(t.buf.nbytes, t.buf.cat, t.buf.name, t.numel, t.esz, t.buf.refs - own)
+
+
+def silent(m, nbytes, cat: str, name: str) -> Buf:
+    """A storage made live without a row (the bytes were in the recorded rows already)."""
+    b = Buf(nbytes, cat, name)
+    b.refs = 1
+    m.memo_silent(nbytes, cat)
+    return b
+
+
+def _leaves(prog) -> list:
+    """The rank's parameters that take a gradient, in order (kept with the program)."""
+    got = prog.__dict__.get("_first_leaves")
+    if got is None:
+        got = prog._first_leaves = [t.val.fn for t in prog.trainable()]
+    return got
+
+
+def snapshot(prog) -> tuple:
+    """What ``made_since`` compares against: the parameters without a gradient and the
+    phantoms' gradients, now."""
+    return ({id(leaf) for leaf in _leaves(prog) if leaf.grad is None},
+            set(prog._phantom_grads))
+
+
+def _relative(prog, st: int, name: str) -> str:
+    """A block's parameter named by its index within stage ``st`` (others as they are)."""
+    if name[:1] == "b" and name[1:2].isdigit():
+        i, rest = name[1:].split(".", 1)
+        return f"b{int(i) - prog.bounds[st]}.{rest}"
+    return name
+
+
+def made_since(prog, st: int, snap: tuple) -> tuple:
+    """The gradients made since ``snap`` (``snapshot``), as a record lists them."""
+    none, phantoms = snap
+    made = [("g", _relative(prog, st, leaf.name), leaf.grad.nbytes, leaf.grad.cat,
+             leaf.grad.name)
+            for leaf in _leaves(prog) if id(leaf) in none and leaf.grad is not None]
+    for key, b in prog._phantom_grads.items():
+        if key not in phantoms:
+            if type(key) is not tuple or key[0] != st:
+                made.append(("?", key, b.nbytes, b.cat, b.name))  # never composed
+            else:
+                made.append(("p", key[1:], b.nbytes, b.cat, b.name))
+    return tuple(made)
+
+
+def attach(prog, st: int, made: tuple) -> bool:
+    """Make the recorded gradients on stage ``st`` (False: one has nowhere to go, or its place
+    holds one already; nothing is made then)."""
+    by = prog.__dict__.get("_first_by_name")
+    if by is None:
+        by = prog._first_by_name = {leaf.name: leaf for leaf in _leaves(prog)}
+    places = []
+    for where, key, nbytes, cat, name in made:
+        if where == "g":
+            if key[:1] == "b" and key[1:2].isdigit():
+                i, rest = key[1:].split(".", 1)
+                key = f"b{int(i) + prog.bounds[st]}.{rest}"
+            leaf = by.get(key)
+            if leaf is None or leaf.grad is not None:
+                return False
+            places.append((leaf, None))
+        elif where == "p":
+            k = (st, *key)
+            if k in prog._phantom_grads:
+                return False
+            places.append((None, k))
+        else:
+            return False
+        if cat not in _INDEX:
+            return False
+    m = prog.m
+    for (leaf, k), (_, _, nbytes, cat, name) in zip(places, made):
+        b = silent(m, nbytes, cat, name)
+        if leaf is not None:
+            leaf.grad = b
+        else:
+            prog._phantom_grads[k] = b
+    return True
