@@ -14,9 +14,10 @@ and reported as over the limit (the service's own per-request work limit is lift
 the raw cost is what is measured).
 
 Candidates: hand-picked extremes (the largest layer counts, pipeline ranks, micro-batch counts,
-data-parallel degrees, checkpoint plans, LoRA, eager attention with dropout, timelines and SVG)
-and a seeded random search over layers, widths, ranks, micro-batches, checkpoint plans, LoRA,
-routes, ``include_timeline`` and the SVG rendering.
+data-parallel degrees, checkpoint plans, LoRA, eager attention with dropout, ranks holding two
+stages (interleaved, the V shapes), timelines and SVG) and a seeded random search over layers,
+widths, ranks, micro-batches, every pipeline schedule (with the stages per rank it allows),
+checkpoint plans, LoRA, routes, ``include_timeline`` and the SVG rendering.
 
 ``--only LABEL`` (repeatable) measures just those candidates, each ``--rounds`` times (rounds
 interleave the rows), prints every run, the median seconds and peak RSS per row and one JSON
@@ -89,7 +90,29 @@ def hand_picked() -> list[tuple[str, str, dict, dict]]:
         ("pipeline setup 1024 layers pp 64 m 4096", "/v1/pipeline",
          {"setup": _mem(BIG, {"gradient_accumulation_steps": 4096}, {"pipeline_parallel": 64}),
           "include_timeline": False}, {}),
+        # ranks holding two stages: interleaved, and the V shapes (a rank's stages meet at
+        # the V's turn)
+        ("memory 1024 layers pp 64 interleaved v 4 m 4096", "/v1/memory",
+         _mem(BIG, {"gradient_accumulation_steps": 4096},
+              {"pipeline_parallel": 64, "pipeline_schedule": "interleaved-1f1b",
+               "virtual_pipeline_stages": 4}), {}),
+        ("memory 1024 layers pp 64 zb-v m 512", "/v1/memory",
+         _mem(BIG, {"gradient_accumulation_steps": 512},
+              {"pipeline_parallel": 64, "pipeline_schedule": "zb-v",
+               "virtual_pipeline_stages": 2}), {}),
+        ("memory 1024 layers pp 64 dualpipe-v m 512", "/v1/memory",
+         _mem(BIG, {"gradient_accumulation_steps": 512},
+              {"pipeline_parallel": 64, "pipeline_schedule": "dualpipe-v",
+               "virtual_pipeline_stages": 2}), {}),
+        ("memory 1024 layers pp 64 dualpipe m 512", "/v1/memory",
+         _mem(BIG, {"gradient_accumulation_steps": 512},
+              {"pipeline_parallel": 64, "pipeline_schedule": "dualpipe"}), {}),
     ]
+
+
+# every schedule the estimate routes take, with the stages per rank each allows
+SCHEDULES = [("gpipe", (1,)), ("1f1b", (1,)), ("interleaved-1f1b", (2, 4)), ("zb-h1", (1,)),
+             ("zb-h2", (1,)), ("zb-v", (2,)), ("dualpipe", (1,)), ("dualpipe-v", (2,))]
 
 
 def random_candidates(n: int, seed: int) -> list[tuple[str, str, dict, dict]]:
@@ -116,12 +139,17 @@ def random_candidates(n: int, seed: int) -> list[tuple[str, str, dict, dict]]:
                     "dropout": rng.choice([0.0, 0.1])}
         if rng.random() < 0.3:
             training["lora"] = {"rank": 8}
-        parallelism = {"pipeline_parallel": pp,
-                       "pipeline_schedule": rng.choice(["gpipe", "1f1b", "zb-h1"]),
+        schedule, vs = rng.choice(SCHEDULES)
+        v = rng.choice(vs)
+        while pp > 1 and model["num_layers"] % (pp * v):
+            pp //= 2
+        parallelism = {"pipeline_parallel": pp, "pipeline_schedule": schedule,
                        "data_parallel": rng.choice([1, 8, 1024, 1_048_576]),
                        "zero_stage": rng.choice([0, 1, 2, 3])}
         if parallelism["data_parallel"] == 1:
             parallelism["zero_stage"] = 0
+        if pp > 1 and v > 1:
+            parallelism["virtual_pipeline_stages"] = v
         body = _mem(model, training, parallelism, hardware=rng.random() < 0.7)
         route = rng.choice(["/v1/memory", "/v1/memory", "/v1/zero", "/v1/checkpointing",
                             "/v1/pipeline"])
