@@ -27,16 +27,16 @@ from planner.step.structure import structure_of
 from tests.test_pipeline_structure import SETTINGS, _arch, _setup
 
 COMPOSED = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zb-h2", 1),
-            ("zb-v", 2)]
+            ("zb-v", 2), ("dualpipe-v", 2)]
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(14))
 def test_composed_compile_equals_op_by_op_and_the_replay(seed: int, monkeypatch) -> None:
     rng = random.Random(100 + seed)
     name, v = COMPOSED[seed % len(COMPOSED)]
     family, gqa = [("gpt2", False), ("llama", False), ("llama", True)][seed % 3]
     setting = SETTINGS[seed % len(SETTINGS)]
-    p = 2 if name == "zb-v" else rng.choice([2, 3, 4])
+    p = 2 if name in ("zb-v", "dualpipe-v") else rng.choice([2, 3, 4])
     m = p * rng.randint(2, 5)
     try:
         sched = build_schedule(name, p, m, v)

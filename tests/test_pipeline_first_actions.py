@@ -24,7 +24,7 @@ from planner.layouts.pipeline_schedules import build_schedule
 from planner.machine import cache
 
 CASES = [("1f1b", 4, 1), ("interleaved-1f1b", 3, 2), ("zb-h1", 4, 1), ("zb-h2", 3, 1),
-         ("zb-v", 3, 2), ("gpipe", 3, 1)]
+         ("zb-v", 3, 2), ("gpipe", 3, 1), ("dualpipe-v", 3, 2), ("dualpipe-v", 4, 2)]
 
 
 def _setup(seed: int, S: int, m: int):
@@ -97,3 +97,30 @@ def test_a_first_backward_that_cannot_make_its_gradients_falls_back(monkeypatch)
         full = PipelineRankProgram(model, tr, sched, rank).run_steps()
         got = pp.rank_step(model, tr, sched, rank)
         assert (got.first, got.steady) == (full.first, full.steady), rank
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dualpipe_v_composed_equals_the_full_replay(seed: int) -> None:
+    """DualPipeV takes some micro-batches of a stage back by B and others by I and W: its
+    forwards are composed where the backward kinds that take them back are verified; every rank
+    equals the full replay, and the ranks off the V's turn compose actions."""
+    rng = random.Random(300 + seed)
+    p = rng.choice([2, 3, 4, 5])
+    sched = build_schedule("dualpipe-v", p, 2 * p * rng.choice([2, 3, 4]) + rng.choice([0, 1]), 2)
+    model, tr = _setup(seed, sched.num_stages, sched.microbatches)
+    cache.clear()
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        got = pp.rank_step(model, tr, sched, rank)
+        assert (got.first, got.steady) == (full.first, full.steady), rank
+    memo = pa.ActionMemo()
+    from planner.layouts.pipeline_memory import rank_actions
+    from planner.layouts.pipeline_periods import shortened_lists
+    groups, lists = shortened_lists(rank_actions(sched, 0))
+    if groups:
+
+        def make(m, items, mb):
+            return PipelineRankProgram(model, tr, sched, 0, machine=m, actions=items,
+                                       microbatches=mb, compress_blocks=True)
+        pp._replays(make, lists, pp.TraceMachine, memo)
+        assert memo.composed > 0

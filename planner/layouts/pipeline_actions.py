@@ -35,7 +35,9 @@ split backward's halves are kinds of their own: a composed forward's I draws its
 drops the graph's stand-ins, hands on an input gradient of the recorded size (kept as the
 receive buffer's ``.grad`` too) and leaves what the recorded I left until W (kept gradients,
 retained saved tensors) as one storage per category; its W frees them and must come to the
-recorded W's net bytes. DualPipe and DualPipeV replay every action. The records are shared by
+recorded W's net bytes. DualPipeV takes some micro-batches of a stage back by B and others by I
+and W: a forward is composed only where the backward kinds that take its micro-batch back are
+verified (so are the others'). DualPipe replays every action. The records are shared by
 the rank classes of one setup (``pipeline_replays._KINDS``), so a kind is checked once for all
 of them. The machine draws a composed action's rows (planner/layouts/pipeline_machines.py): the
 trace machine its first highest row, the recording machine of a structure's compile (sizes as
@@ -69,7 +71,7 @@ from planner.step.ops import T
 __all__ = ["ActionMemo", "Unmemoizable", "enabled", "op_by_op"]
 
 _ENABLED = True
-_COMPOSED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v")
+_COMPOSED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 
 
 class Unmemoizable(Exception):
@@ -139,18 +141,24 @@ class ActionMemo:
         if first:  # the step's first of its kind: a kind of its own
             key = ("F0", role, prog.step_no)
         e = self.entries.get(key)
-        if e is not None and e.verified and (not first or self._firsts_ready(prog, st, role)):
+        if e is not None and e.verified and self._backs_ready(prog, st, j, role):
             return self._compose_forward(prog, st, j, e.rec)
         self._note(key, self._record(prog, lambda: prog.real_forward(st, j), st, j, "F"))
 
-    def _firsts_ready(self, prog, st: int, role) -> bool:
-        """Whether the step's first backward kinds of the stage are verified: a composed first
-        forward's micro-batch is the first its stage takes backward (B; a split backward's I
-        and W but on the first stage, whose W runs a B)."""
-        split = prog.__dict__.get("_split_actions")
-        if split is None:
-            split = prog._split_actions = any(a[0] in ("I", "W") for a in prog.actions)
-        kinds = ("I0", "W0") if split and st > 0 else ("B0",)
+    def _backs_ready(self, prog, st: int, j: int, role) -> bool:
+        """Whether to compose a forward of micro-batch ``j`` of stage ``st`` whose kind is
+        verified: its backward is composed too, so the kinds that take it back must be verified
+        by then. A step's first backward of a stage (``B0``, ``I0``, ``W0``) and the backwards of
+        a stage that takes some micro-batches back by B and others by I and W (DualPipeV) must
+        be verified already; the others are, by the two replayed before them (else
+        ``Unmemoizable``: every action op by op)."""
+        got = prog.__dict__.get("_backs")
+        if got is None:
+            got = prog._backs = _backward_kinds(prog.actions)
+        need, mixed = got
+        kinds = need.get((st, j), ())
+        if st not in mixed and not any(k[-1] == "0" for k in kinds):
+            return True
         for k in kinds:
             e = self.entries.get((k, role, prog.step_no))
             if e is None or not e.verified:
@@ -371,6 +379,26 @@ class ActionMemo:
         m.phase = "other"
         if _differ([a - b for a, b in zip(m.cur, start)], rec.net):
             raise Unmemoizable(("W", st))
+
+
+def _backward_kinds(actions: list) -> tuple[dict, set]:
+    """Per (stage, micro-batch) of a list, the kinds of the backward actions that take it back,
+    as ``ActionMemo`` keys them (a stage's first of a kind in a step ``0``-suffixed; on the
+    first stage a W runs a B and an I nothing); and the stages taking micro-batches back by B
+    and by I."""
+    seen: dict = {}
+    out: dict = {}
+    by: dict = {}
+    for kind, st, j, _ in actions:
+        if kind in ("F", "|") or (st == 0 and kind == "I"):
+            continue
+        if st == 0 and kind == "W":
+            kind = "B"
+        c = seen.get((kind, st), 0)
+        seen[kind, st] = c + 1
+        out.setdefault((st, j), []).append(kind if c else kind + "0")
+        by.setdefault(st, set()).add(kind)
+    return out, {st for st, ks in by.items() if "B" in ks and "I" in ks}
 
 
 def _made(prog, st: int, rec: _Rec, kind: str) -> None:
