@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 from planner.layouts.pipeline_machines import _nonzero, _Recording
 from planner.layouts.pipeline_records import (
+    _backward_kinds,
     _differ,
     _Entry,
     _handed,
@@ -379,26 +380,6 @@ class ActionMemo:
         m.phase = "other"
         if _differ([a - b for a, b in zip(m.cur, start)], rec.net):
             raise Unmemoizable(("W", st))
-
-
-def _backward_kinds(actions: list) -> tuple[dict, set]:
-    """Per (stage, micro-batch) of a list, the kinds of the backward actions that take it back,
-    as ``ActionMemo`` keys them (a stage's first of a kind in a step ``0``-suffixed; on the
-    first stage a W runs a B and an I nothing); and the stages taking micro-batches back by B
-    and by I."""
-    seen: dict = {}
-    out: dict = {}
-    by: dict = {}
-    for kind, st, j, _ in actions:
-        if kind in ("F", "|") or (st == 0 and kind == "I"):
-            continue
-        if st == 0 and kind == "W":
-            kind = "B"
-        c = seen.get((kind, st), 0)
-        seen[kind, st] = c + 1
-        out.setdefault((st, j), []).append(kind if c else kind + "0")
-        by.setdefault(st, set()).add(kind)
-    return out, {st for st, ks in by.items() if "B" in ks and "I" in ks}
 
 
 def _made(prog, st: int, rec: _Rec, kind: str) -> None:

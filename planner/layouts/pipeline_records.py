@@ -89,6 +89,26 @@ def _handed(t: T, own: int) -> _Handed:
     return _Handed(t.buf.nbytes, t.buf.cat, t.buf.name, t.numel, t.esz, t.buf.refs - own)
 
 
+def _backward_kinds(actions: list) -> tuple[dict, set]:
+    """Per (stage, micro-batch) of a list, the kinds of the backward actions that take it back,
+    as ``ActionMemo`` keys them (a stage's first of a kind in a step ``0``-suffixed; on the
+    first stage a W runs a B and an I nothing); and the stages taking micro-batches back by B
+    and by I."""
+    seen: dict = {}
+    out: dict = {}
+    by: dict = {}
+    for kind, st, j, _ in actions:
+        if kind in ("F", "|") or (st == 0 and kind == "I"):
+            continue
+        if st == 0 and kind == "W":
+            kind = "B"
+        c = seen.get((kind, st), 0)
+        seen[kind, st] = c + 1
+        out.setdefault((st, j), []).append(kind if c else kind + "0")
+        by.setdefault(st, set()).add(kind)
+    return out, {st for st, ks in by.items() if "B" in ks and "I" in ks}
+
+
 def silent(m, nbytes, cat: str, name: str) -> Buf:
     """A storage made live without a row (the bytes were in the recorded rows already)."""
     b = Buf(nbytes, cat, name)
