@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 
 from planner.layouts.pipeline_machines import _nonzero, _Recording
 from planner.layouts.pipeline_records import (
-    _backward_kinds,
     _differ,
     _Entry,
     _handed,
@@ -62,6 +61,8 @@ from planner.layouts.pipeline_records import (
     _Rec,
     _same,
     attach,
+    backs_ready,
+    forward_rest,
     made_since,
     snapshot,
 )
@@ -119,6 +120,7 @@ class ActionMemo:
         self._plans: dict[int, tuple] = {}  # id(record) -> (record, what the machine draws)
         # a polynomial record's plan per (op, phase) names: [(rows, plan)], for records alike
         self._drawn: dict[tuple, list] = {}
+        self._rests: dict[int, tuple] = {}  # id(record) -> (record, forward_rest(record))
 
     @staticmethod
     def applies(prog) -> bool:
@@ -142,29 +144,9 @@ class ActionMemo:
         if first:  # the step's first of its kind: a kind of its own
             key = ("F0", role, prog.step_no)
         e = self.entries.get(key)
-        if e is not None and e.verified and self._backs_ready(prog, st, j, role):
+        if e is not None and e.verified and backs_ready(self.entries, prog, st, j, role):
             return self._compose_forward(prog, st, j, e.rec)
         self._note(key, self._record(prog, lambda: prog.real_forward(st, j), st, j, "F"))
-
-    def _backs_ready(self, prog, st: int, j: int, role) -> bool:
-        """Whether to compose a forward of micro-batch ``j`` of stage ``st`` whose kind is
-        verified: its backward is composed too, so the kinds that take it back must be verified
-        by then. A step's first backward of a stage (``B0``, ``I0``, ``W0``) and the backwards of
-        a stage that takes some micro-batches back by B and others by I and W (DualPipeV) must
-        be verified already; the others are, by the two replayed before them (else
-        ``Unmemoizable``: every action op by op)."""
-        got = prog.__dict__.get("_backs")
-        if got is None:
-            got = prog._backs = _backward_kinds(prog.actions)
-        need, mixed = got
-        kinds = need.get((st, j), ())
-        if st not in mixed and not any(k[-1] == "0" for k in kinds):
-            return True
-        for k in kinds:
-            e = self.entries.get((k, role, prog.step_no))
-            if e is None or not e.verified:
-                return False
-        return True
 
     def backward(self, prog, st: int, j: int) -> None:
         if self._local(prog, st):
@@ -283,7 +265,7 @@ class ActionMemo:
         m, o = prog.m, prog.ops
         m.phase = "forward"
         self.composed += 1
-        start = self._rows(m, rec)
+        self._rows(m, rec)
         holds: list = []
         out_b = _silent(m, rec.out.nbytes, rec.out.cat, rec.out.name)
         out = T(Val(out_b, None), rec.out.numel, rec.out.esz)
@@ -306,14 +288,20 @@ class ActionMemo:
         if st == prog.sched.num_stages - 1:
             prog.output_chunks.append(o.view(out))
             prog.losses.append(o.view(loss))
-        rest = [n - (c - s) for n, c, s in zip(rec.net, m.cur, start)]
+        rest, negative = self._rest(rec)  # (the live bytes grew by the output and loss alone)
+        if negative:
+            raise Unmemoizable(("F", st))
         for i, d in enumerate(rest):
-            if _maybe_negative(d):
-                raise Unmemoizable(("F", st))
             if _nonzero(d):
                 holds.append(_silent(m, d, CATEGORIES[i], "saved (composed)"))
         prog.pending[st, j] = _Proxy(out, inp, loss, holds, rec.out.graph_refs)
         prog.in_flight += 1
+
+    def _rest(self, rec: _Rec) -> tuple[tuple, bool]:
+        got = self._rests.get(id(rec))
+        if got is None or got[0] is not rec:
+            got = self._rests[id(rec)] = (rec, forward_rest(rec))
+        return got[1]
 
     def _begin_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec, done: bool) -> list:
         """A composed backward kind's start: its candidate row drawn, the stand-ins the

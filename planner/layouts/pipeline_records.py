@@ -25,7 +25,7 @@ from planner.machine.stepsim import _INDEX, Buf
 from planner.machine.symbolic import _Exact
 from planner.step.ops import T
 
-__all__ = ["attach", "made_since", "silent", "snapshot"]
+__all__ = ["attach", "backs_ready", "forward_rest", "made_since", "silent", "snapshot"]
 
 
 # Sizes may be polynomials (a structure's compile, planner/layouts/pipeline_structure.py): the
@@ -107,6 +107,38 @@ def _backward_kinds(actions: list) -> tuple[dict, set]:
         out.setdefault((st, j), []).append(kind if c else kind + "0")
         by.setdefault(st, set()).add(kind)
     return out, {st for st, ks in by.items() if "B" in ks and "I" in ks}
+
+
+def backs_ready(entries: dict, prog, st: int, j: int, role) -> bool:
+    """Whether to compose a forward of micro-batch ``j`` of stage ``st`` whose kind is verified
+    (``entries``: an ``ActionMemo``'s): its backward is composed too, so the kinds that take it
+    back must be verified by then. A step's first backward of a stage (``B0``, ``I0``, ``W0``)
+    and the backwards of a stage that takes some micro-batches back by B and others by I and W
+    (DualPipeV) must be verified already; the others are, by the two replayed before them (else
+    ``Unmemoizable``: every action op by op)."""
+    got = prog.__dict__.get("_backs")
+    if got is None:
+        got = prog._backs = _backward_kinds(prog.actions)
+    need, mixed = got
+    kinds = need.get((st, j), ())
+    if st not in mixed and not any(k[-1] == "0" for k in kinds):
+        return True
+    for k in kinds:
+        e = entries.get((k, role, prog.step_no))
+        if e is None or not e.verified:
+            return False
+    return True
+
+
+def forward_rest(rec: _Rec) -> tuple[tuple, bool]:
+    """What a composed forward leaves beyond its output and loss, per category (its graph's
+    saved tensors: one stand-in each; the live bytes grew by the output and loss alone), and
+    whether any of it may be negative."""
+    net = list(rec.net)
+    for h in (rec.out, rec.loss):
+        if h is not None:
+            net[_INDEX[h.cat]] -= h.nbytes
+    return tuple(net), any(_maybe_negative(d) for d in net)
 
 
 def silent(m, nbytes, cat: str, name: str) -> Buf:
