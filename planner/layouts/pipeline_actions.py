@@ -30,7 +30,9 @@ ranks holding a stage of that role, verify it, and a first forward is composed o
 first backward kinds it leads to are verified. Schedule1F1B, ScheduleGPipe,
 interleaved 1F1B (an interleaved forward's send work keeps its output until the action loop
 ends, which the composed forward keeps too) and the zero-bubble schedules ZB-H1, ZB-H2 and ZB-V
-are composed, except stages that hand tensors to a stage on their own rank (the V's turn). A
+are composed; at the V's turn, a forward's output becomes the next stage's input buffer on the
+rank, and a backward's input gradient the previous stage's gradient receive buffer (each
+replacing the last step's), which a composed one does alike. A
 split backward's halves are kinds of their own: a composed forward's I draws its candidate row,
 drops the graph's stand-ins, hands on an input gradient of the recorded size (kept as the
 receive buffer's ``.grad`` too) and leaves what the recorded I left until W (kept gradients,
@@ -129,15 +131,7 @@ class ActionMemo:
                 and getattr(m, "on_alloc", None) is None and hasattr(m, "memo_start"))
 
     # ---- the hooks --------------------------------------------------------------------------
-    @staticmethod
-    def _local(prog, st: int) -> bool:
-        """A stage that hands tensors to a stage on its own rank (V shape): replayed."""
-        on, r, S = prog.sched.stage_to_rank, prog.rank, prog.sched.num_stages
-        return (st + 1 < S and on[st + 1] == r) or (st > 0 and on[st - 1] == r)
-
     def forward(self, prog, st: int, j: int) -> None:
-        if self._local(prog, st):
-            return prog.real_forward(st, j)
         role = self.roles.get(st, st)
         key = ("F", role, prog.step_no)
         first = prog.count(key) == 0
@@ -149,19 +143,17 @@ class ActionMemo:
         self._note(key, self._record(prog, lambda: prog.real_forward(st, j), st, j, "F"))
 
     def backward(self, prog, st: int, j: int) -> None:
-        if self._local(prog, st):
-            return prog.real_backward(st, j)
         self._backward(prog, st, j, "B", prog.real_backward, self._compose_backward)
 
     def backward_input(self, prog, st: int, j: int) -> None:
         """I of a split backward (nothing on the first stage)."""
-        if st == 0 or self._local(prog, st):
+        if st == 0:
             return prog.real_backward_input(st, j)
         self._backward(prog, st, j, "I", prog.real_backward_input, self._compose_input)
 
     def backward_weight(self, prog, st: int, j: int) -> None:
         """W of a split backward (the whole backward on the first stage: a "B" kind)."""
-        if st == 0 or self._local(prog, st):
+        if st == 0:
             return prog.real_backward_weight(st, j)
         self._backward(prog, st, j, "W", prog.real_backward_weight, self._compose_weight)
 
@@ -208,6 +200,11 @@ class ActionMemo:
         sends_before = len(prog.sends)
         out_buf = prog.pending[st, j].out.buf if kind == "B" else None
         snap = snapshot(prog) if kind != "F" else None
+        on = prog.sched.stage_to_rank
+        # V shape: the input gradient goes to the previous stage on the rank, the output to the
+        # next (their receive buffers, kept until the next step replaces them)
+        back_local = st > 0 and on[st - 1] == prog.rank
+        given = prog.grad_recv.get((st - 1, j)) if back_local else None
         run()
         made = made_since(prog, st, snap) if snap is not None else ()
         rows, names = m.memo_rows(n0, start)
@@ -218,7 +215,10 @@ class ActionMemo:
             return _Rec(rows, names, net, made=made)
         if kind != "F":
             grad = None
-            if len(prog.sends) == sends_before + 1:
+            if back_local and prog.grad_recv.get((st - 1, j)) is not given:
+                g = prog.grad_recv[st - 1, j]
+                grad = (g.nbytes, g.cat, g.name) if len(prog.sends) == sends_before else ("?",)
+            elif len(prog.sends) == sends_before + 1:
                 g = prog.sends[-1]
                 grad = (g.nbytes, g.cat, g.name)
             elif len(prog.sends) != sends_before:
@@ -232,10 +232,11 @@ class ActionMemo:
         last = st == prog.sched.num_stages - 1
         own = 1 + (1 if last else 0)  # p.out (p.loss) and the output_chunks (losses) view
         sent = len(prog.sends) - sends_before  # the send work keeping the output (interleaved)
-        out = _handed(p.out, own + sent)
+        local = st + 1 < len(on) and on[st + 1] == prog.rank
+        out = _handed(p.out, own + sent + local)
         loss = _handed(p.loss, own) if p.loss is not None else None
         recv_refs = (recv.refs - recv_before - 1) if (recv is not None and p.inp is not None) else 0
-        return _Rec(rows, names, net, out, loss, recv_refs, sent=sent)
+        return _Rec(rows, names, net, out, loss, recv_refs, sent=sent, local=local)
 
     def _plan(self, m, rows: tuple, names: tuple):
         """``m.memo_plan(rows, names)``; on the recording machine (rows of polynomials, whose
@@ -265,11 +266,14 @@ class ActionMemo:
         m, o = prog.m, prog.ops
         m.phase = "forward"
         self.composed += 1
-        self._rows(m, rec)
+        start = self._rows(m, rec)
         holds: list = []
         out_b = _silent(m, rec.out.nbytes, rec.out.cat, rec.out.name)
         out = T(Val(out_b, None), rec.out.numel, rec.out.esz)
         holds += [m.hold(out_b) for _ in range(rec.out.graph_refs)]
+        if rec.local:  # the next stage's input buffer on the rank (the last step's goes)
+            old, prog.recv[st + 1, j] = prog.recv[st + 1, j], m.hold(out_b)
+            m.drop(old)
         if rec.sent:
             if rec.sent != 1:
                 raise Unmemoizable(("F", st, "sends"))
@@ -288,7 +292,11 @@ class ActionMemo:
         if st == prog.sched.num_stages - 1:
             prog.output_chunks.append(o.view(out))
             prog.losses.append(o.view(loss))
-        rest, negative = self._rest(rec)  # (the live bytes grew by the output and loss alone)
+        if rec.local:
+            rest = [n - (c - s) for n, c, s in zip(rec.net, m.cur, start)]
+            negative = any(_maybe_negative(d) for d in rest)
+        else:  # the live bytes grew by the output and loss alone
+            rest, negative = self._rest(rec)
         if negative:
             raise Unmemoizable(("F", st))
         for i, d in enumerate(rest):
@@ -324,6 +332,8 @@ class ActionMemo:
         gi = _input_grad(m, rec, ("B", st))
         prog._release(p)
         m.phase = "other"
+        if gi is not None:  # (on the rank, V shape: the last step's goes)
+            prog._hand_back(st, j, gi)
         want = list(rec.net)
         if p.out.buf.refs:
             # the schedule's bookkeeping holds this output (1F1B's warm-up send work) or not:
@@ -334,8 +344,6 @@ class ActionMemo:
             want[_INDEX[p.out.buf.cat]] += p.out.buf.nbytes
         if _differ([a - b for a, b in zip(m.cur, start)], want):
             raise Unmemoizable(("B", st))
-        if gi is not None:
-            prog._hand_back(st, j, gi)
 
     def _compose_input(self, prog, st: int, j: int, p: _Proxy, rec: _Rec) -> None:
         """I on a composed forward: the graph's references and saved storages give way to what

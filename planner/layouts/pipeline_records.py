@@ -76,6 +76,7 @@ class _Rec:
     grad: tuple | None = None  # the backward's input gradient: (nbytes, cat, name)
     sent: int = 0  # the forward's output kept by a send work until the action loop ends
     made: tuple = ()  # a first backward's gradients (below)
+    local: bool = False  # a forward's output is the next stage's input on the rank (V shape)
 
 
 @dataclass
