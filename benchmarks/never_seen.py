@@ -3,7 +3,9 @@
 ``benchmarks/estimate_speed.py``, next to the same models replayed and llm-analysis's
 ``training()``. Run alone: ``python -m benchmarks.never_seen``; ``--section pipelined`` runs
 only the pipelined section (random gpt2/llama models on 2, 4 or 8 pipeline stages, 1F1B and
-interleaved 1F1B, random micro-batch counts), ``--section single``/``data-parallel`` the others.
+interleaved 1F1B, random micro-batch counts), ``--section schedules`` one layout of every
+schedule (GPipe, 1F1B, interleaved, ZB-H1, ZB-H2, ZB-V, DualPipeV), ``--section
+single``/``data-parallel`` the others.
 """
 
 from __future__ import annotations
@@ -404,10 +406,81 @@ def print_lists(rows: list[tuple]) -> None:
     print()
 
 
+# Every schedule the estimate replays, with the stages per rank each takes; one layout each at
+# ``SCHEDULE_PP`` stages (the goal's "any schedule"; the pipelined section above varies pp and m)
+SCHEDULE_LAYOUTS = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1),
+                    ("zb-h2", 1), ("zb-v", 2), ("dualpipe-v", 2)]
+SCHEDULE_PP = 8
+SCHEDULE_LAYERS = 64
+
+
+def schedules_rows(n: int = 6, seed: int = 11) -> list[tuple]:
+    """Per SCHEDULE_LAYOUTS schedule (pp ``SCHEDULE_PP``, ``SCHEDULE_LAYERS`` blocks, a random
+    count of 2 to 8 rounds of micro-batches): the first estimate of a new model with caches
+    cold (its ranks' structures compiled in the request, each compile timed), then ``n`` new
+    models of the layout (per-setup caches cleared: each an evaluation of the ranks' templates)
+    timed against llm-analysis's ``training()`` on the same models, interleaved. (schedule, m,
+    first ms, compiles, compile median ms, compile max ms, never-seen median s, llm-analysis
+    median s, estimates that replayed a rank)."""
+    est = planner_memory.estimate_memory
+    rng = random.Random(seed)
+    out = []
+    for sched, v in SCHEDULE_LAYOUTS:
+        planner_memory.clear_caches()
+        m = SCHEDULE_PP * rng.randint(2, 8)
+
+        def req(arch, b, t):
+            r = _pipelined_req({**arch, "num_layers": SCHEDULE_LAYERS}, b, t, SCHEDULE_PP,
+                               sched, v, m)
+            return r.model_copy(update={"model": r.model.model_copy(
+                update={"num_layers": SCHEDULE_LAYERS})})
+        compile_s: list[float] = []
+        with _timing(pipeline_structures, "_compile", compile_s), \
+                step_cache.structure_mode("sync"):
+            t0 = time.perf_counter()
+            est(req(_random_arch("llama", rng), 4, 1024), explain=False)
+            first = time.perf_counter() - t0
+        ours, theirs, replayed = [], [], 0
+        for _ in range(n):
+            q = req(_random_arch("llama", rng), rng.randint(2, 16), rng.choice([512, 2048]))
+            _clear_setup_caches()
+            before = cache.COUNTS["replays"]
+            with step_cache.structure_mode("sync"):
+                t0 = time.perf_counter()
+                est(q, explain=False)
+                ours.append(time.perf_counter() - t0)
+            replayed += cache.COUNTS["replays"] != before
+            fn = llm_analysis_model_fn(resolve_model(q.model),
+                                       parallelism={"pipeline_parallel": SCHEDULE_PP})
+            if fn is not None:
+                theirs.append(statistics.median(_time_each(lambda f: f(1), [fn] * 5)))
+        out.append((sched, m, first, len(compile_s),
+                    statistics.median(compile_s) if compile_s else 0.0,
+                    max(compile_s, default=0.0), statistics.median(ours),
+                    statistics.median(theirs) if theirs else None, replayed))
+    return out
+
+
+def print_schedules(rows: list[tuple]) -> None:
+    print(f"## Never-seen model, every schedule: pp {SCHEDULE_PP}, {SCHEDULE_LAYERS} blocks "
+          "(llama), a random micro-batch count per schedule; the layout's first estimate "
+          "compiles its ranks' structures in the request, then new models of it are timed "
+          "against llm-analysis (median of 6)\n")
+    print("| schedule | m | first estimate ms | rank compiles | compile median ms | compile max "
+          "ms | never-seen µs | llm-analysis µs | vs llm-analysis | replayed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for sched, m, first, nc, cmed, cmax, ours, la, rep in rows:
+        ratio = f"{ours / la:,.1f}× its time" if la else "n/a"
+        las = f"{la * 1e6:,.0f}" if la else "n/a"
+        print(f"| {sched} | {m} | {first * 1e3:,.0f} | {nc} | {cmed * 1e3:,.0f} | "
+              f"{cmax * 1e3:,.0f} | {ours * 1e6:,.0f} | {las} | {ratio} | {rep} |")
+    print()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--section", choices=["all", "single", "data-parallel", "pipelined",
-                                          "pipelined-lists"],
+                                          "pipelined-lists", "schedules"],
                     default="all")
     args = ap.parse_args(argv)
     collector.tune()  # as `memplan serve` does once the app is built (planner/machine/collector.py)
@@ -418,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
             print_never_seen(never_seen_rows(45, 5, parallelism=par, setups=DP_SETUPS))
     if args.section in ("all", "pipelined"):
         print_pipelined(pipelined_rows(36, 4))
+    if args.section in ("all", "schedules"):
+        print_schedules(schedules_rows())
     if args.section in ("all", "pipelined-lists"):
         print_lists(lists_rows())
 
