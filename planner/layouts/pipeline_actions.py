@@ -26,8 +26,9 @@ composed too. The step's first action of each kind is a kind of its own (``F0``,
 ``W0``): a first backward makes the stage's gradients and the phantom blocks', which its record
 lists by name within the stage and a composed one makes as recorded
 (planner/layouts/pipeline_records.py); it occurs once per step and list, so two lists, or two
-ranks holding a stage of that role, verify it, and a first forward is composed only where the
-first backward kinds it leads to are verified. Schedule1F1B, ScheduleGPipe,
+ranks holding a stage of that role, verify it (``backs_ready``: a forward is composed only where
+the backward kinds that take its micro-batch back are verified or will be by the time they
+come). Schedule1F1B, ScheduleGPipe,
 interleaved 1F1B (an interleaved forward's send work keeps its output until the action loop
 ends, which the composed forward keeps too) and the zero-bubble schedules ZB-H1, ZB-H2 and ZB-V
 are composed; at the V's turn, a forward's output becomes the next stage's input buffer on the

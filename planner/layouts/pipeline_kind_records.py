@@ -2,9 +2,10 @@
 
 A rank structure's compile (planner/layouts/pipeline_structure.py) composes the repeated
 actions of its shortened lists per kind (planner/layouts/pipeline_actions.py): a kind's actions
-are replayed op by op and recorded until two agree, and then composed. A kind is (forward, backward, I or W; the stage's role; the step),
-and the ranks of one layout hold stages of the same roles (pp 8 1F1B: six ranks of middle
-stages), as do the compiles of one rank for other micro-batch counts: the concrete replay
+are replayed op by op and recorded until two agree, and then composed. A kind is (forward,
+backward, I or W; the stage's role; the step), and the ranks of one layout hold stages of the
+same roles (pp 8 1F1B: six ranks of middle stages), as do the compiles of one rank for other
+micro-batch counts: the concrete replay
 shares the kinds' records between the rank classes of a setup (``pipeline_replays._KINDS``) on
 the same argument, and so do the compiles here: a compile composes every action of a kind a
 compile of the layout verified before. The step's first action of a kind (a kind of its own,
