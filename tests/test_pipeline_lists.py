@@ -219,3 +219,37 @@ def test_shortened_refuses_what_the_reference_refuses():
                     assert got == _ref_shortened(actions, [x], extra)
                     outcomes.add(got is None)
     assert outcomes == {True, False}
+
+
+def test_find_runs_equals_the_reference_on_long_lists():
+    """Long periods (a round of a deep interleaved pipeline, the V shapes' steady states), where
+    ``find_runs`` tests most periods on every few actions before it searches them action by
+    action: the same runs as the reference, on deep schedules' ranks and on random lists with
+    runs of random periods (up to 300 actions), repetitions and shifts planted in noise."""
+    for name, p, m, v in [("interleaved-1f1b", 16, 160, 2), ("interleaved-1f1b", 8, 96, 4),
+                          ("zb-v", 16, 64, 2), ("dualpipe-v", 16, 64, 2), ("1f1b", 32, 256, 1),
+                          ("zb-h1", 16, 128, 1)]:
+        sched = build_schedule(name, p, m, v)
+        for rank in (0, p // 2, p - 1):
+            actions = rank_actions(sched, rank)
+            for min_reps in (2, 3, 4):
+                assert (_runs([find_runs(actions, min_reps=min_reps)])
+                        == _runs([_ref_find_runs(actions, min_reps=min_reps)])), (name, rank)
+    rng = random.Random(11)
+    kinds = ["F", "B", "I", "W"]
+    for _ in range(40):
+        actions: list = []
+        while len(actions) < 3000:
+            if rng.random() < 0.5:  # noise
+                actions += [(rng.choice(kinds), rng.randrange(3), rng.randrange(50), 0)
+                            for _ in range(rng.randint(1, 200))]
+            else:  # a periodic stretch, possibly cut short mid-period
+                P, shift = rng.randint(1, 300), rng.randint(1, 4)
+                period = [(rng.choice(kinds), rng.randrange(3), rng.randrange(20), 0)
+                          for _ in range(P)]
+                reps = rng.randint(2, 8)
+                actions += [(k, st, j + r * shift, 0) for r in range(reps)
+                            for k, st, j, _ in period][:reps * P - rng.randrange(P)]
+        for min_reps in (2, 3, 4):
+            assert (_runs([find_runs(actions, min_reps=min_reps)])
+                    == _runs([_ref_find_runs(actions, min_reps=min_reps)]))
