@@ -40,8 +40,9 @@ class TraceMachine(Machine):
         if self.on_alloc is not None:
             self.on_alloc(b)
         self.cur[_INDEX[b.cat]] += b.nbytes
-        self.rows.append(tuple(self.cur))
-        self.meta.append((name, self.phase, self.window))
+        if self.window >= 0:  # (before the first window, building the model: no row is read)
+            self.rows.append(tuple(self.cur))
+            self.meta.append((name, self.phase, self.window))
         return b
 
     def reset_peak(self) -> None:
