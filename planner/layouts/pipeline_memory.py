@@ -214,15 +214,9 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
         self.step_no, self._counts = 0, {}
         m.reset_peak()
 
-    def trainable_specs(self) -> list[tuple[int, tuple[int, ...]]]:
-        """(numel, shape) of this rank's trainable parameters, in order (kept while
-        ``param_specs`` stays as built: callers read it, never change it)."""
-        specs = self.param_specs
-        memo = self.__dict__.get("_rank_trainable")
-        if memo is None or memo[0] is not specs or memo[1] != len(specs):
-            memo = self._rank_trainable = (specs, len(specs), [
-                (n, shp) for (n, shp, rg, _), own in zip(specs, self._owned) if rg and own])
-        return memo[2]
+    def _trainable_rows(self, specs: list) -> list[tuple[int, tuple[int, ...]]]:
+        """This rank's (``trainable_specs``, kept as the whole model's is)."""
+        return [(n, shp) for (n, shp, rg, _), own in zip(specs, self._owned) if rg and own]
 
     def count(self, key) -> int:
         """How many actions of kind ``key`` this step ran before this one."""

@@ -5,8 +5,7 @@ Transformer's registration order (frozen base, LoRA adapters, quantized weights)
 forward piece (embedding, attention in its SDPA and eager forms, RoPE, norms, MLP, dropout, the
 head) as the ops the model's code runs, with Python references dropped where that code drops
 them. The step itself (forward and loss, checkpointing, backward, optimizer, the peaks) is
-``ReferenceProgram`` in planner/step/program.py, which builds on it.
-"""
+``ReferenceProgram`` in planner/step/program.py, which builds on it."""
 
 from __future__ import annotations
 
@@ -188,14 +187,16 @@ class ReferenceModel:
         return [t for t in self.params.tensors if t.val.fn is not None]
 
     def trainable_specs(self) -> list[tuple[int, tuple[int, ...]]]:
-        """(numel, shape) of every trainable parameter of the whole model, in order (one list,
-        kept while ``param_specs`` stays as built: callers read it, never change it)."""
+        """(numel, shape) of every trainable parameter (``_trainable_rows``), in order: one list,
+        kept while ``param_specs`` stays as built (callers read it, never change it)."""
         specs = self.param_specs
         memo = self.__dict__.get("_trainable_memo")
         if memo is None or memo[0] is not specs or memo[1] != len(specs):
-            memo = self._trainable_memo = (specs, len(specs),
-                                           [(n, shp) for n, shp, rg, _ in specs if rg])
+            memo = self._trainable_memo = (specs, len(specs), self._trainable_rows(specs))
         return memo[2]
+
+    def _trainable_rows(self, specs: list) -> list[tuple[int, tuple[int, ...]]]:
+        return [(n, shp) for n, shp, rg, _ in specs if rg]  # the whole model's
 
     # ---- forward --------------------------------------------------------------------------------
     def linear(self, x: T, name: str, din: int, dout: int) -> T:
