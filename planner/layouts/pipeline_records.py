@@ -165,18 +165,19 @@ def snapshot(prog) -> tuple:
             set(prog._phantom_grads))
 
 
-def _relative(prog, st: int, name: str) -> str:
-    """A block's parameter named by its index within stage ``st`` (others as they are)."""
+def _block_moved(name: str, by: int) -> str:
+    """A block's parameter name with its block index moved by ``by`` (others as they are): a
+    stage's first block is 0 in a record (``by`` minus the stage's first block), and back."""
     if name[:1] == "b" and name[1:2].isdigit():
         i, rest = name[1:].split(".", 1)
-        return f"b{int(i) - prog.bounds[st]}.{rest}"
+        return f"b{int(i) + by}.{rest}"
     return name
 
 
 def made_since(prog, st: int, snap: tuple) -> tuple:
     """The gradients made since ``snap`` (``snapshot``), as a record lists them."""
     none, phantoms = snap
-    made = [("g", _relative(prog, st, leaf.name), leaf.grad.nbytes, leaf.grad.cat,
+    made = [("g", _block_moved(leaf.name, -prog.bounds[st]), leaf.grad.nbytes, leaf.grad.cat,
              leaf.grad.name)
             for leaf in _leaves(prog) if id(leaf) in none and leaf.grad is not None]
     for key, b in prog._phantom_grads.items():
@@ -197,10 +198,7 @@ def attach(prog, st: int, made: tuple) -> bool:
     places = []
     for where, key, nbytes, cat, name in made:
         if where == "g":
-            if key[:1] == "b" and key[1:2].isdigit():
-                i, rest = key[1:].split(".", 1)
-                key = f"b{int(i) + prog.bounds[st]}.{rest}"
-            leaf = by.get(key)
+            leaf = by.get(_block_moved(key, prog.bounds[st]))
             if leaf is None or leaf.grad is not None:
                 return False
             places.append((leaf, None))

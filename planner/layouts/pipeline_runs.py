@@ -5,8 +5,8 @@ A rank's action list (``planner.layouts.pipeline_memory.rank_actions``) is a war
 state and a cool-down, each such a stretch. ``find_runs`` finds them in the list itself (kinds
 and stages equal, micro-batches shifted by one constant), whatever the schedule, many candidate
 periods at once as arrays, each first tested on every few actions (``_candidates``: a round of
-a deep interleaved pipeline is a period of thousands of actions, and most periods hold no run); ``disjoint_runs`` keeps the ones covering most actions without
-overlap. ``planner.layouts.pipeline_periods`` decides which of their periods a shortened list
+a deep interleaved pipeline is a period of thousands of actions, and most periods hold no run);
+``disjoint_runs`` keeps the ones covering most actions without overlap. ``planner.layouts.pipeline_periods`` decides which of their periods a shortened list
 leaves out.
 """
 
