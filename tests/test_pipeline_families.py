@@ -49,7 +49,7 @@ def _plain(sched, rank: int, model):
 
 @pytest.fixture(autouse=True)
 def _every_count_searched_or_derived(monkeypatch):
-    """Virtual stages below nine rounds take their whole list (``WHOLE_BELOW_ROUNDS``): off
+    """Interleaved 1F1B below nine rounds take their whole list (``WHOLE_BELOW_ROUNDS``): off
     here, so the derivation, which serves longer lists, is held to the search on the small
     counts these tests can afford."""
     monkeypatch.setattr(pst, "WHOLE_BELOW_ROUNDS", 0)

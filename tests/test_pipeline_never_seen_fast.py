@@ -171,15 +171,26 @@ def _plain_grouped(actions: list, runs: list[Run]) -> list[list[Run]]:
             continue
         n, combo = best
         g = [r] + [rest[i][0] for i in combo]
-        for x in g:
+        loose = [rest[i] for i in range(len(rest)) if i not in combo]
+        for k, x in enumerate(g):
+            spare = x.reps - x.keep_before - x.keep_after - n
+            if spare >= pipeline_periods.MIN_DROPPED + 2 and \
+                    x.period <= pipeline_periods.SPLIT_MAX_PERIOD:
+                # split: the periods this group leaves out with the kept ones around them,
+                # and a run of the rest (one period kept at each end)
+                head = x.keep_before + n + x.keep_after
+                more = Run(x.start + head * x.period, x.period, x.shift, x.reps - head)
+                x = g[k] = Run(x.start, x.period, x.shift, head, x.keep_before, x.keep_after)
+                loose.append((more, _counts(actions, more)))
             x.keep_before = x.reps - x.keep_after - n
         groups.append(g)
-        loose = [rest[i] for i in range(len(rest)) if i not in combo]
+        loose.sort(key=lambda rc: -rc[0].dropped)
     return groups
 
 
 def _copy(runs):
-    return [Run(r.start, r.period, r.shift, r.reps, r.keep_before, r.keep_after) for r in runs]
+    return [Run(r.start, r.period, r.shift, r.reps, r.keep_before, r.keep_after, r.first_keep)
+            for r in runs]
 
 
 @pytest.mark.parametrize("name,v", SCHEDULES + [("zb-v", 2), ("dualpipe", 1), ("zb-h2", 1)])

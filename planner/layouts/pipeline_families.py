@@ -52,12 +52,13 @@ class Known:
     among the kept actions, and its family (counts of the rank whose lists are alike)."""
 
     __slots__ = ("m", "lists", "n", "shape", "start", "reps", "kept_tok", "kept_flag", "held",
-                 "order", "family")
+                 "origin", "order", "family")
 
-    def __init__(self, m, lists, n, shape, start, reps, kept_tok, kept_flag, held):
+    def __init__(self, m, lists, n, shape, start, reps, kept_tok, kept_flag, held, origin=()):
         self.m, self.lists, self.n, self.shape = m, lists, n, shape
         self.start, self.reps = start, reps
-        self.order = _order(shape[1], reps)
+        self.origin = origin  # (period, periods left out) of split runs' ancestors
+        self.order = _order(shape[1], reps, origin)
         self.kept_tok, self.kept_flag, self.held = kept_tok, kept_flag, held
         self.family = None
 
@@ -101,12 +102,13 @@ def _decoded(schedule) -> list:
     return list(zip(toks, mbs, np.split(flag, cuts)))
 
 
-def _order(runs, reps) -> tuple:
+def _order(runs, reps, origin=()) -> tuple:
     """How the runs compare by the periods and the actions ``plan`` would leave out (the plain
-    search sorts its runs and directions by those): each run's rank among the distinct values
-    of both. Derived only where that order is a's."""
-    d = [r - fk - ka for (_, _, _, ka, fk), r in zip(runs, reps)]
-    da = [x * run[0] for x, run in zip(d, runs)]
+    search sorts its runs and directions by those, and split runs by their ancestors' before
+    the split: ``origin``): each run's rank among the distinct values of both. Derived only
+    where that order is a's."""
+    d = [r - fk - ka for (_, _, _, ka, fk), r in zip(runs, reps)] + [v for _, v in origin]
+    da = [x * run[0] for x, run in zip(d, runs)] + [p * v for p, v in origin]
     out = []
     for v in (d, da):
         rank = {x: i for i, x in enumerate(sorted(set(v)))}
@@ -151,14 +153,16 @@ def known(m: int, lists, groups, cols) -> Known | None:
     held = _held(tok, mb, flag, mask)
     if held is None:
         return None
+    origin = tuple((r.period, v) for r in runs for v in r.origin)
     return Known(m, lists, len(tok), shape, start, reps, tok[mask],
-                 None if flag is None else flag[mask], held)
+                 None if flag is None else flag[mask], held, origin)
 
 
 def derived_entry(lists, how) -> Known:
     """A derived count's record (its kept actions are a's), in a's family."""
-    ea, m, n, start, reps = how
-    entry = Known(m, lists, n, ea.shape, start, reps, ea.kept_tok, ea.kept_flag, ea.held)
+    ea, m, n, start, reps, origin = how
+    entry = Known(m, lists, n, ea.shape, start, reps, ea.kept_tok, ea.kept_flag, ea.held,
+                  origin)
     entry.family = ea.family
     return entry
 
@@ -216,8 +220,11 @@ def _extrapolated(ea: Known, eb: Known, m: int, cols_of):
     n, r0 = divmod(ea.n * den + num * (eb.n - ea.n), den)
     if r0:
         return None
-    start, reps = [], []
-    for xa, xb, out in ((ea.start, eb.start, start), (ea.reps, eb.reps, reps)):
+    start, reps, ov = [], [], []
+    if len(ea.origin) != len(eb.origin):
+        return None
+    for xa, xb, out in ((ea.start, eb.start, start), (ea.reps, eb.reps, reps),
+                        ([v for _, v in ea.origin], [v for _, v in eb.origin], ov)):
         for a, b in zip(xa, xb):
             x, r0 = divmod(a * den + num * (b - a), den)
             if r0:
@@ -232,12 +239,13 @@ def _extrapolated(ea: Known, eb: Known, m: int, cols_of):
             return None
         per_group.append(d[0])
         i += size
-    if _order(runs, reps) != ea.order:
+    origin = tuple((p, v) for (p, _), v in zip(ea.origin, ov))
+    if _order(runs, reps, origin) != ea.order:
         return None
     tok, mb, flag = cols_of()
     if not _holds(ea, runs, start, reps, n, tok, mb, flag):
         return None
-    return ea.lists, tuple(per_group), (ea, m, n, start, reps)
+    return ea.lists, tuple(per_group), (ea, m, n, start, reps, origin)
 
 
 def _holds(ea: Known, runs, start, reps, n, tok, mb, flag) -> bool:

@@ -46,6 +46,7 @@ HOLD_WARM_WORK = 1  # planner.layouts.pipeline_memory's flag (its import would b
 MIN_DROPPED = 2  # periods a run must stand in for to be worth a replay of its own
 MAX_DIRECTIONS = 6  # each costs one more replay
 _MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
+SPLIT_MAX_PERIOD = 8  # a run split in two keeps two more periods: short periods only
 BATCH_ACTIONS = 384  # a trial's lists checked as arrays (pipeline_checks) from this many actions
 
 
@@ -98,7 +99,7 @@ def grouped(actions: list, runs: list[Run]) -> list[list[Run]]:
     the runs after it (up to 3 of the next 12) that balances with it (``balanced_group``:
     every stage loses as many forwards as input backwards, the same number for every stage,
     and as many W's as I's), the group dropping the most periods; a run that balances with
-    none is left out."""
+    none is left out. A run of the group with periods to spare is split (``_split``)."""
     stages = sorted({st for _, st, _, _ in actions})
     col = {st: i for i, st in enumerate(stages)}
 
@@ -118,11 +119,32 @@ def grouped(actions: list, runs: list[Run]) -> list[list[Run]]:
             continue
         n, combo = best
         g = [r] + [rest[i][0] for i in combo]
-        for x in g:
+        loose = [rest[i] for i in range(len(rest)) if i not in combo]
+        for k, x in enumerate(g):
+            if x.dropped - n >= MIN_DROPPED + 2 and x.period <= SPLIT_MAX_PERIOD:
+                # the rest of the run goes on by itself
+                x, more = _split(x, n)
+                g[k] = x
+                loose.append((more, counts(more)))
             x.keep_before = x.reps - x.keep_after - n
         groups.append(g)
-        loose = [rest[i] for i in range(len(rest)) if i not in combo]
+        loose.sort(key=lambda rc: -rc[0].dropped)
     return groups
+
+
+def _split(run: Run, n: int) -> tuple[Run, Run]:
+    """The run's first periods, as many as leave out ``n`` after its kept ones, and a run of the
+    rest (after every stage's first backward: one period kept at each end). A run left out by
+    as many periods as the group allows keeps its spare periods as a run of their own, which
+    another group may leave out: the kept periods then do not depend on the run's length
+    (ranks whose warm-ups differ in length replay alike lists: a class)."""
+    head = run.first_keep + n + run.keep_after
+    origin = (*run.origin, run.dropped)  # (what the search compared: kept with the pieces)
+    a = Run(run.start, run.period, run.shift, head, run.first_keep, run.keep_after,
+            run.first_keep, origin)
+    b = Run(run.start + head * run.period, run.period, run.shift, run.reps - head,
+            origin=origin)
+    return a, b
 
 
 class Prepared:
@@ -192,7 +214,7 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int],
     keys, kinds = prep.key, prep.kind
     nxt = [0] * (3 * nst)  # per stream: the next micro-batch number
     inputs: list[list[int]] = [[] for _ in range(nst)]
-    state = [0] * (nst * (n + 1))  # per (stage, micro-batch): 1 F, 2 FB, 3 FI, 4 FIW
+    state: dict[int, int] = {}  # per (stage, micro-batch) begun: 1 F, 2 FB, 3 FI, 4 FIW
     started = []
     new_j = {}
     res = []
@@ -216,7 +238,7 @@ def shortened(actions: list, runs: list[Run], extra: dict[int, int],
                 if kind == 2:
                     inputs[st].append(j)
             c = st * (n + 1) + j
-            now = _STEP[kind].get(state[c])
+            now = _STEP[kind].get(state.get(c, 0))
             if now is None:
                 return None
             if now == 1:
@@ -285,11 +307,16 @@ _CHECKED = ["(checked, not built)"]
 
 
 def choose_directions(todo: list[list[Run]], attempt) -> tuple[list[list[Run]], list]:
-    """Directions added one by one while ``attempt(directions)`` (the lists to replay, or None
-    when one is not a valid step) succeeds; one that fails is tried merged with a later one,
-    both then dropping the same number of periods."""
+    """Every direction at once where ``attempt(directions)`` (the lists to replay, or None when
+    one is not a valid step) succeeds; otherwise directions added one by one while it does, one
+    that fails tried merged with a later one, both then dropping the same number of periods."""
     groups: list[list[Run]] = []
     lists: list = []
+    if len(todo) > 1:  # every direction at once: one trial where all its lists are steps
+        every = todo[:MAX_DIRECTIONS]
+        cand = attempt(every)
+        if cand is not None:
+            return every, cand
     while todo and len(groups) < MAX_DIRECTIONS:
         g = todo.pop(0)
         cand = attempt(groups + [g])

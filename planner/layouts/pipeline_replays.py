@@ -91,20 +91,29 @@ def _measure(make, lists: list, machine_type, memo=None):
     return base, slopes, base_meta, wanted
 
 
-def extrapolated(make, actions: list, machine_type, roles: dict | None = None, setup=None):
+def extrapolated(make, actions: list, machine_type, roles: dict | None = None, setup=None,
+                 given=None):
     """(rows, meta, window ids) of the full step's instants outside the dropped periods, from
     shortened replays; None when the list has no run to stand in for or the replays do not
     have the affine form (the caller replays the full list). ``roles`` (stage -> what its
     replay depends on) and ``setup`` (a key of everything else) share the replays between
     ranks whose shortened lists are alike up to the stages' names (ranks in classes): they
-    differ only in how many periods each direction stands in for."""
-    groups, lists = shortened_lists(actions)
-    if not groups:
-        return None
+    differ only in how many periods each direction stands in for. ``given``: the rank's lists
+    as ``pipeline_structure.rank_lists`` keeps them (memoised per schedule and rank, shared
+    with the structure templates; a whole list stands for itself), instead of searched here."""
+    if given is not None:
+        dropped, lists, sig = given.dropped, given.lists, given.signature
+    else:
+        groups, lists = shortened_lists(actions)
+        if not groups:
+            return None
+        dropped, sig = tuple(g[0].dropped for g in groups), None
     key = None
     if roles is not None:
-        key = (setup, machine_type, tuple(
-            (mb, tuple((k, roles.get(st), j, f) for k, st, j, f in items)) for items, mb in lists))
+        if sig is None:  # (the same tuple as rank_lists' signature)
+            sig = tuple((mb, tuple((k, roles.get(st), j, f) for k, st, j, f in items))
+                        for items, mb in lists)
+        key = (setup, machine_type, sig)
         got = _CLASSES.get(key)
     if key is None or got is None:
         memo = None
@@ -123,12 +132,12 @@ def extrapolated(make, actions: list, machine_type, roles: dict | None = None, s
     if not got:
         return None
     base, slopes, base_meta, wanted = got
-    big = int(np.abs(base).max(initial=0)) + sum(int(np.abs(s).max(initial=0)) * g[0].dropped
-                                                  for s, g in zip(slopes, groups))
+    big = int(np.abs(base).max(initial=0)) + sum(int(np.abs(s).max(initial=0)) * n
+                                                  for s, n in zip(slopes, dropped))
     obj = big >= 1 << 62
     full = base.astype(object) if obj else base.copy()
-    for s, g in zip(slopes, groups):
-        full = full + (s.astype(object) if obj else s) * g[0].dropped
+    for s, n in zip(slopes, dropped):
+        full = full + (s.astype(object) if obj else s) * n
     return full, base_meta, wanted
 
 
@@ -143,18 +152,20 @@ def first_highest(rows, meta, window: int) -> PeakSnap:
     return PeakSnap(sum(row), row, meta[i][0], meta[i][1])
 
 
-def rank_windows(make, actions: list, roles=None, setup=None) -> list[PeakSnap] | None:
+def rank_windows(make, actions: list, roles=None, setup=None, given=None
+                 ) -> list[PeakSnap] | None:
     """The step windows' peaks (first step, steady step) of a rank from shortened replays;
     ``make(machine, items, microbatches)`` builds the rank's program. None: no run found or
     the affine form failed (replay the full list)."""
-    got = extrapolated(make, actions, TraceMachine, roles, setup)
+    got = extrapolated(make, actions, TraceMachine, roles, setup, given)
     if got is None:
         return None
     rows, meta, wanted = got
     return [first_highest(rows, meta, w) for w in wanted]
 
 
-def rank_template(make, actions: list, domain, roles=None, setup=None) -> WindowTemplate | None:
+def rank_template(make, actions: list, domain, roles=None, setup=None, given=None
+                  ) -> WindowTemplate | None:
     """The same with the micro-batch size and sequence length symbolic over ``domain``."""
 
     def build(m, items, mb):
@@ -162,7 +173,7 @@ def rank_template(make, actions: list, domain, roles=None, setup=None) -> Window
         T = domain[1] if domain[1] is not None else Poly({(0, 0): 2, (0, 1): 1})
         return make(m, items, mb, (B, T))
 
-    got = extrapolated(build, actions, _Recording, roles, (setup, domain))
+    got = extrapolated(build, actions, _Recording, roles, (setup, domain), given)
     if got is None:
         return None
     full, meta, wanted = got
@@ -203,14 +214,16 @@ def _setup(model, training, schedule, device: str) -> tuple:
             schedule.num_stages, schedule.num_ranks)
 
 
-def rank_step(model, training, schedule, rank: int, device: str = "cuda"):
-    """The rank's replayed step (``StagePeak``) from shortened replays; the full list is replayed
-    where no run is found or the affine form fails."""
+def rank_step(model, training, schedule, rank: int, device: str = "cuda", given=None):
+    """The rank's replayed step (``StagePeak``) from shortened replays (``given``: its lists as
+    ``pipeline_structure.rank_lists`` keeps them, else searched here); the full list is
+    replayed where no run is found or the affine form fails."""
     def make(m, items, mb):
         return PipelineRankProgram(model, training, schedule, rank, device=device, machine=m,
                                    actions=items, microbatches=mb, compress_blocks=True)
-    got = rank_windows(make, rank_actions(schedule, rank), stage_roles(schedule, rank, model),
-                       _setup(model, training, schedule, device))
+    got = rank_windows(make, None if given is not None else rank_actions(schedule, rank),
+                       stage_roles(schedule, rank, model),
+                       _setup(model, training, schedule, device), given)
     if got is None:
         return PipelineRankProgram(model, training, schedule, rank, device=device,
                                    compress_blocks=True).run_steps()
@@ -218,15 +231,17 @@ def rank_step(model, training, schedule, rank: int, device: str = "cuda"):
     return StagePeak(rank, stages, *got)
 
 
-def compile_rank(model, training, schedule, rank: int, device: str, domain):
+def compile_rank(model, training, schedule, rank: int, device: str, domain, given=None):
     """The rank's ``WindowTemplate`` over ``domain`` (planner/step/simulate.py), from shortened
-    replays on the recording machine; the full list where they do not apply."""
+    replays on the recording machine (``given`` as for ``rank_step``); the full list where
+    they do not apply."""
     def make(m, items, mb, sizes):
         return PipelineRankProgram(model, training, schedule, rank, device=device, machine=m,
                                    sizes=sizes, actions=items, microbatches=mb,
                                    compress_blocks=True)
-    tpl = rank_template(make, rank_actions(schedule, rank), domain,
-                        stage_roles(schedule, rank, model), _setup(model, training, schedule, device))
+    tpl = rank_template(make, None if given is not None else rank_actions(schedule, rank),
+                        domain, stage_roles(schedule, rank, model),
+                        _setup(model, training, schedule, device), given)
     if tpl is not None:
         return tpl
     return compile_windows(

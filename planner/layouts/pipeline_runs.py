@@ -30,6 +30,7 @@ class Run:
     keep_before: int = 1
     keep_after: int = 1
     first_keep: int = 1  # keep_before as ``plan`` set it, before the directions' groups
+    origin: tuple = ()  # a split run's: the periods its ancestors left out when split
 
     @property
     def dropped(self) -> int:

@@ -21,9 +21,8 @@ in how many periods each direction stands in for, which the extrapolation covers
 argument that shares replays between ranks, ``_CLASSES``); so one compile serves every m (and
 every rank of a class) with those lists. Those lists, for a count alike two searched counts of
 the rank, are derived rather than searched (``rank_lists``: planner/layouts/pipeline_families.py),
-in a few array operations per rank; virtual stages below nine rounds of micro-batches take their
-whole list (``WHOLE_BELOW_ROUNDS``: their shortened lists are the count's own or still
-searched). The replays compose the repeated actions per kind
+in a few array operations per rank; interleaved 1F1B below nine rounds of micro-batches takes its
+whole list (``WHOLE_BELOW_ROUNDS``: its shortened lists are the count's own or still searched). The replays compose the repeated actions per kind
 (planner/layouts/pipeline_actions.py), from one record per kind shared by the lists. What the domain leaves open is answered at the model
 being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
 program cannot take symbolically, or replays that do not have the affine form, raise
@@ -50,6 +49,7 @@ from planner.layouts.pipeline_machines import _Recording
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.pipeline_replays import _outside, stage_roles
+from planner.layouts.pipeline_schedules import rank_stages
 from planner.machine.cache import _put
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.peak_candidates import Candidates, candidates
@@ -92,7 +92,7 @@ _LISTS_MAX = 4096
 # per (schedule, rank, block count): the searched micro-batch counts (pipeline_families.Known)
 _KNOWN: dict[tuple, dict] = {}
 _KNOWN_MAX = 1024
-COUNTS = {"searched": 0, "derived": 0, "whole": 0}
+COUNTS = {"searched": 0, "derived": 0, "ranks": 0, "whole": 0}
 
 
 def rank_lists(schedule, rank: int, model) -> RankLists:
@@ -117,14 +117,17 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
             cols.append(columns(schedule, rank))
         return cols[0]
     got = derive(history, schedule.microbatches, cols_of) if len(history) >= 2 else None
+    whole = _whole(schedule)
+    ranks = None if whole else _rank_history(schedule, model)
     if got is not None:
         COUNTS["derived"] += 1
         found, dropped, how = got
         hit = RankLists(found.signature, dropped, found.lists)
         record(history, derived_entry(hit, how))  # (a member of a's family)
+    elif ranks is not None and (hit := _of_other_ranks(schedule, rank, model, ranks)):
+        COUNTS["ranks"] += 1
     else:
         actions = rank_actions(schedule, rank)
-        whole = _whole(schedule)
         groups, lists = ([], None) if whole else shortened_lists(actions)
         COUNTS["whole" if whole else "searched"] += 1
         if not groups:
@@ -135,12 +138,66 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
         hit = RankLists(sig, tuple(g[0].dropped for g in groups), lists)
         if not whole:
             record(history, known(schedule.microbatches, hit, groups, cols_of()))
+            record(ranks, known(rank, hit, groups, _local_columns(schedule, rank)))
     _put(_LISTS, key, hit, _LISTS_MAX)  # (the structure thread's compiles read them too)
     return hit
 
 
-# Virtual stages (interleaved 1F1B, ...) below this many rounds of micro-batches (one per rank)
-# take their whole action list. Below about six rounds their shortened lists are the count's own
+# ---- a rank's lists from two other ranks' ----------------------------------------------------
+# Within a schedule, ranks whose lists are alike up to their stages' names (the middle ranks of
+# a deep pipeline) have runs whose starts and repetitions are affine in the rank, as a rank's
+# are in the micro-batch count: the same derivation (planner/layouts/pipeline_families.py) with
+# the rank in the count's place, on the actions with each stage numbered by its place on the
+# rank, for a rank whose stages' roles are those of the ranks it derives from.
+_RANKS_KNOWN: dict[tuple, dict] = {}  # (schedule, block count) -> {rank: Known}
+_RANKS_KNOWN_MAX = 64
+
+
+def _rank_history(schedule, model) -> dict:
+    key = (schedule.name, schedule.num_stages, schedule.num_ranks,
+           tuple(schedule.stage_to_rank), schedule.microbatches, model.num_layers)
+    got = _RANKS_KNOWN.get(key)
+    if got is None:
+        got = {}
+        _put(_RANKS_KNOWN, key, got, _RANKS_KNOWN_MAX)
+    return got
+
+
+def _local_columns(schedule, rank: int):
+    """The rank's action columns (``pipeline_families.columns``) with each stage numbered by
+    its place on the rank."""
+    tok, mb, flag = columns(schedule, rank)
+    lut = np.zeros(schedule.num_stages, dtype=np.int64)
+    mine = rank_stages(schedule)[rank]
+    lut[mine] = np.arange(len(mine))
+    return (tok & 3) + 4 * lut[tok >> 2], mb, flag
+
+
+def _of_other_ranks(schedule, rank: int, model, ranks: dict) -> RankLists | None:
+    """The rank's lists derived from two ranks' of its family whose stages have its stages'
+    roles (their lists with the stages renamed; the same signature), checked on its own list;
+    None where none applies."""
+    if len(ranks) < 2:
+        return None
+    got = derive(ranks, rank, lambda: _local_columns(schedule, rank))
+    if got is None:
+        return None
+    found, dropped, how = got
+    a = how[0].m
+    roles, mine = stage_roles(schedule, rank, model), rank_stages(schedule)[rank]
+    theirs = stage_roles(schedule, a, model)
+    if [roles[s] for s in mine] != [theirs[s] for s in rank_stages(schedule)[a]]:
+        return None
+    to = dict(zip(rank_stages(schedule)[a], mine))
+    lists = [([(k, to.get(st, st), j, f) for k, st, j, f in items], mb)
+             for items, mb in found.lists]
+    hit = RankLists(found.signature, dropped, lists)
+    record(ranks, derived_entry(hit, how))
+    return hit
+
+
+# Interleaved 1F1B below this many rounds of micro-batches (one per rank) takes its whole
+# action list. Below about six rounds their shortened lists are the count's own
 # (the steady state's rounds are too few to be one run, and the search groups their inner runs
 # differently for each count), so neither a template nor the lists serve another count
 # (planner/layouts/pipeline_families.py); up to eight rounds a third of the ranks still search.
@@ -151,7 +208,10 @@ WHOLE_BELOW_ROUNDS = 9
 
 
 def _whole(schedule) -> bool:
-    return (schedule.num_stages > schedule.num_ranks
+    """Interleaved 1F1B below ``WHOLE_BELOW_ROUNDS`` rounds (its period is a round: pp·v
+    forwards and backwards). The V shapes' periods are a few actions at any count: their lists
+    are always searched (ZB-V pp 64 m 512: 420-450 actions a list against 3,072 whole)."""
+    return (schedule.name == "interleaved-1f1b"
             and schedule.microbatches < WHOLE_BELOW_ROUNDS * schedule.num_ranks)
 
 
@@ -165,6 +225,8 @@ def forget_microbatches(m: int, name: str | None = None, ranks: int | None = Non
             history.pop(m, None)
     for key in [k for k in _LISTS if k[-1] == m and of(k)]:
         _LISTS.pop(key, None)
+    for key in [k for k in _RANKS_KNOWN if k[4] == m and of(k)]:
+        _RANKS_KNOWN.pop(key, None)  # (the count's ranks, each other's source)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from planner.layouts.pipeline_memory import (
     StagePeak,
     unsupported_reason,
 )
-from planner.layouts import pipeline_structures
+from planner.layouts import pipeline_structure, pipeline_structures
 from planner.layouts.pipeline_fused import worst_rank_fn
 from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, rank_stages, schedule_of
@@ -208,8 +208,11 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
     (planner/machine/cache.py) like the single-device step; a setup not compiled is answered
     from its structure's template when that is compiled (planner/layouts/pipeline_structures.py)."""
 
+    def lists():  # the rank's shortened lists, memoised per schedule and rank (also the
+        return pipeline_structure.rank_lists(schedule, rank, model)  # structures' key)
+
     def compile_(domain):
-        return compile_rank(model, tr, schedule, rank, device, domain)
+        return compile_rank(model, tr, schedule, rank, device, domain, lists())
 
     stages = rank_stages(schedule)[rank]
     key = _rank_key(setup_key(model, tr, device, frozenset(), None, 0), _plan_key(schedule), rank)
@@ -220,7 +223,7 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
         if hit is not None:
             return hit
     return cache.cached(key, tr,
-                        lambda: rank_step(model, tr, schedule, rank, device), compile_,
+                        lambda: rank_step(model, tr, schedule, rank, device, lists()), compile_,
                         lambda tpl, b, t: StagePeak(rank, stages, *tpl.evaluate(b, t)))
 
 
