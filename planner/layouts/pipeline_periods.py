@@ -16,6 +16,10 @@ builds is covered.
   while ``shortened`` renumbers). Runs are left out in directions: a run, or a few runs
   together, whose periods take as many forwards as input backwards from every stage of the rank
   (a warm-up of forwards goes with a cool-down of backwards), all by the same number of periods.
+  A run of a direction with periods to spare (a warm-up longer than the cool-down it balances)
+  is split: the rest is a run of its own, which another direction may leave out, so the kept
+  periods do not depend on how long the run is (ranks whose warm-ups differ in length replay
+  alike lists, and share them: ``planner.layouts.pipeline_replays``).
 - **Why the step is affine in N.** From the period after each stage's first backward (which
   makes the gradients) on, every period of a run runs the same ops on the same shapes, so it
   leaves the same bytes behind, and what a left-out period leaves is live at a later instant

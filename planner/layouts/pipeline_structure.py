@@ -21,10 +21,12 @@ in how many periods each direction stands in for, which the extrapolation covers
 argument that shares replays between ranks, ``_CLASSES``); so one compile serves every m (and
 every rank of a class) with those lists. Those lists, for a count alike two searched counts of
 the rank, are derived rather than searched (``rank_lists``: planner/layouts/pipeline_families.py),
-in a few array operations per rank; interleaved 1F1B below nine rounds of micro-batches takes its
-whole list (``WHOLE_BELOW_ROUNDS``: its shortened lists are the count's own or still searched). The replays compose the repeated actions per kind
-(planner/layouts/pipeline_actions.py), from one record per kind shared by the lists. What the domain leaves open is answered at the model
-being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
+in a few array operations per rank, and so are a rank's from two other ranks' of the schedule
+whose lists are alike (``_of_other_ranks``: the middle ranks of a deep pipeline); interleaved 1F1B
+below nine rounds of micro-batches takes its whole list (``WHOLE_BELOW_ROUNDS``: its shortened
+lists are the count's own or still searched). The replays compose the repeated actions per kind
+(planner/layouts/pipeline_actions.py), from one record per kind shared by the lists. What the
+domain leaves open is answered at the model being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
 program cannot take symbolically, or replays that do not have the affine form, raise
 ``Undecided``/``TypeError``: the caller replays (never a wrong answer).
 tests/test_pipeline_structure.py holds the answers equal to the full replay.
