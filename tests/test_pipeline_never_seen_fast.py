@@ -174,7 +174,7 @@ def _plain_grouped(actions: list, runs: list[Run]) -> list[list[Run]]:
         loose = [rest[i] for i in range(len(rest)) if i not in combo]
         for k, x in enumerate(g):
             spare = x.reps - x.keep_before - x.keep_after - n
-            if spare >= pipeline_periods.MIN_DROPPED + 2 and \
+            if spare >= pipeline_periods.SPLIT_MIN_SPARE and \
                     x.period <= pipeline_periods.SPLIT_MAX_PERIOD:
                 # split: the periods this group leaves out with the kept ones around them,
                 # and a run of the rest (one period kept at each end)

@@ -50,7 +50,10 @@ HOLD_WARM_WORK = 1  # planner.layouts.pipeline_memory's flag (its import would b
 MIN_DROPPED = 2  # periods a run must stand in for to be worth a replay of its own
 MAX_DIRECTIONS = 6  # each costs one more replay
 _MAX_RUNS = 24  # the runs standing in for most actions are grouped into directions
-SPLIT_MAX_PERIOD = 8  # a run split in two keeps two more periods: short periods only
+# a run split in two keeps two more periods: short periods with many to spare only (fewer, and
+# the pieces' lists stay as short as the whole run's: shallow pipelines gain nothing)
+SPLIT_MAX_PERIOD = 8
+SPLIT_MIN_SPARE = 8
 BATCH_ACTIONS = 384  # a trial's lists checked as arrays (pipeline_checks) from this many actions
 
 
@@ -125,7 +128,7 @@ def grouped(actions: list, runs: list[Run]) -> list[list[Run]]:
         g = [r] + [rest[i][0] for i in combo]
         loose = [rest[i] for i in range(len(rest)) if i not in combo]
         for k, x in enumerate(g):
-            if x.dropped - n >= MIN_DROPPED + 2 and x.period <= SPLIT_MAX_PERIOD:
+            if x.dropped - n >= SPLIT_MIN_SPARE and x.period <= SPLIT_MAX_PERIOD:
                 # the rest of the run goes on by itself
                 x, more = _split(x, n)
                 g[k] = x
