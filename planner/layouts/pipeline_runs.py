@@ -12,6 +12,7 @@ leaves out.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,53 +48,57 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
     n = len(actions)
     if n < 2 * min_reps:
         return []
-    tok = np.array([_SLOT[a[0]] * 4 + (a[0] == "I") + 8 * a[1] for a in actions], dtype=np.int64)
-    mb = np.array([a[2] for a in actions], dtype=np.int64)
-    found = []
+    tok, mb = _columns(actions)
+    found: list[tuple[int, int, int, int]] = []  # (start, period, shift, reps)
     best = (0, 1)  # (actions covered, period) of the longest run so far
     top = min(max_period, n // min_reps)
     P0, chunk = 1, 4
-    while P0 <= top:  # periods P0 .. P1 - 1 at once, one row each
+    while P0 <= top:  # periods P0 .. P1 - 1: first screened at once (``_candidates``)
         P1 = min(top + 1, P0 + chunk)
         if 2 * best[0] >= n:  # (the loop below stops past twice the best period, unless a
             P1 = min(P1, max(P0 + 1, 2 * best[1] + 2))  # longer run turns up before)
         chunk = min(2 * chunk, _CHUNK)
-        Ps = _candidates(tok, mb, np.arange(P0, P1), min_reps)
-        if len(Ps):
-            at = np.arange(n)[None, :] + Ps[:, None]  # action i + P (past the end: no match)
-            inside = at < n
-            at = np.where(inside, at, 0)
-            good = inside & (tok[at] == tok[None, :])  # action i + P repeats action i ...
-            d = mb[at] - mb[None, :]  # ... with this shift
-            cont = good[:, 1:] & good[:, :-1] & (d[:, 1:] == d[:, :-1])
-            first = good.copy()
-            first[:, 1:] &= ~cont
-            last = good.copy()
-            last[:, :-1] &= ~cont
-            rows, i0s = np.nonzero(first)
-            i1s = np.nonzero(last)[1]  # (a stretch's first and last in the same row, in order)
-            period = Ps[rows]
-            reps_all = (i1s - i0s + 1 + period) // period
-            shifts = d[rows, i0s]
-            ok = (reps_all >= min_reps) & (shifts > 0)
-            period, i0s, reps_all, shifts = period[ok], i0s[ok], reps_all[ok], shifts[ok]
-        else:
-            period = i0s = reps_all = shifts = ()
+        maybe = set(_candidates(tok, mb, np.arange(P0, P1), min_reps).tolist())
         stop = False
-        k = 0
         for P in range(P0, P1):
             if 2 * best[0] >= n and P > 2 * best[1]:  # a run covers most of the list: enough
                 stop = True
                 break
-            while k < len(period) and period[k] == P:
-                reps = int(reps_all[k])
-                found.append(Run(int(i0s[k]), P, int(shifts[k]), reps))
-                best = max(best, (reps * P, P))
-                k += 1
+            if P not in maybe:
+                continue
+            good = tok[P:] == tok[:-P]  # action i + P repeats action i ...
+            d = mb[P:] - mb[:-P]  # ... with this shift
+            cont = good[1:] & good[:-1] & (d[1:] == d[:-1])
+            first = good.copy()
+            first[1:] &= ~cont
+            last = good.copy()
+            last[:-1] &= ~cont
+            i0s = np.flatnonzero(first)
+            i1s = np.flatnonzero(last)  # (a stretch's first and last, in order)
+            reps = (i1s - i0s + 1 + P) // P  # actions i0 .. i1 + P
+            shifts = d[i0s]
+            ok = (reps >= min_reps) & (shifts > 0)
+            for i0, r, sh in zip(i0s[ok].tolist(), reps[ok].tolist(), shifts[ok].tolist()):
+                found.append((i0, P, sh, r))
+                best = max(best, (r * P, P))
         if stop:
             break
         P0 = P1
     return disjoint_runs(found, min_reps)
+
+
+_CODE = np.zeros(256, dtype=np.int64)  # a kind's letter -> _SLOT[kind] * 4 + (kind == "I")
+for _k, _v in _SLOT.items():
+    _CODE[ord(_k)] = _v * 4 + (_k == "I")
+
+
+def _columns(actions: list) -> tuple[np.ndarray, np.ndarray]:
+    """(token, micro-batch) per action: the token ``_SLOT[kind] * 4 + (kind == "I") + 8·stage``
+    (a kind and stage alike exactly when their tokens are)."""
+    kinds, stages, mbs, _ = zip(*actions)
+    letters = np.frombuffer("".join(kinds).encode("ascii"), dtype=np.uint8)
+    tok = _CODE[letters] + 8 * np.array(stages, dtype=np.int64)
+    return tok, np.array(mbs, dtype=np.int64)
 
 
 def _candidates(tok: np.ndarray, mb: np.ndarray, Ps: np.ndarray, min_reps: int) -> np.ndarray:
@@ -124,25 +129,41 @@ def _candidates(tok: np.ndarray, mb: np.ndarray, Ps: np.ndarray, min_reps: int) 
     return Ps[((c[:, need:] - c[:, :-need]) == need).any(axis=1)]
 
 
-def disjoint_runs(found: list[Run], min_reps: int) -> list[Run]:
-    """The runs found, longest first, each trimmed to its longest stretch of whole periods no
-    run taken before covers (at least ``min_reps`` of them), in the order they start."""
-    found = sorted(found, key=lambda r: (-(r.reps - 2) * r.period, r.period, r.start))
+def disjoint_runs(found: list, min_reps: int) -> list[Run]:
+    """The runs found (``Run`` or (start, period, shift, reps)), longest first, each trimmed
+    to its longest stretch of whole periods no run taken before covers (at least ``min_reps``
+    of them), in the order they start."""
+    rows = [(r.start, r.period, r.shift, r.reps) if isinstance(r, Run) else r for r in found]
+    rows.sort(key=lambda r: (-(r[3] - 2) * r[1], r[1], r[0]))
+    starts: list[int] = []  # the runs taken, disjoint: their starts and ends, by start
+    ends: list[int] = []
     taken: list[Run] = []
-    for r in found:  # each trimmed to its longest stretch of whole periods not yet taken
-        a, b = r.start, r.start + r.reps * r.period
-        free = [(a, b)]
-        for t in taken:
-            ta, tb = t.start, t.start + t.reps * t.period
-            free = [piece for x, y in free for piece in ((x, min(y, ta)), (max(x, tb), y))
-                    if piece[0] < piece[1]]
+    for a0, period, shift, reps in rows:
+        b0 = a0 + reps * period
+        j = bisect_right(starts, a0) - 1  # the last taken run starting at or before a0
+        if j >= 0 and ends[j] >= b0:  # inside it: nothing left
+            continue
+        free = []  # the stretch less the taken runs it meets, in order
+        x = a0
+        j = max(j, 0)
+        while j < len(starts) and starts[j] < b0:
+            if ends[j] > x:
+                if starts[j] > x:
+                    free.append((x, starts[j]))
+                x = ends[j]
+            j += 1
+        if x < b0:
+            free.append((x, b0))
         best = None
         for x, y in free:
-            x = a + -(-(x - a) // r.period) * r.period
-            reps = (y - x) // r.period
-            if reps >= min_reps and (best is None or reps > best.reps):
-                best = Run(x, r.period, r.shift, reps)
+            x = a0 + -(-(x - a0) // period) * period
+            n = (y - x) // period
+            if n >= min_reps and (best is None or n > best.reps):
+                best = Run(x, period, shift, n)
         if best is not None:
+            k = bisect_right(starts, best.start)
+            starts.insert(k, best.start)
+            ends.insert(k, best.start + best.reps * best.period)
             taken.append(best)
     return sorted(taken, key=lambda r: r.start)
 
