@@ -295,21 +295,26 @@ class ActionMemo:
             prog.losses.append(o.view(loss))
         if rec.local:
             rest = [n - (c - s) for n, c, s in zip(rec.net, m.cur, start)]
-            negative = any(_maybe_negative(d) for d in rest)
+            if any(_maybe_negative(d) for d in rest):
+                raise Unmemoizable(("F", st))
+            rest = [(CATEGORIES[i], d) for i, d in enumerate(rest) if _nonzero(d)]
         else:  # the live bytes grew by the output and loss alone
-            rest, negative = self._rest(rec)
-        if negative:
-            raise Unmemoizable(("F", st))
-        for i, d in enumerate(rest):
-            if _nonzero(d):
-                holds.append(_silent(m, d, CATEGORIES[i], "saved (composed)"))
+            rest = self._rest(rec)
+            if rest is None:
+                raise Unmemoizable(("F", st))
+        for cat, d in rest:
+            holds.append(_silent(m, d, cat, "saved (composed)"))
         prog.pending[st, j] = _Proxy(out, inp, loss, holds, rec.out.graph_refs)
         prog.in_flight += 1
 
-    def _rest(self, rec: _Rec) -> tuple[tuple, bool]:
+    def _rest(self, rec: _Rec) -> list | None:
+        """(category, bytes) of what a forward of ``rec`` leaves beyond its output and loss,
+        the nonzero ones (``forward_rest``); None where one may be negative."""
         got = self._rests.get(id(rec))
         if got is None or got[0] is not rec:
-            got = self._rests[id(rec)] = (rec, forward_rest(rec))
+            rest, negative = forward_rest(rec)
+            got = self._rests[id(rec)] = (rec, None if negative else [
+                (CATEGORIES[i], d) for i, d in enumerate(rest) if _nonzero(d)])
         return got[1]
 
     def _begin_backward(self, prog, st: int, j: int, p: _Proxy, rec: _Rec, done: bool) -> list:

@@ -13,6 +13,8 @@ first highest for some sizes, ``undominated``), and bytes made live without a ro
 
 from __future__ import annotations
 
+from operator import add
+
 import numpy as np
 
 from planner.machine.recording import RecordingMachine, add_changes
@@ -99,9 +101,9 @@ class TraceMachine(Machine):
         first highest one."""
         i = self.memo_plan(rows, names) if plan == -1 else plan
         if i is not None:
-            start = self.cur if start is None else start
-            self.rows.append(tuple(a + b for a, b in zip(start, rows[i])))
-            self.meta.append((names[i][0], names[i][1], self.window))
+            self.rows.append(tuple(map(add, self.cur if start is None else start, rows[i])))
+            op, phase = names[i]
+            self.meta.append((op, phase, self.window))
 
     def memo_silent(self, nbytes: int, cat: str) -> None:
         """Bytes made live without a row (they were in the recorded rows already)."""

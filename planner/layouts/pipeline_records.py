@@ -35,7 +35,11 @@ def _maybe_negative(d) -> bool:
 
 
 def _differ(a, b) -> bool:
-    return any(_nonzero(x - y) for x, y in zip(a, b))
+    for x, y in zip(a, b):
+        d = x - y
+        if d if d.__class__ is int else _nonzero(d):
+            return True
+    return False
 
 
 def _same(x, y) -> bool:
