@@ -15,12 +15,12 @@ Ranks whose lists are alike up to their stages' names (same roles: first or last
 count, neighbours on the rank) replay the same steps: the replays are shared (``_CLASSES``), so
 the middle ranks of a 1F1B pipeline cost one set of replays, and so do most ranks of a deep ZB-V
 pipeline (their runs split alike: ``pipeline_periods``). The planner passes each rank's lists as
-``planner.layouts.pipeline_structure.rank_lists`` keeps them (searched once per schedule and rank,
-or derived from other ranks' or counts'), shared with the structure templates. Within those replays, the repeated
-forwards and backwards of 1F1B, GPipe, interleaved 1F1B and the zero-bubble schedules (I and W
-as kinds of their own) are composed per kind rather than replayed op by op
-(``planner.layouts.pipeline_actions``; the kinds' records shared by a setup's classes in
-``_KINDS``; ``Unmemoizable`` falls back to replaying every action).
+``planner.layouts.pipeline_structure.rank_lists`` keeps them (searched once per schedule and
+rank, or derived from other ranks' or counts'), shared with the structure templates. Within
+those replays, the repeated forwards and backwards of 1F1B, GPipe, interleaved 1F1B and the
+zero-bubble schedules (I and W as kinds of their own) are composed per kind rather than
+replayed op by op (``planner.layouts.pipeline_actions``; the kinds' records shared by a
+setup's classes in ``_KINDS``; ``Unmemoizable`` falls back to replaying every action).
 """
 
 from __future__ import annotations

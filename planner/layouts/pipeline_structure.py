@@ -26,9 +26,10 @@ whose lists are alike (``_of_other_ranks``: the middle ranks of a deep pipeline)
 below nine rounds of micro-batches takes its whole list (``WHOLE_BELOW_ROUNDS``: its shortened
 lists are the count's own or still searched). The replays compose the repeated actions per kind
 (planner/layouts/pipeline_actions.py), from one record per kind shared by the lists. What the
-domain leaves open is answered at the model being compiled and kept as a guard (``admits``), as for the single-device structures. A size the
-program cannot take symbolically, or replays that do not have the affine form, raise
-``Undecided``/``TypeError``: the caller replays (never a wrong answer).
+domain leaves open is answered at the model being compiled and kept as a guard (``admits``), as
+for the single-device structures. A size the program cannot take symbolically, or replays that
+do not have the affine form, raise ``Undecided``/``TypeError``: the caller replays (never a
+wrong answer).
 tests/test_pipeline_structure.py holds the answers equal to the full replay.
 """
 
