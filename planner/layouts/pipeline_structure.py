@@ -152,7 +152,7 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
 # are in the micro-batch count: the same derivation (planner/layouts/pipeline_families.py) with
 # the rank in the count's place, on the actions with each stage numbered by its place on the
 # rank, for a rank whose stages' roles are those of the ranks it derives from.
-_RANKS_KNOWN: dict[tuple, dict] = {}  # (schedule, block count) -> {rank: Known}
+_RANKS_KNOWN: dict[tuple, dict] = {}  # (schedule, micro-batch count, block count) -> {rank: Known}
 _RANKS_KNOWN_MAX = 64
 
 
@@ -200,7 +200,7 @@ def _of_other_ranks(schedule, rank: int, model, ranks: dict) -> RankLists | None
 
 
 # Interleaved 1F1B below this many rounds of micro-batches (one per rank) takes its whole
-# action list. Below about six rounds their shortened lists are the count's own
+# action list. Below about six rounds its shortened lists are the count's own
 # (the steady state's rounds are too few to be one run, and the search groups their inner runs
 # differently for each count), so neither a template nor the lists serve another count
 # (planner/layouts/pipeline_families.py); up to eight rounds a third of the ranks still search.
