@@ -19,7 +19,15 @@ from planner.layouts.pipeline_periods import (
     shortened,
     shortened_lists,
 )
-from planner.layouts.pipeline_runs import _MAX_PERIOD, _SLOT, Run, disjoint_runs, find_runs
+from planner.layouts.pipeline_families import columns
+from planner.layouts.pipeline_runs import (
+    _MAX_PERIOD,
+    _SLOT,
+    Actions,
+    Run,
+    disjoint_runs,
+    find_runs,
+)
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 
 
@@ -119,7 +127,8 @@ def _ref_find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int =
     n = len(actions)
     if n < 2 * min_reps:
         return []
-    tok = np.array([_SLOT[a[0]] * 4 + (a[0] == "I") + 8 * a[1] for a in actions], dtype=np.int64)
+    ids: dict = {}  # one token per (kind, stage)
+    tok = np.array([ids.setdefault(a[:2], len(ids)) for a in actions], dtype=np.int64)
     mb = np.array([a[2] for a in actions], dtype=np.int64)
     found = []
     best = (0, 1)  # (actions covered, period) of the longest run so far
@@ -286,3 +295,27 @@ def test_find_runs_equals_the_reference_on_long_lists():
         for min_reps in (2, 3, 4):
             assert (_runs([find_runs(actions, min_reps=min_reps)])
                     == _runs([_ref_find_runs(actions, min_reps=min_reps)]))
+
+
+@pytest.mark.parametrize("name,v", [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2),
+                                    ("zb-h1", 1), ("zb-h2", 1), ("zb-v", 2), ("dualpipe-v", 2),
+                                    ("dualpipe", 1)])
+def test_the_search_on_decoded_columns_equals_the_search_on_the_list(name, v):
+    """``rank_lists`` searches a rank's ``Actions`` made from the schedule's decoded columns,
+    not its list of tuples: the same items, runs and lists."""
+    done = 0
+    for p, m in ((2, 8), (4, 13), (4, 24), (8, 40)):
+        try:
+            sched = build_schedule(name, p, m, v)
+        except ScheduleConstraintError:
+            continue
+        for rank in range(sched.num_ranks):
+            tok, mb, flag = columns(sched, rank)
+            cols = Actions(tok & 3, tok >> 2, mb, flag)
+            actions = rank_actions(sched, rank)
+            assert list(cols) == actions and cols[3:9] == actions[3:9]
+            assert _runs([find_runs(cols)]) == _runs([find_runs(actions)])
+            got, want = shortened_lists(cols), shortened_lists(actions)
+            assert _runs(got[0]) == _runs(want[0]) and got[1] == want[1], (name, p, m, rank)
+            done += 1
+    assert done >= 10

@@ -42,8 +42,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
+import numpy as np
+
 from planner.layouts.pipeline_checks import all_valid, balanced_group, built
-from planner.layouts.pipeline_runs import _SLOT, Run, find_runs
+from planner.layouts.pipeline_runs import _SLOT, Actions, Run, find_runs
 
 HOLD_WARM_WORK = 1  # planner.layouts.pipeline_memory's flag (its import would be circular)
 
@@ -67,18 +69,19 @@ def _counts(actions: list, run: Run) -> dict[int, list[int]]:
     return out
 
 
-def plan(actions: list) -> list[list[Run]]:
+def plan(actions) -> list[list[Run]]:
     """The runs to stand in for, grouped into directions (runs dropped by the same number of
     periods): a run that balances on its own, or two that balance together."""
-    first_grad: dict[int, int] = {}
-    pins = []
-    for i, (k, st, _, flag) in enumerate(actions):
-        if k in ("B", "W") and st not in first_grad:
-            first_grad[st] = i
-        if flag:
-            pins.append(i)
-    held = {(st, j) for k, st, j, flag in actions if flag == HOLD_WARM_WORK}
-    pins += [i for i, (k, st, j, _) in enumerate(actions) if (st, j) in held]
+    actions = Actions.of(actions)
+    kind, stage, mb, flag = actions.kind, actions.stage, actions.mb, actions.flag
+    grads = np.flatnonzero((kind == 1) | (kind == 3))  # B and W: per stage, the first
+    sts, at = np.unique(stage[grads], return_index=True)
+    first_grad = dict(zip(sts.tolist(), grads[at].tolist()))
+    pins: list[int] = []
+    if flag is not None:
+        pins = np.flatnonzero(flag).tolist()
+        for i in np.flatnonzero(flag == HOLD_WARM_WORK).tolist():  # the held micro-batch's
+            pins += np.flatnonzero((stage == stage[i]) & (mb == mb[i])).tolist()
     runs = []
     for whole in find_runs(actions):
         # periods holding a flagged action (or an action of the micro-batch a flag holds) are
@@ -101,13 +104,13 @@ def plan(actions: list) -> list[list[Run]]:
     return grouped(actions, sorted(kept, key=lambda r: -r.dropped * r.period)[:_MAX_RUNS])
 
 
-def grouped(actions: list, runs: list[Run]) -> list[list[Run]]:
+def grouped(actions, runs: list[Run]) -> list[list[Run]]:
     """``plan``'s directions: each run, most periods dropped first, with the smallest group of
     the runs after it (up to 3 of the next 12) that balances with it (``balanced_group``:
     every stage loses as many forwards as input backwards, the same number for every stage,
     and as many W's as I's), the group dropping the most periods; a run that balances with
     none is left out. A run of the group with periods to spare is split (``_split``)."""
-    stages = sorted({st for _, st, _, _ in actions})
+    stages = np.unique(Actions.of(actions).stage).tolist()
     col = {st: i for i, st in enumerate(stages)}
 
     def counts(r):  # flat: 4 per stage
@@ -160,18 +163,20 @@ class Prepared:
     pairs of the micro-batches the 1F1B warm-up holds: built once per list, for the many
     shortenings ``shortened_lists`` tries."""
 
-    def __init__(self, actions: list) -> None:
-        self.actions = actions
-        self.nst = max((a[1] for a in actions), default=0) + 1
-        self.key = [_SLOT[k] * self.nst + st for k, st, _, _ in actions]
-        self.kind = [_KIND[k] for k, _, _, _ in actions]
-        held = [(i, st, j) for i, (k, st, j, flag) in enumerate(actions) if flag == HOLD_WARM_WORK]
-        self.held = [(i, next(x for x, (k, s2, j2, _) in enumerate(actions)
-                              if k in ("B", "I") and s2 == st and j2 == j))
-                     for i, st, j in held]
+    def __init__(self, actions) -> None:
+        self.actions = a = Actions.of(actions)
+        self.nst = int(a.stage.max()) + 1 if len(a) else 1
+        self.key = (_STREAM[a.kind] * self.nst + a.stage).tolist()
+        self.kind = a.kind.tolist()
+        self.held = []
+        if a.flag is not None:
+            back = (a.kind == 1) | (a.kind == 2)
+            for i in np.flatnonzero(a.flag == HOLD_WARM_WORK).tolist():
+                b = np.flatnonzero(back & (a.stage == a.stage[i]) & (a.mb == a.mb[i]))
+                self.held.append((i, int(b[0])))
 
 
-_KIND = {"F": 0, "B": 1, "I": 2, "W": 3}
+_STREAM = np.array([_SLOT[k] for k in "FBIW"], dtype=np.int64)  # kind code -> stream slot
 _MARK = ("|", -1, -1, 0)
 
 
@@ -276,6 +281,7 @@ def shortened_lists(actions: list) -> tuple[list[list[Run]], list]:
     valid step; one that does not is tried merged with a later one (both then drop the same
     number of periods: the 1F1B warm-up's held micro-batch keeps its forward and backward
     paired only when the periods dropped before each are as many)."""
+    actions = Actions.of(actions)
     todo = plan(actions)
     prep = Prepared(actions) if todo else None
 

@@ -13,6 +13,7 @@ leaves out.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +49,8 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
     n = len(actions)
     if n < 2 * min_reps:
         return []
-    tok, mb = _columns(actions)
+    cols = Actions.of(actions)
+    tok, mb = cols.kind + 4 * cols.stage, cols.mb  # (a kind and stage alike: tokens equal)
     found: list[tuple[int, int, int, int]] = []  # (start, period, shift, reps)
     best = (0, 1)  # (actions covered, period) of the longest run so far
     top = min(max_period, n // min_reps)
@@ -87,18 +89,53 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
     return disjoint_runs(found, min_reps)
 
 
-_CODE = np.zeros(256, dtype=np.int64)  # a kind's letter -> _SLOT[kind] * 4 + (kind == "I")
-for _k, _v in _SLOT.items():
-    _CODE[ord(_k)] = _v * 4 + (_k == "I")
+_LETTER = "FBIW"  # an action's kind code (F 0, B 1, I 2, W 3) -> its letter
+_CODE = np.zeros(256, dtype=np.int64)  # a kind's letter (its byte) -> its code
+for _i, _k in enumerate(_LETTER):
+    _CODE[ord(_k)] = _i
 
 
-def _columns(actions: list) -> tuple[np.ndarray, np.ndarray]:
-    """(token, micro-batch) per action: the token ``_SLOT[kind] * 4 + (kind == "I") + 8·stage``
-    (a kind and stage alike exactly when their tokens are)."""
-    kinds, stages, mbs, _ = zip(*actions)
-    letters = np.frombuffer("".join(kinds).encode("ascii"), dtype=np.uint8)
-    tok = _CODE[letters] + 8 * np.array(stages, dtype=np.int64)
-    return tok, np.array(mbs, dtype=np.int64)
+class Actions(Sequence):
+    """A rank's action list as columns (``kind``: F 0, B 1, I 2, W 3; ``stage``; ``mb``;
+    ``flag``, None where no action has one), its items ``(kind, stage, micro-batch, flag)`` as
+    ``pipeline_memory.rank_actions`` gives them, built on demand where no list of them is
+    given: the search reads the columns and only the few actions a shortened list keeps."""
+
+    def __init__(self, kind, stage, mb, flag, items: list | None = None) -> None:
+        self.kind, self.stage, self.mb, self.flag = kind, stage, mb, flag
+        self.items = items
+        if items is None:
+            self._k, self._s, self._j = kind.tolist(), stage.tolist(), mb.tolist()
+            self._f = None if flag is None else flag.tolist()
+
+    @classmethod
+    def of(cls, actions) -> Actions:
+        """``actions`` (a list of items, or Actions already) as Actions."""
+        if isinstance(actions, Actions):
+            return actions
+        if not actions:
+            e = np.zeros(0, dtype=np.int64)
+            return cls(e, e, e, None, list(actions))
+        kinds, stages, mbs, flags = zip(*actions)
+        letters = np.frombuffer("".join(kinds).encode("ascii"), dtype=np.uint8)
+        flag = np.array(flags, dtype=np.int64)
+        return cls(_CODE[letters], np.array(stages, dtype=np.int64),
+                   np.array(mbs, dtype=np.int64), flag if flag.any() else None, actions)
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def __getitem__(self, i):
+        if self.items is not None:
+            return self.items[i]
+        if isinstance(i, slice):
+            return [self[x] for x in range(*i.indices(len(self.kind)))]
+        return (_LETTER[self._k[i]], self._s[i], self._j[i], 0 if self._f is None else self._f[i])
+
+    def __iter__(self):
+        if self.items is not None:
+            return iter(self.items)
+        return (self[i] for i in range(len(self.kind)))
 
 
 def _candidates(tok: np.ndarray, mb: np.ndarray, Ps: np.ndarray, min_reps: int) -> np.ndarray:
@@ -168,4 +205,4 @@ def disjoint_runs(found: list, min_reps: int) -> list[Run]:
     return sorted(taken, key=lambda r: r.start)
 
 
-__all__ = ["Run", "disjoint_runs", "find_runs"]
+__all__ = ["Actions", "Run", "disjoint_runs", "find_runs"]

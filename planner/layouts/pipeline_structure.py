@@ -52,6 +52,7 @@ from planner.layouts.pipeline_machines import _Recording
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.pipeline_replays import _outside, stage_roles
+from planner.layouts.pipeline_runs import Actions
 from planner.layouts.pipeline_schedules import rank_stages
 from planner.machine.cache import _put
 from planner.machine.deadline import check as check_work_limit
@@ -130,11 +131,13 @@ def rank_lists(schedule, rank: int, model) -> RankLists:
     elif ranks is not None and (hit := _of_other_ranks(schedule, rank, model, ranks)):
         COUNTS["ranks"] += 1
     else:
-        actions = rank_actions(schedule, rank)
-        groups, lists = ([], None) if whole else shortened_lists(actions)
+        groups, lists = [], None
+        if not whole:  # (searched on the schedule's decoded columns: no list of tuples)
+            tok, mb, flag = cols_of()
+            groups, lists = shortened_lists(Actions(tok & 3, tok >> 2, mb, flag))
         COUNTS["whole" if whole else "searched"] += 1
         if not groups:
-            lists = [(actions, schedule.microbatches)]
+            lists = [(rank_actions(schedule, rank), schedule.microbatches)]
         role = stage_roles(schedule, rank, model).get
         sig = Signature((mb, tuple([(k, role(st), j, f) for k, st, j, f in items]))
                         for items, mb in lists)
