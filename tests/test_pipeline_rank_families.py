@@ -20,7 +20,8 @@ import pytest
 
 from planner.layouts import pipeline_replays as pp
 from planner.layouts import pipeline_structure as pst
-from planner.layouts.pipeline_memory import PipelineRankProgram
+from planner.layouts.pipeline_memory import PipelineRankProgram, rank_actions
+from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.machine import cache
 from tests.test_pipeline_families import KINDS, _plain
@@ -97,4 +98,24 @@ def test_rank_estimates_from_derived_lists_equal_the_full_replay(name, v, p, m) 
     for rank in sorted({0, sched.num_ranks - 1, *derived[::3], derived[-1]}):
         full = PipelineRankProgram(model, tr, sched, rank).run_steps()
         assert (got[rank].first, got[rank].steady) == (full.first, full.steady), (name, rank)
+    _fresh()
+
+
+@pytest.mark.parametrize("name,p,m,ranks", [("zb-v", 16, 48, (0, 3, 7)),
+                                            ("dualpipe-v", 16, 48, (1, 6, 15))])
+def test_ranks_with_split_runs_equal_the_full_replay(name, p, m, ranks) -> None:
+    """V shapes deep enough that a direction splits its warm-up (pipeline_periods._split): the
+    estimate from the rank's lists equals the full replay."""
+    sched = build_schedule(name, p, m, 2)
+    model, tr = _setup(p * m, sched.num_stages, m)
+    model = model.model_copy(update={"num_layers": sched.num_stages})
+    _fresh()
+    cache.clear()
+    for rank in ranks:
+        lists = pst.rank_lists(sched, rank, model)
+        assert any(x.origin for g in shortened_lists(rank_actions(sched, rank))[0] for x in g), \
+            (name, rank)
+        got = pp.rank_step(model, tr, sched, rank, given=lists)
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        assert (got.first, got.steady) == (full.first, full.steady), (name, rank)
     _fresh()
