@@ -29,6 +29,7 @@ from planner.layouts.pipeline_runs import (
     find_runs,
 )
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from tests.test_pipeline_families import KINDS
 
 
 def _ref_shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[list, int] | None:
@@ -297,9 +298,7 @@ def test_find_runs_equals_the_reference_on_long_lists():
                     == _runs([_ref_find_runs(actions, min_reps=min_reps)]))
 
 
-@pytest.mark.parametrize("name,v", [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2),
-                                    ("zb-h1", 1), ("zb-h2", 1), ("zb-v", 2), ("dualpipe-v", 2),
-                                    ("dualpipe", 1)])
+@pytest.mark.parametrize("name,v", KINDS)
 def test_the_search_on_decoded_columns_equals_the_search_on_the_list(name, v):
     """``rank_lists`` searches a rank's ``Actions`` made from the schedule's decoded columns,
     not its list of tuples: the same items, runs and lists."""
