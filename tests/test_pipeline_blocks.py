@@ -21,6 +21,8 @@ from planner.catalog.specs import MemoryRequest
 from planner.layouts import pipeline_replays as pp
 from planner.layouts.pipeline_memory import PipelineRankProgram
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from planner.layouts.pipeline_structure import compile_pipeline_structure, rank_lists
+from planner.step.structure import structure_of
 from tests.test_pipeline_compression import _model
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zb-v", 2),
@@ -59,7 +61,8 @@ def test_stood_in_blocks_equal_full_replay(seed: int, name: str, v: int) -> None
         assert (shortened.first, shortened.steady) == (full.first, full.steady), (name, rank)
 
 
-@pytest.mark.parametrize("name,v", [("1f1b", 1), ("interleaved-1f1b", 2), ("zb-v", 2)])
+@pytest.mark.parametrize("name,v", [("1f1b", 1), ("interleaved-1f1b", 2), ("zb-v", 2),
+                                    ("zb-h1", 1), ("dualpipe-v", 2)])
 def test_template_with_stood_in_blocks_equals_full_replay(name: str, v: int) -> None:
     model, tr, sched = _case(7, name, v)
     rng = random.Random(name)
@@ -69,6 +72,42 @@ def test_template_with_stood_in_blocks_equals_full_replay(name: str, v: int) -> 
             t2 = tr.model_copy(update={"micro_batch_size": B, "sequence_length": T})
             full = PipelineRankProgram(model, t2, sched, rank).run_steps()
             assert tpl.evaluate(B, T) == [full.first, full.steady], (name, rank, B, T)
+
+
+@pytest.mark.parametrize("name,v", [("zb-h1", 1), ("zb-v", 2), ("dualpipe-v", 2)])
+def test_structure_template_with_stood_in_split_blocks_equals_full_replay(name: str, v: int):
+    """A split backward's phantoms (I and W) on the recording machine with the model's
+    dimensions symbolic: one compile per rank, evaluated for other models of the structure."""
+    from tests.test_pipeline_structure import SETTINGS, _arch, _setup
+
+    rng = random.Random(f"split-{name}")
+    p = 2
+    sched = build_schedule(name, p, 3 * p, v)
+    layers = sched.num_stages * rng.randint(7, 9) + 1
+    setting = SETTINGS[len(name) % len(SETTINGS)]
+    family, gqa = rng.choice([("gpt2", False), ("llama", True)])
+    model, tr = _setup(_arch(family, gqa, rng, layers), setting, 3 * p, rng)
+    dom, names, values = structure_of(model, tr.micro_batch_size, tr.sequence_length)
+    for rank in range(sched.num_ranks):
+        prog = PipelineRankProgram(model, tr, sched, rank, compress_blocks=True)
+        assert all(plan[1] for plan in prog.block_plans.values()) and prog.split_blocks
+        rl = rank_lists(sched, rank, model)
+        tpl = compile_pipeline_structure(model, tr, sched, rank, "cuda", names, dom[0], values,
+                                         rl)
+        checked = tries = 0
+        while checked < 3 and tries < 40:  # the witness, then new models of the structure
+            tries += 1
+            other, tr2 = (model, tr) if not checked else \
+                _setup(_arch(family, gqa, rng, layers), setting, 3 * p, rng)
+            dom2, _, values2 = structure_of(other, tr2.micro_batch_size, tr2.sequence_length)
+            full_values = (*values2, *rl.dropped)
+            if dom2 != dom or (tpl.admits is not None and not tpl.admits(*full_values)):
+                continue
+            full = PipelineRankProgram(other, tr2, sched, rank).run_steps()
+            got = tpl.evaluate(full_values)
+            assert (got[0], got[1]) == (full.first, full.steady), (name, rank, checked)
+            checked += 1
+        assert checked >= 2, (name, rank)  # (at least one model besides the witness)
 
 
 def test_replayed_blocks_do_not_grow_with_stage_length() -> None:

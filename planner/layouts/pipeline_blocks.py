@@ -37,8 +37,13 @@ runs the blocks' backward in two halves, and the phantom follows each (``SplitPh
   goes where W releases the rest of the graph.
 
 Both measures are taken in the same action on blocks whose ops and shapes are a middle block's,
-so the progression argument above holds for I and W as for B. On the step template's recording
-machine (symbolic sizes) a split backward replays every block.
+so the progression argument above holds for I and W as for B. On the recording machine of a
+template (sizes as polynomials) the measures are polynomials too, and the W's comparisons of
+what it frees against what the phantom holds are decided over the template's domain (or kept as
+guards; a comparison that cannot be decided fails the compile, and the setup is replayed):
+stages of 7 or more blocks replay five of them there as well, split backward or not
+(``tests/test_pipeline_blocks.py``: templates over the micro-batch size and sequence length,
+and structure templates over the model's dimensions, against the full replay).
 """
 
 from __future__ import annotations

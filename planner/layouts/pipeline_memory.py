@@ -134,7 +134,7 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
         ``(kind, stage, micro-batch, flag)`` as ``rank_actions`` gives them, and markers
         ``("|", ...)`` that call the machine's ``cut()`` (planner/layouts/pipeline_periods.py
         replays shortened lists this way). ``compress_blocks``: the middle blocks of stages of 7
-        or more stood in for (planner/layouts/pipeline_blocks.py), where no backward is split."""
+        or more stood in for (planner/layouts/pipeline_blocks.py; under a split backward too)."""
         S = schedule.num_stages
         self.stages = [s for s in range(S) if schedule.stage_to_rank[s] == rank]
         bounds = [0]
@@ -151,10 +151,10 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
         mb = schedule.microbatches if microbatches is None else microbatches
         self.actions = rank_actions(schedule, rank) if actions is None else actions
         self.n_mb = mb
-        split = any(a[0] in ("I", "W") for a in self.actions)  # symbolic sizes: every block
-        self.split_blocks = split and compress_blocks and sizes is None
-        self.block_plans = {st: stage_plan(bounds[st + 1] - bounds[st], compress_blocks and (
-            not split or sizes is None)) for st in self.stages}
+        split = any(a[0] in ("I", "W") for a in self.actions)
+        self.split_blocks = split and compress_blocks
+        self.block_plans = {st: stage_plan(bounds[st + 1] - bounds[st], compress_blocks)
+                            for st in self.stages}
         self.backward_mode: str | None = None  # "I" / "W" while a split backward runs
         self.split_pending: Pending | None = None
         m, s = self.m, self.s
