@@ -20,7 +20,10 @@ rank, or derived from other ranks' or counts'), shared with the structure templa
 those replays, the repeated forwards and backwards of 1F1B, GPipe, interleaved 1F1B and the
 zero-bubble schedules (I and W as kinds of their own) are composed per kind rather than
 replayed op by op (``planner.layouts.pipeline_actions``; the kinds' records shared by a
-setup's classes in ``_KINDS``; ``Unmemoizable`` falls back to replaying every action).
+setup's classes in ``_KINDS``, on the trace machine and, per size domain, on the recording
+machine of the ranks' templates, so a setup's ranks compile from one record per kind and role:
+ZB-V pp 8 with 96 blocks, its middle ranks' templates 32-38 ms from 127-167 ms; ``Unmemoizable``
+falls back to replaying every action).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _outside(rows, meta, cuts: list[int], wanted: list[int]):
 # ---- the replays and their extrapolation ------------------------------------------------------
 _CLASSES: dict = {}  # (setup, shortened lists with stage roles) -> measured rows
 _CLASSES_MAX = 64
-_KINDS: dict = {}  # setup -> ActionMemo entries, shared by the rank classes (keyed by roles)
+_KINDS: dict = {}  # setup (and domain) -> ActionMemo entries, shared by the ranks (keyed by roles)
 
 
 def clear_classes() -> None:
@@ -120,7 +123,7 @@ def extrapolated(make, actions: list, machine_type, roles: dict | None = None, s
         got = _CLASSES.get(key)
     if key is None or got is None:
         memo = None
-        if roles is not None and machine_type is TraceMachine:  # kinds shared by the classes
+        if roles is not None:  # kinds shared by the classes (and the ranks of a setup)
             entries = _KINDS.get(setup)
             if entries is None:
                 if len(_KINDS) >= _CLASSES_MAX:
