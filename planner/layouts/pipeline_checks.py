@@ -36,6 +36,7 @@ import numpy as np
 __all__ = ["all_valid", "balanced_group", "built"]
 
 _MARK = ("|", -1, -1, 0)  # a cut marker (pipeline_periods)
+_LETTERS = np.array(list("FBIW"), dtype=object)  # an action's kind code -> its letter
 
 
 class _Columns:
@@ -52,7 +53,8 @@ def _columns(prep):
     """The columns of a Prepared list (built once), or None where it has I or W actions."""
     cols = prep.__dict__.get("_columns", False)
     if cols is False:
-        cols = None if any(k > 1 for k in prep.kind) else _Columns(prep)
+        kind = prep.actions.kind
+        cols = None if len(kind) and int(kind.max()) > 1 else _Columns(prep)
         prep._columns = cols
     return cols
 
@@ -126,11 +128,17 @@ def built(prep, runs: list, extras: list[dict]) -> list:
     occ = _occurrences(ck, np.argsort(ck, kind="stable"))
     mbs = np.bincount(ck, minlength=L * K).reshape(L, K).max(1).tolist()
     ends = np.cumsum(np.bincount(lid, minlength=L)).tolist()
-    idx_l, occ_l, acts = idx.tolist(), occ.tolist(), prep.actions
+    # each kept action's (kind letter, stage, flag), from the list's columns at once
+    acts = prep.actions
+    letters = _LETTERS[acts.kind[idx]].tolist()
+    stages = acts.stage[idx].tolist()
+    flags = acts.flag[idx].tolist() if acts.flag is not None else [0] * len(idx)
+    idx_l, occ_l = idx.tolist(), occ.tolist()
     out, s = [], 0
     for li, e in enumerate(extras):
         kept = idx_l[s:ends[li]]
-        res = [(acts[i][0], acts[i][1], j, acts[i][3]) for i, j in zip(kept, occ_l[s:ends[li]])]
+        x = slice(s, ends[li])
+        res = list(zip(letters[x], stages[x], occ_l[x], flags[x]))
         s = ends[li]
         marks = []
         for r in runs:
