@@ -212,9 +212,54 @@ def test_plan_groups_equal_the_plain_search(name, v, monkeypatch):
             for rank in range(p):
                 actions = rank_actions(sched, rank)
                 got = plan(actions)
-                assert _runs(got) == _runs(_plain_grouped(actions, seen[-1])), (name, p, m, rank)
+                want = _plain_worth(_plain_grouped(actions, seen[-1]), len(actions))
+                assert _runs(got) == _runs(want), (name, p, m, rank)
             done += 1
     assert done >= 5
+
+
+def _plain_worth(groups: list[list[Run]], n: int) -> list[list[Run]]:
+    """Every direction after the first kept where its shortest list stays under LONG_LIST
+    actions or the lists' actions in all (the shortest list k + 2 times, three periods of each
+    direction) come to fewer with it."""
+    def total(gs):
+        left = n - sum(r.dropped * r.period for g in gs for r in g)
+        return (len(gs) + 2) * left + 3 * sum(r.period for g in gs for r in g)
+    kept: list[list[Run]] = []
+    for g in groups:
+        short = n - sum(r.dropped * r.period for x in kept + [g] for r in x) < \
+            pipeline_periods.LONG_LIST
+        if not kept or short or total(kept + [g]) < total(kept):
+            kept.append(g)
+    return kept
+
+
+def test_long_lists_keep_only_the_directions_that_pay(monkeypatch):
+    """A deep interleaved pipeline's shortened lists hold a few rounds (256 actions each at pp
+    32, v 4): a further direction is kept only where the lists' actions in all come to fewer;
+    the plan equals the plain search's with that rule, and never replays more actions."""
+    seen = []
+    real = pipeline_periods.grouped
+
+    def spy(actions, runs):
+        seen.append(_copy(runs))
+        return real(actions, runs)
+    monkeypatch.setattr(pipeline_periods, "grouped", spy)
+    sched = build_schedule("interleaved-1f1b", 32, 32 * 12, 4)
+    dropped_some = 0
+    for rank in (0, 3, 4, 17, 31):
+        actions = rank_actions(sched, rank)
+        got = plan(actions)
+        every = _plain_grouped(actions, seen[-1])
+        assert _runs(got) == _runs(_plain_worth(every, len(actions))), rank
+        groups, lists = shortened_lists(actions)
+        assert sum(len(items) for items, _ in lists) >= 1024 * 3
+        dropped_some += len(got) < len(every)
+        with monkeypatch.context() as mp:  # every direction kept: never fewer actions
+            mp.setattr(pipeline_periods, "LONG_LIST", 10 ** 9)
+            _, every_lists = shortened_lists(actions)
+        assert sum(len(i) for i, _ in lists) <= sum(len(i) for i, _ in every_lists), rank
+    assert dropped_some
 
 
 def test_balanced_group_equals_every_group_tried():

@@ -19,7 +19,10 @@ builds is covered.
   A run of a direction with periods to spare (a warm-up longer than the cool-down it balances)
   is split: the rest is a run of its own, which another direction may leave out, so the kept
   periods do not depend on how long the run is (ranks whose warm-ups differ in length replay
-  alike lists, and share them: ``planner.layouts.pipeline_replays``).
+  alike lists, and share them: ``planner.layouts.pipeline_replays``). Each direction costs one
+  more replay of the list: where the lists are long (a deep interleaved pipeline's rounds), a
+  direction after the first is kept only where the lists' actions in all come to fewer with it
+  (``worth``).
 - **Why the step is affine in N.** From the period after each stage's first backward (which
   makes the gradients) on, every period of a run runs the same ops on the same shapes, so it
   leaves the same bytes behind, and what a left-out period leaves is live at a later instant
@@ -57,6 +60,7 @@ _MAX_RUNS = 24  # the runs standing in for most actions are grouped into directi
 # all, against 17 and 7,892 from 8 to spare and 64 and 81,728 unsplit)
 SPLIT_MAX_PERIOD = 8
 SPLIT_MIN_SPARE = MIN_DROPPED + 2
+LONG_LIST = 1024  # a shortened list this long keeps a direction only where it pays (``worth``)
 BATCH_ACTIONS = 384  # a trial's lists checked as arrays (pipeline_checks) from this many actions
 
 
@@ -102,7 +106,28 @@ def plan(actions) -> list[list[Run]]:
         r.keep_before = r.first_keep = max(q) + 2 if q else 1
         if r.dropped >= MIN_DROPPED:
             kept.append(r)
-    return grouped(actions, sorted(kept, key=lambda r: -r.dropped * r.period)[:_MAX_RUNS])
+    return worth(len(actions),
+                 grouped(actions, sorted(kept, key=lambda r: -r.dropped * r.period)[:_MAX_RUNS]))
+
+
+def worth(n: int, groups: list[list[Run]]) -> list[list[Run]]:
+    """The directions, each after the first kept only where the lists come to fewer actions
+    with it or stay short (below ``LONG_LIST`` actions): a direction costs one more replay of
+    the list (k directions: the shortest list, one with a period more in each direction, one
+    with two more in all), which a long list (a deep interleaved pipeline's rounds) pays in
+    thousands of actions, while a short list's direction is what makes alike ranks' lists
+    alike (their replays shared: ``pipeline_replays``)."""
+    kept: list[list[Run]] = []
+    left, extra = n, 0  # the shortest list's actions, and one period of each kept direction
+    for g in groups:
+        d = sum(r.dropped * r.period for r in g)
+        p = sum(r.period for r in g)
+        k = len(kept)
+        cost = (k + 3) * (left - d) + 3 * (extra + p)
+        if not k or left - d < LONG_LIST or cost < (k + 2) * left + 3 * extra:
+            kept.append(g)
+            left, extra = left - d, extra + p
+    return kept
 
 
 def grouped(actions, runs: list[Run]) -> list[list[Run]]:
