@@ -193,15 +193,21 @@ def _copy(runs):
             for r in runs]
 
 
-@pytest.mark.parametrize("name,v", SCHEDULES + [("zb-v", 2), ("dualpipe", 1), ("zb-h2", 1)])
-def test_plan_groups_equal_the_plain_search(name, v, monkeypatch):
-    seen = []
+def _spy_on_grouped(monkeypatch) -> list:
+    """The runs ``plan`` hands to ``grouped``, a copy per call, in order."""
+    seen: list = []
     real = pipeline_periods.grouped
 
     def spy(actions, runs):
         seen.append(_copy(runs))
         return real(actions, runs)
     monkeypatch.setattr(pipeline_periods, "grouped", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name,v", SCHEDULES + [("zb-v", 2), ("dualpipe", 1), ("zb-h2", 1)])
+def test_plan_groups_equal_the_plain_search(name, v, monkeypatch):
+    seen = _spy_on_grouped(monkeypatch)
     done = 0
     for p in (2, 4, 8):
         for m in sorted({p, 2 * p, 3 * p, 5 * p, 8 * p, 6, 10}):
@@ -238,13 +244,7 @@ def test_long_lists_keep_only_the_directions_that_pay(monkeypatch):
     """A deep interleaved pipeline's shortened lists hold a few rounds (256 actions each at pp
     32, v 4): a further direction is kept only where the lists' actions in all come to fewer;
     the plan equals the plain search's with that rule, and never replays more actions."""
-    seen = []
-    real = pipeline_periods.grouped
-
-    def spy(actions, runs):
-        seen.append(_copy(runs))
-        return real(actions, runs)
-    monkeypatch.setattr(pipeline_periods, "grouped", spy)
+    seen = _spy_on_grouped(monkeypatch)
     sched = build_schedule("interleaved-1f1b", 32, 32 * 12, 4)
     dropped_some = 0
     for rank in (0, 3, 4, 17, 31):
