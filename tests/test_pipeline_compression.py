@@ -125,3 +125,31 @@ def test_template_equals_full_replay(name: str, v: int) -> None:
             t2 = tr.model_copy(update={"micro_batch_size": B, "sequence_length": T})
             full = PipelineRankProgram(model, t2, sched, rank).run_steps()
             assert tpl.evaluate(B, T) == [full.first, full.steady], (name, rank, B, T)
+
+
+def test_long_lists_that_leave_a_direction_out_equal_full_replay() -> None:
+    """Ranks of a deep interleaved pipeline whose shortened lists are long (rounds of 256
+    actions at pp 32, v 4) and keep fewer directions than the plan groups (``worth``): the
+    shortened replays equal the full replay."""
+    from planner.layouts import pipeline_periods
+
+    req = MemoryRequest.model_validate({
+        "model": {"family": "llama", "num_layers": 128, "hidden_size": 32, "num_heads": 4,
+                  "num_kv_heads": 2, "vocab_size": 96, "max_sequence_length": 64},
+        "training": {"micro_batch_size": 2, "sequence_length": 8,
+                     "gradient_accumulation_steps": 32 * 12, "precision": "amp-bf16"}})
+    model, tr = resolve_model(req.model), req.training
+    sched = build_schedule("interleaved-1f1b", 32, 32 * 12, 4)
+    for rank in (3, 4):
+        actions = rank_actions(sched, rank)
+        groups, lists = shortened_lists(actions)
+        was = pipeline_periods.LONG_LIST
+        try:
+            pipeline_periods.LONG_LIST = 10 ** 9
+            every, _ = shortened_lists(actions)
+        finally:
+            pipeline_periods.LONG_LIST = was
+        assert len(groups) < len(every) and len(lists[0][0]) >= pipeline_periods.LONG_LIST
+        full = PipelineRankProgram(model, tr, sched, rank).run_steps()
+        short = pp.rank_step(model, tr, sched, rank)
+        assert (short.first, short.steady) == (full.first, full.steady), rank
