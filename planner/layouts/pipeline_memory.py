@@ -171,19 +171,23 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
             else:
                 st = S - 1
             owner[id(t)] = st
-        # per declared parameter (``param_specs``: the root's before the blocks, ``k`` per
-        # block, the root's after them), whether one of this rank's stages holds it
-        # (the root's tensors are all built: their owners are the ones found above)
+        # the declared parameters (``param_specs``: the root's before the blocks, ``k`` per
+        # block, the root's after them) one of this rank's stages holds, as index ranges in
+        # order (the root's tensors are all built: their owners are the ones found above; a
+        # stage's blocks are one range, so a deep model's other blocks are never visited)
         head, k = self._spec_layout
         ts = self.params.tensors
+        mine = set(self.stages)
         if self.built_blocks is None:  # every tensor built: one per declared parameter
-            self._owned = [owner[id(t)] in self.stages for t in ts]
+            self._owned = [(i, i + 1) for i, t in enumerate(ts) if owner[id(t)] in mine]
         else:
-            tail = len(self.param_specs) - head - k * model.num_layers
-            owned = [owner[id(t)] in self.stages for t in ts[:head]]
-            for st in range(S):
-                owned += [st in self.stages] * (k * (bounds[st + 1] - bounds[st]))
-            self._owned = owned + [owner[id(t)] in self.stages for t in ts[len(ts) - tail:]]
+            n = len(self.param_specs)
+            tail = n - head - k * model.num_layers
+            spans = [(i, i + 1) for i, t in enumerate(ts[:head]) if owner[id(t)] in mine]
+            spans += [(head + k * bounds[st], head + k * bounds[st + 1]) for st in self.stages]
+            spans += [(n - tail + i, n - tail + i + 1) for i, t in enumerate(ts[len(ts) - tail:])
+                      if owner[id(t)] in mine]
+            self._owned = spans
         # one block's parameters: what a phantom's blocks hold as gradients (pipeline_blocks)
         self._block_specs = self.param_specs[head:head + k]
         if self._states_at_init:  # the optimizer over this rank's stages (Adagrad: states now)
@@ -216,7 +220,7 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
 
     def _trainable_rows(self, specs: list) -> list[tuple[int, tuple[int, ...]]]:
         """This rank's (``trainable_specs``, kept as the whole model's is)."""
-        return [(n, shp) for (n, shp, rg, _), own in zip(specs, self._owned) if rg and own]
+        return [(n, shp) for a, b in self._owned for n, shp, rg, _ in specs[a:b] if rg]
 
     def count(self, key) -> int:
         """How many actions of kind ``key`` this step ran before this one."""
