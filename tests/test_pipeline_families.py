@@ -87,23 +87,29 @@ def test_derived_lists_equal_the_plain_search(name: str, v: int) -> None:
     assert derived >= 3, (name, v, derived)
 
 
-@pytest.mark.parametrize("name,v", KINDS)
-def test_columns_are_the_rank_actions(name: str, v: int) -> None:
-    kinds = {"F": 0, "B": 1, "I": 2, "W": 3}
-    for p, m in ((2, 6), (4, 8), (4, 13), (8, 24)):
+def rank_columns(name: str, v: int, layouts):
+    """Per (p, m) of ``layouts`` the schedule builds, per rank: (p, m, rank, the rank's decoded
+    columns, its ``rank_actions`` list)."""
+    for p, m in layouts:
         try:
             sched = build_schedule(name, p, m, v)
         except ScheduleConstraintError:
             continue
         for rank in range(sched.num_ranks):
-            tok, mb, flag = columns(sched, rank)
-            want = rank_actions(sched, rank)
-            assert tok.tolist() == [kinds[k] + 4 * st for k, st, _, _ in want]
-            assert mb.tolist() == [j for _, _, j, _ in want]
-            flags = [f for _, _, _, f in want]
-            assert (flag.tolist() if name == "1f1b" else flag) == (flags if flag is not None
-                                                                    else None)
-            assert flag is not None or not any(flags)
+            yield p, m, rank, columns(sched, rank), rank_actions(sched, rank)
+
+
+@pytest.mark.parametrize("name,v", KINDS)
+def test_columns_are_the_rank_actions(name: str, v: int) -> None:
+    kinds = {"F": 0, "B": 1, "I": 2, "W": 3}
+    for _, _, _, (tok, mb, flag), want in rank_columns(name, v,
+                                                       ((2, 6), (4, 8), (4, 13), (8, 24))):
+        assert tok.tolist() == [kinds[k] + 4 * st for k, st, _, _ in want]
+        assert mb.tolist() == [j for _, _, j, _ in want]
+        flags = [f for _, _, _, f in want]
+        assert (flag.tolist() if name == "1f1b" else flag) == (flags if flag is not None
+                                                                else None)
+        assert flag is not None or not any(flags)
 
 
 def _history(name: str, p: int, v: int, ms, rank: int) -> dict:

@@ -19,7 +19,6 @@ from planner.layouts.pipeline_periods import (
     shortened,
     shortened_lists,
 )
-from planner.layouts.pipeline_families import columns
 from planner.layouts.pipeline_runs import (
     _MAX_PERIOD,
     _SLOT,
@@ -29,7 +28,7 @@ from planner.layouts.pipeline_runs import (
     find_runs,
 )
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
-from tests.test_pipeline_families import KINDS
+from tests.test_pipeline_families import KINDS, rank_columns
 
 
 def _ref_shortened(actions: list, runs: list[Run], extra: dict[int, int]) -> tuple[list, int] | None:
@@ -303,18 +302,12 @@ def test_the_search_on_decoded_columns_equals_the_search_on_the_list(name, v):
     """``rank_lists`` searches a rank's ``Actions`` made from the schedule's decoded columns,
     not its list of tuples: the same items, runs and lists."""
     done = 0
-    for p, m in ((2, 8), (4, 13), (4, 24), (8, 40)):
-        try:
-            sched = build_schedule(name, p, m, v)
-        except ScheduleConstraintError:
-            continue
-        for rank in range(sched.num_ranks):
-            tok, mb, flag = columns(sched, rank)
-            cols = Actions(tok & 3, tok >> 2, mb, flag)
-            actions = rank_actions(sched, rank)
-            assert list(cols) == actions and cols[3:9] == actions[3:9]
-            assert _runs([find_runs(cols)]) == _runs([find_runs(actions)])
-            got, want = shortened_lists(cols), shortened_lists(actions)
-            assert _runs(got[0]) == _runs(want[0]) and got[1] == want[1], (name, p, m, rank)
-            done += 1
+    for p, m, rank, (tok, mb, flag), actions in rank_columns(
+            name, v, ((2, 8), (4, 13), (4, 24), (8, 40))):
+        cols = Actions(tok & 3, tok >> 2, mb, flag)
+        assert list(cols) == actions and cols[3:9] == actions[3:9]
+        assert _runs([find_runs(cols)]) == _runs([find_runs(actions)])
+        got, want = shortened_lists(cols), shortened_lists(actions)
+        assert _runs(got[0]) == _runs(want[0]) and got[1] == want[1], (name, p, m, rank)
+        done += 1
     assert done >= 10
