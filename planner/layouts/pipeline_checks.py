@@ -33,10 +33,12 @@ from operator import add
 
 import numpy as np
 
+from planner.layouts.pipeline_runs import _LETTER
+
 __all__ = ["all_valid", "balanced_group", "built"]
 
 _MARK = ("|", -1, -1, 0)  # a cut marker (pipeline_periods)
-_LETTERS = np.array(list("FBIW"), dtype=object)  # an action's kind code -> its letter
+_LETTERS = np.array(list(_LETTER), dtype=object)  # (pipeline_runs' codes, as an array)
 
 
 class _Columns:
