@@ -129,12 +129,15 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
     def __init__(self, model: ResolvedModel, training: TrainingSpec, schedule, rank: int, *,
                  device: str = "cuda", machine: Machine | None = None,
                  sizes: tuple | None = None, actions: list | None = None,
-                 microbatches: int | None = None, compress_blocks: bool = False) -> None:
+                 microbatches: int | None = None, compress_blocks: bool = False,
+                 one_receive_buffer: bool = False) -> None:
         """``actions`` (with ``microbatches``) replaces the rank's action list: items
         ``(kind, stage, micro-batch, flag)`` as ``rank_actions`` gives them, and markers
         ``("|", ...)`` that call the machine's ``cut()`` (planner/layouts/pipeline_periods.py
         replays shortened lists this way). ``compress_blocks``: the middle blocks of stages of 7
-        or more stood in for (planner/layouts/pipeline_blocks.py; under a split backward too)."""
+        or more stood in for (planner/layouts/pipeline_blocks.py; under a split backward too).
+        ``one_receive_buffer``: each stage's receive buffers as one storage of them all (the same
+        bytes), for a loop that never takes one of them alone (planner/layouts/pipeline_tape.py)."""
         S = schedule.num_stages
         self.stages = [s for s in range(S) if schedule.stage_to_rank[s] == rank]
         bounds = [0]
@@ -203,11 +206,12 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
         self.recv: dict[tuple[int, int], Buf] = {}
         self.grad_recv: dict[tuple[int, int], Buf] = {}
         for st in self.stages:
-            for j in range(mb):
+            for j in range(1 if one_receive_buffer else mb):
+                n = mb * act if one_receive_buffer else act
                 if st > 0:
-                    self.recv[st, j] = m.alloc(act, f"recv[{st},{j}]", "activations")
+                    self.recv[st, j] = m.alloc(n, f"recv[{st},{j}]", "activations")
                 if st < S - 1:
-                    self.grad_recv[st, j] = m.alloc(act, f"grad_recv[{st},{j}]", "activations")
+                    self.grad_recv[st, j] = m.alloc(n, f"grad_recv[{st},{j}]", "activations")
         self.pending: dict[tuple[int, int], Pending] = {}
         self.output_chunks: list[T] = []
         self.losses: list[T] = []
@@ -215,6 +219,7 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
         self.input_grads: list[Buf] = []  # receive buffers' .grad after an I (until next step)
         self.in_flight = 0
         self.memo = None  # an ActionMemo (planner/layouts/pipeline_actions.py): kinds composed
+        self.tape = None  # the action loop evaluated at once (planner/layouts/pipeline_tape.py)
         self.step_no, self._counts = 0, {}
         m.reset_peak()
 
@@ -304,7 +309,8 @@ class PipelineRankProgram(StageBackward, ReferenceProgram):
         # forward in ``send_work`` until the 1B1F loop ends (flags of ``rank_actions``).
         latest: Buf | None = None
         warm_work: Buf | None = None
-        for kind, st, j, flag in self.actions:
+        taped = self.tape is not None and self.tape(self)  # the whole loop at once
+        for kind, st, j, flag in () if taped else self.actions:
             check_work_limit()
             if kind == "|":  # a cut between kept and stood-in periods (pipeline_periods)
                 m.cut()

@@ -18,6 +18,8 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 F_SLOT, B_SLOT, W_SLOT = 0, 1, 2
 
 
@@ -69,4 +71,6 @@ def _make(name: str, p: int, v: int, m: int, mapping: list[int], orders: list[li
     if full is None:
         full = bytearray(S * m) if split else bytearray(b"\x01") * (S * m)
     # 8 bytes an action (a list of ints holds 40): a schedule of millions of actions stays small
-    return Schedule(name, p, v, S, m, mapping, prev, nxt, [array("q", o) for o in orders], full)
+    return Schedule(name, p, v, S, m, mapping, prev, nxt,
+                    [array("q", o.astype(np.int64).tobytes()) if isinstance(o, np.ndarray)
+                     else array("q", o) for o in orders], full)

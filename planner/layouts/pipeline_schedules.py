@@ -65,7 +65,7 @@ def _one_f_one_b(p: int, m: int) -> Schedule:
 
 
 # ---- interleaved (looped) schedules, ported from torch's _get_1f1b_rank_ops --------------------
-def _interleaved_rank(r: int, p: int, v: int, m: int, zero_bubble: bool) -> list[int]:
+def _interleaved_rank(r: int, p: int, v: int, m: int, zero_bubble: bool) -> np.ndarray:
     S = p * v
     rounds = max(1, m // p)
     per_round = m // rounds
@@ -86,7 +86,7 @@ def _interleaved_rank(r: int, p: int, v: int, m: int, zero_bubble: bool) -> list
     parts = [fwd[:warm]]
     if not zero_bubble:
         parts += [np.stack([fwd[warm:], bwd[:steady]], 1).ravel(), bwd[steady:]]
-        return np.concatenate(parts).tolist()
+        return np.concatenate(parts)
     # Zero bubble: from backward number r on, each B is followed by the oldest pending W
     # (the W's run in the B's order); the rest drain at the end.
     wgt = bwd + Sm
@@ -97,7 +97,7 @@ def _interleaved_rank(r: int, p: int, v: int, m: int, zero_bubble: bool) -> list
     parts.append(bwd[steady:c])
     parts.append(np.stack([bwd[c:], wgt[c - r:total_mb - r]], 1).ravel())
     parts.append(wgt[max(0, total_mb - r):])
-    return np.concatenate(parts).tolist()
+    return np.concatenate(parts)
 
 
 def _interleaved(name: str, p: int, v: int, m: int, zero_bubble: bool) -> Schedule:

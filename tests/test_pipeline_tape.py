@@ -1,0 +1,127 @@
+"""A pipeline rank's action loop taped (planner/layouts/pipeline_tape.py) against the full
+replay.
+
+The oracle is ``PipelineRankProgram(...).run_steps()``: every action of the rank's whole list
+replayed op by op on the plain step simulator, every block of every stage. The tape evaluates
+the loop from the kinds' records of a replay at three micro-batches, in a few array operations.
+Both peaks (first step, steady step) must be equal field by field (total, every category, op,
+phase), to the byte, for every rank of random interleaved 1F1B setups: stage and micro-batch
+counts (fewer micro-batches than ranks, one round, several), stages of 1-2 blocks and of 7-9
+(whose middle blocks are stood in for), both families, every replayed precision and several
+optimizers.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from planner.catalog.presets import resolve_model
+from planner.catalog.specs import MemoryRequest
+from planner.layouts import pipeline_actions as pa
+from planner.layouts import pipeline_tape as tp
+from planner.layouts import pipelined
+from planner.layouts.pipeline_memory import PipelineRankProgram
+from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
+from planner.machine import cache
+
+
+def _case(seed: int):
+    rng = random.Random(seed)
+    while True:
+        p, v = rng.choice([2, 3, 4, 6]), rng.choice([2, 3, 4])
+        m = rng.choice([2, 4, 7, p, 2 * p, 3 * p, 5 * p])
+        try:
+            sched = build_schedule("interleaved-1f1b", p, m, v)
+        except ScheduleConstraintError:
+            continue
+        S = sched.num_stages
+        family = rng.choice(["gpt2", "llama"])
+        layers = S * rng.randint(7, 9) + rng.randint(0, S - 1) if rng.random() < 0.3 else \
+            rng.randint(S, 2 * S + 1)
+        model = {"family": family, "num_layers": layers, "hidden_size": 32, "num_heads": 4,
+                 "vocab_size": 96, "max_sequence_length": 64}
+        if family == "llama":
+            model["num_kv_heads"] = rng.choice([1, 2, 4])
+        training = {"micro_batch_size": rng.choice([1, 2, 3]),
+                    "sequence_length": rng.choice([8, 16, 24]),
+                    "gradient_accumulation_steps": m,
+                    "precision": rng.choice(["fp32", "amp-bf16", "bf16"]),
+                    "optimizer": rng.choice(["adamw", "sgd", "adagrad", "rmsprop"])}
+        req = MemoryRequest.model_validate({"model": model, "training": training})
+        return resolve_model(req.model), req.training, sched
+
+
+@pytest.fixture
+def every_list(monkeypatch):
+    """Every list taped, however short (the planner tapes the long ones alone)."""
+    monkeypatch.setattr(tp, "MIN_ACTIONS", 0)
+    cache.clear()
+    yield
+    cache.clear()
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_taped_ranks_equal_full_replay(seed: int, every_list) -> None:
+    model, tr, sched = _case(seed)
+    for rank in range(sched.num_ranks):
+        full = PipelineRankProgram(model, tr, sched, rank, device="cuda").run_steps()
+        got = tp.taped_rank(model, tr, sched, rank, device="cuda")
+        assert got is not None, rank
+        assert (got.first, got.steady) == (full.first, full.steady), rank
+
+
+def _setup(layers: int = 6, **training):
+    req = MemoryRequest.model_validate(
+        {"model": {"family": "llama", "num_layers": layers, "hidden_size": 32, "num_heads": 4,
+                   "num_kv_heads": 2, "vocab_size": 96, "max_sequence_length": 64},
+         "training": {"micro_batch_size": 2, "sequence_length": 16,
+                      "gradient_accumulation_steps": 96, **training},
+         "parallelism": {"pipeline_parallel": 2, "pipeline_schedule": "interleaved-1f1b",
+                         "virtual_pipeline_stages": 3}})
+    return resolve_model(req.model), req.training, req.parallelism
+
+
+def test_the_planner_tapes_long_lists(monkeypatch) -> None:
+    """Ranks of 512 actions or more are taped on POST /v1/memory's path (no template, no
+    shortened list), and every rank's peaks are the full replay's."""
+    model, tr, par = _setup()
+    sched = build_schedule("interleaved-1f1b", 2, 96, 3)
+    assert all(len(o) >= tp.MIN_ACTIONS for o in sched.orders)
+    cache.clear()
+    calls = []
+    real = tp.loop
+    monkeypatch.setattr(tp, "loop", lambda prog: calls.append(prog.rank) or real(prog))
+    worst, peaks, _, _ = pipelined.pipelined_estimate(model, tr, par, "cuda")
+    assert sorted(set(calls)) == [0, 1]
+    for pk in peaks:
+        full = PipelineRankProgram(model, tr, sched, pk.rank, device="cuda").run_steps()
+        assert (pk.first, pk.steady) == (full.first, full.steady), pk.rank
+    assert worst.steady.total == max(pk.steady.total for pk in peaks)
+    # the same setup at other sizes: taped again, no rank template compiled
+    def compile_rank(*args, **kwargs):
+        raise AssertionError("compiled")
+    monkeypatch.setattr(pipelined, "compile_rank", compile_rank)
+    calls.clear()
+    for b in (3, 4):
+        pipelined.pipelined_estimate(model, tr.model_copy(update={"micro_batch_size": b}), par,
+                                     "cuda")
+    assert len(calls) == 8  # two ranks, two steps, two sizes
+    cache.clear()
+
+
+def test_short_lists_and_op_by_op_are_not_taped(every_list) -> None:
+    model, tr, _ = _setup()
+    sched = build_schedule("interleaved-1f1b", 2, 96, 3)
+    with pa.op_by_op():  # composing off: nothing to tape from
+        assert tp.taped_rank(model, tr, sched, 0) is None
+    assert tp.taped_rank(model, tr, build_schedule("1f1b", 2, 64, 1), 0) is None
+
+
+def test_unverified_kinds_are_not_taped(every_list, monkeypatch) -> None:
+    """A record whose kind no second occurrence verified (one micro-batch: every forward is
+    the step's first) leaves the rank to the replay."""
+    model, tr, _ = _setup()
+    monkeypatch.setattr(tp, "RECORD_MICROBATCHES", 1)
+    assert tp.taped_rank(model, tr, build_schedule("interleaved-1f1b", 2, 8, 3), 0) is None
