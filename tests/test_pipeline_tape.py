@@ -3,9 +3,10 @@ replay.
 
 The oracle is ``PipelineRankProgram(...).run_steps()``: every action of the rank's whole list
 replayed op by op on the plain step simulator, every block of every stage. The tape evaluates
-the loop from the kinds' records of a replay at three micro-batches, in a few array operations.
-Both peaks (first step, steady step) must be equal field by field (total, every category, op,
-phase), to the byte, for every rank of random interleaved 1F1B setups: stage and micro-batch
+the loop from the kinds' records (replays of lists kept to a few micro-batches) in a few array
+operations. Both peaks (first step, steady step) must be equal field by field (total, every category, op,
+phase), to the byte, for every rank of random setups of every schedule it takes (interleaved
+1F1B, ZB-H1 with one or two stages per rank, ZB-H2, ZB-V, DualPipeV): stage and micro-batch
 counts (fewer micro-batches than ranks, one round, several), stages of 1-2 blocks and of 7-9
 (whose middle blocks are stood in for), both families, every replayed precision and several
 optimizers.
@@ -27,13 +28,19 @@ from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_sc
 from planner.machine import cache
 
 
+# every schedule the tape takes, with the stages per rank each allows
+SCHEDULES = [("interleaved-1f1b", (2, 3, 4)), ("zb-h1", (1, 2)), ("zb-h2", (1,)), ("zb-v", (2,)),
+             ("dualpipe-v", (2,))]
+
+
 def _case(seed: int):
     rng = random.Random(seed)
+    name, vs = SCHEDULES[seed % len(SCHEDULES)]
     while True:
-        p, v = rng.choice([2, 3, 4, 6]), rng.choice([2, 3, 4])
-        m = rng.choice([2, 4, 7, p, 2 * p, 3 * p, 5 * p])
+        p, v = rng.choice([2, 3, 4, 6]), rng.choice(vs)
+        m = rng.choice([2, 4, 7, p, 2 * p, 2 * p + 1, 3 * p, 5 * p])
         try:
-            sched = build_schedule("interleaved-1f1b", p, m, v)
+            sched = build_schedule(name, p, m, v)
         except ScheduleConstraintError:
             continue
         S = sched.num_stages
@@ -62,7 +69,7 @@ def every_list(monkeypatch):
     cache.clear()
 
 
-@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("seed", range(30))
 def test_taped_ranks_equal_full_replay(seed: int, every_list) -> None:
     model, tr, sched = _case(seed)
     for rank in range(sched.num_ranks):
@@ -120,8 +127,34 @@ def test_short_lists_and_op_by_op_are_not_taped(every_list) -> None:
 
 
 def test_unverified_kinds_are_not_taped(every_list, monkeypatch) -> None:
-    """A record whose kind no second occurrence verified (one micro-batch: every forward is
-    the step's first) leaves the rank to the replay."""
+    """A record no second occurrence verified (a step's first forward of a stage occurs once a
+    step: the second step's verifies it) leaves the rank to the replay."""
     model, tr, _ = _setup()
-    monkeypatch.setattr(tp, "RECORD_MICROBATCHES", 1)
-    assert tp.taped_rank(model, tr, build_schedule("interleaved-1f1b", 2, 8, 3), 0) is None
+    sched = build_schedule("interleaved-1f1b", 2, 8, 3)
+    with monkeypatch.context() as mp:
+        mp.setattr(tp, "_verified_across_steps", lambda entries: None)
+        assert tp.taped_rank(model, tr, sched, 0) is None
+    cache.clear()
+    assert tp.taped_rank(model, tr, sched, 0) is not None
+
+
+def test_a_kept_list_holds_every_kind_twice() -> None:
+    """``record_list``: every (kind, stage) of the rank's list, twice a step where the list
+    has it twice, its first occurrence's micro-batch kept, renumbered in order."""
+    for name, p, m, v in (("dualpipe-v", 8, 40, 2), ("zb-v", 6, 30, 2), ("zb-h1", 4, 16, 2),
+                          ("zb-h2", 4, 16, 1), ("interleaved-1f1b", 4, 32, 4)):
+        sched = build_schedule(name, p, m, v)
+        for rank in range(p):
+            items, mb = tp.record_list(sched, rank)
+            full = [(k, st, j) for k, st, j in
+                    zip(*(a.tolist() for a in tp._decoded(sched, rank)))]
+            kept = [(k, st) for k, st, _, _ in items]
+            for kind in {(tp._NAMES[k], st) for k, st, _ in full}:
+                assert kept.count(kind) >= min(2, sum(1 for k, st, _ in full
+                                                      if (tp._NAMES[k], st) == kind)), kind
+            assert sorted({j for *_, j, _ in items}) == list(range(mb))
+            firsts = {}
+            for k, st, j in full:
+                firsts.setdefault((k, st), j)
+            js = sorted({j for k, st, j in full if firsts[k, st] == j})
+            assert len(js) <= mb

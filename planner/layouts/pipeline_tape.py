@@ -19,12 +19,12 @@ the next step's start) and losses, and the gradients each stage's first backward
 (``attach``). The rest of the step (its start, the sends' release, the optimizer) runs on the
 machine as it does after a replayed loop.
 
-The records come from a replay of the same setup at a few micro-batches
-(``RECORD_MICROBATCHES``), of the fewest ranks that hold every stage role
-(``pipeline_replays.stage_roles``): a kind's record is relative to where it starts, so it
-does not depend on the micro-batch count. A kind is verified by two occurrences that agree; a
-step's first forward and backward of a stage, which occur once a step, by the first and the
-second step's. Schedules: interleaved 1F1B (``TAPED``; its actions are forwards and full
+The records come from replays of the ranks' lists kept to a few micro-batches
+(``record_list``: each kind twice a step), one for each rank whose stage roles
+(``pipeline_replays.stage_roles``) no rank replayed before holds: a kind's record is relative
+to where it starts, so it does not depend on the other micro-batches. A kind is verified by
+two occurrences that agree: its two in a step, or the first step's and the second's (a step's
+first forward and backward of a stage occur once a step). Schedules: interleaved 1F1B (``TAPED``; its actions are forwards and full
 backwards, each stage's output sent to another rank), for lists of ``MIN_ACTIONS`` or more
 (shorter ones cost as little replayed). Anything a composed action would refuse
 (``Unmemoizable``) or a kind not verified raises ``NotTaped``, and the caller replays the
@@ -42,7 +42,6 @@ from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
 from planner.layouts.pipeline_orders import B_SLOT, F_SLOT
 from planner.layouts.pipeline_records import _same, attach, forward_rest
 from planner.layouts.pipeline_replays import first_highest, stage_roles
-from planner.layouts.pipeline_schedules import ScheduleConstraintError, schedule_of
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Val
@@ -50,8 +49,7 @@ from planner.step.ops import T
 
 __all__ = ["NotTaped", "TAPED", "clear", "loop", "taped_rank", "tapes"]
 
-TAPED = ("interleaved-1f1b",)
-RECORD_MICROBATCHES = 3  # a stage's first forward and backward, then two of each to verify
+TAPED = ("interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 MIN_ACTIONS = 512  # shorter lists: their shortened replays cost about as little
 _BIG = 1 << 62
 
@@ -67,19 +65,37 @@ def _rec(memo: ActionMemo, name: str, st: int, step: int):
     return e.rec
 
 
+def _decoded(schedule, rank: int):
+    """The rank's actions as arrays: kind (F 0, B 1, I 2, W 3), stage, micro-batch."""
+    codes = np.asarray(schedule.orders[rank], dtype=np.int64)
+    m = schedule.microbatches
+    slot, rest = np.divmod(codes, schedule.num_stages * m)
+    full = np.frombuffer(bytes(schedule.full_backward), dtype=np.uint8)[rest] != 0
+    kind = np.where(slot == B_SLOT, np.where(full, 1, 2), np.where(slot == F_SLOT, 0, 3))
+    stage, mb = np.divmod(rest, m)
+    return kind, stage, mb
+
+
+def _as_keyed(kind, stage):
+    """Kind + 4 x stage of each action as ``ActionMemo`` keys it (on the first stage an I does
+    nothing, -1 here, and a W is a full backward, a B)."""
+    kind = kind.copy()
+    kind[(stage == 0) & (kind == 3)] = 1
+    tok = kind + 4 * stage
+    tok[(stage == 0) & (kind == 2)] = -1
+    return tok
+
+
 def _columns(prog):
-    """(each action's kind + 4 x stage, the kind + stage values present, their first
-    actions, each action's index among them), kept with the program (both steps read them)."""
+    """(each action's kind + 4 x stage as ``ActionMemo`` keys it, the values present, their
+    first actions, each action's index among them), kept with the program (both steps read
+    them)."""
     got = prog.__dict__.get("_tape_columns")
     if got is None:
-        sched = prog.sched
-        codes = np.asarray(sched.orders[prog.rank], dtype=np.int64)
-        m = sched.microbatches
-        slot, rest = np.divmod(codes, sched.num_stages * m)
-        full = np.frombuffer(bytes(sched.full_backward), dtype=np.uint8)[rest] != 0
-        kind = np.where(slot == B_SLOT, np.where(full, 1, 2), np.where(slot == F_SLOT, 0, 3))
-        tok = kind + 4 * (rest // m)
-        vals = np.nonzero(np.bincount(tok))[0]
+        kind, stage, _ = _decoded(prog.sched, prog.rank)
+        tok = _as_keyed(kind, stage)
+        tok = tok[tok >= 0]
+        vals = np.nonzero(np.bincount(tok))[0] if len(tok) else np.zeros(0, dtype=np.int64)
         lut = np.zeros(int(vals[-1]) + 1 if len(vals) else 1, dtype=np.int64)
         lut[vals] = np.arange(len(vals))
         first = [int(np.argmax(tok == v)) for v in vals.tolist()]
@@ -87,18 +103,20 @@ def _columns(prog):
     return got
 
 
+_NAMES = ("F", "B", "I", "W")
+
+
 def loop(prog) -> bool:
     """``PipelineRankProgram.step``'s action loop from its kinds' records (the module
     docstring); True once done. Raises ``NotTaped`` before it changes anything but the
     gradients a first backward makes."""
-    m, memo, S = prog.m, prog.memo, prog.sched.num_stages
+    m, memo, sched = prog.m, prog.memo, prog.sched
+    S, on, rank, step = sched.num_stages, sched.stage_to_rank, prog.rank, prog.step_no
     check_work_limit()
     tok, vals, first_at, inv = _columns(prog)
     n = len(tok)
     if not n:
         return True
-    if max(v & 3 for v in vals) > 1:
-        raise NotTaped("a split backward")
     ids = inv * 2
     ids[first_at] += 1  # the step's first action of its kind and stage: a kind of its own
     counts = np.bincount(ids, minlength=2 * len(vals))
@@ -112,34 +130,43 @@ def loop(prog) -> bool:
     for i in used:  # the forwards first: a backward's net depends on its forward's output
         t = vals[i // 2]
         if t & 3 == 0:
-            outs.setdefault(t >> 2, set()).add(_forward(memo, prog, t >> 2, i & 1, S))
-    sends = [0] * width
+            outs.setdefault(t >> 2, set()).add(_forward(memo, prog, t >> 2, i & 1))
+    # what the loop leaves to the step's end, (where, stage, category) -> bytes: storages sent
+    # ("send"), input gradients kept as the receive buffer's .grad too ("send+grad"), made the
+    # previous stage's gradient receive buffer on the rank ("local", "local+grad")
+    left: dict[tuple, int] = {}
     chunks: list = []  # the last stage's outputs and losses, with their counts
     losses: list = []
     made = []
     for i in used:
         t = vals[i // 2]
-        st, first = t >> 2, i & 1
-        if t & 3 == 0:
-            rec = _rec(memo, "F0" if first else "F", st, prog.step_no)
-            d = list(rec.net)
+        st, k, first, c = t >> 2, t & 3, i & 1, int(counts[i])
+        rec = _rec(memo, _NAMES[k] + ("0" if first else ""), st, step)
+        d = list(rec.net)
+        if k == 0:
             if rec.sent:
-                sends[_INDEX[rec.out.cat]] += rec.out.nbytes * int(counts[i])
+                key = ("send", 0, rec.out.cat)
+                left[key] = left.get(key, 0) + rec.out.nbytes * c
             if st == S - 1:
-                chunks.append((rec.out, int(counts[i])))
-                losses.append((rec.loss, int(counts[i])))
+                chunks.append((rec.out, c))
+                losses.append((rec.loss, c))
         else:
-            rec = _rec(memo, "B0" if first else "B", st, prog.step_no)
-            held = outs.get(st)
-            if held is None or len(held) != 1:
-                raise NotTaped(("B", st, "forwards unlike"))
-            nbytes, cat = next(iter(held))
-            d = list(rec.net)
-            d[_INDEX[cat]] += nbytes  # the output the sends (or output_chunks) still hold
-            if rec.grad is not None:
-                if len(rec.grad) != 3:
-                    raise NotTaped(("B", st, "input gradients"))
-                sends[_INDEX[rec.grad[1]]] += rec.grad[0] * int(counts[i])
+            if k == 1:  # what the schedule's bookkeeping still holds of the output
+                held = outs.get(st)
+                if held is None or len(held) != 1:
+                    raise NotTaped(("B", st, "forwards unlike"))
+                nbytes, cat = next(iter(held))
+                if nbytes:
+                    d[_INDEX[cat]] += nbytes
+            if k in (1, 2) and st > 0:  # the input gradient, handed back
+                if rec.grad is None or len(rec.grad) != 3:
+                    raise NotTaped((_NAMES[k], st, "input gradient"))
+                nbytes, cat, _ = rec.grad
+                where = "local" if on[st - 1] == rank else "send"
+                key = (where + ("+grad" if k == 2 else ""), st - 1, cat)
+                left[key] = left.get(key, 0) + nbytes * c
+            elif k in (1, 2) and rec.grad is not None:
+                raise NotTaped((_NAMES[k], st, "input gradient"))
             if first and rec.made:
                 made.append((st, rec.made))
         net[i] = d
@@ -154,7 +181,7 @@ def loop(prog) -> bool:
         raise NotTaped("sizes past int64")
     for st, rec_made in made:  # (each checks every place before it makes any)
         if not attach(prog, st, rec_made):
-            raise NotTaped(("B0", st, "gradients"))
+            raise NotTaped(("made", st, "gradients"))
     # the loop's rows: each drawing action's start plus its kind's row; only the first highest
     # can be its window's first highest (the others are lower, or as high and later)
     steps = net_tot[ids]
@@ -170,20 +197,33 @@ def loop(prog) -> bool:
         op, phase = metas[ids[k]]
         m.meta.append((op, phase, m.window))
     end = start + counts @ net
-    for i, b in enumerate(sends):  # each sent storage's only reference left: its send work
-        if b:
-            sent = Buf(b, CATEGORIES[i], "sends (composed)")
-            sent.refs = 1
-            prog.sends.append(sent)
+    _leave(prog, left, chunks, losses)
+    m.cur[:] = [int(x) for x in end]
+    m.total = sum(m.cur)
+    memo.composed += n
+    return True
+
+
+def _leave(prog, left: dict, chunks: list, losses: list) -> None:
+    """The storages the loop leaves to the step's end (``loop``'s ``left``), each kind summed
+    in one, held where the composed actions leave theirs."""
+    for st in {st for (where, st, _) in left if where.startswith("local")}:
+        for key in [key for key in prog.grad_recv if key[0] == st]:
+            del prog.grad_recv[key]  # replaced in the loop (their release is in its nets)
+    for (where, st, cat), nbytes in left.items():
+        b = Buf(nbytes, cat, f"{where} (composed)")
+        b.refs = 2 if where.endswith("+grad") else 1
+        if where.startswith("send"):
+            prog.sends.append(b)
+        else:
+            prog.grad_recv[st, where] = b
+        if where.endswith("+grad"):
+            prog.input_grads.append(b)
     for handed, out in ((chunks, prog.output_chunks), (losses, prog.losses)):
         for h, count in handed:
             b = Buf(h.nbytes * count, h.cat, f"{h.name} (composed)")
             b.refs = 1
             out.append(T(Val(b, None), h.numel * count, h.esz))
-    m.cur[:] = [int(x) for x in end]
-    m.total = sum(m.cur)
-    memo.composed += n
-    return True
 
 
 _PLANS: dict[int, tuple] = {}  # id(record) -> (record, the row it draws: memo_plan)
@@ -198,23 +238,27 @@ def _plan(rec) -> int | None:
     return got[1]
 
 
-def _forward(memo: ActionMemo, prog, st: int, first: int, S: int) -> tuple[int, str]:
-    """A forward kind's output as its backward finds it held (bytes, category), checked as a
-    composed forward and backward would check it."""
+def _forward(memo: ActionMemo, prog, st: int, first: int) -> tuple[int, str]:
+    """What of a forward kind's output its B finds still held (bytes, category: sent, the next
+    stage's input on the rank, or an output chunk), checked as a composed forward and backward
+    would check it."""
+    sched = prog.sched
+    S, on = sched.num_stages, sched.stage_to_rank
     rec = _rec(memo, "F0" if first else "F", st, prog.step_no)
-    if rec.local or rec.out is None or (st == S - 1) == (rec.loss is None):
+    local = st + 1 < S and on[st + 1] == prog.rank
+    if rec.local != local or rec.out is None or (st == S - 1) == (rec.loss is None):
         raise NotTaped(("F", st))
-    if rec.sent != (0 if st == S - 1 else 1):
+    if rec.sent != (0 if st == S - 1 or local else 1):
         raise NotTaped(("F", st, "sends"))
     if rec.out.graph_refs:  # a held output the graph references: not composed
         raise NotTaped(("F", st, "output held"))
-    if forward_rest(rec)[1]:
+    if not local and forward_rest(rec)[1]:
         raise NotTaped(("F", st, "rest"))
     return rec.out.nbytes, rec.out.cat
 
 
-# ---- a rank's step ------------------------------------------------------------------------------
-_RECORDS: dict = {}  # (setup but the micro-batch count, layout) -> verified ActionMemo entries
+# ---- the kinds' records ------------------------------------------------------------------------
+_RECORDS: dict = {}  # (setup, layout, micro-batch count) -> verified ActionMemo entries
 _RECORDS_MAX = 64
 
 
@@ -225,45 +269,76 @@ def clear() -> None:
 cache.on_clear(clear)
 
 
-def _records(model, training, schedule, device: str) -> dict | None:
-    """The kinds' records of the setup's ranks (the module docstring), or None where the
-    replay at a few micro-batches does not compose."""
-    key = (model.model_dump_json(),
-           training.model_dump_json(exclude={"gradient_accumulation_steps"}), device,
-           schedule.name, schedule.num_stages, schedule.num_ranks, tuple(schedule.stage_to_rank))
-    if key in _RECORDS:
-        return _RECORDS[key]
-    entries: dict | None = {}
+def record_list(schedule, rank: int) -> tuple[list, int]:
+    """(actions, micro-batch count) of the rank's list kept to a few micro-batches that hold
+    each of its kinds twice a step where the list does: per pattern of actions a micro-batch
+    goes through (the kind and stage of each, in order), its first two; and the micro-batch of
+    each kind's first action (the step's first backward of a stage is the one that makes its
+    gradients). The kept micro-batches are numbered in order; the actions keep theirs."""
+    kind, stage, mb = _decoded(schedule, rank)
+    tok = _as_keyed(kind, stage)
+    vals, first = np.unique(tok[tok >= 0], return_index=True)
+    keep = set(mb[tok >= 0][first].tolist())
+    order = np.argsort(mb, kind="stable")  # each micro-batch's actions, in order
+    bounds = np.flatnonzero(np.diff(mb[order])) + 1
+    seq = tok[order]
+    seen: dict[bytes, int] = {}
+    for j, a, b in zip(mb[order][np.r_[0, bounds]].tolist(), np.r_[0, bounds].tolist(),
+                       np.r_[bounds, len(seq)].tolist()):
+        key = seq[a:b].tobytes()
+        n = seen.get(key, 0)
+        if n < 2:
+            seen[key] = n + 1
+            keep.add(j)
+    kept = np.isin(mb, np.fromiter(keep, dtype=np.int64, count=len(keep)))
+    new = {j: i for i, j in enumerate(sorted(keep))}
+    return [(_NAMES[k], st, new[j], 0) for k, st, j in
+            zip(kind[kept].tolist(), stage[kept].tolist(), mb[kept].tolist())], len(new)
+
+
+def _records(model, training, schedule, device: str, rank: int) -> dict | None:
+    """The kinds' records of the setup's ranks (the module docstring), those of ``rank``'s
+    stage roles made now where no rank replayed before holds them (its own list kept to a few
+    micro-batches replayed); None where a replay does not compose."""
+    key = (model.model_dump_json(), training.model_dump_json(), device, schedule.name,
+           schedule.num_stages, schedule.num_ranks, tuple(schedule.stage_to_rank),
+           schedule.microbatches)
+    got = _RECORDS.get(key, ())
+    if got is None:
+        return None
+    roles = stage_roles(schedule, rank, model)
+    if got and set(roles.values()) <= got[1]:
+        return got[0]
+    entries, covered = got or ({}, set())
+    check_work_limit()
+    items, mb = record_list(schedule, rank)
+    prog = PipelineRankProgram(model, training, schedule, rank, device=device,
+                               machine=TraceMachine(), actions=items, microbatches=mb,
+                               compress_blocks=True)
+    prog.memo = ActionMemo(entries, roles)
     try:
-        small = schedule_of(schedule.name, schedule.num_ranks, RECORD_MICROBATCHES,
-                            schedule.num_stages // schedule.num_ranks)
-    except ScheduleConstraintError:
-        small = None
-    if small is None or list(small.stage_to_rank) != list(schedule.stage_to_rank):
+        if not prog.memo.applies(prog):
+            raise Unmemoizable("not composed")
+        prog.step_windows()
+    except Unmemoizable:
         entries = None
-    else:
-        covered: set = set()
-        try:
-            for r in range(small.num_ranks):
-                roles = stage_roles(small, r, model)
-                if set(roles.values()) <= covered:
-                    continue
-                covered |= set(roles.values())
-                check_work_limit()
-                prog = PipelineRankProgram(model, training, small, r, device=device,
-                                           machine=TraceMachine(), compress_blocks=True)
-                prog.memo = ActionMemo(entries, roles)
-                if not prog.memo.applies(prog):
-                    raise Unmemoizable("not composed")
-                prog.step_windows()
-        except Unmemoizable:
-            entries = None
-        if entries is not None:
-            _first_kinds_verified(entries)
-    if len(_RECORDS) >= _RECORDS_MAX:
+    if entries is not None:
+        _verified_across_steps(entries)
+    if len(_RECORDS) >= _RECORDS_MAX and key not in _RECORDS:
         _RECORDS.pop(next(iter(_RECORDS)), None)
-    _RECORDS[key] = entries
+    _RECORDS[key] = None if entries is None else (entries, covered | set(roles.values()))
     return entries
+
+
+def _verified_across_steps(entries: dict) -> None:
+    """A kind's record in the first step and in the second, alike, verify each other (two
+    occurrences that agree, as ``ActionMemo`` verifies a kind within a step)."""
+    for (name, role, step), e in list(entries.items()):
+        if step != 1 or e.bad:
+            continue
+        e2 = entries.get((name, role, 2))
+        if e2 is not None and not e2.bad and _same(e.rec, e2.rec):
+            e.verified = e2.verified = True
 
 
 def tapes(schedule, rank: int) -> bool:
@@ -273,25 +348,13 @@ def tapes(schedule, rank: int) -> bool:
             and enabled())
 
 
-def _first_kinds_verified(entries: dict) -> None:
-    """A step's first forward and backward of a stage occur once a step: the first step's and
-    the second's, recorded alike, verify each other (two occurrences of a kind that agree, as
-    ``ActionMemo`` verifies the others)."""
-    for (name, role, step), e in list(entries.items()):
-        if step != 1 or name[-1] != "0" or e.verified or e.bad:
-            continue
-        e2 = entries.get((name, role, 2))
-        if e2 is not None and not e2.bad and _same(e.rec, e2.rec):
-            e.verified = e2.verified = True
-
-
 def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
                ) -> StagePeak | None:
     """The rank's replayed step (first and steady windows' peaks) with its action loop taped;
     None where the tape does not apply (the caller replays the rank's shortened lists)."""
     if not tapes(schedule, rank):
         return None
-    entries = _records(model, training, schedule, device)
+    entries = _records(model, training, schedule, device, rank)
     if entries is None:
         return None
     m = TraceMachine()
