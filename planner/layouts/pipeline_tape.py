@@ -12,24 +12,30 @@ replayed and no period searched or extrapolated. Of the loop's rows only the fir
 be its window's first highest (the others are lower, or as high and later), so that one row is
 drawn, at its place between the step's start and end.
 
-What the loop leaves to the step's end is made as the composed actions leave it, summed: the
-send works' storages (each forward's output sent on and each input gradient sent back, freed
-when the loop ends), the last stage's output chunks (concatenated by ``merge_chunks``, freed at
-the next step's start) and losses, and the gradients each stage's first backward makes
-(``attach``). The rest of the step (its start, the sends' release, the optimizer) runs on the
-machine as it does after a replayed loop.
+What the loop leaves to the step's end is made as the composed actions leave it, summed per
+category: the send works' storages (each forward's output sent on and each input gradient sent
+back, freed when the loop ends; an I's input gradient is also its receive buffer's ``.grad``
+until the next step's start), the input gradients made the previous stage's gradient receive
+buffer on the rank (the V's turn: kept until the next step's replace them), the last stage's
+output chunks (concatenated by ``merge_chunks``, freed at the next step's start) and losses,
+and the gradients each stage's first backward makes (``attach``). The rest of the step (its
+start, the sends' release, the optimizer) runs on the machine as it does after a replayed
+loop.
 
-The records come from replays of the ranks' lists kept to a few micro-batches
-(``record_list``: each kind twice a step), one for each rank whose stage roles
-(``pipeline_replays.stage_roles``) no rank replayed before holds: a kind's record is relative
-to where it starts, so it does not depend on the other micro-batches. A kind is verified by
-two occurrences that agree: its two in a step, or the first step's and the second's (a step's
-first forward and backward of a stage occur once a step). Schedules: interleaved 1F1B (``TAPED``; its actions are forwards and full
-backwards, each stage's output sent to another rank), for lists of ``MIN_ACTIONS`` or more
-(shorter ones cost as little replayed). Anything a composed action would refuse
-(``Unmemoizable``) or a kind not verified raises ``NotTaped``, and the caller replays the
-rank's shortened lists instead. ``tests/test_pipeline_tape.py`` holds every rank's taped step
-equal to its full replay, op by op, to the byte.
+Schedules (``TAPED``): the multi-stage runtime's, whose actions are composed (interleaved 1F1B,
+ZB-H1, ZB-H2, ZB-V, DualPipeV; on the first stage an I does nothing and a W is a full
+backward, as ``ActionMemo`` keys them). The records come from replays of the ranks' lists kept
+to a few micro-batches (``record_list``: each kind twice a step), one for each rank whose
+stage roles (``pipeline_replays.stage_roles``) no rank replayed before holds: a kind's record
+is relative to where it starts, so it does not depend on the other micro-batches. A kind is
+verified by two occurrences that agree: its two in a step, or the first step's and the
+second's (a step's first forward and backward of a stage occur once a step). The planner
+tapes lists of ``MIN_ACTIONS`` or more, and compiles no template for them (their compile, on
+shortened lists, costs more than the tape at every size: ``tapes``); shorter ones are replayed
+and templated as before. Anything a composed action would refuse (``Unmemoizable``) or a kind
+not verified raises ``NotTaped``, and the caller replays the rank's shortened lists instead.
+``tests/test_pipeline_tape.py`` holds every rank's taped step equal to its full replay, op by
+op, to the byte, for every schedule it takes.
 """
 
 from __future__ import annotations
