@@ -134,10 +134,10 @@ class ActionMemo:
     # ---- the hooks --------------------------------------------------------------------------
     def forward(self, prog, st: int, j: int) -> None:
         role = self.roles.get(st, st)
-        key = ("F", role, prog.step_no)
-        first = prog.count(key) == 0
-        if first:  # the step's first of its kind: a kind of its own
-            key = ("F0", role, prog.step_no)
+        # the step's first of its kind on the stage: a kind of its own (counted per stage: two
+        # stages of a rank may share a role, planner/layouts/pipeline_tape.py)
+        first = prog.count(("F", st, prog.step_no)) == 0
+        key = ("F0" if first else "F", role, prog.step_no)
         e = self.entries.get(key)
         if e is not None and e.verified and backs_ready(self.entries, prog, st, j, role):
             return self._compose_forward(prog, st, j, e.rec)
@@ -163,7 +163,7 @@ class ActionMemo:
         that makes the gradients): composed after a composed forward, else replayed and
         recorded."""
         key = (kind, self.roles.get(st, st), prog.step_no)
-        if prog.count(key) == 0:
+        if prog.count((kind, st, prog.step_no)) == 0:
             key = (kind + "0", *key[1:])
         e = self.entries.get(key)
         p = prog.pending[st, j]

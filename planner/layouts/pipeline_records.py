@@ -120,13 +120,18 @@ def backs_ready(entries: dict, prog, st: int, j: int, role) -> bool:
     back must be verified by then. A step's first backward of a stage (``B0``, ``I0``, ``W0``)
     and the backwards of a stage that takes some micro-batches back by B and others by I and W
     (DualPipeV) must be verified already; the others are, by the two replayed before them (else
-    ``Unmemoizable``: every action op by op)."""
+    ``Unmemoizable``: every action op by op); where stages of the rank share a role, every
+    kind must be verified already."""
     got = prog.__dict__.get("_backs")
     if got is None:
-        got = prog._backs = _backward_kinds(prog.actions)
-    need, mixed = got
+        roles = prog.memo.roles if prog.memo is not None else {}
+        # stages of the rank sharing a role (planner/layouts/pipeline_tape.py): another stage's
+        # backwards may be the kind's first, so every kind must be verified already
+        shared = len(set(roles.values())) < len(roles)
+        got = prog._backs = (*_backward_kinds(prog.actions), shared)
+    need, mixed, shared = got
     kinds = need.get((st, j), ())
-    if st not in mixed and not any(k[-1] == "0" for k in kinds):
+    if st not in mixed and not shared and not any(k[-1] == "0" for k in kinds):
         return True
     for k in kinds:
         e = entries.get((k, role, prog.step_no))

@@ -26,7 +26,8 @@ Schedules (``TAPED``): the multi-stage runtime's, whose actions are composed (in
 ZB-H1, ZB-H2, ZB-V, DualPipeV; on the first stage an I does nothing and a W is a full
 backward, as ``ActionMemo`` keys them). The records come from replays of the ranks' lists kept
 to a few micro-batches (``record_list``: each kind twice a step), one for each rank whose
-stage roles (``pipeline_replays.stage_roles``) no rank replayed before holds: a kind's record
+stage roles (``kind_roles``: a stage's place on the rank told only as first or not) no rank
+replayed before holds: a kind's record
 is relative to where it starts, so it does not depend on the other micro-batches. A kind is
 verified by two occurrences that agree: its two in a step, or the first step's and the
 second's (a step's first forward and backward of a stage occur once a step). The planner
@@ -53,7 +54,7 @@ from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Val
 from planner.step.ops import T
 
-__all__ = ["NotTaped", "TAPED", "clear", "loop", "taped_rank", "tapes"]
+__all__ = ["NotTaped", "TAPED", "clear", "kind_roles", "loop", "record_list", "taped_rank", "tapes"]
 
 TAPED = ("interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 MIN_ACTIONS = 512  # shorter lists: their shortened replays cost about as little
@@ -104,8 +105,10 @@ def _columns(prog):
         vals = np.nonzero(np.bincount(tok))[0] if len(tok) else np.zeros(0, dtype=np.int64)
         lut = np.zeros(int(vals[-1]) + 1 if len(vals) else 1, dtype=np.int64)
         lut[vals] = np.arange(len(vals))
-        first = [int(np.argmax(tok == v)) for v in vals.tolist()]
-        got = prog._tape_columns = (tok, vals.tolist(), first, lut[tok])
+        idx = lut[tok]
+        first = np.full(len(vals), len(tok), dtype=np.int64)
+        np.minimum.at(first, idx, np.arange(len(tok)))
+        got = prog._tape_columns = (tok, vals.tolist(), first, idx)
     return got
 
 
@@ -193,10 +196,9 @@ def loop(prog) -> bool:
     steps = net_tot[ids]
     live = np.cumsum(steps)
     live -= steps  # the live bytes (total) at each action's start, from the loop's
-    sel = np.nonzero(drawn[ids])[0]
-    if len(sel):
-        tot = live[sel] + rel_tot[ids[sel]]
-        k = int(sel[int(np.argmax(tot))])
+    if drawn.any():
+        live += np.where(drawn, rel_tot, -_BIG)[ids]  # each action's row (none: far below)
+        k = int(np.argmax(live))
         before = np.bincount(ids[:k], minlength=len(net)) @ net
         row = start + before + rel[ids[k]]
         m.rows.append(tuple(int(x) for x in row))
@@ -275,13 +277,22 @@ def clear() -> None:
 cache.on_clear(clear)
 
 
-def record_list(schedule, rank: int) -> tuple[list, int]:
+def record_list(schedule, rank: int, roles: dict | None = None) -> tuple[list, int]:
     """(actions, micro-batch count) of the rank's list kept to a few micro-batches that hold
     each of its kinds twice a step where the list does: per pattern of actions a micro-batch
     goes through (the kind and stage of each, in order), its first two; and the micro-batch of
     each kind's first action (the step's first backward of a stage is the one that makes its
-    gradients). The kept micro-batches are numbered in order; the actions keep theirs."""
+    gradients). ``roles`` (stage -> role): the actions of each role's first stage alone (a
+    stage's actions take nothing from the rank's other stages but its receive buffers, made
+    with the program). The kept micro-batches are numbered in order; the actions keep
+    theirs."""
     kind, stage, mb = _decoded(schedule, rank)
+    if roles is not None:
+        firsts: dict = {}
+        for st in sorted(roles):
+            firsts.setdefault(roles[st], st)
+        mine = np.isin(stage, np.array(sorted(firsts.values()), dtype=np.int64))
+        kind, stage, mb = kind[mine], stage[mine], mb[mine]
     tok = _as_keyed(kind, stage)
     vals, first = np.unique(tok[tok >= 0], return_index=True)
     keep = set(mb[tok >= 0][first].tolist())
@@ -302,6 +313,14 @@ def record_list(schedule, rank: int) -> tuple[list, int]:
             zip(kind[kept].tolist(), stage[kept].tolist(), mb[kept].tolist())], len(new)
 
 
+def kind_roles(schedule, rank: int, model) -> dict[int, tuple]:
+    """What a stage's actions depend on (``pipeline_replays.stage_roles``) with its place on
+    the rank told only as first or not: a rank's later stages of one layer count and
+    neighbours (the interleaved middle) share their kinds' records."""
+    return {st: (role[0] == 0, *role[1:])
+            for st, role in stage_roles(schedule, rank, model).items()}
+
+
 def _records(model, training, schedule, device: str, rank: int) -> dict | None:
     """The kinds' records of the setup's ranks (the module docstring), those of ``rank``'s
     stage roles made now where no rank replayed before holds them (its own list kept to a few
@@ -312,12 +331,12 @@ def _records(model, training, schedule, device: str, rank: int) -> dict | None:
     got = _RECORDS.get(key, ())
     if got is None:
         return None
-    roles = stage_roles(schedule, rank, model)
+    roles = kind_roles(schedule, rank, model)
     if got and set(roles.values()) <= got[1]:
         return got[0]
     entries, covered = got or ({}, set())
     check_work_limit()
-    items, mb = record_list(schedule, rank)
+    items, mb = record_list(schedule, rank, roles)
     prog = PipelineRankProgram(model, training, schedule, rank, device=device,
                                machine=TraceMachine(), actions=items, microbatches=mb,
                                compress_blocks=True)
@@ -368,7 +387,7 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
     prog = PipelineRankProgram(model, training, schedule, rank, device=device, machine=m,
                                actions=[], microbatches=schedule.microbatches,
                                compress_blocks=True, one_receive_buffer=True)
-    prog.memo = ActionMemo(entries, stage_roles(schedule, rank, model))
+    prog.memo = ActionMemo(entries, kind_roles(schedule, rank, model))
     prog.tape = loop
     try:
         wanted = prog.step_windows()
