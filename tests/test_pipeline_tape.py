@@ -22,6 +22,7 @@ from planner.catalog.presets import resolve_model
 from planner.catalog.specs import MemoryRequest
 from planner.layouts import pipeline_actions as pa
 from planner.layouts import pipeline_tape as tp
+from planner.layouts import pipeline_tape_records as tpr
 from planner.layouts import pipelined
 from planner.layouts.pipeline_memory import PipelineRankProgram
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
@@ -132,7 +133,7 @@ def test_unverified_kinds_are_not_taped(every_list, monkeypatch) -> None:
     model, tr, _ = _setup()
     sched = build_schedule("interleaved-1f1b", 2, 8, 3)
     with monkeypatch.context() as mp:
-        mp.setattr(tp, "_verified_across_steps", lambda entries: None)
+        mp.setattr(tpr, "_verified_across_steps", lambda entries: None)
         assert tp.taped_rank(model, tr, sched, 0) is None
     cache.clear()
     assert tp.taped_rank(model, tr, sched, 0) is not None
@@ -145,13 +146,13 @@ def test_a_kept_list_holds_every_kind_twice() -> None:
                           ("zb-h2", 4, 16, 1), ("interleaved-1f1b", 4, 32, 4)):
         sched = build_schedule(name, p, m, v)
         for rank in range(p):
-            items, mb = tp.record_list(sched, rank)
+            items, mb = tpr.record_list(sched, rank)
             full = [(k, st, j) for k, st, j in
-                    zip(*(a.tolist() for a in tp._decoded(sched, rank)))]
+                    zip(*(a.tolist() for a in tpr.decoded(sched, rank)))]
             kept = [(k, st) for k, st, _, _ in items]
-            for kind in {(tp._NAMES[k], st) for k, st, _ in full}:
+            for kind in {(tpr.NAMES[k], st) for k, st, _ in full}:
                 assert kept.count(kind) >= min(2, sum(1 for k, st, _ in full
-                                                      if (tp._NAMES[k], st) == kind)), kind
+                                                      if (tpr.NAMES[k], st) == kind)), kind
             assert sorted({j for *_, j, _ in items}) == list(range(mb))
             firsts = {}
             for k, st, j in full:

@@ -34,7 +34,8 @@ from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
 from planner.layouts.pipeline_machines import TraceMachine, _Recording
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
-from planner.layouts.sharding import pipeline_stage_layers
+from planner.layouts.pipeline_schedules import rank_stages
+from planner.layouts.sharding import stage_layers
 from planner.machine import cache
 from planner.machine.peak_candidates import candidates
 from planner.machine.recording import _DEG, WindowTemplate, compile_windows
@@ -209,8 +210,8 @@ def stage_roles(schedule, rank: int, model) -> dict[int, tuple]:
     of the pipeline, its layer count, and whether its neighbours are on the same rank."""
 
     S, on = schedule.num_stages, schedule.stage_to_rank
-    layers = pipeline_stage_layers(model.num_layers, S)
-    mine = [s for s in range(S) if on[s] == rank]
+    layers = stage_layers(model.num_layers, S)
+    mine = rank_stages(schedule)[rank]
     return {s: (i, s == 0, s == S - 1, layers[s], s + 1 < S and on[s + 1] == rank,
                 s > 0 and on[s - 1] == rank) for i, s in enumerate(mine)}
 

@@ -264,37 +264,51 @@ def build_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
 
 # schedules built lately, with each rank's stages: a sweep over sizes (or a plan's layouts)
 # asks for the same schedule again and again (building one is O(ranks x micro-batches)).
-# Schedules are frozen and read only; those past _MEMO_ACTIONS actions are not kept.
+# Schedules are frozen and read only; those past _MEMO_ACTIONS actions (8 bytes each) are
+# kept two at most (_BIG: an estimate at the limits asks for its schedule several times, its
+# suggestions too).
 _SCHEDULES: dict[tuple, tuple] = {}
 _SCHEDULES_MAX = 16
 _MEMO_ACTIONS = 1 << 20
+_BIG: dict[tuple, tuple] = {}
+_BIG_MAX = 2
 _SCHEDULES_LOCK = threading.Lock()
 
 
 def schedule_of(name: str, p: int, m: int, v: int):
     """``build_schedule(name, p, m, v)``, memoised (a constraint error is raised each time)."""
     key = (name, p, m, v)
-    hit = _SCHEDULES.get(key)
+    hit = _SCHEDULES.get(key) or _BIG.get(key)
     if hit is not None:
         return hit[0]
     plan = build_schedule(name, p, m, v)
-    if sum(len(o) for o in plan.orders) <= _MEMO_ACTIONS:
-        stages: list[list[int]] = [[] for _ in range(plan.num_ranks)]
-        for s, r in enumerate(plan.stage_to_rank):
-            stages[r].append(s)
-        with _SCHEDULES_LOCK:
-            if len(_SCHEDULES) >= _SCHEDULES_MAX:
-                _SCHEDULES.pop(next(iter(_SCHEDULES)), None)
-            _SCHEDULES[key] = (plan, stages)
+    stages: list[list[int]] = [[] for _ in range(plan.num_ranks)]
+    for s, r in enumerate(plan.stage_to_rank):
+        stages[r].append(s)
+    kept, most = (_SCHEDULES, _SCHEDULES_MAX) \
+        if sum(len(o) for o in plan.orders) <= _MEMO_ACTIONS else (_BIG, _BIG_MAX)
+    with _SCHEDULES_LOCK:
+        if len(kept) >= most:
+            kept.pop(next(iter(kept)), None)
+        kept[key] = (plan, stages)
     return plan
 
 
 def rank_stages(schedule) -> list[list[int]]:
     """Each rank's stages, in order (kept with a memoised schedule)."""
-    for plan, stages in list(_SCHEDULES.values()):
+    for plan, stages in [*_SCHEDULES.values(), *_BIG.values()]:
         if plan is schedule:
             return stages
+    got = _BIG_STAGES.get(id(schedule))  # (a schedule too big to keep: the last few's)
+    if got is not None and got[0] is schedule:
+        return got[1]
     stages: list[list[int]] = [[] for _ in range(schedule.num_ranks)]
     for s, r in enumerate(schedule.stage_to_rank):
         stages[r].append(s)
+    if len(_BIG_STAGES) >= 4:
+        _BIG_STAGES.pop(next(iter(_BIG_STAGES)))
+    _BIG_STAGES[id(schedule)] = (schedule, stages)
     return stages
+
+
+_BIG_STAGES: dict[int, tuple] = {}

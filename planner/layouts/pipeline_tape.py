@@ -46,15 +46,15 @@ import numpy as np
 from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable, enabled
 from planner.layouts.pipeline_machines import TraceMachine
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
-from planner.layouts.pipeline_orders import B_SLOT, F_SLOT
-from planner.layouts.pipeline_records import _same, attach, forward_rest
-from planner.layouts.pipeline_replays import first_highest, stage_roles
+from planner.layouts.pipeline_records import attach, forward_rest
+from planner.layouts.pipeline_schedules import rank_stages
+from planner.layouts.pipeline_tape_records import NAMES, as_keyed, decoded, kind_roles, records
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
-from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Val
+from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, PeakSnap, Val
 from planner.step.ops import T
 
-__all__ = ["NotTaped", "TAPED", "clear", "kind_roles", "loop", "record_list", "taped_rank", "tapes"]
+__all__ = ["NotTaped", "TAPED", "clear", "columns", "loop", "taped_rank", "tapes"]
 
 TAPED = ("interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 MIN_ACTIONS = 512  # shorter lists: their shortened replays cost about as little
@@ -72,63 +72,47 @@ def _rec(memo: ActionMemo, name: str, st: int, step: int):
     return e.rec
 
 
-def _decoded(schedule, rank: int):
-    """The rank's actions as arrays: kind (F 0, B 1, I 2, W 3), stage, micro-batch."""
-    codes = np.asarray(schedule.orders[rank], dtype=np.int64)
-    m = schedule.microbatches
-    slot, rest = np.divmod(codes, schedule.num_stages * m)
-    full = np.frombuffer(bytes(schedule.full_backward), dtype=np.uint8)[rest] != 0
-    kind = np.where(slot == B_SLOT, np.where(full, 1, 2), np.where(slot == F_SLOT, 0, 3))
-    stage, mb = np.divmod(rest, m)
-    return kind, stage, mb
-
-
-def _as_keyed(kind, stage):
-    """Kind + 4 x stage of each action as ``ActionMemo`` keys it (on the first stage an I does
-    nothing, -1 here, and a W is a full backward, a B)."""
-    kind = kind.copy()
-    kind[(stage == 0) & (kind == 3)] = 1
-    tok = kind + 4 * stage
-    tok[(stage == 0) & (kind == 2)] = -1
-    return tok
-
-
-def _columns(prog):
-    """(each action's kind + 4 x stage as ``ActionMemo`` keys it, the values present, their
-    first actions, each action's index among them), kept with the program (both steps read
-    them)."""
-    got = prog.__dict__.get("_tape_columns")
-    if got is None:
-        kind, stage, _ = _decoded(prog.sched, prog.rank)
-        tok = _as_keyed(kind, stage)
-        tok = tok[tok >= 0]
-        vals = np.nonzero(np.bincount(tok))[0] if len(tok) else np.zeros(0, dtype=np.int64)
-        lut = np.zeros(int(vals[-1]) + 1 if len(vals) else 1, dtype=np.int64)
-        lut[vals] = np.arange(len(vals))
-        idx = lut[tok]
-        first = np.full(len(vals), len(tok), dtype=np.int64)
-        np.minimum.at(first, idx, np.arange(len(tok)))
-        got = prog._tape_columns = (tok, vals.tolist(), first, idx)
+def columns(schedule, rank: int) -> tuple:
+    """The rank's actions as ``ActionMemo`` keys them: (each one's kind id, 2 x the index of
+    its kind + 4 x stage among ``vals``, plus 1 for the step's first of its kind on its stage;
+    ``vals``; each kind id's count). Kept for the last few ranks."""
+    key = (id(schedule), rank)
+    got = _COLUMNS.get(key)
+    if got is not None and got[0] is schedule:
+        return got[1]
+    kind, stage, _ = decoded(schedule, rank)
+    tok = as_keyed(kind, stage)
+    tok = tok[tok >= 0]
+    vals = np.nonzero(np.bincount(tok))[0] if len(tok) else np.zeros(0, dtype=np.int64)
+    lut = np.zeros(int(vals[-1]) + 1 if len(vals) else 1, dtype=np.int64)
+    lut[vals] = np.arange(len(vals))
+    idx = lut[tok]
+    first = np.full(len(vals), len(tok), dtype=np.int64)
+    np.minimum.at(first, idx, np.arange(len(tok)))
+    ids = idx * 2
+    ids[first] += 1  # the step's first action of its kind and stage: a kind of its own
+    got = (ids, vals.tolist(), np.bincount(ids, minlength=2 * len(vals)))
+    if len(_COLUMNS) >= 8:
+        _COLUMNS.pop(next(iter(_COLUMNS)))
+    _COLUMNS[key] = (schedule, got)
     return got
 
 
-_NAMES = ("F", "B", "I", "W")
+_COLUMNS: dict[tuple, tuple] = {}
 
 
 def loop(prog) -> bool:
     """``PipelineRankProgram.step``'s action loop from its kinds' records (the module
-    docstring); True once done. Raises ``NotTaped`` before it changes anything but the
-    gradients a first backward makes."""
+    docstring), but the row it draws: its kinds' tables are appended to ``prog.tape_loops``
+    (where its row goes among the machine's, the window, the live bytes at its start, and per
+    kind: (kind, role, first) key, net, relative row, whether it draws one, its (op, phase));
+    True once done. Raises ``NotTaped`` before it changes anything but the gradients a first
+    backward makes."""
     m, memo, sched = prog.m, prog.memo, prog.sched
     S, on, rank, step = sched.num_stages, sched.stage_to_rank, prog.rank, prog.step_no
     check_work_limit()
-    tok, vals, first_at, inv = _columns(prog)
-    n = len(tok)
-    if not n:
-        return True
-    ids = inv * 2
-    ids[first_at] += 1  # the step's first action of its kind and stage: a kind of its own
-    counts = np.bincount(ids, minlength=2 * len(vals))
+    ids, vals, counts = columns(sched, rank)
+    n = len(ids)
     used = np.nonzero(counts)[0].tolist()
     width = len(m.cur)
     net = np.zeros((2 * len(vals), width), dtype=np.int64)
@@ -150,7 +134,7 @@ def loop(prog) -> bool:
     for i in used:
         t = vals[i // 2]
         st, k, first, c = t >> 2, t & 3, i & 1, int(counts[i])
-        rec = _rec(memo, _NAMES[k] + ("0" if first else ""), st, step)
+        rec = _rec(memo, NAMES[k] + ("0" if first else ""), st, step)
         d = list(rec.net)
         if k == 0:
             if rec.sent:
@@ -169,13 +153,13 @@ def loop(prog) -> bool:
                     d[_INDEX[cat]] += nbytes
             if k in (1, 2) and st > 0:  # the input gradient, handed back
                 if rec.grad is None or len(rec.grad) != 3:
-                    raise NotTaped((_NAMES[k], st, "input gradient"))
+                    raise NotTaped((NAMES[k], st, "input gradient"))
                 nbytes, cat, _ = rec.grad
                 where = "local" if on[st - 1] == rank else "send"
                 key = (where + ("+grad" if k == 2 else ""), st - 1, cat)
                 left[key] = left.get(key, 0) + nbytes * c
             elif k in (1, 2) and rec.grad is not None:
-                raise NotTaped((_NAMES[k], st, "input gradient"))
+                raise NotTaped((NAMES[k], st, "input gradient"))
             if first and rec.made:
                 made.append((st, rec.made))
         net[i] = d
@@ -184,31 +168,21 @@ def loop(prog) -> bool:
             drawn[i], rel[i] = True, rec.rows[plan]
             metas[i] = rec.names[plan]
     start = np.asarray(m.cur, dtype=np.int64)
-    net_tot, rel_tot = net.sum(1), rel.sum(1)
     if (int(np.abs(net).max()) * n + int(np.abs(start).max(initial=0)) * width
             + int(np.abs(rel).max()) * width) >= _BIG:
         raise NotTaped("sizes past int64")
     for st, rec_made in made:  # (each checks every place before it makes any)
         if not attach(prog, st, rec_made):
             raise NotTaped(("made", st, "gradients"))
-    # the loop's rows: each drawing action's start plus its kind's row; only the first highest
-    # can be its window's first highest (the others are lower, or as high and later)
-    steps = net_tot[ids]
-    live = np.cumsum(steps)
-    live -= steps  # the live bytes (total) at each action's start, from the loop's
-    if drawn.any():
-        live += np.where(drawn, rel_tot, -_BIG)[ids]  # each action's row (none: far below)
-        k = int(np.argmax(live))
-        before = np.bincount(ids[:k], minlength=len(net)) @ net
-        row = start + before + rel[ids[k]]
-        m.rows.append(tuple(int(x) for x in row))
-        op, phase = metas[ids[k]]
-        m.meta.append((op, phase, m.window))
     end = start + counts @ net
     _leave(prog, left, chunks, losses)
     m.cur[:] = [int(x) for x in end]
     m.total = sum(m.cur)
     memo.composed += n
+    # its rows are drawn by the caller (``taped_rank``): the kinds' tables, by (kind, role, first)
+    keys = [(vals[i // 2] & 3, memo.roles.get(vals[i // 2] >> 2), i & 1) for i in used]
+    prog.tape_loops.append((len(m.rows), m.window, start, keys, net[used], rel[used],
+                            drawn[used], [metas[i] for i in used]))
     return True
 
 
@@ -265,133 +239,124 @@ def _forward(memo: ActionMemo, prog, st: int, first: int) -> tuple[int, str]:
     return rec.out.nbytes, rec.out.cat
 
 
-# ---- the kinds' records ------------------------------------------------------------------------
-_RECORDS: dict = {}  # (setup, layout, micro-batch count) -> verified ActionMemo entries
-_RECORDS_MAX = 64
+# ---- a rank's step ------------------------------------------------------------------------------
+# (setup, the rank's stage roles in order, its actions' count per kind) -> ``_Skeleton``
+_SKELETONS: dict[tuple, object] = {}
+_SKELETONS_MAX = 256
 
 
 def clear() -> None:
-    _RECORDS.clear()
+    _SKELETONS.clear()
+    _COLUMNS.clear()
 
 
 cache.on_clear(clear)
 
 
-def record_list(schedule, rank: int, roles: dict | None = None) -> tuple[list, int]:
-    """(actions, micro-batch count) of the rank's list kept to a few micro-batches that hold
-    each of its kinds twice a step where the list does: per pattern of actions a micro-batch
-    goes through (the kind and stage of each, in order), its first two; and the micro-batch of
-    each kind's first action (the step's first backward of a stage is the one that makes its
-    gradients). ``roles`` (stage -> role): the actions of each role's first stage alone (a
-    stage's actions take nothing from the rank's other stages but its receive buffers, made
-    with the program). The kept micro-batches are numbered in order; the actions keep
-    theirs."""
-    kind, stage, mb = _decoded(schedule, rank)
-    if roles is not None:
-        firsts: dict = {}
-        for st in sorted(roles):
-            firsts.setdefault(roles[st], st)
-        mine = np.isin(stage, np.array(sorted(firsts.values()), dtype=np.int64))
-        kind, stage, mb = kind[mine], stage[mine], mb[mine]
-    tok = _as_keyed(kind, stage)
-    vals, first = np.unique(tok[tok >= 0], return_index=True)
-    keep = set(mb[tok >= 0][first].tolist())
-    order = np.argsort(mb, kind="stable")  # each micro-batch's actions, in order
-    bounds = np.flatnonzero(np.diff(mb[order])) + 1
-    seq = tok[order]
-    seen: dict[bytes, int] = {}
-    for j, a, b in zip(mb[order][np.r_[0, bounds]].tolist(), np.r_[0, bounds].tolist(),
-                       np.r_[bounds, len(seq)].tolist()):
-        key = seq[a:b].tobytes()
-        n = seen.get(key, 0)
-        if n < 2:
-            seen[key] = n + 1
-            keep.add(j)
-    kept = np.isin(mb, np.fromiter(keep, dtype=np.int64, count=len(keep)))
-    new = {j: i for i, j in enumerate(sorted(keep))}
-    return [(_NAMES[k], st, new[j], 0) for k, st, j in
-            zip(kind[kept].tolist(), stage[kept].tolist(), mb[kept].tolist())], len(new)
-
-
-def kind_roles(schedule, rank: int, model) -> dict[int, tuple]:
-    """What a stage's actions depend on (``pipeline_replays.stage_roles``) with its place on
-    the rank told only as first or not: a rank's later stages of one layer count and
-    neighbours (the interleaved middle) share their kinds' records."""
-    return {st: (role[0] == 0, *role[1:])
-            for st, role in stage_roles(schedule, rank, model).items()}
-
-
-def _records(model, training, schedule, device: str, rank: int) -> dict | None:
-    """The kinds' records of the setup's ranks (the module docstring), those of ``rank``'s
-    stage roles made now where no rank replayed before holds them (its own list kept to a few
-    micro-batches replayed); None where a replay does not compose."""
-    key = (model.model_dump_json(), training.model_dump_json(), device, schedule.name,
-           schedule.num_stages, schedule.num_ranks, tuple(schedule.stage_to_rank),
-           schedule.microbatches)
-    got = _RECORDS.get(key, ())
-    if got is None:
-        return None
-    roles = kind_roles(schedule, rank, model)
-    if got and set(roles.values()) <= got[1]:
-        return got[0]
-    entries, covered = got or ({}, set())
-    check_work_limit()
-    items, mb = record_list(schedule, rank, roles)
-    prog = PipelineRankProgram(model, training, schedule, rank, device=device,
-                               machine=TraceMachine(), actions=items, microbatches=mb,
-                               compress_blocks=True)
-    prog.memo = ActionMemo(entries, roles)
-    try:
-        if not prog.memo.applies(prog):
-            raise Unmemoizable("not composed")
-        prog.step_windows()
-    except Unmemoizable:
-        entries = None
-    if entries is not None:
-        _verified_across_steps(entries)
-    if len(_RECORDS) >= _RECORDS_MAX and key not in _RECORDS:
-        _RECORDS.pop(next(iter(_RECORDS)), None)
-    _RECORDS[key] = None if entries is None else (entries, covered | set(roles.values()))
-    return entries
-
-
-def _verified_across_steps(entries: dict) -> None:
-    """A kind's record in the first step and in the second, alike, verify each other (two
-    occurrences that agree, as ``ActionMemo`` verifies a kind within a step)."""
-    for (name, role, step), e in list(entries.items()):
-        if step != 1 or e.bad:
-            continue
-        e2 = entries.get((name, role, 2))
-        if e2 is not None and not e2.bad and _same(e.rec, e2.rec):
-            e.verified = e2.verified = True
-
-
 def tapes(schedule, rank: int) -> bool:
-    """Whether ``taped_rank`` takes the rank: a schedule it tapes, a list long enough that
-    its shortened replays (or a template's compile) cost more."""
+    """Whether the planner answers the rank from the tape (and compiles no template for it): a
+    schedule the tape takes, a list long enough that its shortened replays (or a template's
+    compile) cost more."""
     return (schedule.name in TAPED and len(schedule.orders[rank]) >= MIN_ACTIONS
             and enabled())
+
+
+class _Skeleton:
+    """A rank's taped step but its loops' rows: per window, its first highest other row
+    (total, index, row, (op, phase)) or None; per loop, where its row goes, its window, the
+    live bytes at its start and its kinds' tables (by key)."""
+
+    __slots__ = ("best", "loops", "wanted")
+
+    def __init__(self, wanted, best, loops) -> None:
+        self.wanted, self.best, self.loops = wanted, best, loops
 
 
 def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
                ) -> StagePeak | None:
     """The rank's replayed step (first and steady windows' peaks) with its action loop taped;
-    None where the tape does not apply (the caller replays the rank's shortened lists)."""
+    None where the tape does not apply (the caller replays the rank's shortened lists). Ranks
+    whose stages have the same roles, in order, and whose actions count the same per kind (the
+    middle ranks of a deep pipeline) leave the same rows outside their loops: those are made
+    once (``_Skeleton``), and each such rank draws its loops' rows alone."""
     if not tapes(schedule, rank):
         return None
-    entries = _records(model, training, schedule, device, rank)
+    roles = kind_roles(schedule, rank, model)
+    entries = records(model, training, schedule, device, rank)
     if entries is None:
         return None
+    ids, vals, counts = columns(schedule, rank)
+    keys = [(v & 3, roles[v >> 2], f) for v in vals for f in (0, 1)]
+    per: dict = {}
+    for i in np.nonzero(counts)[0].tolist():
+        per[keys[i]] = per.get(keys[i], 0) + int(counts[i])
+    stages = rank_stages(schedule)[rank]
+    skey = (model.model_dump_json(), training.model_dump_json(), device, schedule.name,
+            schedule.num_stages, schedule.microbatches, tuple(roles[st] for st in stages),
+            tuple(sorted(per.items())))
+    sk = _SKELETONS.get(skey)
+    if sk is None:
+        sk = _skeleton(model, training, schedule, rank, device, entries, roles)
+        if sk is None:
+            return None
+        if len(_SKELETONS) >= _SKELETONS_MAX:
+            _SKELETONS.pop(next(iter(_SKELETONS)))
+        _SKELETONS[skey] = sk
+    return StagePeak(rank, list(stages), *[_peak(sk, w, ids, keys) for w in sk.wanted])
+
+
+def _skeleton(model, training, schedule, rank, device, entries, roles) -> _Skeleton | None:
     m = TraceMachine()
     # (no action list: the loop reads the rank's action columns)
     prog = PipelineRankProgram(model, training, schedule, rank, device=device, machine=m,
                                actions=[], microbatches=schedule.microbatches,
                                compress_blocks=True, one_receive_buffer=True)
-    prog.memo = ActionMemo(entries, kind_roles(schedule, rank, model))
-    prog.tape = loop
+    prog.memo = ActionMemo(entries, roles)
+    prog.tape, prog.tape_loops = loop, []
     try:
         wanted = prog.step_windows()
     except (NotTaped, Unmemoizable):
         return None
     rows, meta = m.trace()
-    return StagePeak(rank, prog.stages, *[first_highest(rows, meta, w) for w in wanted])
+    windows = np.array([mk[2] for mk in meta], dtype=np.int64)
+    best = {}
+    for w in wanted:
+        sel = np.nonzero(windows == w)[0]
+        if len(sel):
+            i = int(sel[int(np.argmax(rows[sel].sum(1)))])
+            best[w] = (int(rows[i].sum()), i, rows[i], meta[i][:2])
+    loops, index, keys0 = [], None, None
+    for at, w, start, keys, net, rel, drawn, metas in prog.tape_loops:
+        if keys != keys0:  # (the steps' kinds alike: one index, one mapping of a rank's)
+            index, keys0 = {k: i for i, k in enumerate(keys)}, keys
+        if drawn.any():  # (the kinds' totals, a row's where it draws one, far below where not)
+            loops.append((at, w, start, index, net, net.sum(1), rel,
+                          np.where(drawn, rel.sum(1), -_BIG), metas))
+    return _Skeleton(wanted, best, loops)
+
+
+def _peak(sk: _Skeleton, window: int, ids, keys: list) -> PeakSnap:
+    """The window's first highest row: the skeleton's, or a loop's if higher (or as high and
+    earlier). A loop's: each drawing action's start plus its kind's row, the first highest
+    (the others are lower, or as high and later)."""
+    best = sk.best.get(window)
+    cls, index_of = None, None
+    for at, w, start, index, net, net_tot, rel, drawn_tot, metas in sk.loops:
+        if w != window:
+            continue
+        if index is not index_of:
+            cls = np.array([index.get(k, 0) for k in keys], dtype=np.int64)[ids]
+            index_of = index
+        steps = net_tot[cls]
+        live = np.cumsum(steps)
+        live -= steps  # the live bytes (total) at each action's start, from the loop's
+        live += drawn_tot[cls]  # its row's (none: far below)
+        k = int(np.argmax(live))
+        total = int(start.sum()) + int(live[k])
+        if best is None or total > best[0] or (total == best[0] and at <= best[1]):
+            row = start + np.bincount(cls[:k], minlength=len(net)) @ net + rel[cls[k]]
+            best = (total, at, row, metas[cls[k]])
+    if best is None:
+        return PeakSnap()
+    row = [int(x) for x in best[2]]
+    return PeakSnap(sum(row), row, best[3][0], best[3][1])

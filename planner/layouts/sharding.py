@@ -86,7 +86,13 @@ _numel = math.prod  # elements of a shape (1 for a 0-dim tensor)
 
 def pipeline_stage_layers(num_layers: int, p: int) -> list[int]:
     """Layers per pipeline stage: even split, the first ``L mod p`` stages take one more."""
-    return [num_layers // p + (1 if s < num_layers % p else 0) for s in range(p)]
+    return list(stage_layers(num_layers, p))
+
+
+@functools.lru_cache(maxsize=256)
+def stage_layers(num_layers: int, p: int) -> tuple[int, ...]:
+    """``pipeline_stage_layers`` as a tuple, kept (a deep pipeline's ranks each read it)."""
+    return tuple(num_layers // p + (1 if s < num_layers % p else 0) for s in range(p))
 
 
 def data_parallel_implementation(zero_stage: int, world_size: int) -> str:

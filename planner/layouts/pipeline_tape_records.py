@@ -1,0 +1,151 @@
+"""The records a pipeline rank's taped loop (planner/layouts/pipeline_tape.py) is made from.
+
+A kind's record (``planner/layouts/pipeline_records.py``) is what a replay of one action of the
+kind did, relative to where it started, so it does not depend on the rank's other actions or
+micro-batches. ``record_list`` keeps a rank's list to a few micro-batches that hold each of its
+kinds twice a step (and to one stage per role: a stage's actions take nothing from the rank's
+other stages but its receive buffers); ``_records`` replays it, once for each rank whose stage
+roles (``kind_roles``: ``pipeline_replays.stage_roles`` with a stage's place on the rank told
+only as first or not) no rank replayed before holds, and verifies each kind by two occurrences
+that agree: its two in a step, or the first step's and the second's (a step's first forward
+and backward of a stage occur once a step).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
+from planner.layouts.pipeline_machines import TraceMachine
+from planner.layouts.pipeline_memory import PipelineRankProgram
+from planner.layouts.pipeline_orders import B_SLOT, F_SLOT
+from planner.layouts.pipeline_records import _same
+from planner.layouts.pipeline_replays import stage_roles
+from planner.machine import cache
+from planner.machine.deadline import check as check_work_limit
+
+__all__ = ["NAMES", "as_keyed", "clear", "decoded", "kind_roles", "record_list", "records"]
+
+
+def decoded(schedule, rank: int):
+    """The rank's actions as arrays: kind (F 0, B 1, I 2, W 3), stage, micro-batch."""
+    codes = np.asarray(schedule.orders[rank], dtype=np.int64)
+    m = schedule.microbatches
+    slot, rest = np.divmod(codes, schedule.num_stages * m)
+    full = np.frombuffer(bytes(schedule.full_backward), dtype=np.uint8)[rest] != 0
+    kind = np.where(slot == B_SLOT, np.where(full, 1, 2), np.where(slot == F_SLOT, 0, 3))
+    stage, mb = np.divmod(rest, m)
+    return kind, stage, mb
+
+
+def as_keyed(kind, stage):
+    """Kind + 4 x stage of each action as ``ActionMemo`` keys it (on the first stage an I does
+    nothing, -1 here, and a W is a full backward, a B)."""
+    kind = kind.copy()
+    kind[(stage == 0) & (kind == 3)] = 1
+    tok = kind + 4 * stage
+    tok[(stage == 0) & (kind == 2)] = -1
+    return tok
+
+
+NAMES = ("F", "B", "I", "W")
+
+
+_RECORDS: dict = {}  # (setup, layout, micro-batch count) -> verified ActionMemo entries
+_RECORDS_MAX = 64
+
+
+def clear() -> None:
+    _RECORDS.clear()
+
+
+cache.on_clear(clear)
+
+
+def record_list(schedule, rank: int, roles: dict | None = None) -> tuple[list, int]:
+    """(actions, micro-batch count) of the rank's list kept to a few micro-batches that hold
+    each of its kinds twice a step where the list does: per pattern of actions a micro-batch
+    goes through (the kind and stage of each, in order), its first two; and the micro-batch of
+    each kind's first action (the step's first backward of a stage is the one that makes its
+    gradients). ``roles`` (stage -> role): the actions of each role's first stage alone (a
+    stage's actions take nothing from the rank's other stages but its receive buffers, made
+    with the program). The kept micro-batches are numbered in order; the actions keep
+    theirs."""
+    kind, stage, mb = decoded(schedule, rank)
+    if roles is not None:
+        firsts: dict = {}
+        for st in sorted(roles):
+            firsts.setdefault(roles[st], st)
+        mine = np.isin(stage, np.array(sorted(firsts.values()), dtype=np.int64))
+        kind, stage, mb = kind[mine], stage[mine], mb[mine]
+    tok = as_keyed(kind, stage)
+    vals, first = np.unique(tok[tok >= 0], return_index=True)
+    keep = set(mb[tok >= 0][first].tolist())
+    order = np.argsort(mb, kind="stable")  # each micro-batch's actions, in order
+    bounds = np.flatnonzero(np.diff(mb[order])) + 1
+    seq = tok[order]
+    seen: dict[bytes, int] = {}
+    for j, a, b in zip(mb[order][np.r_[0, bounds]].tolist(), np.r_[0, bounds].tolist(),
+                       np.r_[bounds, len(seq)].tolist()):
+        key = seq[a:b].tobytes()
+        n = seen.get(key, 0)
+        if n < 2:
+            seen[key] = n + 1
+            keep.add(j)
+    kept = np.isin(mb, np.fromiter(keep, dtype=np.int64, count=len(keep)))
+    new = {j: i for i, j in enumerate(sorted(keep))}
+    return [(NAMES[k], st, new[j], 0) for k, st, j in
+            zip(kind[kept].tolist(), stage[kept].tolist(), mb[kept].tolist())], len(new)
+
+
+def kind_roles(schedule, rank: int, model) -> dict[int, tuple]:
+    """What a stage's actions depend on (``pipeline_replays.stage_roles``) with its place on
+    the rank told only as first or not: a rank's later stages of one layer count and
+    neighbours (the interleaved middle) share their kinds' records."""
+    return {st: (role[0] == 0, *role[1:])
+            for st, role in stage_roles(schedule, rank, model).items()}
+
+
+def records(model, training, schedule, device: str, rank: int) -> dict | None:
+    """The kinds' records of the setup's ranks (the module docstring), those of ``rank``'s
+    stage roles made now where no rank replayed before holds them (its own list kept to a few
+    micro-batches replayed); None where a replay does not compose."""
+    key = (model.model_dump_json(), training.model_dump_json(), device, schedule.name,
+           schedule.num_stages, schedule.num_ranks, tuple(schedule.stage_to_rank),
+           schedule.microbatches)
+    got = _RECORDS.get(key, ())
+    if got is None:
+        return None
+    roles = kind_roles(schedule, rank, model)
+    if got and set(roles.values()) <= got[1]:
+        return got[0]
+    entries, covered = got or ({}, set())
+    check_work_limit()
+    items, mb = record_list(schedule, rank, roles)
+    prog = PipelineRankProgram(model, training, schedule, rank, device=device,
+                               machine=TraceMachine(), actions=items, microbatches=mb,
+                               compress_blocks=True)
+    prog.memo = ActionMemo(entries, roles)
+    try:
+        if not prog.memo.applies(prog):
+            raise Unmemoizable("not composed")
+        prog.step_windows()
+    except Unmemoizable:
+        entries = None
+    if entries is not None:
+        _verified_across_steps(entries)
+    if len(_RECORDS) >= _RECORDS_MAX and key not in _RECORDS:
+        _RECORDS.pop(next(iter(_RECORDS)), None)
+    _RECORDS[key] = None if entries is None else (entries, covered | set(roles.values()))
+    return entries
+
+
+def _verified_across_steps(entries: dict) -> None:
+    """A kind's record in the first step and in the second, alike, verify each other (two
+    occurrences that agree, as ``ActionMemo`` verifies a kind within a step)."""
+    for (name, role, step), e in list(entries.items()):
+        if step != 1 or e.bad:
+            continue
+        e2 = entries.get((name, role, 2))
+        if e2 is not None and not e2.bad and _same(e.rec, e2.rec):
+            e.verified = e2.verified = True
