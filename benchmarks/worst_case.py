@@ -13,7 +13,8 @@ child's peak resident set minus the parent's at the fork. A child past ``--limit
 and reported as over the limit (the service's own per-request work limit is lifted for this, so
 the raw cost is what is measured).
 
-Candidates: hand-picked extremes (the largest layer counts, pipeline ranks, micro-batch counts,
+Candidates: hand-picked extremes (the largest layer counts, pipeline ranks, micro-batch counts
+(every schedule at the limit of pipeline ranks x virtual stages x micro-batches),
 data-parallel degrees, checkpoint plans, LoRA, eager attention with dropout, ranks holding two
 stages (interleaved, the V shapes), timelines and SVG) and a seeded random search over layers,
 widths, ranks, micro-batches, every pipeline schedule (with the stages per rank it allows),
@@ -66,8 +67,11 @@ def hand_picked() -> list[tuple[str, str, dict, dict]]:
     """(label, path, body, headers): the extremes a newcomer's probe found slow."""
     every_other = {"strategy": "every-k", "every_k": 2}
     return [
+        # (pipeline_parallel x virtual stages x micro-batches is at most 2^20: 422 past it)
         ("memory 1024 layers pp 1024 m 65536", "/v1/memory",
          _mem(BIG, {"gradient_accumulation_steps": 65536}, {"pipeline_parallel": 1024}), {}),
+        ("memory 1024 layers pp 1024 m 1024", "/v1/memory",
+         _mem(BIG, {"gradient_accumulation_steps": 1024}, {"pipeline_parallel": 1024}), {}),
         ("zero 1024 layers dp 1048576", "/v1/zero",
          _mem(BIG, None, {"data_parallel": 1_048_576}), {}),
         ("memory 128 layers pp 16 m 128", "/v1/memory",
@@ -110,6 +114,17 @@ def hand_picked() -> list[tuple[str, str, dict, dict]]:
         ("memory 1024 layers pp 64 dualpipe m 512", "/v1/memory",
          _mem(BIG, {"gradient_accumulation_steps": 512},
               {"pipeline_parallel": 64, "pipeline_schedule": "dualpipe"}), {}),
+        # every schedule at the limit of pipeline_parallel x virtual stages x micro-batches
+        # (2^20): the deepest pipelines, and the most stages on one rank
+        *[(f"memory 1024 layers pp {pp} {name} v {v} m {m}", "/v1/memory",
+           _mem(BIG, {"gradient_accumulation_steps": m},
+                {"pipeline_parallel": pp, "pipeline_schedule": name,
+                 "virtual_pipeline_stages": v}), {})
+          for name, pp, v, m in (("interleaved-1f1b", 2, 512, 1024),
+                                 ("interleaved-1f1b", 256, 4, 1024),
+                                 ("zb-h1", 1024, 1, 1024), ("zb-h2", 1024, 1, 1024),
+                                 ("zb-v", 512, 2, 1024), ("dualpipe-v", 256, 2, 2048),
+                                 ("gpipe", 1024, 1, 1024))],
     ]
 
 
