@@ -2,8 +2,8 @@
 
 A kind's record (``planner/layouts/pipeline_records.py``) is what a replay of one action of the
 kind did, relative to where it started, so it does not depend on the rank's other actions or
-micro-batches. ``record_list`` keeps a rank's list to a few micro-batches that hold each of its
-kinds twice a step (and to one stage per role: a stage's actions take nothing from the rank's
+micro-batches. ``record_list`` keeps a rank's list to the micro-batches of each kind's first two actions
+on each stage (and to one stage per role: a stage's actions take nothing from the rank's
 other stages but its receive buffers); ``_records`` replays it, once for each rank whose stage
 roles (``kind_roles``: ``pipeline_replays.stage_roles`` with a stage's place on the rank told
 only as first or not) no rank replayed before holds, and verifies each kind by two occurrences
@@ -63,14 +63,13 @@ cache.on_clear(clear)
 
 
 def record_list(schedule, rank: int, roles: dict | None = None) -> tuple[list, int]:
-    """(actions, micro-batch count) of the rank's list kept to a few micro-batches that hold
-    each of its kinds twice a step where the list does: per pattern of actions a micro-batch
-    goes through (the kind and stage of each, in order), its first two; and the micro-batch of
-    each kind's first action (the step's first backward of a stage is the one that makes its
-    gradients). ``roles`` (stage -> role): the actions of each role's first stage alone (a
-    stage's actions take nothing from the rank's other stages but its receive buffers, made
-    with the program). The kept micro-batches are numbered in order; the actions keep
-    theirs."""
+    """(actions, micro-batch count) of the rank's list kept to the micro-batches of each kind's
+    first two actions on each stage (as ``ActionMemo`` keys them: the step's first, a kind of
+    its own, and one more), in order (the step's first backward of a stage, whichever kind, is
+    the one that makes its gradients). ``roles`` (stage -> role): the actions of each role's
+    first stage alone (a stage's actions take nothing from the rank's other stages but its
+    receive buffers, made with the program). The kept micro-batches are numbered in order; the
+    actions keep theirs."""
     kind, stage, mb = decoded(schedule, rank)
     if roles is not None:
         firsts: dict = {}
@@ -79,19 +78,14 @@ def record_list(schedule, rank: int, roles: dict | None = None) -> tuple[list, i
         mine = np.isin(stage, np.array(sorted(firsts.values()), dtype=np.int64))
         kind, stage, mb = kind[mine], stage[mine], mb[mine]
     tok = as_keyed(kind, stage)
-    vals, first = np.unique(tok[tok >= 0], return_index=True)
-    keep = set(mb[tok >= 0][first].tolist())
-    order = np.argsort(mb, kind="stable")  # each micro-batch's actions, in order
-    bounds = np.flatnonzero(np.diff(mb[order])) + 1
-    seq = tok[order]
-    seen: dict[bytes, int] = {}
-    for j, a, b in zip(mb[order][np.r_[0, bounds]].tolist(), np.r_[0, bounds].tolist(),
-                       np.r_[bounds, len(seq)].tolist()):
-        key = seq[a:b].tobytes()
-        n = seen.get(key, 0)
-        if n < 2:
-            seen[key] = n + 1
-            keep.add(j)
+    keep: set = set()
+    for twice in (False, True):  # each kind's first action, then its second
+        live = tok >= 0
+        _, at = np.unique(tok[live], return_index=True)
+        keep.update(mb[live][at].tolist())
+        if not twice:
+            tok = tok.copy()
+            tok[np.flatnonzero(live)[at]] = -1
     kept = np.isin(mb, np.fromiter(keep, dtype=np.int64, count=len(keep)))
     new = {j: i for i, j in enumerate(sorted(keep))}
     return [(NAMES[k], st, new[j], 0) for k, st, j in
