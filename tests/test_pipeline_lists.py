@@ -146,7 +146,8 @@ def _ref_find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int =
             reps = (i1 - i0 + 1 + P) // P  # actions i0 .. i1 + P
             if reps >= min_reps and d[i0] > 0:
                 found.append(Run(int(i0), P, int(d[i0]), int(reps)))
-                best = max(best, (int(reps) * P, P))
+                if int(reps) * P > best[0]:
+                    best = (int(reps) * P, P)
     return _ref_disjoint_runs(found, min_reps)
 
 

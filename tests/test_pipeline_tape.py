@@ -5,8 +5,8 @@ The oracle is ``PipelineRankProgram(...).run_steps()``: every action of the rank
 replayed op by op on the plain step simulator, every block of every stage. The tape evaluates
 the loop from the kinds' records (replays of lists kept to a few micro-batches) in a few array
 operations. Both peaks (first step, steady step) must be equal field by field (total, every category, op,
-phase), to the byte, for every rank of random setups of every schedule it takes (interleaved
-1F1B, ZB-H1 with one or two stages per rank, ZB-H2, ZB-V, DualPipeV): stage and micro-batch
+phase), to the byte, for every rank of random setups of every schedule it takes (GPipe, 1F1B,
+interleaved 1F1B, ZB-H1 with one or two stages per rank, ZB-H2, ZB-V, DualPipeV): stage and micro-batch
 counts (fewer micro-batches than ranks, one round, several), stages of 1-2 blocks and of 7-9
 (whose middle blocks are stood in for), both families, every replayed precision and several
 optimizers.
@@ -30,8 +30,8 @@ from planner.machine import cache
 
 
 # every schedule the tape takes, with the stages per rank each allows
-SCHEDULES = [("interleaved-1f1b", (2, 3, 4)), ("zb-h1", (1, 2)), ("zb-h2", (1,)), ("zb-v", (2,)),
-             ("dualpipe-v", (2,))]
+SCHEDULES = [("gpipe", (1,)), ("1f1b", (1,)), ("interleaved-1f1b", (2, 3, 4)), ("zb-h1", (1, 2)),
+             ("zb-h2", (1,)), ("zb-v", (2,)), ("dualpipe-v", (2,))]
 
 
 def _case(seed: int):
@@ -70,7 +70,7 @@ def every_list(monkeypatch):
     cache.clear()
 
 
-@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("seed", range(42))
 def test_taped_ranks_equal_full_replay(seed: int, every_list) -> None:
     model, tr, sched = _case(seed)
     for rank in range(sched.num_ranks):
@@ -85,17 +85,23 @@ def _setup(layers: int = 6, **training):
         {"model": {"family": "llama", "num_layers": layers, "hidden_size": 32, "num_heads": 4,
                    "num_kv_heads": 2, "vocab_size": 96, "max_sequence_length": 64},
          "training": {"micro_batch_size": 2, "sequence_length": 16,
-                      "gradient_accumulation_steps": 96, **training},
+                      "gradient_accumulation_steps": 96} | training,
          "parallelism": {"pipeline_parallel": 2, "pipeline_schedule": "interleaved-1f1b",
                          "virtual_pipeline_stages": 3}})
     return resolve_model(req.model), req.training, req.parallelism
 
 
-def test_the_planner_tapes_long_lists(monkeypatch) -> None:
+@pytest.mark.parametrize("name", ["interleaved-1f1b", "1f1b"])
+def test_the_planner_tapes_long_lists(monkeypatch, name: str) -> None:
     """Ranks of 512 actions or more are taped on POST /v1/memory's path (no template, no
-    shortened list), and every rank's peaks are the full replay's."""
-    model, tr, par = _setup()
-    sched = build_schedule("interleaved-1f1b", 2, 96, 3)
+    shortened list; GPipe and 1F1B past ``DEEP`` ranks), and every rank's peaks are the full
+    replay's."""
+    monkeypatch.setattr(tp, "DEEP", 1)
+    v = 3 if name == "interleaved-1f1b" else 1
+    m = 96 if v == 3 else 288
+    model, tr, par = _setup(gradient_accumulation_steps=m)
+    par = par.model_copy(update={"pipeline_schedule": name, "virtual_pipeline_stages": v})
+    sched = build_schedule(name, 2, m, v)
     assert all(len(o) >= tp.MIN_ACTIONS for o in sched.orders)
     cache.clear()
     calls = []
@@ -119,12 +125,12 @@ def test_the_planner_tapes_long_lists(monkeypatch) -> None:
     cache.clear()
 
 
-def test_short_lists_and_op_by_op_are_not_taped(every_list) -> None:
+def test_op_by_op_and_dualpipe_are_not_taped(every_list) -> None:
     model, tr, _ = _setup()
     sched = build_schedule("interleaved-1f1b", 2, 96, 3)
     with pa.op_by_op():  # composing off: nothing to tape from
         assert tp.taped_rank(model, tr, sched, 0) is None
-    assert tp.taped_rank(model, tr, build_schedule("1f1b", 2, 64, 1), 0) is None
+    assert tp.taped_rank(model, tr, build_schedule("dualpipe", 2, 64, 1), 0) is None
 
 
 def test_unverified_kinds_are_not_taped(every_list, monkeypatch) -> None:

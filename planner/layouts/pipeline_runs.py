@@ -82,7 +82,8 @@ def find_runs(actions: list, max_period: int = _MAX_PERIOD, min_reps: int = 4) -
             ok = (reps >= min_reps) & (shifts > 0)
             for i0, r, sh in zip(i0s[ok].tolist(), reps[ok].tolist(), shifts[ok].tolist()):
                 found.append((i0, P, sh, r))
-                best = max(best, (r * P, P))
+                if r * P > best[0]:  # (a run met again at a multiple of its period: the first)
+                    best = (r * P, P)
         if stop:
             break
         P0 = P1

@@ -22,19 +22,15 @@ and the gradients each stage's first backward makes (``attach``). The rest of th
 start, the sends' release, the optimizer) runs on the machine as it does after a replayed
 loop.
 
-Schedules (``TAPED``): the multi-stage runtime's, whose actions are composed (interleaved 1F1B,
+Schedules (``TAPED``): every one whose actions are composed (GPipe, 1F1B, interleaved 1F1B,
 ZB-H1, ZB-H2, ZB-V, DualPipeV; on the first stage an I does nothing and a W is a full
-backward, as ``ActionMemo`` keys them). The records come from replays of the ranks' lists kept
-to a few micro-batches (``record_list``: each kind twice a step), one for each rank whose
-stage roles (``kind_roles``: a stage's place on the rank told only as first or not) no rank
-replayed before holds: a kind's record
-is relative to where it starts, so it does not depend on the other micro-batches. A kind is
-verified by two occurrences that agree: its two in a step, or the first step's and the
-second's (a step's first forward and backward of a stage occur once a step). The planner
-tapes lists of ``MIN_ACTIONS`` or more, and compiles no template for them (their compile, on
-shortened lists, costs more than the tape at every size: ``tapes``); shorter ones are replayed
-and templated as before. Anything a composed action would refuse (``Unmemoizable``) or a kind
-not verified raises ``NotTaped``, and the caller replays the rank's shortened lists instead.
+backward, as ``ActionMemo`` keys them; what GPipe's and 1F1B's bookkeeping holds between
+actions: ``pipeline_tape_single``). The records: ``pipeline_tape_records``. Ranks whose stages
+have the same roles and whose actions count the same per kind share the rows outside their
+loops (``_Skeleton``). The planner tapes lists of ``MIN_ACTIONS`` or more and compiles no
+template for them (their compile, on shortened lists, costs more than the tape at every
+size: ``tapes``). Anything a composed action would refuse (``Unmemoizable``) or a kind not
+verified raises ``NotTaped``, and the caller replays the rank's shortened lists instead.
 ``tests/test_pipeline_tape.py`` holds every rank's taped step equal to its full replay, op by
 op, to the byte, for every schedule it takes.
 """
@@ -49,6 +45,7 @@ from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
 from planner.layouts.pipeline_records import attach, forward_rest
 from planner.layouts.pipeline_schedules import rank_stages
 from planner.layouts.pipeline_tape_records import NAMES, as_keyed, decoded, kind_roles, records
+from planner.layouts.pipeline_tape_single import SINGLE, extras, held_records
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, PeakSnap, Val
@@ -56,8 +53,9 @@ from planner.step.ops import T
 
 __all__ = ["NotTaped", "TAPED", "clear", "columns", "loop", "taped_rank", "tapes"]
 
-TAPED = ("interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
+TAPED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 MIN_ACTIONS = 512  # shorter lists: their shortened replays cost about as little
+DEEP = 64  # GPipe and 1F1B pipelines taped past this many ranks (``tapes``)
 _BIG = 1 << 62
 
 
@@ -75,13 +73,15 @@ def _rec(memo: ActionMemo, name: str, st: int, step: int):
 def columns(schedule, rank: int) -> tuple:
     """The rank's actions as ``ActionMemo`` keys them: (each one's kind id, 2 x the index of
     its kind + 4 x stage among ``vals``, plus 1 for the step's first of its kind on its stage;
-    ``vals``; each kind id's count). Kept for the last few ranks."""
+    ``vals``; each kind id's count; each one's kind, 0 to 3; its micro-batch). Kept for the
+    last few ranks."""
     key = (id(schedule), rank)
     got = _COLUMNS.get(key)
     if got is not None and got[0] is schedule:
         return got[1]
-    kind, stage, _ = decoded(schedule, rank)
+    kind, stage, mb = decoded(schedule, rank)
     tok = as_keyed(kind, stage)
+    mb = mb[tok >= 0]
     tok = tok[tok >= 0]
     vals = np.nonzero(np.bincount(tok))[0] if len(tok) else np.zeros(0, dtype=np.int64)
     lut = np.zeros(int(vals[-1]) + 1 if len(vals) else 1, dtype=np.int64)
@@ -91,7 +91,7 @@ def columns(schedule, rank: int) -> tuple:
     np.minimum.at(first, idx, np.arange(len(tok)))
     ids = idx * 2
     ids[first] += 1  # the step's first action of its kind and stage: a kind of its own
-    got = (ids, vals.tolist(), np.bincount(ids, minlength=2 * len(vals)))
+    got = (ids, vals.tolist(), np.bincount(ids, minlength=2 * len(vals)), tok & 3, mb)
     if len(_COLUMNS) >= 8:
         _COLUMNS.pop(next(iter(_COLUMNS)))
     _COLUMNS[key] = (schedule, got)
@@ -111,7 +111,8 @@ def loop(prog) -> bool:
     m, memo, sched = prog.m, prog.memo, prog.sched
     S, on, rank, step = sched.num_stages, sched.stage_to_rank, prog.rank, prog.step_no
     check_work_limit()
-    ids, vals, counts = columns(sched, rank)
+    ids, vals, counts, kinds, mbs = columns(sched, rank)
+    single = sched.name in SINGLE
     n = len(ids)
     used = np.nonzero(counts)[0].tolist()
     width = len(m.cur)
@@ -144,20 +145,20 @@ def loop(prog) -> bool:
                 chunks.append((rec.out, c))
                 losses.append((rec.loss, c))
         else:
-            if k == 1:  # what the schedule's bookkeeping still holds of the output
-                held = outs.get(st)
-                if held is None or len(held) != 1:
-                    raise NotTaped(("B", st, "forwards unlike"))
+            held = outs.get(st)
+            if k == 1 and (held is None or len(held) != 1):
+                raise NotTaped(("B", st, "forwards unlike"))
+            if k == 1 and not single:  # the output the sends (or output chunks) still hold
                 nbytes, cat = next(iter(held))
-                if nbytes:
-                    d[_INDEX[cat]] += nbytes
+                d[_INDEX[cat]] += nbytes
             if k in (1, 2) and st > 0:  # the input gradient, handed back
                 if rec.grad is None or len(rec.grad) != 3:
                     raise NotTaped((NAMES[k], st, "input gradient"))
                 nbytes, cat, _ = rec.grad
                 where = "local" if on[st - 1] == rank else "send"
                 key = (where + ("+grad" if k == 2 else ""), st - 1, cat)
-                left[key] = left.get(key, 0) + nbytes * c
+                if not single:  # (one stage a rank: ``pipeline_tape_single``)
+                    left[key] = left.get(key, 0) + nbytes * c
             elif k in (1, 2) and rec.grad is not None:
                 raise NotTaped((NAMES[k], st, "input gradient"))
             if first and rec.made:
@@ -175,6 +176,17 @@ def loop(prog) -> bool:
         if not attach(prog, st, rec_made):
             raise NotTaped(("made", st, "gradients"))
     end = start + counts @ net
+    hold = None
+    if single:  # what the schedule holds between actions (``pipeline_tape_single``)
+        hold = held_records(memo, prog.stages[0], step, outs)
+        if hold is None:
+            raise NotTaped(("B", prog.stages[0], "outputs or input gradients unlike"))
+        X, at_end, sent = extras(sched.name, prog.stages[0], S, sched.microbatches, kinds, mbs,
+                                 *hold)
+        end += X.sum(0) + at_end
+        for nbytes, c in sent:
+            key = ("send", 0, CATEGORIES[c])
+            left[key] = left.get(key, 0) + nbytes
     _leave(prog, left, chunks, losses)
     m.cur[:] = [int(x) for x in end]
     m.total = sum(m.cur)
@@ -182,7 +194,7 @@ def loop(prog) -> bool:
     # its rows are drawn by the caller (``taped_rank``): the kinds' tables, by (kind, role, first)
     keys = [(vals[i // 2] & 3, memo.roles.get(vals[i // 2] >> 2), i & 1) for i in used]
     prog.tape_loops.append((len(m.rows), m.window, start, keys, net[used], rel[used],
-                            drawn[used], [metas[i] for i in used]))
+                            drawn[used], [metas[i] for i in used], hold))
     return True
 
 
@@ -230,7 +242,7 @@ def _forward(memo: ActionMemo, prog, st: int, first: int) -> tuple[int, str]:
     local = st + 1 < S and on[st + 1] == prog.rank
     if rec.local != local or rec.out is None or (st == S - 1) == (rec.loss is None):
         raise NotTaped(("F", st))
-    if rec.sent != (0 if st == S - 1 or local else 1):
+    if rec.sent != (0 if st == S - 1 or local or sched.name in SINGLE else 1):
         raise NotTaped(("F", st, "sends"))
     if rec.out.graph_refs:  # a held output the graph references: not composed
         raise NotTaped(("F", st, "output held"))
@@ -256,7 +268,13 @@ cache.on_clear(clear)
 def tapes(schedule, rank: int) -> bool:
     """Whether the planner answers the rank from the tape (and compiles no template for it): a
     schedule the tape takes, a list long enough that its shortened replays (or a template's
-    compile) cost more."""
+    compile) cost more; GPipe and 1F1B only past ``DEEP`` ranks (below, their ranks' few
+    short lists compile into templates that answer a sweep of sizes faster)."""
+    return (_takes(schedule, rank)
+            and (schedule.name not in SINGLE or schedule.num_ranks > DEEP))
+
+
+def _takes(schedule, rank: int) -> bool:
     return (schedule.name in TAPED and len(schedule.orders[rank]) >= MIN_ACTIONS
             and enabled())
 
@@ -279,13 +297,13 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
     whose stages have the same roles, in order, and whose actions count the same per kind (the
     middle ranks of a deep pipeline) leave the same rows outside their loops: those are made
     once (``_Skeleton``), and each such rank draws its loops' rows alone."""
-    if not tapes(schedule, rank):
+    if not _takes(schedule, rank):
         return None
     roles = kind_roles(schedule, rank, model)
     entries = records(model, training, schedule, device, rank)
     if entries is None:
         return None
-    ids, vals, counts = columns(schedule, rank)
+    ids, vals, counts, kinds, mbs = columns(schedule, rank)
     keys = [(v & 3, roles[v >> 2], f) for v in vals for f in (0, 1)]
     per: dict = {}
     for i in np.nonzero(counts)[0].tolist():
@@ -302,7 +320,10 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
         if len(_SKELETONS) >= _SKELETONS_MAX:
             _SKELETONS.pop(next(iter(_SKELETONS)))
         _SKELETONS[skey] = sk
-    return StagePeak(rank, list(stages), *[_peak(sk, w, ids, keys) for w in sk.wanted])
+    def held(hold):
+        return extras(schedule.name, stages[0], schedule.num_stages, schedule.microbatches,
+                      kinds, mbs, *hold)[0]
+    return StagePeak(rank, list(stages), *[_peak(sk, w, ids, keys, held) for w in sk.wanted])
 
 
 def _skeleton(model, training, schedule, rank, device, entries, roles) -> _Skeleton | None:
@@ -326,28 +347,32 @@ def _skeleton(model, training, schedule, rank, device, entries, roles) -> _Skele
             i = int(sel[int(np.argmax(rows[sel].sum(1)))])
             best[w] = (int(rows[i].sum()), i, rows[i], meta[i][:2])
     loops, index, keys0 = [], None, None
-    for at, w, start, keys, net, rel, drawn, metas in prog.tape_loops:
+    for at, w, start, keys, net, rel, drawn, metas, hold in prog.tape_loops:
         if keys != keys0:  # (the steps' kinds alike: one index, one mapping of a rank's)
             index, keys0 = {k: i for i, k in enumerate(keys)}, keys
         if drawn.any():  # (the kinds' totals, a row's where it draws one, far below where not)
             loops.append((at, w, start, index, net, net.sum(1), rel,
-                          np.where(drawn, rel.sum(1), -_BIG), metas))
+                          np.where(drawn, rel.sum(1), -_BIG), metas, hold))
     return _Skeleton(wanted, best, loops)
 
 
-def _peak(sk: _Skeleton, window: int, ids, keys: list) -> PeakSnap:
+def _peak(sk: _Skeleton, window: int, ids, keys: list, held) -> PeakSnap:
     """The window's first highest row: the skeleton's, or a loop's if higher (or as high and
     earlier). A loop's: each drawing action's start plus its kind's row, the first highest
-    (the others are lower, or as high and later)."""
+    (the others are lower, or as high and later). ``held(hold)``: what a one-stage schedule's
+    bookkeeping changes after each action (``pipeline_tape_single.extras``)."""
     best = sk.best.get(window)
     cls, index_of = None, None
-    for at, w, start, index, net, net_tot, rel, drawn_tot, metas in sk.loops:
+    for at, w, start, index, net, net_tot, rel, drawn_tot, metas, hold in sk.loops:
         if w != window:
             continue
         if index is not index_of:
             cls = np.array([index.get(k, 0) for k in keys], dtype=np.int64)[ids]
             index_of = index
         steps = net_tot[cls]
+        X = None if hold is None else held(hold)
+        if X is not None:
+            steps = steps + X.sum(1)
         live = np.cumsum(steps)
         live -= steps  # the live bytes (total) at each action's start, from the loop's
         live += drawn_tot[cls]  # its row's (none: far below)
@@ -355,6 +380,8 @@ def _peak(sk: _Skeleton, window: int, ids, keys: list) -> PeakSnap:
         total = int(start.sum()) + int(live[k])
         if best is None or total > best[0] or (total == best[0] and at <= best[1]):
             row = start + np.bincount(cls[:k], minlength=len(net)) @ net + rel[cls[k]]
+            if X is not None:
+                row = row + X[:k].sum(0)
             best = (total, at, row, metas[cls[k]])
     if best is None:
         return PeakSnap()
