@@ -68,11 +68,10 @@ def extras(name: str, stage: int, S: int, m: int, kind, mb, out: tuple,
         jp = mb[latest[fk - 1]]
         freed = (back[jp] < fk) & ~warm_holds(jp, fk - 1) & (not last)
         X[fk[freed], oc] -= ob
-    if name == "1f1b" and grads[0] is not None:  # each backward drops the previous one's
-        gk = grads[0], grads[1]                # input gradient when it ends
-        prev = [gk[0]] + [gk[1]] * (len(bk) - 2)
-        for k, (gb, gc) in zip(bk[1:].tolist(), prev):
-            X[k, gc] -= gb
+    if name == "1f1b" and grads[0] is not None and len(bk) > 1:
+        # each backward drops the previous one's input gradient when it ends
+        X[bk[1], grads[0][1]] -= grads[0][0]
+        X[bk[2:], grads[1][1]] -= grads[1][0]
     if drop_at is not None and back[hold_j] <= drop_at and mb[latest[drop_at]] != hold_j:
         X[drop_at, oc] -= ob  # the warm-up output, dropped after its backward
     # the loop's end drops the latest output and a warm-up output not dropped (their
