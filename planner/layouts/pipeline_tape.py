@@ -44,7 +44,14 @@ from planner.layouts.pipeline_machines import TraceMachine
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
 from planner.layouts.pipeline_records import attach, forward_rest
 from planner.layouts.pipeline_schedules import rank_stages
-from planner.layouts.pipeline_tape_records import NAMES, as_keyed, decoded, kind_roles, records
+from planner.layouts.pipeline_tape_records import (
+    NAMES,
+    as_keyed,
+    decoded,
+    kind_roles,
+    records,
+    specs_key,
+)
 from planner.layouts.pipeline_tape_single import SINGLE, extras, held_records
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
@@ -309,7 +316,7 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
     for i in np.nonzero(counts)[0].tolist():
         per[keys[i]] = per.get(keys[i], 0) + int(counts[i])
     stages = rank_stages(schedule)[rank]
-    skey = (model.model_dump_json(), training.model_dump_json(), device, schedule.name,
+    skey = (*specs_key(model, training), device, schedule.name,
             schedule.num_stages, schedule.microbatches, tuple(roles[st] for st in stages),
             tuple(sorted(per.items())))
     sk = _SKELETONS.get(skey)

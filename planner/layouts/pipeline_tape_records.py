@@ -24,7 +24,8 @@ from planner.layouts.pipeline_replays import stage_roles
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
 
-__all__ = ["NAMES", "as_keyed", "clear", "decoded", "kind_roles", "record_list", "records"]
+__all__ = ["NAMES", "as_keyed", "clear", "decoded", "kind_roles", "record_list", "records",
+           "specs_key"]
 
 
 def decoded(schedule, rank: int):
@@ -104,9 +105,8 @@ def records(model, training, schedule, device: str, rank: int) -> dict | None:
     """The kinds' records of the setup's ranks (the module docstring), those of ``rank``'s
     stage roles made now where no rank replayed before holds them (its own list kept to a few
     micro-batches replayed); None where a replay does not compose."""
-    key = (model.model_dump_json(), training.model_dump_json(), device, schedule.name,
-           schedule.num_stages, schedule.num_ranks, tuple(schedule.stage_to_rank),
-           schedule.microbatches)
+    key = (*specs_key(model, training), device, schedule.name, schedule.num_stages,
+           schedule.num_ranks, schedule.microbatches)
     got = _RECORDS.get(key, ())
     if got is None:
         return None
@@ -132,6 +132,21 @@ def records(model, training, schedule, device: str, rank: int) -> dict | None:
         _RECORDS.pop(next(iter(_RECORDS)), None)
     _RECORDS[key] = None if entries is None else (entries, covered | set(roles.values()))
     return entries
+
+
+def specs_key(model, training) -> tuple:
+    """The specs' JSON (for keys), kept for the last few pairs: every rank of an estimate asks
+    for it with the same two objects."""
+    got = _SPECS.get((id(model), id(training)))
+    if got is None or got[0] is not model or got[1] is not training:
+        if len(_SPECS) >= 8:
+            _SPECS.pop(next(iter(_SPECS)))
+        got = _SPECS[id(model), id(training)] = (model, training, (
+            model.model_dump_json(), training.model_dump_json()))
+    return got[2]
+
+
+_SPECS: dict[tuple, tuple] = {}
 
 
 def _verified_across_steps(entries: dict) -> None:
