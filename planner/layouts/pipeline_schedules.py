@@ -181,7 +181,8 @@ def _zb_h2(p: int, m: int, fast_forward: bool = True) -> Schedule:
                 continue
             else:
                 probes[t + 29] = ("start", 0, None)
-        for r in range(lo, p):  # ranks are independent within one step: read times < t only
+        # ranks are independent within one step (read times < t only); rank r starts at step r
+        for r in range(lo, min(p, t + 1)):
             j = ni[r]
             if j < nf[r] and ((i_t[r + 1][j] if r < last else f_t[r][j]) + 1 <= t
                               and (r == last or i_t[r + 1][j] >= 0)):
