@@ -18,14 +18,13 @@ import random
 
 import pytest
 
-from planner.catalog.presets import resolve_model
-from planner.catalog.specs import MemoryRequest
 from planner.layouts import pipeline_actions as pa
 from planner.layouts import pipeline_replays as pp
 from planner.layouts.pipeline_memory import PipelineRankProgram, rank_actions
 from planner.layouts.pipeline_periods import shortened_lists
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.machine import cache
+from tests.pipeline_setups import random_setup
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 3), ("gpipe", 1), ("interleaved-1f1b", 2),
              ("zb-h1", 1), ("zb-v", 2), ("dualpipe-v", 2)]
@@ -42,22 +41,7 @@ def _case(seed: int):
         except ScheduleConstraintError:
             seed += len(SCHEDULES)
             continue
-        S = sched.num_stages
-        family = rng.choice(["gpt2", "llama"])
-        long = rng.random() < 0.3
-        layers = S * rng.randint(7, 9) + rng.randint(0, S - 1) if long else \
-            rng.randint(S, 2 * S + 1)
-        model = {"family": family, "num_layers": layers, "hidden_size": 32, "num_heads": 4,
-                 "vocab_size": 96, "max_sequence_length": 64}
-        if family == "llama":
-            model["num_kv_heads"] = rng.choice([1, 2, 4])
-        training = {"micro_batch_size": rng.choice([1, 2, 3]),
-                    "sequence_length": rng.choice([8, 16, 24]),
-                    "gradient_accumulation_steps": sched.microbatches,
-                    "precision": rng.choice(["fp32", "amp-bf16", "bf16"]),
-                    "optimizer": rng.choice(["adamw", "sgd", "adagrad", "rmsprop"])}
-        req = MemoryRequest.model_validate({"model": model, "training": training})
-        return name, resolve_model(req.model), req.training, sched
+        return (name, *random_setup(rng, sched), sched)
 
 
 @pytest.mark.parametrize("seed", range(24))

@@ -27,6 +27,7 @@ from planner.layouts import pipelined
 from planner.layouts.pipeline_memory import PipelineRankProgram
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.machine import cache
+from tests.pipeline_setups import random_setup
 
 
 # every schedule the tape takes, with the stages per rank each allows
@@ -44,21 +45,7 @@ def _case(seed: int):
             sched = build_schedule(name, p, m, v)
         except ScheduleConstraintError:
             continue
-        S = sched.num_stages
-        family = rng.choice(["gpt2", "llama"])
-        layers = S * rng.randint(7, 9) + rng.randint(0, S - 1) if rng.random() < 0.3 else \
-            rng.randint(S, 2 * S + 1)
-        model = {"family": family, "num_layers": layers, "hidden_size": 32, "num_heads": 4,
-                 "vocab_size": 96, "max_sequence_length": 64}
-        if family == "llama":
-            model["num_kv_heads"] = rng.choice([1, 2, 4])
-        training = {"micro_batch_size": rng.choice([1, 2, 3]),
-                    "sequence_length": rng.choice([8, 16, 24]),
-                    "gradient_accumulation_steps": m,
-                    "precision": rng.choice(["fp32", "amp-bf16", "bf16"]),
-                    "optimizer": rng.choice(["adamw", "sgd", "adagrad", "rmsprop"])}
-        req = MemoryRequest.model_validate({"model": model, "training": training})
-        return resolve_model(req.model), req.training, sched
+        return (*random_setup(rng, sched), sched)
 
 
 @pytest.fixture
