@@ -81,7 +81,7 @@ def columns(schedule, rank: int) -> tuple:
     """The rank's actions as ``ActionMemo`` keys them: (each one's kind id, 2 x the index of
     its kind + 4 x stage among ``vals``, plus 1 for the step's first of its kind on its stage;
     ``vals``; each kind id's count; each one's kind, 0 to 3; its micro-batch). Kept for the
-    last few ranks."""
+    last two ranks."""
     key = (id(schedule), rank)
     got = _COLUMNS.get(key)
     if got is not None and got[0] is schedule:
@@ -98,8 +98,9 @@ def columns(schedule, rank: int) -> tuple:
     np.minimum.at(first, idx, np.arange(len(tok)))
     ids = idx * 2
     ids[first] += 1  # the step's first action of its kind and stage: a kind of its own
-    got = (ids, vals.tolist(), np.bincount(ids, minlength=2 * len(vals)), tok & 3, mb)
-    if len(_COLUMNS) >= 8:
+    got = (ids, vals.tolist(), np.bincount(ids, minlength=2 * len(vals)),
+           (tok & 3).astype(np.int8), mb.astype(np.int32))
+    if len(_COLUMNS) >= 2:  # (a rank's, read by its skeleton's two steps and its rows)
         _COLUMNS.pop(next(iter(_COLUMNS)))
     _COLUMNS[key] = (schedule, got)
     return got
