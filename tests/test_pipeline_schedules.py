@@ -153,3 +153,17 @@ def test_zb_h2_fast_forward_equals_the_plain_pass() -> None:
             assert fast.orders == plain.orders, (p, m)
             n_ff += m > 6 * p
     assert n_ff > 10  # cases long enough to have a periodic middle
+
+
+def test_zb_h2_first_rank_in_flight_in_closed_form() -> None:
+    """The composed approximation reads ZB-H2's first-rank micro-batches in flight as
+    min(m, 2p - 1) (its pass caps rank 0 there, and the first input gradient comes back after
+    2p - 1 forwards) instead of building the schedule: equal to the pass's over every p up to
+    16 and m from p to 3p + 4 (and two longer counts), and p where the constraints fail."""
+    from planner.layouts.compose import _first_stage_in_flight
+    from planner.layouts.pipeline_sim import peak_in_flight
+    for p in range(1, 17):
+        for m in [*range(p, 3 * p + 5), 4 * p, 7 * p + 3]:
+            want = peak_in_flight(build_schedule("zb-h2", p, m, 1), [0])[0]
+            assert _first_stage_in_flight.__wrapped__("zb-h2", p, m, 1) == want == min(m, 2 * p - 1)
+    assert _first_stage_in_flight.__wrapped__("zb-h2", 8, 4, 1) == 8  # m < p: not a schedule

@@ -23,7 +23,7 @@ from planner.catalog.specs import Assumption, Breakdown, ParallelSpec, ResolvedM
 from planner.layouts.data_parallel import ParallelProgram
 from planner.layouts.parallel_ranks import data_parallel_peaks, zero1_ownership
 from planner.layouts.megatron import megatron_activation_bytes
-from planner.layouts.pipeline_schedules import schedule_of
+from planner.layouts.pipeline_schedules import check, schedule_of
 from planner.layouts.pipeline_sim import peak_in_flight
 from planner.layouts.sharding import MP_POLICY, data_parallel_implementation, shard_model_states
 from planner.step import simulate as step_cache
@@ -180,6 +180,9 @@ def _first_stage_in_flight(schedule: str, p: int, m: int, v: int) -> int:
     """Micro-batches in flight on the first stage (planner.routes.pipeline's simulation; p where the
     schedule's constraints do not hold: /v1/pipeline reports those)."""
     try:
+        if schedule == "zb-h2":  # its pass caps rank 0 at 2p - 1 and reaches the cap
+            check(schedule, p, m, v)  # (tests/test_pipeline_schedules.py: against the pass)
+            return min(m, 2 * p - 1)
         return peak_in_flight(schedule_of(schedule, p, m, v), [0])[0]
     except Exception:  # noqa: BLE001 - schedule constraints are reported by /v1/pipeline
         return p
