@@ -308,14 +308,16 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
     if not _takes(schedule, rank):
         return None
     roles = kind_roles(schedule, rank, model)
-    entries = records(model, training, schedule, device, rank)
-    if entries is None:
-        return None
     ids, vals, counts, kinds, mbs = columns(schedule, rank)
     keys = [(v & 3, roles[v >> 2], f) for v in vals for f in (0, 1)]
     per: dict = {}
     for i in np.nonzero(counts)[0].tolist():
         per[keys[i]] = per.get(keys[i], 0) + int(counts[i])
+    entries = records(model, training, schedule, device, rank,
+                      {(NAMES[k] + ("0" if f else ""), role, step)
+                       for k, role, f in per for step in (1, 2)})
+    if entries is None:
+        return None
     stages = rank_stages(schedule)[rank]
     skey = (*specs_key(model, training), device, schedule.name,
             schedule.num_stages, schedule.microbatches, tuple(roles[st] for st in stages),

@@ -2,13 +2,14 @@
 
 A kind's record (``planner/layouts/pipeline_records.py``) is what a replay of one action of the
 kind did, relative to where it started, so it does not depend on the rank's other actions or
-micro-batches. ``record_list`` keeps a rank's list to the micro-batches of each kind's first two actions
-on each stage (and to one stage per role: a stage's actions take nothing from the rank's
-other stages but its receive buffers); ``_records`` replays it, once for each rank whose stage
-roles (``kind_roles``: ``pipeline_replays.stage_roles`` with a stage's place on the rank told
-only as first or not) no rank replayed before holds, and verifies each kind by two occurrences
-that agree: its two in a step, or the first step's and the second's (a step's first forward
-and backward of a stage occur once a step).
+micro-batches. ``record_list`` keeps a rank's list to the micro-batches of each kind's first
+two actions on each stage (and to one stage per role, ``kind_roles``:
+``pipeline_replays.stage_roles`` with a stage's place on the rank told only as first or not; a
+stage's actions take nothing from the rank's other stages but its receive buffers);
+``records`` replays it for a rank that reads a kind not verified yet that no rank replayed
+before read, and verifies each kind by two occurrences that agree: its two in a step, or the
+first step's and the second's (a step's first forward and backward of a stage occur once a
+step).
 """
 
 from __future__ import annotations
@@ -101,19 +102,21 @@ def kind_roles(schedule, rank: int, model) -> dict[int, tuple]:
             for st, role in stage_roles(schedule, rank, model).items()}
 
 
-def records(model, training, schedule, device: str, rank: int) -> dict | None:
-    """The kinds' records of the setup's ranks (the module docstring), those of ``rank``'s
-    stage roles made now where no rank replayed before holds them (its own list kept to a few
-    micro-batches replayed); None where a replay does not compose."""
+def records(model, training, schedule, device: str, rank: int, needed: set) -> dict | None:
+    """The kinds' records of the setup's ranks (the module docstring): ``rank``'s list kept to
+    a few micro-batches is replayed where a kind it reads (``needed``: ``ActionMemo`` keys) is
+    not verified yet and no rank replayed before read it (a kind that list leaves unverified
+    leaves the rank to the replay); None where a replay does not compose."""
     key = (*specs_key(model, training), device, schedule.name, schedule.num_stages,
            schedule.num_ranks, schedule.microbatches)
     got = _RECORDS.get(key, ())
     if got is None:
         return None
-    roles = kind_roles(schedule, rank, model)
-    if got and set(roles.values()) <= got[1]:
+    if got and (needed <= got[1] or all(
+            (e := got[0].get(k)) is not None and e.verified for k in needed)):
         return got[0]
-    entries, covered = got or ({}, set())
+    entries, tried = got or ({}, set())
+    roles = kind_roles(schedule, rank, model)
     check_work_limit()
     items, mb = record_list(schedule, rank, roles)
     prog = PipelineRankProgram(model, training, schedule, rank, device=device,
@@ -130,7 +133,7 @@ def records(model, training, schedule, device: str, rank: int) -> dict | None:
         _verified_across_steps(entries)
     if len(_RECORDS) >= _RECORDS_MAX and key not in _RECORDS:
         _RECORDS.pop(next(iter(_RECORDS)), None)
-    _RECORDS[key] = None if entries is None else (entries, covered | set(roles.values()))
+    _RECORDS[key] = None if entries is None else (entries, tried | needed)
     return entries
 
 
