@@ -21,14 +21,13 @@ import pytest
 from planner.catalog.presets import resolve_model
 from planner.catalog.specs import MemoryRequest
 from planner.layouts import pipeline_actions as pa
+from planner.layouts import pipeline_codes, pipelined
 from planner.layouts import pipeline_tape as tp
 from planner.layouts import pipeline_tape_records as tpr
-from planner.layouts import pipelined
 from planner.layouts.pipeline_memory import PipelineRankProgram
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, build_schedule
 from planner.machine import cache
 from tests.pipeline_setups import random_setup
-
 
 # every schedule the tape takes, with the stages per rank each allows
 SCHEDULES = [("gpipe", (1,)), ("1f1b", (1,)), ("interleaved-1f1b", (2, 3, 4)), ("zb-h1", (1, 2)),
@@ -146,8 +145,8 @@ def test_a_kept_list_holds_every_kind_twice() -> None:
         sched = build_schedule(name, p, m, v)
         for rank in range(p):
             items, mb = tpr.record_list(sched, rank)
-            full = [(tpr.NAMES[k], st, j) for k, st, j in
-                    zip(*(a.tolist() for a in tpr.decoded(sched, rank)))]
+            full = [(pipeline_codes.NAMES[k], st, j) for k, st, j in
+                    zip(*(a.tolist() for a in pipeline_codes.decoded_columns(sched, rank)))]
             kept = [keyed(k, st) for k, st, _, _ in items]
             every = [keyed(k, st) for k, st, _ in full]
             for kind in set(every) - {None}:

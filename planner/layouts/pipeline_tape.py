@@ -40,14 +40,13 @@ from __future__ import annotations
 import numpy as np
 
 from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable, enabled
+from planner.layouts.pipeline_codes import NAMES, decoded_columns
 from planner.layouts.pipeline_machines import TraceMachine
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
 from planner.layouts.pipeline_records import attach, forward_rest
 from planner.layouts.pipeline_schedules import rank_stages
 from planner.layouts.pipeline_tape_records import (
-    NAMES,
     as_keyed,
-    decoded,
     kind_roles,
     records,
     specs_key,
@@ -58,7 +57,7 @@ from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, PeakSnap, Val
 from planner.step.ops import T
 
-__all__ = ["NotTaped", "TAPED", "clear", "columns", "loop", "taped_rank", "tapes"]
+__all__ = ["TAPED", "NotTaped", "clear", "columns", "loop", "taped_rank", "tapes"]
 
 TAPED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 MIN_ACTIONS = 512  # shorter lists: their shortened replays cost about as little
@@ -86,7 +85,7 @@ def columns(schedule, rank: int) -> tuple:
     got = _COLUMNS.get(key)
     if got is not None and got[0] is schedule:
         return got[1]
-    kind, stage, mb = decoded(schedule, rank)
+    kind, stage, mb = decoded_columns(schedule, rank)
     tok = as_keyed(kind, stage)
     mb = mb[tok >= 0]
     tok = tok[tok >= 0]

@@ -17,27 +17,15 @@ from __future__ import annotations
 import numpy as np
 
 from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
+from planner.layouts.pipeline_codes import NAMES, decoded_columns
 from planner.layouts.pipeline_machines import TraceMachine
 from planner.layouts.pipeline_memory import PipelineRankProgram
-from planner.layouts.pipeline_orders import B_SLOT, F_SLOT
 from planner.layouts.pipeline_records import _same
 from planner.layouts.pipeline_replays import stage_roles
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
 
-__all__ = ["NAMES", "as_keyed", "clear", "decoded", "kind_roles", "record_list", "records",
-           "specs_key"]
-
-
-def decoded(schedule, rank: int):
-    """The rank's actions as arrays: kind (F 0, B 1, I 2, W 3), stage, micro-batch."""
-    codes = np.asarray(schedule.orders[rank], dtype=np.int64)
-    m = schedule.microbatches
-    slot, rest = np.divmod(codes, schedule.num_stages * m)
-    full = np.frombuffer(bytes(schedule.full_backward), dtype=np.uint8)[rest] != 0
-    kind = np.where(slot == B_SLOT, np.where(full, 1, 2), np.where(slot == F_SLOT, 0, 3))
-    stage, mb = np.divmod(rest, m)
-    return kind, stage, mb
+__all__ = ["as_keyed", "clear", "kind_roles", "record_list", "records", "specs_key"]
 
 
 def as_keyed(kind, stage):
@@ -48,9 +36,6 @@ def as_keyed(kind, stage):
     tok = kind + 4 * stage
     tok[(stage == 0) & (kind == 2)] = -1
     return tok
-
-
-NAMES = ("F", "B", "I", "W")
 
 
 _RECORDS: dict = {}  # (setup, layout, micro-batch count) -> verified ActionMemo entries
@@ -72,7 +57,7 @@ def record_list(schedule, rank: int, roles: dict | None = None) -> tuple[list, i
     first stage alone (a stage's actions take nothing from the rank's other stages but its
     receive buffers, made with the program). The kept micro-batches are numbered in order; the
     actions keep theirs."""
-    kind, stage, mb = decoded(schedule, rank)
+    kind, stage, mb = decoded_columns(schedule, rank)
     if roles is not None:
         firsts: dict = {}
         for st in sorted(roles):
