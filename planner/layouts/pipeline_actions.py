@@ -67,6 +67,7 @@ from planner.layouts.pipeline_records import (
     backs_ready,
     forward_rest,
     made_since,
+    plain,
     snapshot,
 )
 from planner.layouts.pipeline_records import silent as _silent
@@ -188,6 +189,8 @@ class ActionMemo:
         leaves them (what the machine drew kept for the record's later compositions)."""
         plans: list = []
         rec = self._replayed(prog, run, st, j, kind, plans)
+        if not isinstance(prog.m, _Recording):  # (sizes are ints: compared as tuples)
+            plain(rec)
         if plans:
             self._plans[id(rec)] = (rec, plans[0])
         return rec

@@ -40,13 +40,14 @@ from __future__ import annotations
 import numpy as np
 
 from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable, enabled
-from planner.layouts.pipeline_codes import NAMES, decoded_columns
+from planner.layouts.pipeline_codes import NAMES
 from planner.layouts.pipeline_machines import TraceMachine
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
 from planner.layouts.pipeline_records import attach, forward_rest
 from planner.layouts.pipeline_schedules import rank_stages
+from planner.layouts.pipeline_tape_peaks import clear as clear_peaks
+from planner.layouts.pipeline_tape_peaks import columns, peaks_of
 from planner.layouts.pipeline_tape_records import (
-    as_keyed,
     kind_roles,
     records,
     specs_key,
@@ -57,7 +58,7 @@ from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, PeakSnap, Val
 from planner.step.ops import T
 
-__all__ = ["TAPED", "NotTaped", "clear", "columns", "loop", "taped_rank", "tapes"]
+__all__ = ["TAPED", "NotTaped", "clear", "loop", "taped_rank", "tapes"]
 
 TAPED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 MIN_ACTIONS = 512  # shorter lists: their shortened replays cost about as little
@@ -74,38 +75,6 @@ def _rec(memo: ActionMemo, name: str, st: int, step: int):
     if e is None or not e.verified or e.bad:
         raise NotTaped((name, st, step))
     return e.rec
-
-
-def columns(schedule, rank: int) -> tuple:
-    """The rank's actions as ``ActionMemo`` keys them: (each one's kind id, 2 x the index of
-    its kind + 4 x stage among ``vals``, plus 1 for the step's first of its kind on its stage;
-    ``vals``; each kind id's count; each one's kind, 0 to 3; its micro-batch). Kept for the
-    last two ranks."""
-    key = (id(schedule), rank)
-    got = _COLUMNS.get(key)
-    if got is not None and got[0] is schedule:
-        return got[1]
-    kind, stage, mb = decoded_columns(schedule, rank)
-    tok = as_keyed(kind, stage)
-    mb = mb[tok >= 0]
-    tok = tok[tok >= 0]
-    vals = np.nonzero(np.bincount(tok))[0] if len(tok) else np.zeros(0, dtype=np.int64)
-    lut = np.zeros(int(vals[-1]) + 1 if len(vals) else 1, dtype=np.int64)
-    lut[vals] = np.arange(len(vals))
-    idx = lut[tok]
-    first = np.full(len(vals), len(tok), dtype=np.int64)
-    np.minimum.at(first, idx, np.arange(len(tok)))
-    ids = idx * 2
-    ids[first] += 1  # the step's first action of its kind and stage: a kind of its own
-    got = (ids, vals.tolist(), np.bincount(ids, minlength=2 * len(vals)),
-           (tok & 3).astype(np.int8), mb.astype(np.int32))
-    if len(_COLUMNS) >= 2:  # (a rank's, read by its skeleton's two steps and its rows)
-        _COLUMNS.pop(next(iter(_COLUMNS)))
-    _COLUMNS[key] = (schedule, got)
-    return got
-
-
-_COLUMNS: dict[tuple, tuple] = {}
 
 
 def loop(prog) -> bool:
@@ -266,7 +235,7 @@ _SKELETONS_MAX = 256
 
 def clear() -> None:
     _SKELETONS.clear()
-    _COLUMNS.clear()
+    clear_peaks()
 
 
 cache.on_clear(clear)
@@ -307,7 +276,8 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
     if not _takes(schedule, rank):
         return None
     roles = kind_roles(schedule, rank, model)
-    ids, vals, counts, kinds, mbs = columns(schedule, rank)
+    pk = peaks_of(schedule, rank)
+    vals, counts = pk.vals, pk.counts
     keys = [(v & 3, roles[v >> 2], f) for v in vals for f in (0, 1)]
     per: dict = {}
     for i in np.nonzero(counts)[0].tolist():
@@ -329,10 +299,7 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
         if len(_SKELETONS) >= _SKELETONS_MAX:
             _SKELETONS.pop(next(iter(_SKELETONS)))
         _SKELETONS[skey] = sk
-    def held(hold):
-        return extras(schedule.name, stages[0], schedule.num_stages, schedule.microbatches,
-                      kinds, mbs, *hold)[0]
-    return StagePeak(rank, list(stages), *[_peak(sk, w, ids, keys, held) for w in sk.wanted])
+    return StagePeak(rank, list(stages), *[_peak(sk, w, pk, keys) for w in sk.wanted])
 
 
 def _skeleton(model, training, schedule, rank, device, entries, roles) -> _Skeleton | None:
@@ -365,33 +332,37 @@ def _skeleton(model, training, schedule, rank, device, entries, roles) -> _Skele
     return _Skeleton(wanted, best, loops)
 
 
-def _peak(sk: _Skeleton, window: int, ids, keys: list, held) -> PeakSnap:
+def _peak(sk: _Skeleton, window: int, pk, keys: list) -> PeakSnap:
     """The window's first highest row: the skeleton's, or a loop's if higher (or as high and
-    earlier). A loop's: each drawing action's start plus its kind's row, the first highest
-    (the others are lower, or as high and later). ``held(hold)``: what a one-stage schedule's
-    bookkeeping changes after each action (``pipeline_tape_single.extras``)."""
+    earlier). A loop's: the first highest of its kept actions' starts plus their kinds' rows
+    (``pipeline_tape_peaks``: no other action's row can be), with what a one-stage schedule's
+    bookkeeping holds (``pipeline_tape_single.extras``, linear in the three sizes ``hold``
+    gives)."""
     best = sk.best.get(window)
     cls, index_of = None, None
     for at, w, start, index, net, net_tot, rel, drawn_tot, metas, hold in sk.loops:
         if w != window:
             continue
         if index is not index_of:
-            cls = np.array([index.get(k, 0) for k in keys], dtype=np.int64)[ids]
+            cls = np.array([index.get(k, 0) for k in keys], dtype=np.int64)
             index_of = index
-        steps = net_tot[cls]
-        X = None if hold is None else held(hold)
-        if X is not None:
-            steps = steps + X.sum(1)
-        live = np.cumsum(steps)
-        live -= steps  # the live bytes (total) at each action's start, from the loop's
-        live += drawn_tot[cls]  # its row's (none: far below)
-        k = int(np.argmax(live))
-        total = int(start.sum()) + int(live[k])
+        held = None
+        if hold is not None:
+            (ob, oc), grads = hold
+            sizes = [(ob, oc)] + [g if g is not None else (0, 0) for g in grads]
+            held = np.array([b for b, _ in sizes], dtype=np.int64)
+        j = pk.first_highest(net_tot[cls], drawn_tot[cls], held)
+        before, c = pk.before_at(j), pk.ids[j]
+        total = int(start.sum()) + int(before[:len(cls)] @ net_tot[cls]) \
+            + int(drawn_tot[cls[c]])
+        if held is not None:
+            total += int(before[len(cls):] @ held)
         if best is None or total > best[0] or (total == best[0] and at <= best[1]):
-            row = start + np.bincount(cls[:k], minlength=len(net)) @ net + rel[cls[k]]
-            if X is not None:
-                row = row + X[:k].sum(0)
-            best = (total, at, row, metas[cls[k]])
+            row = start + before[:len(cls)] @ net[cls] + rel[cls[c]]
+            if held is not None:
+                for coef, (b, cat) in zip(before[len(cls):].tolist(), sizes):
+                    row[cat] += coef * b
+            best = (total, at, row, metas[cls[c]])
     if best is None:
         return PeakSnap()
     row = [int(x) for x in best[2]]

@@ -1,0 +1,192 @@
+"""Where a taped loop's highest row can be: a few of a rank's actions, found once per layout.
+
+A taped loop (planner/layouts/pipeline_tape.py) draws, at each action j, the live bytes at its
+start plus its kind's recorded row: ``start + P_j·v + d(c_j)``, where ``P_j`` counts the
+actions before j per kind id (and, for GPipe and 1F1B, the per-action coefficients of what
+their bookkeeping holds: ``pipeline_tape_single.extras`` is linear in a forward's output and the
+two input gradients), ``v`` holds each kind's net bytes (and those three sizes), and ``d(c)`` a
+kind's recorded row. Only ``v`` and ``d`` depend on the model; the counts are the layout's.
+
+Inside a stretch of the rank's list whose tokens (kind id and coefficients) repeat with a
+period p, the action o places into its r-th repetition is the same action as at r = 0 plus r
+periods' nets: its total is affine in r, so at any ``v`` it is at most the larger of its first
+and last repetitions' (and when equal to it, the first repetition's is as high and earlier, or
+the last's is higher). So no action of a middle repetition is ever a loop's first highest row
+(every action it drops has, at each ``v``, a kept one at least as high and earlier or higher;
+the relation is a strict order, so the first highest itself is never dropped), and ``Peaks``
+keeps the others: the first and last repetitions of each periodic stretch, for periods up to
+``MAX_PERIOD``, and everything else. A model's loop then evaluates a few hundred kept actions
+instead of every one (interleaved pp 64 v 4 m 4096: 32,768 actions a rank).
+``tests/test_pipeline_tape.py`` holds the taped ranks equal to the full replay.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planner.layouts.pipeline_codes import decoded_columns
+from planner.layouts.pipeline_schedules import rank_stages
+from planner.layouts.pipeline_tape_records import as_keyed
+from planner.layouts.pipeline_tape_single import SINGLE, extras
+
+__all__ = ["MAX_PERIOD", "Peaks", "clear", "columns", "kept", "peaks_of"]
+
+MAX_PERIOD = 12
+_SMALL = 1 << 16  # (kept counts this small are dense, however few the actions)
+_COEF = 1 << 12  # (a held coefficient's range, in a token)
+
+
+def kept(tok: np.ndarray, max_period: int = MAX_PERIOD) -> np.ndarray:
+    """The positions of ``tok`` (a token per action, >= 0) that can be a first highest row:
+    every one but the middle repetitions of each stretch periodic with a period up to
+    ``max_period`` (the module docstring). All periods at once: ``eq[p - 1, j]`` is whether
+    token j + p equals token j, and each run of it over [a, b) is a stretch [a, b + p) of
+    period p."""
+    n, W = len(tok), max_period
+    padded = np.concatenate((tok, np.full(W, -1, dtype=tok.dtype)))
+    eq = np.zeros((W, n + 2), dtype=bool)  # (a False either side of each period's row)
+    eq[:, 1:-1] = (np.lib.stride_tricks.sliding_window_view(padded[1:], W)
+                   == tok[:, None]).T
+    flat = eq.ravel()
+    edges = np.flatnonzero(flat[1:] != flat[:-1])
+    p = edges[0::2] // (n + 2) + 1
+    a, b = edges[0::2] % (n + 2), edges[1::2] % (n + 2)
+    reps = (b - a + p) // p
+    big = reps >= 3
+    drop = np.bincount(a[big] + p[big], minlength=n + 1)[:n + 1]
+    drop -= np.bincount(a[big] + (reps[big] - 1) * p[big], minlength=n + 1)[:n + 1]
+    return np.flatnonzero(np.cumsum(drop[:n]) == 0)
+
+
+class Peaks:
+    """A rank's taped layout: ``vals`` and ``counts`` as ``columns`` gives them,
+    ``n`` actions, and the kept ones: each one's kind id (``ids``) and the counts before it per
+    kind id, then (GPipe, 1F1B) the coefficients of a forward's output, the step's first
+    backward's input gradient and the others' (``before``). Where those counts would take more
+    room than the rank's actions (a rank of hundreds of stages whose periods are longer than
+    ``MAX_PERIOD``), ``before`` is None and every action is kept: ``ids`` and the coefficients
+    (``held``) per action, the counts summed where asked."""
+
+    __slots__ = ("before", "counts", "held", "ids", "n", "vals")
+
+    def __init__(self, vals, counts, n, ids, before, held) -> None:
+        self.vals, self.counts, self.n = vals, counts, n
+        self.ids, self.before, self.held = ids, before, held
+
+    def first_highest(self, net_tot, drawn_tot, held_tot=None) -> int:
+        """The kept action whose row is the loop's first highest (its index among the kept):
+        ``net_tot``/``drawn_tot`` per kind id, ``held_tot`` the three held sizes."""
+        if self.before is None:
+            steps = net_tot[self.ids]
+            if held_tot is not None:
+                steps = steps + self.held @ held_tot
+            live = np.cumsum(steps)
+            live -= steps
+        else:
+            k = len(net_tot)
+            live = self.before[:, :k] @ net_tot
+            if held_tot is not None:
+                live += self.before[:, k:] @ held_tot
+        live += drawn_tot[self.ids]
+        return int(np.argmax(live))
+
+    def before_at(self, j: int):
+        """The counts before kept action ``j`` (per kind id, then the held coefficients)."""
+        if self.before is not None:
+            return self.before[j]
+        got = np.bincount(self.ids[:j], minlength=len(self.counts))
+        if self.held is not None:
+            got = np.concatenate((got, self.held[:j].sum(0)))
+        return got
+
+
+def columns(schedule, rank: int) -> tuple:
+    """The rank's actions as ``ActionMemo`` keys them: (each one's kind id, 2 x the index of
+    its kind + 4 x stage among ``vals``, plus 1 for the step's first of its kind on its stage;
+    ``vals``; each kind id's count; each one's kind, 0 to 3; its micro-batch). Kept for the
+    last two ranks."""
+    key = (id(schedule), rank)
+    got = _COLUMNS.get(key)
+    if got is not None and got[0] is schedule:
+        return got[1]
+    kind, stage, mb = decoded_columns(schedule, rank)
+    tok = as_keyed(kind, stage)
+    mb = mb[tok >= 0]
+    tok = tok[tok >= 0]
+    vals = np.nonzero(np.bincount(tok))[0] if len(tok) else np.zeros(0, dtype=np.int64)
+    lut = np.zeros(int(vals[-1]) + 1 if len(vals) else 1, dtype=np.int64)
+    lut[vals] = np.arange(len(vals))
+    idx = lut[tok]
+    first = np.full(len(vals), len(tok), dtype=np.int64)
+    np.minimum.at(first, idx, np.arange(len(tok)))
+    ids = idx * 2
+    ids[first] += 1  # the step's first action of its kind and stage: a kind of its own
+    got = (ids, vals.tolist(), np.bincount(ids, minlength=2 * len(vals)),
+           (tok & 3).astype(np.int8), mb.astype(np.int32))
+    if len(_COLUMNS) >= 2:  # (a rank's, read by its skeleton's two steps and its rows)
+        _COLUMNS.pop(next(iter(_COLUMNS)))
+    _COLUMNS[key] = (schedule, got)
+    return got
+
+
+_COLUMNS: dict[tuple, tuple] = {}
+
+
+_PEAKS: dict[tuple, tuple] = {}
+_TOTAL = [0]  # their sizes (``_size``) summed
+_PEAKS_SIZE = 1 << 22  # the kept ranks' counts, all together (32 MiB)
+
+
+def peaks_of(schedule, rank: int) -> Peaks:
+    """The rank's ``Peaks``, kept per schedule and rank (the ranks of the last few
+    layouts)."""
+    key = (id(schedule), rank)
+    got = _PEAKS.get(key)
+    if got is not None and got[0] is schedule:
+        return got[1]
+    ids, vals, counts, kinds, mbs = columns(schedule, rank)
+    n, k = len(ids), len(counts)
+    tok, X = ids, None
+    if schedule.name in SINGLE:
+        stage = rank_stages(schedule)[rank][0]
+        X = extras(schedule.name, stage, schedule.num_stages, schedule.microbatches, kinds, mbs,
+                   (1, 0), ((1, 1), (1, 2)))[0][:, :3]
+        if np.abs(X).max(initial=0) >= _COEF:
+            raise ValueError("held coefficients out of range")
+        tok = ids + k * ((X + _COEF) @ np.array([1, 2 * _COEF, 4 * _COEF * _COEF]))
+    at = kept(tok)
+    # the counts before each kept action: c = how many kept actions are at or before each
+    # action, so the actions before the i-th kept one are those with c <= i
+    c = np.zeros(n, dtype=np.int64)
+    c[at] = 1  # (ids is kept with the schedule's columns only while it is kept here)
+    np.cumsum(c, out=c)
+    rows = len(at) + 1
+    if rows * (k + 3) > 2 * n + _SMALL:  # (dense counts larger than the actions: kept all)
+        got = Peaks(vals, counts, n, ids, None, X)
+    else:
+        before = np.bincount(c * k + ids, minlength=rows * k).reshape(rows, k)
+        if X is not None:
+            held = [np.bincount(c, weights=X[:, j], minlength=rows) for j in range(3)]
+            before = np.concatenate([before, np.rint(np.stack(held, 1)).astype(np.int64)], 1)
+        np.cumsum(before, axis=0, out=before)
+        got = Peaks(vals, counts, n, ids[at], np.ascontiguousarray(before[:-1]), None)
+    size = _size(got)
+    while _PEAKS and _TOTAL[0] + size > _PEAKS_SIZE:
+        try:  # (another thread may take it first)
+            _TOTAL[0] -= _size(_PEAKS.pop(next(iter(_PEAKS)))[1])
+        except (KeyError, StopIteration, RuntimeError):
+            break
+    _PEAKS[key] = (schedule, got)
+    _TOTAL[0] += size
+    return got
+
+
+def _size(pk: Peaks) -> int:
+    return pk.ids.size * 4 + (0 if pk.before is None else pk.before.size) \
+        + (0 if pk.held is None else pk.held.size)
+
+
+def clear() -> None:
+    _COLUMNS.clear()
+    _PEAKS.clear()
+    _TOTAL[0] = 0
