@@ -52,6 +52,49 @@ def test_kept_never_drops_the_first_highest(seed: int) -> None:
     assert dropped > 10_000  # (the stretches are dropped: the test is not vacuous)
 
 
+def _nested(rng) -> np.ndarray:
+    """Tokens of rounds of blocks: each block a pair of kinds repeated, a round a few blocks
+    (longer than ``kept``'s periods), rounds repeated, between warm-up-like stretches."""
+    k = int(rng.integers(2, 6))
+    parts = [rng.integers(0, k, size=int(rng.integers(0, 4)))]
+    for _ in range(int(rng.integers(1, 3))):
+        blocks = [np.tile(rng.integers(0, k, size=int(rng.integers(1, 3))),
+                          int(rng.integers(3, 9))) for _ in range(int(rng.integers(2, 5)))]
+        parts.append(np.tile(np.concatenate(blocks), int(rng.integers(1, 6))))
+        parts.append(rng.integers(0, k, size=int(rng.integers(0, 3))))
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reduced_never_drops_the_first_highest(seed: int) -> None:
+    """The kept actions of every level (the stretches of the kept list dropped too), with the
+    counts before each, against the plain prefix sums; with coefficients besides the kind ids
+    (GPipe's and 1F1B's held sizes) in half the cases."""
+    rng = np.random.default_rng(10 + seed)
+    dropped = 0
+    for case in range(400):
+        ids = _nested(rng)
+        k = int(ids.max()) + 1
+        X = None
+        if case % 2:
+            X = rng.integers(-1, 2, size=(k, 3))[ids]  # (a kind's coefficients alike)
+        tok = ids if X is None else ids + k * ((X + 2) @ np.array([1, 4, 16]))
+        at, before = tpk.reduced(tok, ids, k, X)
+        assert before is not None
+        dropped += len(ids) - len(at)
+        steps = np.eye(k, dtype=np.int64)[ids] if X is None else \
+            np.concatenate([np.eye(k, dtype=np.int64)[ids], X], 1)
+        assert (before == (np.cumsum(steps, 0) - steps)[at]).all()
+        for _ in range(6):
+            v = rng.integers(-3, 4, size=steps.shape[1])
+            row = rng.integers(-3, 4, size=k)
+            live = np.cumsum(steps @ v) - steps @ v + row[ids]
+            best = int(np.argmax(live))
+            assert best in set(at.tolist()), (ids.tolist(), v, row)
+            assert live[at[int(np.argmax(before @ v + row[ids[at]]))]] == live[best]
+    assert dropped > 20_000
+
+
 def test_kept_keeps_what_is_not_periodic() -> None:
     assert tpk.kept(np.array([0, 1, 0, 1, 0, 1, 0, 1, 2, 3])).tolist() == [0, 1, 6, 7, 8, 9]
     assert tpk.kept(np.array([4, 2, 7, 1])).tolist() == [0, 1, 2, 3]

@@ -46,13 +46,13 @@ from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
 from planner.layouts.pipeline_records import attach, forward_rest
 from planner.layouts.pipeline_schedules import rank_stages
 from planner.layouts.pipeline_tape_peaks import clear as clear_peaks
-from planner.layouts.pipeline_tape_peaks import columns, peaks_of
+from planner.layouts.pipeline_tape_peaks import peaks_of
 from planner.layouts.pipeline_tape_records import (
     kind_roles,
     records,
     specs_key,
 )
-from planner.layouts.pipeline_tape_single import SINGLE, extras, held_records
+from planner.layouts.pipeline_tape_single import SINGLE, held_records, held_sizes
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, PeakSnap, Val
@@ -77,25 +77,19 @@ def _rec(memo: ActionMemo, name: str, st: int, step: int):
     return e.rec
 
 
-def loop(prog) -> bool:
-    """``PipelineRankProgram.step``'s action loop from its kinds' records (the module
-    docstring), but the row it draws: its kinds' tables are appended to ``prog.tape_loops``
-    (where its row goes among the machine's, the window, the live bytes at its start, and per
-    kind: (kind, role, first) key, net, relative row, whether it draws one, its (op, phase));
-    True once done. Raises ``NotTaped`` before it changes anything but the gradients a first
-    backward makes."""
+def table(prog, pk) -> tuple:
+    """The loop's kinds, worked out from their records with sizes as they come (ints, or
+    polynomials on a template's recording machine): (the kind ids used; per used id its record
+    and its net bytes per category; the change of the live bytes over the loop per category;
+    the storages it leaves to the step's end (``_leave``'s arguments); what a one-stage
+    schedule's bookkeeping reads, or None). Raises ``NotTaped`` where a record would not
+    compose, and makes the gradients the stages' first backwards make (``attach``) last."""
     m, memo, sched = prog.m, prog.memo, prog.sched
     S, on, rank, step = sched.num_stages, sched.stage_to_rank, prog.rank, prog.step_no
     check_work_limit()
-    ids, vals, counts, kinds, mbs = columns(sched, rank)
+    vals, counts = pk.vals, pk.counts
     single = sched.name in SINGLE
-    n = len(ids)
     used = np.nonzero(counts)[0].tolist()
-    width = len(m.cur)
-    net = np.zeros((2 * len(vals), width), dtype=np.int64)
-    rel = np.zeros_like(net)
-    drawn = np.zeros(2 * len(vals), dtype=bool)
-    metas: list = [None] * (2 * len(vals))
     outs: dict[int, set] = {}
     for i in used:  # the forwards first: a backward's net depends on its forward's output
         t = vals[i // 2]
@@ -107,11 +101,11 @@ def loop(prog) -> bool:
     left: dict[tuple, int] = {}
     chunks: list = []  # the last stage's outputs and losses, with their counts
     losses: list = []
-    made = []
+    made, recs, nets = [], {}, {}
     for i in used:
         t = vals[i // 2]
         st, k, first, c = t >> 2, t & 3, i & 1, int(counts[i])
-        rec = _rec(memo, NAMES[k] + ("0" if first else ""), st, step)
+        rec = recs[i] = _rec(memo, NAMES[k] + ("0" if first else ""), st, step)
         d = list(rec.net)
         if k == 0:
             if rec.sent:
@@ -139,38 +133,60 @@ def loop(prog) -> bool:
                 raise NotTaped((NAMES[k], st, "input gradient"))
             if first and rec.made:
                 made.append((st, rec.made))
-        net[i] = d
-        plan = _plan(rec)
-        if plan is not None:
-            drawn[i], rel[i] = True, rec.rows[plan]
-            metas[i] = rec.names[plan]
-    start = np.asarray(m.cur, dtype=np.int64)
-    if (int(np.abs(net).max()) * n + int(np.abs(start).max(initial=0)) * width
-            + int(np.abs(rel).max()) * width) >= _BIG:
-        raise NotTaped("sizes past int64")
-    for st, rec_made in made:  # (each checks every place before it makes any)
-        if not attach(prog, st, rec_made):
-            raise NotTaped(("made", st, "gradients"))
-    end = start + counts @ net
+        nets[i] = d
+    change = [sum(int(counts[i]) * nets[i][c] for i in used) for c in range(len(CATEGORIES))]
     hold = None
     if single:  # what the schedule holds between actions (``pipeline_tape_single``)
         hold = held_records(memo, prog.stages[0], step, outs)
         if hold is None:
             raise NotTaped(("B", prog.stages[0], "outputs or input gradients unlike"))
-        X, at_end, sent = extras(sched.name, prog.stages[0], S, sched.microbatches, kinds, mbs,
-                                 *hold)
-        end += X.sum(0) + at_end
-        for nbytes, c in sent:
-            key = ("send", 0, CATEGORIES[c])
-            left[key] = left.get(key, 0) + nbytes
-    _leave(prog, left, chunks, losses)
-    m.cur[:] = [int(x) for x in end]
+        sizes = held_sizes(hold)
+        for (nbytes, cat), coef in zip(sizes, pk.held_change):
+            change[cat] += coef * nbytes
+        for j in pk.held_sent:
+            nbytes, cat = sizes[j]
+            if cat >= 0:
+                key = ("send", 0, CATEGORIES[cat])
+                left[key] = left.get(key, 0) + nbytes
+    for st, rec_made in made:  # (each checks every place before it makes any)
+        if not attach(prog, st, rec_made):
+            raise NotTaped(("made", st, "gradients"))
+    return used, recs, nets, change, (left, chunks, losses), hold
+
+
+def loop(prog) -> bool:
+    """``PipelineRankProgram.step``'s action loop from its kinds' records (the module
+    docstring), but the row it draws: its kinds' tables are appended to ``prog.tape_loops``
+    (where its row goes among the machine's, the window, the live bytes at its start, and per
+    kind: (kind, role, first) key, net, relative row, whether it draws one, its (op, phase));
+    True once done. Raises ``NotTaped`` before it changes anything but the gradients a first
+    backward makes."""
+    m, memo, sched = prog.m, prog.memo, prog.sched
+    pk = peaks_of(sched, prog.rank)
+    width = len(m.cur)
+    start = np.asarray(m.cur, dtype=np.int64)
+    used, recs, nets, change, leaves, hold = table(prog, pk)
+    net = np.array([nets[i] for i in used], dtype=object).reshape(len(used), width)
+    rel = np.zeros((len(used), width), dtype=object)
+    drawn = np.zeros(len(used), dtype=bool)
+    metas: list = [None] * len(used)
+    for u, i in enumerate(used):
+        plan = _plan(recs[i])
+        if plan is not None:
+            drawn[u], rel[u] = True, recs[i].rows[plan]
+            metas[u] = recs[i].names[plan]
+    if (int(np.abs(net).max(initial=0)) * pk.n + int(np.abs(start).max(initial=0)) * width
+            + int(np.abs(rel).max(initial=0)) * width) >= _BIG:
+        raise NotTaped("sizes past int64")
+    _leave(prog, *leaves)
+    m.cur[:] = [int(x) + d for x, d in zip(start, change)]
     m.total = sum(m.cur)
-    memo.composed += n
+    memo.composed += pk.n
     # its rows are drawn by the caller (``taped_rank``): the kinds' tables, by (kind, role, first)
+    vals = pk.vals
     keys = [(vals[i // 2] & 3, memo.roles.get(vals[i // 2] >> 2), i & 1) for i in used]
-    prog.tape_loops.append((len(m.rows), m.window, start, keys, net[used], rel[used],
-                            drawn[used], [metas[i] for i in used], hold))
+    prog.tape_loops.append((len(m.rows), m.window, start, keys, net.astype(np.int64),
+                            rel.astype(np.int64), drawn, metas, hold))
     return True
 
 
@@ -348,8 +364,7 @@ def _peak(sk: _Skeleton, window: int, pk, keys: list) -> PeakSnap:
             index_of = index
         held = None
         if hold is not None:
-            (ob, oc), grads = hold
-            sizes = [(ob, oc)] + [g if g is not None else (0, 0) for g in grads]
+            sizes = held_sizes(hold)
             held = np.array([b for b, _ in sizes], dtype=np.int64)
         j = pk.first_highest(net_tot[cls], drawn_tot[cls], held)
         before, c = pk.before_at(j), pk.ids[j]
@@ -361,7 +376,8 @@ def _peak(sk: _Skeleton, window: int, pk, keys: list) -> PeakSnap:
             row = start + before[:len(cls)] @ net[cls] + rel[cls[c]]
             if held is not None:
                 for coef, (b, cat) in zip(before[len(cls):].tolist(), sizes):
-                    row[cat] += coef * b
+                    if cat >= 0:
+                        row[cat] += coef * b
             best = (total, at, row, metas[cls[c]])
     if best is None:
         return PeakSnap()

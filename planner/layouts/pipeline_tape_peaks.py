@@ -32,6 +32,7 @@ from planner.layouts.pipeline_tape_single import SINGLE, extras
 __all__ = ["MAX_PERIOD", "Peaks", "clear", "columns", "kept", "peaks_of"]
 
 MAX_PERIOD = 12
+_MAX_PERIOD_KEPT = 64  # the periods looked for among kept actions (interleaved: four blocks)
 _SMALL = 1 << 16  # (kept counts this small are dense, however few the actions)
 _COEF = 1 << 12  # (a held coefficient's range, in a token)
 
@@ -67,11 +68,15 @@ class Peaks:
     ``MAX_PERIOD``), ``before`` is None and every action is kept: ``ids`` and the coefficients
     (``held``) per action, the counts summed where asked."""
 
-    __slots__ = ("before", "counts", "held", "ids", "n", "vals")
+    __slots__ = ("before", "counts", "held", "held_change", "held_sent", "ids", "n", "vals")
 
-    def __init__(self, vals, counts, n, ids, before, held) -> None:
+    def __init__(self, vals, counts, n, ids, before, held, held_change=None,
+                 held_sent=()) -> None:
         self.vals, self.counts, self.n = vals, counts, n
         self.ids, self.before, self.held = ids, before, held
+        # (GPipe, 1F1B) the three held sizes' coefficients in the loop's change of the live
+        # bytes, and which of them each send work left at its end holds
+        self.held_change, self.held_sent = held_change, held_sent
 
     def first_highest(self, net_tot, drawn_tot, held_tot=None) -> int:
         """The kept action whose row is the loop's first highest (its index among the kept):
@@ -146,30 +151,22 @@ def peaks_of(schedule, rank: int) -> Peaks:
         return got[1]
     ids, vals, counts, kinds, mbs = columns(schedule, rank)
     n, k = len(ids), len(counts)
-    tok, X = ids, None
+    tok, X, held_change, held_sent = ids, None, None, ()
     if schedule.name in SINGLE:
         stage = rank_stages(schedule)[rank][0]
-        X = extras(schedule.name, stage, schedule.num_stages, schedule.microbatches, kinds, mbs,
-                   (1, 0), ((1, 1), (1, 2)))[0][:, :3]
+        X, end, sent = extras(schedule.name, stage, schedule.num_stages, schedule.microbatches,
+                              kinds, mbs, (1, 0), ((1, 1), (1, 2)))
+        X = X[:, :3]
+        held_change = [int(x) for x in X.sum(0) + end[:3]]
+        held_sent = [c for _, c in sent]
         if np.abs(X).max(initial=0) >= _COEF:
             raise ValueError("held coefficients out of range")
         tok = ids + k * ((X + _COEF) @ np.array([1, 2 * _COEF, 4 * _COEF * _COEF]))
-    at = kept(tok)
-    # the counts before each kept action: c = how many kept actions are at or before each
-    # action, so the actions before the i-th kept one are those with c <= i
-    c = np.zeros(n, dtype=np.int64)
-    c[at] = 1  # (ids is kept with the schedule's columns only while it is kept here)
-    np.cumsum(c, out=c)
-    rows = len(at) + 1
-    if rows * (k + 3) > 2 * n + _SMALL:  # (dense counts larger than the actions: kept all)
-        got = Peaks(vals, counts, n, ids, None, X)
+    at, before = reduced(tok, ids, k, X)
+    if before is None:  # (dense counts larger than the actions: kept all)
+        got = Peaks(vals, counts, n, ids, None, X, held_change, held_sent)
     else:
-        before = np.bincount(c * k + ids, minlength=rows * k).reshape(rows, k)
-        if X is not None:
-            held = [np.bincount(c, weights=X[:, j], minlength=rows) for j in range(3)]
-            before = np.concatenate([before, np.rint(np.stack(held, 1)).astype(np.int64)], 1)
-        np.cumsum(before, axis=0, out=before)
-        got = Peaks(vals, counts, n, ids[at], np.ascontiguousarray(before[:-1]), None)
+        got = Peaks(vals, counts, n, ids[at], before, None, held_change, held_sent)
     size = _size(got)
     while _PEAKS and _TOTAL[0] + size > _PEAKS_SIZE:
         try:  # (another thread may take it first)
@@ -179,6 +176,44 @@ def peaks_of(schedule, rank: int) -> Peaks:
     _PEAKS[key] = (schedule, got)
     _TOTAL[0] += size
     return got
+
+
+def reduced(tok: np.ndarray, ids: np.ndarray, k: int, X: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the kept actions, the counts before each: per kind id of ``ids`` (``k`` of them), then
+    the columns of ``X``) of a list of action tokens ``tok`` (``ids`` and the rows of ``X``
+    alike for alike tokens); the counts None where they would take more room than the actions
+    (every action kept then). The kept actions are then a list of their own, each one's token
+    its own and the counts up to the next, and its periodic stretches are dropped alike, until
+    none is left (interleaved 1F1B: a round's blocks of pairs, then four blocks)."""
+    n = len(tok)
+    at = kept(tok)
+    rows = len(at) + 1
+    if rows * (k + 3) > 2 * n + _SMALL:
+        return np.arange(n), None
+    c = _counted(at, n)
+    before = np.bincount(c * k + ids, minlength=rows * k).reshape(rows, k)
+    if X is not None:
+        held = [np.bincount(c, weights=X[:, j], minlength=rows) for j in range(X.shape[1])]
+        before = np.concatenate([before, np.rint(np.stack(held, 1)).astype(np.int64)], 1)
+    np.cumsum(before, axis=0, out=before)
+    while len(at) > 2:
+        step = np.diff(before, axis=0)
+        _, tok2 = np.unique(np.concatenate([step, tok[at][:, None]], 1), axis=0,
+                            return_inverse=True)
+        again = kept(tok2.reshape(-1), _MAX_PERIOD_KEPT)
+        if len(again) == len(at):
+            break
+        at, before = at[again], np.concatenate([before[again], before[-1:]])
+    return at, np.ascontiguousarray(before[:-1])
+
+
+def _counted(at: np.ndarray, n: int) -> np.ndarray:
+    """Per action, how many of the kept actions ``at`` are at or before it (the actions
+    before the i-th kept one are those counted at most i)."""
+    c = np.zeros(n, dtype=np.int64)
+    c[at] = 1
+    return np.cumsum(c, out=c)
 
 
 def _size(pk: Peaks) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 from planner.machine.stepsim import _INDEX
 
-__all__ = ["SINGLE", "extras", "held_records"]
+__all__ = ["SINGLE", "extras", "held_records", "held_sizes"]
 
 SINGLE = ("gpipe", "1f1b")
 
@@ -106,3 +106,11 @@ def held_records(memo, st: int, step: int, outs: dict) -> tuple | None:
     if st > 0 and grads[0] is None:
         return None
     return (nbytes, _INDEX[cat]), (grads[0], grads[1] or grads[0])
+
+
+def held_sizes(hold: tuple) -> list:
+    """``held_records``' answer as the three sizes ``extras`` is linear in, (bytes, category
+    index) each: a forward's output, the step's first backward's input gradient, the others'
+    ((0, -1) where there is none)."""
+    out, grads = hold
+    return [out] + [g if g is not None else (0, -1) for g in grads]
