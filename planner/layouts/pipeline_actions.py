@@ -188,9 +188,7 @@ class ActionMemo:
         """Replay the action op by op and record it; its rows are left as a composed one
         leaves them (what the machine drew kept for the record's later compositions)."""
         plans: list = []
-        rec = self._replayed(prog, run, st, j, kind, plans)
-        if not isinstance(prog.m, _Recording):  # (sizes are ints: compared as tuples)
-            plain(rec)
+        rec = plain(self._replayed(prog, run, st, j, kind, plans), prog.m)
         if plans:
             self._plans[id(rec)] = (rec, plans[0])
         return rec

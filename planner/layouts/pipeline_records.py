@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.layouts.pipeline_machines import _nonzero
+from planner.layouts.pipeline_machines import _nonzero, _Recording
 from planner.machine.stepsim import _INDEX, Buf
 from planner.machine.symbolic import _Exact
 from planner.step.ops import T
@@ -85,10 +85,11 @@ class _Rec:
     local: bool = False  # a forward's output is the next stage's input on the rank (V shape)
 
 
-def plain(rec: _Rec) -> _Rec:
-    """``rec``, marked as a record of the trace machine (every size an int, every name a
-    string): ``_same`` compares two such records as tuples (at C speed, the same answer)."""
-    object.__setattr__(rec, "_plain", True)
+def plain(rec: _Rec, m) -> _Rec:
+    """``rec``, marked where ``m`` is not the recording machine (every size an int, every name
+    a string): ``_same`` compares two such records as tuples (at C speed, the same answer)."""
+    if not isinstance(m, _Recording):
+        object.__setattr__(rec, "_plain", True)
     return rec
 
 

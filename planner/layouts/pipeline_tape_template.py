@@ -27,7 +27,8 @@ replay.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -71,6 +72,7 @@ class TapedTemplate:
     names: tuple[str, ...]
     ranks: dict[int, tuple[list[int], list[Candidates]]]
     admits: object = None
+    seconds: list = field(default_factory=list)  # each rank's compile (its records' included)
 
     def stage_peak(self, rank: int, values: tuple[int, ...]) -> StagePeak | None:
         got = self.ranks.get(rank)
@@ -88,10 +90,12 @@ def compile_taped(model, tr, schedule, device: str, names: tuple[str, ...], half
     entries: dict = {}
     tried: set = set()
     out: dict = {}
+    seconds = []
     for rank in range(schedule.num_ranks):
         if not tapes(schedule, rank):
             continue
         check_work_limit()
+        t0 = time.perf_counter()
         roles = kind_roles(schedule, rank, model)
         try:
             _records(model, tr, schedule, device, rank, sizes, entries, tried, roles)
@@ -100,9 +104,11 @@ def compile_taped(model, tr, schedule, device: str, names: tuple[str, ...], half
         except (NotTaped, Unmemoizable):
             continue
         out[rank] = (rank_stages(schedule)[rank], windows)
+        seconds.append(time.perf_counter() - t0)
     if not out:
         raise Undecided("no rank taped")
-    return TapedTemplate(sp.names, out, _guard_fn(sp.names, list(sp.guards.values())))
+    return TapedTemplate(sp.names, out, _guard_fn(sp.names, list(sp.guards.values())),
+                         seconds)
 
 
 def _records(model, tr, schedule, device, rank, sizes, entries, tried, roles) -> None:

@@ -27,6 +27,7 @@ from planner.layouts import pipeline_structure, pipeline_structures
 from planner.layouts.pipeline_fused import worst_rank_fn
 from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, rank_stages, schedule_of
+from planner.layouts import pipeline_tape_templates
 from planner.layouts.pipeline_tape import taped_rank, tapes
 from planner.machine import cache
 from planner.machine.cache import _put, setup_key
@@ -217,9 +218,12 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
 
     stages = rank_stages(schedule)[rank]
     key = _rank_key(setup_key(model, tr, device, frozenset(), None, 0), _plan_key(schedule), rank)
-    if tapes(schedule, rank):  # a long list, evaluated at once: no template, no search
+    if tapes(schedule, rank):  # a long list, evaluated at once: no search; a known layout's
+        # new model from its taped template (planner/layouts/pipeline_tape_templates.py)
         return cache.cached(key, tr,
-                            lambda: (taped_rank(model, tr, schedule, rank, device)
+                            lambda: (pipeline_tape_templates.estimate(model, tr, schedule,
+                                                                      device, rank)
+                                     or taped_rank(model, tr, schedule, rank, device)
                                      or rank_step(model, tr, schedule, rank, device, lists())),
                             lambda domain: None, None)
     if structures.enabled() and cache.template(key) is None:
