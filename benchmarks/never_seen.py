@@ -4,7 +4,8 @@
 ``training()``. Run alone: ``python -m benchmarks.never_seen``; ``--section pipelined`` runs
 only the pipelined section (random gpt2/llama models on 2, 4 or 8 pipeline stages, 1F1B and
 interleaved 1F1B, random micro-batch counts), ``--section schedules`` one layout of every
-schedule (GPipe, 1F1B, interleaved, ZB-H1, ZB-H2, ZB-V, DualPipeV), ``--section
+schedule (GPipe, 1F1B, interleaved, ZB-H1, ZB-H2, ZB-V, DualPipeV), ``--section long`` every
+schedule at 64 ranks and hundreds to thousands of micro-batches (taped ranks), ``--section
 single``/``data-parallel`` the others.
 """
 
@@ -477,10 +478,84 @@ def print_schedules(rows: list[tuple]) -> None:
     print()
 
 
+# Long pipelines (the goal's "pp <= 64, any schedule, any m"): every schedule at 64 ranks, a
+# micro-batch count of hundreds to thousands (ranks of 512 to 32,768 actions: taped,
+# planner/layouts/pipeline_tape.py; GPipe and 1F1B at 64 ranks from their rank structures)
+LONG_LAYOUTS = [("gpipe", 1, 1024), ("1f1b", 1, 4096), ("interleaved-1f1b", 4, 4096),
+                ("zb-h1", 1, 4096), ("zb-h2", 1, 2048), ("zb-v", 2, 1024),
+                ("dualpipe-v", 2, 512)]
+LONG_PP = 64
+LONG_LAYERS = 512
+
+
+def long_rows(n: int = 6, seed: int = 13) -> list[tuple]:
+    """Per LONG_LAYOUTS layout (``LONG_PP`` ranks, ``LONG_LAYERS`` blocks): the first estimate
+    of a new model with caches cold, in sync mode (the layout's templates compiled in the
+    request: each rank's compile timed, a taped template's ranks each), then ``n`` new models
+    of the layout (per-setup caches cleared) timed against llm-analysis's ``training()``,
+    interleaved. (schedule, m, first s, rank compiles, median s, max s, never-seen median s,
+    llm-analysis median s, ranks answered from a taped template per estimate)."""
+    from planner.layouts import pipeline_tape_templates
+    est = planner_memory.estimate_memory
+    rng = random.Random(seed)
+    out = []
+    for sched, v, m in LONG_LAYOUTS:
+        planner_memory.clear_caches()
+
+        def req(arch, b, t):
+            r = _pipelined_req({**arch, "num_layers": LONG_LAYERS}, b, t, LONG_PP, sched, v, m)
+            return r.model_copy(update={"model": r.model.model_copy(
+                update={"num_layers": LONG_LAYERS})})
+        compile_s: list[float] = []
+        spent = pipeline_tape_templates.COUNTS["rank_seconds"]
+        before = len(spent)
+        with _timing(pipeline_structures, "_compile", compile_s), \
+                step_cache.structure_mode("sync"):
+            t0 = time.perf_counter()
+            est(req(_random_arch("llama", rng), 4, 1024), explain=False)
+            first = time.perf_counter() - t0
+        compile_s += spent[before:]
+        ours, theirs, taped = [], [], []
+        for _ in range(n):
+            q = req(_random_arch("llama", rng), rng.randint(2, 16), rng.choice([512, 2048]))
+            _clear_setup_caches()
+            was = pipeline_tape_templates.COUNTS["evaluated"]
+            with step_cache.structure_mode("sync"):
+                t0 = time.perf_counter()
+                est(q, explain=False)
+                ours.append(time.perf_counter() - t0)
+            taped.append(pipeline_tape_templates.COUNTS["evaluated"] - was)
+            fn = llm_analysis_model_fn(resolve_model(q.model),
+                                       parallelism={"pipeline_parallel": LONG_PP})
+            if fn is not None:
+                theirs.append(statistics.median(_time_each(lambda f: f(1), [fn] * 5)))
+        out.append((sched, m, first, len(compile_s),
+                    statistics.median(compile_s) if compile_s else 0.0,
+                    max(compile_s, default=0.0), statistics.median(ours),
+                    statistics.median(theirs) if theirs else None, statistics.median(taped)))
+    return out
+
+
+def print_long(rows: list[tuple]) -> None:
+    print(f"## Never-seen model, long pipelines: pp {LONG_PP}, {LONG_LAYERS} blocks (llama), "
+          "every schedule; the layout's first estimate compiles its templates in the request "
+          "(sync mode), then new models of it are timed against llm-analysis (median of 6)\n")
+    print("| schedule | m | first estimate ms | rank compiles | compile median ms | compile max "
+          "ms | never-seen µs | llm-analysis µs | vs llm-analysis | ranks from a taped "
+          "template |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for sched, m, first, nc, cmed, cmax, ours, la, taped in rows:
+        ratio = f"{ours / la:,.1f}× its time" if la else "n/a"
+        las = f"{la * 1e6:,.0f}" if la else "n/a"
+        print(f"| {sched} | {m} | {first * 1e3:,.0f} | {nc} | {cmed * 1e3:,.0f} | "
+              f"{cmax * 1e3:,.0f} | {ours * 1e6:,.0f} | {las} | {ratio} | {taped:g} |")
+    print()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--section", choices=["all", "single", "data-parallel", "pipelined",
-                                          "pipelined-lists", "schedules"],
+                                          "pipelined-lists", "schedules", "long"],
                     default="all")
     args = ap.parse_args(argv)
     collector.tune()  # as `memplan serve` does once the app is built (planner/machine/collector.py)
@@ -495,6 +570,8 @@ def main(argv: list[str] | None = None) -> None:
         print_schedules(schedules_rows())
     if args.section in ("all", "pipelined-lists"):
         print_lists(lists_rows())
+    if args.section in ("all", "long"):
+        print_long(long_rows())
 
 
 if __name__ == "__main__":

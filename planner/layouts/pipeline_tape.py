@@ -58,7 +58,7 @@ from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, PeakSnap, Val
 from planner.step.ops import T
 
-__all__ = ["TAPED", "NotTaped", "clear", "loop", "taped_rank", "tapes"]
+__all__ = ["TAPED", "NotTaped", "clear", "loop", "table", "taped_rank", "takes", "tapes"]
 
 TAPED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 MIN_ACTIONS = 512  # shorter lists: their shortened replays cost about as little
@@ -262,11 +262,14 @@ def tapes(schedule, rank: int) -> bool:
     schedule the tape takes, a list long enough that its shortened replays (or a template's
     compile) cost more; GPipe and 1F1B only past ``DEEP`` ranks (below, their ranks' few
     short lists compile into templates that answer a sweep of sizes faster)."""
-    return (_takes(schedule, rank)
+    return (takes(schedule, rank)
             and (schedule.name not in SINGLE or schedule.num_ranks > DEEP))
 
 
-def _takes(schedule, rank: int) -> bool:
+def takes(schedule, rank: int) -> bool:
+    """Whether the tape takes the rank: a schedule it composes, a list of ``MIN_ACTIONS`` or
+    more (GPipe and 1F1B included: their taped templates answer a new model of a known
+    layout, planner/layouts/pipeline_tape_templates.py)."""
     return (schedule.name in TAPED and len(schedule.orders[rank]) >= MIN_ACTIONS
             and enabled())
 
@@ -289,7 +292,7 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
     whose stages have the same roles, in order, and whose actions count the same per kind (the
     middle ranks of a deep pipeline) leave the same rows outside their loops: those are made
     once (``_Skeleton``), and each such rank draws its loops' rows alone."""
-    if not _takes(schedule, rank):
+    if not takes(schedule, rank):
         return None
     roles = kind_roles(schedule, rank, model)
     pk = peaks_of(schedule, rank)

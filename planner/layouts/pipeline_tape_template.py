@@ -37,7 +37,7 @@ from planner.layouts.pipeline_codes import NAMES
 from planner.layouts.pipeline_machines import _nonzero, _Recording, undominated
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
 from planner.layouts.pipeline_schedules import rank_stages
-from planner.layouts.pipeline_tape import NotTaped, _leave, table, tapes
+from planner.layouts.pipeline_tape import NotTaped, _leave, table, takes
 from planner.layouts.pipeline_tape_peaks import peaks_of
 from planner.layouts.pipeline_tape_records import (
     _verified_across_steps,
@@ -92,7 +92,7 @@ def compile_taped(model, tr, schedule, device: str, names: tuple[str, ...], half
     out: dict = {}
     seconds = []
     for rank in range(schedule.num_ranks):
-        if not tapes(schedule, rank):
+        if not takes(schedule, rank):
             continue
         check_work_limit()
         t0 = time.perf_counter()

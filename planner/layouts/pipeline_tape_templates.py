@@ -7,7 +7,10 @@ second model (its dimensions besides the micro-batch size and sequence length: a
 models, not a fit search over batch sizes), its ranks are compiled with the sizes symbolic
 (planner/layouts/pipeline_tape_template.py) on the structure thread (``structure_mode("sync")``:
 in the request, at the first model), and from then on every model of the layout whose sizes its
-guards admit is a few generated functions' evaluation per rank. Layouts of more than
+guards admit is a few generated functions' evaluation per rank. GPipe's and 1F1B's long ranks
+(taped only past 64 ranks; below, their few shortened lists compile into rank structures)
+take the taped template first too: a new model's evaluation of 64 rank structures costs more
+than of their taped templates. Layouts of more than
 ``MAX_RANKS`` ranks are not compiled (a function per rank and window; the tape answers them in
 well under the time limit). A compile that fails leaves the layout on the tape, which is the
 answer anyway.
@@ -40,7 +43,16 @@ COUNTS: dict = {"compiles": 0, "evaluated": 0, "rank_seconds": []}
 def estimate(model, tr, schedule, device: str, rank: int):
     """The rank's StagePeak from its layout's taped template when that is compiled and admits
     the model; otherwise None (the compile queued where the layout meets its second model, or
-    in "sync" mode run here)."""
+    in "sync" mode run here). The template found for the last setup is kept: every rank of an
+    estimate asks with the same objects."""
+    last = _LAST[0]
+    if (last is not None and last[0] is model and last[1] is tr and last[2] is schedule
+            and last[3] == device):
+        tpl, values = last[4], last[5]
+        got = tpl.stage_peak(rank, values)
+        if got is not None:
+            COUNTS["evaluated"] += 1
+        return got
     if not structures.enabled() or schedule.num_ranks > MAX_RANKS:
         return None
     st = structure_of(model, tr.micro_batch_size, tr.sequence_length)
@@ -54,6 +66,7 @@ def estimate(model, tr, schedule, device: str, rank: int):
         _put(_LAYOUTS, key, known, _MAX)
     for tpl in known[2]:
         if tpl.admits is None or tpl.admits(*values):
+            _LAST[0] = (model, tr, schedule, device, tpl, values)
             got = tpl.stage_peak(rank, values)
             if got is not None:
                 COUNTS["evaluated"] += 1
@@ -71,6 +84,10 @@ def estimate(model, tr, schedule, device: str, rank: int):
     if len(known[0]) >= 2:
         structures.submit(("tape", key, gen), compile_)
     return None
+
+
+# the last setup's (model, training, schedule, device, template, sizes)
+_LAST: list = [None]
 
 
 def _compile(model, tr, schedule, device, names, half, values, known, gen
@@ -96,6 +113,7 @@ def _compile(model, tr, schedule, device, names, half, values, known, gen
 def _clear() -> None:
     with _LOCK:
         _LAYOUTS.clear()
+        _LAST[0] = None
 
 
 cache.on_clear(_clear)

@@ -28,7 +28,7 @@ from planner.layouts.pipeline_fused import worst_rank_fn
 from planner.layouts.pipeline_replays import compile_rank, rank_step
 from planner.layouts.pipeline_schedules import ScheduleConstraintError, rank_stages, schedule_of
 from planner.layouts import pipeline_tape_templates
-from planner.layouts.pipeline_tape import taped_rank, tapes
+from planner.layouts.pipeline_tape import taped_rank, takes, tapes
 from planner.machine import cache
 from planner.machine.cache import _put, setup_key
 from planner.machine.peak_candidates import fused_best
@@ -229,7 +229,10 @@ def pipeline_rank(model: ResolvedModel, tr: TrainingSpec, schedule, device: str,
     if structures.enabled() and cache.template(key) is None:
         # a never-seen model (or micro-batch count) of a known structure: evaluated
         # (planner/layouts/pipeline_structures.py); its compile queued otherwise
-        hit = pipeline_structures.estimate(model, tr, schedule, device, rank)
+        # (a long GPipe or 1F1B rank of a known layout: its taped template first)
+        hit = ((takes(schedule, rank)
+                and pipeline_tape_templates.estimate(model, tr, schedule, device, rank))
+               or pipeline_structures.estimate(model, tr, schedule, device, rank))
         if hit is not None:
             return hit
     return cache.cached(key, tr,
