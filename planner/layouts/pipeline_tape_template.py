@@ -47,7 +47,7 @@ from planner.layouts.pipeline_tape_records import (
 from planner.layouts.pipeline_tape_single import held_sizes
 from planner.machine.deadline import check as check_work_limit
 from planner.machine.peak_candidates import Candidates, candidates
-from planner.machine.stepsim import CATEGORIES
+from planner.machine.stepsim import CATEGORIES, PeakSnap
 from planner.machine.symbolic import MPoly, Undecided
 from planner.step.structure import (
     _guard_fn,
@@ -74,11 +74,23 @@ class TapedTemplate:
     admits: object = None
     seconds: list = field(default_factory=list)  # each rank's compile (its records' included)
 
+    # (sizes, id(window) -> its peak): the windows ranks share, evaluated once a model
+    _memo: tuple = field(default=((), {}), init=False, repr=False, compare=False)
+
     def stage_peak(self, rank: int, values: tuple[int, ...]) -> StagePeak | None:
         got = self.ranks.get(rank)
         if got is None:
             return None
-        return StagePeak(rank, list(got[0]), *[c.best(*values) for c in got[1]])
+        memo = self._memo
+        if memo[0] != values:
+            memo = self._memo = (values, {})
+        out = []
+        for c in got[1]:
+            s = memo[1].get(id(c))
+            if s is None:
+                s = memo[1][id(c)] = c.best(*values)
+            out.append(PeakSnap(s.total, list(s.by_cat), s.op, s.phase))
+        return StagePeak(rank, list(got[0]), *out)
 
 
 def compile_taped(model, tr, schedule, device: str, names: tuple[str, ...], half: bool,
@@ -90,6 +102,7 @@ def compile_taped(model, tr, schedule, device: str, names: tuple[str, ...], half
     entries: dict = {}
     tried: set = set()
     out: dict = {}
+    alike: dict = {}  # a window's rows -> the one Candidates of them (GPipe's middle ranks)
     seconds = []
     for rank in range(schedule.num_ranks):
         if not takes(schedule, rank):
@@ -103,12 +116,19 @@ def compile_taped(model, tr, schedule, device: str, names: tuple[str, ...], half
                                     roles)
         except (NotTaped, Unmemoizable):
             continue
-        out[rank] = (rank_stages(schedule)[rank], windows)
+        out[rank] = (rank_stages(schedule)[rank], [_shared(c, alike) for c in windows])
         seconds.append(time.perf_counter() - t0)
     if not out:
         raise Undecided("no rank taped")
     return TapedTemplate(sp.names, out, _guard_fn(sp.names, list(sp.guards.values())),
                          seconds)
+
+
+def _shared(c: Candidates, alike: dict) -> Candidates:
+    """``c``, or an earlier rank's window of the same rows (evaluated once an estimate)."""
+    sig = (c.exps, tuple(map(tuple, c.key)), tuple(tuple(map(tuple, x)) for x in c.cats),
+           tuple(c.ops), tuple(c.phases), c.zero)
+    return alike.setdefault(sig, c)
 
 
 def _records(model, tr, schedule, device, rank, sizes, entries, tried, roles) -> None:
