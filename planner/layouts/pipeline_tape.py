@@ -58,7 +58,7 @@ from planner.machine.deadline import check as check_work_limit
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, PeakSnap, Val
 from planner.step.ops import T
 
-__all__ = ["TAPED", "NotTaped", "clear", "loop", "table", "taped_rank", "takes", "tapes"]
+__all__ = ["TAPED", "NotTaped", "clear", "loop", "table", "takes", "taped_rank", "tapes"]
 
 TAPED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 MIN_ACTIONS = 512  # shorter lists: their shortened replays cost about as little
@@ -84,7 +84,7 @@ def table(prog, pk) -> tuple:
     the storages it leaves to the step's end (``_leave``'s arguments); what a one-stage
     schedule's bookkeeping reads, or None). Raises ``NotTaped`` where a record would not
     compose, and makes the gradients the stages' first backwards make (``attach``) last."""
-    m, memo, sched = prog.m, prog.memo, prog.sched
+    memo, sched = prog.memo, prog.sched
     S, on, rank, step = sched.num_stages, sched.stage_to_rank, prog.rank, prog.step_no
     check_work_limit()
     vals, counts = pk.vals, pk.counts
@@ -143,11 +143,10 @@ def table(prog, pk) -> tuple:
         sizes = held_sizes(hold)
         for (nbytes, cat), coef in zip(sizes, pk.held_change):
             change[cat] += coef * nbytes
-        for j in pk.held_sent:
-            nbytes, cat = sizes[j]
-            if cat >= 0:
+        for (nbytes, cat), count in zip(sizes, pk.held_sent):
+            if cat >= 0 and count:
                 key = ("send", 0, CATEGORIES[cat])
-                left[key] = left.get(key, 0) + nbytes
+                left[key] = left.get(key, 0) + nbytes * count
     for st, rec_made in made:  # (each checks every place before it makes any)
         if not attach(prog, st, rec_made):
             raise NotTaped(("made", st, "gradients"))

@@ -15,9 +15,13 @@ the last's is higher). So no action of a middle repetition is ever a loop's firs
 (every action it drops has, at each ``v``, a kept one at least as high and earlier or higher;
 the relation is a strict order, so the first highest itself is never dropped), and ``Peaks``
 keeps the others: the first and last repetitions of each periodic stretch, for periods up to
-``MAX_PERIOD``, and everything else. A model's loop then evaluates a few hundred kept actions
-instead of every one (interleaved pp 64 v 4 m 4096: 32,768 actions a rank).
-``tests/test_pipeline_tape.py`` holds the taped ranks equal to the full replay.
+``MAX_PERIOD`` (two for GPipe, 1F1B and interleaved 1F1B), and everything else. A model's
+loop then reads a few dozen to a few thousand kept actions instead of every one (interleaved
+pp 64 v 4 m 4096: 1,540 of 32,768 a rank). A taped template (every kept action a row:
+planner/layouts/pipeline_tape_template.py) takes the kept actions as a list of their own
+and drops its periodic stretches too (``fewer``: 100 of those 1,540).
+``tests/test_pipeline_tape_peaks.py`` holds the first highest among the kept actions for any
+values, and every taped rank equal to the full replay.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from planner.layouts.pipeline_tape_single import SINGLE, extras
 
 __all__ = ["MAX_PERIOD", "Peaks", "clear", "columns", "kept", "peaks_of"]
 
-MAX_PERIOD = 12
+MAX_PERIOD = 6  # the zero-bubble schedules' longest (ZB-V's F, I, W of two stages)
+_PERIODS = {"gpipe": 2, "1f1b": 2, "interleaved-1f1b": 2}  # (their steady pairs; any is exact)
 _MAX_PERIOD_KEPT = 64  # the periods looked for among kept actions (interleaved: four blocks)
 _SMALL = 1 << 16  # (kept counts this small are dense, however few the actions)
 _COEF = 1 << 12  # (a held coefficient's range, in a token)
@@ -44,10 +49,9 @@ def kept(tok: np.ndarray, max_period: int = MAX_PERIOD) -> np.ndarray:
     token j + p equals token j, and each run of it over [a, b) is a stretch [a, b + p) of
     period p."""
     n, W = len(tok), max_period
-    padded = np.concatenate((tok, np.full(W, -1, dtype=tok.dtype)))
     eq = np.zeros((W, n + 2), dtype=bool)  # (a False either side of each period's row)
-    eq[:, 1:-1] = (np.lib.stride_tricks.sliding_window_view(padded[1:], W)
-                   == tok[:, None]).T
+    for p in range(1, min(W, n - 1) + 1):
+        np.equal(tok[:-p], tok[p:], out=eq[p - 1, 1:n - p + 1])
     flat = eq.ravel()
     edges = np.flatnonzero(flat[1:] != flat[:-1])
     p = edges[0::2] // (n + 2) + 1
@@ -68,14 +72,17 @@ class Peaks:
     ``MAX_PERIOD``), ``before`` is None and every action is kept: ``ids`` and the coefficients
     (``held``) per action, the counts summed where asked."""
 
-    __slots__ = ("before", "counts", "held", "held_change", "held_sent", "ids", "n", "vals")
+    __slots__ = ("_fewer", "_tok", "before", "counts", "held", "held_change", "held_sent", "ids",
+                 "n", "vals")
 
     def __init__(self, vals, counts, n, ids, before, held, held_change=None,
-                 held_sent=()) -> None:
+                 held_sent=(), tok=None) -> None:
         self.vals, self.counts, self.n = vals, counts, n
         self.ids, self.before, self.held = ids, before, held
+        # (the kept actions' tokens and counts, then the totals: ``fewer``'s arguments; its answer)
+        self._tok, self._fewer = tok, None
         # (GPipe, 1F1B) the three held sizes' coefficients in the loop's change of the live
-        # bytes, and which of them each send work left at its end holds
+        # bytes, and how many send works left at its end hold each
         self.held_change, self.held_sent = held_change, held_sent
 
     def first_highest(self, net_tot, drawn_tot, held_tot=None) -> int:
@@ -94,6 +101,14 @@ class Peaks:
                 live += self.before[:, k:] @ held_tot
         live += drawn_tot[self.ids]
         return int(np.argmax(live))
+
+    def fewer(self) -> tuple[np.ndarray, np.ndarray]:
+        """(kind ids, counts before) of fewer kept actions (``fewer``), for a template; the
+        dense form's alone."""
+        if self._fewer is None:
+            keep = fewer(*self._tok)
+            self._fewer = (self.ids[keep], np.ascontiguousarray(self.before[keep]))
+        return self._fewer
 
     def before_at(self, j: int):
         """The counts before kept action ``j`` (per kind id, then the held coefficients)."""
@@ -158,15 +173,16 @@ def peaks_of(schedule, rank: int) -> Peaks:
                               kinds, mbs, (1, 0), ((1, 1), (1, 2)))
         X = X[:, :3]
         held_change = [int(x) for x in X.sum(0) + end[:3]]
-        held_sent = [c for _, c in sent]
+        held_sent = [0, sent.count((1, 1)), sent.count((1, 2))]
         if np.abs(X).max(initial=0) >= _COEF:
             raise ValueError("held coefficients out of range")
         tok = ids + k * ((X + _COEF) @ np.array([1, 2 * _COEF, 4 * _COEF * _COEF]))
-    at, before = reduced(tok, ids, k, X)
+    at, before = reduced(tok, ids, k, X, _PERIODS.get(schedule.name, MAX_PERIOD))
     if before is None:  # (dense counts larger than the actions: kept all)
         got = Peaks(vals, counts, n, ids, None, X, held_change, held_sent)
     else:
-        got = Peaks(vals, counts, n, ids[at], before, None, held_change, held_sent)
+        got = Peaks(vals, counts, n, ids[at], before[:-1], None, held_change, held_sent,
+                    (tok[at], before))
     size = _size(got)
     while _PEAKS and _TOTAL[0] + size > _PEAKS_SIZE:
         try:  # (another thread may take it first)
@@ -178,25 +194,36 @@ def peaks_of(schedule, rank: int) -> Peaks:
     return got
 
 
-def reduced(tok: np.ndarray, ids: np.ndarray, k: int, X: np.ndarray | None = None
-            ) -> tuple[np.ndarray, np.ndarray | None]:
+def reduced(tok: np.ndarray, ids: np.ndarray, k: int, X: np.ndarray | None = None,
+            max_period: int = MAX_PERIOD) -> tuple[np.ndarray, np.ndarray | None]:
     """(the kept actions, the counts before each: per kind id of ``ids`` (``k`` of them), then
     the columns of ``X``) of a list of action tokens ``tok`` (``ids`` and the rows of ``X``
     alike for alike tokens); the counts None where they would take more room than the actions
-    (every action kept then). The kept actions are then a list of their own, each one's token
-    its own and the counts up to the next, and its periodic stretches are dropped alike, until
-    none is left (interleaved 1F1B: a round's blocks of pairs, then four blocks)."""
+    (every action kept then). ``max_period``: the longest period looked for (any is exact;
+    a longer one keeps fewer actions where the schedule repeats with it)."""
     n = len(tok)
-    at = kept(tok)
+    at = kept(tok, max_period)
     rows = len(at) + 1
     if rows * (k + 3) > 2 * n + _SMALL:
         return np.arange(n), None
     c = _counted(at, n)
     before = np.bincount(c * k + ids, minlength=rows * k).reshape(rows, k)
-    if X is not None:
-        held = [np.bincount(c, weights=X[:, j], minlength=rows) for j in range(X.shape[1])]
-        before = np.concatenate([before, np.rint(np.stack(held, 1)).astype(np.int64)], 1)
     np.cumsum(before, axis=0, out=before)
+    if X is not None:  # (the coefficients summed before each kept action, then in all)
+        held = np.cumsum(X, axis=0)
+        held = np.concatenate([held[at] - X[at], held[-1:]])
+        before = np.concatenate([before, held], 1)
+    return at, before
+
+
+def fewer(tok: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Of ``reduced``'s kept actions (their tokens ``tok``; ``before``: the counts before each,
+    then after the last), the ones kept when they are taken as a list of their own: each
+    one's token its own and the counts up to the next, its periodic stretches dropped alike,
+    until none is left (interleaved 1F1B: a round's blocks of pairs, then four blocks); their
+    indices among the kept. Worth it where every kept action is a template's row
+    (planner/layouts/pipeline_tape_template.py); a concrete loop reads them all at once."""
+    at = np.arange(len(tok))
     while len(at) > 2:
         step = np.diff(before, axis=0)
         _, tok2 = np.unique(np.concatenate([step, tok[at][:, None]], 1), axis=0,
@@ -205,7 +232,7 @@ def reduced(tok: np.ndarray, ids: np.ndarray, k: int, X: np.ndarray | None = Non
         if len(again) == len(at):
             break
         at, before = at[again], np.concatenate([before[again], before[-1:]])
-    return at, np.ascontiguousarray(before[:-1])
+    return at
 
 
 def _counted(at: np.ndarray, n: int) -> np.ndarray:
@@ -217,7 +244,7 @@ def _counted(at: np.ndarray, n: int) -> np.ndarray:
 
 
 def _size(pk: Peaks) -> int:
-    return pk.ids.size * 4 + (0 if pk.before is None else pk.before.size) \
+    return pk.ids.size * 4 + (0 if pk.before is None else 2 * pk.before.size) \
         + (0 if pk.held is None else pk.held.size)
 
 

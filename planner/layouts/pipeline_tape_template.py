@@ -311,17 +311,18 @@ def _loop_rows(start, NET, REL, marks, HELD, pk, used, k) -> tuple[np.ndarray, n
     live bytes plus the counts before it times the kinds' nets (and the held sizes); which of
     ``REL`` each row draws), in the loop's order. ``marks``: per kind id, where its marks
     start in ``REL`` and how many it has."""
-    before = pk.before[:, :k][:, used]
+    ids, counts = pk.fewer()  # (every kept action is a row here: as few as can be)
+    before = counts[:, :k][:, used]
     if (np.abs(before).max(initial=0) * (np.abs(NET).max(initial=0) * max(len(used), 1)
                                           + (0 if HELD is None else np.abs(HELD).max()) * 3)
             >= _LIMIT):
         raise Undecided("live bytes outside the template's range")
     base = start[None] + np.tensordot(before, NET, axes=(1, 0))
     if HELD is not None:
-        base += np.tensordot(pk.before[:, k:], HELD, axes=(1, 0))
+        base += np.tensordot(counts[:, k:], HELD, axes=(1, 0))
     first, n_of = marks
-    reps = n_of[pk.ids]
-    rows_of = np.repeat(np.arange(len(pk.ids)), reps)
+    reps = n_of[ids]
+    rows_of = np.repeat(np.arange(len(ids)), reps)
     offs = np.arange(len(rows_of)) - np.repeat(np.cumsum(reps) - reps, reps)
-    idx = np.repeat(first[pk.ids], reps) + offs
+    idx = np.repeat(first[ids], reps) + offs
     return base[rows_of] + REL[idx], idx
