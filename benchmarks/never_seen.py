@@ -417,64 +417,82 @@ SCHEDULE_LAYERS = 64
 
 def schedules_rows(n: int = 6, seed: int = 11) -> list[tuple]:
     """Per SCHEDULE_LAYOUTS schedule (pp ``SCHEDULE_PP``, ``SCHEDULE_LAYERS`` blocks, a random
-    count of 2 to 8 rounds of micro-batches): the first estimate of a new model with caches
-    cold (its ranks' structures compiled in the request, each compile timed), then ``n`` new
-    models of the layout (per-setup caches cleared: each an evaluation of the ranks' templates)
-    timed against llm-analysis's ``training()`` on the same models, interleaved. (schedule, m,
-    first ms, compiles, compile median ms, compile max ms, never-seen median s, llm-analysis
-    median s, estimates that replayed a rank)."""
-    est = planner_memory.estimate_memory
+    count of 2 to 8 rounds of micro-batches): ``_layout_rows``."""
     rng = random.Random(seed)
+    return _layout_rows([(sched, v, lambda: SCHEDULE_PP * rng.randint(2, 8))
+                         for sched, v in SCHEDULE_LAYOUTS], SCHEDULE_PP, SCHEDULE_LAYERS, n, rng)
+
+
+def _layout_rows(layouts, pp: int, layers: int, n: int, rng) -> list[tuple]:
+    """Per (schedule, virtual stages, ``() -> m``) layout of ``pp`` stages and ``layers``
+    blocks: the first estimate of a new model with caches cold, in sync mode (the layout's
+    templates compiled in the request: each rank structure's compile timed, and each rank of
+    a taped template's), then ``n`` new models of the layout (per-setup caches cleared: each an
+    evaluation of the templates) timed against llm-analysis's ``training()`` on the same
+    models, interleaved. (schedule, m, first s, compiles, compile median s, compile max s,
+    never-seen median s, llm-analysis median s, estimates that replayed a rank, ranks
+    answered from a taped template per estimate)."""
+    from planner.layouts import pipeline_tape_templates
+    est = planner_memory.estimate_memory
     out = []
-    for sched, v in SCHEDULE_LAYOUTS:
+    for sched, v, m_of in layouts:
         planner_memory.clear_caches()
-        m = SCHEDULE_PP * rng.randint(2, 8)
+        m = m_of()
 
         def req(arch, b, t):
-            r = _pipelined_req({**arch, "num_layers": SCHEDULE_LAYERS}, b, t, SCHEDULE_PP,
-                               sched, v, m)
+            r = _pipelined_req({**arch, "num_layers": layers}, b, t, pp, sched, v, m)
             return r.model_copy(update={"model": r.model.model_copy(
-                update={"num_layers": SCHEDULE_LAYERS})})
+                update={"num_layers": layers})})
         compile_s: list[float] = []
+        spent = pipeline_tape_templates.COUNTS["rank_seconds"]
+        before = len(spent)
         with _timing(pipeline_structures, "_compile", compile_s), \
                 step_cache.structure_mode("sync"):
             t0 = time.perf_counter()
             est(req(_random_arch("llama", rng), 4, 1024), explain=False)
             first = time.perf_counter() - t0
-        ours, theirs, replayed = [], [], 0
+        compile_s += spent[before:]
+        ours, theirs, replayed, taped = [], [], 0, []
         for _ in range(n):
             q = req(_random_arch("llama", rng), rng.randint(2, 16), rng.choice([512, 2048]))
             _clear_setup_caches()
-            before = cache.COUNTS["replays"]
+            was = (cache.COUNTS["replays"], pipeline_tape_templates.COUNTS["evaluated"])
             with step_cache.structure_mode("sync"):
                 t0 = time.perf_counter()
                 est(q, explain=False)
                 ours.append(time.perf_counter() - t0)
-            replayed += cache.COUNTS["replays"] != before
-            fn = llm_analysis_model_fn(resolve_model(q.model),
-                                       parallelism={"pipeline_parallel": SCHEDULE_PP})
+            replayed += cache.COUNTS["replays"] != was[0]
+            taped.append(pipeline_tape_templates.COUNTS["evaluated"] - was[1])
+            fn = llm_analysis_model_fn(resolve_model(q.model), parallelism={"pipeline_parallel": pp})
             if fn is not None:
                 theirs.append(statistics.median(_time_each(lambda f: f(1), [fn] * 5)))
         out.append((sched, m, first, len(compile_s),
                     statistics.median(compile_s) if compile_s else 0.0,
                     max(compile_s, default=0.0), statistics.median(ours),
-                    statistics.median(theirs) if theirs else None, replayed))
+                    statistics.median(theirs) if theirs else None, replayed,
+                    statistics.median(taped)))
     return out
 
 
 def print_schedules(rows: list[tuple]) -> None:
-    print(f"## Never-seen model, every schedule: pp {SCHEDULE_PP}, {SCHEDULE_LAYERS} blocks "
-          "(llama), a random micro-batch count per schedule; the layout's first estimate "
-          "compiles its ranks' structures in the request, then new models of it are timed "
-          "against llm-analysis (median of 6)\n")
+    _print_layouts(f"## Never-seen model, every schedule: pp {SCHEDULE_PP}, {SCHEDULE_LAYERS} "
+                   "blocks (llama), a random micro-batch count per schedule; the layout's first "
+                   "estimate compiles its ranks' structures in the request, then new models of "
+                   "it are timed against llm-analysis (median of 6)", rows, "replayed", 8)
+
+
+def _print_layouts(title: str, rows: list[tuple], last: str, at: int) -> None:
+    """``_layout_rows``' table, its last column ``last`` the rows' field ``at``."""
+    print(title + "\n")
     print("| schedule | m | first estimate ms | rank compiles | compile median ms | compile max "
-          "ms | never-seen µs | llm-analysis µs | vs llm-analysis | replayed |")
+          f"ms | never-seen µs | llm-analysis µs | vs llm-analysis | {last} |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for sched, m, first, nc, cmed, cmax, ours, la, rep in rows:
+    for row in rows:
+        sched, m, first, nc, cmed, cmax, ours, la = row[:8]
         ratio = f"{ours / la:,.1f}× its time" if la else "n/a"
         las = f"{la * 1e6:,.0f}" if la else "n/a"
         print(f"| {sched} | {m} | {first * 1e3:,.0f} | {nc} | {cmed * 1e3:,.0f} | "
-              f"{cmax * 1e3:,.0f} | {ours * 1e6:,.0f} | {las} | {ratio} | {rep} |")
+              f"{cmax * 1e3:,.0f} | {ours * 1e6:,.0f} | {las} | {ratio} | {row[at]:g} |")
     print()
 
 
@@ -489,67 +507,16 @@ LONG_LAYERS = 512
 
 
 def long_rows(n: int = 6, seed: int = 13) -> list[tuple]:
-    """Per LONG_LAYOUTS layout (``LONG_PP`` ranks, ``LONG_LAYERS`` blocks): the first estimate
-    of a new model with caches cold, in sync mode (the layout's templates compiled in the
-    request: each rank's compile timed, a taped template's ranks each), then ``n`` new models
-    of the layout (per-setup caches cleared) timed against llm-analysis's ``training()``,
-    interleaved. (schedule, m, first s, rank compiles, median s, max s, never-seen median s,
-    llm-analysis median s, ranks answered from a taped template per estimate)."""
-    from planner.layouts import pipeline_tape_templates
-    est = planner_memory.estimate_memory
-    rng = random.Random(seed)
-    out = []
-    for sched, v, m in LONG_LAYOUTS:
-        planner_memory.clear_caches()
-
-        def req(arch, b, t):
-            r = _pipelined_req({**arch, "num_layers": LONG_LAYERS}, b, t, LONG_PP, sched, v, m)
-            return r.model_copy(update={"model": r.model.model_copy(
-                update={"num_layers": LONG_LAYERS})})
-        compile_s: list[float] = []
-        spent = pipeline_tape_templates.COUNTS["rank_seconds"]
-        before = len(spent)
-        with _timing(pipeline_structures, "_compile", compile_s), \
-                step_cache.structure_mode("sync"):
-            t0 = time.perf_counter()
-            est(req(_random_arch("llama", rng), 4, 1024), explain=False)
-            first = time.perf_counter() - t0
-        compile_s += spent[before:]
-        ours, theirs, taped = [], [], []
-        for _ in range(n):
-            q = req(_random_arch("llama", rng), rng.randint(2, 16), rng.choice([512, 2048]))
-            _clear_setup_caches()
-            was = pipeline_tape_templates.COUNTS["evaluated"]
-            with step_cache.structure_mode("sync"):
-                t0 = time.perf_counter()
-                est(q, explain=False)
-                ours.append(time.perf_counter() - t0)
-            taped.append(pipeline_tape_templates.COUNTS["evaluated"] - was)
-            fn = llm_analysis_model_fn(resolve_model(q.model),
-                                       parallelism={"pipeline_parallel": LONG_PP})
-            if fn is not None:
-                theirs.append(statistics.median(_time_each(lambda f: f(1), [fn] * 5)))
-        out.append((sched, m, first, len(compile_s),
-                    statistics.median(compile_s) if compile_s else 0.0,
-                    max(compile_s, default=0.0), statistics.median(ours),
-                    statistics.median(theirs) if theirs else None, statistics.median(taped)))
-    return out
+    """Per LONG_LAYOUTS layout (``LONG_PP`` ranks, ``LONG_LAYERS`` blocks): ``_layout_rows``."""
+    return _layout_rows([(sched, v, lambda m=m: m) for sched, v, m in LONG_LAYOUTS], LONG_PP,
+                        LONG_LAYERS, n, random.Random(seed))
 
 
 def print_long(rows: list[tuple]) -> None:
-    print(f"## Never-seen model, long pipelines: pp {LONG_PP}, {LONG_LAYERS} blocks (llama), "
-          "every schedule; the layout's first estimate compiles its templates in the request "
-          "(sync mode), then new models of it are timed against llm-analysis (median of 6)\n")
-    print("| schedule | m | first estimate ms | rank compiles | compile median ms | compile max "
-          "ms | never-seen µs | llm-analysis µs | vs llm-analysis | ranks from a taped "
-          "template |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for sched, m, first, nc, cmed, cmax, ours, la, taped in rows:
-        ratio = f"{ours / la:,.1f}× its time" if la else "n/a"
-        las = f"{la * 1e6:,.0f}" if la else "n/a"
-        print(f"| {sched} | {m} | {first * 1e3:,.0f} | {nc} | {cmed * 1e3:,.0f} | "
-              f"{cmax * 1e3:,.0f} | {ours * 1e6:,.0f} | {las} | {ratio} | {taped:g} |")
-    print()
+    _print_layouts(f"## Never-seen model, long pipelines: pp {LONG_PP}, {LONG_LAYERS} blocks "
+                   "(llama), every schedule; the layout's first estimate compiles its templates "
+                   "in the request (sync mode), then new models of it are timed against "
+                   "llm-analysis (median of 6)", rows, "ranks from a taped template", 9)
 
 
 def main(argv: list[str] | None = None) -> None:
