@@ -31,7 +31,7 @@ __all__ = ["COUNTS", "MAX_RANKS", "estimate"]
 
 MAX_RANKS = 64
 MAX_VARIANTS = 4
-_MAX = 256
+_MAX = 32  # layouts kept (a compiled one: 1-3 MiB, a generated function per rank and window)
 _WORK_LIMIT_S = 20.0
 _SIZES = ("B", "T")  # the sizes a fit search varies: not a new model
 # key -> [models seen (their other sizes), attempts, [templates]]
