@@ -131,3 +131,30 @@ def test_a_known_layouts_new_model_is_evaluated(monkeypatch) -> None:
             assert len(queued) == (1 if i == 2 else 0)
     finally:
         cache.clear()
+
+
+def test_the_background_compile_serves_the_third_model() -> None:
+    """Background mode (the service's): two models of a layout are taped, the second queues
+    the layout's compile on the structure thread, and the third is answered from it, equal to
+    the full replay."""
+    from planner.layouts import pipelined
+    from planner.layouts.pipeline_schedules import schedule_of
+    sched = schedule_of("zb-v", 2, 96, 2)
+    cache.clear()
+    try:
+        assert structures.mode() == "background"
+        for hidden, ffn in ((32, 96), (48, 160)):
+            model, tr = _req(hidden, ffn)
+            before = tts.COUNTS["evaluated"]
+            pipelined.pipeline_rank(model, tr, sched, "cuda", 0)
+            assert tts.COUNTS["evaluated"] == before
+        structures.wait_for_structures()
+        model, tr = _req(64, 200)
+        before = tts.COUNTS["evaluated"]
+        got = [pipelined.pipeline_rank(model, tr, sched, "cuda", r) for r in (0, 1)]
+        assert tts.COUNTS["evaluated"] == before + 2
+        full = [PipelineRankProgram(model, tr, sched, r, device="cuda").run_steps()
+                for r in (0, 1)]
+        assert [(g.first, g.steady) for g in got] == [(f.first, f.steady) for f in full]
+    finally:
+        cache.clear()
