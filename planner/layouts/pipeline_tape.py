@@ -49,6 +49,7 @@ from planner.layouts.pipeline_tape_peaks import clear as clear_peaks
 from planner.layouts.pipeline_tape_peaks import peaks_of
 from planner.layouts.pipeline_tape_records import (
     kind_roles,
+    needed,
     records,
     specs_key,
 )
@@ -300,9 +301,7 @@ def taped_rank(model, training, schedule, rank: int, device: str = "cuda"
     per: dict = {}
     for i in np.nonzero(counts)[0].tolist():
         per[keys[i]] = per.get(keys[i], 0) + int(counts[i])
-    entries = records(model, training, schedule, device, rank,
-                      {(NAMES[k] + ("0" if f else ""), role, step)
-                       for k, role, f in per for step in (1, 2)})
+    entries = records(model, training, schedule, device, rank, needed(per))
     if entries is None:
         return None
     stages = rank_stages(schedule)[rank]

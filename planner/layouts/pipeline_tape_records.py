@@ -25,7 +25,7 @@ from planner.layouts.pipeline_replays import stage_roles
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
 
-__all__ = ["as_keyed", "clear", "kind_roles", "record_list", "records", "specs_key"]
+__all__ = ["as_keyed", "clear", "kind_roles", "needed", "record_list", "records", "specs_key"]
 
 
 def as_keyed(kind, stage):
@@ -85,6 +85,13 @@ def kind_roles(schedule, rank: int, model) -> dict[int, tuple]:
     neighbours (the interleaved middle) share their kinds' records."""
     return {st: (role[0] == 0, *role[1:])
             for st, role in stage_roles(schedule, rank, model).items()}
+
+
+def needed(per) -> set:
+    """The ``ActionMemo`` keys of a rank's kinds, ``per``: (kind 0-3, role, first) each, in
+    both steps."""
+    return {(NAMES[k] + ("0" if f else ""), role, step) for k, role, f in per
+            for step in (1, 2)}
 
 
 def records(model, training, schedule, device: str, rank: int, needed: set) -> dict | None:

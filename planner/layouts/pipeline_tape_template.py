@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
-from planner.layouts.pipeline_codes import NAMES
 from planner.layouts.pipeline_machines import _nonzero, _Recording, undominated
 from planner.layouts.pipeline_memory import PipelineRankProgram, StagePeak
 from planner.layouts.pipeline_schedules import rank_stages
@@ -42,6 +41,7 @@ from planner.layouts.pipeline_tape_peaks import peaks_of
 from planner.layouts.pipeline_tape_records import (
     _verified_across_steps,
     kind_roles,
+    needed,
     record_list,
 )
 from planner.layouts.pipeline_tape_single import held_sizes
@@ -135,15 +135,12 @@ def _records(model, tr, schedule, device, rank, sizes, entries, tried, roles) ->
     """The kinds the rank reads, recorded on the recording machine from its kept list where
     one is not verified yet (``pipeline_tape_records.records``, with polynomial sizes)."""
     pk = peaks_of(schedule, rank)
-    needed = set()
-    for i in np.nonzero(pk.counts)[0].tolist():
-        t = pk.vals[i // 2]
-        for step in (1, 2):
-            needed.add((NAMES[t & 3] + ("0" if i & 1 else ""), roles[t >> 2], step))
-    if needed <= tried or all((e := entries.get(k)) is not None and e.verified
-                              for k in needed):
+    kinds = needed({(pk.vals[i // 2] & 3, roles[pk.vals[i // 2] >> 2], i & 1)
+                    for i in np.nonzero(pk.counts)[0].tolist()})
+    if kinds <= tried or all((e := entries.get(k)) is not None and e.verified
+                             for k in kinds):
         return
-    tried |= needed
+    tried |= kinds
     items, mb = record_list(schedule, rank, roles)
     prog = PipelineRankProgram(model, tr, schedule, rank, device=device, machine=_Recording(),
                                sizes=sizes, actions=items, microbatches=mb,
