@@ -25,7 +25,8 @@ from planner.layouts.pipeline_replays import stage_roles
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
 
-__all__ = ["as_keyed", "clear", "kind_roles", "needed", "record_list", "records", "specs_key"]
+__all__ = ["as_keyed", "clear", "kind_roles", "needed", "record_kinds", "record_list", "records",
+           "specs_key"]
 
 
 def as_keyed(kind, stage):
@@ -108,25 +109,33 @@ def records(model, training, schedule, device: str, rank: int, needed: set) -> d
             (e := got[0].get(k)) is not None and e.verified for k in needed)):
         return got[0]
     entries, tried = got or ({}, set())
-    roles = kind_roles(schedule, rank, model)
-    check_work_limit()
-    items, mb = record_list(schedule, rank, roles)
-    prog = PipelineRankProgram(model, training, schedule, rank, device=device,
-                               machine=TraceMachine(), actions=items, microbatches=mb,
-                               compress_blocks=True)
-    prog.memo = ActionMemo(entries, roles)
     try:
-        if not prog.memo.applies(prog):
-            raise Unmemoizable("not composed")
-        prog.step_windows()
+        record_kinds(model, training, schedule, device, rank, kind_roles(schedule, rank, model),
+                     entries, TraceMachine())
     except Unmemoizable:
         entries = None
-    if entries is not None:
-        _verified_across_steps(entries)
     if len(_RECORDS) >= _RECORDS_MAX and key not in _RECORDS:
         _RECORDS.pop(next(iter(_RECORDS)), None)
     _RECORDS[key] = None if entries is None else (entries, tried | needed)
     return entries
+
+
+def record_kinds(model, training, schedule, device: str, rank: int, roles: dict,
+                 entries: dict, machine, sizes=None) -> None:
+    """Replay the rank's kept list (``record_list``) on ``machine`` (the trace machine, or
+    the recording machine with polynomial ``sizes``: a taped template's), its kinds recorded
+    into ``entries`` and verified across the two steps; raises ``Unmemoizable`` where it does
+    not compose."""
+    check_work_limit()
+    items, mb = record_list(schedule, rank, roles)
+    prog = PipelineRankProgram(model, training, schedule, rank, device=device, machine=machine,
+                               sizes=sizes, actions=items, microbatches=mb,
+                               compress_blocks=True)
+    prog.memo = ActionMemo(entries, roles)
+    if not prog.memo.applies(prog):
+        raise Unmemoizable("not composed")
+    prog.step_windows()
+    _verified_across_steps(entries)
 
 
 def specs_key(model, training) -> tuple:

@@ -39,10 +39,9 @@ from planner.layouts.pipeline_schedules import rank_stages
 from planner.layouts.pipeline_tape import NotTaped, _leave, table, takes
 from planner.layouts.pipeline_tape_peaks import peaks_of
 from planner.layouts.pipeline_tape_records import (
-    _verified_across_steps,
     kind_roles,
     needed,
-    record_list,
+    record_kinds,
 )
 from planner.layouts.pipeline_tape_single import held_sizes
 from planner.machine.deadline import check as check_work_limit
@@ -141,15 +140,7 @@ def _records(model, tr, schedule, device, rank, sizes, entries, tried, roles) ->
                              for k in kinds):
         return
     tried |= kinds
-    items, mb = record_list(schedule, rank, roles)
-    prog = PipelineRankProgram(model, tr, schedule, rank, device=device, machine=_Recording(),
-                               sizes=sizes, actions=items, microbatches=mb,
-                               compress_blocks=True)
-    prog.memo = ActionMemo(entries, roles)
-    if not prog.memo.applies(prog):
-        raise NotTaped("not composed")
-    prog.step_windows()
-    _verified_across_steps(entries)
+    record_kinds(model, tr, schedule, device, rank, roles, entries, _Recording(), sizes)
 
 
 def _loop(prog) -> bool:
