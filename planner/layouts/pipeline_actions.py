@@ -40,7 +40,9 @@ receive buffer's ``.grad`` too) and leaves what the recorded I left until W (kep
 retained saved tensors) as one storage per category; its W frees them and must come to the
 recorded W's net bytes. DualPipeV takes some micro-batches of a stage back by B and others by I
 and W: a forward is composed only where the backward kinds that take its micro-batch back are
-verified (so are the others'). DualPipe replays every action. The records are shared by
+verified, or will be by the occurrences replayed before its own (those whose forwards ran op by
+op this step: ``pipeline_records._in_time``; a prediction, and where the records then disagree
+the composed backward raises ``Unmemoizable`` as above). DualPipe replays every action. The records are shared by
 the rank classes of one setup (``pipeline_replays._KINDS``), so a kind is checked once for all
 of them. The machine draws a composed action's rows (planner/layouts/pipeline_machines.py): the
 trace machine its first highest row, the recording machine of a structure's compile (sizes as
@@ -68,6 +70,7 @@ from planner.layouts.pipeline_records import (
     forward_rest,
     made_since,
     plain,
+    replayed_forward,
     snapshot,
 )
 from planner.layouts.pipeline_records import silent as _silent
@@ -142,6 +145,7 @@ class ActionMemo:
         e = self.entries.get(key)
         if e is not None and e.verified and backs_ready(self.entries, prog, st, j, role):
             return self._compose_forward(prog, st, j, e.rec)
+        replayed_forward(prog, st, j)
         self._note(key, self._record(prog, lambda: prog.real_forward(st, j), st, j, "F"))
 
     def backward(self, prog, st: int, j: int) -> None:

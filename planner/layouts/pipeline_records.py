@@ -104,14 +104,16 @@ def _handed(t: T, own: int) -> _Handed:
     return _Handed(t.buf.nbytes, t.buf.cat, t.buf.name, t.numel, t.esz, t.buf.refs - own)
 
 
-def _backward_kinds(actions: list) -> tuple[dict, set]:
+def _backward_kinds(actions: list) -> tuple[dict, set, dict]:
     """Per (stage, micro-batch) of a list, the kinds of the backward actions that take it back,
     as ``ActionMemo`` keys them (a stage's first of a kind in a step ``0``-suffixed; on the
-    first stage a W runs a B and an I nothing); and the stages taking micro-batches back by B
-    and by I."""
+    first stage a W runs a B and an I nothing); the stages taking micro-batches back by B
+    and by I; and per (stage, kind) the micro-batches of its later occurrences (not the
+    first), in list order."""
     seen: dict = {}
     out: dict = {}
     by: dict = {}
+    later: dict = {}
     for kind, st, j, _ in actions:
         if kind in ("F", "|") or (st == 0 and kind == "I"):
             continue
@@ -121,7 +123,42 @@ def _backward_kinds(actions: list) -> tuple[dict, set]:
         seen[kind, st] = c + 1
         out.setdefault((st, j), []).append(kind if c else kind + "0")
         by.setdefault(st, set()).add(kind)
-    return out, {st for st, ks in by.items() if "B" in ks and "I" in ks}
+        if c:
+            later.setdefault((st, kind), []).append(j)
+    return out, {st for st, ks in by.items() if "B" in ks and "I" in ks}, later
+
+
+def replayed_forward(prog, st: int, j: int) -> None:
+    """Note that this step's forward of micro-batch ``j`` of stage ``st`` ran op by op (its
+    backward is then replayed and recorded too: ``backs_ready``)."""
+    got = prog.__dict__.get("_fwd")
+    if got is None or got[0] != prog.step_no:
+        got = prog._fwd = (prog.step_no, set())
+    got[1].add((st, j))
+
+
+def _in_time(entries: dict, prog, st: int, j: int, kind: str, role, later: dict) -> bool:
+    """Whether kind ``kind`` (not a step's first) of stage ``st`` is verified by the time it
+    takes micro-batch ``j`` back: its occurrences before that one whose forwards ran op by op
+    this step (those backwards are replayed and recorded) are two, or one where the last step
+    verified the kind (the first agreeing occurrence then verifies it). A prediction: where
+    the records disagree, the composed backward raises ``Unmemoizable`` and the caller replays
+    op by op."""
+    e = entries.get((kind, role, prog.step_no))
+    if e is not None and e.bad:
+        return False
+    last = entries.get((kind, role, prog.step_no - 1))
+    need = 1 if last is not None and last.verified else 2
+    got = prog.__dict__.get("_fwd")
+    ran = got[1] if got is not None and got[0] == prog.step_no else ()
+    for jj in later.get((st, kind), ()):
+        if jj == j:
+            return False
+        if (st, jj) in ran:
+            need -= 1
+            if need <= 0:
+                return True
+    return False
 
 
 def backs_ready(entries: dict, prog, st: int, j: int, role) -> bool:
@@ -139,13 +176,16 @@ def backs_ready(entries: dict, prog, st: int, j: int, role) -> bool:
         # backwards may be the kind's first, so every kind must be verified already
         shared = len(set(roles.values())) < len(roles)
         got = prog._backs = (*_backward_kinds(prog.actions), shared)
-    need, mixed, shared = got
+    need, mixed, later, shared = got
     kinds = need.get((st, j), ())
     if st not in mixed and not shared and not any(k[-1] == "0" for k in kinds):
         return True
     for k in kinds:
         e = entries.get((k, role, prog.step_no))
-        if e is None or not e.verified:
+        if e is not None and e.verified:
+            continue
+        # a mixed stage's later kinds: verified in time by the occurrences replayed before
+        if shared or k[-1] == "0" or not _in_time(entries, prog, st, j, k, role, later):
             return False
     return True
 
