@@ -172,9 +172,10 @@ def test_zero_bubble_ranks_equal_full_replay(seed: int) -> None:
 
 
 def test_a_kind_equal_to_the_last_steps_verified_record_is_verified_at_once() -> None:
-    """A kind's first record of step 2 is verified at once where it equals step 1's verified
-    record of that kind (one op-by-op replay fewer); a record that differs is not, and waits
-    for a second occurrence of its own step as before."""
+    """A kind's first record of step 2 is verified at once where it equals step 1's record
+    of that kind (one op-by-op replay fewer), and verifies step 1's where that was not yet
+    (two occurrences that agree, one per step: a step's first actions occur once per step);
+    a record that differs is not, and waits for a second occurrence of its own step."""
     memo = pa.ActionMemo({})
     rows = ((1, 2, 0, 0, 0),)
     rec = pa._Rec(rows, (("op", "forward", True),), (0, 0, 0, 3, 0))
@@ -187,9 +188,13 @@ def test_a_kind_equal_to_the_last_steps_verified_record_is_verified_at_once() ->
     assert not memo.entries["F", "mid", 2].verified
     memo._note(("F", "mid", 2), other)
     assert memo.entries["F", "mid", 2].verified
-    memo._note(("B", "mid", 1), rec)  # the last step's record not verified yet: waits
+    memo._note(("B", "mid", 1), rec)  # the last step's record not verified yet: the two
+    assert not memo.entries["B", "mid", 1].verified  # agree, and verify each other
     memo._note(("B", "mid", 2), rec)
-    assert not memo.entries["B", "mid", 2].verified
+    assert memo.entries["B", "mid", 2].verified and memo.entries["B", "mid", 1].verified
+    memo._note(("W", "mid", 1), rec)  # they differ: neither is
+    memo._note(("W", "mid", 2), other)
+    assert not memo.entries["W", "mid", 2].verified and not memo.entries["W", "mid", 1].verified
     memo._note(("F", "end", 1), rec)
     memo._note(("F", "end", 1), rec)
     memo._note(("F", "end", 2), pa._Rec(rows, (("op", "forward", True),), (0, 0, 0, 3, 0)))

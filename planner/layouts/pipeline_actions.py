@@ -6,7 +6,7 @@ makes them). So the live bytes at each allocation inside an action, relative to 
 when it starts, are the same for every action of one kind; what the action leaves behind (its
 net bytes per category) too. ``ActionMemo`` replays a kind op by op until two occurrences agree
 on all of that (rows, op names, phases, net bytes, and the storages the action hands on), or
-one agrees with the last step's verified record of the kind, and from then on composes each
+one agrees with the last step's record of the kind (verifying it too), and from then on composes each
 further occurrence instead of replaying it:
 
 - the rows the trace machine (``planner/layouts/pipeline_replays.py``: ``TraceMachine``) would
@@ -25,8 +25,8 @@ on the rank, first or last stage, layer count, neighbours), and a composed forwa
 composed too. The step's first action of each kind is a kind of its own (``F0``, ``B0``, ``I0``,
 ``W0``): a first backward makes the stage's gradients and the phantom blocks', which its record
 lists by name within the stage and a composed one makes as recorded
-(planner/layouts/pipeline_records.py); it occurs once per step and list, so two lists, or two
-ranks holding a stage of that role, verify it (``backs_ready``: a forward is composed only where
+(planner/layouts/pipeline_records.py); it occurs once per step and list, so its occurrences in the two steps, two
+lists, or two ranks holding a stage of that role, verify it (``backs_ready``: a forward is composed only where
 the backward kinds that take its micro-batch back are verified or will be by the time they
 come). Schedule1F1B, ScheduleGPipe,
 interleaved 1F1B (an interleaved forward's send work keeps its output until the action loop
@@ -180,10 +180,13 @@ class ActionMemo:
 
     def _note(self, key, rec: _Rec) -> None:
         e = self.entries.get(key)
-        if e is None:  # verified at once where it is the last step's verified record
+        if e is None:  # verified at once where it is the last step's record (two
+            # occurrences that agree, one in each step: that one verified too)
             last = self.entries.get((*key[:2], key[2] - 1))
-            self.entries[key] = _Entry(rec, last is not None and last.verified
-                                       and _same(last.rec, rec))
+            ok = last is not None and not last.bad and _same(last.rec, rec)
+            self.entries[key] = _Entry(rec, ok)
+            if ok:
+                last.verified = True
         elif not e.verified and not e.bad:
             e.verified, e.bad = (True, False) if _same(e.rec, rec) else (False, True)
 

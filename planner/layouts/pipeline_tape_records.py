@@ -20,7 +20,6 @@ from planner.layouts.pipeline_actions import ActionMemo, Unmemoizable
 from planner.layouts.pipeline_codes import NAMES, decoded_columns
 from planner.layouts.pipeline_machines import TraceMachine
 from planner.layouts.pipeline_memory import PipelineRankProgram
-from planner.layouts.pipeline_records import _same
 from planner.layouts.pipeline_replays import stage_roles
 from planner.machine import cache
 from planner.machine.deadline import check as check_work_limit
@@ -134,8 +133,7 @@ def record_kinds(model, training, schedule, device: str, rank: int, roles: dict,
     prog.memo = ActionMemo(entries, roles)
     if not prog.memo.applies(prog):
         raise Unmemoizable("not composed")
-    prog.step_windows()
-    _verified_across_steps(entries)
+    prog.step_windows()  # (ActionMemo verifies a step's record by the last step's too)
 
 
 def specs_key(model, training) -> tuple:
@@ -151,14 +149,3 @@ def specs_key(model, training) -> tuple:
 
 
 _SPECS: dict[tuple, tuple] = {}
-
-
-def _verified_across_steps(entries: dict) -> None:
-    """A kind's record in the first step and in the second, alike, verify each other (two
-    occurrences that agree, as ``ActionMemo`` verifies a kind within a step)."""
-    for (name, role, step), e in list(entries.items()):
-        if step != 1 or e.bad:
-            continue
-        e2 = entries.get((name, role, 2))
-        if e2 is not None and not e2.bad and _same(e.rec, e2.rec):
-            e.verified = e2.verified = True
