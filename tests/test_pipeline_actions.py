@@ -199,3 +199,26 @@ def test_a_kind_equal_to_the_last_steps_verified_record_is_verified_at_once() ->
     memo._note(("F", "end", 1), rec)
     memo._note(("F", "end", 2), pa._Rec(rows, (("op", "forward", True),), (0, 0, 0, 3, 0)))
     assert memo.entries["F", "end", 2].verified  # equal to step 1's: at once
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dualpipev_mixed_stages_compose_kinds_verified_in_time(seed: int, monkeypatch) -> None:
+    """DualPipeV takes some micro-batches of a stage back by B and others by I and W: a forward
+    there is composed where the kinds that take it back will be verified by the occurrences
+    replayed before its own (``pipeline_records._in_time``), not only where they are verified
+    already. Every rank equals the full replay with the rule and without it (``_in_time``
+    always false: the old rule), and the rule composes more actions on some rank."""
+    from planner.layouts import pipeline_records
+
+    rng = random.Random(2000 + seed)
+    p = rng.choice([2, 3, 4])
+    sched = build_schedule("dualpipe-v", p, 2 * p * rng.choice([4, 6, 8]), 2)
+    _, model, tr, _ = _case(seed)
+    S = sched.num_stages
+    model = model.model_copy(update={"num_layers": S * rng.choice([1, 2, 7])})
+    tr = tr.model_copy(update={"gradient_accumulation_steps": sched.microbatches})
+    composed = _every_rank_equals_full_replay(model, tr, sched)
+    monkeypatch.setattr(pipeline_records, "_in_time", lambda *args: False)
+    before = _every_rank_equals_full_replay(model, tr, sched)
+    assert all(a >= b for a, b in zip(composed, before)) and composed != before, \
+        (composed, before)
