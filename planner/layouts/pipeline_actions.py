@@ -5,9 +5,8 @@ backward once the stage's parameters have their ``.grad`` (the first backward of
 makes them). So the live bytes at each allocation inside an action, relative to the live bytes
 when it starts, are the same for every action of one kind; what the action leaves behind (its
 net bytes per category) too. ``ActionMemo`` replays a kind op by op until two occurrences agree
-on all of that (rows, op names, phases, net bytes, and the storages the action hands on), or
-one agrees with the last step's record of the kind (verifying it too), and from then on composes each
-further occurrence instead of replaying it:
+on all of that (rows, op names, phases, net bytes, and the storages the action hands on; one of
+them may be the last step's), and from then on composes each further occurrence:
 
 - the rows the trace machine (``planner/layouts/pipeline_replays.py``: ``TraceMachine``) would
   record are the start's live bytes plus the recorded relative rows, with the recorded op names
@@ -24,31 +23,26 @@ Kinds are ``(forward or backward, stage role, step)`` (``pipeline_replays.stage_
 on the rank, first or last stage, layer count, neighbours), and a composed forward's backward is
 composed too. The step's first action of each kind is a kind of its own (``F0``, ``B0``, ``I0``,
 ``W0``): a first backward makes the stage's gradients and the phantom blocks', which its record
-lists by name within the stage and a composed one makes as recorded
-(planner/layouts/pipeline_records.py); it occurs once per step and list, so its occurrences in the two steps, two
-lists, or two ranks holding a stage of that role, verify it (``backs_ready``: a forward is composed only where
-the backward kinds that take its micro-batch back are verified or will be by the time they
-come). Schedule1F1B, ScheduleGPipe,
-interleaved 1F1B (an interleaved forward's send work keeps its output until the action loop
-ends, which the composed forward keeps too) and the zero-bubble schedules ZB-H1, ZB-H2 and ZB-V
-are composed; at the V's turn, a forward's output becomes the next stage's input buffer on the
-rank, and a backward's input gradient the previous stage's gradient receive buffer (each
-replacing the last step's), which a composed one does alike. A
-split backward's halves are kinds of their own: a composed forward's I draws its candidate row,
-drops the graph's stand-ins, hands on an input gradient of the recorded size (kept as the
-receive buffer's ``.grad`` too) and leaves what the recorded I left until W (kept gradients,
-retained saved tensors) as one storage per category; its W frees them and must come to the
-recorded W's net bytes. DualPipeV takes some micro-batches of a stage back by B and others by I
-and W: a forward is composed only where the backward kinds that take its micro-batch back are
-verified, or will be by the occurrences replayed before its own (those whose forwards ran op by
-op this step: ``pipeline_records._in_time``; a prediction, and where the records then disagree
-the composed backward raises ``Unmemoizable`` as above). DualPipe replays every action. The records are shared by
-the rank classes of one setup (``pipeline_replays._KINDS``), so a kind is checked once for all
-of them. The machine draws a composed action's rows (planner/layouts/pipeline_machines.py): the
-trace machine its first highest row, the recording machine of a structure's compile (sizes as
-polynomials; its lists, and a layout's compiles, share one record per kind: pipeline_kind_records)
-every mark that can be the highest for some sizes; checks on polynomial sizes hold or fail.
-``op_by_op()`` turns composing off (``tests/test_pipeline_actions.py`` and
+lists by name within the stage and a composed one makes as recorded (pipeline_records.py); it
+occurs once per step and list, so its occurrences in the two steps, two lists, or two ranks
+holding a stage of that role verify it. Schedule1F1B, ScheduleGPipe, interleaved 1F1B (a
+forward's send work keeps its output until the action loop ends, as the composed one does),
+ZB-H1, ZB-H2, ZB-V and DualPipeV are composed; at the V's turn a forward's output becomes the
+next stage's input buffer on the rank, and a backward's input gradient the previous stage's
+gradient receive buffer, which a composed one does alike. A split backward's halves are kinds of
+their own: a composed forward's I draws its candidate row, drops the graph's stand-ins, hands
+on an input gradient of the recorded size (kept as the receive buffer's ``.grad`` too) and
+leaves what the recorded I left until W (kept gradients, retained saved tensors) as one storage
+per category; its W frees them and must come to the recorded W's net bytes. A forward is
+composed only where the backward kinds that take its micro-batch back are verified or will be by
+the time they come (``backs_ready``; DualPipeV takes some micro-batches of a stage back by B and
+others by I and W: there, by the occurrences replayed before its own, ``_in_time``, a
+prediction that raises ``Unmemoizable`` where the records disagree). The records are shared by
+the rank classes of one setup (``pipeline_replays._KINDS``). The machine draws a composed
+action's rows (pipeline_machines.py): the trace machine its first highest row, the recording
+machine of a structure's compile (sizes as polynomials; a layout's compiles share one record per
+kind: pipeline_kind_records) every mark that can be the highest for some sizes. DualPipe replays
+every action. ``op_by_op()`` turns composing off (``tests/test_pipeline_actions.py`` and
 ``tests/test_pipeline_compose_compile.py`` hold both to the full replay to the byte).
 """
 
@@ -180,8 +174,7 @@ class ActionMemo:
 
     def _note(self, key, rec: _Rec) -> None:
         e = self.entries.get(key)
-        if e is None:  # verified at once where it is the last step's record (two
-            # occurrences that agree, one in each step: that one verified too)
+        if e is None:  # verified at once where it equals the last step's (both verified)
             last = self.entries.get((*key[:2], key[2] - 1))
             ok = last is not None and not last.bad and _same(last.rec, rec)
             self.entries[key] = _Entry(rec, ok)
