@@ -135,3 +135,27 @@ def test_taped_ranks_of_long_stretches_equal_full_replay(seed: int, dense: bool,
             assert (tpk.peaks_of(sched, rank).before is not None) == dense
     finally:
         cache.clear()
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+def test_alike_ranks_share_their_reduction(name: str, monkeypatch) -> None:
+    """GPipe's ranks but the last read alike columns and bookkeeping: their kept actions and
+    counts are worked out once (the ranks' own kind values kept), and every rank still equals
+    the full replay; 1F1B's differ in their warm-ups and share none."""
+    rng = random.Random(7)
+    sched = build_schedule(name, 4, 24, 1)
+    model, tr = random_setup(rng, sched)
+    monkeypatch.setattr(tp, "MIN_ACTIONS", 0)
+    cache.clear()
+    try:
+        peaks = [tpk.peaks_of(sched, rank) for rank in range(4)]
+        shared = [pk.before is peaks[0].before for pk in peaks]
+        assert shared == ([True, True, True, False] if name == "gpipe" else
+                          [True, False, False, False])
+        assert len({tuple(pk.vals) for pk in peaks}) == 4  # each rank's own stage
+        for rank in range(4):
+            full = PipelineRankProgram(model, tr, sched, rank, device="cuda").run_steps()
+            got = tp.taped_rank(model, tr, sched, rank, device="cuda")
+            assert (got.first, got.steady) == (full.first, full.steady), rank
+    finally:
+        cache.clear()

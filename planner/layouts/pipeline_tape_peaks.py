@@ -165,24 +165,22 @@ def peaks_of(schedule, rank: int) -> Peaks:
     if got is not None and got[0] is schedule:
         return got[1]
     ids, vals, counts, kinds, mbs = columns(schedule, rank)
-    n, k = len(ids), len(counts)
-    tok, X, held_change, held_sent = ids, None, None, ()
-    if schedule.name in SINGLE:
+    name = schedule.name
+    alike = None
+    if name in SINGLE:  # GPipe's ranks but the last alike: their reduction once
         stage = rank_stages(schedule)[rank][0]
-        X, end, sent = extras(schedule.name, stage, schedule.num_stages, schedule.microbatches,
-                              kinds, mbs, (1, 0), ((1, 1), (1, 2)))
-        X = X[:, :3]
-        held_change = [int(x) for x in X.sum(0) + end[:3]]
-        held_sent = [0, sent.count((1, 1)), sent.count((1, 2))]
-        if np.abs(X).max(initial=0) >= _COEF:
-            raise ValueError("held coefficients out of range")
-        tok = ids + k * ((X + _COEF) @ np.array([1, 2 * _COEF, 4 * _COEF * _COEF]))
-    at, before = reduced(tok, ids, k, X, _PERIODS.get(schedule.name, MAX_PERIOD))
-    if before is None:  # (dense counts larger than the actions: kept all)
-        got = Peaks(vals, counts, n, ids, None, X, held_change, held_sent)
-    else:
-        got = Peaks(vals, counts, n, ids[at], before[:-1], None, held_change, held_sent,
-                    (tok[at], before))
+        S, m = schedule.num_stages, schedule.microbatches
+        # (what ``extras`` reads of the stage: whether it is the last, 1F1B's warm-up)
+        alike = (name, m, stage == S - 1, min(m, S - stage) if name == "1f1b" else 0,
+                 len(counts), ids.tobytes(), kinds.tobytes(), mbs.tobytes())
+        parts = _ALIKE.get(alike)
+    if alike is None or parts is None:
+        parts = _reduce(name, schedule, rank, ids, len(counts), kinds, mbs)
+        if alike is not None:
+            if len(_ALIKE) >= _ALIKE_MAX:
+                _ALIKE.pop(next(iter(_ALIKE)), None)
+            _ALIKE[alike] = parts
+    got = Peaks(vals, counts, len(ids), *parts)
     size = _size(got)
     while _PEAKS and _TOTAL[0] + size > _PEAKS_SIZE:
         try:  # (another thread may take it first)
@@ -192,6 +190,30 @@ def peaks_of(schedule, rank: int) -> Peaks:
     _PEAKS[key] = (schedule, got)
     _TOTAL[0] += size
     return got
+
+
+def _reduce(name: str, schedule, rank: int, ids, k: int, kinds, mbs) -> tuple:
+    """``Peaks``' fields after ``n``: the rank's kept actions and the counts before each (with
+    GPipe's and 1F1B's held coefficients)."""
+    tok, X, held_change, held_sent = ids, None, None, ()
+    if name in SINGLE:
+        stage = rank_stages(schedule)[rank][0]
+        X, end, sent = extras(name, stage, schedule.num_stages, schedule.microbatches,
+                              kinds, mbs, (1, 0), ((1, 1), (1, 2)))
+        X = X[:, :3]
+        held_change = [int(x) for x in X.sum(0) + end[:3]]
+        held_sent = [0, sent.count((1, 1)), sent.count((1, 2))]
+        if np.abs(X).max(initial=0) >= _COEF:
+            raise ValueError("held coefficients out of range")
+        tok = ids + k * ((X + _COEF) @ np.array([1, 2 * _COEF, 4 * _COEF * _COEF]))
+    at, before = reduced(tok, ids, k, X, _PERIODS.get(name, MAX_PERIOD))
+    if before is None:  # (dense counts larger than the actions: kept all)
+        return ids, None, X, held_change, held_sent
+    return ids[at], before[:-1], None, held_change, held_sent, (tok[at], before)
+
+
+_ALIKE: dict[tuple, tuple] = {}  # GPipe's and 1F1B's reductions by what they read
+_ALIKE_MAX = 16
 
 
 def reduced(tok: np.ndarray, ids: np.ndarray, k: int, X: np.ndarray | None = None,
@@ -251,4 +273,5 @@ def _size(pk: Peaks) -> int:
 def clear() -> None:
     _COLUMNS.clear()
     _PEAKS.clear()
+    _ALIKE.clear()
     _TOTAL[0] = 0
