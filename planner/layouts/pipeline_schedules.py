@@ -38,11 +38,8 @@ class ScheduleConstraintError(ValueError):
 # ---- single stage per rank -------------------------------------------------------------------
 def _gpipe(p: int, m: int) -> Schedule:
     # All forwards, then all backwards (Huang et al. 2019, "GPipe", Fig. 2c; torch ScheduleGPipe).
-    orders = []
-    for r in range(p):
-        fb = r * m
-        bb = (p + r) * m
-        orders.append(list(range(fb, fb + m)) + list(range(bb, bb + m)))
+    j = np.arange(m, dtype=np.int64)
+    orders = [np.concatenate((r * m + j, (p + r) * m + j)) for r in range(p)]
     return _make("gpipe", p, 1, m, list(range(p)), orders, split=False)
 
 
@@ -52,15 +49,14 @@ def _one_f_one_b(p: int, m: int) -> Schedule:
     # §2.2, Fig. 4 top; PipeDream-Flush). The order torch's Schedule1F1B runs in _step_microbatches.
     S = p
     orders = []
+    j = np.arange(m, dtype=np.int64)
     for r in range(p):
         fb, bb = r * m, (S + r) * m
         warm = min(p - 1 - r, m)
-        seq = list(range(fb, fb + warm))
-        for j in range(m - warm):
-            seq.append(fb + warm + j)
-            seq.append(bb + j)
-        seq.extend(range(bb + m - warm, bb + m))
-        orders.append(seq)
+        steady = np.empty(2 * (m - warm), dtype=np.int64)  # F and B alternating
+        steady[0::2] = fb + warm + j[:m - warm]
+        steady[1::2] = bb + j[:m - warm]
+        orders.append(np.concatenate((fb + j[:warm], steady, bb + m - warm + j[:warm])))
     return _make("1f1b", p, 1, m, list(range(p)), orders, split=False)
 
 
