@@ -178,7 +178,10 @@ def peaks_of(schedule, rank: int) -> Peaks:
         parts = _reduce(name, schedule, rank, ids, len(counts), kinds, mbs)
         if alike is not None:
             if len(_ALIKE) >= _ALIKE_MAX:
-                _ALIKE.pop(next(iter(_ALIKE)), None)
+                try:  # (another thread may take it first)
+                    _ALIKE.pop(next(iter(_ALIKE)), None)
+                except (StopIteration, RuntimeError):
+                    pass
             _ALIKE[alike] = parts
     got = Peaks(vals, counts, len(ids), *parts)
     size = _size(got)
