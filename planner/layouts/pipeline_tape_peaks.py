@@ -159,7 +159,9 @@ _PEAKS_SIZE = 1 << 22  # the kept ranks' counts, all together (32 MiB)
 
 def peaks_of(schedule, rank: int) -> Peaks:
     """The rank's ``Peaks``, kept per schedule and rank (the ranks of the last few
-    layouts)."""
+    layouts). GPipe's and 1F1B's reduction reads the rank's stage only as whether it is the
+    last and (1F1B) its warm-up length: ranks alike in those and in their columns share it
+    (GPipe's all but the last), each with its own kind values."""
     key = (id(schedule), rank)
     got = _PEAKS.get(key)
     if got is not None and got[0] is schedule:
