@@ -7,6 +7,8 @@
   ``cache.compile_first``) equals ``_max_micro_batch_search``, one replayed estimate per probe,
   and the whole response equals the one replayed op by op with templates off; a compiled
   structure still answers a never-seen model first (no compile of the setup's own).
+- A pipelined setup's fit search stops a probe at its first rank over the memory
+  (``stop_above``), that rank's need standing in, with the same answer.
 - Suggestions skip the candidates whose model states alone overflow
   (planner/routes/plan_suggest.py: ``states_overflow``) and stop a pipelined candidate at its
   first rank that cannot fit (planner/layouts/pipelined.py: ``stop_above``): the bound is at
@@ -124,6 +126,39 @@ def test_fit_equals_search_and_replay(seed: int) -> None:
             with cache.replay_only():
                 replayed = M.estimate_memory(hw)
             assert got.model_dump_json() == replayed.model_dump_json(), (req, mem)
+
+
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("zb-v", 2), ("dualpipe-v", 2)])
+def test_a_pipelined_fit_search_stops_at_a_rank_over_and_equals_search(
+        schedule: str, v: int, monkeypatch) -> None:
+    """A pipelined setup's fit search estimates a size inside ``stop_above``: a probe stops at
+    its first rank over the memory, whose need stands in (at most the setup's, over the
+    memory). The answer equals one full estimate per probe, for budgets around the setup's
+    own need, and some probe stops early."""
+    body = {"model": {"family": "llama", "num_layers": 8, "hidden_size": 128, "num_heads": 4,
+                      "vocab_size": 1000, "max_sequence_length": 4096},
+            "training": {"micro_batch_size": 8, "sequence_length": 256,
+                         "gradient_accumulation_steps": 8},
+            "parallelism": {"pipeline_parallel": 2, "pipeline_schedule": schedule}}
+    if v > 1:
+        body["parallelism"]["virtual_pipeline_stages"] = v
+    req = MemoryRequest.model_validate(body)
+    model = resolve_model(req.model)
+    plain = M.estimate_memory(req, explain=False)
+    need = plain.breakdown.total + allocator_reserve(plain.breakdown.total, "cuda")
+    stopped = []
+    real = M.Overflows.__init__
+
+    def counting(self, rank, need):
+        stopped.append(rank)
+        real(self, rank, need)
+    monkeypatch.setattr(M.Overflows, "__init__", counting)
+    for mem in (need // 9, need // 3, need - 1, need, 3 * need):
+        cache.clear()
+        hw = MemoryRequest.model_validate({**req.model_dump(), "hardware": {"memory_bytes": mem}})
+        got = M.estimate_memory(hw).fit.max_micro_batch_size
+        assert got == M._max_micro_batch_search(req, model, "cuda", set(), mem), (schedule, mem)
+    assert stopped, schedule
 
 
 def _estimate_or_none(q: MemoryRequest):

@@ -43,7 +43,12 @@ _LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("fit_limit",
 
 
 class Overflows(Exception):
-    """A rank's peak plus its allocator reserve is over ``stop_above``'s memory."""
+    """A rank's peak plus its allocator reserve (``need``: at most the setup's, and over
+    ``stop_above``'s memory) is over ``stop_above``'s memory."""
+
+    def __init__(self, rank: int, need: int) -> None:
+        super().__init__(rank, need)
+        self.rank, self.need = rank, need
 
 
 @contextlib.contextmanager
@@ -93,9 +98,9 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
     else:
         def rank(model, training, plan, device, r):
             pk = pipeline_rank(model, training, plan, device, r)
-            if limit is not None and \
-                    pk.steady.total + allocator_reserve(pk.steady.total, device) > limit:
-                raise Overflows(r)
+            need = pk.steady.total + allocator_reserve(pk.steady.total, device)
+            if limit is not None and need > limit:
+                raise Overflows(r, need)
             return pk
         # stopping at the first rank over the limit: the last ranks first, the cheapest to
         # replay (fewest micro-batches in flight, so the shortest lists)

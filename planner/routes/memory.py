@@ -37,6 +37,7 @@ from planner.layouts.compose import (
     single_device,
 )
 from planner.layouts.expert import validate as validate_expert_parallel
+from planner.layouts.pipelined import Overflows, stop_above
 from planner.machine import cache
 from planner.machine.recording import domain_of
 from planner.routes import memory_answers, memory_notes
@@ -270,16 +271,23 @@ def _variant(req: MemoryRequest, model: ResolvedModel, device: str, ckpt,
 def _max_micro_batch(req: MemoryRequest, model: ResolvedModel, device: str, ckpt: set[int],
                      mem_bytes: int, need_here: int | None = None) -> int | None:
     """Largest micro-batch whose peak (plus allocator reserve) fits (planner/routes/micro_batch.py),
-    each probe from the setup's template when it is compiled, else estimated; ``need_here``:
-    the request's own micro-batch's, already estimated."""
+    each probe from the setup's template when it is compiled, else estimated (a pipeline's up
+    to its first rank over the memory); ``need_here``: the request's own micro-batch's,
+    already estimated."""
     direct = _template_need(req, model, device, ckpt)
 
     def need(b: int) -> int:
         fast = direct(b) if direct is not None else None
         if fast is None:
             tr = req.training.model_copy(update={"micro_batch_size": b})
-            r = _estimate(req.model_copy(update={"training": tr, "hardware": None}), model,
-                          device, ckpt)
+            try:  # a pipeline stops at its first rank over the memory: that rank's need (at
+                # most the setup's, over the memory) stands in; the search reads whether a
+                # size fits, and its predictions take a bound as they take ``floor``'s
+                with stop_above(mem_bytes):
+                    r = _estimate(req.model_copy(update={"training": tr, "hardware": None}),
+                                  model, device, ckpt)
+            except Overflows as over:
+                return over.need
             fast = r.breakdown.total + r.allocator_reserve_bytes
         return fast
     b0 = req.training.micro_batch_size

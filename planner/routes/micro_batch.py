@@ -49,7 +49,8 @@ def largest_fitting(need: Callable[[int], int], mem_bytes: int,
                     max_batch: int = MAX_BATCH, known: dict[int, int] | None = None,
                     bound: Callable[[int], int | None] | None = None) -> int | None:
     """Largest b in 1..max_batch with ``need(b) <= mem_bytes`` (``need``: the peak plus the
-    allocator reserve at micro-batch b); None when not even 1 fits. ``known``: needs already
+    allocator reserve at micro-batch b, or a lower bound on it where that is over
+    ``mem_bytes``); None when not even 1 fits. ``known``: needs already
     computed (the estimate's own micro-batch), used as probes. The peak is monotone, so a size
     seen to fit says every smaller one does: b = 1 (a template domain of its own, so a replay
     of its own) is probed only when nothing larger fits, and b = 2 is probed before it.
