@@ -70,7 +70,8 @@ def _zb_v(p: int, m: int) -> Schedule:
 
 
 def _dualpipe_steps(r: int, half_rank: int, half_ranks: int, chunks: int,
-                    stage_of_phase: tuple[int, int], m: int, S: int, full: bytearray) -> list[int]:
+                    stage_of_phase: tuple[int, int], m: int, S: int,
+                    full: bytearray) -> np.ndarray:
     """The eight steps of DualPipe / DualPipeV for one rank (DeepSeek-AI 2024, "DeepSeek-V3
     Technical Report", §3.2.1, Fig. 5; step structure of github.com/deepseek-ai/DualPipe and torch
     ScheduleDualPipeV). ``chunks`` micro-batches per phase. An overlapped F&B pair is emitted as
@@ -103,7 +104,8 @@ def _dualpipe_steps(r: int, half_rank: int, half_ranks: int, chunks: int,
     full_b += [b1, b0]
     nb1 += len(k)
     nb0 += len(k)
-    seq: list[int] = np.concatenate(parts).tolist()
+    head = np.concatenate(parts).astype(np.int64)
+    seq: list[int] = []  # steps 6-8, a few per rank: appended one by one
     np.frombuffer(full, dtype=np.uint8)[np.concatenate(full_b)] = 1  # B, not I + W
     nb = [nb0, nb1]
     wq: deque[int] = deque()  # codes of postponed W's, oldest first
@@ -133,7 +135,7 @@ def _dualpipe_steps(r: int, half_rank: int, half_ranks: int, chunks: int,
         weight(); bwd(0, zb)
     for _ in range(half_rank + 1):  # step 8: W
         weight()
-    return seq
+    return np.concatenate((head, np.array(seq, dtype=np.int64)))
 
 
 def _dualpipe_v(p: int, m: int) -> Schedule:
