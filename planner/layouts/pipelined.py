@@ -71,14 +71,14 @@ def pipelined_estimate(model: ResolvedModel, training: TrainingSpec, parallel, d
     the note) gets ``[worst]`` for the ranks' list, evaluated from the setup's templates
     without the other ranks' categories (planner/layouts/pipeline_fused.py) when they are
     compiled."""
-    limit = _LIMIT.get()
-    if compiled is not None and limit is None:
+    limit = _LIMIT.get()  # (``stop_above``: with every rank compiled, nothing to stop early)
+    if compiled is not None:
         plan, compiled = compiled
     else:
         plan = _plan(model, training, parallel)
         if plan is None:
             return None
-        compiled = None if limit is not None else _compiled_ranks(model, training, plan, device)
+        compiled = _compiled_ranks(model, training, plan, device)
     name = parallel.pipeline_schedule
     if compiled is not None and not every_rank and compiled[2] is not None:
         # the worst rank's snapshots and every rank's steady total: one generated function
