@@ -43,8 +43,8 @@ _LIMIT: contextvars.ContextVar[int | None] = contextvars.ContextVar("fit_limit",
 
 
 class Overflows(Exception):
-    """A rank's peak plus its allocator reserve (``need``: at most the setup's, and over
-    ``stop_above``'s memory) is over ``stop_above``'s memory."""
+    """A rank's peak plus its allocator reserve (``need``: at most the setup's) is over
+    ``stop_above``'s memory."""
 
     def __init__(self, rank: int, need: int) -> None:
         super().__init__(rank, need)
