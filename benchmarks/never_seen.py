@@ -18,7 +18,8 @@ import statistics
 import time
 
 from benchmarks.estimate_speed import SETUPS, _time_each, llm_analysis_model_fn
-from planner.layouts import pipeline_structure, pipeline_structures
+from planner.layouts import pipeline_actions, pipeline_structure, pipeline_structures
+from planner.layouts.pipeline_machines import _Recording
 from planner.layouts.pipeline_schedules import schedule_of
 from planner.routes import memory as planner_memory
 from planner.routes import memory_answers
@@ -48,6 +49,24 @@ def _timing(module, name: str, into: list[float]):
         yield
     finally:
         setattr(module, name, real)
+
+
+@contextlib.contextmanager
+def _recorded(into: list):
+    """Inside, each pipeline action replayed op by op with symbolic sizes (an ``ActionMemo``
+    record on the recording machine: what a layout's first compiles spend most of their time
+    on) appends 1 to ``into``: a count free of the machine's noise."""
+    real = pipeline_actions.ActionMemo._record
+
+    def counted(self, prog, *a, **kw):
+        if isinstance(prog.m, _Recording):
+            into.append(1)
+        return real(self, prog, *a, **kw)
+    pipeline_actions.ActionMemo._record = counted
+    try:
+        yield
+    finally:
+        pipeline_actions.ActionMemo._record = real
 
 
 def _random_arch(family: str, rng: random.Random, gqa: bool = False) -> dict:
@@ -431,7 +450,8 @@ def _layout_rows(layouts, pp: int, layers: int, n: int, rng) -> list[tuple]:
     evaluation of the templates) timed against llm-analysis's ``training()`` on the same
     models, interleaved. (schedule, m, first s, compiles, compile median s, compile max s,
     never-seen median s, llm-analysis median s, estimates that replayed a rank, ranks
-    answered from a taped template per estimate)."""
+    answered from a taped template per estimate, actions the first estimate recorded with
+    symbolic sizes: ``_recorded``)."""
     from planner.layouts import pipeline_tape_templates
     est = planner_memory.estimate_memory
     out = []
@@ -444,9 +464,10 @@ def _layout_rows(layouts, pp: int, layers: int, n: int, rng) -> list[tuple]:
             return r.model_copy(update={"model": r.model.model_copy(
                 update={"num_layers": layers})})
         compile_s: list[float] = []
+        recorded: list[int] = []
         spent = pipeline_tape_templates.COUNTS["rank_seconds"]
         before = len(spent)
-        with _timing(pipeline_structures, "_compile", compile_s), \
+        with _timing(pipeline_structures, "_compile", compile_s), _recorded(recorded), \
                 step_cache.structure_mode("sync"):
             t0 = time.perf_counter()
             est(req(_random_arch("llama", rng), 4, 1024), explain=False)
@@ -470,7 +491,7 @@ def _layout_rows(layouts, pp: int, layers: int, n: int, rng) -> list[tuple]:
                     statistics.median(compile_s) if compile_s else 0.0,
                     max(compile_s, default=0.0), statistics.median(ours),
                     statistics.median(theirs) if theirs else None, replayed,
-                    statistics.median(taped)))
+                    statistics.median(taped), len(recorded)))
     return out
 
 
@@ -484,16 +505,18 @@ def print_schedules(rows: list[tuple]) -> None:
 def _print_layouts(title: str, rows: list[tuple], last: str, at: int) -> None:
     """``_layout_rows``' table, its last column ``last`` the rows' field ``at``."""
     print(title + "\n")
-    print("| schedule | m | first estimate ms | rank compiles | compile median ms | compile max "
-          f"ms | never-seen µs | llm-analysis µs | vs llm-analysis | {last} |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| schedule | m | first estimate ms | rank compiles | actions recorded | compile "
+          "median ms | compile max ms | never-seen µs | llm-analysis µs | vs llm-analysis | "
+          f"{last} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         sched, m, first, nc, cmed, cmax, ours, la = row[:8]
         ratio = f"{ours / la:,.1f}× its time" if la else "n/a"
         las = f"{la * 1e6:,.0f}" if la else "n/a"
-        print(f"| {sched} | {m} | {first * 1e3:,.0f} | {nc} | {cmed * 1e3:,.0f} | "
+        print(f"| {sched} | {m} | {first * 1e3:,.0f} | {nc} | {row[10]} | {cmed * 1e3:,.0f} | "
               f"{cmax * 1e3:,.0f} | {ours * 1e6:,.0f} | {las} | {ratio} | {row[at]:g} |")
-    print()
+    print("(actions recorded: the layout's actions its first estimate replayed op by op with the "
+          "sizes symbolic, counted)\n")
 
 
 # Long pipelines (the goal's "pp <= 64, any schedule, any m"): every schedule at 64 ranks, a
