@@ -169,15 +169,15 @@ def peaks_of(schedule, rank: int) -> Peaks:
     ids, vals, counts, kinds, mbs = columns(schedule, rank)
     name = schedule.name
     alike = None
-    if name in SINGLE:  # GPipe's ranks but the last alike: their reduction once
-        stage = rank_stages(schedule)[rank][0]
+    stage = rank_stages(schedule)[rank][0] if name in SINGLE else None
+    if stage is not None:  # GPipe's ranks but the last alike: their reduction once
         S, m = schedule.num_stages, schedule.microbatches
         # (what ``extras`` reads of the stage: whether it is the last, 1F1B's warm-up)
         alike = (name, m, stage == S - 1, min(m, S - stage) if name == "1f1b" else 0,
                  len(counts), ids.tobytes(), kinds.tobytes(), mbs.tobytes())
         parts = _ALIKE.get(alike)
     if alike is None or parts is None:
-        parts = _reduce(name, schedule, rank, ids, len(counts), kinds, mbs)
+        parts = _reduce(name, schedule, stage, ids, len(counts), kinds, mbs)
         if alike is not None:
             if len(_ALIKE) >= _ALIKE_MAX:
                 try:  # (another thread may take it first)
@@ -197,12 +197,11 @@ def peaks_of(schedule, rank: int) -> Peaks:
     return got
 
 
-def _reduce(name: str, schedule, rank: int, ids, k: int, kinds, mbs) -> tuple:
+def _reduce(name: str, schedule, stage: int | None, ids, k: int, kinds, mbs) -> tuple:
     """``Peaks``' fields after ``n``: the rank's kept actions and the counts before each (with
-    GPipe's and 1F1B's held coefficients)."""
+    GPipe's and 1F1B's held coefficients; ``stage``: their rank's, None for the others)."""
     tok, X, held_change, held_sent = ids, None, None, ()
-    if name in SINGLE:
-        stage = rank_stages(schedule)[rank][0]
+    if stage is not None:
         X, end, sent = extras(name, stage, schedule.num_stages, schedule.microbatches,
                               kinds, mbs, (1, 0), ((1, 1), (1, 2)))
         X = X[:, :3]
