@@ -169,8 +169,8 @@ def test_every_valid_schedule_completes(name, p, m, v, f, i, w, comm) -> None:
 
 def _flat_inputs(s, f, i, w, comm):
     from planner.layouts.pipeline_sim import _flat_arrays
-    offs, _, dep_pos, cost, delay, _, _ = _flat_arrays(s, f, i, w, comm)
-    return s.num_ranks, offs, dep_pos, cost, delay
+    offs, _, dep_pos, cost, cross, _, _ = _flat_arrays(s, f, i, w, comm)
+    return s.num_ranks, offs, dep_pos, cost, cross, None, comm
 
 
 @settings(max_examples=60, deadline=None)

@@ -70,7 +70,10 @@ def _make(name: str, p: int, v: int, m: int, mapping: list[int], orders: list[li
     prev, nxt = prev_next or _chain(S)
     if full is None:
         full = bytearray(S * m) if split else bytearray(b"\x01") * (S * m)
-    # 8 bytes an action (a list of ints holds 40): a schedule of millions of actions stays small
-    return Schedule(name, p, v, S, m, mapping, prev, nxt,
-                    [array("q", o.astype(np.int64).tobytes()) if isinstance(o, np.ndarray)
-                     else array("q", o) for o in orders], full)
+    # 8 bytes an action (a list of ints holds 40): a schedule of millions of actions stays small;
+    # each rank's order replaced in place, so the builder's copy goes as the next is made
+    for r, o in enumerate(orders):
+        if not isinstance(o, array):
+            orders[r] = array("q", np.asarray(o, dtype=np.int64).tobytes()) \
+                if isinstance(o, np.ndarray) else array("q", o)
+    return Schedule(name, p, v, S, m, mapping, prev, nxt, orders, full)

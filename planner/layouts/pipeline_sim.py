@@ -23,7 +23,7 @@ Conventions
 from __future__ import annotations
 
 import functools
-import itertools
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +71,8 @@ class SimOutcome:
 def _flat_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
     """Every rank's actions laid out rank after rank, and per action: its code, cost, the flat
     position of the cross-stage action it waits for (n_all: none; n_all + 1: an action no rank
-    runs), the message delay from its end to that consumer, and its in-flight delta. Waits on the
+    runs), whether a message carries its end to that consumer (the delay: ``comm_s`` then), and
+    its in-flight delta. Waits on the
     same stage (B after F at a pipeline's end, W after I) are kept by the rank's own order."""
     S, m = s.num_stages, s.microbatches
     Sm = S * m
@@ -80,10 +81,12 @@ def _flat_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
     for r, o in enumerate(s.orders):
         offs[r + 1] = offs[r] + len(o)
     n_all = offs[p]
-    flat = np.fromiter(itertools.chain.from_iterable(s.orders), dtype=np.int64, count=n_all) \
+    flat = np.concatenate([np.frombuffer(o, dtype=np.int64) if isinstance(o, array)
+                           else np.asarray(o, dtype=np.int64) for o in s.orders]) \
         if n_all else np.zeros(0, dtype=np.int64)
-    # code = (slot * S + stage) * m + mb: per-(slot, stage) tables, gathered once
-    ss, mb = np.divmod(flat, m)
+    # code = (slot * S + stage) * m + mb: per-(slot, stage) tables, gathered once (their index
+    # as int32, and no micro-batch array: a schedule of millions of actions stays small)
+    ss = (flat // m).astype(np.int32)
     f = np.asarray(forward_s, dtype=float)
     i = np.asarray(input_s, dtype=float)
     w = np.asarray(weight_s, dtype=float)
@@ -96,31 +99,33 @@ def _flat_arrays(s: Schedule, forward_s, input_s, weight_s, comm_s: float):
         cost[full] += np.concatenate([w, w, w])[ss[full]]
     rank = np.asarray(s.stage_to_rank)
     prev, nxt = np.asarray(s.prev_stage), np.asarray(s.next_stage)
-    # the action waited for: F(prev stage) for F, I/B(next stage) for I/B, none for W
-    none = np.full(S, -1)
-    dep_base = np.concatenate([np.where(prev >= 0, prev * m, -1),
-                               np.where(nxt >= 0, (S + nxt) * m, -1), none])[ss]
-    has_dep = dep_base >= 0
-    # positions as int32 (n_all + 1 < 2**31 within the documented limits): half the bytes
+    # the action waited for: F(prev stage) for F, I/B(next stage) for I/B, none for W; its code
+    # is the action's own plus a shift per (slot, stage) (the micro-batch is the same)
+    base = np.concatenate([np.where(prev >= 0, prev * m, -1),
+                           np.where(nxt >= 0, (S + nxt) * m, -1), np.full(S, -1)])
+    shift = np.where(base >= 0, base - np.arange(3 * S) * m, 0).astype(np.int32)
+    has_dep = (base >= 0)[ss]
+    # positions as int32 (3 * Sm < 2**31 within the documented limits): half the bytes
     pos_of = np.full(3 * Sm, n_all + 1, dtype=np.int32)  # codes no rank runs: never ready
     pos_of[flat] = np.arange(n_all, dtype=np.int32)
-    dep_base += mb
-    del mb
-    dep_base[~has_dep] = 0
-    dep_pos = pos_of[dep_base]
-    del pos_of, dep_base
+    dep = shift[ss]
+    np.add(dep, flat, out=dep, casting="same_kind")  # (actions without one: their own code)
+    dep_pos = pos_of[dep]
+    del pos_of, dep
     dep_pos[~has_dep] = n_all
+    # whether its end reaches its consumer through a message (the delay: that times comm_s;
+    # a flag a byte, not a float: schedules of millions of actions)
     if comm_s > 0:
         f_cross = (nxt >= 0) & (rank[np.maximum(nxt, 0)] != rank)  # F(s) feeds F(next) elsewhere
         b_cross = (prev >= 0) & (rank[np.maximum(prev, 0)] != rank)  # I(s) feeds I(prev) elsewhere
-        delay = np.concatenate([f_cross * comm_s, b_cross * comm_s, np.zeros(S)])[ss]
+        cross = np.concatenate([f_cross, b_cross, np.zeros(S, bool)])[ss]
     else:
-        delay = np.zeros(n_all)
+        cross = np.zeros(n_all, bool)
     # in flight: +1 at F, -1 at the last backward action of (stage, mb): B, or W when split
-    delta = np.concatenate([np.ones(S, np.int64), np.zeros(S, np.int64),
-                            np.full(S, -1, np.int64)])[ss]
+    delta = np.concatenate([np.ones(S, np.int8), np.zeros(S, np.int8),
+                            np.full(S, -1, np.int8)])[ss]
     delta[full] = -1
-    return offs, flat, dep_pos, cost, delay, delta, 3 * Sm
+    return offs, flat, dep_pos, cost, cross, delta, 3 * Sm
 
 
 def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> SimOutcome:
@@ -139,7 +144,7 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
       action waits on one not yet timed. Used when the relaxation does not settle within its
       sweep limit, and it is what reports a deadlock.
     """
-    offs, flat, dep_pos, cost, delay, delta, n_codes = _flat_arrays(
+    offs, flat, dep_pos, cost, cross, delta, n_codes = _flat_arrays(
         s, forward_s, input_s, weight_s, comm_s)
     p, n_all = s.num_ranks, offs[s.num_ranks]
     ready = None
@@ -149,10 +154,15 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
             for q in (s.prev_stage[st], s.next_stage[st]):
                 if q >= 0:
                     readers[s.stage_to_rank[q]].add(r)
-        ready = _relax_by_rank(p, offs, dep_pos, cost, delay, [sorted(x) for x in readers])
+        ready = _relax_by_rank(p, offs, dep_pos, cost, cross, [sorted(x) for x in readers],
+                               comm_s)
     if ready is None:
-        ready = _event_loop(s, offs, dep_pos, cost, delay if comm_s > 0 else None)
-    end = ready[:n_all] - delay
+        ready = _event_loop(s, offs, dep_pos, cost, cross * comm_s if comm_s > 0 else None)
+    del dep_pos
+    end = ready[:n_all]  # (in place: the ready times are not read again)
+    if comm_s > 0:
+        end[cross] -= comm_s
+    del cross
     start = end - cost
     if not n_all:
         z = [0.0] * p
@@ -164,7 +174,7 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     busy = np.where(nonempty, np.add.reduceat(cost, h), 0.0)
     first = np.where(nonempty, start[h], 0.0)
     last = np.where(nonempty, end[tails], 0.0)
-    live = np.cumsum(delta)
+    live = np.cumsum(delta, dtype=np.int32)  # (|in flight| <= the actions < 2**31)
     base = np.concatenate([[0], live])[heads]
     peak = np.where(nonempty, np.maximum.reduceat(live, h) - base, 0)
     return SimOutcome(float(last.max()), busy.tolist(), first.tolist(), last.tolist(),
@@ -178,8 +188,8 @@ MAX_SWEEPS = 96
 
 
 def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
-                   delay: np.ndarray, consumers: list[list[int]] | None = None
-                   ) -> np.ndarray | None:
+                   cross: np.ndarray, consumers: list[list[int]] | None = None,
+                   comm_s: float = 1.0) -> np.ndarray | None:
     """Ready times (end + outgoing message) by flat position, or None when the sweeps do not
     settle. For one rank with ready times R_j of its inputs and costs c_j, the recurrence
     e_i = max(e_(i-1), R_i) + c_i (e_(-1) = 0, R >= 0) is e_i = C_i + max_(j<=i)(R_j - C_(j-1))
@@ -198,7 +208,7 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
         a, b = offs[r], offs[r + 1]
         c = cost[a:b]
         C = np.cumsum(c)
-        segs.append((a, b, dep_pos[a:b], C, C - c, delay[a:b]))
+        segs.append((a, b, dep_pos[a:b], C, c, cross[a:b]))
     # consumers[q]: ranks reading some action of q (q itself too: stages on one rank, V shape);
     # a superset is fine (a lookup then finds nothing)
     if consumers is None:
@@ -236,16 +246,18 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
             if i0 == INF:
                 continue
             lo[r] = INF
-            a, b, d, C, Cp, dl = segs[r]
+            a, b, d, C, c, dl = segs[r]
+            Cp = C[i0:] - c[i0:]  # (the costs before each action: made when run, not kept)
             x = ready[d[i0:]]
-            x -= Cp[i0:]
+            x -= Cp
             if i0:  # the action before i0 ends at ready - delay; it bounds the rest from below
-                prev = ready[a + i0 - 1] - dl[i0 - 1] - Cp[i0]
+                prev = ready[a + i0 - 1] - dl[i0 - 1] * comm_s - Cp[0]
                 if prev > x[0]:
                     x[0] = prev
             new = np.maximum.accumulate(x)
             new += C[i0:]
-            new += dl[i0:]
+            if comm_s:
+                new += dl[i0:] * comm_s
             old = ready[a + i0:b]
             ne = new != old
             k = int(ne.argmax())

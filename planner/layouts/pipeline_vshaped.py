@@ -65,7 +65,7 @@ def _zb_v(p: int, m: int) -> Schedule:
             j = codes % n_micro
             keep = j < m
             codes = (codes[keep] // n_micro) * m + j[keep]
-        orders.append(codes.tolist())
+        orders.append(codes)  # (an array: 8 bytes an action, not a list of ints)
     return _make("zb-v", p, 2, m, _v_mapping(p), orders, split=True)
 
 
