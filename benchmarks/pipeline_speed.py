@@ -9,7 +9,10 @@ Per schedule, best of 5 wall-clock runs of:
   fallback), for the side-by-side ratio;
 - plan: ``plan_pipeline`` without the timeline — build + simulate + per-rank figures, the work
   behind one ``POST /v1/pipeline``.
-Goal: < 50 ms per schedule (the ``plan`` column is held to it). Wall-clock numbers on a shared
+Goal: < 50 ms per schedule (the ``plan`` column is held to it). A second table: schedules at the
+limits with a setup's stage costs and messages, where the longest path wraps round the ranks
+(the relaxation alone, the stage chains of ``planner/layouts/pipeline_sim_chains.py`` alone,
+and ``simulate``'s choice). Wall-clock numbers on a shared
 2-core machine vary by up to 2x between runs; the ratios within one run are the stable part.
 Run: ``python benchmarks/pipeline_speed.py``.
 """
@@ -91,5 +94,67 @@ def main() -> None:
           f"message costs {SLOW_LINK_S} of a forward. plan = build + sim + per-rank figures.")
 
 
+# At the limit of stages x virtual stages x micro-batches (2^20), with a setup's stage costs (a
+# 1024-block llama on H100s: the last stage's loss makes it about four times the others) and its
+# activation messages: the simulations the /v1/pipeline route runs for such a setup
+LIMIT_MODEL = {"family": "llama", "num_layers": 1024, "hidden_size": 1024, "num_heads": 16,
+               "vocab_size": 50257, "max_sequence_length": 8192}
+LIMIT_CASES = [("interleaved-1f1b", 64, 16, 1024), ("interleaved-1f1b", 8, 32, 4096),
+               ("zb-h1", 8, 16, 8192), ("zb-h1", 64, 4, 4096), ("zb-v", 64, 2, 8192),
+               ("dualpipe-v", 64, 2, 8192), ("1f1b", 64, 1, 16384), ("gpipe", 64, 1, 16384)]
+
+
+def limits() -> None:
+    """Per LIMIT_CASES schedule: the relaxation alone (no work limit), the stage chains' scans
+    alone (``pipeline_sim_chains.settle``) and ``simulate`` as it chooses (the relaxation up to
+    ``RELAX_WORK`` re-runs per action, then the stage chains), best of 3; the largest relative
+    difference of the two answers' ready times."""
+    import numpy as np
+
+    from planner.layouts import pipeline_sim_chains
+    from planner.routes.pipeline import roofline_costs, schedule_shape
+
+    print(f"\n{'schedule':<18}{'p':>4}{'v':>4}{'m':>7}{'actions':>9}{'relax':>9}{'chains':>8}"
+          f"{'simulate':>10}{'relax/sim':>11}  {'path':<22}{'difference':>11}")
+    for name, p, v, m in LIMIT_CASES:
+        setup = {"model": LIMIT_MODEL,
+                 "training": {"micro_batch_size": 1, "sequence_length": 2048,
+                              "gradient_accumulation_steps": m},
+                 "parallelism": {"pipeline_parallel": p, "pipeline_schedule": name,
+                                 "virtual_pipeline_stages": v}, "hardware": {"gpu": "h100-80gb"}}
+        req = PipelineRequest.model_validate({"setup": setup, "include_timeline": False})
+        name, p, m, v = schedule_shape(req)
+        sched = build_schedule(name, p, m, v)
+        f, i, w, msg, bw, _ = roofline_costs(req.setup, sched.num_stages,
+                                             req.model_flops_utilization)
+        comm = msg / bw
+        offs, flat, dep_pos, cost, cross, _, _ = pipeline_sim._flat_arrays(sched, f, i, w, comm)
+        consumers = pipeline_sim_chains.consumers_of(sched)
+        took = pipeline_sim._relax_by_rank(p, offs, dep_pos, cost, cross, consumers, comm)
+        limits_were = pipeline_sim.MAX_SWEEPS, pipeline_sim.RELAX_WORK
+        pipeline_sim.MAX_SWEEPS, pipeline_sim.RELAX_WORK = 4000, 10 ** 6
+        try:
+            out: list = []
+            relax = best_ms(lambda: out.append(pipeline_sim._relax_by_rank(
+                p, offs, dep_pos, cost, cross, consumers, comm)), repeat=3)
+        finally:
+            pipeline_sim.MAX_SWEEPS, pipeline_sim.RELAX_WORK = limits_were
+        got: list = []
+        chains = best_ms(lambda: got.append(pipeline_sim_chains.settle(
+            sched, offs, flat, dep_pos, cost, cross, comm)), repeat=3)
+        sim = best_ms(lambda: simulate(sched, f, i, w, comm), repeat=3)
+        n = offs[p]
+        a, b = out[-1][:n], got[-1][:n]
+        diff = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-300)))
+        path = ("stage chains first" if v >= pipeline_sim.CHAINS_FIRST else
+                "relaxation" if took is not None else "relaxation, then chains")
+        print(f"{name:<18}{p:>4}{v:>4}{m:>7}{n:>9}{relax:>9.0f}{chains:>8.0f}{sim:>10.0f}"
+              f"{relax / sim:>10.1f}x  {path:<22}{diff:>11.1e}")
+    print("\nms, best of 3; the relaxation without its work limit, the stage chains alone, and "
+          "simulate as it chooses. difference: the largest relative difference of the two "
+          "answers' times (floats summed in running totals against integer units).")
+
+
 if __name__ == "__main__":
     main()
+    limits()

@@ -125,6 +125,16 @@ def hand_picked() -> list[tuple[str, str, dict, dict]]:
                                  ("zb-h1", 1024, 1, 1024), ("zb-h2", 1024, 1, 1024),
                                  ("zb-v", 512, 2, 1024), ("dualpipe-v", 256, 2, 2048),
                                  ("gpipe", 1024, 1, 1024))],
+        # the timing simulation at the same limit, with a setup's stage costs (the last stage's
+        # loss makes it the slowest) and messages: many stages a rank, whose longest path wraps
+        # round the ranks again and again
+        *[(f"pipeline setup 1024 layers pp {pp} {name} v {v} m {m}", "/v1/pipeline",
+           {"setup": _mem(BIG, {"gradient_accumulation_steps": m},
+                          {"pipeline_parallel": pp, "pipeline_schedule": name,
+                           "virtual_pipeline_stages": v}), "include_timeline": True}, {})
+          for name, pp, v, m in (("interleaved-1f1b", 64, 16, 1024),
+                                 ("interleaved-1f1b", 8, 32, 4096),
+                                 ("zb-h1", 8, 16, 8192), ("zb-v", 64, 2, 8192))],
     ]
 
 

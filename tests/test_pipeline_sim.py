@@ -180,9 +180,10 @@ def _flat_inputs(s, f, i, w, comm):
        st.integers(2, 8), st.integers(1, 4), st.randoms(use_true_random=False),
        st.sampled_from([0.0, 0.01, 0.7, 5.0]))
 def test_rank_relaxation_equals_event_loop(sched, p, k, rnd, comm) -> None:
-    """The vectorised per-rank relaxation and the action-by-action event loop time every action
-    alike (up to float rounding: one sums costs by running totals, the other one at a time), on
-    skewed per-stage costs and slow links."""
+    """The vectorised per-rank relaxation, the alternating rank and stage-chain scans in integer
+    units (``pipeline_sim_chains.settle``) and the action-by-action event loop time every action
+    alike (up to rounding: one sums costs by running totals, one in units of 2**-62 of the
+    schedule's total, the other one at a time), on skewed per-stage costs and slow links."""
     from planner.layouts import pipeline_sim as ps
     name, v = sched
     m = p * k if name not in ("dualpipe", "dualpipe-v") else 2 * p * k
@@ -195,18 +196,88 @@ def test_rank_relaxation_equals_event_loop(sched, p, k, rnd, comm) -> None:
     i = [rnd.uniform(0.05, 4) for _ in range(S)]
     w = [rnd.uniform(0.05, 4) for _ in range(S)]
     fast = simulate(s, f, i, w, comm)
-    assert ps._relax_by_rank(*_flat_inputs(s, f, i, w, comm)) is not None  # it settled
-    orig = ps._relax_by_rank
+    orig, settle = ps._relax_by_rank, ps.settle
     try:
-        ps._relax_by_rank = lambda *a: None  # force the event loop
+        ps.RELAX_WORK, was = 10 ** 6, ps.RELAX_WORK
+        assert ps._relax_by_rank(*_flat_inputs(s, f, i, w, comm)) is not None  # it settles
+        ps._relax_by_rank = lambda *a: None  # the stage chains' scans
+        chains = simulate(s, f, i, w, comm)  # (or the event loop, where they give way)
+        ps.settle = lambda *a: None  # the event loop
         slow = simulate(s, f, i, w, comm)
     finally:
-        ps._relax_by_rank = orig
+        ps._relax_by_rank, ps.settle, ps.RELAX_WORK = orig, settle, was
+    for got in (fast, chains):
+        assert got.makespan_s == pytest.approx(slow.makespan_s, rel=1e-12)
+        assert got.start_flat == pytest.approx(slow.start_flat, rel=1e-9, abs=1e-9)
+        assert got.end_flat == pytest.approx(slow.end_flat, rel=1e-9, abs=1e-9)
+        assert got.busy_s == pytest.approx(slow.busy_s, rel=1e-12)
+        assert got.peak_in_flight == slow.peak_in_flight
+
+
+def _flat_arrays_for_settle(s, f, i, w, comm):
+    from planner.layouts.pipeline_sim import _flat_arrays
+    offs, flat, dep_pos, cost, cross, _, _ = _flat_arrays(s, f, i, w, comm)
+    return offs, flat, dep_pos, cost, cross, comm
+
+
+@pytest.mark.parametrize("name,p,v,m", [("interleaved-1f1b", 4, 16, 32), ("zb-h1", 4, 16, 32),
+                                         ("interleaved-1f1b", 4, 8, 32), ("zb-h1", 4, 8, 32)])
+def test_a_path_wrapping_round_the_ranks_settles_by_stage_chains(name, p, v, m) -> None:
+    """Many stages a rank, the last stage four times the others (the loss) and slow links: the
+    longest path wraps round the ranks again and again. From CHAINS_FIRST (8) stages a rank on,
+    the stage chains' scans go first, and settle, timing every action as the event loop."""
+    from planner.layouts import pipeline_sim as ps
+    s = build_schedule(name, p, m, v)
+    S = s.num_stages
+    f, i, w = [0.14] * (S - 1) + [0.57], [0.18] * (S - 1) + [0.5], [0.1] * S
+    assert v >= ps.CHAINS_FIRST
+    assert ps.settle(s, *_flat_arrays_for_settle(s, f, i, w, 0.0093)) is not None
+    fast, used = _simulated(s, f, i, w, 0.0093)
+    assert used == ["chains"]
+    slow = _event_loop(s, f, i, w, 0.0093)
     assert fast.makespan_s == pytest.approx(slow.makespan_s, rel=1e-12)
-    assert fast.start_flat == pytest.approx(slow.start_flat, rel=1e-9, abs=1e-9)
-    assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-9, abs=1e-9)
-    assert fast.busy_s == pytest.approx(slow.busy_s, rel=1e-12)
-    assert fast.peak_in_flight == slow.peak_in_flight
+    assert fast.start_flat == pytest.approx(slow.start_flat, rel=1e-12, abs=1e-12)
+    assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-12, abs=1e-12)
+
+
+def test_a_relaxation_past_its_work_limit_gives_way_to_the_stage_chains(monkeypatch) -> None:
+    """Four stages a rank and slow links: the relaxation re-runs more than RELAX_WORK actions
+    per action (here set to 2, with no floor), gives way, and the stage chains' scans time every
+    action as the event loop."""
+    from planner.layouts import pipeline_sim as ps
+    monkeypatch.setattr(ps, "RELAX_WORK", 2)
+    monkeypatch.setattr(ps, "RELAX_FLOOR", 0)
+    s = build_schedule("interleaved-1f1b", 8, 64, 4)
+    S = s.num_stages
+    f, i, w = [0.14] * (S - 1) + [0.57], [0.18] * (S - 1) + [0.5], [0.1] * S
+    fast, used = _simulated(s, f, i, w, 0.0093)
+    assert used == ["relax", "chains"]
+    slow = _event_loop(s, f, i, w, 0.0093)
+    assert fast.makespan_s == pytest.approx(slow.makespan_s, rel=1e-12)
+    assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-12, abs=1e-12)
+
+
+def _simulated(s, f, i, w, comm):
+    """``simulate``'s answer, and the ways it took (relax, chains), in order."""
+    from planner.layouts import pipeline_sim as ps
+    orig, settle, used = ps._relax_by_rank, ps.settle, []
+    try:
+        ps._relax_by_rank = lambda *a: used.append("relax") or orig(*a)
+        ps.settle = lambda *a: used.append("chains") or settle(*a)
+        return simulate(s, f, i, w, comm), used
+    finally:
+        ps._relax_by_rank, ps.settle = orig, settle
+
+
+def _event_loop(s, f, i, w, comm):
+    """``simulate``'s answer from its event loop alone."""
+    from planner.layouts import pipeline_sim as ps
+    orig, settle = ps._relax_by_rank, ps.settle
+    try:
+        ps._relax_by_rank = ps.settle = lambda *a: None
+        return simulate(s, f, i, w, comm)
+    finally:
+        ps._relax_by_rank, ps.settle = orig, settle
 
 
 def test_relaxation_gives_way_on_a_deadlock_and_on_zero_costs() -> None:

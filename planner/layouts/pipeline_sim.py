@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.layouts.pipeline_orders import Schedule
+from planner.layouts.pipeline_sim_chains import Readers, consumers_of, settle
+from planner.machine.deadline import check
 
 
 class ScheduleDeadlock(RuntimeError):
@@ -132,30 +134,36 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     """Times every action of ``s``; costs are per virtual stage (length ``s.num_stages``).
 
     An action ends at ``max(end of the rank's previous action, ready time of the action it waits
-    for) + cost``: the longest path through the dependency graph. Two ways to compute it, with
-    the same result:
+    for) + cost``: the longest path through the dependency graph. Three ways to compute it,
+    with the same result (up to rounding):
     - ``_relax_by_rank`` (used first): every rank's times come from one vectorised max-plus scan
       over its list given its inputs' ready times, starting from lower bounds (0) and re-run,
       sweeping the ranks forwards and backwards, until nothing changes. Each sweep carries a
       critical path across all ranks in one direction, so pipelines settle in a few sweeps (see
       ``benchmarks/pipeline_speed.py``). It needs every cost > 0: then a deadlock (a cycle)
       never settles and is caught by the sweep limit.
+    - ``pipeline_sim_chains.settle``: where the relaxation has re-run ``RELAX_WORK`` actions per
+      action without settling (a longest path that wraps round the ranks many times; first
+      where a rank holds ``CHAINS_FIRST`` stages or more), the rank scans alternate with scans
+      along every micro-batch's stage chains at once, in integer time units, and settle in a
+      few alternations.
     - ``_event_loop``: ranks run action by action in pure Python, a rank parked when its next
-      action waits on one not yet timed. Used when the relaxation does not settle within its
-      sweep limit, and it is what reports a deadlock.
+      action waits on one not yet timed. Used when neither settles, and it is what reports a
+      deadlock.
     """
     offs, flat, dep_pos, cost, cross, delta, n_codes = _flat_arrays(
         s, forward_s, input_s, weight_s, comm_s)
     p, n_all = s.num_ranks, offs[s.num_ranks]
     ready = None
     if n_all and not bool((dep_pos > n_all).any()) and float(cost.min()) > 0.0:
-        readers: list[set[int]] = [set() for _ in range(p)]
-        for st, r in enumerate(s.stage_to_rank):  # F waits on prev stage, I/B on next stage
-            for q in (s.prev_stage[st], s.next_stage[st]):
-                if q >= 0:
-                    readers[s.stage_to_rank[q]].add(r)
-        ready = _relax_by_rank(p, offs, dep_pos, cost, cross, [sorted(x) for x in readers],
-                               comm_s)
+        ways = [lambda: _relax_by_rank(p, offs, dep_pos, cost, cross, consumers_of(s), comm_s),
+                lambda: settle(s, offs, flat, dep_pos, cost, cross, comm_s)]
+        if s.virtual_stages >= CHAINS_FIRST:  # (every forward path wraps round v - 1 times)
+            ways.reverse()
+        for way in ways:
+            ready = way()
+            if ready is not None:
+                break
     if ready is None:
         ready = _event_loop(s, offs, dep_pos, cost, cross * comm_s if comm_s > 0 else None)
     del dep_pos
@@ -181,10 +189,13 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
                       [int(x) for x in peak], flat, start, end, n_codes)
 
 
-# Sweeps after which the relaxation gives way to the event loop. The schedules here settle in
-# 2-7 sweeps with uniform costs and free links, in up to ~40 with slow links
-# (benchmarks/pipeline_speed.py; tests/test_pipeline_sim.py).
-MAX_SWEEPS = 96
+# The relaxation gives way (to ``pipeline_sim_chains.settle``) after MAX_SWEEPS sweeps or
+# RELAX_WORK actions re-run per action of the schedule (RELAX_FLOOR at least: a small schedule's
+# sweeps cost little): most settle in 2-40 sweeps, re-running 1-14 each; those whose longest
+# path wraps round the ranks again and again need hundreds of sweeps, 30-60 re-runs each. With
+# CHAINS_FIRST or more stages a rank (looped placement: every micro-batch's forwards go round the
+# ranks v - 1 times) the stage chains go first (benchmarks/pipeline_speed.py).
+MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 16, 1 << 22, 8
 
 
 def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
@@ -217,36 +228,24 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
         has = dep_pos < n_all
         reads_from[owner[dep_pos[has]], owner[has]] = True
         consumers = [np.flatnonzero(row).tolist() for row in reads_from]
-    # (q, r) -> positions in q that r reads, ascending, and the first index of r reading at or
-    # after each of them; built when first needed
-    reads: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-    def first_reader(q: int, r: int, changed: int) -> int:
-        key = (q, r)
-        if key not in reads:
-            d = segs[r][2]
-            i_q = np.flatnonzero((d >= offs[q]) & (d < offs[q + 1]))
-            pos = d[i_q]
-            if len(pos) > 1 and not bool((pos[1:] >= pos[:-1]).all()):
-                o = np.argsort(pos, kind="stable")
-                pos, i_q = pos[o], np.minimum.accumulate(i_q[o][::-1])[::-1]
-            reads[key] = (pos, i_q)  # ascending in both: i_q is its own suffix minimum
-        pos, i_q = reads[key]
-        j = int(np.searchsorted(pos, changed))
-        return int(i_q[j]) if j < len(pos) else INF
-
     INF = n_all + 1
+    first_reader = Readers(offs, dep_pos, INF).first
     lo = [0 if offs[r + 1] > offs[r] else INF for r in range(p)]  # first index to re-run
     fwd, bwd = list(range(p)), list(range(p - 1, -1, -1))
+    budget = max(RELAX_WORK * n_all, RELAX_FLOOR)  # actions re-run, all sweeps together
     for sweep in range(MAX_SWEEPS):
         if min(lo) == INF:
             return ready
+        check()  # (a request's work limit)
         for r in (fwd if sweep % 2 == 0 else bwd):
             i0 = lo[r]
             if i0 == INF:
                 continue
             lo[r] = INF
             a, b, d, C, c, dl = segs[r]
+            budget -= b - a - i0
+            if budget < 0:
+                return None
             Cp = C[i0:] - c[i0:]  # (the costs before each action: made when run, not kept)
             x = ready[d[i0:]]
             x -= Cp
@@ -303,7 +302,11 @@ def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np
     work = [r for r in range(p - 1, -1, -1) if lens[r]]
     for r in range(p):
         done[r] = not lens[r]
+    turns = 0
     while work:
+        turns += 1
+        if not turns & 0xFFFF:
+            check()  # (a request's work limit)
         r = work.pop()
         t = free[r]
         hold = pending[r]

@@ -11,12 +11,15 @@ model, ``benchmarks/results/worst-case-cpu.md``) that was a third to a half of t
 serve``; ``memplan estimate`` and ``memplan plan`` once the planner is imported), moves the objects alive then out of the collector's reach
 (``gc.freeze``: never traversed again, never collected; they live as long as the process
 anyway) and runs the youngest generation every ``YOUNG_THRESHOLD`` allocations. Cycles are
-still collected; answers do not depend on it.
+still collected; answers do not depend on it. It sets the C heap for large arrays too
+(``planner/machine/heap.py``).
 """
 
 from __future__ import annotations
 
 import gc
+
+from planner.machine import heap
 
 __all__ = ["YOUNG_THRESHOLD", "tune"]
 
@@ -31,6 +34,7 @@ def tune() -> None:
     if _TUNED[0]:
         return
     _TUNED[0] = True
+    heap.tune()  # (the C heap too: planner/machine/heap.py)
     gc.collect()
     gc.freeze()
     young, middle, old = gc.get_threshold()
