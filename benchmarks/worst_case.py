@@ -135,6 +135,17 @@ def hand_picked() -> list[tuple[str, str, dict, dict]]:
           for name, pp, v, m in (("interleaved-1f1b", 64, 16, 1024),
                                  ("interleaved-1f1b", 8, 32, 4096),
                                  ("zb-h1", 8, 16, 8192), ("zb-v", 64, 2, 8192))],
+        # per-stage costs of the caller's, far apart (0.05 to 4 s, drawn once), and a link
+        # slower than a stage: the longest path turns between ranks and stage chains dozens of
+        # times, so neither the relaxation nor the stage chains settle within their work limits
+        # and the action-by-action event loop times the schedule
+        ("pipeline costs far apart, slow link, pp 32 v 4 m 8192", "/v1/pipeline",
+         {"schedule": "interleaved-1f1b", "stages": 32, "virtual_stages": 4,
+          "microbatches": 8192, "include_timeline": False,
+          "costs": {k: [round(rng.uniform(0.05, 4), 3) for _ in range(128)]
+                    for rng in [random.Random(2)]
+                    for k in ("forward_s", "backward_input_s", "backward_weight_s")}
+          | {"p2p_latency_s": 5.0}}, {}),
     ]
 
 

@@ -224,7 +224,7 @@ def _flat_arrays_for_settle(s, f, i, w, comm):
                                          ("interleaved-1f1b", 4, 8, 32), ("zb-h1", 4, 8, 32)])
 def test_a_path_wrapping_round_the_ranks_settles_by_stage_chains(name, p, v, m) -> None:
     """Many stages a rank, the last stage four times the others (the loss) and slow links: the
-    longest path wraps round the ranks again and again. From CHAINS_FIRST (8) stages a rank on,
+    longest path wraps round the ranks again and again. From CHAINS_FIRST (4) stages a rank on,
     the stage chains' scans go first, and settle, timing every action as the event loop."""
     from planner.layouts import pipeline_sim as ps
     s = build_schedule(name, p, m, v)
@@ -241,13 +241,13 @@ def test_a_path_wrapping_round_the_ranks_settles_by_stage_chains(name, p, v, m) 
 
 
 def test_a_relaxation_past_its_work_limit_gives_way_to_the_stage_chains(monkeypatch) -> None:
-    """Four stages a rank and slow links: the relaxation re-runs more than RELAX_WORK actions
+    """Two stages a rank and slow links: the relaxation re-runs more than RELAX_WORK actions
     per action (here set to 2, with no floor), gives way, and the stage chains' scans time every
     action as the event loop."""
     from planner.layouts import pipeline_sim as ps
     monkeypatch.setattr(ps, "RELAX_WORK", 2)
     monkeypatch.setattr(ps, "RELAX_FLOOR", 0)
-    s = build_schedule("interleaved-1f1b", 8, 64, 4)
+    s = build_schedule("interleaved-1f1b", 8, 64, 2)
     S = s.num_stages
     f, i, w = [0.14] * (S - 1) + [0.57], [0.18] * (S - 1) + [0.5], [0.1] * S
     fast, used = _simulated(s, f, i, w, 0.0093)

@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import bisect
 import functools
 from array import array
 from dataclasses import dataclass
@@ -191,11 +192,13 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
 
 # The relaxation gives way (to ``pipeline_sim_chains.settle``) after MAX_SWEEPS sweeps or
 # RELAX_WORK actions re-run per action of the schedule (RELAX_FLOOR at least: a small schedule's
-# sweeps cost little): most settle in 2-40 sweeps, re-running 1-14 each; those whose longest
-# path wraps round the ranks again and again need hundreds of sweeps, 30-60 re-runs each. With
+# sweeps cost little): at the limits, a setup's schedules settle re-running 2-16 each (GPipe,
+# 1F1B 2-4; the V shapes 8-16, as cheap in the stage chains); those whose longest path wraps
+# round the ranks again and again need hundreds of sweeps, 30-60 re-runs each. With
 # CHAINS_FIRST or more stages a rank (looped placement: every micro-batch's forwards go round the
-# ranks v - 1 times) the stage chains go first (benchmarks/pipeline_speed.py).
-MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 16, 1 << 22, 8
+# ranks v - 1 times) the stage chains go first: from 4 on they were as fast or faster at the
+# limits, from 8 on three to four times (benchmarks/pipeline_speed.py).
+MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 8, 1 << 22, 4
 
 
 def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
@@ -280,21 +283,22 @@ def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np
     orders = s.orders
     lens = [offs[r + 1] - offs[r] for r in range(p)]
     n_all = offs[p]
-    dep_pos = dep_pos_np.tolist()
-    cost = cost_f.tolist()
-    delay = delay_np.tolist() if delay_np is not None else None
-    owner = np.repeat(np.arange(p), lens).tolist() + [-1, -1]
+    delay = delay_np is not None
     # ready[i]: when the action at flat position i is usable by its consumer (its end plus the
-    # message); -1 while it has not run.
-    ready = [-1.0] * n_all + [0.0, -1.0]
+    # message); -1 while it has not run. Typed arrays, 4-8 bytes an entry (lists of Python
+    # numbers would take 30-40: 480 MiB for a schedule of 2 million actions)
+    ready = array("d", [-1.0]) * (n_all + 2)
+    ready[n_all] = 0.0
+
+    def typed(code: str, x: np.ndarray) -> array:
+        out = array(code)
+        out.frombytes(x.tobytes())
+        return out
     # Per rank, an iterator over (position, position waited for, cost[, delay]) and the item it
     # stopped at (None: none pending).
-    if delay is None:
-        its = [zip(range(offs[r], offs[r + 1]), dep_pos[offs[r]:offs[r + 1]],
-                   cost[offs[r]:offs[r + 1]]) for r in range(p)]
-    else:
-        its = [zip(range(offs[r], offs[r + 1]), dep_pos[offs[r]:offs[r + 1]],
-                   cost[offs[r]:offs[r + 1]], delay[offs[r]:offs[r + 1]]) for r in range(p)]
+    its = [zip(range(a, b), typed("i", dep_pos_np[a:b].astype(np.int32)), typed("d", cost_f[a:b]),
+               *([typed("d", delay_np[a:b])] if delay else []))
+           for a, b in zip(offs[:-1], offs[1:])]
     pending: list[tuple | None] = [None] * p
     done = [False] * p
     free = [0.0] * p
@@ -315,10 +319,10 @@ def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np
             if e > t:
                 t = e
             t += hold[2]
-            ready[hold[0]] = t if delay is None else t + hold[3]
+            ready[hold[0]] = t + hold[3] if delay else t
             pending[r] = None
         i = -1
-        if delay is None:
+        if not delay:
             for i, d, c in its[r]:
                 e = ready[d]
                 if e < 0.0:
@@ -346,7 +350,7 @@ def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np
         hold = pending[r]
         if hold is not None:
             d = hold[1]
-            q = owner[d]
+            q = bisect.bisect_right(offs, d) - 1 if d < n_all else -1  # (its rank)
             if q >= 0:
                 waits[q].append((d, r))
             i = hold[0]

@@ -40,10 +40,10 @@ from planner.machine.deadline import check
 __all__ = ["Readers", "consumers_of", "settle"]
 
 # alternations, and actions scanned per action of the schedule (both sweeps, all rounds),
-# before giving way to the event loop: the schedules of the stage costs a setup gives settle in
-# 3-5 alternations, 6-12 scans each; stage costs far apart with messages as slow as a stage
-# make the path turn between ranks and stage chains dozens of times; a cycle never settles
-MAX_ROUNDS, SETTLE_WORK = 64, 16
+# before giving way to the event loop: at the limits, a setup's schedules settle in 3-5
+# alternations, 3-7 scans each; stage costs far apart with messages slower than a stage make the
+# path turn between ranks and stage chains thousands of times; a cycle never settles
+MAX_ROUNDS, SETTLE_WORK = 64, 8
 
 
 def consumers_of(s) -> list[list[int]]:
