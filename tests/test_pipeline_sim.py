@@ -175,8 +175,8 @@ def _flat_inputs(s, f, i, w, comm):
 
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from([("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 3),
-                        ("zb-h1", 1), ("zb-h1", 2), ("zb-h2", 1), ("zb-v", 2), ("dualpipe-v", 2),
-                        ("dualpipe", 1)]),
+                        ("interleaved-1f1b", 4), ("zb-h1", 1), ("zb-h1", 2), ("zb-h1", 4),
+                        ("zb-h2", 1), ("zb-v", 2), ("dualpipe-v", 2), ("dualpipe", 1)]),
        st.integers(2, 8), st.integers(1, 4), st.randoms(use_true_random=False),
        st.sampled_from([0.0, 0.01, 0.7, 5.0]))
 def test_rank_relaxation_equals_event_loop(sched, p, k, rnd, comm) -> None:

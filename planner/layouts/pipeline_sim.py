@@ -144,10 +144,10 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
       ``benchmarks/pipeline_speed.py``). It needs every cost > 0: then a deadlock (a cycle)
       never settles and is caught by the sweep limit.
     - ``pipeline_sim_chains.settle``: where the relaxation has re-run ``RELAX_WORK`` actions per
-      action without settling (a longest path that wraps round the ranks many times; first
-      where a rank holds ``CHAINS_FIRST`` stages or more), the rank scans alternate with scans
-      along every micro-batch's stage chains at once, in integer time units, and settle in a
-      few alternations.
+      action without settling (a longest path that wraps round the ranks many times; instead
+      of it where a rank holds ``CHAINS_FIRST`` stages or more), the rank scans alternate with
+      scans along every micro-batch's stage chains at once, in integer time units, and settle in
+      a few alternations.
     - ``_event_loop``: ranks run action by action in pure Python, a rank parked when its next
       action waits on one not yet timed. Used when neither settles, and it is what reports a
       deadlock.
@@ -159,8 +159,8 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     if n_all and not bool((dep_pos > n_all).any()) and float(cost.min()) > 0.0:
         ways = [lambda: _relax_by_rank(p, offs, dep_pos, cost, cross, consumers_of(s), comm_s),
                 lambda: settle(s, offs, flat, dep_pos, cost, cross, comm_s)]
-        if s.virtual_stages >= CHAINS_FIRST:  # (every forward path wraps round v - 1 times)
-            ways.reverse()
+        if s.virtual_stages >= CHAINS_FIRST:  # (every forward path wraps round v - 1 times;
+            ways = ways[1:]  # where the stage chains give way, so would the relaxation)
         for way in ways:
             ready = way()
             if ready is not None:
