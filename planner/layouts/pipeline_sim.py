@@ -22,7 +22,6 @@ Conventions
 
 from __future__ import annotations
 
-import bisect
 import functools
 from array import array
 from dataclasses import dataclass
@@ -299,6 +298,9 @@ def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np
     its = [zip(range(a, b), typed("i", dep_pos_np[a:b].astype(np.int32)), typed("d", cost_f[a:b]),
                *([typed("d", delay_np[a:b])] if delay else []))
            for a, b in zip(offs[:-1], offs[1:])]
+    # each position's rank (-1 past the actions: an input that is none or never comes)
+    owner = typed("i", np.concatenate([np.repeat(np.arange(p, dtype=np.int32), lens),
+                                       np.full(2, -1, np.int32)]))
     pending: list[tuple | None] = [None] * p
     done = [False] * p
     free = [0.0] * p
@@ -350,7 +352,7 @@ def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np
         hold = pending[r]
         if hold is not None:
             d = hold[1]
-            q = bisect.bisect_right(offs, d) - 1 if d < n_all else -1  # (its rank)
+            q = owner[d]
             if q >= 0:
                 waits[q].append((d, r))
             i = hold[0]
