@@ -235,6 +235,8 @@ def test_a_path_wrapping_round_the_ranks_settles_by_stage_chains(name, p, v, m) 
     fast, used = _simulated(s, f, i, w, 0.0093)
     assert used == ["chains"]
     slow = _event_loop(s, f, i, w, 0.0093)
+    # stages alike and free messages: no rank waits at a wrap, the relaxation goes first
+    assert _simulated(s, [1.0] * S, [1.0] * S, [1.0] * S, 0.0)[1] == ["relax"]
     assert fast.makespan_s == pytest.approx(slow.makespan_s, rel=1e-12)
     assert fast.start_flat == pytest.approx(slow.start_flat, rel=1e-12, abs=1e-12)
     assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-12, abs=1e-12)

@@ -144,7 +144,8 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
       never settles and is caught by the sweep limit.
     - ``pipeline_sim_chains.settle``: where the relaxation has re-run ``RELAX_WORK`` actions per
       action without settling (a longest path that wraps round the ranks many times; instead
-      of it where a rank holds ``CHAINS_FIRST`` stages or more), the rank scans alternate with
+      of it where a rank holds ``CHAINS_FIRST`` stages or more and ranks wait: unequal stages
+      or messages; where the stage chains give way, so would it), the rank scans alternate with
       scans along every micro-batch's stage chains at once, in integer time units, and settle in
       a few alternations.
     - ``_event_loop``: ranks run action by action in pure Python, a rank parked when its next
@@ -158,8 +159,11 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     if n_all and not bool((dep_pos > n_all).any()) and float(cost.min()) > 0.0:
         ways = [lambda: _relax_by_rank(p, offs, dep_pos, cost, cross, consumers_of(s), comm_s),
                 lambda: settle(s, offs, flat, dep_pos, cost, cross, comm_s)]
-        if s.virtual_stages >= CHAINS_FIRST:  # (every forward path wraps round v - 1 times;
-            ways = ways[1:]  # where the stage chains give way, so would the relaxation)
+        # every forward path wraps round the ranks v - 1 times, the ranks waiting at the wraps
+        # but where stages cost alike and messages are free (a few sweeps of the relaxation)
+        waits = comm_s > 0 or any(len(set(x)) > 1 for x in (forward_s, input_s, weight_s))
+        if s.virtual_stages >= CHAINS_FIRST and waits:
+            ways = ways[1:]
         for way in ways:
             ready = way()
             if ready is not None:
@@ -193,10 +197,9 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
 # RELAX_WORK actions re-run per action of the schedule (RELAX_FLOOR at least: a small schedule's
 # sweeps cost little): at the limits, a setup's schedules settle re-running 2-16 each (GPipe,
 # 1F1B 2-4; the V shapes 8-16, as cheap in the stage chains); those whose longest path wraps
-# round the ranks again and again need hundreds of sweeps, 30-60 re-runs each. With
-# CHAINS_FIRST or more stages a rank (looped placement: every micro-batch's forwards go round the
-# ranks v - 1 times) the stage chains go first: from 4 on they were as fast or faster at the
-# limits, from 8 on three to four times (benchmarks/pipeline_speed.py).
+# round the ranks again and again need hundreds of sweeps, 30-60 re-runs each. From CHAINS_FIRST
+# stages a rank the stage chains go first: as fast or faster at the limits from 4 on, three to
+# four times from 8 on (benchmarks/pipeline_speed.py).
 MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 8, 1 << 22, 4
 
 
