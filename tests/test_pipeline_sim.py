@@ -182,7 +182,7 @@ def _flat_inputs(s, f, i, w, comm):
 def test_rank_relaxation_equals_event_loop(sched, p, k, rnd, comm) -> None:
     """The vectorised per-rank relaxation, the alternating rank and stage-chain scans in integer
     units (``pipeline_sim_chains.settle``) and the action-by-action event loop time every action
-    alike (up to rounding: one sums costs by running totals, one in units of 2**-62 of the
+    alike (up to rounding: one sums costs by running totals, one in units of 2**-61 of the
     schedule's total, the other one at a time), on skewed per-stage costs and slow links."""
     from planner.layouts import pipeline_sim as ps
     name, v = sched

@@ -14,17 +14,18 @@ one has ended) and each micro-batch's stage chains (when its previous stage's ac
 plus the message). Along either kind, given the other kind's times, the whole chain is one
 max-plus scan: end_k = P_k + max_(j <= k)(a_j + c_j - P_j), with ``a_j`` the other bound of
 action j, ``c_j`` its cost and ``P`` the running sum of the costs (and messages) along the chain.
-``settle`` alternates one sweep of rank chains (a rank re-run from its first action whose time
-changed) with one sweep of every stage chain at once (a 2-D cumulative maximum over stages x
-micro-batches), from lower bounds, until neither changes a time: the fixed point of the
+``settle`` alternates one sweep of rank chains (as the relaxation's: a rank re-run from its
+first action whose time or input changed) with one sweep of every stage chain at once (a 2-D
+cumulative maximum over stages x micro-batches), from lower bounds, until neither changes a time: the fixed point of the
 schedule's equations, which its dependency graph (acyclic) makes unique. The longest path then
 settles in as many alternations as it turns between the two kinds (three to five for the
 schedules here), wherever it wraps.
 
 Alternating two summation orders settles only in exact arithmetic, so the times are integers:
-the costs and the message in units of 2**-k s, k the largest that keeps any time below 2**62
-(every time is at most the sum of all costs and messages). Each cost is rounded to its unit, a
-relative error below 2**-62 of the schedule's total per action; the times are then exact and
+the costs and the message in units of 2**-k s, k the largest that keeps the sum of all costs
+and messages (every time is at most that) below 2**61, half of int64's range (room for each
+cost's rounding, and for the differences the scans take). Each cost is rounded to its unit, an
+error below 2**-61 of the schedule's total per action; the times are then exact and
 independent of the order of the work (``tests/test_pipeline_sim.py`` holds them equal to the
 action-by-action event loop's).
 """
@@ -94,7 +95,7 @@ def settle(s, offs: list[int], flat: np.ndarray, dep_pos: np.ndarray, cost: np.n
     if not n_all:
         return None
     bound = float(cost.sum()) + n_all * comm_s
-    k = 62 - math.frexp(bound)[1]  # every time below 2**62 units of 2**-k s
+    k = 61 - math.frexp(bound)[1]  # every time below 2**61 units of 2**-k s
     scale = math.ldexp(1.0, k)
     dl = int(round(comm_s * scale))
     if round(float(cost.min()) * scale) <= 0 or (comm_s > 0 and dl <= 0):
