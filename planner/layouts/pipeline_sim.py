@@ -157,12 +157,12 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     p, n_all = s.num_ranks, offs[s.num_ranks]
     ready = None
     if n_all and not bool((dep_pos > n_all).any()) and float(cost.min()) > 0.0:
-        ways = [lambda: _relax_by_rank(p, offs, dep_pos, cost, cross, consumers_of(s), comm_s),
-                lambda: settle(s, offs, flat, dep_pos, cost, cross, comm_s)]
-        # every forward path wraps round the ranks v - 1 times, the ranks waiting at the wraps
-        # but where stages cost alike and messages are free (a few sweeps of the relaxation)
-        waits = comm_s > 0 or any(len(set(x)) > 1 for x in (forward_s, input_s, weight_s))
-        if s.virtual_stages >= CHAINS_FIRST and waits:
+        readers = consumers_of(s)
+        ways = [lambda: _relax_by_rank(p, offs, dep_pos, cost, cross, readers, comm_s),
+                lambda: settle(s, offs, flat, dep_pos, cost, cross, comm_s, readers)]
+        # paths wrap round the ranks v - 1 times; ranks wait there but where stages are alike
+        if s.virtual_stages >= CHAINS_FIRST and (comm_s > 0 or any(  # and messages free
+                len(set(x)) > 1 for x in (forward_s, input_s, weight_s))):
             ways = ways[1:]
         for way in ways:
             ready = way()

@@ -86,9 +86,11 @@ class Readers:
 
 
 def settle(s, offs: list[int], flat: np.ndarray, dep_pos: np.ndarray, cost: np.ndarray,
-           cross: np.ndarray, comm_s: float) -> np.ndarray | None:
+           cross: np.ndarray, comm_s: float, consumers: list[list[int]] | None = None
+           ) -> np.ndarray | None:
     """Ready times (end + outgoing message) by flat position, as ``pipeline_sim``'s relaxation
-    gives them (its arguments, ``s`` the schedule); None where it does not apply (an action
+    gives them (its arguments, ``s`` the schedule; ``consumers``: ``consumers_of(s)`` where the
+    caller has it); None where it does not apply (an action
     some chain needs that no rank runs, a cost too small for the unit, a cycle)."""
     p, S, m = s.num_ranks, s.num_stages, s.microbatches
     n_all = offs[p]
@@ -111,7 +113,7 @@ def settle(s, offs: list[int], flat: np.ndarray, dep_pos: np.ndarray, cost: np.n
     sent = np.concatenate([cross, [False]])[dep_pos]  # whether its input came by a message
     INF = n_all + 1
     lo = [0 if offs[r + 1] > offs[r] else INF for r in range(p)]  # first action to re-run
-    consumers, readers = consumers_of(s), Readers(offs, dep_pos, INF)
+    consumers, readers = consumers or consumers_of(s), Readers(offs, dep_pos, INF)
     moved = np.zeros(n_all, dtype=bool)  # the actions a stage sweep changed
     budget = SETTLE_WORK * n_all
     for rnd in range(MAX_ROUNDS):
