@@ -30,6 +30,7 @@ import numpy as np
 
 from planner.layouts.pipeline_orders import Schedule
 from planner.layouts.pipeline_sim_chains import Readers, consumers_of, settle
+from planner.layouts.pipeline_sim_loop import event_loop, new_ready
 from planner.machine.deadline import check
 
 
@@ -169,7 +170,7 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
             if ready is not None:
                 break
     if ready is None:
-        ready = _event_loop(s, offs, dep_pos, cost, cross * comm_s if comm_s > 0 else None)
+        ready = _event_loop(s, offs, dep_pos, cost, cross, comm_s)
     del dep_pos
     end = ready[:n_all]  # (in place: the ready times are not read again)
     if comm_s > 0:
@@ -277,104 +278,18 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
     return ready if min(lo) == INF else None
 
 
-def _event_loop(s: Schedule, offs: list[int], dep_pos_np: np.ndarray, cost_f: np.ndarray,
-                delay_np: np.ndarray | None) -> np.ndarray:
-    """Ready times by flat position, rank by rank and action by action (see ``simulate``).
-    Raises ScheduleDeadlock when ranks wait on each other."""
+def _event_loop(s: Schedule, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
+                cross: np.ndarray, comm_s: float) -> np.ndarray:
+    """Ready times by flat position, rank by rank and action by action
+    (``pipeline_sim_loop``). Raises ScheduleDeadlock when ranks wait on each other."""
     p = s.num_ranks
-    orders = s.orders
-    lens = [offs[r + 1] - offs[r] for r in range(p)]
-    n_all = offs[p]
-    delay = delay_np is not None
-    # ready[i]: when the action at flat position i is usable by its consumer (its end plus the
-    # message); -1 while it has not run. Typed arrays, 4-8 bytes an entry (lists of Python
-    # numbers would take 30-40: 480 MiB for a schedule of 2 million actions)
-    ready = array("d", [-1.0]) * (n_all + 2)
-    ready[n_all] = 0.0
-
-    def typed(code: str, x: np.ndarray) -> array:
-        out = array(code)
-        out.frombytes(x.tobytes())
-        return out
-    # Per rank, an iterator over (position, position waited for, cost[, delay]) and the item it
-    # stopped at (None: none pending).
-    its = [zip(range(a, b), typed("i", dep_pos_np[a:b].astype(np.int32)), typed("d", cost_f[a:b]),
-               *([typed("d", delay_np[a:b])] if delay else []))
-           for a, b in zip(offs[:-1], offs[1:])]
-    # each position's rank (-1 past the actions: an input that is none or never comes)
-    owner = typed("i", np.concatenate([np.repeat(np.arange(p, dtype=np.int32), lens),
-                                       np.full(2, -1, np.int32)]))
-    pending: list[tuple | None] = [None] * p
-    done = [False] * p
-    free = [0.0] * p
-    waits: list[list[tuple[int, int]]] = [[] for _ in range(p)]
-    work = [r for r in range(p - 1, -1, -1) if lens[r]]
-    for r in range(p):
-        done[r] = not lens[r]
-    turns = 0
-    while work:
-        turns += 1
-        if not turns & 0xFFFF:
-            check()  # (a request's work limit)
-        r = work.pop()
-        t = free[r]
-        hold = pending[r]
-        if hold is not None:  # the action it stopped at: its input is there now
-            e = ready[hold[1]]
-            if e > t:
-                t = e
-            t += hold[2]
-            ready[hold[0]] = t + hold[3] if delay else t
-            pending[r] = None
-        i = -1
-        if not delay:
-            for i, d, c in its[r]:
-                e = ready[d]
-                if e < 0.0:
-                    pending[r] = (i, d, c)
-                    break
-                if e > t:
-                    t = e
-                t += c
-                ready[i] = t
-            else:
-                done[r] = True
-        else:
-            for i, d, c, dl in its[r]:
-                e = ready[d]
-                if e < 0.0:
-                    pending[r] = (i, d, c, dl)
-                    break
-                if e > t:
-                    t = e
-                t += c
-                ready[i] = t + dl
-            else:
-                done[r] = True
-        free[r] = t
-        hold = pending[r]
-        if hold is not None:
-            d = hold[1]
-            q = owner[d]
-            if q >= 0:
-                waits[q].append((d, r))
-            i = hold[0]
-        else:
-            i = offs[r + 1]
-        wl = waits[r]
-        if wl:
-            keep = []
-            for d, w in wl:
-                if d < i:
-                    work.append(w)
-                else:
-                    keep.append((d, w))
-            waits[r] = keep
-    ptr = [pending[r][0] if pending[r] is not None else offs[r + 1] for r in range(p)]
-    stuck = {r: s.decode(orders[r][ptr[r] - offs[r]]) for r in range(p) if ptr[r] < offs[r + 1]}
+    ready = new_ready(offs[p], integer=False)
+    ptr = event_loop(p, offs, dep_pos, cost, cross, comm_s, ready)
+    stuck = {r: s.decode(s.orders[r][ptr[r] - offs[r]]) for r in range(p)
+             if ptr[r] < offs[r + 1]}
     if stuck:
         raise ScheduleDeadlock(f"schedule {s.name} deadlocks; ranks wait at {stuck}")
-    return np.asarray(ready)
+    return np.frombuffer(ready, dtype=np.float64)
 
 
 def peak_in_flight(s: Schedule, ranks: list[int] | None = None) -> list[int]:

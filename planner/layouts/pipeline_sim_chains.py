@@ -38,7 +38,7 @@ import numpy as np
 
 from planner.machine.deadline import check
 
-__all__ = ["Readers", "consumers_of", "settle"]
+__all__ = ["Readers", "consumers_of", "seconds_of", "settle", "time_unit"]
 
 # alternations, and actions scanned per action of the schedule (both sweeps, all rounds),
 # before giving way to the event loop: at the limits, a setup's schedules settle in 3-5
@@ -85,6 +85,19 @@ class Readers:
         return int(i_q[j]) if j < len(pos) else self.inf
 
 
+def time_unit(cost: np.ndarray, n_all: int, comm_s: float) -> tuple[float, int] | None:
+    """(units a second, the message in units): 2**k, k the largest that keeps the schedule's
+    total (the sum of all costs and messages, above every time) below 2**61; None where a cost
+    or the message would round to no unit."""
+    bound = float(cost.sum()) + n_all * comm_s
+    k = 61 - math.frexp(bound)[1]  # every time below 2**61 units of 2**-k s
+    scale = math.ldexp(1.0, k)
+    dl = int(round(comm_s * scale))
+    if round(float(cost.min()) * scale) <= 0 or (comm_s > 0 and dl <= 0):
+        return None
+    return scale, dl
+
+
 def settle(s, offs: list[int], flat: np.ndarray, dep_pos: np.ndarray, cost: np.ndarray,
            cross: np.ndarray, comm_s: float, consumers: list[list[int]] | None = None
            ) -> np.ndarray | None:
@@ -96,12 +109,10 @@ def settle(s, offs: list[int], flat: np.ndarray, dep_pos: np.ndarray, cost: np.n
     n_all = offs[p]
     if not n_all:
         return None
-    bound = float(cost.sum()) + n_all * comm_s
-    k = 61 - math.frexp(bound)[1]  # every time below 2**61 units of 2**-k s
-    scale = math.ldexp(1.0, k)
-    dl = int(round(comm_s * scale))
-    if round(float(cost.min()) * scale) <= 0 or (comm_s > 0 and dl <= 0):
+    unit = time_unit(cost, n_all, comm_s)
+    if unit is None:
         return None
+    scale, dl = unit
 
     def units(at) -> np.ndarray:  # the costs at ``at`` in units (made per use: none kept)
         return np.rint(cost[at] * scale).astype(np.int64)
@@ -171,11 +182,11 @@ def settle(s, offs: list[int], flat: np.ndarray, dep_pos: np.ndarray, cost: np.n
                         lo[r] = j + 1
                     moved[a:b] = False
         if not changed:
-            return _seconds(E, n_all, cross, dl, scale)
+            return seconds_of(E, n_all, cross, dl, scale)
     return None
 
 
-def _seconds(E: np.ndarray, n_all: int, cross: np.ndarray, dl: int, scale: float) -> np.ndarray:
+def seconds_of(E: np.ndarray, n_all: int, cross: np.ndarray, dl: int, scale: float) -> np.ndarray:
     """The ready times in seconds (end plus the message where it crosses ranks; the last two
     entries 0), written over ``E``'s own bytes a block at a time (no second array of the
     schedule's size)."""
