@@ -260,26 +260,27 @@ def test_a_relaxation_past_its_work_limit_gives_way_to_the_stage_chains(monkeypa
 
 
 def _simulated(s, f, i, w, comm):
-    """``simulate``'s answer, and the ways it took (relax, chains), in order."""
+    """``simulate``'s answer, and the ways it took (steady, relax, chains), in order."""
     from planner.layouts import pipeline_sim as ps
-    orig, settle, used = ps._relax_by_rank, ps.settle, []
+    orig, settle, repeat, used = ps._relax_by_rank, ps.settle, ps.repeat, []
     try:
         ps._relax_by_rank = lambda *a: used.append("relax") or orig(*a)
         ps.settle = lambda *a: used.append("chains") or settle(*a)
+        ps.repeat = lambda *a: used.append("steady") or repeat(*a)
         return simulate(s, f, i, w, comm), used
     finally:
-        ps._relax_by_rank, ps.settle = orig, settle
+        ps._relax_by_rank, ps.settle, ps.repeat = orig, settle, repeat
 
 
 def _event_loop(s, f, i, w, comm):
     """``simulate``'s answer from its event loop alone."""
     from planner.layouts import pipeline_sim as ps
-    orig, settle = ps._relax_by_rank, ps.settle
+    orig, settle, repeat = ps._relax_by_rank, ps.settle, ps.repeat
     try:
-        ps._relax_by_rank = ps.settle = lambda *a: None
+        ps._relax_by_rank = ps.settle = ps.repeat = lambda *a: None
         return simulate(s, f, i, w, comm)
     finally:
-        ps._relax_by_rank, ps.settle = orig, settle
+        ps._relax_by_rank, ps.settle, ps.repeat = orig, settle, repeat
 
 
 def test_relaxation_gives_way_on_a_deadlock_and_on_zero_costs() -> None:

@@ -31,6 +31,7 @@ import numpy as np
 from planner.layouts.pipeline_orders import Schedule
 from planner.layouts.pipeline_sim_chains import Readers, consumers_of, settle
 from planner.layouts.pipeline_sim_loop import event_loop, new_ready
+from planner.layouts.pipeline_sim_steady import repeat, rounds_of, with_reach
 from planner.machine.deadline import check
 
 
@@ -135,9 +136,14 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     """Times every action of ``s``; costs are per virtual stage (length ``s.num_stages``).
 
     An action ends at ``max(end of the rank's previous action, ready time of the action it waits
-    for) + cost``: the longest path through the dependency graph. Three ways to compute it,
+    for) + cost``: the longest path through the dependency graph. Four ways to compute it,
     with the same result (up to rounding):
-    - ``_relax_by_rank`` (used first): every rank's times come from one vectorised max-plus scan
+    - ``pipeline_sim_steady.repeat`` (first, from ``STEADY_FROM`` actions, where the orders
+      repeat one round of actions a rank): the warm-up and the drain action by action in
+      integer units, the steady rounds between written as the repeat their times fall into,
+      every action's equation then checked at once; it gives way where no repeat shows early
+      or a check fails.
+    - ``_relax_by_rank`` (first otherwise): every rank's times come from one vectorised max-plus scan
       over its list given its inputs' ready times, starting from lower bounds (0) and re-run,
       sweeping the ranks forwards and backwards, until nothing changes. Each sweep carries a
       critical path across all ranks in one direction, so pipelines settle in a few sweeps (see
@@ -165,6 +171,10 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
         if s.virtual_stages >= CHAINS_FIRST and (comm_s > 0 or any(  # and messages free
                 len(set(x)) > 1 for x in (forward_s, input_s, weight_s))):
             ways = ways[1:]
+        rd = rounds_of(flat, offs, s.microbatches) if n_all >= STEADY_FROM else None
+        rd = rd and with_reach(rd, offs, dep_pos)
+        if rd:  # a long steady state: its rounds repeat, whatever the number of micro-batches
+            ways.insert(0, lambda: repeat(rd, offs, dep_pos, cost, cross, comm_s))
         for way in ways:
             ready = way()
             if ready is not None:
@@ -202,6 +212,10 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
 # stages a rank the stage chains go first: as fast or faster at the limits from 4 on, three to
 # four times from 8 on (benchmarks/pipeline_speed.py).
 MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 8, 1 << 22, 4
+# From STEADY_FROM actions on, a schedule with a long steady state is first timed from its
+# repeated rounds (``pipeline_sim_steady.repeat``): its warm-up and drain action by action, the
+# rest a repeat; below, the scans cost about as little.
+STEADY_FROM = 1 << 15
 
 
 def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,

@@ -1,0 +1,144 @@
+"""The steady-state way of the timing simulation (``planner/layouts/pipeline_sim_steady.py``)
+against the action-by-action event loop: the same time for every action, up to the rounding of
+the integer units (the event loop sums floats one at a time)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from planner.layouts import pipeline_sim as ps
+from planner.layouts import pipeline_sim_steady as steady
+from planner.layouts.pipeline_schedules import build_schedule
+from planner.layouts.pipeline_sim_chains import time_unit
+from planner.layouts.pipeline_sim_loop import event_loop, new_ready
+from tests.test_pipeline_sim import _event_loop, _simulated
+
+
+def _inputs(s, f, i, w, comm):
+    offs, flat, dep_pos, cost, cross, _, _ = ps._flat_arrays(s, f, i, w, comm)
+    return offs, flat, dep_pos, cost, cross
+
+
+def _repeat(s, f, i, w, comm):
+    """``repeat``'s ready times, or None where it gives way (or the orders hold no rounds)."""
+    offs, flat, dep_pos, cost, cross = _inputs(s, f, i, w, comm)
+    rd = steady.rounds_of(flat, offs, s.microbatches)
+    rd = rd and steady.with_reach(rd, offs, dep_pos)
+    return rd and steady.repeat(rd, offs, dep_pos, cost, cross, comm)
+
+
+def _loop_ready(s, f, i, w, comm):
+    offs, _, dep_pos, cost, cross = _inputs(s, f, i, w, comm)
+    return ps._event_loop(s, offs, dep_pos, cost, cross, comm), offs[-1]
+
+
+def _far_apart(S: int, seed: int) -> list[list[float]]:
+    rng = random.Random(seed)
+    return [[round(rng.uniform(0.05, 4), 3) for _ in range(S)] for _ in range(3)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4),
+                        ("zb-h1", 1), ("zb-h1", 2), ("zb-h2", 1), ("zb-v", 2)]),
+       st.integers(2, 6), st.integers(6, 96), st.randoms(use_true_random=False),
+       st.sampled_from([0.0, 0.01, 0.7, 5.0]), st.booleans())
+def test_repeated_rounds_equal_event_loop(sched, p, k, rnd, comm, alike) -> None:
+    """Random per-stage costs (or a setup's: alike but the last stage's) and links: where the
+    rounds repeat early enough, every action's time equals the event loop's; where not, it
+    gives way (None). Drawn with a steady state of 16 rounds or more (MIN_ROUNDS is 32 in
+    use: 16 here makes more of the small schedules drawn take this way)."""
+    name, v = sched
+    s = build_schedule(name, p, p * k, v)
+    S = s.num_stages
+    if alike:
+        f, i, w = [0.14] * (S - 1) + [0.57], [0.18] * (S - 1) + [0.5], [0.1] * S
+    else:
+        f, i, w = ([rnd.uniform(0.05, 4) for _ in range(S)] for _ in range(3))
+    was, steady.MIN_ROUNDS = steady.MIN_ROUNDS, 16
+    try:
+        got = _repeat(s, f, i, w, comm)
+    finally:
+        steady.MIN_ROUNDS = was
+    if got is None:
+        return
+    slow, n_all = _loop_ready(s, f, i, w, comm)
+    assert got[:n_all] == pytest.approx(slow[:n_all], rel=1e-12, abs=1e-9)
+
+
+@pytest.mark.parametrize("name,p,v,m,comm", [
+    ("interleaved-1f1b", 8, 4, 512, 5.0),  # the caller's costs far apart and a slow link
+    ("interleaved-1f1b", 4, 8, 512, 0.0093),
+    ("1f1b", 16, 1, 1024, 5.0),  # a repeat every 13 rounds, after 61
+    ("zb-h1", 8, 1, 2048, 0.7),
+    ("zb-h2", 8, 1, 2048, 0.0),
+    ("zb-v", 8, 2, 1024, 5.0)])
+def test_a_long_schedule_is_timed_from_its_repeated_rounds(name, p, v, m, comm) -> None:
+    """From STEADY_FROM actions on, ``simulate`` times a schedule with a steady state from its
+    repeated rounds alone (no other way), and every action's start and end equal the event
+    loop's."""
+    s = build_schedule(name, p, m, v)
+    f, i, w = _far_apart(s.num_stages, 2)
+    assert sum(len(o) for o in s.orders) >= ps.STEADY_FROM
+    fast, used = _simulated(s, f, i, w, comm)
+    assert used == ["steady"]
+    slow = _event_loop(s, f, i, w, comm)
+    assert fast.makespan_s == pytest.approx(slow.makespan_s, rel=1e-12)
+    assert fast.start_flat == pytest.approx(slow.start_flat, rel=1e-12, abs=1e-9)
+    assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-12, abs=1e-9)
+    assert fast.busy_s == pytest.approx(slow.busy_s, rel=1e-12)
+    assert fast.peak_in_flight == slow.peak_in_flight
+
+
+def test_orders_without_one_repeated_round_have_no_steady_state() -> None:
+    """GPipe (all forwards, then all backwards) and DualPipe-V (two directions) hold no single
+    repeated round; 1F1B's round is one F and one B, interleaved 1F1B's p micro-batches through
+    a rank's v stages (2 v p actions)."""
+    def rounds(name, p, m, v=1):
+        s = build_schedule(name, p, m, v)
+        offs, flat, *_ = _inputs(s, [1.0] * s.num_stages, [1.0] * s.num_stages,
+                                 [1.0] * s.num_stages, 0.0)
+        return steady.rounds_of(flat, offs, m)
+    assert rounds("gpipe", 8, 256) is None
+    assert rounds("dualpipe-v", 8, 256, 2) is None
+    one = rounds("1f1b", 8, 256)
+    assert (one.q, one.size) == (1, [2] * 8) and one.count >= 256 - 8
+    inter = rounds("interleaved-1f1b", 4, 256, 4)
+    assert (inter.q, inter.size) == (4, [32] * 4)
+
+
+def test_the_equations_check_rejects_any_time_off_by_one_unit() -> None:
+    """The check that makes a repeat an answer: integer times from the event loop meet every
+    equation; one time one unit off anywhere (a rank's first action, mid-rank, its last) fails
+    it."""
+    s = build_schedule("interleaved-1f1b", 4, 64, 2)
+    offs, _, dep_pos, cost, cross = _inputs(s, *_far_apart(s.num_stages, 3), 0.7)
+    scale, dl = time_unit(cost, offs[-1], 0.7)
+    ready = new_ready(offs[-1], integer=True)
+    assert event_loop(s.num_ranks, offs, dep_pos, cost, cross, dl, ready,
+                      scale=scale) == offs[1:]
+    R = np.frombuffer(ready, dtype=np.int64)
+    assert steady._holds(R, offs, dep_pos, cost, cross, dl, scale, block=100)
+    for j in (offs[1], offs[2] + 37, offs[-1] - 1):
+        for d in (1, -1):
+            R[j] += d
+            assert not steady._holds(R, offs, dep_pos, cost, cross, dl, scale, block=100)
+            R[j] -= d
+
+
+def test_no_repeat_within_the_warm_up_share_gives_way(monkeypatch) -> None:
+    """1F1B, 16 ranks, slow links: the times repeat every 13 rounds only after 61. With the
+    warm-up limited to a few rounds, ``repeat`` gives way, and ``simulate``'s other ways time the
+    schedule as the event loop."""
+    s = build_schedule("1f1b", 16, 1024)
+    f, i, w = _far_apart(16, 2)
+    assert _repeat(s, f, i, w, 5.0) is not None
+    monkeypatch.setattr(steady, "WARMUP_SHARE", 10 ** 6)  # (L + 8 rounds at most)
+    assert _repeat(s, f, i, w, 5.0) is None
+    fast, used = _simulated(s, f, i, w, 5.0)
+    assert used[0] == "steady" and len(used) > 1
+    slow = _event_loop(s, f, i, w, 5.0)
+    assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-12, abs=1e-9)
