@@ -55,27 +55,36 @@ class Rounds:
     ahead: int  # U: rounds ahead a steady action reads (another rank's numbering)
 
 
+def _lag(o: np.ndarray, q: int, guess: int) -> int | None:
+    """The places ``P`` near ``guess`` after which ``o``'s codes move on by q, mid-list (over
+    two rounds), or None."""
+    mid = len(o) // 2
+    for P in dict.fromkeys(max(1, guess + d) for d in (0, 1, -1, 2, -2)):
+        w = min(2 * P, len(o) - mid - P)
+        if w > 0 and bool((o[mid + P:mid + P + w] - o[mid:mid + w] == q).all()):
+            return P
+    return None
+
+
 def rounds_of(flat: np.ndarray, offs: list[int], m: int) -> Rounds | None:
     """The steady state of a schedule's per-rank orders (``flat``: action codes rank after
     rank; a code moves on by q when its micro-batch does), or None where the orders hold no
     single repeated round of MIN_ROUNDS rounds or more (GPipe: all forwards, then all
-    backwards; DualPipe's two directions)."""
+    backwards). A rank's round is about its share of the actions a micro-batch (DualPipe-V's
+    ranks run some backwards whole, some split, in the warm-up and drain: 260-263 actions for
+    64 micro-batches, a round of 4 in between)."""
     p = len(offs) - 1
     A = np.diff(np.asarray(offs))
     if p == 0 or A.min() <= 0:
         return None
     r0 = int(A.argmax())
     o0 = flat[offs[r0]:offs[r0 + 1]]
-    mid0 = len(o0) // 2
     q = 0
     for cand in range(1, m // MIN_ROUNDS + 1):  # the smallest q whose round repeats mid-rank
-        if ((A * cand) % m).any():
-            continue
-        size0 = int(A[r0]) * cand // m
-        w = min(2 * size0, len(o0) - mid0 - size0)
-        if w <= 0:
+        guess = round(int(A[r0]) * cand / m)
+        if guess > len(o0) // MIN_ROUNDS:  # (rounds only grow with q)
             return None
-        if bool((o0[mid0 + size0:mid0 + size0 + w] - o0[mid0:mid0 + w] == cand).all()):
+        if _lag(o0, cand, guess) is not None:
             q = cand
             break
     if not q:
@@ -83,11 +92,11 @@ def rounds_of(flat: np.ndarray, offs: list[int], m: int) -> Rounds | None:
     size, first, count = [], [], []
     for r in range(p):
         a, b = offs[r], offs[r + 1]
-        P = int(A[r]) * q // m
-        if 2 * P >= b - a:
-            return None
         o = flat[a:b]
-        same = o[P:] - o[:-P] == q  # position j repeats j - P... (j + P is j's next round)
+        P = _lag(o, q, round(int(A[r]) * q / m))
+        if P is None or 2 * P >= b - a:
+            return None
+        same = o[P:] - o[:-P] == q  # position j's next round is j + P
         mid = len(same) // 2
         if not same[mid]:
             return None
