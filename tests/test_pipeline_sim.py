@@ -260,27 +260,31 @@ def test_a_relaxation_past_its_work_limit_gives_way_to_the_stage_chains(monkeypa
 
 
 def _simulated(s, f, i, w, comm):
-    """``simulate``'s answer, and the ways it took (steady, relax, chains), in order."""
+    """``simulate``'s answer, and the ways it took (steady, levels, relax, chains), in order."""
     from planner.layouts import pipeline_sim as ps
-    orig, settle, repeat, used = ps._relax_by_rank, ps.settle, ps.repeat, []
+    was = ps._relax_by_rank, ps.settle, ps.repeat, ps.by_levels
+    orig, settle, repeat, levels = was
+    used: list[str] = []
     try:
         ps._relax_by_rank = lambda *a: used.append("relax") or orig(*a)
         ps.settle = lambda *a: used.append("chains") or settle(*a)
         ps.repeat = lambda *a: used.append("steady") or repeat(*a)
+        # (the levels' own unit-cost relaxation is not a way taken)
+        ps.by_levels = lambda *a: used.append("levels") or levels(*a, relax=orig)
         return simulate(s, f, i, w, comm), used
     finally:
-        ps._relax_by_rank, ps.settle, ps.repeat = orig, settle, repeat
+        ps._relax_by_rank, ps.settle, ps.repeat, ps.by_levels = was
 
 
 def _event_loop(s, f, i, w, comm):
     """``simulate``'s answer from its event loop alone."""
     from planner.layouts import pipeline_sim as ps
-    orig, settle, repeat = ps._relax_by_rank, ps.settle, ps.repeat
+    was = ps._relax_by_rank, ps.settle, ps.repeat, ps.by_levels
     try:
-        ps._relax_by_rank = ps.settle = ps.repeat = lambda *a: None
+        ps._relax_by_rank = ps.settle = ps.repeat = ps.by_levels = lambda *a: None
         return simulate(s, f, i, w, comm)
     finally:
-        ps._relax_by_rank, ps.settle, ps.repeat = orig, settle, repeat
+        ps._relax_by_rank, ps.settle, ps.repeat, ps.by_levels = was
 
 
 def test_relaxation_gives_way_on_a_deadlock_and_on_zero_costs() -> None:

@@ -149,3 +149,46 @@ def test_no_repeat_within_the_warm_up_share_gives_way(monkeypatch) -> None:
     assert used[0] == "steady" and len(used) > 1
     slow = _event_loop(s, f, i, w, 5.0)
     assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-12, abs=1e-9)
+
+
+# ---- level by level (planner/layouts/pipeline_sim_levels.py) -------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 4),
+                        ("zb-h1", 1), ("zb-h2", 1), ("zb-v", 2), ("dualpipe-v", 2),
+                        ("dualpipe", 1)]),
+       st.integers(2, 24), st.integers(1, 6), st.randoms(use_true_random=False),
+       st.sampled_from([0.0, 0.01, 0.7, 5.0]))
+def test_levels_time_every_action_as_the_event_loop_to_the_bit(sched, p, k, rnd, comm) -> None:
+    """One pass over the levels does each action's operations in the event loop's order: the
+    same floats, not just close ones."""
+    name, v = sched
+    if name == "dualpipe" and p % 2:
+        p += 1
+    s = build_schedule(name, p, (2 if name.startswith("dualpipe") else 1) * p * k, v)
+    f, i, w = ([rnd.uniform(0.05, 4) for _ in range(s.num_stages)] for _ in range(3))
+    offs, _, dep_pos, cost, cross = _inputs(s, f, i, w, comm)
+    got = ps.by_levels(s.num_ranks, offs, dep_pos, cost, cross, comm, None)
+    slow, n_all = _loop_ready(s, f, i, w, comm)
+    assert got is not None
+    assert got[:n_all].tolist() == slow[:n_all].tolist()
+
+
+@pytest.mark.parametrize("name,p,v,m,seed,ways", [
+    ("gpipe", 256, 1, 64, 4, ["levels"]), ("zb-h2", 256, 1, 256, 4, ["levels"]),
+    ("zb-v", 256, 2, 32, 4, ["levels"]),
+    # fewer than WIDE actions a level: the rounds' repeat shows too late, the relaxation gives
+    # way (DEEP_RELAX_WORK re-runs an action, RELAX_FLOOR at least)
+    ("1f1b", 64, 1, 256, 5, ["steady", "relax", "levels"])])
+def test_a_deep_schedule_is_timed_level_by_level(name, p, v, m, seed, ways) -> None:
+    """From LEVELS_FROM ranks, a schedule whose rounds do not repeat (GPipe; about as many
+    ranks as micro-batches) is timed level by level (first where levels are wide; else where
+    the relaxation gives way soon: stage costs far apart and a slow link), not by the stage
+    chains: the event loop's times to the bit."""
+    s = build_schedule(name, p, m, v)
+    f, i, w = _far_apart(s.num_stages, seed)
+    assert p >= ps.LEVELS_FROM
+    fast, used = _simulated(s, f, i, w, 5.0)
+    assert used == ways
+    slow = _event_loop(s, f, i, w, 5.0)
+    assert fast.end_flat.tolist() == slow.end_flat.tolist()
+    assert fast.makespan_s == slow.makespan_s

@@ -31,6 +31,7 @@ import numpy as np
 from planner.layouts.pipeline_orders import Schedule
 from planner.layouts.pipeline_sim_chains import Readers, consumers_of, settle
 from planner.layouts.pipeline_sim_loop import event_loop, new_ready
+from planner.layouts.pipeline_sim_levels import levels_of, sweep
 from planner.layouts.pipeline_sim_steady import repeat, rounds_of, with_reach
 from planner.machine.deadline import check
 
@@ -136,13 +137,17 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     """Times every action of ``s``; costs are per virtual stage (length ``s.num_stages``).
 
     An action ends at ``max(end of the rank's previous action, ready time of the action it waits
-    for) + cost``: the longest path through the dependency graph. Four ways to compute it,
+    for) + cost``: the longest path through the dependency graph. Five ways to compute it,
     with the same result (up to rounding):
     - ``pipeline_sim_steady.repeat`` (first, from ``STEADY_FROM`` actions, where the orders
       repeat one round of actions a rank): the warm-up and the drain action by action in
       integer units, the steady rounds between written as the repeat their times fall into,
       every action's equation then checked at once; it gives way where no repeat shows early
       or a check fails.
+    - ``pipeline_sim_levels`` (from ``LEVELS_FROM`` ranks, where the relaxation gives way:
+      instead of the stage chains): every action's level (its place on the longest chain of
+      waits, the times with unit costs) found, then one pass over the levels, each level's
+      actions at once: the event loop's times to the bit.
     - ``_relax_by_rank`` (first otherwise): every rank's times come from one vectorised max-plus scan
       over its list given its inputs' ready times, starting from lower bounds (0) and re-run,
       sweeping the ranks forwards and backwards, until nothing changes. Each sweep carries a
@@ -173,6 +178,12 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
             ways = ways[1:]
         rd = rounds_of(flat, offs, s.microbatches) if n_all >= STEADY_FROM else None
         rd = rd and with_reach(rd, offs, dep_pos)
+        if n_all >= STEADY_FROM and p >= LEVELS_FROM:  # deep: wide levels
+            ways = [lambda: _relax_by_rank(p, offs, dep_pos, cost, cross, readers, comm_s,
+                                           DEEP_RELAX_WORK),
+                    lambda: by_levels(p, offs, dep_pos, cost, cross, comm_s, readers)]
+            if n_all >= WIDE * max(b - a for a, b in zip(offs[:-1], offs[1:])):
+                ways = ways[1:]  # (levels at least a rank's actions: wide enough to go first)
         if rd:  # a long steady state: its rounds repeat, whatever the number of micro-batches
             ways.insert(0, lambda: repeat(rd, offs, dep_pos, cost, cross, comm_s))
         for way in ways:
@@ -214,13 +225,25 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
 MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 8, 1 << 22, 4
 # From STEADY_FROM actions on, a schedule with a long steady state is first timed from its
 # repeated rounds (``pipeline_sim_steady.repeat``): its warm-up and drain action by action, the
-# rest a repeat; below, the scans cost about as little.
-STEADY_FROM = 1 << 15
+# rest a repeat; below, the scans cost about as little. From LEVELS_FROM ranks on, the
+# relaxation gives way after DEEP_RELAX_WORK re-runs per action (GPipe's and 1F1B's setups
+# settle within it) to the levels (``pipeline_sim_levels``), not to the stage chains: a
+# bounded cost, 0.15-0.45 s at the limits, where the scans take 0.25-0.5 s to give way (stage
+# costs far apart, a link slower than a stage: benchmarks/pipeline_speed.py); the levels go
+# first where they hold WIDE actions each or more on average.
+STEADY_FROM, LEVELS_FROM, DEEP_RELAX_WORK, WIDE = 1 << 15, 64, 4, 256
+
+
+def by_levels(p, offs, dep_pos, cost, cross, comm_s, readers, relax=None) -> np.ndarray | None:
+    """``pipeline_sim_levels``' ready times, or None where the unit-cost levels do not settle
+    (``relax``: the per-rank relaxation that finds them, ``_relax_by_rank``)."""
+    lv = levels_of(relax or _relax_by_rank, p, offs, dep_pos, readers)
+    return None if lv is None else sweep(offs, dep_pos, cost, cross, comm_s, *lv)
 
 
 def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
                    cross: np.ndarray, consumers: list[list[int]] | None = None,
-                   comm_s: float = 1.0) -> np.ndarray | None:
+                   comm_s: float = 1.0, work: int | None = None) -> np.ndarray | None:
     """Ready times (end + outgoing message) by flat position, or None when the sweeps do not
     settle. For one rank with ready times R_j of its inputs and costs c_j, the recurrence
     e_i = max(e_(i-1), R_i) + c_i (e_(-1) = 0, R >= 0) is e_i = C_i + max_(j<=i)(R_j - C_(j-1))
@@ -252,7 +275,7 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
     first_reader = Readers(offs, dep_pos, INF).first
     lo = [0 if offs[r + 1] > offs[r] else INF for r in range(p)]  # first index to re-run
     fwd, bwd = list(range(p)), list(range(p - 1, -1, -1))
-    budget = max(RELAX_WORK * n_all, RELAX_FLOOR)  # actions re-run, all sweeps together
+    budget = max((work or RELAX_WORK) * n_all, RELAX_FLOOR)  # actions re-run, all sweeps
     for sweep in range(MAX_SWEEPS):
         if min(lo) == INF:
             return ready
