@@ -146,6 +146,25 @@ def hand_picked() -> list[tuple[str, str, dict, dict]]:
                     for rng in [random.Random(2)]
                     for k in ("forward_s", "backward_input_s", "backward_weight_s")}
           | {"p2p_latency_s": 5.0}}, {}),
+        # the same far-apart costs (drawn once per row) on every schedule at the limits, with
+        # a link slower than a stage or a free one: deep pipelines (as many ranks as
+        # micro-batches: no steady rounds), long ones, and steady rounds whose times repeat
+        # late (ZB-V on 64 ranks with free messages: a quarter of the rounds in)
+        *[(f"pipeline costs far apart, {'slow' if lat else 'free'} link, {name} pp {pp} v {v} "
+           f"m {m}", "/v1/pipeline",
+           {"schedule": name, "stages": pp, "virtual_stages": v, "microbatches": m,
+            "include_timeline": False,
+            "costs": {k: [round(rng.uniform(0.05, 4), 3) for _ in range(pp * v)]
+                      for rng in [random.Random(3)]
+                      for k in ("forward_s", "backward_input_s", "backward_weight_s")}
+            | {"p2p_latency_s": lat}}, {})
+          for name, pp, v, m, lat in (("gpipe", 1024, 1, 1024, 5.0), ("1f1b", 1024, 1, 1024, 5.0),
+                                      ("zb-h2", 1024, 1, 1024, 5.0), ("zb-v", 512, 2, 1024, 5.0),
+                                      ("interleaved-1f1b", 256, 4, 1024, 5.0),
+                                      ("dualpipe-v", 64, 2, 8192, 5.0),
+                                      ("dualpipe-v", 8, 2, 65536, 5.0),
+                                      ("zb-v", 64, 2, 8192, 0.0), ("1f1b", 64, 1, 16384, 5.0),
+                                      ("interleaved-1f1b", 64, 2, 4096, 0.0))],
     ]
 
 

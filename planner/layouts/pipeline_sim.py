@@ -179,9 +179,8 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
         rd = rounds_of(flat, offs, s.microbatches) if n_all >= STEADY_FROM else None
         rd = rd and with_reach(rd, offs, dep_pos)
         if n_all >= STEADY_FROM and p >= LEVELS_FROM:  # deep: wide levels
-            ways = [lambda: _relax_by_rank(p, offs, dep_pos, cost, cross, readers, comm_s,
-                                           DEEP_RELAX_WORK),
-                    lambda: by_levels(p, offs, dep_pos, cost, cross, comm_s, readers)]
+            # (the relaxation, or the stage chains where they go first; then the levels)
+            ways = [ways[0], lambda: by_levels(p, offs, dep_pos, cost, cross, comm_s, readers)]
             if n_all >= WIDE * max(b - a for a, b in zip(offs[:-1], offs[1:])):
                 ways = ways[1:]  # (levels at least a rank's actions: wide enough to go first)
         if rd:  # a long steady state: its rounds repeat, whatever the number of micro-batches
@@ -226,12 +225,12 @@ MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 8, 1 << 22, 4
 # From STEADY_FROM actions on, a schedule with a long steady state is first timed from its
 # repeated rounds (``pipeline_sim_steady.repeat``): its warm-up and drain action by action, the
 # rest a repeat; below, the scans cost about as little. From LEVELS_FROM ranks on, the
-# relaxation gives way after DEEP_RELAX_WORK re-runs per action (GPipe's and 1F1B's setups
-# settle within it) to the levels (``pipeline_sim_levels``), not to the stage chains: a
+# relaxation gives way to the levels (``pipeline_sim_levels``), not to the stage chains: a
 # bounded cost, 0.15-0.45 s at the limits, where the scans take 0.25-0.5 s to give way (stage
-# costs far apart, a link slower than a stage: benchmarks/pipeline_speed.py); the levels go
-# first where they hold WIDE actions each or more on average.
-STEADY_FROM, LEVELS_FROM, DEEP_RELAX_WORK, WIDE = 1 << 15, 64, 4, 256
+# costs far apart, a link slower than a stage: benchmarks/worst_case.py); the levels go
+# first where they hold WIDE actions each or more on average (a pass over narrow levels costs
+# more than the relaxation where it settles: GPipe on 64 ranks).
+STEADY_FROM, LEVELS_FROM, WIDE = 1 << 15, 64, 256
 
 
 def by_levels(p, offs, dep_pos, cost, cross, comm_s, readers, relax=None) -> np.ndarray | None:
