@@ -155,6 +155,23 @@ def test_zb_h2_fast_forward_equals_the_plain_pass() -> None:
     assert n_ff > 10  # cases long enough to have a periodic middle
 
 
+def test_zb_h2_steps_at_once_equal_the_plain_pass() -> None:
+    """ZB-H2's pass with every rank's step at once (``pipeline_zb_h2``, what deep pipelines
+    take) emits exactly the rank-by-rank pass's orders, shallow and deep."""
+    import numpy as np
+
+    from planner.layouts.pipeline_schedules import WIDE_ZB_H2, _zb_h2
+    from planner.layouts.pipeline_zb_h2 import orders
+    cases = [(p, m) for p in [*range(1, 13), 16, 33] for m in [*range(p, 3 * p + 24, 5), 100]]
+    cases += [(64, 64), (64, 131), (96, 200)]
+    for p, m in cases:
+        plain = _zb_h2(p, m, fast_forward=False).orders
+        assert [list(o) for o in plain] == [o.tolist() for o in orders(p, m)], (p, m)
+    deep = _zb_h2(WIDE_ZB_H2[0], WIDE_ZB_H2[0] + 3)  # (the builder takes the wide pass)
+    plain = _zb_h2(WIDE_ZB_H2[0], WIDE_ZB_H2[0] + 3, fast_forward=False)
+    assert all(np.array_equal(a, b) for a, b in zip(deep.orders, plain.orders))
+
+
 def test_zb_h2_first_rank_in_flight_in_closed_form() -> None:
     """The composed approximation reads ZB-H2's first-rank micro-batches in flight as
     min(m, 2p - 1) (its pass caps rank 0 there, and the first input gradient comes back after
