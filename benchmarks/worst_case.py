@@ -229,6 +229,48 @@ def random_candidates(n: int, seed: int) -> list[tuple[str, str, dict, dict]]:
     return out
 
 
+def far_apart_candidates(n: int, seed: int) -> list[tuple[str, str, dict, dict]]:
+    """``/v1/pipeline`` with a caller's per-stage costs drawn far apart (0.05-4 s): a random
+    schedule, ranks (8 to the limit), stages per rank and micro-batches up to the limit of ranks
+    x stages per rank x micro-batches (2^20), and a link that is free, fast or slower than a
+    stage. Only shapes the schedule accepts (``pipeline_schedules.check``)."""
+    from planner.catalog.specs import MAX_STAGE_MICROBATCHES
+    from planner.layouts.pipeline_schedules import ScheduleConstraintError, check
+
+    rng = random.Random(10_000 + seed)
+    out: list[tuple[str, str, dict, dict]] = []
+    while len(out) < n:
+        name, vs = rng.choice(SCHEDULES)
+        v = rng.choice(vs if name != "interleaved-1f1b" else (2, 4, 8, 16))
+        p = rng.choice([8, 32, 64, 256, 1024])
+        top = MAX_STAGE_MICROBATCHES // (p * v)
+        m = rng.choice([x for x in (p, 2 * p, 8 * p, top // 2, top) if 1 <= x <= top])
+        if name.startswith("dualpipe"):
+            m -= m % 2
+        try:
+            check(name, p, m, v)
+        except ScheduleConstraintError:
+            continue
+        S = p * v * (2 if name == "dualpipe" else 1)
+        link = rng.choice([0.0, 0.01, 5.0])
+        costs = {k: [round(rng.uniform(0.05, 4), 3) for _ in range(S)]
+                 for k in ("forward_s", "backward_input_s", "backward_weight_s")}
+        out.append((f"far apart #{len(out)} {name} pp {p} v {v} m {m} link {link:g}",
+                    "/v1/pipeline",
+                    {"schedule": name, "stages": p, "virtual_stages": v, "microbatches": m,
+                     "include_timeline": False, "costs": costs | {"p2p_latency_s": link}}, {}))
+    return out
+
+
+def _short(body):
+    """A body for the table: lists of more than 8 numbers cut (the label and seed make it)."""
+    if isinstance(body, dict):
+        return {k: _short(x) for k, x in body.items()}
+    if isinstance(body, list) and len(body) > 8:
+        return body[:3] + [f"... {len(body)} values"]
+    return body
+
+
 def _run_child(app, path: str, body: dict, headers: dict, fd: int) -> None:
     from fastapi.testclient import TestClient  # imported by main() before any fork
 
@@ -277,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--random", type=int, default=60, help="random candidates (default 60)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--far-apart", type=int, default=20,
+                    help="random /v1/pipeline candidates with a caller's far-apart costs")
     ap.add_argument("--limit-s", type=float, default=20.0, help="kill a request after this")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/worst-case-cpu.md"))
     ap.add_argument("--only", action="append", default=[],
@@ -303,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         return _only(app, args, base_rss_kib)
     rows = []
-    for cand in hand_picked() + random_candidates(args.random, args.seed):
+    for cand in (hand_picked() + random_candidates(args.random, args.seed)
+                 + far_apart_candidates(args.far_apart, args.seed)):
         row = measure(app, *cand, limit_s=args.limit_s, base_rss_kib=base_rss_kib)
         print(f"{row['seconds'] if row['seconds'] is not None else float('nan'):8.3f} s "
               f"{row['rss_mib']:8.1f} MiB  {row['status']}  {row['route']}  {row['label']}",
@@ -314,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             or r["rss_mib"] > GOAL_RSS_MIB]
     lines = [
         f"Slowest requests within the documented limits: {len(rows)} candidates "
-        f"({len(hand_picked())} hand-picked, {args.random} random, seed {args.seed}), each in "
+        f"({len(hand_picked())} hand-picked, {args.random} random, {args.far_apart} random "
+        f"with far-apart stage costs, seed {args.seed}), each in "
         f"a forked process with cold caches; `python -m benchmarks.worst_case`. Python "
         f"{platform.python_version()}, {os.cpu_count()} CPUs. Goal: at most {GOAL_S:g} s and "
         f"{GOAL_RSS_MIB} MiB each; requests past {args.limit_s:g} s were killed. CPU s: the "
@@ -334,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{'' if cpu is None else f'{cpu:.3f}'} | {r['rss_mib']:.0f} |")
     lines += ["", "Bodies of the top 10:", ""]
     for i, (cand, r) in enumerate(rows[:10], 1):
-        lines.append(f"{i}. `{json.dumps(cand[2], separators=(',', ':'))}`")
+        lines.append(f"{i}. `{json.dumps(_short(cand[2]), separators=(',', ':'))}`")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
@@ -345,7 +391,8 @@ def _only(app, args, base_rss_kib: int) -> int:
     """The ``--only`` rows, ``--rounds`` times each, interleaved; medians printed."""
     import statistics
 
-    cands = {c[0]: c for c in hand_picked() + random_candidates(args.random, args.seed)}
+    cands = {c[0]: c for c in hand_picked() + random_candidates(args.random, args.seed)
+             + far_apart_candidates(args.far_apart, args.seed)}
     missing = [x for x in args.only if x not in cands]
     if missing:
         print(f"unknown candidates: {missing}", file=sys.stderr)

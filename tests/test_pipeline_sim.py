@@ -270,7 +270,7 @@ def _simulated(s, f, i, w, comm):
         ps.settle = lambda *a: used.append("chains") or settle(*a)
         ps.repeat = lambda *a: used.append("steady") or repeat(*a)
         # (the levels' own unit-cost relaxation is not a way taken)
-        ps.by_levels = lambda *a: used.append("levels") or levels(*a, relax=orig)
+        ps.by_levels = lambda *a, **k: used.append("levels") or levels(*a, relax=orig, **k)
         return simulate(s, f, i, w, comm), used
     finally:
         ps._relax_by_rank, ps.settle, ps.repeat, ps.by_levels = was
@@ -281,7 +281,7 @@ def _event_loop(s, f, i, w, comm):
     from planner.layouts import pipeline_sim as ps
     was = ps._relax_by_rank, ps.settle, ps.repeat, ps.by_levels
     try:
-        ps._relax_by_rank = ps.settle = ps.repeat = ps.by_levels = lambda *a: None
+        ps._relax_by_rank = ps.settle = ps.repeat = ps.by_levels = lambda *a, **k: None
         return simulate(s, f, i, w, comm)
     finally:
         ps._relax_by_rank, ps.settle, ps.repeat, ps.by_levels = was

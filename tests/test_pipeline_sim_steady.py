@@ -176,6 +176,7 @@ def test_levels_time_every_action_as_the_event_loop_to_the_bit(sched, p, k, rnd,
 @pytest.mark.parametrize("name,p,v,m,seed,ways", [
     ("gpipe", 256, 1, 64, 4, ["levels"]), ("zb-h2", 256, 1, 256, 4, ["levels"]),
     ("zb-v", 256, 2, 32, 4, ["levels"]),
+    ("zb-h2", 128, 1, 128, 4, ["levels"]),  # (the levels its builder's steps give)
     # fewer than WIDE actions a level: the rounds' repeat shows too late, the relaxation gives
     # way (DEEP_RELAX_WORK re-runs an action, RELAX_FLOOR at least)
     ("1f1b", 64, 1, 256, 5, ["steady", "relax", "levels"])])
@@ -187,6 +188,7 @@ def test_a_deep_schedule_is_timed_level_by_level(name, p, v, m, seed, ways) -> N
     s = build_schedule(name, p, m, v)
     f, i, w = _far_apart(s.num_stages, seed)
     assert p >= ps.LEVELS_FROM
+    assert (s.levels is not None) == (name == "zb-h2")
     fast, used = _simulated(s, f, i, w, 5.0)
     assert used == ways
     slow = _event_loop(s, f, i, w, 5.0)

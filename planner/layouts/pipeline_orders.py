@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,9 @@ class Schedule:
     next_stage: list[int]  # -1 where a pipeline ends (the loss is computed there)
     orders: list[Sequence[int]]  # per rank, action codes in execution order (array('q'))
     full_backward: bytearray  # per (stage * m + mb): 1 when its backward is one B, not I + W
+    # where the builder's own pass gives them: levels for ``pipeline_sim_levels`` (the flat
+    # positions, rank after rank, in the order of its steps; where each step starts, and the end)
+    levels: tuple | None = field(default=None, compare=False, repr=False)
 
     def decode(self, code: int) -> tuple[str, int, int]:
         """(kind, stage, micro-batch) of an action code; kind is F, B, I or W."""
@@ -65,7 +68,7 @@ def _chain(n: int) -> tuple[list[int], list[int]]:
 
 def _make(name: str, p: int, v: int, m: int, mapping: list[int], orders: list[list[int]],
           split: bool, prev_next: tuple[list[int], list[int]] | None = None,
-          full: bytearray | None = None) -> Schedule:
+          full: bytearray | None = None, levels: tuple | None = None) -> Schedule:
     S = len(mapping)
     prev, nxt = prev_next or _chain(S)
     if full is None:
@@ -76,4 +79,4 @@ def _make(name: str, p: int, v: int, m: int, mapping: list[int], orders: list[li
         if not isinstance(o, array):
             orders[r] = array("q", np.asarray(o, dtype=np.int64).tobytes()) \
                 if isinstance(o, np.ndarray) else array("q", o)
-    return Schedule(name, p, v, S, m, mapping, prev, nxt, orders, full)
+    return Schedule(name, p, v, S, m, mapping, prev, nxt, orders, full, levels)

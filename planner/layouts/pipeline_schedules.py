@@ -126,7 +126,8 @@ def _zb_h2(p: int, m: int, fast_forward: bool = True) -> Schedule:
     forward has little to skip, and the rank-by-rank steps cost 2-3 s at 1,024 ranks.
     """
     if fast_forward and p >= WIDE_ZB_H2[0] and m <= WIDE_ZB_H2[1] * p:
-        return _make("zb-h2", p, 1, m, list(range(p)), zb_h2_orders(p, m), split=True)
+        orders, levels = zb_h2_orders(p, m)
+        return _make("zb-h2", p, 1, m, list(range(p)), orders, split=True, levels=levels)
     Sm = p * m
     f_t = [[-1] * m for _ in range(p)]  # step at which F(r, j) ran
     i_t = [[-1] * m for _ in range(p)]

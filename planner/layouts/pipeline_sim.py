@@ -180,8 +180,9 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
         rd = rd and with_reach(rd, offs, dep_pos)
         if n_all >= STEADY_FROM and p >= LEVELS_FROM:  # deep: wide levels
             # (the relaxation, or the stage chains where they go first; then the levels)
-            ways = [ways[0], lambda: by_levels(p, offs, dep_pos, cost, cross, comm_s, readers)]
-            if n_all >= WIDE * max(b - a for a, b in zip(offs[:-1], offs[1:])):
+            ways = [ways[0], lambda: by_levels(p, offs, dep_pos, cost, cross, comm_s, readers,
+                                               levels=s.levels)]
+            if s.levels is not None or n_all >= WIDE * max(np.diff(offs).tolist()):
                 ways = ways[1:]  # (levels at least a rank's actions: wide enough to go first)
         if rd:  # a long steady state: its rounds repeat, whatever the number of micro-batches
             ways.insert(0, lambda: repeat(rd, offs, dep_pos, cost, cross, comm_s))
@@ -233,10 +234,12 @@ MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 8, 1 << 22, 4
 STEADY_FROM, LEVELS_FROM, WIDE = 1 << 15, 64, 256
 
 
-def by_levels(p, offs, dep_pos, cost, cross, comm_s, readers, relax=None) -> np.ndarray | None:
+def by_levels(p, offs, dep_pos, cost, cross, comm_s, readers, relax=None, levels=None
+              ) -> np.ndarray | None:
     """``pipeline_sim_levels``' ready times, or None where the unit-cost levels do not settle
-    (``relax``: the per-rank relaxation that finds them, ``_relax_by_rank``)."""
-    lv = levels_of(relax or _relax_by_rank, p, offs, dep_pos, readers)
+    (``relax``: the per-rank relaxation that finds them, ``_relax_by_rank``; ``levels``: the
+    schedule's own, where its builder gives them)."""
+    lv = levels or levels_of(relax or _relax_by_rank, p, offs, dep_pos, readers)
     return None if lv is None else sweep(offs, dep_pos, cost, cross, comm_s, *lv)
 
 

@@ -20,9 +20,13 @@ from planner.machine.deadline import check
 __all__ = ["orders"]
 
 
-def orders(p: int, m: int) -> list[np.ndarray]:
+def orders(p: int, m: int) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Every rank's ZB-H2 action codes (``Schedule``'s: F r*m + j, I Sm + r*m + j, W 2Sm + r*m + j
-    for micro-batch j on stage r, Sm = p*m), in step order."""
+    for micro-batch j on stage r, Sm = p*m), in step order; and the steps as levels for
+    ``pipeline_sim_levels`` (the flat positions, rank after rank, step after step, and where
+    each step starts): an action waits only on actions of earlier steps, in the simulation as in
+    the pass (its rank's action before, the previous stage's F, the next stage's I, its own I for
+    a W)."""
     Sm = p * m
     # the step at which F / I of (rank, micro-batch) ran, -1 before; row p never runs (the
     # last rank's "next rank")
@@ -34,6 +38,7 @@ def orders(p: int, m: int) -> list[np.ndarray]:
     ranks = np.arange(p)
     last = p - 1
     lo, t = 0, 0
+    steps: list[np.ndarray] = []  # per step, the flat positions of the actions run
     while lo < p:
         if not t & 0x3FF:
             check()  # (a request's work limit)
@@ -61,7 +66,11 @@ def orders(p: int, m: int) -> list[np.ndarray]:
         r = R[do_w]
         out[r, done[do_w]] = 2 * Sm + r * m + nw[r]
         nw[r] += 1
+        ran = do_i | do_f | do_w
+        steps.append((R[ran] * (3 * m) + done[ran]).astype(np.int32))
         while lo < p and nw[lo] == m:
             lo += 1
         t += 1
-    return list(out)
+    sizes = np.fromiter((len(x) for x in steps), dtype=np.int64, count=len(steps))
+    levels = (np.concatenate(steps), np.concatenate([[0], np.cumsum(sizes)]))
+    return list(out), levels
