@@ -103,7 +103,7 @@ def _interleaved(name: str, p: int, v: int, m: int, zero_bubble: bool) -> Schedu
 
 
 # ---- ZB-H2 ----------------------------------------------------------------------------------
-WIDE_ZB_H2 = (64, 8)  # ranks from, micro-batches a rank up to: the step-at-once pass
+WIDE_ZB_H2 = (256, 8)  # ranks from, micro-batches a rank up to: the step-at-once pass
 def _zb_h2(p: int, m: int, fast_forward: bool = True) -> Schedule:
     """ZB-H2 (Qi et al. 2023, §3.2, Fig. 4 bottom): extra warm-up forwards fill the bubble before
     the first backward and W passes are moved to the tail, turning the trapezoid into a
@@ -121,7 +121,7 @@ def _zb_h2(p: int, m: int, fast_forward: bool = True) -> Schedule:
     emitted at once (each rank's last 3 actions, micro-batch + k, times + 3k) and the pass goes
     on from there. The result equals the plain pass (``fast_forward=False``; tested).
 
-    Deep pipelines (``WIDE_ZB_H2``: 64 ranks or more, at most 8 micro-batches a rank) take the
+    Deep pipelines (``WIDE_ZB_H2``: 256 ranks or more, at most 8 micro-batches a rank) take the
     same pass with every rank's step at once (``pipeline_zb_h2``; tested equal): there the fast
     forward has little to skip, and the rank-by-rank steps cost 2-3 s at 1,024 ranks.
     """

@@ -28,49 +28,50 @@ def orders(p: int, m: int) -> tuple[list[np.ndarray], tuple[np.ndarray, np.ndarr
     the pass (its rank's action before, the previous stage's F, the next stage's I, its own I for
     a W)."""
     Sm = p * m
-    # the step at which F / I of (rank, micro-batch) ran, -1 before; row p never runs (the
-    # last rank's "next rank")
-    f_t = np.full((p + 1, m), -1, dtype=np.int64)
-    i_t = np.full((p + 1, m), -1, dtype=np.int64)
+    # the step at which F / I of (rank, micro-batch) ran, -1 before, flat (rank * m + j); row p
+    # never runs (the last rank's "next rank")
+    f_t = np.full((p + 1) * m, -1, dtype=np.int64)
+    i_t = np.full((p + 1) * m, -1, dtype=np.int64)
     nf, ni, nw = (np.zeros(p, dtype=np.int64) for _ in range(3))
     caps = 2 * p - 1 - np.arange(p)
-    out = np.empty((p, 3 * m), dtype=np.int64)
-    ranks = np.arange(p)
-    last = p - 1
+    out = np.empty(p * 3 * m, dtype=np.int64)
+    base_all = np.arange(p, dtype=np.int64) * m
     lo, t = 0, 0
     steps: list[np.ndarray] = []  # per step, the flat positions of the actions run
     while lo < p:
         if not t & 0x3FF:
             check()  # (a request's work limit)
-        R = ranks[lo:min(p, t + 1)]  # rank r starts at step r
-        done = nf[R] + ni[R] + nw[R]  # its place in its order
-        # I: its input gradient arrived (the next rank's I, or its own F on the last rank)
-        j = np.minimum(ni[R], m - 1)
-        ready = np.where(R < last, i_t[np.minimum(R + 1, p), j], f_t[R, j])
-        do_i = (ni[R] < nf[R]) & (ready >= 0) & (ready < t)
-        # F: below its cap, and the previous rank's F of that micro-batch ran
-        jf = np.minimum(nf[R], m - 1)
-        before = f_t[np.maximum(R - 1, 0), jf]
-        do_f = ~do_i & (nf[R] < m) & (nf[R] - nw[R] < caps[R]) \
-            & ((R == 0) | ((before >= 0) & (before < t)))
+        a, b = lo, min(p, t + 1)  # rank r starts at step r
+        NF, NI, NW, base = nf[a:b], ni[a:b], nw[a:b], base_all[a:b]  # (views)
+        # I: its input gradient arrived (the next rank's I; on the last rank its own F)
+        ready = i_t[base + m + np.minimum(NI, m - 1)]
+        if b == p:
+            ready[-1] = f_t[base[-1] + min(int(NI[-1]), m - 1)]
+        do_i = (NI < NF) & (ready >= 0) & (ready < t)
+        # F: below its cap, and the previous rank's F of that micro-batch ran (rank 0: always)
+        before = f_t[base - m + np.minimum(NF, m - 1)]
+        ok = (before >= 0) & (before < t)
+        if a == 0:
+            ok[0] = True
+        do_f = ~do_i & (NF < m) & (NF - NW < caps[a:b]) & ok
         # W: its oldest pending one, whose I ran at an earlier step
-        do_w = ~do_i & ~do_f & (nw[R] < ni[R]) & (i_t[R, np.minimum(nw[R], m - 1)] < t)
-        r = R[do_i]
-        i_t[r, ni[r]] = t
-        out[r, done[do_i]] = Sm + r * m + ni[r]
-        ni[r] += 1
-        r = R[do_f]
-        f_t[r, nf[r]] = t
-        out[r, done[do_f]] = r * m + nf[r]
-        nf[r] += 1
-        r = R[do_w]
-        out[r, done[do_w]] = 2 * Sm + r * m + nw[r]
-        nw[r] += 1
+        do_w = ~do_i & ~do_f & (NW < NI) & (i_t[base + np.minimum(NW, m - 1)] < t)
+        k = np.flatnonzero(do_i)
+        i_t[base[k] + NI[k]] = t
+        k = np.flatnonzero(do_f)
+        f_t[base[k] + NF[k]] = t
+        code = np.where(do_i, Sm + base + NI, np.where(do_f, base + NF, 2 * Sm + base + NW))
         ran = do_i | do_f | do_w
-        steps.append((R[ran] * (3 * m) + done[ran]).astype(np.int32))
+        at = (3 * base + NF + NI + NW)[ran]  # (rank * 3m + its place in its order)
+        out[at] = code[ran]
+        NI += do_i
+        NF += do_f
+        NW += do_w
+        steps.append(at.astype(np.int32))
         while lo < p and nw[lo] == m:
             lo += 1
         t += 1
+    out = out.reshape(p, 3 * m)
     sizes = np.fromiter((len(x) for x in steps), dtype=np.int64, count=len(steps))
     levels = (np.concatenate(steps), np.concatenate([[0], np.cumsum(sizes)]))
     return list(out), levels
