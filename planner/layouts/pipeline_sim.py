@@ -157,7 +157,8 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
     - ``pipeline_sim_chains.settle``: where the relaxation has re-run ``RELAX_WORK`` actions per
       action without settling (a longest path that wraps round the ranks many times; instead
       of it where a rank holds ``CHAINS_FIRST`` stages or more and ranks wait: unequal stages
-      or messages; where the stage chains give way, so would it), the rank scans alternate with
+      or messages; where the stage chains give way, so would it; not after the repeated
+      rounds gave way, where they give way too), the rank scans alternate with
       scans along every micro-batch's stage chains at once, in integer time units, and settle in
       a few alternations.
     - ``_event_loop``: ranks run action by action in pure Python, a rank parked when its next
@@ -185,6 +186,11 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
             if s.levels is not None or n_all >= WIDE * max(np.diff(offs).tolist()):
                 ways = ways[1:]  # (levels at least a rank's actions: wide enough to go first)
         if rd:  # a long steady state: its rounds repeat, whatever the number of micro-batches
+            if len(ways) == 2 and p < LEVELS_FROM:
+                # where no repeat shows early (times that drift round after round: stage
+                # costs far apart), the stage chains after the relaxation have given way too
+                # (benchmarks/worst_case.py's far-apart candidates): the event loop, not them
+                ways = ways[:1]
             ways.insert(0, lambda: repeat(rd, offs, dep_pos, cost, cross, comm_s))
         for way in ways:
             ready = way()
