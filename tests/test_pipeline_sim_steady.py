@@ -73,14 +73,14 @@ def test_repeated_rounds_equal_event_loop(sched, p, k, rnd, comm, alike) -> None
 
 
 @pytest.mark.parametrize("name,p,v,m,comm", [
-    ("interleaved-1f1b", 8, 4, 512, 5.0),  # the caller's costs far apart and a slow link
-    ("interleaved-1f1b", 4, 8, 512, 0.0093),
-    ("1f1b", 16, 1, 1024, 5.0),  # a repeat every 13 rounds, after 61
-    ("zb-h1", 8, 1, 2048, 0.7),
-    ("zb-h2", 8, 1, 2048, 0.0),
-    ("zb-v", 8, 2, 1024, 5.0),
-    ("dualpipe-v", 8, 2, 2048, 5.0),
-    ("dualpipe", 8, 1, 4096, 0.7)])
+    ("interleaved-1f1b", 8, 4, 4096, 5.0),  # the caller's costs far apart and a slow link
+    ("interleaved-1f1b", 4, 8, 4096, 0.0093),
+    ("1f1b", 16, 1, 8192, 5.0),  # a repeat every 13 rounds, after 61
+    ("zb-h1", 8, 1, 16384, 0.7),
+    ("zb-h2", 8, 1, 16384, 0.0),
+    ("zb-v", 8, 2, 8192, 5.0),
+    ("dualpipe-v", 8, 2, 16384, 5.0),
+    ("dualpipe", 8, 1, 32768, 0.7)])
 def test_a_long_schedule_is_timed_from_its_repeated_rounds(name, p, v, m, comm) -> None:
     """From STEADY_FROM actions on, ``simulate`` times a schedule with a steady state from its
     repeated rounds alone (no other way), and every action's start and end equal the event
@@ -91,9 +91,13 @@ def test_a_long_schedule_is_timed_from_its_repeated_rounds(name, p, v, m, comm) 
     fast, used = _simulated(s, f, i, w, comm)
     assert used == ["steady"]
     slow = _event_loop(s, f, i, w, comm)
+    # each time within 1e-10 of the makespan: the units' rounding is 2**-61 of the schedule's
+    # total an action, the event loop's float sums round at each of up to 500k actions a path
+    # (seen: 1e-12 of the makespan at most)
+    tol = 1e-10 * slow.makespan_s
     assert fast.makespan_s == pytest.approx(slow.makespan_s, rel=1e-12)
-    assert fast.start_flat == pytest.approx(slow.start_flat, rel=1e-12, abs=1e-9)
-    assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-12, abs=1e-9)
+    np.testing.assert_allclose(fast.start_flat, slow.start_flat, rtol=0, atol=tol)
+    np.testing.assert_allclose(fast.end_flat, slow.end_flat, rtol=0, atol=tol)
     assert fast.busy_s == pytest.approx(slow.busy_s, rel=1e-12)
     assert fast.peak_in_flight == slow.peak_in_flight
 
@@ -140,7 +144,7 @@ def test_no_repeat_within_the_warm_up_share_gives_way(monkeypatch) -> None:
     """1F1B, 16 ranks, slow links: the times repeat every 13 rounds only after 61. With the
     warm-up limited to a few rounds, ``repeat`` gives way, and ``simulate``'s other ways time the
     schedule as the event loop."""
-    s = build_schedule("1f1b", 16, 1024)
+    s = build_schedule("1f1b", 16, 8192)
     f, i, w = _far_apart(16, 2)
     assert _repeat(s, f, i, w, 5.0) is not None
     monkeypatch.setattr(steady, "WARMUP_SHARE", 10 ** 6)  # (L + 8 rounds at most)
@@ -148,7 +152,7 @@ def test_no_repeat_within_the_warm_up_share_gives_way(monkeypatch) -> None:
     fast, used = _simulated(s, f, i, w, 5.0)
     assert used[0] == "steady" and len(used) > 1
     slow = _event_loop(s, f, i, w, 5.0)
-    assert fast.end_flat == pytest.approx(slow.end_flat, rel=1e-12, abs=1e-9)
+    np.testing.assert_allclose(fast.end_flat, slow.end_flat, rtol=0, atol=1e-10 * slow.makespan_s)
 
 
 # ---- level by level (planner/layouts/pipeline_sim_levels.py) -------------------------------
@@ -177,9 +181,9 @@ def test_levels_time_every_action_as_the_event_loop_to_the_bit(sched, p, k, rnd,
     ("gpipe", 256, 1, 64, 4, ["levels"]),
     ("zb-h2", 256, 1, 256, 4, ["levels"]),  # (the levels its builder's steps give)
     ("zb-v", 256, 2, 32, 4, ["levels"]),
-    # fewer than WIDE actions a level: the rounds' repeat shows too late, the relaxation gives
-    # way (DEEP_RELAX_WORK re-runs an action, RELAX_FLOOR at least)
-    ("1f1b", 64, 1, 256, 5, ["steady", "relax", "levels"])])
+    # fewer than WIDE actions a level (and too few to try the rounds): the relaxation gives way
+    # (RELAX_WORK re-runs an action, RELAX_FLOOR at least)
+    ("1f1b", 64, 1, 256, 5, ["relax", "levels"])])
 def test_a_deep_schedule_is_timed_level_by_level(name, p, v, m, seed, ways) -> None:
     """From LEVELS_FROM ranks, a schedule whose rounds do not repeat (GPipe; about as many
     ranks as micro-batches) is timed level by level (first where levels are wide; else where

@@ -179,7 +179,7 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
             ways = ways[1:]
         rd = rounds_of(flat, offs, s.microbatches) if n_all >= STEADY_FROM else None
         rd = rd and with_reach(rd, offs, dep_pos)
-        if n_all >= STEADY_FROM and p >= LEVELS_FROM:  # deep: wide levels
+        if n_all >= LEVELS_ACTIONS and p >= LEVELS_FROM:  # deep: wide levels
             # (the relaxation, or the stage chains where they go first; then the levels)
             ways = [ways[0], lambda: by_levels(p, offs, dep_pos, cost, cross, comm_s, readers,
                                                levels=s.levels)]
@@ -231,13 +231,15 @@ def simulate(s: Schedule, forward_s, input_s, weight_s, comm_s: float = 0.0) -> 
 MAX_SWEEPS, RELAX_WORK, RELAX_FLOOR, CHAINS_FIRST = 96, 8, 1 << 22, 4
 # From STEADY_FROM actions on, a schedule with a long steady state is first timed from its
 # repeated rounds (``pipeline_sim_steady.repeat``): its warm-up and drain action by action, the
-# rest a repeat; below, the scans cost about as little. From LEVELS_FROM ranks on, the
-# relaxation gives way to the levels (``pipeline_sim_levels``), not to the stage chains: a
-# bounded cost, 0.15-0.45 s at the limits, where the scans take 0.25-0.5 s to give way (stage
-# costs far apart, a link slower than a stage: benchmarks/worst_case.py); the levels go
-# first where they hold WIDE actions each or more on average (a pass over narrow levels costs
-# more than the relaxation where it settles: GPipe on 64 ranks).
-STEADY_FROM, LEVELS_FROM, WIDE = 1 << 15, 64, 256
+# rest a repeat; below, the scans are as fast or faster (benchmarks/pipeline_speed.py's first
+# table: ZB-V on 64 ranks at m 512, 197k actions, 13 ms by the relaxation, 24 ms by the rounds).
+# From LEVELS_FROM ranks and LEVELS_ACTIONS actions on, the relaxation gives way to the levels
+# (``pipeline_sim_levels``), not to the stage chains: a bounded cost, 0.15-0.45 s at the
+# limits, where the scans take 0.25-0.5 s to give way (stage costs far apart, a link slower than
+# a stage: benchmarks/worst_case.py); the levels go first where they hold WIDE actions each or
+# more on average (a pass over narrow levels costs more than the relaxation where it settles:
+# GPipe on 64 ranks).
+STEADY_FROM, LEVELS_FROM, LEVELS_ACTIONS, WIDE = 1 << 18, 64, 1 << 15, 256
 
 
 def by_levels(p, offs, dep_pos, cost, cross, comm_s, readers, relax=None, levels=None

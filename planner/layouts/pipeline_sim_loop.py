@@ -16,7 +16,7 @@ import numpy as np
 
 from planner.machine.deadline import check
 
-__all__ = ["event_loop", "new_ready"]
+__all__ = ["event_loop", "new_ready", "owners"]
 
 
 def new_ready(n_all: int, integer: bool) -> array:
@@ -29,6 +29,12 @@ def new_ready(n_all: int, integer: bool) -> array:
     return ready
 
 
+def owners(p: int, offs: list[int]) -> array:
+    """Each flat position's rank (-1 past the actions: an input that is none or never comes)."""
+    return _typed("i", np.concatenate([np.repeat(np.arange(p, dtype=np.int32), np.diff(offs)),
+                                       np.full(2, -1, np.int32)]))
+
+
 def _typed(code: str, x: np.ndarray) -> array:
     out = array(code)
     out.frombytes(np.ascontiguousarray(x).tobytes())
@@ -37,14 +43,16 @@ def _typed(code: str, x: np.ndarray) -> array:
 
 def event_loop(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
                cross: np.ndarray, message, ready: array, start: list[int] | None = None,
-               stop: list[int] | None = None, scale: float | None = None) -> list[int]:
+               stop: list[int] | None = None, scale: float | None = None,
+               owner: array | None = None) -> list[int]:
     """Times rank r's actions from flat position ``start[r]`` (default its first) up to
     ``stop[r]`` (default its last), writing ``ready`` (end plus the outgoing message: ``message``
     where ``cross``; see ``new_ready``): everything before ``start`` must be timed already.
     With ``scale`` (integer ``ready``), costs are counted in units of 1/scale s, rounded
     (``message`` is in units then). Returns, per rank, the first position not timed:
     ``stop[r]``, or the action it waits at (for one past another rank's stop, or never: a
-    deadlock where every rank runs to its end)."""
+    deadlock where every rank runs to its end). ``owner``: ``owners(p, offs)``, where a caller
+    times a schedule in several calls."""
     n_all = offs[p]
     start = list(offs[:-1]) if start is None else start
     stop = list(offs[1:]) if stop is None else stop
@@ -62,9 +70,7 @@ def event_loop(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
     its = [zip(range(a, b), _typed("i", dep_pos[a:b].astype(np.int32)), _typed(code, costs(a, b)),
                *([_typed(code, delay(a, b))] if has_delay else []))
            for a, b in zip(start, stop)]
-    # each position's rank (-1 past the actions: an input that is none or never comes)
-    owner = _typed("i", np.concatenate([np.repeat(np.arange(p, dtype=np.int32), np.diff(offs)),
-                                        np.full(2, -1, np.int32)]))
+    owner = owner or owners(p, offs)
     pending: list[tuple | None] = [None] * p
     # when each rank is free: the end of the action before its start (0 at its first)
     free = [ready[a - 1] - (message if has_delay and cross[a - 1] else 0) if a > offs[r]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.layouts.pipeline_sim_chains import seconds_of, time_unit
-from planner.layouts.pipeline_sim_loop import event_loop, new_ready
+from planner.layouts.pipeline_sim_loop import event_loop, new_ready, owners
 from planner.machine.deadline import check
 
 __all__ = ["Rounds", "repeat", "rounds_of", "with_reach"]
@@ -147,6 +147,7 @@ def repeat(rd: Rounds, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
     scale, dl = unit
     ready = new_ready(n_all, integer=True)
     R = np.frombuffer(ready, dtype=np.int64)
+    own = owners(p, offs)  # (once for the calls below)
     P, base, K, L, U = rd.size, rd.first, rd.count, rd.back, rd.ahead
     end_fill = K - U - 1  # rounds written as a repeat: up to here (the drain's inputs apart)
     cap = min(end_fill - 1, max(L + 8, int(n_all // (WARMUP_SHARE * sum(P)))))
@@ -159,7 +160,7 @@ def repeat(rd: Rounds, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
     while found is None:
         check()  # (a request's work limit)
         stop = [min(base[r] + (limit + 1) * P[r], offs[r + 1]) for r in range(p)]
-        ptr = event_loop(p, offs, dep_pos, cost, cross, dl, ready, ptr, stop, scale)
+        ptr = event_loop(p, offs, dep_pos, cost, cross, dl, ready, ptr, stop, scale, own)
         done = min((ptr[r] - base[r]) // P[r] for r in range(p))  # rounds timed on every rank
         for k in range(len(sigs), max(done, 0)):
             vec = np.concatenate([R[base[r] + k * P[r]:base[r] + (k + 1) * P[r]]
@@ -198,7 +199,7 @@ def repeat(rd: Rounds, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
             a = dst + full * w
             R[a:a + rem * P[r]] = block[:rem * P[r]] + lam * (full + 1)
     start = [base[r] + end_fill * P[r] if n > 0 else ptr[r] for r in range(p)]
-    ptr = event_loop(p, offs, dep_pos, cost, cross, dl, ready, start, None, scale)
+    ptr = event_loop(p, offs, dep_pos, cost, cross, dl, ready, start, None, scale, own)
     if any(x < b for x, b in zip(ptr, offs[1:])):
         return None  # (a deadlock: the event loop names it)
     if not _holds(R, offs, dep_pos, cost, cross, dl, scale):
