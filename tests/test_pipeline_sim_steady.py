@@ -198,3 +198,31 @@ def test_a_deep_schedule_is_timed_level_by_level(name, p, v, m, seed, ways) -> N
     slow = _event_loop(s, f, i, w, 5.0)
     assert fast.end_flat.tolist() == slow.end_flat.tolist()
     assert fast.makespan_s == slow.makespan_s
+
+
+def test_a_repeat_written_where_the_orders_do_not_repeat_is_caught_by_the_check() -> None:
+    """The check is what makes a repeat an answer. 1F1B's last rank with one F moved ahead of
+    the B before it three quarters of the way in (a valid order, no longer one round all
+    through), timed with the rounds found on the plain schedule: ``repeat`` writes times there
+    that break their equations and gives way; ``simulate`` still times it as the event loop.
+    Rounds claimed past a rank's actions give way too."""
+    import dataclasses
+    from array import array
+    s = build_schedule("1f1b", 8, 512)
+    f, i, w = _far_apart(8, 2)
+    offs, flat, dep_pos, cost, cross = _inputs(s, f, i, w, 0.7)
+    rd = steady.with_reach(steady.rounds_of(flat, offs, s.microbatches), offs, dep_pos)
+    assert steady.repeat(rd, offs, dep_pos, cost, cross, 0.7) is not None
+    assert steady.repeat(dataclasses.replace(rd, count=rd.count + 40), offs, dep_pos, cost,
+                         cross, 0.7) is None
+    last = list(s.orders[7])
+    j = 3 * len(last) // 4 & ~1  # (an F at even places: F(j/2), B(j/2), F(j/2 + 1), ...)
+    assert [s.decode(c)[0] for c in last[j:j + 3]] == ["F", "B", "F"]
+    last[j + 1], last[j + 2] = last[j + 2], last[j + 1]
+    moved = dataclasses.replace(s, orders=[*s.orders[:7], array("q", last)])
+    offs2, flat2, dep2, cost2, cross2 = _inputs(moved, f, i, w, 0.7)
+    assert steady.rounds_of(flat2, offs2, 512) is not None  # (its own rounds end earlier)
+    assert steady.repeat(rd, offs2, dep2, cost2, cross2, 0.7) is None
+    fast = ps.simulate(moved, f, i, w, 0.7)
+    slow = _event_loop(moved, f, i, w, 0.7)
+    np.testing.assert_allclose(fast.end_flat, slow.end_flat, rtol=0, atol=1e-10 * slow.makespan_s)

@@ -150,6 +150,8 @@ def repeat(rd: Rounds, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
     own = owners(p, offs)  # (once for the calls below)
     P, base, K, L, U = rd.size, rd.first, rd.count, rd.back, rd.ahead
     end_fill = K - U - 1  # rounds written as a repeat: up to here (the drain's inputs apart)
+    if any(b0 + end_fill * s0 > b1 for b0, s0, b1 in zip(base, P, offs[1:])):
+        return None  # (rounds past a rank's actions: not a steady state of these orders)
     cap = min(end_fill - 1, max(L + 8, int(n_all // (WARMUP_SHARE * sum(P)))))
     limit = min(cap, 2 * L + 8)
     ptr = list(offs[:-1])
