@@ -38,7 +38,7 @@ import numpy as np
 
 from planner.machine.deadline import check
 
-__all__ = ["Readers", "consumers_of", "seconds_of", "settle", "time_unit"]
+__all__ = ["Readers", "consumers_of", "in_units", "seconds_of", "settle", "time_unit"]
 
 # alternations, and actions scanned per action of the schedule (both sweeps, all rounds),
 # before giving way to the event loop: at the limits, a setup's schedules settle in 3-5
@@ -98,6 +98,12 @@ def time_unit(cost: np.ndarray, n_all: int, comm_s: float) -> tuple[float, int] 
     return scale, dl
 
 
+def in_units(cost: np.ndarray, scale: float) -> np.ndarray:
+    """Costs in units of 1/scale s, each rounded to the nearest (``time_unit``'s): every way
+    that times in units rounds them alike, so their times agree exactly."""
+    return np.rint(cost * scale).astype(np.int64)
+
+
 def settle(s, offs: list[int], flat: np.ndarray, dep_pos: np.ndarray, cost: np.ndarray,
            cross: np.ndarray, comm_s: float, consumers: list[list[int]] | None = None
            ) -> np.ndarray | None:
@@ -115,7 +121,7 @@ def settle(s, offs: list[int], flat: np.ndarray, dep_pos: np.ndarray, cost: np.n
     scale, dl = unit
 
     def units(at) -> np.ndarray:  # the costs at ``at`` in units (made per use: none kept)
-        return np.rint(cost[at] * scale).astype(np.int64)
+        return in_units(cost[at], scale)
     grids = _chains(s, flat, n_all, offs, units, cross, dl)
     if grids is None:
         return None

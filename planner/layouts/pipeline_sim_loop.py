@@ -14,6 +14,7 @@ from array import array
 
 import numpy as np
 
+from planner.layouts.pipeline_sim_chains import in_units
 from planner.machine.deadline import check
 
 __all__ = ["event_loop", "new_ready", "owners"]
@@ -61,7 +62,7 @@ def event_loop(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
     has_delay = bool(message)
 
     def costs(a: int, b: int) -> np.ndarray:  # (a slice at a time: none of the schedule's size)
-        return np.rint(cost[a:b] * scale).astype(np.int64) if integer else cost[a:b]
+        return in_units(cost[a:b], scale) if integer else cost[a:b]
 
     def delay(a: int, b: int) -> np.ndarray:
         return cross[a:b].astype(kind) * message

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.layouts.pipeline_sim_chains import seconds_of, time_unit
+from planner.layouts.pipeline_sim_chains import in_units, seconds_of, time_unit
 from planner.layouts.pipeline_sim_loop import event_loop, new_ready, owners
 from planner.machine.deadline import check
 
@@ -227,7 +227,7 @@ def _holds(R: np.ndarray, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray
         h = heads[(heads >= a) & (heads < b)] - a
         prev[h] = 0
         np.maximum(prev, R[dep_pos[a:b]], out=prev)
-        prev += np.rint(cost[a:b] * scale).astype(np.int64)
+        prev += in_units(cost[a:b], scale)
         if not np.array_equal(prev, end):
             return False
     return True
