@@ -253,7 +253,7 @@ def by_levels(p, offs, dep_pos, cost, cross, comm_s, readers, relax=None, levels
 
 def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarray,
                    cross: np.ndarray, consumers: list[list[int]] | None = None,
-                   comm_s: float = 1.0, work: int | None = None) -> np.ndarray | None:
+                   comm_s: float = 1.0) -> np.ndarray | None:
     """Ready times (end + outgoing message) by flat position, or None when the sweeps do not
     settle. For one rank with ready times R_j of its inputs and costs c_j, the recurrence
     e_i = max(e_(i-1), R_i) + c_i (e_(-1) = 0, R >= 0) is e_i = C_i + max_(j<=i)(R_j - C_(j-1))
@@ -285,7 +285,7 @@ def _relax_by_rank(p: int, offs: list[int], dep_pos: np.ndarray, cost: np.ndarra
     first_reader = Readers(offs, dep_pos, INF).first
     lo = [0 if offs[r + 1] > offs[r] else INF for r in range(p)]  # first index to re-run
     fwd, bwd = list(range(p)), list(range(p - 1, -1, -1))
-    budget = max((work or RELAX_WORK) * n_all, RELAX_FLOOR)  # actions re-run, all sweeps
+    budget = max(RELAX_WORK * n_all, RELAX_FLOOR)  # actions re-run, all sweeps together
     for sweep in range(MAX_SWEEPS):
         if min(lo) == INF:
             return ready
