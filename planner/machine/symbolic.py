@@ -72,7 +72,6 @@ class _Exact:
 
     def __int__(self):
         raise Undecided(f"int({self})")
-
     __index__ = __int__
 
     def __float__(self):
@@ -111,12 +110,10 @@ class Poly(_Exact):
                 return self
             return self._plus_const(o)
         return NotImplemented
-
     __radd__ = __add__
 
     def _plus_const(self, o: int):
-        """self + o for an int o != 0: only the constant term changes (the others stay nonzero,
-        so the result is constant only when nothing else is left)."""
+        """self + o for an int o != 0: only the constant term changes."""
         d = dict(self.t)
         c = d.get((0, 0), 0) + o
         if c:
@@ -162,7 +159,6 @@ class Poly(_Exact):
                 return 0
             return Poly({k: c * o for k, c in self.t.items()})  # no term vanishes
         return NotImplemented
-
     __rmul__ = __mul__
 
     def __floordiv__(self, o):
@@ -171,8 +167,7 @@ class Poly(_Exact):
         raise Undecided(f"({self}) // {o}")
 
     # ---- decisions (b, t >= 0: coefficients of one sign give that sign everywhere) ----------
-    def sign(self) -> int | None:
-        """+1 (> 0 for all b, t >= 0), -1 (< 0), or None (undecided; zero is never a Poly)."""
+    def sign(self) -> int | None:  # +1 (> 0 for all b, t >= 0), -1 (< 0), None: undecided
         s = self.t
         if all(c >= 0 for c in s.values()) and s.get((0, 0), 0) > 0:
             return 1
@@ -216,6 +211,9 @@ class Space:
         # a compile compares and multiplies the same few differences and monomials over and
         # over: each difference is decided once, each product's exponents summed once (prod)
         self.decided, self._shift, self.prod = {}, {}, {}
+        # products by the operands' identities, kept alive with it (a replay multiplies the
+        # same size objects again and again)
+        self.products: dict[tuple[int, int], tuple] = {}
         # A witness (a point of the domain: the model being compiled) answers what the domain
         # leaves open, each answer kept as a guard (a polynomial's sign) that a later point must
         # share for the template to hold there (the program then takes the same path).
@@ -236,9 +234,7 @@ class Space:
         return sign
 
     def var(self, i: int) -> MPoly:
-        e = [0] * self.n
-        e[i] = 1
-        return MPoly({tuple(e): 1}, self)
+        return MPoly({tuple(int(k == i) for k in range(self.n)): 1}, self)
 
     def shifted_monomial(self, exps: tuple[int, ...]) -> list[tuple[tuple[int, ...], int]]:
         """``prod v_i^e_i`` over the shifted variables: ``prod (low_i + s_i)^e_i`` expanded."""
@@ -291,8 +287,7 @@ class MPoly(_Exact):
                     return c
         return MPoly(terms, self.sp)
 
-    def _plus(self, o: MPoly, sign: int):
-        """``self + sign * o``, the terms that cancel dropped as they go."""
+    def _plus(self, o: MPoly, sign: int):  # self + sign * o, terms that cancel dropped
         d = dict(self.t)
         get, pop = d.get, d.pop
         for k, c in o.t.items():
@@ -321,7 +316,6 @@ class MPoly(_Exact):
         if isinstance(o, int):
             return self._plus_int(o)
         return NotImplemented
-
     __radd__ = __add__
 
     def __neg__(self):
@@ -339,6 +333,10 @@ class MPoly(_Exact):
 
     def __mul__(self, o):
         if isinstance(o, MPoly):
+            products = self.sp.products
+            hit = products.get((id(self), id(o)))
+            if hit is not None:
+                return hit[2]
             d: dict[tuple[int, ...], int] = {}
             prod = self.sp.prod
             for a, c in self.t.items():
@@ -347,13 +345,14 @@ class MPoly(_Exact):
                     if key is None:
                         key = prod[a, b] = tuple(x + y for x, y in zip(a, b))
                     d[key] = d.get(key, 0) + c * e
-            return self._make(d)
+            r = self._make(d)
+            products[id(self), id(o)] = (self, o, r)
+            return r
         if isinstance(o, int) and not isinstance(o, bool):  # no term vanishes but by 0
             if o == 1 or not o:
                 return self if o else 0
             return MPoly({k: c * o for k, c in self.t.items()}, self.sp)
         return NotImplemented
-
     __rmul__ = __mul__
 
     def __floordiv__(self, o):
@@ -369,7 +368,6 @@ class MPoly(_Exact):
 
     def __rfloordiv__(self, o):
         raise Undecided(f"{o} // ({self})")
-
     __mod__ = __rmod__ = __truediv__ = __rtruediv__ = __rfloordiv__
 
     # ---- decisions over the shifted variables ----------------------------------------------

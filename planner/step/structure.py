@@ -129,34 +129,62 @@ def _left_out():
 
 def _natural(m: RecordingMachine, sp: Space) -> tuple[np.ndarray, list[tuple[int, ...]]]:
     """(marks × categories × monomials) live bytes at every mark over the sizes themselves, and
-    the monomials (constant first)."""
+    the monomials (constant first, the others in the order the log first names them).
+
+    A log names few distinct sizes many times over (a composed action logs its record's
+    changes, the same polynomials, at every occurrence): each distinct size object's terms are
+    read once and every change's terms are gathered from them in array operations."""
     zero = (0,) * sp.n
+    log = m.log
+    at = np.array([mk[0] for mk in m.marks], dtype=np.int64)
+    if not log:
+        return np.zeros((len(at), _NCAT, 1), dtype=np.int64), [zero]
+    objs = [size for _, size in log]
+    sc = np.array([c for c, _ in log], dtype=np.int64)
+    # the distinct size objects in order of first use (each kept alive by ``objs``)
+    _, first, inv = np.unique(np.fromiter(map(id, objs), dtype=np.uint64, count=len(objs)),
+                              return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    u = rank[inv.reshape(-1)]  # each change's distinct size, numbered by first use
     col: dict[tuple[int, ...], int] = {zero: 0}
-    idx: list[int] = []
-    cc: list[int] = []
-    val: list[int] = []
-    for e, (sc, size) in enumerate(m.log):
-        base = abs(sc) - 1
-        sign = 1 if sc > 0 else -1
+    tcol: list[int] = []
+    tval: list[int] = []
+    count = np.zeros(len(order), dtype=np.int64)
+    weight = 0  # the sum of every change's absolute terms (Python ints: exact)
+    uses = np.bincount(u, minlength=len(order))
+    for n, f in enumerate(first[order].tolist()):
+        size = objs[f]
         terms = size.t.items() if isinstance(size, MPoly) else ((zero, size),) if size else ()
+        a = 0
         for k, c in terms:
             if abs(c) >= _LIMIT:
                 raise Undecided(f"size {size} outside the template's range")
-            j = col.setdefault(k, len(col))
-            idx.append(e + 1)
-            cc.append(j * _NCAT + base)
-            val.append(sign * c)
-    if sum(map(abs, val)) >= _LIMIT:  # bounds every partial sum below: no int64 overflow
+            tcol.append(col.setdefault(k, len(col)))
+            tval.append(c)
+            a += abs(c)
+        count[n] = len(terms)
+        weight += a * int(uses[n])
+    if weight >= _LIMIT:  # bounds every partial sum below: no int64 overflow
         raise Undecided("live bytes outside the template's range")
     ncol = len(col) * _NCAT
+    cnt = count[u]  # terms per change
+    e = np.repeat(np.arange(len(log), dtype=np.int64), cnt)
+    offs = np.cumsum(count) - count  # each distinct size's first term
+    pos = np.arange(len(e), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt) \
+        + np.repeat(offs[u], cnt)
+    tcol_a = np.array(tcol, dtype=np.int64)
+    tval_a = np.array(tval, dtype=np.int64)
+    sce = sc[e]
+    cc = tcol_a[pos] * _NCAT + (np.abs(sce) - 1)
+    val = np.where(sce > 0, tval_a[pos], -tval_a[pos])
     # each change summed into the segment of the first mark that sees it (a mark at log length
     # ``at`` sees the changes 1..at), then one cumulative sum over the marks only
-    at = np.array([mk[0] for mk in m.marks], dtype=np.int64)
-    seg = np.searchsorted(at, np.array(idx, dtype=np.int64), side="left")
+    seg = np.searchsorted(at, e + 1, side="left")
     seen = seg < len(at)
     d = np.zeros((len(at), ncol), dtype=np.int64)
-    np.add.at(d, (seg[seen], np.array(cc, dtype=np.int64)[seen]),
-              np.array(val, dtype=np.int64)[seen])
+    np.add.at(d, (seg[seen], cc[seen]), val[seen])
     c = np.cumsum(d, axis=0)
     full = c.reshape(len(m.marks), len(col), _NCAT).transpose(0, 2, 1)
     return np.ascontiguousarray(full), list(col)
