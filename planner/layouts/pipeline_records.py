@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from planner.layouts.pipeline_machines import _nonzero, _Recording
 from planner.machine.stepsim import _INDEX, Buf
-from planner.machine.symbolic import _Exact
+from planner.machine.symbolic import MPoly, _Exact
 from planner.step.ops import T
 
 __all__ = ["attach", "backs_ready", "forward_rest", "made_since", "plain", "silent", "snapshot"]
@@ -48,8 +48,24 @@ def _same(x, y) -> bool:
     if isinstance(x, _Exact) or isinstance(y, _Exact):
         return type(x) is type(y) and x.t == y.t
     if isinstance(x, tuple):
-        return (isinstance(y, tuple) and len(x) == len(y)
-                and all(a is b or _same(a, b) for a, b in zip(x, y)))
+        if not isinstance(y, tuple) or len(x) != len(y):
+            return False
+        for a, b in zip(x, y):  # (rows: tuples of ints and polynomials, compared in place)
+            if a is b:
+                continue
+            ta = a.__class__
+            if ta is not b.__class__:
+                if not _same(a, b):
+                    return False
+            elif ta is int:
+                if a != b:
+                    return False
+            elif ta is MPoly:
+                if a.t != b.t:
+                    return False
+            elif not _same(a, b):
+                return False
+        return True
     if isinstance(x, (_Handed, _Rec)):
         if "_plain" in x.__dict__ and "_plain" in getattr(y, "__dict__", ()):
             return type(x) is type(y) and x == y  # (ints and names alone: as tuples)
