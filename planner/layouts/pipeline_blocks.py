@@ -4,17 +4,21 @@ Every forward of a stage (``PipelineRankProgram.stage_forward``) runs its blocks
 other: the same ops on the same shapes per block, each block's output the next one's input. So
 within one forward the live bytes after each block are affine in the block index, and every
 instant inside block ``k`` is the like instant of block ``k - 1`` shifted by one block's net
-bytes. A stage of ``n >= 7`` blocks is replayed as one device replays its homogeneous middle
-blocks (``planner/step/plans.py: compression_plan`` with no checkpointed block, and
-``ReferenceProgram._phantom_forward``): blocks 0, 1, 2, n - 2 and n - 1 run op by op, a phantom
-after block 2 stands for the n - 5 between. The phantom is measured on block 2 of the same
-forward (so nothing it stands for depends on what the rank holds from other actions), holds
-n - 5 times block 2's net bytes per category (those only the autocast cache keeps go at
-autocast exit, the rest to its backward), and in backward frees them and, at the stage's first
-backward, adds the stood-in blocks' parameter gradients, which live, as the real ``.grad`` do,
-until ``zero_grad``. The maximum over an arithmetic progression is at one of its ends, and both
-ends (block 2 and block n - 2, forward and backward) are replayed, so every window's peak —
-total, categories, op and phase — is the full replay's (``tests/test_pipeline_blocks.py``).
+bytes. A stage of ``n >= 6`` blocks is replayed as one device replays its homogeneous middle
+blocks (``ReferenceProgram._phantom_forward``): blocks 0, 1, n - 2 and n - 1 run op by op, a
+phantom after block 1 stands for the n - 4 between. Block 0 is the stage's own (its input is
+what the stage received, or the embedding's output); block 1 is the first middle block (its
+input a block's output, its output a block's input, as for every block up to n - 2). The
+phantom is measured on block 1 of the same forward (so nothing it stands for depends on what
+the rank holds from other actions), holds n - 4 times block 1's net bytes per category (those
+only the autocast cache keeps go at autocast exit, the rest to its backward), and in backward
+frees them and, at the stage's first backward, adds the stood-in blocks' parameter gradients,
+which live, as the real ``.grad`` do, until ``zero_grad``. The maximum over an arithmetic
+progression is at one of its ends, and both ends (block 1 and block n - 2, forward and
+backward) are replayed, so every window's peak — total, categories, op and phase — is the full
+replay's (``tests/test_pipeline_blocks.py``). (A single device's plan,
+``planner/step/plans.py: compression_plan``, replays one more block before its phantom; a
+pipeline stage's blocks have no checkpoint plan.)
 
 The stood-in blocks' parameters are the rank's own (built with the model and kept): nothing
 changes for them. The gradients are keyed by stage, so a rank holding several stages
@@ -27,12 +31,12 @@ runs the blocks' backward in two halves, and the phantom follows each (``SplitPh
   and each block keeps the gradients arriving at its intermediates until W. So each middle
   block leaves the same bytes behind as block n - 2, the replayed block I runs just before the
   phantom: measured from I reaching that block's output node to I reaching the phantom. The
-  phantom adds n - 5 times that, per category, and keeps it (and what it holds from the
+  phantom adds n - 4 times that, per category, and keeps it (and what it holds from the
   forward) until W; it joins the intermediates so that W reaches it in forward order.
-- **W** runs the parameter groups in forward order: the phantom's turn comes after block 2's
+- **W** runs the parameter groups in forward order: the phantom's turn comes after block 1's
   groups, whose net effect (saved tensors of the weight paths freed, kept gradients dropped,
-  the parameters' gradients made at the stage's first W) is measured from W reaching block 2's
-  first group to W reaching the phantom. The phantom applies n - 5 times that, frees first,
+  the parameters' gradients made at the stage's first W) is measured from W reaching block 1's
+  first group to W reaching the phantom. The phantom applies n - 4 times that, frees first,
   then makes the gradients (kept until ``zero_grad`` like the B phantom's); what it still holds
   goes where W releases the rest of the graph.
 
@@ -41,14 +45,12 @@ so the progression argument above holds for I and W as for B. On the recording m
 template (sizes as polynomials) the measures are polynomials too, and the W's comparisons of
 what it frees against what the phantom holds are decided over the template's domain (or kept as
 guards; a comparison that cannot be decided fails the compile, and the setup is replayed):
-stages of 7 or more blocks replay five of them there as well, split backward or not
+stages of 6 or more blocks replay four of them there as well, split backward or not
 (``tests/test_pipeline_blocks.py``: templates over the micro-batch size and sequence length,
 and structure templates over the model's dimensions, against the full replay).
 """
 
 from __future__ import annotations
-
-from planner.step.plans import compression_plan
 
 from planner.machine.stepsim import CATEGORIES
 
@@ -56,12 +58,12 @@ __all__ = ["SplitPhantom", "stage_plan", "run_stage_blocks"]
 
 
 def stage_plan(blocks: int, compress: bool) -> tuple[list[int], list[tuple[int, int, int, int]]]:
-    """(positions of the blocks replayed, phantoms) for a stage of ``blocks`` blocks, as
-    ``compression_plan`` gives them for a step without checkpointing; every block when
-    ``compress`` is off or the stage is short."""
-    if not compress:
+    """(positions of the blocks replayed, phantoms: as ``compression_plan`` gives them) for a
+    stage of ``blocks`` blocks: blocks 0, 1, n - 2 and n - 1, the phantom after block 1 measured
+    on it; every block when ``compress`` is off or the stage is short."""
+    if not compress or blocks < 6:
         return list(range(blocks)), []
-    return compression_plan(set(), blocks)
+    return [0, 1, blocks - 2, blocks - 1], [(1, 1, blocks - 4, blocks - 4)]
 
 
 def run_stage_blocks(prog, st: int, x, rope, plan, split: list | None = None) -> object:
@@ -106,7 +108,7 @@ class SplitPhantom:
 
     def __init__(self, prog, node, held: list, key, copies: int, window: tuple[int, int]):
         self.prog, self.node, self.held, self.key, self.n = prog, node, held, key, copies
-        self.window = window  # block 2's nodes: window[0] < seq <= window[1]
+        self.window = window  # block 1's nodes: window[0] < seq <= window[1]
         self.top = None  # the output node of the block replayed after the phantom
         self.mark: list | None = None
         self.kept: list = []
