@@ -37,13 +37,13 @@ per category; its W frees them and must come to the recorded W's net bytes. A fo
 composed only where the backward kinds that take its micro-batch back are verified or will be by
 the time they come (``backs_ready``; DualPipeV takes some micro-batches of a stage back by B and
 others by I and W: there, by the occurrences replayed before its own, ``_in_time``, a
-prediction that raises ``Unmemoizable`` where the records disagree). The records are shared by
-the rank classes of one setup (``pipeline_replays._KINDS``). The machine draws a composed
-action's rows (pipeline_machines.py): the trace machine its first highest row, the recording
-machine of a structure's compile (sizes as polynomials; a layout's compiles share one record per
-kind: pipeline_kind_records) every mark that can be the highest for some sizes. DualPipe replays
-every action. ``op_by_op()`` turns composing off (``tests/test_pipeline_actions.py`` and
-``tests/test_pipeline_compose_compile.py`` hold both to the full replay to the byte).
+prediction that raises ``Unmemoizable`` where the records disagree). A setup's rank classes
+share the records (``pipeline_replays._KINDS``). The machine draws a composed action's rows
+(pipeline_machines.py): the trace machine its first highest row, a structure compile's
+recording machine (sizes as polynomials; a layout's compiles share a record per kind:
+pipeline_kind_records) every mark that can be the highest for some sizes. DualPipe replays
+every action. ``op_by_op()`` turns composing off (tests/test_pipeline_actions.py and
+tests/test_pipeline_compose_compile.py hold both to the full replay to the byte).
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ from planner.layouts.pipeline_records import (
     made_since,
     plain,
     replayed_forward,
+    silent as _silent,
     snapshot,
 )
-from planner.layouts.pipeline_records import silent as _silent
 from planner.machine.stepsim import _INDEX, CATEGORIES, Buf, Val
 from planner.step.ops import T
 
@@ -78,8 +78,7 @@ _COMPOSED = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h2", "zb-v", "dua
 
 
 class Unmemoizable(Exception):
-    """A composed action did not come to its recorded net bytes (or its pairing broke): replay
-    the lists op by op."""
+    """A composed action missed its recorded net bytes (or its pairing broke): op by op."""
 
 
 @contextlib.contextmanager
@@ -98,9 +97,7 @@ def enabled() -> bool:
 
 
 @dataclass
-class _Proxy:
-    """A composed forward's pending micro-batch."""
-
+class _Proxy:  # a composed forward's pending micro-batch
     out: T
     inp: T | None
     loss: T | None
@@ -112,9 +109,8 @@ class ActionMemo:
     """Per-kind records of one rank class's actions (see the module docstring)."""
 
     def __init__(self, entries: dict | None = None, roles: dict | None = None) -> None:
-        """``entries``: records shared with other ranks of the setup, keyed by ``roles``
-        (stage -> what its actions depend on besides the setup: pipeline_replays.stage_roles);
-        without them a stage's index is its kind."""
+        """``entries``: records shared with the setup's other ranks, keyed by ``roles`` (stage
+        -> what its actions depend on: pipeline_replays.stage_roles; else the stage's index)."""
         self.entries: dict[tuple, _Entry] = {} if entries is None else entries
         self.roles = roles or {}
         self.composed = 0  # actions composed rather than replayed
@@ -140,7 +136,7 @@ class ActionMemo:
         if e is not None and e.verified and backs_ready(self.entries, prog, st, j, role):
             return self._compose_forward(prog, st, j, e.rec)
         replayed_forward(prog, st, j)
-        self._note(key, self._record(prog, lambda: prog.real_forward(st, j), st, j, "F"))
+        self._note(key, self._record(prog, lambda: prog.real_forward(st, j), st, j, "F", key))
 
     def backward(self, prog, st: int, j: int) -> None:
         self._backward(prog, st, j, "B", prog.real_backward, self._compose_backward)
@@ -170,7 +166,7 @@ class ActionMemo:
             if e is None or not e.verified:
                 raise Unmemoizable(key)
             return compose(prog, st, j, p, e.rec)
-        self._note(key, self._record(prog, lambda: real(st, j), st, j, kind))
+        self._note(key, self._record(prog, lambda: real(st, j), st, j, kind, key))
 
     def _note(self, key, rec: _Rec) -> None:
         e = self.entries.get(key)
@@ -184,16 +180,20 @@ class ActionMemo:
             e.verified, e.bad = (True, False) if _same(e.rec, rec) else (False, True)
 
     # ---- recording --------------------------------------------------------------------------
-    def _record(self, prog, run, st: int, j: int, kind: str) -> _Rec:
-        """Replay the action op by op and record it; its rows are left as a composed one
-        leaves them (what the machine drew kept for the record's later compositions)."""
+    def _record(self, prog, run, st: int, j: int, kind: str, key=None) -> _Rec:
+        """Replay the action op by op and record it, its rows left as a composed one leaves
+        them (the machine's draw kept for later compositions); the record of ``key`` it may
+        equal (the kind's, the last step's) lends its rows to an alike log (memo_recorded)."""
+        e = None if key is None else self.entries.get(key) or self.entries.get(
+            (*key[:2], key[2] - 1))
         plans: list = []
-        rec = plain(self._replayed(prog, run, st, j, kind, plans), prog.m)
+        rec = plain(self._replayed(prog, run, st, j, kind, plans,
+                                   None if e is None or e.bad else e.rec), prog.m)
         if plans:
             self._plans[id(rec)] = (rec, plans[0])
         return rec
 
-    def _replayed(self, prog, run, st: int, j: int, kind: str, plans: list) -> _Rec:
+    def _replayed(self, prog, run, st: int, j: int, kind: str, plans: list, like) -> _Rec:
         m = prog.m
         n0 = m.memo_start()
         start = list(m.cur)
@@ -209,10 +209,9 @@ class ActionMemo:
         given = prog.grad_recv.get((st - 1, j)) if back_local else None
         run()
         made = made_since(prog, st, snap) if snap is not None else ()
-        rows, names = m.memo_rows(n0, start)
-        net = m.memo_net(n0, start)
+        rows, names, net = m.memo_recorded(n0, start, like)
         plans.append(self._plan(m, rows, names))  # as a composed action leaves them
-        m.memo_replace(n0, rows, names, start, plans[0])
+        m.memo_replace(n0, rows, names, start, plans[0], net)
         if kind == "W":
             return _Rec(rows, names, net, made=made)
         if kind != "F":
@@ -309,8 +308,8 @@ class ActionMemo:
         prog.in_flight += 1
 
     def _rest(self, rec: _Rec) -> list | None:
-        """(category, bytes) of what a forward of ``rec`` leaves beyond its output and loss,
-        the nonzero ones (``forward_rest``); None where one may be negative."""
+        """(category, nonzero bytes) a forward of ``rec`` leaves beyond its output and loss
+        (``forward_rest``); None where one may be negative."""
         got = self._rests.get(id(rec))
         if got is None or got[0] is not rec:
             rest, negative = forward_rest(rec)

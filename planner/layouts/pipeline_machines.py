@@ -79,8 +79,12 @@ class TraceMachine(Machine):
         """The live bytes' change since ``token`` (``start``: the live bytes there)."""
         return tuple(a - b for a, b in zip(self.cur, start))
 
+    def memo_recorded(self, token: int, start: list, like=None) -> tuple:
+        """(``memo_rows``, ``memo_net``) of an action just replayed (``like``: unused here)."""
+        return (*self.memo_rows(token, start), self.memo_net(token, start))
+
     def memo_replace(self, token: int, rows: tuple, names: tuple, start: list,
-                     plan: int | None = -1) -> None:
+                     plan: int | None = -1, net=None) -> None:
         """The rows since ``token`` as a composed action leaves them."""
         del self.rows[token:], self.meta[token:]
         self.memo_emit(rows, names, start, plan)
@@ -163,11 +167,28 @@ class _Recording(RecordingMachine):
         live bytes now less ``start``, the live bytes there, come to)."""
         return tuple(self._since(token)[1])
 
+    def memo_recorded(self, token: tuple[int, int], start: list, like=None) -> tuple:
+        """(``memo_rows``, ``memo_net``) of an action just replayed; where its log and marks
+        since ``token`` are, term by term, those ``like`` (an earlier record) was made from,
+        its rows are that record's (the rows are a function of them), without summing them
+        again. The log is kept for ``pipeline_records.plain`` to attach to the new record."""
+        self._flush()
+        a, k = token
+        log = self.log[a:]
+        marks = tuple((mk[0] - a, mk[1], mk[2], mk[4]) for mk in self.marks[k:])
+        self.recorded_log = (log, marks)
+        got = getattr(like, "_log", None)
+        if got is not None and got[1] == marks and _alike(got[0], log):
+            return like.rows, like.names, tuple(add_changes([0] * len(CATEGORIES), log))
+        return (*self.memo_rows(token, start), self.memo_net(token, start))
+
     def memo_replace(self, token: tuple[int, int], rows: tuple, names: tuple,
-                     start: list, plan: tuple | None = None) -> None:
+                     start: list, plan: tuple | None = None, net=None) -> None:
         """The log since ``token`` as a composed action leaves it: its marks, then the net
         change per category without a mark (what stays live is freed later by its buffers)."""
-        _, net = self._since(token)
+        if net is None:
+            _, net = self._since(token)
+        self._flush()
         self._since_last = None  # the log changes below
         del self.log[token[0]:], self.marks[token[1]:]
         self._cur_at = (token[0], list(start))
@@ -206,6 +227,20 @@ class _Recording(RecordingMachine):
     def memo_silent(self, nbytes, cat: str) -> None:
         if _nonzero(nbytes):
             self.log.append((_INDEX[cat] + 1, nbytes))
+
+
+def _alike(a: list, b: list) -> bool:
+    """Two logs' changes equal term by term (ints, or polynomials of one space)."""
+    if len(a) != len(b):
+        return False
+    for (s1, x1), (s2, x2) in zip(a, b):
+        if s1 != s2:
+            return False
+        if x1 is not x2:
+            t = x1.__class__
+            if t is not x2.__class__ or (x1 != x2 if t is int else t is not MPoly or x1.t != x2.t):
+                return False
+    return True
 
 
 def _nonzero(d) -> bool:

@@ -45,6 +45,8 @@ def _differ(a, b) -> bool:
 def _same(x, y) -> bool:
     """Two records' values equal as written (polynomials term by term, a polynomial never
     equal to a number)."""
+    if x is y:
+        return True
     if isinstance(x, _Exact) or isinstance(y, _Exact):
         return type(x) is type(y) and x.t == y.t
     if isinstance(x, tuple):
@@ -103,9 +105,12 @@ class _Rec:
 
 def plain(rec: _Rec, m) -> _Rec:
     """``rec``, marked where ``m`` is not the recording machine (every size an int, every name
-    a string): ``_same`` compares two such records as tuples (at C speed, the same answer)."""
+    a string): ``_same`` compares two such records as tuples (at C speed, the same answer);
+    on the recording machine, with the log it was made from (``memo_recorded``)."""
     if not isinstance(m, _Recording):
         object.__setattr__(rec, "_plain", True)
+    else:
+        object.__setattr__(rec, "_log", m.recorded_log)
     return rec
 
 
