@@ -265,14 +265,13 @@ class Space:
 
 
 class MPoly(_Exact):
-    """An integer polynomial in the sizes of a :class:`Space` (``{exponents: coefficient}``);
-    arithmetic returns a plain int when the result is constant, and comparisons answer only
-    what holds over the whole domain (else :class:`Undecided`), as :class:`Poly`'s do."""
+    """An integer polynomial in the sizes of a :class:`Space` (``{exponents: coefficient}``):
+    arithmetic gives an int when constant; comparisons answer as :class:`Poly`'s do."""
 
-    __slots__ = ("sp", "t")
+    __slots__ = ("sp", "t", "z")
 
     def __init__(self, terms: dict[tuple[int, ...], int], sp: Space) -> None:
-        self.t, self.sp = terms, sp
+        self.t, self.sp, self.z = terms, sp, None  # z: the comparison with 0, once made
 
     def _make(self, terms: dict[tuple[int, ...], int]) -> MPoly | int:
         return self._fin({k: c for k, c in terms.items() if c})
@@ -375,6 +374,8 @@ class MPoly(_Exact):
         d = self - o
         if isinstance(d, int):
             return (d > 0) - (d < 0), d >= 0, d <= 0
+        if d.z is not None:
+            return d.z
         sp = self.sp
         key = frozenset(d.t.items())
         hit = sp.decided.get(key)
@@ -384,6 +385,7 @@ class MPoly(_Exact):
             ge = all(c >= 0 for c in s.values())
             le = all(c <= 0 for c in s.values())
             hit = sp.decided[key] = (1 if ge and z > 0 else -1 if le and z < 0 else None), ge, le
+        d.z = hit
         return hit
 
     def _open(self, o, op: str, holds) -> bool:
